@@ -1,0 +1,40 @@
+# The README's two commands are `make demo` and `make test`; both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take the CPU build that lies on disk; on a CUDA machine pass the CUDA wheel index,
+# e.g. `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126` (see README).
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+DEMO_DIR ?= demo
+TEST_ARGS ?=
+
+.PHONY: setup test lint demo gpu-check clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make demo   - set up .venv and run the whole pipeline on the synthetic AOI (into $(DEMO_DIR)/)"
+	@echo "make test   - set up .venv, then ruff and pytest"
+	@echo "make setup  - only create .venv with everything installed"
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(TEST_ARGS)
+
+demo: setup
+	$(PY) -m launch.demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

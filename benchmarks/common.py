@@ -1,0 +1,88 @@
+"""Shared plumbing for the benchmarks: machine description, timing, table and JSON output.
+
+Every benchmark prints one table and writes one JSON object ``{"benchmark", "machine", "rows"}``
+where each row names the variant (project or baseline) and carries its figures with units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dataio.atomic import atomic_write_text
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, CPU model and GPU (or ``None``) of the machine the benchmark ran on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+    }
+
+
+def best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
+    """The fastest of ``repeat`` wall-clock runs of ``fn`` in seconds (least disturbed by noise)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Print rows as an aligned text table with the given columns."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def write_json(path: str | os.PathLike[str] | None, name: str, rows: list[dict[str, Any]],
+               **extra: Any) -> dict[str, Any]:
+    """Assemble the benchmark's JSON object and write it atomically when ``path`` is given."""
+    result = {"benchmark": name, "machine": machine_info(), "rows": rows, **extra}
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    return parser
