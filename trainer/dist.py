@@ -1,0 +1,169 @@
+"""All distributed set-up in one place: env parsing, process group, seeding, reductions.
+
+Everything else takes ``rank``/``world_size`` explicitly (a :class:`DistEnv`), so that code can be
+tested without a process group. Works with and without ``torchrun``: with no ``WORLD_SIZE`` in the
+environment a process is rank 0 of 1 and no group is created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("footprints")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as torchrun describes it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> DistEnv:
+        """Read torchrun's variables; a plain ``python -m`` run is rank 0 of 1."""
+
+        def geti(name: str, default: int) -> int:
+            raw = os.environ.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return int(raw)
+            except ValueError as e:
+                raise ValueError(f"environment variable {name}={raw!r} is not an integer") from e
+
+        world = geti("WORLD_SIZE", 1)
+        rank = geti("RANK", 0)
+        env = cls(rank=rank, world_size=world, local_rank=geti("LOCAL_RANK", 0),
+                  local_world_size=geti("LOCAL_WORLD_SIZE", 1))
+        if not 0 <= env.rank < env.world_size:
+            raise ValueError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}")
+        return env
+
+
+def default_backend() -> str:
+    """NCCL where CUDA is present, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def device_for(env: DistEnv) -> torch.device:
+    """The device this rank computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(env: DistEnv | None = None, backend: str | None = None,
+         timeout_s: float = 600.0) -> DistEnv:
+    """Create the process group when there is more than one process; return the env.
+
+    ``timeout_s`` bounds every collective, so a dead peer turns into an error instead of a hang.
+    """
+    env = env or DistEnv.from_env()
+    setup_logging(env)
+    if env.distributed and not dist.is_initialized():
+        backend = backend or default_backend()
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            # NOTE: binding the device up front lets NCCL create its communicator eagerly.
+            kwargs["device_id"] = device_for(env)
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        log.debug("process group up: backend=%s world=%d", backend, env.world_size)
+    return env
+
+
+def teardown() -> None:
+    """Destroy the process group if one exists (always call this, also on errors)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:
+    """One logger for the project, with a ``[rank N]`` prefix; only rank 0 logs INFO."""
+    if getattr(setup_logging, "_done", False):
+        return
+    handler = logging.StreamHandler()
+    fmt = f"%(asctime)s [rank {env.rank}] %(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(level if env.is_main else logging.WARNING)
+    log.propagate = False
+    setup_logging._done = True  # type: ignore[attr-defined]
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; each rank gets its own stream derived from the seed."""
+    s = seed + 1_000_003 * rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _reduce_device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: torch.Tensor | np.ndarray | list[float]) -> torch.Tensor:
+    """Sum a vector over all ranks (identity in a single process). Returns a CPU float64 tensor."""
+    t = torch.as_tensor(np.asarray(values, dtype=np.float64)).to(_reduce_device())
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def agree_any(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective stop/skip decision)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduce_device())
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def agree_all(flag: bool) -> bool:
+    """True on every rank only if ``flag`` is true on all ranks."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduce_device())
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (picklable objects; small payloads only)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
