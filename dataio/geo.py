@@ -1,0 +1,79 @@
+"""Geospatial helpers shared by synth and prepare: GDAL defaults, CRS parsing, pixel<->geo.
+
+GDAL environment defaults live here and nowhere else (``gdal_env``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import rasterio
+import shapely
+from affine import Affine
+from pyproj import CRS, Transformer
+from shapely.geometry.base import BaseGeometry
+
+# NOTE: one thread per GDAL call; parallelism comes from our own process pool, and nested
+# thread pools on 2 cores only add contention. Disable directory scans on open (SpaceNet folders
+# hold thousands of tiles and GDAL would list them all looking for sidecar files).
+GDAL_DEFAULTS: dict[str, Any] = {
+    "GDAL_NUM_THREADS": 1,
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_CACHEMAX": 64,
+    "CPL_LOG_ERRORS": "OFF",
+}
+
+# GeoJSON (RFC 7946) coordinates are lon/lat WGS84 unless a legacy ``crs`` member says otherwise.
+GEOJSON_DEFAULT_CRS = CRS.from_user_input("OGC:CRS84")
+
+IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def gdal_env() -> rasterio.Env:
+    """The rasterio/GDAL environment every raster read and write runs under."""
+    return rasterio.Env(**GDAL_DEFAULTS)
+
+
+def geojson_crs(collection: dict[str, Any]) -> CRS:
+    """The CRS of a GeoJSON object: its legacy ``crs`` member if present, else CRS84 (lon/lat)."""
+    member = collection.get("crs")
+    if not member:
+        return GEOJSON_DEFAULT_CRS
+    props = member.get("properties", {}) if isinstance(member, dict) else {}
+    name = props.get("name") if isinstance(props, dict) else None
+    if not name:
+        raise ValueError(f"unsupported legacy 'crs' member {member!r} (expected a named CRS)")
+    return CRS.from_user_input(name)
+
+
+def reproject_geometry(geom: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
+    """Transform ``geom`` from ``src`` to ``dst`` (x=east/lon, y=north/lat axis order)."""
+    if src == dst or src.equals(dst, ignore_axis_order=True):
+        return geom
+    tr = Transformer.from_crs(src, dst, always_xy=True)
+    return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+
+
+def to_pixel(geom: BaseGeometry, transform: Affine) -> BaseGeometry:
+    """Map a geometry in the raster's CRS to pixel coordinates (x=column, y=row)."""
+    inv = ~transform
+    return shapely.transform(geom, lambda xy: _apply(inv, xy))
+
+
+def to_geo(geom: BaseGeometry, transform: Affine) -> BaseGeometry:
+    """Map a geometry in pixel coordinates to the raster's CRS."""
+    return shapely.transform(geom, lambda xy: _apply(transform, xy))
+
+
+def _apply(t: Affine, xy: np.ndarray) -> np.ndarray:
+    x, y = xy[:, 0], xy[:, 1]
+    return np.column_stack((t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f))
+
+
+def crs_to_string(crs: CRS | rasterio.crs.CRS) -> str:
+    """A compact, round-trippable CRS string: ``EPSG:NNNN`` where one exists, else WKT."""
+    crs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg is not None else crs.to_wkt()

@@ -1,0 +1,185 @@
+"""Write a synthetic AOI in the exact SpaceNet-2 layout (as downloaded for AOI_2_Vegas_Train).
+
+    python -m dataio.synth --out RAW --tiles N --seed S
+
+gives ``RAW/RGB-PanSharpen/RGB-PanSharpen_<AOI>_img<N>.tif`` (georeferenced, 3-band uint16 with
+11-bit values), ``RAW/geojson/buildings/buildings_<AOI>_img<N>.geojson`` (one FeatureCollection per
+tile, lon/lat) and ``RAW/summaryData/<AOI>_Train_Building_Solutions.csv``. Tiles are laid out on a
+grid like a real AOI. The same seed gives the same bytes whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from pyproj import CRS, Transformer
+from shapely.geometry import Polygon, mapping
+from tqdm import tqdm
+
+from dataio.atomic import atomic_open, atomic_write_text
+from dataio.geo import gdal_env, reproject_geometry, to_geo
+from dataio.render import render
+from dataio.scene import make_scene
+
+METRES_PER_DEGREE = 111_320.0  # at the equator; SpaceNet uses square pixels in degrees
+LEGACY_CRS84 = {"type": "name", "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}}
+
+
+@dataclass
+class SynthConfig:
+    """What to generate. Defaults mimic SpaceNet-2 Vegas (650 px at ~0.3 m, EPSG:4326)."""
+
+    out: Path
+    tiles: int = 20
+    seed: int = 0
+    aoi: str = "AOI_2_Vegas"
+    size: int = 650
+    gsd_m: float = 0.3
+    crs: str = "EPSG:4326"
+    label_crs: str = "OGC:CRS84"  # GeoJSON in lon/lat, as SpaceNet ships it
+    origin_lon: float = -115.30
+    origin_lat: float = 36.30
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.tiles < 1:
+            raise ValueError(f"--tiles must be >= 1, got {self.tiles}")
+        if self.size < 32:
+            raise ValueError(f"--size must be >= 32 px, got {self.size}")
+        if not self.aoi or any(c in self.aoi for c in "./ "):
+            raise ValueError(f"--aoi {self.aoi!r} must be a plain name like AOI_2_Vegas")
+        CRS.from_user_input(self.crs)  # fail early on a CRS that pyproj does not know
+        CRS.from_user_input(self.label_crs)
+
+
+def image_id(cfg: SynthConfig, index: int) -> str:
+    return f"{cfg.aoi}_img{index + 1}"
+
+
+def tile_transform(cfg: SynthConfig, index: int) -> Affine:
+    """Affine of tile ``index`` on a square grid of tiles starting at the origin."""
+    cols = math.ceil(math.sqrt(cfg.tiles))
+    row, col = divmod(index, cols)
+    crs = CRS.from_user_input(cfg.crs)
+    if crs.is_geographic:
+        px = cfg.gsd_m / METRES_PER_DEGREE
+        x0, y0 = cfg.origin_lon, cfg.origin_lat
+    else:
+        px = cfg.gsd_m
+        tr = Transformer.from_crs("OGC:CRS84", crs, always_xy=True)
+        x0, y0 = tr.transform(cfg.origin_lon, cfg.origin_lat)
+    return Affine(px, 0.0, x0 + col * cfg.size * px, 0.0, -px, y0 - row * cfg.size * px)
+
+
+def wkt_xyz(poly: Polygon, precision: int) -> str:
+    """WKT with a zero z coordinate and no Z tag, exactly as SpaceNet's CSVs spell polygons."""
+    rings = [poly.exterior, *poly.interiors]
+    parts = []
+    for ring in rings:
+        coords = ",".join(f"{x:.{precision}f} {y:.{precision}f} 0" for x, y in ring.coords)
+        parts.append(f"({coords})")
+    return f"POLYGON ({','.join(parts)})"
+
+
+def make_tile(cfg: SynthConfig, index: int) -> dict[str, Any]:
+    """Generate, render and write one tile; returns its rows for the solutions CSV."""
+    rng = np.random.default_rng([cfg.seed, index])
+    scene = make_scene(rng, (cfg.size, cfg.size))
+    pixels = render(scene, rng)
+    transform = tile_transform(cfg, index)
+    iid = image_id(cfg, index)
+    tif = cfg.out / "RGB-PanSharpen" / f"RGB-PanSharpen_{iid}.tif"
+    profile = {
+        "driver": "GTiff", "width": cfg.size, "height": cfg.size, "count": 3, "dtype": "uint16",
+        "crs": cfg.crs, "transform": transform, "tiled": False, "interleave": "pixel",
+    }
+    with gdal_env():
+        tmp = tif.with_name(f".{tif.name}.tmp")
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(pixels)
+        tmp.replace(tif)
+
+    img_crs = CRS.from_user_input(cfg.crs)
+    lab_crs = CRS.from_user_input(cfg.label_crs)
+    features, rows = [], []
+    for k, (poly, partial) in enumerate(zip(scene.buildings, scene.partial, strict=True)):
+        geo = to_geo(poly, transform)
+        lab = reproject_geometry(geo, img_crs, lab_crs)
+        gj = mapping(lab)
+        gj["coordinates"] = [[[x, y, 0.0] for x, y in ring] for ring in gj["coordinates"]]
+        features.append({"type": "Feature", "geometry": gj,
+                         "properties": {"OBJECTID": k + 1, "building": "yes",
+                                        "partialBuilding": int(partial)}})
+        rows.append([iid, k + 1, wkt_xyz(poly, 2), wkt_xyz(geo, 9 if img_crs.is_geographic else 3)])
+    if not rows:
+        rows.append([iid, -1, "POLYGON EMPTY", "POLYGON EMPTY"])
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if lab_crs != CRS.from_user_input("OGC:CRS84"):
+        collection["crs"] = {"type": "name", "properties": {"name": lab_crs.to_string()}}
+    else:
+        collection["crs"] = LEGACY_CRS84
+    gj_path = cfg.out / "geojson" / "buildings" / f"buildings_{iid}.geojson"
+    atomic_write_text(gj_path, json.dumps(collection))
+    return {"image_id": iid, "rows": rows, "kind": scene.kind}
+
+
+def _tiles(cfg: SynthConfig) -> Iterator[dict[str, Any]]:
+    if cfg.workers <= 1:
+        for i in range(cfg.tiles):
+            yield make_tile(cfg, i)
+        return
+    with ProcessPoolExecutor(cfg.workers) as pool:
+        yield from pool.map(make_tile, [cfg] * cfg.tiles, range(cfg.tiles), chunksize=4)
+
+
+def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
+    """Write the whole AOI under ``cfg.out``; returns the solutions CSV path."""
+    for sub in ("RGB-PanSharpen", "geojson/buildings", "summaryData"):
+        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
+    csv_path = cfg.out / "summaryData" / f"{cfg.aoi}_Train_Building_Solutions.csv"
+    with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ImageId", "BuildingId", "PolygonWKT_Pix", "PolygonWKT_Geo"])
+        bar = tqdm(_tiles(cfg), total=cfg.tiles, desc="synth", unit="tile", disable=not progress)
+        for tile in bar:
+            writer.writerows(tile["rows"])
+    return csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dataio.synth", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="AOI directory to create")
+    p.add_argument("--tiles", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aoi", default="AOI_2_Vegas", help="AOI name used in file names and ImageIds")
+    p.add_argument("--size", type=int, default=650, help="tile width and height in pixels")
+    p.add_argument("--gsd", type=float, default=0.3, dest="gsd_m", help="metres per pixel")
+    p.add_argument("--crs", default="EPSG:4326", help="raster CRS (e.g. EPSG:32611 for UTM)")
+    p.add_argument("--label-crs", default="OGC:CRS84", help="GeoJSON CRS (legacy crs member)")
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+    try:
+        cfg = SynthConfig(**vars(args))
+        path = write_aoi(cfg, progress=True)
+    except (ValueError, OSError) as e:
+        print(f"dataio.synth: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {cfg.tiles} tiles to {cfg.out} ({path.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
