@@ -48,20 +48,20 @@ class _Occupancy:
 
     def __init__(self) -> None:
         self.geoms: list[BaseGeometry] = []
+        self.bounds = np.empty((0, 4))
 
     def free(self, g: BaseGeometry, gap: float) -> bool:
-        gb = g.bounds
-        for o in self.geoms:
-            ob = o.bounds
-            apart_x = gb[0] - gap > ob[2] or ob[0] - gap > gb[2]
-            if apart_x or gb[1] - gap > ob[3] or ob[1] - gap > gb[3]:
-                continue
-            if g.distance(o) < gap:
-                return False
-        return True
+        if not self.geoms:
+            return True
+        x0, y0, x1, y1 = g.bounds
+        b = self.bounds
+        near = ~((x0 - gap > b[:, 2]) | (b[:, 0] - gap > x1) | (y0 - gap > b[:, 3])
+                 | (b[:, 1] - gap > y1))
+        return all(g.distance(self.geoms[i]) >= gap for i in np.flatnonzero(near))
 
     def add(self, g: BaseGeometry) -> None:
         self.geoms.append(g)
+        self.bounds = np.vstack([self.bounds, g.bounds])
 
 
 def _rect(u0: float, v0: float, w: float, d: float) -> Polygon:

@@ -25,13 +25,15 @@ import numpy as np
 import rasterio
 from affine import Affine
 from pyproj import CRS, Transformer
-from shapely.geometry import Polygon, mapping
+from pyproj.exceptions import CRSError
+from shapely.geometry import mapping
 from tqdm import tqdm
 
 from dataio.atomic import atomic_open, atomic_write_text
 from dataio.geo import gdal_env, reproject_geometry, to_geo
 from dataio.render import render
 from dataio.scene import make_scene
+from dataio.spacenet import EMPTY, IMAGE_DIR, IMAGE_PREFIX, LABEL_DIR, TRUTH_HEADER, wkt_xyz
 
 METRES_PER_DEGREE = 111_320.0  # at the equator; SpaceNet uses square pixels in degrees
 LEGACY_CRS84 = {"type": "name", "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}}
@@ -61,8 +63,11 @@ class SynthConfig:
             raise ValueError(f"--size must be >= 32 px, got {self.size}")
         if not self.aoi or any(c in self.aoi for c in "./ "):
             raise ValueError(f"--aoi {self.aoi!r} must be a plain name like AOI_2_Vegas")
-        CRS.from_user_input(self.crs)  # fail early on a CRS that pyproj does not know
-        CRS.from_user_input(self.label_crs)
+        for flag, value in (("--crs", self.crs), ("--label-crs", self.label_crs)):
+            try:
+                CRS.from_user_input(value)
+            except CRSError as e:
+                raise ValueError(f"{flag} {value!r}: not a CRS that PROJ knows ({e})") from None
 
 
 def image_id(cfg: SynthConfig, index: int) -> str:
@@ -84,16 +89,6 @@ def tile_transform(cfg: SynthConfig, index: int) -> Affine:
     return Affine(px, 0.0, x0 + col * cfg.size * px, 0.0, -px, y0 - row * cfg.size * px)
 
 
-def wkt_xyz(poly: Polygon, precision: int) -> str:
-    """WKT with a zero z coordinate and no Z tag, exactly as SpaceNet's CSVs spell polygons."""
-    rings = [poly.exterior, *poly.interiors]
-    parts = []
-    for ring in rings:
-        coords = ",".join(f"{x:.{precision}f} {y:.{precision}f} 0" for x, y in ring.coords)
-        parts.append(f"({coords})")
-    return f"POLYGON ({','.join(parts)})"
-
-
 def make_tile(cfg: SynthConfig, index: int) -> dict[str, Any]:
     """Generate, render and write one tile; returns its rows for the solutions CSV."""
     rng = np.random.default_rng([cfg.seed, index])
@@ -101,7 +96,7 @@ def make_tile(cfg: SynthConfig, index: int) -> dict[str, Any]:
     pixels = render(scene, rng)
     transform = tile_transform(cfg, index)
     iid = image_id(cfg, index)
-    tif = cfg.out / "RGB-PanSharpen" / f"RGB-PanSharpen_{iid}.tif"
+    tif = cfg.out / IMAGE_DIR / f"{IMAGE_PREFIX}{iid}.tif"
     profile = {
         "driver": "GTiff", "width": cfg.size, "height": cfg.size, "count": 3, "dtype": "uint16",
         "crs": cfg.crs, "transform": transform, "tiled": False, "interleave": "pixel",
@@ -125,13 +120,13 @@ def make_tile(cfg: SynthConfig, index: int) -> dict[str, Any]:
                                         "partialBuilding": int(partial)}})
         rows.append([iid, k + 1, wkt_xyz(poly, 2), wkt_xyz(geo, 9 if img_crs.is_geographic else 3)])
     if not rows:
-        rows.append([iid, -1, "POLYGON EMPTY", "POLYGON EMPTY"])
+        rows.append([iid, -1, EMPTY, EMPTY])
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if lab_crs != CRS.from_user_input("OGC:CRS84"):
         collection["crs"] = {"type": "name", "properties": {"name": lab_crs.to_string()}}
     else:
         collection["crs"] = LEGACY_CRS84
-    gj_path = cfg.out / "geojson" / "buildings" / f"buildings_{iid}.geojson"
+    gj_path = cfg.out / LABEL_DIR / f"buildings_{iid}.geojson"
     atomic_write_text(gj_path, json.dumps(collection))
     return {"image_id": iid, "rows": rows, "kind": scene.kind}
 
@@ -147,12 +142,12 @@ def _tiles(cfg: SynthConfig) -> Iterator[dict[str, Any]]:
 
 def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     """Write the whole AOI under ``cfg.out``; returns the solutions CSV path."""
-    for sub in ("RGB-PanSharpen", "geojson/buildings", "summaryData"):
+    for sub in (Path(IMAGE_DIR), LABEL_DIR, Path("summaryData")):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
     csv_path = cfg.out / "summaryData" / f"{cfg.aoi}_Train_Building_Solutions.csv"
     with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["ImageId", "BuildingId", "PolygonWKT_Pix", "PolygonWKT_Geo"])
+        writer.writerow(TRUTH_HEADER)
         bar = tqdm(_tiles(cfg), total=cfg.tiles, desc="synth", unit="tile", disable=not progress)
         for tile in bar:
             writer.writerows(tile["rows"])

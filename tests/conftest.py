@@ -25,3 +25,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---- tiny real-format datasets, made once per test session --------------------------------------
+
+AOI_TILES = 10  # 650x650 SpaceNet-2 tiles: 7/2/1 after the 70:15:15 split
+
+
+@pytest.fixture(scope="session")
+def synthetic_aoi(tmp_path_factory: pytest.TempPathFactory):
+    """A SpaceNet-2 layout AOI of full-size tiles (``dataio.synth``)."""
+    from dataio.synth import SynthConfig, write_aoi
+
+    raw = tmp_path_factory.mktemp("raw") / "AOI_2_Vegas_Train"
+    write_aoi(SynthConfig(out=raw, tiles=AOI_TILES, seed=7))
+    return raw
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(synthetic_aoi, tmp_path_factory: pytest.TempPathFactory):
+    """``dataio.prepare`` output for :func:`synthetic_aoi` (shards of 3 samples)."""
+    from dataio.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "DATA"
+    prepare(PrepareConfig(raw=[synthetic_aoi], out=out, shard_size=3, seed=0), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory):
+    """A quick dataset of 24 small (128 px) tiles for loader and trainer tests."""
+    from dataio.prepare import PrepareConfig, prepare
+    from dataio.synth import SynthConfig, write_aoi
+
+    base = tmp_path_factory.mktemp("small")
+    write_aoi(SynthConfig(out=base / "raw", tiles=24, seed=3, size=128))
+    out = base / "DATA"
+    prepare(PrepareConfig(raw=[base / "raw"], out=out, shard_size=4, seed=0), progress=False)
+    return out

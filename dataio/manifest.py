@@ -1,0 +1,126 @@
+"""``DATA/manifest.json``: what a prepared dataset holds, and the statistics training needs.
+
+Also the streaming statistics that fill it: per-band histograms give exact percentiles in memory
+that does not grow with the number of tiles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dataio.atomic import atomic_write_text
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+LOW_PCT, HIGH_PCT = 2.0, 98.0  # the SpaceNet-2 winner's clipping percentiles
+
+
+class ManifestError(ValueError):
+    pass
+
+
+class BandStats:
+    """Streaming per-band histograms of uint16 pixels (exact percentiles, flat memory)."""
+
+    def __init__(self, bands: int) -> None:
+        self.hist = np.zeros((bands, 1), np.int64)
+
+    @staticmethod
+    def of_image(img_hwc: np.ndarray) -> list[np.ndarray]:
+        """Per-band histograms of one image, trimmed to its maximum (cheap to send between
+        processes: 2048 bins for 11-bit data)."""
+        return [np.bincount(img_hwc[..., b].ravel()) for b in range(img_hwc.shape[-1])]
+
+    def add(self, hists: list[np.ndarray]) -> None:
+        longest = max(len(h) for h in hists)
+        if longest > self.hist.shape[1]:
+            grown = np.zeros((self.hist.shape[0], longest), np.int64)
+            grown[:, : self.hist.shape[1]] = self.hist
+            self.hist = grown
+        for b, h in enumerate(hists):
+            self.hist[b, : len(h)] += h
+
+    def to_json(self) -> dict[str, Any]:
+        if self.hist.sum() == 0:
+            raise ManifestError("no training pixels: the training split is empty")
+        values = np.arange(self.hist.shape[1], dtype=np.float64)
+        out: dict[str, list[float]] = {"p2": [], "p98": [], "mean": [], "std": [], "min": [],
+                                       "max": []}
+        for h in self.hist:
+            cdf = np.cumsum(h) / h.sum()
+            out["p2"].append(float(np.searchsorted(cdf, LOW_PCT / 100.0)))
+            out["p98"].append(float(np.searchsorted(cdf, HIGH_PCT / 100.0)))
+            mean = float((h * values).sum() / h.sum())
+            out["mean"].append(mean)
+            out["std"].append(float(np.sqrt((h * (values - mean) ** 2).sum() / h.sum())))
+            nz = np.nonzero(h)[0]
+            out["min"].append(float(nz[0]))
+            out["max"].append(float(nz[-1]))
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded manifest with the accessors the loader and trainer use."""
+
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def bands(self) -> int:
+        return int(self.data["bands"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data["class_frequencies"])
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        if split not in self.data["splits"]:
+            known = ", ".join(self.data["splits"])
+            raise ManifestError(f"{self.root / MANIFEST}: no split {split!r} (has {known})")
+        return list(self.data["splits"][split]["shards"])
+
+    def samples(self, split: str) -> int:
+        return int(self.data["splits"][split]["samples"])
+
+    def split_dir(self, split: str) -> Path:
+        return self.root / split
+
+    def percentiles(self) -> tuple[list[float], list[float]]:
+        stats = self.data["band_stats"]
+        return list(stats["p2"]), list(stats["p98"])
+
+    @property
+    def class_frequencies(self) -> list[float]:
+        return list(self.data["class_frequencies"])
+
+
+def load_manifest(root: Path) -> Manifest:
+    """Read ``root/manifest.json``; a missing or foreign file is an error naming it."""
+    path = Path(root) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: not found; is {root} a dataset made by dataio.prepare? "
+                            "(an interrupted prepare leaves no manifest)") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise ManifestError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    for key in ("bands", "splits", "band_stats", "class_frequencies"):
+        if key not in data:
+            raise ManifestError(f"{path}: missing {key!r}")
+    return Manifest(Path(root), data)
+
+
+def save_manifest(root: Path, data: dict[str, Any]) -> Path:
+    path = Path(root) / MANIFEST
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+    return path

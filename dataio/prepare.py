@@ -1,0 +1,400 @@
+"""Prepare SpaceNet AOIs for training: masks, a 70:15:15 split, WebDataset shards, manifest.
+
+    python -m dataio.prepare --raw RAW [--raw RAW2 ...] --out DATA [--split 70,15,15] [--seed S]
+                             [--workers N] [--shard-size K] [--boundary-width W] [--overwrite]
+
+Tiles are processed in parallel and streamed into shards, so memory does not grow with the AOI.
+Unusable tiles are skipped and listed in the manifest with their reason. The dataset is complete
+once ``DATA/manifest.json`` exists; an interrupted run leaves no shard under a final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import csv
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from pyproj import CRS
+from tqdm import tqdm
+
+from dataio.atomic import atomic_open
+from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, to_geo
+from dataio.labels import (
+    DEFAULT_BOUNDARY_WIDTH,
+    NUM_CLASSES,
+    LabelError,
+    make_mask,
+    read_footprints,
+)
+from dataio.manifest import FORMAT_VERSION, MANIFEST, SPLITS, BandStats, save_manifest
+from dataio.shards import ShardInfo, ShardWriter, encode_sample
+from dataio.spacenet import EMPTY, IMAGE_DIR, TRUTH_HEADER, image_id_of, label_path, wkt_xyz
+
+ACCEPTED_DTYPES = ("uint16", "uint8")
+
+
+@dataclass
+class PrepareConfig:
+    raw: list[Path]
+    out: Path
+    split: tuple[float, float, float] = (70.0, 15.0, 15.0)
+    seed: int = 0
+    workers: int = 1
+    shard_size: int = 200
+    boundary_width: float = DEFAULT_BOUNDARY_WIDTH
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.raw = [Path(r) for r in self.raw]
+        self.out = Path(self.out)
+        if not self.raw:
+            raise ValueError("give at least one --raw AOI directory")
+        if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
+            raise ValueError(f"--split needs three non-negative weights (train,val,test), "
+                             f"got {self.split}")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if not 0 <= self.boundary_width <= 50:
+            raise ValueError(f"--boundary-width must be in [0, 50] px, got {self.boundary_width}")
+
+
+@dataclass(frozen=True)
+class Tile:
+    image_id: str
+    tif: Path
+    label: Path
+    split: str = ""
+
+
+@dataclass
+class Scan:
+    tiles: list[Tile] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    bands: int = 0
+
+
+def scan(cfg: PrepareConfig) -> Scan:
+    """Find every tile in every AOI, read raster headers, drop what cannot be used."""
+    result = Scan()
+    headers: list[tuple[Tile, int]] = []
+    seen: dict[str, Path] = {}
+    for raw in cfg.raw:
+        img_dir = raw / IMAGE_DIR
+        if not img_dir.is_dir():
+            raise ValueError(f"--raw {raw}: no {IMAGE_DIR}/ folder (expected the SpaceNet layout, "
+                             f"e.g. AOI_2_Vegas_Train/{IMAGE_DIR}/*.tif)")
+        tifs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+        result.sources.append({"raw": str(raw), "tiles": len(tifs)})
+        for tif in tifs:
+            def skip(reason: str, iid: str = "", tif: Path = tif) -> None:
+                result.skipped.append({"image_id": iid, "path": str(tif), "reason": reason})
+
+            try:
+                iid = image_id_of(tif)
+            except ValueError as e:
+                skip(str(e))
+                continue
+            if not IMAGE_ID_RE.match(iid):
+                skip(f"ImageId {iid!r} has characters other than letters, digits, '_', '-'", iid)
+                continue
+            if iid in seen:
+                skip(f"duplicate ImageId (also in {seen[iid]})", iid)
+                continue
+            try:
+                with gdal_env(), rasterio.open(tif) as ds:
+                    count, dtype, has_crs = ds.count, ds.dtypes[0], ds.crs is not None
+            except Exception as e:
+                skip(f"unreadable image ({e})", iid)
+                continue
+            if dtype not in ACCEPTED_DTYPES:
+                skip(f"image dtype {dtype} (expected one of {', '.join(ACCEPTED_DTYPES)})", iid)
+                continue
+            if not has_crs:
+                skip("image has no CRS (not georeferenced)", iid)
+                continue
+            seen[iid] = tif
+            headers.append((Tile(iid, tif, label_path(raw, iid)), count))
+    if not headers:
+        raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}")
+    # NOTE: the model takes one band count; the majority decides and odd tiles are skipped.
+    counts = collections.Counter(c for _, c in headers)
+    result.bands = max(counts, key=lambda c: (counts[c], c))
+    for tile, count in headers:
+        if count != result.bands:
+            result.skipped.append({"image_id": tile.image_id, "path": str(tile.tif),
+                                   "reason": f"has {count} bands, the rest of the AOI has "
+                                             f"{result.bands}"})
+        else:
+            result.tiles.append(tile)
+    return result
+
+
+def assign_splits(tiles: list[Tile], weights: tuple[float, float, float],
+                  seed: int) -> list[Tile]:
+    """Shuffle with the seed and cut in the given proportions; returns tiles in write order.
+
+    Depends only on the set of ImageIds and the seed (never on worker count or file order).
+    """
+    ordered = sorted(tiles, key=lambda t: t.image_id)
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    total = sum(weights)
+    n_train = round(len(ordered) * weights[0] / total)
+    n_val = round(len(ordered) * weights[1] / total)
+    out = []
+    for rank, i in enumerate(perm):
+        split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+        t = ordered[i]
+        out.append(Tile(t.image_id, t.tif, t.label, split))
+    return out
+
+
+def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any]:
+    """Worker: read one tile, rasterise its mask, encode its sample. Never raises for bad input."""
+    try:
+        with gdal_env(), rasterio.open(tile.tif) as ds:
+            pixels = ds.read()
+            transform, crs, height, width = ds.transform, ds.crs, ds.height, ds.width
+    except Exception as e:
+        return {"skip": f"unreadable image ({e})"}
+    if pixels.shape[0] != bands:
+        return {"skip": f"has {pixels.shape[0]} bands, the rest of the AOI has {bands}"}
+    image_crs = CRS.from_user_input(crs.to_wkt())
+    try:
+        fp = read_footprints(tile.label, image_crs, transform, width, height)
+    except LabelError as e:
+        return {"skip": str(e)}
+    mask = make_mask(fp.polygons, (height, width), boundary_width)
+    image = np.ascontiguousarray(pixels.transpose(1, 2, 0)).astype(np.uint16, copy=False)
+    meta = {
+        "image_id": tile.image_id, "crs": crs_to_string(image_crs),
+        "transform": list(transform)[:6], "width": width, "height": height, "bands": bands,
+        "building_count": len(fp.polygons), "source": tile.tif.name,
+    }
+    geo_precision = 10 if image_crs.is_geographic else 4
+    rows = [[tile.image_id, k + 1, wkt_xyz(p, 4), wkt_xyz(to_geo(p, transform), geo_precision)]
+            for k, p in enumerate(fp.polygons)]
+    return {
+        "sample": encode_sample(tile.image_id, image, mask, meta),
+        "rows": rows or [[tile.image_id, -1, EMPTY, EMPTY]],
+        "hist": BandStats.of_image(image) if tile.split == "train" else None,
+        "classes": np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES],
+        "notes": fp.notes,
+    }
+
+
+def _bounded_map(fn: Callable[[Tile], dict[str, Any]], items: Iterable[Tile],
+                 workers: int) -> Iterator[dict[str, Any]]:
+    """Ordered parallel map with a bounded window, so results never pile up in memory."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    window = 4 * workers
+    # NOTE: spawn, not fork: the parent holds a tqdm thread and GDAL state.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        it = iter(items)
+        pending: collections.deque[Future[dict[str, Any]]] = collections.deque(
+            pool.submit(fn, t) for t in _take(it, window))
+        while pending:
+            result = pending.popleft().result()
+            for t in _take(it, 1):
+                pending.append(pool.submit(fn, t))
+            yield result
+
+
+def _take(it: Iterator[Tile], n: int) -> list[Tile]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+def _worker(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any]:
+    result = process_tile(tile, bands, boundary_width)
+    result["tile"] = tile
+    return result
+
+
+class _Call:
+    """Picklable partial for the process pool."""
+
+    def __init__(self, bands: int, boundary_width: float) -> None:
+        self.bands, self.boundary_width = bands, boundary_width
+
+    def __call__(self, tile: Tile) -> dict[str, Any]:
+        return _worker(tile, self.bands, self.boundary_width)
+
+
+def check_output(cfg: PrepareConfig) -> None:
+    """Refuse to mix a new dataset into an old one; with --overwrite remove only our files."""
+    out = cfg.out
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    ours = [out / MANIFEST, *(out / s for s in SPLITS)]
+    present = [p for p in ours if p.exists()]
+    others = [p for p in out.iterdir() if p not in ours]
+    if present and not cfg.overwrite:
+        what = "a dataset" if (out / MANIFEST).exists() else "an incomplete dataset"
+        raise ValueError(f"--out {out}: already holds {what}; pass --overwrite to replace it")
+    if others and not present:
+        raise ValueError(f"--out {out}: is not empty and holds no dataset; choose another --out")
+    for p in present:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the whole preparation; returns the manifest it wrote."""
+    t0 = time.perf_counter()
+    check_output(cfg)
+    found = scan(cfg)
+    tiles = assign_splits(found.tiles, cfg.split, cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stats = BandStats(found.bands)
+    classes = {s: np.zeros(NUM_CLASSES, np.int64) for s in SPLITS}
+    shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    samples = dict.fromkeys(SPLITS, 0)
+    buildings = dict.fromkeys(SPLITS, 0)
+    writers: dict[str, ShardWriter | None] = dict.fromkeys(SPLITS)
+    skipped, repaired = list(found.skipped), []
+    bar = tqdm(total=len(tiles), desc="prepare", unit="tile", disable=not progress)
+    with contextlib.ExitStack() as stack:
+        truth = {}
+        for s in SPLITS:
+            f = stack.enter_context(atomic_open(cfg.out / s / "truth.csv", "w", newline=""))
+            truth[s] = csv.writer(f)
+            truth[s].writerow(TRUTH_HEADER)
+        try:
+            for res in _bounded_map(_Call(found.bands, cfg.boundary_width), tiles, cfg.workers):
+                bar.update()
+                tile: Tile = res["tile"]
+                if "skip" in res:
+                    skipped.append({"image_id": tile.image_id, "path": str(tile.tif),
+                                    "reason": res["skip"]})
+                    continue
+                s = tile.split
+                w = writers[s]
+                if w is None:
+                    w = writers[s] = ShardWriter(cfg.out / s, len(shards[s]))
+                w.write(res["sample"])
+                truth[s].writerows(res["rows"])
+                samples[s] += 1
+                buildings[s] += sum(1 for r in res["rows"] if r[1] != -1)
+                classes[s] += res["classes"]
+                repaired += [{"image_id": tile.image_id, "note": n} for n in res["notes"]]
+                if res["hist"] is not None:
+                    stats.add(res["hist"])
+                if w.samples >= cfg.shard_size:
+                    shards[s].append(w.close())
+                    writers[s] = None
+            for s, w in writers.items():
+                if w is not None:
+                    shards[s].append(w.close())
+                    writers[s] = None
+        except BaseException:
+            for w in writers.values():
+                if w is not None:
+                    w.abort()
+            raise
+        finally:
+            bar.close()
+        manifest = _manifest(cfg, found, stats, classes, shards, samples, buildings, skipped,
+                             repaired, time.perf_counter() - t0)
+    save_manifest(cfg.out, manifest)
+    return manifest
+
+
+def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[str, np.ndarray],
+              shards: dict[str, list[ShardInfo]], samples: dict[str, int],
+              buildings: dict[str, int], skipped: list[dict[str, str]],
+              repaired: list[dict[str, str]], seconds: float) -> dict[str, Any]:
+    train = classes["train"]
+    if train.sum() == 0:
+        raise ValueError("the training split is empty: add tiles or change --split")
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": {"split": list(cfg.split), "seed": cfg.seed, "shard_size": cfg.shard_size,
+                   "boundary_width": cfg.boundary_width},
+        "sources": found.sources,
+        "bands": found.bands,
+        "dtype": "uint16",
+        "layout": "HWC",
+        "classes": ["background", "building", "boundary"],
+        "splits": {s: {"samples": samples[s], "buildings": buildings[s], "truth": f"{s}/truth.csv",
+                       "class_pixels": classes[s].tolist(),
+                       "shards": [i.to_json() for i in shards[s]]} for s in SPLITS},
+        "band_stats": stats.to_json(),
+        "class_frequencies": (train / train.sum()).tolist(),
+        "skipped": skipped,
+        "repaired": repaired,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split {text!r}: expected e.g. 70,15,15") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"--split {text!r}: expected three numbers")
+    return parts  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dataio.prepare",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--raw", type=Path, action="append", required=True,
+                   help="a SpaceNet AOI directory (repeat for several)")
+    p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    p.add_argument("--split", type=_parse_split, default=(70.0, 15.0, 15.0))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))))
+    p.add_argument("--shard-size", type=int, default=200, help="samples per shard")
+    p.add_argument("--boundary-width", type=float, default=DEFAULT_BOUNDARY_WIDTH,
+                   help="boundary band, px on each side of every outline")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        cfg = PrepareConfig(raw=args.raw, out=args.out, split=args.split, seed=args.seed,
+                            workers=args.workers, shard_size=args.shard_size,
+                            boundary_width=args.boundary_width, overwrite=args.overwrite)
+        m = prepare(cfg, progress=not args.quiet)
+    except (ValueError, OSError) as e:
+        print(f"dataio.prepare: error: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{s} {m['splits'][s]['samples']}" for s in SPLITS)
+    n = sum(m["splits"][s]["samples"] for s in SPLITS)
+    print(f"prepared {n} tiles into {cfg.out} ({counts}) in {m['seconds']:.1f}s "
+          f"({n / max(m['seconds'], 1e-9):.1f} tiles/s, {cfg.workers} workers); "
+          f"skipped {len(m['skipped'])}")
+    for s in m["skipped"][:10]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    if len(m["skipped"]) > 10:
+        print(f"  ... and {len(m['skipped']) - 10} more (see {cfg.out / MANIFEST})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

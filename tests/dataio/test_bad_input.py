@@ -1,0 +1,209 @@
+"""dataio.prepare on bad input: a clear outcome for each case, and nothing lost."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from pyproj import CRS
+
+from dataio import prepare as prep
+from dataio.geo import reproject_geometry
+from dataio.manifest import load_manifest
+from dataio.prepare import PrepareConfig, prepare
+from dataio.shards import decode_sample, iter_tar_samples, verify_shard
+from dataio.synth import SynthConfig, write_aoi
+
+TILES = 6
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    out = tmp_path / "raw"
+    write_aoi(SynthConfig(out=out, tiles=TILES, seed=11, size=160))
+    return out
+
+
+def _tif(raw: Path, n: int) -> Path:
+    return raw / "RGB-PanSharpen" / f"RGB-PanSharpen_AOI_2_Vegas_img{n}.tif"
+
+
+def _geojson(raw: Path, n: int) -> Path:
+    return raw / "geojson" / "buildings" / f"buildings_AOI_2_Vegas_img{n}.geojson"
+
+
+def _run(raw: Path, out: Path, **kw: object) -> dict:
+    return prepare(PrepareConfig(raw=[raw], out=out, shard_size=2, **kw), progress=False)
+
+
+def _samples(data: Path) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
+    return {k: decode_sample(m) for s in ("train", "val", "test")
+            for shard in sorted((data / s).glob("shard-*.tar")) for k, m in iter_tar_samples(shard)}
+
+
+def _truth(data: Path) -> dict[str, list[shapely.Polygon]]:
+    out: dict[str, list[shapely.Polygon]] = {}
+    for s in ("train", "val", "test"):
+        with open(data / s / "truth.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                g = shapely.force_2d(shapely.from_wkt(row["PolygonWKT_Pix"]))
+                out.setdefault(row["ImageId"], []).extend([] if g.is_empty else [g])
+    return out
+
+
+def _skipped(m: dict) -> dict[str, str]:
+    return {s["image_id"]: s["reason"] for s in m["skipped"]}
+
+
+def test_truncated_tiff_is_skipped_and_reported(raw: Path, tmp_path: Path) -> None:
+    tif = _tif(raw, 2)
+    tif.write_bytes(tif.read_bytes()[: tif.stat().st_size // 2])
+    m = _run(raw, tmp_path / "d")
+    assert list(_skipped(m)) == ["AOI_2_Vegas_img2"]
+    assert "unreadable image" in _skipped(m)["AOI_2_Vegas_img2"]
+    assert len(_samples(tmp_path / "d")) == TILES - 1
+
+
+def test_garbage_tiff_is_skipped_and_reported(raw: Path, tmp_path: Path) -> None:
+    _tif(raw, 3).write_bytes(b"this is not a tiff" * 100)
+    m = _run(raw, tmp_path / "d")
+    assert "unreadable image" in _skipped(m)["AOI_2_Vegas_img3"]
+    assert str(_tif(raw, 3)) in [s["path"] for s in m["skipped"]]
+
+
+def test_missing_geojson_is_skipped(raw: Path, tmp_path: Path) -> None:
+    _geojson(raw, 1).unlink()
+    m = _run(raw, tmp_path / "d")
+    assert "label file missing" in _skipped(m)["AOI_2_Vegas_img1"]
+    assert "AOI_2_Vegas_img1" not in _samples(tmp_path / "d")
+
+
+def test_malformed_geojson_is_skipped_with_the_file_named(raw: Path, tmp_path: Path) -> None:
+    _geojson(raw, 4).write_text('{"type": "FeatureCollection", "features": [')
+    _geojson(raw, 5).write_text('{"type": "Feature"}')
+    m = _run(raw, tmp_path / "d")
+    reasons = _skipped(m)
+    assert "malformed GeoJSON" in reasons["AOI_2_Vegas_img4"]
+    assert str(_geojson(raw, 4)) in reasons["AOI_2_Vegas_img4"]
+    assert "not a FeatureCollection" in reasons["AOI_2_Vegas_img5"]
+
+
+def test_self_intersecting_polygon_is_repaired_and_noted(raw: Path, tmp_path: Path) -> None:
+    with rasterio.open(_tif(raw, 1)) as ds:
+        t = ds.transform
+    # a bow-tie in lon/lat covering pixels (20..60, 20..60)
+    corners = [(20, 20), (60, 60), (60, 20), (20, 60), (20, 20)]
+    ring = [[t.c + t.a * x, t.f + t.e * y, 0.0] for x, y in corners]
+    gj = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon",
+                                                           "coordinates": [ring]}}]}
+    _geojson(raw, 1).write_text(json.dumps(gj))
+    m = _run(raw, tmp_path / "d")
+    notes = [r for r in m["repaired"] if r["image_id"] == "AOI_2_Vegas_img1"]
+    assert len(notes) == 1 and "Self-intersection" in notes[0]["note"]
+    _, mask, meta = _samples(tmp_path / "d")["AOI_2_Vegas_img1"]
+    assert meta["building_count"] == 2  # the bow-tie's two triangles
+    assert mask[40, 25] == 1 and mask[40, 55] == 1  # inside the left and right triangles
+    assert mask[24, 40] == 0  # the empty wedge between the triangles stays background
+
+
+def test_label_in_another_crs_gives_the_same_mask(raw: Path, tmp_path: Path) -> None:
+    expected = _run(raw, tmp_path / "lonlat")
+    utm = CRS.from_epsg(32611)
+    for n in range(1, TILES + 1):
+        doc = json.loads(_geojson(raw, n).read_text())
+        for f in doc["features"]:
+            from shapely.geometry import mapping, shape
+
+            g = reproject_geometry(shape(f["geometry"]), CRS.from_user_input("OGC:CRS84"), utm)
+            f["geometry"] = mapping(g)
+        doc["crs"] = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32611"}}
+        _geojson(raw, n).write_text(json.dumps(doc))
+    _run(raw, tmp_path / "utm")
+    a, b = _samples(tmp_path / "lonlat"), _samples(tmp_path / "utm")
+    assert a.keys() == b.keys() and expected["skipped"] == []
+    truth = _truth(tmp_path / "lonlat")
+    for k in a:
+        rows, cols = np.nonzero(a[k][1] != b[k][1])
+        # Reprojection round-off (1e-9 px) may flip only a pixel centre lying exactly on an
+        # outline or exactly boundary_width (2.5 px) from one, e.g. beside a tile edge.
+        outlines = shapely.union_all([p.boundary for p in truth.get(k, [])])
+        for r, c in zip(rows, cols, strict=True):
+            d = outlines.distance(shapely.Point(c + 0.5, r + 0.5))
+            assert min(abs(d - 2.5), d) < 1e-3, (k, r, c, d)  # truth WKT has 1e-4 px
+
+
+def test_utm_tiles_of_another_size(tmp_path: Path) -> None:
+    """SpaceNet-4-like tiles: 900x900 in UTM with labels in lon/lat."""
+    raw = tmp_path / "raw"
+    write_aoi(SynthConfig(out=raw, tiles=3, seed=2, size=900, crs="EPSG:32611", gsd_m=0.5,
+                          aoi="AOI_6_Atlanta"))
+    m = _run(raw, tmp_path / "d")
+    assert m["skipped"] == []
+    for key, (img, mask, meta) in _samples(tmp_path / "d").items():
+        assert img.shape == (900, 900, 3) and mask.shape == (900, 900)
+        assert meta["crs"] == "EPSG:32611" and key.startswith("AOI_6_Atlanta_img")
+        assert meta["transform"][0] == 0.5
+
+
+def test_band_count_mismatch_is_skipped(raw: Path, tmp_path: Path) -> None:
+    tif = _tif(raw, 6)
+    with rasterio.open(tif) as ds:
+        profile, data = ds.profile, ds.read()
+    profile["count"] = 4
+    with rasterio.open(tif, "w", **profile) as ds:
+        ds.write(np.concatenate([data, data[:1]]))
+    m = _run(raw, tmp_path / "d")
+    assert _skipped(m) == {"AOI_2_Vegas_img6": "has 4 bands, the rest of the AOI has 3"}
+    assert m["bands"] == 3
+
+
+def test_existing_dataset_is_not_overwritten_silently(raw: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "d"
+    _run(raw, out)
+    before = (out / "manifest.json").read_bytes()
+    assert prep.main(["--raw", str(raw), "--out", str(out), "--quiet", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a dataset" in err and "--overwrite" in err
+    assert (out / "manifest.json").read_bytes() == before
+    assert prep.main(["--raw", str(raw), "--out", str(out), "--quiet", "--overwrite",
+                      "--workers", "0", "--seed", "3"]) == 0
+    assert load_manifest(out).data["config"]["seed"] == 3
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert prep.main(["--raw", str(raw), "--out", str(tmp_path / "other"), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_no_half_written_shard(raw: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    real = prep.process_tile
+    calls = {"n": 0}
+
+    def dying(*args: object) -> dict:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as if the user hit Ctrl-C mid-shard
+        return real(*args)
+
+    monkeypatch.setattr(prep, "process_tile", dying)
+    out = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        _run(raw, out, workers=0)
+    assert not (out / "manifest.json").exists()
+    leftovers = [p for p in out.rglob("*") if p.is_file()]
+    assert all(p.suffix in (".tar", ".idx") for p in leftovers), leftovers  # no temp files
+    for shard in out.rglob("shard-*.tar"):
+        assert verify_shard(shard) == 2  # every shard under a final name is complete
+    monkeypatch.setattr(prep, "process_tile", real)
+    with pytest.raises(ValueError, match="incomplete dataset"):
+        _run(raw, out)
+    assert len(_samples(out)) < TILES
+    _run(raw, out, overwrite=True)
+    assert len(_samples(out)) == TILES

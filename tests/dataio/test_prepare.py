@@ -1,0 +1,167 @@
+"""dataio.prepare: splits, shards both DALI and webdataset read, masks, truth, round trip."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import webdataset as wds
+from pyproj import CRS
+from rasterio.features import shapes
+from shapely.geometry import shape
+
+from dataio.labels import make_mask, rasterize_footprints, read_footprints
+from dataio.manifest import load_manifest
+from dataio.prepare import PrepareConfig, prepare
+from dataio.shards import check_shard, decode_sample, iter_tar_samples
+
+SPLITS = ("train", "val", "test")
+
+
+def _keys(data: Path, split: str) -> list[str]:
+    return [k for shard in sorted((data / split).glob("shard-*.tar"))
+            for k, _ in iter_tar_samples(shard)]
+
+
+def test_every_tile_in_exactly_one_split(prepared_dataset: Path, synthetic_aoi: Path) -> None:
+    m = load_manifest(prepared_dataset)
+    keys = {s: _keys(prepared_dataset, s) for s in SPLITS}
+    all_keys = [k for s in SPLITS for k in keys[s]]
+    tifs = sorted((synthetic_aoi / "RGB-PanSharpen").glob("*.tif"))
+    assert sorted(all_keys) == sorted(t.name[len("RGB-PanSharpen_"):-4] for t in tifs)
+    assert len(set(all_keys)) == len(all_keys)
+    assert [len(keys[s]) for s in SPLITS] == [7, 2, 1]  # 70:15:15 of 10
+    for s in SPLITS:
+        assert m.samples(s) == len(keys[s]) == sum(i["samples"] for i in m.shards(s))
+        for info in m.shards(s):
+            assert check_shard(prepared_dataset / s, info) is None
+    assert m.data["skipped"] == []
+
+
+def test_manifest_statistics(prepared_dataset: Path) -> None:
+    m = load_manifest(prepared_dataset)
+    p2, p98 = m.percentiles()
+    assert len(p2) == m.bands == 3
+    assert all(0 < lo < hi <= 2047 for lo, hi in zip(p2, p98, strict=True))
+    freqs = m.class_frequencies
+    assert abs(sum(freqs) - 1) < 1e-9 and freqs[0] > freqs[1] > 0 and freqs[2] > 0
+    # the train percentiles are those of the training pixels
+    pix = np.concatenate([decode_sample(mem)[0].reshape(-1, 3)
+                          for shard in sorted((prepared_dataset / "train").glob("*.tar"))
+                          for _, mem in iter_tar_samples(shard)])
+    np.testing.assert_allclose(np.percentile(pix, 2, axis=0), p2, atol=1)
+    np.testing.assert_allclose(np.percentile(pix, 98, axis=0), p98, atol=1)
+
+
+def test_shards_read_by_webdataset(prepared_dataset: Path) -> None:
+    urls = [str(p) for p in sorted((prepared_dataset / "train").glob("shard-*.tar"))]
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("l8")
+    n = 0
+    for sample in ds:
+        img, mask, meta = sample["img.npy"], sample["mask.png"], sample["meta.json"]
+        assert img.dtype == np.uint16 and img.shape == (650, 650, 3)
+        assert mask.shape[:2] == (650, 650)
+        assert meta["image_id"] == sample["__key__"]
+        n += 1
+    assert n == 7
+
+
+def test_shards_read_by_dali_cpu_pipeline(prepared_dataset: Path) -> None:
+    from nvidia.dali import fn, pipeline_def, types
+
+    tars = sorted((prepared_dataset / "train").glob("shard-*.tar"))
+
+    @pipeline_def(batch_size=7, num_threads=1, device_id=None)
+    def pipe():  # type: ignore[no-untyped-def]
+        img, mask, meta = fn.readers.webdataset(
+            paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx")) for t in tars],
+            ext=["img.npy", "mask.png", "meta.json"], missing_component_behavior="error",
+            dont_use_mmap=True)
+        return fn.decoders.numpy(img), fn.decoders.image(mask, output_type=types.GRAY), meta
+
+    p = pipe()
+    p.build()
+    img, mask, meta = p.run()
+    keys = sorted(json.loads(bytes(meta.at(i)))["image_id"] for i in range(7))
+    assert keys == sorted(_keys(prepared_dataset, "train"))
+    for i in range(7):
+        assert np.asarray(img.at(i)).dtype == np.uint16
+        assert set(np.unique(np.asarray(mask.at(i)))) <= {0, 1, 2}
+
+
+def test_masks_hold_three_classes_and_match_truth(prepared_dataset: Path) -> None:
+    with open(prepared_dataset / "test" / "truth.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for shard in sorted((prepared_dataset / "test").glob("*.tar")):
+        for key, mem in iter_tar_samples(shard):
+            _, mask, meta = decode_sample(mem)
+            assert set(np.unique(mask)) <= {0, 1, 2}
+            polys = [shapely.from_wkt(r["PolygonWKT_Pix"]) for r in rows if r["ImageId"] == key]
+            polys = [p for p in polys if not p.is_empty]
+            assert meta["building_count"] == len(polys)
+            # the stored mask is exactly the mask of the truth polygons
+            np.testing.assert_array_equal(mask, make_mask(polys, mask.shape))
+
+
+def test_same_split_and_bytes_whatever_the_workers(synthetic_aoi: Path, tmp_path: Path) -> None:
+    def digests(out: Path) -> dict[str, str]:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.suffix in (".tar", ".idx", ".csv")}
+
+    a = prepare(PrepareConfig([synthetic_aoi], tmp_path / "a", shard_size=4, workers=0), False)
+    b = prepare(PrepareConfig([synthetic_aoi], tmp_path / "b", shard_size=4, workers=2), False)
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+    assert a["splits"] == b["splits"]
+    prepare(PrepareConfig([synthetic_aoi], tmp_path / "c", shard_size=4, seed=1), False)
+    assert _keys(tmp_path / "a", "train") != _keys(tmp_path / "c", "train")
+
+
+def test_round_trip_footprints_polygonise_back(synthetic_aoi: Path,
+                                               prepared_dataset: Path) -> None:
+    """The footprints prepare rasterises polygonise back to the source (IoU >= 0.9 > 100 px),
+    and truth.csv holds the source footprints in pixel coordinates."""
+    truth = {}
+    for s in SPLITS:
+        with open(prepared_dataset / s / "truth.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                truth.setdefault(r["ImageId"], []).append(shapely.from_wkt(r["PolygonWKT_Pix"]))
+    checked = 0
+    for tif in sorted((synthetic_aoi / "RGB-PanSharpen").glob("*.tif")):
+        iid = tif.name[len("RGB-PanSharpen_"):-4]
+        with rasterio.open(tif) as ds:
+            crs, transform, w, h = CRS.from_wkt(ds.crs.to_wkt()), ds.transform, ds.width, ds.height
+        src = read_footprints(synthetic_aoi / "geojson" / "buildings" / f"buildings_{iid}.geojson",
+                              crs, transform, w, h).polygons
+        raster = rasterize_footprints(src, (h, w))
+        # label each footprint so touching ones come back separately
+        ids = np.zeros((h, w), np.int32)
+        for k, p in enumerate(src):
+            ids[rasterize_footprints([p], (h, w)) > 0] = k + 1
+        assert ((ids > 0) == (raster > 0)).all()
+        back = {int(v): shape(g) for g, v in shapes(ids, mask=ids > 0)}
+        for k, p in enumerate(src):
+            if p.area > 100:
+                q = back[k + 1]
+                assert p.intersection(q).area / p.union(q).area >= 0.9, (iid, k)
+                checked += 1
+        rows = [g for g in truth[iid] if not g.is_empty]
+        assert len(rows) == len(src)
+        for p, q in zip(src, rows, strict=True):
+            assert p.symmetric_difference(shapely.force_2d(q)).area < 1e-3 * p.length  # 1e-4 px WKT
+    assert checked > 100
+
+
+@pytest.mark.parametrize("bad", ["0", "a,b,c", "70,30"])
+def test_bad_split_argument(bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataio.prepare import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--raw", str(tmp_path), "--out", str(tmp_path / "o"), "--split", bad])
+    assert e.value.code == 2
+    assert "--split" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""dataio.synth writes a real SpaceNet-2 layout AOI with scenes worth learning."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from pyproj import CRS
+from shapely.geometry import shape
+
+from dataio.scene import make_scene
+from dataio.synth import SynthConfig, main, write_aoi
+
+
+def test_rasters_are_georeferenced_11bit_rgb(synthetic_aoi: Path) -> None:
+    tifs = sorted((synthetic_aoi / "RGB-PanSharpen").glob("RGB-PanSharpen_AOI_2_Vegas_img*.tif"))
+    assert len(tifs) == 10
+    for tif in tifs:
+        with rasterio.open(tif) as ds:
+            assert (ds.count, ds.width, ds.height) == (3, 650, 650)
+            assert ds.dtypes == ("uint16",) * 3
+            assert CRS.from_user_input(ds.crs.to_wkt()).to_epsg() == 4326
+            px_m = ds.transform.a * 111_320
+            assert 0.25 < px_m < 0.35 and ds.transform.e == -ds.transform.a
+            assert -116 < ds.transform.c < -115 and 36 < ds.transform.f < 37  # Las Vegas
+            data = ds.read()
+        assert data.max() <= 2047 and data.std() > 50  # 11-bit and not a flat image
+
+
+def test_geojson_and_solutions_csv_agree(synthetic_aoi: Path) -> None:
+    csv_path = synthetic_aoi / "summaryData" / "AOI_2_Vegas_Train_Building_Solutions.csv"
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["ImageId", "BuildingId", "PolygonWKT_Pix", "PolygonWKT_Geo"]
+    per_image: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        per_image.setdefault(r["ImageId"], []).append(r)
+    assert len(per_image) == 10
+    for iid, image_rows in per_image.items():
+        gj = json.loads((synthetic_aoi / "geojson" / "buildings" / f"buildings_{iid}.geojson")
+                        .read_text())
+        assert gj["type"] == "FeatureCollection"
+        polys = [shape(f["geometry"]) for f in gj["features"]]
+        assert all(p.is_valid and p.geom_type == "Polygon" for p in polys)
+        if not polys:
+            assert [r["BuildingId"] for r in image_rows] == ["-1"]
+            assert image_rows[0]["PolygonWKT_Pix"] == "POLYGON EMPTY"
+            continue
+        assert len(image_rows) == len(polys)
+        for r, p in zip(image_rows, polys, strict=True):
+            geo = shapely.force_2d(shapely.from_wkt(r["PolygonWKT_Geo"]))
+            # the CSV rounds to 1e-9 degrees: well under a tenth of a (2.7e-6 degree) pixel
+            assert geo.symmetric_difference(shapely.force_2d(p)).area < 0.1 * (2.7e-6) ** 2
+            pix = shapely.from_wkt(r["PolygonWKT_Pix"])
+            assert pix.is_valid and pix.bounds[0] >= 0 and pix.bounds[2] <= 650
+
+
+def test_deterministic_for_a_seed_whatever_the_workers(tmp_path: Path) -> None:
+    def digest(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    write_aoi(SynthConfig(out=tmp_path / "a", tiles=4, seed=5, size=200))
+    write_aoi(SynthConfig(out=tmp_path / "b", tiles=4, seed=5, size=200, workers=2))
+    write_aoi(SynthConfig(out=tmp_path / "c", tiles=4, seed=6, size=200))
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def _gaps(polys: list[shapely.Polygon]) -> list[float]:
+    tree = shapely.STRtree(polys)
+    out = []
+    for i, p in enumerate(polys):
+        for j in tree.query(p.buffer(5)):
+            if j > i:
+                out.append(p.distance(polys[j]))
+    return out
+
+
+def test_scenes_hold_the_hard_cases() -> None:
+    """Across seeds: near-touching rows (1-4 px gaps), L-shapes, edge-cut buildings, empty tiles,
+    house and block sizes, and clutter that is not building."""
+    kinds, areas, gaps, l_shapes, partial = set(), [], [], 0, 0
+    clutter = {"roads": 0, "trees": 0, "pools": 0}
+    for seed in range(30):
+        scene = make_scene(np.random.default_rng(seed))
+        kinds.add(scene.kind)
+        areas += [p.area for p in scene.buildings]
+        gaps += _gaps(scene.buildings)
+        l_shapes += sum(len(p.exterior.coords) == 7 for p in scene.buildings)
+        partial += sum(scene.partial)
+        for k in clutter:
+            clutter[k] += len(getattr(scene, k))
+    assert kinds == {"suburban", "commercial", "sparse", "empty"}
+    gaps_arr = np.array(gaps)
+    assert ((gaps_arr >= 1) & (gaps_arr <= 4)).sum() > 50  # rows of near-touching houses
+    assert gaps_arr.min() >= 0.99  # never overlapping or touching
+    assert l_shapes > 20 and partial > 20
+    # houses of ~10x15 m (33x50 px = 1650 px^2 at 0.3 m) up to blocks of thousands of m^2
+    assert 1000 < np.median(areas) < 3000 and max(areas) > 20_000
+    assert all(v > 0 for v in clutter.values())
+
+
+def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path / "x"), "--tiles", "0"]) == 2
+    assert "--tiles" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "x"), "--crs", "EPSG:999999"]) == 2

@@ -1,0 +1,42 @@
+"""Pad-to-multiple and crop: the reason any input size works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.blocks import crop_padding, pad_to_multiple
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "zeros"])
+@pytest.mark.parametrize("size", [(650, 650), (16, 16), (1, 1), (5, 37)])
+def test_pad_then_crop_is_identity(mode: str, size: tuple[int, int]) -> None:
+    x = torch.rand(2, 3, *size)
+    padded, pads = pad_to_multiple(x, 16, mode)
+    assert padded.shape[-2] % 16 == 0 and padded.shape[-1] % 16 == 0
+    torch.testing.assert_close(crop_padding(padded, pads), x, rtol=0, atol=0)
+
+
+def test_650_pads_three_on_each_side() -> None:
+    _, pads = pad_to_multiple(torch.rand(1, 3, 650, 650), 16)
+    assert pads == (3, 3, 3, 3)
+
+
+def test_reflect_mirrors_the_edge() -> None:
+    x = torch.arange(14.0).expand(1, 1, 14, 14)
+    padded, pads = pad_to_multiple(x, 16, "reflect")
+    assert pads == (1, 1, 1, 1)
+    assert padded[0, 0, 1, :3].tolist() == [1.0, 0.0, 1.0]  # reflect, not repeat
+
+
+def test_too_small_to_reflect_falls_back_to_replicate() -> None:
+    x = torch.arange(3.0).expand(1, 1, 3, 3)
+    padded, pads = pad_to_multiple(x, 16, "reflect")  # 13 more columns: more than 3 can mirror
+    assert pads == (6, 7, 6, 7)
+    assert padded[0, 0, 6, :7].tolist() == [0.0] * 7
+
+
+def test_multiple_of_16_is_untouched() -> None:
+    x = torch.rand(1, 3, 32, 48)
+    padded, pads = pad_to_multiple(x, 16)
+    assert padded is x and pads == (0, 0, 0, 0)

@@ -1,0 +1,161 @@
+"""Losses: weighted CE as torch defines it, soft Dice, mixing, ignore_index, AMP, config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models import LossConfig, SegmentationLoss, build_loss, class_weights_from_frequencies
+
+
+def logits_and_target(n: int = 2, c: int = 3, size: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, size, size, generator=g, requires_grad=True)
+    target = torch.randint(0, c, (n, size, size), generator=g)
+    return logits, target
+
+
+def test_ce_equals_torch_weighted_cross_entropy_with_ignore() -> None:
+    logits, target = logits_and_target()
+    target[0, :4] = -100
+    loss = build_loss(LossConfig())(logits, target)
+    ref = nn.CrossEntropyLoss(weight=torch.tensor([0.1, 0.8, 0.1]), ignore_index=-100)
+    torch.testing.assert_close(loss, ref(logits, target))
+
+
+def test_custom_ignore_index() -> None:
+    logits, target = logits_and_target()
+    target[:, :, :3] = 255
+    loss = build_loss(LossConfig(ignore_index=255))(logits, target)
+    ref = nn.CrossEntropyLoss(weight=torch.tensor([0.1, 0.8, 0.1]), ignore_index=255)
+    torch.testing.assert_close(loss, ref(logits, target))
+
+
+def test_all_ignored_batch_gives_zero_with_a_graph() -> None:
+    logits, target = logits_and_target()
+    target.fill_(-100)
+    loss = build_loss(LossConfig(dice_weight=1.0))(logits, target)
+    assert loss.item() == 0.0
+    loss.backward()  # the graph exists, so DDP sees every parameter used
+    assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+def test_dice_is_one_minus_mean_class_dice() -> None:
+    logits, target = logits_and_target()
+    loss_fn = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0, dice_smooth=1.0))
+    probs = logits.softmax(1)
+    one_hot = nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    inter = (probs * one_hot).sum((0, 2, 3))
+    card = probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
+    expected = 1 - ((2 * inter + 1) / (card + 1)).mean()
+    torch.testing.assert_close(loss_fn(logits, target), expected)
+
+
+def test_dice_of_a_perfect_prediction_is_near_zero() -> None:
+    _, target = logits_and_target()
+    logits = nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50
+    loss = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0))(logits, target)
+    assert loss.item() < 1e-3
+
+
+def test_dice_ignores_ignored_pixels() -> None:
+    logits, target = logits_and_target()
+    loss_fn = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0))
+    cut = target.clone()
+    cut[:, :8] = -100
+    torch.testing.assert_close(
+        loss_fn(logits, cut), loss_fn(logits[:, :, 8:].detach(), target[:, 8:])
+    )
+
+
+def test_mixing_is_the_weighted_sum() -> None:
+    logits, target = logits_and_target()
+    ce = build_loss(LossConfig())(logits, target)
+    dice = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0))(logits, target)
+    mixed = build_loss(LossConfig(ce_weight=0.7, dice_weight=0.3))(logits, target)
+    torch.testing.assert_close(mixed, 0.7 * ce + 0.3 * dice)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_give_a_finite_float32_loss(dtype: torch.dtype) -> None:
+    logits, target = logits_and_target()
+    big = (logits.detach() * 300).to(dtype).requires_grad_()  # would overflow a half softmax sum
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = build_loss(LossConfig(dice_weight=1.0))(big, target)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert big.grad is not None and torch.isfinite(big.grad).all()
+
+
+def test_shape_and_class_count_errors() -> None:
+    logits, target = logits_and_target(c=4)
+    loss_fn = build_loss(LossConfig())
+    with pytest.raises(ValueError, match="class_weights"):
+        loss_fn(logits, target)
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        loss_fn(logits[:, :3], target[:, :8])
+
+
+def test_weights_follow_the_loss_to_a_device() -> None:
+    loss_fn = build_loss(LossConfig())
+    assert isinstance(loss_fn, SegmentationLoss)
+    assert "class_weights" in dict(loss_fn.named_buffers())
+    assert "class_weights" not in loss_fn.state_dict()  # rebuilt from the config, not saved
+
+
+def test_median_frequency_balancing() -> None:
+    w = class_weights_from_frequencies([0.8, 0.15, 0.05])
+    raw = [0.15 / 0.8, 1.0, 3.0]
+    assert w == pytest.approx([r / sum(raw) for r in raw])
+    assert sum(w) == pytest.approx(1.0)
+
+
+def test_inverse_frequency_and_zero_frequency() -> None:
+    w = class_weights_from_frequencies([0.5, 0.5, 0.0], method="inverse")
+    assert w == pytest.approx([0.5, 0.5, 0.0])
+    # Frequencies that do not quite sum to 1 (rounding in the manifest) are normalised first.
+    assert class_weights_from_frequencies([1.6, 0.3, 0.1]) == pytest.approx(
+        class_weights_from_frequencies([0.8, 0.15, 0.05])
+    )
+
+
+@pytest.mark.parametrize("freqs", [[1.0], [0.5, -0.1, 0.6], [0.0, 0.0, 0.0], [math.nan, 1, 0]])
+def test_bad_frequencies_are_rejected(freqs: list[float]) -> None:
+    with pytest.raises(ValueError, match="class_frequencies"):
+        class_weights_from_frequencies(freqs)
+
+
+def test_manifest_weights() -> None:
+    cfg = LossConfig(class_weights="manifest")
+    loss_fn = build_loss(cfg, class_frequencies=[0.8, 0.15, 0.05])
+    expected = class_weights_from_frequencies([0.8, 0.15, 0.05])
+    assert loss_fn.class_weights.tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="class_frequencies"):
+        build_loss(cfg)
+
+
+def test_config_defaults_and_list_input() -> None:
+    assert LossConfig().class_weights == (0.1, 0.8, 0.1)
+    assert LossConfig(class_weights=[1, 2, 3]).class_weights == (1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"class_weights": "median"}, "loss.class_weights"),
+        ({"class_weights": [0.1, -0.8, 0.1]}, "loss.class_weights"),
+        ({"class_weights": [0.0, 0.0]}, "loss.class_weights"),
+        ({"ce_weight": -1.0}, "loss.ce_weight"),
+        ({"dice_weight": math.inf}, "loss.dice_weight"),
+        ({"ce_weight": 0.0}, "loss.ce_weight and loss.dice_weight"),
+        ({"dice_weight": 1.0, "dice_smooth": 0.0}, "loss.dice_smooth"),
+        ({"ignore_index": 1.5}, "loss.ignore_index"),
+        ({"frequency_balancing": "mean"}, "loss.frequency_balancing"),
+    ],
+)
+def test_loss_config_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=field):
+        LossConfig(**kwargs)

@@ -1,0 +1,198 @@
+"""The shared tester: every registered model goes through the same checks (issue 3).
+
+A new model must add a row to ``MODEL_FACTS``; the figures come from the issue, not from the code
+under test, so a change of architecture that moves the parameter count fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from models import LossConfig, build_loss, build_model, list_models
+
+
+@dataclass(frozen=True)
+class Facts:
+    params: float  # the issue's figure with 3 input bands and 3 classes
+    tiny_divisor: int  # width_divisor that makes the first width 16, for the fast tests
+    big: bool = False  # a full-width 650x650 forward takes > 10 s on 2 CPU cores
+
+
+MODEL_FACTS = {
+    "unet_baseline": Facts(params=7.8e6, tiny_divisor=2),
+    "unet": Facts(params=31e6, tiny_divisor=4, big=True),
+}
+
+
+def _full_size_params() -> list[object]:
+    """Every model, the big ones marked slow for the full-width 650x650 forward."""
+    return [
+        pytest.param(n, marks=pytest.mark.slow) if n in MODEL_FACTS and MODEL_FACTS[n].big else n
+        for n in list_models()
+    ]
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    # NOTE: conftest pins OMP to 1 thread for the multi-process tests. The full-width forwards are
+    # big enough to gain from both cores (13 s -> 8 s for `unet` at 650); the tiny models are not
+    # (thread overhead makes them slower), so only the full-width tests ask for this.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def facts(name: str) -> Facts:
+    if name not in MODEL_FACTS:
+        pytest.fail(f"model {name!r} is registered but has no row in MODEL_FACTS ({__file__})")
+    return MODEL_FACTS[name]
+
+
+def tiny(name: str, in_channels: int = 3, num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, in_channels, num_classes, width_divisor=facts(name).tiny_divisor)
+
+
+def toy_batch(n: int = 2, size: int = 64, bands: int = 3, seed: int = 0):
+    """Rectangular 'buildings' (interior 1, 2-px boundary 2) and an image that shows them."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for _ in range(3):
+            y0, x0 = torch.randint(0, size - 20, (2,), generator=g).tolist()
+            h, w = torch.randint(8, 20, (2,), generator=g).tolist()
+            mask[i, y0 : y0 + h, x0 : x0 + w] = 2
+            mask[i, y0 + 2 : y0 + h - 2, x0 + 2 : x0 + w - 2] = 1
+    image = torch.randn(n, bands, size, size, generator=g) * 0.1 + (mask > 0).unsqueeze(1)
+    return image, mask
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_has_facts(name: str) -> None:
+    facts(name)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_parameter_count_matches_issue(name: str) -> None:
+    model = build_model(name, 3, 3)
+    count = sum(p.numel() for p in model.parameters())
+    expected = facts(name).params
+    assert abs(count - expected) / expected < 0.05, f"{name}: {count:,} vs ~{expected:,.0f}"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_output_shape_256_full_width(name: str, two_threads: None) -> None:
+    model = build_model(name, 3, 3).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 256, 256))
+    assert out.shape == (1, 3, 256, 256)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", _full_size_params())
+def test_output_shape_650_full_width(name: str, two_threads: None) -> None:
+    # 650 is not a multiple of 16: the model pads to 656 and crops back.
+    model = build_model(name, 3, 3).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 650, 650))
+    assert out.shape == (1, 3, 650, 650)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("bands", [3, 8])
+def test_650_with_gradients_and_any_band_count(name: str, bands: int) -> None:
+    model = tiny(name, in_channels=bands, num_classes=3).train()
+    x = torch.rand(1, bands, 650, 650, requires_grad=True)
+    out = model(x)
+    assert out.shape == (1, 3, 650, 650)
+    out.mean().backward()
+    # Every input pixel, borders included, must influence the output after the crop.
+    assert x.grad is not None and (x.grad[:, :, [0, -1], :] != 0).any()
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("size", [(1, 1), (17, 33), (64, 64), (100, 31)])
+def test_any_input_size(name: str, size: tuple[int, int]) -> None:
+    model = tiny(name).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, *size))
+    assert out.shape == (1, 3, *size)
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_under_cpu_autocast_is_finite(name: str, dtype: torch.dtype) -> None:
+    model = tiny(name).train()
+    loss_fn = build_loss(LossConfig(dice_weight=0.5))
+    x, y = toy_batch(size=70)
+    with torch.autocast("cpu", dtype=dtype):
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    assert logits.dtype == dtype
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("train", [False, True])
+def test_channels_last_matches_contiguous(name: str, train: bool) -> None:
+    model = tiny(name).train(train)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    conv = next(m for m in model_cl.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x, _ = toy_batch(size=70)  # 70: exercises the pad and crop in NHWC too
+    with torch.no_grad():
+        ref = model(x)
+        out = model_cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_tiny_model_overfits_one_batch(name: str) -> None:
+    model = tiny(name).train()
+    loss_fn = build_loss(LossConfig())  # the original 0.1/0.8/0.1 weights
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = toy_batch()
+    losses = []
+    for _ in range(40):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list_models())
+def test_cuda_fp16_autocast_with_grad_scaler(name: str) -> None:
+    device = torch.device("cuda")
+    model = tiny(name).to(device).to(memory_format=torch.channels_last).train()
+    loss_fn = build_loss(LossConfig(dice_weight=0.5)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda")
+    x, y = toy_batch(size=130)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    y = y.to(device)
+    with torch.autocast("cuda", dtype=torch.float16):
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    assert logits.dtype == torch.float16 and loss.dtype == torch.float32
+    assert logits.shape == (2, 3, 130, 130)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    scaler.step(opt)
+    scaler.update()
