@@ -6,7 +6,7 @@
   conv init (which uses ``a=sqrt(5)`` and gives a 1/sqrt(6) smaller bound).
 * The 1x1 head is followed by softmax, not ReLU, so it takes gain 1 ("linear"): the initial logits
   stay O(1) and the first loss is close to ``log(num_classes)``.
-* Biases 0; BatchNorm weight 1 and bias 0.
+* Biases 0; BatchNorm/GroupNorm weight 1 and bias 0.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def init_weights(model: nn.Module, head_name: str = "head") -> None:
             module.weight.uniform_(-bound, bound)
             if module.bias is not None:
                 module.bias.zero_()
-        elif isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

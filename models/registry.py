@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.blocks import NORMS
 from models.unet import PAD_MODES, unet, unet_baseline
 
 ModelFactory = Callable[..., nn.Module]
@@ -48,7 +49,8 @@ def _options_of(factory: ModelFactory) -> list[str]:
 def build_model(name: str, in_channels: int, num_classes: int, **options: object) -> nn.Module:
     """Build the registered model ``name``: float NCHW in, logits NCHW of the same H and W out.
 
-    ``options`` go to the model's factory (for the U-Nets: ``width_divisor``, ``pad_mode``).
+    ``options`` go to the model's factory (for the U-Nets: ``width_divisor``, ``pad_mode``,
+    ``norm``).
     """
     if name not in _REGISTRY:
         raise ValueError(
@@ -82,6 +84,8 @@ class ModelConfig:
     channels_last: bool = False
     # How the input is padded to a multiple of 16 (see models.blocks.pad_to_multiple).
     pad_mode: str = "reflect"
+    # "batch" as the original; "group" for small per-GPU batches (and batch-independent outputs).
+    norm: str = "batch"
 
     def __post_init__(self) -> None:
         if self.name not in _REGISTRY:
@@ -105,6 +109,8 @@ class ModelConfig:
             raise ValueError("model.compile_backend must name a torch.compile backend")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"model.pad_mode={self.pad_mode!r} is not one of {PAD_MODES}")
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm={self.norm!r} is not one of {NORMS}")
 
 
 def compile_model(module: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -123,7 +129,8 @@ def build_model_from_config(cfg: ModelConfig, in_channels: int, num_classes: int
     wrapper whose ``state_dict`` keys start with ``_orig_mod.``; checkpoint :func:`unwrap_model`.
     """
     model = build_model(
-        cfg.name, in_channels, num_classes, width_divisor=cfg.width_divisor, pad_mode=cfg.pad_mode
+        cfg.name, in_channels, num_classes, width_divisor=cfg.width_divisor, pad_mode=cfg.pad_mode,
+        norm=cfg.norm,
     )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.blocks import DoubleConv, Down, Up, crop_padding, pad_to_multiple
+from models.blocks import NORMS, DoubleConv, Down, Up, crop_padding, pad_to_multiple
 from models.init import init_weights
 
 BASELINE_WIDTHS = (32, 64, 128, 256, 512)
@@ -41,6 +41,7 @@ class UNet(nn.Module):
         num_classes: int,
         widths: Sequence[int] = BASELINE_WIDTHS,
         pad_mode: str = "reflect",
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1:
@@ -51,19 +52,20 @@ class UNet(nn.Module):
             raise ValueError(f"widths={tuple(widths)} needs >= 2 levels, each >= 2 channels")
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode={pad_mode!r} is not one of {PAD_MODES}")
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r} is not one of {NORMS}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.widths = tuple(int(w) for w in widths)
         self.pad_mode = pad_mode
         self.multiple = 2 ** (len(self.widths) - 1)
 
-        self.stem = DoubleConv(in_channels, self.widths[0])
-        self.downs = nn.ModuleList(
-            Down(c_in, c_out) for c_in, c_out in zip(self.widths[:-1], self.widths[1:], strict=True)
-        )
+        self.stem = DoubleConv(in_channels, self.widths[0], norm)
+        pairs = zip(self.widths[:-1], self.widths[1:], strict=True)
+        self.downs = nn.ModuleList(Down(c_in, c_out, norm) for c_in, c_out in pairs)
         rev = self.widths[::-1]
         self.ups = nn.ModuleList(
-            Up(c_in, c_out) for c_in, c_out in zip(rev[:-1], rev[1:], strict=True)
+            Up(c_in, c_out, norm) for c_in, c_out in zip(rev[:-1], rev[1:], strict=True)
         )
         self.head = nn.Conv2d(self.widths[0], num_classes, kernel_size=1)
         init_weights(self)
@@ -100,14 +102,17 @@ def scaled_widths(widths: Sequence[int], width_divisor: int) -> tuple[int, ...]:
 
 
 def unet_baseline(
-    in_channels: int, num_classes: int, width_divisor: int = 1, pad_mode: str = "reflect"
+    in_channels: int, num_classes: int, width_divisor: int = 1, pad_mode: str = "reflect",
+    norm: str = "batch",
 ) -> UNet:
     """SpaceNet-2 winner's widths 32..512 (~7.8 M parameters with 3 bands, divisor 1)."""
-    return UNet(in_channels, num_classes, scaled_widths(BASELINE_WIDTHS, width_divisor), pad_mode)
+    widths = scaled_widths(BASELINE_WIDTHS, width_divisor)
+    return UNet(in_channels, num_classes, widths, pad_mode, norm)
 
 
 def unet(
-    in_channels: int, num_classes: int, width_divisor: int = 1, pad_mode: str = "reflect"
+    in_channels: int, num_classes: int, width_divisor: int = 1, pad_mode: str = "reflect",
+    norm: str = "batch",
 ) -> UNet:
     """Ronneberger's widths 64..1024 (~31 M parameters with 3 bands, divisor 1)."""
-    return UNet(in_channels, num_classes, scaled_widths(UNET_WIDTHS, width_divisor), pad_mode)
+    return UNet(in_channels, num_classes, scaled_widths(UNET_WIDTHS, width_divisor), pad_mode, norm)

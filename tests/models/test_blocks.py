@@ -40,3 +40,21 @@ def test_multiple_of_16_is_untouched() -> None:
     x = torch.rand(1, 3, 32, 48)
     padded, pads = pad_to_multiple(x, 16)
     assert padded is x and pads == (0, 0, 0, 0)
+
+
+def test_group_norm_output_does_not_depend_on_the_batch() -> None:
+    """norm="group": a sample's output is the same alone or in a batch (what makes a DDP run
+    equal a single-process run of the same global batch); BatchNorm's is not."""
+    import torch
+
+    from models import build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    for norm, same in (("group", True), ("batch", False)):
+        net = build_model("unet_baseline", 3, 3, width_divisor=8, norm=norm).train()
+        together = net(x)[:1]
+        alone = net(x[:1])
+        assert torch.allclose(together, alone, atol=1e-5) is same, norm
+    gn = build_model("unet_baseline", 3, 3, width_divisor=8, norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gn.modules())
