@@ -1,0 +1,210 @@
+"""Prediction shards: ``PRED/pred-NNNNNN.tar``, one sample per tile keyed by ImageId.
+
+Members are ``<key>.prob.png`` (8-bit RGB, channels background/building/boundary as
+round(255 * p), so a person can open it and see the prediction) and ``<key>.meta.json`` (the tile's
+meta from ``dataio.prepare``: image_id, crs, transform, width, height, bands, building_count).
+
+NaN policy: a pixel with any non-finite probability is written as pure background (255, 0, 0). A
+NaN is "no evidence", and it must never seed or grow a building; a whole-NaN tile yields no
+polygons instead of garbage. Values outside [0, 1] are clipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from dataio.atomic import atomic_open
+
+KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+SHARD_GLOB = "pred-*.tar"
+PROB_EXT, META_EXT = "prob.png", "meta.json"
+# NOTE: a fixed mtime makes shards byte-identical across runs (reproducible, diffable).
+FIXED_MTIME = 0.0
+
+
+class PredError(ValueError):
+    """A prediction shard or sample that cannot be used; the message names the shard."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe ImageId, else raise.
+
+    Keys become file names (GeoJSON per tile), so '/', '..' and dots are refused: a crafted tar
+    member can never write outside an output directory.
+    """
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise PredError(f"invalid sample key {key!r}: an ImageId must match {KEY_RE.pattern}")
+    return key
+
+
+def quantize_probs(prob: np.ndarray) -> np.ndarray:
+    """float HxWx3 in [0, 1] -> uint8 round(255 * p); non-finite pixels become background."""
+    prob = np.asarray(prob)
+    if prob.ndim != 3 or prob.shape[2] != 3:
+        raise ValueError(f"probabilities must be HxWx3, got shape {prob.shape}")
+    if prob.dtype == np.uint8:
+        return prob
+    p = prob.astype(np.float32, copy=False)
+    bad = ~np.isfinite(p).all(axis=2)
+    q = np.rint(np.clip(np.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0) * 255.0)
+    q = q.astype(np.uint8)
+    if bad.any():
+        q[bad] = (255, 0, 0)
+    return q
+
+
+def encode_prob_png(prob: np.ndarray) -> bytes:
+    """Encode HxWx3 probabilities (float in [0, 1], or already uint8) as an 8-bit RGB PNG."""
+    q = np.ascontiguousarray(quantize_probs(prob))
+    buf = io.BytesIO()
+    # NOTE: compress_level 1: prediction maps compress well already; level 6 is ~4x slower.
+    Image.fromarray(q).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_prob_png(data: bytes) -> np.ndarray:
+    """Decode a ``prob.png`` into uint8 HxWx3; raise ValueError if it is not an RGB PNG."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG" or im.mode != "RGB":
+                raise ValueError(f"expected an 8-bit RGB PNG, got {im.format} {im.mode}")
+            arr = np.asarray(im)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"undecodable PNG ({e})") from None
+    return arr
+
+
+def _check_meta(meta: dict[str, Any], key: str) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise PredError(f"{key}: meta.json is not an object")
+    image_id = meta.get("image_id", key)
+    if image_id != key:
+        raise PredError(f"{key}: meta.json image_id {image_id!r} differs from the sample key")
+    return meta
+
+
+def _sample_members(key: str, prob: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+    check_key(key)
+    data = prob if isinstance(prob, bytes) else encode_prob_png(prob)
+    meta = {**meta, "image_id": key}
+    return {"__key__": key, PROB_EXT: data, META_EXT: json.dumps(meta, sort_keys=True)}
+
+
+def write_pred_shard(path: str | Path,
+                     samples: Iterable[tuple[str, np.ndarray | bytes, dict[str, Any]]]) -> int:
+    """Write one prediction shard atomically; return the number of samples.
+
+    ``prob`` may be float (encoded here), uint8 HxWx3, or already-encoded PNG bytes. The tar is
+    written under a temporary name, every member is decoded back, and only then renamed onto
+    ``path``: a crash or a bad member never leaves a half-written shard behind.
+    """
+    path = Path(path)
+    n = 0
+    with atomic_open(path, "w+b") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=FIXED_MTIME)
+        seen: set[str] = set()
+        for key, prob, meta in samples:
+            if key in seen:
+                raise PredError(f"{path}: duplicate sample key {key!r}")
+            seen.add(key)
+            writer.write(_sample_members(key, prob, meta))
+            n += 1
+        writer.close()
+        f.flush()
+        f.seek(0)
+        count = sum(1 for _ in _iter_tar(f, path))
+        if count != n:
+            raise PredError(f"{path}: wrote {n} samples but read back {count}")
+    return n
+
+
+def list_pred_shards(pred_dir: str | Path) -> list[Path]:
+    """The ``pred-*.tar`` shards of a directory in sorted order; raise if there are none."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise PredError(f"{pred_dir}: prediction directory not found (check --pred)")
+    shards = sorted(p for p in pred_dir.glob(SHARD_GLOB) if p.is_file())
+    if not shards:
+        raise PredError(f"{pred_dir}: no {SHARD_GLOB} shards in the prediction directory")
+    return shards
+
+
+def _split_member(name: str, shard: Path) -> tuple[str, str]:
+    if "." not in name:
+        raise PredError(f"{shard}: unexpected member {name!r} (want <ImageId>.{PROB_EXT})")
+    key, ext = name.split(".", 1)
+    try:
+        check_key(key)
+    except PredError as e:
+        raise PredError(f"{shard}: member {name!r}: {e}") from None
+    return key, ext
+
+
+def _finish(key: str, parts: dict[str, bytes], shard: Path) -> tuple[str, np.ndarray, dict]:
+    missing = [e for e in (PROB_EXT, META_EXT) if e not in parts]
+    if missing:
+        raise PredError(f"{shard}: sample {key!r} lacks {', '.join(missing)}")
+    try:
+        prob = decode_prob_png(parts[PROB_EXT])
+    except ValueError as e:
+        raise PredError(f"{shard}: {key}.{PROB_EXT}: {e}") from None
+    try:
+        meta = json.loads(parts[META_EXT])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PredError(f"{shard}: {key}.{META_EXT}: malformed JSON ({e})") from None
+    try:
+        meta = _check_meta(meta, key)
+    except PredError as e:
+        raise PredError(f"{shard}: {e}") from None
+    w, h = meta.get("width"), meta.get("height")
+    if (w is not None and w != prob.shape[1]) or (h is not None and h != prob.shape[0]):
+        raise PredError(f"{shard}: {key}: prob.png is {prob.shape[1]}x{prob.shape[0]} but "
+                        f"meta.json says {w}x{h}")
+    return key, prob, meta
+
+
+def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Stream samples (consecutive members sharing a key) from an open tar file."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    done: set[str] = set()
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_member(member.name, shard)
+                if k != key:
+                    if key is not None:
+                        yield _finish(key, parts, shard)
+                        done.add(key)
+                    if k in done:
+                        raise PredError(f"{shard}: members of sample {k!r} are not adjacent")
+                    key, parts = k, {}
+                f = tar.extractfile(member)
+                parts[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
+    if key is not None:
+        yield _finish(key, parts, shard)
+
+
+def iter_pred_samples(shard_path: str | Path) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+    """Yield ``(key, prob_u8 HxWx3, meta)`` for each sample of a shard, streaming (flat memory)."""
+    shard = Path(shard_path)
+    try:
+        f = open(shard, "rb")  # noqa: SIM115 - the generator closes it
+    except OSError as e:
+        raise PredError(f"{shard}: cannot open shard ({e.strerror})") from None
+    with f:
+        yield from _iter_tar(f, shard)
