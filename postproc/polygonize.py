@@ -16,8 +16,10 @@ CLI: ``python -m postproc.polygonize --pred PRED --out PROPOSALS.csv [--geojson 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -226,3 +228,85 @@ def polygonize_probs(prob: np.ndarray, cfg: PolygonizeConfig | None = None
         polys = _simplify(polys, cfg.simplify_tolerance)
     order = np.argsort(-conf, kind="stable")
     return [(polys[i], float(conf[i])) for i in order]
+
+
+def warmup() -> None:
+    """Compile (or load from the numba cache) every kernel, e.g. before forking workers or timing.
+
+    The tile holds a blob with a hole, so the hole-tracing path is compiled too.
+    """
+    prob = np.zeros((8, 8, 3), np.uint8)
+    prob[..., 0] = 255
+    prob[1:7, 1:7] = (0, 255, 0)
+    prob[3:5, 3:5] = (255, 0, 0)
+    polygonize_probs(prob, PolygonizeConfig(min_polygon_area=0))
+    polygonize_labels(prob[..., 1] > 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m postproc.polygonize",
+        description="Building footprints from every prediction shard (pred-*.tar) of a directory: "
+                    "a SpaceNet proposal CSV and optionally GeoJSON per tile. Also runs under "
+                    "torchrun (ranks split the shards; rank 0 writes the CSV).")
+    p.add_argument("--pred", type=Path, required=True, help="directory of pred-*.tar shards")
+    p.add_argument("--out", type=Path, required=True, help="proposal CSV to write")
+    p.add_argument("--geojson", type=Path, default=None,
+                   help="also write <DIR>/<ImageId>.geojson in each tile's CRS")
+    p.add_argument("--settings", type=Path, default=None,
+                   help="postproc.json with PolygonizeConfig fields (flags below override it)")
+    d = PolygonizeConfig()
+    p.add_argument("--min-polygon-area", type=float, default=None,
+                   help=f"drop blobs under this many px (default {d.min_polygon_area})")
+    p.add_argument("--building-threshold", type=float, default=None,
+                   help=f"seed pixels: p(building) above this (default {d.building_threshold})")
+    p.add_argument("--footprint-threshold", type=float, default=None,
+                   help="growable pixels: p(building) + p(boundary) above this "
+                        f"(default {d.footprint_threshold})")
+    p.add_argument("--grow-radius", type=float, default=None,
+                   help=f"grow instances this many px over the band (default {d.grow_radius})")
+    p.add_argument("--simplify", type=float, default=None, dest="simplify_tolerance",
+                   help="simplify polygons with this tolerance in px (default 0: exact edges)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes per rank (default: this rank's share of the cores)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PolygonizeConfig:
+    """Settings file first, then any flag given on the command line."""
+    base = asdict(PolygonizeConfig.from_json(args.settings)) if args.settings else {}
+    for name in ("min_polygon_area", "building_threshold", "footprint_threshold",
+                 "grow_radius", "simplify_tolerance"):
+        v = getattr(args, name)
+        if v is not None:
+            base[name] = v
+    return PolygonizeConfig.from_dict(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    from postproc import runner
+    from postproc.predio import list_pred_shards
+    from trainer import dist
+
+    env = dist.DistEnv.from_env()
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers} must be at least 1")
+    workers = args.workers or runner.default_workers(env.local_world_size)
+    shards = list_pred_shards(args.pred)
+    env = dist.init(env)
+    try:
+        summary = runner.run(shards, args.out, cfg, args.geojson, workers, env)
+    finally:
+        dist.teardown()
+    if env.is_main:
+        print(f"{summary.tiles} tiles, {summary.polygons} polygons from {summary.shards} shards "
+              f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from postproc.cli import exit_on_error
+
+    sys.exit(exit_on_error(main))

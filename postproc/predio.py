@@ -97,7 +97,8 @@ def _sample_members(key: str, prob: np.ndarray, meta: dict[str, Any]) -> dict[st
     check_key(key)
     data = prob if isinstance(prob, bytes) else encode_prob_png(prob)
     meta = {**meta, "image_id": key}
-    return {"__key__": key, PROB_EXT: data, META_EXT: json.dumps(meta, sort_keys=True)}
+    return {"__key__": key, PROB_EXT: data,
+            META_EXT: json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
 def write_pred_shard(path: str | Path,
@@ -122,7 +123,8 @@ def write_pred_shard(path: str | Path,
         writer.close()
         f.flush()
         f.seek(0)
-        count = sum(1 for _ in _iter_tar(f, path))
+        count = sum(1 for k, png, meta in _iter_tar(f, path)
+                    if decode_sample(k, png, meta, path) is not None)
         if count != n:
             raise PredError(f"{path}: wrote {n} samples but read back {count}")
     return n
@@ -150,14 +152,10 @@ def _split_member(name: str, shard: Path) -> tuple[str, str]:
     return key, ext
 
 
-def _finish(key: str, parts: dict[str, bytes], shard: Path) -> tuple[str, np.ndarray, dict]:
+def _finish_raw(key: str, parts: dict[str, bytes], shard: Path) -> tuple[str, bytes, dict]:
     missing = [e for e in (PROB_EXT, META_EXT) if e not in parts]
     if missing:
         raise PredError(f"{shard}: sample {key!r} lacks {', '.join(missing)}")
-    try:
-        prob = decode_prob_png(parts[PROB_EXT])
-    except ValueError as e:
-        raise PredError(f"{shard}: {key}.{PROB_EXT}: {e}") from None
     try:
         meta = json.loads(parts[META_EXT])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -166,15 +164,25 @@ def _finish(key: str, parts: dict[str, bytes], shard: Path) -> tuple[str, np.nda
         meta = _check_meta(meta, key)
     except PredError as e:
         raise PredError(f"{shard}: {e}") from None
+    return key, parts[PROB_EXT], meta
+
+
+def decode_sample(key: str, png: bytes, meta: dict[str, Any], shard: str | Path
+                  ) -> np.ndarray:
+    """Decode a sample's ``prob.png`` and check it against its meta; errors name the shard."""
+    try:
+        prob = decode_prob_png(png)
+    except ValueError as e:
+        raise PredError(f"{shard}: {key}.{PROB_EXT}: {e}") from None
     w, h = meta.get("width"), meta.get("height")
     if (w is not None and w != prob.shape[1]) or (h is not None and h != prob.shape[0]):
         raise PredError(f"{shard}: {key}: prob.png is {prob.shape[1]}x{prob.shape[0]} but "
                         f"meta.json says {w}x{h}")
-    return key, prob, meta
+    return prob
 
 
-def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """Stream samples (consecutive members sharing a key) from an open tar file."""
+def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, bytes, dict]]:
+    """Stream raw samples (consecutive members sharing a key) from an open tar file."""
     key: str | None = None
     parts: dict[str, bytes] = {}
     done: set[str] = set()
@@ -186,7 +194,7 @@ def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, np.ndarray, dict
                 k, ext = _split_member(member.name, shard)
                 if k != key:
                     if key is not None:
-                        yield _finish(key, parts, shard)
+                        yield _finish_raw(key, parts, shard)
                         done.add(key)
                     if k in done:
                         raise PredError(f"{shard}: members of sample {k!r} are not adjacent")
@@ -196,11 +204,12 @@ def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, np.ndarray, dict
     except (tarfile.TarError, EOFError, OSError) as e:
         raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
     if key is not None:
-        yield _finish(key, parts, shard)
+        yield _finish_raw(key, parts, shard)
 
 
-def iter_pred_samples(shard_path: str | Path) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-    """Yield ``(key, prob_u8 HxWx3, meta)`` for each sample of a shard, streaming (flat memory)."""
+def iter_raw_samples(shard_path: str | Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """Yield ``(key, prob.png bytes, meta)`` per sample, streaming; the PNG is not decoded (so
+    that worker processes can do it)."""
     shard = Path(shard_path)
     try:
         f = open(shard, "rb")  # noqa: SIM115 - the generator closes it
@@ -208,3 +217,9 @@ def iter_pred_samples(shard_path: str | Path) -> Iterator[tuple[str, np.ndarray,
         raise PredError(f"{shard}: cannot open shard ({e.strerror})") from None
     with f:
         yield from _iter_tar(f, shard)
+
+
+def iter_pred_samples(shard_path: str | Path) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+    """Yield ``(key, prob_u8 HxWx3, meta)`` for each sample of a shard, streaming (flat memory)."""
+    for key, png, meta in iter_raw_samples(shard_path):
+        yield key, decode_sample(key, png, meta, shard_path), meta

@@ -17,9 +17,16 @@ CLI: ``python -m postproc.score --truth DATA/test/truth.csv --proposals PROPOSAL
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures as cf
+import json
 import math
+import multiprocessing as mp
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +34,8 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from postproc.iou import intersection_areas
+
+CHUNK_IMAGES = 64
 
 
 @dataclass
@@ -174,3 +183,109 @@ def merge_results(parts: Sequence[ScoreResult]) -> ScoreResult:
         out.images_without_truth += r.images_without_truth
     out.per_image.sort(key=lambda d: d["image_id"])
     return out
+
+
+# Worker state: set before the pool forks, so the tables are shared, not pickled per task.
+_TABLES: tuple[dict, dict, ScoreConfig] | None = None
+
+
+def _score_chunk(ids: list[str]) -> ScoreResult:
+    assert _TABLES is not None
+    truth, props, cfg = _TABLES
+    return score(truth, props, cfg, image_ids=ids)
+
+
+def score_parallel(truth: dict[str, list[BaseGeometry]], proposals: dict[str, list[BaseGeometry]],
+                   cfg: ScoreConfig, image_ids: Sequence[str], workers: int,
+                   progress: bool = False) -> ScoreResult:
+    """``score`` over ``image_ids`` with a pool of forked worker processes (chunks of images)."""
+    from tqdm import tqdm
+
+    global _TABLES
+    chunks = [list(image_ids[i:i + CHUNK_IMAGES]) for i in range(0, len(image_ids), CHUNK_IMAGES)]
+    bar = tqdm(total=len(image_ids), unit="image", disable=not progress, desc="score")
+    parts: list[ScoreResult] = []
+    _TABLES = (truth, proposals, cfg)
+    try:
+        if workers <= 1 or len(chunks) <= 1 or "fork" not in mp.get_all_start_methods():
+            for c in chunks:
+                parts.append(_score_chunk(c))
+                bar.update(len(c))
+        else:
+            ctx = mp.get_context("fork")
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for c, r in zip(chunks, pool.map(_score_chunk, chunks), strict=True):
+                    parts.append(r)
+                    bar.update(len(c))
+    finally:
+        _TABLES = None
+        bar.close()
+    return merge_results(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m postproc.score",
+        description="SpaceNet building F1 of a proposal CSV against a truth CSV: precision, "
+                    "recall, F1, TP, FP, FN in total and per image. Also runs under torchrun "
+                    "(ranks split the images; counts are summed).")
+    p.add_argument("--truth", type=Path, required=True,
+                   help="truth CSV (ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo)")
+    p.add_argument("--proposals", type=Path, required=True,
+                   help="proposal CSV (ImageId,BuildingId,PolygonWKT_Pix,Confidence)")
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    d = ScoreConfig()
+    p.add_argument("--iou-threshold", type=float, default=d.iou_threshold,
+                   help=f"IoU for a true positive (default {d.iou_threshold})")
+    p.add_argument("--strict", action="store_true",
+                   help="require IoU > threshold (solaris) instead of >= (SpaceNet)")
+    p.add_argument("--min-truth-area", type=float, default=d.min_truth_area,
+                   help=f"drop truth polygons with area <= this many px (default "
+                        f"{d.min_truth_area})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes per rank (default: this rank's share of the cores)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = ScoreConfig(iou_threshold=args.iou_threshold, strict=args.strict,
+                      min_truth_area=args.min_truth_area)
+    from postproc.csvio import read_proposal_csv, read_truth_csv
+    from trainer import dist
+
+    env = dist.DistEnv.from_env()
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers} must be at least 1")
+    workers = args.workers or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
+    truth = read_truth_csv(args.truth)
+    props = read_proposal_csv(args.proposals)
+    ids = sorted(set(truth.polygons) | set(props.polygons))
+    env = dist.init(env)
+    try:
+        mine = score_parallel(truth.polygons, props.polygons, cfg, ids[env.rank::env.world_size],
+                              workers, progress=env.is_main)
+        result = merge_results(dist.gather_objects(mine))
+    finally:
+        dist.teardown()
+    if not env.is_main:
+        return 0
+    out = result.to_json()
+    out.update(truth_file=str(args.truth), proposal_file=str(args.proposals),
+               iou_threshold=cfg.iou_threshold, strict=cfg.strict,
+               min_truth_area=cfg.min_truth_area, repaired_polygons=truth.repaired + props.repaired)
+    print(f"F1 {result.f1:.4f}  precision {result.precision:.4f}  recall {result.recall:.4f}  "
+          f"TP {result.tp}  FP {result.fp}  FN {result.fn}  ({len(ids)} images; "
+          f"{result.images_without_proposals} without proposals, "
+          f"{result.images_without_truth} without truth)")
+    if args.json is not None:
+        from dataio.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    from postproc.cli import exit_on_error
+
+    sys.exit(exit_on_error(main))

@@ -1,0 +1,77 @@
+"""GeoJSON per tile: footprints in the tile's CRS via its affine transform.
+
+EPSG:4326 tiles follow RFC 7946 (lon/lat, no ``crs`` member); any other CRS is named in a legacy
+``crs`` member (``urn:ogc:def:crs:EPSG::<code>``, or the WKT when there is no EPSG code), which
+GDAL and ``dataio`` read. Exterior rings are counter-clockwise in map coordinates.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from pyproj import CRS
+from pyproj.exceptions import CRSError
+from shapely.geometry import mapping
+from shapely.geometry.base import BaseGeometry
+
+from dataio.atomic import atomic_write_text
+from postproc.predio import PredError, check_key
+
+
+@functools.lru_cache(maxsize=64)
+def crs_member(crs_text: str) -> dict[str, Any] | None:
+    """The legacy ``crs`` member for a CRS (None for WGS 84 lon/lat, RFC 7946's default)."""
+    try:
+        crs = CRS.from_user_input(crs_text)
+    except CRSError as e:
+        raise PredError(f"unknown CRS {crs_text[:60]!r} in meta.json ({e})") from None
+    epsg = crs.to_epsg()
+    if epsg == 4326:
+        return None
+    name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg is not None else crs.to_wkt()
+    return {"type": "name", "properties": {"name": name}}
+
+
+def to_map(polys: Sequence[BaseGeometry], transform: Sequence[float]) -> np.ndarray:
+    """Pixel-coordinate polygons -> map coordinates with a rasterio Affine (a, b, c, d, e, f)."""
+    if len(transform) < 6 or not all(isinstance(v, int | float) and math.isfinite(v)
+                                     for v in transform[:6]):
+        raise PredError(f"meta.json transform {transform!r} is not six finite numbers")
+    a, b, c, d, e, f = (float(v) for v in transform[:6])
+    m = np.array([[a, b], [d, e]])
+    arr = np.empty(len(polys), dtype=object)
+    arr[:] = list(polys)
+    out = shapely.transform(arr, lambda xy: xy @ m.T + (c, f))
+    return shapely.orient_polygons(out, exterior_cw=False)
+
+
+def tile_feature_collection(image_id: str, polys: Sequence[BaseGeometry],
+                            confidences: Sequence[float], meta: dict[str, Any]) -> dict[str, Any]:
+    """A FeatureCollection of one tile's footprints (BuildingId from 1, most confident first)."""
+    if "transform" not in meta:
+        raise PredError(f"{image_id}: meta.json has no transform (needed for --geojson)")
+    geoms = to_map(polys, meta["transform"])
+    feats = [{"type": "Feature", "geometry": mapping(g),
+              "properties": {"ImageId": image_id, "BuildingId": k, "Confidence": round(c, 6)}}
+             for k, (g, c) in enumerate(zip(geoms, confidences, strict=True), start=1)]
+    doc: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
+    member = crs_member(str(meta.get("crs", "EPSG:4326")))
+    if member is not None:
+        doc["crs"] = member
+    return doc
+
+
+def write_tile_geojson(out_dir: Path, image_id: str, polys: Sequence[BaseGeometry],
+                       confidences: Sequence[float], meta: dict[str, Any]) -> Path:
+    """Write ``out_dir/<ImageId>.geojson`` atomically (the key is validated: no path tricks)."""
+    path = Path(out_dir) / f"{check_key(image_id)}.geojson"
+    doc = tile_feature_collection(image_id, polys, confidences, meta)
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n")
+    return path

@@ -1,0 +1,189 @@
+"""Polygonize a directory of prediction shards on all cores, and across machines under torchrun.
+
+Parallelism: ranks take the sorted shards round-robin (rank r gets shards r, r+W, r+2W, ...);
+inside a rank, a pool of worker processes takes chunks of tiles (PNG decoding included), at most
+``2 * workers`` chunks in flight, so memory stays flat however many shards there are. The CSV is
+written by rank 0 only, in rounds: in round i every rank hands over the rows of its i-th shard
+(``gather_objects``), which puts them in global shard order. Errors travel in the same rounds, so
+a bad shard on one rank stops every rank with the same one-line reason instead of a hang.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import math
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dataio.atomic import atomic_open
+from postproc.csvio import proposal_rows, write_rows
+from postproc.geojson import write_tile_geojson
+from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
+from postproc.predio import PredError, decode_sample, iter_raw_samples
+
+CHUNK_TILES = 8
+
+
+@dataclass
+class ShardResult:
+    """What one shard yields; ``error`` is set instead of raising, to travel between ranks."""
+
+    shard: str
+    rows: list[list[str]] = field(default_factory=list)
+    tiles: int = 0
+    polygons: int = 0
+    error: str | None = None
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """The cores this process may use, shared among the ranks on this machine."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
+
+
+def _tiles_to_rows(chunk: list[tuple[str, bytes, dict]], shard: str, cfg: PolygonizeConfig,
+                   geojson_dir: Path | None) -> tuple[list[list[str]], int]:
+    """Decode, polygonize and (optionally) write GeoJSON for a chunk of tiles."""
+    rows: list[list[str]] = []
+    n = 0
+    for key, png, meta in chunk:
+        prob = decode_sample(key, png, meta, shard)
+        found = polygonize_probs(prob, cfg)
+        polys = [g for g, _ in found]
+        confs = [c for _, c in found]
+        rows.extend(proposal_rows(key, polys, confs))
+        n += len(polys)
+        if geojson_dir is not None:
+            try:
+                write_tile_geojson(geojson_dir, key, polys, confs, meta)
+            except PredError as e:
+                raise PredError(f"{shard}: {e}") from None
+    return rows, n
+
+
+def _worker_init() -> None:
+    # NOTE: one thread per worker process; the pool is the parallelism (numba, BLAS, OpenMP).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except (ImportError, ValueError):
+        pass
+
+
+def _chunks(shard: Path) -> Iterator[list[tuple[str, bytes, dict]]]:
+    chunk: list[tuple[str, bytes, dict]] = []
+    for sample in iter_raw_samples(shard):
+        chunk.append(sample)
+        if len(chunk) == CHUNK_TILES:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _process_shard(shard: Path, cfg: PolygonizeConfig, geojson_dir: Path | None,
+                   pool: cf.Executor | None, workers: int) -> ShardResult:
+    res = ShardResult(shard=str(shard))
+
+    def take(rows_n: tuple[list[list[str]], int]) -> None:
+        res.rows.extend(rows_n[0])
+        res.polygons += rows_n[1]
+
+    try:
+        pending: list[cf.Future] = []
+        for chunk in _chunks(shard):
+            res.tiles += len(chunk)
+            if pool is None:
+                take(_tiles_to_rows(chunk, str(shard), cfg, geojson_dir))
+                continue
+            pending.append(pool.submit(_tiles_to_rows, chunk, str(shard), cfg, geojson_dir))
+            while len(pending) >= 2 * workers:  # bounded in-flight chunks: flat memory
+                take(pending.pop(0).result())
+        for fut in pending:
+            take(fut.result())
+    except (PredError, ValueError) as e:
+        for fut in pending:
+            fut.cancel()
+        res.error = str(e)
+        res.rows = []
+    return res
+
+
+def _make_pool(workers: int) -> cf.Executor | None:
+    warmup()  # compile once here; forked workers inherit the machine code
+    if workers <= 1:
+        return None
+    # NOTE: fork shares the parent's compiled numba kernels; nothing here holds a GDAL handle.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+
+
+@dataclass
+class RunSummary:
+    shards: int = 0
+    tiles: int = 0
+    polygons: int = 0
+
+
+def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: Path | None,
+        workers: int, env: Any) -> RunSummary:
+    """Polygonize ``shards`` (all ranks pass the same sorted list) into ``out_csv``.
+
+    ``env`` is a ``trainer.dist.DistEnv``; with more than one rank the process group must be up.
+    Raises ``PredError`` (on every rank) if any shard is bad.
+    """
+    from trainer.dist import gather_objects
+
+    mine = shards[env.rank::env.world_size]
+    rounds = math.ceil(len(shards) / env.world_size)
+    if geojson_dir is not None:
+        geojson_dir.mkdir(parents=True, exist_ok=True)
+    pool = _make_pool(workers)
+    summary = RunSummary(shards=len(shards))
+    bar = tqdm(total=len(shards), unit="shard", disable=not env.is_main, desc="polygonize")
+    seen: set[str] = set()
+    try:
+        with (atomic_open(out_csv, "w", encoding="utf-8", newline="") if env.is_main
+              else contextlib.nullcontext()) as f:
+            if env.is_main:
+                write_rows(f, [], header=True)
+            for i in range(rounds):
+                mine_i = _process_shard(mine[i], cfg, geojson_dir, pool, workers) \
+                    if i < len(mine) else None
+                parts = gather_objects(mine_i) if env.distributed else [mine_i]
+                errors = [p.error for p in parts if p is not None and p.error]
+                if errors:
+                    raise PredError(errors[0])
+                for p in parts:
+                    if p is None:
+                        continue
+                    summary.tiles += p.tiles
+                    summary.polygons += p.polygons
+                    if env.is_main:
+                        _check_unique(p, seen)
+                        write_rows(f, p.rows)
+                    bar.update(1)
+                bar.set_postfix(tiles=summary.tiles, polygons=summary.polygons)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return summary
+
+
+def _check_unique(res: ShardResult, seen: set[str]) -> None:
+    ids = {row[0] for row in res.rows}
+    dup = ids & seen
+    if dup:
+        raise PredError(f"{res.shard}: ImageId {sorted(dup)[0]!r} also appears in an earlier "
+                        "shard")
+    seen |= ids
+
