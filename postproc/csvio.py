@@ -85,6 +85,9 @@ def read_polygon_csv(path: str | Path, proposals: bool) -> PolygonTable:
                     continue  # a blank line
                 if len(row) < width:
                     raise CsvError(f"{path}:{line}: expected {len(cols)} fields, got {len(row)}")
+                if len(row) > len(cols):
+                    raise CsvError(f"{path}:{line}: {len(row)} fields where the header has "
+                                   f"{len(cols)} (is the WKT quoted?)")
                 image_id = row[ci].strip()
                 if not image_id:
                     raise CsvError(f"{path}:{line}: empty ImageId")

@@ -112,15 +112,14 @@ def write_pred_shard(path: str | Path,
     path = Path(path)
     n = 0
     with atomic_open(path, "w+b") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=FIXED_MTIME)
-        seen: set[str] = set()
-        for key, prob, meta in samples:
-            if key in seen:
-                raise PredError(f"{path}: duplicate sample key {key!r}")
-            seen.add(key)
-            writer.write(_sample_members(key, prob, meta))
-            n += 1
-        writer.close()
+        with wds.TarWriter(f, encoder=False, mtime=FIXED_MTIME) as writer:
+            seen: set[str] = set()
+            for key, prob, meta in samples:
+                if key in seen:
+                    raise PredError(f"{path}: duplicate sample key {key!r}")
+                seen.add(key)
+                writer.write(_sample_members(key, prob, meta))
+                n += 1
         f.flush()
         f.seek(0)
         count = sum(1 for k, png, meta in _iter_tar(f, path)

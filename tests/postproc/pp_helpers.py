@@ -1,0 +1,51 @@
+"""Helpers for the postproc tests: prediction shards and truth CSVs made by code."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from shapely.geometry import Polygon
+
+from postproc.predio import write_pred_shard
+from postproc.synthmask import SynthConfig, one_hot, synth_tile
+
+REPO = Path(__file__).resolve().parents[2]
+TRANSFORM_4326 = [3e-6, 0.0, -115.2, 0.0, -3e-6, 36.2]
+
+
+def tile_meta(key: str, size: int, n: int, crs: str = "EPSG:4326") -> dict:
+    return {"image_id": key, "crs": crs, "transform": TRANSFORM_4326, "width": size,
+            "height": size, "bands": 3, "building_count": n}
+
+
+def write_truth_csv(path: Path, tiles: dict[str, list[Polygon]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "BuildingId", "PolygonWKT_Pix", "PolygonWKT_Geo"])
+        for key, polys in tiles.items():
+            if not polys:
+                w.writerow([key, -1, "POLYGON EMPTY", "POLYGON EMPTY"])
+            for k, p in enumerate(polys, start=1):
+                w.writerow([key, k, p.wkt, "POLYGON EMPTY"])
+    return path
+
+
+def make_pred_dir(root: Path, shards: int, per_shard: int, size: int = 200,
+                  buildings: int = 15) -> tuple[Path, Path]:
+    """``root/pred/pred-*.tar`` with one-hot predictions of synthetic masks, and a truth CSV."""
+    cfg = SynthConfig(size=size, buildings=buildings)
+    truth: dict[str, list[Polygon]] = {}
+    for s in range(shards):
+        samples = []
+        for t in range(per_shard):
+            seed = 100 * s + t
+            mask, polys = synth_tile(seed, cfg)
+            key = f"AOI_9_Test_img{seed}"
+            if t == 1:  # one empty tile per shard
+                mask, polys = np.zeros_like(mask), []
+            truth[key] = polys
+            samples.append((key, one_hot(mask), tile_meta(key, size, len(polys))))
+        write_pred_shard(root / "pred" / f"pred-{s:06d}.tar", samples)
+    return root / "pred", write_truth_csv(root / "truth.csv", truth)

@@ -1,0 +1,138 @@
+"""The two commands end to end: output formats, workers, bad input, and torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import shapely
+from pp_helpers import REPO, make_pred_dir
+
+from postproc import polygonize, score
+from postproc.cli import exit_on_error
+
+
+def run_main(main, argv: list[str]) -> int:
+    return exit_on_error(lambda: main(argv))
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_help_exits_zero(capsys):
+    for main in (polygonize.main, score.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0
+    assert "--pred" in capsys.readouterr().out
+
+
+def test_polygonize_then_score(pred_dir, tmp_path, capsys):
+    pred, truth = pred_dir
+    out1, out2 = tmp_path / "p1.csv", tmp_path / "p2.csv"
+    gj = tmp_path / "geojson"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out1), "--workers", "1",
+                                      "--geojson", str(gj)]) == 0
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out2),
+                                      "--workers", "2"]) == 0
+    assert out1.read_bytes() == out2.read_bytes()  # the pool changes nothing
+    rows = read_rows(out1)
+    assert rows[0] == ["ImageId", "BuildingId", "PolygonWKT_Pix", "Confidence"]
+    ids = [r[0] for r in rows[1:]]
+    assert len(set(ids)) == 12 and ids == sorted(ids, key=ids.index)  # grouped per tile
+    for image_id in set(ids):
+        mine = [r for r in rows[1:] if r[0] == image_id]
+        confs = [float(r[3]) for r in mine]
+        assert confs == sorted(confs, reverse=True)
+        if mine[0][1] == "-1":
+            assert mine == [[image_id, "-1", "POLYGON EMPTY", "0"]]
+    doc = json.loads((gj / "AOI_9_Test_img0.geojson").read_text())
+    assert doc["type"] == "FeatureCollection" and "crs" not in doc  # EPSG:4326: RFC 7946
+    g = shapely.geometry.shape(doc["features"][0]["geometry"])
+    assert g.is_valid and -115.2 < g.centroid.x < -115.199 and 36.199 < g.centroid.y < 36.2
+    assert len(list(gj.glob("*.geojson"))) == 12
+
+    js = tmp_path / "score.json"
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(out1),
+                                 "--json", str(js), "--workers", "2"]) == 0
+    result = json.loads(js.read_text())
+    assert result["f1"] >= 0.95 and len(result["per_image"]) == 12
+    assert "F1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "truncated", "bad_settings"])
+def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
+    pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
+    out = tmp_path / "p.csv"
+    argv = ["--pred", str(pred), "--out", str(out), "--workers", "1"]
+    if case == "missing_dir":
+        argv[1] = str(tmp_path / "nope")
+        want = "not found"
+    elif case == "truncated":
+        shard = pred / "pred-000001.tar"
+        shard.write_bytes(shard.read_bytes()[:1500])
+        want = "pred-000001.tar"
+    else:
+        (tmp_path / "s.json").write_text('{"grow": 1}')
+        argv += ["--settings", str(tmp_path / "s.json")]
+        want = "unknown polygonize setting"
+    assert run_main(polygonize.main, argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error:") and want in last
+    assert not out.exists() and not list(tmp_path.glob(".p.csv.*"))
+
+
+def test_score_bad_csv_names_file_and_line(tmp_path, capsys):
+    truth = tmp_path / "truth.csv"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",x\n')
+    props = tmp_path / "props.csv"
+    props.write_text("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",1\na,2,"POLYGON ((0 0",1\n')
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(props)]) == 2
+    assert "props.csv:3: malformed WKT" in capsys.readouterr().err
+    props.write_text("")
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(props)]) == 2
+    assert "empty file" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "-m", "postproc.polygonize", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_torchrun_splits_shards_and_matches_one_process(tmp_path):
+    pred, _ = make_pred_dir(tmp_path, shards=5, per_shard=3, size=96, buildings=6)
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(one),
+                                      "--workers", "1"]) == 0
+    r = _torchrun(["--pred", str(pred), "--out", str(two), "--workers", "1",
+                   "--geojson", str(tmp_path / "gj")], timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert two.read_bytes() == one.read_bytes()
+    assert len(list((tmp_path / "gj").glob("*.geojson"))) == 15  # both ranks wrote theirs
+
+    (pred / "pred-000003.tar").write_bytes(b"\0" * 100)  # rank 1's second shard
+    bad = tmp_path / "bad.csv"
+    r = _torchrun(["--pred", str(pred), "--out", str(bad), "--workers", "1"], timeout=200)
+    assert r.returncode != 0
+    assert "pred-000003.tar" in r.stderr and not bad.exists()

@@ -1,0 +1,131 @@
+"""Prediction shards: PNG encoding (NaN policy), atomic verified writing, strict streaming reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from postproc.predio import (
+    PredError,
+    check_key,
+    decode_prob_png,
+    encode_prob_png,
+    iter_pred_samples,
+    list_pred_shards,
+    quantize_probs,
+    write_pred_shard,
+)
+
+
+def test_encode_decode_round_trip_is_round_255p():
+    rng = np.random.default_rng(0)
+    p = rng.random((17, 23, 3)).astype(np.float32)
+    out = decode_prob_png(encode_prob_png(p))
+    assert out.dtype == np.uint8 and out.shape == (17, 23, 3)
+    np.testing.assert_array_equal(out, np.rint(p * 255).astype(np.uint8))
+
+
+def test_nan_pixels_become_background_and_values_are_clipped():
+    p = np.full((2, 3, 3), 0.5, np.float32)
+    p[0, 0, 1] = np.nan
+    p[0, 1, 2] = np.inf
+    p[1, 0] = (-1.0, 2.0, 0.0)
+    q = quantize_probs(p)
+    assert tuple(q[0, 0]) == (255, 0, 0)
+    assert tuple(q[0, 1]) == (255, 0, 0)
+    assert tuple(q[1, 0]) == (0, 255, 0)
+    assert tuple(q[1, 1]) == (128, 128, 128)
+
+
+def test_decode_rejects_non_rgb_png():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, format="PNG")
+    with pytest.raises(ValueError, match="RGB"):
+        decode_prob_png(buf.getvalue())
+    with pytest.raises(ValueError, match="undecodable"):
+        decode_prob_png(b"not a png")
+
+
+@pytest.mark.parametrize("key", ["a/b", "..", "a.b", "", "img 1", "../../etc/passwd"])
+def test_unsafe_keys_are_refused(key):
+    with pytest.raises(PredError):
+        check_key(key)
+
+
+def test_write_read_round_trip_and_listing(tmp_path):
+    rng = np.random.default_rng(1)
+    probs = {f"img{k}": rng.integers(0, 256, (8, 9, 3), dtype=np.uint8) for k in range(3)}
+    samples = [(k, v, {"width": 9, "height": 8, "crs": "EPSG:4326"}) for k, v in probs.items()]
+    assert write_pred_shard(tmp_path / "pred-000001.tar", samples) == 3
+    write_pred_shard(tmp_path / "pred-000000.tar", samples[:1])
+    (tmp_path / "other.tar").write_bytes(b"")
+    shards = list_pred_shards(tmp_path)
+    assert [s.name for s in shards] == ["pred-000000.tar", "pred-000001.tar"]
+    got = list(iter_pred_samples(shards[1]))
+    assert [k for k, _, _ in got] == list(probs)
+    for k, prob, meta in got:
+        np.testing.assert_array_equal(prob, probs[k])
+        assert meta["image_id"] == k
+    # byte-identical when written twice (fixed mtime, sorted JSON)
+    write_pred_shard(tmp_path / "again.tar", samples)
+    assert (tmp_path / "again.tar").read_bytes() == (tmp_path / "pred-000001.tar").read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    bad = [("ok", np.zeros((2, 2, 3), np.uint8), {}), ("bad/key", np.zeros((2, 2, 3)), {})]
+    with pytest.raises(PredError):
+        write_pred_shard(tmp_path / "pred-000000.tar", bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_directory_and_no_shards(tmp_path):
+    with pytest.raises(PredError, match="not found"):
+        list_pred_shards(tmp_path / "nope")
+    with pytest.raises(PredError, match="no pred"):
+        list_pred_shards(tmp_path)
+
+
+def test_truncated_tar_names_the_shard(tmp_path):
+    samples = [(f"img{k}", np.full((64, 64, 3), k, np.uint8), {}) for k in range(4)]
+    path = tmp_path / "pred-000000.tar"
+    write_pred_shard(path, samples)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(PredError, match="pred-000000.tar"):
+        list(iter_pred_samples(path))
+
+
+def _raw_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_crafted_members_are_refused(tmp_path):
+    png = encode_prob_png(np.zeros((2, 2, 3)))
+    meta = json.dumps({}).encode()
+    path = tmp_path / "pred-000000.tar"
+    _raw_tar(path, [("../evil.prob.png", png), ("../evil.meta.json", meta)])
+    with pytest.raises(PredError, match="invalid sample key"):
+        list(iter_pred_samples(path))
+    _raw_tar(path, [("a.prob.png", png)])
+    with pytest.raises(PredError, match="lacks meta.json"):
+        list(iter_pred_samples(path))
+    _raw_tar(path, [("a.prob.png", png), ("a.meta.json", b"{not json")])
+    with pytest.raises(PredError, match="malformed JSON"):
+        list(iter_pred_samples(path))
+    _raw_tar(path, [("a.prob.png", b"garbage"), ("a.meta.json", meta)])
+    with pytest.raises(PredError, match="a.prob.png"):
+        list(iter_pred_samples(path))
+    _raw_tar(path, [("a.prob.png", png), ("a.meta.json", json.dumps({"width": 5}).encode())])
+    with pytest.raises(PredError, match="meta.json says"):
+        list(iter_pred_samples(path))

@@ -1,0 +1,184 @@
+"""The scorer against a slow, obviously-correct reference, hand-made cases, and its CSV readers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from shapely import affinity
+from shapely.geometry import Polygon, box
+
+from postproc.csvio import CsvError, read_proposal_csv, read_truth_csv
+from postproc.iou import intersection_areas
+from postproc.polygonize import polygonize_labels
+from postproc.score import ScoreConfig, score, score_image
+
+
+def reference_score(truth, proposals, cfg=ScoreConfig()):
+    """SpaceNet's loop, written plainly: every proposal against every unmatched truth."""
+    truth = [t for t in truth if t.area > cfg.min_truth_area]
+    unmatched = list(range(len(truth)))
+    tp = fp = 0
+    for p in proposals:
+        best, best_j = -1.0, None
+        for j in unmatched:  # file order: the first of equal IoUs wins
+            union = p.union(truth[j]).area
+            iou = p.intersection(truth[j]).area / union if union > 0 else 0.0
+            if iou > best:
+                best, best_j = iou, j
+        ok = best > cfg.iou_threshold if cfg.strict else best >= cfg.iou_threshold
+        if best_j is not None and ok:
+            tp += 1
+            unmatched.remove(best_j)
+        else:
+            fp += 1
+    return tp, fp, len(unmatched)
+
+
+def random_scene(rng: np.random.Generator, n: int) -> tuple[list, list]:
+    """Truth: rotated boxes (some tiny, some with holes); proposals: pixel polygons of the
+    rasterised truth, shifted/scaled copies, duplicates, random boxes, shuffled."""
+    truth = []
+    for _ in range(n):
+        cx, cy = rng.uniform(0, 120, 2)
+        w, h = rng.uniform(3, 25, 2)
+        t = affinity.rotate(box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2),
+                            rng.uniform(0, 90))
+        if rng.random() < 0.15:
+            t = t.difference(t.centroid.buffer(min(w, h) / 4, quad_segs=2))
+        truth.append(t)
+    props: list = []
+    for t in truth:
+        r = rng.random()
+        if r < 0.35:  # a pixel polygon: the numba path
+            x0, y0, x1, y1 = (int(v) for v in t.bounds)
+            grid = np.zeros((y1 - y0 + 3, x1 - x0 + 3), np.uint8)
+            centres = shapely.points(np.stack(np.meshgrid(
+                np.arange(grid.shape[1]) + x0 - 1 + 0.5, np.arange(grid.shape[0]) + y0 - 1 + 0.5),
+                -1).reshape(-1, 2))
+            grid.ravel()[shapely.contains(t, centres)] = 1
+            parts = polygonize_labels(grid)
+            props += [affinity.translate(g, x0 - 1, y0 - 1) for g in parts]
+        elif r < 0.7:
+            props.append(affinity.scale(affinity.translate(t, *rng.normal(0, 2, 2)),
+                                        *rng.uniform(0.7, 1.3, 2)))
+        elif r < 0.8:
+            props += [t, t]  # duplicates: the second one is a false positive
+    for _ in range(n // 4):
+        x, y = rng.uniform(0, 120, 2)
+        props.append(box(x, y, x + rng.uniform(2, 20), y + rng.uniform(2, 20)))
+    order = rng.permutation(len(props))
+    return truth, [props[i] for i in order]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_randomised_scenes_match_the_reference(seed):
+    rng = np.random.default_rng(seed)
+    for cfg in (ScoreConfig(), ScoreConfig(strict=True, min_truth_area=5.0),
+                ScoreConfig(iou_threshold=0.3)):
+        truth, props = random_scene(rng, int(rng.integers(5, 40)))
+        assert score_image(truth, props, cfg) == reference_score(truth, props, cfg)
+
+
+def test_iou_exactly_one_half():
+    t = [box(0, 0, 10, 10)]
+    half = [Polygon([(0, 0), (10, 0), (10, 5), (0, 5)])]  # a pixel polygon: the numba path
+    assert score_image(t, half) == (1, 0, 0)
+    assert score_image(t, half, ScoreConfig(strict=True)) == (0, 1, 1)
+    tilted = [affinity.rotate(box(0, 0, 10, 10), 30, origin=(0, 0))]  # the GEOS path
+    assert score_image(tilted, [tilted[0].intersection(box(-20, -20, 20, 2.5))]) == \
+        reference_score(tilted, [tilted[0].intersection(box(-20, -20, 20, 2.5))])
+
+
+def test_duplicates_empty_tiles_and_small_truth():
+    t = [box(0, 0, 10, 10), box(20, 0, 30, 10)]
+    assert score_image(t, [t[0], t[0], t[1]]) == (2, 1, 0)
+    assert score_image(t, []) == (0, 0, 2)
+    assert score_image([], t) == (0, 2, 0)
+    assert score_image([], []) == (0, 0, 0)
+    tiny = [box(0, 0, 4, 5)]  # area 20 <= 20: dropped from the truth
+    assert score_image(tiny, tiny) == (0, 1, 0)
+    assert score_image(tiny, tiny, ScoreConfig(min_truth_area=0)) == (1, 0, 0)
+    # the best unmatched truth is taken, even if an earlier proposal took the better one
+    a, b = box(0, 0, 10, 10), box(6, 0, 16, 10)
+    p = box(3, 0, 13, 10)
+    assert score_image([a, b], [p, box(0, 0, 10, 10)]) == reference_score([a, b], [p, a])
+
+
+def test_images_in_only_one_file():
+    truth = {"a": [box(0, 0, 10, 10)], "b": [box(0, 0, 10, 10)], "e": []}
+    props = {"a": [box(0, 0, 10, 10)], "c": [box(0, 0, 10, 10), box(20, 0, 30, 10)]}
+    r = score(truth, props)
+    assert (r.tp, r.fp, r.fn) == (1, 2, 1)
+    assert r.images_without_proposals == 2 and r.images_without_truth == 1
+    assert [d["image_id"] for d in r.per_image] == ["a", "b", "c", "e"]
+    assert r.f1 == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    j = r.to_json()
+    assert {"tp", "fp", "fn", "precision", "recall", "f1", "per_image"} <= set(j)
+    empty = score({}, {})
+    assert (empty.precision, empty.recall, empty.f1) == (0.0, 0.0, 0.0)
+
+
+def test_numba_areas_match_geos():
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        grid = (rng.random((14, 14)) < 0.6).astype(np.uint8)
+        props = np.array(polygonize_labels(grid), dtype=object)
+        if props.size == 0:
+            continue
+        t = shapely.Polygon(rng.uniform(-2, 16, (7, 2))).convex_hull
+        if rng.random() < 0.4:
+            t = t.difference(box(5, 5, 8, 8))
+        if t.geom_type != "Polygon":
+            continue
+        truth = np.array([t], dtype=object)
+        pi = np.arange(props.size)
+        ours = intersection_areas(truth, props, pi, np.zeros_like(pi))
+        ref = shapely.area(shapely.intersection(props, t))
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_truth_csv_with_z_coordinates_empty_tiles_and_invalid_polygons(tmp_path):
+    p = write(tmp_path / "truth.csv",
+              "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+              'img1,1,"POLYGON ((0 0 0,10 0 0,10 10 0,0 10 0,0 0 0))","POLYGON EMPTY"\n'
+              'img1,2,"POLYGON ((20 0,30 10,30 0,20 10,20 0))",x\n'  # a bow tie
+              "img2,-1,POLYGON EMPTY,POLYGON EMPTY\n")
+    t = read_truth_csv(p)
+    assert set(t.polygons) == {"img1", "img2"} and t.polygons["img2"] == []
+    assert t.polygons["img1"][0].equals(box(0, 0, 10, 10))
+    assert not t.polygons["img1"][0].has_z
+    assert t.repaired == 1 and t.polygons["img1"][1].is_valid
+
+
+@pytest.mark.parametrize("body, match", [
+    ("img1,1,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",0.5\nimg1,2,\"POLYGON ((0 0, 1\",0.5\n",
+     ":3: malformed WKT"),
+    ("img1,1,POLYGON ((0 0, 1 0, 1 1, 0 0)),0.5\n", ":2: 7 fields where the header has 4"),
+    ("img1,1,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\"\n", ":2: expected 4 fields"),
+    ("img1,1,\"POINT (1 1)\",0.5\n", ":2: Point is not a footprint"),
+    ("img1,x,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",0.5\n", ":2: BuildingId"),
+    ("img1,1,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",high\n", ":2: Confidence"),
+    (",1,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",0.5\n", ":2: empty ImageId"),
+])
+def test_malformed_proposal_rows_name_the_line(tmp_path, body, match):
+    p = write(tmp_path / "props.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n" + body)
+    with pytest.raises(CsvError, match=match) as e:
+        read_proposal_csv(p)
+    assert "props.csv" in str(e.value)
+
+
+def test_empty_and_headerless_files(tmp_path):
+    header_only = write(tmp_path / "h.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n")
+    assert read_proposal_csv(header_only).polygons == {}
+    with pytest.raises(CsvError, match="empty file"):
+        read_proposal_csv(write(tmp_path / "e.csv", ""))
+    with pytest.raises(CsvError, match="header lacks Confidence"):
+        read_proposal_csv(write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix\n"))
+    with pytest.raises(CsvError, match="not found"):
+        read_truth_csv(tmp_path / "missing.csv")
