@@ -42,6 +42,9 @@ class PolygonizeConfig:
     grow_radius: float = 3.0  # px from the nearest seed pixel; 0 turns growth off
     min_polygon_area: float = 20.0  # px; smaller blobs are dropped
     simplify_tolerance: float = 0.0  # px, shapely simplify with topology kept; 0 = exact edges
+    # components with no seed at all (slivers cut by the tile edge, huts thinner than the band)
+    # become instances after losing the band's outer grow_radius px
+    seedless: bool = True
 
     def __post_init__(self) -> None:
         for name in ("building_threshold", "footprint_threshold"):
@@ -70,7 +73,7 @@ class PolygonizeConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown polygonize setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: float(v) for k, v in d.items()})
+        return cls(**{k: (bool(v) if k == "seedless" else float(v)) for k, v in d.items()})
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> PolygonizeConfig:
@@ -144,6 +147,9 @@ class Workspace:
                         # touched per tile) small; grow_radius <= 50 keeps it in range
                         np.empty(padded, np.int8), np.empty(padded, np.int8),
                         np.empty(n, i32), np.empty(n, i32), np.empty(n, i32))  # layer decisions
+        runs = n // 2 + height + 2  # row runs of eligible pixels (see kernels.seed_label)
+        self.runs = (np.empty(runs, i32), np.empty(runs, i32), np.empty(runs, i32),
+                     np.empty(runs, i32), np.empty(runs, np.uint8))
 
 
 _local = threading.local()
@@ -164,14 +170,18 @@ def find_instances(prob: np.ndarray, cfg: PolygonizeConfig) -> Instances:
     q = np.ascontiguousarray(quantize_probs(prob))
     ws = _workspace(q.shape[0], q.shape[1])
     seed_t, fp_t = _thresholds_u8(cfg)
-    final, n, first, count, fsum, nf = kernels.seed_label(q, seed_t, fp_t, ws.codes, ws.lab,
-                                                          ws.scratch)
-    if cfg.grow_radius > 0 and n > 0:
-        r2 = int(math.floor(cfg.grow_radius * cfg.grow_radius + 1e-9))  # d2 is an integer
+    final, n, first, count, fsum, nf, nrun = kernels.seed_label(q, seed_t, fp_t, ws.codes,
+                                                                ws.lab, ws.scratch, ws.runs)
+    r2 = int(math.floor(cfg.grow_radius * cfg.grow_radius + 1e-9))  # d2 is an integer
+    if r2 > 0 and n > 0:
         # a pixel within Euclidean r can be up to r*sqrt(2) 4-steps away from its seed
         layers = int(math.floor(cfg.grow_radius * math.sqrt(2.0))) + 1
         kernels.grow(q, ws.codes, ws.lab, (final, first, count, fsum), nf, ws.scratch, r2,
                      layers)
+    if cfg.seedless and nrun > 0:
+        final, first, count, fsum, n = kernels.seedless(
+            q, ws.codes, ws.lab, (final, first, count, fsum), n, ws.runs, nrun, r2,
+            ws.scratch[4])
     return Instances(q.shape[:2], ws.codes, ws.lab, final, n, first, count, fsum)
 
 
