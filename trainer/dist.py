@@ -167,3 +167,12 @@ def gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (how rank 0's decisions reach the others)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Several nodes with c10d rendezvous: run this same command on every node.
+#   MASTER_ADDR=node0 NNODES=2 launch/multi_node.sh CONFIG DATA RUN [--set ...]
+# Environment:
+#   MASTER_ADDR   host of the rendezvous (any one of the nodes; required)
+#   MASTER_PORT   its TCP port (default 29400); must be reachable from every node
+#   NNODES        number of nodes, or MIN:MAX for an elastic range (default 2)
+#   NPROC         processes per node (default: the node's GPU count, else 2)
+#   RDZV_ID       a job id shared by all nodes of one run (default: footprints)
+#   MAX_RESTARTS  group restarts after a failure (default 3); all ranks resume from RUN's newest
+#                 complete checkpoint, so RUN must be on storage every node sees
+#   NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME  the network interface to use, if not the default
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n '2,14p' "$0"; exit 2; }
+: "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"
+CONFIG=$1 DATA=$2 RUN=$3; shift 3
+cd "$(dirname "$0")/.."
+TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+NPROC=${NPROC:-$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$TORCHRUN" --nnodes="${NNODES:-2}" --nproc_per_node="$NPROC" \
+    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29400}" \
+    --rdzv-id="${RDZV_ID:-footprints}" --max-restarts="${MAX_RESTARTS:-3}" \
+    -m trainer.train --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One node, one process per GPU (or NPROC CPU processes with gloo).
+#   launch/single_node.sh CONFIG DATA RUN [--set section.key=value ...]
+# Environment:
+#   NPROC         processes on this node (default: the number of GPUs, else 2)
+#   MAX_RESTARTS  group restarts after a failed worker (default 3); training resumes from the
+#                 newest complete checkpoint in RUN
+#   OMP_NUM_THREADS  CPU threads per process (default 1 with several CPU processes)
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n '2,9p' "$0"; exit 2; }
+CONFIG=$1 DATA=$2 RUN=$3; shift 3
+cd "$(dirname "$0")/.."
+TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+NPROC=${NPROC:-$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$TORCHRUN" --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
+    -m trainer.train --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"

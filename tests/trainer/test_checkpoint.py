@@ -1,0 +1,90 @@
+"""Checkpoints: crash-safe commits, newest complete wins, safe loading, pruning, RNG state."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+
+
+def _state(v: float) -> dict:
+    return {"format": ckpt.FORMAT, "model": {"w": torch.full((3,), v)}, "epoch": int(v)}
+
+
+def test_save_load_and_newest_complete_wins(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        ckpt.save(_state(step), ckpt.checkpoint_path(tmp_path, step))
+    state, path = ckpt.load_latest(tmp_path)
+    assert path.name == "step-00000030.pt" and state["epoch"] == 30
+    # a temp file from a crashed writer is never taken for a checkpoint
+    (ckpt.checkpoint_dir(tmp_path) / ".step-00000040.pt.abc.tmp").write_bytes(b"half")
+    assert ckpt.load_latest(tmp_path)[1].name == "step-00000030.pt"
+
+
+def test_crash_during_write_keeps_the_previous_checkpoint(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
+
+    def dying_save(obj: object, f: object) -> None:
+        f.write(b"PK\x03\x04 partial zip")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        ckpt.save(_state(2), ckpt.checkpoint_path(tmp_path, 2))
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert list(ckpt.checkpoint_dir(tmp_path).glob("*.tmp")) == []
+    assert ckpt.load_latest(tmp_path)[0]["epoch"] == 1
+
+
+def test_a_damaged_newest_checkpoint_falls_back(tmp_path: Path) -> None:
+    ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
+    ckpt.save(_state(2), ckpt.checkpoint_path(tmp_path, 2))
+    newest = ckpt.checkpoint_path(tmp_path, 2)
+    newest.write_bytes(newest.read_bytes()[:100])  # e.g. a disk error after the rename
+    state, path = ckpt.load_latest(tmp_path)
+    assert state["epoch"] == 1 and path.name == "step-00000001.pt"
+
+
+class _Evil:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_crafted_pickle_is_refused(tmp_path: Path) -> None:
+    path = ckpt.checkpoint_path(tmp_path, 5)
+    path.parent.mkdir(parents=True)
+    torch.save({"format": ckpt.FORMAT, "model": _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load(path)
+    assert ckpt.load_latest(tmp_path) is None  # nothing safe to resume from
+
+
+def test_prune_keeps_the_newest_and_best(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        ckpt.save(_state(step), ckpt.checkpoint_path(tmp_path, step))
+    ckpt.mark_best(ckpt.checkpoint_path(tmp_path, 2))
+    ckpt.prune(tmp_path, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004.pt",
+                                                                 "step-00000005.pt"]
+    assert ckpt.load(ckpt.checkpoint_dir(tmp_path) / ckpt.BEST)["epoch"] == 2
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path: Path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = {"format": ckpt.FORMAT, "rng": [ckpt.rng_state()]}
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    path = tmp_path / "r.pt"
+    torch.save(state, path)
+    ckpt.set_rng_state(ckpt.load(path)["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

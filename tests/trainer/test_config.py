@@ -1,0 +1,66 @@
+"""Config: presets, overrides, and errors that name the key, before any process group."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, build_config, load_config, parse_override
+
+CONFIGS = sorted(Path("configs").glob("*.toml"))
+
+
+def test_presets_exist_and_load() -> None:
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny", "demo", "unet_baseline", "unet"} <= names
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert cfg.model.name in ("unet", "unet_baseline")
+    assert load_config(Path("configs/unet.toml")).model.name == "unet"
+    assert load_config(Path("configs/unet_baseline.toml")).optim.lr == 5e-4
+
+
+def test_overrides_apply_with_toml_values_or_bare_words() -> None:
+    cfg = load_config(Path("configs/tiny.toml"),
+                      ["train.epochs=7", "data.backend=torch", "optim.lr=1e-3",
+                       "loss.class_weights=[1, 2, 3]", "model.channels_last=true"])
+    assert cfg.train.epochs == 7 and cfg.data.backend == "torch" and cfg.optim.lr == 1e-3
+    assert tuple(cfg.loss.class_weights) == (1.0, 2.0, 3.0) and cfg.model.channels_last is True
+    assert parse_override("metrics.address=0.0.0.0") == ("metrics", "address", "0.0.0.0")
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("train.epoch=3", "train.epoch"),  # typo of a key
+    ("trainn.epochs=3", "trainn"),  # unknown section
+    ("train.epochs=ten", "train.epochs"),  # wrong type
+    ("train.epochs=0", "epochs"),  # out of range
+    ("model.name=resnet", "resnet"),  # unknown model: the known ones are listed
+    ("data.backend=tensorflow", "backend"),
+    ("train.amp=fp8", "amp"),
+    ("optim.schedule=step", "schedule"),
+    ("metrics.port=70000", "port"),
+    ("postproc.building_threshold=2", "building_threshold"),
+])
+def test_bad_values_name_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(Path("configs/tiny.toml"), [override])
+    assert named in str(e.value)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["epochs=3"])
+
+
+def test_resolved_config_round_trips_through_json() -> None:
+    cfg = load_config(Path("configs/demo.toml"), ["train.epochs=3"])
+    again = build_config(json.loads(cfg.to_json()), "config.json")
+    assert again == cfg

@@ -1,0 +1,110 @@
+"""The Trainer in one process: it learns, resumes bit-exactly, survives a crash mid-checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import load_config
+from trainer.dist import DistEnv
+from trainer.trainer import NonFiniteError, Trainer
+
+FAST = ["train.val_every=0", "data.num_threads=1"]
+
+
+def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
+    cfg = load_config(Path("configs/tiny.toml"), FAST + overrides)
+    return Trainer(cfg, DistEnv(), data, run, device=torch.device("cpu"))
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load(ckpt.list_checkpoints(run)[-1])["model"]
+
+
+def test_training_lowers_the_loss_and_logs_every_epoch(small_dataset: Path,
+                                                       tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=6", "train.val_every=3"])
+    t.train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert "val_f1" in log[2] and "val_iou" in log[5] and "val_f1" not in log[3]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["epochs"] == 6
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+
+
+def test_resume_mid_epoch_is_bit_exact(small_dataset: Path, tmp_path: Path) -> None:
+    common = ["train.epochs=3", "train.checkpoint_every_steps=2"]
+    _trainer(small_dataset, tmp_path / "ref", common).train()
+    # stop right after the checkpoint at global step 8: step 3 of the second 5-step epoch
+    t = _trainer(small_dataset, tmp_path / "cut", common)
+    real_save = t.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(best: bool) -> None:
+        real_save(best)
+        if t.global_step == 8:
+            raise Stop
+
+    t.save_checkpoint = save_then_stop  # type: ignore[method-assign]
+    with pytest.raises(Stop):
+        t.train()
+    resumed = _trainer(small_dataset, tmp_path / "cut", common)
+    assert resumed.resume() and (resumed.epoch, resumed.step_in_epoch) == (1, 3)
+    resumed = _trainer(small_dataset, tmp_path / "cut", common)
+    resumed.train()
+    ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["train.epochs=2"]
+    _trainer(small_dataset, tmp_path / "ref", common).train()
+    real = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj: object, f: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the end-of-epoch-2 checkpoint: half written, then the crash
+            f.write(b"PK\x03\x04 torn")  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+        real(obj, f)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(small_dataset, tmp_path / "run", common).train()
+    monkeypatch.setattr(torch, "save", real)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
+    assert names == ["step-00000005.pt"]  # the previous one, complete and loadable
+    assert ckpt.load_latest(tmp_path / "run") is not None
+    t = _trainer(small_dataset, tmp_path / "run", common)
+    t.train()
+    ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_too_many_nonfinite_steps_stop_the_run(small_dataset: Path, tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.max_nonfinite_steps=3"])
+    real = t.loss_fn
+    t.loss_fn = lambda logits, mask: real(logits, mask) * float("nan")  # type: ignore[assignment]
+    before = {k: v.detach().clone() for k, v in t.net.named_parameters()}
+    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+        t.train()
+    assert t.global_step == 2 and t.nonfinite_run == 3  # the third skip stopped the run
+    assert all(torch.equal(before[k], v) for k, v in t.net.named_parameters())
+    assert ckpt.list_checkpoints(tmp_path / "run") == []
+
+
+def test_bf16_autocast_trains_on_cpu(small_dataset: Path, tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.amp=bf16", "train.epochs=1"])
+    assert t.precision.name == "bf16"
+    summary = t.train()
+    assert torch.isfinite(torch.tensor(summary["train_loss"]))

@@ -1,0 +1,123 @@
+"""Checkpoints that survive a killed worker: temp name + fsync + rename, newest complete wins.
+
+Files live in ``RUN/checkpoints/``: ``step-00001234.pt`` (by global step), and ``best.pt`` (a
+hard link to the best one). Everything in them is plain tensors, numbers, strings, lists and dicts,
+so they load with ``torch.load(..., weights_only=True)`` and a crafted pickle is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataio.atomic import atomic_open, fsync_dir
+
+log = logging.getLogger("footprints")
+
+CKPT_DIR = "checkpoints"
+BEST = "best.pt"
+FORMAT = 1
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def checkpoint_path(run_dir: Path, global_step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{global_step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (final names only; temp files are ignored), oldest first."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save(state: dict[str, Any], path: Path) -> float:
+    """Write ``state`` crash-safely to ``path``; returns the seconds it took."""
+    import time
+
+    t0 = time.perf_counter()
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    return time.perf_counter() - t0
+
+
+def mark_best(path: Path) -> None:
+    """Point ``best.pt`` at ``path`` atomically (hard link, or a copy where links fail)."""
+    best = path.parent / BEST
+    tmp = path.parent / f".{BEST}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(path, tmp)
+    except OSError:
+        with open(path, "rb") as src, atomic_open(tmp, "wb") as dst:
+            dst.write(src.read())
+    os.replace(tmp, best)
+    fsync_dir(path.parent)
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step checkpoints (best.pt is its own link)."""
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (no arbitrary unpickling)."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a checkpoint of this trainer (format {FORMAT})")
+    return state
+
+
+def load_latest(run_dir: Path, map_location: str | torch.device = "cpu"
+                ) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that loads; a damaged newest one is reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load(path, map_location), path
+        except Exception as e:  # a torn or foreign file: fall back to the previous one
+            log.warning("checkpoint %s does not load (%s); trying an older one", path, e)
+    return None
+
+
+# ---- RNG state in weights_only-safe form --------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy and torch RNG states as tensors and lists."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [list(random.getstate()[1]), random.getstate()[0]],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    internal, version = state["python"]
+    random.setstate((version, tuple(internal), None))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

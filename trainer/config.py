@@ -1,0 +1,235 @@
+"""Training configuration: nested dataclasses, TOML presets, ``--set section.key=value``.
+
+Each section is the config dataclass of the component that uses it (``[model]`` is
+``models.ModelConfig``, ``[data]`` is ``dataio.loader.LoaderConfig``, ...). Unknown sections or
+keys and values of the wrong type are errors that name the key, raised while parsing, i.e. before
+any process group exists; the resolved config is saved as JSON in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataio.loader import LoaderConfig
+from models import LossConfig, ModelConfig
+from postproc.polygonize import PolygonizeConfig
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and/or the key."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (the original trained Adam at 5e-4)."""
+
+    name: str = "adam"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"name {self.name!r}: known optimizers are {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: known are {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, precision, validation, checkpoints, failure handling."""
+
+    epochs: int = 10
+    amp: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 + GradScaler; CPU: see amp.py
+    seed: int = 0
+    val_every: int = 1  # epochs; 0 = never
+    val_f1: bool = True  # also polygonize + score the val split (SpaceNet F1) when validating
+    checkpoint_every_steps: int = 0  # 0 = only at the end of every epoch
+    keep_last: int = 3
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
+    log_every: int = 10  # steps between metric syncs and progress updates
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
+        for name in ("epochs", "keep_last", "max_nonfinite_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.val_every < 0 or self.checkpoint_every_steps < 0:
+            raise ValueError("val_every and checkpoint_every_steps must be >= 0")
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus endpoint served by rank 0."""
+
+    port: int = 0  # 0 = off
+    # NOTE: loopback by default: metrics reveal paths and hostnames and the endpoint has no
+    # auth; bind 0.0.0.0 (or the node's cluster address) deliberately when Prometheus scrapes
+    # from another machine.
+    address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto: nccl with CUDA, gloo without
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"backend {self.backend!r}: choose auto, nccl or gloo")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    postproc: PolygonizeConfig = field(default_factory=PolygonizeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Check (and gently coerce: int -> float, list -> tuple) a TOML value against a type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(hint):
+            try:
+                return _check_type(key, value, alt)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected nothing, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        items = [_check_type(f"{key}[{i}]", v, args[0]) if args else v
+                 for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"[{name}] takes {', '.join(sorted(known))}")
+    kwargs = {k: _check_type(f"{where}: {name}.{k}", v, hints[k]) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: [{name}] {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); the value is read as TOML, else a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. train.epochs=5)")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words such as data.backend=torch
+    return section, key, value
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML preset (or start from defaults), apply overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    where = str(path) if path else "defaults"
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        if "." in key:
+            raise ConfigError(f"--set {text!r}: nested keys are not supported")
+        raw.setdefault(section, {})[key] = value
+    return build_config(raw, where)
+
+
+def build_config(raw: dict[str, Any], where: str) -> Config:
+    """Validate a {section: {key: value}} mapping (from TOML, or a run's config.json)."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(SECTIONS)}")
+    parts = {}
+    defaults = Config()
+    for name in SECTIONS:
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table, got {values!r}")
+        parts[name] = _build_section(name, type(getattr(defaults, name)), values, where)
+    return Config(**parts)
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run saved (``RUN/config.json``), validated again."""
+    path = Path(run_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: is {run_dir} a run directory?") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return build_config(raw, str(path))

@@ -1,0 +1,123 @@
+"""Write prediction shards for a split with a trained run's checkpoint.
+
+    python -m trainer.predict --run-dir RUN --data DATA --split test --out PRED [--tta]
+    torchrun --nproc_per_node=N -m trainer.predict ...   (ranks split the samples)
+
+Output: ``PRED/pred-NNNNNN.tar``, one sample per tile: ``prob.png`` (8-bit RGB of round(255*p)
+for background, building, boundary) and the tile's ``meta.json``. Whole tiles of any size.
+Rank r writes shards ``r, r+W, r+2W, ...`` so ranks never collide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trainer import dist
+
+log = logging.getLogger("footprints")
+
+
+def predict_probs(net: nn.Module, image: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Softmax probabilities NCHW; with ``tta`` averaged over horizontal and vertical flips."""
+    probs = torch.softmax(net(image).float(), dim=1)
+    if tta:
+        for dims in ((3,), (2,), (2, 3)):
+            flipped = net(torch.flip(image, dims)).float()
+            probs += torch.flip(torch.softmax(flipped, dim=1), dims)
+        probs /= 4
+    return probs
+
+
+def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
+             progress: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+    bar = tqdm(total=len(loader), desc="predict", unit="batch", disable=not progress)
+    for batch in loader:
+        with torch.no_grad(), precision.autocast():
+            probs = predict_probs(net, batch.image, tta)
+        probs = probs.permute(0, 2, 3, 1).cpu().numpy()
+        for i, key in enumerate(batch.keys):
+            if bool(batch.valid[i]):
+                h, w = batch.meta[i]["height"], batch.meta[i]["width"]
+                yield key, probs[i, :h, :w], batch.meta[i]
+        bar.update()
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.predict",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", type=Path, required=True, help="directory for pred-NNNNNN.tar")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint file (default: RUN/checkpoints/best.pt)")
+    p.add_argument("--tta", action="store_true", help="average over flips (4x the compute)")
+    p.add_argument("--shard-size", type=int, default=100, help="tiles per prediction shard")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the run's data.batch_size")
+    args = p.parse_args(argv)
+    env = dist.DistEnv.from_env()
+    ckpt_path = args.checkpoint or args.run_dir / "checkpoints" / "best.pt"
+    if not ckpt_path.is_file():
+        print(f"trainer.predict: error: {ckpt_path} not found (train first, or pass "
+              "--checkpoint)", file=sys.stderr)
+        return 2
+    from dataio.loader import build_loader
+    from dataio.manifest import load_manifest
+    from models import build_model
+    from postproc.predio import write_pred_shard
+    from trainer.amp import resolve
+    from trainer.checkpoint import load
+    from trainer.config import ConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(args.run_dir)
+        manifest = load_manifest(args.data)
+        dist.init(env)
+        device = dist.device_for(env)
+        state = load(ckpt_path, map_location="cpu")
+        net = build_model(cfg.model.name, manifest.bands, 3, width_divisor=cfg.model.width_divisor,
+                          pad_mode=cfg.model.pad_mode)
+        net.load_state_dict(state["model"])
+        net.to(device).eval()
+        data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
+        loader = build_loader(args.data, args.split, data_cfg, env.rank, env.world_size,
+                              train=False, device=device)
+        precision = resolve(cfg.train.amp, device)
+        if env.is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        stream = _samples(loader, net, precision, args.tta, env.is_main)
+        written, k = 0, 0
+        while True:
+            chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
+            if not chunk:
+                break
+            written += write_pred_shard(args.out / f"pred-{k * env.world_size + env.rank:06d}.tar",
+                                        chunk)
+            k += 1
+        loader.close()
+        total = int(dist.all_reduce_sum([written])[0])
+        if env.is_main:
+            print(f"wrote predictions for {total} tiles of {args.split} to {args.out}")
+    except (ConfigError, ValueError, OSError, RuntimeError) as e:
+        print(f"trainer.predict: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.teardown()
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Train a footprint segmentation model, on one process or many under torchrun.
+
+    torchrun --nproc_per_node=N -m trainer.train --config configs/NAME.toml --data DATA \
+        --run-dir RUN [--set section.key=value ...]
+
+Resumes from the newest complete checkpoint in RUN when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trainer import dist
+from trainer.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="TOML preset, e.g. configs/tiny.toml")
+    p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
+    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, report")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = dist.DistEnv.from_env()
+    try:
+        # NOTE: every rank parses and validates the config before any process group exists, so
+        # a bad key fails fast everywhere instead of hanging the others at the first collective.
+        cfg = load_config(args.config, args.overrides)
+        if not (args.data / "manifest.json").is_file():
+            raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
+    except ConfigError as e:
+        print(f"trainer.train: error: {e}", file=sys.stderr)
+        return 2
+    from trainer.trainer import NonFiniteError, Trainer  # heavy imports after the checks
+
+    try:
+        dist.init(env, None if cfg.dist.backend == "auto" else cfg.dist.backend,
+                  cfg.dist.timeout_s)
+        dist.seed_everything(cfg.train.seed, env.rank)
+        Trainer(cfg, env, args.data, args.run_dir).train()
+    except (NonFiniteError, ValueError, RuntimeError) as e:
+        logging.getLogger("footprints").error("%s", e)
+        print(f"trainer.train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The Trainer: DDP model, AMP, the loop, validation, checkpoints, metrics.
+
+Reads top to bottom: ``train()`` runs epochs of ``train_step()``, validates, checkpoints. It takes
+rank and world size from a :class:`DistEnv`, so a test can build one without a process group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dataio.atomic import atomic_write_text
+from dataio.loader import Batch, build_loader
+from dataio.manifest import load_manifest
+from models import build_loss, build_model_from_config
+from models.registry import unwrap_model
+from trainer import checkpoint as ckpt
+from trainer.amp import resolve
+from trainer.config import Config
+from trainer.dist import (
+    DistEnv,
+    agree_any,
+    all_reduce_sum,
+    broadcast_object,
+    device_for,
+    gather_objects,
+)
+from trainer.metrics import TrainMetrics
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.validate import Validator
+
+log = logging.getLogger("footprints")
+NUM_CLASSES = 3
+LOG = "log.jsonl"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, data: Path, run_dir: Path,
+                 device: torch.device | None = None) -> None:
+        self.cfg, self.env, self.data, self.run_dir = cfg, env, Path(data), Path(run_dir)
+        self.device = device or device_for(env)
+        self.manifest = load_manifest(self.data)
+        # NOTE: the same seed on every rank gives identical initial weights (DDP also broadcasts
+        # rank 0's at wrap time, so this is belt and braces).
+        torch.manual_seed(cfg.train.seed)
+        model = build_model_from_config(cfg.model, self.manifest.bands, NUM_CLASSES)
+        self.model = model.to(self.device)
+        if env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+        self.net = unwrap_model(self.model)  # the plain module: checkpoints and evaluation
+        self.loss_fn = build_loss(cfg.loss, self.manifest.class_frequencies).to(self.device)
+        self.precision = resolve(cfg.train.amp, self.device)
+        self.scaler = self.precision.scaler()
+        self.optimizer = build_optimizer(self.net.parameters(), cfg.optim)
+        self.train_loader = build_loader(self.data, "train", cfg.data, env.rank, env.world_size,
+                                         train=True, device=self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim,
+                                         cfg.train.epochs * self.steps_per_epoch)
+        self.validator = Validator(cfg, env, self.data, self.device, self.precision)
+        self.metrics = TrainMetrics(env, cfg.metrics.port, cfg.metrics.address)
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # steps of the current epoch completed
+        self.global_step = 0
+        self.best_f1 = -math.inf
+        self.nonfinite_run = 0
+        self.history: list[dict[str, Any]] = []
+        self._loader_state: dict[str, Any] | None = None
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` (resuming if the run directory has a checkpoint)."""
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
+        self.metrics.start()
+        try:
+            self.resume()
+            log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s", self.cfg.model.name,
+                     f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
+                     self.env.world_size, self.device.type, self.steps_per_epoch,
+                     self.precision.name)
+            while self.epoch < self.cfg.train.epochs:
+                summary = self.train_epoch()
+                self.epoch += 1
+                self.step_in_epoch = 0
+                every = self.cfg.train.val_every
+                if every and (self.epoch % every == 0 or self.epoch == self.cfg.train.epochs):
+                    summary.update(self.validator.run(self.net))
+                self.end_epoch(summary)
+            return self.history[-1] if self.history else {}
+        finally:
+            self.metrics.stop()
+            self.train_loader.close()
+
+    def train_epoch(self) -> dict[str, Any]:
+        if self._loader_state is not None:  # resuming mid-epoch: continue where the data was
+            self.train_loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        self.train_loader.set_epoch(self.epoch)
+        self.metrics.epoch.set(self.epoch)
+        t_epoch = time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, samples
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
+                   desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step",
+                   disable=not self.env.is_main)
+        t_ready = time.perf_counter()
+        for batch in self.train_loader:
+            t_got = time.perf_counter()
+            loss = self.train_step(batch)
+            t_done = time.perf_counter()
+            n = int(batch.valid.sum())
+            if loss is not None:
+                totals += torch.tensor([loss, 1.0, n], dtype=torch.float64)
+            self.metrics.record_step(n, t_done - t_ready, t_got - t_ready,
+                                     loss if loss is not None else float("nan"))
+            self.step_in_epoch += 1
+            self.global_step += 1
+            bar.update()
+            if self.global_step % self.cfg.train.log_every == 0:
+                self._sync_metrics(bar, loss)
+            every = self.cfg.train.checkpoint_every_steps
+            mid_epoch = self.step_in_epoch < self.steps_per_epoch
+            if every and self.global_step % every == 0 and mid_epoch:
+                self.save_checkpoint(best=False)
+            t_ready = time.perf_counter()
+        bar.close()
+        self._sync_metrics(None, None)
+        loss_sum, steps, samples = all_reduce_sum(totals).tolist()
+        seconds = time.perf_counter() - t_epoch
+        return {"epoch": self.epoch + 1, "global_step": self.global_step,
+                "train_loss": loss_sum / max(steps, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "samples": int(samples), "samples_per_s": samples / max(seconds, 1e-9),
+                "seconds": seconds}
+
+    def train_step(self, batch: Batch) -> float | None:
+        """One optimizer step; returns the local loss, or None when all ranks agreed to skip."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            logits = self.model(batch.image)
+        loss = self.loss_fn(logits, batch.mask)
+        # NOTE: decide before backward, together: a NaN on one rank would otherwise be averaged
+        # into every rank's gradients by DDP.
+        if agree_any(not bool(torch.isfinite(loss))):
+            return self._skip("nonfinite_loss")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = self.cfg.optim.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        # Gradients are identical on all ranks after DDP's all-reduce, so this test agrees.
+        if not bool(torch.isfinite(norm)):
+            if self.scaler is not None:  # fp16 overflow: the scaler skips and lowers its scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.metrics.skip_step("fp16_overflow")
+                return None
+            return self._skip("nonfinite_grad")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.nonfinite_run = 0
+        return float(loss.detach())
+
+    def _skip(self, reason: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_run += 1
+        self.metrics.skip_step(reason)
+        log.warning("step %d skipped on all ranks (%s), %d in a row", self.global_step, reason,
+                    self.nonfinite_run)
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradients "
+                f"(last: {reason}); stopping. Lower optim.lr, set optim.grad_clip, or check the "
+                "data (the last good checkpoint is kept)")
+        return None
+
+    def _sync_metrics(self, bar: tqdm | None, loss: float | None) -> None:
+        self.metrics.lr.set(self.optimizer.param_groups[0]["lr"])
+        self.metrics.record_memory(self.device)
+        self.metrics.set_skipped_samples(self.train_loader.stats.as_dict()["samples_skipped"])
+        self.metrics.sync()
+        if bar is not None and loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    # ---- epoch end: log, checkpoint ------------------------------------------------------------
+    def end_epoch(self, summary: dict[str, Any]) -> None:
+        summary["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        f1 = summary.get("val_f1")
+        score = f1 if f1 is not None else summary.get("val_iou")
+        is_best = score is not None and score > self.best_f1
+        if is_best:
+            self.best_f1 = score
+        for k in ("val_f1", "val_iou"):
+            if k in summary:
+                self.metrics.val.labels(metric=k[4:]).set(summary[k])
+        self.history.append(summary)
+        if self.env.is_main:
+            with open(self.run_dir / LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps(summary) + "\n")
+            log.info("epoch %d/%d  loss %.4f  %s %.1f samples/s  %.0fs", summary["epoch"],
+                     self.cfg.train.epochs, summary["train_loss"],
+                     "  ".join(f"{k} {summary[k]:.4f}" for k in ("val_loss", "val_iou", "val_f1")
+                               if k in summary), summary["samples_per_s"], summary["seconds"])
+        # without validation the newest checkpoint is the one to use
+        self.save_checkpoint(best=is_best or self.cfg.train.val_every == 0)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "best_score": self.best_f1,
+            "loader": self.train_loader.state_dict(),
+            "world_size": self.env.world_size,
+            "config": self.cfg.to_json(),
+        }
+
+    def save_checkpoint(self, best: bool) -> None:
+        """Rank 0 writes (temp + rename); every rank contributes its RNG state first."""
+        rngs = gather_objects(ckpt.rng_state())
+        if self.env.is_main:
+            state = self.state()
+            state["rng"] = rngs
+            path = ckpt.checkpoint_path(self.run_dir, self.global_step)
+            seconds = ckpt.save(state, path)
+            self.metrics.checkpoint_time.observe(seconds)
+            if best:
+                ckpt.mark_best(path)
+            ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+        # NOTE: nobody proceeds until the checkpoint is committed, so a failure after this point
+        # can always resume from it.
+        agree_any(False)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of the run directory, if any (all ranks agree)."""
+        found = ckpt.load_latest(self.run_dir) if self.env.is_main else None
+        path = broadcast_object(str(found[1]) if found else None)
+        if path is None:
+            return False
+        state = found[0] if found else ckpt.load(Path(path))
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_f1 = state["global_step"], state["best_score"]
+        if self.step_in_epoch:
+            self._loader_state = state["loader"]
+        if state.get("world_size") == self.env.world_size and len(state["rng"]) > self.env.rank:
+            ckpt.set_rng_state(state["rng"][self.env.rank])
+        if self.env.is_main:
+            self._truncate_log()
+        self.metrics.resumes.inc()
+        log.info("resumed from %s (epoch %d, step %d of it)", path, self.epoch,
+                 self.step_in_epoch)
+        return True
+
+    def _truncate_log(self) -> None:
+        """Drop log lines of epochs that the checkpoint does not contain (they will be redone)."""
+        path = self.run_dir / LOG
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the crash
+            if rec.get("epoch", 0) <= self.epoch:
+                keep.append(line)
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
+        self.history = [json.loads(k) for k in keep]
+

@@ -1,0 +1,99 @@
+"""Validation on the val split: loss, building IoU and the SpaceNet F1, from all-reduced counts.
+
+Each rank evaluates its own disjoint part of the split (padding excluded via ``Batch.valid``);
+the counts are summed over ranks before any ratio is taken (never an average of per-rank ratios).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dataio.loader import IGNORE_INDEX, build_loader
+from dataio.manifest import load_manifest
+from postproc.csvio import read_truth_csv
+from postproc.polygonize import polygonize_probs
+from postproc.score import ScoreConfig, score_image
+from trainer.amp import Precision
+from trainer.config import Config
+from trainer.dist import DistEnv, all_reduce_sum
+
+log = logging.getLogger("footprints")
+BUILDING = 1
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+class Validator:
+    def __init__(self, cfg: Config, env: DistEnv, data: Path, device: torch.device,
+                 precision: Precision) -> None:
+        self.cfg, self.device, self.precision = cfg, device, precision
+        manifest = load_manifest(data)
+        self.enabled = cfg.train.val_every > 0 and manifest.samples("val") > 0
+        if not self.enabled:
+            return
+        self.loader = build_loader(data, "val", dataclasses.replace(cfg.data), env.rank,
+                                   env.world_size, train=False, device=device)
+        self.truth = {}
+        if cfg.train.val_f1:
+            self.truth = read_truth_csv(data / "val" / "truth.csv").polygons
+        self.score_cfg = ScoreConfig()
+
+    @torch.no_grad()
+    def run(self, net: nn.Module) -> dict[str, Any]:
+        """Evaluate ``net`` (the plain module, no DDP: no collectives inside forward).
+
+        ``val_loss`` is the unweighted cross-entropy over valid pixels."""
+        if not self.enabled:
+            return {}
+        was_training = net.training
+        net.eval()
+        # loss*n, n, tp, fp, fn (pixels, building class), tp, fp, fn (SpaceNet polygons)
+        c = torch.zeros(8, dtype=torch.float64)
+        self.loader.set_epoch(0)
+        for batch in self.loader:
+            with self.precision.autocast():
+                logits = net(batch.image)
+            logits = logits.float()
+            valid_px = batch.mask != IGNORE_INDEX
+            n = int(batch.valid.sum())
+            if n:
+                ce = nn.functional.cross_entropy(logits, batch.mask, ignore_index=IGNORE_INDEX)
+                c[0] += float(ce) * n
+                c[1] += n
+            pred = logits.argmax(1)
+            is_b, want_b = (pred == BUILDING) & valid_px, (batch.mask == BUILDING) & valid_px
+            c[2] += float((is_b & want_b).sum())
+            c[3] += float((is_b & ~want_b).sum())
+            c[4] += float((~is_b & want_b).sum())
+            if self.cfg.train.val_f1:
+                c[5:8] += self._f1_counts(logits, batch)
+        c = all_reduce_sum(c)
+        net.train(was_training)
+        out = {"val_loss": _ratio(c[0].item(), c[1].item()),
+               "val_iou": _ratio(c[2].item(), (c[2] + c[3] + c[4]).item())}
+        if self.cfg.train.val_f1:
+            tp, fp, fn = c[5].item(), c[6].item(), c[7].item()
+            p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+            out.update({"val_precision": p, "val_recall": r, "val_f1": _ratio(2 * p * r, p + r),
+                        "val_tp": int(tp), "val_fp": int(fp), "val_fn": int(fn)})
+        return out
+
+    def _f1_counts(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=1).permute(0, 2, 3, 1).cpu().numpy()
+        counts = torch.zeros(3, dtype=torch.float64)
+        for i, key in enumerate(batch.keys):
+            if not bool(batch.valid[i]):
+                continue
+            h, w = batch.meta[i]["height"], batch.meta[i]["width"]
+            proposals = [p for p, _ in polygonize_probs(probs[i, :h, :w], self.cfg.postproc)]
+            counts += torch.tensor(score_image(self.truth.get(key, []), proposals,
+                                               self.score_cfg), dtype=torch.float64)
+        return counts
