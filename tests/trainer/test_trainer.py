@@ -45,16 +45,16 @@ def test_resume_mid_epoch_is_bit_exact(small_dataset: Path, tmp_path: Path) -> N
     t = _trainer(small_dataset, tmp_path / "cut", common)
     real_save = t.save_checkpoint
 
-    class Stop(Exception):
+    class StopRunError(Exception):
         pass
 
     def save_then_stop(best: bool) -> None:
         real_save(best)
         if t.global_step == 8:
-            raise Stop
+            raise StopRunError
 
     t.save_checkpoint = save_then_stop  # type: ignore[method-assign]
-    with pytest.raises(Stop):
+    with pytest.raises(StopRunError):
         t.train()
     resumed = _trainer(small_dataset, tmp_path / "cut", common)
     assert resumed.resume() and (resumed.epoch, resumed.step_in_epoch) == (1, 3)
