@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from dataio.atomic import atomic_open
+from postproc import pngfast
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 SHARD_GLOB = "pred-*.tar"
@@ -65,16 +66,21 @@ def quantize_probs(prob: np.ndarray) -> np.ndarray:
 
 def encode_prob_png(prob: np.ndarray) -> bytes:
     """Encode HxWx3 probabilities (float in [0, 1], or already uint8) as an 8-bit RGB PNG."""
-    q = np.ascontiguousarray(quantize_probs(prob))
-    buf = io.BytesIO()
-    # NOTE: compress_level 1: prediction maps compress well already; level 6 is ~4x slower.
-    Image.fromarray(q).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    q = quantize_probs(prob)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"cannot encode an empty {q.shape} probability map")
+    return pngfast.encode_rgb8(q)
 
 
 def decode_prob_png(data: bytes) -> np.ndarray:
     """Decode a ``prob.png`` into uint8 HxWx3; raise ValueError if it is not an RGB PNG."""
     try:
+        fast = pngfast.decode_rgb8(data)
+    except ValueError as e:
+        raise ValueError(f"undecodable PNG ({e})") from None
+    if fast is not None:
+        return fast
+    try:  # any other PNG flavour: Pillow decides whether it is RGB
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "PNG" or im.mode != "RGB":
                 raise ValueError(f"expected an 8-bit RGB PNG, got {im.format} {im.mode}")

@@ -1,0 +1,178 @@
+"""Postprocessing throughput: polygonize and score, project against the original sample's way.
+
+    python -m benchmarks.postproc [--tiles 24] [--workers N] [--json OUT]
+
+Same run, same tiles: synthetic 650x650 tiles with ~100 buildings (rotated rectangles, L-shapes,
+rows with 0-4 px gaps, the 2.5 px boundary band) as one-hot predictions.
+
+- polygonize, project: ``postproc.polygonize.polygonize_probs`` (instances, growth over the band,
+  exact polygons, confidences, sorted).
+- polygonize, baseline: the original sample: ``rasterio.features.shapes`` on the thresholded
+  building mask, ``shapely.geometry.shape`` per blob, area filter (it does less: no instances, no
+  growth, no confidence).
+- score, project: ``postproc.score.score_image`` (STRtree + bound pruning + numba exact areas).
+- score, baseline: a plain shapely scorer: per proposal, IoU with every unmatched truth polygon
+  via ``intersection``/``union``.
+- end to end: ``postproc.runner`` on prediction shards (PNG decoding, CSV rows included).
+
+"1 core" runs in this process; "all cores" is a pool of forked workers over chunks of tiles.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.features import shapes
+from shapely.geometry import shape
+
+from benchmarks.common import base_parser, best_time, machine_info, print_table, write_json
+from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
+from postproc.score import ScoreConfig, score_image
+from postproc.synthmask import SynthConfig, one_hot, synth_tile
+
+# Set before the pool forks, so workers read the tiles without pickling them.
+_TILES: list[np.ndarray] = []
+_PAIRS: list[tuple[list, list]] = []
+_CFG = PolygonizeConfig()
+
+
+def baseline_polygonize(prob: np.ndarray, min_area: float) -> list:
+    """The sample's way: threshold, rasterio shapes, shapely shape per blob, area filter."""
+    mask = (prob[..., 1] > 127).astype(np.uint8)
+    polys = [shape(g) for g, _ in shapes(mask, mask=mask > 0, connectivity=4)]
+    return [p for p in polys if p.area >= min_area]
+
+
+def plain_score(truth: list, proposals: list, min_area: float = 20.0) -> tuple[int, int, int]:
+    """Every proposal against every unmatched truth polygon with shapely, as scorers used to."""
+    truth = [t for t in truth if t.area > min_area]
+    matched = [False] * len(truth)
+    tp = fp = 0
+    for p in proposals:
+        best, best_j = -1.0, -1
+        for j, t in enumerate(truth):
+            if not matched[j]:
+                iou = p.intersection(t).area / p.union(t).area
+                if iou > best:
+                    best, best_j = iou, j
+        if best_j >= 0 and best >= 0.5:
+            matched[best_j] = True
+            tp += 1
+        else:
+            fp += 1
+    return tp, fp, len(truth) - tp
+
+
+def _run(task: tuple[str, int, int]) -> int:
+    kind, lo, hi = task
+    n = 0
+    for i in range(lo, hi):
+        if kind == "polygonize":
+            n += len(polygonize_probs(_TILES[i], _CFG))
+        elif kind == "polygonize_baseline":
+            n += len(baseline_polygonize(_TILES[i], _CFG.min_polygon_area))
+        elif kind == "score":
+            n += score_image(*_PAIRS[i])[0]
+        else:
+            n += plain_score(*_PAIRS[i])[0]
+    return n
+
+
+def _worker_init() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def timed(kind: str, n: int, pool: cf.Executor | None, workers: int, repeat: int) -> float:
+    """Best wall time to run ``kind`` over all n tiles, in-process or spread over the pool."""
+    if pool is None:
+        return best_time(lambda: _run((kind, 0, n)), repeat)
+    step = max(1, n // (workers * 4))
+    tasks = [(kind, lo, min(n, lo + step)) for lo in range(0, n, step)]
+    list(pool.map(_run, tasks))  # warm the workers
+    return best_time(lambda: list(pool.map(_run, tasks)), repeat)
+
+
+def end_to_end(n: int, workers: int) -> float:
+    """Seconds for ``postproc.runner`` over shards of the same tiles (PNG decode, CSV rows)."""
+    from postproc.predio import write_pred_shard
+    from postproc.runner import run
+    from trainer.dist import DistEnv
+
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {"crs": "EPSG:4326", "transform": [3e-6, 0, -115.2, 0, -3e-6, 36.2]}
+        per = max(1, n // 4)
+        shards = []
+        for s, lo in enumerate(range(0, n, per)):
+            path = Path(tmp) / f"pred-{s:06d}.tar"
+            write_pred_shard(path, [(f"img{i}", _TILES[i], meta)
+                                    for i in range(lo, min(n, lo + per))])
+            shards.append(path)
+        t0 = time.perf_counter()
+        run(shards, Path(tmp) / "out.csv", _CFG, None, workers, DistEnv())
+        return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--tiles", type=int, default=24, help="650x650 tiles to time (default 24)")
+    p.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes for the all-cores rows (default: all cores)")
+    args = p.parse_args(argv)
+    n = args.tiles
+    cfg = SynthConfig(size=650, buildings=100)
+    tiles = [synth_tile(1000 + i, cfg) for i in range(n)]
+    _TILES[:] = [one_hot(m) for m, _ in tiles]
+    warmup()
+    props = [[g for g, _ in polygonize_probs(t, _CFG)] for t in _TILES]
+    _PAIRS[:] = [(truth, pr) for (_, truth), pr in zip(tiles, props, strict=True)]
+    buildings = float(np.mean([len(t) for _, t in tiles]))
+    assert [score_image(*pp, ScoreConfig()) for pp in _PAIRS[:4]] == \
+        [plain_score(*pp) for pp in _PAIRS[:4]], "scorers disagree"
+
+    ctx = mp.get_context("fork")
+    rows: list[dict[str, Any]] = []
+    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init) as pool:
+        for task, label in (("polygonize", "polygonize, project"),
+                            ("polygonize_baseline", "polygonize, baseline (shapes+shapely)"),
+                            ("score", "score, project"),
+                            ("score_baseline", "score, baseline (plain shapely)")):
+            for cores, ex in ((1, None), (args.workers, pool)):
+                sec = timed(task, n, ex, args.workers, args.repeat)
+                rows.append({"variant": label, "cores": cores, "tiles_per_s": n / sec,
+                             "ms_per_tile": 1000 * sec / n, "ms_per_tile_per_core":
+                             1000 * sec * cores / n})
+    for cores in (1, args.workers):
+        sec = end_to_end(n, cores)
+        rows.append({"variant": "end to end from shards, project", "cores": cores,
+                     "tiles_per_s": n / sec, "ms_per_tile": 1000 * sec / n,
+                     "ms_per_tile_per_core": 1000 * sec * cores / n})
+
+    def speed(label: str, cores: int) -> float:
+        return next(r["tiles_per_s"] for r in rows if r["variant"] == label and
+                    r["cores"] == cores)
+
+    for kind, base in (("polygonize, project", "polygonize, baseline (shapes+shapely)"),
+                       ("score, project", "score, baseline (plain shapely)")):
+        for r in rows:
+            if r["variant"] == kind:
+                r["speedup_vs_baseline"] = speed(kind, r["cores"]) / speed(base, r["cores"])
+    print(f"{n} tiles of 650x650 px, {buildings:.0f} buildings per tile on average; "
+          f"{machine_info()['cores']} cores: {machine_info()['cpu']}")
+    print_table(rows, ["variant", "cores", "tiles_per_s", "ms_per_tile", "ms_per_tile_per_core",
+                       "speedup_vs_baseline"])
+    return write_json(args.json, "postproc", rows, tiles=n, tile_px=650,
+                      buildings_per_tile=buildings,
+                      units={"tiles_per_s": "tiles/s", "ms_per_tile": "ms",
+                             "ms_per_tile_per_core": "ms x cores"})
+
+
+if __name__ == "__main__":
+    main()
