@@ -139,20 +139,20 @@ def seed_label(prob: np.ndarray, seed_t: float, fp_t: float, codes: np.ndarray, 
         o = (r + 1) * Wp + 1
         row0 = nrun
         last_c = -2
-        for c in range(W):
-            p = o + c  # NOTE: not a running p += 1, which defeats LLVM here (5x slower)
+        for x in range(W):
+            p = o + x  # NOTE: not a running p += 1, which defeats LLVM here (5x slower)
             code = codes[p]
             if code == NONE:
                 continue
-            if c != last_c + 1:  # a new run
+            if x != last_c + 1:  # a new run
                 if nrun > row0:
                     run_c1[nrun - 1] = last_c + 1
                 run_r[nrun] = r
-                run_c0[nrun] = c
+                run_c0[nrun] = x
                 run_parent[nrun] = nrun
                 run_seed[nrun] = 0
                 nrun += 1
-            last_c = c
+            last_c = x
             if code == SEED:
                 run_seed[nrun - 1] = 1
                 cu = codes[p - Wp]
@@ -172,23 +172,23 @@ def seed_label(prob: np.ndarray, seed_t: float, fp_t: float, codes: np.ndarray, 
                     k = up + left
                 lab[p] = k
                 cnt_prov[k] += 1
-                j = 3 * (r * W + c)
+                j = 3 * (r * W + x)
                 sum_prov[k] += min(np.int32(flat[j + 1]) + np.int32(flat[j + 2]), 255)
                 # queue eligible neighbours seen earlier (left, up); later ones look back at us
                 if cl == ELIGIBLE:
                     codes[p - 1] = QUEUED
                     qr[nf] = r
-                    qc[nf] = c - 1
+                    qc[nf] = x - 1
                     nf += 1
                 if cu == ELIGIBLE:
                     codes[p - Wp] = QUEUED
                     qr[nf] = r - 1
-                    qc[nf] = c
+                    qc[nf] = x
                     nf += 1
             elif codes[p - 1] == SEED or codes[p - Wp] == SEED:
                 codes[p] = QUEUED
                 qr[nf] = r
-                qc[nf] = c
+                qc[nf] = x
                 nf += 1
         if nrun > row0:
             run_c1[nrun - 1] = last_c + 1
@@ -305,7 +305,6 @@ def _decide(codes: np.ndarray, lab: np.ndarray, qr: np.ndarray, qc: np.ndarray, 
         c = np.int64(qc[i])
         p = (r + 1) * wp + c + 1
         bd = radius2 + 1
-        bl = 0
         bq = -1
         bsr = 0
         bsc = 0
@@ -326,9 +325,9 @@ def _decide(codes: np.ndarray, lab: np.ndarray, qr: np.ndarray, qc: np.ndarray, 
             else:
                 continue
             d2 = (r - sr) * (r - sr) + (c - sc) * (c - sc)
-            lq = np.int64(lab[q])
-            if d2 < bd or (d2 == bd and lq < bl):
-                bd, bl, bq, bsr, bsc = d2, lq, q, sr, sc
+            # labels are loaded on ties only (rare): the load is a cache miss more often than not
+            if d2 < bd or (d2 == bd and lab[q] < lab[bq]):
+                bd, bq, bsr, bsc = d2, q, sr, sc
         win_q[i] = bq if bd <= radius2 else -1
         win_r[i] = bsr
         win_c[i] = bsc
@@ -336,10 +335,9 @@ def _decide(codes: np.ndarray, lab: np.ndarray, qr: np.ndarray, qc: np.ndarray, 
 
 @njit(cache=True)
 def _apply(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, qr: np.ndarray,
-           qc: np.ndarray, m: int, src: tuple, win: tuple, nxt: tuple, rejected: int) -> tuple:
-    """Claim the decided pixels, update blob stats, queue their eligible neighbours.
-
-    Returns (pixels claimed, next queue length).
+           qc: np.ndarray, m: int, src: tuple, win: tuple, nxt: tuple, radius2: int) -> tuple:
+    """Claim the decided pixels, update blob stats, queue the eligible neighbours that the
+    claimed pixel's seed is near enough to reach. Returns (pixels claimed, next queue length).
     """
     final, first, count, fsum = stats
     src_dr, src_dc = src
@@ -355,10 +353,8 @@ def _apply(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, q
         c = np.int64(qc[i])
         p = (r + 1) * wp + c + 1
         q = win_q[i]
-        if q < 0:
-            # NOTE: not re-queued later: re-trying the outer band in every layer tripled the
-            # cost, and a later neighbour almost never brings a nearer seed.
-            codes[p] = rejected
+        if q < 0:  # rare: every pixel queued had a seed within reach
+            codes[p] = REJECTED
             continue
         # NOTE: reading the winner now is safe: a pixel claimed in this layer was QUEUED while
         # the layer decided, so it cannot be anyone's winner.
@@ -373,6 +369,8 @@ def _apply(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, q
         if p < first[f]:
             first[f] = p
         claimed += 1
+        sr = np.int64(win_r[i])
+        sc = np.int64(win_c[i])
         for k in range(4):
             if k == 0:
                 q, rr, cc = p + 1, r, c + 1
@@ -382,7 +380,10 @@ def _apply(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, q
                 q, rr, cc = p - 1, r, c - 1
             else:
                 q, rr, cc = p - wp, r - 1, c
-            if codes[q] == ELIGIBLE:
+            # NOTE: queue only what this seed can reach: evaluating (and rejecting) the band's
+            # outer half in every layer cost more than growing the inner half. A pixel nearer
+            # to another seed is queued by that seed's pixels.
+            if codes[q] == ELIGIBLE and (rr - sr) * (rr - sr) + (cc - sc) * (cc - sc) <= radius2:
                 codes[q] = QUEUED
                 nr_[nn] = rr
                 nc_[nn] = cc
@@ -392,7 +393,7 @@ def _apply(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, q
 
 @njit(cache=True)
 def grow(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, nf: int,
-         scratch: tuple, radius2: int, max_layers: int, final_reject: bool = True) -> int:
+         scratch: tuple, radius2: int, max_layers: int) -> int:
     """Grow seed blobs over eligible pixels, in place; return the number of pixels claimed.
 
     Layer by layer (synchronously, so no blob gets ahead by scan order) an eligible pixel joins
@@ -417,8 +418,7 @@ def grow(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, nf:
             break
         cur, nxt = (qa, qb) if layer % 2 == 0 else (qb, qa)
         _decide(codes, lab, cur[0], cur[1], m, src, win, wp, radius2)
-        k, m = _apply(prob, codes, lab, stats, cur[0], cur[1], m, src, win, nxt,
-                      REJECTED if final_reject else ELIGIBLE)
+        k, m = _apply(prob, codes, lab, stats, cur[0], cur[1], m, src, win, nxt, radius2)
         claimed += k
     if m > 0:  # the last layer's queue stays unclaimed
         last = qa if max_layers % 2 == 0 else qb
