@@ -55,6 +55,8 @@ def quantize_probs(prob: np.ndarray) -> np.ndarray:
         raise ValueError(f"probabilities must be HxWx3, got shape {prob.shape}")
     if prob.dtype == np.uint8:
         return prob
+    if not np.issubdtype(prob.dtype, np.floating):
+        raise ValueError(f"probabilities must be float in [0, 1] or uint8, got {prob.dtype}")
     p = prob.astype(np.float32, copy=False)
     bad = ~np.isfinite(p).all(axis=2)
     q = np.rint(np.clip(np.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0) * 255.0)

@@ -110,10 +110,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: float, module: str = "postproc.polygonize"
+              ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "postproc.polygonize", *args]
+           f"--master_port={_free_port()}", "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -121,7 +122,7 @@ def _torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_torchrun_splits_shards_and_matches_one_process(tmp_path):
-    pred, _ = make_pred_dir(tmp_path, shards=5, per_shard=3, size=96, buildings=6)
+    pred, truth = make_pred_dir(tmp_path, shards=5, per_shard=3, size=96, buildings=6)
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(one),
                                       "--workers", "1"]) == 0
@@ -130,6 +131,15 @@ def test_torchrun_splits_shards_and_matches_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert two.read_bytes() == one.read_bytes()
     assert len(list((tmp_path / "gj").glob("*.geojson"))) == 15  # both ranks wrote theirs
+
+    # the scorer: ranks split the images, rank 0 sums the counts
+    js1, js2 = tmp_path / "s1.json", tmp_path / "s2.json"
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(one),
+                                 "--json", str(js1), "--workers", "1"]) == 0
+    r = _torchrun(["--truth", str(truth), "--proposals", str(one), "--json", str(js2),
+                   "--workers", "1"], timeout=200, module="postproc.score")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(js1.read_text()) == json.loads(js2.read_text())
 
     (pred / "pred-000003.tar").write_bytes(b"\0" * 100)  # rank 1's second shard
     bad = tmp_path / "bad.csv"
