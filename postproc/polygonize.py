@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"grow instances this many px over the band (default {d.grow_radius})")
     p.add_argument("--simplify", type=float, default=None, dest="simplify_tolerance",
                    help="simplify polygons with this tolerance in px (default 0: exact edges)")
+    p.add_argument("--no-seedless", action="store_false", dest="seedless", default=None,
+                   help="drop components without any building-class pixel instead of eroding "
+                        "them into instances")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes per rank (default: this rank's share of the cores)")
     return p
@@ -286,7 +289,7 @@ def config_from_args(args: argparse.Namespace) -> PolygonizeConfig:
     """Settings file first, then any flag given on the command line."""
     base = asdict(PolygonizeConfig.from_json(args.settings)) if args.settings else {}
     for name in ("min_polygon_area", "building_threshold", "footprint_threshold",
-                 "grow_radius", "simplify_tolerance"):
+                 "grow_radius", "simplify_tolerance", "seedless"):
         v = getattr(args, name)
         if v is not None:
             base[name] = v

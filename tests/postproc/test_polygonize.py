@@ -165,3 +165,19 @@ def test_config_validation_and_json_round_trip(tmp_path):
         PolygonizeConfig(grow_radius=float("nan"))
     with pytest.raises(ValueError, match="cannot read"):
         PolygonizeConfig.from_json(tmp_path / "missing.json")
+
+
+def test_seedless_huts_and_edge_slivers_are_recovered():
+    # all boundary band, no interior: a 5x5 hut, slivers cut by the top and left tile edges
+    truth = [box(20, 20, 25, 25), box(40, 0, 80, 4), box(0, 40, 3, 70)]
+    mask = make_mask(truth, 100)
+    assert not (mask == 1).any()
+    found = polygonize_probs(one_hot(mask), PolygonizeConfig(min_polygon_area=0))
+    assert len(found) == 3
+    for t in truth:
+        assert max(t.intersection(g).area / t.union(g).area for g, _ in found) >= 0.6
+    off = PolygonizeConfig(min_polygon_area=0, seedless=False)
+    assert polygonize_probs(one_hot(mask), off) == []
+    tiny = np.zeros((1, 1, 3), np.float32)
+    tiny[..., 1] = 1
+    assert polygonize_probs(tiny, off)[0][0].equals(box(0, 0, 1, 1))
