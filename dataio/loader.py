@@ -1,0 +1,289 @@
+"""The data loader the trainer and predictor use: batches of prepared shards on the right device.
+
+    loader = build_loader(DATA, "train", LoaderConfig(), rank, world_size, train=True)
+    for epoch in range(start, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:          # Batch(image, mask, keys, valid, meta)
+            ...
+        checkpoint["loader"] = loader.state_dict()
+
+Backends (``LoaderConfig.backend``): ``"dali"`` (default; :mod:`dataio.dali_pipe`) and
+``"torch"`` (:mod:`dataio.torch_pipe`). Both follow the same plan (:mod:`dataio.sharding`,
+:mod:`dataio.augment`) and give the same tensors for the same sample. The device: CUDA device
+``LOCAL_RANK`` when CUDA is present (DALI then runs a GPU pipeline on it), else the CPU (a
+CPU-only DALI pipeline).
+
+Every rank yields ``len(loader)`` batches per epoch, so DDP never waits on a rank with less data.
+Padding slots (at the end of a rank's epoch) and skipped samples come with ``valid=False``, an
+all-``IGNORE_INDEX`` mask and a zero image: the loss ignores them by ``ignore_index``; metrics must
+use only ``valid`` samples (NOTE: a batch can be entirely padding, in which case a mean-reduced
+cross entropy is NaN; sum the loss and divide by the valid pixels, or skip the backward for it).
+
+With ``train=False`` tiles are whole and not augmented. If a batch mixes tile sizes, every sample
+is padded at the bottom/right to the largest (image 0, mask ``IGNORE_INDEX``); SpaceNet tiles of
+an AOI share one size, so this does not normally happen.
+
+Position: ``state_dict()`` is ``{"epoch", "step", "samples_done", ...}`` after the batches
+yielded so far; ``load_state_dict`` makes the next ``__iter__`` continue with exactly the batches
+an uninterrupted epoch would have yielded (same world size and batch size; with others, it still
+reads each remaining sample once). ``set_epoch`` with the restored epoch keeps the position, any
+other epoch starts at step 0. Without a restored position each ``__iter__`` starts the epoch from
+the beginning (as with ``DistributedSampler``, call ``set_epoch`` to reshuffle).
+
+The DALI pipeline or DataLoader is built once per loader and reused for every epoch; abandoning an
+epoch midway costs one DALI pipeline rebuild (well under a second).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataio.augment import MASK_PAD, AugSpec, Normaliser
+from dataio.hostpool import HostPool
+from dataio.manifest import load_manifest
+from dataio.plan import EpochPlan, RawBatch
+from dataio.reader import SampleError, ShardReader
+from dataio.sharding import (
+    PAD,
+    DataError,
+    SampleIndex,
+    batches_per_epoch,
+    samples_done,
+)
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+BACKENDS = ("dali", "torch")
+
+
+@dataclass
+class LoaderConfig:
+    backend: str = "dali"  # "dali" | "torch"
+    batch_size: int = 8  # per rank
+    crop_size: int = 512  # training random crop; 0 = whole tiles
+    flip: bool = True
+    rot90: bool = True
+    brightness: float = 0.1  # max relative change, 0 = off
+    contrast: float = 0.1
+    num_threads: int = 2  # DALI CPU threads / DataLoader workers (0: in the main process)
+    prefetch: int = 2  # DALI queue depth / DataLoader prefetch factor
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"loader backend {self.backend!r} is not one of {BACKENDS} "
+                             "(set loader.backend)")
+        if self.batch_size < 1:
+            raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_threads < 0 or self.prefetch < 1:
+            raise ValueError(f"loader.num_threads must be >= 0 and loader.prefetch >= 1, got "
+                             f"{self.num_threads} and {self.prefetch}")
+        self.aug_spec()  # validates crop_size, brightness, contrast
+
+    def aug_spec(self) -> AugSpec:
+        return AugSpec(self.crop_size, self.flip, self.rot90, self.brightness, self.contrast)
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor  # float32 NCHW, normalised, on the loader's device
+    mask: torch.Tensor  # int64 NHW; padding is all IGNORE_INDEX (-100) so the loss skips it
+    keys: list[str]  # ImageIds; "" for padding and skipped samples
+    valid: torch.Tensor  # bool N, False for padding and skipped samples (exclude from metrics)
+    meta: list[dict[str, Any]]  # each sample's meta.json; {} for padding
+
+
+@dataclass
+class LoaderStats:
+    """Counters since the loader was built (names map to Prometheus ``*_total`` counters)."""
+
+    samples_read: int = 0  # valid samples yielded
+    samples_padded: int = 0  # padding slots yielded (ranks' shares rounded up to full batches)
+    batches: int = 0
+    shards_skipped: Counter[str] = field(default_factory=Counter)  # by reason, once per build
+    samples_skipped: Counter[str] = field(default_factory=Counter)  # by reason, per occurrence
+    pipeline_rebuilds: int = 0  # DALI pipelines rebuilt to get past a sample it cannot decode
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"samples_read": self.samples_read, "samples_padded": self.samples_padded,
+                "batches": self.batches, "shards_skipped": dict(self.shards_skipped),
+                "samples_skipped": dict(self.samples_skipped),
+                "pipeline_rebuilds": self.pipeline_rebuilds}
+
+
+def resolve_device(device: torch.device | str | None, rank: int) -> torch.device:
+    """``None``: CUDA device ``LOCAL_RANK`` (torchrun) when CUDA is present, else the CPU."""
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+class Loader:
+    """One split for one rank; see the module docstring."""
+
+    def __init__(self, data: Path, split: str, cfg: LoaderConfig, rank: int = 0,
+                 world_size: int = 1, train: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.cfg, self.rank, self.world_size, self.train = cfg, rank, world_size, train
+        manifest = load_manifest(Path(data))
+        self.index = SampleIndex.build(manifest, split)
+        if not len(self.index):
+            raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
+                            f"shards left out: {self.index.skipped_detail or 'none listed'}")
+        self.norm = Normaliser(*manifest.percentiles())
+        self.spec = cfg.aug_spec() if train else None
+        self.device = resolve_device(device, rank)
+        self.fingerprint = self.index.fingerprint()
+        self.stats = LoaderStats(shards_skipped=Counter(self.index.shards_skipped))
+        self._bad: dict[int, str] = {}  # sample ids DALI could not decode (torch re-detects)
+        self._epoch, self._step, self._done, self._resume = 0, 0, 0, False
+        self._reader = ShardReader(manifest.bands)
+        self._pool = HostPool()
+        self._backend = self._make_backend(self._fallback_shape())
+
+    def _fallback_shape(self) -> tuple[int, int]:
+        """Output size of a batch that holds no sample at all."""
+        if self.spec is not None and self.spec.crop:
+            return (self.spec.crop, self.spec.crop)
+        for ref in self.index.samples[:16]:
+            try:
+                hdr = self._reader.header(ref)
+                return (hdr.height, hdr.width)
+            except SampleError:
+                continue
+        return (1, 1)
+
+    def _make_backend(self, fallback: tuple[int, int]) -> Any:
+        cfg = self.cfg
+        if cfg.backend == "torch":
+            from dataio.torch_pipe import TorchBackend
+
+            return TorchBackend(self.index.samples, self.spec, self.norm, seed=cfg.seed,
+                                rank=self.rank, world_size=self.world_size,
+                                batch_size=cfg.batch_size, num_workers=cfg.num_threads,
+                                prefetch=cfg.prefetch, device=self.device,
+                                fallback_shape=fallback)
+        try:
+            from dataio.dali_pipe import DaliBackend
+        except ImportError as e:  # pragma: no cover - DALI is a dependency
+            raise ImportError(f"the DALI backend needs nvidia-dali ({e}); install it or set "
+                              "loader.backend=torch") from e
+        backend = DaliBackend(self._reader, self.norm.bands, cfg.batch_size,
+                              max(1, cfg.num_threads), cfg.prefetch, self.device, cfg.seed,
+                              self._pool, transposes=self.spec is not None and self.spec.rot90)
+        backend.fallback_shape = fallback
+        return backend
+
+    # ---- epochs and position ------------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.index)
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_samples, self.world_size, self.cfg.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._resume and epoch == self._epoch:
+            return  # continue the restored epoch where it stopped
+        self._epoch, self._step, self._done, self._resume = epoch, 0, 0, False
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self._resume:
+            self._step, self._done = 0, 0
+        self._resume = False
+        start_done, start_step = self._done, self._step
+        plan = EpochPlan.make(self.index.samples, self.spec, self.norm, seed=self.cfg.seed,
+                              epoch=self._epoch, rank=self.rank, world_size=self.world_size,
+                              batch_size=self.cfg.batch_size, done=start_done,
+                              first_step=start_step, bad=self._bad)
+        if self.cfg.backend == "torch":
+            raws = self._backend.epoch(plan, start_done)
+        else:
+            raws = self._backend.epoch(plan)
+        for k, raw in enumerate(raws, start=1):
+            batch = self._finish(raw)
+            # NOTE: advance before yielding: a checkpoint taken while this batch is being
+            # trained on must resume after it.
+            self._step = start_step + k
+            self._done = samples_done(self.num_samples, start_done, k, self.world_size,
+                                      self.cfg.batch_size)
+            yield batch
+
+    def _finish(self, raw: RawBatch) -> Batch:
+        rec = raw.record
+        mask = raw.mask
+        if mask.dtype != torch.int64:
+            mask = (self._pool.empty(tuple(mask.shape), torch.int64).copy_(mask)
+                    if mask.device.type == "cpu" else mask.long())
+        if rec.padded_pixels or not rec.valid.all():
+            mask.masked_fill_(mask == MASK_PAD, IGNORE_INDEX)
+        st = self.stats
+        st.batches += 1
+        st.samples_read += int(rec.valid.sum())
+        st.samples_padded += sum(1 for i in rec.ids if i == PAD)
+        st.samples_skipped.update(r for r in rec.reasons if r is not None)
+        st.pipeline_rebuilds = self._backend.rebuilds
+        valid = torch.from_numpy(np.asarray(rec.valid, dtype=bool)).to(self.device)
+        return Batch(raw.image, mask, rec.keys, valid, rec.metas)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "step": self._step, "samples_done": self._done,
+                "world_size": self.world_size, "batch_size": self.cfg.batch_size,
+                "num_samples": self.num_samples, "fingerprint": self.fingerprint,
+                "seed": self.cfg.seed, "train": self.train}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next ``__iter__`` (after ``set_epoch`` of the same epoch, or none) resumes."""
+        self._epoch, self._step, self._done, self._resume = int(state["epoch"]), 0, 0, True
+        same_data = (state.get("fingerprint") == self.fingerprint
+                     and state.get("num_samples") == self.num_samples
+                     and state.get("seed") == self.cfg.seed)
+        if not same_data:
+            log.warning("loader state is for other data or another seed (fingerprint %s, %s "
+                        "samples, seed %s; now %s, %s, %s): epoch %d restarts at step 0",
+                        state.get("fingerprint"), state.get("num_samples"), state.get("seed"),
+                        self.fingerprint, self.num_samples, self.cfg.seed, self._epoch)
+            return
+        self._done = min(int(state["samples_done"]), self.num_samples)
+        if (state.get("world_size"), state.get("batch_size")) == (self.world_size,
+                                                                  self.cfg.batch_size):
+            self._step = int(state["step"])
+        else:
+            rest = batches_per_epoch(self.num_samples - self._done, self.world_size,
+                                     self.cfg.batch_size)
+            self._step = len(self) - rest
+
+    def close(self) -> None:
+        self._backend.close()
+        self._reader.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_loader(data: Path, split: str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 train: bool = False, device: torch.device | None = None) -> Loader:
+    """The loader for ``split`` of the prepared dataset ``data`` (see the module docstring)."""
+    return Loader(data, split, cfg, rank, world_size, train, device)

@@ -1,0 +1,244 @@
+"""Loader backends: DALI and torch give the same tensors, augmentation keeps the mask aligned with
+the image, streams are deterministic per seed, positions restore exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataio.augment import AugSpec, Draws, Geometry
+from dataio.fixtures import (
+    ALIGNED_P2,
+    ALIGNED_P98,
+    aligned_tile,
+    mask_from_aligned,
+    write_dataset,
+)
+from dataio.loader import IGNORE_INDEX, Batch, Loader, LoaderConfig, build_loader
+from dataio.shards import decode_sample, iter_tar_samples
+
+BACKENDS = ["dali", "torch"]
+H, W = 72, 88  # not square: transposes change the shape before the crop
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiles whose mask can be read back from the image; val mixes two tile sizes."""
+    train = [(f"AOI_9_Test_img{i}", *aligned_tile(H, W, i)) for i in range(10)]
+    val = [(f"AOI_9_Test_img{100 + i}", *aligned_tile(H, W, 100 + i)) for i in range(3)]
+    val.append(("AOI_9_Test_img200", *aligned_tile(64, 64, 200)))
+    return write_dataset(tmp_path_factory.mktemp("aligned"), {"train": train, "val": val},
+                         shard_size=3, p2=ALIGNED_P2, p98=ALIGNED_P98)
+
+
+def _cfg(backend: str, **kw: object) -> LoaderConfig:
+    kw.setdefault("crop_size", 48)
+    return LoaderConfig(backend=backend, batch_size=3, num_threads=0 if backend == "torch" else 1,
+                        **kw)
+
+
+def _by_key(loader: Loader, epochs: tuple[int, ...] = (0,)) -> dict[tuple[int, str], tuple]:
+    out = {}
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        for b in loader:
+            for i, key in enumerate(b.keys):
+                if key:
+                    out[(epoch, key)] = (b.image[i].cpu().numpy(), b.mask[i].cpu().numpy(),
+                                         b.meta[i])
+    return out
+
+
+def _tiles(data: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
+    return {k: decode_sample(m) for shard in sorted((data / split).glob("*.tar"))
+            for k, m in iter_tar_samples(shard)}
+
+
+def _reference(image: np.ndarray, mask: np.ndarray, g: Geometry, b: float = 1.0,
+               k: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Written out from the definition in dataio.augment, on the whole decoded tile."""
+    img = image[g.ay: g.ay + g.ch, g.ax: g.ax + g.cw].astype(np.float64)
+    msk = mask[g.ay: g.ay + g.ch, g.ax: g.ax + g.cw]
+    if g.v:
+        img, msk = img[::-1], msk[::-1]
+    if g.h:
+        img, msk = img[:, ::-1], msk[:, ::-1]
+    if g.t:
+        img, msk = img.transpose(1, 0, 2), msk.T
+    p2, p98 = np.array(ALIGNED_P2), np.array(ALIGNED_P98)
+    centre = (p2 + p98) / 2
+    img = b * (centre + k * (img - centre))
+    img = np.clip((img - p2) / (p98 - p2), 0, 1)
+    return img.transpose(2, 0, 1), msk.astype(np.int64)
+
+
+def test_backends_match_the_reference_without_augmentation(aligned: Path) -> None:
+    tiles = _tiles(aligned, "train")
+    results = {}
+    for backend in BACKENDS:
+        with build_loader(aligned, "train", _cfg(backend)) as loader:
+            results[backend] = _by_key(loader)
+    assert results["dali"].keys() == results["torch"].keys()
+    assert {k for _, k in results["dali"]} == set(tiles)
+    for (epoch, key), (img, msk, meta) in results["dali"].items():
+        t_img, t_msk, _ = results["torch"][(epoch, key)]
+        np.testing.assert_allclose(img, t_img, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(msk, t_msk)
+        image, mask, tile_meta = tiles[key]
+        ref_img, ref_msk = _reference(image, mask, Geometry.resolve(H, W, None, None, 0))
+        np.testing.assert_allclose(img, ref_img, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(msk, ref_msk)
+        assert meta == tile_meta
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentation_follows_its_definition_and_keeps_mask_aligned(aligned: Path,
+                                                                    backend: str) -> None:
+    tiles = _tiles(aligned, "train")
+    epochs = (0, 1, 2, 3)
+    cfg = _cfg(backend)
+    spec = cfg.aug_spec()
+    seen = set()
+    with build_loader(aligned, "train", cfg, train=True) as loader:
+        ids = {ref.key: i for i, ref in enumerate(loader.index.samples)}
+        got = _by_key(loader, epochs)
+    for (epoch, key), (img, msk, _) in got.items():
+        assert img.shape == (3, 48, 48) and msk.shape == (48, 48)
+        np.testing.assert_array_equal(mask_from_aligned(img), msk)  # aligned, whatever the op
+        draws = Draws.draw(len(ids), cfg.seed, epoch, spec)
+        g = Geometry.resolve(H, W, spec, draws, ids[key])
+        seen.add((g.h, g.v, g.t))
+        b, k = draws.bk[ids[key]]
+        ref_img, ref_msk = _reference(*tiles[key][:2], g, b, k)
+        np.testing.assert_array_equal(msk, ref_msk)
+        np.testing.assert_allclose(img, ref_img, rtol=0, atol=2e-6)
+    assert len(seen) == 8  # every flip/rotation combination was exercised
+
+
+def test_backends_give_identical_augmented_streams(aligned: Path) -> None:
+    results = {}
+    for backend in BACKENDS:
+        with build_loader(aligned, "train", _cfg(backend), train=True) as loader:
+            results[backend] = _by_key(loader, (0, 1))
+    assert results["dali"].keys() == results["torch"].keys()
+    for key, (img, msk, _) in results["dali"].items():
+        np.testing.assert_allclose(img, results["torch"][key][0], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(msk, results["torch"][key][1])
+
+
+def test_flip_and_rotation_switches() -> None:
+    rot = Draws.draw(400, 0, 0, AugSpec(flip=False, rot90=True))
+    assert {tuple(x) for x in rot.hvt} == {(0, 0, 0), (1, 0, 1), (1, 1, 0), (0, 1, 1)}
+    flip = Draws.draw(400, 0, 0, AugSpec(flip=True, rot90=False))
+    assert {tuple(x) for x in flip.hvt} == {(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)}
+    none = Draws.draw(10, 0, 0, AugSpec(flip=False, rot90=False, brightness=0, contrast=0))
+    assert not none.hvt.any() and (none.bk == 1).all()
+
+
+def _stream(loader: Loader, epoch: int) -> list[Batch]:
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def _same(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys == y.keys and torch.equal(x.image, y.image) and torch.equal(x.mask, y.mask)
+        and torch.equal(x.valid, y.valid) for x, y in zip(a, b, strict=True))
+
+
+def test_same_seed_same_stream_new_epoch_new_order(aligned: Path) -> None:
+    cfg = _cfg("dali")
+    with build_loader(aligned, "train", cfg, train=True) as a, \
+            build_loader(aligned, "train", cfg, train=True) as b:
+        assert _same(_stream(a, 3), _stream(b, 3))
+        assert [x.keys for x in _stream(a, 4)] != [x.keys for x in _stream(a, 3)]
+    other = LoaderConfig(**{**cfg.__dict__, "seed": 1})
+    with build_loader(aligned, "train", other, train=True) as c, \
+            build_loader(aligned, "train", cfg, train=True) as d:
+        assert [x.keys for x in _stream(c, 3)] != [x.keys for x in _stream(d, 3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restored_position_gives_the_remaining_batches(aligned: Path, backend: str) -> None:
+    cfg = _cfg(backend)
+    with build_loader(aligned, "train", cfg, 1, 2, train=True) as loader:
+        full = _stream(loader, 2)
+        loader.set_epoch(2)
+        it = iter(loader)
+        next(it)
+        state = loader.state_dict()  # taken while batch 0 is being trained on
+        next(it)  # ... the run goes on a little and dies
+        del it
+        assert state["epoch"] == 2 and state["step"] == 1
+        assert _same(_stream(loader, 3), _stream(loader, 3))  # an abandoned epoch is harmless
+    with build_loader(aligned, "train", cfg, 1, 2, train=True) as resumed:
+        resumed.load_state_dict(state)
+        resumed.set_epoch(2)  # the trainer's loop calls this for the restored epoch too
+        rest = list(resumed)
+        assert resumed.state_dict()["step"] == len(resumed) == len(full)
+    assert _same(rest, full[1:])
+
+
+def test_state_from_another_dataset_restarts_the_epoch(aligned: Path) -> None:
+    with build_loader(aligned, "train", _cfg("dali"), train=True) as loader:
+        state = {**loader.state_dict(), "step": 2, "samples_done": 6, "fingerprint": "other"}
+        loader.load_state_dict(state)
+        assert len(list(loader)) == len(loader)
+
+
+def test_eval_pads_mixed_tile_sizes(aligned: Path) -> None:
+    for backend in BACKENDS:
+        with build_loader(aligned, "val", _cfg(backend, crop_size=0)) as loader:
+            batches = list(loader)
+        assert [tuple(b.image.shape) for b in batches] == [(3, 3, H, W), (3, 3, 64, 64)]
+        small = batches[1]
+        assert small.keys == ["AOI_9_Test_img200", "", ""]
+        assert small.valid.tolist() == [True, False, False]
+        tile = _tiles(aligned, "val")["AOI_9_Test_img200"]
+        np.testing.assert_array_equal(small.mask[0].numpy(), tile[1])
+
+
+def test_train_crop_larger_than_tile_pads_bottom_right(aligned: Path) -> None:
+    results = {}
+    for backend in BACKENDS:
+        with build_loader(aligned, "train", _cfg(backend, crop_size=80), train=True) as loader:
+            results[backend] = _by_key(loader)
+    for key, (img, msk, _) in results["dali"].items():
+        assert img.shape == (3, 80, 80)
+        np.testing.assert_array_equal(msk, results["torch"][key][1])
+        np.testing.assert_allclose(img, results["torch"][key][0], rtol=0, atol=1e-6)
+        assert (msk == IGNORE_INDEX).any() and (msk[:H, :H] >= 0).all()  # 72 rows, or 72 cols
+        np.testing.assert_array_equal(img[:, msk == IGNORE_INDEX], 0)
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="dali.*torch"):
+        LoaderConfig(backend="tf.data")
+    for bad in ({"batch_size": 0}, {"crop_size": -1}, {"brightness": 1.5}, {"prefetch": 0}):
+        with pytest.raises(ValueError):
+            LoaderConfig(**bad)
+
+
+def test_counters_are_exposed(aligned: Path) -> None:
+    with build_loader(aligned, "train", _cfg("dali"), 0, 3, train=True) as loader:
+        batches = list(loader)
+        stats = loader.stats.as_dict()
+    assert set(stats) >= {"samples_read", "samples_padded", "shards_skipped", "samples_skipped"}
+    assert stats["samples_read"] == 4 and stats["samples_padded"] == 2  # 10 = 4 + 3 + 3
+    assert stats["batches"] == len(batches) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_matches_cpu(aligned: Path) -> None:
+    results = {}
+    for device in ("cuda", "cpu"):
+        with build_loader(aligned, "train", _cfg("dali"), train=True, device=device) as loader:
+            batch = next(iter(loader))
+            assert batch.image.device.type == device and batch.mask.device.type == device
+            results[device] = _by_key(loader, (0, 1))
+    for key, (img, msk, _) in results["cpu"].items():
+        np.testing.assert_allclose(results["cuda"][key][0], img, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(results["cuda"][key][1], msk)
