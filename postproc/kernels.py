@@ -58,27 +58,26 @@ def _flatten(parent: np.ndarray, n: int, first_prov: np.ndarray) -> tuple:
 
 
 @njit(cache=True)
-def label_values(values: np.ndarray) -> tuple:
+def label_values(values: np.ndarray, codes: np.ndarray, lab: np.ndarray, scratch: tuple
+                 ) -> tuple:
     """4-connected components of equal non-zero values (what GDAL calls a polygon's blob).
 
-    Returns padded ``(codes, lab, final, n, first, count)``: ``SEED`` where a value is non-zero,
-    provisional labels, the id map, the blob count, each blob's first pixel (padded flat index,
-    raster order) and its pixel count.
+    Fills the padded ``codes`` (``SEED`` where a value is non-zero) and ``lab`` (provisional
+    labels); ``scratch`` is the workspace's. Returns ``(final, n, first, count)``: the id map,
+    the blob count, each blob's first pixel (padded flat index, raster order) and pixel count.
     """
+    parent, first_prov, cnt_prov = scratch[0], scratch[1], scratch[2]
     H, W = values.shape
     Wp = W + 2
-    codes = np.zeros((H + 2) * Wp, np.uint8)
-    lab = np.zeros((H + 2) * Wp, np.int32)
-    cap = H * W // 2 + 2
-    parent = np.empty(cap, np.int32)
-    first_prov = np.empty(cap, np.int64)
     n = 0
     for r in range(H):
+        o = (r + 1) * Wp + 1
         for c in range(W):
+            p = o + c
             v = values[r, c]
             if v == 0:
+                codes[p] = NONE
                 continue
-            p = (r + 1) * Wp + c + 1
             codes[p] = SEED
             up = lab[p - Wp] if r > 0 and values[r - 1, c] == v else 0
             left = lab[p - 1] if c > 0 and values[r, c - 1] == v else 0
@@ -86,17 +85,19 @@ def label_values(values: np.ndarray) -> tuple:
                 n += 1
                 parent[n] = n
                 first_prov[n] = p
-                lab[p] = n
+                cnt_prov[n] = 0
+                k = n
             elif up != 0 and left != 0:
-                lab[p] = _union(parent, up, left) if up != left else up
+                k = _union(parent, up, left) if up != left else up
             else:
-                lab[p] = up + left
+                k = up + left
+            lab[p] = k
+            cnt_prov[k] += 1
     final, k, first = _flatten(parent, n, first_prov)
     count = np.zeros(k + 1, np.int64)
-    for p in range(lab.shape[0]):
-        count[final[lab[p]]] += 1
-    count[0] = 0
-    return codes, lab, final, k, first, count
+    for i in range(1, n + 1):
+        count[final[i]] += cnt_prov[i]
+    return final, k, first, count
 
 
 @njit(cache=True)

@@ -131,7 +131,8 @@ class Workspace:
         if not (0 < height < 2**15 and 0 < width < 2**15):
             raise ValueError(f"tile of {height}x{width} px is outside 1..32767 px per side")
         n = height * width
-        cap = n // 2 + 2  # at most this many 4-connected components (a checkerboard)
+        # NOTE: blobs of equal values (polygonize_labels) can be one pixel each: n, not n / 2
+        cap = n + 2
         padded = (height + 2) * (width + 2)
         self.shape = (height, width)
         # NOTE: the zero border of codes is never written, so it stays "nothing" for good.
@@ -203,8 +204,11 @@ def polygonize_labels(values: np.ndarray, min_area: float = 0.0) -> list[Polygon
     values = np.ascontiguousarray(values)
     if values.ndim != 2:
         raise ValueError(f"expected a 2-D raster, got shape {values.shape}")
-    codes, lab, final, n, first, count = kernels.label_values(values)
-    inst = Instances(values.shape, codes, lab, final, n, first, count, np.zeros_like(count))
+    if values.dtype == bool:
+        values = values.view(np.uint8)
+    ws = _workspace(values.shape[0], values.shape[1])
+    final, n, first, count = kernels.label_values(values, ws.codes, ws.lab, ws.scratch)
+    inst = Instances(values.shape, ws.codes, ws.lab, final, n, first, count, np.zeros_like(count))
     return list(polygons_from_instances(inst, min_area)[0])
 
 

@@ -1,8 +1,9 @@
 """Polygonize a directory of prediction shards on all cores, and across machines under torchrun.
 
 Parallelism: ranks take the sorted shards round-robin (rank r gets shards r, r+W, r+2W, ...);
-inside a rank, a pool of worker processes takes chunks of tiles (PNG decoding included), at most
-``2 * workers`` chunks in flight, so memory stays flat however many shards there are. The CSV is
+inside a rank, a pool of worker processes takes chunks of tiles (PNG decoding included) from a
+stream that runs across shard boundaries, at most ``2 * workers`` chunks in flight, so memory
+stays flat however many shards there are. The CSV is
 written by rank 0 only, in rounds: in round i every rank hands over the rows of its i-th shard
 (``gather_objects``), which puts them in global shard order. Errors travel in the same rounds, so
 a bad shard on one rank stops every rank with the same one-line reason instead of a hang.
@@ -15,6 +16,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
 from postproc.predio import PredError, decode_sample, iter_raw_samples
 
-CHUNK_TILES = 8
+CHUNK_TILES = 4  # tiles per task: small enough to balance, large enough to amortise IPC
 
 
 @dataclass
@@ -89,32 +91,69 @@ def _chunks(shard: Path) -> Iterator[list[tuple[str, bytes, dict]]]:
         yield chunk
 
 
-def _process_shard(shard: Path, cfg: PolygonizeConfig, geojson_dir: Path | None,
-                   pool: cf.Executor | None, workers: int) -> ShardResult:
-    res = ShardResult(shard=str(shard))
+def _work_items(shards: list[Path]) -> Iterator[tuple[int, list | None, str | None]]:
+    """(shard index, chunk, None) per chunk, then (index, None, error or None) ends a shard."""
+    for i, shard in enumerate(shards):
+        try:
+            for chunk in _chunks(shard):
+                yield i, chunk, None
+        except (PredError, ValueError) as e:
+            yield i, None, str(e)
+            continue
+        yield i, None, None
 
-    def take(rows_n: tuple[list[list[str]], int]) -> None:
-        res.rows.extend(rows_n[0])
-        res.polygons += rows_n[1]
 
+def _run_now(chunk: list, shard: str, cfg: PolygonizeConfig, geojson_dir: Path | None
+             ) -> cf.Future:
+    fut: cf.Future = cf.Future()
     try:
-        pending: list[cf.Future] = []
-        for chunk in _chunks(shard):
-            res.tiles += len(chunk)
-            if pool is None:
-                take(_tiles_to_rows(chunk, str(shard), cfg, geojson_dir))
-                continue
-            pending.append(pool.submit(_tiles_to_rows, chunk, str(shard), cfg, geojson_dir))
-            while len(pending) >= 2 * workers:  # bounded in-flight chunks: flat memory
-                take(pending.pop(0).result())
-        for fut in pending:
-            take(fut.result())
+        fut.set_result(_tiles_to_rows(chunk, shard, cfg, geojson_dir))
     except (PredError, ValueError) as e:
-        for fut in pending:
-            fut.cancel()
-        res.error = str(e)
-        res.rows = []
-    return res
+        fut.set_exception(e)
+    return fut
+
+
+def shard_results(shards: list[Path], cfg: PolygonizeConfig, geojson_dir: Path | None,
+                  pool: cf.Executor | None, workers: int) -> Iterator[ShardResult]:
+    """One :class:`ShardResult` per shard, in order, with chunks of the next shards already in
+    the pool while a shard finishes (at most ``2 * workers`` chunks in flight: flat memory)."""
+    partial: dict[int, ShardResult] = {}
+    pending: deque[tuple[int, cf.Future | None, str | None, int]] = deque()
+
+    def settle() -> ShardResult | None:
+        i, fut, err, tiles = pending.popleft()
+        res = partial.setdefault(i, ShardResult(shard=str(shards[i])))
+        if fut is not None:  # a chunk
+            res.tiles += tiles
+            try:
+                rows, n = fut.result()
+                res.rows.extend(rows)
+                res.polygons += n
+            except (PredError, ValueError) as e:
+                res.error = res.error or str(e)
+            return None
+        res.error = res.error or err  # the end of shard i
+        if res.error:
+            res.rows = []
+        return partial.pop(i)
+
+    for i, chunk, err in _work_items(shards):
+        if chunk is None:
+            pending.append((i, None, err, 0))
+        elif pool is None:
+            pending.append((i, _run_now(chunk, str(shards[i]), cfg, geojson_dir), None,
+                            len(chunk)))
+        else:
+            fut = pool.submit(_tiles_to_rows, chunk, str(shards[i]), cfg, geojson_dir)
+            pending.append((i, fut, None, len(chunk)))
+        while len(pending) > (2 * workers if pool is not None else 0):
+            done = settle()
+            if done is not None:
+                yield done
+    while pending:
+        done = settle()
+        if done is not None:
+            yield done
 
 
 def _make_pool(workers: int) -> cf.Executor | None:
@@ -150,14 +189,14 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     summary = RunSummary(shards=len(shards))
     bar = tqdm(total=len(shards), unit="shard", disable=not env.is_main, desc="polygonize")
     seen: set[str] = set()
+    stream = shard_results(mine, cfg, geojson_dir, pool, workers)
     try:
         with (atomic_open(out_csv, "w", encoding="utf-8", newline="") if env.is_main
               else contextlib.nullcontext()) as f:
             if env.is_main:
                 write_rows(f, [], header=True)
-            for i in range(rounds):
-                mine_i = _process_shard(mine[i], cfg, geojson_dir, pool, workers) \
-                    if i < len(mine) else None
+            for _ in range(rounds):  # every rank takes part in every round, done or not
+                mine_i = next(stream, None)
                 parts = gather_objects(mine_i) if env.distributed else [mine_i]
                 errors = [p.error for p in parts if p is not None and p.error]
                 if errors:
@@ -174,6 +213,7 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                 bar.set_postfix(tiles=summary.tiles, polygons=summary.polygons)
     finally:
         bar.close()
+        stream.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return summary

@@ -70,6 +70,10 @@ def test_holes_nested_islands_and_diagonal_touches_match_gdal():
     # checkerboard: every pixel its own polygon
     cb = (np.indices((7, 7)).sum(axis=0) % 2).astype(np.uint8)
     assert_same_polygons(polygonize_labels(cb), gdal_polygons(cb))
+    # two values, no zero: h*w blobs, twice as many as any binary raster can have
+    cb2 = cb + 1
+    assert len(polygonize_labels(cb2)) == 49
+    assert_same_polygons(polygonize_labels(cb2), gdal_polygons(cb2))
 
 
 def test_hole_touching_the_outside_at_a_corner_is_valid():
