@@ -1,0 +1,50 @@
+"""Run under torchrun by test_distributed: NaN loss on rank 1 only, at its third step.
+
+Writes rank 0's view to OUT (JSON): steps taken and skipped, and whether all ranks ended with
+identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer import dist
+from trainer.config import load_config
+from trainer.trainer import Trainer
+
+
+def main(data: Path, run_dir: Path, out: Path) -> None:
+    env = dist.init(dist.DistEnv.from_env())
+    try:
+        cfg = load_config(Path("configs/tiny.toml"), ["train.val_every=0", "train.epochs=2",
+                                                      "data.num_threads=1"])
+        t = Trainer(cfg, env, data, run_dir)
+        real, calls = t.loss_fn, {"n": 0}
+
+        def poisoned(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            loss = real(logits, mask)
+            return loss * float("nan") if env.rank == 1 and calls["n"] == 3 else loss
+
+        t.loss_fn = poisoned
+        t.train()
+        flat = torch.cat([p.detach().flatten() for p in t.net.parameters()])
+        views = dist.gather_objects(flat)
+        skipped = t.metrics.skipped_steps.labels(reason="nonfinite_loss")._value.get()
+        if env.is_main:
+            out.write_text(json.dumps({
+                "identical": all(torch.equal(views[0], v) for v in views[1:]),
+                "global_step": t.global_step, "skipped": skipped,
+                "steps_per_epoch": t.steps_per_epoch,
+                "steps_taken": int(t.optimizer.state_dict()["state"][0]["step"]),
+            }))
+    finally:
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

@@ -1,0 +1,182 @@
+"""torchrun with gloo on 2 CPU processes: DDP averages gradients, a killed worker is survived
+bit-exactly, NaN on one rank is skipped by all, metrics are served, bad configs fail everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from trainer_helpers import (
+    REPO,
+    final_weights,
+    free_port,
+    run,
+    torchrun_cmd,
+    train_args,
+    worker_env,
+)
+
+from dataio.prepare import PrepareConfig, prepare
+from dataio.synth import SynthConfig, write_aoi
+from models import build_model
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+KILL_RUN = ["train.epochs=8", "train.checkpoint_every_steps=2", "train.val_every=0",
+            "data.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 training tiles and nothing else: every global batch of 4 is full on 1 or 2 ranks."""
+    base = tmp_path_factory.mktemp("ddp")
+    write_aoi(SynthConfig(out=base / "raw", tiles=16, seed=5, size=96))
+    prepare(PrepareConfig([base / "raw"], base / "DATA", split=(100, 0, 0), shard_size=4),
+            progress=False)
+    return base / "DATA"
+
+
+@pytest.mark.timeout(240)
+def test_ddp_equals_one_process_with_the_same_global_batch(ddp_dataset: Path,
+                                                          tmp_path: Path) -> None:
+    # GroupNorm (outputs independent of the batch), equal class weights (each rank's mean loss
+    # then has the same denominator), no augmentation, and SGD, which unlike Adam would show a
+    # summed instead of averaged gradient as a 2x larger step.
+    common = ["model.norm=group", "loss.class_weights=[1, 1, 1]", "optim.name=sgd",
+              "optim.lr=0.05", "data.crop_size=0", "data.flip=false", "data.rot90=false",
+              "data.brightness=0", "data.contrast=0", "train.val_every=0", "train.epochs=2",
+              "data.num_threads=1"]
+    one = run(torchrun_cmd(1, train_args(ddp_dataset, tmp_path / "one",
+                                         [*common, "data.batch_size=4"])), timeout=150)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(torchrun_cmd(2, train_args(ddp_dataset, tmp_path / "two",
+                                         [*common, "data.batch_size=2"])), timeout=150)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    torch.manual_seed(0)  # the trainer's seed: the initial weights
+    init = build_model("unet_baseline", 3, 3, width_divisor=8, norm="group").state_dict()
+    moved = max(float((a[k] - init[k]).abs().max()) for k in a)
+    apart = max(float((a[k] - b[k]).abs().max()) for k in a)
+    # Equal up to float summation order (batch 2 vs 4 in the conv kernels, then the all-reduce);
+    # a summed instead of averaged gradient would put them as far apart as training moved them.
+    assert moved > 0.05 and apart < 0.01 * moved, (moved, apart)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3, msg=k)
+
+
+def _scrape(port: int) -> dict[str, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted 2-process run, scraped over HTTP while it trains."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    port = free_port()
+    cmd = torchrun_cmd(2, train_args(small_dataset, run_dir,
+                                     [*KILL_RUN, f"metrics.port={port}"]))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    scraped: dict[str, list] = {}
+    deadline = time.monotonic() + 180
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                families = _scrape(port)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            ranks = {s.labels.get("rank") for s in families.get("footprints_samples", [])
+                     if s.value > 0}
+            if {"0", "1"} <= ranks:
+                scraped = families
+            time.sleep(0.1)
+        out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    return run_dir, scraped
+
+
+@pytest.mark.timeout(240)
+def test_metrics_are_served_and_parse(reference_run: tuple[Path, dict]) -> None:
+    _, families = reference_run
+    assert families, "never scraped /metrics with both ranks reporting"
+    samples = {s.labels["rank"]: s.value for s in families["footprints_samples"]
+               if s.name == "footprints_samples_total"}
+    assert samples["0"] > 0 and samples["1"] > 0
+    buckets = [s for s in families["footprints_step_seconds"] if s.name.endswith("_bucket")]
+    assert {s.labels["rank"] for s in buckets} == {"0", "1"}
+    for name in ("footprints_data_wait_seconds", "footprints_loss", "footprints_learning_rate",
+                 "footprints_epoch", "footprints_device_memory_bytes", "footprints_steps"):
+        assert name in families, name
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_a_worker_resumes_bit_exactly(small_dataset: Path, tmp_path: Path,
+                                                reference_run: tuple[Path, dict]) -> None:
+    run_dir = tmp_path / "run"
+    cmd = torchrun_cmd(2, train_args(small_dataset, run_dir, KILL_RUN), max_restarts=1)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        first = run_dir / "checkpoints" / "step-00000004.pt"
+        deadline = time.monotonic() + 120
+        while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert first.exists(), "no checkpoint appeared"
+        victim = _worker_pid(proc.pid, rank=0)
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in err, err[-3000:]
+    ref, got = final_weights(reference_run[0]), final_weights(run_dir)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def _worker_pid(agent: int, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=rank (a child of the agent process)."""
+    children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    for pid in children:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.timeout(240)
+def test_nan_on_one_rank_is_skipped_by_both(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    res = run(torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "nan_worker.py"),
+                               str(small_dataset), str(tmp_path / "run"), str(out)]),
+              timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["identical"] and got["skipped"] == 1
+    assert got["global_step"] == 2 * got["steps_per_epoch"]
+    assert got["steps_taken"] == got["global_step"] - 1  # the optimizer skipped exactly one
+
+
+@pytest.mark.timeout(120)
+def test_bad_config_fails_on_every_rank_before_training(small_dataset: Path,
+                                                        tmp_path: Path) -> None:
+    res = run(torchrun_cmd(2, train_args(small_dataset, tmp_path / "run",
+                                         ["train.epochs=ten"])), timeout=90)
+    assert res.returncode != 0
+    assert res.stderr.count("train.epochs: expected int, got 'ten'") == 2, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
