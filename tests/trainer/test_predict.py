@@ -1,0 +1,88 @@
+"""trainer.predict: prediction shards for a split, in one process and under torchrun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from trainer_helpers import run, torchrun_cmd
+
+from dataio.manifest import load_manifest
+from dataio.shards import iter_tar_samples
+from postproc.predio import iter_pred_samples, list_pred_shards
+from trainer.config import load_config
+from trainer.dist import DistEnv
+from trainer.predict import main as predict
+from trainer.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("pred") / "run"
+    cfg = load_config(Path("configs/tiny.toml"), ["train.epochs=2", "train.val_every=2",
+                                                  "data.num_threads=1"])
+    Trainer(cfg, DistEnv(), small_dataset, run_dir, device=torch.device("cpu")).train()
+    return run_dir
+
+
+def _read(pred: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    out: dict[str, tuple[np.ndarray, dict]] = {}
+    for shard in list_pred_shards(pred):
+        for key, prob, meta in iter_pred_samples(shard):
+            assert key not in out, f"{key} predicted twice"
+            out[key] = (prob, meta)
+    return out
+
+
+def _split_keys(data: Path, split: str) -> set[str]:
+    m = load_manifest(data)
+    return {k for info in m.shards(split)
+            for k, _ in iter_tar_samples(data / split / info["name"])}
+
+
+def test_predict_writes_every_tile_of_the_split_once(trained_run: Path, small_dataset: Path,
+                                                     tmp_path: Path) -> None:
+    assert predict(["--run-dir", str(trained_run), "--data", str(small_dataset), "--split",
+                    "test", "--out", str(tmp_path / "pred"), "--shard-size", "2"]) == 0
+    got = _read(tmp_path / "pred")
+    assert set(got) == _split_keys(small_dataset, "test")
+    assert len(list_pred_shards(tmp_path / "pred")) == -(-len(got) // 2)
+    for key, (prob, meta) in got.items():
+        assert prob.dtype == np.uint8 and prob.shape == (meta["height"], meta["width"], 3)
+        total = prob.astype(int).sum(-1)
+        assert np.abs(total - 255).max() <= 2  # three rounded probabilities of a softmax
+        assert meta["image_id"] == key and len(meta["transform"]) == 6
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_predict_under_torchrun_matches_one_process(trained_run: Path, small_dataset: Path,
+                                                    tmp_path: Path) -> None:
+    assert predict(["--run-dir", str(trained_run), "--data", str(small_dataset), "--split",
+                    "val", "--out", str(tmp_path / "one")]) == 0
+    res = run(torchrun_cmd(2, ["-m", "trainer.predict", "--run-dir", str(trained_run),
+                               "--data", str(small_dataset), "--split", "val", "--out",
+                               str(tmp_path / "two")]), timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in list_pred_shards(tmp_path / "two"))
+    assert names == ["pred-000000.tar", "pred-000001.tar"]  # one per rank, no collisions
+    one, two = _read(tmp_path / "one"), _read(tmp_path / "two")
+    assert one.keys() == two.keys() == _split_keys(small_dataset, "val")
+    for key in one:
+        assert np.abs(one[key][0].astype(int) - two[key][0].astype(int)).max() <= 1
+
+
+def test_flip_tta_and_a_missing_checkpoint(trained_run: Path, small_dataset: Path,
+                                           tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test"]
+    assert predict([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert predict([*args, "--out", str(tmp_path / "tta"), "--tta"]) == 0
+    plain, tta = _read(tmp_path / "plain"), _read(tmp_path / "tta")
+    assert plain.keys() == tta.keys()
+    assert any(not np.array_equal(plain[k][0], tta[k][0]) for k in plain)
+    assert predict([*args, "--out", str(tmp_path / "x"), "--checkpoint",
+                    str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt not found" in capsys.readouterr().err
