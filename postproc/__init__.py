@@ -3,7 +3,7 @@
 - ``predio``: prediction shards (``pred-NNNNNN.tar``: ``prob.png`` + ``meta.json``).
 - ``polygonize``: instances from class probabilities, exact polygons; CLI.
 - ``score``: the SpaceNet F1; CLI. ``csvio``: the truth and proposal CSVs.
-- ``kernels``, ``iou``, ``pngfast``: the numba kernels behind them.
+- ``label``, ``grow``, ``trace``, ``iou``, ``pngfast``: the numba kernels behind them.
 - ``runner``: all cores and torchrun ranks over a directory of shards. ``geojson``: GeoJSON output.
 - ``synthmask``: synthetic masks with known footprints for tests and benchmarks.
 """

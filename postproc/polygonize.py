@@ -29,7 +29,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from postproc import kernels
+from postproc import grow, label, trace
 from postproc.predio import quantize_probs
 
 
@@ -96,7 +96,7 @@ class PolygonizeConfig:
 
 @dataclass
 class Instances:
-    """The blobs of one tile in the kernels' padded layout (see ``postproc.kernels``)."""
+    """The blobs of one tile in the kernels' padded layout (see ``postproc.label``)."""
 
     shape: tuple[int, int]
     codes: np.ndarray
@@ -139,7 +139,7 @@ class Workspace:
         self.codes = np.zeros(padded, np.uint8)
         self.lab = np.zeros(padded, np.int32)
         i32 = np.int32
-        # order matters: see kernels.seed_label and kernels.grow
+        # order matters: see label.seed_label and grow.grow
         self.scratch = (np.empty(cap, i32), np.empty(cap, np.int64),  # parent, first pixel
                         np.empty(cap, np.int64), np.empty(cap, np.int64),  # count, prob sum
                         np.empty(n, i32), np.empty(n, i32),  # queue rows, cols
@@ -148,7 +148,7 @@ class Workspace:
                         # touched per tile) small; grow_radius <= 50 keeps it in range
                         np.empty(padded, np.int8), np.empty(padded, np.int8),
                         np.empty(n, i32), np.empty(n, i32), np.empty(n, i32))  # layer decisions
-        runs = n // 2 + height + 2  # row runs of eligible pixels (see kernels.seed_label)
+        runs = n // 2 + height + 2  # row runs of eligible pixels (see label.seed_label)
         self.runs = (np.empty(runs, i32), np.empty(runs, i32), np.empty(runs, i32),
                      np.empty(runs, i32), np.empty(runs, np.uint8))
 
@@ -171,16 +171,16 @@ def find_instances(prob: np.ndarray, cfg: PolygonizeConfig) -> Instances:
     q = np.ascontiguousarray(quantize_probs(prob))
     ws = _workspace(q.shape[0], q.shape[1])
     seed_t, fp_t = _thresholds_u8(cfg)
-    final, n, first, count, fsum, nf, nrun = kernels.seed_label(q, seed_t, fp_t, ws.codes,
+    final, n, first, count, fsum, nf, nrun = label.seed_label(q, seed_t, fp_t, ws.codes,
                                                                 ws.lab, ws.scratch, ws.runs)
     r2 = int(math.floor(cfg.grow_radius * cfg.grow_radius + 1e-9))  # d2 is an integer
     if r2 > 0 and n > 0:
         # a pixel within Euclidean r can be up to r*sqrt(2) 4-steps away from its seed
         layers = int(math.floor(cfg.grow_radius * math.sqrt(2.0))) + 1
-        kernels.grow(q, ws.codes, ws.lab, (final, first, count, fsum), nf, ws.scratch, r2,
+        grow.grow(q, ws.codes, ws.lab, (final, first, count, fsum), nf, ws.scratch, r2,
                      layers)
     if cfg.seedless and nrun > 0:
-        final, first, count, fsum, n = kernels.seedless(
+        final, first, count, fsum, n = label.seedless(
             q, ws.codes, ws.lab, (final, first, count, fsum), n, ws.runs, nrun, r2,
             ws.scratch[4])
     return Instances(q.shape[:2], ws.codes, ws.lab, final, n, first, count, fsum)
@@ -189,7 +189,7 @@ def find_instances(prob: np.ndarray, cfg: PolygonizeConfig) -> Instances:
 def polygons_from_instances(inst: Instances, min_area: float = 0.0
                             ) -> tuple[np.ndarray, np.ndarray]:
     """Trace blobs into shapely polygons; returns (polygons, blob ids), in blob order."""
-    coords, ring_off, poly_off, ids = kernels.trace_blobs(
+    coords, ring_off, poly_off, ids = trace.trace_blobs(
         inst.codes, inst.lab, inst.final, inst.n, inst.first, inst.count, inst.shape[1],
         float(min_area))
     if ids.size == 0:
@@ -207,7 +207,7 @@ def polygonize_labels(values: np.ndarray, min_area: float = 0.0) -> list[Polygon
     if values.dtype == bool:
         values = values.view(np.uint8)
     ws = _workspace(values.shape[0], values.shape[1])
-    final, n, first, count = kernels.label_values(values, ws.codes, ws.lab, ws.scratch)
+    final, n, first, count = label.label_values(values, ws.codes, ws.lab, ws.scratch)
     inst = Instances(values.shape, ws.codes, ws.lab, final, n, first, count, np.zeros_like(count))
     return list(polygons_from_instances(inst, min_area)[0])
 

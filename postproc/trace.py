@@ -1,0 +1,151 @@
+"""Numba kernels of the polygonizer, part 3: trace blobs into exact polygons with holes.
+
+Layout and pixel codes: see ``postproc.label``. Rings run along pixel edges, corners only; the
+result is the geometry of GDAL's polygonize (4-connectivity) on the same blobs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, inline="always")
+def _inblob(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, p: int, blob: int) -> bool:
+    return (codes[p] & 2) != 0 and final[lab[p]] == blob
+
+
+@njit(cache=True)
+def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int, x0: int,
+                y0: int, d0: int, wp: int, out: tuple, visited: np.ndarray, vy0: int,
+                vx0: int) -> tuple:
+    """Follow one ring from vertex (x0, y0) heading ``d0``, the blob on the right; add corners.
+
+    Headings 0 east, 1 south, 2 west, 3 north (y down). At a vertex: turn left if the pixel
+    ahead-left is in the blob, go straight if only the one ahead-right is, else turn right.
+    Turning left at a diagonal (saddle) vertex joins the blob's own diagonal pixels, so a hole
+    that touches the outside at a corner becomes a hole ring touching the shell at one point
+    (valid), never a self-touching shell (invalid).
+    Returns (buf, nb, twice the signed area, bbox x0, y0, x1, y1); ``out`` is (buf, nb).
+    """
+    buf, nb = out
+    # a vertex is tracked by its south-east pixel's padded flat index
+    v = (y0 + 1) * wp + x0 + 1
+    x, y, d = x0, y0, d0
+    start = nb
+    area2 = 0
+    px, py = -1, -1
+    bx0, by0, bx1, by1 = x0, y0, x0, y0
+    track = visited.shape[0] > 0
+    while True:
+        if d == 0:
+            x += 1
+            v += 1
+            al, ar = v - wp, v  # NE, SE
+        elif d == 1:
+            y += 1
+            v += wp
+            al, ar = v, v - 1  # SE, SW
+        elif d == 2:
+            x -= 1
+            v -= 1
+            al, ar = v - 1, v - 1 - wp  # SW, NW
+            if track:  # the top edge of pixel (y, x), blob above: a hole's start candidate
+                visited[y - vy0, x - vx0] = 1
+        else:
+            y -= 1
+            v -= wp
+            al, ar = v - 1 - wp, v - wp  # NW, NE
+        if _inblob(codes, lab, final, al, blob):
+            nd = (d + 3) % 4
+        elif _inblob(codes, lab, final, ar, blob):
+            nd = d
+        else:
+            nd = (d + 1) % 4
+        if nd != d:
+            if nb + 2 >= buf.shape[0]:
+                grown = np.empty((buf.shape[0] * 2, 2), np.float64)
+                grown[:nb] = buf[:nb]
+                buf = grown
+            buf[nb, 0] = x
+            buf[nb, 1] = y
+            if px >= 0:
+                area2 += px * y - x * py
+            px, py = x, y
+            nb += 1
+            bx0 = min(bx0, x)
+            by0 = min(by0, y)
+            bx1 = max(bx1, x)
+            by1 = max(by1, y)
+        d = nd
+        if x == x0 and y == y0 and d == d0:
+            break
+    # close the ring, and its shoelace sum, with the first corner
+    fx, fy = int(buf[start, 0]), int(buf[start, 1])
+    area2 += px * fy - fx * py
+    buf[nb, 0] = fx
+    buf[nb, 1] = fy
+    nb += 1
+    return buf, nb, area2, bx0, by0, bx1, by1
+
+
+@njit(cache=True)
+def _push_offset(off: np.ndarray, k: int, value: int) -> tuple:
+    """Set ``off[k + 1] = value`` (growing ``off`` when full); return (off, k + 1)."""
+    if k + 2 > off.shape[0]:
+        grown = np.empty(off.shape[0] * 2, np.int64)
+        grown[: k + 1] = off[: k + 1]
+        off = grown
+    off[k + 1] = value
+    return off, k + 1
+
+
+@njit(cache=True)
+def trace_blobs(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, n: int,
+                first: np.ndarray, count: np.ndarray, width: int, min_count: float) -> tuple:
+    """Trace every blob with at least ``min_count`` pixels into a shell and its holes.
+
+    Returns GeoArrow-style ragged arrays ``(coords, ring_offsets, poly_offsets, blob_ids)`` for
+    ``shapely.from_ragged_array``: corners only, rings closed, the shell first.
+    """
+    Wp = width + 2
+    buf = np.empty((4096, 2), np.float64)
+    nb = 0
+    ring_off = np.zeros(n + 2, np.int64)
+    poly_off = np.zeros(n + 1, np.int64)
+    ids = np.empty(n, np.int32)
+    nr = 0
+    npoly = 0
+    no_visit = np.zeros((0, 0), np.uint8)
+    for blob in range(1, n + 1):
+        if count[blob] == 0 or count[blob] < min_count:
+            continue
+        r0 = first[blob] // Wp - 1  # the first pixel's top-left corner starts the shell
+        c0 = first[blob] % Wp - 1
+        start_nb = nb
+        buf, nb, area2, bx0, by0, bx1, by1 = _trace_ring(codes, lab, final, blob, c0, r0, 0, Wp,
+                                                         (buf, nb), no_visit, 0, 0)
+        if area2 != 2 * count[blob]:
+            # The shell encloses more than the blob, so there are holes (rare). Trace it again
+            # marking west edges, then start a ring at every unmarked edge with the blob above
+            # and something else below: the top edge of each hole's first pixel is one.
+            nb = start_nb
+            visited = np.zeros((by1 - by0 + 1, bx1 - bx0 + 1), np.uint8)
+            buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c0, r0, 0, Wp,
+                                                 (buf, nb), visited, by0, bx0)
+            ring_off, nr = _push_offset(ring_off, nr, nb)
+            for r in range(by0 + 1, by1):
+                for c in range(bx0, bx1):
+                    p = (r + 1) * Wp + c + 1
+                    if visited[r - by0, c - bx0] == 0 and _inblob(codes, lab, final, p - Wp, blob) \
+                            and not _inblob(codes, lab, final, p, blob):
+                        buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c + 1, r, 2,
+                                                             Wp, (buf, nb), visited, by0, bx0)
+                        ring_off, nr = _push_offset(ring_off, nr, nb)
+        else:
+            ring_off, nr = _push_offset(ring_off, nr, nb)
+        npoly += 1
+        poly_off[npoly] = nr
+        ids[npoly - 1] = blob
+    return (buf[:nb].copy(), ring_off[: nr + 1].copy(), poly_off[: npoly + 1].copy(),
+            ids[:npoly].copy())
