@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,7 +164,7 @@ class DaliBackend:
         self.fallback_shape: tuple[int, int] = (1, 1)  # for a batch without samples; set by Loader
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _pipeline(self):  # noqa: ANN202 (a DALI Pipeline)
+    def _pipeline(self) -> Any:  # a built nvidia.dali Pipeline
         if self._pipe is None:
             from nvidia.dali import pipeline_def
 

@@ -32,6 +32,13 @@ the beginning (as with ``DistributedSampler``, call ``set_epoch`` to reshuffle).
 
 The DALI pipeline or DataLoader is built once per loader and reused for every epoch; abandoning an
 epoch midway costs one DALI pipeline rebuild (well under a second).
+
+Bad input: shards are checked against the manifest (size, index, sample count) when the loader is
+built; one that fails is left out with a warning and counted in ``stats.shards_skipped``. A sample
+that does not read or decode becomes an empty slot (``valid=False``) with a warning, counted in
+``stats.samples_skipped`` by reason, in both backends (DALI rebuilds its pipeline once to get past
+it, see :mod:`dataio.dali_pipe`); epochs keep their length. Each rank checks the shards on its
+own: if files may change while a job starts, compare ``loader.fingerprint`` across ranks.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ class LoaderConfig:
     rot90: bool = True
     brightness: float = 0.1  # max relative change, 0 = off
     contrast: float = 0.1
-    num_threads: int = 2  # DALI CPU threads / DataLoader workers (0: in the main process)
+    num_threads: int = 2  # DALI CPU threads (at least 1) / DataLoader workers (0: main process)
     prefetch: int = 2  # DALI queue depth / DataLoader prefetch factor
     seed: int = 0
 
@@ -105,7 +112,10 @@ class Batch:
 
 @dataclass
 class LoaderStats:
-    """Counters since the loader was built (names map to Prometheus ``*_total`` counters)."""
+    """Counters since the loader was built. For Prometheus: ``loader_<name>_total``, the two
+    dicts as one counter each with a ``reason`` label (``samples_skipped``: img_invalid,
+    mask_invalid, meta_invalid, read_error; ``shards_skipped``: missing, size, index_missing,
+    index_changed, index_invalid, sample_count, other)."""
 
     samples_read: int = 0  # valid samples yielded
     samples_padded: int = 0  # padding slots yielded (ranks' shares rounded up to full batches)

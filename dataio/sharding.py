@@ -101,13 +101,13 @@ class SampleIndex:
         for info in manifest.shards(split):
             reason = check_shard(directory, info)
             tar, idx = directory / info["name"], directory / info["index"]
+            label = shard_reason(reason) if reason else "index_invalid"
             if reason is None:
                 try:
                     out.samples.extend(_parse_index(idx, tar, info["samples"]))
                     continue
                 except (OSError, ValueError, UnicodeDecodeError) as e:
                     reason = f"{idx}: unusable index ({e})"
-            label = shard_reason(reason)
             out.shards_skipped[label] += 1
             out.skipped_detail.append(reason)
             log.warning("leaving out shard %s (%s): %s", tar, label, reason)

@@ -60,7 +60,8 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
 
 @pytest.mark.parametrize("damage,reason", [
     ("truncate", "size"), ("drop_index", "index_missing"), ("manifest_bytes", "size"),
-    ("manifest_count", "sample_count"), ("garbage_index", "index_changed")])
+    ("manifest_count", "sample_count"), ("garbage_index", "index_changed"),
+    ("scrambled_index", "index_invalid")])
 def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: str, reason: str,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     tar = data / "train" / "shard-000001.tar"
@@ -73,8 +74,12 @@ def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: st
         edit_manifest(data, "train", 1, bytes=tar.stat().st_size + 512)
     elif damage == "manifest_count":
         edit_manifest(data, "train", 1, samples=5)
-    else:
+    elif damage == "garbage_index":
         tar.with_suffix(".idx").write_text("v1.2 3\nnot an index at all\n")
+    else:  # same size and header, lines that do not parse
+        idx = tar.with_suffix(".idx")
+        head, _, body = idx.read_text().partition("\n")
+        idx.write_text(head + "\n" + "x" * len(body))
     with caplog.at_level(logging.WARNING):
         keys, _, stats = _epoch(data)
     assert "shard-000001.tar" in caplog.text

@@ -1,0 +1,189 @@
+"""Loader throughput: the DALI backend against the torch DataLoader backend and plain webdataset.
+
+    python -m benchmarks.loader [--data DATA] [--json OUT] [--rounds 5] [--epochs 3]
+
+Reads the training split of DATA (without ``--data``: 64 synthetic 650 px tiles made with
+``dataio.synth`` + ``dataio.prepare`` in a temporary directory) with every variant, decode only
+(whole tiles, ``train=False``) and with training augmentation (crop 512, flips, rotations,
+brightness/contrast), batch 8, 2 DALI threads or 2 DataLoader workers:
+
+* ``dali-cpu``  the default backend, CPU-only pipeline (``device_id=None``)
+* ``dali-gpu``  the same graph on the GPU (only where CUDA is present)
+* ``torch``     the ``torch`` backend: the same plan, numpy/PIL in DataLoader workers
+* ``webdataset`` the plain reference: ``wds.WebDataset`` streaming the tars, a shuffle buffer,
+  ``decode_sample`` and the same augmentation code, in DataLoader workers
+
+Variants run interleaved, ``--rounds`` times ``--epochs`` epochs each after a warm-up epoch, and
+the median is reported: on a shared 2-core VM single runs vary by 2x. Besides samples/s and MB/s
+(shard bytes of the samples read) each row has the CPU time per sample of the whole process tree
+(workers included), which does not depend on how many cores the host lent us at that moment.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from benchmarks.common import base_parser, machine_info, print_table, write_json
+from dataio.augment import Draws, Geometry, Normaliser, transform_image, transform_mask
+from dataio.loader import LoaderConfig, build_loader
+from dataio.manifest import load_manifest
+from dataio.sharding import SampleIndex
+from dataio.shards import decode_sample
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process, its threads and (recursively) its live children."""
+    pid = pid or os.getpid()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / _TICK
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                total += sum(cpu_seconds(int(c)) for c in f.read().split())
+    except OSError:  # a worker that just exited
+        return 0.0
+    return total
+
+
+def make_dataset(root: Path, tiles: int = 64) -> Path:
+    from dataio.prepare import PrepareConfig, prepare
+    from dataio.synth import SynthConfig, write_aoi
+
+    workers = len(os.sched_getaffinity(0))
+    write_aoi(SynthConfig(out=root / "raw", tiles=tiles, seed=1, workers=workers))
+    prepare(PrepareConfig(raw=[root / "raw"], out=root / "DATA", split=(100.0, 0.0, 0.0),
+                          shard_size=16, workers=workers), progress=False)
+    return root / "DATA"
+
+
+class WebdatasetReference:
+    """Plain webdataset + DataLoader: stream the tars, shuffle in a buffer, decode, augment."""
+
+    def __init__(self, data: Path, train: bool, cfg: LoaderConfig) -> None:
+        manifest = load_manifest(data)
+        urls = [str(manifest.split_dir("train") / s["name"]) for s in manifest.shards("train")]
+        self.norm = Normaliser(*manifest.percentiles())
+        self.spec = cfg.aug_spec() if train else None
+        self.seed = cfg.seed
+        # NOTE: an integer shardshuffle (webdataset 1.0.2 warns on True); split_by_worker, as
+        # under DDP one would also pass nodesplitter=wds.split_by_node.
+        dataset = (wds.WebDataset(urls, shardshuffle=len(urls) if train else False,
+                                  workersplitter=wds.split_by_worker, empty_check=False)
+                   .shuffle(64 if train else 0).map(self.sample)
+                   .batched(cfg.batch_size, partial=True))
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=None,
+                                                  num_workers=cfg.num_threads,
+                                                  persistent_workers=cfg.num_threads > 0)
+        self.calls = 0
+
+    def sample(self, members: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        image, mask, _ = decode_sample(members, members["__key__"])
+        self.calls += 1
+        draws = Draws.draw(1, self.seed, self.calls, self.spec)
+        g = Geometry.resolve(image.shape[0], image.shape[1], self.spec, draws, 0)
+        rows = image[g.ay: g.ay + g.ch]
+        mean, std = self.norm.mean_std(*(draws.bk[0] if draws is not None else (1.0, 1.0)))
+        out = transform_image(rows[::-1] if g.v else rows, g, mean, std)
+        return out, transform_mask(mask, g).astype(np.int64)
+
+    def __iter__(self) -> Iterable[Any]:
+        return iter(self.loader)
+
+
+def _run(batches: Callable[[], Iterable[Any]], epochs: int) -> tuple[int, float, float]:
+    """Samples, wall seconds and process-tree CPU seconds for ``epochs`` passes."""
+    n, cpu0, t0 = 0, cpu_seconds(), time.perf_counter()
+    for _ in range(epochs):
+        for batch in batches():
+            image = batch.image if hasattr(batch, "image") else batch[0]
+            n += int(batch.valid.sum()) if hasattr(batch, "valid") else len(image)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return n, time.perf_counter() - t0, cpu_seconds() - cpu0
+
+
+def _variants(data: Path, cfg: LoaderConfig) -> list[tuple[dict[str, Any], Any]]:
+    variants = []
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for mode, train in (("decode", False), ("train-aug", True)):
+        for device in devices:
+            loader = build_loader(data, "train", cfg, train=train, device=device)
+            variants.append(({"name": f"dali-{device.replace('cuda', 'gpu')}", "mode": mode,
+                              "device": device}, loader))
+        torch_cfg = LoaderConfig(**{**cfg.__dict__, "backend": "torch"})
+        variants.append(({"name": "torch", "mode": mode, "device": "cpu"},
+                         build_loader(data, "train", torch_cfg, train=train, device="cpu")))
+        variants.append(({"name": "webdataset", "mode": mode, "device": "cpu"},
+                         WebdatasetReference(data, train, cfg)))
+    return variants
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: "
+                        "64 synthetic 650 px tiles in a temporary directory)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per round and variant")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
+    args = parser.parse_args(argv)
+    # NOTE: the consumer here does nothing, and torch's intra-op threads would only fight the
+    # loaders' threads and workers for the cores.
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or make_dataset(Path(tmp))
+        index = SampleIndex.build(load_manifest(data), "train")
+        mb = np.mean([sum(size for _, size in r.members.values()) for r in index.samples]) / 1e6
+        cfg = LoaderConfig(batch_size=args.batch_size, crop_size=args.crop,
+                           num_threads=args.workers)
+        variants = _variants(data, cfg)
+        results: list[list[tuple[int, float, float]]] = [[] for _ in variants]
+        for _, loader in variants:
+            _run(lambda loader=loader: loader, 1)  # warm-up: workers, pipelines, page cache
+        for _ in range(args.rounds):
+            for i, (_, loader) in enumerate(variants):
+                results[i].append(_run(lambda loader=loader: loader, args.epochs))
+        for _, loader in variants:
+            if hasattr(loader, "close"):
+                loader.close()
+    rows = []
+    for (row, _), runs in zip(variants, results, strict=True):
+        rates = [n / wall for n, wall, _ in runs]
+        rate = statistics.median(rates)
+        row.update(samples_per_s=rate, samples_per_s_best=max(rates), mb_per_s=rate * mb,
+                   cpu_ms_per_sample=statistics.median(1000 * c / n for n, _, c in runs),
+                   cores_used=statistics.median(c / w for _, w, c in runs),
+                   batch_size=args.batch_size, crop=args.crop, workers=args.workers)
+        rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["name"] == "torch" and r["mode"] == row["mode"])
+        row["speedup_vs_torch"] = row["samples_per_s"] / base["samples_per_s"]
+        row["cpu_ratio_vs_torch"] = base["cpu_ms_per_sample"] / row["cpu_ms_per_sample"]
+    info = machine_info()
+    print(f"loader benchmark: {info['cores']} cores ({info['cpu']}), GPU {info['gpu']}, "
+          f"{len(index)} samples of {mb:.2f} MB, batch {args.batch_size}, crop {args.crop}, "
+          f"{args.workers} threads/workers, median of {args.rounds} rounds x {args.epochs} epochs")
+    print_table(rows, ["name", "mode", "device", "samples_per_s", "samples_per_s_best",
+                       "mb_per_s", "cpu_ms_per_sample", "cores_used", "speedup_vs_torch",
+                       "cpu_ratio_vs_torch"])
+    write_json(args.json, "loader", rows, samples=len(index), sample_mb=mb,
+               rounds=args.rounds, epochs=args.epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
