@@ -1,0 +1,47 @@
+"""GeoJSON per tile: the affine transform, the CRS member, ring orientation, safe file names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import shapely
+from shapely.geometry import box, shape
+
+from postproc.geojson import tile_feature_collection, write_tile_geojson
+from postproc.predio import PredError
+
+UTM = {"crs": "EPSG:32611", "transform": [0.3, 0.0, 500000.0, 0.0, -0.3, 4000000.0]}
+
+
+def test_utm_tile_gets_map_coordinates_and_a_crs_member():
+    hole = box(0, 0, 10, 10).difference(box(4, 4, 6, 6))
+    doc = tile_feature_collection("img1", [hole], [0.9], UTM)
+    assert doc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32611"
+    (feat,) = doc["features"]
+    assert feat["properties"] == {"ImageId": "img1", "BuildingId": 1, "Confidence": 0.9}
+    g = shape(feat["geometry"])
+    assert g.equals(box(500000, 4000000 - 3, 500003, 4000000).difference(
+        box(500001.2, 3999998.2, 500001.8, 3999998.8)))
+    assert g.exterior.is_ccw and not g.interiors[0].is_ccw  # RFC 7946 winding
+
+
+def test_wgs84_tile_has_no_crs_member(tmp_path):
+    meta = {"crs": "EPSG:4326", "transform": [1e-5, 0, -115.0, 0, -1e-5, 36.0]}
+    path = write_tile_geojson(tmp_path, "img2", [box(0, 0, 2, 2)], [1.0], meta)
+    doc = json.loads(path.read_text())
+    assert path.name == "img2.geojson" and "crs" not in doc
+    assert shapely.geometry.shape(doc["features"][0]["geometry"]).bounds == \
+        pytest.approx((-115.0, 35.99998, -114.99998, 36.0))
+
+
+def test_bad_meta_and_unsafe_ids_are_refused(tmp_path):
+    with pytest.raises(PredError, match="transform"):
+        tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {"transform": [1, 0, 0]})
+    with pytest.raises(PredError, match="no transform"):
+        tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {"crs": "EPSG:4326"})
+    with pytest.raises(PredError, match="unknown CRS"):
+        tile_feature_collection("a", [], [], {**UTM, "crs": "EPSG:99999999"})
+    with pytest.raises(PredError):
+        write_tile_geojson(tmp_path, "../escape", [], [], UTM)
+    assert list(tmp_path.iterdir()) == []
