@@ -44,11 +44,12 @@ class AugSpec:
 
     def __post_init__(self) -> None:
         if self.crop < 0:
-            raise ValueError(f"crop_size must be >= 0 (0 = whole tiles), got {self.crop}")
+            raise ValueError(f"data.crop_size must be >= 0 (0 = whole tiles), got {self.crop}")
         for name in ("brightness", "contrast"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1) (max relative change), got {value}")
+                raise ValueError(f"data.{name} must be in [0, 1) (max relative change), "
+                                 f"got {value}")
 
 
 @dataclass(frozen=True)

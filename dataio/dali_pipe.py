@@ -109,8 +109,8 @@ def _feed_lists(inputs: StepInputs, bs: int, transposes: bool) -> list[list[np.n
 class _Feed:
     """The ``external_source`` callback: one planned step per call, records kept in order."""
 
-    def __init__(self, reader: ShardReader, transposes: bool) -> None:
-        self.reader, self.transposes = reader, transposes
+    def __init__(self, reader: ShardReader, transposes: bool, keep: int) -> None:
+        self.reader, self.transposes, self.keep = reader, transposes, keep
         self.plan: EpochPlan | None = None
         self.next = 0
         # Steps handed to DALI and not yet consumed; each keeps its input arrays alive
@@ -128,7 +128,7 @@ class _Feed:
         """DALI is through with this step's inputs: recycle its row buffers."""
         for it in inputs.items:
             free = self._free[it.rows.shape]
-            if len(free) < 64:
+            if len(free) < self.keep:
                 free.append(it.rows)
 
     def start(self, plan: EpochPlan, j: int) -> None:
@@ -157,7 +157,8 @@ class DaliBackend:
         self.transposes = transposes
         self.num_threads, self.prefetch, self.device, self.seed = (num_threads, prefetch,
                                                                    device, seed)
-        self.feed = _Feed(reader, transposes)
+        # Enough row buffers for the batches DALI holds (queue depth + the one being fed + one).
+        self.feed = _Feed(reader, transposes, keep=batch_size * (prefetch + 2))
         self.pool = pool
         self._pipe = None
         self.rebuilds = 0

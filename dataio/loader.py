@@ -89,11 +89,11 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"loader backend {self.backend!r} is not one of {BACKENDS} "
-                             "(set loader.backend)")
+                             "(set data.backend)")
         if self.batch_size < 1:
-            raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_threads < 0 or self.prefetch < 1:
-            raise ValueError(f"loader.num_threads must be >= 0 and loader.prefetch >= 1, got "
+            raise ValueError(f"data.num_threads must be >= 0 and data.prefetch >= 1, got "
                              f"{self.num_threads} and {self.prefetch}")
         self.aug_spec()  # validates crop_size, brightness, contrast
 
@@ -195,7 +195,7 @@ class Loader:
             from dataio.dali_pipe import DaliBackend
         except ImportError as e:  # pragma: no cover - DALI is a dependency
             raise ImportError(f"the DALI backend needs nvidia-dali ({e}); install it or set "
-                              "loader.backend=torch") from e
+                              "data.backend=torch") from e
         backend = DaliBackend(self._reader, self.norm.bands, cfg.batch_size,
                               max(1, cfg.num_threads), cfg.prefetch, self.device, cfg.seed,
                               self._pool, transposes=self.spec is not None and self.spec.rot90)

@@ -242,3 +242,31 @@ def test_gpu_pipeline_matches_cpu(aligned: Path) -> None:
     for key, (img, msk, _) in results["cpu"].items():
         np.testing.assert_allclose(results["cuda"][key][0], img, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(results["cuda"][key][1], msk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_with_only_padding_still_yields_its_batches(aligned: Path, backend: str) -> None:
+    cfg = _cfg(backend, crop_size=0)
+    with build_loader(aligned, "val", cfg, 4, 5) as loader:  # 4 tiles, 5 ranks
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 1
+            assert not batches[0].valid.any() and batches[0].keys == ["", "", ""]
+            assert batches[0].image.shape == (3, 3, H, W)
+            assert (batches[0].mask == IGNORE_INDEX).all()
+        assert loader.stats.samples_padded == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_tiles_with_rotations_pad_to_the_largest(aligned: Path, backend: str) -> None:
+    with build_loader(aligned, "train", _cfg(backend, crop_size=0), train=True) as loader:
+        for b in loader:
+            assert b.image.shape[-2:] in ((H, W), (W, H), (W, W))
+            for img, msk in zip(b.image[b.valid].numpy(), b.mask[b.valid].numpy(), strict=True):
+                inside = msk != IGNORE_INDEX
+                h, w = int(inside.any(1).sum()), int(inside.any(0).sum())
+                assert (h, w) in ((H, W), (W, H)) and inside[:h, :w].all()
+                assert inside.sum() == h * w  # the rest, bottom and right, is padding
+                np.testing.assert_array_equal(mask_from_aligned(img[:, :h, :w]), msk[:h, :w])
+                assert (img[:, ~inside] == 0).all()
