@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -175,8 +176,17 @@ def test_nan_on_one_rank_is_skipped_by_both(small_dataset: Path, tmp_path: Path)
 @pytest.mark.timeout(120)
 def test_bad_config_fails_on_every_rank_before_training(small_dataset: Path,
                                                         tmp_path: Path) -> None:
-    res = run(torchrun_cmd(2, train_args(small_dataset, tmp_path / "run",
-                                         ["train.epochs=ten"])), timeout=90)
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=ten"])
+    res = run(torchrun_cmd(2, args), timeout=90)
     assert res.returncode != 0
-    assert res.stderr.count("train.epochs: expected int, got 'ten'") == 2, res.stderr[-2000:]
+    assert "train.epochs: expected int, got 'ten'" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+    # Every rank checks on its own, before it would wait for the others: rank 1 of 2 started
+    # alone (its peers never come) still fails at once instead of hanging at the rendezvous.
+    env = {**worker_env(), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    t0 = time.monotonic()
+    alone = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert alone.returncode == 2 and time.monotonic() - t0 < 30
+    assert "train.epochs: expected int, got 'ten'" in alone.stderr
