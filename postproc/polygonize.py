@@ -171,14 +171,13 @@ def find_instances(prob: np.ndarray, cfg: PolygonizeConfig) -> Instances:
     q = np.ascontiguousarray(quantize_probs(prob))
     ws = _workspace(q.shape[0], q.shape[1])
     seed_t, fp_t = _thresholds_u8(cfg)
-    final, n, first, count, fsum, nf, nrun = label.seed_label(q, seed_t, fp_t, ws.codes,
-                                                                ws.lab, ws.scratch, ws.runs)
+    final, n, first, count, fsum, nf, nrun = label.seed_label(q, seed_t, fp_t, ws.codes, ws.lab,
+                                                              ws.scratch, ws.runs)
     r2 = int(math.floor(cfg.grow_radius * cfg.grow_radius + 1e-9))  # d2 is an integer
     if r2 > 0 and n > 0:
         # a pixel within Euclidean r can be up to r*sqrt(2) 4-steps away from its seed
         layers = int(math.floor(cfg.grow_radius * math.sqrt(2.0))) + 1
-        grow.grow(q, ws.codes, ws.lab, (final, first, count, fsum), nf, ws.scratch, r2,
-                     layers)
+        grow.grow(q, ws.codes, ws.lab, (final, first, count, fsum), nf, ws.scratch, r2, layers)
     if cfg.seedless and nrun > 0:
         final, first, count, fsum, n = label.seedless(
             q, ws.codes, ws.lab, (final, first, count, fsum), n, ws.runs, nrun, r2,
