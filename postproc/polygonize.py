@@ -311,11 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or runner.default_workers(env.local_world_size)
     shards = list_pred_shards(args.pred)
-    env = dist.init(env)
+    pool = runner.make_pool(workers)  # NOTE: fork before the process group starts its threads
     try:
-        summary = runner.run(shards, args.out, cfg, args.geojson, workers, env)
+        env = dist.init(env)
+        try:
+            summary = runner.run(shards, args.out, cfg, args.geojson, workers, env, pool)
+        finally:
+            dist.teardown()
     finally:
-        dist.teardown()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if env.is_main:
         print(f"{summary.tiles} tiles, {summary.polygons} polygons from {summary.shards} shards "
               f"-> {args.out}")

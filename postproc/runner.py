@@ -156,7 +156,7 @@ def shard_results(shards: list[Path], cfg: PolygonizeConfig, geojson_dir: Path |
             yield done
 
 
-def _make_pool(workers: int) -> cf.Executor | None:
+def make_pool(workers: int) -> cf.Executor | None:
     warmup()  # compile once here; forked workers inherit the machine code
     if workers <= 1:
         return None
@@ -173,10 +173,12 @@ class RunSummary:
 
 
 def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: Path | None,
-        workers: int, env: Any) -> RunSummary:
+        workers: int, env: Any, pool: cf.Executor | None = None) -> RunSummary:
     """Polygonize ``shards`` (all ranks pass the same sorted list) into ``out_csv``.
 
     ``env`` is a ``trainer.dist.DistEnv``; with more than one rank the process group must be up.
+    ``pool`` (from :func:`make_pool`, made before the process group so that no gloo thread is
+    forked) is used and left open; without one, ``run`` makes and closes its own.
     Raises ``PredError`` (on every rank) if any shard is bad.
     """
     from trainer.dist import gather_objects
@@ -185,7 +187,9 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     rounds = math.ceil(len(shards) / env.world_size)
     if geojson_dir is not None:
         geojson_dir.mkdir(parents=True, exist_ok=True)
-    pool = _make_pool(workers)
+    own_pool = pool is None
+    if own_pool:
+        pool = make_pool(workers)
     summary = RunSummary(shards=len(shards))
     bar = tqdm(total=len(shards), unit="shard", disable=not env.is_main, desc="polygonize")
     seen: set[str] = set()
@@ -214,7 +218,7 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     finally:
         bar.close()
         stream.close()
-        if pool is not None:
+        if own_pool and pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return summary
 

@@ -261,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     truth = read_truth_csv(args.truth)
     props = read_proposal_csv(args.proposals)
     ids = sorted(set(truth.polygons) | set(props.polygons))
+    # NOTE: score this rank's images before the process group starts its threads: the pool forks
+    mine = score_parallel(truth.polygons, props.polygons, cfg, ids[env.rank::env.world_size],
+                          workers, progress=env.is_main)
     env = dist.init(env)
     try:
-        mine = score_parallel(truth.polygons, props.polygons, cfg, ids[env.rank::env.world_size],
-                              workers, progress=env.is_main)
         result = merge_results(dist.gather_objects(mine))
     finally:
         dist.teardown()
