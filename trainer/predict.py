@@ -5,13 +5,15 @@
 
 Output: ``PRED/pred-NNNNNN.tar``, one sample per tile: ``prob.png`` (8-bit RGB of round(255*p)
 for background, building, boundary) and the tile's ``meta.json``. Whole tiles of any size.
-Rank r writes shards ``r, r+W, r+2W, ...`` so ranks never collide.
+Rank r writes shards ``r, r+W, r+2W, ...`` so ranks never collide. ``PRED/provenance.json`` names
+the run directory, checkpoint, dataset and split the predictions came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -22,9 +24,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dataio.atomic import atomic_write_text
 from trainer import dist
 
 log = logging.getLogger("footprints")
+PROVENANCE = "provenance.json"  # PRED/provenance.json: which run, checkpoint and split
 
 
 def predict_probs(net: nn.Module, image: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         precision = resolve(cfg.train.amp, device)
         if env.is_main:
             args.out.mkdir(parents=True, exist_ok=True)
+            # provenance: lets postproc.polygonize find the run's tuned settings by default
+            atomic_write_text(args.out / PROVENANCE, json.dumps({
+                "run_dir": str(args.run_dir.resolve()), "checkpoint": str(ckpt_path.resolve()),
+                "data": str(args.data.resolve()), "split": args.split, "tta": args.tta}) + "\n")
         dist.barrier()
         stream = _samples(loader, net, precision, args.tta, env.is_main)
         written, k = 0, 0

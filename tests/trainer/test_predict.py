@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,8 @@ def test_predict_writes_every_tile_of_the_split_once(trained_run: Path, small_da
     got = _read(tmp_path / "pred")
     assert set(got) == _split_keys(small_dataset, "test")
     assert len(list_pred_shards(tmp_path / "pred")) == -(-len(got) // 2)
+    prov = json.loads((tmp_path / "pred" / "provenance.json").read_text())
+    assert Path(prov["run_dir"]) == trained_run.resolve() and prov["split"] == "test"
     for key, (prob, meta) in got.items():
         assert prob.dtype == np.uint8 and prob.shape == (meta["height"], meta["width"], 3)
         total = prob.astype(int).sum(-1)
