@@ -150,6 +150,33 @@ def test_sigkill_of_a_worker_resumes_bit_exactly(small_dataset: Path, tmp_path: 
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.timeout(300)
+def test_two_nodes_train_like_one_node_with_two_workers(small_dataset: Path, tmp_path: Path,
+                                                       reference_run: tuple[Path, dict]) -> None:
+    """launch/multi_node.sh twice on this machine: two "nodes" of one worker each, c10d
+    rendezvous on localhost, a shared run directory."""
+    run_dir = tmp_path / "run"
+    env = {**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "NNODES": "2", "NPROC": "1", "RDZV_ID": f"test-{os.getpid()}", "MAX_RESTARTS": "0"}
+    sets = [a for o in KILL_RUN for a in ("--set", o)]
+    cmd = ["bash", "launch/multi_node.sh", "configs/tiny.toml", str(small_dataset),
+           str(run_dir), *sets]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for _ in range(2)]
+    try:
+        results = [n.communicate(timeout=240) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+    for n, (_, err) in zip(nodes, results, strict=True):
+        assert n.returncode == 0, err[-3000:]
+    assert "on 2 x cpu" in "".join(err for _, err in results)  # one world of two workers
+    ref, got = final_weights(reference_run[0]), final_weights(run_dir)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def _worker_pid(agent: int, rank: int) -> int:
     """The pid of the torchrun worker with RANK=rank (a child of the agent process)."""
     children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
