@@ -17,6 +17,7 @@ help:
 	@echo "make demo   - set up .venv and run the whole pipeline on the synthetic AOI (into $(DEMO_DIR)/)"
 	@echo "make test   - set up .venv, then ruff and pytest"
 	@echo "make setup  - only create .venv with everything installed"
+	@echo "make gpu-check - GPU tests and benchmarks (needs CUDA)"
 
 setup: $(VENV)/.setup-done
 
@@ -35,6 +36,11 @@ test: setup lint
 
 demo: setup
 	$(PY) -m launch.demo --out $(DEMO_DIR)
+
+# Every GPU test plus the loader, training and postprocessing benchmarks on this machine's GPU(s);
+# JSON lands in gpu-check/. Without CUDA it says so and fails.
+gpu-check: setup
+	$(PY) -m launch.gpu_check --out gpu-check
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -1,0 +1,67 @@
+"""``make gpu-check``: every GPU test and the loader, training and postprocessing benchmarks on
+the GPU(s) of this machine, writing JSON into OUT. Without CUDA it says so and exits non-zero.
+
+    python -m launch.gpu_check [--out gpu-check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dataio.atomic import atomic_write_text
+
+
+def _run(name: str, cmd: list[str], out: Path, timeout: float) -> dict:
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, timeout=timeout)
+        rc = res.returncode
+    except subprocess.TimeoutExpired:
+        rc = 124
+    return {"name": name, "returncode": rc, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.gpu_check", description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("gpu-check"))
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device on this machine (torch.cuda.is_available() is False); "
+              "run it where a GPU and a CUDA build of torch are installed", file=sys.stderr)
+        return 1
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    py = sys.executable
+    # NOTE: budgets keep the whole check under 10 minutes on one GPU.
+    steps = [
+        ("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "--junitxml",
+                       str(out / "gpu-tests.xml")], 180),
+        ("loader", [py, "-m", "benchmarks.loader", "--json", str(out / "loader.json")], 150),
+        ("train", [py, "-m", "benchmarks.train", "--config", "configs/unet_baseline.toml",
+                   "--steps", "20", "--nproc", str(len(gpus)), "--json",
+                   str(out / "train.json")], 200),
+        ("postproc", [py, "-m", "benchmarks.postproc", "--json", str(out / "postproc.json")],
+         120),
+    ]
+    results = [_run(name, cmd, out, timeout) for name, cmd, timeout in steps]
+    summary = {"gpus": gpus, "cuda": torch.version.cuda, "torch": torch.__version__,
+               "steps": results, "ok": all(r["returncode"] == 0 for r in results),
+               "env": {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES",) if k in os.environ}}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    for r in results:
+        print(f"{r['name']:<10} {'ok' if r['returncode'] == 0 else 'FAILED':<7} {r['seconds']}s")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
