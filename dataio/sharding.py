@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataio.geo import IMAGE_ID_RE
 from dataio.manifest import Manifest
 from dataio.shards import COMPONENTS, check_shard
 
@@ -78,7 +79,12 @@ def _parse_index(idx: Path, tar: Path, expected: int) -> list[SampleRef]:
         missing = [c for c in COMPONENTS if c not in members]
         if missing:
             raise ValueError(f"sample without {missing} ({line[:80]!r})")
-        key = parts[3].split("/")[-1].partition(".")[0]
+        name = parts[3]
+        key = name.partition(".")[0]
+        # NOTE: keys become file names downstream (prediction shards, GeoJSON per tile): a
+        # member like "../x.img.npy" is not something prepare writes, so the shard is refused.
+        if "/" in name or not IMAGE_ID_RE.match(key):
+            raise ValueError(f"sample key {key!r} of member {name!r} is not an ImageId")
         refs.append(SampleRef(key, tar, members))
     if len(refs) != expected:
         raise ValueError(f"{len(refs)} sample lines, header/manifest says {expected}")
