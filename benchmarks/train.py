@@ -1,0 +1,192 @@
+"""Training throughput and where a step's time goes, for 1 and N processes, AMP on and off,
+DALI against the plain webdataset + DataLoader backend.
+
+    python -m benchmarks.train [--data DATA] [--config configs/demo.toml] [--steps 20]
+                               [--nproc 2] [--json OUT]
+
+Each variant runs under ``torchrun`` (gloo on CPU, NCCL on GPUs) and times every step in four
+parts: waiting for the batch, forward + backward (under ``no_sync``, pure compute), the gradient
+all-reduce (the communication DDP does, here done explicitly so it can be timed on its own), and
+the optimizer step. NOTE: real DDP overlaps the all-reduce with the backward, so its steps are at
+most this long; the split shows what each part costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import base_parser, print_table, write_json
+
+PHASES = ("data_wait", "fwd_bwd", "comm", "optimizer")
+
+
+def _variants(nproc: int, cuda: bool) -> list[dict[str, Any]]:
+    amps = ("off", "bf16", "fp16") if cuda else ("off", "bf16")
+    out = [{"procs": 1, "backend": "dali", "amp": a} for a in amps]
+    out.append({"procs": 1, "backend": "torch", "amp": "off"})
+    if nproc > 1:
+        out.append({"procs": nproc, "backend": "dali", "amp": "off"})
+        out.append({"procs": nproc, "backend": "torch", "amp": "off"})
+        if cuda:
+            out.append({"procs": nproc, "backend": "dali", "amp": "bf16"})
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One process of a variant: time ``--steps`` steps after ``--warmup``."""
+    import torch
+
+    from dataio.loader import build_loader
+    from dataio.manifest import load_manifest
+    from models import build_loss, build_model_from_config
+    from trainer import dist
+    from trainer.amp import resolve
+    from trainer.config import load_config
+    from trainer.optim import build_optimizer
+
+    env = dist.init(dist.DistEnv.from_env())
+    try:
+        cfg = load_config(args.config, [f"data.backend={args.backend}", f"train.amp={args.amp}",
+                                        "data.num_threads=1"])
+        device = dist.device_for(env)
+        manifest = load_manifest(args.data)
+        torch.manual_seed(0)
+        net = build_model_from_config(cfg.model, manifest.bands, 3).to(device)
+        loss_fn = build_loss(cfg.loss, manifest.class_frequencies).to(device)
+        opt = build_optimizer(net.parameters(), cfg.optim)
+        precision = resolve(args.amp, device)
+        scaler = precision.scaler()
+        ddp = torch.nn.parallel.DistributedDataParallel(net) if env.distributed else net
+        loader = build_loader(args.data, "train", cfg.data, env.rank, env.world_size,
+                              train=True, device=device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = {p: 0.0 for p in PHASES}
+        samples, steps, epoch = 0, 0, 0
+        t_start = 0.0
+        while steps < args.warmup + args.steps:
+            loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            for batch in loader:
+                if steps == args.warmup:
+                    dist.barrier()
+                    t_start, times, samples = time.perf_counter(), dict.fromkeys(PHASES, 0.0), 0
+                    t0 = t_start
+                sync()
+                t1 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                ctx = ddp.no_sync() if env.distributed else contextlib.nullcontext()
+                with ctx:
+                    with precision.autocast():
+                        logits = ddp(batch.image)
+                    loss = loss_fn(logits, batch.mask)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                sync()
+                t2 = time.perf_counter()
+                if env.distributed:
+                    grads = [p.grad for p in net.parameters() if p.grad is not None]
+                    flat = torch.cat([g.flatten() for g in grads])
+                    torch.distributed.all_reduce(flat)
+                    flat /= env.world_size
+                    torch._utils._unflatten_dense_tensors(flat, grads)
+                sync()
+                t3 = time.perf_counter()
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sync()
+                t4 = time.perf_counter()
+                for p, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    times[p] += dt
+                samples += int(batch.valid.sum())
+                steps += 1
+                t0 = time.perf_counter()
+                if steps >= args.warmup + args.steps:
+                    break
+            epoch += 1
+        wall = time.perf_counter() - t_start
+        loader.close()
+        total = dist.all_reduce_sum([samples])[0].item()
+        if env.is_main:
+            n = args.steps
+            row = {"samples_per_s": total / wall, "step_ms": 1000 * wall / n,
+                   **{f"{p}_ms": 1000 * times[p] / n for p in PHASES},
+                   "device": device.type, "precision": precision.name}
+            Path(args.out).write_text(json.dumps(row))
+    finally:
+        dist.teardown()
+
+
+def _dataset(tmp: Path) -> Path:
+    from dataio.prepare import PrepareConfig, prepare
+    from dataio.synth import SynthConfig, write_aoi
+
+    write_aoi(SynthConfig(out=tmp / "raw", tiles=48, seed=1, workers=2))
+    prepare(PrepareConfig([tmp / "raw"], tmp / "DATA", split=(100, 0, 0), shard_size=16,
+                          workers=2), progress=False)
+    return tmp / "DATA"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=None, help="default: 48 synthetic tiles")
+    p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="dali", help=argparse.SUPPRESS)
+    p.add_argument("--amp", default="off", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    import torch
+
+    cuda = torch.cuda.is_available()
+    nproc = min(args.nproc, torch.cuda.device_count()) if cuda else args.nproc
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or _dataset(Path(tmp))
+        rows = []
+        from trainer.amp import cpu_has_native_bf16
+
+        for v in _variants(nproc, cuda):
+            out = Path(tmp) / "row.json"
+            # emulated bf16 on an older CPU runs ~15x slower: a few steps show it
+            steps = 3 if (v["amp"] == "bf16" and not cuda and not cpu_has_native_bf16()) \
+                else args.steps
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1)
+                                                          // v["procs"])))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={v['procs']}", "-m", "benchmarks.train", "--worker",
+                   "--data", str(data), "--config", str(args.config), "--steps",
+                   str(steps), "--warmup", str(args.warmup), "--backend", v["backend"],
+                   "--amp", v["amp"], "--out", str(out)]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(res.stderr[-3000:], file=sys.stderr)
+                return 1
+            row = {"variant": f"{v['procs']}x {v['backend']} amp={v['amp']}", **v,
+                   "steps": steps, **json.loads(out.read_text())}
+            rows.append(row)
+            print(f"  {row['variant']}: {row['samples_per_s']:.1f} samples/s", flush=True)
+    cols = ["variant", "precision", "samples_per_s", "step_ms", *(f"{p}_ms" for p in PHASES)]
+    print_table(rows, cols)
+    write_json(args.json, "train", rows, config=str(args.config), steps=args.steps,
+               units={"samples_per_s": "samples/s (all ranks)", "*_ms": "ms per step"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
