@@ -267,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", type=Path, default=None,
                    help="also write <DIR>/<ImageId>.geojson in each tile's CRS")
     p.add_argument("--settings", type=Path, default=None,
-                   help="postproc.json with PolygonizeConfig fields (flags below override it)")
+                   help="postproc.json with PolygonizeConfig fields (flags below override it; "
+                        "default: the run's tuned RUN/postproc.json, RUN named by "
+                        "PRED/provenance.json)")
+    p.add_argument("--no-tuned", action="store_true",
+                   help="ignore the run's tuned postproc.json: defaults and flags only")
     d = PolygonizeConfig()
     p.add_argument("--min-polygon-area", type=float, default=None,
                    help=f"drop blobs under this many px (default {d.min_polygon_area})")
@@ -288,9 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> PolygonizeConfig:
-    """Settings file first, then any flag given on the command line."""
-    base = asdict(PolygonizeConfig.from_json(args.settings)) if args.settings else {}
+def config_from_args(args: argparse.Namespace, announce: bool = True) -> PolygonizeConfig:
+    """Settings file first (``--settings``, else the run's tuned one), then any flag given."""
+    settings = args.settings
+    if settings is None and not args.no_tuned:
+        from postproc.provenance import tuned_settings
+
+        settings, run = tuned_settings(args.pred)
+        if announce and settings is not None:
+            print(f"polygonize: tuned settings {settings} (the run in {args.pred}/provenance.json;"
+                  " --settings or --no-tuned to change)", file=sys.stderr)
+        elif announce and run is not None:
+            print(f"polygonize: default settings ({run} has no postproc.json; "
+                  "python -m postproc.tune writes it)", file=sys.stderr)
+    base = asdict(PolygonizeConfig.from_json(settings)) if settings else {}
     for name in ("min_polygon_area", "building_threshold", "footprint_threshold",
                  "grow_radius", "simplify_tolerance", "seedless"):
         v = getattr(args, name)
@@ -301,12 +316,12 @@ def config_from_args(args: argparse.Namespace) -> PolygonizeConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
     from postproc import runner
     from postproc.predio import list_pred_shards
     from trainer import dist
 
     env = dist.DistEnv.from_env()
+    cfg = config_from_args(args, announce=env.is_main)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or runner.default_workers(env.local_world_size)

@@ -1,0 +1,82 @@
+"""Training curves of a run as one PNG: losses, and val IoU / F1 (with precision, recall) per epoch.
+
+Reads ``RUN/log.jsonl`` (one JSON object per epoch: ``epoch``, ``train_loss``, and on validation
+epochs ``val_loss``, ``val_iou``, ``val_f1``, ``val_precision``, ``val_recall``). Drawn with
+matplotlib's object API on the Agg canvas: no pyplot state, no display needed.
+The command line is ``python -m postproc.render --curves RUN/log.jsonl --out curves.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dataio.atomic import atomic_write_bytes
+
+LOSSES = (("train_loss", "train loss", "-"), ("val_loss", "val loss", "-"))
+METRICS = (("val_f1", "val F1 (SpaceNet)", "-"), ("val_iou", "val IoU (building px)", "-"),
+           ("val_precision", "val precision", ":"), ("val_recall", "val recall", ":"))
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Epoch records sorted by epoch; a repeated epoch (a resumed run) keeps its last record."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--curves {path}: training log not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--curves {path}: cannot read the training log ({e})") from None
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            epoch = int(rec["epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: not an epoch record ({type(e).__name__}: {e})") from None
+        by_epoch[epoch] = rec
+    if not by_epoch:
+        raise ValueError(f"{path}: no epochs logged (train first)")
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _series(epochs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(int(e["epoch"]), float(e[key])) for e in epochs
+           if isinstance(e.get(key), int | float) and math.isfinite(float(e[key]))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(epochs: list[dict[str, Any]], out: str | Path, title: str = "") -> None:
+    """Two panels (losses; val metrics) written atomically as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_val = fig.subplots(1, 2)
+    for ax, series, ylabel in ((ax_loss, LOSSES, "cross-entropy"), (ax_val, METRICS, "score")):
+        drawn = 0
+        for key, label, style in series:
+            x, y = _series(epochs, key)
+            if x:
+                ax.plot(x, y, style, marker="o" if len(x) < 30 else None, ms=3, label=label)
+                drawn += 1
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    ax_val.set_ylim(0, 1)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(out, buf.getvalue())

@@ -1,0 +1,231 @@
+"""Pictures for the report (issue 7): tiles with outlines coloured by outcome, and training curves.
+
+Tiles: the image from the dataset shards, normalised as the model sees it (clipped per band to the
+training split's 2nd..98th percentile from the manifest, never per tile), with outlines matched
+by the scorer's rule (``postproc.matching``: proposals in file order, IoU >= 0.5): true-positive
+proposals green, false-positive proposals red, missed truth yellow. A legend box in the top-left
+corner holds the counts. Truth the scorer drops (area <= 20 px) is not drawn.
+
+CLI::
+
+    python -m postproc.render --data DATA --split test --proposals PROPOSALS.csv --out DIR \\
+        [--pred PRED] [--image-ids ID ...] [--tiles N]
+    python -m postproc.render --curves RUN/log.jsonl --out RUN/report/curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from shapely.geometry.base import BaseGeometry
+
+from dataio.atomic import atomic_write_bytes
+from postproc.matching import match_image
+from postproc.score import ScoreConfig, f1_from_counts
+
+TP_COLOUR = (0, 255, 0)
+FP_COLOUR = (255, 0, 0)
+MISSED_COLOUR = (255, 255, 0)
+LEGEND_BG = (0, 0, 0)
+LEGEND_TEXT = (255, 255, 255)
+LINE_WIDTH = 2  # px: visible on a 650 px tile without hiding small buildings
+# NOTE: the legend box is sized from these templates, not the counts, so it has one size per
+# tile size and a test can leave it out.
+LEGEND_TEMPLATES = ("TP 000000", "FP 000000", "missed 000000", "F1: 0.0000")
+DEFAULT_TILES = 4
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=14)
+
+
+def legend_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the legend in a tile of this size (inclusive-exclusive)."""
+    font = _font()
+    sizes = [font.getbbox(t) for t in LEGEND_TEMPLATES]
+    line = max(b[3] for b in sizes) + 2
+    w = max(b[2] for b in sizes) + 8
+    return 0, 0, min(width, w), min(height, line * len(LEGEND_TEMPLATES) + 6)
+
+
+def display_rgb(img: np.ndarray, p2: list[float], p98: list[float]) -> np.ndarray:
+    """uint8 HxWx3: bands 1-3 (or band 1 as grey) clipped to [p2, p98] and scaled to 0..255."""
+    bands = [0, 1, 2] if img.shape[2] >= 3 else [0, 0, 0]
+    out = np.empty((*img.shape[:2], 3), np.uint8)
+    for i, b in enumerate(bands):
+        lo, hi = float(p2[b]), float(p98[b])
+        x = (img[..., b].astype(np.float32) - lo) / max(hi - lo, 1e-6)
+        out[..., i] = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+
+def rings(geom: BaseGeometry) -> list[list[tuple[float, float]]]:
+    """Every ring (shells and holes) of a polygon or multipolygon, as closed coordinate lists."""
+    out = []
+    for poly in getattr(geom, "geoms", [geom]):
+        if poly.is_empty:
+            continue
+        out.append(list(poly.exterior.coords))
+        out.extend(list(r.coords) for r in poly.interiors)
+    return out
+
+
+def draw_tile(rgb: np.ndarray, truth: list[BaseGeometry], proposals: list[BaseGeometry],
+              score_cfg: ScoreConfig | None = None) -> tuple[Image.Image, tuple[int, int, int]]:
+    """The tile with coloured outlines and the legend; returns (image, (tp, fp, fn))."""
+    t, match, matched = match_image(truth, proposals, score_cfg)
+    im = Image.fromarray(rgb, "RGB")
+    draw = ImageDraw.Draw(im)
+    layers = ((MISSED_COLOUR, [g for g, m in zip(t, matched, strict=True) if not m]),
+              (FP_COLOUR, [p for p, m in zip(proposals, match, strict=True) if m < 0]),
+              (TP_COLOUR, [p for p, m in zip(proposals, match, strict=True) if m >= 0]))
+    for colour, geoms in layers:
+        for g in geoms:
+            for ring in rings(g):
+                draw.line(ring, fill=colour, width=LINE_WIDTH)
+    tp = int((match >= 0).sum())
+    counts = (tp, len(proposals) - tp, int(t.size) - tp)
+    _legend(draw, im.size, counts)
+    return im, counts
+
+
+def _legend(draw: ImageDraw.ImageDraw, size: tuple[int, int], counts: tuple[int, int, int]
+            ) -> None:
+    tp, fp, fn = counts
+    box = legend_box(*size)
+    draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=LEGEND_BG)
+    font = _font()
+    line = (box[3] - box[1] - 6) // len(LEGEND_TEMPLATES)
+    texts = ((f"TP {tp}", TP_COLOUR), (f"FP {fp}", FP_COLOUR), (f"missed {fn}", MISSED_COLOUR),
+             (f"F1: {f1_from_counts(tp, fp, fn)[2]:.4f}", LEGEND_TEXT))
+    for k, (text, colour) in enumerate(texts):
+        draw.text((box[0] + 4, box[1] + 3 + k * line), text, fill=colour, font=font)
+
+
+def pick_tiles(truth: dict[str, list[BaseGeometry]], n: int, score_cfg: ScoreConfig) -> list[str]:
+    """The ``n`` tiles with the most (scored) truth buildings; ties by ImageId."""
+    counts = {k: sum(1 for g in v if g.area > score_cfg.min_truth_area) for k, v in truth.items()}
+    return sorted(counts, key=lambda k: (-counts[k], k))[:n]
+
+
+def load_images(data: Path, split: str, ids: list[str]) -> dict[str, np.ndarray]:
+    """img.npy of the wanted tiles from ``DATA/<split>/shard-*.tar`` (only those are decoded)."""
+    from dataio.shards import IMG, decode_npy, iter_tar_samples
+
+    shards = sorted((data / split).glob("shard-*.tar"))
+    if not shards:
+        raise ValueError(f"--data {data}: no {split}/shard-*.tar (check --data and --split)")
+    want, found = set(ids), {}
+    for shard in shards:
+        for key, members in iter_tar_samples(shard):
+            if key in want and IMG in members:
+                found[key] = decode_npy(members[IMG])
+        if len(found) == len(want):
+            break
+    missing = sorted(want - set(found))
+    if missing:
+        raise ValueError(f"{missing[0]}: no such tile in {data / split} shards "
+                         "(check --image-ids and --split)")
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m postproc.render",
+        description="Report pictures: tiles with truth and proposal outlines coloured by outcome "
+                    "(green TP, red FP, yellow missed) as DIR/<ImageId>.png, or with --curves "
+                    "the training curves of a run as one PNG.")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for the tile PNGs; with --curves, the PNG file to write")
+    p.add_argument("--proposals", type=Path, default=None, help="proposal CSV to draw")
+    p.add_argument("--data", type=Path, default=None,
+                   help="prepared dataset (default: data in PRED/provenance.json)")
+    p.add_argument("--split", default=None, choices=("train", "val", "test"),
+                   help="split of the tiles; truth from DATA/<split>/truth.csv (default: the "
+                        "split in PRED/provenance.json, else test)")
+    p.add_argument("--pred", type=Path, default=None,
+                   help="prediction directory whose provenance.json gives --data and --split")
+    p.add_argument("--image-ids", nargs="+", default=None, metavar="ID", help="tiles to draw")
+    p.add_argument("--tiles", type=int, default=DEFAULT_TILES,
+                   help=f"without --image-ids: draw the N tiles with the most truth buildings "
+                        f"(default {DEFAULT_TILES})")
+    p.add_argument("--curves", type=Path, default=None, metavar="LOG",
+                   help="draw the training curves of RUN/log.jsonl into --out instead")
+    return p
+
+
+def _curves(args: argparse.Namespace) -> int:
+    from postproc.curves import plot_curves, read_log
+
+    if args.proposals or args.image_ids or args.data:
+        raise ValueError("--curves draws only the training curves; draw tiles in another call")
+    if args.out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: with --curves, --out is the PNG file to write "
+                         "(e.g. RUN/report/curves.png)")
+    epochs = read_log(args.curves)
+    plot_curves(epochs, args.out, title=args.curves.parent.name)
+    print(f"{len(epochs)} epochs -> {args.out}")
+    return 0
+
+
+def _data_and_split(args: argparse.Namespace) -> tuple[Path, str]:
+    from postproc.provenance import provenance_path, read_provenance
+
+    data, split = args.data, args.split
+    if args.pred is not None:
+        if not args.pred.is_dir():
+            raise ValueError(f"--pred {args.pred}: not a directory")
+        data = data or provenance_path(args.pred, "data")
+        split = split or (read_provenance(args.pred) or {}).get("split")
+    if data is None:
+        raise ValueError("no dataset: pass --data (or --pred with a provenance.json)")
+    return data, split or "test"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.curves is not None:
+        return _curves(args)
+    from tqdm import tqdm
+
+    from dataio.manifest import load_manifest
+    from postproc.csvio import read_proposal_csv, read_truth_csv
+    from postproc.predio import check_key
+
+    if args.proposals is None:
+        raise ValueError("--proposals is required to draw tiles (or pass --curves LOG)")
+    if args.tiles < 1:
+        raise ValueError(f"--tiles {args.tiles} must be at least 1")
+    data, split = _data_and_split(args)
+    p2, p98 = load_manifest(data).percentiles()
+    truth_csv = data / split / "truth.csv"
+    truth = read_truth_csv(truth_csv).polygons
+    proposals = read_proposal_csv(args.proposals).polygons
+    score_cfg = ScoreConfig()
+    ids = args.image_ids or pick_tiles(truth, args.tiles, score_cfg)
+    for image_id in ids:
+        check_key(image_id)
+        if image_id not in truth:
+            raise ValueError(f"--image-ids {image_id}: not in {truth_csv}")
+    images = load_images(data, split, ids)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for image_id in tqdm(ids, unit="tile", desc="render"):
+        rgb = display_rgb(images[image_id], p2, p98)
+        im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
+                                     score_cfg)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", compress_level=6)
+        atomic_write_bytes(args.out / f"{image_id}.png", buf.getvalue())
+        tqdm.write(f"{image_id}: TP {tp}  FP {fp}  missed {fn} -> {args.out / image_id}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    from postproc.cli import exit_on_error
+
+    sys.exit(exit_on_error(main))

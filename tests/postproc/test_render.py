@@ -1,0 +1,224 @@
+"""postproc.render: outlines of each outcome colour where those polygons are, and nowhere else;
+training curves; bad input.
+
+Proposals are made from the truth so that every outcome is known: kept truth polygons are true
+positives, omitted ones are missed, shrunk ones are false positives (IoU 0.25) whose truth is
+missed, and boxes far from any building are false positives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from PIL import Image
+from shapely import affinity
+from shapely.geometry import box
+
+from dataio.manifest import load_manifest
+from dataio.shards import decode_sample, iter_tar_samples
+from postproc import render
+from postproc.cli import exit_on_error
+from postproc.csvio import read_truth_csv
+from postproc.score import ScoreConfig, score_image
+
+OUTCOMES = {"tp": render.TP_COLOUR, "fp": render.FP_COLOUR, "missed": render.MISSED_COLOUR}
+
+
+def run_main(argv: list) -> int:
+    return exit_on_error(lambda: render.main([str(a) for a in argv]))
+
+
+def write_proposals(path: Path, rows: dict[str, list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "BuildingId", "PolygonWKT_Pix", "Confidence"])
+        for key, polys in rows.items():
+            for k, p in enumerate(polys, start=1):
+                w.writerow([key, k, p.wkt, 1.0])
+    return path
+
+
+def craft(truth: list, size: int, rng: np.random.Generator) -> tuple[list, dict[str, list]]:
+    """(proposals in file order, the expected outlines per outcome)."""
+    t = [g for g in truth if g.area > ScoreConfig().min_truth_area]
+    out: dict[str, list] = {"tp": [], "fp": [], "missed": []}
+    props = []
+    for i, g in enumerate(t):
+        if i % 4 == 0:
+            out["missed"].append(g)
+        elif i % 4 == 1:
+            small = affinity.scale(g, 0.5, 0.5)
+            props.append(small)
+            out["fp"].append(small)
+            out["missed"].append(g)
+        else:
+            props.append(g)
+            out["tp"].append(g)
+    everything = shapely.union_all(t).buffer(8)
+    while len(out["fp"]) < len(t) // 4 + 6:
+        x, y = rng.uniform(120, size - 20, 2)
+        b = box(x, y, x + 10, y + 10)
+        if not b.intersects(everything):
+            props.append(b)
+            out["fp"].append(b)
+            everything = everything.union(b.buffer(8))
+    return props, out
+
+
+def _lines(geoms: list) -> shapely.Geometry:
+    return shapely.union_all([shapely.boundary(g) for g in geoms])
+
+
+def load_rgb(data: Path, split: str, key: str) -> np.ndarray:
+    p2, p98 = load_manifest(data).percentiles()
+    for shard in sorted((data / split).glob("shard-*.tar")):
+        for k, members in iter_tar_samples(shard):
+            if k == key:
+                return render.display_rgb(decode_sample(members, k)[0], p2, p98)
+    raise AssertionError(key)
+
+
+@pytest.fixture(scope="module")
+def drawn(prepared_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("render")
+    truth = read_truth_csv(prepared_dataset / "val" / "truth.csv").polygons
+    key = render.pick_tiles(truth, 1, ScoreConfig())[0]
+    props, expected = craft(truth[key], 650, np.random.default_rng(0))
+    csv_path = write_proposals(root / "props.csv", {key: props})
+    return root, key, props, expected, csv_path, truth
+
+
+def test_outlines_of_each_outcome_where_the_polygons_are(prepared_dataset, drawn, capsys):
+    root, key, props, expected, csv_path, truth = drawn
+    assert run_main(["--data", prepared_dataset, "--split", "val", "--proposals", csv_path,
+                     "--out", root / "tiles", "--tiles", 1]) == 0
+    assert [p.name for p in (root / "tiles").iterdir()] == [f"{key}.png"]  # the busiest tile
+    tp, fp, fn = len(expected["tp"]), len(expected["fp"]), len(expected["missed"])
+    assert (tp, fp, fn) == score_image(truth[key], props) and min(tp, fp, fn) > 3
+    assert f"TP {tp}  FP {fp}  missed {fn}" in capsys.readouterr().out
+    with Image.open(root / "tiles" / f"{key}.png") as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (650, 650)
+        png = np.asarray(im)
+    base = load_rgb(prepared_dataset, "val", key)
+    h, w = base.shape[:2]
+    x0, y0, x1, y1 = render.legend_box(w, h)
+    legend = np.zeros((h, w), bool)
+    legend[y0:y1 + 3, x0:x1 + 3] = True
+    lines = {k: _lines(v) for k, v in expected.items()}
+    for name, colour in OUTCOMES.items():
+        is_c = (png == colour).all(axis=2) & (png != base).any(axis=2) & ~legend
+        # nowhere far: every pixel drawn in this colour lies on an outline of this outcome
+        ys, xs = np.nonzero(is_c)
+        d = shapely.distance(shapely.points(xs + 0.5, ys + 0.5), lines[name])
+        assert xs.size > 100 and d.max() <= 2.5, (name, xs.size, d.max())
+        # on the outlines: sample them every 2 px, away from the legend, the tile edge and the
+        # other outcomes' outlines (drawn over each other where they come close)
+        others = shapely.union_all([v for k, v in lines.items() if k != name])
+        line = lines[name]
+        pts = shapely.line_interpolate_point(line, np.arange(0, line.length, 2.0))
+        hits = total = 0
+        for p in pts:
+            x, y = int(math.floor(p.x)), int(math.floor(p.y))
+            if not (3 <= x < w - 3 and 3 <= y < h - 3) or legend[y, x] or \
+                    shapely.distance(p, others) < 4:
+                continue
+            total += 1
+            hits += bool(is_c[y - 1:y + 2, x - 1:x + 2].any())
+        assert total > 50 and hits / total >= 0.98, (name, hits, total)
+
+
+def test_image_ids_and_tiles_without_proposals(prepared_dataset, drawn, tmp_path):
+    _, key, _, _, csv_path, truth = drawn
+    other = next(k for k in truth if k != key)
+    assert run_main(["--data", prepared_dataset, "--split", "val", "--proposals", csv_path,
+                     "--out", tmp_path, "--image-ids", other]) == 0
+    with Image.open(tmp_path / f"{other}.png") as im:
+        png = np.asarray(im)
+    base = load_rgb(prepared_dataset, "val", other)
+    changed = (png != base).any(axis=2)
+    x0, y0, x1, y1 = render.legend_box(*png.shape[1::-1])
+    changed[y0:y1, x0:x1] = False
+    # no proposals for this tile: only missed truth is drawn
+    assert (png[changed] == render.MISSED_COLOUR).all(axis=1).mean() > 0.9
+    assert not (png[changed] == render.TP_COLOUR).all(axis=1).any()
+
+
+def test_data_and_split_from_provenance(prepared_dataset, drawn, tmp_path):
+    _, key, _, _, csv_path, _ = drawn
+    pred = tmp_path / "PRED"
+    pred.mkdir()
+    (pred / "provenance.json").write_text(json.dumps({"data": str(prepared_dataset),
+                                                      "split": "val"}))
+    assert run_main(["--pred", pred, "--proposals", csv_path, "--out", tmp_path / "o",
+                     "--image-ids", key]) == 0
+    assert (tmp_path / "o" / f"{key}.png").is_file()
+
+
+def test_curves_png(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    rows = []
+    for e in range(1, 13):
+        r = {"epoch": e, "train_loss": 1.0 / e, "lr": 1e-3}
+        if e % 2 == 0:
+            r.update(val_loss=1.2 / e, val_iou=1 - 0.7 / e, val_f1=1 - 1.0 / e,
+                     val_precision=0.9, val_recall=0.8)
+        rows.append(json.dumps(r))
+    rows.insert(3, json.dumps({"epoch": 4, "train_loss": float("nan")}))  # a resumed epoch 4
+    log.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "report" / "curves.png"
+    assert run_main(["--curves", log, "--out", out]) == 0
+    assert "12 epochs" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (1000, 400)
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50
+    # matplotlib's first two line colours, in both panels (losses left, val metrics right)
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        near = (np.abs(rgb - colour).sum(axis=2) < 30)
+        assert near[:, :500].sum() > 100 and near[:, 500:].sum() > 100, colour
+
+
+@pytest.mark.parametrize("case", ["unknown_id", "no_proposals_file", "no_data", "curves_out",
+                                  "bad_log", "no_log", "no_manifest"])
+def test_bad_input_is_one_line(prepared_dataset, drawn, tmp_path, capsys, case):
+    csv_path = drawn[4]
+    argv = ["--data", prepared_dataset, "--split", "val", "--proposals", csv_path, "--out",
+            tmp_path / "o"]
+    if case == "unknown_id":
+        argv += ["--image-ids", "AOI_2_Vegas_img99999"]
+        want = "--image-ids AOI_2_Vegas_img99999: not in"
+    elif case == "no_proposals_file":
+        argv[5] = tmp_path / "nope.csv"
+        want = "nope.csv: file not found"
+    elif case == "no_data":
+        argv = argv[2:]
+        want = "pass --data"
+    elif case == "curves_out":
+        argv = ["--curves", tmp_path / "log.jsonl", "--out", tmp_path / "o"]
+        want = "--out"
+    elif case == "bad_log":
+        (tmp_path / "log.jsonl").write_text('{"epoch": 1, "train_loss": 1}\n{"epoch": \n')
+        argv = ["--curves", tmp_path / "log.jsonl", "--out", tmp_path / "c.png"]
+        want = "log.jsonl:2: not an epoch record"
+    elif case == "no_log":
+        argv = ["--curves", tmp_path / "log.jsonl", "--out", tmp_path / "c.png"]
+        want = "training log not found"
+    else:
+        argv[1] = tmp_path
+        want = "manifest.json: not found"
+    assert run_main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error:") and want in last, last
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c.png").exists()
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as e:
+        render.main(["--help"])
+    assert e.value.code == 0 and "--curves" in capsys.readouterr().out

@@ -1,0 +1,256 @@
+"""postproc.tune: exact counts per grid point, tuned >= default F1, and polygonize using the result.
+
+Predictions are made without a model: a tile's ground-truth mask, blurred and noised, plus small
+false blobs (16-64 px) of building probability, so the default area threshold (20 px) is wrong
+and the thresholds matter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from shapely.geometry import box
+
+from dataio.shards import decode_sample, iter_tar_samples
+from postproc import polygonize, score, tune
+from postproc.cli import exit_on_error
+from postproc.csvio import read_truth_csv
+from postproc.matching import greedy_match, match_image, true_positives
+from postproc.polygonize import PolygonizeConfig, polygonize_probs
+from postproc.predio import write_pred_shard
+from postproc.score import ScoreConfig, candidate_ious, score_image
+
+
+def run_main(main, argv: list) -> int:
+    return exit_on_error(lambda: main([str(a) for a in argv]))
+
+
+def fake_probs(mask: np.ndarray, rng: np.random.Generator, blobs: int = 30) -> np.ndarray:
+    """A plausible, imperfect model output for a mask: soft edges, noise, false small blobs."""
+    h, w = mask.shape
+    p = np.stack([mask == k for k in range(3)], axis=2).astype(np.float32)
+    pad = np.pad(p, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    p = sum(pad[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9  # 3x3 box blur
+    p += rng.uniform(0, 0.2, p.shape).astype(np.float32)
+    for _ in range(blobs):
+        s = int(rng.integers(4, 9))
+        y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+        if (mask[max(0, y - 3):y + s + 3, max(0, x - 3):x + s + 3] == 0).all():
+            p[y:y + s, x:x + s] = (0.2, 0.8, 0.1)
+    p /= p.sum(axis=2, keepdims=True)
+    return np.rint(p * 255).astype(np.uint8)
+
+
+def write_preds(data: Path, split: str, pred: Path, run: Path | None, blobs: int = 30) -> None:
+    """``pred/pred-NNNNNN.tar`` of fake probabilities for a split, and a provenance.json."""
+    rng = np.random.default_rng(0)
+    for i, shard in enumerate(sorted((data / split).glob("shard-*.tar"))):
+        samples = []
+        for key, members in iter_tar_samples(shard):
+            _, mask, meta = decode_sample(members, key)
+            samples.append((key, fake_probs(mask, rng, blobs), meta))
+        write_pred_shard(pred / f"pred-{i:06d}.tar", samples)
+    if run is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        (pred / "provenance.json").write_text(json.dumps(
+            {"run_dir": str(run.resolve()), "checkpoint": str(run / "checkpoints" / "best.pt"),
+             "data": str(data.resolve()), "split": split, "tta": False}))
+
+
+@pytest.fixture(scope="module")
+def tuned(prepared_dataset, tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("tune")
+    pred, run = root / "PRED", root / "RUN"
+    write_preds(prepared_dataset, "val", pred, run)
+    truth = prepared_dataset / "val" / "truth.csv"
+    assert run_main(tune.main, ["--pred", pred, "--truth", truth, "--workers", 2,
+                                "--json", root / "copy.json"]) == 0
+    return SimpleNamespace(root=root, pred=pred, run=run, truth=truth,
+                           doc=json.loads((run / "tune.json").read_text()))
+
+
+def test_tuned_f1_beats_defaults_and_is_saved(tuned):
+    doc = tuned.doc
+    d, b = doc["default"], doc["best"]
+    assert (d["building_threshold"], d["footprint_threshold"], d["grow_radius"],
+            d["min_polygon_area"]) == (0.5, 0.5, 3.0, 20.0)
+    assert b["f1"] > d["f1"] > 0  # the false blobs cost the default area threshold
+    assert b["min_polygon_area"] > 20 and b["fp"] < d["fp"]
+    assert all(p["f1"] <= b["f1"] for p in doc["points"])
+    assert all(p["footprint_threshold"] <= p["building_threshold"] for p in doc["points"])
+    for p in doc["points"]:
+        assert p["f1"] == pytest.approx(2 * p["tp"] / (2 * p["tp"] + p["fp"] + p["fn"]))
+    assert doc["points"][d["index"]]["f1"] == d["f1"] and doc["tiles"] == 2
+    assert (tuned.root / "copy.json").read_text() == (tuned.run / "tune.json").read_text()
+    saved = (tuned.run / "postproc.json").read_text()
+    assert saved == PolygonizeConfig(**b["settings"]).to_json()  # exactly to_json()
+    assert PolygonizeConfig.from_json(tuned.run / "postproc.json") == \
+        PolygonizeConfig(**b["settings"])
+
+
+def _score(truth: Path, csv: Path, out: Path) -> dict:
+    assert run_main(score.main, ["--truth", truth, "--proposals", csv, "--json", out,
+                                 "--workers", 1]) == 0
+    return json.loads(out.read_text())
+
+
+def test_polygonize_uses_the_tuned_settings(tuned, tmp_path, capsys):
+    """What tune chose is what polygonize uses by default, and it scores what tune counted."""
+    b = tuned.doc["best"]
+    outs = {k: tmp_path / f"{k}.csv" for k in ("auto", "settings", "flags", "plain")}
+    common = ["--pred", tuned.pred, "--workers", 1]
+    flags = ["--building-threshold", b["building_threshold"], "--footprint-threshold",
+             b["footprint_threshold"], "--grow-radius", b["grow_radius"], "--min-polygon-area",
+             b["min_polygon_area"]]
+    assert run_main(polygonize.main, [*common, "--out", outs["auto"]]) == 0
+    assert "tuned settings" in capsys.readouterr().err
+    assert run_main(polygonize.main, [*common, "--out", outs["settings"], "--settings",
+                                      tuned.run / "postproc.json"]) == 0
+    assert run_main(polygonize.main, [*common, "--out", outs["flags"], "--no-tuned",
+                                      *flags]) == 0
+    assert run_main(polygonize.main, [*common, "--out", outs["plain"], "--no-tuned"]) == 0
+    auto = outs["auto"].read_bytes()
+    assert auto == outs["settings"].read_bytes() == outs["flags"].read_bytes()
+    assert auto != outs["plain"].read_bytes()
+    got = _score(tuned.truth, outs["auto"], tmp_path / "auto.json")
+    assert (got["tp"], got["fp"], got["fn"]) == (b["tp"], b["fp"], b["fn"])
+    d = tuned.doc["default"]
+    got = _score(tuned.truth, outs["plain"], tmp_path / "plain.json")
+    assert (got["tp"], got["fp"], got["fn"]) == (d["tp"], d["fp"], d["fn"])
+
+
+def test_flags_override_tuned_settings(tuned):
+    args = polygonize.build_parser().parse_args(["--pred", str(tuned.pred), "--out", "x.csv",
+                                                 "--min-polygon-area", "5"])
+    cfg = polygonize.config_from_args(args, announce=False)
+    best = PolygonizeConfig.from_json(tuned.run / "postproc.json")
+    assert cfg.min_polygon_area == 5 and cfg.building_threshold == best.building_threshold
+    args.no_tuned = True
+    assert polygonize.config_from_args(args, announce=False) == \
+        PolygonizeConfig(min_polygon_area=5)
+
+
+def test_same_result_with_one_worker_and_run_dir_flag(tuned, tmp_path):
+    other = tmp_path / "RUN2"
+    other.mkdir()
+    assert run_main(tune.main, ["--pred", tuned.pred, "--truth", tuned.truth, "--run-dir", other,
+                                "--workers", 1]) == 0
+    doc = json.loads((other / "tune.json").read_text())
+    assert doc["points"] == tuned.doc["points"] and doc["best"] == tuned.doc["best"]
+    assert (other / "postproc.json").read_text() == (tuned.run / "postproc.json").read_text()
+
+
+def test_counts_equal_polygonize_then_score(prepared_dataset):
+    """Every grid point's counts equal polygonizing with its settings and scoring the result."""
+    shard = sorted((prepared_dataset / "val").glob("shard-*.tar"))[0]
+    key, members = next(iter_tar_samples(shard))
+    _, mask, _ = decode_sample(members, key)
+    prob = fake_probs(mask, np.random.default_rng(1))
+    truth = read_truth_csv(prepared_dataset / "val" / "truth.csv").polygons[key]
+    grid = tune.TuneGrid((0.4, 0.6), (0.3, 0.5), (0.0, 3.0), (0, 30, 64, 100))
+    counts = tune.tile_counts(prob, truth, grid).reshape(-1, 3)
+    points = grid.points()
+    # the defaults join each axis: 5 (building, footprint) pairs (0.4 > 0.5 is not one) x 2 radii
+    # x 5 areas
+    assert len(points) == counts.shape[0] == 5 * 2 * 5
+    for cfg, c in zip(points, counts, strict=True):
+        props = [p for p, _ in polygonize_probs(prob, cfg)]
+        assert tuple(c) == score_image(truth, props), cfg
+
+
+def test_matching_agrees_with_the_scorer_on_overlaps():
+    truth = [box(0, 0, 10, 10), box(10, 0, 20, 10), box(40, 40, 50, 50)]
+    # duplicates and a proposal straddling two truths: the greedy order decides
+    props = [box(0, 0, 10, 10), box(0, 0, 10, 10), box(2, 0, 12, 10), box(10, 0, 20, 10),
+             box(100, 100, 110, 110), box(40, 40, 50, 51)]
+    t, match, matched = match_image(truth, props)
+    tp = int((match >= 0).sum())
+    assert (tp, len(props) - tp, int((~matched).sum())) == score_image(truth, props)
+    pi, ti, _ = candidate_ious(t, np.array(props, dtype=object), ScoreConfig())
+    keep = np.array([[True] * 6, [False, True, True, True, True, True],
+                     [True, False, False, False, False, True], [False] * 6])
+    got = true_positives(pi, ti, keep, t.size)
+    for row, n in zip(keep, got, strict=True):
+        kept = [p for p, k in zip(props, row, strict=True) if k]
+        assert n == score_image(truth, kept)[0]
+        assert n == (greedy_match(pi, ti, len(props), t.size, row) >= 0).sum()
+
+
+def test_ties_go_to_the_defaults_then_to_fewer_changes():
+    grid = tune.TuneGrid((0.4, 0.5), (0.4, 0.5), (3.0,), (10, 20, 40))
+    points = grid.points()
+    same = np.tile([10, 2, 3], (len(points), 1))  # F1 20/25 everywhere
+    assert points[tune.choose(points, same)] == PolygonizeConfig()
+    better = same.copy()
+    for i, p in enumerate(points):
+        if p.min_polygon_area == 40:  # equal F1 at several points that change the area
+            better[i] = (20, 2, 3)  # F1 40/45
+    best = points[tune.choose(points, better)]
+    assert (best.building_threshold, best.footprint_threshold, best.min_polygon_area) == \
+        (0.5, 0.5, 40)
+
+
+@pytest.mark.parametrize("case", ["no_truth", "empty_pred", "no_run_dir", "bad_grid",
+                                  "other_split", "gone_run_dir"])
+def test_bad_input_is_one_line(tuned, tmp_path, capsys, case):
+    pred, truth, run = tuned.pred, tuned.truth, tmp_path / "RUN"
+    extra: list = []
+    if case == "no_truth":
+        truth, want = tmp_path / "nope.csv", "nope.csv: file not found"
+    elif case == "empty_pred":
+        pred, want = tmp_path / "empty", "no pred-*.tar"
+        pred.mkdir()
+    elif case == "no_run_dir":
+        pred, want = tmp_path / "PRED", "pass --run-dir"
+        pred.mkdir()
+        (pred / "pred-000000.tar").write_bytes((tuned.pred / "pred-000000.tar").read_bytes())
+    elif case == "bad_grid":
+        extra, want = ["--building-thresholds", "0.5,1.5"], "--building-thresholds: 1.5"
+    elif case == "other_split":
+        truth, want = tmp_path / "t.csv", "no ImageId in common"
+        truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                         "other,-1,POLYGON EMPTY,POLYGON EMPTY\n")
+    else:
+        pred, want = tmp_path / "PRED", "is not a directory"
+        pred.mkdir()
+        (pred / "provenance.json").write_text(json.dumps({"run_dir": str(tmp_path / "gone")}))
+        (pred / "pred-000000.tar").write_bytes((tuned.pred / "pred-000000.tar").read_bytes())
+    argv = ["--pred", pred, "--truth", truth, "--workers", 1, *extra]
+    if case in ("other_split", "bad_grid"):
+        argv += ["--run-dir", run]
+        run.mkdir()
+    assert run_main(tune.main, argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error:") and want in last, last
+    assert not (run / "postproc.json").exists()
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--help"])
+    assert e.value.code == 0 and "--min-polygon-areas" in capsys.readouterr().out
+
+
+def test_polygonize_provenance_cases(tuned, tmp_path, capsys):
+    from postproc.provenance import PROVENANCE
+    from trainer.predict import PROVENANCE as WRITTEN
+
+    assert PROVENANCE == WRITTEN
+    pred = tmp_path / "PRED"
+    pred.mkdir()
+    (pred / "pred-000000.tar").write_bytes((tuned.pred / "pred-000000.tar").read_bytes())
+    run = tmp_path / "RUN"
+    run.mkdir()
+    (pred / PROVENANCE).write_text(json.dumps({"run_dir": str(run)}))
+    out = tmp_path / "p.csv"
+    argv = ["--pred", pred, "--out", out, "--workers", 1]
+    assert run_main(polygonize.main, argv) == 0  # a run without postproc.json: the defaults
+    assert "default settings" in capsys.readouterr().err
+    (pred / PROVENANCE).write_text("{not json")
+    assert run_main(polygonize.main, argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "provenance.json: unreadable provenance" in last
