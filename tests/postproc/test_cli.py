@@ -35,6 +35,8 @@ def test_help_exits_zero(capsys):
     assert "--pred" in capsys.readouterr().out
 
 
+@pytest.mark.multiproc  # worker pools of 2 processes
+@pytest.mark.timeout(180)
 def test_polygonize_then_score(pred_dir, tmp_path, capsys):
     pred, truth = pred_dir
     out1, out2 = tmp_path / "p1.csv", tmp_path / "p2.csv"

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from postproc import polygonize, score
@@ -40,6 +41,8 @@ def masks_as_predictions(split_dir: Path, pred_dir: Path) -> int:
     return n
 
 
+@pytest.mark.multiproc  # polygonize with a pool of 2 workers
+@pytest.mark.timeout(300)
 def test_ground_truth_masks_score_f1_at_least_098(prepared_dataset, tmp_path):
     totals = np.zeros(3, int)
     for split in ("test", "val", "train"):
