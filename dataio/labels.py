@@ -104,12 +104,26 @@ def rasterize_footprints(polygons: list[Polygon], shape_hw: tuple[int, int]) -> 
     return rasterize(((p, 1) for p in polygons), out_shape=shape_hw, fill=0, dtype="uint8")
 
 
+def outlines(polygons: list[Polygon], shape_hw: tuple[int, int]) -> list[BaseGeometry]:
+    """The real outlines of the footprints: their boundaries minus what lies on the tile edge.
+
+    NOTE: a building cut by the tile edge has no wall there; banding the cut would leave slivers
+    along the edge with no interior, which then cannot be told from background.
+    """
+    h, w = shape_hw
+    edge = box(0, 0, w, h).exterior.buffer(1e-6)
+    return [p.boundary.difference(edge) for p in polygons]
+
+
 def make_mask(polygons: list[Polygon], shape_hw: tuple[int, int],
               boundary_width: float = DEFAULT_BOUNDARY_WIDTH) -> np.ndarray:
-    """The 3-class mask: footprints, then the band of ``boundary_width`` px around each outline."""
+    """The 3-class mask: footprints, then the band of ``boundary_width`` px on both sides of each
+    outline (not along the tile edge, see :func:`outlines`)."""
     mask = rasterize_footprints(polygons, shape_hw)
     if polygons and boundary_width > 0:
-        bands = [p.boundary.buffer(boundary_width, quad_segs=4) for p in polygons]
-        band = rasterize(((b, 1) for b in bands), out_shape=shape_hw, fill=0, dtype="uint8")
-        mask[band > 0] = BOUNDARY
+        bands = [o.buffer(boundary_width, quad_segs=4) for o in outlines(polygons, shape_hw)]
+        bands = [b for b in bands if not b.is_empty]
+        if bands:
+            band = rasterize(((b, 1) for b in bands), out_shape=shape_hw, fill=0, dtype="uint8")
+            mask[band > 0] = BOUNDARY
     return mask

@@ -165,3 +165,15 @@ def test_bad_split_argument(bad: str, tmp_path: Path, capsys: pytest.CaptureFixt
         main(["--raw", str(tmp_path), "--out", str(tmp_path / "o"), "--split", bad])
     assert e.value.code == 2
     assert "--split" in capsys.readouterr().err
+
+
+def test_no_boundary_band_along_the_tile_edge() -> None:
+    """A building cut by the tile edge keeps its interior up to the edge: the cut is not a wall."""
+    from shapely.geometry import box
+
+    cut = box(0, 20, 30, 50)  # touches the left tile edge at x=0
+    inside = box(60, 20, 90, 50)
+    mask = make_mask([cut, inside], (80, 100))
+    assert (mask[25:45, 0] == 1).all()  # interior reaches the tile edge
+    assert (mask[25:45, 28:32] == 2).all()  # the real wall at x=30 is banded on both sides
+    assert (mask[20:50, 58:62] == 2).all() and (mask[25:45, 63] == 1).all()
