@@ -70,7 +70,8 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          cfg.train.epochs * self.steps_per_epoch)
-        self.validator = Validator(cfg, env, self.data, self.device, self.precision)
+        self.validator = Validator(cfg, env, self.data, self.device, self.precision,
+                                   self.loss_fn)
         self.metrics = TrainMetrics(env, cfg.metrics.port, cfg.metrics.address)
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # steps of the current epoch completed

@@ -33,8 +33,8 @@ def _ratio(a: float, b: float) -> float:
 
 class Validator:
     def __init__(self, cfg: Config, env: DistEnv, data: Path, device: torch.device,
-                 precision: Precision) -> None:
-        self.cfg, self.device, self.precision = cfg, device, precision
+                 precision: Precision, loss_fn: nn.Module) -> None:
+        self.cfg, self.device, self.precision, self.loss_fn = cfg, device, precision, loss_fn
         manifest = load_manifest(data)
         self.enabled = cfg.train.val_every > 0 and manifest.samples("val") > 0
         if not self.enabled:
@@ -50,7 +50,8 @@ class Validator:
     def run(self, net: nn.Module) -> dict[str, Any]:
         """Evaluate ``net`` (the plain module, no DDP: no collectives inside forward).
 
-        ``val_loss`` is the unweighted cross-entropy over valid pixels."""
+        ``val_loss`` is the training objective (same loss and class weights), so the two curves
+        compare; IoU and F1 count only valid (non-padding) samples."""
         if not self.enabled:
             return {}
         was_training = net.training
@@ -65,8 +66,7 @@ class Validator:
             valid_px = batch.mask != IGNORE_INDEX
             n = int(batch.valid.sum())
             if n:
-                ce = nn.functional.cross_entropy(logits, batch.mask, ignore_index=IGNORE_INDEX)
-                c[0] += float(ce) * n
+                c[0] += float(self.loss_fn(logits, batch.mask)) * n
                 c[1] += n
             pred = logits.argmax(1)
             is_b, want_b = (pred == BUILDING) & valid_px, (batch.mask == BUILDING) & valid_px
