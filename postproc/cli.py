@@ -1,12 +1,16 @@
-"""Command-line plumbing shared by the postproc commands: bad input is one line and exit code 2."""
+"""Command-line plumbing shared by the postproc commands: bad input is one line and exit code 2;
+the ``--pushgateway``/``--job`` flags that push a run's metrics (``postproc.pushmetrics``)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+import urllib.parse
 from collections.abc import Callable
 
 from postproc.csvio import CsvError
 from postproc.predio import PredError
+from postproc.pushmetrics import PostprocRun, push
 
 
 def exit_on_error(main: Callable[[], int]) -> int:
@@ -23,3 +27,28 @@ def exit_on_error(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _gateway_url(text: str) -> str:
+    # NOTE: checked at start-up: a typo should not surface only after the run's work is done.
+    parts = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not http://HOST:PORT "
+                                         "(e.g. http://127.0.0.1:9091)")
+    return text
+
+
+def add_push_args(p: argparse.ArgumentParser, job: str) -> None:
+    g = p.add_argument_group("metrics")
+    g.add_argument("--pushgateway", type=_gateway_url, default=None, metavar="URL",
+                   help="push the run's metrics to this Prometheus Pushgateway when it ends "
+                        "(rank 0); a failed push is a warning, the exit code stays 0")
+    g.add_argument("--job", default=job,
+                   help=f"job label of the pushed metrics (default {job}); the grouping key "
+                        "adds instance=<host name>")
+
+
+def push_metrics(args: argparse.Namespace, run: PostprocRun) -> None:
+    """Push ``run`` if ``--pushgateway`` was given (rank 0 only: the caller's job)."""
+    if args.pushgateway is not None:
+        push(args.pushgateway, args.job, run)

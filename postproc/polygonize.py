@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "them into instances")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes per rank (default: this rank's share of the cores)")
+    from postproc.cli import add_push_args
+
+    add_push_args(p, job="footprints_polygonize")
     return p
 
 
@@ -315,6 +319,7 @@ def config_from_args(args: argparse.Namespace, announce: bool = True) -> Polygon
 
 
 def main(argv: list[str] | None = None) -> int:
+    t0 = time.monotonic()
     args = build_parser().parse_args(argv)
     from postproc import runner
     from postproc.predio import list_pred_shards
@@ -339,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:
         print(f"{summary.tiles} tiles, {summary.polygons} polygons from {summary.shards} shards "
               f"-> {args.out}")
+        from postproc.cli import push_metrics
+        from postproc.pushmetrics import PostprocRun
+
+        push_metrics(args, PostprocRun(summary.tiles, summary.polygons, time.monotonic() - t0))
     return 0
 
 

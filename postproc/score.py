@@ -24,6 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,10 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{d.min_truth_area})")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes per rank (default: this rank's share of the cores)")
+    from postproc.cli import add_push_args
+
+    add_push_args(p, job="footprints_score")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    t0 = time.monotonic()
     args = build_parser().parse_args(argv)
     cfg = ScoreConfig(iou_threshold=args.iou_threshold, strict=args.strict,
                       min_truth_area=args.min_truth_area)
@@ -283,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         from dataio.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+    from postproc.cli import push_metrics
+    from postproc.pushmetrics import PostprocRun
+
+    figures = {k: out[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")}
+    push_metrics(args, PostprocRun(len(ids), result.tp + result.fp, time.monotonic() - t0,
+                                   score=figures))
     return 0
 
 

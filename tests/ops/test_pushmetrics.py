@@ -1,0 +1,53 @@
+"""``--pushgateway``: what a run pushes, a bad URL refused at start-up, and a failed push that
+warns but keeps the run's output and exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ops_helpers import free_port, write_preds
+from prometheus_client import generate_latest
+
+from postproc import polygonize, score
+from postproc.cli import exit_on_error
+from postproc.pushmetrics import PostprocRun, build_registry
+
+
+def test_registry_carries_units_and_score_figures() -> None:
+    run = PostprocRun(tiles=4, polygons=30, seconds=2.5,
+                      score=dict(f1=0.8, precision=0.75, recall=6 / 7, tp=24, fp=8, fn=4))
+    text = generate_latest(build_registry(run)).decode()
+    for line in ("footprints_postproc_tiles_total 4.0", "footprints_postproc_polygons_total 30.0",
+                 "footprints_postproc_seconds 2.5", "footprints_score_f1 0.8",
+                 'footprints_score_polygons_total{outcome="fn"} 4.0'):
+        assert line in text
+    assert "footprints_postproc_last_success_timestamp_seconds" in text
+    assert "footprints_score" not in generate_latest(build_registry(
+        PostprocRun(tiles=1, polygons=1, seconds=1.0))).decode()
+
+
+def test_bad_gateway_url_fails_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        score.main(["--truth", "t.csv", "--proposals", "p.csv", "--pushgateway", "ftp://x"])
+    assert e.value.code == 2
+    assert "--pushgateway" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_failed_push_warns_and_keeps_the_output(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    pred, truth = write_preds(tmp_path, tiles=2)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out, js = tmp_path / "proposals.csv", tmp_path / "score.json"
+    argv = ["--pred", str(pred), "--out", str(out), "--workers", "1", "--pushgateway", dead]
+    assert exit_on_error(lambda: polygonize.main(argv)) == 0
+    err = capsys.readouterr().err
+    assert f"could not push metrics to the Pushgateway at {dead}" in err
+    assert out.read_text().startswith("ImageId,")
+    argv = ["--truth", str(truth), "--proposals", str(out), "--json", str(js), "--workers", "1",
+            "--pushgateway", dead]
+    assert exit_on_error(lambda: score.main(argv)) == 0
+    assert dead in capsys.readouterr().err
+    assert json.loads(js.read_text())["f1"] == pytest.approx(1.0)
