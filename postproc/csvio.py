@@ -4,16 +4,18 @@ Truth: ``ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo``; proposals:
 ``ImageId,BuildingId,PolygonWKT_Pix,Confidence``. A tile without buildings is one row with
 BuildingId ``-1`` and ``POLYGON EMPTY``, so the tile is present but holds nothing. WKT may carry a
 z coordinate (``POLYGON ((1 2 0, ...))``) as real SpaceNet files do; it is dropped. A malformed
-row raises :class:`CsvError` naming the file and line.
+row raises :class:`CsvError` naming the file and line. :class:`PolygonIndex` reads the same
+files one image at a time (the scorer's way: flat memory however large the files).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
@@ -63,55 +65,185 @@ def _header(reader: csv.reader, path: Path, need: tuple[str, ...]) -> dict[str, 
     return cols
 
 
+def _columns(reader: Any, path: Path, proposals: bool) -> tuple[dict[str, int], int]:
+    """The header's column positions, and the fewest fields a row may have."""
+    need = ("ImageId", "BuildingId", "PolygonWKT_Pix") + (("Confidence",) if proposals else ())
+    cols = _header(reader, path, need)
+    return cols, max(cols[c] for c in need) + 1
+
+
+def _fields(row: list[str], cols: dict[str, int], width: int, path: Path, line: int,
+            proposals: bool) -> tuple[str, str, float] | None:
+    """(ImageId, WKT, confidence) of one row; None for a blank line; CsvError if malformed."""
+    if not row or (len(row) == 1 and not row[0].strip()):
+        return None
+    if len(row) < width:
+        raise CsvError(f"{path}:{line}: expected {len(cols)} fields, got {len(row)}")
+    if len(row) > len(cols):
+        raise CsvError(f"{path}:{line}: {len(row)} fields where the header has "
+                       f"{len(cols)} (is the WKT quoted?)")
+    image_id = row[cols["ImageId"]].strip()
+    if not image_id:
+        raise CsvError(f"{path}:{line}: empty ImageId")
+    cb = cols["BuildingId"]
+    try:
+        bid = int(float(row[cb]))
+    except ValueError:
+        raise CsvError(f"{path}:{line}: BuildingId {row[cb]!r} is not a number") from None
+    conf = 0.0
+    cc = cols.get("Confidence")
+    if proposals and cc is not None:
+        try:
+            conf = float(row[cc])
+        except ValueError:
+            raise CsvError(f"{path}:{line}: Confidence {row[cc]!r} is not a number") from None
+    return image_id, (row[cols["PolygonWKT_Pix"]].strip() if bid != -1 else "POLYGON EMPTY"), conf
+
+
 def read_polygon_csv(path: str | Path, proposals: bool) -> PolygonTable:
     """Read a truth (``proposals=False``) or proposal CSV into a :class:`PolygonTable`."""
     path = Path(path)
-    need = ("ImageId", "BuildingId", "PolygonWKT_Pix") + (("Confidence",) if proposals else ())
     ids: list[str] = []
     wkts: list[str] = []
     lines: list[int] = []
     confs: list[float] = []
     with _open_text(path) as f:
         reader = csv.reader(f)
-        cols = _header(reader, path, need)
-        width = max(cols[c] for c in need) + 1
-        ci, cb, cw = cols["ImageId"], cols["BuildingId"], cols["PolygonWKT_Pix"]
-        cc = cols.get("Confidence")
+        cols, width = _columns(reader, path, proposals)
         line = reader.line_num
         try:
             for row in reader:
                 line = reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # a blank line
-                if len(row) < width:
-                    raise CsvError(f"{path}:{line}: expected {len(cols)} fields, got {len(row)}")
-                if len(row) > len(cols):
-                    raise CsvError(f"{path}:{line}: {len(row)} fields where the header has "
-                                   f"{len(cols)} (is the WKT quoted?)")
-                image_id = row[ci].strip()
-                if not image_id:
-                    raise CsvError(f"{path}:{line}: empty ImageId")
-                try:
-                    bid = int(float(row[cb]))
-                except ValueError:
-                    raise CsvError(f"{path}:{line}: BuildingId {row[cb]!r} is not a number") \
-                        from None
-                conf = 0.0
-                if proposals and cc is not None:
-                    try:
-                        conf = float(row[cc])
-                    except ValueError:
-                        raise CsvError(f"{path}:{line}: Confidence {row[cc]!r} is not a "
-                                       "number") from None
-                ids.append(image_id)
-                wkts.append(row[cw].strip() if bid != -1 else "POLYGON EMPTY")
-                lines.append(line)
-                confs.append(conf)
+                rec = _fields(row, cols, width, path, line, proposals)
+                if rec is not None:
+                    ids.append(rec[0])
+                    wkts.append(rec[1])
+                    lines.append(line)
+                    confs.append(rec[2])
         except csv.Error as e:
             raise CsvError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
         except UnicodeDecodeError as e:
             raise CsvError(f"{path}:{line + 1}: not UTF-8 text ({e.reason})") from None
     return _build_table(path, ids, wkts, lines, confs)
+
+
+class _ByteLines:
+    """The lines of a binary file as text, counting the bytes read. ``csv.reader`` pulls exactly
+    the lines of one record per row (no read-ahead), so the count bounds every record."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.pos = f, 0
+
+    def __iter__(self) -> _ByteLines:
+        return self
+
+    def __next__(self) -> str:
+        b = self.f.readline()
+        if not b:
+            raise StopIteration
+        first = self.pos == 0
+        self.pos += len(b)
+        return b.decode("utf-8-sig" if first else "utf-8")
+
+
+class PolygonIndex(Mapping[str, list[BaseGeometry]]):
+    """Polygons per ImageId of a truth or proposal CSV, parsed from the file when asked for.
+
+    Holds only where each image's rows lie in the file (one byte range per run of adjacent rows;
+    one per image in files written by image), so memory does not grow with the polygons: the
+    scorer asks for one image at a time. Rows are checked when indexed (ImageId, BuildingId,
+    Confidence, field count: errors name the line); WKT is parsed, checked and repaired per image
+    (:func:`read_polygon_csv`'s rules), and ``repaired`` counts the repairs made so far. Safe to
+    use in forked workers (the file is opened per look-up).
+    NOTE: lines end with LF or CRLF; a CR-only file is refused as malformed CSV.
+    """
+
+    def __init__(self, path: str | Path, proposals: bool) -> None:
+        self.path, self.proposals = Path(path), proposals
+        self.rows = 0
+        self.repaired = 0
+        # ImageId -> runs of its rows: (first byte, end byte, lines before the run)
+        self._runs: dict[str, list[tuple[int, int, int]]] = {}
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise CsvError(f"{self.path}: file not found") from None
+        except OSError as e:
+            raise CsvError(f"{self.path}: cannot open ({e.strerror})") from None
+        with f:
+            self._scan(_ByteLines(f))
+
+    def _scan(self, lines: _ByteLines) -> None:
+        reader = csv.reader(lines)
+        self._cols, self._width = _columns(reader, self.path, self.proposals)
+        run: list[int] = []
+        run_id = None
+        start, before = lines.pos, reader.line_num
+        try:
+            for row in reader:
+                rec = _fields(row, self._cols, self._width, self.path, reader.line_num,
+                              self.proposals)
+                if rec is not None:
+                    self.rows += 1
+                    if rec[0] == run_id:
+                        run[1] = lines.pos
+                    else:
+                        if run_id is not None:
+                            self._runs.setdefault(run_id, []).append((run[0], run[1], run[2]))
+                        run_id, run = rec[0], [start, lines.pos, before]
+                start, before = lines.pos, reader.line_num
+        except csv.Error as e:
+            raise CsvError(f"{self.path}:{reader.line_num}: malformed CSV ({e})") from None
+        except UnicodeDecodeError as e:
+            raise CsvError(f"{self.path}:{reader.line_num + 1}: not UTF-8 text "
+                           f"({e.reason})") from None
+        if run_id is not None:
+            self._runs.setdefault(run_id, []).append((run[0], run[1], run[2]))
+
+    def __getitem__(self, image_id: str) -> list[BaseGeometry]:
+        runs = self._runs[image_id]
+        ids: list[str] = []
+        wkts: list[str] = []
+        lines: list[int] = []
+        confs: list[float] = []
+        with open(self.path, "rb") as f:
+            for start, end, before in runs:
+                f.seek(start)
+                reader = csv.reader(b.decode("utf-8") for b in io.BytesIO(f.read(end - start)))
+                for row in reader:
+                    line = before + reader.line_num
+                    rec = _fields(row, self._cols, self._width, self.path, line,
+                                  self.proposals)
+                    if rec is None:
+                        continue
+                    if rec[0] != image_id:
+                        raise CsvError(f"{self.path}:{line}: the file changed while it was read")
+                    ids.append(rec[0])
+                    wkts.append(rec[1])
+                    lines.append(line)
+                    confs.append(rec[2])
+        table = _build_table(self.path, ids, wkts, lines, confs)
+        self.repaired += table.repaired
+        return table.polygons.get(image_id, [])
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._runs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+def index_truth_csv(path: str | Path) -> PolygonIndex:
+    """:func:`read_truth_csv` for large files: the polygons of one image at a time."""
+    return PolygonIndex(path, proposals=False)
+
+
+def index_proposal_csv(path: str | Path) -> PolygonIndex:
+    """:func:`read_proposal_csv` for large files: the polygons of one image at a time."""
+    return PolygonIndex(path, proposals=True)
 
 
 def _polygonal(g: BaseGeometry) -> BaseGeometry:

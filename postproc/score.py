@@ -25,7 +25,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ class ScoreResult:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     images_without_proposals: int = 0
     images_without_truth: int = 0
+    repaired: int = 0  # invalid polygons made valid while reading (see postproc.csvio)
 
     @property
     def precision(self) -> float:
@@ -155,7 +156,7 @@ def score_image(truth: Sequence[BaseGeometry], proposals: Sequence[BaseGeometry]
     return tp, int(p.size) - tp, int(t.size) - tp
 
 
-def score(truth: dict[str, list[BaseGeometry]], proposals: dict[str, list[BaseGeometry]],
+def score(truth: Mapping[str, list[BaseGeometry]], proposals: Mapping[str, list[BaseGeometry]],
           cfg: ScoreConfig | None = None, image_ids: Sequence[str] | None = None) -> ScoreResult:
     """Score every image in either dict (or only ``image_ids``); counts summed over images."""
     cfg = cfg or ScoreConfig()
@@ -182,24 +183,36 @@ def merge_results(parts: Sequence[ScoreResult]) -> ScoreResult:
         out.per_image.extend(r.per_image)
         out.images_without_proposals += r.images_without_proposals
         out.images_without_truth += r.images_without_truth
+        out.repaired += r.repaired
     out.per_image.sort(key=lambda d: d["image_id"])
     return out
 
 
 # Worker state: set before the pool forks, so the tables are shared, not pickled per task.
-_TABLES: tuple[dict, dict, ScoreConfig] | None = None
+_TABLES: tuple[Mapping, Mapping, ScoreConfig] | None = None
+
+
+def _repairs(table: Mapping) -> int:
+    return getattr(table, "repaired", 0)  # a PolygonIndex counts the repairs it makes
 
 
 def _score_chunk(ids: list[str]) -> ScoreResult:
     assert _TABLES is not None
     truth, props, cfg = _TABLES
-    return score(truth, props, cfg, image_ids=ids)
+    before = _repairs(truth) + _repairs(props)
+    res = score(truth, props, cfg, image_ids=ids)
+    res.repaired = _repairs(truth) + _repairs(props) - before
+    return res
 
 
-def score_parallel(truth: dict[str, list[BaseGeometry]], proposals: dict[str, list[BaseGeometry]],
-                   cfg: ScoreConfig, image_ids: Sequence[str], workers: int,
-                   progress: bool = False) -> ScoreResult:
-    """``score`` over ``image_ids`` with a pool of forked worker processes (chunks of images)."""
+def score_parallel(truth: Mapping[str, list[BaseGeometry]],
+                   proposals: Mapping[str, list[BaseGeometry]], cfg: ScoreConfig,
+                   image_ids: Sequence[str], workers: int, progress: bool = False) -> ScoreResult:
+    """``score`` over ``image_ids`` with a pool of forked worker processes (chunks of images).
+
+    The tables may be plain dicts or indexes (:class:`postproc.csvio.PolygonIndex`: each worker
+    parses the images it scores, so memory stays flat however many images there are).
+    """
     from tqdm import tqdm
 
     global _TABLES
@@ -256,19 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = ScoreConfig(iou_threshold=args.iou_threshold, strict=args.strict,
                       min_truth_area=args.min_truth_area)
-    from postproc.csvio import read_proposal_csv, read_truth_csv
+    from postproc.csvio import index_proposal_csv, index_truth_csv
     from trainer import dist
 
     env = dist.DistEnv.from_env()
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
-    truth = read_truth_csv(args.truth)
-    props = read_proposal_csv(args.proposals)
-    ids = sorted(set(truth.polygons) | set(props.polygons))
+    # NOTE: indexes, not tables: the polygons of all images at once grew by ~0.3 MB a tile
+    # (benchmarks.load); the workers parse the images they score. A malformed WKT therefore
+    # stops the rank that scores its image (torchrun then stops the others).
+    truth = index_truth_csv(args.truth)
+    props = index_proposal_csv(args.proposals)
+    ids = sorted(set(truth) | set(props))
     # NOTE: score this rank's images before the process group starts its threads: the pool forks
-    mine = score_parallel(truth.polygons, props.polygons, cfg, ids[env.rank::env.world_size],
-                          workers, progress=env.is_main)
+    mine = score_parallel(truth, props, cfg, ids[env.rank::env.world_size], workers,
+                          progress=env.is_main)
     env = dist.init(env)
     try:
         result = merge_results(dist.gather_objects(mine))
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     out = result.to_json()
     out.update(truth_file=str(args.truth), proposal_file=str(args.proposals),
                iou_threshold=cfg.iou_threshold, strict=cfg.strict,
-               min_truth_area=cfg.min_truth_area, repaired_polygons=truth.repaired + props.repaired)
+               min_truth_area=cfg.min_truth_area, repaired_polygons=result.repaired)
     print(f"F1 {result.f1:.4f}  precision {result.precision:.4f}  recall {result.recall:.4f}  "
           f"TP {result.tp}  FP {result.fp}  FN {result.fn}  ({len(ids)} images; "
           f"{result.images_without_proposals} without proposals, "

@@ -1,0 +1,102 @@
+"""PolygonIndex (the scorer's flat-memory reader) against the eager reader, and scoring on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from postproc import score
+from postproc.csvio import (
+    CsvError,
+    PolygonIndex,
+    index_proposal_csv,
+    index_truth_csv,
+    read_polygon_csv,
+    read_proposal_csv,
+    read_truth_csv,
+)
+from postproc.score import ScoreConfig, score_parallel
+
+SQ = "POLYGON (({x} 0, {y} 0, {y} 10, {x} 10, {x} 0))"
+TRUTH = ("\ufeffImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\r\n"  # BOM and CRLF
+         f'a,1,"{SQ.format(x=0, y=10)}",x\r\n'
+         'b,1,"POLYGON ((20 0 0,30 10 0,30 0 0,20 10 0,20 0 0))",x\r\n'  # a bow tie, z
+         "\r\n"  # a blank line
+         f'a,2,"{SQ.format(x=20, y=30)}",x\r\n'  # a's rows are not adjacent
+         "c,-1,POLYGON EMPTY,POLYGON EMPTY\r\n"
+         f'b,2,"{SQ.format(x=40, y=50)}","multi\r\nline"\r\n'  # a quoted line break
+         f'b,3,"{SQ.format(x=60, y=70)}",x\r\n')
+PROPS = ("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+         f'b,1,"{SQ.format(x=41, y=50)}",0.9\n'
+         f'a,1,"{SQ.format(x=21, y=30)}",0.8\n'
+         "\n"
+         f'a,2,"{SQ.format(x=0, y=9)}",0.7\n'
+         f'd,1,"{SQ.format(x=0, y=10)}",0.5\n'
+         f'a,3,"{SQ.format(x=100, y=110)}",0.6\n')
+
+
+def write(path, text: str):
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("text, proposals", [(TRUTH, False), (PROPS, True)])
+def test_index_gives_what_the_eager_reader_gives(tmp_path, text, proposals):
+    p = write(tmp_path / "f.csv", text)
+    eager = read_polygon_csv(p, proposals)
+    index = PolygonIndex(p, proposals)
+    assert list(index) == list(eager.polygons) and len(index) == len(eager.polygons)
+    assert index.rows == eager.rows
+    for image_id, polys in eager.polygons.items():
+        got = index[image_id]
+        assert len(got) == len(polys) and all(g.equals(e) for g, e in zip(got, polys,
+                                                                           strict=True))
+    assert index.repaired == eager.repaired
+    assert "zz" not in index and index.get("zz", []) == []
+
+
+def test_index_errors_name_the_line(tmp_path):
+    head = "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+    ok = f'a,1,"{SQ.format(x=0, y=10)}",1\n'
+    with pytest.raises(CsvError, match=r"p\.csv:3: Confidence"):
+        index_proposal_csv(write(tmp_path / "p.csv", head + ok + 'a,2,"POLYGON EMPTY",hi\n'))
+    with pytest.raises(CsvError, match=r"p\.csv:3: 5 fields"):
+        index_proposal_csv(write(tmp_path / "p.csv", head + ok + "a,2,x,y,1\n"))
+    with pytest.raises(CsvError, match="empty file"):
+        index_truth_csv(write(tmp_path / "e.csv", ""))
+    with pytest.raises(CsvError, match="not found"):
+        index_truth_csv(tmp_path / "missing.csv")
+    with pytest.raises(CsvError, match="malformed"):  # CR-only line ends: refused, not misread
+        index_proposal_csv(write(tmp_path / "cr.csv", (head + ok).replace("\n", "\r")))
+    # WKT is parsed when the image is asked for, and the error names the line
+    index = index_proposal_csv(write(tmp_path / "w.csv", head + ok + "b,1,\"POLYGON ((0\",1\n"
+                                     + ok.replace("a,1", "a,2")))
+    assert len(index["a"]) == 2
+    with pytest.raises(CsvError, match=r"w\.csv:3: malformed WKT"):
+        index["b"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_scoring_indexes_equals_scoring_tables(tmp_path, workers):
+    t, p = write(tmp_path / "t.csv", TRUTH), write(tmp_path / "p.csv", PROPS)
+    cfg = ScoreConfig(min_truth_area=0)
+    tables = score.score(read_truth_csv(t).polygons, read_proposal_csv(p).polygons, cfg)
+    ti, pi = index_truth_csv(t), index_proposal_csv(p)
+    ids = sorted(set(ti) | set(pi))
+    got = score_parallel(ti, pi, cfg, ids, workers)
+    assert (got.tp, got.fp, got.fn) == (tables.tp, tables.fp, tables.fn) == (3, 2, 2)
+    assert got.per_image == tables.per_image
+    assert (got.images_without_proposals, got.images_without_truth) == (1, 1)
+    assert got.repaired == 1  # the bow tie, counted in whichever worker parsed it
+
+
+def test_score_cli_reports_repairs(tmp_path):
+    t, p = write(tmp_path / "t.csv", TRUTH), write(tmp_path / "p.csv", PROPS)
+    out = tmp_path / "s.json"
+    assert score.main(["--truth", str(t), "--proposals", str(p), "--json", str(out),
+                       "--workers", "1", "--min-truth-area", "0"]) == 0
+    js = json.loads(out.read_text())
+    assert (js["tp"], js["fp"], js["fn"], js["repaired_polygons"]) == (3, 2, 2, 1)
