@@ -1,0 +1,378 @@
+"""Load and memory: postprocessing and preparation of thousands of tiles, peak RSS of the run.
+
+    python -m benchmarks.load [--tiles 1000,10000] [--prepare-tiles 500,2000] [--workers 2]
+                              [--json OUT] [--keep DIR]
+
+Runs the real commands as subprocesses and samples the memory of the whole process tree (the
+command and every descendant: worker pools fork or spawn) every 50 ms from ``/proc``:
+
+- polygonize: ``python -m postproc.polygonize --pred PRED --out CSV --workers W`` on N prediction
+  tiles (650x650, shards of 100). The tiles are made cheaply: a pool of distinct synthetic tiles
+  (``postproc.synthmask``, 0-150 buildings) as Gaussian-blurred one-hot probabilities, each PNG
+  encoded once and written under N distinct ImageIds, with the matching truth CSV.
+- score: ``python -m postproc.score --truth TRUTH --proposals CSV --json OUT --workers W``.
+- prepare: ``python -m dataio.prepare --raw RAW --out DATA --workers W`` on N tiles: a pool of
+  ``dataio.synth`` tiles hard-linked under N ImageIds (synth runs ~5 tiles/s a core).
+
+Figures: wall seconds, tiles/s, CPU time of the tree per tile (steadier than wall time when
+other work shares the cores), the peak over samples of the summed RSS of the tree, the largest
+RSS of any one process, and the peak summed PSS (RSS with shared pages split among the processes
+that share them: forked workers share their parent's pages, so summed RSS counts those twice).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from PIL import Image, ImageFilter
+
+from benchmarks.common import base_parser, machine_info, print_table, write_json
+from dataio.geo import to_geo
+from dataio.spacenet import EMPTY, IMAGE_DIR, IMAGE_PREFIX, LABEL_DIR, TRUTH_HEADER, wkt_xyz
+from postproc.predio import encode_prob_png, write_pred_shard
+from postproc.synthmask import SynthConfig, one_hot, synth_tile
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1024 * 1024
+SHARD_TILES = 100
+TILE_PX = 650
+AOI = "AOI_2_Vegas"  # ImageIds like SpaceNet's: AOI_2_Vegas_img<N>
+# NOTE: a pixel-sized geotransform near Vegas, so PolygonWKT_Geo reads like SpaceNet's.
+GEO = Affine(0.3 / 111_320.0, 0.0, -115.30, 0.0, -0.3 / 111_320.0, 36.30)
+
+
+# ---- process-tree memory ------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (every thread's, since any thread may fork)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            return _children_by_scan(pid)  # NOTE: kernels without CONFIG_PROC_CHILDREN
+        except OSError:
+            continue
+    return out
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    # the comm field may hold spaces and parentheses: ppid follows the last ')'
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its live descendants."""
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(c for c in _children(p) if c not in seen)
+    return seen
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (0 once it has gone or when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+@dataclass
+class TreeMemory:
+    """Samples the memory of a process tree in a thread; keeps the peaks (bytes)."""
+
+    pid: int
+    interval: float = 0.05
+    tree_rss: int = 0
+    single_rss: int = 0
+    tree_pss: int = 0
+    processes: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def sample(self) -> None:
+        pids = tree_pids(self.pid)
+        rss = [rss_bytes(p) for p in pids]
+        self.tree_rss = max(self.tree_rss, sum(rss))
+        self.single_rss = max(self.single_rss, max(rss))
+        self.tree_pss = max(self.tree_pss, sum(pss_bytes(p) for p in pids))
+        self.processes = max(self.processes, sum(1 for r in rss if r))
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
+    """Run ``cmd`` from the repository root; wall seconds and peak memory of its process tree.
+
+    Output goes to ``log`` (progress bars and all); a failure raises with the log's tail.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        with TreeMemory(proc.pid) as mem:
+            rc = proc.wait()
+        seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    if rc != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {rc}:\n{tail}")
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_tree_rss_mb": mem.tree_rss / MB,
+            "peak_single_rss_mb": mem.single_rss / MB, "peak_tree_pss_mb": mem.tree_pss / MB,
+            "processes": mem.processes, "memory_samples": mem.samples}
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+@dataclass
+class PoolTile:
+    png: bytes
+    truth: list[tuple[int, str, str]]  # (BuildingId, PolygonWKT_Pix, PolygonWKT_Geo)
+
+
+def make_pool(n: int, seed: int = 0) -> list[PoolTile]:
+    """``n`` distinct prediction tiles with their truth: 0-150 buildings (tile 0 empty), as
+    one-hot masks blurred like a model's output (sigma 1.5 px; ~100 kB a PNG)."""
+    rng = np.random.default_rng(seed)
+    pool = []
+    for i in range(n):
+        buildings = 0 if i == 0 else int(rng.integers(1, 151))
+        mask, polys = synth_tile(seed * 100_003 + i, SynthConfig(size=TILE_PX,
+                                                                 buildings=buildings))
+        # NOTE: blur, not per-pixel noise: a noisy PNG is ~0.9 MB, ten times a model's output.
+        prob = Image.fromarray(one_hot(mask)).filter(ImageFilter.GaussianBlur(1.5))
+        truth = [(k, wkt_xyz(p, 2), wkt_xyz(to_geo(p, GEO), 9))
+                 for k, p in enumerate(polys, start=1)]
+        pool.append(PoolTile(encode_prob_png(np.asarray(prob)), truth))
+    return pool
+
+
+def image_ids(n: int) -> list[str]:
+    return [f"{AOI}_img{i + 1}" for i in range(n)]
+
+
+def write_predictions(pred: Path, truth_csv: Path, pool: list[PoolTile], n: int,
+                      shard_tiles: int = SHARD_TILES) -> int:
+    """N tiles (tile i is pool tile i mod len(pool)) as ``pred-NNNNNN.tar`` shards of
+    ``shard_tiles`` and the matching SpaceNet truth CSV; returns the shards' total bytes."""
+    pred.mkdir(parents=True, exist_ok=True)
+    ids = image_ids(n)
+    meta = {"crs": "EPSG:4326", "transform": list(GEO)[:6], "width": TILE_PX,
+            "height": TILE_PX, "bands": 3}
+    with open(truth_csv, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(TRUTH_HEADER)
+        for i, iid in enumerate(ids):
+            t = pool[i % len(pool)].truth
+            if t:
+                w.writerows([iid, k, pix, geo] for k, pix, geo in t)
+            else:
+                w.writerow([iid, -1, EMPTY, EMPTY])
+    total = 0
+    for s in range(0, n, shard_tiles):
+        path = pred / f"pred-{s // shard_tiles:06d}.tar"
+        write_pred_shard(path, ((ids[i], pool[i % len(pool)].png,
+                                 {**meta, "building_count": len(pool[i % len(pool)].truth)})
+                                for i in range(s, min(n, s + shard_tiles))))
+        total += path.stat().st_size
+    return total
+
+
+def link_aoi(pool_raw: Path, raw: Path, n: int) -> None:
+    """A SpaceNet-2 layout AOI of ``n`` tiles hard-linked (copied across file systems) from the
+    tiles of ``pool_raw`` under new ImageIds."""
+    tifs = sorted((pool_raw / IMAGE_DIR).glob(f"{IMAGE_PREFIX}*.tif"))
+    if not tifs:
+        raise ValueError(f"{pool_raw}: no {IMAGE_DIR}/*.tif to link")
+    (raw / IMAGE_DIR).mkdir(parents=True)
+    (raw / LABEL_DIR).mkdir(parents=True)
+    for i, iid in enumerate(image_ids(n)):
+        src = tifs[i % len(tifs)]
+        src_id = src.name[len(IMAGE_PREFIX):-len(".tif")]
+        for a, b in ((src, raw / IMAGE_DIR / f"{IMAGE_PREFIX}{iid}.tif"),
+                     (pool_raw / LABEL_DIR / f"buildings_{src_id}.geojson",
+                      raw / LABEL_DIR / f"buildings_{iid}.geojson")):
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copyfile(a, b)
+
+
+# ---- stages -------------------------------------------------------------------------------------
+
+def _row(stage: str, n: int, m: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"variant": f"{stage}, {n} tiles", "stage": stage, "tiles": n, **m,
+            "tiles_per_s": n / m["seconds"], "cpu_ms_per_tile": 1000 * m["cpu_seconds"] / n,
+            **extra}
+
+
+def bench_postproc(n: int, pool: list[PoolTile], work: Path, workers: int) -> list[dict]:
+    """polygonize and score rows for ``n`` tiles under ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    pred, truth, props = work / "pred", work / "truth.csv", work / "proposals.csv"
+    t0 = time.perf_counter()
+    pred_bytes = write_predictions(pred, truth, pool, n)
+    made = time.perf_counter() - t0
+    py = sys.executable
+    poly = run_measured([py, "-m", "postproc.polygonize", "--pred", str(pred), "--out",
+                         str(props), "--workers", str(workers)], work / "polygonize.log")
+    sc = run_measured([py, "-m", "postproc.score", "--truth", str(truth), "--proposals",
+                       str(props), "--json", str(work / "score.json"), "--workers",
+                       str(workers)], work / "score.log")
+    sizes = {"pred_mb": pred_bytes / MB, "truth_csv_mb": truth.stat().st_size / MB,
+             "proposals_csv_mb": props.stat().st_size / MB, "generate_seconds": made}
+    return [_row("polygonize", n, poly, **sizes), _row("score", n, sc, **sizes)]
+
+
+def bench_prepare(n: int, pool_raw: Path, work: Path, workers: int) -> dict[str, Any]:
+    """One prepare row for ``n`` tiles hard-linked from ``pool_raw``; its output is removed."""
+    raw, data = work / f"raw-{n}", work / f"data-{n}"
+    link_aoi(pool_raw, raw, n)
+    m = run_measured([sys.executable, "-m", "dataio.prepare", "--raw", str(raw), "--out",
+                      str(data), "--workers", str(workers)], work / f"prepare-{n}.log")
+    size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    return _row("prepare", n, m, data_mb=size / MB)
+
+
+def add_growth(rows: list[dict[str, Any]]) -> None:
+    """Per stage: peak tree RSS/PSS relative to the stage's smallest run, and the growth in
+    MB per 1,000 tiles between the smallest and this run."""
+    for stage in {r["stage"] for r in rows}:
+        mine = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["tiles"])
+        base = mine[0]
+        for r in mine:
+            r["rss_x_smallest"] = r["peak_tree_rss_mb"] / base["peak_tree_rss_mb"]
+            if r is not base:
+                dn = (r["tiles"] - base["tiles"]) / 1000
+                r["pss_mb_per_1000_tiles"] = (r["peak_tree_pss_mb"] - base["peak_tree_pss_mb"]) / dn
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+COLUMNS = ["stage", "tiles", "seconds", "tiles_per_s", "cpu_ms_per_tile", "peak_tree_rss_mb",
+           "peak_single_rss_mb", "peak_tree_pss_mb", "processes", "rss_x_smallest",
+           "pss_mb_per_1000_tiles"]
+UNITS = {"seconds": "s", "cpu_seconds": "s (user + system, whole tree)",
+         "cpu_ms_per_tile": "ms", "tiles_per_s": "tiles/s", "peak_tree_rss_mb": "MiB",
+         "peak_single_rss_mb": "MiB", "peak_tree_pss_mb": "MiB", "pred_mb": "MiB",
+         "truth_csv_mb": "MiB", "proposals_csv_mb": "MiB", "data_mb": "MiB",
+         "generate_seconds": "s", "pss_mb_per_1000_tiles": "MiB per 1,000 tiles",
+         "rss_x_smallest": "ratio"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--tiles", type=_sizes, default=[1000, 10000],
+                   help="postprocessing sizes, comma-separated (default 1000,10000; '' = none)")
+    p.add_argument("--prepare-tiles", type=_sizes, default=[500, 2000],
+                   help="prepare sizes, comma-separated (default 500,2000; '' = none)")
+    p.add_argument("--workers", type=int, default=2, help="--workers of every command")
+    p.add_argument("--pool", type=int, default=50, help="distinct prediction tiles (default 50)")
+    p.add_argument("--synth-pool", type=int, default=100,
+                   help="distinct dataio.synth tiles linked for prepare (default 100)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="work here and keep the inputs and outputs (default: a temp dir, removed)")
+    args = p.parse_args(argv)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    try:
+        if args.tiles:
+            pool = make_pool(args.pool)
+            extra["buildings_per_tile"] = float(np.mean([len(t.truth) for t in pool]))
+            extra["prob_png_kb"] = float(np.mean([len(t.png) for t in pool])) / 1024
+            # NOTE: fills numba's on-disk cache, so no measured run pays for compilation.
+            bench_postproc(min(20, args.pool), pool, work / "warmup", args.workers)
+            for n in args.tiles:
+                rows += bench_postproc(n, pool, work / f"post-{n}", args.workers)
+                if args.keep is None:
+                    shutil.rmtree(work / f"post-{n}")
+        if args.prepare_tiles:
+            pool_raw = work / "synth-pool"
+            synth = run_measured([sys.executable, "-m", "dataio.synth", "--out", str(pool_raw),
+                                  "--tiles", str(args.synth_pool), "--workers",
+                                  str(args.workers)], work / "synth.log")
+            rows.append(_row("synth (pool)", args.synth_pool, synth))
+            for n in args.prepare_tiles:
+                rows.append(bench_prepare(n, pool_raw, work, args.workers))
+                if args.keep is None:
+                    shutil.rmtree(work / f"raw-{n}")
+                    shutil.rmtree(work / f"data-{n}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    add_growth(rows)
+    info = machine_info()
+    print(f"{info['cores']} cores: {info['cpu']}; --workers {args.workers}; 650x650 tiles"
+          + (f", {extra['buildings_per_tile']:.0f} buildings a prediction tile on average"
+             if "buildings_per_tile" in extra else ""))
+    print_table(rows, COLUMNS)
+    return write_json(args.json, "load", rows, units=UNITS, workers=args.workers,
+                      pool=args.pool, synth_pool=args.synth_pool, shard_tiles=SHARD_TILES,
+                      tile_px=TILE_PX, sample_interval_s=0.05, **extra)
+
+
+if __name__ == "__main__":
+    main()
