@@ -84,11 +84,22 @@ def init(env: DistEnv | None = None, backend: str | None = None,
     if env.distributed and not dist.is_initialized():
         backend = backend or default_backend()
         kwargs: dict[str, Any] = {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and "MASTER_ADDR" in os.environ:
+            # NOTE: torchrun's static rendezvous (--master-addr/--master-port) keeps one agent
+            # store across group restarts, so after a worker dies a restarted rank can read the
+            # dead peer's gloo address from the previous attempt ("Connection refused", seen
+            # here about one restart in three). A per-attempt key prefix keeps attempts apart;
+            # with c10d rendezvous the prefix is redundant and harmless.
+            store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size,
+                                               timeout=timeout))
+            kwargs["store"] = dist.PrefixStore(f"footprints/attempt_{restart}", store)
         if backend == "nccl":
             # NOTE: binding the device up front lets NCCL create its communicator eagerly.
             kwargs["device_id"] = device_for(env)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                                timeout=timeout, **kwargs)
         log.debug("process group up: backend=%s world=%d", backend, env.world_size)
     return env
 

@@ -19,6 +19,7 @@ from trainer_helpers import (
     REPO,
     final_weights,
     free_port,
+    kill_tree,
     run,
     torchrun_cmd,
     train_args,
@@ -106,7 +107,7 @@ def reference_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
         out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     assert proc.returncode == 0, err[-3000:]
     return run_dir, scraped
 
@@ -143,7 +144,7 @@ def test_sigkill_of_a_worker_resumes_bit_exactly(small_dataset: Path, tmp_path: 
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err, err[-3000:]
     ref, got = final_weights(reference_run[0]), final_weights(run_dir)
@@ -169,7 +170,7 @@ def test_two_nodes_train_like_one_node_with_two_workers(small_dataset: Path, tmp
     finally:
         for n in nodes:
             if n.poll() is None:
-                os.killpg(n.pid, signal.SIGKILL)
+                kill_tree(n.pid)
     for n, (_, err) in zip(nodes, results, strict=True):
         assert n.returncode == 0, err[-3000:]
     assert "on 2 x cpu" in "".join(err for _, err in results)  # one world of two workers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -34,14 +35,34 @@ def torchrun_cmd(nproc: int, module_args: list[str], max_restarts: int = 0,
             *(extra or []), *module_args]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group alone leaves them running)."""
+    out = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for c in map(int, children):
+        out += [c, *descendants(c)]
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s whole tree, workers in other sessions included."""
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
+    """Run ``cmd``; on timeout kill its whole process tree and fail."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{err[-3000:]}") \
             from None
