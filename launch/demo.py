@@ -94,9 +94,12 @@ class Demo:
 
 def _env() -> dict[str, str]:
     # NOTE: one thread per process: the demo runs as many processes as there are cores.
-    return dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()),
-                                                         os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()),
+                                                        os.environ.get("PYTHONPATH")])))
+    if not sys.stderr.isatty():  # a log file, not a terminal: progress bars every 30 s only
+        env.setdefault("TQDM_MININTERVAL", "30")
+    return env
 
 
 def run_demo(demo: Demo, fresh: bool = False) -> dict:

@@ -1,0 +1,49 @@
+"""A shortened `make demo` end to end: every stage runs, the figures are computed, reruns skip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from postproc.csvio import read_proposal_csv, read_truth_csv
+from postproc.score import score
+
+REPO = Path(__file__).resolve().parents[2]
+SHORT = ["--tiles", "24", "--render-tiles", "2", "--set", "train.epochs=2",
+         "--set", "train.val_every=1", "--set", "data.crop_size=128"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_short_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "launch.demo", "--out", str(out), *SHORT]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=540)
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = out / "run" / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert {"precision", "recall", "f1", "seconds"} <= summary.keys()
+    assert set(summary["seconds"]) == {"synth", "prepare", "train", "predict_val",
+                                       "predict_test", "tune", "polygonize", "score", "render",
+                                       "curves"}
+    # the printed F1 is the scorer's, recomputed here from the files the demo wrote
+    truth = read_truth_csv(out / "data" / "test" / "truth.csv").polygons
+    proposals = read_proposal_csv(report / "proposals_test.csv").polygons
+    again = score(truth, proposals)
+    assert (again.tp, again.fp, again.fn) == (summary["tp"], summary["fp"], summary["fn"])
+    assert f"test F1 {summary['f1']:.4f}" in res.stdout
+    assert summary["val_f1_tuned_postproc"] >= summary["val_f1_default_postproc"]
+    assert json.loads((out / "run" / "postproc.json").read_text()) == summary["postproc"]
+    assert len(list((report / "tiles").glob("*.png"))) == 2
+    assert (report / "curves.png").stat().st_size > 1000
+    assert "curves.png" in (report / "README.md").read_text()
+    # a rerun skips what is done and reports the same figures
+    res2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    assert res2.stdout.count("done before, skipped") == 10
+    assert json.loads((report / "summary.json").read_text())["f1"] == summary["f1"]
