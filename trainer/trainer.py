@@ -33,7 +33,7 @@ from trainer.dist import (
     device_for,
     gather_objects,
 )
-from trainer.metrics import TrainMetrics
+from trainer.metrics import MetricsError, TrainMetrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.validate import Validator
 
@@ -87,7 +87,14 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
-        self.metrics.start()
+        failed: MetricsError | None = None
+        try:
+            self.metrics.start()
+        except MetricsError as e:
+            failed = e
+        # NOTE: rank 0 alone binds the port; all ranks stop together if it cannot.
+        if agree_any(failed is not None):
+            raise failed or MetricsError("rank 0 could not start the metrics endpoint")
         try:
             self.resume()
             log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s", self.cfg.model.name,

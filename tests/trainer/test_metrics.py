@@ -1,0 +1,77 @@
+"""TrainMetrics: the endpoint binds where configured, a busy port is a clear error, sums agree."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trainer.dist import DistEnv
+from trainer.metrics import MetricsError, TrainMetrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serves_on_the_configured_loopback_address_only() -> None:
+    port = _free_port()
+    m = TrainMetrics(DistEnv(), port=port, address="127.0.0.1")
+    m.start()
+    try:
+        m.record_step(samples=8, step_s=0.2, wait_s=0.01, loss=0.5)
+        m.skip_step("nonfinite_loss")
+        m.set_skipped_samples({"decode_error": 2})
+        m.sync()
+        assert m._server.server_address[0] == "127.0.0.1"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        fams = {f.name: f for f in text_string_to_metric_families(text.decode())}
+        total = [s for s in fams["footprints_samples"].samples
+                 if s.name == "footprints_samples_total"]
+        assert [(s.labels, s.value) for s in total] == [({"rank": "0"}, 8.0)]
+        skipped = {s.labels["reason"]: s.value for s in fams["footprints_skipped_samples"].samples
+                   if s.name.endswith("_total")}
+        assert skipped == {"decode_error": 2.0}
+        # counters only grow: a later sync with the same cumulative figure adds nothing
+        m.set_skipped_samples({"decode_error": 2})
+        m.sync()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert 'footprints_skipped_samples_total{reason="decode_error"} 2.0' in text.decode()
+    finally:
+        m.stop()
+
+
+def test_a_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        m = TrainMetrics(DistEnv(), port=port)
+        with pytest.raises(MetricsError, match=f"port {port} on 127.0.0.1 is already in use"):
+            m.start()
+
+
+def test_only_rank_0_serves_and_port_0_is_off() -> None:
+    port = _free_port()
+    TrainMetrics(DistEnv(rank=1, world_size=2), port=port).start()
+    TrainMetrics(DistEnv(), port=0).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # nobody took it
+
+
+def test_training_stops_with_the_reason_when_the_port_is_taken(small_dataset, tmp_path,
+                                                               capsys) -> None:
+    from trainer.train import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = main(["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
+                   str(tmp_path / "run"), "--set", f"metrics.port={port}"])
+    assert rc == 1
+    assert "already in use" in capsys.readouterr().err
