@@ -59,7 +59,8 @@ def plot_curves(epochs: list[dict[str, Any]], out: str | Path, title: str = "") 
     fig = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax_loss, ax_val = fig.subplots(1, 2)
-    for ax, series, ylabel in ((ax_loss, LOSSES, "loss (training objective)"), (ax_val, METRICS, "score")):
+    panels = ((ax_loss, LOSSES, "loss (training objective)"), (ax_val, METRICS, "score"))
+    for ax, series, ylabel in panels:
         drawn = 0
         for key, label, style in series:
             x, y = _series(epochs, key)
