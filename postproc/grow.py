@@ -1,25 +1,53 @@
 """Numba kernels of the polygonizer, part 2: grow seed blobs back over the boundary band.
 
-Layout and pixel codes: see ``postproc.label``.
+Layout and pixel codes: see ``postproc.label``; the sweep that runs this: ``postproc.blobs``.
+
+Growth is defined layer by layer (synchronously, so no blob gets ahead by scan order): in layer
+``l`` each queued pixel joins the 4-neighbour (a seed, or grown in an earlier layer) whose seed
+pixel is nearest in Euclidean distance, if within ``radius2`` (squared px, an integer: squared
+distances between pixels are); ties go to the smaller provisional label, then to the first of
+right, down, left, up (arbitrary but deterministic). Joining through a 4-neighbour keeps every
+blob 4-connected, so one blob is one polygon, as in GDAL. A claimed pixel queues for layer
+``l + 1`` its eligible neighbours that its seed reaches.
+
+A layer's row only reads rows next to it, so the layers need not sweep the tile one after the
+other: ``grow_row`` does one layer of one row, and the sweep runs layer ``l`` two rows behind
+layer ``l - 1`` (see ``postproc.blobs``), all while those rows are in cache.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from postproc.label import ELIGIBLE, GROWN, QUEUED, REJECTED, SEED
+from postproc.label import ELIGIBLE, GROWN, QUEUED, REJECTED, SEED, row_kernel
+
+RING = 4  # rows of a layer's queue that are live at once: its row and the three below
+U = np.uint64  # NOTE: unsigned indices spare numba's negative-index wraparound on every access
 
 
-@njit(cache=True)
-def _decide(codes: np.ndarray, lab: np.ndarray, qr: np.ndarray, qc: np.ndarray, m: int,
-            src: tuple, win: tuple, wp: int, radius2: int) -> None:
-    """For each queued pixel, the 4-neighbour in a blob whose seed pixel is nearest (or -1)."""
-    src_dr, src_dc = src
-    win_q, win_r, win_c = win
-    for i in range(m):
-        r = np.int64(qr[i])
-        c = np.int64(qc[i])
+@row_kernel
+def grow_row(frow: np.ndarray, r: int, layer: int, last: bool, rasters: tuple, uf: tuple,
+             queue: tuple, radius2: int) -> None:
+    """Layer ``layer`` of row ``r``: decide and claim its queued pixels (``queue``: ring, counts;
+    see ``RING``), queue their neighbours for the next layer unless ``last``.
+
+    ``rasters``: codes, lab, and each grown pixel's seed pixel as row and column offsets (int8);
+    ``uf``: first pixel, pixel count and confidence sum per provisional label, updated with the
+    claimed pixels (``frow``: the row's probabilities).
+    """
+    codes, lab = rasters
+    first_prov, cnt_prov, sum_prov = uf
+    ring, ringn, src_dr, src_dc = queue
+    wp = frow.shape[0] // 3 + 2
+    mine = GROWN + layer  # claimed in this layer: not grown as far as this layer knows
+    s = r % RING
+    # seed offsets live in a ring of rows: a row's are read until the last layer is past it
+    nsrc = src_dr.shape[0] // wp
+    base = (r % nsrc) * wp - (r + 1) * wp  # flat index p -> its index in the source ring
+    b_up = ((r - 1) % nsrc) * wp - r * wp
+    b_dn = ((r + 1) % nsrc) * wp - (r + 2) * wp
+    for i in range(ringn[layer, s]):
+        c = np.int64(ring[layer, s, i])
         p = (r + 1) * wp + c + 1
         bd = radius2 + 1
         bq = -1
@@ -34,60 +62,32 @@ def _decide(codes: np.ndarray, lab: np.ndarray, qr: np.ndarray, qc: np.ndarray, 
                 q, rr, cc = p - 1, r, c - 1
             else:
                 q, rr, cc = p - wp, r - 1, c
-            cq = codes[q]
+            cq = codes[U(q)]
             if cq == SEED:
                 sr, sc = rr, cc
-            elif cq == GROWN:
-                sr, sc = rr + np.int64(src_dr[q]), cc + np.int64(src_dc[q])
+            elif cq >= GROWN and cq != mine:
+                qs = q + (base if rr == r else (b_dn if rr > r else b_up))
+                sr, sc = rr + np.int64(src_dr[U(qs)]), cc + np.int64(src_dc[U(qs)])
             else:
                 continue
             d2 = (r - sr) * (r - sr) + (c - sc) * (c - sc)
-            # labels are loaded on ties only (rare): the load is a cache miss more often than not
-            if d2 < bd or (d2 == bd and lab[q] < lab[bq]):
+            # labels are loaded on ties only
+            if d2 < bd or (d2 == bd and bq >= 0 and lab[U(q)] < lab[U(bq)]):
                 bd, bq, bsr, bsc = d2, q, sr, sc
-        win_q[i] = bq if bd <= radius2 else -1
-        win_r[i] = bsr
-        win_c[i] = bsc
-
-
-@njit(cache=True)
-def _apply(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, qr: np.ndarray,
-           qc: np.ndarray, m: int, src: tuple, win: tuple, nxt: tuple, radius2: int) -> tuple:
-    """Claim the decided pixels, update blob stats, queue the eligible neighbours that the
-    claimed pixel's seed is near enough to reach. Returns (pixels claimed, next queue length).
-    """
-    final, first, count, fsum = stats
-    src_dr, src_dc = src
-    win_q, win_r, win_c = win
-    nr_, nc_ = nxt
-    W = prob.shape[1]
-    wp = W + 2
-    flat = prob.reshape(-1)
-    nn = 0
-    claimed = 0
-    for i in range(m):
-        r = np.int64(qr[i])
-        c = np.int64(qc[i])
-        p = (r + 1) * wp + c + 1
-        q = win_q[i]
-        if q < 0:  # rare: every pixel queued had a seed within reach
-            codes[p] = REJECTED
+        if bd > radius2:  # rare: every pixel queued had a seed within reach
+            codes[U(p)] = REJECTED
             continue
-        # NOTE: reading the winner now is safe: a pixel claimed in this layer was QUEUED while
-        # the layer decided, so it cannot be anyone's winner.
-        codes[p] = GROWN
-        lab[p] = lab[q]
-        src_dr[p] = win_r[i] - r
-        src_dc[p] = win_c[i] - c
-        f = final[lab[q]]
-        count[f] += 1
-        j = 3 * (r * W + c)
-        fsum[f] += min(np.int32(flat[j + 1]) + np.int32(flat[j + 2]), 255)
-        if p < first[f]:
-            first[f] = p
-        claimed += 1
-        sr = np.int64(win_r[i])
-        sc = np.int64(win_c[i])
+        codes[U(p)] = mine
+        lb = np.int64(lab[U(bq)])
+        lab[U(p)] = lb
+        src_dr[U(p + base)] = bsr - r
+        src_dc[U(p + base)] = bsc - c
+        cnt_prov[U(lb)] += 1
+        sum_prov[U(lb)] += min(np.int64(frow[U(3 * c + 1)]) + np.int64(frow[U(3 * c + 2)]), 255)
+        if p < first_prov[U(lb)]:
+            first_prov[U(lb)] = p
+        if last:
+            continue
         for k in range(4):
             if k == 0:
                 q, rr, cc = p + 1, r, c + 1
@@ -100,45 +100,10 @@ def _apply(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, q
             # NOTE: queue only what this seed can reach: evaluating (and rejecting) the band's
             # outer half in every layer cost more than growing the inner half. A pixel nearer
             # to another seed is queued by that seed's pixels.
-            if codes[q] == ELIGIBLE and (rr - sr) * (rr - sr) + (cc - sc) * (cc - sc) <= radius2:
-                codes[q] = QUEUED
-                nr_[nn] = rr
-                nc_[nn] = cc
-                nn += 1
-    return claimed, nn
-
-
-@njit(cache=True)
-def grow(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, nf: int,
-         scratch: tuple, radius2: int, max_layers: int) -> int:
-    """Grow seed blobs over eligible pixels, in place; return the number of pixels claimed.
-
-    Layer by layer (synchronously, so no blob gets ahead by scan order) an eligible pixel joins
-    the 4-neighbour whose seed pixel is nearest in Euclidean distance, if within ``radius2``
-    (squared px, an integer: squared distances between pixels are); ties go to the smaller
-    provisional label (arbitrary but deterministic). Joining through a 4-neighbour keeps every
-    blob 4-connected, so one blob is one polygon, as in GDAL. ``stats`` is (final, first, count,
-    fsum) from ``seed_label``, updated in place; the frontier is scratch[4:6][:nf] (the queue
-    buffers are swapped between layers: reuse needs a new ``seed_label``).
-    """
-    # NOTE: two non-inlined helpers with plain scalars: a tuple-returning inline helper, or
-    # one loop body with swapped queue arrays, compiled 3-9x slower.
-    qa = (scratch[4], scratch[5])
-    qb = (scratch[6], scratch[7])
-    src = (scratch[8], scratch[9])
-    win = (scratch[10], scratch[11], scratch[12])
-    wp = prob.shape[1] + 2
-    m = nf
-    claimed = 0
-    for layer in range(max_layers):
-        if m == 0:
-            break
-        cur, nxt = (qa, qb) if layer % 2 == 0 else (qb, qa)
-        _decide(codes, lab, cur[0], cur[1], m, src, win, wp, radius2)
-        k, m = _apply(prob, codes, lab, stats, cur[0], cur[1], m, src, win, nxt, radius2)
-        claimed += k
-    if m > 0:  # the last layer's queue stays unclaimed
-        last = qa if max_layers % 2 == 0 else qb
-        for i in range(m):
-            codes[(last[0][i] + 1) * wp + last[1][i] + 1] = ELIGIBLE
-    return claimed
+            if codes[U(q)] == ELIGIBLE and \
+                    (rr - bsr) * (rr - bsr) + (cc - bsc) * (cc - bsc) <= radius2:
+                codes[U(q)] = QUEUED
+                s2 = rr % RING
+                ring[layer + 1, s2, ringn[layer + 1, s2]] = cc
+                ringn[layer + 1, s2] += 1
+    ringn[layer, s] = 0

@@ -30,7 +30,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from postproc import grow, label, trace
+from postproc import blobs, grow, label, trace
 from postproc.predio import quantize_probs
 
 
@@ -111,7 +111,7 @@ class Instances:
     def labels(self) -> np.ndarray:
         """Compact int32 label raster (1..n, 0 = none), HxW, for inspection and tests."""
         h, w = self.shape
-        inblob = (self.codes & 2) != 0
+        inblob = self.codes >= label.SEED
         out = np.where(inblob, self.final[np.where(inblob, self.lab, 0)], 0).astype(np.int32)
         return out.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
 
@@ -140,18 +140,37 @@ class Workspace:
         self.codes = np.zeros(padded, np.uint8)
         self.lab = np.zeros(padded, np.int32)
         i32 = np.int32
-        # order matters: see label.seed_label and grow.grow
-        self.scratch = (np.empty(cap, i32), np.empty(cap, np.int64),  # parent, first pixel
-                        np.empty(cap, np.int64), np.empty(cap, np.int64),  # count, prob sum
-                        np.empty(n, i32), np.empty(n, i32),  # queue rows, cols
-                        np.empty(n, i32), np.empty(n, i32),  # next queue rows, cols
-                        # nearest seed pixel as an offset: int8 keeps the arrays (and the pages
-                        # touched per tile) small; grow_radius <= 50 keeps it in range
-                        np.empty(padded, np.int8), np.empty(padded, np.int8),
-                        np.empty(n, i32), np.empty(n, i32), np.empty(n, i32))  # layer decisions
-        runs = n // 2 + height + 2  # row runs of eligible pixels (see label.seed_label)
+        # union-find parent, first pixel, pixel count and confidence sum per provisional label
+        # (see blobs.find_blobs; label.label_values takes the first three)
+        self.uf = (np.empty(cap, i32), np.empty(cap, np.int64), np.empty(cap, np.int64),
+                   np.empty(cap, np.int64))
+        runs = n // 2 + height + 2  # row runs of eligible pixels (see label.row_runs)
         self.runs = (np.empty(runs, i32), np.empty(runs, i32), np.empty(runs, i32),
                      np.empty(runs, i32), np.empty(runs, np.uint8))
+        self.stack = np.empty(n, i32)  # label.seedless's flood fill
+        # one row of classes and one of growth's first layer (zero past the width: scanned 8 px
+        # at a time), one row's seed runs, and seed segments of two rows (see blobs.find_blobs)
+        row8 = (width // 8 + 2) * 8
+        seg = width + 1
+        self.rows = (np.zeros(row8, np.uint8), np.zeros(row8, np.uint8),
+                     (np.empty(seg, i32), np.empty(seg, i32)),
+                     (np.empty(seg, i32), np.empty(seg, i32), np.empty(seg, i32)),
+                     (np.empty(seg, i32), np.empty(seg, i32), np.empty(seg, i32)))
+        self._queue: tuple[np.ndarray, np.ndarray] | None = None
+
+    def queue(self, layers: int) -> tuple[np.ndarray, ...]:
+        """Growth's state for at least ``layers`` layers (see ``grow.grow_row``): the queues
+        (columns, counts) and the rows of seed offsets."""
+        if self._queue is None or self._queue[1].shape[0] < layers:
+            layers = max(layers, 1)
+            ring, wp = grow.RING, self.shape[1] + 2
+            # NOTE: the nearest seed pixel of a grown pixel as an offset: int8 keeps these rows
+            # (in cache) small; grow_radius <= 50 keeps it in range
+            src = 2 * layers + 4
+            self._queue = (np.empty((layers, ring, self.shape[1] + 1), np.int32),
+                           np.zeros((layers, ring), np.int64),
+                           np.empty(src * wp, np.int8), np.empty(src * wp, np.int8))
+        return self._queue
 
 
 _local = threading.local()
@@ -172,17 +191,16 @@ def find_instances(prob: np.ndarray, cfg: PolygonizeConfig) -> Instances:
     q = np.ascontiguousarray(quantize_probs(prob))
     ws = _workspace(q.shape[0], q.shape[1])
     seed_t, fp_t = _thresholds_u8(cfg)
-    final, n, first, count, fsum, nf, nrun = label.seed_label(q, seed_t, fp_t, ws.codes, ws.lab,
-                                                              ws.scratch, ws.runs)
     r2 = int(math.floor(cfg.grow_radius * cfg.grow_radius + 1e-9))  # d2 is an integer
-    if r2 > 0 and n > 0:
-        # a pixel within Euclidean r can be up to r*sqrt(2) 4-steps away from its seed
-        layers = int(math.floor(cfg.grow_radius * math.sqrt(2.0))) + 1
-        grow.grow(q, ws.codes, ws.lab, (final, first, count, fsum), nf, ws.scratch, r2, layers)
+    # a pixel within Euclidean r can be up to r*sqrt(2) 4-steps away from its seed
+    layers = int(math.floor(cfg.grow_radius * math.sqrt(2.0))) + 1 if r2 > 0 else 0
+    nprov, nrun = blobs.find_blobs(q, int(seed_t), int(fp_t), r2, layers,
+                                   (ws.codes, ws.lab), ws.uf, ws.runs, ws.rows,
+                                   ws.queue(layers))
+    final, n, first, count, fsum = label.finish(*ws.uf, nprov)
     if cfg.seedless and nrun > 0:
         final, first, count, fsum, n = label.seedless(
-            q, ws.codes, ws.lab, (final, first, count, fsum), n, ws.runs, nrun, r2,
-            ws.scratch[4])
+            q, ws.codes, ws.lab, (final, first, count, fsum), n, ws.runs, nrun, r2, ws.stack)
     return Instances(q.shape[:2], ws.codes, ws.lab, final, n, first, count, fsum)
 
 
@@ -207,7 +225,7 @@ def polygonize_labels(values: np.ndarray, min_area: float = 0.0) -> list[Polygon
     if values.dtype == bool:
         values = values.view(np.uint8)
     ws = _workspace(values.shape[0], values.shape[1])
-    final, n, first, count = label.label_values(values, ws.codes, ws.lab, ws.scratch)
+    final, n, first, count = label.label_values(values, ws.codes, ws.lab, ws.uf)
     inst = Instances(values.shape, ws.codes, ws.lab, final, n, first, count, np.zeros_like(count))
     return list(polygons_from_instances(inst, min_area)[0])
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from postproc.label import SEED
+
 
 @njit(cache=True, inline="always")
 def _inblob(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, p: int, blob: int) -> bool:
-    return (codes[p] & 2) != 0 and final[lab[p]] == blob
+    return codes[p] >= SEED and final[lab[p]] == blob
 
 
 @njit(cache=True)
