@@ -7,9 +7,7 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -19,27 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-REPO = Path(__file__).resolve().parents[2]
+from proc_helpers import REPO, free_port, torchrun_cmd, worker_env  # noqa: F401 (re-exported)
+
 DASHBOARD = REPO / "launch" / "grafana" / "footprints.json"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
-
-
-def torchrun_cmd(nproc: int, module_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-            f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "--max-restarts=0", *module_args]
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -5,34 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
-
-
-def torchrun_cmd(nproc: int, module_args: list[str], max_restarts: int = 0,
-                 extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-            f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", f"--max-restarts={max_restarts}",
-            *(extra or []), *module_args]
+from proc_helpers import REPO, free_port, torchrun_cmd, worker_env  # noqa: F401 (re-exported)
 
 
 def descendants(pid: int) -> list[int]:
