@@ -2,8 +2,9 @@
 
 The equivalence tests (``test_polygonize_equivalence``) compare ``postproc.polygonize`` with this
 copy on many random and synthetic tiles: identical instance labels, pixel counts, confidence sums
-and polygons. Kept verbatim (label.py, grow.py, trace.py and ``find_instances`` of commit 3938da8)
-so that the reference does not move with the code under test.
+and polygons. The labelling and growth kernels and ``find_instances`` of commit 3938da8 are kept
+verbatim so that the reference does not move with the code under test; the reference polygons
+come from GDAL (``rasterio.features.shapes``), not from a copy of the old tracer.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import shapely
 from numba import njit
+from rasterio.features import shapes
+from shapely.geometry import shape
 
 from postproc.predio import quantize_probs
 
@@ -54,49 +56,6 @@ def _flatten(parent: np.ndarray, n: int, first_prov: np.ndarray) -> tuple:
         else:
             final[i] = final[p]  # p < i is already resolved
     return final, k, first[: k + 1].copy()
-
-
-@njit(cache=True)
-def label_values(values: np.ndarray, codes: np.ndarray, lab: np.ndarray, scratch: tuple
-                 ) -> tuple:
-    """4-connected components of equal non-zero values (what GDAL calls a polygon's blob).
-
-    Fills the padded ``codes`` (``SEED`` where a value is non-zero) and ``lab`` (provisional
-    labels); ``scratch`` is the workspace's. Returns ``(final, n, first, count)``: the id map,
-    the blob count, each blob's first pixel (padded flat index, raster order) and pixel count.
-    """
-    parent, first_prov, cnt_prov = scratch[0], scratch[1], scratch[2]
-    H, W = values.shape
-    Wp = W + 2
-    n = 0
-    for r in range(H):
-        o = (r + 1) * Wp + 1
-        for c in range(W):
-            p = o + c
-            v = values[r, c]
-            if v == 0:
-                codes[p] = NONE
-                continue
-            codes[p] = SEED
-            up = lab[p - Wp] if r > 0 and values[r - 1, c] == v else 0
-            left = lab[p - 1] if c > 0 and values[r, c - 1] == v else 0
-            if up == 0 and left == 0:
-                n += 1
-                parent[n] = n
-                first_prov[n] = p
-                cnt_prov[n] = 0
-                k = n
-            elif up != 0 and left != 0:
-                k = _union(parent, up, left) if up != left else up
-            else:
-                k = up + left
-            lab[p] = k
-            cnt_prov[k] += 1
-    final, k, first = _flatten(parent, n, first_prov)
-    count = np.zeros(k + 1, np.int64)
-    for i in range(1, n + 1):
-        count[final[i]] += cnt_prov[i]
-    return final, k, first, count
 
 
 @njit(cache=True)
@@ -427,147 +386,6 @@ def grow(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple, nf:
     return claimed
 
 
-@njit(cache=True, inline="always")
-def _inblob(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, p: int, blob: int) -> bool:
-    return (codes[p] & 2) != 0 and final[lab[p]] == blob
-
-
-@njit(cache=True)
-def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int, x0: int,
-                y0: int, d0: int, wp: int, out: tuple, visited: np.ndarray, vy0: int,
-                vx0: int) -> tuple:
-    """Follow one ring from vertex (x0, y0) heading ``d0``, the blob on the right; add corners.
-
-    Headings 0 east, 1 south, 2 west, 3 north (y down). At a vertex: turn left if the pixel
-    ahead-left is in the blob, go straight if only the one ahead-right is, else turn right.
-    Turning left at a diagonal (saddle) vertex joins the blob's own diagonal pixels, so a hole
-    that touches the outside at a corner becomes a hole ring touching the shell at one point
-    (valid), never a self-touching shell (invalid).
-    Returns (buf, nb, twice the signed area, bbox x0, y0, x1, y1); ``out`` is (buf, nb).
-    """
-    buf, nb = out
-    # a vertex is tracked by its south-east pixel's padded flat index
-    v = (y0 + 1) * wp + x0 + 1
-    x, y, d = x0, y0, d0
-    start = nb
-    area2 = 0
-    px, py = -1, -1
-    bx0, by0, bx1, by1 = x0, y0, x0, y0
-    track = visited.shape[0] > 0
-    while True:
-        if d == 0:
-            x += 1
-            v += 1
-            al, ar = v - wp, v  # NE, SE
-        elif d == 1:
-            y += 1
-            v += wp
-            al, ar = v, v - 1  # SE, SW
-        elif d == 2:
-            x -= 1
-            v -= 1
-            al, ar = v - 1, v - 1 - wp  # SW, NW
-            if track:  # the top edge of pixel (y, x), blob above: a hole's start candidate
-                visited[y - vy0, x - vx0] = 1
-        else:
-            y -= 1
-            v -= wp
-            al, ar = v - 1 - wp, v - wp  # NW, NE
-        if _inblob(codes, lab, final, al, blob):
-            nd = (d + 3) % 4
-        elif _inblob(codes, lab, final, ar, blob):
-            nd = d
-        else:
-            nd = (d + 1) % 4
-        if nd != d:
-            if nb + 2 >= buf.shape[0]:
-                grown = np.empty((buf.shape[0] * 2, 2), np.float64)
-                grown[:nb] = buf[:nb]
-                buf = grown
-            buf[nb, 0] = x
-            buf[nb, 1] = y
-            if px >= 0:
-                area2 += px * y - x * py
-            px, py = x, y
-            nb += 1
-            bx0 = min(bx0, x)
-            by0 = min(by0, y)
-            bx1 = max(bx1, x)
-            by1 = max(by1, y)
-        d = nd
-        if x == x0 and y == y0 and d == d0:
-            break
-    # close the ring, and its shoelace sum, with the first corner
-    fx, fy = int(buf[start, 0]), int(buf[start, 1])
-    area2 += px * fy - fx * py
-    buf[nb, 0] = fx
-    buf[nb, 1] = fy
-    nb += 1
-    return buf, nb, area2, bx0, by0, bx1, by1
-
-
-@njit(cache=True)
-def _push_offset(off: np.ndarray, k: int, value: int) -> tuple:
-    """Set ``off[k + 1] = value`` (growing ``off`` when full); return (off, k + 1)."""
-    if k + 2 > off.shape[0]:
-        grown = np.empty(off.shape[0] * 2, np.int64)
-        grown[: k + 1] = off[: k + 1]
-        off = grown
-    off[k + 1] = value
-    return off, k + 1
-
-
-@njit(cache=True)
-def trace_blobs(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, n: int,
-                first: np.ndarray, count: np.ndarray, width: int, min_count: float) -> tuple:
-    """Trace every blob with at least ``min_count`` pixels into a shell and its holes.
-
-    Returns GeoArrow-style ragged arrays ``(coords, ring_offsets, poly_offsets, blob_ids)`` for
-    ``shapely.from_ragged_array``: corners only, rings closed, the shell first.
-    """
-    Wp = width + 2
-    buf = np.empty((4096, 2), np.float64)
-    nb = 0
-    ring_off = np.zeros(n + 2, np.int64)
-    poly_off = np.zeros(n + 1, np.int64)
-    ids = np.empty(n, np.int32)
-    nr = 0
-    npoly = 0
-    no_visit = np.zeros((0, 0), np.uint8)
-    for blob in range(1, n + 1):
-        if count[blob] == 0 or count[blob] < min_count:
-            continue
-        r0 = first[blob] // Wp - 1  # the first pixel's top-left corner starts the shell
-        c0 = first[blob] % Wp - 1
-        start_nb = nb
-        buf, nb, area2, bx0, by0, bx1, by1 = _trace_ring(codes, lab, final, blob, c0, r0, 0, Wp,
-                                                         (buf, nb), no_visit, 0, 0)
-        if area2 != 2 * count[blob]:
-            # The shell encloses more than the blob, so there are holes (rare). Trace it again
-            # marking west edges, then start a ring at every unmarked edge with the blob above
-            # and something else below: the top edge of each hole's first pixel is one.
-            nb = start_nb
-            visited = np.zeros((by1 - by0 + 1, bx1 - bx0 + 1), np.uint8)
-            buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c0, r0, 0, Wp,
-                                                 (buf, nb), visited, by0, bx0)
-            ring_off, nr = _push_offset(ring_off, nr, nb)
-            for r in range(by0 + 1, by1):
-                for c in range(bx0, bx1):
-                    p = (r + 1) * Wp + c + 1
-                    if visited[r - by0, c - bx0] == 0 and _inblob(codes, lab, final, p - Wp, blob) \
-                            and not _inblob(codes, lab, final, p, blob):
-                        buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c + 1, r, 2,
-                                                             Wp, (buf, nb), visited, by0, bx0)
-                        ring_off, nr = _push_offset(ring_off, nr, nb)
-        else:
-            ring_off, nr = _push_offset(ring_off, nr, nb)
-        npoly += 1
-        poly_off[npoly] = nr
-        ids[npoly - 1] = blob
-    return (buf[:nb].copy(), ring_off[: nr + 1].copy(), poly_off[: npoly + 1].copy(),
-            ids[:npoly].copy())
-
-
 class RefWorkspace:
     """The old ``polygonize.Workspace`` (buffers of one tile size)."""
 
@@ -611,16 +429,9 @@ def ref_instances(prob: np.ndarray, building_threshold: float = 0.5,
     inblob = (ws.codes & 2) != 0
     lab = np.where(inblob, final[np.where(inblob, ws.lab, 0)], 0).astype(np.int32)
     labels = lab.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
-    out = {"labels": labels, "n": n, "count": count.copy(), "fsum": fsum.copy(), "polys": [],
-           "conf": []}
-    if n == 0:
-        return out
-    coords, ring_off, poly_off, ids = trace_blobs(ws.codes, ws.lab, final, n, first, count, w,
-                                                  0.0)
-    if ids.size:
-        polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords,
-                                          (ring_off, poly_off))
-        out["polys"] = list(polys)
-        out["ids"] = ids
+    out = {"labels": labels, "n": n, "count": count.copy(), "fsum": fsum.copy(), "polys": {}}
+    # Polygons of the reference blobs from GDAL (the library the tracer is tested against in
+    # test_polygonize), not from a copy of the old tracer: blob id -> polygon.
+    for geom, value in shapes(labels, mask=labels != 0, connectivity=4):
+        out["polys"][int(value)] = shape(geom)
     return out
-
