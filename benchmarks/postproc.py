@@ -16,6 +16,10 @@ rows with 0-4 px gaps, the 2.5 px boundary band) as one-hot predictions.
 - score, baseline: a plain shapely scorer: per proposal, IoU with every unmatched truth polygon
   via ``intersection``/``union``.
 - end to end: ``postproc.runner`` on prediction shards (PNG decoding, CSV rows included).
+- stages (1 core): the project's polygonize stopped after each stage (classify + label seeds,
+  + growth over the band, + exact tracing, + shapely polygons, confidences and order), and the
+  floor of any polygonizer here (reading every byte of the tile once), to show where the time
+  goes against the goal's budget (the baseline's time / 20).
 
 "1 core" runs in this process; "all cores" is a pool of forked workers over chunks of tiles (made
 and warmed before timing: a real run amortises its start over thousands of tiles).
@@ -36,6 +40,7 @@ from rasterio.features import shapes
 from shapely.geometry import shape
 
 from benchmarks.common import base_parser, machine_info, print_table, write_json
+from postproc import trace
 from postproc.polygonize import (
     PolygonizeConfig,
     find_instances,
@@ -51,6 +56,14 @@ _TILES: list[np.ndarray] = []
 _LABELS: list[np.ndarray] = []
 _PAIRS: list[tuple[list, list]] = []
 _CFG = PolygonizeConfig()
+_NO_GROWTH = PolygonizeConfig(grow_radius=0.0, seedless=False)
+
+# the project's polygonize cut after each stage (see ``stage_rows``)
+STAGES = (("read every byte once (floor)", "stage_read"),
+          ("classify + label seeds", "stage_label"),
+          ("+ growth over the band", "stage_grow"),
+          ("+ exact tracing", "stage_trace"),
+          ("+ shapely polygons, confidences, order (= polygonize)", "polygonize"))
 
 
 def baseline_polygonize(prob: np.ndarray, min_area: float) -> list:
@@ -94,6 +107,16 @@ def _run(task: tuple[str, int, int]) -> int:
             v = _LABELS[i]
             polys = [shape(g) for g, _ in shapes(v, mask=v > 0, connectivity=4)]
             n += sum(1 for g in polys if g.area >= _CFG.min_polygon_area)
+        elif kind == "stage_read":
+            n += int(_TILES[i].max())
+        elif kind == "stage_label":
+            n += find_instances(_TILES[i], _NO_GROWTH).n
+        elif kind == "stage_grow":
+            n += find_instances(_TILES[i], _CFG).n
+        elif kind == "stage_trace":
+            inst = find_instances(_TILES[i], _CFG)
+            n += trace.trace_blobs(inst.codes, inst.lab, inst.final, inst.n, inst.first,
+                                   inst.count, inst.shape[1], _CFG.min_polygon_area)[3].size
         elif kind == "score":
             n += score_image(*_PAIRS[i])[0]
         else:
@@ -105,12 +128,12 @@ def _worker_init() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def timed_pair(kinds: tuple[str, str], n: int, pool: cf.Executor | None, workers: int,
-               repeat: int) -> tuple[float, float]:
-    """Best wall times of two variants over all n tiles, in-process or spread over the pool.
+def timed(kinds: tuple[str, ...], n: int, pool: cf.Executor | None, workers: int,
+          repeat: int) -> list[float]:
+    """Best wall times of each variant over all n tiles, in-process or spread over the pool.
 
     NOTE: the runs alternate (A, B, A, B, ...), so that a busy neighbour on a shared machine
-    slows both sides alike instead of whichever happened to run at the time.
+    slows every variant alike instead of whichever happened to run at the time.
     """
     def once(kind: str) -> float:
         t0 = time.perf_counter()
@@ -123,11 +146,27 @@ def timed_pair(kinds: tuple[str, str], n: int, pool: cf.Executor | None, workers
 
     for kind in kinds:  # warm up (the pool's workers too)
         once(kind)
-    best = [float("inf"), float("inf")]
+    best = [float("inf")] * len(kinds)
     for _ in range(repeat):
         for k, kind in enumerate(kinds):
             best[k] = min(best[k], once(kind))
-    return best[0], best[1]
+    return best
+
+
+def stage_rows(n: int, repeat: int) -> tuple[list[dict[str, Any]], float]:
+    """1 core: ms a tile up to and including each stage, and what each stage adds; timed in
+    the same alternating rounds as the baseline, whose ms a tile is returned too."""
+    *secs, base = timed((*(kind for _, kind in STAGES), "polygonize_baseline"), n, None, 1,
+                        repeat)
+    base_ms = 1000 * base / n
+    rows, prev = [], 0.0
+    for (label, _), sec in zip(STAGES, secs, strict=True):
+        ms = 1000 * sec / n
+        rows.append({"stage": label, "ms_per_tile": ms,
+                     "stage_ms": ms - prev if label[0] == "+" else ms,
+                     "x_goal_budget": ms / (base_ms / 20)})
+        prev = ms
+    return rows, base_ms
 
 
 def end_to_end(n: int, workers: int, repeat: int) -> float:
@@ -194,11 +233,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               (("score", "score_baseline"),
                                ("score, project", "score, baseline (plain shapely)"))):
             for cores, ex in ((1, None), (args.workers, pool)):
-                a, b = timed_pair(kinds, n, ex, args.workers, args.repeat)
+                a, b = timed(kinds, n, ex, args.workers, args.repeat)
                 rows += [row(labels[0], cores, a), row(labels[1], cores, b)]
     for cores in (1, args.workers):
         sec = end_to_end(n, cores, args.repeat)
         rows.append(row("end to end from shards, project", cores, sec))
+    stages, base_ms = stage_rows(n, args.repeat)
 
     def speed(label: str, cores: int) -> float:
         return next(r["tiles_per_s"] for r in rows if r["variant"] == label and
@@ -215,8 +255,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{machine_info()['cores']} cores: {machine_info()['cpu']}")
     print_table(rows, ["variant", "cores", "tiles_per_s", "ms_per_tile", "ms_per_tile_per_core",
                        "speedup_vs_baseline"])
+    print(f"\npolygonize by stage, 1 core (goal budget: the baseline's {base_ms:.2f} ms / 20 = "
+          f"{base_ms / 20:.2f} ms a tile, timed in the same rounds; stage_ms: what the stage "
+          "adds)")
+    print_table(stages, ["stage", "ms_per_tile", "stage_ms", "x_goal_budget"])
     return write_json(args.json, "postproc", rows, tiles=n, tile_px=650,
-                      buildings_per_tile=buildings,
+                      buildings_per_tile=buildings, stages=stages,
+                      stages_baseline_ms_per_tile=base_ms,
                       units={"tiles_per_s": "tiles/s", "ms_per_tile": "ms",
                              "ms_per_tile_per_core": "ms x cores"})
 
