@@ -153,11 +153,37 @@ def timed(kinds: tuple[str, ...], n: int, pool: cf.Executor | None, workers: int
     return best
 
 
+def timed_per_tile(kinds: tuple[str, ...], n: int, repeat: int) -> list[float]:
+    """In-process seconds of each variant over all n tiles, best of ``repeat`` rounds; every
+    variant runs on a tile before the next tile, in an order that rotates from tile to tile.
+
+    NOTE: this VM's speed drifts by up to 2x over seconds; a round of one variant over all tiles
+    after another's put whole variants in the slow phase and once gave a cut-short polygonize
+    slower than the whole one. Per tile, the variants are milliseconds apart, and the rotation
+    spares each the same share of cold (first-touch) tile reads.
+    """
+    for kind in kinds:  # warm up
+        _run((kind, 0, n))
+    best = [float("inf")] * len(kinds)
+    m = len(kinds)
+    for rep in range(repeat):
+        total = [0.0] * m
+        for i in range(n):
+            for j in range(m):
+                k = (i + rep + j) % m
+                t0 = time.perf_counter()
+                _run((kinds[k], i, i + 1))
+                total[k] += time.perf_counter() - t0
+        best = [min(b, t) for b, t in zip(best, total, strict=True)]
+    return best
+
+
 def stage_rows(n: int, repeat: int) -> tuple[list[dict[str, Any]], float]:
-    """1 core: ms a tile up to and including each stage, and what each stage adds; timed in
-    the same alternating rounds as the baseline, whose ms a tile is returned too."""
-    *secs, base = timed((*(kind for _, kind in STAGES), "polygonize_baseline"), n, None, 1,
-                        repeat)
+    """1 core: ms a tile up to and including each stage, and what each stage adds; timed
+    tile by tile alongside the baseline (see ``timed_per_tile``), whose ms a tile is returned
+    too."""
+    *secs, base = timed_per_tile((*(kind for _, kind in STAGES), "polygonize_baseline"), n,
+                                 repeat)
     base_ms = 1000 * base / n
     rows, prev = [], 0.0
     for (label, _), sec in zip(STAGES, secs, strict=True):
@@ -256,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(rows, ["variant", "cores", "tiles_per_s", "ms_per_tile", "ms_per_tile_per_core",
                        "speedup_vs_baseline"])
     print(f"\npolygonize by stage, 1 core (goal budget: the baseline's {base_ms:.2f} ms / 20 = "
-          f"{base_ms / 20:.2f} ms a tile, timed in the same rounds; stage_ms: what the stage "
-          "adds)")
+          f"{base_ms / 20:.2f} ms a tile, timed tile by tile with these; stage_ms: what the "
+          "stage adds)")
     print_table(stages, ["stage", "ms_per_tile", "stage_ms", "x_goal_budget"])
     return write_json(args.json, "postproc", rows, tiles=n, tile_px=650,
                       buildings_per_tile=buildings, stages=stages,
