@@ -18,11 +18,25 @@ layer ``l - 1`` (see ``postproc.blobs``), all while those rows are in cache.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from postproc.label import ELIGIBLE, GROWN, QUEUED, REJECTED, SEED, row_kernel
 
 RING = 4  # rows of a layer's queue that are live at once: its row and the three below
 U = np.uint64  # NOTE: unsigned indices spare numba's negative-index wraparound on every access
+
+
+@njit(cache=True, inline="always")
+def _neighbour(k: int, p: int, r: int, c: int, wp: int) -> tuple:
+    """Neighbour ``k`` (0..3: right, down, left, up; the tie order) of pixel ``p`` at (r, c):
+    its flat index, row and column."""
+    if k == 0:
+        return p + 1, r, c + 1
+    if k == 1:
+        return p + wp, r + 1, c
+    if k == 2:
+        return p - 1, r, c - 1
+    return p - wp, r - 1, c
 
 
 @row_kernel
@@ -54,14 +68,7 @@ def grow_row(frow: np.ndarray, r: int, layer: int, last: bool, rasters: tuple, u
         bsr = 0
         bsc = 0
         for k in range(4):
-            if k == 0:
-                q, rr, cc = p + 1, r, c + 1
-            elif k == 1:
-                q, rr, cc = p + wp, r + 1, c
-            elif k == 2:
-                q, rr, cc = p - 1, r, c - 1
-            else:
-                q, rr, cc = p - wp, r - 1, c
+            q, rr, cc = _neighbour(k, p, r, c, wp)
             cq = codes[U(q)]
             if cq == SEED:
                 sr, sc = rr, cc
@@ -89,14 +96,7 @@ def grow_row(frow: np.ndarray, r: int, layer: int, last: bool, rasters: tuple, u
         if last:
             continue
         for k in range(4):
-            if k == 0:
-                q, rr, cc = p + 1, r, c + 1
-            elif k == 1:
-                q, rr, cc = p + wp, r + 1, c
-            elif k == 2:
-                q, rr, cc = p - 1, r, c - 1
-            else:
-                q, rr, cc = p - wp, r - 1, c
+            q, rr, cc = _neighbour(k, p, r, c, wp)
             # NOTE: queue only what this seed can reach: evaluating (and rejecting) the band's
             # outer half in every layer cost more than growing the inner half. A pixel nearer
             # to another seed is queued by that seed's pixels.
