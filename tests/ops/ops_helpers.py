@@ -17,21 +17,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proc_helpers import REPO, free_port, torchrun_cmd, worker_env  # noqa: F401 (re-exported)
+from proc_helpers import (  # noqa: F401 (re-exported)
+    REPO,
+    free_port,
+    kill_tree,
+    torchrun_cmd,
+    worker_env,
+)
 
 DASHBOARD = REPO / "launch" / "grafana" / "footprints.json"
 T = TypeVar("T")
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, SIGKILL it if it is still there after ``grace_s``."""
+    """SIGTERM the process group, SIGKILL the whole tree if it is still there after ``grace_s``
+    (torchrun's workers live in sessions of their own, out of reach of the group)."""
     if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait(timeout=grace_s)
     except ProcessLookupError:
         pass

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import torch
-from proc_helpers import REPO, free_port, torchrun_cmd, worker_env  # noqa: F401 (re-exported)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so
-    killing the launcher's process group alone leaves them running)."""
-    out = []
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for c in map(int, children):
-        out += [c, *descendants(c)]
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid``'s whole tree, workers in other sessions included."""
-    for p in [pid, *descendants(pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
+from proc_helpers import (  # noqa: F401 (re-exported)
+    REPO,
+    free_port,
+    kill_tree,
+    torchrun_cmd,
+    worker_env,
+)
 
 
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
