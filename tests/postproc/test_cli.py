@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import shapely
 from pp_helpers import REPO, make_pred_dir
+from proc_helpers import torchrun_cmd, worker_env
 
 from postproc import polygonize, score
 from postproc.cli import exit_on_error
@@ -106,19 +104,10 @@ def test_score_bad_csv_names_file_and_line(tmp_path, capsys):
     assert "empty file" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], timeout: float, module: str = "postproc.polygonize"
               ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", module, *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(torchrun_cmd(2, ["-m", module, *args]), cwd=REPO, env=worker_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.multiproc

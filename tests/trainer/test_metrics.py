@@ -7,19 +7,14 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from trainer_helpers import free_port
 
 from trainer.dist import DistEnv
 from trainer.metrics import MetricsError, TrainMetrics
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serves_on_the_configured_loopback_address_only() -> None:
-    port = _free_port()
+    port = free_port()
     m = TrainMetrics(DistEnv(), port=port, address="127.0.0.1")
     m.start()
     try:
@@ -56,7 +51,7 @@ def test_a_port_in_use_is_a_clear_error() -> None:
 
 
 def test_only_rank_0_serves_and_port_0_is_off() -> None:
-    port = _free_port()
+    port = free_port()
     TrainMetrics(DistEnv(rank=1, world_size=2), port=port).start()
     TrainMetrics(DistEnv(), port=0).start()
     with socket.socket() as s:
