@@ -145,6 +145,23 @@ def scan(cfg: PrepareConfig) -> Scan:
     return result
 
 
+def split_counts(n: int, weights: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Tiles per split (train, val, test) for ``n`` tiles: largest-remainder apportionment.
+
+    Each split gets the floor of its exact share, and the tiles left over go to the largest
+    remainders (ties to the earlier split). So a split of weight 0 never gets a tile, and no
+    split is short by a whole tile against its exact share (rounding each share on its own
+    gave 4/1/0 for 5 tiles at 70:15:15, and a tile to a 0-weight test split at 90:10:0).
+    """
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(3), key=lambda i: counts[i] - exact[i])  # stable: ties keep order
+    for i in by_remainder[:n - sum(counts)]:
+        counts[i] += 1
+    return counts[0], counts[1], counts[2]
+
+
 def assign_splits(tiles: list[Tile], weights: tuple[float, float, float],
                   seed: int) -> list[Tile]:
     """Shuffle with the seed and cut in the given proportions; returns tiles in write order.
@@ -153,9 +170,7 @@ def assign_splits(tiles: list[Tile], weights: tuple[float, float, float],
     """
     ordered = sorted(tiles, key=lambda t: t.image_id)
     perm = np.random.default_rng(seed).permutation(len(ordered))
-    total = sum(weights)
-    n_train = round(len(ordered) * weights[0] / total)
-    n_val = round(len(ordered) * weights[1] / total)
+    n_train, n_val, _ = split_counts(len(ordered), weights)
     out = []
     for rank, i in enumerate(perm):
         split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"

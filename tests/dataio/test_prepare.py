@@ -18,7 +18,7 @@ from shapely.geometry import shape
 
 from dataio.labels import make_mask, rasterize_footprints, read_footprints
 from dataio.manifest import load_manifest
-from dataio.prepare import PrepareConfig, prepare
+from dataio.prepare import PrepareConfig, prepare, split_counts
 from dataio.shards import check_shard, decode_sample, iter_tar_samples
 
 SPLITS = ("train", "val", "test")
@@ -42,6 +42,27 @@ def test_every_tile_in_exactly_one_split(prepared_dataset: Path, synthetic_aoi: 
         for info in m.shards(s):
             assert check_shard(prepared_dataset / s, info) is None
     assert m.data["skipped"] == []
+
+
+@pytest.mark.parametrize(("n", "weights", "want"), [
+    (10, (70, 15, 15), (7, 2, 1)),
+    (5, (70, 15, 15), (3, 1, 1)),    # rounding each share alone gave 4/1/0: no test tile
+    (3, (70, 15, 15), (2, 1, 0)),
+    (0, (70, 15, 15), (0, 0, 0)),
+    (5, (90, 10, 0), (5, 0, 0)),     # a 0-weight split never gets a tile (it got 1 of 5)
+    (25, (90, 10, 0), (23, 2, 0)),
+    (1, (50, 50, 0), (1, 0, 0)),     # the one tile trains (it went to the 0-weight test split)
+    (100, (1, 1, 1), (34, 33, 33)),
+    (20, (0.7, 0.15, 0.15), (14, 3, 3)),
+])
+def test_split_counts(n: int, weights: tuple[float, float, float],
+                      want: tuple[int, int, int]) -> None:
+    got = split_counts(n, weights)
+    assert got == want
+    exact = [n * w / sum(weights) for w in weights]
+    # every split is within one tile of its exact share, and 0-weight splits stay empty
+    assert all(abs(c - x) < 1 for c, x in zip(got, exact, strict=True))
+    assert all(c == 0 for c, w in zip(got, weights, strict=True) if w == 0)
 
 
 def test_manifest_statistics(prepared_dataset: Path) -> None:
