@@ -21,13 +21,18 @@ def _umask() -> int:
     return mask
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename in ``path`` durable (the directory entry itself must reach the disk)."""
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a closed file's data to disk (before it is renamed to its final name)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in ``path`` durable (the directory entry itself must reach the disk)."""
+    fsync_file(path)
 
 
 @contextlib.contextmanager

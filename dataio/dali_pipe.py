@@ -246,7 +246,10 @@ class DaliBackend:
             image = torch.empty(img_t.shape(), dtype=torch.float32, device=self.device)
             mask8 = torch.empty(mask_t.shape(), dtype=torch.uint8, device=self.device)
             # NOTE: copy on a side stream and wait for it: DALI recycles its output buffers on
-            # later iterations, and waiting on the training stream would serialise with it.
+            # later iterations. The side stream first waits for the training stream, because the
+            # caching allocator may hand back blocks that the training stream's queued kernels
+            # (last step's backward) still read: the copy must not overwrite them early.
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             feed_ndarray(img_t, image, cuda_stream=self._copy_stream)
             feed_ndarray(mask_t, mask8, cuda_stream=self._copy_stream)
             self._copy_stream.synchronize()

@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 from wds2idx import IndexCreator
 
-from dataio.atomic import fsync_dir
+from dataio.atomic import fsync_dir, fsync_file
 from dataio.geo import IMAGE_ID_RE
 
 IMG, MASK, META = "img.npy", "mask.png", "meta.json"
@@ -184,6 +184,9 @@ class ShardWriter:
                 ic.create_index()
             if index_samples(self.tmp_idx) != n:
                 raise ShardError(f"{self.tmp_idx}: index does not list {n} samples")
+            # The index must be on disk before its final name is, like the tar above: a torn
+            # .idx under a final name would cost the loader the whole shard after a power loss.
+            fsync_file(self.tmp_idx)
             os.replace(self.tmp_idx, self.final_idx)
             os.replace(self.tmp, self.final)
             fsync_dir(self.directory)
