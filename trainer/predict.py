@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dataio.loader import build_loader
     from dataio.manifest import load_manifest
-    from models import build_model
+    from models import build_model_from_config
     from postproc.predio import write_pred_shard
     from trainer.amp import resolve
     from trainer.checkpoint import load
@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         dist.init(env)
         device = dist.device_for(env)
         state = load(ckpt_path, map_location="cpu")
-        net = build_model(cfg.model.name, manifest.bands, 3, width_divisor=cfg.model.width_divisor,
-                          pad_mode=cfg.model.pad_mode)
+        # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
+        # checkpoint; no compile, since prediction sees tiles of every size once.
+        net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
+                                      manifest.bands, 3)
         net.load_state_dict(state["model"])
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)

@@ -77,6 +77,18 @@ def test_predict_under_torchrun_matches_one_process(trained_run: Path, small_dat
         assert np.abs(one[key][0].astype(int) - two[key][0].astype(int)).max() <= 1
 
 
+def test_predict_loads_a_group_norm_run(small_dataset: Path, tmp_path: Path) -> None:
+    # predict must build the model the run trained (GroupNorm has no running stats: a BatchNorm
+    # model refused this checkpoint's state dict)
+    cfg = load_config(Path("configs/tiny.toml"), ["train.epochs=1", "train.val_every=1",
+                                                  "data.num_threads=1", 'model.norm="group"'])
+    run_dir = tmp_path / "run"
+    Trainer(cfg, DistEnv(), small_dataset, run_dir, device=torch.device("cpu")).train()
+    assert predict(["--run-dir", str(run_dir), "--data", str(small_dataset), "--split", "test",
+                    "--out", str(tmp_path / "pred")]) == 0
+    assert set(_read(tmp_path / "pred")) == _split_keys(small_dataset, "test")
+
+
 def test_flip_tta_and_a_missing_checkpoint(trained_run: Path, small_dataset: Path,
                                            tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
