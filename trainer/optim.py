@@ -45,6 +45,12 @@ class _Factor:
                          self.total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(cfg, total_steps))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule over ``total_steps`` optimizer steps, positioned after ``start_step`` of them.
+
+    A resumed run builds it anew (after loading the optimizer, whose groups keep ``initial_lr``)
+    instead of loading the saved scheduler, whose step count would keep the old run's length.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(cfg, total_steps),
+                                             last_epoch=start_step - 1)

@@ -79,7 +79,6 @@ class Trainer:
         self.best_f1 = -math.inf
         self.nonfinite_run = 0
         self.history: list[dict[str, Any]] = []
-        self._loader_state: dict[str, Any] | None = None
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -115,9 +114,6 @@ class Trainer:
             self.train_loader.close()
 
     def train_epoch(self) -> dict[str, Any]:
-        if self._loader_state is not None:  # resuming mid-epoch: continue where the data was
-            self.train_loader.load_state_dict(self._loader_state)
-            self._loader_state = None
         self.train_loader.set_epoch(self.epoch)
         self.metrics.epoch.set(self.epoch)
         t_epoch = time.perf_counter()
@@ -242,7 +238,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "best_score": self.best_f1,
             "loader": self.train_loader.state_dict(),
-            "world_size": self.env.world_size,
+            "world_size": self.env.world_size, "steps_per_epoch": self.steps_per_epoch,
             "config": self.cfg.to_json(),
         }
 
@@ -271,13 +267,16 @@ class Trainer:
         state = found[0] if found else ckpt.load(Path(path))
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_f1 = state["global_step"], state["best_score"]
         if self.step_in_epoch:
-            self._loader_state = state["loader"]
+            self.train_loader.load_state_dict(state["loader"])
+            # The loader re-derives its position when the world size or batch size changed;
+            # the epoch's step count must follow it (progress bar, mid-epoch checkpoints).
+            self.step_in_epoch = self.train_loader.state_dict()["step"]
+        self.scheduler = self._resumed_scheduler(state)
         if state.get("world_size") == self.env.world_size and len(state["rng"]) > self.env.rank:
             ckpt.set_rng_state(state["rng"][self.env.rank])
         if self.env.is_main:
@@ -286,6 +285,17 @@ class Trainer:
         log.info("resumed from %s (epoch %d, step %d of it)", path, self.epoch,
                  self.step_in_epoch)
         return True
+
+    def _resumed_scheduler(self, state: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
+        """The schedule of this run's plan (``train.epochs`` x this world's steps per epoch), at
+        the saved point of it: the applied steps scaled by the change in steps per epoch, so a
+        resize or more epochs neither cuts the cosine short nor jumps along it."""
+        done = int(state["scheduler"]["last_epoch"])
+        saved_spe = int(state.get("steps_per_epoch") or self.steps_per_epoch)
+        if saved_spe != self.steps_per_epoch:
+            done = round(done * self.steps_per_epoch / saved_spe)
+        return build_scheduler(self.optimizer, self.cfg.optim,
+                               self.cfg.train.epochs * self.steps_per_epoch, start_step=done)
 
     def _truncate_log(self) -> None:
         """Drop log lines of epochs that the checkpoint does not contain (they will be redone)."""

@@ -11,6 +11,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.dist import DistEnv
+from trainer.optim import lr_factor
 from trainer.trainer import NonFiniteError, Trainer
 
 FAST = ["train.val_every=0", "data.num_threads=1"]
@@ -42,26 +43,58 @@ def test_resume_mid_epoch_is_bit_exact(small_dataset: Path, tmp_path: Path) -> N
     common = ["train.epochs=3", "train.checkpoint_every_steps=2"]
     _trainer(small_dataset, tmp_path / "ref", common).train()
     # stop right after the checkpoint at global step 8: step 3 of the second 5-step epoch
-    t = _trainer(small_dataset, tmp_path / "cut", common)
-    real_save = t.save_checkpoint
-
-    class StopRunError(Exception):
-        pass
-
-    def save_then_stop(best: bool) -> None:
-        real_save(best)
-        if t.global_step == 8:
-            raise StopRunError
-
-    t.save_checkpoint = save_then_stop  # type: ignore[method-assign]
-    with pytest.raises(StopRunError):
-        t.train()
+    _train_until(_trainer(small_dataset, tmp_path / "cut", common), 8)
     resumed = _trainer(small_dataset, tmp_path / "cut", common)
     assert resumed.resume() and (resumed.epoch, resumed.step_in_epoch) == (1, 3)
     resumed = _trainer(small_dataset, tmp_path / "cut", common)
     resumed.train()
     ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+class StopRunError(Exception):
+    pass
+
+
+def _train_until(t: Trainer, global_step: int) -> None:
+    """Train ``t`` and stop it right after its checkpoint at ``global_step``."""
+    real_save = t.save_checkpoint
+
+    def save_then_stop(best: bool) -> None:
+        real_save(best)
+        if t.global_step == global_step:
+            raise StopRunError
+
+    t.save_checkpoint = save_then_stop  # type: ignore[method-assign]
+    with pytest.raises(StopRunError):
+        t.train()
+
+
+def test_resume_with_another_batch_size_and_more_epochs_keeps_the_schedule(
+        small_dataset: Path, tmp_path: Path) -> None:
+    # 17 training tiles: 5 steps an epoch at batch 4, 9 at batch 2 (as a resize to more ranks
+    # or fewer would change it). Stop at step 2 of epoch 2, resume at batch 2 with 3 epochs.
+    cosine = ["optim.schedule=\"cosine\"", "train.checkpoint_every_steps=1"]
+    _train_until(_trainer(small_dataset, tmp_path / "run", [*cosine, "train.epochs=2"]), 7)
+    t = _trainer(small_dataset, tmp_path / "run",
+                 [*cosine, "train.epochs=3", "data.batch_size=2"])
+    assert t.steps_per_epoch == 9 and t.resume()
+    # 8 of 17 samples done; the other 9 take 5 steps of 2, so this epoch is at step 4 of 9
+    assert (t.epoch, t.step_in_epoch) == (1, 4)
+    # 7 of 10 planned steps (70%) -> 13 of 27: the schedule is neither cut short nor restarted
+    assert t.scheduler.last_epoch == 13
+    t = _trainer(small_dataset, tmp_path / "run",
+                 [*cosine, "train.epochs=3", "data.batch_size=2"])
+    t.train()
+    assert t.global_step == 7 + 5 + 9
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lr, floor = t.cfg.optim.lr, t.cfg.optim.min_lr_ratio
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    # after epoch 2, 18 of 27 steps: on the cosine, above its floor (the saved 10-step plan
+    # had reached the floor by then)
+    assert log[1]["lr"] == pytest.approx(lr * lr_factor(18, "cosine", 0, floor, 27))
+    assert log[1]["lr"] > 2 * lr * floor
+    assert log[2]["lr"] == pytest.approx(lr * floor)
 
 
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous(
