@@ -19,6 +19,10 @@ TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || 
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 NPROC=${NPROC:-$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# NOTE: a fresh rendezvous store each round (hosted by rank 0's node) instead of one shared
+# across restarts: restarted workers then cannot read the previous attempt's addresses, and the
+# nodes need no restart counter in common (each agent keeps its own).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec "$TORCHRUN" --nnodes="${NNODES:-2}" --nproc_per_node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29400}" \
     --rdzv-id="${RDZV_ID:-footprints}" --max-restarts="${MAX_RESTARTS:-3}" \

@@ -86,15 +86,24 @@ def init(env: DistEnv | None = None, backend: str | None = None,
         kwargs: dict[str, Any] = {}
         timeout = datetime.timedelta(seconds=timeout_s)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if restart is not None and "MASTER_ADDR" in os.environ:
-            # NOTE: torchrun's static rendezvous (--master-addr/--master-port) keeps one agent
-            # store across group restarts, so after a worker dies a restarted rank can read the
-            # dead peer's gloo address from the previous attempt ("Connection refused", seen
-            # here about one restart in three). A per-attempt key prefix keeps attempts apart;
-            # with c10d rendezvous the prefix is redundant and harmless.
+        one_agent = env.world_size == env.local_world_size
+        if restart is not None and "MASTER_ADDR" in os.environ and one_agent:
+            # NOTE: torchrun keeps one agent store across group restarts, so after a worker
+            # dies a restarted rank can read the dead peer's gloo address from the previous
+            # attempt ("Connection refused", seen here about one restart in three). A
+            # per-attempt key prefix keeps attempts apart. Only with one agent: each agent
+            # counts its own restarts (a node whose workers were healthy restarts them for a
+            # new member without counting), so across nodes the prefixes would differ and
+            # the group would wait on keys nobody writes.
             store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size,
                                                timeout=timeout))
             kwargs["store"] = dist.PrefixStore(f"footprints/attempt_{restart}", store)
+        elif (restart is not None and env.is_main
+              and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)):
+            log.warning("several torchrun agents share one store across restarts: a restarted "
+                        "group may read the previous attempt's addresses. Export "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (launch/ does) "
+                        "for a fresh store each rendezvous round.")
         if backend == "nccl":
             # NOTE: binding the device up front lets NCCL create its communicator eagerly.
             kwargs["device_id"] = device_for(env)

@@ -1,8 +1,11 @@
-"""The launch scripts: usage on bad calls, and make gpu-check refusing without CUDA."""
+"""The launch scripts: usage on bad calls, the torchrun command and environment they hand over,
+and make gpu-check refusing without CUDA."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,53 @@ def test_multi_node_needs_a_rendezvous_host() -> None:
 
 def test_slurm_batch_file_is_valid_bash() -> None:
     assert subprocess.run(["bash", "-n", "launch/slurm.sbatch"], timeout=30).returncode == 0
+
+
+def _recorder(path: Path) -> Path:
+    """An executable that writes its arguments and environment to ``path.with_suffix('.out')``
+    instead of running torchrun (or srun)."""
+    out = path.with_suffix(".out")
+    path.write_text(f'#!/usr/bin/env bash\n{{ printf "%s\\n" "$@"; echo ---; env; }} > {out}\n')
+    path.chmod(0o755)
+    return out
+
+
+def _recorded(out: Path) -> tuple[list[str], dict[str, str]]:
+    args, _, env = out.read_text().partition("---\n")
+    return args.splitlines(), dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
+
+
+def test_multi_node_hands_torchrun_c10d_and_a_fresh_store_per_round(tmp_path: Path) -> None:
+    out = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "head", "NNODES": "2:4", "NPROC": "3",
+           "TORCHRUN": str(tmp_path / "torchrun")}
+    res = subprocess.run(["bash", "launch/multi_node.sh", "cfg.toml", "DATA", "RUN", "--set",
+                          "train.epochs=3"], capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    args, got = _recorded(out)
+    assert {"--nnodes=2:4", "--nproc_per_node=3", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=head:29400"} <= set(args)
+    assert args[-10:] == ["-m", "trainer.train", "--config", "cfg.toml", "--data", "DATA",
+                          "--run-dir", "RUN", "--set", "train.epochs=3"]
+    # every node gives each rendezvous round a fresh store: no agreed restart count needed
+    assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path) -> None:
+    out = _recorder(tmp_path / "srun")
+    (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu07\\ngpu08\\n'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32",
+           "SLURM_JOB_ID": "4242"}
+    res = subprocess.run(["bash", "launch/slurm.sbatch", "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    args, got = _recorded(out)
+    assert args[args.index("--kill-on-bad-exit=0") + 1] == ".venv/bin/torchrun"
+    assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=gpu07:29400", "--rdzv-id=4242"} <= set(args)
+    assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and got["OMP_NUM_THREADS"] == "8"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")

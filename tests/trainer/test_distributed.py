@@ -178,6 +178,32 @@ def test_two_nodes_train_like_one_node_with_two_workers(small_dataset: Path, tmp
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.timeout(240)
+def test_two_nodes_regroup_when_only_one_counted_a_restart(tmp_path: Path) -> None:
+    """Two c10d "nodes" with the launch scripts' store setting: node A's worker dies while B's
+    is healthy, so the agents' restart counts differ (1 and 0), and the group still forms."""
+    env = {**worker_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+           f"--rdzv-id=regroup-{os.getpid()}", "--max-restarts=1", "--monitor-interval=1",
+           str(REPO / "tests" / "trainer" / "restart_worker.py"), str(tmp_path)]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env={**env, "NODE": node}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for node in "AB"]
+    try:
+        results = [n.communicate(timeout=200) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                kill_tree(n.pid)
+    for n, (_, err) in zip(nodes, results, strict=True):
+        assert n.returncode == 0, err[-3000:]
+    assert (tmp_path / "B-was-busy").exists()
+    assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["A-1.ok", "B-0.ok"]
+    assert (tmp_path / "B-0.ok").read_text() == "2"
+
+
 def _worker_pid(agent: int, rank: int) -> int:
     """The pid of the torchrun worker with RANK=rank (a child of the agent process)."""
     children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
