@@ -288,8 +288,9 @@ class Trainer:
 
     def _resumed_scheduler(self, state: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
         """The schedule of this run's plan (``train.epochs`` x this world's steps per epoch), at
-        the saved point of it: the applied steps scaled by the change in steps per epoch, so a
-        resize or more epochs neither cuts the cosine short nor jumps along it."""
+        the saved point of it: the applied steps scaled by the change in steps per epoch. A
+        resize keeps its place on the cosine; more epochs stretch the rest of it, and neither
+        reaches the floor before the last step (the saved schedule kept the old length)."""
         done = int(state["scheduler"]["last_epoch"])
         saved_spe = int(state.get("steps_per_epoch") or self.steps_per_epoch)
         if saved_spe != self.steps_per_epoch:
