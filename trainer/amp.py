@@ -7,9 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-# CPUs whose matrix units do bf16 natively; elsewhere bf16 is emulated.
-NATIVE_BF16_CPU = ("AVX512_BF16", "AMX", "AMX_BF16", "AMX_TILE")
-
 
 @dataclass(frozen=True)
 class Precision:
@@ -31,7 +28,12 @@ class Precision:
 
 
 def cpu_has_native_bf16() -> bool:
-    return any(c in torch.backends.cpu.get_cpu_capability() for c in NATIVE_BF16_CPU)
+    """AVX512-BF16 or AMX: the CPU computes bf16 natively (elsewhere oneDNN emulates it).
+
+    The feature checks torch's own kernels use; ``get_cpu_capability()`` only names the vector
+    width (an AMX CPU reports "AVX512"), so it cannot tell.
+    """
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve(mode: str, device: torch.device) -> Precision:

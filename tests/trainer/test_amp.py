@@ -1,0 +1,42 @@
+"""trainer.amp: which precision ``train.amp`` resolves to on a device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import amp
+
+
+def _cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("needs /proc/cpuinfo")
+    return {f for line in info.read_text().splitlines() if line.startswith("flags")
+            for f in line.split(":", 1)[1].split()}
+
+
+def test_native_bf16_is_what_the_cpu_flags_say() -> None:
+    flags = _cpu_flags()
+    assert amp.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+
+
+@pytest.mark.parametrize(("native", "want"), [(True, torch.bfloat16), (False, None)])
+def test_auto_on_a_cpu_is_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch, native: bool,
+                                                 want: torch.dtype | None) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    p = amp.resolve("auto", torch.device("cpu"))
+    assert p.dtype is want and p.scaler() is None
+
+
+def test_forced_modes_and_fp16_needs_cuda() -> None:
+    cpu = torch.device("cpu")
+    assert amp.resolve("off", cpu).name == "fp32"
+    assert amp.resolve("bf16", cpu).name == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        amp.resolve("fp16", cpu)
+    with pytest.raises(ValueError, match="choose auto"):
+        amp.resolve("fp8", cpu)
