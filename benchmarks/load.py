@@ -40,6 +40,7 @@ from affine import Affine
 from PIL import Image, ImageFilter
 
 from benchmarks.common import base_parser, machine_info, print_table, write_json
+from benchmarks.proctree import tree_pids
 from dataio.geo import to_geo
 from dataio.spacenet import EMPTY, IMAGE_DIR, IMAGE_PREFIX, LABEL_DIR, TRUTH_HEADER, wkt_xyz
 from postproc.predio import encode_prob_png, write_pred_shard
@@ -56,48 +57,6 @@ GEO = Affine(0.3 / 111_320.0, 0.0, -115.30, 0.0, -0.3 / 111_320.0, 36.30)
 
 
 # ---- process-tree memory ------------------------------------------------------------------------
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (every thread's, since any thread may fork)."""
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
-        except FileNotFoundError:
-            return _children_by_scan(pid)  # NOTE: kernels without CONFIG_PROC_CHILDREN
-        except OSError:
-            continue
-    return out
-
-
-def _children_by_scan(pid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    # the comm field may hold spaces and parentheses: ppid follows the last ')'
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
-def tree_pids(pid: int) -> list[int]:
-    """``pid`` and all its live descendants."""
-    seen, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo.extend(c for c in _children(p) if c not in seen)
-    return seen
-
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of one process (0 once it has gone)."""

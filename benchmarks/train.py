@@ -96,7 +96,11 @@ def worker(args: argparse.Namespace) -> None:
                     flat = torch.cat([g.flatten() for g in grads])
                     torch.distributed.all_reduce(flat)
                     flat /= env.world_size
-                    torch._utils._unflatten_dense_tensors(flat, grads)
+                    # the copy back into .grad is part of what DDP does (its buckets are views,
+                    # but the reduced values still land in every parameter's gradient)
+                    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(
+                            flat, grads), strict=True):
+                        g.copy_(reduced)
                 sync()
                 t3 = time.perf_counter()
                 if scaler:
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--nproc", type=int, default=min(2, len(os.sched_getaffinity(0))))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="dali", help=argparse.SUPPRESS)
     p.add_argument("--amp", default="off", help=argparse.SUPPRESS)
@@ -166,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             # emulated bf16 on an older CPU runs ~15x slower: a few steps show it
             steps = 3 if (v["amp"] == "bf16" and not cuda and not cpu_has_native_bf16()) \
                 else args.steps
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1)
-                                                          // v["procs"])))
+            # the cores this process may use (a cpuset or Slurm allocation), not the host's
+            cores = len(os.sched_getaffinity(0))
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // v["procs"])))
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={v['procs']}", "-m", "benchmarks.train", "--worker",
                    "--data", str(data), "--config", str(args.config), "--steps",

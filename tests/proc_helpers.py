@@ -3,14 +3,14 @@ environment of a worker process, torchrun command lines, and killing a process t
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
 
-from benchmarks.load import tree_pids
+from benchmarks.proctree import kill_tree
+
+__all__ = ["REPO", "free_port", "kill_tree", "torchrun_cmd", "worker_env"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,10 +36,3 @@ def torchrun_cmd(nproc: int, module_args: list[str], max_restarts: int = 0,
             f"--master_port={free_port()}", f"--max-restarts={max_restarts}",
             *(extra or []), *module_args]
 
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid``'s whole tree: torchrun starts its workers in sessions of their own, so
-    killing the launcher's process group alone leaves them running."""
-    for p in tree_pids(pid):  # NOTE: found before any is killed: orphans lose their parent
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch.gpu_check import _run as gpu_check_step
 from launch.gpu_check import main as gpu_check
 
 
@@ -83,3 +86,25 @@ def test_gpu_check_says_so_without_cuda(tmp_path, capsys: pytest.CaptureFixture[
     assert gpu_check(["--out", str(tmp_path / "g")]) == 1
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_gpu_check_kills_a_step_that_overruns_with_its_children(tmp_path: Path) -> None:
+    # a step like torchrun: its worker is a grandchild in a session of its own
+    pidfile = tmp_path / "worker.pid"
+    worker = "import os, time; os.setsid(); time.sleep(60)"
+    step = ("import subprocess, sys, time; "
+            f"p = subprocess.Popen([sys.executable, '-c', {worker!r}]); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); p.wait()")
+    got = gpu_check_step("stuck", [sys.executable, "-c", step], timeout=3)
+    assert got["returncode"] == 124 and got["seconds"] < 30
+    pid = int(pidfile.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until init reaps it
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's worker {pid} is still running")
