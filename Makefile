@@ -19,11 +19,17 @@ help:
 	@echo "make setup  - only create .venv with everything installed"
 	@echo "make gpu-check - GPU tests and benchmarks (needs CUDA)"
 
-setup: $(VENV)/.setup-done
+# One stamp per torch spec and index: `make setup TORCH_INDEX=...` after a CPU setup must run.
+STAMP := $(VENV)/.setup-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 
-$(VENV)/.setup-done: pyproject.toml Makefile
+setup: $(STAMP)
+
+# NOTE: with another index, torch is uninstalled first: pip keeps an installed 2.13.0+cpu as
+# satisfying torch==2.13.0 and would never fetch the CUDA build.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip uninstall --quiet --yes torch)
 	$(PY) -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@

@@ -108,3 +108,23 @@ def test_gpu_check_kills_a_step_that_overruns_with_its_children(tmp_path: Path) 
         time.sleep(0.1)
     else:
         raise AssertionError(f"the step's worker {pid} is still running")
+
+
+def test_make_setup_with_a_torch_index_runs_after_a_cpu_setup(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+
+    def dry(*extra: str) -> str:
+        return subprocess.run(["make", "-n", "setup", f"VENV={venv}", *extra], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+
+    stamp = next(line.split()[1] for line in dry().splitlines() if line.startswith("touch "))
+    venv.mkdir()
+    Path(stamp).touch()  # a finished CPU setup
+    assert "pip install" not in dry()
+    cuda = dry("TORCH_INDEX=https://download.pytorch.org/whl/cu126")
+    lines = cuda.splitlines()
+    uninstall = next(i for i, line in enumerate(lines)
+                     if "pip uninstall --quiet --yes torch" in line)
+    install = next(i for i, line in enumerate(lines)
+                   if "install --quiet torch==2.13.0 --index-url https://download" in line)
+    assert uninstall < install  # pip would keep 2.13.0+cpu as satisfying torch==2.13.0
