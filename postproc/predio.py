@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -23,7 +24,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dataio.atomic import atomic_open
+from dataio.atomic import atomic_open, fsync_dir
 from postproc import pngfast
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -135,6 +136,32 @@ def write_pred_shard(path: str | Path,
         if count != n:
             raise PredError(f"{path}: wrote {n} samples but read back {count}")
     return n
+
+
+def staging_dir(out: str | Path) -> Path:
+    """Where a prediction for ``out`` is written before :func:`publish_pred_dir` (a hidden
+    sibling, on the same file system so the moves are renames)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def publish_pred_dir(staging: Path, out: Path) -> None:
+    """Move a complete prediction from ``staging`` into ``out`` and drop the shards of an earlier
+    prediction there that this one did not replace; ``staging`` is removed.
+
+    Readers of ``out`` never see a half-written prediction, and a rerun with fewer ranks or
+    larger shards leaves no stale shard behind (its tiles would be counted twice).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    new = sorted(staging.iterdir())
+    for p in new:
+        os.replace(p, out / p.name)
+    names = {p.name for p in new}
+    for old in out.glob(SHARD_GLOB):
+        if old.name not in names:
+            old.unlink()
+    staging.rmdir()
+    fsync_dir(out)
 
 
 def list_pred_shards(pred_dir: str | Path) -> list[Path]:

@@ -6,7 +6,9 @@
 Output: ``PRED/pred-NNNNNN.tar``, one sample per tile: ``prob.png`` (8-bit RGB of round(255*p)
 for background, building, boundary) and the tile's ``meta.json``. Whole tiles of any size.
 Rank r writes shards ``r, r+W, r+2W, ...`` so ranks never collide. ``PRED/provenance.json`` names
-the run directory, checkpoint, dataset and split the predictions came from.
+the run directory, checkpoint, dataset and split the predictions came from. The shards are
+written to ``.PRED.partial`` beside PRED and moved in when all ranks are done; shards of an
+earlier prediction in PRED that were not replaced are removed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataio.loader import build_loader
     from dataio.manifest import load_manifest
     from models import build_model_from_config
-    from postproc.predio import write_pred_shard
+    from postproc.predio import publish_pred_dir, staging_dir, write_pred_shard
     from trainer.amp import resolve
     from trainer.checkpoint import load
     from trainer.config import ConfigError, load_run_config
@@ -100,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         loader = build_loader(args.data, args.split, data_cfg, env.rank, env.world_size,
                               train=False, device=device)
         precision = resolve(cfg.train.amp, device)
+        # Shards go to a staging directory and into --out only once every rank is done.
+        staging = staging_dir(args.out)
         if env.is_main:
-            args.out.mkdir(parents=True, exist_ok=True)
+            if staging.exists():  # left by a killed run
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
             # provenance: lets postproc.polygonize find the run's tuned settings by default
-            atomic_write_text(args.out / PROVENANCE, json.dumps({
+            atomic_write_text(staging / PROVENANCE, json.dumps({
                 "run_dir": str(args.run_dir.resolve()), "checkpoint": str(ckpt_path.resolve()),
                 "data": str(args.data.resolve()), "split": args.split, "tta": args.tta}) + "\n")
         dist.barrier()
@@ -113,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
             if not chunk:
                 break
-            written += write_pred_shard(args.out / f"pred-{k * env.world_size + env.rank:06d}.tar",
+            written += write_pred_shard(staging / f"pred-{k * env.world_size + env.rank:06d}.tar",
                                         chunk)
             k += 1
         loader.close()
-        total = int(dist.all_reduce_sum([written])[0])
+        total = int(dist.all_reduce_sum([written])[0])  # also: every rank's shards are closed
         if env.is_main:
+            publish_pred_dir(staging, args.out)
             print(f"wrote predictions for {total} tiles of {args.split} to {args.out}")
     except (ConfigError, ValueError, OSError, RuntimeError) as e:
         print(f"trainer.predict: error: {e}", file=sys.stderr)

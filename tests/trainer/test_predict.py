@@ -77,6 +77,20 @@ def test_predict_under_torchrun_matches_one_process(trained_run: Path, small_dat
         assert np.abs(one[key][0].astype(int) - two[key][0].astype(int)).max() <= 1
 
 
+def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_dataset: Path,
+                                                 tmp_path: Path) -> None:
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test",
+            "--out", str(tmp_path / "pred")]
+    assert predict([*args, "--shard-size", "1"]) == 0  # one shard per tile
+    first = _read(tmp_path / "pred")
+    assert len(list_pred_shards(tmp_path / "pred")) == len(first) > 1
+    assert predict([*args, "--shard-size", "100"]) == 0
+    # one shard, and none of the earlier run's left to count its tiles twice
+    assert [p.name for p in list_pred_shards(tmp_path / "pred")] == ["pred-000000.tar"]
+    assert _read(tmp_path / "pred").keys() == first.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no staging left behind
+
+
 def test_predict_loads_a_group_norm_run(small_dataset: Path, tmp_path: Path) -> None:
     # predict must build the model the run trained (GroupNorm has no running stats: a BatchNorm
     # model refused this checkpoint's state dict)
