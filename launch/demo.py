@@ -92,6 +92,13 @@ class Demo:
         ]
 
 
+    def outputs(self, name: str) -> list[Path]:
+        """What a stage writes that its command does not replace by itself: cleared before the
+        stage runs again on changed inputs (a smaller AOI into the old raw directory kept the old
+        tiles; a run directory trained on other data would be resumed, not retrained)."""
+        return {"synth": [self.raw], "train": [self.run]}.get(name, [])
+
+
 def _env() -> dict[str, str]:
     # NOTE: one thread per process: the demo runs as many processes as there are cores.
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
@@ -110,11 +117,20 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
     state_path = demo.out / "stages.json"
     done = json.loads(state_path.read_text()) if state_path.exists() else {}
     seconds: dict[str, float] = {}
+    upstream_ran = False
     for name, cmd in demo.stages():
-        if done.get(name, {}).get("cmd") == cmd:
+        if done.get(name, {}).get("cmd") == cmd and not upstream_ran:
             print(f"== {name}: done before, skipped", flush=True)
             seconds[name] = done[name]["seconds"]
             continue
+        # A stage that was interrupted resumes (training from its checkpoints); one whose inputs
+        # or arguments changed starts from nothing.
+        if upstream_ran or name in done:
+            for path in demo.outputs(name):
+                if path.exists():
+                    print(f"== {name}: inputs changed, removing {path}", flush=True)
+                    shutil.rmtree(path)
+        upstream_ran = True
         print(f"== {name}: {shlex.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         res = subprocess.run(cmd, env=_env())
