@@ -88,7 +88,7 @@ def _fields(row: list[str], cols: dict[str, int], width: int, path: Path, line: 
     cb = cols["BuildingId"]
     try:
         bid = int(float(row[cb]))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e999"
         raise CsvError(f"{path}:{line}: BuildingId {row[cb]!r} is not a number") from None
     conf = 0.0
     cc = cols.get("Confidence")

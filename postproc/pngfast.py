@@ -73,6 +73,8 @@ def decode_rgb8(data: bytes) -> np.ndarray | None:
         if len(body) != length:
             raise ValueError(f"truncated {kind!r} chunk")
         if kind == b"IHDR":
+            if length != 13:
+                raise ValueError(f"IHDR chunk of {length} bytes, not 13")
             width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
             if depth != 8 or color != 2 or interlace != 0:
                 return None

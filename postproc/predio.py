@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -79,7 +80,7 @@ def decode_prob_png(data: bytes) -> np.ndarray:
     """Decode a ``prob.png`` into uint8 HxWx3; raise ValueError if it is not an RGB PNG."""
     try:
         fast = pngfast.decode_rgb8(data)
-    except ValueError as e:
+    except (ValueError, struct.error) as e:
         raise ValueError(f"undecodable PNG ({e})") from None
     if fast is not None:
         return fast
@@ -215,8 +216,24 @@ def decode_sample(key: str, png: bytes, meta: dict[str, Any], shard: str | Path
     return prob
 
 
+def _check_complete(fileobj: Any, shard: Path) -> None:
+    """Raise unless the tar ends in its end-of-archive marker (two zero blocks).
+
+    ``tarfile`` takes a missing or partial header for the end of the archive, so a shard cut at
+    or inside a member's header would otherwise read as complete, minus its last tiles.
+    """
+    start = fileobj.tell()
+    size = fileobj.seek(0, os.SEEK_END)
+    fileobj.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+    tail = fileobj.read()
+    fileobj.seek(start)
+    if size % tarfile.BLOCKSIZE or len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+        raise PredError(f"{shard}: truncated tar ({size} bytes, no end-of-archive marker)")
+
+
 def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, bytes, dict]]:
-    """Stream raw samples (consecutive members sharing a key) from an open tar file."""
+    """Stream raw samples (consecutive members sharing a key) from an open, complete tar."""
+    _check_complete(fileobj, shard)
     key: str | None = None
     parts: dict[str, bytes] = {}
     done: set[str] = set()

@@ -102,6 +102,29 @@ def test_truncated_tar_names_the_shard(tmp_path):
         list(iter_pred_samples(path))
 
 
+@pytest.mark.parametrize("into_header", [0, 100])
+def test_a_tar_cut_at_or_inside_a_header_is_refused(tmp_path, into_header):
+    # tarfile alone reads a cut at a member boundary (or in a header) as a shorter complete tar
+    samples = [(f"img{k}", np.full((64, 64, 3), k, np.uint8), {}) for k in range(4)]
+    path = tmp_path / "pred-000000.tar"
+    write_pred_shard(path, samples)
+    with tarfile.open(path) as tar:
+        third = tar.getmembers()[4].offset  # the header of img2.prob.png
+    data = path.read_bytes()
+    path.write_bytes(data[: third + into_header])
+    with pytest.raises(PredError, match="pred-000000.tar: truncated tar"):
+        list(iter_pred_samples(path))
+
+
+def test_damaged_png_header_names_the_shard(tmp_path):
+    png = bytearray(encode_prob_png(np.zeros((4, 4, 3))))
+    png[8:12] = (12).to_bytes(4, "big")  # IHDR says 12 bytes long: it is 13
+    path = tmp_path / "pred-000000.tar"
+    _raw_tar(path, [("a.prob.png", bytes(png)), ("a.meta.json", b"{}")])
+    with pytest.raises(PredError, match=r"pred-000000.tar: a.prob.png: undecodable PNG"):
+        list(iter_pred_samples(path))
+
+
 def _raw_tar(path, members):
     with tarfile.open(path, "w") as tar:
         for name, data in members:

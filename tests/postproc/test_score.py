@@ -163,6 +163,8 @@ def test_truth_csv_with_z_coordinates_empty_tiles_and_invalid_polygons(tmp_path)
     ("img1,1,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\"\n", ":2: expected 4 fields"),
     ("img1,1,\"POINT (1 1)\",0.5\n", ":2: Point is not a footprint"),
     ("img1,x,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",0.5\n", ":2: BuildingId"),
+    ("img1,inf,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",0.5\n", ":2: BuildingId 'inf'"),
+    ("img1,1e999,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",0.5\n", ":2: BuildingId"),
     ("img1,1,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",high\n", ":2: Confidence"),
     (",1,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\",0.5\n", ":2: empty ImageId"),
 ])
