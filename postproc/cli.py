@@ -32,7 +32,11 @@ def exit_on_error(main: Callable[[], int]) -> int:
 def _gateway_url(text: str) -> str:
     # NOTE: checked at start-up: a typo should not surface only after the run's work is done.
     parts = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        _ = parts.port  # ValueError for a port that is not a number in 0-65535
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} is not http://HOST:PORT "
                                          "(e.g. http://127.0.0.1:9091)")
     return text

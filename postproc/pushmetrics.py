@@ -18,6 +18,7 @@ grows (README, "Metrics, Prometheus and Grafana").
 
 from __future__ import annotations
 
+import http.client
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -70,7 +71,8 @@ def push(url: str, job: str, run: PostprocRun) -> bool:
     try:
         push_to_gateway(url, job=job, registry=build_registry(run),
                         grouping_key={"instance": socket.gethostname()}, timeout=PUSH_TIMEOUT_S)
-    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+    # URLError and HTTPError are OSErrors; a port that does not speak HTTP raises BadStatusLine
+    except (OSError, ValueError, http.client.HTTPException) as e:
         print(f"warning: could not push metrics to the Pushgateway at {url} ({e}); the run's "
               "output is written and complete", file=sys.stderr)
         return False

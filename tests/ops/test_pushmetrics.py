@@ -4,6 +4,8 @@ warns but keeps the run's output and exit code."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from prometheus_client import generate_latest
 
 from postproc import polygonize, score
 from postproc.cli import exit_on_error
-from postproc.pushmetrics import PostprocRun, build_registry
+from postproc.pushmetrics import PostprocRun, build_registry, push
 
 
 def test_registry_carries_units_and_score_figures() -> None:
@@ -28,11 +30,34 @@ def test_registry_carries_units_and_score_figures() -> None:
         PostprocRun(tiles=1, polygons=1, seconds=1.0))).decode()
 
 
-def test_bad_gateway_url_fails_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("url", ["ftp://x", "127.0.0.1:9091x", "http://127.0.0.1:abc",
+                                 "http://127.0.0.1:99999", "http://:9091"])
+def test_bad_gateway_url_fails_before_any_work(url: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        score.main(["--truth", "t.csv", "--proposals", "p.csv", "--pushgateway", "ftp://x"])
+        score.main(["--truth", "t.csv", "--proposals", "p.csv", "--pushgateway", url])
     assert e.value.code == 2
     assert "--pushgateway" in capsys.readouterr().err
+
+
+def test_a_gateway_port_that_is_not_http_is_a_warning(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as srv:  # answers like sshd: http.client raises BadStatusLine
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                conn.recv(4096)
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        assert not push(url, "footprints_test", PostprocRun(tiles=1, polygons=1, seconds=1.0))
+        t.join(timeout=10)
+    assert f"could not push metrics to the Pushgateway at {url}" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(120)
