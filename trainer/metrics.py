@@ -54,7 +54,8 @@ class TrainMetrics:
         r = self.registry
         p = PREFIX
         self.samples = Counter(f"{p}_samples", "Training samples processed", ["rank"], registry=r)
-        self.steps = Counter(f"{p}_steps", "Optimizer steps taken", ["rank"], registry=r)
+        self.steps = Counter(f"{p}_steps", "Training steps run (skipped ones too)", ["rank"],
+                             registry=r)
         self.step_time = Histogram(f"{p}_step_seconds", "Wall time of one training step",
                                    ["rank"], buckets=STEP_BUCKETS, registry=r)
         self.data_wait = Histogram(f"{p}_data_wait_seconds", "Time a step waited for its batch",
