@@ -79,6 +79,12 @@ class Trainer:
         self.best_f1 = -math.inf
         self.nonfinite_run = 0
         self.history: list[dict[str, Any]] = []
+        # This rank's figures of the epoch so far (loss sum, steps, samples) and the epoch's
+        # start on the perf_counter clock: kept across a mid-epoch resume, so the epoch's log
+        # line covers all of it, not only the steps after the restart.
+        self._totals = torch.zeros(3, dtype=torch.float64)
+        self._t_epoch = 0.0
+        self._resumed_seconds = 0.0
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -116,8 +122,11 @@ class Trainer:
     def train_epoch(self) -> dict[str, Any]:
         self.train_loader.set_epoch(self.epoch)
         self.metrics.epoch.set(self.epoch)
-        t_epoch = time.perf_counter()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, samples
+        if self.step_in_epoch == 0:
+            self._totals.zero_()
+            self._resumed_seconds = 0.0
+        self._t_epoch = time.perf_counter() - self._resumed_seconds
+        totals = self._totals
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
                    desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step",
                    disable=not self.env.is_main)
@@ -144,7 +153,7 @@ class Trainer:
         bar.close()
         self._sync_metrics(None, None)
         loss_sum, steps, samples = all_reduce_sum(totals).tolist()
-        seconds = time.perf_counter() - t_epoch
+        seconds = time.perf_counter() - self._t_epoch
         return {"epoch": self.epoch + 1, "global_step": self.global_step,
                 "train_loss": loss_sum / max(steps, 1), "lr": self.optimizer.param_groups[0]["lr"],
                 "samples": int(samples), "samples_per_s": samples / max(seconds, 1e-9),
@@ -243,11 +252,15 @@ class Trainer:
         }
 
     def save_checkpoint(self, best: bool) -> None:
-        """Rank 0 writes (temp + rename); every rank contributes its RNG state first."""
-        rngs = gather_objects(ckpt.rng_state())
+        """Rank 0 writes (temp + rename); every rank contributes its RNG state and its figures
+        of the epoch so far first."""
+        parts = gather_objects((ckpt.rng_state(), self._totals.tolist()))
         if self.env.is_main:
             state = self.state()
-            state["rng"] = rngs
+            state["rng"] = [rng for rng, _ in parts]
+            # summed over ranks: the epoch's line sums them anyway, whatever the world size
+            state["epoch_totals"] = [sum(t[i] for _, t in parts) for i in range(3)]
+            state["epoch_seconds"] = time.perf_counter() - self._t_epoch
             path = ckpt.checkpoint_path(self.run_dir, self.global_step)
             seconds = ckpt.save(state, path)
             self.metrics.checkpoint_time.observe(seconds)
@@ -276,13 +289,16 @@ class Trainer:
             # The loader re-derives its position when the world size or batch size changed;
             # the epoch's step count must follow it (progress bar, mid-epoch checkpoints).
             self.step_in_epoch = self.train_loader.state_dict()["step"]
+            if self.env.is_main and "epoch_totals" in state:
+                self._totals = torch.tensor(state["epoch_totals"], dtype=torch.float64)
+            self._resumed_seconds = float(state.get("epoch_seconds", 0.0))
         self.scheduler = self._resumed_scheduler(state)
         if state.get("world_size") == self.env.world_size and len(state["rng"]) > self.env.rank:
             ckpt.set_rng_state(state["rng"][self.env.rank])
         if self.env.is_main:
             self._truncate_log()
         self.metrics.resumes.inc()
-        log.info("resumed from %s (epoch %d, step %d of it)", path, self.epoch,
+        log.info("resumed from %s (%d epochs done, %d steps into the next)", path, self.epoch,
                  self.step_in_epoch)
         return True
 

@@ -50,6 +50,12 @@ def test_resume_mid_epoch_is_bit_exact(small_dataset: Path, tmp_path: Path) -> N
     resumed.train()
     ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # the cut epoch's log line covers the whole epoch, not only the steps after the restart
+    ref_log, cut_log = (
+        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("ref", "cut"))
+    assert [(r["epoch"], r["samples"], r["train_loss"]) for r in cut_log] == \
+        [(r["epoch"], r["samples"], r["train_loss"]) for r in ref_log]
 
 
 class StopRunError(Exception):
