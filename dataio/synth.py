@@ -1,6 +1,6 @@
 """Write a synthetic AOI in the exact SpaceNet-2 layout (as downloaded for AOI_2_Vegas_Train).
 
-    python -m dataio.synth --out RAW --tiles N --seed S
+    python -m dataio.synth --out RAW --tiles N --seed S [--overwrite]
 
 gives ``RAW/RGB-PanSharpen/RGB-PanSharpen_<AOI>_img<N>.tif`` (georeferenced, 3-band uint16 with
 11-bit values), ``RAW/geojson/buildings/buildings_<AOI>_img<N>.geojson`` (one FeatureCollection per
@@ -54,6 +54,7 @@ class SynthConfig:
     origin_lon: float = -115.30
     origin_lat: float = 36.30
     workers: int = 1
+    overwrite: bool = False  # replace the tiles of an AOI already in ``out``
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -140,8 +141,25 @@ def _tiles(cfg: SynthConfig) -> Iterator[dict[str, Any]]:
         yield from pool.map(make_tile, [cfg] * cfg.tiles, range(cfg.tiles), chunksize=4)
 
 
+def _existing_aoi(out: Path) -> list[Path]:
+    """The files of an AOI in ``out`` that synth writes (images, labels, solutions CSVs)."""
+    return [*(out / IMAGE_DIR).glob(f"{IMAGE_PREFIX}*.tif"),
+            *(out / LABEL_DIR).glob("buildings_*.geojson"),
+            *(out / "summaryData").glob("*_Train_Building_Solutions.csv")]
+
+
 def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
-    """Write the whole AOI under ``cfg.out``; returns the solutions CSV path."""
+    """Write the whole AOI under ``cfg.out``; returns the solutions CSV path.
+
+    An AOI already there is refused, or with ``overwrite`` removed first: new tiles mixed into
+    old ones would make an AOI whose images and solutions CSV disagree.
+    """
+    old = _existing_aoi(cfg.out)
+    if old and not cfg.overwrite:
+        raise ValueError(f"--out {cfg.out}: already holds an AOI ({len(old)} files); pass "
+                         "--overwrite to replace it")
+    for path in old:
+        path.unlink()
     for sub in (Path(IMAGE_DIR), LABEL_DIR, Path("summaryData")):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
     csv_path = cfg.out / "summaryData" / f"{cfg.aoi}_Train_Building_Solutions.csv"
@@ -165,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crs", default="EPSG:4326", help="raster CRS (e.g. EPSG:32611 for UTM)")
     p.add_argument("--label-crs", default="OGC:CRS84", help="GeoJSON CRS (legacy crs member)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="replace an AOI already in --out")
     args = p.parse_args(argv)
     try:
         cfg = SynthConfig(**vars(args))

@@ -62,7 +62,8 @@ class Demo:
         proposals = self.report / "proposals_test.csv"
         return [
             ("synth", [PY, "-m", "dataio.synth", "--out", str(self.raw), "--tiles",
-                       str(self.tiles), "--seed", str(self.seed), "--workers", workers]),
+                       str(self.tiles), "--seed", str(self.seed), "--workers", workers,
+                       "--overwrite"]),
             ("prepare", [PY, "-m", "dataio.prepare", "--raw", str(self.raw), "--out",
                          str(self.data), "--seed", str(self.seed), "--workers", workers,
                          "--overwrite"]),
@@ -93,10 +94,10 @@ class Demo:
 
 
     def outputs(self, name: str) -> list[Path]:
-        """What a stage writes that its command does not replace by itself: cleared before the
-        stage runs again on changed inputs (a smaller AOI into the old raw directory kept the old
-        tiles; a run directory trained on other data would be resumed, not retrained)."""
-        return {"synth": [self.raw], "train": [self.run]}.get(name, [])
+        """What a stage writes that its command does not replace by itself (synth and prepare
+        replace theirs with --overwrite): cleared before the stage runs again on changed inputs,
+        since a run directory trained on other data would be resumed, not retrained."""
+        return {"train": [self.run]}.get(name, [])
 
 
 def _env() -> dict[str, str]:

@@ -111,3 +111,16 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["--out", str(tmp_path / "x"), "--tiles", "0"]) == 2
     assert "--tiles" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "x"), "--crs", "EPSG:999999"]) == 2
+
+
+def test_an_aoi_already_there_is_refused_or_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "aoi"
+    write_aoi(SynthConfig(out=out, tiles=3, size=64))
+    with pytest.raises(ValueError, match="already holds an AOI.*--overwrite"):
+        write_aoi(SynthConfig(out=out, tiles=1, size=64))
+    write_aoi(SynthConfig(out=out, tiles=1, size=64, seed=1, overwrite=True))
+    # only the new tile: images, labels and the solutions CSV agree again
+    assert len(list((out / "RGB-PanSharpen").glob("*.tif"))) == 1
+    assert len(list((out / "geojson" / "buildings").glob("*.geojson"))) == 1
+    with open(out / "summaryData" / "AOI_2_Vegas_Train_Building_Solutions.csv") as f:
+        assert len({row["ImageId"] for row in csv.DictReader(f)}) == 1

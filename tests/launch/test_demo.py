@@ -53,30 +53,32 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
 
 class _TinyDemo(Demo):
     """The demo's stage logic with two stand-in stages: "synth" writes one file per tile into
-    raw/, "train" adds a checkpoint file to run/ (as a resumed run keeps its old ones)."""
+    raw/ (replacing what was there, as synth --overwrite does), "train" adds a checkpoint file to
+    run/ (as a resumed run keeps its old ones)."""
 
     def stages(self) -> list[tuple[str, list[str]]]:
-        synth = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, "
-                 "exist_ok=True); [(d / f't{i}').touch() for i in range(int(sys.argv[2]))]")
+        synth = ("import pathlib, shutil, sys; d = pathlib.Path(sys.argv[1]); "
+                 "shutil.rmtree(d, ignore_errors=True); d.mkdir(parents=True); "
+                 "[(d / f't{i}').touch() for i in range(int(sys.argv[2]))]")
         train = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, "
                  "exist_ok=True); (d / f'ckpt-{len(list(d.iterdir()))}').touch()")
         return [("synth", [sys.executable, "-c", synth, str(self.raw), str(self.tiles)]),
                 ("train", [sys.executable, "-c", train, str(self.run)])]
 
 
-def test_a_rerun_with_other_inputs_starts_the_later_stages_clean(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rerun_with_other_inputs_trains_again(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo_module, "write_report", lambda *a: {})
     out = tmp_path / "demo"
     run_demo(_TinyDemo(out, tiles=3))
-    assert sorted(p.name for p in _TinyDemo(out).raw.iterdir()) == ["t0", "t1", "t2"]
+    assert sorted(p.name for p in (out / "run").iterdir()) == ["ckpt-0"]
     # an interrupted training (no record of it) resumes: its checkpoints stay
     state = json.loads((out / "stages.json").read_text())
     del state["train"]
     (out / "stages.json").write_text(json.dumps(state))
     run_demo(_TinyDemo(out, tiles=3))
     assert sorted(p.name for p in (out / "run").iterdir()) == ["ckpt-0", "ckpt-1"]
-    # fewer tiles: the old ones go, and the model is trained again, not resumed
+    # other data: the model is trained again from nothing, not resumed
     run_demo(_TinyDemo(out, tiles=1))
     assert sorted(p.name for p in _TinyDemo(out).raw.iterdir()) == ["t0"]
     assert sorted(p.name for p in (out / "run").iterdir()) == ["ckpt-0"]
