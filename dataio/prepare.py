@@ -62,9 +62,9 @@ class PrepareConfig:
         self.out = Path(self.out)
         if not self.raw:
             raise ValueError("give at least one --raw AOI directory")
-        if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
-            raise ValueError(f"--split needs three non-negative weights (train,val,test), "
-                             f"got {self.split}")
+        if len(self.split) != 3 or min(self.split) < 0 or self.split[0] <= 0:
+            raise ValueError(f"--split needs three non-negative weights (train,val,test) with "
+                             f"train > 0, got {self.split}")
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.workers < 0:
@@ -283,6 +283,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     check_output(cfg)
     found = scan(cfg)
     tiles = assign_splits(found.tiles, cfg.split, cfg.seed)
+    if tiles and not any(t.split == "train" for t in tiles):  # say so before the work, not after
+        raise ValueError(f"the training split would be empty: {len(tiles)} tile(s) at --split "
+                         f"{','.join(f'{w:g}' for w in cfg.split)}; add tiles or raise its weight")
     cfg.out.mkdir(parents=True, exist_ok=True)
     stats = BandStats(found.bands)
     classes = {s: np.zeros(NUM_CLASSES, np.int64) for s in SPLITS}

@@ -188,6 +188,21 @@ def test_bad_split_argument(bad: str, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--split" in capsys.readouterr().err
 
 
+def test_an_empty_training_split_is_refused_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataio.prepare import main
+    from dataio.synth import SynthConfig, write_aoi
+
+    raw = tmp_path / "raw"
+    write_aoi(SynthConfig(out=raw, tiles=1, size=64))
+    assert main(["--raw", str(raw), "--out", str(tmp_path / "a"), "--split", "0,50,50"]) == 2
+    assert "train > 0" in capsys.readouterr().err
+    # one tile at 10:45:45 goes to val by largest remainder: nothing to train on
+    assert main(["--raw", str(raw), "--out", str(tmp_path / "b"), "--split", "10,45,45"]) == 2
+    assert "training split would be empty: 1 tile(s)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_no_boundary_band_along_the_tile_edge() -> None:
     """A building cut by the tile edge keeps its interior up to the edge: the cut is not a wall."""
     from shapely.geometry import box
