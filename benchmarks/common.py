@@ -82,7 +82,9 @@ def write_json(path: str | os.PathLike[str] | None, name: str, rows: list[dict[s
     return result
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks.NAME``, described by its docstring's first paragraph."""
+    description = " ".join(doc.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return parser

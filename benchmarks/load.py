@@ -281,7 +281,7 @@ UNITS = {"seconds": "s", "cpu_seconds": "s (user + system, whole tree)",
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser("load", __doc__)
     p.add_argument("--tiles", type=_sizes, default=[1000, 10000],
                    help="postprocessing sizes, comma-separated (default 1000,10000; '' = none)")
     p.add_argument("--prepare-tiles", type=_sizes, default=[500, 2000],

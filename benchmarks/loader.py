@@ -132,7 +132,7 @@ def _variants(data: Path, cfg: LoaderConfig) -> list[tuple[dict[str, Any], Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = base_parser("loader", __doc__)
     parser.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: "
                         "64 synthetic 650 px tiles in a temporary directory)")
     parser.add_argument("--rounds", type=int, default=5)

@@ -225,7 +225,7 @@ def end_to_end(n: int, workers: int, repeat: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser("postproc", __doc__)
     p.add_argument("--tiles", type=int, default=24, help="650x650 tiles to time (default 24)")
     p.add_argument("--repeat", type=int, default=5, help="best of this many runs (default 5)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),

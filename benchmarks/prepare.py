@@ -52,7 +52,7 @@ def _size(path: Path, pattern: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser("prepare", __doc__)
     p.add_argument("--tiles", type=int, default=96)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     args = p.parse_args(argv)

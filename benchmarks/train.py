@@ -142,7 +142,7 @@ def _dataset(tmp: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser("train", __doc__)
     p.add_argument("--data", type=Path, default=None, help="default: 48 synthetic tiles")
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
     p.add_argument("--steps", type=int, default=20)

@@ -1,8 +1,8 @@
 """The SpaceNet building F1, exact, per image and in total.
 
-Semantics (SpaceNet ``evaluateScene.py``, see docs/design.md): per image, proposals in the given
-(file) order; each takes the unmatched truth polygon with the highest IoU (ties: the first in file
-order); IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris) is a true positive and removes that truth
+Semantics (SpaceNet ``evaluateScene.py``): per image, proposals in the given (file) order;
+each takes the unmatched truth polygon with the highest IoU (ties: the first in file order);
+IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris) is a true positive and removes that truth
 polygon, anything else is a false positive; unmatched truth polygons are false negatives. Truth
 polygons with area <= ``min_truth_area`` px are dropped first. Images in only one file: truth
 without proposals count as false negatives, proposals without truth as false positives (solaris).

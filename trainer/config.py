@@ -188,6 +188,17 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _check_override_key(text: str, section: str, key: str) -> None:
+    """Name ``--set`` (not the TOML file) when an override's key does not exist."""
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: "
+                          f"{', '.join(SECTIONS)}")
+    known = {f.name for f in dataclasses.fields(type(getattr(Config(), section))) if f.init}
+    if key not in known:
+        raise ConfigError(f"--set {text!r}: unknown key {section}.{key}; [{section}] takes "
+                          f"{', '.join(sorted(known))}")
+
+
 def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
     """Read a TOML preset (or start from defaults), apply overrides, validate everything."""
     raw: dict[str, Any] = {}
@@ -203,6 +214,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
         section, key, value = parse_override(text)
         if "." in key:
             raise ConfigError(f"--set {text!r}: nested keys are not supported")
+        _check_override_key(text, section, key)
         raw.setdefault(section, {})[key] = value
     return build_config(raw, where)
 

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dist.DistEnv.from_env()
     ckpt_path = args.checkpoint or args.run_dir / "checkpoints" / "best.pt"
     if not ckpt_path.is_file():
-        print(f"trainer.predict: error: {ckpt_path} not found (train first, or pass "
-              "--checkpoint)", file=sys.stderr)
+        hint = "" if args.checkpoint else " (train first, or pass --checkpoint)"
+        print(f"trainer.predict: error: {ckpt_path} not found{hint}", file=sys.stderr)
         return 2
     from dataio.loader import build_loader
     from dataio.manifest import load_manifest

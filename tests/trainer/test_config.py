@@ -49,6 +49,13 @@ def test_bad_values_name_the_key(override: str, named: str) -> None:
     assert named in str(e.value)
 
 
+def test_an_unknown_override_key_names_set_not_the_file() -> None:
+    with pytest.raises(ConfigError, match=r"^--set 'train.bogus=1': unknown key train\.bogus"):
+        load_config(Path("configs/tiny.toml"), ["train.bogus=1"])
+    with pytest.raises(ConfigError, match=r"^--set 'trainn.epochs=3': unknown section"):
+        load_config(Path("configs/tiny.toml"), ["trainn.epochs=3"])
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
