@@ -35,6 +35,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     fsync_file(path)
 
 
+def check_writable(path: str | os.PathLike[str], what: str) -> None:
+    """Raise ValueError unless ``path`` could be created: its nearest existing ancestor is a
+    writable directory. Checked before a command's work, so a typo fails at once."""
+    target = Path(path).absolute()
+    anc = target.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"{what} {path}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {anc} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.

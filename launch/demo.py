@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dataio.atomic import atomic_write_text
 from launch.report import write_report
+from trainer.config import ConfigError, load_config
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone"]
@@ -159,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-tiles", type=int, default=4)
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over")
     args = p.parse_args(argv)
+    # NOTE: everything the later stages would refuse is checked here, before minutes of synth
+    # and prepare.
+    for flag, value in (("--tiles", args.tiles), ("--nproc", args.nproc),
+                        ("--render-tiles", args.render_tiles)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
     demo = Demo(out=args.out, tiles=args.tiles, seed=args.seed, nproc=args.nproc,
                 config=args.config, overrides=args.overrides, render_tiles=args.render_tiles)
     try:

@@ -20,8 +20,7 @@ def exit_on_error(main: Callable[[], int]) -> int:
     """
     try:
         return main()
-    except (PredError, CsvError, ValueError, FileNotFoundError, PermissionError,
-            IsADirectoryError, NotADirectoryError) as e:
+    except (PredError, CsvError, ValueError, OSError) as e:  # OSError: paths that cannot be used
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

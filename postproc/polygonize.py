@@ -74,25 +74,39 @@ class PolygonizeConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown polygonize setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: (bool(v) if k == "seedless" else float(v)) for k, v in d.items()})
+        values: dict[str, Any] = {}
+        for k, v in d.items():
+            if k == "seedless":
+                if not isinstance(v, bool):
+                    raise ValueError(f"seedless={v!r} is not true or false")
+                values[k] = v
+            elif isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"{k}={v!r} is not a number")
+            else:
+                values[k] = float(v)
+        return cls(**values)
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> PolygonizeConfig:
-        """Load a ``postproc.json`` (a path, or the JSON text itself)."""
-        text = str(path_or_text)
+        """Load a ``postproc.json`` (a path, or the JSON text itself); errors name the file."""
+        text, where = str(path_or_text), "settings"
         if not text.lstrip().startswith("{"):
             path = Path(path_or_text)
+            where = str(path)
             try:
                 text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise ValueError(f"{path}: cannot read settings ({e.strerror})") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: cannot read settings ({e})") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"settings are not valid JSON ({e})") from None
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError("settings must be a JSON object")
-        return cls.from_dict(d)
+            raise ValueError(f"{where}: settings must be a JSON object")
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -339,12 +353,16 @@ def config_from_args(args: argparse.Namespace, announce: bool = True) -> Polygon
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     args = build_parser().parse_args(argv)
+    from dataio.atomic import check_writable
     from postproc import runner
     from postproc.predio import list_pred_shards
     from trainer import dist
 
     env = dist.DistEnv.from_env()
     cfg = config_from_args(args, announce=env.is_main)
+    check_writable(args.out, "--out")
+    if args.geojson is not None:
+        check_writable(args.geojson / "x.geojson", "--geojson")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or runner.default_workers(env.local_world_size)

@@ -189,6 +189,9 @@ def _data_and_split(args: argparse.Namespace) -> tuple[Path, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dataio.atomic import check_writable
+
+    check_writable(args.out, "--out")
     if args.curves is not None:
         return _curves(args)
     from tqdm import tqdm

@@ -269,10 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = ScoreConfig(iou_threshold=args.iou_threshold, strict=args.strict,
                       min_truth_area=args.min_truth_area)
+    from dataio.atomic import check_writable
     from postproc.csvio import index_proposal_csv, index_truth_csv
     from trainer import dist
 
     env = dist.DistEnv.from_env()
+    if args.json is not None:
+        check_writable(args.json, "--json")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)

@@ -313,7 +313,7 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dataio.atomic import atomic_write_text
+    from dataio.atomic import atomic_write_text, check_writable
     from postproc import runner
     from postproc.csvio import read_truth_csv
     from postproc.predio import list_pred_shards
@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                     args.min_polygon_areas)
     shards = list_pred_shards(args.pred)
     run = _run_dir(args)
+    # the outputs are checked before the grid runs: it writes them only at the end
+    for path, what in ((run / SETTINGS, "--run-dir"), (args.json, "--json")):
+        if path is not None:
+            check_writable(path, what)
     truth = read_truth_csv(args.truth).polygons
     if not truth:
         raise ValueError(f"--truth {args.truth}: no images in the truth CSV")

@@ -77,11 +77,24 @@ def prune(run_dir: Path, keep_last: int) -> None:
             old.unlink()
 
 
+# What every reader needs (predict needs only this; a resume reads the rest of Trainer.state).
+REQUIRED = ("model",)
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (no arbitrary unpickling)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint safely (no arbitrary unpickling); ValueError naming the file if it is
+    not a complete checkpoint of this trainer."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torn, empty, foreign or crafted: all the same to the caller
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})"
+                         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a checkpoint of this trainer (format {FORMAT})")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return state
 
 

@@ -208,6 +208,8 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"--config {path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not UTF-8
+            raise ConfigError(f"--config {path}: cannot read ({e})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
     for text in overrides or []:
@@ -242,6 +244,8 @@ def load_run_config(run_dir: Path) -> Config:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: is {run_dir} a run directory?") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return build_config(raw, str(path))

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=100, help="tiles per prediction shard")
     p.add_argument("--batch-size", type=int, default=0, help="default: the run's data.batch_size")
     args = p.parse_args(argv)
+    if args.shard_size < 1:
+        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.batch_size < 0:
+        p.error(f"--batch-size must be >= 1 (or 0: the run's), got {args.batch_size}")
     env = dist.DistEnv.from_env()
     ckpt_path = args.checkpoint or args.run_dir / "checkpoints" / "best.pt"
     if not ckpt_path.is_file():
@@ -97,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         # checkpoint; no compile, since prediction sees tiles of every size once.
         net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
                                       manifest.bands, 3)
-        net.load_state_dict(state["model"])
+        try:
+            net.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt_path}: its model does not match {args.run_dir}/config.json "
+                             f"({str(e).splitlines()[0]})") from None
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
         loader = build_loader(args.data, args.split, data_cfg, env.rank, env.world_size,

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dataio.atomic import check_writable
 from trainer import dist
 from trainer.config import ConfigError, load_config
 
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not (args.data / "manifest.json").is_file():
             raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
-    except ConfigError as e:
+        check_writable(args.run_dir, "--run-dir")
+    except (ConfigError, ValueError) as e:
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return 2
     from trainer.trainer import NonFiniteError, Trainer  # heavy imports after the checks
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                   cfg.dist.timeout_s)
         dist.seed_everything(cfg.train.seed, env.rank)
         Trainer(cfg, env, args.data, args.run_dir).train()
-    except (NonFiniteError, ValueError, RuntimeError) as e:
+    except (NonFiniteError, ValueError, RuntimeError, OSError) as e:
         logging.getLogger("footprints").error("%s", e)
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return 1

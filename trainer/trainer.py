@@ -278,7 +278,12 @@ class Trainer:
         if path is None:
             return False
         state = found[0] if found else ckpt.load(Path(path))
-        self.net.load_state_dict(state["model"])
+        try:
+            self.net.load_state_dict(state["model"])
+        except RuntimeError as e:  # torch lists every mismatched tensor: name the cause once
+            raise ValueError(f"{path}: its model does not match this config's model.* settings "
+                             f"({str(e).splitlines()[0]}); resume with the run's config or "
+                             "start a new --run-dir") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

@@ -82,3 +82,13 @@ def test_a_rerun_with_other_inputs_trains_again(tmp_path: Path,
     run_demo(_TinyDemo(out, tiles=1))
     assert sorted(p.name for p in _TinyDemo(out).raw.iterdir()) == ["t0"]
     assert sorted(p.name for p in (out / "run").iterdir()) == ["ckpt-0"]
+
+
+@pytest.mark.parametrize("bad", [["--nproc", "0"], ["--tiles", "0"], ["--set", "foo"],
+                                 ["--set", "train.bogus=1"]])
+def test_bad_arguments_stop_the_demo_before_any_stage(bad: list[str], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        demo_module.main(["--out", str(tmp_path / "demo"), *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

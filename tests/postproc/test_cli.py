@@ -137,3 +137,21 @@ def test_torchrun_splits_shards_and_matches_one_process(tmp_path):
     r = _torchrun(["--pred", str(pred), "--out", str(bad), "--workers", "1"], timeout=200)
     assert r.returncode != 0
     assert "pred-000003.tar" in r.stderr and not bad.exists()
+
+
+def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):
+    pred, truth = pred_dir
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(blocker / "p.csv"),
+                                      "--workers", "1"]) == 2
+    assert f"--out {blocker / 'p.csv'}: {blocker} is not a directory" in capsys.readouterr().err
+    good = tmp_path / "p.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(good), "--workers", "1",
+                                      "--geojson", str(blocker / "gj")]) == 2
+    assert "--geojson" in capsys.readouterr().err and not good.exists()
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(good),
+                                      "--workers", "1"]) == 0
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(good),
+                                 "--json", str(blocker / "s.json")]) == 2
+    assert "--json" in capsys.readouterr().err

@@ -169,6 +169,16 @@ def test_config_validation_and_json_round_trip(tmp_path):
         PolygonizeConfig(grow_radius=float("nan"))
     with pytest.raises(ValueError, match="cannot read"):
         PolygonizeConfig.from_json(tmp_path / "missing.json")
+    # errors name the file and the key
+    path.write_text('{"min_polygon_area": "x"}')
+    with pytest.raises(ValueError, match=r"postproc\.json: min_polygon_area='x' is not a number"):
+        PolygonizeConfig.from_json(path)
+    path.write_text('{"seedless": 1}')
+    with pytest.raises(ValueError, match=r"postproc\.json: seedless=1 is not true or false"):
+        PolygonizeConfig.from_json(path)
+    path.write_text("{bad")
+    with pytest.raises(ValueError, match=r"postproc\.json: not valid JSON"):
+        PolygonizeConfig.from_json(path)
 
 
 def test_seedless_huts_and_edge_slivers_are_recovered():

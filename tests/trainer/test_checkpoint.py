@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def test_a_crafted_pickle_is_refused(tmp_path: Path) -> None:
     path = ckpt.checkpoint_path(tmp_path, 5)
     path.parent.mkdir(parents=True)
     torch.save({"format": ckpt.FORMAT, "model": _Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="not a readable checkpoint.*UnpicklingError"):
         ckpt.load(path)
     assert ckpt.load_latest(tmp_path) is None  # nothing safe to resume from
 
@@ -82,9 +81,22 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path: Path) -> No
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    state = {"format": ckpt.FORMAT, "rng": [ckpt.rng_state()]}
+    state = {"format": ckpt.FORMAT, "model": {}, "rng": [ckpt.rng_state()]}
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     path = tmp_path / "r.pt"
     torch.save(state, path)
     ckpt.set_rng_state(ckpt.load(path)["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_unreadable_or_incomplete_checkpoints_name_the_file(tmp_path: Path) -> None:
+    garbage, empty, partial = tmp_path / "g.pt", tmp_path / "e.pt", tmp_path / "p.pt"
+    garbage.write_bytes(b"garbage")
+    empty.write_bytes(b"")
+    torch.save({"format": ckpt.FORMAT}, partial)
+    for path, match in ((garbage, "not a readable checkpoint"),
+                        (empty, "not a readable checkpoint"),
+                        (partial, "checkpoint lacks model")):
+        with pytest.raises(ValueError, match=match) as e:
+            ckpt.load(path)
+        assert str(e.value).startswith(str(path))

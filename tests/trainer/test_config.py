@@ -56,6 +56,14 @@ def test_an_unknown_override_key_names_set_not_the_file() -> None:
         load_config(Path("configs/tiny.toml"), ["trainn.epochs=3"])
 
 
+def test_unreadable_config_files_name_the_file(tmp_path: Path) -> None:
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    for path in (tmp_path, binary):
+        with pytest.raises(ConfigError, match=f"--config {path}: cannot read"):
+            load_config(path)
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")

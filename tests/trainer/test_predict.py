@@ -91,6 +91,15 @@ def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_datase
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no staging left behind
 
 
+@pytest.mark.parametrize("bad", [["--shard-size", "0"], ["--batch-size", "-1"]])
+def test_bad_sizes_are_refused(bad: list[str], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        predict(["--run-dir", str(tmp_path), "--data", str(tmp_path), "--out",
+                 str(tmp_path / "p"), *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
 def test_predict_loads_a_group_norm_run(small_dataset: Path, tmp_path: Path) -> None:
     # predict must build the model the run trained (GroupNorm has no running stats: a BatchNorm
     # model refused this checkpoint's state dict)

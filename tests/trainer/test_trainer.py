@@ -147,3 +147,23 @@ def test_bf16_autocast_trains_on_cpu(small_dataset: Path, tmp_path: Path) -> Non
     assert t.precision.name == "bf16"
     summary = t.train()
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
+
+
+def test_resuming_with_another_model_names_the_checkpoint(small_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"]).train()
+    other = _trainer(small_dataset, tmp_path / "run", ["train.epochs=2", "model.width_divisor=4"])
+    with pytest.raises(ValueError, match=r"step-\d+\.pt: its model does not match"):
+        other.resume()
+
+
+def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.train import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
+            str(blocker / "run")]
+    assert main(argv) == 2
+    assert f"--run-dir {blocker / 'run'}: {blocker} is not a directory" in capsys.readouterr().err
