@@ -5,6 +5,7 @@ GDAL environment defaults live here and nowhere else (``gdal_env``).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -54,6 +55,17 @@ def reproject_geometry(geom: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
         return geom
     tr = Transformer.from_crs(src, dst, always_xy=True)
     return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+
+
+def is_invertible(transform: Affine) -> bool:
+    """Whether ``transform`` maps pixels to the CRS one-to-one with finite numbers both ways.
+
+    NOTE: a GeoTIFF may carry a pixel size of 0 (or NaN); inverting it raises, and a determinant
+    near the float limit gives an inverse of infinities, which GEOS rejects later.
+    """
+    if not all(math.isfinite(v) for v in transform[:6]) or transform.is_degenerate:
+        return False
+    return all(math.isfinite(v) for v in (~transform)[:6])
 
 
 def to_pixel(geom: BaseGeometry, transform: Affine) -> BaseGeometry:

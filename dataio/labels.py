@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
+import shapely.errors
 from affine import Affine
 from pyproj import CRS
 from rasterio.features import rasterize
@@ -44,14 +46,54 @@ def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
     return [p for g in getattr(geom, "geoms", []) for p in _polygon_parts(g)]
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The image that footprints are mapped onto: its CRS, geotransform and outline in pixels."""
+
+    crs: CRS
+    transform: Affine
+    tile: Polygon
+
+
 def read_footprints(path: Path, image_crs: CRS, transform: Affine, width: int,
                     height: int) -> Footprints:
     """Read a buildings GeoJSON and return its footprints in the image's pixel grid.
 
     Labels in any CRS are reprojected to the image's (RFC 7946 lon/lat by default, or the legacy
     ``crs`` member). Invalid (e.g. self-intersecting) polygons are repaired with ``make_valid`` and
-    noted; polygons are clipped to the tile. A missing or malformed file raises :class:`LabelError`.
+    noted; polygons are clipped to the tile. A missing or malformed file, a feature with
+    non-finite coordinates, or footprints that all lie off the image (a wrong CRS) raise
+    :class:`LabelError`; a file with no footprint at all is a valid empty tile.
     """
+    features, src_crs = _read_collection(path)
+    grid = _Grid(image_crs, transform, box(0, 0, width, height))
+    out = Footprints()
+    footprints = overlapping = 0
+    # NOTE: non-finite coordinates are checked and reported per feature; numpy's warnings about
+    # them (in shapely and the reprojection) would only add noise to the output.
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k, feat in enumerate(features):
+            geom = _footprint(path, k, feat, out.notes)
+            if geom is None:
+                continue
+            try:
+                parts, overlaps = _clip_to_tile(path, k, geom, src_crs, grid, out.notes)
+            except shapely.errors.GEOSException as e:
+                raise LabelError(f"{path}: feature {k}: geometry cannot be processed "
+                                 f"({e})") from None
+            footprints += 1
+            overlapping += overlaps
+            out.polygons += parts
+    if footprints and not overlapping:
+        # NOTE: typically coordinates in lon/lat under a projected ``crs`` member (or the
+        # reverse); an empty mask would silently teach the model that buildings are background.
+        raise LabelError(f"{path}: no footprint overlaps the image (wrong CRS in the GeoJSON?); "
+                         f"all {footprints} lie outside it")
+    return out
+
+
+def _read_collection(path: Path) -> tuple[list[Any], CRS]:
+    """The features of a GeoJSON FeatureCollection and the CRS of their coordinates."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -71,30 +113,46 @@ def read_footprints(path: Path, image_crs: CRS, transform: Affine, width: int,
         src_crs = geojson_crs(doc)
     except Exception as e:  # pyproj raises several types for unknown names
         raise LabelError(f"{path}: unknown CRS in the 'crs' member ({e})") from None
+    return features, src_crs
 
-    out = Footprints()
-    tile = box(0, 0, width, height)
-    for k, feat in enumerate(features):
-        gj = feat.get("geometry") if isinstance(feat, dict) else None
-        if gj is None:
-            out.notes.append(f"feature {k}: no geometry, ignored")
-            continue
-        try:
-            geom = shapely.force_2d(shape(gj))
-        except Exception as e:
-            raise LabelError(f"{path}: feature {k} has a malformed geometry ({e})") from None
-        if geom.geom_type not in ("Polygon", "MultiPolygon"):
-            out.notes.append(f"feature {k}: {geom.geom_type} is not a footprint, ignored")
-            continue
-        pix = to_pixel(reproject_geometry(geom, src_crs, image_crs), transform)
-        if not pix.is_valid:
-            reason = shapely.is_valid_reason(pix)
-            pix = shapely.make_valid(pix)
-            out.notes.append(f"feature {k}: invalid polygon ({reason}), repaired with make_valid")
-        for part in _polygon_parts(pix.intersection(tile)):
-            if part.area > 0:
-                out.polygons.append(shapely.normalize(part))
-    return out
+
+def _footprint(path: Path, k: int, feat: Any, notes: list[str]) -> BaseGeometry | None:
+    """Feature ``k``'s (Multi)Polygon in the label CRS; None (noted) if it is not a footprint."""
+    gj = feat.get("geometry") if isinstance(feat, dict) else None
+    if gj is None:
+        notes.append(f"feature {k}: no geometry, ignored")
+        return None
+    try:
+        geom = shapely.force_2d(shape(gj))
+    except Exception as e:
+        raise LabelError(f"{path}: feature {k} has a malformed geometry ({e})") from None
+    if geom.geom_type not in ("Polygon", "MultiPolygon"):
+        notes.append(f"feature {k}: {geom.geom_type} is not a footprint, ignored")
+        return None
+    # NOTE: Python's json reads NaN and Infinity literals; GEOS fails on them much later.
+    if not _finite(geom):
+        raise LabelError(f"{path}: feature {k} has non-finite coordinates (NaN or Infinity)")
+    return None if geom.is_empty else geom
+
+
+def _clip_to_tile(path: Path, k: int, geom: BaseGeometry, src_crs: CRS, grid: _Grid,
+                  notes: list[str]) -> tuple[list[Polygon], bool]:
+    """Feature ``k``'s polygons inside the tile in pixels, and whether it touches the tile."""
+    pix = to_pixel(reproject_geometry(geom, src_crs, grid.crs), grid.transform)
+    if not _finite(pix):  # e.g. 1e300 m in UTM: no longitude, or far beyond the pixel range
+        raise LabelError(f"{path}: feature {k} has coordinates that do not map to finite pixel "
+                         "positions (wrong CRS, or out of range?)")
+    if not pix.is_valid:
+        reason = shapely.is_valid_reason(pix)
+        pix = shapely.make_valid(pix)
+        notes.append(f"feature {k}: invalid polygon ({reason}), repaired with make_valid")
+    parts = [shapely.normalize(p) for p in _polygon_parts(pix.intersection(grid.tile))
+             if p.area > 0]
+    return parts, bool(pix.intersects(grid.tile))
+
+
+def _finite(geom: BaseGeometry) -> bool:
+    return bool(np.isfinite(shapely.get_coordinates(geom)).all())
 
 
 def rasterize_footprints(polygons: list[Polygon], shape_hw: tuple[int, int]) -> np.ndarray:

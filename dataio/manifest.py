@@ -7,6 +7,7 @@ that does not grow with the number of tiles.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dataio.atomic import atomic_write_text
+from dataio.labels import NUM_CLASSES
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -102,7 +104,8 @@ class Manifest:
 
 
 def load_manifest(root: Path) -> Manifest:
-    """Read ``root/manifest.json``; a missing or foreign file is an error naming it."""
+    """Read ``root/manifest.json``; a missing or foreign file, or a field that readers use with
+    the wrong type or shape, is a :class:`ManifestError` naming the file (and the field)."""
     path = Path(root) / MANIFEST
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -114,10 +117,84 @@ def load_manifest(root: Path) -> Manifest:
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         version = data.get("format_version") if isinstance(data, dict) else None
         raise ManifestError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    _check_schema(path, data)
+    return Manifest(Path(root), data)
+
+
+# ---- schema: what readers index into, checked once so a bad value is named, not a traceback ----
+
+SHARD_FIELDS = {"name": str, "index": str, "samples": int, "bytes": int, "index_bytes": int}
+
+
+def _check_schema(path: Path, data: dict[str, Any]) -> None:
+    """Raise :class:`ManifestError` naming ``path`` and the field for a value of the wrong type."""
     for key in ("bands", "splits", "band_stats", "class_frequencies"):
         if key not in data:
             raise ManifestError(f"{path}: missing {key!r}")
-    return Manifest(Path(root), data)
+    bands = _count(path, "bands", data["bands"], minimum=1)
+    splits = _mapping(path, "splits", data["splits"])
+    for name, split in splits.items():
+        where = f"splits.{name}"
+        split = _mapping(path, where, split)
+        _count(path, f"{where}.samples", _field(path, where, split, "samples"))
+        shards = _field(path, where, split, "shards")
+        if not isinstance(shards, list):
+            raise _wrong(path, f"{where}.shards", "a list", shards)
+        for i, info in enumerate(shards):
+            _check_shard_entry(path, f"{where}.shards[{i}]", info)
+    stats = _mapping(path, "band_stats", data["band_stats"])
+    for key in ("p2", "p98"):
+        _numbers(path, f"band_stats.{key}", _field(path, "band_stats", stats, key), bands)
+    _numbers(path, "class_frequencies", data["class_frequencies"], NUM_CLASSES)
+
+
+def _check_shard_entry(path: Path, where: str, info: Any) -> None:
+    info = _mapping(path, where, info)
+    for key, kind in SHARD_FIELDS.items():
+        value = _field(path, where, info, key)
+        if kind is int:
+            _count(path, f"{where}.{key}", value)
+        elif not isinstance(value, str) or not _plain_name(value):
+            # NOTE: readers join it to the split directory; a path must not lead out of it.
+            raise _wrong(path, f"{where}.{key}", "a plain file name", value)
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _field(path: Path, where: str, obj: dict[str, Any], key: str) -> Any:
+    if key not in obj:
+        raise ManifestError(f"{path}: {where} has no {key!r}")
+    return obj[key]
+
+
+def _mapping(path: Path, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _wrong(path, where, "an object", value)
+    return value
+
+
+def _count(path: Path, where: str, value: Any, minimum: int = 0) -> int:
+    # NOTE: bool is an int in Python, but true/false in JSON is no count.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise _wrong(path, where, f"an integer >= {minimum}", value)
+    return value
+
+
+def _numbers(path: Path, where: str, value: Any, length: int) -> list[float]:
+    ok = isinstance(value, list) and len(value) == length and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value)
+    if not ok:
+        raise _wrong(path, where, f"a list of {length} finite numbers", value)
+    return value
+
+
+def _wrong(path: Path, where: str, what: str, value: Any) -> ManifestError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ManifestError(f"{path}: {where} must be {what}, got {shown}")
 
 
 def save_manifest(root: Path, data: dict[str, Any]) -> Path:

@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import math
 import os
 import shutil
 import sys
@@ -31,7 +32,7 @@ from pyproj import CRS
 from tqdm import tqdm
 
 from dataio.atomic import atomic_open
-from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, to_geo
+from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.labels import (
     DEFAULT_BOUNDARY_WIDTH,
     NUM_CLASSES,
@@ -62,9 +63,12 @@ class PrepareConfig:
         self.out = Path(self.out)
         if not self.raw:
             raise ValueError("give at least one --raw AOI directory")
-        if len(self.split) != 3 or min(self.split) < 0 or self.split[0] <= 0:
-            raise ValueError(f"--split needs three non-negative weights (train,val,test) with "
-                             f"train > 0, got {self.split}")
+        # NOTE: math.isfinite first: NaN passes both comparisons, and NaN or inf weights would
+        # fail later in split_counts with a message that does not name --split.
+        if (len(self.split) != 3 or not all(math.isfinite(w) for w in self.split)
+                or min(self.split) < 0 or self.split[0] <= 0):
+            raise ValueError(f"--split needs three finite non-negative weights (train,val,test) "
+                             f"with train > 0, got {self.split}")
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.workers < 0:
@@ -189,6 +193,8 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
         return {"skip": f"unreadable image ({e})"}
     if pixels.shape[0] != bands:
         return {"skip": f"has {pixels.shape[0]} bands, the rest of the AOI has {bands}"}
+    if not is_invertible(transform):  # e.g. a pixel size of 0: no pixel has a place on the map
+        return {"skip": "image has a degenerate geotransform"}
     image_crs = CRS.from_user_input(crs.to_wkt())
     try:
         fp = read_footprints(tile.label, image_crs, transform, width, height)

@@ -198,6 +198,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the temporary files (an interrupted shard never appears under its final name)."""
+        # NOTE: close the TarWriter first: left open, its tar stream's __del__ writes the end
+        # blocks at garbage collection into the closed file ("Exception ignored ... ValueError").
+        with contextlib.suppress(Exception):
+            self._tar.close()
         with contextlib.suppress(Exception):
             self._file.close()
         for p in (self.tmp, self.tmp_idx):

@@ -62,6 +62,9 @@ class SynthConfig:
             raise ValueError(f"--tiles must be >= 1, got {self.tiles}")
         if self.size < 32:
             raise ValueError(f"--size must be >= 32 px, got {self.size}")
+        if not (math.isfinite(self.gsd_m) and self.gsd_m > 0):  # else a degenerate geotransform
+            raise ValueError(f"--gsd must be a finite number of metres per pixel > 0, "
+                             f"got {self.gsd_m}")
         if not self.aoi or any(c in self.aoi for c in "./ "):
             raise ValueError(f"--aoi {self.aoi!r} must be a plain name like AOI_2_Vegas")
         for flag, value in (("--crs", self.crs), ("--label-crs", self.label_crs)):
