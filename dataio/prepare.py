@@ -63,9 +63,9 @@ class PrepareConfig:
         self.out = Path(self.out)
         if not self.raw:
             raise ValueError("give at least one --raw AOI directory")
-        # NOTE: math.isfinite first: NaN passes both comparisons, and NaN or inf weights would
-        # fail later in split_counts with a message that does not name --split.
-        if (len(self.split) != 3 or not all(math.isfinite(w) for w in self.split)
+        # NOTE: a finite sum first: NaN passes both comparisons, and NaN, inf or weights whose
+        # sum overflows would fail later in split_counts with a message not naming --split.
+        if (len(self.split) != 3 or not math.isfinite(sum(self.split))
                 or min(self.split) < 0 or self.split[0] <= 0):
             raise ValueError(f"--split needs three finite non-negative weights (train,val,test) "
                              f"with train > 0, got {self.split}")
@@ -158,7 +158,7 @@ def split_counts(n: int, weights: tuple[float, float, float]) -> tuple[int, int,
     gave 4/1/0 for 5 tiles at 70:15:15, and a tile to a 0-weight test split at 90:10:0).
     """
     total = sum(weights)
-    exact = [n * w / total for w in weights]
+    exact = [n * (w / total) for w in weights]  # w / total first: no overflow for huge weights
     counts = [int(x) for x in exact]
     by_remainder = sorted(range(3), key=lambda i: counts[i] - exact[i])  # stable: ties keep order
     for i in by_remainder[:n - sum(counts)]:
@@ -264,11 +264,12 @@ class _Call:
         return _worker(tile, self.bands, self.boundary_width)
 
 
-def check_output(cfg: PrepareConfig) -> None:
-    """Refuse to mix a new dataset into an old one; with --overwrite remove only our files."""
+def check_output(cfg: PrepareConfig) -> list[Path]:
+    """Refuse to mix a new dataset into an old one; returns what --overwrite replaces (only our
+    files), removed by the caller once nothing else can stop the run."""
     out = cfg.out
     if not out.exists():
-        return
+        return []
     if not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     ours = [out / MANIFEST, *(out / s for s in SPLITS)]
@@ -279,19 +280,21 @@ def check_output(cfg: PrepareConfig) -> None:
         raise ValueError(f"--out {out}: already holds {what}; pass --overwrite to replace it")
     if others and not present:
         raise ValueError(f"--out {out}: is not empty and holds no dataset; choose another --out")
-    for p in present:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return present
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole preparation; returns the manifest it wrote."""
     t0 = time.perf_counter()
-    check_output(cfg)
+    replaced = check_output(cfg)
     found = scan(cfg)
     tiles = assign_splits(found.tiles, cfg.split, cfg.seed)
     if tiles and not any(t.split == "train" for t in tiles):  # say so before the work, not after
         raise ValueError(f"the training split would be empty: {len(tiles)} tile(s) at --split "
                          f"{','.join(f'{w:g}' for w in cfg.split)}; add tiles or raise its weight")
+    # NOTE: an old dataset is removed only now, so a run refused above leaves it intact.
+    for p in replaced:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     cfg.out.mkdir(parents=True, exist_ok=True)
     stats = BandStats(found.bands)
     classes = {s: np.zeros(NUM_CLASSES, np.int64) for s in SPLITS}

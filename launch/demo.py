@@ -93,7 +93,6 @@ class Demo:
                         "--out", str(self.report / "curves.png")]),
         ]
 
-
     def outputs(self, name: str) -> list[Path]:
         """What a stage writes that its command does not replace by itself (synth and prepare
         replace theirs with --overwrite): cleared before the stage runs again on changed inputs,

@@ -140,10 +140,10 @@ def write_pred_shard(path: str | Path,
 
 
 def staging_dir(out: str | Path) -> Path:
-    """Where a prediction for ``out`` is written before :func:`publish_pred_dir` (a hidden
-    sibling, on the same file system so the moves are renames)."""
-    out = Path(out)
-    return out.parent / f".{out.name}.partial"
+    """Where a prediction for ``out`` is written before :func:`publish_pred_dir`: a hidden
+    directory inside ``out`` (readers list only its top-level shards), so the moves are renames
+    on one file system even when ``out`` is a mount point or a link."""
+    return Path(out) / ".partial"
 
 
 def publish_pred_dir(staging: Path, out: Path) -> None:

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dataio.atomic import check_writable
 
-    check_writable(args.out, "--out")
+    # --out is the PNG with --curves, else the directory of tile pictures
+    check_writable(args.out if args.curves is not None else args.out / "tile.png", "--out")
     if args.curves is not None:
         return _curves(args)
     from tqdm import tqdm

@@ -77,13 +77,17 @@ def prune(run_dir: Path, keep_last: int) -> None:
             old.unlink()
 
 
-# What every reader needs (predict needs only this; a resume reads the rest of Trainer.state).
+# What every reader needs (predict needs only this).
 REQUIRED = ("model",)
+# What a resume reads besides (every Trainer.state has them).
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "best_score",
+               "loader", "rng")
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (no arbitrary unpickling); ValueError naming the file if it is
-    not a complete checkpoint of this trainer."""
+    """Load a checkpoint safely (no arbitrary unpickling); ValueError naming the file if it does
+    not load, is not this trainer's format, or has no model (``Trainer.resume`` checks the rest
+    it needs)."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torn, empty, foreign or crafted: all the same to the caller

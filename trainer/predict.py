@@ -7,8 +7,8 @@ Output: ``PRED/pred-NNNNNN.tar``, one sample per tile: ``prob.png`` (8-bit RGB o
 for background, building, boundary) and the tile's ``meta.json``. Whole tiles of any size.
 Rank r writes shards ``r, r+W, r+2W, ...`` so ranks never collide. ``PRED/provenance.json`` names
 the run directory, checkpoint, dataset and split the predictions came from. The shards are
-written to ``.PRED.partial`` beside PRED and moved in when all ranks are done; shards of an
-earlier prediction in PRED that were not replaced are removed.
+written to ``PRED/.partial`` and moved up when all ranks are done; shards of an earlier
+prediction in PRED that were not replaced are removed.
 """
 
 from __future__ import annotations

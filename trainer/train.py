@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not (args.data / "manifest.json").is_file():
             raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
-        check_writable(args.run_dir, "--run-dir")
+        check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory
     except (ConfigError, ValueError) as e:
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return 2

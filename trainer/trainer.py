@@ -278,6 +278,9 @@ class Trainer:
         if path is None:
             return False
         state = found[0] if found else ckpt.load(Path(path))
+        missing = [k for k in ckpt.RESUME_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"{path}: cannot resume from it, it lacks {', '.join(missing)}")
         try:
             self.net.load_state_dict(state["model"])
         except RuntimeError as e:  # torch lists every mismatched tensor: name the cause once
@@ -309,9 +312,10 @@ class Trainer:
 
     def _resumed_scheduler(self, state: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
         """The schedule of this run's plan (``train.epochs`` x this world's steps per epoch), at
-        the saved point of it: the applied steps scaled by the change in steps per epoch. A
-        resize keeps its place on the cosine; more epochs stretch the rest of it, and neither
-        reaches the floor before the last step (the saved schedule kept the old length)."""
+        the saved point of it: the applied steps, scaled by the change in steps per epoch. A
+        resize keeps its place on the cosine. More epochs keep the step and lengthen the plan, so
+        the learning rate moves up to the new plan's value at that step (as when extending a
+        finished cosine run); either way it reaches the floor at the last step, not before."""
         done = int(state["scheduler"]["last_epoch"])
         saved_spe = int(state.get("steps_per_epoch") or self.steps_per_epoch)
         if saved_spe != self.steps_per_epoch:

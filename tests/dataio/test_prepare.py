@@ -54,12 +54,13 @@ def test_every_tile_in_exactly_one_split(prepared_dataset: Path, synthetic_aoi: 
     (1, (50, 50, 0), (1, 0, 0)),     # the one tile trains (it went to the 0-weight test split)
     (100, (1, 1, 1), (34, 33, 33)),
     (20, (0.7, 0.15, 0.15), (14, 3, 3)),
+    (5, (1e308, 1, 1), (5, 0, 0)),   # a huge weight: its share, not an overflow
 ])
 def test_split_counts(n: int, weights: tuple[float, float, float],
                       want: tuple[int, int, int]) -> None:
     got = split_counts(n, weights)
     assert got == want
-    exact = [n * w / sum(weights) for w in weights]
+    exact = [n * (w / sum(weights)) for w in weights]
     # every split is within one tile of its exact share, and 0-weight splits stay empty
     assert all(abs(c - x) < 1 for c, x in zip(got, exact, strict=True))
     assert all(c == 0 for c, w in zip(got, weights, strict=True) if w == 0)
@@ -201,6 +202,16 @@ def test_an_empty_training_split_is_refused_before_any_work(
     assert main(["--raw", str(raw), "--out", str(tmp_path / "b"), "--split", "10,45,45"]) == 2
     assert "training split would be empty: 1 tile(s)" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    # a refused --overwrite leaves the dataset it would have replaced
+    assert main(["--raw", str(raw), "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    assert main(["--raw", str(raw), "--out", str(tmp_path / "c"), "--split", "10,45,45",
+                 "--overwrite"]) == 2
+    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
+    assert list((tmp_path / "c" / "train").glob("shard-*.tar"))
+    # weights whose sum overflows are refused naming --split (they crashed in the split)
+    assert main(["--raw", str(raw), "--out", str(tmp_path / "d"), "--split", "1e308,1e308,1"]) == 2
+    assert "--split" in capsys.readouterr().err
 
 
 def test_no_boundary_band_along_the_tile_edge() -> None:

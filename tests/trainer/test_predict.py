@@ -88,7 +88,8 @@ def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_datase
     # one shard, and none of the earlier run's left to count its tiles twice
     assert [p.name for p in list_pred_shards(tmp_path / "pred")] == ["pred-000000.tar"]
     assert _read(tmp_path / "pred").keys() == first.keys()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]  # no staging left behind
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+        "pred-000000.tar", "provenance.json"]  # no staging left behind
 
 
 @pytest.mark.parametrize("bad", [["--shard-size", "0"], ["--batch-size", "-1"]])

@@ -166,4 +166,6 @@ def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path:
     argv = ["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
             str(blocker / "run")]
     assert main(argv) == 2
-    assert f"--run-dir {blocker / 'run'}: {blocker} is not a directory" in capsys.readouterr().err
+    assert f"--run-dir {blocker / 'run'}" in capsys.readouterr().err
+    assert main([*argv[:-1], str(blocker)]) == 2  # the run directory itself is a file
+    assert f"{blocker} is not a directory" in capsys.readouterr().err
