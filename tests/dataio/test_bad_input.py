@@ -145,7 +145,9 @@ def test_utm_tiles_of_another_size(tmp_path: Path) -> None:
                           aoi="AOI_6_Atlanta"))
     m = _run(raw, tmp_path / "d")
     assert m["skipped"] == []
-    for key, (img, mask, meta) in _samples(tmp_path / "d").items():
+    samples = _samples(tmp_path / "d")
+    assert len(samples) == 3
+    for key, (img, mask, meta) in samples.items():
         assert img.shape == (900, 900, 3) and mask.shape == (900, 900)
         assert meta["crs"] == "EPSG:32611" and key.startswith("AOI_6_Atlanta_img")
         assert meta["transform"][0] == 0.5

@@ -124,6 +124,7 @@ def test_backends_give_identical_augmented_streams(aligned: Path) -> None:
         with build_loader(aligned, "train", _cfg(backend), train=True) as loader:
             results[backend] = _by_key(loader, (0, 1))
     assert results["dali"].keys() == results["torch"].keys()
+    assert len(results["dali"]) == 2 * 10  # both epochs, every training tile
     for key, (img, msk, _) in results["dali"].items():
         np.testing.assert_allclose(img, results["torch"][key][0], rtol=0, atol=1e-6)
         np.testing.assert_array_equal(msk, results["torch"][key][1])
@@ -206,6 +207,7 @@ def test_train_crop_larger_than_tile_pads_bottom_right(aligned: Path) -> None:
     for backend in BACKENDS:
         with build_loader(aligned, "train", _cfg(backend, crop_size=80), train=True) as loader:
             results[backend] = _by_key(loader)
+    assert results["dali"].keys() == results["torch"].keys() and len(results["dali"]) == 10
     for key, (img, msk, _) in results["dali"].items():
         assert img.shape == (3, 80, 80)
         np.testing.assert_array_equal(msk, results["torch"][key][1])
@@ -260,8 +262,10 @@ def test_rank_with_only_padding_still_yields_its_batches(aligned: Path, backend:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_whole_tiles_with_rotations_pad_to_the_largest(aligned: Path, backend: str) -> None:
+    seen = 0
     with build_loader(aligned, "train", _cfg(backend, crop_size=0), train=True) as loader:
         for b in loader:
+            seen += int(b.valid.sum())
             assert b.image.shape[-2:] in ((H, W), (W, H), (W, W))
             for img, msk in zip(b.image[b.valid].numpy(), b.mask[b.valid].numpy(), strict=True):
                 inside = msk != IGNORE_INDEX
@@ -270,3 +274,4 @@ def test_whole_tiles_with_rotations_pad_to_the_largest(aligned: Path, backend: s
                 assert inside.sum() == h * w  # the rest, bottom and right, is padding
                 np.testing.assert_array_equal(mask_from_aligned(img[:, :h, :w]), msk[:h, :w])
                 assert (img[:, ~inside] == 0).all()
+    assert seen == 10  # every training tile, whole

@@ -117,18 +117,28 @@ def test_shards_read_by_dali_cpu_pipeline(prepared_dataset: Path) -> None:
         assert set(np.unique(np.asarray(mask.at(i)))) <= {0, 1, 2}
 
 
-def test_masks_hold_three_classes_and_match_truth(prepared_dataset: Path) -> None:
-    with open(prepared_dataset / "test" / "truth.csv", newline="") as f:
+@pytest.mark.parametrize("split", SPLITS)
+def test_masks_hold_three_classes_and_match_truth(prepared_dataset: Path, split: str) -> None:
+    with open(prepared_dataset / split / "truth.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    for shard in sorted((prepared_dataset / "test").glob("*.tar")):
+    checked = 0
+    for shard in sorted((prepared_dataset / split).glob("*.tar")):
         for key, mem in iter_tar_samples(shard):
             _, mask, meta = decode_sample(mem)
-            assert set(np.unique(mask)) <= {0, 1, 2}
             polys = [shapely.from_wkt(r["PolygonWKT_Pix"]) for r in rows if r["ImageId"] == key]
             polys = [p for p in polys if not p.is_empty]
             assert meta["building_count"] == len(polys)
-            # the stored mask is exactly the mask of the truth polygons
-            np.testing.assert_array_equal(mask, make_mask(polys, mask.shape))
+            want = {0, 1, 2} if polys else {0}
+            assert set(np.unique(mask)) == want
+            # the stored mask is the mask of the truth polygons. The CSV's WKT is rounded to
+            # 1e-4 px, so a pixel whose centre lies on the band's edge may fall either side:
+            # allow a few, and only across the band's edges (never building <-> background).
+            want_mask = make_mask(polys, mask.shape)
+            diff = mask != want_mask
+            assert diff.sum() <= 1e-5 * mask.size, (key, int(diff.sum()))
+            assert not (mask[diff] + want_mask[diff] == 1).any()  # a 0/1 pair sums to 1
+            checked += 1
+    assert checked == len({r["ImageId"] for r in rows}) > 0
 
 
 def test_same_split_and_bytes_whatever_the_workers(synthetic_aoi: Path, tmp_path: Path) -> None:

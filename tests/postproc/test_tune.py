@@ -223,10 +223,14 @@ def test_bad_input_is_one_line(tuned, tmp_path, capsys, case):
     if case in ("other_split", "bad_grid"):
         argv += ["--run-dir", run]
         run.mkdir()
+    # the cases that find their run through provenance would write into the tuned run
+    tuned_settings = (tuned.run / "postproc.json").read_bytes()
     assert run_main(tune.main, argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error:") and want in last, last
     assert not (run / "postproc.json").exists()
+    assert (tuned.run / "postproc.json").read_bytes() == tuned_settings
+    assert not (tmp_path / "gone").exists()
 
 
 def test_help_exits_zero(capsys):

@@ -52,10 +52,14 @@ def test_a_port_in_use_is_a_clear_error() -> None:
 
 def test_only_rank_0_serves_and_port_0_is_off() -> None:
     port = free_port()
-    TrainMetrics(DistEnv(rank=1, world_size=2), port=port).start()
-    TrainMetrics(DistEnv(), port=0).start()
+    rank1, off = TrainMetrics(DistEnv(rank=1, world_size=2), port=port), TrainMetrics(DistEnv(),
+                                                                                      port=0)
+    rank1.start()
+    off.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # nobody took it
+    # port 0 would otherwise make the server bind any free port: it must start nothing
+    assert rank1._server is None and off._server is None
 
 
 def test_training_stops_with_the_reason_when_the_port_is_taken(small_dataset, tmp_path,

@@ -16,6 +16,7 @@ from postproc.predio import iter_pred_samples, list_pred_shards
 from trainer.config import load_config
 from trainer.dist import DistEnv
 from trainer.predict import main as predict
+from trainer.predict import predict_probs
 from trainer.trainer import Trainer
 
 
@@ -111,6 +112,17 @@ def test_predict_loads_a_group_norm_run(small_dataset: Path, tmp_path: Path) -> 
     assert predict(["--run-dir", str(run_dir), "--data", str(small_dataset), "--split", "test",
                     "--out", str(tmp_path / "pred")]) == 0
     assert set(_read(tmp_path / "pred")) == _split_keys(small_dataset, "test")
+
+
+def test_tta_of_a_flip_equivariant_net_is_its_plain_prediction() -> None:
+    # a 1x1 convolution commutes with flips: TTA that forgot to flip back would differ
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, kernel_size=1)
+    x = torch.rand(2, 3, 8, 12)
+    with torch.no_grad():
+        plain, tta = predict_probs(net, x, False), predict_probs(net, x, True)
+    torch.testing.assert_close(tta, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain.sum(1), torch.ones(2, 8, 12))
 
 
 def test_flip_tta_and_a_missing_checkpoint(trained_run: Path, small_dataset: Path,

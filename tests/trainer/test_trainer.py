@@ -145,8 +145,13 @@ def test_too_many_nonfinite_steps_stop_the_run(small_dataset: Path, tmp_path: Pa
 def test_bf16_autocast_trains_on_cpu(small_dataset: Path, tmp_path: Path) -> None:
     t = _trainer(small_dataset, tmp_path / "run", ["train.amp=bf16", "train.epochs=1"])
     assert t.precision.name == "bf16"
+    dtypes: set[torch.dtype] = set()
+    t.net.head.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    before = {k: v.detach().clone() for k, v in t.net.named_parameters()}
     summary = t.train()
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
+    assert torch.bfloat16 in dtypes  # the forward really ran under bf16 autocast
+    assert any(not torch.equal(before[k], v) for k, v in t.net.named_parameters())
 
 
 def test_resuming_with_another_model_names_the_checkpoint(small_dataset: Path,
