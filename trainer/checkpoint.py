@@ -102,6 +102,16 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     return state
 
 
+def load_model(net: torch.nn.Module, state: dict[str, Any], path: Path, hint: str) -> None:
+    """Load ``state``'s weights into ``net``; a mismatch is one ValueError naming the file (torch
+    lists every mismatched tensor) followed by ``hint``, what the user can do about it."""
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its model does not match {hint} "
+                         f"({str(e).splitlines()[0]})") from None
+
+
 def load_latest(run_dir: Path, map_location: str | torch.device = "cpu"
                 ) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that loads; a damaged newest one is reported and skipped."""

@@ -161,9 +161,14 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _keys(cls: type) -> set[str]:
+    """The keys a config section (a dataclass) takes."""
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    known = _keys(cls)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
@@ -193,7 +198,7 @@ def _check_override_key(text: str, section: str, key: str) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: "
                           f"{', '.join(SECTIONS)}")
-    known = {f.name for f in dataclasses.fields(type(getattr(Config(), section))) if f.init}
+    known = _keys(type(getattr(Config(), section)))
     if key not in known:
         raise ConfigError(f"--set {text!r}: unknown key {section}.{key}; [{section}] takes "
                           f"{', '.join(sorted(known))}")

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from models import build_model_from_config
     from postproc.predio import publish_pred_dir, staging_dir, write_pred_shard
     from trainer.amp import resolve
-    from trainer.checkpoint import load
+    from trainer.checkpoint import load, load_model
     from trainer.config import ConfigError, load_run_config
 
     try:
@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         # checkpoint; no compile, since prediction sees tiles of every size once.
         net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
                                       manifest.bands, 3)
-        try:
-            net.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"{ckpt_path}: its model does not match {args.run_dir}/config.json "
-                             f"({str(e).splitlines()[0]})") from None
+        load_model(net, state, ckpt_path, f"{args.run_dir}/config.json")
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
         loader = build_loader(args.data, args.split, data_cfg, env.rank, env.world_size,

@@ -281,12 +281,8 @@ class Trainer:
         missing = [k for k in ckpt.RESUME_KEYS if k not in state]
         if missing:
             raise ValueError(f"{path}: cannot resume from it, it lacks {', '.join(missing)}")
-        try:
-            self.net.load_state_dict(state["model"])
-        except RuntimeError as e:  # torch lists every mismatched tensor: name the cause once
-            raise ValueError(f"{path}: its model does not match this config's model.* settings "
-                             f"({str(e).splitlines()[0]}); resume with the run's config or "
-                             "start a new --run-dir") from None
+        ckpt.load_model(self.net, state, Path(path), "this config's model.* settings; resume "
+                        "with the run's config or start a new --run-dir")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

@@ -151,6 +151,23 @@ def test_sigkill_of_a_worker_resumes_bit_exactly(small_dataset: Path, tmp_path: 
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def _run_nodes(cmd: list[str], envs: list[dict[str, str]], timeout: float) -> list[str]:
+    """``cmd`` once per environment, all at once, like one launcher per node; asserts that each
+    exits 0 and returns their stderr. Whatever is left at the timeout is killed, tree and all."""
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for env in envs]
+    try:
+        results = [n.communicate(timeout=timeout) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                kill_tree(n.pid)
+    for n, (_, err) in zip(nodes, results, strict=True):
+        assert n.returncode == 0, err[-3000:]
+    return [err for _, err in results]
+
+
 @pytest.mark.timeout(300)
 def test_two_nodes_train_like_one_node_with_two_workers(small_dataset: Path, tmp_path: Path,
                                                        reference_run: tuple[Path, dict]) -> None:
@@ -162,18 +179,8 @@ def test_two_nodes_train_like_one_node_with_two_workers(small_dataset: Path, tmp
     sets = [a for o in KILL_RUN for a in ("--set", o)]
     cmd = ["bash", "launch/multi_node.sh", "configs/tiny.toml", str(small_dataset),
            str(run_dir), *sets]
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for _ in range(2)]
-    try:
-        results = [n.communicate(timeout=240) for n in nodes]
-    finally:
-        for n in nodes:
-            if n.poll() is None:
-                kill_tree(n.pid)
-    for n, (_, err) in zip(nodes, results, strict=True):
-        assert n.returncode == 0, err[-3000:]
-    assert "on 2 x cpu" in "".join(err for _, err in results)  # one world of two workers
+    errs = _run_nodes(cmd, [env, env], timeout=240)
+    assert "on 2 x cpu" in "".join(errs)  # one world of two workers
     ref, got = final_weights(reference_run[0]), final_weights(run_dir)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
@@ -188,17 +195,7 @@ def test_two_nodes_regroup_when_only_one_counted_a_restart(tmp_path: Path) -> No
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
            f"--rdzv-id=regroup-{os.getpid()}", "--max-restarts=1", "--monitor-interval=1",
            str(REPO / "tests" / "trainer" / "restart_worker.py"), str(tmp_path)]
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env={**env, "NODE": node}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for node in "AB"]
-    try:
-        results = [n.communicate(timeout=200) for n in nodes]
-    finally:
-        for n in nodes:
-            if n.poll() is None:
-                kill_tree(n.pid)
-    for n, (_, err) in zip(nodes, results, strict=True):
-        assert n.returncode == 0, err[-3000:]
+    _run_nodes(cmd, [{**env, "NODE": node} for node in "AB"], timeout=200)
     assert (tmp_path / "B-was-busy").exists()
     assert sorted(p.name for p in tmp_path.glob("*.ok")) == ["A-1.ok", "B-0.ok"]
     assert (tmp_path / "B-0.ok").read_text() == "2"
