@@ -20,10 +20,9 @@ from rasterio.features import rasterize
 from shapely.geometry import Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
+from dataio.classes import BOUNDARY, BUILDING
 from dataio.geo import geojson_crs, reproject_geometry, to_pixel
 
-BACKGROUND, BUILDING, BOUNDARY = 0, 1, 2
-NUM_CLASSES = 3
 DEFAULT_BOUNDARY_WIDTH = 2.5
 
 
@@ -159,7 +158,7 @@ def rasterize_footprints(polygons: list[Polygon], shape_hw: tuple[int, int]) -> 
     """uint8 raster with 1 where a pixel centre lies in a footprint (before the band is carved)."""
     if not polygons:
         return np.zeros(shape_hw, np.uint8)
-    return rasterize(((p, 1) for p in polygons), out_shape=shape_hw, fill=0, dtype="uint8")
+    return rasterize(((p, BUILDING) for p in polygons), out_shape=shape_hw, fill=0, dtype="uint8")
 
 
 def outlines(polygons: list[Polygon], shape_hw: tuple[int, int]) -> list[BaseGeometry]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dataio.atomic import atomic_write_text
-from dataio.labels import NUM_CLASSES
+from dataio.classes import NUM_CLASSES
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

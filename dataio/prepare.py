@@ -32,14 +32,9 @@ from pyproj import CRS
 from tqdm import tqdm
 
 from dataio.atomic import atomic_open
+from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
-from dataio.labels import (
-    DEFAULT_BOUNDARY_WIDTH,
-    NUM_CLASSES,
-    LabelError,
-    make_mask,
-    read_footprints,
-)
+from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
 from dataio.manifest import FORMAT_VERSION, MANIFEST, SPLITS, BandStats, save_manifest
 from dataio.shards import ShardInfo, ShardWriter, encode_sample
 from dataio.spacenet import EMPTY, IMAGE_DIR, TRUTH_HEADER, image_id_of, label_path, wkt_xyz

@@ -16,7 +16,7 @@ from rasterio.features import rasterize
 from shapely import affinity
 from shapely.geometry import Polygon, box
 
-BACKGROUND, BUILDING, BOUNDARY = 0, 1, 2
+from dataio.classes import BOUNDARY, BUILDING
 
 
 @dataclass

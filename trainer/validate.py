@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dataio.classes import BUILDING
 from dataio.loader import IGNORE_INDEX, build_loader
 from dataio.manifest import load_manifest
 from postproc.csvio import read_truth_csv
@@ -24,7 +25,6 @@ from trainer.config import Config
 from trainer.dist import DistEnv, all_reduce_sum
 
 log = logging.getLogger("footprints")
-BUILDING = 1
 
 
 def _ratio(a: float, b: float) -> float:

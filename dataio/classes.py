@@ -1,0 +1,5 @@
+"""The mask's class ids, in a module with no imports: readers (the manifest, loaders) need them
+without loading rasterio and shapely, which only labelling uses."""
+
+BACKGROUND, BUILDING, BOUNDARY = 0, 1, 2
+NUM_CLASSES = 3
