@@ -54,6 +54,33 @@ def test_dice_is_one_minus_mean_class_dice() -> None:
     torch.testing.assert_close(loss_fn(logits, target), expected)
 
 
+def test_dice_by_hand() -> None:
+    # Uniform probabilities (1/3 each) over two pixels whose targets are classes 0 and 1, smooth 1:
+    # class 0 and 1: (2 * 1/3 + 1) / (2/3 + 1 + 1) = 5/8; class 2: (0 + 1) / (2/3 + 0 + 1) = 3/5.
+    # Loss = 1 - (5/8 + 5/8 + 3/5) / 3 = 23/60.
+    logits = torch.zeros(1, 3, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    loss = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0, dice_smooth=1.0))(logits, target)
+    assert loss.item() == pytest.approx(23 / 60, abs=1e-6)
+    # An ignored third pixel changes nothing.
+    loss3 = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0))(
+        torch.zeros(1, 3, 1, 3), torch.tensor([[[0, 1, -100]]]))
+    assert loss3.item() == pytest.approx(23 / 60, abs=1e-6)
+
+
+def test_ce_by_hand() -> None:
+    # Uniform logits: every pixel's CE is ln 3, so the weighted mean is ln 3 whatever the weights.
+    # Logits favouring the target by a: CE = ln(1 + 2 e^-a); weights 0.1 and 0.8 on two pixels
+    # give (0.1 * ln 3 + 0.8 * ln(1 + 2 e^-2)) / 0.9.
+    loss_fn = build_loss(LossConfig())
+    assert loss_fn(torch.zeros(1, 3, 1, 2), torch.tensor([[[0, 1]]])).item() == pytest.approx(
+        math.log(3), abs=1e-6)
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, 1, 0, 1] = 2.0
+    expected = (0.1 * math.log(3) + 0.8 * math.log(1 + 2 * math.exp(-2))) / 0.9
+    assert loss_fn(logits, torch.tensor([[[0, 1]]])).item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_dice_of_a_perfect_prediction_is_near_zero() -> None:
     _, target = logits_and_target()
     logits = nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50
@@ -100,10 +127,25 @@ def test_shape_and_class_count_errors() -> None:
 
 
 def test_weights_follow_the_loss_to_a_device() -> None:
-    loss_fn = build_loss(LossConfig())
+    loss_fn = build_loss(LossConfig(dice_weight=1.0))
     assert isinstance(loss_fn, SegmentationLoss)
-    assert "class_weights" in dict(loss_fn.named_buffers())
     assert "class_weights" not in loss_fn.state_dict()  # rebuilt from the config, not saved
+    # .to() moves the weights (a buffer): "meta" is a real device type with no storage, so this
+    # shows the move without a GPU (autocast has no meta backend, so the loss itself runs on CUDA
+    # in the gpu test below).
+    loss_fn.to("meta")
+    assert loss_fn.class_weights.device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_loss_on_cuda_equals_the_cpu_loss() -> None:
+    logits, target = logits_and_target()
+    target[0, :4] = -100
+    loss_fn = build_loss(LossConfig(dice_weight=0.5))
+    cpu = loss_fn(logits, target)
+    gpu = loss_fn.to("cuda")(logits.detach().cuda(), target.cuda())
+    assert loss_fn.class_weights.device.type == "cuda" and gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_median_frequency_balancing() -> None:
