@@ -31,13 +31,21 @@ import rasterio
 from pyproj import CRS
 from tqdm import tqdm
 
-from dataio.atomic import atomic_open
+from dataio.atomic import atomic_open, fsync_dir
 from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
 from dataio.manifest import FORMAT_VERSION, MANIFEST, SPLITS, BandStats, save_manifest
 from dataio.shards import ShardInfo, ShardWriter, encode_sample
-from dataio.spacenet import EMPTY, IMAGE_DIR, TRUTH_HEADER, image_id_of, label_path, wkt_xyz
+from dataio.spacenet import (
+    EMPTY,
+    IMAGE_DIR,
+    INCOMPLETE_MARKER,
+    TRUTH_HEADER,
+    image_id_of,
+    label_path,
+    wkt_xyz,
+)
 
 ACCEPTED_DTYPES = ("uint16", "uint8")
 
@@ -98,6 +106,9 @@ def scan(cfg: PrepareConfig) -> Scan:
         if not img_dir.is_dir():
             raise ValueError(f"--raw {raw}: no {IMAGE_DIR}/ folder (expected the SpaceNet layout, "
                              f"e.g. AOI_2_Vegas_Train/{IMAGE_DIR}/*.tif)")
+        if (raw / INCOMPLETE_MARKER).exists():
+            raise ValueError(f"--raw {raw}: incomplete, dataio.synth did not finish writing it "
+                             f"({INCOMPLETE_MARKER} is there); rerun synth with --overwrite")
         tifs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
         result.sources.append({"raw": str(raw), "tiles": len(tifs)})
         for tif in tifs:
@@ -259,9 +270,12 @@ class _Call:
         return _worker(tile, self.bands, self.boundary_width)
 
 
+STAGE = ".partial"  # the dataset is built here, inside --out, and moved up when complete
+
+
 def check_output(cfg: PrepareConfig) -> list[Path]:
     """Refuse to mix a new dataset into an old one; returns what --overwrite replaces (only our
-    files), removed by the caller once nothing else can stop the run."""
+    files), replaced by :func:`publish` once the new dataset is complete."""
     out = cfg.out
     if not out.exists():
         return []
@@ -269,13 +283,34 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
         raise ValueError(f"--out {out}: exists and is not a directory")
     ours = [out / MANIFEST, *(out / s for s in SPLITS)]
     present = [p for p in ours if p.exists()]
-    others = [p for p in out.iterdir() if p not in ours]
+    others = [p for p in out.iterdir() if p not in ours and p.name != STAGE]
     if present and not cfg.overwrite:
         what = "a dataset" if (out / MANIFEST).exists() else "an incomplete dataset"
         raise ValueError(f"--out {out}: already holds {what}; pass --overwrite to replace it")
     if others and not present:
         raise ValueError(f"--out {out}: is not empty and holds no dataset; choose another --out")
     return present
+
+
+def publish(stage: Path, out: Path, replaced: list[Path]) -> None:
+    """Move the complete dataset in ``stage`` up into ``out``, replacing the old one.
+
+    The manifest goes first and comes back last: readers need it, so a kill inside this short
+    window leaves "no manifest" (a clear error), never old shards beside new ones or a half-built
+    split behind a manifest. Before this point a killed run has not touched the old dataset.
+    """
+    if (out / MANIFEST) in replaced:
+        (out / MANIFEST).unlink()
+        fsync_dir(out)
+    for p in replaced:
+        if p.name != MANIFEST:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for s in SPLITS:
+        (stage / s).replace(out / s)
+    fsync_dir(out)
+    (stage / MANIFEST).replace(out / MANIFEST)
+    fsync_dir(out)
+    shutil.rmtree(stage)
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
@@ -287,10 +322,25 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     if tiles and not any(t.split == "train" for t in tiles):  # say so before the work, not after
         raise ValueError(f"the training split would be empty: {len(tiles)} tile(s) at --split "
                          f"{','.join(f'{w:g}' for w in cfg.split)}; add tiles or raise its weight")
-    # NOTE: an old dataset is removed only now, so a run refused above leaves it intact.
-    for p in replaced:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    # NOTE: the new dataset is built in a stage inside --out (same filesystem, so the moves are
+    # renames) and replaces the old one only when complete: a refused, failed or killed run
+    # leaves the old dataset as it was. A stage left by a killed run is ours; it goes first.
+    stage = cfg.out / STAGE
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        manifest = _build(cfg, stage, found, tiles, t0, progress)
+        publish(stage, cfg.out, replaced)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _build(cfg: PrepareConfig, out: Path, found: Scan, tiles: list[Tile], t0: float,
+           progress: bool) -> dict[str, Any]:
+    """Write the shards, truth CSVs and manifest of ``tiles`` into ``out`` (the stage)."""
     stats = BandStats(found.bands)
     classes = {s: np.zeros(NUM_CLASSES, np.int64) for s in SPLITS}
     shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
@@ -302,7 +352,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         truth = {}
         for s in SPLITS:
-            f = stack.enter_context(atomic_open(cfg.out / s / "truth.csv", "w", newline=""))
+            f = stack.enter_context(atomic_open(out / s / "truth.csv", "w", newline=""))
             truth[s] = csv.writer(f)
             truth[s].writerow(TRUTH_HEADER)
         try:
@@ -316,7 +366,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
                 s = tile.split
                 w = writers[s]
                 if w is None:
-                    w = writers[s] = ShardWriter(cfg.out / s, len(shards[s]))
+                    w = writers[s] = ShardWriter(out / s, len(shards[s]))
                 w.write(res["sample"])
                 truth[s].writerows(res["rows"])
                 samples[s] += 1
@@ -341,7 +391,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
             bar.close()
         manifest = _manifest(cfg, found, stats, classes, shards, samples, buildings, skipped,
                              repaired, time.perf_counter() - t0)
-    save_manifest(cfg.out, manifest)
+    save_manifest(out, manifest)
     return manifest
 
 

@@ -12,6 +12,8 @@ LABEL_DIR = Path("geojson") / "buildings"
 TRUTH_HEADER = ["ImageId", "BuildingId", "PolygonWKT_Pix", "PolygonWKT_Geo"]
 PROPOSAL_HEADER = ["ImageId", "BuildingId", "PolygonWKT_Pix", "Confidence"]
 EMPTY = "POLYGON EMPTY"
+# Present in an AOI directory while dataio.synth writes it: an AOI with it is incomplete.
+INCOMPLETE_MARKER = ".synth-incomplete"
 
 
 def image_id_of(tif: Path) -> str:

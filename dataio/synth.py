@@ -29,11 +29,19 @@ from pyproj.exceptions import CRSError
 from shapely.geometry import mapping
 from tqdm import tqdm
 
-from dataio.atomic import atomic_open, atomic_write_text
+from dataio.atomic import atomic_open, atomic_write_text, fsync_dir, fsync_file
 from dataio.geo import gdal_env, reproject_geometry, to_geo
 from dataio.render import render
 from dataio.scene import make_scene
-from dataio.spacenet import EMPTY, IMAGE_DIR, IMAGE_PREFIX, LABEL_DIR, TRUTH_HEADER, wkt_xyz
+from dataio.spacenet import (
+    EMPTY,
+    IMAGE_DIR,
+    IMAGE_PREFIX,
+    INCOMPLETE_MARKER,
+    LABEL_DIR,
+    TRUTH_HEADER,
+    wkt_xyz,
+)
 
 METRES_PER_DEGREE = 111_320.0  # at the equator; SpaceNet uses square pixels in degrees
 LEGACY_CRS84 = {"type": "name", "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}}
@@ -105,11 +113,15 @@ def make_tile(cfg: SynthConfig, index: int) -> dict[str, Any]:
         "driver": "GTiff", "width": cfg.size, "height": cfg.size, "count": 3, "dtype": "uint16",
         "crs": cfg.crs, "transform": transform, "tiled": False, "interleave": "pixel",
     }
-    with gdal_env():
-        tmp = tif.with_name(f".{tif.name}.tmp")
-        with rasterio.open(tmp, "w", **profile) as dst:
+    tmp = tif.with_name(f".{tif.name}.tmp")
+    try:
+        with gdal_env(), rasterio.open(tmp, "w", **profile) as dst:
             dst.write(pixels)
+        fsync_file(tmp)
         tmp.replace(tif)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
     img_crs = CRS.from_user_input(cfg.crs)
     lab_crs = CRS.from_user_input(cfg.label_crs)
@@ -157,10 +169,15 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     An AOI already there is refused, or with ``overwrite`` removed first: new tiles mixed into
     old ones would make an AOI whose images and solutions CSV disagree.
     """
+    marker = cfg.out / INCOMPLETE_MARKER
     old = _existing_aoi(cfg.out)
-    if old and not cfg.overwrite:
+    if (old or marker.exists()) and not cfg.overwrite:
         raise ValueError(f"--out {cfg.out}: already holds an AOI ({len(old)} files); pass "
                          "--overwrite to replace it")
+    # NOTE: tiles get their final names one by one, so the marker says "incomplete" until the
+    # solutions CSV is in place: dataio.prepare refuses an AOI that has it (a killed synth).
+    atomic_write_text(marker, "dataio.synth is writing this AOI; rerun it with --overwrite if "
+                      "it was interrupted\n")
     for path in old:
         path.unlink()
     for sub in (Path(IMAGE_DIR), LABEL_DIR, Path("summaryData")):
@@ -172,6 +189,8 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
         bar = tqdm(_tiles(cfg), total=cfg.tiles, desc="synth", unit="tile", disable=not progress)
         for tile in bar:
             writer.writerows(tile["rows"])
+    marker.unlink()
+    fsync_dir(cfg.out)
     return csv_path
 
 

@@ -16,7 +16,7 @@ from dataio import prepare as prep
 from dataio.geo import reproject_geometry
 from dataio.manifest import load_manifest
 from dataio.prepare import PrepareConfig, prepare
-from dataio.shards import decode_sample, iter_tar_samples, verify_shard
+from dataio.shards import decode_sample, iter_tar_samples
 from dataio.synth import SynthConfig, write_aoi
 
 TILES = 6
@@ -183,29 +183,51 @@ def test_existing_dataset_is_not_overwritten_silently(raw: Path, tmp_path: Path,
     assert "not empty" in capsys.readouterr().err
 
 
-def test_interrupted_run_leaves_no_half_written_shard(raw: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def _dying(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """Make the ``at``-th tile raise KeyboardInterrupt, as if the user hit Ctrl-C mid-shard."""
     real = prep.process_tile
     calls = {"n": 0}
 
     def dying(*args: object) -> dict:
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # as if the user hit Ctrl-C mid-shard
+        if calls["n"] == at:
+            raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(prep, "process_tile", dying)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_interrupted_run_leaves_nothing_behind(raw: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _dying(monkeypatch, 5)
     out = tmp_path / "d"
     with pytest.raises(KeyboardInterrupt):
         _run(raw, out, workers=0)
-    assert not (out / "manifest.json").exists()
-    leftovers = [p for p in out.rglob("*") if p.is_file()]
-    assert all(p.suffix in (".tar", ".idx") for p in leftovers), leftovers  # no temp files
-    for shard in out.rglob("shard-*.tar"):
-        assert verify_shard(shard) == 2  # every shard under a final name is complete
-    monkeypatch.setattr(prep, "process_tile", real)
-    with pytest.raises(ValueError, match="incomplete dataset"):
-        _run(raw, out)
-    assert len(_samples(out)) < TILES
-    _run(raw, out, overwrite=True)
+    assert _files(out) == {}  # no manifest, no shard, no temp file: the stage went with the run
+    monkeypatch.undo()
+    _run(raw, out)  # nothing to refuse: no --overwrite needed
     assert len(_samples(out)) == TILES
+
+
+def test_interrupted_overwrite_keeps_the_old_dataset(raw: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "d"
+    _run(raw, out)
+    before = _files(out)
+    _dying(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        _run(raw, out, workers=0, overwrite=True)
+    assert _files(out) == before  # byte for byte (it was deleted before the new one was built)
+    # A run killed outright (no cleanup) leaves its stage; the next run removes it first.
+    (out / prep.STAGE / "train").mkdir(parents=True)
+    (out / prep.STAGE / "train" / "shard-000000.tar").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="already holds a dataset"):
+        _run(raw, out)  # the stage does not hide the dataset from the refusal
+    monkeypatch.undo()
+    _run(raw, out, overwrite=True)
+    assert not (out / prep.STAGE).exists() and len(_samples(out)) == TILES

@@ -124,3 +124,33 @@ def test_an_aoi_already_there_is_refused_or_replaced(tmp_path: Path) -> None:
     assert len(list((out / "geojson" / "buildings").glob("*.geojson"))) == 1
     with open(out / "summaryData" / "AOI_2_Vegas_Train_Building_Solutions.csv") as f:
         assert len({row["ImageId"] for row in csv.DictReader(f)}) == 1
+
+
+def test_an_interrupted_synth_is_refused_by_prepare(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles get their final names one by one; a synth that stops midway must not pass for a
+    complete AOI (prepare accepted the first tiles of a killed run as the whole AOI)."""
+    from dataio import synth
+    from dataio.prepare import PrepareConfig, prepare
+
+    real = synth.make_tile
+
+    def dying(cfg: SynthConfig, index: int) -> dict:
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(cfg, index)
+
+    monkeypatch.setattr(synth, "make_tile", dying)
+    out = tmp_path / "aoi"
+    with pytest.raises(KeyboardInterrupt):
+        write_aoi(SynthConfig(out=out, tiles=4, size=64))
+    assert len(list((out / "RGB-PanSharpen").glob("*.tif"))) == 2  # what a kill leaves
+    assert not list(out.rglob("*.tmp"))
+    with pytest.raises(ValueError, match=r"incomplete.*\.synth-incomplete.*--overwrite"):
+        prepare(PrepareConfig(raw=[out], out=tmp_path / "d"), progress=False)
+    with pytest.raises(ValueError, match="--overwrite"):
+        write_aoi(SynthConfig(out=out, tiles=4, size=64))
+    monkeypatch.undo()
+    write_aoi(SynthConfig(out=out, tiles=4, size=64, overwrite=True))
+    m = prepare(PrepareConfig(raw=[out], out=tmp_path / "d", workers=0), progress=False)
+    assert sum(m["splits"][s]["samples"] for s in ("train", "val", "test")) == 4
