@@ -172,7 +172,8 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     marker = cfg.out / INCOMPLETE_MARKER
     old = _existing_aoi(cfg.out)
     if (old or marker.exists()) and not cfg.overwrite:
-        raise ValueError(f"--out {cfg.out}: already holds an AOI ({len(old)} files); pass "
+        what = "an interrupted synth's AOI" if marker.exists() else "an AOI"
+        raise ValueError(f"--out {cfg.out}: already holds {what} ({len(old)} files); pass "
                          "--overwrite to replace it")
     # NOTE: tiles get their final names one by one, so the marker says "incomplete" until the
     # solutions CSV is in place: dataio.prepare refuses an AOI that has it (a killed synth).

@@ -148,7 +148,7 @@ def test_an_interrupted_synth_is_refused_by_prepare(tmp_path: Path,
     assert not list(out.rglob("*.tmp"))
     with pytest.raises(ValueError, match=r"incomplete.*\.synth-incomplete.*--overwrite"):
         prepare(PrepareConfig(raw=[out], out=tmp_path / "d"), progress=False)
-    with pytest.raises(ValueError, match="--overwrite"):
+    with pytest.raises(ValueError, match="interrupted synth's AOI.*--overwrite"):
         write_aoi(SynthConfig(out=out, tiles=4, size=64))
     monkeypatch.undo()
     write_aoi(SynthConfig(out=out, tiles=4, size=64, overwrite=True))
