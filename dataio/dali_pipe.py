@@ -39,7 +39,7 @@ from dataio.plan import EpochPlan, RawBatch, StepInputs, StepRecord, empty_batch
 from dataio.reader import SampleError, ShardReader
 from dataio.sharding import DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"footprints.{__name__}")  # under the trainer: its [rank N] handler
 
 
 # external_source outputs: name, DALI type, ndim ("t" only when the graph transposes).

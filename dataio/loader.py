@@ -67,7 +67,7 @@ from dataio.sharding import (
     samples_done,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"footprints.{__name__}")  # under the trainer: its [rank N] handler
 
 IGNORE_INDEX = -100
 BACKENDS = ("dali", "torch")

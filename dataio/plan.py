@@ -20,7 +20,7 @@ from dataio.reader import Header, SampleError, ShardReader
 from dataio.sharding import PAD, SampleRef, permutation, rank_slots
 from dataio.shards import MASK
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"footprints.{__name__}")  # under the trainer: its [rank N] handler
 
 
 @dataclass

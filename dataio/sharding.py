@@ -38,7 +38,7 @@ from dataio.geo import IMAGE_ID_RE
 from dataio.manifest import Manifest
 from dataio.shards import COMPONENTS, check_shard
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"footprints.{__name__}")  # under the trainer: its [rank N] handler
 
 PAD = -1  # a slot that holds no sample
 

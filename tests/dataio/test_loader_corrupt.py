@@ -63,7 +63,11 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
     ("manifest_count", "sample_count"), ("garbage_index", "index_changed"),
     ("scrambled_index", "index_invalid")])
 def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: str, reason: str,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # the trainer's setup_logging (run in-process by trainer tests) stops propagation to root,
+    # where caplog listens
+    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
     tar = data / "train" / "shard-000001.tar"
     if damage == "truncate":
         # NOTE: read through its index with DALI's default mmap this would segfault.

@@ -3,6 +3,9 @@ batch counts, per-epoch reshuffle, and position arithmetic that resumes exactly.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,8 @@ from dataio.loader import IGNORE_INDEX, LoaderConfig, build_loader
 from dataio.manifest import load_manifest
 from dataio.sharding import PAD, batches_per_epoch, permutation, rank_slots, samples_done
 from dataio.shards import iter_tar_samples
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _split_keys(data: Path, split: str) -> list[str]:
@@ -105,3 +110,20 @@ def test_eval_order_is_fixed_and_split_by_rank(small_dataset: Path) -> None:
         assert [k for batch in a for k in batch.keys] == keys[0]  # no shuffle for evaluation
     assert not set(keys[0]) & set(keys[1]) - {""}
     assert sorted(k for k in keys[0] + keys[1] if k) == sorted(_split_keys(small_dataset, "val"))
+
+
+def test_loader_warnings_go_through_the_trainers_rank_logger() -> None:
+    """Under torchrun every rank may warn (a shard left out); the line must say which rank."""
+    code = ("from trainer.dist import DistEnv, setup_logging\n"
+            "setup_logging(DistEnv(rank=1, world_size=2))\n"
+            "from dataio import dali_pipe, loader, plan, sharding\n"
+            "for m in (dali_pipe, loader, plan, sharding):\n"
+            "    m.log.warning('from %s', m.__name__)\n"
+            "    m.log.info('hidden on rank 1')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=True)
+    lines = out.stderr.splitlines()
+    for name in ("dataio.dali_pipe", "dataio.loader", "dataio.plan", "dataio.sharding"):
+        assert any(line.endswith(f"[rank 1] WARNING from {name}") for line in lines), out.stderr
+    assert "hidden" not in out.stderr
