@@ -1,7 +1,7 @@
 """Load and memory: postprocessing and preparation of thousands of tiles, peak RSS of the run.
 
-    python -m benchmarks.load [--tiles 1000,10000] [--prepare-tiles 500,2000] [--workers 2]
-                              [--json OUT] [--keep DIR]
+    python -m benchmarks.load [--tiles 1000,10000] [--baseline-tiles 1000]
+                              [--prepare-tiles 500,2000] [--workers 2] [--json OUT] [--keep DIR]
 
 Runs the real commands as subprocesses and samples the memory of the whole process tree (the
 command and every descendant: worker pools fork or spawn) every 50 ms from ``/proc``:
@@ -11,6 +11,11 @@ command and every descendant: worker pools fork or spawn) every 50 ms from ``/pr
   (``postproc.synthmask``, 0-150 buildings) as Gaussian-blurred one-hot probabilities, each PNG
   encoded once and written under N distinct ImageIds, with the matching truth CSV.
 - score: ``python -m postproc.score --truth TRUTH --proposals CSV --json OUT --workers W``.
+- polygonize, baseline / score, baseline: ``python -m benchmarks.load_baseline polygonize|score``
+  on the same inputs (the baseline scores the project's proposals; its TP/FP/FN must equal the
+  project's): the sample's polygonizer and the plain shapely scorer, one process, reading the
+  CSVs whole and gathering the proposal rows before writing. Only at the ``--baseline-tiles``
+  sizes (default: the ``--tiles`` sizes up to 1,000): the plain scorer takes ~38 ms a tile.
 - prepare: ``python -m dataio.prepare --raw RAW --out DATA --workers W`` on N tiles: a pool of
   ``dataio.synth`` tiles hard-linked under N ImageIds (synth runs ~5 tiles/s a core).
 
@@ -22,7 +27,9 @@ that share them: forked workers share their parent's pages, so summed RSS counts
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import os
 import resource
 import shutil
@@ -51,6 +58,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
 SHARD_TILES = 100
 TILE_PX = 650
+BASELINE_MAX_TILES = 1000  # the default --baseline-tiles: the --tiles sizes up to this
+BASELINE = ", baseline"  # the stage of a baseline row is the project's stage + this
 AOI = "AOI_2_Vegas"  # ImageIds like SpaceNet's: AOI_2_Vegas_img<N>
 # NOTE: a pixel-sized geotransform near Vegas, so PolygonWKT_Geo reads like SpaceNet's.
 GEO = Affine(0.3 / 111_320.0, 0.0, -115.30, 0.0, -0.3 / 111_320.0, 36.30)
@@ -219,27 +228,53 @@ def link_aoi(pool_raw: Path, raw: Path, n: int) -> None:
 # ---- stages -------------------------------------------------------------------------------------
 
 def _row(stage: str, n: int, m: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"variant": f"{stage}, {n} tiles", "stage": stage, "tiles": n, **m,
+    side = "baseline" if stage.endswith(BASELINE) else "project"
+    return {"variant": f"{stage}, {n} tiles", "stage": stage, "side": side, "tiles": n, **m,
             "tiles_per_s": n / m["seconds"], "cpu_ms_per_tile": 1000 * m["cpu_seconds"] / n,
             **extra}
 
 
-def bench_postproc(n: int, pool: list[PoolTile], work: Path, workers: int) -> list[dict]:
-    """polygonize and score rows for ``n`` tiles under ``work``."""
+def _counts(score_json: Path) -> dict[str, Any]:
+    js = json.loads(score_json.read_text())
+    return {k: js[k] for k in ("tp", "fp", "fn", "f1")}
+
+
+def bench_postproc(n: int, pool: list[PoolTile], work: Path, workers: int,
+                   baseline: bool = False) -> list[dict]:
+    """polygonize and score rows for ``n`` tiles under ``work``; with ``baseline``, the
+    baseline commands' rows too, on the same inputs (the baseline scorer on the project's
+    proposals: a disagreement on TP/FP/FN raises)."""
     work.mkdir(parents=True, exist_ok=True)
     pred, truth, props = work / "pred", work / "truth.csv", work / "proposals.csv"
     t0 = time.perf_counter()
     pred_bytes = write_predictions(pred, truth, pool, n)
     made = time.perf_counter() - t0
-    py = sys.executable
+    py, base_cmd = sys.executable, [sys.executable, "-m", "benchmarks.load_baseline"]
+    sizes = {"pred_mb": pred_bytes / MB, "truth_csv_mb": truth.stat().st_size / MB,
+             "generate_seconds": made}
     poly = run_measured([py, "-m", "postproc.polygonize", "--pred", str(pred), "--out",
                          str(props), "--workers", str(workers)], work / "polygonize.log")
+    rows = [_row("polygonize", n, poly, **sizes, proposals_csv_mb=props.stat().st_size / MB)]
+    if baseline:
+        bprops = work / "proposals-baseline.csv"
+        bpoly = run_measured([*base_cmd, "polygonize", "--pred", str(pred), "--out",
+                              str(bprops)], work / "polygonize-baseline.log")
+        rows.append(_row("polygonize" + BASELINE, n, bpoly, **sizes,
+                         proposals_csv_mb=bprops.stat().st_size / MB))
+    sizes["proposals_csv_mb"] = props.stat().st_size / MB
     sc = run_measured([py, "-m", "postproc.score", "--truth", str(truth), "--proposals",
                        str(props), "--json", str(work / "score.json"), "--workers",
                        str(workers)], work / "score.log")
-    sizes = {"pred_mb": pred_bytes / MB, "truth_csv_mb": truth.stat().st_size / MB,
-             "proposals_csv_mb": props.stat().st_size / MB, "generate_seconds": made}
-    return [_row("polygonize", n, poly, **sizes), _row("score", n, sc, **sizes)]
+    rows.append(_row("score", n, sc, **sizes, **_counts(work / "score.json")))
+    if baseline:
+        bsc = run_measured([*base_cmd, "score", "--truth", str(truth), "--proposals",
+                            str(props), "--json", str(work / "score-baseline.json")],
+                           work / "score-baseline.log")
+        rows.append(_row("score" + BASELINE, n, bsc, **sizes,
+                         **_counts(work / "score-baseline.json")))
+        if [rows[-1][k] for k in ("tp", "fp", "fn")] != [rows[-2][k] for k in ("tp", "fp", "fn")]:
+            raise RuntimeError(f"{work}: score.json and score-baseline.json disagree on TP/FP/FN")
+    return rows
 
 
 def bench_prepare(n: int, pool_raw: Path, work: Path, workers: int) -> dict[str, Any]:
@@ -265,27 +300,59 @@ def add_growth(rows: list[dict[str, Any]]) -> None:
                 r["pss_mb_per_1000_tiles"] = (r["peak_tree_pss_mb"] - base["peak_tree_pss_mb"]) / dn
 
 
+def add_vs_project(rows: list[dict[str, Any]]) -> None:
+    """Each baseline row: its peak tree PSS over the project's, same stage and tiles."""
+    project = {(r["stage"], r["tiles"]): r for r in rows if r["side"] == "project"}
+    for r in rows:
+        p = project.get((r["stage"].removesuffix(BASELINE), r["tiles"]))
+        if r["side"] == "baseline" and p is not None:
+            r["pss_x_project"] = r["peak_tree_pss_mb"] / p["peak_tree_pss_mb"]
+
+
 def _sizes(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated tile counts; '' or 0 means none (``--prepare-tiles 0``)."""
+    sizes = [int(x) for x in text.split(",") if x.strip()]
+    if any(n < 0 for n in sizes):
+        raise argparse.ArgumentTypeError(f"tile counts must be >= 0, got {text!r}")
+    return [n for n in sizes if n > 0]
+
+
+def baseline_sizes(tiles: list[int], asked: list[int] | None) -> list[int]:
+    """The --tiles sizes at which the baselines run: those asked for (each must be one of
+    --tiles: a baseline runs on the project's inputs), by default those up to 1,000."""
+    if asked is None:
+        return [n for n in tiles if n <= BASELINE_MAX_TILES]
+    missing = sorted(set(asked) - set(tiles))
+    if missing:
+        raise ValueError(f"--baseline-tiles {','.join(map(str, missing))} not among --tiles "
+                         f"{','.join(map(str, tiles)) or '(none)'}: a baseline runs on the "
+                         "project's inputs of the same size")
+    return [n for n in tiles if n in asked]
 
 
 COLUMNS = ["stage", "tiles", "seconds", "tiles_per_s", "cpu_ms_per_tile", "peak_tree_rss_mb",
            "peak_single_rss_mb", "peak_tree_pss_mb", "processes", "rss_x_smallest",
-           "pss_mb_per_1000_tiles"]
+           "pss_mb_per_1000_tiles", "pss_x_project"]
 UNITS = {"seconds": "s", "cpu_seconds": "s (user + system, whole tree)",
          "cpu_ms_per_tile": "ms", "tiles_per_s": "tiles/s", "peak_tree_rss_mb": "MiB",
          "peak_single_rss_mb": "MiB", "peak_tree_pss_mb": "MiB", "pred_mb": "MiB",
          "truth_csv_mb": "MiB", "proposals_csv_mb": "MiB", "data_mb": "MiB",
          "generate_seconds": "s", "pss_mb_per_1000_tiles": "MiB per 1,000 tiles",
-         "rss_x_smallest": "ratio"}
+         "rss_x_smallest": "ratio", "pss_x_project": "ratio (baseline / project, same tiles)",
+         "f1": "ratio", "tp": "polygons", "fp": "polygons", "fn": "polygons"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser("load", __doc__)
     p.add_argument("--tiles", type=_sizes, default=[1000, 10000],
-                   help="postprocessing sizes, comma-separated (default 1000,10000; '' = none)")
+                   help="postprocessing sizes, comma-separated (default 1000,10000; '' or 0 = "
+                        "none)")
+    p.add_argument("--baseline-tiles", type=_sizes, default=None,
+                   help="the --tiles sizes at which the baselines run too, comma-separated "
+                        f"(default: those up to {BASELINE_MAX_TILES}; '' or 0 = none): the plain "
+                        "scorer takes ~38 ms a tile on one core")
     p.add_argument("--prepare-tiles", type=_sizes, default=[500, 2000],
-                   help="prepare sizes, comma-separated (default 500,2000; '' = none)")
+                   help="prepare sizes, comma-separated (default 500,2000; '' or 0 = none)")
     p.add_argument("--workers", type=int, default=2, help="--workers of every command")
     p.add_argument("--pool", type=int, default=50, help="distinct prediction tiles (default 50)")
     p.add_argument("--synth-pool", type=int, default=100,
@@ -293,6 +360,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--keep", type=Path, default=None,
                    help="work here and keep the inputs and outputs (default: a temp dir, removed)")
     args = p.parse_args(argv)
+    try:
+        baselines = baseline_sizes(args.tiles, args.baseline_tiles)
+    except ValueError as e:
+        p.error(str(e))
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-load-"))
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -302,10 +373,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pool = make_pool(args.pool)
             extra["buildings_per_tile"] = float(np.mean([len(t.truth) for t in pool]))
             extra["prob_png_kb"] = float(np.mean([len(t.png) for t in pool])) / 1024
-            # NOTE: fills numba's on-disk cache, so no measured run pays for compilation.
-            bench_postproc(min(20, args.pool), pool, work / "warmup", args.workers)
+            # NOTE: fills numba's on-disk cache, so no measured run pays for compilation; runs
+            # the baselines too, so that a failing one stops the benchmark in seconds.
+            bench_postproc(min(20, args.pool), pool, work / "warmup", args.workers,
+                           baseline=bool(baselines))
             for n in args.tiles:
-                rows += bench_postproc(n, pool, work / f"post-{n}", args.workers)
+                rows += bench_postproc(n, pool, work / f"post-{n}", args.workers,
+                                       baseline=n in baselines)
                 if args.keep is None:
                     shutil.rmtree(work / f"post-{n}")
         if args.prepare_tiles:
@@ -323,12 +397,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     add_growth(rows)
+    add_vs_project(rows)
     info = machine_info()
     print(f"{info['cores']} cores: {info['cpu']}; --workers {args.workers}; 650x650 tiles"
           + (f", {extra['buildings_per_tile']:.0f} buildings a prediction tile on average"
              if "buildings_per_tile" in extra else ""))
+    print("baselines (benchmarks.load_baseline, one process): "
+          + (f"at {', '.join(map(str, baselines))} tiles" if baselines else "none")
+          + " (--baseline-tiles)")
     print_table(rows, COLUMNS)
     return write_json(args.json, "load", rows, units=UNITS, workers=args.workers,
+                      baseline_tiles=baselines,
                       pool=args.pool, synth_pool=args.synth_pool, shard_tiles=SHARD_TILES,
                       tile_px=TILE_PX, sample_interval_s=0.05, **extra)
 

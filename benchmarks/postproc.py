@@ -39,6 +39,7 @@ import numpy as np
 from rasterio.features import shapes
 from shapely.geometry import shape
 
+from benchmarks.baselines import baseline_polygonize, plain_score
 from benchmarks.common import base_parser, machine_info, print_table, write_json
 from postproc import trace
 from postproc.polygonize import (
@@ -64,33 +65,6 @@ STAGES = (("read every byte once (floor)", "stage_read"),
           ("+ growth over the band", "stage_grow"),
           ("+ exact tracing", "stage_trace"),
           ("+ shapely polygons, confidences, order (= polygonize)", "polygonize"))
-
-
-def baseline_polygonize(prob: np.ndarray, min_area: float) -> list:
-    """The sample's way: threshold, rasterio shapes, shapely shape per blob, area filter."""
-    mask = (prob[..., 1] > 127).astype(np.uint8)
-    polys = [shape(g) for g, _ in shapes(mask, mask=mask > 0, connectivity=4)]
-    return [p for p in polys if p.area >= min_area]
-
-
-def plain_score(truth: list, proposals: list, min_area: float = 20.0) -> tuple[int, int, int]:
-    """Every proposal against every unmatched truth polygon with shapely, as scorers used to."""
-    truth = [t for t in truth if t.area > min_area]
-    matched = [False] * len(truth)
-    tp = fp = 0
-    for p in proposals:
-        best, best_j = -1.0, -1
-        for j, t in enumerate(truth):
-            if not matched[j]:
-                iou = p.intersection(t).area / p.union(t).area
-                if iou > best:
-                    best, best_j = iou, j
-        if best_j >= 0 and best >= 0.5:
-            matched[best_j] = True
-            tp += 1
-        else:
-            fp += 1
-    return tp, fp, len(truth) - tp
 
 
 def _run(task: tuple[str, int, int]) -> int:

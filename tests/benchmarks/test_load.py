@@ -1,14 +1,16 @@
-"""benchmarks.load: its inputs, its process-tree memory sampler, and its rows (not its speed)."""
+"""benchmarks.load: its inputs, its process-tree memory sampler, and its rows, project and
+baseline (not their speed)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 import pytest
 
 from benchmarks import load
-from postproc.csvio import read_truth_csv
+from postproc.csvio import read_proposal_csv, read_truth_csv
 from postproc.predio import iter_raw_samples, list_pred_shards
 
 
@@ -61,11 +63,59 @@ def test_benchmark_rows_and_json(tmp_path):
                "--workers", "1", "--json", str(out), "--keep", str(tmp_path / "work")])
     js = json.loads(out.read_text())
     assert js["benchmark"] == "load" and "cores" in js["machine"]
-    assert [(r["stage"], r["tiles"]) for r in js["rows"]] == [
-        ("polygonize", 30), ("score", 30), ("synth (pool)", 3), ("prepare", 6)]
+    # the baselines run by default at the --tiles sizes up to 1,000, next to the project
+    assert js["baseline_tiles"] == [30]
+    assert [(r["stage"], r["side"], r["tiles"]) for r in js["rows"]] == [
+        ("polygonize", "project", 30), ("polygonize, baseline", "baseline", 30),
+        ("score", "project", 30), ("score, baseline", "baseline", 30),
+        ("synth (pool)", "project", 3), ("prepare", "project", 6)]
     for r in js["rows"]:
         for k in ("seconds", "tiles_per_s", "cpu_ms_per_tile", "peak_tree_rss_mb",
                   "peak_single_rss_mb", "peak_tree_pss_mb"):
             assert r[k] > 0 and k in js["units"]
-    score = json.loads((tmp_path / "work" / "post-30" / "score.json").read_text())
+        if r["side"] == "baseline":
+            assert r["processes"] == 1 and r["pss_x_project"] > 0
+    work = tmp_path / "work" / "post-30"
+    score = json.loads((work / "score.json").read_text())
     assert score["images"] == 30 and score["f1"] > 0.9
+    baseline = json.loads((work / "score-baseline.json").read_text())
+    assert [baseline[k] for k in ("tp", "fp", "fn")] == [score[k] for k in ("tp", "fp", "fn")]
+    assert read_proposal_csv(work / "proposals-baseline.csv").rows >= 30
+
+
+def test_sizes_and_baseline_sizes():
+    assert load._sizes("1000, 3000") == [1000, 3000]
+    assert load._sizes("") == load._sizes("0") == []  # --prepare-tiles 0: no prepare rows
+    with pytest.raises(argparse.ArgumentTypeError):
+        load._sizes("-5")
+    assert load.baseline_sizes([30, 1000, 10000], None) == [30, 1000]
+    assert load.baseline_sizes([1000, 3000], [3000, 1000]) == [1000, 3000]
+    assert load.baseline_sizes([1000], []) == []
+    with pytest.raises(ValueError, match="--baseline-tiles 500 not among --tiles 1000"):
+        load.baseline_sizes([1000], [500])
+
+
+def test_baseline_not_among_tiles_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        load.main(["--tiles", "1000", "--baseline-tiles", "3000", "--prepare-tiles", "0",
+                   "--keep", str(tmp_path / "work")])
+    assert e.value.code == 2 and "--baseline-tiles 3000" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_growth_and_ratio_per_side():
+    def row(stage, n, pss):
+        m = {"seconds": 1.0, "cpu_seconds": 1.0, "peak_tree_rss_mb": pss,
+             "peak_tree_pss_mb": pss}
+        return load._row(stage, n, m)
+
+    rows = [row("score", 1000, 400.0), row("score, baseline", 1000, 500.0),
+            row("score", 3000, 404.0), row("score, baseline", 3000, 1100.0)]
+    load.add_growth(rows)
+    load.add_vs_project(rows)
+    assert [r["side"] for r in rows] == ["project", "baseline"] * 2
+    assert rows[2]["pss_mb_per_1000_tiles"] == pytest.approx(2.0)  # each side against itself
+    assert rows[3]["pss_mb_per_1000_tiles"] == pytest.approx(300.0)
+    assert rows[3]["rss_x_smallest"] == pytest.approx(2.2)
+    assert rows[1]["pss_x_project"] == pytest.approx(1.25)
+    assert "pss_x_project" not in rows[0]
