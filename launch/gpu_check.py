@@ -17,6 +17,8 @@ from pathlib import Path
 from benchmarks.proctree import kill_tree
 from dataio.atomic import atomic_write_text
 
+SUMMARY = "summary.json"
+
 
 def _run(name: str, cmd: list[str], timeout: float) -> dict:
     """Run one step; past ``timeout`` kill its whole tree (returncode 124), so a stuck torchrun
@@ -37,6 +39,30 @@ def _run(name: str, cmd: list[str], timeout: float) -> dict:
     return {"name": name, "returncode": rc, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _steps(out: Path, nproc: int) -> list[tuple[str, list[str], float, Path]]:
+    """(name, command, budget in seconds, the file it writes) of every step."""
+    py = sys.executable
+    # NOTE: budgets (650 s in all) keep the whole check within one 11-minute device call.
+    return [
+        ("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "--junitxml",
+                       str(out / "gpu-tests.xml")], 180, out / "gpu-tests.xml"),
+        ("loader", [py, "-m", "benchmarks.loader", "--json", str(out / "loader.json")], 150,
+         out / "loader.json"),
+        ("train", [py, "-m", "benchmarks.train", "--config", "configs/unet_baseline.toml",
+                   "--steps", "20", "--nproc", str(nproc), "--json", str(out / "train.json")],
+         200, out / "train.json"),
+        ("postproc", [py, "-m", "benchmarks.postproc", "--json", str(out / "postproc.json")],
+         120, out / "postproc.json"),
+    ]
+
+
+def clear_outputs(out: Path, steps: list[tuple[str, list[str], float, Path]]) -> None:
+    """Remove an earlier check's results from ``out`` (only this tool's own file names), so a
+    step that fails or times out this time leaves no stale result beside the new summary."""
+    for path in (out / SUMMARY, *(step[3] for step in steps)):
+        path.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.gpu_check", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("gpu-check"))
@@ -50,23 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    py = sys.executable
-    # NOTE: budgets (650 s in all) keep the whole check within one 11-minute device call.
-    steps = [
-        ("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "--junitxml",
-                       str(out / "gpu-tests.xml")], 180),
-        ("loader", [py, "-m", "benchmarks.loader", "--json", str(out / "loader.json")], 150),
-        ("train", [py, "-m", "benchmarks.train", "--config", "configs/unet_baseline.toml",
-                   "--steps", "20", "--nproc", str(len(gpus)), "--json",
-                   str(out / "train.json")], 200),
-        ("postproc", [py, "-m", "benchmarks.postproc", "--json", str(out / "postproc.json")],
-         120),
-    ]
-    results = [_run(name, cmd, timeout) for name, cmd, timeout in steps]
+    steps = _steps(out, len(gpus))
+    clear_outputs(out, steps)
+    results = [_run(name, cmd, timeout) for name, cmd, timeout, _ in steps]
     summary = {"gpus": gpus, "cuda": torch.version.cuda, "torch": torch.__version__,
                "steps": results, "ok": all(r["returncode"] == 0 for r in results),
                "env": {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES",) if k in os.environ}}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     for r in results:
         print(f"{r['name']:<10} {'ok' if r['returncode'] == 0 else 'FAILED':<7} {r['seconds']}s")
     return 0 if summary["ok"] else 1

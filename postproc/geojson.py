@@ -70,7 +70,12 @@ def tile_feature_collection(image_id: str, polys: Sequence[BaseGeometry],
 
 def write_tile_geojson(out_dir: Path, image_id: str, polys: Sequence[BaseGeometry],
                        confidences: Sequence[float], meta: dict[str, Any]) -> Path:
-    """Write ``out_dir/<ImageId>.geojson`` atomically (the key is validated: no path tricks)."""
+    """Write ``out_dir/<ImageId>.geojson`` atomically (the key is validated: no path tricks).
+
+    ``postproc.polygonize --geojson DIR`` passes ``DIR/.partial`` and publishes the directory
+    whole once the CSV is committed (``postproc.runner``), so one file's atomicity is not all
+    a reader of DIR relies on.
+    """
     path = Path(out_dir) / f"{check_key(image_id)}.geojson"
     doc = tile_feature_collection(image_id, polys, confidences, meta)
     atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n")

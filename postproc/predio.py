@@ -25,11 +25,13 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dataio.atomic import atomic_open, fsync_dir
+from dataio.atomic import atomic_open, atomic_write_text, fsync_dir
 from postproc import pngfast
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 SHARD_GLOB = "pred-*.tar"
+# present in a directory while publish_dir replaces its files (and after a kill in between)
+PUBLISHING = ".publishing"
 PROB_EXT, META_EXT = "prob.png", "meta.json"
 # NOTE: a fixed mtime makes shards byte-identical across runs (reproducible, diffable).
 FIXED_MTIME = 0.0
@@ -140,36 +142,68 @@ def write_pred_shard(path: str | Path,
 
 
 def staging_dir(out: str | Path) -> Path:
-    """Where a prediction for ``out`` is written before :func:`publish_pred_dir`: a hidden
-    directory inside ``out`` (readers list only its top-level shards), so the moves are renames
+    """Where output for the directory ``out`` is written before :func:`publish_dir`: a hidden
+    directory inside ``out`` (readers list only its top-level files), so the moves are renames
     on one file system even when ``out`` is a mount point or a link."""
     return Path(out) / ".partial"
+
+
+def begin_publish(out: Path) -> Path:
+    """Mark ``out`` as being replaced: write ``out/.publishing`` durably (file and directory
+    entry on disk) and return it. :func:`publish_dir` removes it after its last change."""
+    marker = Path(out) / PUBLISHING
+    atomic_write_text(marker, "a publish into this directory started and has not finished\n")
+    return marker
+
+
+def publish_dir(staging: Path, out: Path, pattern: str) -> None:
+    """Move every file of ``staging`` into ``out``, then delete the files in ``out`` that match
+    ``pattern`` and that this publish did not bring (an earlier run's); ``staging`` is removed.
+
+    NOTE: the files move one rename at a time, so a kill part-way leaves a mix of two runs. The
+    marker ``out/.publishing`` exists from before the first move until after the last delete, so
+    such a mix can be told apart from a complete directory (:func:`check_published`).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    marker = begin_publish(out)
+    new = sorted(staging.iterdir())
+    for p in new:
+        os.replace(p, out / p.name)
+    names = {p.name for p in new}
+    for old in out.glob(pattern):
+        if old.name not in names and old.is_file():
+            old.unlink()
+    staging.rmdir()
+    fsync_dir(out)
+    marker.unlink()
+    fsync_dir(out)
+
+
+def check_published(out: str | Path, rerun: str) -> None:
+    """Raise if a publish into ``out`` was interrupted (its marker is still there)."""
+    if (Path(out) / PUBLISHING).exists():
+        raise PredError(f"{out}: a publish into this directory was interrupted ({PUBLISHING} is "
+                        f"still there), so it may mix two runs' files; {rerun}")
 
 
 def publish_pred_dir(staging: Path, out: Path) -> None:
     """Move a complete prediction from ``staging`` into ``out`` and drop the shards of an earlier
     prediction there that this one did not replace; ``staging`` is removed.
 
-    Readers of ``out`` never see a half-written prediction, and a rerun with fewer ranks or
-    larger shards leaves no stale shard behind (its tiles would be counted twice).
+    Readers of ``out`` (:func:`list_pred_shards`) refuse it while the publish is under way or
+    after one was killed, and a rerun with fewer ranks or larger shards leaves no stale shard
+    behind (its tiles would be counted twice).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    new = sorted(staging.iterdir())
-    for p in new:
-        os.replace(p, out / p.name)
-    names = {p.name for p in new}
-    for old in out.glob(SHARD_GLOB):
-        if old.name not in names:
-            old.unlink()
-    staging.rmdir()
-    fsync_dir(out)
+    publish_dir(staging, out, SHARD_GLOB)
 
 
 def list_pred_shards(pred_dir: str | Path) -> list[Path]:
-    """The ``pred-*.tar`` shards of a directory in sorted order; raise if there are none."""
+    """The ``pred-*.tar`` shards of a directory in sorted order; raise if there are none, or if
+    an interrupted publish left a mix of two predictions there."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise PredError(f"{pred_dir}: prediction directory not found (check --pred)")
+    check_published(pred_dir, f"rerun trainer.predict with --out {pred_dir}")
     shards = sorted(p for p in pred_dir.glob(SHARD_GLOB) if p.is_file())
     if not shards:
         raise PredError(f"{pred_dir}: no {SHARD_GLOB} shards in the prediction directory")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from shapely.geometry.base import BaseGeometry
 
 from dataio.atomic import atomic_write_bytes
@@ -38,6 +39,8 @@ LINE_WIDTH = 2  # px: visible on a 650 px tile without hiding small buildings
 # tile size and a test can leave it out.
 LEGEND_TEMPLATES = ("TP 000000", "FP 000000", "missed 000000", "F1: 0.0000")
 DEFAULT_TILES = 4
+# PNG text chunk on every tile this command writes: how a rerun knows which PNGs are its own
+TILE_TAG = ("Software", "footprints postproc.render tile")
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -141,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(green TP, red FP, yellow missed) as DIR/<ImageId>.png, or with --curves "
                     "the training curves of a run as one PNG.")
     p.add_argument("--out", type=Path, required=True,
-                   help="directory for the tile PNGs; with --curves, the PNG file to write")
+                   help="directory for the tile PNGs (tiles an earlier render left there and "
+                        "this one does not draw are removed); with --curves, the PNG file to "
+                        "write")
     p.add_argument("--proposals", type=Path, default=None, help="proposal CSV to draw")
     p.add_argument("--data", type=Path, default=None,
                    help="prepared dataset (default: data in PRED/provenance.json)")
@@ -223,10 +228,42 @@ def main(argv: list[str] | None = None) -> int:
         im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
                                      score_cfg)
         buf = io.BytesIO()
-        im.save(buf, format="PNG", compress_level=6)
+        im.save(buf, format="PNG", compress_level=6, pnginfo=_tile_info())
         atomic_write_bytes(args.out / f"{image_id}.png", buf.getvalue())
         tqdm.write(f"{image_id}: TP {tp}  FP {fp}  missed {fn} -> {args.out / image_id}.png")
+    for old in stale_tiles(args.out, ids):
+        old.unlink()
+        tqdm.write(f"removed {old} (an earlier render's tile)")
     return 0
+
+
+def _tile_info() -> PngInfo:
+    info = PngInfo()
+    info.add_text(TILE_TAG[0], TILE_TAG[1])
+    return info
+
+
+def stale_tiles(out: Path, keep: list[str]) -> list[Path]:
+    """The tile PNGs of an earlier render in ``out`` that are not among ``keep``.
+
+    A report lists every PNG in the directory, so a run drawing fewer or other tiles must not
+    leave the earlier ones there. NOTE: only files this command wrote go: named
+    ``<ImageId>.png`` and carrying its PNG text tag; any other PNG in ``out`` is the user's.
+    """
+    from postproc.predio import KEY_RE
+
+    keep_set, stale = set(keep), []
+    for path in sorted(out.glob("*.png")):
+        if path.stem in keep_set or not KEY_RE.fullmatch(path.stem) or not path.is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                tag = im.info.get(TILE_TAG[0])
+        except (OSError, SyntaxError, ValueError):
+            continue
+        if tag == TILE_TAG[1]:
+            stale.append(path)
+    return stale
 
 
 if __name__ == "__main__":

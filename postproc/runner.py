@@ -7,6 +7,11 @@ stays flat however many shards there are. The CSV is
 written by rank 0 only, in rounds: in round i every rank hands over the rows of its i-th shard
 (``gather_objects``), which puts them in global shard order. Errors travel in the same rounds, so
 a bad shard on one rank stops every rank with the same one-line reason instead of a hang.
+
+GeoJSON (``--geojson DIR``): every rank writes its tiles into ``DIR/.partial``; rank 0 moves them
+into ``DIR`` only after the CSV is committed, and removes the ``*.geojson`` of an earlier run that
+this one did not write (``predio.publish_dir``), so ``DIR`` never holds a failed run's half or a
+smaller run's stale tiles beside the CSV. ``DIR/.publishing`` marks a move that was cut short.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +34,14 @@ from dataio.atomic import atomic_open
 from postproc.csvio import proposal_rows, write_rows
 from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
-from postproc.predio import PredError, decode_sample, iter_raw_samples
+from postproc.predio import (
+    PredError,
+    begin_publish,
+    decode_sample,
+    iter_raw_samples,
+    publish_dir,
+    staging_dir,
+)
 
 CHUNK_TILES = 4  # tiles per task: small enough to balance, large enough to amortise IPC
 
@@ -179,21 +192,21 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     ``env`` is a ``trainer.dist.DistEnv``; with more than one rank the process group must be up.
     ``pool`` (from :func:`make_pool`, made before the process group so that no gloo thread is
     forked) is used and left open; without one, ``run`` makes and closes its own.
-    Raises ``PredError`` (on every rank) if any shard is bad.
+    Raises ``PredError`` (on every rank) if any shard is bad; ``out_csv`` and ``geojson_dir``
+    are then left as they were.
     """
     from trainer.dist import gather_objects
 
     mine = shards[env.rank::env.world_size]
     rounds = math.ceil(len(shards) / env.world_size)
-    if geojson_dir is not None:
-        geojson_dir.mkdir(parents=True, exist_ok=True)
+    staging = None if geojson_dir is None else _stage_geojson(geojson_dir, env)
     own_pool = pool is None
     if own_pool:
         pool = make_pool(workers)
     summary = RunSummary(shards=len(shards))
     bar = tqdm(total=len(shards), unit="shard", disable=not env.is_main, desc="polygonize")
     seen: set[str] = set()
-    stream = shard_results(mine, cfg, geojson_dir, pool, workers)
+    stream = shard_results(mine, cfg, staging, pool, workers)
     try:
         with (atomic_open(out_csv, "w", encoding="utf-8", newline="") if env.is_main
               else contextlib.nullcontext()) as f:
@@ -215,12 +228,33 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                         write_rows(f, p.rows)
                     bar.update(1)
                 bar.set_postfix(tiles=summary.tiles, polygons=summary.polygons)
+            if env.is_main and staging is not None:
+                # NOTE: marked before the CSV commits: a kill between the two commits leaves
+                # the mark, not a GeoJSON directory that silently disagrees with the CSV
+                begin_publish(geojson_dir)
+        # every rank's GeoJSON is written: its shards came through the last round
+        if env.is_main and staging is not None:
+            publish_dir(staging, geojson_dir, "*.geojson")
     finally:
         bar.close()
         stream.close()
         if own_pool and pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return summary
+
+
+def _stage_geojson(geojson_dir: Path, env: Any) -> Path:
+    """Rank 0 empties ``geojson_dir/.partial`` (a killed run's); the ranks write into it only
+    after that."""
+    from trainer.dist import barrier
+
+    staging = staging_dir(geojson_dir)
+    if env.is_main:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    barrier()
+    return staging
 
 
 def _check_unique(res: ShardResult, seen: set[str]) -> None:

@@ -16,8 +16,9 @@ the fewest settings, then the smallest change, then grid order: the same input a
 same choice.
 
 CLI: ``python -m postproc.tune --pred PRED_VAL --truth DATA/val/truth.csv [--run-dir RUN]``
-writes ``RUN/postproc.json`` (picked up by ``postproc.polygonize --pred`` through
-``PRED/provenance.json``) and ``RUN/tune.json`` (every grid point).
+writes ``RUN/tune.json`` (every grid point) and then ``RUN/postproc.json`` (picked up by
+``postproc.polygonize --pred`` through ``PRED/provenance.json``); :func:`read_tuned` reads the two
+and refuses a pair that an interrupted tune left mismatched.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from postproc.polygonize import Instances, PolygonizeConfig, find_instances, pol
 from postproc.predio import PredError, decode_sample, iter_raw_samples
 from postproc.score import ScoreConfig, candidate_ious, f1_from_counts
 
+TUNE_JSON = "tune.json"  # RUN/tune.json: every grid point; best.settings is RUN/postproc.json
 CHUNK_TILES = 2  # tiles per task: each costs one polygonize per threshold combination
 TUNED = ("building_threshold", "footprint_threshold", "grow_radius", "min_polygon_area")
 # NOTE: how far a setting moves "one step", for the tie-break towards the defaults only
@@ -240,6 +242,32 @@ def report(ev: Evaluation, grid: TuneGrid, best: int) -> dict[str, Any]:
             "points": [point_json(p, c) for p, c in zip(ev.points, ev.counts, strict=True)]}
 
 
+def read_tuned(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``RUN/postproc.json``, ``RUN/tune.json``) as dicts, checked to be one tuning's pair.
+
+    The tuned F1 in tune.json describes ``best.settings``; a postproc.json with other settings
+    (an interrupted tune, or one edited by hand) is an error naming both files.
+    """
+    from postproc.provenance import SETTINGS
+
+    docs = []
+    for path in (run / SETTINGS, run / TUNE_JSON):
+        try:
+            docs.append(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing: run postproc.tune --run-dir {run}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable ({e}); rerun postproc.tune --run-dir {run}"
+                             ) from None
+    settings, doc = docs
+    best = doc.get("best") if isinstance(doc, dict) else None
+    if not isinstance(best, dict) or best.get("settings") != settings:
+        raise ValueError(f"{run / SETTINGS} is not the best.settings of {run / TUNE_JSON} (an "
+                         f"interrupted tune, or edited by hand): rerun postproc.tune --run-dir "
+                         f"{run}")
+    return settings, doc
+
+
 def _floats(flag: str) -> Any:
     def parse(text: str) -> tuple[float, ...]:
         try:
@@ -352,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     doc.update(pred=str(args.pred), truth=str(args.truth), run_dir=str(run),
                seconds=time.perf_counter() - t0)
     text = json.dumps(doc, indent=1) + "\n"
+    # NOTE: two files, two renames. postproc.json (the one that takes effect) goes last, so a
+    # kill between them leaves the earlier settings in force beside a tune.json whose
+    # best.settings differ from them: read_tuned() tells, instead of reporting the new F1 for them.
+    atomic_write_text(run / TUNE_JSON, text)
     atomic_write_text(run / SETTINGS, ev.points[best].to_json())
-    atomic_write_text(run / "tune.json", text)
     if args.json is not None:
         atomic_write_text(args.json, text)
     print(_table([("default", doc["default"]), ("best", doc["best"])]))

@@ -8,7 +8,9 @@ for background, building, boundary) and the tile's ``meta.json``. Whole tiles of
 Rank r writes shards ``r, r+W, r+2W, ...`` so ranks never collide. ``PRED/provenance.json`` names
 the run directory, checkpoint, dataset and split the predictions came from. The shards are
 written to ``PRED/.partial`` and moved up when all ranks are done; shards of an earlier
-prediction in PRED that were not replaced are removed.
+prediction in PRED that were not replaced are removed. ``PRED/.publishing`` exists while they
+move (``postproc.predio.publish_dir``): readers refuse a PRED that a kill left with it, and a
+rerun of this command replaces that PRED's shards and removes the marker.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ and make gpu-check refusing without CUDA."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import launch.gpu_check as gc
 from launch.gpu_check import _run as gpu_check_step
 from launch.gpu_check import main as gpu_check
 
@@ -86,6 +88,33 @@ def test_gpu_check_says_so_without_cuda(tmp_path, capsys: pytest.CaptureFixture[
     assert gpu_check(["--out", str(tmp_path / "g")]) == 1
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_gpu_check_leaves_no_earlier_result_beside_its_summary(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    out = tmp_path / "g"
+    out.mkdir()
+    old = ("gpu-tests.xml", "loader.json", "train.json", "postproc.json", "summary.json")
+    for name in old:
+        (out / name).write_text("an earlier check's\n")
+    (out / "notes.txt").write_text("mine\n")
+
+    def step(name: str, cmd: list[str], timeout: float) -> dict:
+        if name == "gpu tests":  # only the first step writes its result; the others fail
+            Path(cmd[cmd.index("--junitxml") + 1]).write_text("<testsuites/>\n")
+        return {"name": name, "returncode": 0 if name == "gpu tests" else 1, "seconds": 0.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "fake GPU")
+    monkeypatch.setattr(gc, "_run", step)
+    assert gc.main(["--out", str(out)]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-tests.xml", "notes.txt",
+                                                     "summary.json"]
+    assert (out / "gpu-tests.xml").read_text() == "<testsuites/>\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gpus"] == ["fake GPU"] and not summary["ok"]
 
 
 def test_gpu_check_kills_a_step_that_overruns_with_its_children(tmp_path: Path) -> None:

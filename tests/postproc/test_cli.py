@@ -68,6 +68,41 @@ def test_polygonize_then_score(pred_dir, tmp_path, capsys):
     assert "F1" in capsys.readouterr().out
 
 
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_geojson_dir_is_replaced_whole_after_the_csv(pred_dir, tmp_path, capsys):
+    pred, _ = pred_dir
+    out, gj = tmp_path / "p.csv", tmp_path / "geojson"
+    base = ["--out", str(out), "--geojson", str(gj), "--workers", "1", "--no-tuned"]
+    assert run_main(polygonize.main, ["--pred", str(pred), *base]) == 0
+    before, csv_before = _snapshot(gj), out.read_bytes()
+    assert len(before) == 12 and sorted(p.name for p in gj.iterdir()) == sorted(before)
+    # other settings, and the last shard is truncated: the run fails after writing GeoJSON for
+    # the tiles of the first shards; neither the CSV nor the directory may change
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for shard in sorted(pred.glob("pred-*.tar")):
+        (bad / shard.name).write_bytes(shard.read_bytes())
+    last = sorted(bad.glob("pred-*.tar"))[-1]
+    last.write_bytes(last.read_bytes()[:3000])
+    assert run_main(polygonize.main, ["--pred", str(bad), *base,
+                                      "--min-polygon-area", "1e9"]) == 2
+    assert last.name in capsys.readouterr().err
+    assert out.read_bytes() == csv_before and _snapshot(gj) == before
+    # a run over fewer tiles leaves no GeoJSON of the earlier run's other tiles
+    one = tmp_path / "one"
+    one.mkdir()
+    first = sorted(pred.glob("pred-*.tar"))[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    assert run_main(polygonize.main, ["--pred", str(one), *base]) == 0
+    ids = {r[0] for r in read_rows(out)[1:]}
+    assert len(ids) == 4
+    assert sorted(p.name for p in gj.iterdir()) == sorted(f"{k}.geojson" for k in ids)
+    assert all(_snapshot(gj)[f"{k}.geojson"] == before[f"{k}.geojson"] for k in ids)
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "truncated", "bad_settings"])
 def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)

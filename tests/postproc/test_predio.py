@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -16,7 +18,9 @@ from postproc.predio import (
     encode_prob_png,
     iter_pred_samples,
     list_pred_shards,
+    publish_pred_dir,
     quantize_probs,
+    staging_dir,
     write_pred_shard,
 )
 
@@ -83,6 +87,46 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(PredError):
         write_pred_shard(tmp_path / "pred-000000.tar", bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def _stage(out, names: list[str], seed: int):
+    staging = staging_dir(out)
+    staging.mkdir(parents=True)
+    for i, name in enumerate(names):
+        prob = np.full((4, 4, 3), seed, np.uint8)
+        write_pred_shard(staging / name, [(f"img{seed}_{i}", prob, {})])
+    return staging
+
+
+def test_a_publish_cut_short_is_refused_until_a_complete_one(tmp_path, monkeypatch):
+    out = tmp_path / "PRED"
+    publish_pred_dir(_stage(out, ["pred-000000.tar"], 1), out)
+    assert [p.name for p in list_pred_shards(out)] == ["pred-000000.tar"]
+    # the next prediction is killed part-way through its renames into PRED
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) > 2:
+            raise OSError("killed")
+        real(src, dst)
+
+    staging = _stage(out, [f"pred-{k:06d}.tar" for k in range(3)], 2)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="killed"):
+        publish_pred_dir(staging, out)
+    monkeypatch.setattr(os, "replace", real)
+    assert len(list(out.glob("pred-*.tar"))) >= 1  # a mix of the two predictions...
+    with pytest.raises(PredError) as e:  # ...that no reader takes for a complete one
+        list_pred_shards(out)
+    msg = str(e.value)
+    assert str(out) in msg and "interrupted" in msg and "rerun trainer.predict" in msg
+    assert "\n" not in msg
+    # a complete publish (what a rerun of trainer.predict does) clears the mark and the mix
+    shutil.rmtree(staging)
+    publish_pred_dir(_stage(out, ["pred-000000.tar"], 3), out)
+    assert sorted(p.name for p in out.iterdir()) == ["pred-000000.tar"]
+    assert [k for k, _, _ in iter_pred_samples(out / "pred-000000.tar")] == ["img3_0"]
 
 
 def test_missing_directory_and_no_shards(tmp_path):

@@ -149,6 +149,22 @@ def test_image_ids_and_tiles_without_proposals(prepared_dataset, drawn, tmp_path
     assert not (png[changed] == render.TP_COLOUR).all(axis=1).any()
 
 
+def test_a_rerun_leaves_only_its_own_tiles(prepared_dataset, drawn, tmp_path):
+    _, _, _, _, csv_path, truth = drawn
+    out = tmp_path / "tiles"
+    base = ["--data", prepared_dataset, "--split", "val", "--proposals", csv_path, "--out", out]
+    assert run_main([*base, "--tiles", "2"]) == 0
+    first = sorted(p.name for p in out.glob("*.png"))
+    assert len(first) == 2
+    # PNGs this command did not write stay, whatever their names
+    Image.new("RGB", (4, 4)).save(out / "curves.png")
+    (out / "notes.txt").write_text("mine")
+    assert run_main([*base, "--tiles", "1"]) == 0
+    top = render.pick_tiles(truth, 1, ScoreConfig())[0] + ".png"
+    assert top in first
+    assert sorted(p.name for p in out.iterdir()) == sorted([top, "curves.png", "notes.txt"])
+
+
 def test_data_and_split_from_provenance(prepared_dataset, drawn, tmp_path):
     _, key, _, _, csv_path, _ = drawn
     pred = tmp_path / "PRED"

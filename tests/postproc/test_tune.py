@@ -144,6 +144,38 @@ def test_same_result_with_one_worker_and_run_dir_flag(tuned, tmp_path):
     assert (other / "postproc.json").read_text() == (tuned.run / "postproc.json").read_text()
 
 
+def test_a_tune_cut_between_its_two_files_keeps_the_settings_and_is_told(tuned, tmp_path,
+                                                                           monkeypatch):
+    import dataio.atomic
+
+    run = tmp_path / "RUN"
+    run.mkdir()
+    for name in ("postproc.json", "tune.json"):
+        (run / name).write_bytes((tuned.run / name).read_bytes())
+    old_settings = (run / "postproc.json").read_bytes()
+    # another grid (its best differs) is killed after its first file into RUN
+    real, written = dataio.atomic.atomic_write_text, []
+
+    def write(path, text):
+        if Path(path).parent == run and written:
+            raise KeyboardInterrupt("killed")
+        written.append(Path(path).name)
+        real(path, text)
+
+    monkeypatch.setattr(dataio.atomic, "atomic_write_text", write)
+    with pytest.raises(KeyboardInterrupt):
+        tune.main([str(a) for a in ["--pred", tuned.pred, "--truth", tuned.truth, "--run-dir",
+                                    run, "--workers", 1, "--min-polygon-areas", "0"]])
+    assert written == ["tune.json"]  # the file that takes effect goes last
+    assert (run / "postproc.json").read_bytes() == old_settings
+    # the new tune.json beside the earlier settings is not taken for their pair...
+    with pytest.raises(ValueError, match="interrupted tune"):
+        tune.read_tuned(run)
+    settings, doc = tune.read_tuned(tuned.run)  # ...as a complete tune's pair is
+    assert settings == doc["best"]["settings"] == json.loads(
+        (tuned.run / "postproc.json").read_text())
+
+
 def test_counts_equal_polygonize_then_score(prepared_dataset):
     """Every grid point's counts equal polygonizing with its settings and scoring the result."""
     shard = sorted((prepared_dataset / "val").glob("shard-*.tar"))[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,42 @@ def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_datase
     assert _read(tmp_path / "pred").keys() == first.keys()
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
         "pred-000000.tar", "provenance.json"]  # no staging left behind
+
+
+def test_a_killed_publish_is_refused_until_a_rerun(trained_run: Path, small_dataset: Path,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from postproc import predio
+
+    pred = tmp_path / "pred"
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test",
+            "--out", str(pred)]
+    assert predict([*args, "--shard-size", "100"]) == 0
+    tiles = _read(pred).keys()
+    # the next prediction (a shard per tile) dies after two renames of its publish
+    real_replace, real_publish, calls = os.replace, predio.publish_pred_dir, []
+
+    def replace(src: str, dst: str) -> None:
+        calls.append(dst)
+        if len(calls) > 2:
+            raise OSError("killed")
+        real_replace(src, dst)
+
+    def publish(staging: Path, out: Path) -> None:
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            real_publish(staging, out)
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+
+    monkeypatch.setattr(predio, "publish_pred_dir", publish)
+    assert predict([*args, "--shard-size", "1"]) == 2
+    monkeypatch.setattr(predio, "publish_pred_dir", real_publish)
+    with pytest.raises(predio.PredError, match="interrupted.*rerun trainer.predict"):
+        list_pred_shards(pred)
+    assert predict([*args, "--shard-size", "100"]) == 0  # the rerun clears the mark and the mix
+    assert sorted(p.name for p in pred.iterdir()) == ["pred-000000.tar", "provenance.json"]
+    assert _read(pred).keys() == tiles
 
 
 @pytest.mark.parametrize("bad", [["--shard-size", "0"], ["--batch-size", "-1"]])
