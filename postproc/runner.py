@@ -223,8 +223,10 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                         continue
                     summary.tiles += p.tiles
                     summary.polygons += p.polygons
+                    # NOTE: on every rank (each has every part): a stop decided on rank 0 alone
+                    # left the others to die on a reset connection with a gloo traceback
+                    _check_unique(p, seen)
                     if env.is_main:
-                        _check_unique(p, seen)
                         write_rows(f, p.rows)
                     bar.update(1)
                 bar.set_postfix(tiles=summary.tiles, polygons=summary.polygons)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -172,6 +173,19 @@ def test_torchrun_splits_shards_and_matches_one_process(tmp_path):
     r = _torchrun(["--pred", str(pred), "--out", str(bad), "--workers", "1"], timeout=200)
     assert r.returncode != 0
     assert "pred-000003.tar" in r.stderr and not bad.exists()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_torchrun_duplicate_image_id_stops_every_rank_with_the_reason(tmp_path):
+    pred, _ = make_pred_dir(tmp_path, shards=3, per_shard=2, size=64, buildings=3)
+    shutil.copy(pred / "pred-000000.tar", pred / "pred-000003.tar")  # rank 1's, in round 2
+    out = tmp_path / "p.csv"
+    r = _torchrun(["--pred", str(pred), "--out", str(out), "--workers", "1"], timeout=200)
+    assert r.returncode != 0 and not out.exists()
+    reason = "pred-000003.tar: ImageId 'AOI_9_Test_img0' also appears in an earlier shard"
+    assert r.stderr.count(reason) == 2, r.stderr[-3000:]  # each rank says why
+    assert "RuntimeError" not in r.stderr  # (rank 1 died on gloo's reset connection)
 
 
 def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):
