@@ -27,6 +27,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -349,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
+    # NOTE: tune has no torchrun path: every rank would run the whole grid and race to write
+    # the same two files. It uses all of one machine's cores (--workers), which a grid needs.
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise ValueError(f"postproc.tune runs on one machine (WORLD_SIZE={world}): start it with "
+                         "python -m postproc.tune, not torchrun; --workers sets its cores")
     grid = TuneGrid(args.building_thresholds, args.footprint_thresholds, args.grow_radii,
                     args.min_polygon_areas)
     shards = list_pred_shards(args.pred)

@@ -227,8 +227,8 @@ def test_ties_go_to_the_defaults_then_to_fewer_changes():
 
 
 @pytest.mark.parametrize("case", ["no_truth", "empty_pred", "no_run_dir", "bad_grid",
-                                  "other_split", "gone_run_dir"])
-def test_bad_input_is_one_line(tuned, tmp_path, capsys, case):
+                                  "other_split", "gone_run_dir", "torchrun"])
+def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     pred, truth, run = tuned.pred, tuned.truth, tmp_path / "RUN"
     extra: list = []
     if case == "no_truth":
@@ -246,6 +246,9 @@ def test_bad_input_is_one_line(tuned, tmp_path, capsys, case):
         truth, want = tmp_path / "t.csv", "no ImageId in common"
         truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
                          "other,-1,POLYGON EMPTY,POLYGON EMPTY\n")
+    elif case == "torchrun":  # every rank would run the whole grid and write the same files
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        want = "runs on one machine (WORLD_SIZE=2)"
     else:
         pred, want = tmp_path / "PRED", "is not a directory"
         pred.mkdir()
