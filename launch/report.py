@@ -12,6 +12,7 @@ from typing import Any
 
 from dataio.atomic import atomic_write_text
 from dataio.manifest import load_manifest
+from postproc.curves import parse_log
 
 
 def _read(path: Path) -> Any:
@@ -22,8 +23,13 @@ def _read(path: Path) -> Any:
 
 
 def _epochs(run: Path) -> list[dict[str, Any]]:
-    lines = (run / "log.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """One record per epoch, as the curves read them (a torn last line skipped, repeats merged)."""
+    path = run / "log.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: the stage that writes it did not run") from None
+    return parse_log(text, path)
 
 
 def build_summary(run: Path, data: Path, seconds: dict[str, float]) -> dict[str, Any]:

@@ -22,26 +22,39 @@ METRICS = (("val_f1", "val F1 (SpaceNet)", "-"), ("val_iou", "val IoU (building 
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """Epoch records sorted by epoch; a repeated epoch (a resumed run) keeps its last record."""
+    """Epoch records sorted by epoch (see :func:`parse_log`); at least one."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise ValueError(f"--curves {path}: training log not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ValueError(f"--curves {path}: cannot read the training log ({e})") from None
+    epochs = parse_log(text, path)
+    if not epochs:
+        raise ValueError(f"{path}: no epochs logged (train first)")
+    return epochs
+
+
+def parse_log(text: str, path: str | Path) -> list[dict[str, Any]]:
+    """The epoch records of a training log's ``text``, sorted by epoch; a repeated epoch (a
+    resumed run) keeps its last record. A last line cut short by a crash (it does not parse and
+    its newline was never written) is skipped, as the trainer drops it when it resumes; any other
+    bad line is a ValueError naming ``path:line``."""
+    lines = text.splitlines()
+    torn_tail = not text.endswith("\n")
     by_epoch: dict[int, dict[str, Any]] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             epoch = int(rec["epoch"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if n == len(lines) and torn_tail:
+                continue
             raise ValueError(f"{path}:{n}: not an epoch record ({type(e).__name__}: {e})") from None
         by_epoch[epoch] = rec
-    if not by_epoch:
-        raise ValueError(f"{path}: no epochs logged (train first)")
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

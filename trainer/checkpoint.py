@@ -1,13 +1,16 @@
 """Checkpoints that survive a killed worker: temp name + fsync + rename, newest complete wins.
 
 Files live in ``RUN/checkpoints/``: ``step-00001234.pt`` (by global step), and ``best.pt`` (a
-hard link to the best one). Everything in them is plain tensors, numbers, strings, lists and dicts,
-so they load with ``torch.load(..., weights_only=True)`` and a crafted pickle is refused.
+hard link to the best one; each checkpoint names the best as of itself in ``best_step``, so a crash
+between a commit and ``mark_best`` is repaired on resume). Everything in them is plain tensors,
+numbers, strings, lists and dicts, so they load with ``torch.load(..., weights_only=True)`` and a
+crafted pickle is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import logging
 import os
 import random
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataio.atomic import atomic_open, fsync_dir
+from dataio.atomic import TMP_SUFFIX, atomic_open, fsync_dir
 
 log = logging.getLogger("footprints")
 
@@ -26,6 +29,8 @@ CKPT_DIR = "checkpoints"
 BEST = "best.pt"
 FORMAT = 1
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+# What a killed writer leaves: dataio.atomic's ".<name>.<random>.tmp", mark_best's ".best.pt.tmp".
+_TEMP = re.compile(rf"^\..+{re.escape(TMP_SUFFIX)}$")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -70,6 +75,38 @@ def mark_best(path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def repair_best(run_dir: Path, best_step: int) -> bool:
+    """Point ``best.pt`` at ``step-<best_step>.pt`` unless it already is that checkpoint (the same
+    file, or a copy of it); True if it had to move. A gone ``step-<best_step>.pt`` is left alone:
+    it was pruned after a later checkpoint, and ``mark_best`` always runs before that prune."""
+    path = checkpoint_path(run_dir, best_step)
+    best = path.parent / BEST
+    if not path.is_file():
+        return False
+    if best.is_file() and (os.path.samefile(best, path) or filecmp.cmp(best, path, shallow=False)):
+        return False
+    log.warning("%s did not point at %s (a crash before it was marked); re-pointing it", best,
+                path.name)
+    mark_best(path)
+    return True
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temp files that killed writers left in the checkpoint directory (each is up to a
+    full checkpoint; a SIGKILL skips ``atomic_open``'s own clean-up). Only the run's single
+    writer may call this, and only while it is not writing (``Trainer.resume`` on rank 0)."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    gone = [p for p in d.iterdir() if _TEMP.match(p.name) and p.is_file() and not p.is_symlink()]
+    for p in gone:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    if gone:
+        log.info("removed %d temp file(s) left by a killed checkpoint write in %s", len(gone), d)
+    return gone
+
+
 def prune(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` step checkpoints (best.pt is its own link)."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -80,6 +117,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
 # What every reader needs (predict needs only this).
 REQUIRED = ("model",)
 # What a resume reads besides (every Trainer.state has them).
+# (``best_step`` is optional: checkpoints written before it existed resume without it.)
 RESUME_KEYS = ("optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "best_score",
                "loader", "rng")
 

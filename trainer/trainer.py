@@ -77,6 +77,7 @@ class Trainer:
         self.step_in_epoch = 0  # steps of the current epoch completed
         self.global_step = 0
         self.best_f1 = -math.inf
+        self.best_step: int | None = None  # the global step of the checkpoint best.pt should be
         self.nonfinite_run = 0
         self.history: list[dict[str, Any]] = []
         # This rank's figures of the epoch so far (loss sum, steps, samples) and the epoch's
@@ -89,9 +90,6 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Train to ``train.epochs`` (resuming if the run directory has a checkpoint)."""
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
         failed: MetricsError | None = None
         try:
             self.metrics.start()
@@ -102,6 +100,11 @@ class Trainer:
             raise failed or MetricsError("rank 0 could not start the metrics endpoint")
         try:
             self.resume()
+            if self.env.is_main:
+                # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
+                # settings) must leave the run's config, which predict builds its model from.
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
             log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s", self.cfg.model.name,
                      f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
                      self.env.world_size, self.device.type, self.steps_per_epoch,
@@ -261,21 +264,33 @@ class Trainer:
             # summed over ranks: the epoch's line sums them anyway, whatever the world size
             state["epoch_totals"] = [sum(t[i] for _, t in parts) for i in range(3)]
             state["epoch_seconds"] = time.perf_counter() - self._t_epoch
+            # NOTE: the best as of this checkpoint, so that a resume can redo a mark_best that a
+            # crash right after this commit skipped (best_score already counts this epoch).
+            state["best_step"] = self.global_step if best else self.best_step
             path = ckpt.checkpoint_path(self.run_dir, self.global_step)
             seconds = ckpt.save(state, path)
             self.metrics.checkpoint_time.observe(seconds)
             if best:
                 ckpt.mark_best(path)
             ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+        if best:
+            self.best_step = self.global_step
         # NOTE: nobody proceeds until the checkpoint is committed, so a failure after this point
         # can always resume from it.
         agree_any(False)
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint of the run directory, if any (all ranks agree)."""
+        """Load the newest complete checkpoint of the run directory, if any (all ranks agree).
+        Rank 0 also repairs what a killed run left: temp files, best.pt, the log's last lines."""
+        if self.env.is_main:
+            # NOTE: rank 0 is this run's only checkpoint writer and has not written yet, so any
+            # temp file now is a leftover of a killed worker (torchrun stops the old group first).
+            ckpt.remove_temp_files(self.run_dir)
         found = ckpt.load_latest(self.run_dir) if self.env.is_main else None
         path = broadcast_object(str(found[1]) if found else None)
         if path is None:
+            if self.env.is_main:
+                self._clean_log()  # lines of epochs whose checkpoint was never committed
             return False
         state = found[0] if found else ckpt.load(Path(path))
         missing = [k for k in ckpt.RESUME_KEYS if k not in state]
@@ -288,6 +303,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_f1 = state["global_step"], state["best_score"]
+        self.best_step = state.get("best_step")
         if self.step_in_epoch:
             self.train_loader.load_state_dict(state["loader"])
             # The loader re-derives its position when the world size or batch size changed;
@@ -300,7 +316,9 @@ class Trainer:
         if state.get("world_size") == self.env.world_size and len(state["rng"]) > self.env.rank:
             ckpt.set_rng_state(state["rng"][self.env.rank])
         if self.env.is_main:
-            self._truncate_log()
+            if self.best_step is not None:
+                ckpt.repair_best(self.run_dir, self.best_step)
+            self._clean_log()
         self.metrics.resumes.inc()
         log.info("resumed from %s (%d epochs done, %d steps into the next)", path, self.epoch,
                  self.step_in_epoch)
@@ -319,19 +337,23 @@ class Trainer:
         return build_scheduler(self.optimizer, self.cfg.optim,
                                self.cfg.train.epochs * self.steps_per_epoch, start_step=done)
 
-    def _truncate_log(self) -> None:
-        """Drop log lines of epochs that the checkpoint does not contain (they will be redone)."""
+    def _clean_log(self) -> None:
+        """Keep one line per epoch that the resumed state contains (``self.epoch``, 0 without a
+        checkpoint): later epochs will be redone, and a line torn by a crash would otherwise have
+        the next line appended onto it."""
         path = self.run_dir / LOG
         if not path.exists():
             return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        keep: dict[int, tuple[str, dict[str, Any]]] = {}
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+                epoch = int(rec["epoch"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a line torn by the crash
-            if rec.get("epoch", 0) <= self.epoch:
-                keep.append(line)
-        atomic_write_text(path, "".join(k + "\n" for k in keep))
-        self.history = [json.loads(k) for k in keep]
+            if epoch <= self.epoch:
+                keep[epoch] = (line, rec)  # a repeat (an older trainer's restart): the last wins
+        lines = [keep[e] for e in sorted(keep)]
+        atomic_write_text(path, "".join(line + "\n" for line, _ in lines))
+        self.history = [rec for _, rec in lines]
 

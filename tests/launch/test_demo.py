@@ -92,3 +92,19 @@ def test_bad_arguments_stop_the_demo_before_any_stage(bad: list[str], tmp_path: 
         demo_module.main(["--out", str(tmp_path / "demo"), *bad])
     assert e.value.code == 2 and bad[0] in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_report_reads_a_log_that_a_crash_left(tmp_path: Path) -> None:
+    from launch.report import _epochs
+
+    log = tmp_path / "log.jsonl"
+    # a repeated epoch (a restart) and a torn last line (killed mid-write, no newline)
+    log.write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 1, "train_loss": 0.9}\n'
+                   '{"epoch": 2, "train_loss": 0.5}\n{"epoch": 3, "train_lo')
+    assert [(e["epoch"], e["train_loss"]) for e in _epochs(tmp_path)] == [(1, 0.9), (2, 0.5)]
+    log.write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": \n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"log\.jsonl:2: not an epoch record"):
+        _epochs(tmp_path)
+    log.unlink()
+    with pytest.raises(ValueError, match=r"log\.jsonl is missing"):
+        _epochs(tmp_path)

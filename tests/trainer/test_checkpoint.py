@@ -100,3 +100,30 @@ def test_unreadable_or_incomplete_checkpoints_name_the_file(tmp_path: Path) -> N
         with pytest.raises(ValueError, match=match) as e:
             ckpt.load(path)
         assert str(e.value).startswith(str(path))
+
+
+def test_repair_best_points_best_at_the_named_checkpoint_once(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        ckpt.save(_state(step), ckpt.checkpoint_path(tmp_path, step))
+    best = ckpt.checkpoint_dir(tmp_path) / ckpt.BEST
+    assert ckpt.repair_best(tmp_path, 2)  # no best.pt yet (killed before the first mark_best)
+    assert os.path.samefile(best, ckpt.checkpoint_path(tmp_path, 2))
+    inode = os.stat(best).st_ino
+    assert not ckpt.repair_best(tmp_path, 2) and os.stat(best).st_ino == inode  # idempotent
+    assert ckpt.repair_best(tmp_path, 3)  # stale: re-pointed
+    assert ckpt.load(best)["epoch"] == 3
+    ckpt.checkpoint_path(tmp_path, 1).unlink()  # pruned: best.pt was marked before that
+    assert not ckpt.repair_best(tmp_path, 1) and ckpt.load(best)["epoch"] == 3
+
+
+def test_remove_temp_files_takes_only_temp_names(tmp_path: Path) -> None:
+    ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
+    d = ckpt.checkpoint_dir(tmp_path)
+    temp = [d / ".step-00000002.pt.abc123.tmp", d / ".best.pt.tmp", d / "..best.pt.tmp.x.tmp"]
+    kept = [d / "a.tmp", d / ".hidden", d / "step-00000002.pt.tmp"]
+    for p in temp + kept:
+        p.write_bytes(b"half")
+    assert sorted(ckpt.remove_temp_files(tmp_path)) == sorted(temp)
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [p.name for p in kept] + ["step-00000001.pt"])
+    assert ckpt.remove_temp_files(tmp_path / "nothing_here") == []

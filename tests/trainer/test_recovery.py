@@ -1,0 +1,143 @@
+"""What a killed run leaves in its run directory, and the restart that repairs it.
+
+A kill is simulated by a BaseException raised at the exact point (nothing in the trainer catches
+it, as nothing runs after a SIGKILL); the restart is a new Trainer on the same run directory, as
+``torchrun --max-restarts`` would start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import load_config
+from trainer.dist import DistEnv
+from trainer.trainer import LOG, Trainer
+
+FAST = ["train.val_every=0", "data.num_threads=1"]
+
+
+class KilledError(BaseException):
+    """Stands for the SIGKILL: not an Exception, so no handler on the way out catches it."""
+
+
+def _trainer(data: Path, run: Path, overrides: list[str],
+             val_f1: dict[int, float] | None = None) -> Trainer:
+    cfg = load_config(Path("configs/tiny.toml"), FAST + overrides)
+    t = Trainer(cfg, DistEnv(), data, run, device=torch.device("cpu"))
+    if val_f1 is not None:  # scripted validation scores by epoch: which epoch is best is known
+        t.validator.run = lambda _net: {"val_f1": val_f1[t.epoch]}  # type: ignore[method-assign]
+    return t
+
+
+def _kill_at_call(monkeypatch: pytest.MonkeyPatch, name: str, n: int) -> None:
+    """Replace ``trainer.checkpoint.<name>`` by one that dies at its ``n``-th call."""
+    real, calls = getattr(ckpt, name), {"n": 0}
+
+    def dying(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KilledError
+        return real(*args)
+
+    monkeypatch.setattr(ckpt, name, dying)
+
+
+def _epochs_logged(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / LOG).read_text().splitlines()]
+
+
+def _best(run: Path) -> Path:
+    return ckpt.checkpoint_dir(run) / ckpt.BEST
+
+
+def test_a_kill_before_best_is_marked_is_repaired_on_resume(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # without validation every epoch's checkpoint is the best; killed after the commit of
+    # epoch 2's (the last), before best.pt moved to it
+    run = tmp_path / "run"
+    _kill_at_call(monkeypatch, "mark_best", 2)
+    with pytest.raises(KilledError):
+        _trainer(small_dataset, run, ["train.epochs=2"]).train()
+    monkeypatch.undo()
+    newest = ckpt.list_checkpoints(run)[-1]
+    assert newest.name == "step-00000010.pt"
+    assert not os.path.samefile(_best(run), newest)  # stale: still epoch 1's
+    _trainer(small_dataset, run, ["train.epochs=2"]).train()  # nothing left to train
+    assert os.path.samefile(_best(run), newest)
+
+
+def test_with_validation_a_stale_best_is_repaired_though_no_later_epoch_beats_it(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run, scores = tmp_path / "run", {1: 0.5, 2: 0.9, 3: 0.7}
+    common = ["train.epochs=3", "train.val_every=1"]
+    _kill_at_call(monkeypatch, "mark_best", 2)  # epoch 2 (0.9) is best; killed before marking
+    with pytest.raises(KilledError):
+        _trainer(small_dataset, run, common, scores).train()
+    monkeypatch.undo()
+    assert ckpt.load(_best(run))["global_step"] == 5  # stale: epoch 1's
+    t = _trainer(small_dataset, run, common, scores)
+    t.train()
+    assert t.epoch == 3 and t.best_f1 == 0.9
+    # epoch 3 (0.7) is the newest but not the best: best.pt is epoch 2's checkpoint
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000010.pt",
+                                                            "step-00000015.pt"]
+    assert os.path.samefile(_best(run), ckpt.checkpoint_path(run, 10))
+    assert ckpt.load(ckpt.checkpoint_path(run, 15))["best_step"] == 10
+
+
+def test_a_refused_resume_keeps_the_runs_config(small_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()
+    saved = (run / "config.json").read_text()
+    other = _trainer(small_dataset, run, ["train.epochs=2", "model.width_divisor=4"])
+    with pytest.raises(ValueError, match="its model does not match"):
+        other.train()
+    assert (run / "config.json").read_text() == saved  # predict still builds the run's model
+    # an accepted resume writes the config it runs with
+    _trainer(small_dataset, run, ["train.epochs=2"]).train()
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("torn", [False, True], ids=["whole_line", "torn_line"])
+def test_a_kill_before_the_first_checkpoint_leaves_one_line_per_epoch(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        torn: bool) -> None:
+    run = tmp_path / "run"
+    _kill_at_call(monkeypatch, "save", 1)  # epoch 1 is logged, its checkpoint never committed
+    with pytest.raises(KilledError):
+        _trainer(small_dataset, run, ["train.epochs=1"]).train()
+    monkeypatch.undo()
+    assert ckpt.list_checkpoints(run) == [] and _epochs_logged(run) == [1]
+    if torn:  # what a kill mid-write leaves: part of the line, no newline
+        text = (run / LOG).read_text()
+        (run / LOG).write_text(text[: len(text) // 2])
+    t = _trainer(small_dataset, run, ["train.epochs=1"])
+    t.train()
+    assert _epochs_logged(run) == [1]  # every line parses, epoch 1 once
+    assert [r["epoch"] for r in t.history] == [1]
+
+
+def test_resume_removes_temp_files_of_killed_checkpoint_writes_only(
+        small_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()
+    d = ckpt.checkpoint_dir(run)
+    left = [d / ".step-00000010.pt.k3j_x9a1.tmp", d / ".step-00000010.pt.0qz8w2mm.tmp",
+            d / ".best.pt.tmp"]
+    others = [d / "notes.tmp", d / ".keep", d / "step-00000099.pt.tmp", run / ".other.tmp"]
+    for p in left + others:
+        p.write_bytes(b"x" * 100)
+    (d / ".a_dir.tmp").mkdir()
+    before = {p.name: p.read_bytes() for p in ckpt.list_checkpoints(run) + [_best(run)]}
+    t = _trainer(small_dataset, run, ["train.epochs=1"])
+    assert t.resume()
+    assert [p for p in left if p.exists()] == []
+    assert all(p.exists() for p in others) and (d / ".a_dir.tmp").is_dir()
+    assert {p.name: p.read_bytes() for p in ckpt.list_checkpoints(run) + [_best(run)]} == before
