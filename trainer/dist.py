@@ -184,6 +184,24 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def check_same_data(loader: Any, split: str) -> None:
+    """Raise on every rank unless all ranks' ``loader`` (a :class:`dataio.loader.Loader`) read
+    the same sample list of ``split``.
+
+    Each rank checks the shards on its own; one that leaves out a shard the others accept (a
+    node-local copy that differs, a shard replaced while the job starts) would take fewer steps
+    an epoch and hang the others at the next collective until the process-group timeout.
+    """
+    views = gather_objects((loader.fingerprint, loader.num_samples,
+                            list(loader.index.skipped_detail)))
+    if all(v[0] == views[0][0] for v in views):
+        return
+    detail = "; ".join(f"rank {r}: {n} samples, left out {skipped or 'none'}"
+                       for r, (_, n, skipped) in enumerate(views))
+    raise RuntimeError(f"split {split!r}: the ranks read different data ({detail}); every rank "
+                       "must see the same shards (check node-local copies of --data)")
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

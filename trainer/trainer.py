@@ -30,6 +30,7 @@ from trainer.dist import (
     agree_any,
     all_reduce_sum,
     broadcast_object,
+    check_same_data,
     device_for,
     gather_objects,
 )
@@ -67,6 +68,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.net.parameters(), cfg.optim)
         self.train_loader = build_loader(self.data, "train", cfg.data, env.rank, env.world_size,
                                          train=True, device=self.device)
+        check_same_data(self.train_loader, "train")
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          cfg.train.epochs * self.steps_per_epoch)
@@ -201,8 +203,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_run += 1
         self.metrics.skip_step(reason)
-        log.warning("step %d skipped on all ranks (%s), %d in a row", self.global_step, reason,
-                    self.nonfinite_run)
+        if self.env.is_main:  # an agreed decision: one line, not one per rank
+            log.warning("step %d skipped on all ranks (%s), %d in a row", self.global_step,
+                        reason, self.nonfinite_run)
         if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradients "

@@ -22,7 +22,7 @@ from postproc.polygonize import polygonize_probs
 from postproc.score import ScoreConfig, score_image
 from trainer.amp import Precision
 from trainer.config import Config
-from trainer.dist import DistEnv, all_reduce_sum
+from trainer.dist import DistEnv, all_reduce_sum, check_same_data
 
 log = logging.getLogger("footprints")
 
@@ -41,6 +41,7 @@ class Validator:
             return
         self.loader = build_loader(data, "val", dataclasses.replace(cfg.data), env.rank,
                                    env.world_size, train=False, device=device)
+        check_same_data(self.loader, "val")
         self.truth = {}
         if cfg.train.val_f1:
             self.truth = read_truth_csv(data / "val" / "truth.csv").polygons

@@ -222,6 +222,7 @@ def test_nan_on_one_rank_is_skipped_by_both(small_dataset: Path, tmp_path: Path)
     assert got["identical"] and got["skipped"] == 1
     assert got["global_step"] == 2 * got["steps_per_epoch"]
     assert got["steps_taken"] == got["global_step"] - 1  # the optimizer skipped exactly one
+    assert res.stderr.count("skipped on all ranks") == 1  # an agreed decision is said once
 
 
 @pytest.mark.timeout(120)
@@ -241,3 +242,18 @@ def test_bad_config_fails_on_every_rank_before_training(small_dataset: Path,
                            text=True, timeout=60)
     assert alone.returncode == 2 and time.monotonic() - t0 < 30
     assert "train.epochs: expected int, got 'ten'" in alone.stderr
+
+
+@pytest.mark.timeout(150)
+def test_ranks_that_read_different_shards_stop_with_the_reason(small_dataset: Path,
+                                                                tmp_path: Path) -> None:
+    """Rank 1 leaves out a train shard that rank 0 reads: it would take fewer steps an epoch and
+    leave rank 0 waiting in a collective until the process-group timeout (600 s by default)."""
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1"])
+    args[:2] = [str(REPO / "tests" / "trainer" / "data_worker.py")]  # instead of -m trainer.train
+    t0 = time.monotonic()
+    res = run(torchrun_cmd(2, args), timeout=120)
+    assert res.returncode != 0
+    assert time.monotonic() - t0 < 100  # not the 600 s timeout
+    assert "split 'train': the ranks read different data" in res.stderr, res.stderr[-3000:]
+    assert "rank 1: 13 samples, left out" in res.stderr and "this node's copy" in res.stderr
