@@ -38,7 +38,8 @@ built; one that fails is left out with a warning and counted in ``stats.shards_s
 that does not read or decode becomes an empty slot (``valid=False``) with a warning, counted in
 ``stats.samples_skipped`` by reason, in both backends (DALI rebuilds its pipeline once to get past
 it, see :mod:`dataio.dali_pipe`); epochs keep their length. Each rank checks the shards on its
-own: if files may change while a job starts, compare ``loader.fingerprint`` across ranks.
+own; the trainer and predict compare ``loader.fingerprint`` across ranks
+(``trainer.dist.check_same_data``) and stop every rank if one reads other data.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Any
 from dataio.atomic import atomic_write_text
 from dataio.manifest import load_manifest
 from postproc.curves import parse_log
+from postproc.tune import read_tuned
 
 
 def _read(path: Path) -> Any:
@@ -35,7 +36,9 @@ def _epochs(run: Path) -> list[dict[str, Any]]:
 def build_summary(run: Path, data: Path, seconds: dict[str, float]) -> dict[str, Any]:
     report = run / "report"
     score = _read(report / "score_test.json")
-    tune = _read(run / "tune.json")
+    # the pair checked to be one tuning's: an interrupted tune must not report its F1 for
+    # settings that are not the ones in force
+    settings, tune = read_tuned(run)
     epochs = _epochs(run)
     last_val = next((e for e in reversed(epochs) if "val_f1" in e), {})
     manifest = load_manifest(data)
@@ -46,7 +49,7 @@ def build_summary(run: Path, data: Path, seconds: dict[str, float]) -> dict[str,
         "tiles": {s: manifest.samples(s) for s in ("train", "val", "test")},
         "val_f1_default_postproc": tune["default"]["f1"],
         "val_f1_tuned_postproc": tune["best"]["f1"],
-        "postproc": _read(run / "postproc.json"),
+        "postproc": settings,
         "epochs": len(epochs),
         "final_train_loss": epochs[-1]["train_loss"] if epochs else None,
         "final_val_iou": last_val.get("val_iou"),

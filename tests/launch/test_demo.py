@@ -108,3 +108,18 @@ def test_the_report_reads_a_log_that_a_crash_left(tmp_path: Path) -> None:
     log.unlink()
     with pytest.raises(ValueError, match=r"log\.jsonl is missing"):
         _epochs(tmp_path)
+
+
+def test_the_report_refuses_settings_that_are_not_the_tuned_ones(tmp_path: Path) -> None:
+    """A tune killed between its two files leaves tune.json of a new grid beside the earlier
+    postproc.json: its F1 must not be reported for the settings in force."""
+    from launch.report import build_summary
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "score_test.json").write_text(json.dumps({"f1": 0.9}))
+    settings = {"building_threshold": 0.6}
+    (tmp_path / "tune.json").write_text(json.dumps({"default": {"f1": 0.7},
+                                                    "best": {"f1": 0.8, "settings": settings}}))
+    (tmp_path / "postproc.json").write_text(json.dumps({"building_threshold": 0.5}))
+    with pytest.raises(ValueError, match=r"postproc\.json is not the best\.settings"):
+        build_summary(tmp_path, tmp_path / "data", {})
