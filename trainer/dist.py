@@ -11,14 +11,16 @@ import datetime
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("footprints")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,27 @@ def check_same_data(loader: Any, split: str) -> None:
                        for r, (_, n, skipped) in enumerate(views))
     raise RuntimeError(f"split {split!r}: the ranks read different data ({detail}); every rank "
                        "must see the same shards (check node-local copies of --data)")
+
+
+def on_main(env: DistEnv, what: str, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` (a side effect: a file write) on rank 0 only, and agree on how it went.
+
+    Its result comes back on rank 0 (None elsewhere). If it raises, rank 0 re-raises it and every
+    other rank raises RuntimeError naming it: a failure on rank 0 alone (a full disk) used to
+    leave the others to die on gloo's reset connection, or wait out the process-group timeout.
+    """
+    if not env.is_main:
+        error = broadcast_object(None)
+        if error is not None:
+            raise RuntimeError(f"rank 0 stopped while {what}: {error}")
+        return None
+    try:
+        result = fn()
+    except Exception as e:
+        broadcast_object(f"{type(e).__name__}: {e}")
+        raise
+    broadcast_object(None)
+    return result
 
 
 def barrier() -> None:

@@ -33,6 +33,7 @@ from trainer.dist import (
     check_same_data,
     device_for,
     gather_objects,
+    on_main,
 )
 from trainer.metrics import MetricsError, TrainMetrics
 from trainer.optim import build_optimizer, build_scheduler
@@ -102,11 +103,9 @@ class Trainer:
             raise failed or MetricsError("rank 0 could not start the metrics endpoint")
         try:
             self.resume()
-            if self.env.is_main:
-                # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
-                # settings) must leave the run's config, which predict builds its model from.
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
+            # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
+            # settings) must leave the run's config, which predict builds its model from.
+            on_main(self.env, "writing config.json", self._write_config)
             log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s", self.cfg.model.name,
                      f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
                      self.env.world_size, self.device.type, self.steps_per_epoch,
@@ -233,15 +232,18 @@ class Trainer:
             if k in summary:
                 self.metrics.val.labels(metric=k[4:]).set(summary[k])
         self.history.append(summary)
+        on_main(self.env, "writing the training log", lambda: self._append_log(summary))
         if self.env.is_main:
-            with open(self.run_dir / LOG, "a", encoding="utf-8") as f:
-                f.write(json.dumps(summary) + "\n")
             log.info("epoch %d/%d  loss %.4f  %s %.1f samples/s  %.0fs", summary["epoch"],
                      self.cfg.train.epochs, summary["train_loss"],
                      "  ".join(f"{k} {summary[k]:.4f}" for k in ("val_loss", "val_iou", "val_f1")
                                if k in summary), summary["samples_per_s"], summary["seconds"])
         # without validation the newest checkpoint is the one to use
         self.save_checkpoint(best=is_best or self.cfg.train.val_every == 0)
+
+    def _append_log(self, summary: dict[str, Any]) -> None:
+        with open(self.run_dir / LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(summary) + "\n")
 
     def state(self) -> dict[str, Any]:
         return {
@@ -261,7 +263,8 @@ class Trainer:
         """Rank 0 writes (temp + rename); every rank contributes its RNG state and its figures
         of the epoch so far first."""
         parts = gather_objects((ckpt.rng_state(), self._totals.tolist()))
-        if self.env.is_main:
+
+        def write() -> None:
             state = self.state()
             state["rng"] = [rng for rng, _ in parts]
             # summed over ranks: the epoch's line sums them anyway, whatever the world size
@@ -276,24 +279,27 @@ class Trainer:
             if best:
                 ckpt.mark_best(path)
             ckpt.prune(self.run_dir, self.cfg.train.keep_last)
+
+        # NOTE: nobody proceeds until the checkpoint is committed, so a failure after this point
+        # can always resume from it; a failed write stops every rank with its reason.
+        on_main(self.env, "writing a checkpoint", write)
         if best:
             self.best_step = self.global_step
-        # NOTE: nobody proceeds until the checkpoint is committed, so a failure after this point
-        # can always resume from it.
-        agree_any(False)
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of the run directory, if any (all ranks agree).
         Rank 0 also repairs what a killed run left: temp files, best.pt, the log's last lines."""
-        if self.env.is_main:
+        def find() -> tuple[dict[str, Any], Path] | None:
             # NOTE: rank 0 is this run's only checkpoint writer and has not written yet, so any
             # temp file now is a leftover of a killed worker (torchrun stops the old group first).
             ckpt.remove_temp_files(self.run_dir)
-        found = ckpt.load_latest(self.run_dir) if self.env.is_main else None
+            return ckpt.load_latest(self.run_dir)
+
+        found = on_main(self.env, "looking for a checkpoint", find)
         path = broadcast_object(str(found[1]) if found else None)
         if path is None:
-            if self.env.is_main:
-                self._clean_log()  # lines of epochs whose checkpoint was never committed
+            # lines of epochs whose checkpoint was never committed
+            on_main(self.env, "cleaning the training log", self._clean_log)
             return False
         state = found[0] if found else ckpt.load(Path(path))
         missing = [k for k in ckpt.RESUME_KEYS if k not in state]
@@ -318,10 +324,7 @@ class Trainer:
         self.scheduler = self._resumed_scheduler(state)
         if state.get("world_size") == self.env.world_size and len(state["rng"]) > self.env.rank:
             ckpt.set_rng_state(state["rng"][self.env.rank])
-        if self.env.is_main:
-            if self.best_step is not None:
-                ckpt.repair_best(self.run_dir, self.best_step)
-            self._clean_log()
+        on_main(self.env, "repairing the run directory", self._repair)
         self.metrics.resumes.inc()
         log.info("resumed from %s (%d epochs done, %d steps into the next)", path, self.epoch,
                  self.step_in_epoch)
@@ -339,6 +342,16 @@ class Trainer:
             done = round(done * self.steps_per_epoch / saved_spe)
         return build_scheduler(self.optimizer, self.cfg.optim,
                                self.cfg.train.epochs * self.steps_per_epoch, start_step=done)
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
+
+    def _repair(self) -> None:
+        """What a killed run may have left: best.pt not yet moved, log lines past the state."""
+        if self.best_step is not None:
+            ckpt.repair_best(self.run_dir, self.best_step)
+        self._clean_log()
 
     def _clean_log(self) -> None:
         """Keep one line per epoch that the resumed state contains (``self.epoch``, 0 without a

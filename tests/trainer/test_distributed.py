@@ -257,3 +257,18 @@ def test_ranks_that_read_different_shards_stop_with_the_reason(small_dataset: Pa
     assert time.monotonic() - t0 < 100  # not the 600 s timeout
     assert "split 'train': the ranks read different data" in res.stderr, res.stderr[-3000:]
     assert "rank 1: 13 samples, left out" in res.stderr and "this node's copy" in res.stderr
+
+
+@pytest.mark.timeout(150)
+def test_a_failed_checkpoint_write_stops_every_rank_with_the_reason(small_dataset: Path,
+                                                                     tmp_path: Path) -> None:
+    """Rank 0 alone writes checkpoints: its failure (a full disk) is agreed, so rank 1 stops
+    with the reason too instead of dying on gloo's reset connection."""
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=2"])
+    args[:2] = [str(REPO / "tests" / "trainer" / "save_fail_worker.py")]
+    res = run(torchrun_cmd(2, args), timeout=120)
+    assert res.returncode != 0
+    assert "rank 0 stopped while writing a checkpoint: OSError: [Errno 28] No space left on " \
+           "device" in res.stderr, res.stderr[-3000:]
+    assert "[rank 0] ERROR [Errno 28] No space left on device" in res.stderr
+    assert "Connection closed by peer" not in res.stderr and "GLOO" not in res.stderr.upper()
