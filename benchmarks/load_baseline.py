@@ -5,8 +5,9 @@ functions (``benchmarks.baselines``), reading its inputs whole and gathering its
     python -m benchmarks.load_baseline score --truth CSV --proposals CSV --json OUT
                                              [--min-truth-area 20]
 
-- polygonize: every tile of every ``PRED/pred-*.tar`` (read with the project's reader,
-  ``postproc.predio``), the original sample's polygonizer (``baseline_polygonize``: building
+- polygonize: every tile of every ``PRED/pred-*.tar`` (read as a user's script would, with
+  ``tarfile`` and Pillow: the project's reader would bring torch and numba into the figures), the
+  original sample's polygonizer (``baseline_polygonize``: building
   channel > 127, ``rasterio.features.shapes``, shapely, area filter), every proposal row gathered
   in one list, and the SpaceNet proposal CSV written at the end (Confidence 1: the sample has
   none). Tiles are decoded one at a time, as the sample read one image at a time.
@@ -22,8 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from benchmarks.baselines import baseline_polygonize, plain_score
 from dataio.atomic import atomic_open, atomic_write_text
@@ -38,15 +43,20 @@ IOU_THRESHOLD = 0.5  # plain_score's, SpaceNet's (IoU >= 0.5)
 def polygonize(pred: Path, out: Path, min_area: float = MIN_POLYGON_AREA) -> tuple[int, int]:
     """Write the proposal CSV of every tile under ``pred``; returns (tiles, polygons)."""
     from postproc.csvio import proposal_rows, write_rows
-    from postproc.predio import iter_pred_samples, list_pred_shards
 
     rows: list[list[str]] = []
     tiles = 0
-    for shard in list_pred_shards(pred):
-        for key, prob, _ in iter_pred_samples(shard):
-            polys = baseline_polygonize(prob, min_area)
-            rows += proposal_rows(key, polys, [1.0] * len(polys))
-            tiles += 1
+    suffix = ".prob.png"  # postproc.predio's member name: <ImageId>.prob.png (8-bit RGB)
+    for shard in sorted(pred.glob("pred-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not (member.isfile() and member.name.endswith(suffix)):
+                    continue
+                with Image.open(tar.extractfile(member)) as im:
+                    prob = np.asarray(im.convert("RGB"))
+                polys = baseline_polygonize(prob, min_area)
+                rows += proposal_rows(member.name[:-len(suffix)], polys, [1.0] * len(polys))
+                tiles += 1
     with atomic_open(out, "w", newline="", encoding="utf-8") as f:
         write_rows(f, rows, header=True)
     return tiles, sum(1 for r in rows if r[1] != "-1")

@@ -79,3 +79,21 @@ def test_polygonize_writes_a_valid_proposal_csv(small):
     theirs = project_score(small["truth"], out, d / "bp.json")
     assert [mine[k] for k in ("tp", "fp", "fn")] == [theirs[k] for k in ("tp", "fp", "fn")]
     assert 0.4 < mine["f1"] < project_score(small["truth"], small["props"], d / "p.json")["f1"]
+
+
+def test_the_baseline_commands_carry_no_project_imports(small):
+    """Their memory figures are a plain script's: neither torch nor numba may come along."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from benchmarks import load_baseline as b\n"
+            f"b.polygonize(__import__('pathlib').Path({str(small['pred'])!r}), "
+            f"__import__('pathlib').Path({str(small['dir'] / 'imports.csv')!r}))\n"
+            f"b.score(__import__('pathlib').Path({str(small['truth'])!r}), "
+            f"__import__('pathlib').Path({str(small['props'])!r}))\n"
+            "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
+    assert (small["dir"] / "imports.csv").stat().st_size > 100
