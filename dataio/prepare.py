@@ -271,6 +271,7 @@ class _Call:
 
 
 STAGE = ".partial"  # the dataset is built here, inside --out, and moved up when complete
+OLD = ".old"  # where publish moves the replaced dataset aside until the new one is in
 
 
 def check_output(cfg: PrepareConfig) -> list[Path]:
@@ -283,7 +284,7 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
         raise ValueError(f"--out {out}: exists and is not a directory")
     ours = [out / MANIFEST, *(out / s for s in SPLITS)]
     present = [p for p in ours if p.exists()]
-    others = [p for p in out.iterdir() if p not in ours and p.name != STAGE]
+    others = [p for p in out.iterdir() if p not in ours and p.name not in (STAGE, OLD)]
     if present and not cfg.overwrite:
         what = "a dataset" if (out / MANIFEST).exists() else "an incomplete dataset"
         raise ValueError(f"--out {out}: already holds {what}; pass --overwrite to replace it")
@@ -295,22 +296,27 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
 def publish(stage: Path, out: Path, replaced: list[Path]) -> None:
     """Move the complete dataset in ``stage`` up into ``out``, replacing the old one.
 
-    The manifest goes first and comes back last: readers need it, so a kill inside this short
-    window leaves "no manifest" (a clear error), never old shards beside new ones or a half-built
-    split behind a manifest. Before this point a killed run has not touched the old dataset.
+    Only renames until the new manifest is in: the old manifest and splits move aside into
+    ``out/.old`` (manifest first, so readers never see it beside a half-swapped split), the new
+    splits move in, the new manifest last. A kill inside these few renames leaves no manifest (a
+    clear error) with the old dataset whole in ``.old`` and the new one in the stage, never a
+    deleted dataset; the old one is deleted only once the new one is in place.
     """
-    if (out / MANIFEST) in replaced:
-        (out / MANIFEST).unlink()
-        fsync_dir(out)
-    for p in replaced:
-        if p.name != MANIFEST:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    old = out / OLD
+    if old.exists():  # a previous publish's, which got as far as its new manifest
+        shutil.rmtree(old)
+    old.mkdir()
+    order = sorted(replaced, key=lambda p: p.name != MANIFEST)
+    for p in order:
+        p.replace(old / p.name)
+    fsync_dir(out)
     for s in SPLITS:
         (stage / s).replace(out / s)
     fsync_dir(out)
     (stage / MANIFEST).replace(out / MANIFEST)
     fsync_dir(out)
     shutil.rmtree(stage)
+    shutil.rmtree(old)
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
@@ -331,10 +337,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     stage.mkdir(parents=True)
     try:
         manifest = _build(cfg, stage, found, tiles, t0, progress)
-        publish(stage, cfg.out, replaced)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    # NOTE: from here the stage is the complete new dataset: an error inside publish must not
+    # delete it (the old one may already be aside in .old).
+    publish(stage, cfg.out, replaced)
     return manifest
 
 

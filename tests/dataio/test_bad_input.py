@@ -231,3 +231,32 @@ def test_interrupted_overwrite_keeps_the_old_dataset(raw: Path, tmp_path: Path,
     monkeypatch.undo()
     _run(raw, out, overwrite=True)
     assert not (out / prep.STAGE).exists() and len(_samples(out)) == TILES
+
+
+def test_interrupted_swap_deletes_neither_dataset(raw: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C inside the swap itself (after the old dataset moved aside, before the new one is
+    in): no manifest, so readers refuse, but the old dataset is whole in .old and the new one
+    whole in the stage (an error handler deleted the finished stage, and the old splits were
+    being deleted: both were lost)."""
+    out = tmp_path / "d"
+    _run(raw, out)
+    before = _files(out)
+    real, calls = prep.fsync_dir, {"n": 0}
+
+    def cut(path: Path) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the old dataset is aside; nothing new has moved in
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(prep, "fsync_dir", cut)
+    with pytest.raises(KeyboardInterrupt):
+        _run(raw, out, workers=0, overwrite=True, seed=5)
+    assert not (out / "manifest.json").exists()
+    assert _files(out / prep.OLD) == before
+    assert load_manifest(out / prep.STAGE).data["config"]["seed"] == 5  # complete, not deleted
+    monkeypatch.undo()
+    _run(raw, out, seed=5)  # nothing to replace: the leftovers are ours
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test", "train", "val"]
+    assert load_manifest(out).data["config"]["seed"] == 5 and len(_samples(out)) == TILES
