@@ -39,7 +39,7 @@ that does not read or decode becomes an empty slot (``valid=False``) with a warn
 ``stats.samples_skipped`` by reason, in both backends (DALI rebuilds its pipeline once to get past
 it, see :mod:`dataio.dali_pipe`); epochs keep their length. Each rank checks the shards on its
 own; the trainer and predict compare ``loader.fingerprint`` across ranks
-(``trainer.dist.check_same_data``) and stop every rank if one reads other data.
+(``trainer.dist.agreed_loader``) and stop every rank if one reads other data.
 """
 
 from __future__ import annotations

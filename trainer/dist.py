@@ -186,22 +186,35 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def check_same_data(loader: Any, split: str) -> None:
-    """Raise on every rank unless all ranks' ``loader`` (a :class:`dataio.loader.Loader`) read
-    the same sample list of ``split``.
+def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
+    """``build()`` this rank's loader of ``split`` (a :class:`dataio.loader.Loader` of ``data``)
+    and raise on every rank unless every rank built one over the same sample list.
 
     Each rank checks the shards on its own; one that leaves out a shard the others accept (a
     node-local copy that differs, a shard replaced while the job starts) would take fewer steps
-    an epoch and hang the others at the next collective until the process-group timeout.
+    an epoch and hang the others at the next collective until the process-group timeout, and
+    one that finds no usable shard at all would stop alone, the others dying on a reset
+    connection.
     """
-    views = gather_objects((loader.fingerprint, loader.num_samples,
-                            list(loader.index.skipped_detail)))
-    if all(v[0] == views[0][0] for v in views):
-        return
-    detail = "; ".join(f"rank {r}: {n} samples, left out {skipped or 'none'}"
-                       for r, (_, n, skipped) in enumerate(views))
-    raise RuntimeError(f"split {split!r}: the ranks read different data ({detail}); every rank "
-                       "must see the same shards (check node-local copies of --data)")
+    try:
+        loader, error = build(), None
+    except Exception as e:
+        loader, error = None, e
+    view = ((None, 0, [], f"{type(error).__name__}: {error}") if error is not None else
+            (loader.fingerprint, loader.num_samples, list(loader.index.skipped_detail), None))
+    views = gather_objects(view)
+    if error is not None:
+        raise error
+    failed = [(r, v[3]) for r, v in enumerate(views) if v[3] is not None]
+    if failed:
+        rank, why = failed[0]
+        raise RuntimeError(f"rank {rank} could not open split {split!r} of {data}: {why}")
+    if any(v[0] != views[0][0] for v in views):
+        detail = "; ".join(f"rank {r}: {n} samples, fingerprint {fp[:12]}, left out "
+                           f"{skipped or 'none'}" for r, (fp, n, skipped, _) in enumerate(views))
+        raise RuntimeError(f"split {split!r} of {data}: the ranks read different data ({detail}); "
+                           "every rank must see the same shards (check node-local copies)")
+    return loader  # type: ignore[return-value]
 
 
 def on_main(env: DistEnv, what: str, fn: Callable[[], T]) -> T | None:

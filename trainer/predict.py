@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         load_model(net, state, ckpt_path, f"{args.run_dir}/config.json")
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
-        loader = build_loader(args.data, args.split, data_cfg, env.rank, env.world_size,
-                              train=False, device=device)
-        dist.check_same_data(loader, args.split)  # else tiles are silently dropped or repeated
+        # agreed: else tiles are silently dropped or repeated
+        loader = dist.agreed_loader(args.split, args.data, lambda: build_loader(
+            args.data, args.split, data_cfg, env.rank, env.world_size, train=False,
+            device=device))
         precision = resolve(cfg.train.amp, device)
         # Shards go to a staging directory and into --out only once every rank is done.
         staging = staging_dir(args.out)

@@ -28,9 +28,9 @@ from trainer.config import Config
 from trainer.dist import (
     DistEnv,
     agree_any,
+    agreed_loader,
     all_reduce_sum,
     broadcast_object,
-    check_same_data,
     device_for,
     gather_objects,
     on_main,
@@ -67,9 +67,9 @@ class Trainer:
         self.precision = resolve(cfg.train.amp, self.device)
         self.scaler = self.precision.scaler()
         self.optimizer = build_optimizer(self.net.parameters(), cfg.optim)
-        self.train_loader = build_loader(self.data, "train", cfg.data, env.rank, env.world_size,
-                                         train=True, device=self.device)
-        check_same_data(self.train_loader, "train")
+        self.train_loader = agreed_loader("train", self.data, lambda: build_loader(
+            self.data, "train", cfg.data, env.rank, env.world_size, train=True,
+            device=self.device))
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          cfg.train.epochs * self.steps_per_epoch)

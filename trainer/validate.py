@@ -22,7 +22,7 @@ from postproc.polygonize import polygonize_probs
 from postproc.score import ScoreConfig, score_image
 from trainer.amp import Precision
 from trainer.config import Config
-from trainer.dist import DistEnv, all_reduce_sum, check_same_data
+from trainer.dist import DistEnv, agreed_loader, all_reduce_sum
 
 log = logging.getLogger("footprints")
 
@@ -39,9 +39,9 @@ class Validator:
         self.enabled = cfg.train.val_every > 0 and manifest.samples("val") > 0
         if not self.enabled:
             return
-        self.loader = build_loader(data, "val", dataclasses.replace(cfg.data), env.rank,
-                                   env.world_size, train=False, device=device)
-        check_same_data(self.loader, "val")
+        self.loader = agreed_loader("val", data, lambda: build_loader(
+            data, "val", dataclasses.replace(cfg.data), env.rank, env.world_size, train=False,
+            device=device))
         self.truth = {}
         if cfg.train.val_f1:
             self.truth = read_truth_csv(data / "val" / "truth.csv").polygons

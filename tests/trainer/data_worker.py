@@ -1,5 +1,6 @@
-"""Run under torchrun by test_distributed: rank 1 leaves out a shard the others accept (as a
-node-local copy of --data that differs would), then trains with the real trainer.train."""
+"""Run under torchrun by test_distributed: ``data_worker.py SPLIT/SHARD ARGS...``: rank 1 leaves
+out that shard, which the others accept (as a node-local copy of --data that differs would),
+then the real ``trainer.train ARGS...`` runs."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 from dataio import sharding
 from trainer.train import main
 
+DROP = sys.argv.pop(1) if __name__ == "__main__" else ""
+
 if os.environ.get("RANK") == "1":
     real = sharding.check_shard
 
     def _missing_one(directory, info):  # type: ignore[no-untyped-def]
-        if info["name"] == "shard-000001.tar":
+        if f"{directory.name}/{info['name']}" == DROP:
             return f"{directory / info['name']}: missing (this node's copy)"
         return real(directory, info)
 

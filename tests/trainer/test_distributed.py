@@ -244,19 +244,27 @@ def test_bad_config_fails_on_every_rank_before_training(small_dataset: Path,
     assert "train.epochs: expected int, got 'ten'" in alone.stderr
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_ranks_that_read_different_shards_stop_with_the_reason(small_dataset: Path,
                                                                 tmp_path: Path) -> None:
     """Rank 1 leaves out a train shard that rank 0 reads: it would take fewer steps an epoch and
-    leave rank 0 waiting in a collective until the process-group timeout (600 s by default)."""
+    leave rank 0 waiting in a collective until the process-group timeout (600 s by default).
+    Rank 1 finding no val shard at all stopped alone, rank 0 dying on a reset connection."""
+    worker = str(REPO / "tests" / "trainer" / "data_worker.py")
     args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1"])
-    args[:2] = [str(REPO / "tests" / "trainer" / "data_worker.py")]  # instead of -m trainer.train
     t0 = time.monotonic()
-    res = run(torchrun_cmd(2, args), timeout=120)
+    res = run(torchrun_cmd(2, [worker, "train/shard-000001.tar", *args[2:]]), timeout=120)
     assert res.returncode != 0
     assert time.monotonic() - t0 < 100  # not the 600 s timeout
-    assert "split 'train': the ranks read different data" in res.stderr, res.stderr[-3000:]
-    assert "rank 1: 13 samples, left out" in res.stderr and "this node's copy" in res.stderr
+    assert f"split 'train' of {small_dataset}: the ranks read different data" in res.stderr, \
+        res.stderr[-3000:]
+    assert "rank 1: 13 samples" in res.stderr and "this node's copy" in res.stderr
+
+    res = run(torchrun_cmd(2, [worker, "val/shard-000000.tar", *args[2:]]), timeout=120)
+    assert res.returncode != 0
+    assert f"rank 1 could not open split 'val' of {small_dataset}: DataError" in res.stderr, \
+        res.stderr[-3000:]
+    assert "Connection closed by peer" not in res.stderr
 
 
 @pytest.mark.timeout(150)
