@@ -298,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", type=Path, required=True, help="directory of pred-*.tar shards")
     p.add_argument("--out", type=Path, required=True, help="proposal CSV to write")
     p.add_argument("--geojson", type=Path, default=None,
-                   help="also write <DIR>/<ImageId>.geojson in each tile's CRS")
+                   help="also write <DIR>/<ImageId>.geojson in each tile's CRS (published "
+                        "after the CSV; tiles an earlier run wrote there and this one did not "
+                        "are removed, other files are left alone)")
     p.add_argument("--settings", type=Path, default=None,
                    help="postproc.json with PolygonizeConfig fields (flags below override it; "
                         "default: the run's tuned RUN/postproc.json, RUN named by "

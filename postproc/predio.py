@@ -156,9 +156,13 @@ def begin_publish(out: Path) -> Path:
     return marker
 
 
-def publish_dir(staging: Path, out: Path, pattern: str) -> None:
+def publish_dir(staging: Path, out: Path, pattern: str, ledger: str | None = None) -> None:
     """Move every file of ``staging`` into ``out``, then delete the files in ``out`` that match
     ``pattern`` and that this publish did not bring (an earlier run's); ``staging`` is removed.
+
+    With ``ledger`` (a file name in ``out``), only files that the previous publish listed there
+    are candidates for deletion, and this publish lists its own: for a directory the user may
+    share with files of their own (``--geojson DIR``), which must never be deleted.
 
     NOTE: the files move one rename at a time, so a kill part-way leaves a mix of two runs. The
     marker ``out/.publishing`` exists from before the first move until after the last delete, so
@@ -170,7 +174,14 @@ def publish_dir(staging: Path, out: Path, pattern: str) -> None:
     for p in new:
         os.replace(p, out / p.name)
     names = {p.name for p in new}
-    for old in out.glob(pattern):
+    stale = list(out.glob(pattern))
+    if ledger is not None:
+        listed = set()
+        if (out / ledger).is_file():
+            listed = set((out / ledger).read_text(encoding="utf-8").splitlines())
+        stale = [p for p in stale if p.name in listed]
+        atomic_write_text(out / ledger, "".join(f"{n}\n" for n in sorted(names)))
+    for old in stale:
         if old.name not in names and old.is_file():
             old.unlink()
     staging.rmdir()

@@ -9,9 +9,12 @@ written by rank 0 only, in rounds: in round i every rank hands over the rows of 
 a bad shard on one rank stops every rank with the same one-line reason instead of a hang.
 
 GeoJSON (``--geojson DIR``): every rank writes its tiles into ``DIR/.partial``; rank 0 moves them
-into ``DIR`` only after the CSV is committed, and removes the ``*.geojson`` of an earlier run that
-this one did not write (``predio.publish_dir``), so ``DIR`` never holds a failed run's half or a
-smaller run's stale tiles beside the CSV. ``DIR/.publishing`` marks a move that was cut short.
+into ``DIR`` only after the CSV is committed, and removes the tiles of an earlier run that this
+one did not write (``predio.publish_dir``; only tiles listed in ``DIR/.polygonize-tiles`` by that
+run: other ``*.geojson`` in DIR are the user's and stay), so ``DIR`` never holds a failed run's
+half or a smaller run's stale tiles beside the CSV. ``DIR/.publishing`` marks a move that was cut
+short. Every rank writes into ``DIR/.partial``, so under torchrun on several nodes DIR (like
+PRED) must be on a file system that all nodes share.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from postproc.predio import (
     staging_dir,
 )
 
+# the tiles the last run published into --geojson DIR: only those may be removed as stale
+GEOJSON_LEDGER = ".polygonize-tiles"
 CHUNK_TILES = 4  # tiles per task: small enough to balance, large enough to amortise IPC
 
 
@@ -236,7 +241,7 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                 begin_publish(geojson_dir)
         # every rank's GeoJSON is written: its shards came through the last round
         if env.is_main and staging is not None:
-            publish_dir(staging, geojson_dir, "*.geojson")
+            publish_dir(staging, geojson_dir, "*.geojson", ledger=GEOJSON_LEDGER)
     finally:
         bar.close()
         stream.close()

@@ -77,9 +77,15 @@ def test_geojson_dir_is_replaced_whole_after_the_csv(pred_dir, tmp_path, capsys)
     pred, _ = pred_dir
     out, gj = tmp_path / "p.csv", tmp_path / "geojson"
     base = ["--out", str(out), "--geojson", str(gj), "--workers", "1", "--no-tuned"]
+    # the user's own files in DIR: never removed, whatever the runs publish
+    gj.mkdir()
+    mine = {"buildings_AOI_9_Test_img0.geojson": b'{"type": "FeatureCollection"}',
+            "notes.geojson": b"{}", "notes.txt": b"x"}
+    for name, data in mine.items():
+        (gj / name).write_bytes(data)
     assert run_main(polygonize.main, ["--pred", str(pred), *base]) == 0
     before, csv_before = _snapshot(gj), out.read_bytes()
-    assert len(before) == 12 and sorted(p.name for p in gj.iterdir()) == sorted(before)
+    assert len(_tiles(gj)) == 12 and all(before[name] == data for name, data in mine.items())
     # other settings, and the last shard is truncated: the run fails after writing GeoJSON for
     # the tiles of the first shards; neither the CSV nor the directory may change
     bad = tmp_path / "bad"
@@ -100,8 +106,15 @@ def test_geojson_dir_is_replaced_whole_after_the_csv(pred_dir, tmp_path, capsys)
     assert run_main(polygonize.main, ["--pred", str(one), *base]) == 0
     ids = {r[0] for r in read_rows(out)[1:]}
     assert len(ids) == 4
-    assert sorted(p.name for p in gj.iterdir()) == sorted(f"{k}.geojson" for k in ids)
+    assert _tiles(gj) == sorted(f"{k}.geojson" for k in ids)
     assert all(_snapshot(gj)[f"{k}.geojson"] == before[f"{k}.geojson"] for k in ids)
+    assert all((gj / name).read_bytes() == data for name, data in mine.items())
+
+
+def _tiles(gj: Path) -> list[str]:
+    """The tiles polygonize published into ``gj`` (not the user's files, not hidden ones)."""
+    return sorted(p.name for p in gj.iterdir()
+                  if p.name.startswith("AOI_9_Test_") and p.suffix == ".geojson")
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "truncated", "bad_settings"])
