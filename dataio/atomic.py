@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,21 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+STAGING = ".partial"
+
+
+def fresh_staging_dir(out: str | os.PathLike[str]) -> Path:
+    """An empty ``out/.partial`` (a killed run's removed first), where a command builds a whole
+    output directory before moving it up into ``out``: inside ``out``, so the moves are renames
+    on one file system even when ``out`` is a mount point, and hidden, so readers of ``out``
+    that list its files do not see it."""
+    staging = Path(out) / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

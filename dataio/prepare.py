@@ -31,7 +31,7 @@ import rasterio
 from pyproj import CRS
 from tqdm import tqdm
 
-from dataio.atomic import atomic_open, fsync_dir
+from dataio.atomic import STAGING, atomic_open, fresh_staging_dir, fsync_dir
 from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
@@ -270,7 +270,7 @@ class _Call:
         return _worker(tile, self.bands, self.boundary_width)
 
 
-STAGE = ".partial"  # the dataset is built here, inside --out, and moved up when complete
+STAGE = STAGING  # the dataset is built here, inside --out, and moved up when complete
 OLD = ".old"  # where publish moves the replaced dataset aside until the new one is in
 
 
@@ -331,10 +331,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     # NOTE: the new dataset is built in a stage inside --out (same filesystem, so the moves are
     # renames) and replaces the old one only when complete: a refused, failed or killed run
     # leaves the old dataset as it was. A stage left by a killed run is ours; it goes first.
-    stage = cfg.out / STAGE
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    stage = fresh_staging_dir(cfg.out)
     try:
         manifest = _build(cfg, stage, found, tiles, t0, progress)
     except BaseException:

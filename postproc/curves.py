@@ -36,11 +36,12 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return epochs
 
 
-def parse_log(text: str, path: str | Path) -> list[dict[str, Any]]:
+def parse_log(text: str, path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
     """The epoch records of a training log's ``text``, sorted by epoch; a repeated epoch (a
     resumed run) keeps its last record. A last line cut short by a crash (it does not parse and
     its newline was never written) is skipped, as the trainer drops it when it resumes; any other
-    bad line is a ValueError naming ``path:line``."""
+    bad line is a ValueError naming ``path:line``, unless ``repair`` (the trainer cleaning its own
+    log at start) skips it too."""
     lines = text.splitlines()
     torn_tail = not text.endswith("\n")
     by_epoch: dict[int, dict[str, Any]] = {}
@@ -51,7 +52,7 @@ def parse_log(text: str, path: str | Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
             epoch = int(rec["epoch"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            if n == len(lines) and torn_tail:
+            if repair or (n == len(lines) and torn_tail):
                 continue
             raise ValueError(f"{path}:{n}: not an epoch record ({type(e).__name__}: {e})") from None
         by_epoch[epoch] = rec

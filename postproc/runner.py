@@ -24,7 +24,6 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
-import shutil
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dataio.atomic import atomic_open
+from dataio.atomic import atomic_open, fresh_staging_dir
 from postproc.csvio import proposal_rows, write_rows
 from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
@@ -257,9 +256,7 @@ def _stage_geojson(geojson_dir: Path, env: Any) -> Path:
 
     staging = staging_dir(geojson_dir)
     if env.is_main:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        fresh_staging_dir(geojson_dir)
     barrier()
     return staging
 

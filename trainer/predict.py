@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dataio.atomic import atomic_write_text
+from dataio.atomic import atomic_write_text, fresh_staging_dir
 from trainer import dist
 
 log = logging.getLogger("footprints")
@@ -114,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         # Shards go to a staging directory and into --out only once every rank is done.
         staging = staging_dir(args.out)
         if env.is_main:
-            if staging.exists():  # left by a killed run
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
+            fresh_staging_dir(args.out)  # (a killed run's removed)
             # provenance: lets postproc.polygonize find the run's tuned settings by default
             atomic_write_text(staging / PROVENANCE, json.dumps({
                 "run_dir": str(args.run_dir.resolve()), "checkpoint": str(ckpt_path.resolve()),

@@ -22,6 +22,7 @@ from dataio.loader import Batch, build_loader
 from dataio.manifest import load_manifest
 from models import build_loss, build_model_from_config
 from models.registry import unwrap_model
+from postproc.curves import parse_log
 from trainer import checkpoint as ckpt
 from trainer.amp import resolve
 from trainer.config import Config
@@ -360,16 +361,8 @@ class Trainer:
         path = self.run_dir / LOG
         if not path.exists():
             return
-        keep: dict[int, tuple[str, dict[str, Any]]] = {}
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-                epoch = int(rec["epoch"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # a line torn by the crash
-            if epoch <= self.epoch:
-                keep[epoch] = (line, rec)  # a repeat (an older trainer's restart): the last wins
-        lines = [keep[e] for e in sorted(keep)]
-        atomic_write_text(path, "".join(line + "\n" for line, _ in lines))
-        self.history = [rec for _, rec in lines]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        records = [r for r in parse_log(text, path, repair=True) if int(r["epoch"]) <= self.epoch]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        self.history = records
 
