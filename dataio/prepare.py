@@ -285,6 +285,11 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
     ours = [out / MANIFEST, *(out / s for s in SPLITS)]
     present = [p for p in ours if p.exists()]
     others = [p for p in out.iterdir() if p not in ours and p.name not in (STAGE, OLD)]
+    if (out / OLD).is_dir() and not (out / MANIFEST).exists() and not cfg.overwrite:
+        # a prepare killed inside its swap: .old is the only copy of the previous dataset
+        raise ValueError(f"--out {out}: an interrupted prepare left the previous dataset in "
+                         f"{out / OLD} (its new one in {out / STAGE}); move it back, or pass "
+                         "--overwrite to replace it")
     if present and not cfg.overwrite:
         what = "a dataset" if (out / MANIFEST).exists() else "an incomplete dataset"
         raise ValueError(f"--out {out}: already holds {what}; pass --overwrite to replace it")
@@ -303,7 +308,7 @@ def publish(stage: Path, out: Path, replaced: list[Path]) -> None:
     deleted dataset; the old one is deleted only once the new one is in place.
     """
     old = out / OLD
-    if old.exists():  # a previous publish's, which got as far as its new manifest
+    if old.exists():  # a previous publish's, killed after its new manifest or replaced on purpose
         shutil.rmtree(old)
     old.mkdir()
     order = sorted(replaced, key=lambda p: p.name != MANIFEST)

@@ -26,6 +26,12 @@ def exit_on_error(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # another rank's failure under torchrun (trainer.dist.RankError)
+        dist = sys.modules.get("trainer.dist")
+        if dist is None or not isinstance(e, dist.RankError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _gateway_url(text: str) -> str:

@@ -50,13 +50,22 @@ def parse_log(text: str, path: str | Path, repair: bool = False) -> list[dict[st
             continue
         try:
             rec = json.loads(line)
-            epoch = int(rec["epoch"])
+            epoch = _epoch_of(rec)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             if repair or (n == len(lines) and torn_tail):
                 continue
             raise ValueError(f"{path}:{n}: not an epoch record ({type(e).__name__}: {e})") from None
         by_epoch[epoch] = rec
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _epoch_of(rec: Any) -> int:
+    """The epoch number of a log record; only a whole number counts (not true, 2.7 or inf)."""
+    epoch = rec["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int | str) or \
+            (isinstance(epoch, str) and not epoch.isdecimal()):
+        raise ValueError(f"epoch {epoch!r} is not a whole number")
+    return int(epoch)
 
 
 def _series(epochs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

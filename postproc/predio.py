@@ -16,6 +16,7 @@ import json
 import os
 import re
 import struct
+import sys
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -171,23 +172,36 @@ def publish_dir(staging: Path, out: Path, pattern: str, ledger: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     marker = begin_publish(out)
     new = sorted(staging.iterdir())
+    names = {p.name for p in new}
+    listed: set[str] = set()
+    if ledger is not None:
+        listed = _read_ledger(out / ledger)
+        # NOTE: both runs' names until the deletes are done: a kill in between leaves every
+        # file this command wrote listed, so the next publish can still remove it.
+        atomic_write_text(out / ledger, "".join(f"{n}\n" for n in sorted(listed | names)))
     for p in new:
         os.replace(p, out / p.name)
-    names = {p.name for p in new}
-    stale = list(out.glob(pattern))
-    if ledger is not None:
-        listed = set()
-        if (out / ledger).is_file():
-            listed = set((out / ledger).read_text(encoding="utf-8").splitlines())
-        stale = [p for p in stale if p.name in listed]
-        atomic_write_text(out / ledger, "".join(f"{n}\n" for n in sorted(names)))
-    for old in stale:
-        if old.name not in names and old.is_file():
+    for old in out.glob(pattern):
+        if old.name not in names and old.is_file() and (ledger is None or old.name in listed):
             old.unlink()
+    if ledger is not None:
+        atomic_write_text(out / ledger, "".join(f"{n}\n" for n in sorted(names)))
     staging.rmdir()
     fsync_dir(out)
     marker.unlink()
     fsync_dir(out)
+
+
+def _read_ledger(path: Path) -> set[str]:
+    """The names a previous publish listed; an unreadable ledger lists nothing (nothing is then
+    deleted: a damaged ledger must not stop the publish, nor widen what it removes)."""
+    try:
+        return set(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    except FileNotFoundError:
+        return set()
+    except OSError as e:
+        print(f"warning: {path}: unreadable ({e}); no stale file removed", file=sys.stderr)
+        return set()
 
 
 def check_published(out: str | Path, rerun: str) -> None:

@@ -199,7 +199,7 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     Raises ``PredError`` (on every rank) if any shard is bad; ``out_csv`` and ``geojson_dir``
     are then left as they were.
     """
-    from trainer.dist import gather_objects
+    from trainer.dist import gather_objects, on_main
 
     mine = shards[env.rank::env.world_size]
     rounds = math.ceil(len(shards) / env.world_size)
@@ -222,6 +222,7 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                 errors = [p.error for p in parts if p is not None and p.error]
                 if errors:
                     raise PredError(errors[0])
+                rows: list[list[str]] = []
                 for p in parts:
                     if p is None:
                         continue
@@ -230,9 +231,10 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                     # NOTE: on every rank (each has every part): a stop decided on rank 0 alone
                     # left the others to die on a reset connection with a gloo traceback
                     _check_unique(p, seen)
-                    if env.is_main:
-                        write_rows(f, p.rows)
+                    rows += p.rows
                     bar.update(1)
+                # rank 0 writes; a failure there (a full disk) stops every rank with its reason
+                on_main(env, f"writing {out_csv}", lambda rows=rows: write_rows(f, rows))
                 bar.set_postfix(tiles=summary.tiles, polygons=summary.polygons)
             if env.is_main and staging is not None:
                 # NOTE: marked before the CSV commits: a kill between the two commits leaves
@@ -252,13 +254,10 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
 def _stage_geojson(geojson_dir: Path, env: Any) -> Path:
     """Rank 0 empties ``geojson_dir/.partial`` (a killed run's); the ranks write into it only
     after that."""
-    from trainer.dist import barrier
+    from trainer.dist import on_main
 
-    staging = staging_dir(geojson_dir)
-    if env.is_main:
-        fresh_staging_dir(geojson_dir)
-    barrier()
-    return staging
+    on_main(env, f"preparing {staging_dir(geojson_dir)}", lambda: fresh_staging_dir(geojson_dir))
+    return staging_dir(geojson_dir)
 
 
 def _check_unique(res: ShardResult, seen: set[str]) -> None:

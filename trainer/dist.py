@@ -23,6 +23,11 @@ log = logging.getLogger("footprints")
 T = TypeVar("T")
 
 
+class RankError(RuntimeError):
+    """Another rank's failure, or a disagreement between ranks, raised on every rank so that all
+    stop with the reason (the commands print it as one line, like bad input)."""
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """Where this process sits in the job, as torchrun describes it."""
@@ -208,11 +213,11 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
     failed = [(r, v[3]) for r, v in enumerate(views) if v[3] is not None]
     if failed:
         rank, why = failed[0]
-        raise RuntimeError(f"rank {rank} could not open split {split!r} of {data}: {why}")
+        raise RankError(f"rank {rank} could not open split {split!r} of {data}: {why}")
     if any(v[0] != views[0][0] for v in views):
         detail = "; ".join(f"rank {r}: {n} samples, fingerprint {fp[:12]}, left out "
                            f"{skipped or 'none'}" for r, (fp, n, skipped, _) in enumerate(views))
-        raise RuntimeError(f"split {split!r} of {data}: the ranks read different data ({detail}); "
+        raise RankError(f"split {split!r} of {data}: the ranks read different data ({detail}); "
                            "every rank must see the same shards (check node-local copies)")
     return loader  # type: ignore[return-value]
 
@@ -221,13 +226,13 @@ def on_main(env: DistEnv, what: str, fn: Callable[[], T]) -> T | None:
     """Run ``fn`` (a side effect: a file write) on rank 0 only, and agree on how it went.
 
     Its result comes back on rank 0 (None elsewhere). If it raises, rank 0 re-raises it and every
-    other rank raises RuntimeError naming it: a failure on rank 0 alone (a full disk) used to
+    other rank raises RankError naming it: a failure on rank 0 alone (a full disk) used to
     leave the others to die on gloo's reset connection, or wait out the process-group timeout.
     """
     if not env.is_main:
         error = broadcast_object(None)
         if error is not None:
-            raise RuntimeError(f"rank 0 stopped while {what}: {error}")
+            raise RankError(f"rank 0 stopped while {what}: {error}")
         return None
     try:
         result = fn()

@@ -112,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         precision = resolve(cfg.train.amp, device)
         # Shards go to a staging directory and into --out only once every rank is done.
         staging = staging_dir(args.out)
-        if env.is_main:
+
+        def stage() -> None:
             fresh_staging_dir(args.out)  # (a killed run's removed)
             # provenance: lets postproc.polygonize find the run's tuned settings by default
             atomic_write_text(staging / PROVENANCE, json.dumps({
                 "run_dir": str(args.run_dir.resolve()), "checkpoint": str(ckpt_path.resolve()),
                 "data": str(args.data.resolve()), "split": args.split, "tta": args.tta}) + "\n")
-        dist.barrier()
+
+        # rank 0 prepares it, and every rank waits for that (or stops with its error)
+        dist.on_main(env, f"preparing {staging}", stage)
         stream = _samples(loader, net, precision, args.tta, env.is_main)
         written, k = 0, 0
         while True:

@@ -257,6 +257,11 @@ def test_interrupted_swap_deletes_neither_dataset(raw: Path, tmp_path: Path,
     assert _files(out / prep.OLD) == before
     assert load_manifest(out / prep.STAGE).data["config"]["seed"] == 5  # complete, not deleted
     monkeypatch.undo()
-    _run(raw, out, seed=5)  # nothing to replace: the leftovers are ours
+    # .old is now the only copy of the previous dataset: a plain rerun must not delete it
+    with pytest.raises(ValueError, match=r"interrupted prepare left the previous dataset in "
+                                         r".*\.old.*--overwrite"):
+        _run(raw, out, seed=5)
+    assert _files(out / prep.OLD) == before
+    _run(raw, out, seed=5, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test", "train", "val"]
     assert load_manifest(out).data["config"]["seed"] == 5 and len(_samples(out)) == TILES

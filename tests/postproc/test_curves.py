@@ -25,6 +25,10 @@ def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     (f'{E1}\n{{"epoch": \n{E2}\n{{"epoch": 3, "tr', 2),  # ... even with a torn tail
     (f'{E1}\n{{"epoch": \n', 2),  # a complete (newline-ended) bad last line is no tear
     (f'{E1}\n{{"loss": 1}}\n', 2),  # parses, but no epoch
+    (f'{E1}\n{{"epoch": Infinity}}\n', 2),  # (an OverflowError escaped)
+    (f'{E1}\n{{"epoch": true}}\n', 2),  # (it replaced epoch 1's record)
+    (f'{E1}\n{{"epoch": 2.7}}\n', 2),  # (read as epoch 2)
+    (f'{E1}\n[1, 2]\n', 2),  # JSON, not a record
 ])
 def test_a_bad_line_names_file_and_line(tmp_path: Path, text: str, line: int) -> None:
     log = tmp_path / "log.jsonl"
@@ -37,3 +41,11 @@ def test_a_repeated_epoch_keeps_its_last_record(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     log.write_text(f'{E1}\n{{"epoch": 1, "train_loss": 0.9}}\n{E2}\n')
     assert [(r["epoch"], r["train_loss"]) for r in read_log(log)] == [(1, 0.9), (2, 0.5)]
+
+
+def test_repair_skips_every_bad_line() -> None:
+    """The trainer cleans its own log at start: bad lines anywhere go, whole epochs stay."""
+    from postproc.curves import parse_log
+
+    text = f'{E1}\n{{"epoch": Infinity}}\n{{"epoch": true}}\nnot json\n{E2}\n{{"epoch": 3, "tr'
+    assert [r["epoch"] for r in parse_log(text, "log.jsonl", repair=True)] == [1, 2]

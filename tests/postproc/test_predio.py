@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from postproc.predio import (
     encode_prob_png,
     iter_pred_samples,
     list_pred_shards,
+    publish_dir,
     publish_pred_dir,
     quantize_probs,
     staging_dir,
@@ -196,3 +198,43 @@ def test_crafted_members_are_refused(tmp_path):
     _raw_tar(path, [("a.prob.png", png), ("a.meta.json", json.dumps({"width": 5}).encode())])
     with pytest.raises(PredError, match="meta.json says"):
         list(iter_pred_samples(path))
+
+
+def _publish_names(out, names, ledger=".ledger"):
+    staging = out / ".partial"
+    staging.mkdir(parents=True)
+    for n in names:
+        (staging / n).write_text(n)
+    publish_dir(staging, out, "*.geojson", ledger=ledger)
+
+
+def test_a_ledger_publish_removes_only_listed_files_even_after_a_kill(tmp_path, monkeypatch):
+    out = tmp_path / "GJ"
+    out.mkdir()
+    (out / "mine.geojson").write_text("the user's")
+    _publish_names(out, ["a.geojson", "b.geojson", "c.geojson"])
+    # the next publish brings only a, and is killed among its deletes
+    real, calls = Path.unlink, []
+
+    def unlink(self, missing_ok=False):
+        calls.append(self.name)
+        if self.suffix == ".geojson":
+            raise KeyboardInterrupt
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        _publish_names(out, ["a.geojson"])
+    monkeypatch.undo()
+    # the ledger still lists what the killed publish would have removed, so a rerun does it
+    assert {"a.geojson", "b.geojson", "c.geojson"} <= set((out / ".ledger").read_text().split())
+    shutil.rmtree(out / ".partial", ignore_errors=True)
+    _publish_names(out, ["a.geojson"])
+    assert sorted(p.name for p in out.glob("*.geojson")) == ["a.geojson", "mine.geojson"]
+    assert (out / ".ledger").read_text() == "a.geojson\n"
+    # a damaged ledger widens nothing and stops nothing
+    (out / ".ledger").write_bytes(b"\xff\xfe\x00garbage")
+    _publish_names(out, ["b.geojson"])
+    assert sorted(p.name for p in out.glob("*.geojson")) == ["a.geojson", "b.geojson",
+                                                             "mine.geojson"]
+    assert (out / ".ledger").read_text() == "b.geojson\n" and not (out / ".publishing").exists()
