@@ -11,6 +11,9 @@ import datetime
 import logging
 import os
 import random
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -88,6 +91,7 @@ def init(env: DistEnv | None = None, backend: str | None = None,
     """
     env = env or DistEnv.from_env()
     setup_logging(env)
+    watch_agent(env)
     if env.distributed and not dist.is_initialized():
         backend = backend or default_backend()
         kwargs: dict[str, Any] = {}
@@ -118,6 +122,29 @@ def init(env: DistEnv | None = None, backend: str | None = None,
                                 timeout=timeout, **kwargs)
         log.debug("process group up: backend=%s world=%d", backend, env.world_size)
     return env
+
+
+def watch_agent(env: DistEnv, poll_s: float = 1.0) -> None:
+    """Under torchrun, end this worker when its agent dies.
+
+    torchrun starts each worker in a session of its own, so killing the launcher (its process
+    group, or the agent alone, as a scheduler may) left the workers running: still writing
+    checkpoints into the run directory, beside a rerun's. A daemon thread watches the parent.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or getattr(watch_agent, "_started", False):
+        return
+    agent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != agent:
+                print(f"[rank {env.rank}] the torchrun agent (pid {agent}) is gone; stopping",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="agent-watch", daemon=True).start()
+    watch_agent._started = True  # type: ignore[attr-defined]
 
 
 def teardown() -> None:

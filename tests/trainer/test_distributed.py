@@ -3,6 +3,7 @@ bit-exactly, NaN on one rank is skipped by all, metrics are served, bad configs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -280,3 +281,41 @@ def test_a_failed_checkpoint_write_stops_every_rank_with_the_reason(small_datase
            "device" in res.stderr, res.stderr[-3000:]
     assert "[rank 0] ERROR [Errno 28] No space left on device" in res.stderr
     assert "Connection closed by peer" not in res.stderr and "GLOO" not in res.stderr.upper()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (not yet reaped by init) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(120)
+def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path: Path) -> None:
+    """torchrun puts each worker in a session of its own: killing the launcher left them
+    training on into the run directory, beside a rerun's."""
+    cmd = torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "agent_worker.py"), str(tmp_path)])
+    agent = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = [int(p.read_text()) for p in sorted(tmp_path.glob("*.pid"))]
+        assert len(pids) == 2, "the workers did not start"
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), "workers outlived their agent"
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            agent.kill()
