@@ -6,12 +6,15 @@ rank and world size from a :class:`DistEnv`, so a test can build one without a p
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -43,6 +46,7 @@ from trainer.validate import Validator
 log = logging.getLogger("footprints")
 NUM_CLASSES = 3
 LOG = "log.jsonl"
+LOCK = ".lock"  # held by the trainer using the run directory
 
 
 class NonFiniteError(RuntimeError):
@@ -102,7 +106,11 @@ class Trainer:
         # NOTE: rank 0 alone binds the port; all ranks stop together if it cannot.
         if agree_any(failed is not None):
             raise failed or MetricsError("rank 0 could not start the metrics endpoint")
+        lock = None
         try:
+            # NOTE: one trainer per run directory (two would interleave their checkpoints);
+            # held by rank 0 until train() returns or the process dies.
+            lock = on_main(self.env, f"locking {self.run_dir}", self._lock_run_dir)
             self.resume()
             # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
             # settings) must leave the run's config, which predict builds its model from.
@@ -121,6 +129,8 @@ class Trainer:
                 self.end_epoch(summary)
             return self.history[-1] if self.history else {}
         finally:
+            if lock is not None:
+                lock.close()
             self.metrics.stop()
             self.train_loader.close()
 
@@ -343,6 +353,23 @@ class Trainer:
             done = round(done * self.steps_per_epoch / saved_spe)
         return build_scheduler(self.optimizer, self.cfg.optim,
                                self.cfg.train.epochs * self.steps_per_epoch, start_step=done)
+
+    def _lock_run_dir(self) -> IO[str]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.run_dir / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"{self.run_dir}: another trainer is using this run directory "
+                             f"({owner}); wait for it or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        return f
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -141,3 +141,24 @@ def test_resume_removes_temp_files_of_killed_checkpoint_writes_only(
     assert [p for p in left if p.exists()] == []
     assert all(p.exists() for p in others) and (d / ".a_dir.tmp").is_dir()
     assert {p.name: p.read_bytes() for p in ckpt.list_checkpoints(run) + [_best(run)]} == before
+
+
+def test_a_second_trainer_on_the_same_run_directory_is_refused(small_dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """Two trainers in one run directory (a rerun beside a run still going) would interleave
+    their checkpoints and log lines."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on nodeA\n")
+        held.flush()
+        with pytest.raises(ValueError, match=r"another trainer is using this run directory "
+                                             r"\(pid 4242 on nodeA\)"):
+            _trainer(small_dataset, run, ["train.epochs=1"]).train()
+        assert not ckpt.list_checkpoints(run) and not (run / "log.jsonl").exists()
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()  # released: it runs
+    _trainer(small_dataset, run, ["train.epochs=2"]).train()  # and a later one in this process
+    assert [json.loads(line)["epoch"] for line in (run / LOG).read_text().splitlines()] == [1, 2]
