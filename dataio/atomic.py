@@ -6,6 +6,7 @@ A reader therefore sees either the old complete file or the new complete file, n
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -57,6 +58,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
+    # path that exists now was left by a killed writer: it goes, or each kill would leave one.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     # mkstemp creates 0600; give the file the mode a plain open() would have.
     os.fchmod(fd, 0o666 & ~_umask())
