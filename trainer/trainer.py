@@ -354,7 +354,7 @@ class Trainer:
         return build_scheduler(self.optimizer, self.cfg.optim,
                                self.cfg.train.epochs * self.steps_per_epoch, start_step=done)
 
-    def _lock_run_dir(self) -> IO[str]:
+    def _lock_run_dir(self) -> IO[str] | None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         f = open(self.run_dir / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
         try:
@@ -365,6 +365,11 @@ class Trainer:
             f.close()
             raise ValueError(f"{self.run_dir}: another trainer is using this run directory "
                              f"({owner}); wait for it or stop it first") from None
+        except OSError as e:  # a file system without locks (some NFS mounts): go on unlocked
+            f.close()
+            log.warning("%s: cannot lock the run directory (%s); make sure no other trainer "
+                        "uses it", self.run_dir / LOCK, e)
+            return None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

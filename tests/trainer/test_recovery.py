@@ -162,3 +162,18 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(small_dataset: Pa
     _trainer(small_dataset, run, ["train.epochs=1"]).train()  # released: it runs
     _trainer(small_dataset, run, ["train.epochs=2"]).train()  # and a later one in this process
     assert [json.loads(line)["epoch"] for line in (run / LOG).read_text().splitlines()] == [1, 2]
+
+
+def test_a_file_system_without_locks_trains_unlocked(small_dataset: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some NFS mounts refuse flock (ENOLCK): that must not stop training."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: Any, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()
+    assert len(ckpt.list_checkpoints(run)) == 1
