@@ -98,6 +98,17 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Train to ``train.epochs`` (resuming if the run directory has a checkpoint)."""
+        # NOTE: one trainer per run directory (two would interleave their checkpoints); held by
+        # rank 0 until train() returns or the process dies. First, so that a second trainer is
+        # told who holds the run rather than that the metrics port is taken.
+        lock = on_main(self.env, f"locking {self.run_dir}", self._lock_run_dir)
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _train(self) -> dict[str, Any]:
         failed: MetricsError | None = None
         try:
             self.metrics.start()
@@ -106,11 +117,7 @@ class Trainer:
         # NOTE: rank 0 alone binds the port; all ranks stop together if it cannot.
         if agree_any(failed is not None):
             raise failed or MetricsError("rank 0 could not start the metrics endpoint")
-        lock = None
         try:
-            # NOTE: one trainer per run directory (two would interleave their checkpoints);
-            # held by rank 0 until train() returns or the process dies.
-            lock = on_main(self.env, f"locking {self.run_dir}", self._lock_run_dir)
             self.resume()
             # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
             # settings) must leave the run's config, which predict builds its model from.
@@ -129,8 +136,6 @@ class Trainer:
                 self.end_epoch(summary)
             return self.history[-1] if self.history else {}
         finally:
-            if lock is not None:
-                lock.close()
             self.metrics.stop()
             self.train_loader.close()
 
@@ -358,8 +363,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         f = open(self.run_dir / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # NOTE: a POSIX lock (lockf), not flock: it belongs to this process, so the
+            # DataLoader workers forked while training do not hold it after train() returns.
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             f.seek(0)
             owner = f.read().strip() or "another process"
             f.close()

@@ -147,33 +147,47 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(small_dataset: Pa
                                                                tmp_path: Path) -> None:
     """Two trainers in one run directory (a rerun beside a run still going) would interleave
     their checkpoints and log lines."""
-    import fcntl
+    import subprocess
+    import sys
 
     run = tmp_path / "run"
     run.mkdir()
-    with open(run / ".lock", "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("pid 4242 on nodeA\n")
-        held.flush()
+    holder = subprocess.Popen(  # another process, as the running trainer would be
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+         "f.write('pid 4242 on nodeA\\n'); f.flush(); print('locked', flush=True)\n"
+         "time.sleep(120)\n", str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=r"another trainer is using this run directory "
                                              r"\(pid 4242 on nodeA\)"):
             _trainer(small_dataset, run, ["train.epochs=1"]).train()
         assert not ckpt.list_checkpoints(run) and not (run / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
     _trainer(small_dataset, run, ["train.epochs=1"]).train()  # released: it runs
-    _trainer(small_dataset, run, ["train.epochs=2"]).train()  # and a later one in this process
-    assert [json.loads(line)["epoch"] for line in (run / LOG).read_text().splitlines()] == [1, 2]
+    # a later trainer in this process, after one whose torch DataLoader workers (forked while
+    # it held the lock) are still alive: they must not hold the lock (flock's were inherited)
+    first = _trainer(small_dataset, run, ["train.epochs=2", "data.backend=torch",
+                                          "data.num_threads=2", "train.val_every=1"])
+    first.train()
+    _trainer(small_dataset, run, ["train.epochs=3"]).train()
+    assert [json.loads(line)["epoch"] for line in (run / LOG).read_text().splitlines()] == \
+        [1, 2, 3]
+    del first
 
 
 def test_a_file_system_without_locks_trains_unlocked(small_dataset: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Some NFS mounts refuse flock (ENOLCK): that must not stop training."""
+    """Some NFS mounts refuse locks (ENOLCK): that must not stop training."""
     import errno
     import fcntl
 
     def no_locks(fd: Any, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
     run = tmp_path / "run"
     _trainer(small_dataset, run, ["train.epochs=1"]).train()
     assert len(ckpt.list_checkpoints(run)) == 1
