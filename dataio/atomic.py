@@ -51,16 +51,19 @@ def check_writable(path: str | os.PathLike[str], what: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = True,
+                **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. ``sweep``
+    first removes the temporary files of ``path`` that a killed writer left (see below); pass
+    False where several processes may write one path at once.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
     # path that exists now was left by a killed writer: it goes, or each kill would leave one.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}") if sweep else ():
         with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -99,6 +102,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
+def atomic_write_text(path: str | os.PathLike[str], text: str, sweep: bool = True) -> None:
+    with atomic_open(path, "w", sweep=sweep, encoding="utf-8") as f:
         f.write(text)

@@ -78,5 +78,8 @@ def write_tile_geojson(out_dir: Path, image_id: str, polys: Sequence[BaseGeometr
     """
     path = Path(out_dir) / f"{check_key(image_id)}.geojson"
     doc = tile_feature_collection(image_id, polys, confidences, meta)
-    atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n")
+    # NOTE: no sweep: pool workers write here at once, and a duplicate ImageId across shards (an
+    # input error the runner names) would let one delete the other's live temp file; the
+    # staging directory is emptied before each run anyway.
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n", sweep=False)
     return path

@@ -45,3 +45,13 @@ def test_bad_meta_and_unsafe_ids_are_refused(tmp_path):
     with pytest.raises(PredError):
         write_tile_geojson(tmp_path, "../escape", [], [], UTM)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_concurrent_writers_temp_file_is_left_alone(tmp_path):
+    """Pool workers write tiles into one staging directory at once: a tile's write must not
+    delete another live writer's temp file of the same name (a duplicate ImageId across shards
+    then failed with FileNotFoundError instead of the runner naming the duplicate)."""
+    live = tmp_path / ".img3.geojson.x1y2z3.tmp"
+    live.write_text("being written")
+    write_tile_geojson(tmp_path, "img3", [box(0, 0, 2, 2)], [1.0], UTM)
+    assert live.read_text() == "being written" and (tmp_path / "img3.geojson").exists()
