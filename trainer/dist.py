@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -135,13 +136,23 @@ def watch_agent(env: DistEnv, poll_s: float = 1.0) -> None:
         return
     agent = os.getppid()
 
+    def stop() -> None:
+        print(f"[rank {env.rank}] the torchrun agent (pid {agent}) is gone; stopping",
+              file=sys.stderr, flush=True)
+        if os.getpgrp() == os.getpid():
+            # torchrun made this worker a group leader: its worker pools (polygonize's, the
+            # DataLoader's) are in the group and go with it instead of lingering orphaned
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+
+    if agent == 1:  # the agent died before this worker got here
+        stop()
+
     def watch() -> None:
         while True:
             time.sleep(poll_s)
             if os.getppid() != agent:
-                print(f"[rank {env.rank}] the torchrun agent (pid {agent}) is gone; stopping",
-                      file=sys.stderr, flush=True)
-                os._exit(1)
+                stop()
 
     threading.Thread(target=watch, name="agent-watch", daemon=True).start()
     watch_agent._started = True  # type: ignore[attr-defined]

@@ -307,12 +307,14 @@ def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path: Path) -> None:
             time.sleep(0.2)
             pids = [int(p.read_text()) for p in sorted(tmp_path.glob("*.pid"))]
         assert len(pids) == 2, "the workers did not start"
+        pids += [int(p.read_text()) for p in sorted(tmp_path.glob("*.child"))]
+        assert len(pids) == 4
         agent.send_signal(signal.SIGKILL)
         agent.wait(timeout=10)
         deadline = time.monotonic() + 15
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(p) for p in pids), "workers outlived their agent"
+        assert not any(_alive(p) for p in pids), "workers (or their children) outlived the agent"
     finally:
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
