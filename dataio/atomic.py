@@ -85,12 +85,16 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
 STAGING = ".partial"
 
 
+def staging_dir(out: str | os.PathLike[str]) -> Path:
+    """Where a command builds a whole output directory before moving it up into ``out``: inside
+    ``out``, so the moves are renames on one file system even when ``out`` is a mount point, and
+    hidden, so readers of ``out`` that list its files do not see it."""
+    return Path(out) / STAGING
+
+
 def fresh_staging_dir(out: str | os.PathLike[str]) -> Path:
-    """An empty ``out/.partial`` (a killed run's removed first), where a command builds a whole
-    output directory before moving it up into ``out``: inside ``out``, so the moves are renames
-    on one file system even when ``out`` is a mount point, and hidden, so readers of ``out``
-    that list its files do not see it."""
-    staging = Path(out) / STAGING
+    """An empty :func:`staging_dir` of ``out`` (a killed run's removed first)."""
+    staging = staging_dir(out)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)

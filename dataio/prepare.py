@@ -270,7 +270,6 @@ class _Call:
         return _worker(tile, self.bands, self.boundary_width)
 
 
-STAGE = STAGING  # the dataset is built here, inside --out, and moved up when complete
 OLD = ".old"  # where publish moves the replaced dataset aside until the new one is in
 
 
@@ -284,11 +283,11 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
         raise ValueError(f"--out {out}: exists and is not a directory")
     ours = [out / MANIFEST, *(out / s for s in SPLITS)]
     present = [p for p in ours if p.exists()]
-    others = [p for p in out.iterdir() if p not in ours and p.name not in (STAGE, OLD)]
+    others = [p for p in out.iterdir() if p not in ours and p.name not in (STAGING, OLD)]
     if (out / OLD).is_dir() and not (out / MANIFEST).exists() and not cfg.overwrite:
         # a prepare killed inside its swap: .old is the only copy of the previous dataset
         raise ValueError(f"--out {out}: an interrupted prepare left the previous dataset in "
-                         f"{out / OLD} (its new one in {out / STAGE}); move it back, or pass "
+                         f"{out / OLD} (its new one in {out / STAGING}); move it back, or pass "
                          "--overwrite to replace it")
     if present and not cfg.overwrite:
         what = "a dataset" if (out / MANIFEST).exists() else "an incomplete dataset"

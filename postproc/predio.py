@@ -26,7 +26,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dataio.atomic import STAGING, atomic_open, atomic_write_text, fsync_dir
+from dataio.atomic import atomic_open, atomic_write_text, fsync_dir
 from postproc import pngfast
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -140,13 +140,6 @@ def write_pred_shard(path: str | Path,
         if count != n:
             raise PredError(f"{path}: wrote {n} samples but read back {count}")
     return n
-
-
-def staging_dir(out: str | Path) -> Path:
-    """Where output for the directory ``out`` is written before :func:`publish_dir`: a hidden
-    directory inside ``out`` (readers list only its top-level files), so the moves are renames
-    on one file system even when ``out`` is a mount point or a link."""
-    return Path(out) / STAGING
 
 
 def begin_publish(out: Path) -> Path:

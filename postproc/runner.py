@@ -32,7 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dataio.atomic import atomic_open, fresh_staging_dir
+from dataio.atomic import atomic_open, fresh_staging_dir, staging_dir
 from postproc.csvio import proposal_rows, write_rows
 from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
@@ -42,7 +42,6 @@ from postproc.predio import (
     decode_sample,
     iter_raw_samples,
     publish_dir,
-    staging_dir,
 )
 
 # the tiles the last run published into --geojson DIR: only those may be removed as stale

@@ -256,7 +256,7 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
         detail = "; ".join(f"rank {r}: {n} samples, fingerprint {fp[:12]}, left out "
                            f"{skipped or 'none'}" for r, (fp, n, skipped, _) in enumerate(views))
         raise RankError(f"split {split!r} of {data}: the ranks read different data ({detail}); "
-                           "every rank must see the same shards (check node-local copies)")
+                        "every rank must see the same shards (check node-local copies)")
     return loader  # type: ignore[return-value]
 
 

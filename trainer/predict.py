@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dataio.atomic import atomic_write_text, fresh_staging_dir
+from dataio.atomic import atomic_write_text, fresh_staging_dir, staging_dir
 from trainer import dist
 
 log = logging.getLogger("footprints")
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataio.loader import build_loader
     from dataio.manifest import load_manifest
     from models import build_model_from_config
-    from postproc.predio import publish_pred_dir, staging_dir, write_pred_shard
+    from postproc.predio import publish_pred_dir, write_pred_shard
     from trainer.amp import resolve
     from trainer.checkpoint import load, load_model
     from trainer.config import ConfigError, load_run_config

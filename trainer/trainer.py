@@ -39,7 +39,7 @@ from trainer.dist import (
     gather_objects,
     on_main,
 )
-from trainer.metrics import MetricsError, TrainMetrics
+from trainer.metrics import TrainMetrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.validate import Validator
 
@@ -109,14 +109,8 @@ class Trainer:
                 lock.close()
 
     def _train(self) -> dict[str, Any]:
-        failed: MetricsError | None = None
-        try:
-            self.metrics.start()
-        except MetricsError as e:
-            failed = e
         # NOTE: rank 0 alone binds the port; all ranks stop together if it cannot.
-        if agree_any(failed is not None):
-            raise failed or MetricsError("rank 0 could not start the metrics endpoint")
+        on_main(self.env, "starting the metrics endpoint", self.metrics.start)
         try:
             self.resume()
             # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
@@ -384,7 +378,6 @@ class Trainer:
         return f
 
     def _write_config(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
 
     def _repair(self) -> None:

@@ -224,13 +224,13 @@ def test_interrupted_overwrite_keeps_the_old_dataset(raw: Path, tmp_path: Path,
         _run(raw, out, workers=0, overwrite=True)
     assert _files(out) == before  # byte for byte (it was deleted before the new one was built)
     # A run killed outright (no cleanup) leaves its stage; the next run removes it first.
-    (out / prep.STAGE / "train").mkdir(parents=True)
-    (out / prep.STAGE / "train" / "shard-000000.tar").write_bytes(b"torn")
+    (out / prep.STAGING / "train").mkdir(parents=True)
+    (out / prep.STAGING / "train" / "shard-000000.tar").write_bytes(b"torn")
     with pytest.raises(ValueError, match="already holds a dataset"):
         _run(raw, out)  # the stage does not hide the dataset from the refusal
     monkeypatch.undo()
     _run(raw, out, overwrite=True)
-    assert not (out / prep.STAGE).exists() and len(_samples(out)) == TILES
+    assert not (out / prep.STAGING).exists() and len(_samples(out)) == TILES
 
 
 def test_interrupted_swap_deletes_neither_dataset(raw: Path, tmp_path: Path,
@@ -255,7 +255,7 @@ def test_interrupted_swap_deletes_neither_dataset(raw: Path, tmp_path: Path,
         _run(raw, out, workers=0, overwrite=True, seed=5)
     assert not (out / "manifest.json").exists()
     assert _files(out / prep.OLD) == before
-    assert load_manifest(out / prep.STAGE).data["config"]["seed"] == 5  # complete, not deleted
+    assert load_manifest(out / prep.STAGING).data["config"]["seed"] == 5  # complete, not deleted
     monkeypatch.undo()
     # .old is now the only copy of the previous dataset: a plain rerun must not delete it
     with pytest.raises(ValueError, match=r"interrupted prepare left the previous dataset in "

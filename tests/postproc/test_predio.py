@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataio.atomic import staging_dir
 from postproc.predio import (
     PredError,
     check_key,
@@ -22,7 +23,6 @@ from postproc.predio import (
     publish_dir,
     publish_pred_dir,
     quantize_probs,
-    staging_dir,
     write_pred_shard,
 )
 
