@@ -145,9 +145,9 @@ def _clip_to_tile(path: Path, k: int, geom: BaseGeometry, src_crs: CRS, grid: _G
         reason = shapely.is_valid_reason(pix)
         pix = shapely.make_valid(pix)
         notes.append(f"feature {k}: invalid polygon ({reason}), repaired with make_valid")
-    parts = [shapely.normalize(p) for p in _polygon_parts(pix.intersection(grid.tile))
-             if p.area > 0]
-    return parts, bool(pix.intersects(grid.tile))
+    clipped = pix.intersection(grid.tile)  # (empty exactly when it does not touch the tile)
+    parts = [shapely.normalize(p) for p in _polygon_parts(clipped) if p.area > 0]
+    return parts, not clipped.is_empty
 
 
 def _finite(geom: BaseGeometry) -> bool:

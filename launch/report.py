@@ -13,7 +13,7 @@ from typing import Any
 from dataio.atomic import atomic_write_text
 from dataio.manifest import load_manifest
 from postproc.curves import parse_log
-from postproc.tune import read_tuned
+from postproc.provenance import read_tuned
 
 
 def _read(path: Path) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 PROVENANCE = "provenance.json"  # the name trainer.predict.PROVENANCE writes
 SETTINGS = "postproc.json"  # PolygonizeConfig.to_json() of the tuned settings, in RUN
+TUNE_JSON = "tune.json"  # RUN/tune.json: every grid point; best.settings is RUN/postproc.json
 
 
 def read_provenance(pred_dir: str | Path) -> dict[str, Any] | None:
@@ -47,3 +48,27 @@ def tuned_settings(pred_dir: str | Path) -> tuple[Path | None, Path | None]:
         return None, None
     path = run / SETTINGS
     return (path if path.is_file() else None), run
+
+
+def read_tuned(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``RUN/postproc.json``, ``RUN/tune.json``) as dicts, checked to be one tuning's pair.
+
+    The tuned F1 in tune.json describes ``best.settings``; a postproc.json with other settings
+    (an interrupted tune, or one edited by hand) is an error naming both files.
+    """
+    docs = []
+    for path in (run / SETTINGS, run / TUNE_JSON):
+        try:
+            docs.append(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing: run postproc.tune --run-dir {run}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable ({e}); rerun postproc.tune --run-dir {run}"
+                             ) from None
+    settings, doc = docs
+    best = doc.get("best") if isinstance(doc, dict) else None
+    if not isinstance(best, dict) or best.get("settings") != settings:
+        raise ValueError(f"{run / SETTINGS} is not the best.settings of {run / TUNE_JSON} (an "
+                         f"interrupted tune, or edited by hand): rerun postproc.tune --run-dir "
+                         f"{run}")
+    return settings, doc

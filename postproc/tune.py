@@ -17,8 +17,9 @@ same choice.
 
 CLI: ``python -m postproc.tune --pred PRED_VAL --truth DATA/val/truth.csv [--run-dir RUN]``
 writes ``RUN/tune.json`` (every grid point) and then ``RUN/postproc.json`` (picked up by
-``postproc.polygonize --pred`` through ``PRED/provenance.json``); :func:`read_tuned` reads the two
-and refuses a pair that an interrupted tune left mismatched.
+``postproc.polygonize --pred`` through ``PRED/provenance.json``);
+:func:`postproc.provenance.read_tuned` reads the two and refuses a pair that an interrupted tune
+left mismatched.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from shapely.geometry.base import BaseGeometry
 from postproc.matching import scored_truth, true_positives
 from postproc.polygonize import Instances, PolygonizeConfig, find_instances, polygons_from_instances
 from postproc.predio import PredError, decode_sample, iter_raw_samples
+from postproc.provenance import TUNE_JSON
 from postproc.score import ScoreConfig, candidate_ious, f1_from_counts
 
-TUNE_JSON = "tune.json"  # RUN/tune.json: every grid point; best.settings is RUN/postproc.json
 CHUNK_TILES = 2  # tiles per task: each costs one polygonize per threshold combination
 TUNED = ("building_threshold", "footprint_threshold", "grow_radius", "min_polygon_area")
 # NOTE: how far a setting moves "one step", for the tie-break towards the defaults only
@@ -241,32 +242,6 @@ def report(ev: Evaluation, grid: TuneGrid, best: int) -> dict[str, Any]:
             "best": {"index": best, **point_json(ev.points[best], ev.counts[best]),
                      "settings": asdict(ev.points[best])},
             "points": [point_json(p, c) for p, c in zip(ev.points, ev.counts, strict=True)]}
-
-
-def read_tuned(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(``RUN/postproc.json``, ``RUN/tune.json``) as dicts, checked to be one tuning's pair.
-
-    The tuned F1 in tune.json describes ``best.settings``; a postproc.json with other settings
-    (an interrupted tune, or one edited by hand) is an error naming both files.
-    """
-    from postproc.provenance import SETTINGS
-
-    docs = []
-    for path in (run / SETTINGS, run / TUNE_JSON):
-        try:
-            docs.append(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise ValueError(f"{path} is missing: run postproc.tune --run-dir {run}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable ({e}); rerun postproc.tune --run-dir {run}"
-                             ) from None
-    settings, doc = docs
-    best = doc.get("best") if isinstance(doc, dict) else None
-    if not isinstance(best, dict) or best.get("settings") != settings:
-        raise ValueError(f"{run / SETTINGS} is not the best.settings of {run / TUNE_JSON} (an "
-                         f"interrupted tune, or edited by hand): rerun postproc.tune --run-dir "
-                         f"{run}")
-    return settings, doc
 
 
 def _floats(flag: str) -> Any:

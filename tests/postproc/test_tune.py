@@ -22,6 +22,7 @@ from postproc.csvio import read_truth_csv
 from postproc.matching import greedy_match, match_image, true_positives
 from postproc.polygonize import PolygonizeConfig, polygonize_probs
 from postproc.predio import write_pred_shard
+from postproc.provenance import read_tuned
 from postproc.score import ScoreConfig, candidate_ious, score_image
 
 
@@ -170,8 +171,8 @@ def test_a_tune_cut_between_its_two_files_keeps_the_settings_and_is_told(tuned, 
     assert (run / "postproc.json").read_bytes() == old_settings
     # the new tune.json beside the earlier settings is not taken for their pair...
     with pytest.raises(ValueError, match="interrupted tune"):
-        tune.read_tuned(run)
-    settings, doc = tune.read_tuned(tuned.run)  # ...as a complete tune's pair is
+        read_tuned(run)
+    settings, doc = read_tuned(tuned.run)  # ...as a complete tune's pair is
     assert settings == doc["best"]["settings"] == json.loads(
         (tuned.run / "postproc.json").read_text())
 
