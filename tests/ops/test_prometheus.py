@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.prometheus, pytest.mark.multiproc, pytest.mark.slow]
 TRAIN = ["train.epochs=1000", "train.val_every=0", "data.num_threads=1"]
 TRAIN_TIMEOUT_S = 120
 INGEST_TIMEOUT_S = 30  # a scrape a second: anything slower is a failure
+RANGE_STEP_S = 1.0  # the panels' step, as Grafana makes it for a range this short
 STEP_P50 = "histogram_quantile(0.5, sum by (le) (rate(footprints_step_seconds_bucket[1m])))"
 
 
@@ -101,6 +102,7 @@ def test_prometheus_scrapes_training_and_receives_batch_pushes(
                     context)
     finally:
         stop_group(train)
+    stopped = time.time()  # no training sample is newer than this
 
     total = by_label(query(prom, "last_over_time(footprints_samples_total[5m])"), "rank")
     assert set(total) == {"0", "1"} and all(total[r] >= live[r] for r in total), (total, live)
@@ -129,10 +131,16 @@ def test_prometheus_scrapes_training_and_receives_batch_pushes(
     # Every dashboard query is valid PromQL for this Prometheus, and over the test's time range
     # (a range query, as Grafana makes them) the panels this run feeds find data: a finite
     # value, since a histogram nobody observed yet still gives NaN series (0/0).
+    # NOTE: a range query answers only at start + k*step. The run is stopped as soon as two scrapes
+    # show it, so its rates exist only from the last of those on, which can be less than a step
+    # before `stopped`: querying at once found no step there on CI (rate panels empty). Two steps
+    # after `stopped` there is one, and the samples are still well inside the [1m] windows.
+    time.sleep(max(0.0, stopped + 2 * RANGE_STEP_S - time.time()))
     empty = []
     for title, expr in expressions(load_dashboard()):
         promql = expr.replace("$__rate_interval", "1m").replace("$job", ".*")
-        series = query_range(prom, promql, t0, time.time())  # raises on a syntax error
+        # raises on a syntax error
+        series = query_range(prom, promql, t0, time.time(), RANGE_STEP_S)
         if not any(math.isfinite(float(v)) for s in series for _, v in s["values"]):
             empty.append(title)
     fed = {"Skipped samples by reason", "Skipped steps by reason", "Validation F1 / IoU"}
