@@ -144,4 +144,8 @@ def test_prometheus_scrapes_training_and_receives_batch_pushes(
         if not any(math.isfinite(float(v)) for s in series for _, v in s["values"]):
             empty.append(title)
     fed = {"Skipped samples by reason", "Skipped steps by reason", "Validation F1 / IoU"}
-    assert set(empty) <= fed, f"panels without data: {sorted(set(empty) - fed)}"
+    if not set(empty) <= fed:  # say how many scrapes of the run succeeded, and when it stopped
+        up = [s["value"][1] for s in query(prom, 'sum_over_time(up{job="footprints_train"}[10m])')]
+        raise AssertionError(f"panels without data: {sorted(set(empty) - fed)}; successful "
+                             f"scrapes of the run: {up}; stopped {stopped - t0:.2f}s into the "
+                             f"range, checked at {time.time() - t0:.2f}s")
