@@ -211,10 +211,14 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     seen: set[str] = set()
     stream = shard_results(mine, cfg, staging, pool, workers)
     try:
-        with (atomic_open(out_csv, "w", encoding="utf-8", newline="") if env.is_main
-              else contextlib.nullcontext()) as f:
-            if env.is_main:
+        with contextlib.ExitStack() as stack:
+            def create() -> Any:
+                f = stack.enter_context(atomic_open(out_csv, "w", encoding="utf-8", newline=""))
                 write_rows(f, [], header=True)
+                return f
+
+            # rank 0 creates it; a failure there stops every rank with its reason
+            f = on_main(env, f"creating {out_csv}", create)
             for _ in range(rounds):  # every rank takes part in every round, done or not
                 mine_i = next(stream, None)
                 parts = gather_objects(mine_i) if env.distributed else [mine_i]

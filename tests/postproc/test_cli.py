@@ -203,15 +203,17 @@ def test_torchrun_duplicate_image_id_stops_every_rank_with_the_reason(tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
-def test_torchrun_a_failed_csv_write_stops_every_rank_with_the_reason(tmp_path):
+@pytest.mark.parametrize("fail, doing", [("rows", "writing"), ("header", "creating")])
+def test_torchrun_a_failed_csv_write_stops_every_rank_with_the_reason(tmp_path, fail, doing):
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
     out = tmp_path / "p.csv"
     worker = str(Path(__file__).with_name("csv_fail_worker.py"))
     r = subprocess.run(torchrun_cmd(2, [worker, "--pred", str(pred), "--out", str(out),
                                         "--workers", "1"]),
-                       cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=200)
+                       cwd=REPO, env={**worker_env(), "CSV_FAIL": fail}, capture_output=True,
+                       text=True, timeout=200)
     assert r.returncode != 0 and not out.exists()
-    assert f"error: rank 0 stopped while writing {out}: OSError: [Errno 28] No space left" \
+    assert f"error: rank 0 stopped while {doing} {out}: OSError: [Errno 28] No space left" \
         in r.stderr, r.stderr[-3000:]
     assert "error: [Errno 28] No space left on device" in r.stderr  # rank 0's own line
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
