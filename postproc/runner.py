@@ -178,7 +178,11 @@ def make_pool(workers: int) -> cf.Executor | None:
         return None
     # NOTE: fork shares the parent's compiled numba kernels; nothing here holds a GDAL handle.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    # NOTE: a fork pool forks all its workers at the first submit: do it now, while this is the
+    # only thread, not later beside gloo's (callers make the pool before dist.init for this)
+    pool.submit(int).result()
+    return pool
 
 
 @dataclass

@@ -235,3 +235,20 @@ def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, ca
     assert run_main(score.main, ["--truth", str(truth), "--proposals", str(good),
                                  "--json", str(blocker / "s.json")]) == 2
     assert "--json" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_the_polygonize_pool_forks_its_workers_when_made():
+    """``make_pool`` runs before the process group starts gloo's threads, so its workers must be
+    forked then, not at the first submit (which comes after ``dist.init``)."""
+    import os
+
+    from benchmarks.proctree import tree_pids
+    from postproc.runner import make_pool
+
+    before = set(tree_pids(os.getpid()))
+    pool = make_pool(2)
+    try:
+        assert len(set(tree_pids(os.getpid())) - before) == 2
+    finally:
+        pool.shutdown(wait=True)
