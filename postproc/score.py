@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     truth = index_truth_csv(args.truth)
     props = index_proposal_csv(args.proposals)
     ids = sorted(set(truth) | set(props))
-    # NOTE: score this rank's images before the process group starts its threads: the pool forks
+    # NOTE: score this rank's images before the process group starts its threads: the pool forks.
+    # The agent watcher starts first (one sleeping thread, safe to fork beside): a worker whose
+    # torchrun agent is killed mid-scoring stops then, instead of scoring its share to the end.
+    dist.watch_agent(env)
     mine = score_parallel(truth, props, cfg, ids[env.rank::env.world_size], workers,
                           progress=env.is_main)
     env = dist.init(env)

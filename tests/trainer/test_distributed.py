@@ -294,10 +294,15 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.timeout(120)
-def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["init", "score"])
+def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path: Path, mode: str) -> None:
     """torchrun puts each worker in a session of its own: killing the launcher left them
-    training on into the run directory, beside a rerun's."""
-    cmd = torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "agent_worker.py"), str(tmp_path)])
+    training on into the run directory, beside a rerun's. ``score`` works before it joins the
+    process group (its pool forks), and must stop too, not finish its share first."""
+    (tmp_path / "s.csv").write_text("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                                    "img0,-1,POLYGON EMPTY,1\n")
+    cmd = torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "agent_worker.py"), str(tmp_path),
+                           mode])
     agent = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     pids: list[int] = []
