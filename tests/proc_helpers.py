@@ -4,6 +4,7 @@ environment of a worker process, torchrun command lines, and killing a process t
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -15,10 +16,32 @@ __all__ = ["REPO", "free_port", "kill_tree", "torchrun_cmd", "worker_env"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, from below the kernel's ephemeral range.
+
+    NOTE: a port from ``bind(0)`` is closed until the test's server binds it, seconds later, and
+    meanwhile gloo's listeners (which also bind 0) and the next ``free_port`` draw from that same
+    range: a collision failed the test. Below the range only another explicit choice can take it.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low <= 11000:  # no room below the range: the kernel's choice, as before
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    while True:
+        port = random.randrange(10000, low)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
 
 
 def worker_env() -> dict[str, str]:

@@ -44,7 +44,7 @@ RANGE_STEP_S = 1.0  # the panels' step, as Grafana makes it for a range this sho
 STEP_P50 = "histogram_quantile(0.5, sum by (le) (rate(footprints_step_seconds_bucket[1m])))"
 
 
-def run_cli(args: list[str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=worker_env(),
                           capture_output=True, text=True, timeout=timeout_s)
 

@@ -237,7 +237,7 @@ def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, ca
     assert "--json" in capsys.readouterr().err
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # compiles the kernels when the numba cache is cold
 def test_the_polygonize_pool_forks_its_workers_when_made():
     """``make_pool`` runs before the process group starts gloo's threads, so its workers must be
     forked then, not at the first submit (which comes after ``dist.init``)."""
