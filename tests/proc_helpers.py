@@ -3,6 +3,7 @@ environment of a worker process, torchrun command lines, and killing a process t
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -26,22 +27,35 @@ def free_port() -> int:
     meanwhile gloo's listeners (which also bind 0) and the next ``free_port`` draw from that same
     range: a collision failed the test. Below the range only another explicit choice can take it.
     """
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux, or /proc/sys hidden
+        low = 0
     if low <= 11000:  # no room below the range: the kernel's choice, as before
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     while True:
         port = random.randrange(10000, low)
-        if port in _GIVEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _GIVEN.add(port)
-        return port
+        if port not in _GIVEN and _unused(port):
+            _GIVEN.add(port)
+            return port
+
+
+def _unused(port: int) -> bool:
+    """Nothing holds ``port`` on any address (torchrun's store binds them all)."""
+    families = [(socket.AF_INET, "0.0.0.0")]
+    if socket.has_ipv6:
+        families.append((socket.AF_INET6, "::"))
+    for family, wildcard in families:
+        try:
+            with socket.socket(family) as s:
+                s.bind((wildcard, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            # anything else (IPv6 compiled in but off on this host) says nothing about the port
+    return True
 
 
 def worker_env() -> dict[str, str]:
