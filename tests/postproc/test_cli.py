@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,8 +14,10 @@ import shapely
 from pp_helpers import REPO, make_pred_dir
 from proc_helpers import torchrun_cmd, worker_env
 
+from benchmarks.proctree import tree_pids
 from postproc import polygonize, score
 from postproc.cli import exit_on_error
+from postproc.runner import make_pool
 
 
 def run_main(main, argv: list[str]) -> int:
@@ -241,11 +244,6 @@ def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, ca
 def test_the_polygonize_pool_forks_its_workers_when_made():
     """``make_pool`` runs before the process group starts gloo's threads, so its workers must be
     forked then, not at the first submit (which comes after ``dist.init``)."""
-    import os
-
-    from benchmarks.proctree import tree_pids
-    from postproc.runner import make_pool
-
     before = set(tree_pids(os.getpid()))
     pool = make_pool(2)
     try:
