@@ -28,7 +28,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -322,13 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     from postproc.csvio import read_truth_csv
     from postproc.predio import list_pred_shards
     from postproc.provenance import SETTINGS
+    from trainer import dist
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     # NOTE: tune has no torchrun path: every rank would run the whole grid and race to write
     # the same two files. It uses all of one machine's cores (--workers), which a grid needs.
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world != "1":
+    world = dist.DistEnv.from_env().world_size
+    if world != 1:
         raise ValueError(f"postproc.tune runs on one machine (WORLD_SIZE={world}): start it with "
                          "python -m postproc.tune, not torchrun; --workers sets its cores")
     grid = TuneGrid(args.building_thresholds, args.footprint_thresholds, args.grow_radii,

@@ -228,7 +228,7 @@ def test_ties_go_to_the_defaults_then_to_fewer_changes():
 
 
 @pytest.mark.parametrize("case", ["no_truth", "empty_pred", "no_run_dir", "bad_grid",
-                                  "other_split", "gone_run_dir", "torchrun"])
+                                  "other_split", "gone_run_dir", "torchrun", "bad_env"])
 def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     pred, truth, run = tuned.pred, tuned.truth, tmp_path / "RUN"
     extra: list = []
@@ -250,6 +250,9 @@ def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     elif case == "torchrun":  # every rank would run the whole grid and write the same files
         monkeypatch.setenv("WORLD_SIZE", "2")
         want = "runs on one machine (WORLD_SIZE=2)"
+    elif case == "bad_env":  # read as torchrun's variables are everywhere else
+        monkeypatch.setenv("WORLD_SIZE", "two")
+        want = "WORLD_SIZE='two' is not an integer"
     else:
         pred, want = tmp_path / "PRED", "is not a directory"
         pred.mkdir()
