@@ -16,6 +16,7 @@ import shapely
 import shapely.errors
 from affine import Affine
 from pyproj import CRS
+from pyproj.exceptions import ProjError
 from rasterio.features import rasterize
 from shapely.geometry import Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
@@ -80,6 +81,9 @@ def read_footprints(path: Path, image_crs: CRS, transform: Affine, width: int,
             except shapely.errors.GEOSException as e:
                 raise LabelError(f"{path}: feature {k}: geometry cannot be processed "
                                  f"({e})") from None
+            except ProjError as e:  # e.g. a local engineering CRS, or another planet's
+                raise LabelError(f"{path}: cannot transform its CRS ({src_crs.to_string()}) to "
+                                 f"the image's ({grid.crs.to_string()}): {e}") from None
             footprints += 1
             overlapping += overlaps
             out.polygons += parts
@@ -101,7 +105,7 @@ def _read_collection(path: Path) -> tuple[list[Any], CRS]:
         raise LabelError(f"{path}: cannot read label file ({e})") from None
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # (nesting deeper than Python recurses)
         raise LabelError(f"{path}: malformed GeoJSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection":
         raise LabelError(f"{path}: malformed GeoJSON (not a FeatureCollection)")

@@ -93,6 +93,8 @@ class LoaderConfig:
                              "(set data.backend)")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
         if self.num_threads < 0 or self.prefetch < 1:
             raise ValueError(f"data.num_threads must be >= 0 and data.prefetch >= 1, got "
                              f"{self.num_threads} and {self.prefetch}")

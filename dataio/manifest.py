@@ -112,8 +112,8 @@ def load_manifest(root: Path) -> Manifest:
     except FileNotFoundError:
         raise ManifestError(f"{path}: not found; is {root} a dataset made by dataio.prepare? "
                             "(an interrupted prepare leaves no manifest)") from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ManifestError(f"{path}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         version = data.get("format_version") if isinstance(data, dict) else None
         raise ManifestError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")

@@ -74,6 +74,8 @@ class PrepareConfig:
                              f"with train > 0, got {self.split}")
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.boundary_width <= 50:
@@ -99,7 +101,7 @@ class Scan:
 def scan(cfg: PrepareConfig) -> Scan:
     """Find every tile in every AOI, read raster headers, drop what cannot be used."""
     result = Scan()
-    headers: list[tuple[Tile, int]] = []
+    headers: list[tuple[Tile, int, str]] = []
     seen: dict[str, Path] = {}
     for raw in cfg.raw:
         img_dir = raw / IMAGE_DIR
@@ -139,17 +141,23 @@ def scan(cfg: PrepareConfig) -> Scan:
                 skip("image has no CRS (not georeferenced)", iid)
                 continue
             seen[iid] = tif
-            headers.append((Tile(iid, tif, label_path(raw, iid)), count))
+            headers.append((Tile(iid, tif, label_path(raw, iid)), count, dtype))
     if not headers:
         raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}")
-    # NOTE: the model takes one band count; the majority decides and odd tiles are skipped.
-    counts = collections.Counter(c for _, c in headers)
+    # NOTE: the model takes one band count, and the normalisation pools one radiometry (an
+    # 8-bit tile among 11-bit ones would drag the percentiles down and come out nearly black);
+    # the majority decides each and odd tiles are skipped.
+    counts = collections.Counter(c for _, c, _ in headers)
     result.bands = max(counts, key=lambda c: (counts[c], c))
-    for tile, count in headers:
-        if count != result.bands:
+    dtypes = collections.Counter(d for _, c, d in headers if c == result.bands)
+    dtype = max(dtypes, key=lambda d: (dtypes[d], d))
+    for tile, count, dt in headers:
+        reason = (f"has {count} bands, the rest of the AOI has {result.bands}"
+                  if count != result.bands else
+                  f"is {dt}, the rest of the AOI is {dtype}" if dt != dtype else None)
+        if reason:
             result.skipped.append({"image_id": tile.image_id, "path": str(tile.tif),
-                                   "reason": f"has {count} bands, the rest of the AOI has "
-                                             f"{result.bands}"})
+                                   "reason": reason})
         else:
             result.tiles.append(tile)
     return result

@@ -145,8 +145,10 @@ def verify_shard(path: Path) -> int:
 
 def index_samples(idx_path: Path) -> int:
     """Sample count recorded in a DALI index file (its header is ``v1.2 N``)."""
-    with open(idx_path, encoding="utf-8") as f:
-        head = f.readline().split()
+    # NOTE: bytes, not text: a decoder reads ahead, so one bad byte anywhere in the file would
+    # raise a UnicodeDecodeError naming no file; only the header line is needed.
+    with open(idx_path, "rb") as f:
+        head = f.readline(256).decode("ascii", errors="replace").split()
     if len(head) != 2 or not head[1].isdigit():
         raise ShardError(f"{idx_path}: not a DALI webdataset index (header {head!r})")
     return int(head[1])

@@ -68,6 +68,8 @@ class SynthConfig:
         self.out = Path(self.out)
         if self.tiles < 1:
             raise ValueError(f"--tiles must be >= 1, got {self.tiles}")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.size < 32:
             raise ValueError(f"--size must be >= 32 px, got {self.size}")
         if not (math.isfinite(self.gsd_m) and self.gsd_m > 0):  # else a degenerate geotransform

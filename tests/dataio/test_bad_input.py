@@ -86,8 +86,10 @@ def test_missing_geojson_is_skipped(raw: Path, tmp_path: Path) -> None:
 def test_malformed_geojson_is_skipped_with_the_file_named(raw: Path, tmp_path: Path) -> None:
     _geojson(raw, 4).write_text('{"type": "FeatureCollection", "features": [')
     _geojson(raw, 5).write_text('{"type": "Feature"}')
+    _geojson(raw, 6).write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python recurses
     m = _run(raw, tmp_path / "d")
     reasons = _skipped(m)
+    assert "malformed GeoJSON" in reasons["AOI_2_Vegas_img6"]
     assert "malformed GeoJSON" in reasons["AOI_2_Vegas_img4"]
     assert str(_geojson(raw, 4)) in reasons["AOI_2_Vegas_img4"]
     assert "not a FeatureCollection" in reasons["AOI_2_Vegas_img5"]
@@ -163,6 +165,19 @@ def test_band_count_mismatch_is_skipped(raw: Path, tmp_path: Path) -> None:
     m = _run(raw, tmp_path / "d")
     assert _skipped(m) == {"AOI_2_Vegas_img6": "has 4 bands, the rest of the AOI has 3"}
     assert m["bands"] == 3
+
+
+def test_dtype_mismatch_is_skipped(raw: Path, tmp_path: Path) -> None:
+    """An 8-bit tile among 16-bit ones would drag the shared normalisation down."""
+    tif = _tif(raw, 6)
+    with rasterio.open(tif) as ds:
+        profile, data = ds.profile, ds.read()
+    profile["dtype"] = "uint8"
+    with rasterio.open(tif, "w", **profile) as ds:
+        ds.write((data >> 3).astype(np.uint8))
+    m = _run(raw, tmp_path / "d")
+    assert _skipped(m) == {"AOI_2_Vegas_img6": "is uint8, the rest of the AOI is uint16"}
+    assert sum(s["samples"] for s in m["splits"].values()) == TILES - 1
 
 
 def test_existing_dataset_is_not_overwritten_silently(raw: Path, tmp_path: Path,

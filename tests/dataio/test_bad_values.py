@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
+import rasterio.crs
 import shapely
 import shapely.errors
 from affine import Affine
@@ -20,6 +21,7 @@ from pyproj import CRS
 from dataio import prepare as prep
 from dataio.fixtures import write_dataset
 from dataio.labels import LabelError, read_footprints
+from dataio.loader import LoaderConfig
 from dataio.manifest import ManifestError, load_manifest
 from dataio.prepare import PrepareConfig, prepare
 from dataio.shards import ShardWriter, encode_sample
@@ -154,6 +156,23 @@ def test_labels_in_a_wrong_crs_skip_the_tile(raw: Path, tmp_path: Path) -> None:
     assert "no footprint overlaps the image (wrong CRS in the GeoJSON?)" in reason
 
 
+@pytest.mark.parametrize("side", ["label", "image"])
+def test_a_crs_with_no_transform_to_the_images_skips_the_tile(raw: Path, tmp_path: Path,
+                                                              side: str) -> None:
+    """PROJ reads the CRS but has no way to the other one: that tile goes, the rest are made."""
+    if side == "label":  # another planet's CRS in the legacy member
+        doc = json.loads(_geojson(raw, 1).read_text())
+        doc["crs"] = {"type": "name", "properties": {"name": "IAU_2015:30100"}}
+        _geojson(raw, 1).write_text(json.dumps(doc))
+    else:  # a site grid with no datum
+        with rasterio.open(_tif(raw, 1), "r+") as ds:
+            ds.crs = rasterio.crs.CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1]]')
+    m = _run(raw, tmp_path / "d")
+    reason = _skipped(m)[IMG1]
+    assert reason.startswith(f"{_geojson(raw, 1)}: cannot transform its CRS")
+    assert sum(s["samples"] for s in m["splits"].values()) == 1
+
+
 def test_no_features_is_still_an_empty_tile(raw: Path, tmp_path: Path) -> None:
     _geojson(raw, 1).write_text(json.dumps(_collection()))
     m = _run(raw, tmp_path / "d")
@@ -220,6 +239,27 @@ def test_manifest_of_the_wrong_shape_is_named(tmp_path: Path, dotted: str, value
         load_manifest(root)
     msg = str(e.value)
     assert msg.startswith(f"{path}: ") and named in msg and "\n" not in msg
+
+
+def test_a_negative_seed_names_its_flag_before_anything_is_written(
+        raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """numpy takes no negative seed; it said "expected non-negative integer", after the scan
+    (prepare) or after making the AOI's folders, which then refused the next synth (synth)."""
+    from dataio import synth
+    assert synth.main(["--out", str(tmp_path / "s"), "--tiles", "1", "--seed", "-1"]) == 2
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    assert prep.main(["--raw", str(raw), "--out", str(tmp_path / "o"), "--seed", "-1",
+                      "--quiet"]) == 2
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="data.seed must be >= 0, got -1"):
+        LoaderConfig(seed=-1)
+
+
+def test_a_manifest_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ManifestError, match=f"^{tmp_path / 'manifest.json'}: not valid UTF-8 JSON"):
+        load_manifest(tmp_path)
 
 
 # ---- 6. non-finite --split weights ---------------------------------------------------------------

@@ -61,7 +61,8 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
 @pytest.mark.parametrize("damage,reason", [
     ("truncate", "size"), ("drop_index", "index_missing"), ("manifest_bytes", "size"),
     ("manifest_count", "sample_count"), ("garbage_index", "index_changed"),
-    ("scrambled_index", "index_invalid")])
+    ("scrambled_index", "index_invalid"), ("rotten_index", "index_invalid"),
+    ("rotten_index_header", "index_invalid")])
 def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: str, reason: str,
                                                           caplog: pytest.LogCaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,6 +81,11 @@ def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: st
         edit_manifest(data, "train", 1, samples=5)
     elif damage == "garbage_index":
         tar.with_suffix(".idx").write_text("v1.2 3\nnot an index at all\n")
+    elif damage == "rotten_index":  # one byte that is not UTF-8 near the end, same size
+        # (a text read decodes ahead: it raised UnicodeDecodeError, naming no file)
+        _overwrite(tar.with_suffix(".idx"), tar.with_suffix(".idx").stat().st_size - 3, b"\xff")
+    elif damage == "rotten_index_header":
+        _overwrite(tar.with_suffix(".idx"), 0, b"\xff")
     else:  # same size and header, lines that do not parse
         idx = tar.with_suffix(".idx")
         head, _, body = idx.read_text().partition("\n")
