@@ -33,7 +33,12 @@ class CsvError(ValueError):
 
 @dataclass
 class PolygonTable:
-    """Polygons per ImageId, in file order; ``repaired`` counts invalid polygons made valid."""
+    """Polygons per ImageId, in file order; ``repaired`` counts invalid polygons made valid.
+
+    An empty WKT (the ``-1`` row of an image with no buildings) lists no polygon; a polygon that
+    repairs to nothing (zero area) stays, as an empty polygon: a proposal row is a proposal, and
+    one that matches nothing is a false positive, as in SpaceNet's scorer (``buffer(0)``).
+    """
 
     polygons: dict[str, list[BaseGeometry]] = field(default_factory=dict)
     confidence: dict[str, list[float]] = field(default_factory=dict)
@@ -259,7 +264,8 @@ def _build_table(path: Path, ids: list[str], wkts: list[str], lines: list[int],
     table = PolygonTable(rows=len(ids))
     if not ids:
         return table
-    geoms = shapely.from_wkt(np.asarray(wkts, dtype=object), on_invalid="ignore")
+    with np.errstate(invalid="ignore"):  # (numpy's warning on nan in WKT; reported below)
+        geoms = shapely.from_wkt(np.asarray(wkts, dtype=object), on_invalid="ignore")
     bad = np.flatnonzero(shapely.is_missing(geoms))
     if bad.size:
         i = int(bad[0])
@@ -271,15 +277,23 @@ def _build_table(path: Path, ids: list[str], wkts: list[str], lines: list[int],
         i = int(wrong[0])
         raise CsvError(f"{path}:{lines[i]}: {geoms[i].geom_type} is not a footprint polygon")
     geoms = shapely.force_2d(geoms)
-    invalid = np.flatnonzero(~shapely.is_valid(geoms) & ~shapely.is_empty(geoms))
+    # NOTE: WKT reads nan and inf; GEOS fails on them in make_valid, and a NaN area drops a
+    # truth polygon from the scoring without a word.
+    coords, owner = shapely.get_coordinates(geoms, return_index=True)
+    nonfinite = owner[~np.isfinite(coords).all(axis=1)]
+    if nonfinite.size:
+        i = int(nonfinite.min())
+        raise CsvError(f"{path}:{lines[i]}: non-finite coordinate (NaN or Infinity) in the WKT")
+    listed = ~shapely.is_empty(geoms)
+    invalid = np.flatnonzero(~shapely.is_valid(geoms) & listed)
     for i in invalid:
         # NOTE: SpaceNet's scorer buffers invalid polygons by 0; make_valid keeps more of them.
         geoms[i] = _polygonal(shapely.make_valid(geoms[i]))
     table.repaired = int(invalid.size)
-    for image_id, g, conf in zip(ids, geoms, confs, strict=True):
+    for image_id, g, conf, keep in zip(ids, geoms, confs, listed, strict=True):
         polys = table.polygons.setdefault(image_id, [])
         cl = table.confidence.setdefault(image_id, [])
-        if not g.is_empty:
+        if keep:
             polys.append(g)
             cl.append(conf)
     return table

@@ -41,8 +41,8 @@ def crs_member(crs_text: str) -> dict[str, Any] | None:
 
 def to_map(polys: Sequence[BaseGeometry], transform: Sequence[float]) -> np.ndarray:
     """Pixel-coordinate polygons -> map coordinates with a rasterio Affine (a, b, c, d, e, f)."""
-    if len(transform) < 6 or not all(isinstance(v, int | float) and math.isfinite(v)
-                                     for v in transform[:6]):
+    if not isinstance(transform, list | tuple) or len(transform) < 6 or not all(
+            isinstance(v, int | float) and math.isfinite(v) for v in transform[:6]):
         raise PredError(f"meta.json transform {transform!r} is not six finite numbers")
     a, b, c, d, e, f = (float(v) for v in transform[:6])
     m = np.array([[a, b], [d, e]])
@@ -56,7 +56,7 @@ def tile_feature_collection(image_id: str, polys: Sequence[BaseGeometry],
                             confidences: Sequence[float], meta: dict[str, Any]) -> dict[str, Any]:
     """A FeatureCollection of one tile's footprints (BuildingId from 1, most confident first)."""
     if "transform" not in meta:
-        raise PredError(f"{image_id}: meta.json has no transform (needed for --geojson)")
+        raise PredError("meta.json has no transform (needed for --geojson)")
     geoms = to_map(polys, meta["transform"])
     feats = [{"type": "Feature", "geometry": mapping(g),
               "properties": {"ImageId": image_id, "BuildingId": k, "Confidence": round(c, 6)}}

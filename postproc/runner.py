@@ -72,7 +72,10 @@ def _tiles_to_rows(chunk: list[tuple[str, bytes, dict]], shard: str, cfg: Polygo
     n = 0
     for key, png, meta in chunk:
         prob = decode_sample(key, png, meta, shard)
-        found = polygonize_probs(prob, cfg)
+        try:
+            found = polygonize_probs(prob, cfg)
+        except ValueError as e:  # a tile the kernels cannot take (its size)
+            raise PredError(f"{shard}: {key}: {e}") from None
         polys = [g for g, _ in found]
         confs = [c for _, c in found]
         rows.extend(proposal_rows(key, polys, confs))
@@ -81,7 +84,7 @@ def _tiles_to_rows(chunk: list[tuple[str, bytes, dict]], shard: str, cfg: Polygo
             try:
                 write_tile_geojson(geojson_dir, key, polys, confs, meta)
             except PredError as e:
-                raise PredError(f"{shard}: {e}") from None
+                raise PredError(f"{shard}: {key}: {e}") from None
     return rows, n
 
 

@@ -131,7 +131,11 @@ def _chunk_counts(chunk: list[tuple[str, bytes, dict]], truth: list[list[BaseGeo
     """Worker task: decode each tile once and sum its counts over the grid."""
     total: np.ndarray | None = None
     for (key, png, meta), t in zip(chunk, truth, strict=True):
-        c = tile_counts(decode_sample(key, png, meta, shard), t, grid)
+        prob = decode_sample(key, png, meta, shard)
+        try:
+            c = tile_counts(prob, t, grid)
+        except ValueError as e:  # a tile the kernels cannot take (its size)
+            raise PredError(f"{shard}: {key}: {e}") from None
         total = c if total is None else total + c
     assert total is not None
     return [key for key, _, _ in chunk], total

@@ -9,14 +9,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import shapely
-from pp_helpers import REPO, make_pred_dir
+from pp_helpers import REPO, make_pred_dir, tile_meta
 from proc_helpers import torchrun_cmd, worker_env
 
 from benchmarks.proctree import tree_pids
 from postproc import polygonize, score
 from postproc.cli import exit_on_error
+from postproc.predio import write_pred_shard
 from postproc.runner import make_pool
 
 
@@ -120,7 +122,8 @@ def _tiles(gj: Path) -> list[str]:
                   if p.name.startswith("AOI_9_Test_") and p.suffix == ".geojson")
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "truncated", "bad_settings"])
+@pytest.mark.parametrize("case", ["missing_dir", "truncated", "bad_settings", "null_transform",
+                                  "huge_tile"])
 def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
     out = tmp_path / "p.csv"
@@ -132,6 +135,19 @@ def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
         shard = pred / "pred-000001.tar"
         shard.write_bytes(shard.read_bytes()[:1500])
         want = "pred-000001.tar"
+    elif case == "null_transform":  # (it was a TypeError traceback from len(None))
+        prob = np.zeros((64, 64, 3), np.float32)
+        prob[..., 0] = 1
+        write_pred_shard(pred / "pred-000001.tar",
+                         [("img1", prob, {**tile_meta("img1", 64, 0), "transform": None})])
+        argv += ["--geojson", str(tmp_path / "gj")]
+        want = "pred-000001.tar: img1: meta.json transform None is not six finite numbers"
+    elif case == "huge_tile":  # (the message named neither the shard nor the tile)
+        prob = np.zeros((1, 33000, 3), np.float32)
+        prob[..., 0] = 1
+        meta = {**tile_meta("img1", 1, 0), "width": 33000}
+        write_pred_shard(pred / "pred-000001.tar", [("img1", prob, meta)])
+        want = "pred-000001.tar: img1: tile of 1x33000 px is outside"
     else:
         (tmp_path / "s.json").write_text('{"grow": 1}')
         argv += ["--settings", str(tmp_path / "s.json")]
@@ -154,6 +170,21 @@ def test_score_bad_csv_names_file_and_line(tmp_path, capsys):
     props.write_text("")
     assert run_main(score.main, ["--truth", str(truth), "--proposals", str(props)]) == 2
     assert "empty file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["truth", "proposals"])
+def test_score_non_finite_wkt_names_file_and_line(tmp_path, capsys, side):
+    """WKT reads nan and inf: GEOS raised on such a proposal, and such a truth polygon was left
+    out of the scoring without a word (its area is NaN)."""
+    square = 'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",x\n'
+    nan = 'a,2,"POLYGON ((0 0, nan 0, 9 9, 0 0))",x\n'
+    truth, props = tmp_path / "truth.csv", tmp_path / "proposals.csv"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n" + square
+                     + (nan if side == "truth" else ""))
+    props.write_text("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                     + (square + (nan if side == "proposals" else "")).replace(",x", ",1"))
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(props)]) == 2
+    assert f"{side}.csv:3: non-finite coordinate" in capsys.readouterr().err
 
 
 def _torchrun(args: list[str], timeout: float, module: str = "postproc.polygonize"

@@ -55,3 +55,10 @@ def test_a_concurrent_writers_temp_file_is_left_alone(tmp_path):
     live.write_text("being written")
     write_tile_geojson(tmp_path, "img3", [box(0, 0, 2, 2)], [1.0], UTM)
     assert live.read_text() == "being written" and (tmp_path / "img3.geojson").exists()
+
+
+@pytest.mark.parametrize("transform", [None, 5, "0.3 0 0 0 -0.3 0"])
+def test_a_transform_that_is_not_a_list_is_refused(transform):
+    """(None or a number raised a TypeError from len())."""
+    with pytest.raises(PredError, match="transform .* is not six finite numbers"):
+        tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {**UTM, "transform": transform})

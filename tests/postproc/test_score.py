@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import shapely
@@ -12,6 +14,7 @@ from postproc.csvio import CsvError, read_proposal_csv, read_truth_csv
 from postproc.iou import intersection_areas
 from postproc.polygonize import polygonize_labels
 from postproc.score import ScoreConfig, score, score_image
+from postproc.score import main as score_main
 
 
 def reference_score(truth, proposals, cfg=ScoreConfig()):
@@ -184,3 +187,20 @@ def test_empty_and_headerless_files(tmp_path):
         read_proposal_csv(write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix\n"))
     with pytest.raises(CsvError, match="not found"):
         read_truth_csv(tmp_path / "missing.csv")
+
+
+def test_a_degenerate_proposal_is_a_false_positive(tmp_path):
+    """A proposal row whose polygon has no area (it repairs to nothing) matched nothing: it is a
+    false positive, as in SpaceNet's scorer. It was dropped, and precision read 1.0."""
+    t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",x\n')
+    p = write(tmp_path / "p.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                                  'img1,1,"POLYGON ((50 50,60 50,70 50,50 50))",1\n'
+                                  'img1,2,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",1\n')
+    r = score(read_truth_csv(t).polygons, read_proposal_csv(p).polygons)
+    assert (r.tp, r.fp, r.fn) == (1, 1, 0)
+    out = tmp_path / "s.json"
+    assert score_main(["--truth", str(t), "--proposals", str(p), "--json", str(out),
+                       "--workers", "1"]) == 0
+    js = json.loads(out.read_text())
+    assert (js["tp"], js["fp"], js["fn"], js["repaired_polygons"]) == (1, 1, 0, 1)
