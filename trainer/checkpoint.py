@@ -137,6 +137,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(state["model"], dict):
+        raise ValueError(f"{path}: not a checkpoint of this trainer ('model' is a "
+                         f"{type(state['model']).__name__}, not a state dict)")
     return state
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataio.loader import LoaderConfig
+from dataio.loader import IGNORE_INDEX, LoaderConfig
 from models import LossConfig, ModelConfig
 from postproc.polygonize import PolygonizeConfig
 
@@ -48,10 +49,15 @@ class OptimConfig:
             raise ValueError(f"name {self.name!r}: known optimizers are {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r}: known are {', '.join(SCHEDULES)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
+        # NOTE: written so that NaN fails them: a NaN grad_clip scaled every gradient to NaN
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (self.warmup_steps >= 0 and 0 <= self.grad_clip < math.inf
+                and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"warmup_steps, grad_clip and weight_decay must be finite and >= 0, "
+                             f"got {self.warmup_steps}, {self.grad_clip}, {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -95,6 +101,9 @@ class MetricsConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
 
+MAX_TIMEOUT_S = 365 * 86400.0  # far beyond any collective; inside timedelta and c10d's ms
+
+
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto: nccl with CUDA, gloo without
@@ -103,8 +112,10 @@ class DistConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"backend {self.backend!r}: choose auto, nccl or gloo")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        # (inf, or beyond a timedelta, failed only in dist.init, on every rank)
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}] s, "
+                             f"got {self.timeout_s}")
 
 
 @dataclass
@@ -154,6 +165,9 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return tuple(items) if origin is tuple else items
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML has nan and inf; no setting of this trainer means anything by them
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     if hint in (int, float, str, bool):
         if type(value) is not hint:
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
@@ -239,6 +253,10 @@ def build_config(raw: dict[str, Any], where: str) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{name}] must be a table, got {values!r}")
         parts[name] = _build_section(name, type(getattr(defaults, name)), values, where)
+    if parts["loss"].ignore_index != IGNORE_INDEX:  # (an IndexError at the first padded batch)
+        raise ConfigError(f"{where}: [loss] ignore_index={parts['loss'].ignore_index} must be "
+                          f"{IGNORE_INDEX}: the loader pads masks with it, and they hold no other "
+                          "value to ignore")
     return Config(**parts)
 
 

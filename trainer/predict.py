@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.batch_size < 0:
         p.error(f"--batch-size must be >= 1 (or 0: the run's), got {args.batch_size}")
-    env = dist.DistEnv.from_env()
+    try:
+        env = dist.DistEnv.from_env()
+    except ValueError as e:
+        print(f"trainer.predict: error: {e}", file=sys.stderr)
+        return 2
     ckpt_path = args.checkpoint or args.run_dir / "checkpoints" / "best.pt"
     if not ckpt_path.is_file():
         hint = "" if args.checkpoint else " (train first, or pass --checkpoint)"

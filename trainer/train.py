@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = dist.DistEnv.from_env()
     try:
+        env = dist.DistEnv.from_env()
         # NOTE: every rank parses and validates the config before any process group exists, so
         # a bad key fails fast everywhere instead of hanging the others at the first collective.
         cfg = load_config(args.config, args.overrides)

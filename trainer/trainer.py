@@ -248,8 +248,8 @@ class Trainer:
                      self.cfg.train.epochs, summary["train_loss"],
                      "  ".join(f"{k} {summary[k]:.4f}" for k in ("val_loss", "val_iou", "val_f1")
                                if k in summary), summary["samples_per_s"], summary["seconds"])
-        # without validation the newest checkpoint is the one to use
-        self.save_checkpoint(best=is_best or self.cfg.train.val_every == 0)
+        # without validation (val_every 0, or an empty val split) the newest is the one to use
+        self.save_checkpoint(best=is_best or not self.validator.enabled)
 
     def _append_log(self, summary: dict[str, Any]) -> None:
         with open(self.run_dir / LOG, "a", encoding="utf-8") as f:

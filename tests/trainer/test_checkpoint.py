@@ -94,9 +94,12 @@ def test_unreadable_or_incomplete_checkpoints_name_the_file(tmp_path: Path) -> N
     garbage.write_bytes(b"garbage")
     empty.write_bytes(b"")
     torch.save({"format": ckpt.FORMAT}, partial)
+    listed = tmp_path / "l.pt"  # (load_state_dict raised a TypeError, no file named)
+    torch.save({"format": ckpt.FORMAT, "model": [torch.zeros(2)]}, listed)
     for path, match in ((garbage, "not a readable checkpoint"),
                         (empty, "not a readable checkpoint"),
-                        (partial, "checkpoint lacks model")):
+                        (partial, "checkpoint lacks model"),
+                        (listed, "'model' is a list, not a state dict")):
         with pytest.raises(ValueError, match=match) as e:
             ckpt.load(path)
         assert str(e.value).startswith(str(path))

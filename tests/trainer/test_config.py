@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, build_config, load_config, parse_override
+from trainer.config import (
+    ConfigError,
+    DistConfig,
+    OptimConfig,
+    build_config,
+    load_config,
+    parse_override,
+)
 
 CONFIGS = sorted(Path("configs").glob("*.toml"))
 
@@ -42,11 +50,29 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     ("optim.schedule=step", "schedule"),
     ("metrics.port=70000", "port"),
     ("postproc.building_threshold=2", "building_threshold"),
+    # TOML has nan and inf: a NaN grad_clip trained to NaN weights and saved them as best.pt,
+    # an infinite (or huge) timeout failed in dist.init on every rank
+    ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("optim.lr=inf", "optim.lr"),
+    ("dist.timeout_s=inf", "dist.timeout_s"),
+    ("dist.timeout_s=1e300", "timeout_s"),
+    ("optim.momentum=-1", "momentum"),
+    ("loss.ignore_index=7", "ignore_index"),  # the loader pads with -100: IndexError at a pad
 ])
 def test_bad_values_name_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(Path("configs/tiny.toml"), [override])
     assert named in str(e.value)
+
+
+def test_nan_fails_the_optimizer_checks_made_in_code() -> None:
+    """The dataclass checks hold without the TOML layer too (NaN fails every comparison)."""
+    for bad in ({"grad_clip": math.nan}, {"weight_decay": math.nan}, {"momentum": math.nan},
+                {"lr": math.inf}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            OptimConfig(**bad)
+    with pytest.raises(ValueError, match="timeout_s"):
+        DistConfig(timeout_s=math.inf)
 
 
 def test_an_unknown_override_key_names_set_not_the_file() -> None:

@@ -162,6 +162,45 @@ def test_resuming_with_another_model_names_the_checkpoint(small_dataset: Path,
         other.resume()
 
 
+def test_without_a_val_split_the_newest_checkpoint_is_best(tmp_path: Path) -> None:
+    """prepare allows --split 85,0,15; validation is then off, so predict's default best.pt
+    must still exist (it did only with val_every=0, and predict said "train first")."""
+    from dataio.prepare import PrepareConfig, prepare
+    from dataio.synth import SynthConfig, write_aoi
+
+    write_aoi(SynthConfig(out=tmp_path / "raw", tiles=6, seed=3, size=64))
+    data = tmp_path / "DATA"
+    prepare(PrepareConfig(raw=[tmp_path / "raw"], out=data, split=(85, 0, 15), shard_size=4),
+            progress=False)
+    cfg = load_config(Path("configs/tiny.toml"), ["data.num_threads=1", "train.epochs=1",
+                                                  "train.val_every=1", "data.crop_size=64"])
+    Trainer(cfg, DistEnv(), data, tmp_path / "run", device=torch.device("cpu")).train()
+    best = ckpt.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    newest = ckpt.load(ckpt.list_checkpoints(tmp_path / "run")[-1])
+    assert best["global_step"] == newest["global_step"] > 0
+
+
+@pytest.mark.parametrize(("env", "named"), [({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+                                            ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3")])
+def test_bad_torchrun_variables_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str],
+                                             env: dict[str, str], named: str) -> None:
+    """(a traceback from train and predict; tune and the postprocessors said it in one line)"""
+    from trainer.predict import main as predict
+    from trainer.train import main as train
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert train(["--config", "configs/tiny.toml", "--data", str(tmp_path),
+                  "--run-dir", str(tmp_path / "run")]) == 2
+    assert predict(["--run-dir", str(tmp_path), "--data", str(tmp_path),
+                    "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(named in line for line in err)
+    assert err[0].startswith("trainer.train: error:")
+    assert err[1].startswith("trainer.predict: error:")
+
+
 def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from trainer.train import main
