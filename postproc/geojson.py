@@ -81,5 +81,8 @@ def write_tile_geojson(out_dir: Path, image_id: str, polys: Sequence[BaseGeometr
     # NOTE: no sweep: pool workers write here at once, and a duplicate ImageId across shards (an
     # input error the runner names) would let one delete the other's live temp file; the
     # staging directory is emptied before each run anyway.
-    atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n", sweep=False)
+    try:
+        atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n", sweep=False)
+    except OSError as e:  # (a shard's error, then: every rank stops with it, not only this one)
+        raise PredError(f"cannot write {path} ({e})") from None
     return path

@@ -281,6 +281,30 @@ def on_main(env: DistEnv, what: str, fn: Callable[[], T]) -> T | None:
     return result
 
 
+def on_every(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn``, this rank's share of the work (no collective inside), and agree on how it went.
+
+    If it raises on any rank, every rank raises: that rank its own error, the others RankError
+    naming it (alone, it would stop and leave the others to die on gloo's reset connection).
+    """
+    try:
+        result, error = fn(), None
+    except Exception as e:
+        result, error = None, e
+    try:
+        errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    except Exception:
+        if error is not None:  # the others were not there in time: this rank's reason first
+            raise error from None
+        raise
+    if error is not None:
+        raise error
+    failed = [(r, why) for r, why in enumerate(errors) if why is not None]
+    if failed:
+        raise RankError(f"rank {failed[0][0]} stopped while {what}: {failed[0][1]}")
+    return result  # type: ignore[return-value]
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

@@ -126,17 +126,23 @@ def main(argv: list[str] | None = None) -> int:
 
         # rank 0 prepares it, and every rank waits for that (or stops with its error)
         dist.on_main(env, f"preparing {staging}", stage)
-        stream = _samples(loader, net, precision, args.tta, env.is_main)
-        written, k = 0, 0
-        while True:
-            chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
-            if not chunk:
-                break
-            written += write_pred_shard(staging / f"pred-{k * env.world_size + env.rank:06d}.tar",
-                                        chunk)
-            k += 1
-        loader.close()
-        total = int(dist.all_reduce_sum([written])[0])  # also: every rank's shards are closed
+
+        def write_share() -> int:
+            stream = _samples(loader, net, precision, args.tta, env.is_main)
+            written, k = 0, 0
+            while True:
+                chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
+                if not chunk:
+                    break
+                written += write_pred_shard(
+                    staging / f"pred-{k * env.world_size + env.rank:06d}.tar", chunk)
+                k += 1
+            loader.close()
+            return written
+
+        # agreed: one rank's failure (a full disk) stops every rank with its reason
+        written = dist.on_every("writing predictions", write_share)
+        total = int(dist.all_reduce_sum([written])[0])
         if env.is_main:
             publish_pred_dir(staging, args.out)
             print(f"wrote predictions for {total} tiles of {args.split} to {args.out}")

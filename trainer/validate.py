@@ -22,7 +22,7 @@ from postproc.polygonize import polygonize_probs
 from postproc.score import ScoreConfig, score_image
 from trainer.amp import Precision
 from trainer.config import Config
-from trainer.dist import DistEnv, agreed_loader, all_reduce_sum
+from trainer.dist import DistEnv, agreed_loader, all_reduce_sum, on_every
 
 log = logging.getLogger("footprints")
 
@@ -57,7 +57,21 @@ class Validator:
             return {}
         was_training = net.training
         net.eval()
-        # loss*n, n, tp, fp, fn (pixels, building class), tp, fp, fn (SpaceNet polygons)
+        # agreed: one rank's failure (a tile the polygonizer refuses) must stop all with it
+        c = all_reduce_sum(on_every("validating", lambda: self._counts(net)))
+        net.train(was_training)
+        out = {"val_loss": _ratio(c[0].item(), c[1].item()),
+               "val_iou": _ratio(c[2].item(), (c[2] + c[3] + c[4]).item())}
+        if self.cfg.train.val_f1:
+            tp, fp, fn = c[5].item(), c[6].item(), c[7].item()
+            p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+            out.update({"val_precision": p, "val_recall": r, "val_f1": _ratio(2 * p * r, p + r),
+                        "val_tp": int(tp), "val_fp": int(fp), "val_fn": int(fn)})
+        return out
+
+    def _counts(self, net: nn.Module) -> torch.Tensor:
+        """This rank's sums: loss*n, n, tp, fp, fn (pixels, building class), tp, fp, fn
+        (SpaceNet polygons)."""
         c = torch.zeros(8, dtype=torch.float64)
         self.loader.set_epoch(0)
         for batch in self.loader:
@@ -76,16 +90,7 @@ class Validator:
             c[4] += float((~is_b & want_b).sum())
             if self.cfg.train.val_f1:
                 c[5:8] += self._f1_counts(logits, batch)
-        c = all_reduce_sum(c)
-        net.train(was_training)
-        out = {"val_loss": _ratio(c[0].item(), c[1].item()),
-               "val_iou": _ratio(c[2].item(), (c[2] + c[3] + c[4]).item())}
-        if self.cfg.train.val_f1:
-            tp, fp, fn = c[5].item(), c[6].item(), c[7].item()
-            p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-            out.update({"val_precision": p, "val_recall": r, "val_f1": _ratio(2 * p * r, p + r),
-                        "val_tp": int(tp), "val_fp": int(fp), "val_fn": int(fn)})
-        return out
+        return c
 
     def _f1_counts(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:
         probs = torch.softmax(logits, dim=1).permute(0, 2, 3, 1).cpu().numpy()

@@ -253,6 +253,24 @@ def test_torchrun_a_failed_csv_write_stops_every_rank_with_the_reason(tmp_path, 
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
 
 
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_torchrun_a_failed_geojson_write_on_one_rank_stops_every_rank_with_it(tmp_path):
+    """(rank 1's OSError was not a shard error: rank 0 died on gloo's reset connection)"""
+    pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    worker = str(REPO / "tests" / "rank_fail_worker.py")
+    r = subprocess.run(torchrun_cmd(2, [worker, "postproc.polygonize", "--pred", str(pred),
+                                        "--out", str(out), "--geojson", str(gj),
+                                        "--workers", "1"]),
+                       cwd=REPO, env={**worker_env(), "FAIL_AT": "geojson"}, capture_output=True,
+                       text=True, timeout=200)
+    assert r.returncode != 0 and not out.exists() and not list(gj.glob("*.geojson"))
+    reason = "pred-000001.tar: AOI_9_Test_img100: cannot write"
+    assert r.stderr.count(reason) == 2, r.stderr[-3000:]  # each rank says why
+    assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
+
+
 def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):
     pred, truth = pred_dir
     blocker = tmp_path / "a_file"

@@ -287,6 +287,19 @@ def test_a_failed_checkpoint_write_stops_every_rank_with_the_reason(small_datase
     assert "Connection closed by peer" not in res.stderr and "GLOO" not in res.stderr.upper()
 
 
+@pytest.mark.timeout(150)
+def test_a_failure_in_one_ranks_validation_stops_every_rank_with_the_reason(
+        small_dataset: Path, tmp_path: Path) -> None:
+    """(rank 1 stopped alone; rank 0 was killed by torchrun, saying nothing)"""
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1"])
+    args[:2] = [str(REPO / "tests" / "rank_fail_worker.py"), "trainer.train"]
+    res = run(torchrun_cmd(2, args), timeout=120, env={"FAIL_AT": "val"})
+    assert res.returncode != 0
+    assert "trainer.train: error: rank 1 stopped while validating: ValueError: simulated" \
+        in res.stderr, res.stderr[-3000:]
+    assert "Connection closed by peer" not in res.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_helpers import run, torchrun_cmd
+from trainer_helpers import REPO, run, torchrun_cmd
 
 from dataio.manifest import load_manifest
 from dataio.shards import iter_tar_samples
@@ -77,6 +77,22 @@ def test_predict_under_torchrun_matches_one_process(trained_run: Path, small_dat
     assert one.keys() == two.keys() == _split_keys(small_dataset, "val")
     for key in one:
         assert np.abs(one[key][0].astype(int) - two[key][0].astype(int)).max() <= 1
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(200)
+def test_a_failed_write_on_one_rank_stops_every_rank_with_the_reason(
+        trained_run: Path, small_dataset: Path, tmp_path: Path) -> None:
+    """(rank 0 said only "Connection closed by peer", or was killed saying nothing)"""
+    out = tmp_path / "p"
+    res = run(torchrun_cmd(2, [str(REPO / "tests" / "rank_fail_worker.py"), "trainer.predict",
+                               "--run-dir", str(trained_run), "--data", str(small_dataset),
+                               "--split", "val", "--out", str(out)]),
+              timeout=150, env={"FAIL_AT": "pred"})
+    assert res.returncode != 0 and not list(out.glob("pred-*.tar"))  # (only its staging)
+    assert "trainer.predict: error: rank 1 stopped while writing predictions: OSError: " \
+           "[Errno 28] No space left on device" in res.stderr, res.stderr[-3000:]
+    assert "Connection closed" not in res.stderr
 
 
 def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_dataset: Path,

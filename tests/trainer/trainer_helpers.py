@@ -15,9 +15,11 @@ from proc_helpers import (  # noqa: F401 (re-exported)
 )
 
 
-def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd``; on timeout kill its whole process tree and fail."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (with ``env`` added); on timeout kill its whole process tree and fail."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**worker_env(), **(env or {})},
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -1,0 +1,41 @@
+"""Run under torchrun: ``rank_fail_worker.py MODULE ARGS...``: on rank ``FAIL_RANK`` (default 1)
+the step named by ``FAIL_AT`` fails, then MODULE's real main runs with ARGS.
+
+``FAIL_AT``: ``geojson`` (postproc.polygonize's GeoJSON writes hit a full disk), ``pred``
+(trainer.predict's shard writes hit a full disk), ``val`` (trainer.train's validation raises, as
+for a tile the polygonizer refuses)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+
+def _full(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise ValueError("simulated: a tile the polygonizer refuses")
+
+
+if __name__ == "__main__":
+    module, argv = sys.argv[1], sys.argv[2:]
+    if os.environ.get("RANK") == os.environ.get("FAIL_RANK", "1"):
+        what = os.environ["FAIL_AT"]
+        if what == "geojson":
+            from postproc import geojson
+            geojson.atomic_write_text = _full
+        elif what == "pred":
+            from postproc import predio
+            predio.write_pred_shard = _full  # (predict imports it when it runs)
+        else:
+            from trainer.validate import Validator
+            Validator._f1_counts = _refused  # type: ignore[method-assign]
+    if module == "postproc.polygonize":
+        from postproc import polygonize
+        from postproc.cli import exit_on_error
+        sys.exit(exit_on_error(lambda: polygonize.main(argv)))
+    from importlib import import_module
+    sys.exit(import_module(module).main(argv))
