@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
     # NOTE: indexes, not tables: the polygons of all images at once grew by ~0.3 MB a tile
-    # (benchmarks.load); the workers parse the images they score. A malformed WKT therefore
-    # stops the rank that scores its image (torchrun then stops the others).
+    # (benchmarks.load); the workers parse the images they score, so a malformed WKT is found
+    # by the rank that scores its image, and agreed once the process group exists.
     truth = index_truth_csv(args.truth)
     props = index_proposal_csv(args.proposals)
     ids = sorted(set(truth) | set(props))
@@ -289,11 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     # The agent watcher starts first (one sleeping thread, safe to fork beside): a worker whose
     # torchrun agent is killed mid-scoring stops then, instead of scoring its share to the end.
     dist.watch_agent(env)
-    mine = score_parallel(truth, props, cfg, ids[env.rank::env.world_size], workers,
-                          progress=env.is_main)
+    try:
+        mine, error = score_parallel(truth, props, cfg, ids[env.rank::env.world_size], workers,
+                                     progress=env.is_main), None
+    except Exception as e:
+        mine, error = None, e
+
+    def share() -> ScoreResult:
+        if error is not None:
+            raise error
+        return mine
+
     env = dist.init(env)
     try:
-        result = merge_results(dist.gather_objects(mine))
+        # agreed: a bad row in one rank's images stops every rank with its reason
+        result = merge_results(dist.gather_objects(dist.on_every("scoring", share)))
     finally:
         dist.teardown()
     if not env.is_main:

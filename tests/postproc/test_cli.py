@@ -255,6 +255,23 @@ def test_torchrun_a_failed_csv_write_stops_every_rank_with_the_reason(tmp_path, 
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
+def test_torchrun_score_a_bad_row_in_one_ranks_images_stops_every_rank_with_it(tmp_path):
+    """(rank 1 stopped alone; rank 0 was killed by torchrun, saying nothing)"""
+    truth, props = tmp_path / "truth.csv", tmp_path / "props.csv"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",x\nb,-1,POLYGON EMPTY,x\n')
+    props.write_text("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",1\nb,1,"POLYGON ((0 0",1\n')
+    r = _torchrun(["--truth", str(truth), "--proposals", str(props), "--workers", "1"],
+                  timeout=200, module="postproc.score")  # image b is rank 1's
+    assert r.returncode != 0
+    assert "rank 1 stopped while scoring: CsvError: " in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("props.csv:3: malformed WKT") == 2  # each rank says why
+    assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
 def test_torchrun_a_failed_geojson_write_on_one_rank_stops_every_rank_with_it(tmp_path):
     """(rank 1's OSError was not a shard error: rank 0 died on gloo's reset connection)"""
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
