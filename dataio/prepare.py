@@ -48,13 +48,14 @@ from dataio.spacenet import (
 )
 
 ACCEPTED_DTYPES = ("uint16", "uint8")
+DEFAULT_SPLIT = (70.0, 15.0, 15.0)  # train:val:test weights
 
 
 @dataclass
 class PrepareConfig:
     raw: list[Path]
     out: Path
-    split: tuple[float, float, float] = (70.0, 15.0, 15.0)
+    split: tuple[float, float, float] = DEFAULT_SPLIT
     seed: int = 0
     workers: int = 1
     shard_size: int = 200
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", type=Path, action="append", required=True,
                    help="a SpaceNet AOI directory (repeat for several)")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
-    p.add_argument("--split", type=_parse_split, default=(70.0, 15.0, 15.0))
+    p.add_argument("--split", type=_parse_split, default=DEFAULT_SPLIT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))))
     p.add_argument("--shard-size", type=int, default=200, help="samples per shard")

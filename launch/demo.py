@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataio.atomic import atomic_write_text
+from dataio.prepare import DEFAULT_SPLIT, split_counts
 from launch.report import write_report
 from trainer.config import ConfigError, load_config
 
@@ -110,39 +111,59 @@ def _env() -> dict[str, str]:
     return env
 
 
+def read_state(path: Path) -> dict[str, dict]:
+    """``OUT/stages.json``: per stage, its command and, once it completed, its seconds."""
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable demo state ({e}); delete it or pass --fresh"
+                         ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, dict) and "cmd" in v
+                                              for v in state.values()):
+        raise ValueError(f"{path}: not a demo state (an object of stages, each with its cmd); "
+                         "delete it or pass --fresh")
+    return state
+
+
 def run_demo(demo: Demo, fresh: bool = False) -> dict:
     """Run (or resume) every stage; returns the summary that the report holds."""
     if fresh and demo.out.exists():
         shutil.rmtree(demo.out)
     demo.out.mkdir(parents=True, exist_ok=True)
     state_path = demo.out / "stages.json"
-    done = json.loads(state_path.read_text()) if state_path.exists() else {}
+    done = read_state(state_path)
     seconds: dict[str, float] = {}
     upstream_ran = False
+    names = [n for n, _ in demo.stages()]
     for name, cmd in demo.stages():
-        if done.get(name, {}).get("cmd") == cmd and not upstream_ran:
+        last = done.get(name, {})
+        if last.get("cmd") == cmd and "seconds" in last and not upstream_ran:
             print(f"== {name}: done before, skipped", flush=True)
-            seconds[name] = done[name]["seconds"]
+            seconds[name] = last["seconds"]
             continue
-        # A stage that was interrupted resumes (training from its checkpoints); one whose inputs
-        # or arguments changed starts from nothing.
-        if upstream_ran or name in done:
+        # A stage that was interrupted with the same arguments resumes (training from its
+        # checkpoints); one whose inputs or arguments changed starts from nothing.
+        if upstream_ran or (name in done and last.get("cmd") != cmd):
             for path in demo.outputs(name):
                 if path.exists():
                     print(f"== {name}: inputs changed, removing {path}", flush=True)
                     shutil.rmtree(path)
         upstream_ran = True
+        # NOTE: recorded as started (no seconds) before it runs, and what follows it dropped: a
+        # stage killed or failed is never "done before", whatever the state held for it.
+        done[name] = {"cmd": cmd}
+        for later in names[names.index(name) + 1:]:
+            done.pop(later, None)
+        atomic_write_text(state_path, json.dumps(done, indent=1) + "\n")
         print(f"== {name}: {shlex.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         res = subprocess.run(cmd, env=_env())
         if res.returncode != 0:
             raise RuntimeError(f"stage {name} failed (exit {res.returncode}): {shlex.join(cmd)}")
         seconds[name] = round(time.perf_counter() - t0, 1)
-        done[name] = {"cmd": cmd, "seconds": seconds[name]}
-        # later stages depend on earlier ones: a redone stage invalidates what follows
-        names = [n for n, _ in demo.stages()]
-        for later in names[names.index(name) + 1:]:
-            done.pop(later, None)
+        done[name]["seconds"] = seconds[name]
         atomic_write_text(state_path, json.dumps(done, indent=1) + "\n")
     return write_report(demo.run, demo.data, seconds)
 
@@ -165,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                         ("--render-tiles", args.render_tiles)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+    # every split must get a tile (prepare's default 70:15:15), else predict or tune fails late
+    split = DEFAULT_SPLIT
+    if 0 in split_counts(args.tiles, split):
+        least = next(n for n in range(1, 1000) if 0 not in split_counts(n, split))
+        p.error(f"--tiles {args.tiles} leaves a split empty at {':'.join(f'{w:g}' for w in split)}"
+                f" (train:val:test); give at least {least}")
     try:
         load_config(args.config, args.overrides)
     except ConfigError as e:

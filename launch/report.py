@@ -15,12 +15,16 @@ from dataio.manifest import load_manifest
 from postproc.curves import parse_log
 from postproc.provenance import read_tuned
 
+SCORE_KEYS = ("precision", "recall", "f1", "tp", "fp", "fn")
+
 
 def _read(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path} is missing: the stage that writes it did not run") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); rerun the stage that writes it") from None
 
 
 def _epochs(run: Path) -> list[dict[str, Any]]:
@@ -36,6 +40,9 @@ def _epochs(run: Path) -> list[dict[str, Any]]:
 def build_summary(run: Path, data: Path, seconds: dict[str, float]) -> dict[str, Any]:
     report = run / "report"
     score = _read(report / "score_test.json")
+    if not isinstance(score, dict) or any(k not in score for k in SCORE_KEYS):
+        raise ValueError(f"{report / 'score_test.json'}: not postproc.score's JSON (it needs "
+                         f"{', '.join(SCORE_KEYS)}); rerun the score stage")
     # the pair checked to be one tuning's: an interrupted tune must not report its F1 for
     # settings that are not the ones in force
     settings, tune = read_tuned(run)

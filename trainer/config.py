@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from dataio.classes import NUM_CLASSES
 from dataio.loader import IGNORE_INDEX, LoaderConfig
-from models import LossConfig, ModelConfig
+from models import LossConfig, ModelConfig, build_model_from_config
 from postproc.polygonize import PolygonizeConfig
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -257,6 +260,19 @@ def build_config(raw: dict[str, Any], where: str) -> Config:
         raise ConfigError(f"{where}: [loss] ignore_index={parts['loss'].ignore_index} must be "
                           f"{IGNORE_INDEX}: the loader pads masks with it, and they hold no other "
                           "value to ignore")
+    weights = parts["loss"].class_weights
+    if not isinstance(weights, str) and len(weights) != NUM_CLASSES:  # (failed at the 1st step)
+        raise ConfigError(f"{where}: [loss] class_weights has {len(weights)} weights; the "
+                          f"model gives {NUM_CLASSES} classes (background, building, boundary)")
+    # NOTE: what only building the model finds (a width_divisor that does not divide every
+    # width) fails here, before any process group or the demo's minutes of data preparation;
+    # on the meta device it costs no memory and ~20 ms.
+    try:
+        with torch.device("meta"):
+            build_model_from_config(dataclasses.replace(parts["model"], compile=False), 3,
+                                    NUM_CLASSES)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: [model] {e}") from None
     return Config(**parts)
 
 

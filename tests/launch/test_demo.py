@@ -54,16 +54,18 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
 class _TinyDemo(Demo):
     """The demo's stage logic with two stand-in stages: "synth" writes one file per tile into
     raw/ (replacing what was there, as synth --overwrite does), "train" adds a checkpoint file to
-    run/ (as a resumed run keeps its old ones)."""
+    run/ (as a resumed run keeps its old ones), and fails after it when its overrides hold
+    "fail" (a run killed after some checkpoints)."""
 
     def stages(self) -> list[tuple[str, list[str]]]:
         synth = ("import pathlib, shutil, sys; d = pathlib.Path(sys.argv[1]); "
                  "shutil.rmtree(d, ignore_errors=True); d.mkdir(parents=True); "
                  "[(d / f't{i}').touch() for i in range(int(sys.argv[2]))]")
         train = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, "
-                 "exist_ok=True); (d / f'ckpt-{len(list(d.iterdir()))}').touch()")
+                 "exist_ok=True); (d / f'ckpt-{len(list(d.iterdir()))}').touch(); "
+                 "sys.exit('fail' in sys.argv)")
         return [("synth", [sys.executable, "-c", synth, str(self.raw), str(self.tiles)]),
-                ("train", [sys.executable, "-c", train, str(self.run)])]
+                ("train", [sys.executable, "-c", train, str(self.run), *self.overrides])]
 
 
 def test_a_rerun_with_other_inputs_trains_again(tmp_path: Path,
@@ -84,13 +86,53 @@ def test_a_rerun_with_other_inputs_trains_again(tmp_path: Path,
     assert sorted(p.name for p in (out / "run").iterdir()) == ["ckpt-0"]
 
 
-@pytest.mark.parametrize("bad", [["--nproc", "0"], ["--tiles", "0"], ["--set", "foo"],
-                                 ["--set", "train.bogus=1"]])
-def test_bad_arguments_stop_the_demo_before_any_stage(bad: list[str], tmp_path: Path,
+def _ckpts(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "run").iterdir())
+
+
+def test_a_stage_that_did_not_complete_is_never_done_before(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state was written only when a stage completed: a rerun with other arguments that
+    failed (or was killed) left the earlier completion on record, so going back to the earlier
+    arguments skipped training over the other run's checkpoints; and a rerun of the failed
+    arguments removed the checkpoints it should resume from."""
+    monkeypatch.setattr(demo_module, "write_report", lambda *a: {})
+    out = tmp_path / "demo"
+    run_demo(_TinyDemo(out, tiles=3))
+    assert _ckpts(out) == ["ckpt-0"]
+    with pytest.raises(RuntimeError, match="stage train failed"):
+        run_demo(_TinyDemo(out, tiles=3, overrides=["epochs=9", "fail"]))
+    assert _ckpts(out) == ["ckpt-0"]  # other arguments: trained from nothing
+    with pytest.raises(RuntimeError, match="stage train failed"):
+        run_demo(_TinyDemo(out, tiles=3, overrides=["epochs=9", "fail"]))
+    assert _ckpts(out) == ["ckpt-0", "ckpt-1"]  # the same again: resumed
+    run_demo(_TinyDemo(out, tiles=3))  # back to the first arguments: trained again
+    assert _ckpts(out) == ["ckpt-0"]
+
+
+@pytest.mark.parametrize("text, problem", [("[]", "not a demo state"),
+                                           ('{"synth": 1}', "not a demo state"),
+                                           ('{"synth": {"cmd"', "unreadable demo state")])
+def test_a_damaged_state_file_is_named(tmp_path: Path, text: str, problem: str) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "stages.json").write_text(text)
+    with pytest.raises(ValueError, match=f"^{out / 'stages.json'}: {problem}"):
+        run_demo(_TinyDemo(out, tiles=3))
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    (["--nproc", "0"], "--nproc"), (["--tiles", "0"], "--tiles"), (["--set", "foo"], "--set"),
+    (["--set", "train.bogus=1"], "--set"),
+    # these ran synth and prepare first, and failed in train (or, a split empty, in predict)
+    (["--tiles", "4"], "--tiles 4 leaves a split empty"),
+    (["--set", "model.width_divisor=3"], "width_divisor=3"),
+    (["--set", "loss.class_weights=[0.5,0.5]"], "class_weights has 2 weights")])
+def test_bad_arguments_stop_the_demo_before_any_stage(bad: list[str], named: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         demo_module.main(["--out", str(tmp_path / "demo"), *bad])
-    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert e.value.code == 2 and named in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
 
 
@@ -116,10 +158,22 @@ def test_the_report_refuses_settings_that_are_not_the_tuned_ones(tmp_path: Path)
     from launch.report import build_summary
 
     (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "score_test.json").write_text(json.dumps({"f1": 0.9}))
+    (tmp_path / "report" / "score_test.json").write_text(json.dumps(
+        {"precision": 0.9, "recall": 0.9, "f1": 0.9, "tp": 9, "fp": 1, "fn": 1}))
     settings = {"building_threshold": 0.6}
     (tmp_path / "tune.json").write_text(json.dumps({"default": {"f1": 0.7},
                                                     "best": {"f1": 0.8, "settings": settings}}))
     (tmp_path / "postproc.json").write_text(json.dumps({"building_threshold": 0.5}))
     with pytest.raises(ValueError, match=r"postproc\.json is not the best\.settings"):
+        build_summary(tmp_path, tmp_path / "data", {})
+
+
+@pytest.mark.parametrize("text, problem", [('{"f1": 0.5,', "unreadable"),
+                                           ('{"f1": 0.5}', "not postproc.score's JSON")])
+def test_a_damaged_score_file_is_named(tmp_path: Path, text: str, problem: str) -> None:
+    from launch.report import build_summary
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "score_test.json").write_text(text)
+    with pytest.raises(ValueError, match=f"score_test.json: {problem}"):
         build_summary(tmp_path, tmp_path / "data", {})
