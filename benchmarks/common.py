@@ -10,12 +10,13 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dataio.atomic import atomic_write_text
+from dataio.atomic import atomic_write_text, check_writable
 
 
 def machine_info() -> dict[str, Any]:
@@ -88,3 +89,36 @@ def base_parser(name: str, doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return parser
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1 (tiles, rounds, steps, processes)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and refuse a ``--json`` that cannot be written before the minutes of timing."""
+    args = parser.parse_args(argv)
+    if getattr(args, "json", None) is not None:
+        try:
+            check_writable(args.json, "--json")
+        except ValueError as e:
+            parser.error(str(e))
+    return args
+
+
+def run(name: str, main: Callable[[], Any]) -> int:
+    """``python -m benchmarks.NAME``: bad input (a missing dataset, a malformed file) is one
+    line, as in the project's commands, not a traceback."""
+    try:
+        result = main()
+    except (ValueError, OSError) as e:
+        print(f"python -m benchmarks.{name}: error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0  # (some return their JSON object)

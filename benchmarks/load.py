@@ -46,7 +46,15 @@ import numpy as np
 from affine import Affine
 from PIL import Image, ImageFilter
 
-from benchmarks.common import base_parser, machine_info, print_table, write_json
+from benchmarks.common import (
+    base_parser,
+    count,
+    machine_info,
+    parse_args,
+    print_table,
+    run,
+    write_json,
+)
 from benchmarks.proctree import tree_pids
 from dataio.geo import to_geo
 from dataio.spacenet import EMPTY, IMAGE_DIR, IMAGE_PREFIX, LABEL_DIR, TRUTH_HEADER, wkt_xyz
@@ -353,13 +361,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "scorer takes ~38 ms a tile on one core")
     p.add_argument("--prepare-tiles", type=_sizes, default=[500, 2000],
                    help="prepare sizes, comma-separated (default 500,2000; '' or 0 = none)")
-    p.add_argument("--workers", type=int, default=2, help="--workers of every command")
-    p.add_argument("--pool", type=int, default=50, help="distinct prediction tiles (default 50)")
-    p.add_argument("--synth-pool", type=int, default=100,
+    p.add_argument("--workers", type=count, default=2, help="--workers of every command")
+    p.add_argument("--pool", type=count, default=50, help="distinct prediction tiles (default 50)")
+    p.add_argument("--synth-pool", type=count, default=100,
                    help="distinct dataio.synth tiles linked for prepare (default 100)")
     p.add_argument("--keep", type=Path, default=None,
                    help="work here and keep the inputs and outputs (default: a temp dir, removed)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
+    if not args.tiles:
+        p.error("--tiles needs at least one count > 0")
     try:
         baselines = baseline_sizes(args.tiles, args.baseline_tiles)
     except ValueError as e:
@@ -413,4 +423,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("load", main))

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.baselines import baseline_polygonize, plain_score
+from benchmarks.common import parse_args, run
 from dataio.atomic import atomic_open, atomic_write_text
 
 # NOTE: the defaults of PolygonizeConfig.min_polygon_area and ScoreConfig.min_truth_area (tested
@@ -47,16 +48,22 @@ def polygonize(pred: Path, out: Path, min_area: float = MIN_POLYGON_AREA) -> tup
     rows: list[list[str]] = []
     tiles = 0
     suffix = ".prob.png"  # postproc.predio's member name: <ImageId>.prob.png (8-bit RGB)
-    for shard in sorted(pred.glob("pred-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not (member.isfile() and member.name.endswith(suffix)):
-                    continue
-                with Image.open(tar.extractfile(member)) as im:
-                    prob = np.asarray(im.convert("RGB"))
-                polys = baseline_polygonize(prob, min_area)
-                rows += proposal_rows(member.name[:-len(suffix)], polys, [1.0] * len(polys))
-                tiles += 1
+    shards = sorted(pred.glob("pred-*.tar"))
+    if not shards:  # (it wrote a header-only CSV and said "0 tiles")
+        raise ValueError(f"--pred {pred}: no pred-*.tar shards (not found, or empty)")
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r:") as tar:  # (plain tar, as predio writes them)
+                for member in tar:
+                    if not (member.isfile() and member.name.endswith(suffix)):
+                        continue
+                    with Image.open(tar.extractfile(member)) as im:
+                        prob = np.asarray(im.convert("RGB"))
+                    polys = baseline_polygonize(prob, min_area)
+                    rows += proposal_rows(member.name[:-len(suffix)], polys, [1.0] * len(polys))
+                    tiles += 1
+        except tarfile.TarError as e:
+            raise ValueError(f"{shard}: not a readable tar ({e})") from None
     with atomic_open(out, "w", newline="", encoding="utf-8") as f:
         write_rows(f, rows, header=True)
     return tiles, sum(1 for r in rows if r[1] != "-1")
@@ -112,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = parse_args(p, argv)
     if args.command == "polygonize":
         tiles, polygons = polygonize(args.pred, args.out, args.min_area)
         print(f"{tiles} tiles, {polygons} polygons -> {args.out}")
@@ -126,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("load_baseline", main))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -33,7 +34,15 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from benchmarks.common import base_parser, machine_info, print_table, write_json
+from benchmarks.common import (
+    base_parser,
+    count,
+    machine_info,
+    parse_args,
+    print_table,
+    run,
+    write_json,
+)
 from dataio.augment import Draws, Geometry, Normaliser, transform_image, transform_mask
 from dataio.loader import LoaderConfig, build_loader
 from dataio.manifest import load_manifest
@@ -135,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser("loader", __doc__)
     parser.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: "
                         "64 synthetic 650 px tiles in a temporary directory)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per round and variant")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=count, default=5)
+    parser.add_argument("--epochs", type=count, default=3, help="epochs per round and variant")
+    parser.add_argument("--batch-size", type=count, default=8)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     # NOTE: the consumer here does nothing, and torch's intra-op threads would only fight the
     # loaders' threads and workers for the cores.
     torch.set_num_threads(1)
@@ -186,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run("loader", main))

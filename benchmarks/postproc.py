@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,15 @@ from rasterio.features import shapes
 from shapely.geometry import shape
 
 from benchmarks.baselines import baseline_polygonize, plain_score
-from benchmarks.common import base_parser, machine_info, print_table, write_json
+from benchmarks.common import (
+    base_parser,
+    count,
+    machine_info,
+    parse_args,
+    print_table,
+    run,
+    write_json,
+)
 from postproc import trace
 from postproc.polygonize import (
     PolygonizeConfig,
@@ -200,11 +209,11 @@ def end_to_end(n: int, workers: int, repeat: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser("postproc", __doc__)
-    p.add_argument("--tiles", type=int, default=24, help="650x650 tiles to time (default 24)")
-    p.add_argument("--repeat", type=int, default=5, help="best of this many runs (default 5)")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--tiles", type=count, default=24, help="650x650 tiles to time (default 24)")
+    p.add_argument("--repeat", type=count, default=5, help="best of this many runs (default 5)")
+    p.add_argument("--workers", type=count, default=len(os.sched_getaffinity(0)),
                    help="processes for the all-cores rows (default: all cores)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     n = args.tiles
     cfg = SynthConfig(size=650, buildings=100)
     tiles = [synth_tile(1000 + i, cfg) for i in range(n)]
@@ -267,4 +276,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("postproc", main))

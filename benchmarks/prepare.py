@@ -20,7 +20,7 @@ import numpy as np
 import rasterio
 from pyproj import CRS
 
-from benchmarks.common import base_parser, print_table, write_json
+from benchmarks.common import base_parser, count, parse_args, print_table, run, write_json
 from dataio.geo import gdal_env
 from dataio.labels import make_mask, read_footprints
 from dataio.prepare import PrepareConfig, prepare
@@ -53,9 +53,9 @@ def _size(path: Path, pattern: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("prepare", __doc__)
-    p.add_argument("--tiles", type=int, default=96)
+    p.add_argument("--tiles", type=count, default=96)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
@@ -89,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("prepare", main))

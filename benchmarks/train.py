@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import base_parser, print_table, write_json
+from benchmarks.common import base_parser, count, parse_args, print_table, run, write_json
 
 PHASES = ("data_wait", "fwd_bwd", "comm", "optimizer")
 
@@ -145,17 +145,23 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser("train", __doc__)
     p.add_argument("--data", type=Path, default=None, help="default: 48 synthetic tiles")
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=count, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--nproc", type=int, default=min(2, len(os.sched_getaffinity(0))))
+    p.add_argument("--nproc", type=count, default=min(2, len(os.sched_getaffinity(0))))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="dali", help=argparse.SUPPRESS)
     p.add_argument("--amp", default="off", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.worker:
         worker(args)
         return 0
+    from trainer.config import ConfigError, load_config
+
+    try:  # before the workers start: else their traceback, then torchrun's
+        load_config(args.config)
+    except ConfigError as e:
+        p.error(str(e))
     import torch
 
     cuda = torch.cuda.is_available()
@@ -194,4 +200,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("train", main))

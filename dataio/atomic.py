@@ -41,6 +41,8 @@ def check_writable(path: str | os.PathLike[str], what: str) -> None:
     """Raise ValueError unless ``path`` could be created: its nearest existing ancestor is a
     writable directory. Checked before a command's work, so a typo fails at once."""
     target = Path(path).absolute()
+    if target.is_dir():  # (a file cannot be renamed onto it: found only after the work)
+        raise ValueError(f"{what} {path} is a directory; give a file name")
     anc = target.parent
     while not anc.exists():
         anc = anc.parent

@@ -1,0 +1,57 @@
+"""The benchmarks on bad input: one line naming the flag or file, before any timing, as the
+project's own commands do (they gave tracebacks, a ZeroDivisionError, a failure after the whole
+run for a --json that is a directory, and an exit 0 with 0 tiles for a missing --pred)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import load, load_baseline, loader, postproc, prepare, train
+from benchmarks.common import run
+
+
+@pytest.mark.parametrize(("module", "argv", "named"), [
+    (loader, ["--rounds", "0"], "--rounds: must be >= 1, got 0"),
+    (postproc, ["--tiles", "0"], "--tiles: must be >= 1, got 0"),
+    (postproc, ["--workers", "two"], "--workers: 'two' is not a whole number"),
+    (prepare, ["--tiles", "0"], "--tiles: must be >= 1, got 0"),
+    (load, ["--tiles", "0", "--prepare-tiles", "0"], "--tiles needs at least one count"),
+    (train, ["--config", "configs/nope.toml", "--steps", "1"], "configs/nope.toml: file not found"),
+    (postproc, ["--tiles", "1", "--json", "."], "--json . is a directory"),
+])
+def test_bad_arguments_are_refused_before_any_work(module, argv: list[str], named: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def _corrupt_pred(tmp_path: Path) -> Path:
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "pred-000000.tar").write_bytes(b"not a tar" * 100)
+    return tmp_path / "pred"
+
+
+@pytest.mark.parametrize(("name", "main", "argv", "named"), [
+    ("loader", loader.main, lambda d: ["--data", str(d / "nope"), "--rounds", "1"],
+     "manifest.json: not found"),
+    ("load_baseline", load_baseline.main,
+     lambda d: ["polygonize", "--pred", str(d / "nope"), "--out", str(d / "p.csv")],
+     "no pred-*.tar shards"),
+    ("load_baseline", load_baseline.main,
+     lambda d: ["polygonize", "--pred", str(_corrupt_pred(d)), "--out", str(d / "p.csv")],
+     "pred-000000.tar: not a readable tar"),
+    ("load_baseline", load_baseline.main,
+     lambda d: ["score", "--truth", str(d / "nope.csv"), "--proposals", str(d / "p.csv")],
+     "nope.csv: file not found"),
+])
+def test_bad_inputs_are_one_line(name: str, main, argv, named: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    args = argv(tmp_path)
+    assert run(name, lambda: main(args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m benchmarks.{name}: error: ")
+    assert named in err[0]
+    assert not (tmp_path / "p.csv").exists()
