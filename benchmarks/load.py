@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--keep", type=Path, default=None,
                    help="work here and keep the inputs and outputs (default: a temp dir, removed)")
     args = parse_args(p, argv)
-    if not args.tiles:
-        p.error("--tiles needs at least one count > 0")
+    if not args.tiles and not args.prepare_tiles:  # (--tiles 0 alone times prepare only)
+        p.error("--tiles and --prepare-tiles are both 0: nothing to time")
     try:
         baselines = baseline_sizes(args.tiles, args.baseline_tiles)
     except ValueError as e:

@@ -151,11 +151,11 @@ def scan(cfg: PrepareConfig) -> Scan:
     counts = collections.Counter(c for _, c, _ in headers)
     result.bands = max(counts, key=lambda c: (counts[c], c))
     dtypes = collections.Counter(d for _, c, d in headers if c == result.bands)
-    dtype = max(dtypes, key=lambda d: (dtypes[d], d))
+    dtype = max(dtypes, key=lambda d: (dtypes[d], d == "uint16"))  # a tie: SpaceNet's format
     for tile, count, dt in headers:
         reason = (f"has {count} bands, the rest of the AOI has {result.bands}"
                   if count != result.bands else
-                  f"is {dt}, the rest of the AOI is {dtype}" if dt != dtype else None)
+                  f"is {dt}, most tiles are {dtype}" if dt != dtype else None)
         if reason:
             result.skipped.append({"image_id": tile.image_id, "path": str(tile.tif),
                                    "reason": reason})

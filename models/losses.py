@@ -29,6 +29,10 @@ from torch import nn
 FREQUENCY_METHODS = ("median", "inverse")
 
 
+# What dataio.loader pads masks with (its IGNORE_INDEX, torch's default ignore_index): always
+# ignored, so that another loss.ignore_index (a class to leave out) still works on padded batches.
+PAD_INDEX = -100
+
 @dataclass
 class LossConfig:
     """The ``[loss]`` section of a config."""
@@ -148,6 +152,9 @@ class SegmentationLoss(nn.Module):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.float()
             target = target.long()
+            if self.ignore_index != PAD_INDEX:
+                # the loader pads masks with torch's default: ignored too, whatever is configured
+                target = target.masked_fill(target == PAD_INDEX, self.ignore_index)
             valid = target != self.ignore_index
             loss = logits.new_zeros(())
             if self.ce_weight > 0:

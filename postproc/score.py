@@ -300,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             raise error
         return mine
 
-    env = dist.init(env)
+    try:
+        env = dist.init(env)
+    except Exception:
+        if error is not None:  # the others were not there in time: this rank's reason first
+            raise error from None
+        raise
     try:
         # agreed: a bad row in one rank's images stops every rank with its reason
         result = merge_results(dist.gather_objects(dist.on_every("scoring", share)))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dataio.classes import NUM_CLASSES
-from dataio.loader import IGNORE_INDEX, LoaderConfig
+from dataio.loader import LoaderConfig
 from models import LossConfig, ModelConfig, build_model_from_config
 from postproc.polygonize import PolygonizeConfig
 
@@ -256,10 +256,6 @@ def build_config(raw: dict[str, Any], where: str) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{name}] must be a table, got {values!r}")
         parts[name] = _build_section(name, type(getattr(defaults, name)), values, where)
-    if parts["loss"].ignore_index != IGNORE_INDEX:  # (an IndexError at the first padded batch)
-        raise ConfigError(f"{where}: [loss] ignore_index={parts['loss'].ignore_index} must be "
-                          f"{IGNORE_INDEX}: the loader pads masks with it, and they hold no other "
-                          "value to ignore")
     weights = parts["loss"].class_weights
     if not isinstance(weights, str) and len(weights) != NUM_CLASSES:  # (failed at the 1st step)
         raise ConfigError(f"{where}: [loss] class_weights has {len(weights)} weights; the "

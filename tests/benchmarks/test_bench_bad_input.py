@@ -17,7 +17,7 @@ from benchmarks.common import run
     (postproc, ["--tiles", "0"], "--tiles: must be >= 1, got 0"),
     (postproc, ["--workers", "two"], "--workers: 'two' is not a whole number"),
     (prepare, ["--tiles", "0"], "--tiles: must be >= 1, got 0"),
-    (load, ["--tiles", "0", "--prepare-tiles", "0"], "--tiles needs at least one count"),
+    (load, ["--tiles", "0", "--prepare-tiles", "0"], "--tiles and --prepare-tiles are both 0"),
     (train, ["--config", "configs/nope.toml", "--steps", "1"], "configs/nope.toml: file not found"),
     (postproc, ["--tiles", "1", "--json", "."], "--json . is a directory"),
 ])

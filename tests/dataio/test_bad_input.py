@@ -167,17 +167,20 @@ def test_band_count_mismatch_is_skipped(raw: Path, tmp_path: Path) -> None:
     assert m["bands"] == 3
 
 
-def test_dtype_mismatch_is_skipped(raw: Path, tmp_path: Path) -> None:
-    """An 8-bit tile among 16-bit ones would drag the shared normalisation down."""
-    tif = _tif(raw, 6)
-    with rasterio.open(tif) as ds:
-        profile, data = ds.profile, ds.read()
-    profile["dtype"] = "uint8"
-    with rasterio.open(tif, "w", **profile) as ds:
-        ds.write((data >> 3).astype(np.uint8))
+@pytest.mark.parametrize("eight_bit", [[6], [4, 5, 6]])  # one, and a tie
+def test_dtype_mismatch_is_skipped(raw: Path, tmp_path: Path, eight_bit: list[int]) -> None:
+    """An 8-bit tile among 16-bit ones would drag the shared normalisation down; on a tie the
+    16-bit tiles (SpaceNet's format) are kept."""
+    for n in eight_bit:
+        with rasterio.open(_tif(raw, n)) as ds:
+            profile, data = ds.profile, ds.read()
+        profile["dtype"] = "uint8"
+        with rasterio.open(_tif(raw, n), "w", **profile) as ds:
+            ds.write((data >> 3).astype(np.uint8))
     m = _run(raw, tmp_path / "d")
-    assert _skipped(m) == {"AOI_2_Vegas_img6": "is uint8, the rest of the AOI is uint16"}
-    assert sum(s["samples"] for s in m["splits"].values()) == TILES - 1
+    assert _skipped(m) == {f"AOI_2_Vegas_img{n}": "is uint8, most tiles are uint16"
+                           for n in eight_bit}
+    assert sum(s["samples"] for s in m["splits"].values()) == TILES - len(eight_bit)
 
 
 def test_existing_dataset_is_not_overwritten_silently(raw: Path, tmp_path: Path,

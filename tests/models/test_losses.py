@@ -34,6 +34,22 @@ def test_custom_ignore_index() -> None:
     torch.testing.assert_close(loss, ref(logits, target))
 
 
+@pytest.mark.parametrize("dice_weight", [0.0, 1.0])
+def test_a_class_left_out_still_ignores_the_loaders_padding(dice_weight: float) -> None:
+    """ignore_index=2 (the boundary) on a batch the loader padded with -100: it raised
+    IndexError ("Target -100 is out of bounds") at the first padded batch."""
+    logits, target = logits_and_target()
+    target[0] = -100  # a padded sample
+    loss = build_loss(LossConfig(ignore_index=2, dice_weight=dice_weight))(logits, target)
+    both = target.masked_fill(target == -100, 2)  # the reference: padding and class 2 ignored
+    ref = build_loss(LossConfig(ignore_index=2, dice_weight=dice_weight))(logits, both)
+    torch.testing.assert_close(loss, ref)
+    assert torch.isfinite(loss)
+    if dice_weight == 0:
+        ce = nn.CrossEntropyLoss(weight=torch.tensor([0.1, 0.8, 0.1]), ignore_index=2)
+        torch.testing.assert_close(loss, ce(logits, both))
+
+
 def test_all_ignored_batch_gives_zero_with_a_graph() -> None:
     logits, target = logits_and_target()
     target.fill_(-100)

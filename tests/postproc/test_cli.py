@@ -316,3 +316,23 @@ def test_the_polygonize_pool_forks_its_workers_when_made():
         assert len(set(tree_pids(os.getpid())) - before) == 2
     finally:
         pool.shutdown(wait=True)
+
+
+def test_score_keeps_its_own_reason_when_the_group_start_fails(tmp_path, monkeypatch, capsys):
+    """A rank whose share failed waits in dist.init for the others' shares; if that start-up
+    times out, its own reason (not the store's timeout) is what it says."""
+    from trainer import dist
+
+    def late(env, *a, **kw):  # type: ignore[no-untyped-def]
+        raise RuntimeError("wait timeout after 600000ms")
+
+    monkeypatch.setattr(dist, "init", late)
+    truth, props = tmp_path / "truth.csv", tmp_path / "props.csv"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",x\n')
+    props.write_text("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                     'a,1,"POLYGON ((0 0",1\n')
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(props),
+                                 "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "props.csv:2: malformed WKT" in err and "wait timeout" not in err
