@@ -11,7 +11,7 @@
 #                 complete checkpoint, so RUN must be on storage every node sees
 #   NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME  the network interface to use, if not the default
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,14p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,/^set -euo pipefail/ s/^# //p' "$0"; exit 2; }  # the usage above
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
 cd "$(dirname "$0")/.."

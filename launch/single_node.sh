@@ -7,7 +7,7 @@
 #                 newest complete checkpoint in RUN
 #   OMP_NUM_THREADS  CPU threads per process (default 1 with several CPU processes)
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,9p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,/^set -euo pipefail/ s/^# //p' "$0"; exit 2; }  # the usage above
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
 cd "$(dirname "$0")/.."
 TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}

@@ -36,6 +36,8 @@ def exit_on_error(main: Callable[[], int]) -> int:
 
 def _gateway_url(text: str) -> str:
     # NOTE: checked at start-up: a typo should not surface only after the run's work is done.
+    if any(c.isspace() or not c.isprintable() for c in text):  # (urllib refuses it at the push)
+        raise argparse.ArgumentTypeError(f"{text!r}: a URL holds no spaces or control characters")
     parts = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
     try:
         _ = parts.port  # ValueError for a port that is not a number in 0-65535

@@ -31,7 +31,8 @@ def test_registry_carries_units_and_score_figures() -> None:
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "127.0.0.1:9091x", "http://127.0.0.1:abc",
-                                 "http://127.0.0.1:99999", "http://:9091"])
+                                 "http://127.0.0.1:99999", "http://:9091",
+                                 "http://a b:9091", "http://gw\t:9091"])  # (after the work)
 def test_bad_gateway_url_fails_before_any_work(url: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
