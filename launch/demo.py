@@ -136,8 +136,9 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
     done = read_state(state_path)
     seconds: dict[str, float] = {}
     upstream_ran = False
-    names = [n for n, _ in demo.stages()]
-    for name, cmd in demo.stages():
+    stages = demo.stages()
+    names = [n for n, _ in stages]
+    for name, cmd in stages:
         last = done.get(name, {})
         if last.get("cmd") == cmd and "seconds" in last and not upstream_ran:
             print(f"== {name}: done before, skipped", flush=True)

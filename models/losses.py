@@ -33,6 +33,7 @@ FREQUENCY_METHODS = ("median", "inverse")
 # ignored, so that another loss.ignore_index (a class to leave out) still works on padded batches.
 PAD_INDEX = -100
 
+
 @dataclass
 class LossConfig:
     """The ``[loss]`` section of a config."""

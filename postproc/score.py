@@ -294,12 +294,6 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=env.is_main), None
     except Exception as e:
         mine, error = None, e
-
-    def share() -> ScoreResult:
-        if error is not None:
-            raise error
-        return mine
-
     try:
         env = dist.init(env)
     except Exception:
@@ -308,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         # agreed: a bad row in one rank's images stops every rank with its reason
-        result = merge_results(dist.gather_objects(dist.on_every("scoring", share)))
+        dist.agree_on("scoring", error)
+        result = merge_results(dist.gather_objects(mine))
     finally:
         dist.teardown()
     if not env.is_main:

@@ -282,15 +282,22 @@ def on_main(env: DistEnv, what: str, fn: Callable[[], T]) -> T | None:
 
 
 def on_every(what: str, fn: Callable[[], T]) -> T:
-    """Run ``fn``, this rank's share of the work (no collective inside), and agree on how it went.
-
-    If it raises on any rank, every rank raises: that rank its own error, the others RankError
-    naming it (alone, it would stop and leave the others to die on gloo's reset connection).
-    """
+    """Run ``fn``, this rank's share of the work (no collective inside), and agree on how it went
+    (see :func:`agree_on`)."""
     try:
         result, error = fn(), None
     except Exception as e:
         result, error = None, e
+    agree_on(what, error)
+    return result  # type: ignore[return-value]
+
+
+def agree_on(what: str, error: BaseException | None) -> None:
+    """Agree on how every rank's share went (``error``: this rank's failure, or None).
+
+    If any rank failed, every rank raises: that rank its own error, the others RankError naming
+    it (alone, it would stop and leave the others to die on gloo's reset connection).
+    """
     try:
         errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     except Exception:
@@ -302,7 +309,6 @@ def on_every(what: str, fn: Callable[[], T]) -> T:
     failed = [(r, why) for r, why in enumerate(errors) if why is not None]
     if failed:
         raise RankError(f"rank {failed[0][0]} stopped while {what}: {failed[0][1]}")
-    return result  # type: ignore[return-value]
 
 
 def barrier() -> None:
