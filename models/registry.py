@@ -105,8 +105,18 @@ class ModelConfig:
             raise ValueError(
                 f"model.compile_mode={self.compile_mode!r} is not one of {COMPILE_MODES}"
             )
-        if not self.compile_backend:
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
             raise ValueError("model.compile_backend must name a torch.compile backend")
+        if self.compile:
+            # NOTE: checked only when compiling: importing dynamo costs seconds. A misspelt
+            # backend would otherwise surface on every rank after the process group is up.
+            import torch._dynamo
+
+            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ValueError(
+                    f"model.compile_backend={self.compile_backend!r} is not a torch.compile "
+                    f"backend; known: {', '.join(torch._dynamo.list_backends())}, and for "
+                    "debugging aot_eager, eager")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"model.pad_mode={self.pad_mode!r} is not one of {PAD_MODES}")
         if self.norm not in NORMS:

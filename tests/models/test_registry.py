@@ -57,6 +57,7 @@ def test_bad_width_divisor_names_the_option(divisor: int) -> None:
         ({"compile": "yes"}, "model.compile"),
         ({"channels_last": 1}, "model.channels_last"),
         ({"compile_mode": "fast"}, "model.compile_mode"),
+        ({"compile": True, "compile_backend": "indcutor"}, "model.compile_backend"),
         ({"pad_mode": "circular"}, "model.pad_mode"),
     ],
 )
