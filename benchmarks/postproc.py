@@ -92,10 +92,9 @@ def _run(task: tuple[str, int, int]) -> int:
             n += sum(1 for g in polys if g.area >= _CFG.min_polygon_area)
         elif kind == "stage_read":
             n += int(_TILES[i].max())
-        elif kind == "stage_label":
-            n += find_instances(_TILES[i], _NO_GROWTH).n
-        elif kind == "stage_grow":
-            n += find_instances(_TILES[i], _CFG).n
+        elif kind in ("stage_label", "stage_grow"):  # blob pixels: growth adds the band's
+            inst = find_instances(_TILES[i], _NO_GROWTH if kind == "stage_label" else _CFG)
+            n += int(inst.count[1:inst.n + 1].sum())
         elif kind == "stage_trace":
             inst = find_instances(_TILES[i], _CFG)
             n += trace.trace_blobs(inst.codes, inst.lab, inst.final, inst.n, inst.first,

@@ -41,6 +41,7 @@ def test_stages_stop_where_they_say():
     finally:
         bench._TILES.clear()
     assert counts["stage_read"] == 255  # one-hot: the brightest byte
-    assert counts["stage_label"] >= 1 and counts["stage_grow"] >= counts["stage_label"]
+    # blob pixels: the seeds alone, then grown back over their boundary band
+    assert counts["stage_grow"] > counts["stage_label"] >= 1
     # tracing keeps the blobs over min_polygon_area, the same ones polygonize returns
     assert counts["stage_trace"] == counts["polygonize"] >= 1

@@ -33,7 +33,8 @@ def test_too_small_to_reflect_falls_back_to_replicate() -> None:
     x = torch.arange(3.0).expand(1, 1, 3, 3)
     padded, pads = pad_to_multiple(x, 16, "reflect")  # 13 more columns: more than 3 can mirror
     assert pads == (6, 7, 6, 7)
-    assert padded[0, 0, 6, :7].tolist() == [0.0] * 7
+    assert padded[0, 0, 6, :6].tolist() == [0.0] * 6  # the edge values repeated, both sides
+    assert padded[0, 0, 6, -7:].tolist() == [2.0] * 7
 
 
 def test_multiple_of_16_is_untouched() -> None:

@@ -126,13 +126,13 @@ def test_polygonize_uses_the_tuned_settings(tuned, tmp_path, capsys):
 
 def test_flags_override_tuned_settings(tuned):
     args = polygonize.build_parser().parse_args(["--pred", str(tuned.pred), "--out", "x.csv",
-                                                 "--min-polygon-area", "5"])
+                                                 "--grow-radius", "1"])
     cfg = polygonize.config_from_args(args, announce=False)
     best = PolygonizeConfig.from_json(tuned.run / "postproc.json")
-    assert cfg.min_polygon_area == 5 and cfg.building_threshold == best.building_threshold
+    # the flag wins; the tuned area, which differs from the default, is kept
+    assert cfg.grow_radius == 1 and cfg.min_polygon_area == best.min_polygon_area != 20
     args.no_tuned = True
-    assert polygonize.config_from_args(args, announce=False) == \
-        PolygonizeConfig(min_polygon_area=5)
+    assert polygonize.config_from_args(args, announce=False) == PolygonizeConfig(grow_radius=1)
 
 
 def test_same_result_with_one_worker_and_run_dir_flag(tuned, tmp_path):
