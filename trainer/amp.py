@@ -53,7 +53,10 @@ def resolve(mode: str, device: torch.device) -> Precision:
     if mode != "auto":
         raise ValueError(f"train.amp={mode!r}: choose auto, bf16, fp16 or off")
     if kind == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # NOTE: not the default including_emulation=True, which says yes before Ampere (V100,
+        # T4), where bf16 is emulated and slow: those take fp16 + GradScaler. (The current
+        # device: dist.device_for set it.)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return Precision(torch.bfloat16, kind, False)
         return Precision(torch.float16, kind, True)
     return Precision(torch.bfloat16 if cpu_has_native_bf16() else None, kind, False)

@@ -38,3 +38,19 @@ def test_forced_modes_and_fp16_needs_cuda() -> None:
         amp.resolve("fp16", cpu)
     with pytest.raises(ValueError, match="choose auto"):
         amp.resolve("fp8", cpu)
+
+
+@pytest.mark.parametrize(("major", "want"), [(8, "bf16"), (7, "fp16")])
+def test_auto_on_a_gpu_is_bf16_from_ampere_and_fp16_before(monkeypatch: pytest.MonkeyPatch,
+                                                           major: int, want: str) -> None:
+    """(torch's default check says yes to bf16 before Ampere too, where it is only emulated)"""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(
+        major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulated
+    p = amp.resolve("auto", torch.device("cuda", 0))
+    assert p.name == want and p.use_scaler == (want == "fp16")
