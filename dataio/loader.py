@@ -142,7 +142,9 @@ def resolve_device(device: torch.device | str | None, rank: int) -> torch.device
             device = torch.device("cuda", torch.cuda.current_device())
         return device
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        # as trainer.dist.device_for: one visible GPU per process (CUDA_VISIBLE_DEVICES set per
+        # rank) is cuda:0 whatever LOCAL_RANK says
+        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
         return torch.device("cuda", local)
     return torch.device("cpu")
 

@@ -1,12 +1,13 @@
-"""The one-command demo: synthetic AOI -> shards -> 2-process training -> tuned polygons -> F1.
+"""The one-command demo: synthetic AOI -> shards -> torchrun training -> tuned polygons -> F1.
 
-    python -m launch.demo --out demo [--tiles 300] [--seed 0] [--nproc 2] [--fresh]
+    python -m launch.demo --out demo [--tiles 300] [--seed 0] [--nproc N] [--fresh]
                           [--set section.key=value ...]
 
 Every stage is the command a user runs on real SpaceNet data (printed before it runs), so the demo
 doubles as a worked example. Stages already completed with the same arguments are skipped on a
 rerun (training resumes from its checkpoints anyway); ``--fresh`` starts over. The run directory
 is ``OUT/run``; the report (``summary.json``, ``README.md``, pictures) is ``OUT/run/report``.
+Training takes one process per GPU (NCCL), or ``--nproc`` (default 2) CPU processes (gloo).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from dataio.atomic import atomic_write_text
 from dataio.prepare import DEFAULT_SPLIT, split_counts
 from launch.report import write_report
 from trainer.config import ConfigError, load_config
+from trainer.dist import check_one_gpu_each
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone"]
@@ -169,12 +173,23 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
     return write_report(demo.run, demo.data, seconds)
 
 
+def training_procs(requested: int | None) -> int:
+    """One training process per GPU (NCCL), else ``requested`` or 2 CPU processes (gloo)."""
+    if not torch.cuda.is_available():
+        return requested or 2
+    if requested is None:
+        return torch.cuda.device_count()
+    check_one_gpu_each(requested)
+    return requested
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo"))
     p.add_argument("--tiles", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="training processes (torchrun; default: one per GPU, else 2)")
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a training config value")
@@ -185,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     # and prepare.
     for flag, value in (("--tiles", args.tiles), ("--nproc", args.nproc),
                         ("--render-tiles", args.render_tiles)):
-        if value < 1:
+        if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+    try:
+        args.nproc = training_procs(args.nproc)
+    except ValueError as e:
+        p.error(f"--nproc: {e}")
     # every split must get a tile (prepare's default 70:15:15), else predict or tune fails late
     split = DEFAULT_SPLIT
     if 0 in split_counts(args.tiles, split):

@@ -6,6 +6,7 @@
 #   MASTER_PORT   its TCP port (default 29400); must be reachable from every node
 #   NNODES        number of nodes, or MIN:MAX for an elastic range (default 2)
 #   NPROC         processes per node (default: the node's GPU count, else 2)
+#   PYTHON        the Python whose torch counts the GPUs (default .venv/bin/python)
 #   RDZV_ID       a job id shared by all nodes of one run (default: footprints)
 #   MAX_RESTARTS  group restarts after a failure (default 3); all ranks resume from RUN's newest
 #                 complete checkpoint, so RUN must be on storage every node sees
@@ -16,8 +17,13 @@ set -euo pipefail
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
 cd "$(dirname "$0")/.."
 TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
-GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-NPROC=${NPROC:-$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -z "${NPROC:-}" ]; then
+    # the CUDA devices torch will use (CUDA_VISIBLE_DEVICES and MIG respected; `nvidia-smi -L`
+    # counted MIG lines too): one process each, as NCCL needs
+    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    NPROC=$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # NOTE: a fresh rendezvous store each round (hosted by rank 0's node) instead of one shared
 # across restarts: restarted workers then cannot read the previous attempt's addresses, and the

@@ -76,6 +76,17 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
+def check_one_gpu_each(procs: int) -> None:
+    """NCCL needs a GPU of its own for each process of a node: more processes than the CUDA
+    devices they see would share one and fail in NCCL ("Duplicate GPU detected")."""
+    gpus = torch.cuda.device_count()
+    if procs > gpus:
+        raise ValueError(
+            f"{procs} processes on this node but {gpus} CUDA device(s) visible: NCCL needs one "
+            f"GPU per process; start at most {gpus} (torchrun --nproc_per_node), or hide the "
+            "GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU with gloo")
+
+
 def device_for(env: DistEnv) -> torch.device:
     """The device this rank computes on: its local GPU, or the CPU."""
     if torch.cuda.is_available():
@@ -117,6 +128,7 @@ def init(env: DistEnv | None = None, backend: str | None = None,
                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (launch/ does) "
                         "for a fresh store each rendezvous round.")
         if backend == "nccl":
+            check_one_gpu_each(env.local_world_size)  # every rank of a node sees the same
             # NOTE: binding the device up front lets NCCL create its communicator eagerly.
             kwargs["device_id"] = device_for(env)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,

@@ -136,6 +136,22 @@ def test_bad_arguments_stop_the_demo_before_any_stage(bad: list[str], named: str
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize(("gpus", "requested", "want"), [
+    (0, None, 2), (0, 3, 3), (4, None, 4), (4, 2, 2), (1, 2, "2 processes on this node but 1")])
+def test_training_takes_one_process_per_gpu(monkeypatch: pytest.MonkeyPatch, gpus: int,
+                                            requested: int | None, want: int | str) -> None:
+    """(on a one-GPU machine the demo's 2 processes shared it: NCCL "Duplicate GPU")"""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=want):
+            demo_module.training_procs(requested)
+    else:
+        assert demo_module.training_procs(requested) == want
+
+
 def test_the_report_reads_a_log_that_a_crash_left(tmp_path: Path) -> None:
     from launch.report import _epochs
 

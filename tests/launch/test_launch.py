@@ -69,6 +69,22 @@ def test_multi_node_hands_torchrun_c10d_and_a_fresh_store_per_round(tmp_path: Pa
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
+@pytest.mark.parametrize(("gpus", "nproc"), [(3, 3), (0, 2)])
+def test_single_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, gpus: int,
+                                                           nproc: int) -> None:
+    """(`nvidia-smi -L` counted MIG lines and ignored CUDA_VISIBLE_DEVICES)"""
+    out = _recorder(tmp_path / "torchrun")
+    python = tmp_path / "python"  # a Python whose torch sees `gpus` devices
+    python.write_text(f"#!/usr/bin/env bash\necho {gpus}\n")
+    python.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"),
+           "PYTHON": str(python)}
+    res = subprocess.run(["bash", "launch/single_node.sh", "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"--nproc_per_node={nproc}" in _recorded(out)[0]
+
+
 def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path) -> None:
     out = _recorder(tmp_path / "srun")
     (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu07\\ngpu08\\n'\n")
@@ -118,6 +134,25 @@ def test_gpu_check_leaves_no_earlier_result_beside_its_summary(tmp_path: Path,
     assert (out / "gpu-tests.xml").read_text() == "<testsuites/>\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["gpus"] == ["fake GPU"] and not summary["ok"]
+
+
+def test_gpu_check_cut_mid_way_keeps_the_summary_of_the_steps_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(the summary was written only at the end: a device call's time limit left none)"""
+    def step(name: str, cmd: list[str], timeout: float) -> dict:
+        if name == "train":
+            raise KeyboardInterrupt  # what the real step re-raises after killing its tree
+        return {"name": name, "returncode": 0, "seconds": 1.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "fake GPU")
+    monkeypatch.setattr(gc, "_run", step)
+    with pytest.raises(KeyboardInterrupt):
+        gc.main(["--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summary["steps"]] == ["gpu tests", "loader"]
+    assert not summary["done"] and not summary["ok"]
 
 
 def test_gpu_check_kills_a_step_that_overruns_with_its_children(tmp_path: Path) -> None:

@@ -213,3 +213,27 @@ def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path:
     assert f"--run-dir {blocker / 'run'}" in capsys.readouterr().err
     assert main([*argv[:-1], str(blocker)]) == 2  # the run directory itself is a file
     assert f"{blocker} is not a directory" in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """(two ranks on one GPU: NCCL's "Duplicate GPU detected", after the rendezvous)"""
+    import torch.distributed
+
+    from trainer.train import main
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                 "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail(
+        "the process group was started"))
+    assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
+                 str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "2 processes on this node but 1 CUDA device(s) visible" in err
+    assert "--nproc_per_node" in err
