@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         loader = dist.agreed_loader(args.split, args.data, lambda: build_loader(
             args.data, args.split, data_cfg, env.rank, env.world_size, train=False,
             device=device))
-        precision = resolve(cfg.train.amp, device)
+        # a run trained with fp16 (CUDA only) still predicts on a CPU: its best there
+        amp = "auto" if cfg.train.amp == "fp16" and device.type != "cuda" else cfg.train.amp
+        precision = resolve(amp, device)
         # Shards go to a staging directory and into --out only once every rank is done.
         staging = staging_dir(args.out)
 

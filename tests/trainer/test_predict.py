@@ -110,6 +110,25 @@ def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_datase
         "pred-000000.tar", "provenance.json"]  # no staging left behind
 
 
+def test_a_run_trained_with_fp16_predicts_on_a_cpu(trained_run: Path, small_dataset: Path,
+                                                   tmp_path: Path) -> None:
+    """(fp16 is CUDA only: predict refused such a run on a CPU machine)"""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["train"]["amp"] == "auto"
+    cfg["train"]["amp"] = "fp16"  # as the run saved it on a GPU machine
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    args = ["--data", str(small_dataset), "--split", "test"]
+    assert predict(["--run-dir", str(run_dir), *args, "--out", str(tmp_path / "p16")]) == 0
+    assert predict(["--run-dir", str(trained_run), *args, "--out", str(tmp_path / "p")]) == 0
+    mine, auto = _read(tmp_path / "p16"), _read(tmp_path / "p")
+    assert mine.keys() == auto.keys() and len(mine) > 0
+    assert all(np.array_equal(mine[k][0], auto[k][0]) for k in mine)  # as "auto" predicts
+
+
 def test_a_killed_publish_is_refused_until_a_rerun(trained_run: Path, small_dataset: Path,
                                                    tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
