@@ -27,6 +27,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests not marked ``gpu`` are the CPU tests (gloo, DALI on the CPU, bit-exact resumes) on
+    a CUDA machine too: the code under test and the processes they start see no GPU, as in CI.
+    (Otherwise the loader's default device, NCCL and cuDNN would change what they check.)"""
+    if "gpu" in request.keywords:
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # for the processes a test starts
+    if _cuda_available():  # this process may have seen the GPU already
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 # ---- tiny real-format datasets, made once per test session --------------------------------------
 
 AOI_TILES = 10  # 650x650 SpaceNet-2 tiles: 7/2/1 after the 70:15:15 split
