@@ -144,7 +144,7 @@ def resolve_device(device: torch.device | str | None, rank: int) -> torch.device
     if torch.cuda.is_available():
         # as trainer.dist.device_for: one visible GPU per process (CUDA_VISIBLE_DEVICES set per
         # rank) is cuda:0 whatever LOCAL_RANK says
-        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+        local = int(os.environ.get("LOCAL_RANK") or rank) % torch.cuda.device_count()
         return torch.device("cuda", local)
     return torch.device("cpu")
 

@@ -7,7 +7,7 @@ Every stage is the command a user runs on real SpaceNet data (printed before it 
 doubles as a worked example. Stages already completed with the same arguments are skipped on a
 rerun (training resumes from its checkpoints anyway); ``--fresh`` starts over. The run directory
 is ``OUT/run``; the report (``summary.json``, ``README.md``, pictures) is ``OUT/run/report``.
-Training takes one process per GPU (NCCL), or ``--nproc`` (default 2) CPU processes (gloo).
+Training takes ``--nproc`` processes (default 2; on a one-GPU machine 1), one per GPU with NCCL.
 """
 
 from __future__ import annotations
@@ -174,11 +174,12 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
 
 
 def training_procs(requested: int | None) -> int:
-    """One training process per GPU (NCCL), else ``requested`` or 2 CPU processes (gloo)."""
+    """``requested``, else 2 processes (the recipe of configs/demo.toml: a global batch of 16),
+    each on a GPU of its own where CUDA is present (NCCL): fewer on a one-GPU machine."""
     if not torch.cuda.is_available():
         return requested or 2
     if requested is None:
-        return torch.cuda.device_count()
+        return min(2, torch.cuda.device_count())
     check_one_gpu_each(requested)
     return requested
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=None,
-                   help="training processes (torchrun; default: one per GPU, else 2)")
+                   help="training processes (torchrun; default 2, at most one per GPU)")
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a training config value")

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"gpus": gpus, "cuda": torch.version.cuda, "torch": torch.__version__,
                "steps": results, "ok": False, "done": False,
                "env": {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES",) if k in os.environ}}
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")  # cut in step 1
     for name, cmd, timeout, _ in steps:
         results.append(_run(name, cmd, timeout))
         summary["done"] = len(results) == len(steps)

@@ -115,8 +115,9 @@ class ModelConfig:
             if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
                 raise ValueError(
                     f"model.compile_backend={self.compile_backend!r} is not a torch.compile "
-                    f"backend; known: {', '.join(torch._dynamo.list_backends())}, and for "
-                    "debugging aot_eager, eager")
+                    f"backend; known: {', '.join(torch._dynamo.list_backends())}, and the "
+                    "debugging ones of torch._dynamo.list_backends(exclude_tags=()), such as "
+                    "aot_eager")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"model.pad_mode={self.pad_mode!r} is not one of {PAD_MODES}")
         if self.norm not in NORMS:

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):  # (keywords also hold ids and directory names)
             item.add_marker(skip_gpu)
 
 
@@ -32,7 +32,7 @@ def _cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.M
     """Tests not marked ``gpu`` are the CPU tests (gloo, DALI on the CPU, bit-exact resumes) on
     a CUDA machine too: the code under test and the processes they start see no GPU, as in CI.
     (Otherwise the loader's default device, NCCL and cuDNN would change what they check.)"""
-    if "gpu" in request.keywords:
+    if request.node.get_closest_marker("gpu"):
         return
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # for the processes a test starts
     if _cuda_available():  # this process may have seen the GPU already

@@ -58,10 +58,14 @@ def _unused(port: int) -> bool:
     return True
 
 
-def worker_env() -> dict[str, str]:
-    """One thread per process (2 cores here) and the repository importable."""
+def worker_env(gpu: bool = False) -> dict[str, str]:
+    """One thread per process (2 cores here), the repository importable, and (unless ``gpu``)
+    no GPU: the multi-process tests check gloo and bit-exact CPU runs, on a CUDA machine too.
+    (Set here, not only in conftest's autouse fixture: module fixtures start workers before it.)"""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

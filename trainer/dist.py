@@ -77,8 +77,8 @@ def default_backend() -> str:
 
 
 def check_one_gpu_each(procs: int) -> None:
-    """NCCL needs a GPU of its own for each process of a node: more processes than the CUDA
-    devices they see would share one and fail in NCCL ("Duplicate GPU detected")."""
+    """NCCL needs a GPU of its own for each process of a node: ``procs`` processes that all see
+    the same, fewer CUDA devices would share one and fail in NCCL ("Duplicate GPU detected")."""
     gpus = torch.cuda.device_count()
     if procs > gpus:
         raise ValueError(
@@ -128,7 +128,11 @@ def init(env: DistEnv | None = None, backend: str | None = None,
                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (launch/ does) "
                         "for a fresh store each rendezvous round.")
         if backend == "nccl":
-            check_one_gpu_each(env.local_world_size)  # every rank of a node sees the same
+            if "TORCHELASTIC_RUN_ID" in os.environ:
+                # torchrun gives all workers of a node one environment, so all see the same
+                # GPUs (and all refuse); another launcher may bind one GPU per process
+                # (CUDA_VISIBLE_DEVICES per rank, as device_for's modulo allows)
+                check_one_gpu_each(env.local_world_size)
             # NOTE: binding the device up front lets NCCL create its communicator eagerly.
             kwargs["device_id"] = device_for(env)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,

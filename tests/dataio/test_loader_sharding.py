@@ -127,3 +127,22 @@ def test_loader_warnings_go_through_the_trainers_rank_logger() -> None:
     for name in ("dataio.dali_pipe", "dataio.loader", "dataio.plan", "dataio.sharding"):
         assert any(line.endswith(f"[rank 1] WARNING from {name}") for line in lines), out.stderr
     assert "hidden" not in out.stderr
+
+
+@pytest.mark.parametrize(("local_rank", "gpus", "want"), [
+    ("1", 1, 0),  # one GPU bound per process (CUDA_VISIBLE_DEVICES per rank): it is cuda:0
+    ("3", 4, 3), ("", 2, 1), (None, 2, 1)])  # no LOCAL_RANK: the rank's
+def test_the_default_device_is_the_local_ranks_gpu(monkeypatch: pytest.MonkeyPatch,
+                                                   local_rank: str | None, gpus: int,
+                                                   want: int) -> None:
+    import torch
+
+    from dataio.loader import resolve_device
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_device(None, rank=1) == torch.device("cuda", want)

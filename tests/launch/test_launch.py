@@ -102,7 +102,6 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and got["OMP_NUM_THREADS"] == "8"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")
 def test_gpu_check_says_so_without_cuda(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu_check(["--out", str(tmp_path / "g")]) == 1
     assert "no CUDA device" in capsys.readouterr().err
@@ -136,11 +135,13 @@ def test_gpu_check_leaves_no_earlier_result_beside_its_summary(tmp_path: Path,
     assert summary["gpus"] == ["fake GPU"] and not summary["ok"]
 
 
+@pytest.mark.parametrize(("cut", "done"), [("train", ["gpu tests", "loader"]),
+                                           ("gpu tests", [])])
 def test_gpu_check_cut_mid_way_keeps_the_summary_of_the_steps_done(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str, done: list[str]) -> None:
     """(the summary was written only at the end: a device call's time limit left none)"""
     def step(name: str, cmd: list[str], timeout: float) -> dict:
-        if name == "train":
+        if name == cut:
             raise KeyboardInterrupt  # what the real step re-raises after killing its tree
         return {"name": name, "returncode": 0, "seconds": 1.0}
 
@@ -151,8 +152,8 @@ def test_gpu_check_cut_mid_way_keeps_the_summary_of_the_steps_done(
     with pytest.raises(KeyboardInterrupt):
         gc.main(["--out", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s["name"] for s in summary["steps"]] == ["gpu tests", "loader"]
-    assert not summary["done"] and not summary["ok"]
+    assert [s["name"] for s in summary["steps"]] == done
+    assert not summary["done"] and not summary["ok"] and summary["gpus"] == ["fake GPU"]
 
 
 def test_gpu_check_kills_a_step_that_overruns_with_its_children(tmp_path: Path) -> None:

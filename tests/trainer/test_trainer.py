@@ -215,25 +215,37 @@ def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path:
     assert f"{blocker} is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("torchrun", [True, False])
 def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]
-                                                         ) -> None:
-    """(two ranks on one GPU: NCCL's "Duplicate GPU detected", after the rendezvous)"""
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         torchrun: bool) -> None:
+    """(two torchrun workers on one GPU: NCCL's "Duplicate GPU detected", after the rendezvous;
+    another launcher may give each process a GPU of its own, all seen as cuda:0)"""
     import torch.distributed
 
+    from trainer import dist
     from trainer.train import main
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
                  "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(k, v)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+        monkeypatch.setattr(dist, "watch_agent", lambda env: None)  # no agent to watch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail(
-        "the process group was started"))
+
+    def group(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the process group was started")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", group)
     assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
                  str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
-    assert "2 processes on this node but 1 CUDA device(s) visible" in err
-    assert "--nproc_per_node" in err
+    refused = "2 processes on this node but 1 CUDA device(s) visible" in err
+    assert refused == torchrun and ("--nproc_per_node" in err) == torchrun
+    assert ("the process group was started" in err) != torchrun
