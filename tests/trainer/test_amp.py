@@ -21,11 +21,13 @@ def test_native_bf16_is_what_the_cpu_flags_say() -> None:
     assert amp.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
-@pytest.mark.parametrize(("native", "want"), [(True, torch.bfloat16), (False, None)])
-def test_auto_on_a_cpu_is_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch, native: bool,
+@pytest.mark.parametrize(("avx512_bf16", "amx", "want"), [
+    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)])
+def test_auto_on_a_cpu_is_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch,
+                                                 avx512_bf16: bool, amx: bool,
                                                  want: torch.dtype | None) -> None:
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     p = amp.resolve("auto", torch.device("cpu"))
     assert p.dtype is want and p.scaler() is None
 

@@ -171,7 +171,9 @@ def test_bad_sizes_are_refused(bad: list[str], tmp_path: Path,
     with pytest.raises(SystemExit) as e:
         predict(["--run-dir", str(tmp_path), "--data", str(tmp_path), "--out",
                  str(tmp_path / "p"), *bad])
-    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # not the usage, which names all
+    assert e.value.code == 2 and last.startswith(f"python -m trainer.predict: error: {bad[0]} "
+                                                 "must be >= 1")
 
 
 def test_predict_loads_a_group_norm_run(small_dataset: Path, tmp_path: Path) -> None:
