@@ -55,12 +55,26 @@ def _open_text(path: Path) -> io.TextIOBase:
         raise CsvError(f"{path}: cannot open ({e.strerror})") from None
 
 
+def _not_utf8(path: Path) -> CsvError:
+    """The error for a file that is not UTF-8, naming its first undecodable line: a text file
+    decodes in chunks of 8 KB, so where its reader stood says nothing about the line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):  # "\n" never occurs inside a UTF-8 sequence
+            try:
+                raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                return CsvError(f"{path}:{n}: not UTF-8 text ({e.reason})")
+    return CsvError(f"{path}: not UTF-8 text")
+
+
 def _header(reader: csv.reader, path: Path, need: tuple[str, ...]) -> dict[str, int]:
     try:
         head = next(reader)
     except StopIteration:
         raise CsvError(f"{path}: empty file (expected a header {','.join(need)})") from None
-    except (csv.Error, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except csv.Error as e:
         raise CsvError(f"{path}:1: malformed header ({e})") from None
     cols = {name.strip(): i for i, name in enumerate(head)}
     missing = [c for c in need if c not in cols]
@@ -115,7 +129,6 @@ def read_polygon_csv(path: str | Path, proposals: bool) -> PolygonTable:
     with _open_text(path) as f:
         reader = csv.reader(f)
         cols, width = _columns(reader, path, proposals)
-        line = reader.line_num
         try:
             for row in reader:
                 line = reader.line_num
@@ -127,8 +140,8 @@ def read_polygon_csv(path: str | Path, proposals: bool) -> PolygonTable:
                     confs.append(rec[2])
         except csv.Error as e:
             raise CsvError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-        except UnicodeDecodeError as e:
-            raise CsvError(f"{path}:{line + 1}: not UTF-8 text ({e.reason})") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
     return _build_table(path, ids, wkts, lines, confs)
 
 

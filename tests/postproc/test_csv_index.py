@@ -100,3 +100,41 @@ def test_score_cli_reports_repairs(tmp_path):
                        "--workers", "1", "--min-truth-area", "0"]) == 0
     js = json.loads(out.read_text())
     assert (js["tp"], js["fp"], js["fn"], js["repaired_polygons"]) == (3, 2, 2, 1)
+
+
+@pytest.mark.parametrize("reader", [read_polygon_csv, PolygonIndex])
+@pytest.mark.parametrize("bad_line", [3, 302])
+def test_a_byte_that_is_not_utf8_is_named_by_its_line(tmp_path, reader, bad_line):
+    """(the eager reader decodes in 8 KB chunks: it named line 175 for 302, and "1: malformed
+    header" for a bad byte early in a small file)"""
+    rows = [f'a,{k},"{SQ.format(x=k, y=k + 1)}",0.5\n' for k in range(1, 400)]
+    data = [r.encode() for r in ["ImageId,BuildingId,PolygonWKT_Pix,Confidence\n", *rows]]
+    data[bad_line - 1] = data[bad_line - 1].replace(b"0.5", b"0.\xff5")
+    p = tmp_path / "p.csv"
+    p.write_bytes(b"".join(data))
+    with pytest.raises(CsvError, match=rf"p\.csv:{bad_line}: not UTF-8 text"):
+        reader(p, True)
+
+
+def test_rows_that_are_not_polygons_of_a_tile(tmp_path):
+    head = "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+    p = write(tmp_path / "p.csv", head + f'a,1,"{SQ.format(x=0, y=10)}",0.9\n'
+              "   \n"  # a line of blanks is a blank line, not a row
+              f'a,-2,"{SQ.format(x=20, y=30)}",0.8\n')  # only -1 marks an empty tile
+    for got in (read_proposal_csv(p).polygons, index_proposal_csv(p)):
+        assert len(got["a"]) == 2
+    bad = write(tmp_path / "n.csv", head + f'a,1,"{SQ.format(x=0, y=10)}",0.9\n'
+                'a,2,"POLYGON ((0 0, nan 0, 1 1, 0 0))",0.8\n'
+                'a,3,"POLYGON ((0 0, 1 0, inf 1, 0 0))",0.7\n')
+    with pytest.raises(CsvError, match=r"n\.csv:3: non-finite"):  # the first such line
+        read_proposal_csv(bad)
+
+
+def test_proposal_rows_number_buildings_from_one():
+    from shapely.geometry import box
+
+    from postproc.csvio import proposal_rows
+
+    rows = proposal_rows("t", [box(0, 0, 2, 2), box(5, 5, 7, 7)], [0.9, 0.4])
+    assert [r[:2] for r in rows] == [["t", "1"], ["t", "2"]] and rows[1][3] == "0.4"
+    assert proposal_rows("t", [], []) == [["t", "-1", "POLYGON EMPTY", "0"]]
