@@ -62,7 +62,7 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
     ("truncate", "size"), ("drop_index", "index_missing"), ("manifest_bytes", "size"),
     ("manifest_count", "sample_count"), ("garbage_index", "index_changed"),
     ("scrambled_index", "index_invalid"), ("rotten_index", "index_invalid"),
-    ("rotten_index_header", "index_invalid")])
+    ("rotten_index_header", "index_invalid"), ("merged_index_lines", "index_invalid")])
 def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: str, reason: str,
                                                           caplog: pytest.LogCaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,6 +86,10 @@ def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: st
         _overwrite(tar.with_suffix(".idx"), tar.with_suffix(".idx").stat().st_size - 3, b"\xff")
     elif damage == "rotten_index_header":
         _overwrite(tar.with_suffix(".idx"), 0, b"\xff")
+    elif damage == "merged_index_lines":  # two samples' lines made one: same size and header
+        idx = tar.with_suffix(".idx")
+        head, first, rest = idx.read_text().split("\n", 2)
+        idx.write_text(f"{head}\n{first} {rest}")
     else:  # same size and header, lines that do not parse
         idx = tar.with_suffix(".idx")
         head, _, body = idx.read_text().partition("\n")

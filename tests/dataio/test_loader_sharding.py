@@ -51,6 +51,8 @@ def test_resume_from_samples_done_gives_the_remaining_batches(world: int, bs: in
             done = samples_done(n, 0, step, world, bs)
             for r in range(world):
                 np.testing.assert_array_equal(rank_slots(order, r, world, bs, done), full[r][step:])
+        # the last step's padding is not samples: a checkpoint never says more than n were read
+        assert samples_done(n, 0, len(full[0]), world, bs) == n
 
 
 def test_resume_with_another_world_size_still_reads_each_sample_once() -> None:

@@ -141,6 +141,34 @@ def test_numba_areas_match_geos():
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
 
 
+def test_numba_areas_of_a_polygon_with_a_slanted_edge_fall_back_to_geos():
+    # axis-aligned edges and one slanted one: no rectangle decomposition, GEOS's area instead
+    slanted, square = Polygon([(0, 0), (10, 0), (10, 10), (0, 5)]), box(0, 0, 10, 10)
+    one = np.zeros(1, np.int64)
+    for t, p in ((slanted, square), (square, slanted)):
+        got = intersection_areas(np.array([t], dtype=object), np.array([p], dtype=object), one,
+                                 one)
+        assert got.tolist() == [75.0]
+
+
+@pytest.mark.parametrize("bad", [{"iou_threshold": 0.0}, {"iou_threshold": 1.5},
+                                 {"min_truth_area": float("inf")}, {"min_truth_area": -1.0}])
+def test_score_config_refuses_what_would_score_nonsense(bad):
+    # a threshold of 0 counts every disjoint pair in the candidates; inf drops every truth
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ScoreConfig(**bad)
+
+
+def test_partial_results_merge_in_image_order():
+    from postproc.score import merge_results
+
+    sq = box(0, 0, 10, 10)
+    parts = [score({"a": [sq], "c": [sq]}, {"a": [sq]}), score({"b": [sq]}, {"b": []})]
+    r = merge_results(parts)
+    assert [d["image_id"] for d in r.per_image] == ["a", "b", "c"]
+    assert (r.tp, r.fp, r.fn) == (1, 0, 2)
+
+
 def write(path, text):
     path.write_text(text)
     return path

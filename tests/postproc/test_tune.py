@@ -213,6 +213,15 @@ def test_matching_agrees_with_the_scorer_on_overlaps():
         assert n == (greedy_match(pi, ti, len(props), t.size, row) >= 0).sum()
 
 
+def test_matching_keeps_the_scorers_truth_and_one_truth_per_proposal():
+    tiny = box(0, 0, 4, 5)  # area 20 <= min_truth_area: the scorer drops it, so must tune
+    t, match, matched = match_image([tiny], [tiny])
+    assert t.size == 0 and match.tolist() == [-1] and matched.size == 0
+    a = box(0, 0, 10, 10)  # two identical truths, two identical proposals: one each
+    t, match, matched = match_image([a, a], [a, a])
+    assert match.tolist() == [0, 1] and matched.all()
+
+
 def test_ties_go_to_the_defaults_then_to_fewer_changes():
     grid = tune.TuneGrid((0.4, 0.5), (0.4, 0.5), (3.0,), (10, 20, 40))
     points = grid.points()

@@ -96,10 +96,15 @@ def test_unreadable_or_incomplete_checkpoints_name_the_file(tmp_path: Path) -> N
     torch.save({"format": ckpt.FORMAT}, partial)
     listed = tmp_path / "l.pt"  # (load_state_dict raised a TypeError, no file named)
     torch.save({"format": ckpt.FORMAT, "model": [torch.zeros(2)]}, listed)
+    foreign, future = tmp_path / "f.pt", tmp_path / "n.pt"  # another program's; a later format
+    torch.save({"model": {}}, foreign)
+    torch.save({"format": ckpt.FORMAT + 1, "model": {}}, future)
     for path, match in ((garbage, "not a readable checkpoint"),
                         (empty, "not a readable checkpoint"),
                         (partial, "checkpoint lacks model"),
-                        (listed, "'model' is a list, not a state dict")):
+                        (listed, "'model' is a list, not a state dict"),
+                        (foreign, "not a checkpoint of this trainer"),
+                        (future, "not a checkpoint of this trainer")):
         with pytest.raises(ValueError, match=match) as e:
             ckpt.load(path)
         assert str(e.value).startswith(str(path))
@@ -117,6 +122,10 @@ def test_repair_best_points_best_at_the_named_checkpoint_once(tmp_path: Path) ->
     assert ckpt.load(best)["epoch"] == 3
     ckpt.checkpoint_path(tmp_path, 1).unlink()  # pruned: best.pt was marked before that
     assert not ckpt.repair_best(tmp_path, 1) and ckpt.load(best)["epoch"] == 3
+    # a file system without hard links holds a copy: the same bytes are the same checkpoint
+    best.unlink()
+    best.write_bytes(ckpt.checkpoint_path(tmp_path, 2).read_bytes())
+    assert not ckpt.repair_best(tmp_path, 2) and ckpt.load(best)["epoch"] == 2
 
 
 def test_remove_temp_files_takes_only_temp_names(tmp_path: Path) -> None:
@@ -130,3 +139,9 @@ def test_remove_temp_files_takes_only_temp_names(tmp_path: Path) -> None:
     assert sorted(p.name for p in d.iterdir()) == sorted(
         [p.name for p in kept] + ["step-00000001.pt"])
     assert ckpt.remove_temp_files(tmp_path / "nothing_here") == []
+    # a link with a temp name is not a killed write of ours: neither it nor its target goes
+    target = tmp_path / "elsewhere.pt"
+    target.write_bytes(b"keep")
+    (d / ".step-00000003.pt.x.tmp").symlink_to(target)
+    assert ckpt.remove_temp_files(tmp_path) == []
+    assert (d / ".step-00000003.pt.x.tmp").is_symlink() and target.read_bytes() == b"keep"
