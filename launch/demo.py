@@ -148,9 +148,11 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
             print(f"== {name}: done before, skipped", flush=True)
             seconds[name] = last["seconds"]
             continue
-        # A stage that was interrupted with the same arguments resumes (training from its
-        # checkpoints); one whose inputs or arguments changed starts from nothing.
-        if upstream_ran or (name in done and last.get("cmd") != cmd):
+        # A stage that was interrupted with the same arguments (its record says started)
+        # resumes, training from its checkpoints; any other starts from nothing: its inputs or
+        # arguments changed, or an upstream rerun dropped its record (also when that rerun was
+        # stopped while these very outputs were being removed).
+        if upstream_ran or last.get("cmd") != cmd:
             for path in demo.outputs(name):
                 if path.exists():
                     print(f"== {name}: inputs changed, removing {path}", flush=True)

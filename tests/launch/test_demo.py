@@ -74,9 +74,9 @@ def test_a_rerun_with_other_inputs_trains_again(tmp_path: Path,
     out = tmp_path / "demo"
     run_demo(_TinyDemo(out, tiles=3))
     assert sorted(p.name for p in (out / "run").iterdir()) == ["ckpt-0"]
-    # an interrupted training (no record of it) resumes: its checkpoints stay
+    # an interrupted training (recorded as started, not completed) resumes: its checkpoints stay
     state = json.loads((out / "stages.json").read_text())
-    del state["train"]
+    del state["train"]["seconds"]
     (out / "stages.json").write_text(json.dumps(state))
     run_demo(_TinyDemo(out, tiles=3))
     assert sorted(p.name for p in (out / "run").iterdir()) == ["ckpt-0", "ckpt-1"]
@@ -88,6 +88,26 @@ def test_a_rerun_with_other_inputs_trains_again(tmp_path: Path,
 
 def _ckpts(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "run").iterdir())
+
+
+def test_a_rerun_stopped_while_removing_the_old_run_still_trains_from_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(synth had completed with the new data and train's record was dropped: the next run
+    resumed the checkpoints trained on the old data)"""
+    monkeypatch.setattr(demo_module, "write_report", lambda *a: {})
+    out = tmp_path / "demo"
+    run_demo(_TinyDemo(out, tiles=3))
+
+    def stopped(path: Path, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while "inputs changed, removing ..."
+
+    with monkeypatch.context() as m:
+        m.setattr(demo_module.shutil, "rmtree", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(_TinyDemo(out, tiles=1))
+    assert _ckpts(out) == ["ckpt-0"]  # the old run, not yet removed
+    run_demo(_TinyDemo(out, tiles=1))
+    assert _ckpts(out) == ["ckpt-0"]  # removed, then trained from nothing
 
 
 def test_a_stage_that_did_not_complete_is_never_done_before(tmp_path: Path,
