@@ -56,12 +56,19 @@ class BandStats:
                                        "max": []}
         for h in self.hist:
             cdf = np.cumsum(h) / h.sum()
-            out["p2"].append(float(np.searchsorted(cdf, LOW_PCT / 100.0)))
-            out["p98"].append(float(np.searchsorted(cdf, HIGH_PCT / 100.0)))
+            nz = np.nonzero(h)[0]
+            lo = float(np.searchsorted(cdf, LOW_PCT / 100.0))
+            hi = float(np.searchsorted(cdf, HIGH_PCT / 100.0))
+            if hi <= lo:
+                # NOTE: a band (nearly) constant over 96% of the pixels, e.g. no-data: the loader
+                # needs p98 > p2 to scale it, so its range reaches the largest value it holds
+                # (a constant band gets a unit range and reads as 0).
+                hi = max(float(nz[-1]), lo + 1.0)
+            out["p2"].append(lo)
+            out["p98"].append(hi)
             mean = float((h * values).sum() / h.sum())
             out["mean"].append(mean)
             out["std"].append(float(np.sqrt((h * (values - mean) ** 2).sum() / h.sum())))
-            nz = np.nonzero(h)[0]
             out["min"].append(float(nz[0]))
             out["max"].append(float(nz[-1]))
         return out

@@ -81,6 +81,22 @@ def test_manifest_statistics(prepared_dataset: Path) -> None:
     np.testing.assert_allclose(np.percentile(pix, 98, axis=0), p98, atol=1)
 
 
+def test_a_nearly_constant_band_still_gets_a_scale_the_loader_takes() -> None:
+    """(p2 == p98 went into the manifest, and the loader refused it only when training)"""
+    from dataio.augment import Normaliser
+    from dataio.manifest import BandStats
+
+    img = np.zeros((100, 100, 3), np.uint16)
+    img[..., 0] = 5  # constant
+    img[:3, :, 1] = 1000  # 97% no-data, 3% signal
+    img[..., 2] = np.arange(100)[None, :]  # an ordinary band
+    stats = BandStats(3)
+    stats.add(BandStats.of_image(img))
+    got = stats.to_json()
+    assert got["p2"] == [5.0, 0.0, 1.0] and got["p98"] == [6.0, 1000.0, 97.0]
+    Normaliser(got["p2"], got["p98"])  # what the loader builds from them
+
+
 def test_shards_read_by_webdataset(prepared_dataset: Path) -> None:
     urls = [str(p) for p in sorted((prepared_dataset / "train").glob("shard-*.tar"))]
     ds = wds.WebDataset(urls, shardshuffle=False).decode("l8")
@@ -187,6 +203,22 @@ def test_round_trip_footprints_polygonise_back(synthetic_aoi: Path,
         for p, q in zip(src, rows, strict=True):
             assert p.symmetric_difference(shapely.force_2d(q)).area < 1e-3 * p.length  # 1e-4 px WKT
     assert checked > 100
+
+
+def test_the_split_depends_on_the_image_ids_not_their_order(tmp_path: Path) -> None:
+    """(several --raw directories list their tiles in the order given)"""
+    from dataio.prepare import Tile, assign_splits
+
+    tiles = [Tile(f"AOI_9_X_img{i}", tmp_path / f"{i}.tif", tmp_path / f"{i}.geojson")
+             for i in range(20)]
+    splits = [{t.image_id: t.split for t in assign_splits(order, (70, 15, 15), 3)}
+              for order in (tiles, tiles[::-1], tiles[7:] + tiles[:7])]
+    assert splits[0] == splits[1] == splits[2]
+    assert sorted(splits[0].values()).count("train") == 14
+    from dataio.prepare import PrepareConfig
+
+    with pytest.raises(ValueError, match="--split"):  # a negative weight is no proportion
+        PrepareConfig(raw=[tmp_path], out=tmp_path / "o", split=(80, -10, 30))
 
 
 @pytest.mark.parametrize("bad", ["0", "a,b,c", "70,30"])
