@@ -155,16 +155,23 @@ def test_utm_tiles_of_another_size(tmp_path: Path) -> None:
         assert meta["transform"][0] == 0.5
 
 
-def test_band_count_mismatch_is_skipped(raw: Path, tmp_path: Path) -> None:
-    tif = _tif(raw, 6)
-    with rasterio.open(tif) as ds:
-        profile, data = ds.profile, ds.read()
-    profile["count"] = 4
-    with rasterio.open(tif, "w", **profile) as ds:
-        ds.write(np.concatenate([data, data[:1]]))
+@pytest.mark.parametrize("four_band", [[6], [4, 5, 6]])  # one, and a tie
+def test_band_count_mismatch_is_skipped(raw: Path, tmp_path: Path, four_band: list[int]) -> None:
+    """The majority band count decides; on a tie the tiles with more bands are kept."""
+    for n in four_band:
+        with rasterio.open(_tif(raw, n)) as ds:
+            profile, data = ds.profile, ds.read()
+        profile["count"] = 4
+        with rasterio.open(_tif(raw, n), "w", **profile) as ds:
+            ds.write(np.concatenate([data, data[:1]]))
     m = _run(raw, tmp_path / "d")
-    assert _skipped(m) == {"AOI_2_Vegas_img6": "has 4 bands, the rest of the AOI has 3"}
-    assert m["bands"] == 3
+    if len(four_band) == 1:
+        assert _skipped(m) == {"AOI_2_Vegas_img6": "has 4 bands, the rest of the AOI has 3"}
+        assert m["bands"] == 3
+    else:
+        assert _skipped(m) == {f"AOI_2_Vegas_img{n}": "has 3 bands, the rest of the AOI has 4"
+                               for n in (1, 2, 3)}
+        assert m["bands"] == 4
 
 
 @pytest.mark.parametrize("eight_bit", [[6], [4, 5, 6]])  # one, and a tie

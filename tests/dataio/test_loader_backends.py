@@ -219,9 +219,14 @@ def test_train_crop_larger_than_tile_pads_bottom_right(aligned: Path) -> None:
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="dali.*torch"):
         LoaderConfig(backend="tf.data")
-    for bad in ({"batch_size": 0}, {"crop_size": -1}, {"brightness": 1.5}, {"prefetch": 0}):
-        with pytest.raises(ValueError):
+    for bad in ({"batch_size": 0}, {"crop_size": -1}, {"brightness": 1.5}, {"prefetch": 0},
+                {"brightness": 1.0}, {"contrast": 1.0}):  # a jitter of 100%: 0 to 2x
+        with pytest.raises(ValueError, match=next(iter(bad))):
             LoaderConfig(**bad)
+    from dataio.augment import Normaliser
+
+    with pytest.raises(ValueError, match="p98 > p2"):  # a constant band: no scale
+        Normaliser([100, 10], [100, 20])
 
 
 def test_counters_are_exposed(aligned: Path) -> None:

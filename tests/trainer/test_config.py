@@ -37,6 +37,7 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     assert cfg.train.epochs == 7 and cfg.data.backend == "torch" and cfg.optim.lr == 1e-3
     assert tuple(cfg.loss.class_weights) == (1.0, 2.0, 3.0) and cfg.model.channels_last is True
     assert parse_override("metrics.address=0.0.0.0") == ("metrics", "address", "0.0.0.0")
+    assert load_config(Path("configs/tiny.toml"), ["metrics.port=65535"]).metrics.port == 65535
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -60,6 +61,11 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     # found only by building the model, or at the first step, after the process group started
     ("model.width_divisor=3", "width_divisor=3 must divide every width"),
     ("loss.class_weights=[0.5,0.5]", "class_weights has 2 weights"),
+    # a bool is an int to Python, not a number of epochs or a learning rate
+    ("train.epochs=true", "train.epochs"),
+    ("optim.lr=true", "optim.lr"),
+    ('loss.class_weights=["a", "b", "c"]', "loss.class_weights"),
+    ("train.val_every=-1", "val_every"),  # (it meant "never validate", without a word)
 ])
 def test_bad_values_name_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -40,6 +40,22 @@ def test_serves_on_the_configured_loopback_address_only() -> None:
         m.stop()
 
 
+def test_steps_are_summed_into_the_right_series() -> None:
+    m = TrainMetrics(DistEnv())  # not served: the registry is what the endpoint shows
+    m.record_step(samples=8, step_s=0.2, wait_s=0.01, loss=0.5)
+    m.record_step(samples=8, step_s=0.3, wait_s=0.02, loss=0.25)
+    m.sync()
+
+    def value(name: str) -> float | None:
+        return m.registry.get_sample_value(f"footprints_{name}", {"rank": "0"})
+
+    assert value("samples_total") == 16 and value("steps_total") == 2
+    assert value("step_seconds_sum") == pytest.approx(0.5)
+    assert value("data_wait_seconds_sum") == pytest.approx(0.03)
+    assert value("step_seconds_count") == value("data_wait_seconds_count") == 2
+    assert value("loss") == 0.25  # the last step's
+
+
 def test_a_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
