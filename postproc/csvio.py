@@ -212,9 +212,8 @@ class PolygonIndex(Mapping[str, list[BaseGeometry]]):
                 start, before = lines.pos, reader.line_num
         except csv.Error as e:
             raise CsvError(f"{self.path}:{reader.line_num}: malformed CSV ({e})") from None
-        except UnicodeDecodeError as e:
-            raise CsvError(f"{self.path}:{reader.line_num + 1}: not UTF-8 text "
-                           f"({e.reason})") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(self.path) from None
         if run_id is not None:
             self._runs.setdefault(run_id, []).append((run[0], run[1], run[2]))
 
