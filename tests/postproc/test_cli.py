@@ -75,6 +75,17 @@ def test_polygonize_then_score(pred_dir, tmp_path, capsys):
     assert "F1" in capsys.readouterr().out
 
 
+def test_a_shard_that_is_not_whole_chunks_loses_no_tile(tmp_path, capsys):
+    """5 tiles per shard are a chunk of 4 and one of 1: the last one must reach the CSV too."""
+    pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=5, size=64, buildings=3)
+    out = tmp_path / "p.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out),
+                                      "--workers", "1"]) == 0
+    ids = {r[0] for r in read_rows(out)[1:]}
+    assert ids == {f"AOI_9_Test_img{100 * s + t}" for s in range(2) for t in range(5)}
+    assert capsys.readouterr().out.startswith("10 tiles, ")
+
+
 def _snapshot(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
 

@@ -62,3 +62,14 @@ def test_a_transform_that_is_not_a_list_is_refused(transform):
     """(None or a number raised a TypeError from len())."""
     with pytest.raises(PredError, match="transform .* is not six finite numbers"):
         tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {**UTM, "transform": transform})
+
+
+def test_a_rotated_transform_maps_each_corner_as_rasterio_does():
+    """North-up tests cannot tell the affine from its transpose: a rotated or sheared tile can."""
+    from affine import Affine
+
+    t = Affine(0.3, 0.1, 500000.0, 0.2, -0.3, 4000000.0)
+    doc = tile_feature_collection("img1", [box(0, 0, 4, 2)], [1.0], {**UTM, "transform": list(t)})
+    got = shape(doc["features"][0]["geometry"])
+    want = shapely.Polygon([t @ xy for xy in [(0, 0), (4, 0), (4, 2), (0, 2)]])
+    assert got.equals(want) and got.exterior.is_ccw

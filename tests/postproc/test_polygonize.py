@@ -195,3 +195,29 @@ def test_seedless_huts_and_edge_slivers_are_recovered():
     tiny = np.zeros((1, 1, 3), np.float32)
     tiny[..., 1] = 1
     assert polygonize_probs(tiny, off)[0][0].equals(box(0, 0, 1, 1))
+
+
+def test_equal_confidences_keep_raster_order():
+    """Ties (one-hot masks tie every polygon) keep the raster order of the blobs: the CSV is the
+    same on every machine, and tune's scoring (which orders the same way) agrees with it."""
+    rng = np.random.default_rng(0)
+    p = np.zeros((40, 40, 3), np.float32)
+    p[..., 0] = 1
+    levels = rng.choice([0.6, 0.8, 0.9], 64)
+    for k, level in enumerate(levels):  # 64 squares of 3x3 px, three confidences
+        r, c = 5 * (k // 8), 5 * (k % 8)
+        p[r:r + 3, c:c + 3] = (1 - level, level, 0)
+    found = polygonize_probs(p, PolygonizeConfig(grow_radius=0, min_polygon_area=0))
+    got = [(-round(conf, 3), g.bounds[1], g.bounds[0]) for g, conf in found]
+    assert len(got) == 64 and got == sorted(got)
+
+
+def test_grow_radius_limit_is_inclusive_as_tune_documents():
+    """tune's --grow-radii takes [0, 50]; 50 px must be a valid setting, and work."""
+    p = np.zeros((8, 8, 3), np.float32)
+    p[..., 2] = 1.0  # all boundary
+    p[3:5, 3:5] = (0, 1, 0)
+    (poly, _), = polygonize_probs(p, PolygonizeConfig(grow_radius=50))
+    assert poly.equals(box(0, 0, 8, 8))
+    with pytest.raises(ValueError, match="grow_radius=50.5 px is implausible"):
+        PolygonizeConfig(grow_radius=50.5)

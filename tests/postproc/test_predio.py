@@ -200,6 +200,18 @@ def test_crafted_members_are_refused(tmp_path):
         list(iter_pred_samples(path))
 
 
+def test_a_sample_repeated_later_in_a_shard_is_refused(tmp_path):
+    """A key whose members come back after another sample would otherwise be yielded twice:
+    the runner checks ImageIds across shards only, so the CSV got its rows twice."""
+    png = encode_prob_png(np.zeros((2, 2, 3)))
+    meta = json.dumps({}).encode()
+    path = tmp_path / "pred-000000.tar"
+    _raw_tar(path, [("a.prob.png", png), ("a.meta.json", meta), ("b.prob.png", png),
+                    ("b.meta.json", meta), ("a.prob.png", png), ("a.meta.json", meta)])
+    with pytest.raises(PredError, match=r"pred-000000.tar: members of sample 'a' are not adjacent"):
+        list(iter_pred_samples(path))
+
+
 def _publish_names(out, names, ledger=".ledger"):
     staging = out / ".partial"
     staging.mkdir(parents=True)

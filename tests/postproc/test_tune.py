@@ -135,6 +135,18 @@ def test_flags_override_tuned_settings(tuned):
     assert polygonize.config_from_args(args, announce=False) == PolygonizeConfig(grow_radius=1)
 
 
+def test_a_zero_flag_overrides_the_settings_file(tmp_path):
+    """--grow-radius 0 (growth off) and --min-polygon-area 0 (keep all) are settings, not
+    "flag not given": the file's values must not win over them."""
+    settings = tmp_path / "postproc.json"
+    settings.write_text(PolygonizeConfig(grow_radius=2, min_polygon_area=30).to_json())
+    args = polygonize.build_parser().parse_args(
+        ["--pred", str(tmp_path), "--out", "x.csv", "--settings", str(settings),
+         "--grow-radius", "0", "--min-polygon-area", "0"])
+    cfg = polygonize.config_from_args(args, announce=False)
+    assert (cfg.grow_radius, cfg.min_polygon_area) == (0, 0)
+
+
 def test_same_result_with_one_worker_and_run_dir_flag(tuned, tmp_path):
     other = tmp_path / "RUN2"
     other.mkdir()
@@ -220,6 +232,24 @@ def test_matching_keeps_the_scorers_truth_and_one_truth_per_proposal():
     a = box(0, 0, 10, 10)  # two identical truths, two identical proposals: one each
     t, match, matched = match_image([a, a], [a, a])
     assert match.tolist() == [0, 1] and matched.all()
+
+
+def test_truth_images_without_a_prediction_count_as_missed(tmp_path):
+    """As in the scorer: a val image the predictions lack still has buildings to find, so its
+    truth adds false negatives at every grid point (else tuning on part of a split looks
+    better than it is)."""
+    prob = np.zeros((32, 32, 3), np.uint8)
+    prob[..., 0] = 255
+    prob[4:14, 4:14] = (0, 255, 0)
+    shard = tmp_path / "pred-000000.tar"
+    write_pred_shard(shard, [("a", prob, {})])
+    grid = tune.TuneGrid((0.5,), (0.5,), (3.0,), (0, 20))
+    truth = {"a": [box(4, 4, 14, 14)]}
+    ev = tune.evaluate([shard], truth, grid, None)
+    assert ev.counts.tolist() == [[1, 0, 0], [1, 0, 0]] and ev.missing == []
+    ev = tune.evaluate([shard], {**truth, "b": [box(0, 0, 10, 10), box(20, 20, 30, 30)]},
+                       grid, None)
+    assert ev.counts.tolist() == [[1, 0, 2], [1, 0, 2]] and ev.missing == ["b"]
 
 
 def test_ties_go_to_the_defaults_then_to_fewer_changes():
