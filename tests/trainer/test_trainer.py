@@ -249,3 +249,96 @@ def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tm
     refused = "2 processes on this node but 1 CUDA device(s) visible" in err
     assert refused == torchrun and ("--nproc_per_node" in err) == torchrun
     assert ("the process group was started" in err) != torchrun
+
+
+def test_validation_runs_every_val_every_epochs_and_after_the_last(small_dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=3", "train.val_every=2"])
+    validated: list[int] = []
+    t.validator.run = lambda _net: validated.append(t.epoch) or {"val_f1": 0.5}  # type: ignore
+    t.train()
+    assert validated == [2, 3]  # the last epoch too, though 3 is no multiple of 2
+
+
+def test_without_f1_the_best_checkpoint_is_the_first_with_the_highest_iou(
+        small_dataset: Path, tmp_path: Path) -> None:
+    run, iou = tmp_path / "run", {1: 0.4, 2: 0.6, 3: 0.6}
+    t = _trainer(small_dataset, run, ["train.epochs=3", "train.val_every=1",
+                                      "train.val_f1=false"])
+    t.validator.run = lambda _net: {"val_iou": iou[t.epoch]}  # type: ignore[method-assign]
+    t.train()
+    # epoch 2's (step 10): a tie in epoch 3 does not move best.pt to a checkpoint no better
+    assert ckpt.load(run / "checkpoints" / ckpt.BEST)["global_step"] == 10
+    assert t.best_f1 == 0.6
+
+
+def test_the_logged_train_loss_is_the_mean_of_the_step_losses(small_dataset: Path,
+                                                              tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"])
+    real, losses = t.train_step, []
+
+    def step(batch: object) -> float | None:
+        losses.append(real(batch))  # type: ignore[arg-type]
+        return losses[-1]
+
+    t.train_step = step  # type: ignore[method-assign]
+    summary = t.train()
+    assert len(losses) == 5 and summary["samples"] == 17
+    assert summary["train_loss"] == pytest.approx(sum(losses) / len(losses))
+
+
+def test_grad_clip_bounds_the_update(small_dataset: Path, tmp_path: Path) -> None:
+    # plain SGD: the update is lr x the clipped gradient, so its norm is lr x grad_clip
+    t = _trainer(small_dataset, tmp_path / "run", ['optim.name="sgd"', "optim.momentum=0.0",
+                                                   "optim.grad_clip=0.01"])
+    t.train_loader.set_epoch(0)
+    batch = next(iter(t.train_loader))
+    t.train_loader.close()
+    before = [p.detach().clone() for p in t.net.parameters()]
+    assert t.train_step(batch) is not None
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(t.net.parameters(), before,
+                                                                   strict=True)])
+    assert float(update.norm()) == pytest.approx(t.cfg.optim.lr * 0.01, rel=1e-3)
+
+
+def test_nonfinite_gradients_skip_the_step_and_a_good_step_resets_the_count(
+        small_dataset: Path, tmp_path: Path) -> None:
+    # a finite loss whose gradients are NaN on every other step: never 2 in a row, so the run
+    # goes on, and the poisoned steps change no weight
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=1",
+                                                   "train.max_nonfinite_steps=2"])
+    calls = {"n": 0}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] % 2 else grad
+
+    t.net.head.weight.register_hook(poison)
+    t.train()
+    assert t.global_step == 5 and t.nonfinite_run == 1  # the last step only
+    assert all(bool(torch.isfinite(p).all()) for p in t.net.parameters())
+    skipped = t.metrics.registry.get_sample_value("footprints_skipped_steps_total",
+                                                  {"reason": "nonfinite_grad"})
+    assert skipped == 3  # steps 1, 3 and 5
+    # NaN gradients on every step: the second in a row stops the run, no weight changed
+    t = _trainer(small_dataset, tmp_path / "run2", ["train.max_nonfinite_steps=2"])
+    t.net.head.weight.register_hook(lambda grad: grad * float("nan"))
+    before = {k: v.detach().clone() for k, v in t.net.named_parameters()}
+    with pytest.raises(NonFiniteError, match=r"2 consecutive.*last: nonfinite_grad"):
+        t.train()
+    assert all(torch.equal(before[k], v) for k, v in t.net.named_parameters())
+
+
+def test_each_epoch_reads_the_split_once_in_an_order_of_its_own(small_dataset: Path,
+                                                                tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=2"])
+    real, order = t.train_step, {0: [], 1: []}
+
+    def step(batch: object) -> float | None:
+        order[t.epoch] += [k for k in batch.keys if k]  # type: ignore[attr-defined]
+        return real(batch)  # type: ignore[arg-type]
+
+    t.train_step = step  # type: ignore[method-assign]
+    t.train()
+    assert len(order[0]) == 17 and sorted(order[0]) == sorted(order[1])
+    assert order[0] != order[1]  # reshuffled: not the first epoch's batches again
