@@ -42,6 +42,17 @@ def test_forced_modes_and_fp16_needs_cuda() -> None:
         amp.resolve("fp8", cpu)
 
 
+def test_a_forced_mode_takes_a_grad_scaler_for_fp16_only() -> None:
+    """(fp16 gradients underflow without one; bf16 has fp32's range and needs none)"""
+    gpu = torch.device("cuda", 0)  # resolve only names it: no GPU needed
+    fp16 = amp.resolve("fp16", gpu)
+    assert (fp16.dtype, fp16.use_scaler) == (torch.float16, True)
+    for mode, dtype in (("bf16", torch.bfloat16), ("off", None)):
+        for device in (gpu, torch.device("cpu")):
+            p = amp.resolve(mode, device)
+            assert (p.dtype, p.device_type, p.use_scaler) == (dtype, device.type, False)
+
+
 @pytest.mark.parametrize(("major", "want"), [(8, "bf16"), (7, "fp16")])
 def test_auto_on_a_gpu_is_bf16_from_ampere_and_fp16_before(monkeypatch: pytest.MonkeyPatch,
                                                            major: int, want: str) -> None:

@@ -1,0 +1,76 @@
+"""trainer.dist without a process group: torchrun's variables, seeds per rank, the timeout."""
+
+from __future__ import annotations
+
+import datetime
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import dist
+from trainer.dist import DistEnv
+
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                 "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_torchrun_variables_and_their_absence(no_torchrun: pytest.MonkeyPatch) -> None:
+    assert DistEnv.from_env() == DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    for k, v in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1",
+                 "LOCAL_WORLD_SIZE": "2"}.items():
+        no_torchrun.setenv(k, v)
+    env = DistEnv.from_env()
+    assert env == DistEnv(rank=3, world_size=4, local_rank=1, local_world_size=2)
+    assert env.distributed and not env.is_main
+
+
+@pytest.mark.parametrize("rank", ["-1", "2"])
+def test_a_rank_outside_the_world_is_refused(no_torchrun: pytest.MonkeyPatch, rank: str) -> None:
+    no_torchrun.setenv("WORLD_SIZE", "2")
+    no_torchrun.setenv("RANK", rank)  # ranks are 0 and 1
+    with pytest.raises(ValueError, match=f"RANK={rank} is outside WORLD_SIZE=2"):
+        DistEnv.from_env()
+
+
+def _draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_each_rank_gets_its_own_repeatable_random_streams() -> None:
+    saved = ckpt.rng_state()
+    try:
+        dist.seed_everything(7, rank=0)
+        rank0 = _draws()
+        dist.seed_everything(7, rank=1)
+        rank1 = _draws()
+        dist.seed_everything(7, rank=0)
+        again = _draws()
+    finally:
+        ckpt.set_rng_state(saved)
+    assert again == rank0  # the same seed and rank: the same run
+    assert all(a != b for a, b in zip(rank0, rank1, strict=True))  # python, numpy and torch
+
+
+def test_the_process_group_gets_the_configured_timeout(no_torchrun: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def group(**kwargs: object) -> None:
+        seen.update(kwargs)
+
+    no_torchrun.setattr(dist, "setup_logging", lambda env: None)  # (once per process)
+    no_torchrun.setattr(torch.distributed, "is_initialized", lambda: False)
+    no_torchrun.setattr(torch.distributed, "init_process_group", group)
+    env = DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
+    assert dist.init(env, "gloo", timeout_s=42.0) == env
+    assert seen == {"backend": "gloo", "rank": 1, "world_size": 2,
+                    "timeout": datetime.timedelta(seconds=42)}
