@@ -61,6 +61,39 @@ def test_predict_writes_every_tile_of_the_split_once(trained_run: Path, small_da
         assert meta["image_id"] == key and len(meta["transform"]) == 6
 
 
+def test_prob_png_is_the_checkpoints_softmax_of_each_tile(trained_run: Path, small_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """Channels background, building, boundary as round(255 * p), rows and columns as the
+    tile's, from best.pt in eval mode (a transposed or batch-statistics prediction differs)."""
+    from dataio.loader import build_loader
+    from models import build_model_from_config
+    from trainer.amp import resolve
+    from trainer.checkpoint import load, load_model
+    from trainer.config import load_run_config
+
+    assert predict(["--run-dir", str(trained_run), "--data", str(small_dataset), "--split",
+                    "test", "--out", str(tmp_path / "pred")]) == 0
+    got = _read(tmp_path / "pred")
+    cfg = load_run_config(trained_run)
+    net = build_model_from_config(cfg.model, load_manifest(small_dataset).bands, 3)
+    best = trained_run / "checkpoints" / "best.pt"
+    load_model(net, load(best), best, "")
+    net.eval()
+    cpu = torch.device("cpu")
+    compared = 0
+    with build_loader(small_dataset, "test", cfg.data, device=cpu) as loader:
+        for batch in loader:
+            with torch.no_grad(), resolve(cfg.train.amp, cpu).autocast():
+                probs = torch.softmax(net(batch.image).float(), dim=1)
+            for i, key in enumerate(batch.keys):
+                if bool(batch.valid[i]):
+                    h, w = batch.meta[i]["height"], batch.meta[i]["width"]
+                    want = np.rint(255 * probs[i, :, :h, :w].permute(1, 2, 0).numpy())
+                    assert np.abs(got[key][0].astype(int) - want).max() <= 1, key
+                    compared += 1
+    assert compared == len(got) > 0
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_predict_under_torchrun_matches_one_process(trained_run: Path, small_dataset: Path,
