@@ -37,6 +37,14 @@ def test_too_small_to_reflect_falls_back_to_replicate() -> None:
     assert padded[0, 0, 6, -7:].tolist() == [2.0] * 7
 
 
+def test_a_pad_as_wide_as_the_input_also_falls_back() -> None:
+    # 3 -> 8 pads 2 and 3: reflect needs each pad < 3, so the 3 must replicate too
+    x = torch.arange(3.0).expand(1, 1, 3, 3)
+    padded, pads = pad_to_multiple(x, 8, "reflect")
+    assert pads == (2, 3, 2, 3)
+    assert padded[0, 0, 2].tolist() == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+
+
 def test_multiple_of_16_is_untouched() -> None:
     x = torch.rand(1, 3, 32, 48)
     padded, pads = pad_to_multiple(x, 16)
@@ -59,3 +67,6 @@ def test_group_norm_output_does_not_depend_on_the_batch() -> None:
         assert torch.allclose(together, alone, atol=1e-5) is same, norm
     gn = build_model("unet_baseline", 3, 3, width_divisor=8, norm="group")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gn.modules())
+    groups = {(m.num_channels, m.num_groups) for m in gn.modules()
+              if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {(4, 4), (8, 8), (16, 8), (32, 8), (64, 8)}  # 8, or fewer channels

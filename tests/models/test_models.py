@@ -128,12 +128,39 @@ def test_any_band_count(name: str, bands: int) -> None:
 
 
 @pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("classes", [1, 2, 5])
+def test_any_class_count(name: str, classes: int) -> None:
+    model = tiny(name, num_classes=classes).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, classes, 32, 32)
+
+
+@pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("size", [(1, 1), (17, 33), (64, 64), (100, 31)])
 def test_any_input_size(name: str, size: tuple[int, int]) -> None:
     model = tiny(name).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, *size))
     assert out.shape == (1, 3, *size)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_each_decoder_level_concatenates_its_encoder_features(name: str) -> None:
+    """The skip connections: the up step at each level sees the encoder's output of that level
+    (first, then the up-sampled features); a decoder that lost them still trains, less well."""
+    model = tiny(name).eval()
+    encoder: list[torch.Tensor] = []
+    decoder_inputs: list[torch.Tensor] = []
+    for level in (model.stem, *model.downs[:-1]):
+        level.register_forward_hook(lambda _m, _i, out: encoder.append(out.clone()))
+    for up in model.ups:
+        up.conv.register_forward_pre_hook(lambda _m, inputs: decoder_inputs.append(inputs[0]))
+    with torch.no_grad():
+        model(torch.rand(1, 3, 32, 32))
+    assert len(decoder_inputs) == len(encoder) == len(model.widths) - 1
+    for got, skip in zip(decoder_inputs, reversed(encoder), strict=True):
+        assert got.shape[1] == 2 * skip.shape[1]
+        assert torch.equal(got[:, : skip.shape[1]], skip)
 
 
 @pytest.mark.parametrize("name", list_models())
