@@ -272,19 +272,20 @@ def test_without_f1_the_best_checkpoint_is_the_first_with_the_highest_iou(
     assert t.best_f1 == 0.6
 
 
-def test_the_logged_train_loss_is_the_mean_of_the_step_losses(small_dataset: Path,
-                                                              tmp_path: Path) -> None:
-    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"])
-    real, losses = t.train_step, []
+def test_the_logged_train_loss_is_the_mean_of_the_epochs_step_losses(small_dataset: Path,
+                                                                     tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=2"])
+    real, losses = t.train_step, {0: [], 1: []}
 
     def step(batch: object) -> float | None:
-        losses.append(real(batch))  # type: ignore[arg-type]
-        return losses[-1]
+        losses[t.epoch].append(real(batch))  # type: ignore[arg-type]
+        return losses[t.epoch][-1]
 
     t.train_step = step  # type: ignore[method-assign]
-    summary = t.train()
-    assert len(losses) == 5 and summary["samples"] == 17
-    assert summary["train_loss"] == pytest.approx(sum(losses) / len(losses))
+    t.train()
+    for summary, epoch in zip(t.history, losses.values(), strict=True):
+        assert len(epoch) == 5 and summary["samples"] == 17  # this epoch's only
+        assert summary["train_loss"] == pytest.approx(sum(epoch) / len(epoch))
 
 
 def test_grad_clip_bounds_the_update(small_dataset: Path, tmp_path: Path) -> None:
