@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import launch.demo as demo_module
@@ -216,3 +217,81 @@ def test_a_damaged_score_file_is_named(tmp_path: Path, text: str, problem: str) 
     (tmp_path / "report" / "score_test.json").write_text(text)
     with pytest.raises(ValueError, match=f"score_test.json: {problem}"):
         build_summary(tmp_path, tmp_path / "data", {})
+
+
+def test_the_stages_hand_each_other_the_right_files(tmp_path: Path) -> None:
+    """Tuning reads the val predictions and val truth, the printed F1 is the test split's, and
+    training gets the overrides as --set pairs (only the ~2-minute end-to-end run saw this)."""
+    demo = Demo(tmp_path / "demo", nproc=3, overrides=["train.epochs=2", "data.crop_size=64"])
+    stages = dict(demo.stages())
+
+    def arg(stage: str, flag: str) -> str:
+        cmd = stages[stage]
+        return cmd[cmd.index(flag) + 1]
+
+    assert arg("predict_val", "--split") == "val" and arg("predict_test", "--split") == "test"
+    assert arg("tune", "--pred") == arg("predict_val", "--out")
+    assert arg("tune", "--truth") == str(demo.data / "val" / "truth.csv")
+    assert arg("polygonize", "--pred") == arg("predict_test", "--out")
+    assert arg("score", "--proposals") == arg("polygonize", "--out")
+    assert arg("score", "--truth") == str(demo.data / "test" / "truth.csv")
+    assert arg("render", "--pred") == arg("predict_test", "--out")
+    train = stages["train"]
+    assert "--nproc_per_node=3" in train
+    assert train[train.index("--run-dir") + 2:] == ["--set", "train.epochs=2",
+                                                      "--set", "data.crop_size=64"]
+
+
+def test_too_few_tiles_names_the_least_that_works(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """70:15:15 of 4 tiles is 3:1:0; 5 tiles give 3:1:1, so 5 is what the message must say."""
+    with pytest.raises(SystemExit):
+        demo_module.main(["--out", str(tmp_path / "demo"), "--tiles", "4"])
+    assert capsys.readouterr().err.strip().endswith("give at least 5")
+
+
+def _finished_run(tmp_path: Path) -> tuple[Path, Path]:
+    """The files the stages leave for the report: 5/2/1 tiles (train in 2 shards), three epochs
+    with validation in the first two only, a tuning and a score."""
+    from dataio.fixtures import write_dataset
+
+    tile = (np.zeros((8, 8, 3), np.uint16), np.zeros((8, 8), np.uint8))
+    data = write_dataset(tmp_path / "data", {
+        split: [(f"{split}{i}", *tile) for i in range(n)]
+        for split, n in (("train", 5), ("val", 2), ("test", 1))}, shard_size=4)
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "score_test.json").write_text(json.dumps(
+        {"precision": 0.75, "recall": 0.6, "f1": 2 / 3, "tp": 3, "fp": 1, "fn": 2,
+         "per_image": []}))
+    settings = {"building_threshold": 0.6}
+    (run / "tune.json").write_text(json.dumps({"default": {"f1": 0.5},
+                                               "best": {"f1": 0.7, "settings": settings}}))
+    (run / "postproc.json").write_text(json.dumps(settings))
+    (run / "log.jsonl").write_text(
+        '{"epoch": 1, "train_loss": 0.9, "val_f1": 0.1, "val_iou": 0.2}\n'
+        '{"epoch": 2, "train_loss": 0.5, "val_f1": 0.3, "val_iou": 0.4}\n'
+        '{"epoch": 3, "train_loss": 0.4}\n')
+    return run, data
+
+
+def test_the_report_holds_the_figures_of_the_runs_files(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.report import write_report
+
+    run, data = _finished_run(tmp_path)
+    seconds = {"synth": 1.25, "train": 10.0, "score": 0.5}
+    summary = write_report(run, data, seconds)
+    assert summary == json.loads((run / "report" / "summary.json").read_text())
+    assert summary["tiles"] == {"train": 5, "val": 2, "test": 1}
+    assert (summary["precision"], summary["recall"], summary["tp"], summary["fp"],
+            summary["fn"]) == (0.75, 0.6, 3, 1, 2)
+    assert (summary["val_f1_default_postproc"], summary["val_f1_tuned_postproc"]) == (0.5, 0.7)
+    assert summary["postproc"] == {"building_threshold": 0.6}
+    # the last epoch's loss, and the IoU of the last epoch that validated
+    assert (summary["epochs"], summary["final_train_loss"], summary["final_val_iou"]) == \
+        (3, 0.4, 0.4)
+    assert summary["seconds"] == seconds and summary["total_seconds"] == 11.8
+    readme = (run / "report" / "README.md").read_text()
+    assert "Test split (1 tiles): **F1 0.6667**" in readme and "| **total** | **11.8** |" in readme
+    assert "test F1 0.6667  precision 0.7500  recall 0.6000" in capsys.readouterr().out
