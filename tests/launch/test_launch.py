@@ -96,10 +96,64 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0, res.stderr
     args, got = _recorded(out)
-    assert args[args.index("--kill-on-bad-exit=0") + 1] == ".venv/bin/torchrun"
     assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv-backend=c10d",
             "--rdzv-endpoint=gpu07:29400", "--rdzv-id=4242"} <= set(args)
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and got["OMP_NUM_THREADS"] == "8"
+    # srun takes no --cpus-per-task from sbatch since Slurm 22.05: without it torchrun and its 4
+    # workers (8 threads each) were bound to one core
+    assert args[:args.index(".venv/bin/torchrun")] == ["--kill-on-bad-exit=0",
+                                                       "--cpus-per-task=32"]
+
+
+def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
+    out = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2"}
+    res = subprocess.run(["bash", "launch/single_node.sh", "cfg.toml", "DATA", "RUN", "--set",
+                          "train.epochs=3"], capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    args, got = _recorded(out)
+    assert args == ["--standalone", "--nproc_per_node=2", "--max-restarts=3", "-m",
+                    "trainer.train", "--config", "cfg.toml", "--data", "DATA", "--run-dir", "RUN",
+                    "--set", "train.epochs=3"]
+    assert got["OMP_NUM_THREADS"] == "1"  # not every core per process
+
+
+def test_multi_node_runs_of_one_job_share_a_rendezvous_id(tmp_path: Path) -> None:
+    """(without --rdzv-id torchrun takes "none": two jobs on one host and port would join
+    each other's rendezvous)"""
+    out = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "head", "NPROC": "1",
+           "TORCHRUN": str(tmp_path / "torchrun")}
+    for extra, want in (({}, {"--nnodes=2", "--rdzv-id=footprints", "--max-restarts=3",
+                              "--rdzv-endpoint=head:29400"}),
+                        ({"RDZV_ID": "job7", "MASTER_PORT": "29500", "MAX_RESTARTS": "0"},
+                         {"--rdzv-id=job7", "--rdzv-endpoint=head:29500", "--max-restarts=0"})):
+        res = subprocess.run(["bash", "launch/multi_node.sh", "c", "d", "r"], capture_output=True,
+                             text=True, timeout=30, env={**env, **extra})
+        assert res.returncode == 0, res.stderr
+        assert want <= set(_recorded(out)[0])
+
+
+def test_gpu_check_fits_one_device_call_and_trains_on_every_gpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, list[str], float]] = []
+
+    def step(name: str, cmd: list[str], timeout: float) -> dict:
+        calls.append((name, cmd, timeout))
+        return {"name": name, "returncode": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"fake GPU {i}")
+    monkeypatch.setattr(gc, "_run", step)
+    assert gc.main(["--out", str(tmp_path)]) == 0
+    assert [name for name, _, _ in calls] == ["gpu tests", "loader", "train", "postproc"]
+    # the budgets the NOTE promises: the whole check inside one 10-minute call, with start-up
+    assert sum(timeout for _, _, timeout in calls) <= 540
+    train = calls[2][1]
+    assert train[train.index("--nproc") + 1] == "2"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] and summary["done"] and summary["gpus"] == ["fake GPU 0", "fake GPU 1"]
 
 
 def test_gpu_check_says_so_without_cuda(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
