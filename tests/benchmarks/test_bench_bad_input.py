@@ -55,3 +55,18 @@ def test_bad_inputs_are_one_line(name: str, main, argv, named: str, tmp_path: Pa
     assert len(err) == 1 and err[0].startswith(f"python -m benchmarks.{name}: error: ")
     assert named in err[0]
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_benchmark_that_fails_exits_non_zero() -> None:
+    """(benchmarks.train returns 1 when a torchrun variant fails: make gpu-check reads the exit)"""
+    assert run("train", lambda: 1) == 1
+    assert run("train", lambda: {"rows": []}) == 0  # those that return their JSON object
+
+
+def test_best_time_is_the_fastest_run() -> None:
+    import time
+
+    from benchmarks.common import best_time
+
+    delays = iter([0.3, 0.0, 0.3])
+    assert best_time(lambda: time.sleep(next(delays)), repeat=3) < 0.15

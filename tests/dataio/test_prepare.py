@@ -266,3 +266,17 @@ def test_no_boundary_band_along_the_tile_edge() -> None:
     assert (mask[25:45, 0] == 1).all()  # interior reaches the tile edge
     assert (mask[25:45, 28:32] == 2).all()  # the real wall at x=30 is banded on both sides
     assert (mask[20:50, 58:62] == 2).all() and (mask[25:45, 63] == 1).all()
+
+
+def test_band_statistics_are_those_of_every_image_added() -> None:
+    from dataio.manifest import BandStats, ManifestError
+
+    stats = BandStats(1)
+    with pytest.raises(ManifestError, match="no training pixels"):
+        stats.to_json()
+    stats.add(BandStats.of_image(np.full((10, 10, 1), 4, np.uint16)))
+    stats.add(BandStats.of_image(np.array([[[1], [7]]], np.uint16)))  # a longer histogram
+    got = stats.to_json()
+    # the extremes are the pixels', not the 2nd..98th percentiles (4 and 4)
+    assert (got["min"], got["max"], got["mean"]) == ([1.0], [7.0], [4.0])
+    assert got["std"] == [pytest.approx(np.sqrt(18 / 102))]  # of the pixels, not a sample's
