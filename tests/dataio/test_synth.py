@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.features
 import shapely
 from pyproj import CRS
 from shapely.geometry import shape
@@ -154,3 +155,51 @@ def test_an_interrupted_synth_is_refused_by_prepare(tmp_path: Path,
     write_aoi(SynthConfig(out=out, tiles=4, size=64, overwrite=True))
     m = prepare(PrepareConfig(raw=[out], out=tmp_path / "d", workers=0), progress=False)
     assert sum(m["splits"][s]["samples"] for s in ("train", "val", "test")) == 4
+
+
+def test_each_tiles_labels_lie_on_its_pixels(tmp_path: Path) -> None:
+    """Read as a user would: every GeoJSON in the CRS its file names, mapped through its raster's
+    transform, outlines the roofs in the pixels (edges there, not elsewhere); partialBuilding
+    marks the buildings cut by the tile edge; tiles img1..imgN of different scenes on a grid."""
+    from dataio.geo import reproject_geometry
+
+    size = 128
+    raw = tmp_path / "aoi"
+    write_aoi(SynthConfig(out=raw, tiles=4, seed=1, size=size, label_crs="EPSG:32611"))
+    assert sorted(p.name for p in (raw / "RGB-PanSharpen").iterdir()) == [
+        f"RGB-PanSharpen_AOI_2_Vegas_img{n}.tif" for n in range(1, 5)]
+    bounds, images, labelled = [], [], 0
+    for n in range(1, 5):
+        with rasterio.open(raw / "RGB-PanSharpen" / f"RGB-PanSharpen_AOI_2_Vegas_img{n}.tif") as ds:
+            img, to_pixels = ds.read().astype(np.float32), ~ds.transform
+            img_crs = CRS.from_user_input(ds.crs.to_wkt())
+            bounds.append(ds.bounds)
+        images.append(img)
+        gj = json.loads((raw / "geojson" / "buildings" / f"buildings_AOI_2_Vegas_img{n}.geojson")
+                        .read_text())
+        lab_crs = CRS.from_user_input(gj["crs"]["properties"]["name"])
+        assert lab_crs.to_epsg() == 32611
+        pix = [shapely.affinity.affine_transform(
+            reproject_geometry(shapely.force_2d(shape(f["geometry"])), lab_crs, img_crs),
+            to_pixels.to_shapely()) for f in gj["features"]]
+        for f, p in zip(gj["features"], pix, strict=True):
+            x0, y0, x1, y1 = p.bounds
+            assert min(x0, y0) > -1e-3 and max(x1, y1) < size + 1e-3
+            cut = min(x0, y0) < 1e-3 or max(x1, y1) > size - 1e-3
+            assert f["properties"]["partialBuilding"] == int(cut)
+        if not pix:
+            continue
+        labelled += 1
+        gy, gx = np.gradient(img.mean(axis=0))
+        grad = np.hypot(gx, gy)
+        outline = rasterio.features.rasterize([p.boundary.buffer(1.0) for p in pix],
+                                              out_shape=(size, size)).astype(bool)
+        # stronger on the outlines than on the same outlines mirrored across the diagonal (a
+        # transposed raster, or labels of another place, would swap the two)
+        assert grad[outline].mean() > 1.5 * grad[outline.T].mean(), n
+    assert labelled >= 2
+    assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])
+    # a 2x2 grid: img2 east of img1, img3 south of it, edge to edge
+    assert bounds[1].left == pytest.approx(bounds[0].right, abs=1e-12)
+    assert bounds[2].top == pytest.approx(bounds[0].bottom, abs=1e-12)
+    assert bounds[2].left == bounds[0].left and bounds[3].left == bounds[1].left
