@@ -105,6 +105,31 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
                                                        "--cpus-per-task=32"]
 
 
+def _slurm(tmp_path: Path, gpus: str, cpus: str) -> subprocess.CompletedProcess:
+    _recorder(tmp_path / "srun")
+    (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\necho gpu07\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu07",
+           "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": gpus, "SLURM_CPUS_PER_TASK": cpus,
+           "SLURM_JOB_ID": "1"}
+    return subprocess.run(["bash", "launch/slurm.sbatch", "cfg.toml", "DATA", "RUN"],
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_slurm_gives_each_worker_at_least_one_thread(tmp_path: Path) -> None:
+    """2 CPUs for 4 GPUs made OMP_NUM_THREADS=0, which OpenMP does not take as one thread."""
+    res = _slurm(tmp_path, gpus="4", cpus="2")
+    assert res.returncode == 0, res.stderr
+    assert _recorded(tmp_path / "srun.out")[1]["OMP_NUM_THREADS"] == "1"
+
+
+def test_slurm_without_gpus_names_the_setting(tmp_path: Path) -> None:
+    """(bash said "division by 0 (error token is ...)")"""
+    res = _slurm(tmp_path, gpus="0", cpus="32")
+    assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
+    assert "SLURM_GPUS_ON_NODE=0" in res.stderr and "--gpus-per-node" in res.stderr
+
+
 def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
     out = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2"}
