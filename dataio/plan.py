@@ -18,7 +18,6 @@ import torch
 from dataio.augment import MASK_PAD, AugSpec, Draws, Geometry, Normaliser
 from dataio.reader import Header, SampleError, ShardReader
 from dataio.sharding import PAD, SampleRef, permutation, rank_slots
-from dataio.shards import MASK
 
 log = logging.getLogger(f"footprints.{__name__}")  # under the trainer: its [rank N] handler
 
@@ -96,7 +95,7 @@ def read_sample(reader: ShardReader, ref: SampleRef, plan: EpochPlan, sid: int, 
     hdr: Header = reader.header(ref)
     g = Geometry.resolve(hdr.height, hdr.width, plan.spec, plan.draws, sid)
     meta = reader.meta(ref)
-    mask = reader.mask(ref, hdr) if decode_mask else reader.member(ref, MASK)
+    mask = reader.mask(ref, hdr) if decode_mask else reader.mask_png(ref, hdr)
     out = alloc((g.ch, hdr.width, hdr.bands)) if alloc is not None else None
     rows = reader.rows(ref, hdr, g.ay, g.ch, g.v, out=out)
     b, k = (plan.draws.bk[sid] if plan.draws is not None else (1.0, 1.0))

@@ -28,6 +28,11 @@ _NPY_DTYPE = np.dtype("<u2")
 # goes through ast.literal_eval (~0.4 ms a sample, measured); anything else falls back to it.
 _NPY_FAST = re.compile(rb"\x93NUMPY\x01\x00(..)\{'descr': '<u2', 'fortran_order': False, "
                        rb"'shape': \((\d+), (\d+), (\d+)\), \}", re.DOTALL)
+# The start of a PNG whose IHDR says 8-bit greyscale (what encode_png writes for a uint8 mask):
+# groups width and height. NOTE: checked before DALI decodes it, because DALI converts any PNG to
+# GRAY and crops inside the mask's bounds without complaint: a mask of another size or a colour
+# one would train on misplaced or made-up classes where the torch backend skips the sample.
+_PNG_GREY8 = re.compile(rb"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR(.{4})(.{4})\x08\x00", re.DOTALL)
 
 
 class SampleError(ValueError):
@@ -144,10 +149,21 @@ class ShardReader:
             raise SampleError("meta_invalid", f"{ref.shard}:{ref.key}.{META}: not an object")
         return meta
 
+    def mask_png(self, ref: SampleRef, hdr: Header) -> bytes:
+        """``mask.png``'s bytes, once its header says 8-bit grey of the image's size."""
+        data = self.member(ref, MASK)
+        head = _PNG_GREY8.match(data)
+        if head is None or (int.from_bytes(head[2], "big"),
+                            int.from_bytes(head[1], "big")) != (hdr.height, hdr.width):
+            raise SampleError("mask_invalid", f"{ref.shard}:{ref.key}.{MASK}: not an 8-bit grey "
+                                              f"PNG of the image's {hdr.height}x{hdr.width}")
+        return data
+
     def mask(self, ref: SampleRef, hdr: Header) -> np.ndarray:
         """Decode ``mask.png`` in Python (the torch backend; DALI decodes it in the pipeline)."""
+        data = self.mask_png(ref, hdr)
         try:
-            mask = decode_png(self.member(ref, MASK))
+            mask = decode_png(data)
         except SampleError:
             raise
         except Exception as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataio import shards
 from dataio.fixtures import aligned_tile, edit_manifest, write_dataset
 from dataio.loader import LoaderConfig, build_loader
 from dataio.manifest import load_manifest
@@ -58,10 +59,19 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
+def _spoil(data: Path, key: str, component: str) -> None:
+    """Garbage over a member, same size (the shard check still passes). A mask's PNG header is
+    checked in Python before DALI sees the mask, so it is spoiled after that: in the pixel data,
+    which only a decoder reads (DALI then fails inside its pipeline)."""
+    shard, offset, _ = _member(data, key, component)
+    _overwrite(shard, offset + (33 if component == "mask.png" else 0), b"\x00garbage!" * 2)
+
+
 @pytest.mark.parametrize("damage,reason", [
-    ("truncate", "size"), ("drop_index", "index_missing"), ("manifest_bytes", "size"),
-    ("manifest_count", "sample_count"), ("garbage_index", "index_changed"),
-    ("scrambled_index", "index_invalid"), ("rotten_index", "index_invalid"),
+    ("truncate", "size"), ("grown", "size"), ("drop_index", "index_missing"),
+    ("manifest_bytes", "size"), ("manifest_count", "sample_count"),
+    ("garbage_index", "index_changed"), ("scrambled_index", "index_invalid"),
+    ("rotten_index", "index_invalid"),
     ("rotten_index_header", "index_invalid"), ("merged_index_lines", "index_invalid")])
 def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: str, reason: str,
                                                           caplog: pytest.LogCaptureFixture,
@@ -73,6 +83,9 @@ def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: st
     if damage == "truncate":
         # NOTE: read through its index with DALI's default mmap this would segfault.
         os.truncate(tar, tar.stat().st_size // 2)
+    elif damage == "grown":  # e.g. another prepare run writing into this one's directory
+        with open(tar, "ab") as f:
+            f.write(bytes(1024))
     elif damage == "drop_index":
         tar.with_suffix(".idx").unlink()
     elif damage == "manifest_bytes":
@@ -113,8 +126,7 @@ def test_no_usable_shard_is_an_error_naming_the_split(data: Path) -> None:
     ("mask.png", "mask_invalid"), ("img.npy", "img_invalid"), ("meta.json", "meta_invalid")])
 def test_member_that_does_not_decode_is_skipped_and_counted(data: Path, backend: str,
                                                             component: str, reason: str) -> None:
-    shard, offset, _ = _member(data, "AOI_9_Bad_img4", component)
-    _overwrite(shard, offset, b"\x00garbage!" * 2)  # same size: the shard check still passes
+    _spoil(data, "AOI_9_Bad_img4", component)
     keys, batches, stats = _epoch(data, backend, epochs=2)
     assert sorted(keys) == sorted(2 * [f"AOI_9_Bad_img{i}" for i in range(N) if i != 4])
     assert stats["samples_skipped"] == {reason: 2}  # once per epoch
@@ -124,10 +136,56 @@ def test_member_that_does_not_decode_is_skipped_and_counted(data: Path, backend:
         assert stats["pipeline_rebuilds"] == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad,reason", [
+    ("header_shape", "img_invalid"), ("bands", "img_invalid"), ("mask_size", "mask_invalid"),
+    ("mask_colour", "mask_invalid"), ("meta_not_object", "meta_invalid")])
+def test_sample_that_does_not_fit_its_header_or_dataset_is_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, bad: str,
+        reason: str) -> None:
+    samples = [(f"AOI_9_Bad_img{i}", *aligned_tile(32, 40, i)) for i in range(N)]
+    key, image, mask = samples[4]
+    if bad == "bands":  # the manifest says 3 (a tile that prepare should have skipped)
+        samples[4] = (key, np.dstack([image, image[..., :1]]), mask)
+    elif bad.startswith("mask"):  # a shard from a writer that did not verify it
+        # (DALI decodes any PNG to grey and crops inside it: it took both of these in training)
+        samples[4] = (key, image, mask[:30] if bad == "mask_size" else np.dstack([mask] * 3))
+        monkeypatch.setattr(shards, "verify_shard",
+                            lambda path: sum(1 for _ in shards.iter_tar_samples(path)))
+    data = write_dataset(tmp_path / "DATA", {"train": samples}, shard_size=3)
+    monkeypatch.undo()
+    if bad == "header_shape":  # the header promises a row more than the member holds
+        shard, offset, size = _member(data, key, "img.npy")
+        head = shard.read_bytes()[offset: offset + 128]
+        _overwrite(shard, offset, head.replace(b"(32, 40, 3)", b"(33, 40, 3)"))
+    elif bad == "meta_not_object":
+        shard, offset, size = _member(data, key, "meta.json")
+        _overwrite(shard, offset, b"[" + b" " * (size - 2) + b"]")
+    keys, _, stats = _epoch(data, backend)
+    assert sorted(keys) == sorted(f"AOI_9_Bad_img{i}" for i in range(N) if i != 4)
+    assert stats["samples_skipped"] == {reason: 1}
+
+
+def test_a_sample_dali_cannot_decode_after_a_restored_position_is_skipped(data: Path) -> None:
+    _spoil(data, "AOI_9_Bad_img6", "mask.png")
+    with build_loader(data, "train", _cfg()) as loader:  # evaluation order: img0, img1, ...
+        it = iter(loader)
+        next(it)
+        state = loader.state_dict()
+        del it
+    with build_loader(data, "train", _cfg()) as resumed:
+        resumed.load_state_dict(state)
+        batches = list(resumed)
+        assert len(batches) == len(resumed) - 1 == 3
+        assert [k for b in batches for k in b.keys] == [
+            f"AOI_9_Bad_img{i}" for i in (2, 3, 4, 5)] + ["", "AOI_9_Bad_img7"]
+        assert resumed.stats.samples_skipped == {"mask_invalid": 1}
+        assert resumed.stats.pipeline_rebuilds == 1
+
+
 def test_dali_failure_no_sample_explains_is_a_clear_error(data: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    shard, offset, _ = _member(data, "AOI_9_Bad_img4", "mask.png")
-    _overwrite(shard, offset, b"\x00garbage!" * 2)
+    _spoil(data, "AOI_9_Bad_img4", "mask.png")
     # Python decodes it fine (pretend): then DALI's failure is not a bad sample we can skip.
     monkeypatch.setattr(ShardReader, "mask", lambda self, ref, hdr: np.zeros((1, 1), np.uint8))
     with pytest.raises(DataError, match="AOI_9_Bad_img4") as err:
