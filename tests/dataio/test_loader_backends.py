@@ -183,11 +183,57 @@ def test_restored_position_gives_the_remaining_batches(aligned: Path, backend: s
     assert _same(rest, full[1:])
 
 
-def test_state_from_another_dataset_restarts_the_epoch(aligned: Path) -> None:
+@pytest.mark.parametrize("other", [{"fingerprint": "other"}, {"seed": 1}, {"num_samples": 11}])
+def test_state_from_another_dataset_or_seed_restarts_the_epoch(aligned: Path,
+                                                                other: dict[str, object]) -> None:
+    # (another seed is another permutation: the samples done there are not the first 6 here)
     with build_loader(aligned, "train", _cfg("dali"), train=True) as loader:
-        state = {**loader.state_dict(), "step": 2, "samples_done": 6, "fingerprint": "other"}
+        state = {**loader.state_dict(), "step": 2, "samples_done": 6, **other}
         loader.load_state_dict(state)
         assert len(list(loader)) == len(loader)
+
+
+def test_a_restored_position_holds_for_its_own_epoch_only(aligned: Path) -> None:
+    cfg = _cfg("dali")
+    with build_loader(aligned, "train", cfg, train=True) as loader:
+        loader.set_epoch(0)
+        it = iter(loader)
+        next(it)
+        state = loader.state_dict()
+        del it
+        full = _stream(loader, 1)
+    with build_loader(aligned, "train", cfg, train=True) as resumed:
+        resumed.load_state_dict(state)
+        resumed.set_epoch(1)  # not the restored epoch: all of epoch 1, from its first step
+        assert _same(list(resumed), full)
+
+
+def test_restored_with_another_world_size_reads_the_rest_once_at_its_own_step(
+        aligned: Path) -> None:
+    cfg = _cfg("dali")
+    with build_loader(aligned, "train", cfg, train=True) as one:  # 10 tiles: 4 steps of 3
+        one.set_epoch(0)
+        it = iter(one)
+        read = [k for _ in range(2) for k in next(it).keys]
+        state = one.state_dict()
+        del it
+    assert state["samples_done"] == 6
+    for rank in (0, 1):
+        with build_loader(aligned, "train", cfg, rank, 2, train=True) as two:  # 2 steps each
+            two.load_state_dict(state)
+            two.set_epoch(0)
+            # the 4 samples left are one batch per rank: the last step of 2 (the trainer takes
+            # its progress and its mid-epoch checkpoint decisions from this)
+            assert two.state_dict()["step"] == 1
+            batches = list(two)
+            assert len(batches) == 1 and two.state_dict()["step"] == len(two) == 2
+            read += [k for b in batches for k in b.keys if k]
+    assert sorted(read) == sorted(_tiles(aligned, "train"))
+
+
+def test_a_rank_outside_the_world_is_refused(aligned: Path) -> None:
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, world_size=2\)"):
+        build_loader(aligned, "train", _cfg("torch"), 2, 2)
 
 
 def test_eval_pads_mixed_tile_sizes(aligned: Path) -> None:
@@ -263,6 +309,41 @@ def test_rank_with_only_padding_still_yields_its_batches(aligned: Path, backend:
             assert batches[0].image.shape == (3, 3, H, W)
             assert (batches[0].mask == IGNORE_INDEX).all()
         assert loader.stats.samples_padded == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_rank_with_only_padding_yields_crop_sized_batches(aligned: Path,
+                                                                   backend: str) -> None:
+    # the other ranks' batches are 48 x 48 crops; DDP and the model see one shape
+    with build_loader(aligned, "train", _cfg(backend), 10, 11, train=True) as loader:
+        batches = list(loader)  # 10 tiles, 11 ranks: the last has none
+    assert len(batches) == 1 and not batches[0].valid.any()
+    assert batches[0].image.shape == (3, 3, 48, 48) and batches[0].mask.shape == (3, 48, 48)
+    assert (batches[0].mask == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiles_taller_than_one_vectored_read_flip_whole(tmp_path: Path, backend: str) -> None:
+    """A vertical flip is done by the read, at most 1024 rows (Linux' IOV_MAX) per preadv."""
+    tall = 1100
+    data = write_dataset(tmp_path, {"train": [(f"AOI_9_Tall_img{i}", *aligned_tile(tall, 8, i))
+                                              for i in range(2)]},
+                         p2=ALIGNED_P2, p98=ALIGNED_P98)
+    tiles = _tiles(data, "train")
+    cfg = _cfg(backend, crop_size=0, rot90=False)
+    spec = cfg.aug_spec()
+    flips = set()
+    with build_loader(data, "train", cfg, train=True) as loader:
+        ids = {ref.key: i for i, ref in enumerate(loader.index.samples)}
+        got = _by_key(loader, (0, 1, 2))
+    for (epoch, key), (img, msk, _) in got.items():
+        draws = Draws.draw(len(ids), cfg.seed, epoch, spec)
+        g = Geometry.resolve(tall, 8, spec, draws, ids[key])
+        flips.add(g.v)
+        ref_img, ref_msk = _reference(*tiles[key][:2], g, *draws.bk[ids[key]])
+        np.testing.assert_array_equal(msk, ref_msk)
+        np.testing.assert_allclose(img, ref_img, rtol=0, atol=2e-6)
+    assert flips == {False, True}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
