@@ -3,11 +3,13 @@ writer's temporary file does not outlive the next write of its path."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from dataio.atomic import atomic_open, atomic_write_text
+from dataio.atomic import atomic_open, atomic_write_text, check_writable
 
 
 def test_an_error_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -32,3 +34,22 @@ def test_a_killed_writers_temp_goes_with_the_next_write_of_its_path(tmp_path: Pa
     assert not any(p.exists() for p in killed)
     assert all(p.read_text() == "partial" for p in others)
     assert (tmp_path / ".out.csv.dir.tmp").is_dir()
+
+
+def test_the_file_gets_the_mode_a_plain_open_would_give(tmp_path: Path) -> None:
+    # (mkstemp makes 0600: another account reading a shared dataset or run directory could not)
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "atomic.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("atomic.json", "plain.json")}
+    assert modes == {0o640}
+
+
+def test_an_output_that_is_a_directory_is_refused_before_the_work(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match=r"--out .*out is a directory; give a file name"):
+        check_writable(tmp_path / "out", "--out")
+    check_writable(tmp_path / "new" / "deeper" / "scores.csv", "--out")  # made when written
