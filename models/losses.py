@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FREQUENCY_METHODS = ("median", "sqrt")
+FREQUENCY_METHODS = ("median", "inverse", "sqrt")
 
 
 # What dataio.loader pads masks with (its IGNORE_INDEX, torch's default ignore_index): always
@@ -77,11 +77,6 @@ class LossConfig:
             raise ValueError("loss.dice_smooth must be > 0 when loss.dice_weight > 0")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"loss.ignore_index must be an int, got {self.ignore_index!r}")
-        if self.frequency_balancing == "inverse":
-            raise ValueError(
-                "loss.frequency_balancing='inverse' gives the same weights as 'median' once "
-                "normalised; use 'median', or 'sqrt' for a milder balancing"
-            )
         if self.frequency_balancing not in FREQUENCY_METHODS:
             raise ValueError(
                 f"loss.frequency_balancing={self.frequency_balancing!r} is not one of "
@@ -96,11 +91,11 @@ def class_weights_from_frequencies(
 
     ``median`` (the default) is median-frequency balancing (Eigen & Fergus 2015, as in SegNet):
     ``w_c = median(f) / f_c``. Up to the constant ``median(f)`` that is inverse frequency, so once
-    normalised the two are the same weights: with SpaceNet's ~0.8/0.15/0.05 the boundary weighs
-    16x the background. ``sqrt`` is ``w_c = 1 / sqrt(f_c)``, the milder choice (4x there) when
-    the full ratio makes the loss noisy. Normalising does not change weighted CE (its mean
-    divides by the weights' sum) and only makes logged weights comparable with the original
-    0.1/0.8/0.1. A class with frequency 0 never appears as a target, so its weight is 0.
+    normalised ``inverse`` (``w_c = 1 / f_c``, kept for configs that name it) gives the same
+    weights: with SpaceNet's ~0.8/0.15/0.05 the boundary weighs 16x the background. ``sqrt`` is
+    ``w_c = 1 / sqrt(f_c)``, the milder choice (4x there) when the full ratio makes the loss
+    noisy. Normalising does not change weighted CE (its mean divides by the weights' sum) and
+    only makes logged weights comparable with the original 0.1/0.8/0.1. A class with frequency 0 never appears as a target, so its weight is 0.
     """
     if method not in FREQUENCY_METHODS:
         raise ValueError(f"method={method!r} is not one of {FREQUENCY_METHODS}")
@@ -113,11 +108,11 @@ def class_weights_from_frequencies(
     total = sum(f)
     f = [x / total for x in f]
     present = [x for x in f if x > 0]
-    if method == "median":
-        mid = statistics.median(present)
-        raw = [mid / x if x > 0 else 0.0 for x in f]
-    else:
+    if method == "sqrt":
         raw = [x**-0.5 if x > 0 else 0.0 for x in f]
+    else:
+        top = statistics.median(present) if method == "median" else 1.0
+        raw = [top / x if x > 0 else 0.0 for x in f]
     return [w / sum(raw) for w in raw]
 
 
