@@ -95,7 +95,8 @@ def class_weights_from_frequencies(
     weights: with SpaceNet's ~0.8/0.15/0.05 the boundary weighs 16x the background. ``sqrt`` is
     ``w_c = 1 / sqrt(f_c)``, the milder choice (4x there) when the full ratio makes the loss
     noisy. Normalising does not change weighted CE (its mean divides by the weights' sum) and
-    only makes logged weights comparable with the original 0.1/0.8/0.1. A class with frequency 0 never appears as a target, so its weight is 0.
+    only makes logged weights comparable with the original 0.1/0.8/0.1. A class with frequency
+    0 never appears as a target, so its weight is 0.
     """
     if method not in FREQUENCY_METHODS:
         raise ValueError(f"method={method!r} is not one of {FREQUENCY_METHODS}")
