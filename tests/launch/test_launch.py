@@ -85,17 +85,25 @@ def test_single_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, gpus:
     assert f"--nproc_per_node={nproc}" in _recorded(out)[0]
 
 
-def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path) -> None:
-    out = _recorder(tmp_path / "srun")
+def _slurm(tmp_path: Path, **slurm: str | None) -> subprocess.CompletedProcess[str]:
+    """Run slurm.sbatch as Slurm would on a two-node allocation (``srun`` recorded, not run);
+    ``slurm`` overrides SLURM_* variables, None leaves one unset."""
+    _recorder(tmp_path / "srun")
     (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu07\\ngpu08\\n'\n")
     (tmp_path / "scontrol").chmod(0o755)
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[07-08]",
-           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32",
-           "SLURM_JOB_ID": "4242"}
-    res = subprocess.run(["bash", "launch/slurm.sbatch", "cfg.toml", "DATA", "RUN"],
-                         capture_output=True, text=True, timeout=30, env=env)
+    env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
+           "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "4242"}
+    env.update({f"SLURM_{k.upper()}": v for k, v in slurm.items()})
+    env = {k: v for k, v in env.items() if v is not None}
+    env["PATH"] = f"{tmp_path}:{os.environ['PATH']}"
+    return subprocess.run(["bash", "launch/slurm.sbatch", "cfg.toml", "DATA", "RUN"],
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path) -> None:
+    res = _slurm(tmp_path)
     assert res.returncode == 0, res.stderr
-    args, got = _recorded(out)
+    args, got = _recorded(tmp_path / "srun.out")
     assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv-backend=c10d",
             "--rdzv-endpoint=gpu07:29400", "--rdzv-id=4242"} <= set(args)
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and got["OMP_NUM_THREADS"] == "8"
@@ -105,29 +113,23 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
                                                        "--cpus-per-task=32"]
 
 
-def _slurm(tmp_path: Path, gpus: str, cpus: str) -> subprocess.CompletedProcess:
-    _recorder(tmp_path / "srun")
-    (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\necho gpu07\n")
-    (tmp_path / "scontrol").chmod(0o755)
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu07",
-           "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": gpus, "SLURM_CPUS_PER_TASK": cpus,
-           "SLURM_JOB_ID": "1"}
-    return subprocess.run(["bash", "launch/slurm.sbatch", "cfg.toml", "DATA", "RUN"],
-                          capture_output=True, text=True, timeout=30, env=env)
-
-
 def test_slurm_gives_each_worker_at_least_one_thread(tmp_path: Path) -> None:
     """2 CPUs for 4 GPUs made OMP_NUM_THREADS=0, which OpenMP does not take as one thread."""
-    res = _slurm(tmp_path, gpus="4", cpus="2")
+    res = _slurm(tmp_path, cpus_per_task="2")
     assert res.returncode == 0, res.stderr
     assert _recorded(tmp_path / "srun.out")[1]["OMP_NUM_THREADS"] == "1"
 
 
-def test_slurm_without_gpus_names_the_setting(tmp_path: Path) -> None:
-    """(bash said "division by 0 (error token is ...)")"""
-    res = _slurm(tmp_path, gpus="0", cpus="32")
+@pytest.mark.parametrize(("var", "value", "flag"), [
+    ("gpus_on_node", "0", "--gpus-per-node"), ("gpus_on_node", None, "--gpus-per-node"),
+    ("cpus_per_task", None, "--cpus-per-task")])
+def test_slurm_without_gpus_or_cpus_names_the_setting(tmp_path: Path, var: str,
+                                                      value: str | None, flag: str) -> None:
+    """0 GPUs died in bash's "division by 0"; no GPUs asked for (the variable unset) started 4
+    workers anyway, and no CPUs asked for gave srun no --cpus-per-task (one core for all)."""
+    res = _slurm(tmp_path, **{var: value})
     assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
-    assert "SLURM_GPUS_ON_NODE=0" in res.stderr and "--gpus-per-node" in res.stderr
+    assert f"SLURM_{var.upper()}={value or ''}:" in res.stderr and flag in res.stderr
 
 
 def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
