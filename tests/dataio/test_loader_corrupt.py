@@ -61,8 +61,8 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
 
 def _spoil(data: Path, key: str, component: str) -> None:
     """Garbage over a member, same size (the shard check still passes). A mask's PNG header is
-    checked in Python before DALI sees the mask, so it is spoiled after that: in the pixel data,
-    which only a decoder reads (DALI then fails inside its pipeline)."""
+    checked in Python before DALI sees the mask, so it is spoiled after the IHDR chunk (byte 33):
+    what follows only a decoder reads (DALI then fails inside its pipeline)."""
     shard, offset, _ = _member(data, key, component)
     _overwrite(shard, offset + (33 if component == "mask.png" else 0), b"\x00garbage!" * 2)
 

@@ -17,7 +17,7 @@ from rasterio.features import shapes
 from shapely.geometry import shape
 
 from dataio.labels import make_mask, rasterize_footprints, read_footprints
-from dataio.manifest import load_manifest
+from dataio.manifest import BandStats, ManifestError, load_manifest
 from dataio.prepare import PrepareConfig, prepare, split_counts
 from dataio.shards import check_shard, decode_sample, iter_tar_samples
 
@@ -269,8 +269,6 @@ def test_no_boundary_band_along_the_tile_edge() -> None:
 
 
 def test_band_statistics_are_those_of_every_image_added() -> None:
-    from dataio.manifest import BandStats, ManifestError
-
     stats = BandStats(1)
     with pytest.raises(ManifestError, match="no training pixels"):
         stats.to_json()

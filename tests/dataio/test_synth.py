@@ -15,6 +15,7 @@ import shapely
 from pyproj import CRS
 from shapely.geometry import shape
 
+from dataio.geo import reproject_geometry
 from dataio.scene import make_scene
 from dataio.synth import SynthConfig, main, write_aoi
 
@@ -161,8 +162,6 @@ def test_each_tiles_labels_lie_on_its_pixels(tmp_path: Path) -> None:
     """Read as a user would: every GeoJSON in the CRS its file names, mapped through its raster's
     transform, outlines the roofs in the pixels (edges there, not elsewhere); partialBuilding
     marks the buildings cut by the tile edge; tiles img1..imgN of different scenes on a grid."""
-    from dataio.geo import reproject_geometry
-
     size = 128
     raw = tmp_path / "aoi"
     write_aoi(SynthConfig(out=raw, tiles=4, seed=1, size=size, label_crs="EPSG:32611"))

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import launch.demo as demo_module
+from dataio.fixtures import write_dataset
 from launch.demo import Demo, run_demo
+from launch.report import write_report
 from postproc.csvio import read_proposal_csv, read_truth_csv
 from postproc.score import score
 
@@ -253,8 +255,6 @@ def test_too_few_tiles_names_the_least_that_works(tmp_path: Path,
 def _finished_run(tmp_path: Path) -> tuple[Path, Path]:
     """The files the stages leave for the report: 5/2/1 tiles (train in 2 shards), three epochs
     with validation in the first two only, a tuning and a score."""
-    from dataio.fixtures import write_dataset
-
     tile = (np.zeros((8, 8, 3), np.uint16), np.zeros((8, 8), np.uint8))
     data = write_dataset(tmp_path / "data", {
         split: [(f"{split}{i}", *tile) for i in range(n)]
@@ -277,8 +277,6 @@ def _finished_run(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_the_report_holds_the_figures_of_the_runs_files(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from launch.report import write_report
-
     run, data = _finished_run(tmp_path)
     seconds = {"synth": 1.25, "train": 10.0, "score": 0.5}
     summary = write_report(run, data, seconds)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import shapely
+from affine import Affine
 from shapely.geometry import box, shape
 
 from postproc.geojson import tile_feature_collection, write_tile_geojson
@@ -66,8 +67,6 @@ def test_a_transform_that_is_not_a_list_is_refused(transform):
 
 def test_a_rotated_transform_maps_each_corner_as_rasterio_does():
     """North-up tests cannot tell the affine from its transpose: a rotated or sheared tile can."""
-    from affine import Affine
-
     t = Affine(0.3, 0.1, 500000.0, 0.2, -0.3, 4000000.0)
     doc = tile_feature_collection("img1", [box(0, 0, 4, 2)], [1.0], {**UTM, "transform": list(t)})
     got = shape(doc["features"][0]["geometry"])

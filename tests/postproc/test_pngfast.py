@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from postproc.pngfast import SIGNATURE, decode_rgb8, encode_rgb8
+from postproc.pngfast import SIGNATURE, _chunk, decode_rgb8, encode_rgb8
 from postproc.predio import decode_prob_png
 
 
@@ -31,11 +31,7 @@ def test_matches_pillow_on_smooth_and_noisy_images(compress_level):
         np.testing.assert_array_equal(decode_rgb8(data), arr)
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def filtered_png(arr: np.ndarray, filters: list[int], interlace: int = 0,
+def _filtered_png(arr: np.ndarray, filters: list[int], interlace: int = 0,
                  raw: bytes | None = None) -> bytes:
     """An 8-bit RGB PNG built by hand with the given row filter on each row (Pillow picks
     filters itself); ``raw`` replaces the filtered scanlines (for an interlaced image)."""
@@ -70,7 +66,7 @@ def filtered_png(arr: np.ndarray, filters: list[int], interlace: int = 0,
 def test_every_filter_type():
     rng = np.random.default_rng(1)
     arr = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
-    data = filtered_png(arr, list(range(5)))
+    data = _filtered_png(arr, list(range(5)))
     np.testing.assert_array_equal(decode_rgb8(data), arr)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), arr)
 
@@ -80,7 +76,7 @@ def test_paeth_ties_pick_left_then_up_as_the_png_spec_says():
     full of ties, and a wrong choice shifts every later pixel of the row."""
     rng = np.random.default_rng(3)
     arr = rng.integers(0, 4, (12, 10, 3), dtype=np.uint8)  # few values: many ties
-    data = filtered_png(arr, [4] * 12)
+    data = _filtered_png(arr, [4] * 12)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), arr)
     np.testing.assert_array_equal(decode_rgb8(data), arr)
 
@@ -91,7 +87,7 @@ def test_an_interlaced_rgb_png_decodes_through_pillow():
     # Adam7 passes of a 2x2 image: pass 1 (0, 0), pass 6 (0, 1), pass 7 row 1; filter 0
     raw = (b"\0" + arr[0, 0].tobytes() + b"\0" + arr[0, 1].tobytes() + b"\0"
            + arr[1].tobytes())
-    data = filtered_png(arr, [], interlace=1, raw=raw)
+    data = _filtered_png(arr, [], interlace=1, raw=raw)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), arr)
     assert decode_rgb8(data) is None
     np.testing.assert_array_equal(decode_prob_png(data), arr)

@@ -11,10 +11,14 @@ import pytest
 import torch
 from trainer_helpers import REPO, run, torchrun_cmd
 
+from dataio.loader import build_loader
 from dataio.manifest import load_manifest
 from dataio.shards import iter_tar_samples
+from models import build_model_from_config
 from postproc.predio import iter_pred_samples, list_pred_shards
-from trainer.config import load_config
+from trainer.amp import resolve
+from trainer.checkpoint import load, load_model
+from trainer.config import load_config, load_run_config
 from trainer.dist import DistEnv
 from trainer.predict import main as predict
 from trainer.predict import predict_probs
@@ -65,12 +69,6 @@ def test_prob_png_is_the_checkpoints_softmax_of_each_tile(trained_run: Path, sma
                                                          tmp_path: Path) -> None:
     """Channels background, building, boundary as round(255 * p), rows and columns as the
     tile's, from best.pt in eval mode (a transposed or batch-statistics prediction differs)."""
-    from dataio.loader import build_loader
-    from models import build_model_from_config
-    from trainer.amp import resolve
-    from trainer.checkpoint import load, load_model
-    from trainer.config import load_run_config
-
     assert predict(["--run-dir", str(trained_run), "--data", str(small_dataset), "--split",
                     "test", "--out", str(tmp_path / "pred")]) == 0
     got = _read(tmp_path / "pred")

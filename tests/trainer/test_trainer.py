@@ -289,9 +289,11 @@ def test_the_logged_train_loss_is_the_mean_of_the_epochs_step_losses(small_datas
 
 
 def test_grad_clip_bounds_the_update(small_dataset: Path, tmp_path: Path) -> None:
-    # plain SGD: the update is lr x the clipped gradient, so its norm is lr x grad_clip
+    # plain SGD (no momentum, decay or warm-up): the update is lr x the clipped gradient, so its
+    # norm is lr x grad_clip
     t = _trainer(small_dataset, tmp_path / "run", ['optim.name="sgd"', "optim.momentum=0.0",
-                                                   "optim.grad_clip=0.01"])
+                                                   "optim.weight_decay=0.0",
+                                                   "optim.warmup_steps=0", "optim.grad_clip=0.01"])
     t.train_loader.set_epoch(0)
     batch = next(iter(t.train_loader))
     t.train_loader.close()
