@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,63 @@ def test_garbage_tiff_is_skipped_and_reported(raw: Path, tmp_path: Path) -> None
     assert str(_tif(raw, 3)) in [s["path"] for s in m["skipped"]]
 
 
+def test_an_image_without_a_crs_is_skipped(raw: Path, tmp_path: Path) -> None:
+    """A tile with no CRS cannot be placed on the map: it is skipped with the reason, not a
+    traceback from the worker that reprojects its labels."""
+    with rasterio.open(_tif(raw, 3)) as ds:
+        profile, data = ds.profile, ds.read()
+    profile["crs"] = None
+    with rasterio.open(_tif(raw, 3), "w", **profile) as ds:
+        ds.write(data)
+    m = _run(raw, tmp_path / "d")
+    assert _skipped(m) == {"AOI_2_Vegas_img3": "image has no CRS (not georeferenced)"}
+    assert len(_samples(tmp_path / "d")) == TILES - 1
+
+
+def test_an_image_id_in_two_aois_is_kept_once(raw: Path, tmp_path: Path) -> None:
+    """Two --raw folders naming the same tiles give one sample per ImageId (the first AOI's), so
+    no shard holds a key twice and no truth CSV lists a tile twice; the others are reported."""
+    copy = tmp_path / "copy"
+    shutil.copytree(raw, copy)
+    m = prepare(PrepareConfig(raw=[raw, copy], out=tmp_path / "d", shard_size=2), progress=False)
+    assert [s["path"] for s in m["skipped"]] == sorted(str(p) for p in
+                                                      (copy / "RGB-PanSharpen").iterdir())
+    assert {s["reason"] for s in m["skipped"]} == {
+        f"duplicate ImageId (also in {_tif(raw, n)})" for n in range(1, TILES + 1)}
+    assert sum(s["samples"] for s in m["splits"].values()) == TILES
+    assert sorted(_truth(tmp_path / "d")) == sorted(_samples(tmp_path / "d"))
+
+
+def test_a_tiff_extension_is_read_like_tif(raw: Path, tmp_path: Path) -> None:
+    _tif(raw, 2).rename(_tif(raw, 2).with_suffix(".tiff"))
+    m = _run(raw, tmp_path / "d")
+    assert m["skipped"] == [] and "AOI_2_Vegas_img2" in _samples(tmp_path / "d")
+
+
 def test_missing_geojson_is_skipped(raw: Path, tmp_path: Path) -> None:
     _geojson(raw, 1).unlink()
     m = _run(raw, tmp_path / "d")
     assert "label file missing" in _skipped(m)["AOI_2_Vegas_img1"]
     assert "AOI_2_Vegas_img1" not in _samples(tmp_path / "d")
+
+
+def test_shards_hold_shard_size_and_an_empty_tile_has_its_truth_row(raw: Path,
+                                                                   tmp_path: Path) -> None:
+    """--shard-size is the most samples a shard holds; a tile without buildings is a sample with
+    the truth row ``-1,POLYGON EMPTY`` (the scorer counts its false positives), and the manifest's
+    building count is the truth's buildings, not its rows."""
+    _geojson(raw, 1).write_text('{"type": "FeatureCollection", "features": []}')
+    m = prepare(PrepareConfig(raw=[raw], out=tmp_path / "d", shard_size=2, split=(1, 0, 0)),
+                progress=False)
+    train = m["splits"]["train"]
+    assert [sh["samples"] for sh in train["shards"]] == [2, 2, 2]
+    with open(tmp_path / "d" / "train" / "truth.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [r for r in rows if r[0] == "AOI_2_Vegas_img1"] == [
+        ["AOI_2_Vegas_img1", "-1", "POLYGON EMPTY", "POLYGON EMPTY"]]
+    metas = [meta for _, _, meta in _samples(tmp_path / "d").values()]
+    assert train["buildings"] == sum(meta["building_count"] for meta in metas)
+    assert train["buildings"] == sum(r[1] != "-1" for r in rows) > 0
 
 
 def test_malformed_geojson_is_skipped_with_the_file_named(raw: Path, tmp_path: Path) -> None:
@@ -225,6 +278,16 @@ def _dying(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
+
+
+def test_an_out_that_cannot_be_made_is_one_line(raw: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """An OSError (here --out under a regular file) exits 2 with the reason, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert prep.main(["--raw", str(raw), "--out", str(blocker / "d"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dataio.prepare: error:") and str(blocker) in err
 
 
 def test_interrupted_run_leaves_nothing_behind(raw: Path, tmp_path: Path,
