@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from trainer_helpers import free_port
 
+from trainer import metrics
 from trainer.dist import DistEnv
-from trainer.metrics import MetricsError, TrainMetrics
+from trainer.metrics import MetricsError, TrainMetrics, _Buffer
 
 
 def test_serves_on_the_configured_loopback_address_only() -> None:
@@ -54,6 +57,48 @@ def test_steps_are_summed_into_the_right_series() -> None:
     assert value("data_wait_seconds_sum") == pytest.approx(0.03)
     assert value("step_seconds_count") == value("data_wait_seconds_count") == 2
     assert value("loss") == 0.25  # the last step's
+
+
+def test_each_rank_gets_its_own_series_and_skips_are_summed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 exports every rank's figures under that rank's label (not its own), and the
+    skipped samples of all ranks as one total per reason."""
+    other = _Buffer(samples=4, steps=1, step_seconds=[0.5], data_wait_seconds=[0.25], loss=2.0,
+                    memory={"max_rss": 7}, skipped_samples={"decode_error": 3})
+    monkeypatch.setattr(metrics, "gather_objects", lambda mine: [mine, other])
+    m = TrainMetrics(DistEnv(rank=0, world_size=2))
+    m.record_step(samples=8, step_s=0.2, wait_s=0.01, loss=0.5)
+    m.set_skipped_samples({"decode_error": 1})
+    m.sync()
+
+    def value(name: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(f"footprints_{name}", labels)
+
+    assert value("samples_total", rank="0") == 8 and value("samples_total", rank="1") == 4
+    assert value("loss", rank="1") == 2.0 and value("step_seconds_sum", rank="1") == 0.5
+    assert value("device_memory_bytes", rank="1", kind="max_rss") == 7
+    assert value("skipped_samples_total", reason="decode_error") == 4
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # "VmRSS:   123456 kB"
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_cpu_memory_is_exported_in_bytes() -> None:
+    """ru_maxrss counts KiB; the metric is ``_bytes``, so it is of the order of the RSS now.
+
+    NOTE: not ``>= rss``: the kernel updates the peak lazily, and it lagged VmRSS by ~100 KiB here.
+    """
+    m = TrainMetrics(DistEnv())
+    rss = _rss_bytes()
+    m.record_memory(torch.device("cpu"))
+    m.sync()
+    peak = m.registry.get_sample_value("footprints_device_memory_bytes",
+                                       {"rank": "0", "kind": "max_rss"})
+    assert peak is not None and peak >= rss // 2  # KiB read as bytes gives rss / 1024
 
 
 def test_a_port_in_use_is_a_clear_error() -> None:
