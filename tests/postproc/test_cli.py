@@ -20,6 +20,7 @@ from postproc import polygonize, score
 from postproc.cli import exit_on_error
 from postproc.predio import write_pred_shard
 from postproc.runner import make_pool
+from trainer.dist import RankError
 
 
 def run_main(main, argv: list[str]) -> int:
@@ -348,3 +349,18 @@ def test_score_keeps_its_own_reason_when_the_group_start_fails(tmp_path, monkeyp
                                  "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert "props.csv:2: malformed WKT" in err and "wait timeout" not in err
+
+
+def _raise(e: BaseException) -> int:
+    raise e
+
+
+def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C is exit 130 (what a shell reports for SIGINT) with one word; another rank's failure
+    is one line and 2; any other RuntimeError is a bug and keeps its traceback."""
+    assert exit_on_error(lambda: _raise(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert exit_on_error(lambda: _raise(RankError("rank 1 failed: disk full"))) == 2
+    assert capsys.readouterr().err == "error: rank 1 failed: disk full\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        exit_on_error(lambda: _raise(RuntimeError("a bug")))

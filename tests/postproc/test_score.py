@@ -232,3 +232,37 @@ def test_a_degenerate_proposal_is_a_false_positive(tmp_path):
                        "--workers", "1"]) == 0
     js = json.loads(out.read_text())
     assert (js["tp"], js["fp"], js["fn"], js["repaired_polygons"]) == (1, 1, 0, 1)
+
+
+def test_score_json_holds_the_inputs_settings_and_every_image(tmp_path):
+    """--json is what a report or a later comparison reads: the files and settings that gave the
+    figures, and one entry per image. The proposal of img1 has IoU 0.6 exactly: a true positive
+    at the default threshold, a false positive only with both --iou-threshold 0.6 and --strict."""
+    t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",x\n'
+                                  'img2,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",x\n')
+    p = write(tmp_path / "p.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 6,0 6,0 0))",1\n'
+                                  'img3,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",1\n')
+    out = tmp_path / "s.json"
+    assert score_main(["--truth", str(t), "--proposals", str(p), "--json", str(out),
+                       "--iou-threshold", "0.6", "--strict", "--min-truth-area", "0",
+                       "--workers", "1"]) == 0
+    js = json.loads(out.read_text())
+    assert (js["truth_file"], js["proposal_file"]) == (str(t), str(p))
+    assert (js["iou_threshold"], js["strict"], js["min_truth_area"]) == (0.6, True, 0.0)
+    assert js["per_image"] == [{"image_id": "img1", "tp": 0, "fp": 1, "fn": 1},
+                               {"image_id": "img2", "tp": 0, "fp": 0, "fn": 1},
+                               {"image_id": "img3", "tp": 0, "fp": 1, "fn": 0}]
+    assert (js["tp"], js["fp"], js["fn"], js["f1"]) == (0, 2, 2, 0.0)
+    assert (js["images_without_proposals"], js["images_without_truth"]) == (1, 1)
+    assert score_main(["--truth", str(t), "--proposals", str(p), "--json", str(out),
+                       "--workers", "1"]) == 0
+    assert json.loads(out.read_text())["per_image"][0] == {"image_id": "img1", "tp": 1, "fp": 0,
+                                                           "fn": 0}
+
+
+def test_score_workers_below_one_are_refused(tmp_path):
+    t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n")
+    with pytest.raises(ValueError, match="--workers 0 must be at least 1"):
+        score_main(["--truth", str(t), "--proposals", str(t), "--workers", "0"])
