@@ -14,9 +14,13 @@ brightness/contrast), batch 8, 2 DALI threads or 2 DataLoader workers:
   ``decode_sample`` and the same augmentation code, in DataLoader workers
 
 Variants run interleaved, ``--rounds`` times ``--epochs`` epochs each after a warm-up epoch, and
-the median is reported: on a shared 2-core VM single runs vary by 2x. Besides samples/s and MB/s
-(shard bytes of the samples read) each row has the CPU time per sample of the whole process tree
-(workers included), which does not depend on how many cores the host lent us at that moment.
+the median is reported: on a shared 2-core VM single runs vary by 2x. A second table times
+the DALI backend's wait per batch when an emulated training step (``--step-ms``, a sleep: the CPU
+is free, as while a GPU trains) comes between batches, reading ahead in the loader's thread
+(``data.read_ahead``, the default) against reading inside DALI's callback (``read_ahead=0``).
+Besides samples/s and MB/s (shard bytes of the samples read) each row has the CPU time per
+sample of the whole process tree (workers included), which does not depend on how many cores the
+host lent us at that moment.
 """
 
 from __future__ import annotations
@@ -140,6 +144,50 @@ def _variants(data: Path, cfg: LoaderConfig) -> list[tuple[dict[str, Any], Any]]
     return variants
 
 
+def step_waits(data: Path, cfg: LoaderConfig, step_ms: float, rounds: int,
+               epochs: int) -> list[dict[str, Any]]:
+    """The DALI loader's wait per batch when a training step of ``step_ms`` that leaves the CPU
+    free (as a GPU step does) comes between batches: reading inside DALI's callback (read_ahead
+    0, as before 2026-11-26) against reading ahead in the loader's thread. Median over rounds,
+    the variants interleaved."""
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    variants = [({"device": d, "read_ahead": ahead},
+                 build_loader(data, "train", LoaderConfig(**{**cfg.__dict__, "read_ahead": ahead}),
+                              train=True, device=d))
+                for d in devices for ahead in (0, cfg.read_ahead or 2)]
+    waits: list[list[float]] = [[] for _ in variants]
+    try:
+        for r in range(rounds + 1):  # the first round warms up
+            for i, (_, loader) in enumerate(variants):
+                total, batches = 0.0, 0
+                for epoch in range(epochs):
+                    loader.set_epoch(epoch)
+                    it = iter(loader)
+                    while True:
+                        t0 = time.perf_counter()
+                        batch = next(it, None)
+                        if batch is not None and batch.image.is_cuda:
+                            torch.cuda.synchronize()
+                        total += time.perf_counter() - t0
+                        if batch is None:
+                            break
+                        batches += 1
+                        time.sleep(step_ms / 1000)
+                if r:
+                    waits[i].append(1000 * total / batches)
+    finally:
+        for _, loader in variants:
+            loader.close()
+    rows = []
+    for (row, _), w in zip(variants, waits, strict=True):
+        rows.append({**row, "step_ms": step_ms, "wait_ms_per_batch": statistics.median(w),
+                     "wait_ms_best": min(w)})
+    for row in rows:
+        base = next(r for r in rows if r["device"] == row["device"] and r["read_ahead"] == 0)
+        row["wait_vs_callback"] = row["wait_ms_per_batch"] / base["wait_ms_per_batch"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("loader", __doc__)
     parser.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: "
@@ -149,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=count, default=8)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
+    parser.add_argument("--step-ms", type=float, default=50.0,
+                        help="the emulated training step between batches for the DALI wait "
+                             "table (0: skip it)")
     args = parse_args(parser, argv)
     # NOTE: the consumer here does nothing, and torch's intra-op threads would only fight the
     # loaders' threads and workers for the cores.
@@ -169,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         for _, loader in variants:
             if hasattr(loader, "close"):
                 loader.close()
+        waits = (step_waits(data, cfg, args.step_ms, args.rounds, args.epochs)
+                 if args.step_ms > 0 else [])
     rows = []
     for (row, _), runs in zip(variants, results, strict=True):
         rates = [n / wall for n, wall, _ in runs]
@@ -189,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, ["name", "mode", "device", "samples_per_s", "samples_per_s_best",
                        "mb_per_s", "cpu_ms_per_sample", "cores_used", "speedup_vs_torch",
                        "cpu_ratio_vs_torch"])
+    if waits:
+        print(f"\nDALI data wait per batch with a {args.step_ms:g} ms step between batches "
+              "(train-aug; read_ahead 0 reads inside DALI's callback):")
+        print_table(waits, ["device", "read_ahead", "step_ms", "wait_ms_per_batch",
+                            "wait_ms_best", "wait_vs_callback"])
     write_json(args.json, "loader", rows, samples=len(index), sample_mb=mb,
-               rounds=args.rounds, epochs=args.epochs)
+               rounds=args.rounds, epochs=args.epochs, step_waits=waits)
     return 0
 
 

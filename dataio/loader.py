@@ -85,6 +85,9 @@ class LoaderConfig:
     contrast: float = 0.1
     num_threads: int = 2  # DALI CPU threads (at least 1) / DataLoader workers (0: main process)
     prefetch: int = 2  # DALI queue depth / DataLoader prefetch factor
+    # DALI backend: steps read ahead in a thread of the loader's own, so that reading overlaps
+    # the training step (0: read inside DALI's callback, on the training thread)
+    read_ahead: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +98,8 @@ class LoaderConfig:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.seed < 0:  # numpy's generators take no negative seed
             raise ValueError(f"data.seed must be >= 0, got {self.seed}")
+        if self.read_ahead < 0:
+            raise ValueError(f"data.read_ahead must be >= 0, got {self.read_ahead}")
         if self.num_threads < 0 or self.prefetch < 1:
             raise ValueError(f"data.num_threads must be >= 0 and data.prefetch >= 1, got "
                              f"{self.num_threads} and {self.prefetch}")
@@ -203,7 +208,8 @@ class Loader:
                               "data.backend=torch") from e
         backend = DaliBackend(self._reader, self.norm.bands, cfg.batch_size,
                               max(1, cfg.num_threads), cfg.prefetch, self.device, cfg.seed,
-                              self._pool, transposes=self.spec is not None and self.spec.rot90)
+                              self._pool, transposes=self.spec is not None and self.spec.rot90,
+                              read_ahead=cfg.read_ahead)
         backend.fallback_shape = fallback
         return backend
 

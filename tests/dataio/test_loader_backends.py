@@ -3,6 +3,8 @@ the image, streams are deterministic per seed, positions restore exactly."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +268,8 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="dali.*torch"):
         LoaderConfig(backend="tf.data")
     for bad in ({"batch_size": 0}, {"crop_size": -1}, {"brightness": 1.5}, {"prefetch": 0},
-                {"brightness": 1.0}, {"contrast": 1.0}):  # a jitter of 100%: 0 to 2x
+                {"brightness": 1.0}, {"contrast": 1.0},  # a jitter of 100%: 0 to 2x
+                {"read_ahead": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LoaderConfig(**bad)
     from dataio.augment import Normaliser
@@ -282,6 +285,48 @@ def test_counters_are_exposed(aligned: Path) -> None:
     assert set(stats) >= {"samples_read", "samples_padded", "shards_skipped", "samples_skipped"}
     assert stats["samples_read"] == 4 and stats["samples_padded"] == 2  # 10 = 4 + 3 + 3
     assert stats["batches"] == len(batches) == 2
+
+
+def test_dali_reads_the_next_steps_off_the_main_thread(aligned: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """DALI asks for a step's inputs inside ``run()``, on the training thread; the feed reads the
+    steps after it in a thread of its own meanwhile, so reading overlaps the training step."""
+    from dataio import dali_pipe
+
+    reads: list[tuple[int, threading.Thread]] = []
+    real = dali_pipe.prepare_step
+
+    def recording(plan: object, j: int, *args: object, **kwargs: object) -> object:
+        reads.append((j, threading.current_thread()))
+        return real(plan, j, *args, **kwargs)
+
+    monkeypatch.setattr(dali_pipe, "prepare_step", recording)
+    with build_loader(aligned, "train", _cfg("dali"), train=True) as loader:
+        it = iter(loader)
+        assert next(it).image.shape[0] == 3
+        asked = loader._backend.feed.next  # steps DALI has asked for so far
+        assert asked < len(loader) == 4
+        deadline = time.monotonic() + 10  # a wait for the event, not a speed limit
+        while all(j != asked for j, _ in reads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(j == asked for j, _ in reads), "the next step was not read ahead"
+        assert len(list(it)) == len(loader) - 1
+    assert sorted(j for j, _ in reads) == list(range(len(loader)))  # each step read once
+    assert all(t is not threading.main_thread() and t.name.startswith("dali-feed")
+               for _, t in reads)
+    assert not any(t.is_alive() for _, t in reads)  # close() ended the reading thread
+
+
+def test_reading_ahead_or_in_the_callback_gives_the_same_batches(aligned: Path) -> None:
+    got = {}
+    for ahead in (0, 2):
+        with build_loader(aligned, "train", _cfg("dali", read_ahead=ahead), train=True) as loader:
+            got[ahead] = _by_key(loader, (0, 1))
+    assert got[0].keys() == got[2].keys() and len(got[0]) == 20
+    for key, (img, msk, meta) in got[0].items():
+        np.testing.assert_array_equal(got[2][key][0], img)
+        np.testing.assert_array_equal(got[2][key][1], msk)
+        assert got[2][key][2] == meta
 
 
 @pytest.mark.gpu
