@@ -178,8 +178,7 @@ class _Feed:
     def __call__(self) -> list[list[np.ndarray]]:
         plan = self.plan
         while plan is not None and self.next < plan.steps:
-            self._read_ahead()
-            if self._reads:
+            if self._reads:  # start() and every call below keep ``ahead`` reads submitted
                 # a failed read stays first: asked for again, it raises again
                 inputs = self._reads[0].result()
                 self._reads.popleft()

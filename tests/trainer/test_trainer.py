@@ -155,15 +155,20 @@ def test_bf16_autocast_trains_on_cpu(small_dataset: Path, tmp_path: Path) -> Non
     assert any(not torch.equal(before[k], v) for k, v in t.net.named_parameters())
 
 
-def _fp16_cut_and_resume(data: Path, tmp_path: Path, device: torch.device,
-                         backend: str) -> None:
-    """Stop an fp16 run right after its mid-epoch checkpoint, resume it, finish it."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_fp16_on_cuda_resumes_mid_epoch_with_its_grad_scaler(small_dataset: Path, tmp_path: Path,
+                                                            backend: str) -> None:
+    """The GPU path of a killed run: fp16 with a GradScaler, batches on the GPU (DALI's GPU
+    pipeline or the torch backend). Stopped right after its mid-epoch checkpoint, the run
+    resumes from the checkpoint's scaler state and loader position, and finishes."""
     overrides = FAST + ["train.epochs=3", "train.checkpoint_every_steps=2", "train.amp=fp16",
                         f"data.backend={backend}"]
 
     def make() -> Trainer:
         cfg = load_config(Path("configs/tiny.toml"), overrides)
-        return Trainer(cfg, DistEnv(), data, tmp_path / "run", device=device)
+        return Trainer(cfg, DistEnv(), small_dataset, tmp_path / "run",
+                       device=torch.device("cuda", 0))
 
     cut = make()
     assert cut.precision.name == "fp16" and cut.scaler is not None
@@ -171,7 +176,7 @@ def _fp16_cut_and_resume(data: Path, tmp_path: Path, device: torch.device,
     saved = ckpt.load(ckpt.list_checkpoints(tmp_path / "run")[-1])["scaler"]
     # after 8 steps the scaler has counted good steps or backed off: not a fresh one's state,
     # so a resume that dropped it would show
-    assert saved == cut.scaler.state_dict() != torch.amp.GradScaler(device.type).state_dict()
+    assert saved == cut.scaler.state_dict() != torch.amp.GradScaler("cuda").state_dict()
     resumed = make()
     assert resumed.resume() and (resumed.epoch, resumed.step_in_epoch) == (1, 3)
     assert resumed.scaler.state_dict() == saved
@@ -181,16 +186,6 @@ def _fp16_cut_and_resume(data: Path, tmp_path: Path, device: torch.device,
     assert len({r["samples"] for r in log}) == 1  # the cut epoch counted whole, once
     assert all(math.isfinite(r["train_loss"]) for r in log)
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "run").values())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_fp16_on_cuda_resumes_mid_epoch_with_its_grad_scaler(small_dataset: Path, tmp_path: Path,
-                                                            backend: str) -> None:
-    """The GPU path of a killed run: fp16 with a GradScaler, batches on the GPU (DALI's GPU
-    pipeline or the torch backend). The resumed run continues from the checkpoint's scaler
-    state and loader position."""
-    _fp16_cut_and_resume(small_dataset, tmp_path, torch.device("cuda", 0), backend)
 
 
 def test_resuming_with_another_model_names_the_checkpoint(small_dataset: Path,
