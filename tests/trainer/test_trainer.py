@@ -322,12 +322,17 @@ def test_the_logged_train_loss_is_the_mean_of_the_epochs_step_losses(small_datas
         assert summary["train_loss"] == pytest.approx(sum(epoch) / len(epoch))
 
 
-def test_grad_clip_bounds_the_update(small_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scaled", [False, True])
+def test_grad_clip_bounds_the_update(small_dataset: Path, tmp_path: Path, scaled: bool) -> None:
     # plain SGD (no momentum, decay or warm-up): the update is lr x the clipped gradient, so its
     # norm is lr x grad_clip
     t = _trainer(small_dataset, tmp_path / "run", ['optim.name="sgd"', "optim.momentum=0.0",
                                                    "optim.weight_decay=0.0",
                                                    "optim.warmup_steps=0", "optim.grad_clip=0.01"])
+    if scaled:
+        # fp16's GradScaler (on the CPU here): the clip must see the unscaled gradients, or the
+        # update shrinks by the scale
+        t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     t.train_loader.set_epoch(0)
     batch = next(iter(t.train_loader))
     t.train_loader.close()
