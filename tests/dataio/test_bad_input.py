@@ -77,6 +77,24 @@ def test_garbage_tiff_is_skipped_and_reported(raw: Path, tmp_path: Path) -> None
     assert str(_tif(raw, 3)) in [s["path"] for s in m["skipped"]]
 
 
+def test_the_cli_lists_ten_skipped_tiles_and_counts_the_rest(raw: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """A large AOI's summary names the first ten skips and points to the manifest for the rest."""
+    bad = [_tif(raw, 100 + i) for i in range(13)]
+    for tif in bad:
+        tif.write_bytes(b"this is not a tiff" * 100)
+    out = tmp_path / "d"
+    assert prep.main(["--raw", str(raw), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("skipped 13")
+    listed = [line for line in lines if line.startswith("  skipped ")]
+    assert [line.split()[1].rstrip(":") for line in listed] == [str(t) for t in bad[:10]]
+    assert all("unreadable image" in line for line in listed)
+    assert lines[-1] == f"  ... and 3 more (see {out / 'manifest.json'})"
+    assert len(json.loads((out / "manifest.json").read_text())["skipped"]) == 13
+
+
 def test_an_image_without_a_crs_is_skipped(raw: Path, tmp_path: Path) -> None:
     """A tile with no CRS cannot be placed on the map: it is skipped with the reason, not a
     traceback from the worker that reprojects its labels."""
