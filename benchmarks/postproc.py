@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"variant": label, "cores": cores, "tiles_per_s": n / sec,
                 "ms_per_tile": 1000 * sec / n, "ms_per_tile_per_core": 1000 * sec * cores / n}
 
+    # NOTE: with --workers 1 the all-cores rows would repeat the 1-core ones (same label, same
+    # cores), and a speed-up looked up by label would pair one run's project with the other's
+    cores_list = (1,) if args.workers == 1 else (1, args.workers)
     with cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init) as pool:
         for kinds, labels in ((("polygonize", "polygonize_baseline"),
                                ("polygonize, project", "polygonize, baseline (shapes+shapely)")),
@@ -240,10 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 "polygons of instance labels, shapes+shapely")),
                               (("score", "score_baseline"),
                                ("score, project", "score, baseline (plain shapely)"))):
-            for cores, ex in ((1, None), (args.workers, pool)):
-                a, b = timed(kinds, n, ex, args.workers, args.repeat)
+            for cores in cores_list:
+                a, b = timed(kinds, n, None if cores == 1 else pool, args.workers, args.repeat)
                 rows += [row(labels[0], cores, a), row(labels[1], cores, b)]
-    for cores in (1, args.workers):
+    for cores in cores_list:
         sec = end_to_end(n, cores, args.repeat)
         rows.append(row("end to end from shards, project", cores, sec))
     stages, base_ms = stage_rows(n, args.repeat)

@@ -19,6 +19,7 @@ def test_benchmark_rows_stages_and_json(tmp_path, capsys):
     assert js["benchmark"] == "postproc" and js["tiles"] == 2
     assert js["stages_baseline_ms_per_tile"] > 0
     variants = {(r["variant"], r["cores"]) for r in js["rows"]}
+    assert len(variants) == len(js["rows"])  # one worker: no all-cores rows repeating these
     for v in ("polygonize, project", "polygonize, baseline (shapes+shapely)",
               "polygons of instance labels, project", "score, project",
               "score, baseline (plain shapely)", "end to end from shards, project"):
