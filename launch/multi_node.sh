@@ -16,15 +16,7 @@ set -euo pipefail
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
 cd "$(dirname "$0")/.."
-TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if [ -z "${NPROC:-}" ]; then
-    # the CUDA devices torch will use (CUDA_VISIBLE_DEVICES and MIG respected; `nvidia-smi -L`
-    # counted MIG lines too): one process each, as NCCL needs
-    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    NPROC=$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )
-fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, OMP_NUM_THREADS
 # NOTE: a fresh rendezvous store each round (hosted by rank 0's node) instead of one shared
 # across restarts: restarted workers then cannot read the previous attempt's addresses, and the
 # nodes need no restart counter in common (each agent keeps its own).

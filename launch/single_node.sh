@@ -11,14 +11,6 @@ set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set -euo pipefail/ s/^# //p' "$0"; exit 2; }  # the usage above
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
 cd "$(dirname "$0")/.."
-TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if [ -z "${NPROC:-}" ]; then
-    # the CUDA devices torch will use (CUDA_VISIBLE_DEVICES and MIG respected; `nvidia-smi -L`
-    # counted MIG lines too): one process each, as NCCL needs
-    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    NPROC=$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )
-fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, OMP_NUM_THREADS
 exec "$TORCHRUN" --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
     -m trainer.train --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"

@@ -69,20 +69,23 @@ def test_multi_node_hands_torchrun_c10d_and_a_fresh_store_per_round(tmp_path: Pa
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
+@pytest.mark.parametrize("script", ["launch/single_node.sh", "launch/multi_node.sh"])
 @pytest.mark.parametrize(("gpus", "nproc"), [(3, 3), (0, 2)])
-def test_single_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, gpus: int,
-                                                           nproc: int) -> None:
+def test_a_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, script: str, gpus: int,
+                                                      nproc: int) -> None:
     """(`nvidia-smi -L` counted MIG lines and ignored CUDA_VISIBLE_DEVICES)"""
     out = _recorder(tmp_path / "torchrun")
     python = tmp_path / "python"  # a Python whose torch sees `gpus` devices
     python.write_text(f"#!/usr/bin/env bash\necho {gpus}\n")
     python.chmod(0o755)
     env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"),
-           "PYTHON": str(python)}
-    res = subprocess.run(["bash", "launch/single_node.sh", "cfg.toml", "DATA", "RUN"],
+           "PYTHON": str(python), "MASTER_ADDR": "head"}
+    res = subprocess.run(["bash", script, "cfg.toml", "DATA", "RUN"],
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0, res.stderr
-    assert f"--nproc_per_node={nproc}" in _recorded(out)[0]
+    args, got = _recorded(out)
+    assert f"--nproc_per_node={nproc}" in args
+    assert got["OMP_NUM_THREADS"] == "1"  # one thread per process unless the user sets it
 
 
 def _slurm(tmp_path: Path, **slurm: str | None) -> subprocess.CompletedProcess[str]:
