@@ -74,7 +74,8 @@ def find_blobs(prob: np.ndarray, st: int, ft: int, radius2: int, layers: int, ra
             r = t - 2 - 2 * layer
             if r < 0:
                 break
-            if r < H:
+            # NOTE: most rows of the outer layers queue nothing; a call still costs its set-up
+            if r < H and ringn[layer, r % RING] > 0:
                 grow_row(flat[r * W * 3:(r + 1) * W * 3], r, layer, layer + 1 == layers,
                          rasters, (first_prov, cnt_prov, sum_prov), queue, radius2)
     return n, nrun

@@ -56,10 +56,11 @@ def grow_row(frow: np.ndarray, r: int, layer: int, last: bool, rasters: tuple, u
     mine = GROWN + layer  # claimed in this layer: not grown as far as this layer knows
     s = r % RING
     # seed offsets live in a ring of rows: a row's are read until the last layer is past it
-    nsrc = src_dr.shape[0] // wp
-    base = (r % nsrc) * wp - (r + 1) * wp  # flat index p -> its index in the source ring
-    b_up = ((r - 1) % nsrc) * wp - r * wp
-    b_dn = ((r + 1) % nsrc) * wp - (r + 2) * wp
+    # NOTE: the ring's row count is a power of two: a mask, not three integer divisions a call
+    m = src_dr.shape[0] // wp - 1
+    base = (r & m) * wp - (r + 1) * wp  # flat index p -> its index in the source ring
+    b_up = ((r - 1) & m) * wp - r * wp
+    b_dn = ((r + 1) & m) * wp - (r + 2) * wp
     for i in range(ringn[layer, s]):
         c = np.int64(ring[layer, s, i])
         p = (r + 1) * wp + c + 1

@@ -180,7 +180,7 @@ class Workspace:
             ring, wp = grow.RING, self.shape[1] + 2
             # NOTE: the nearest seed pixel of a grown pixel as an offset: int8 keeps these rows
             # (in cache) small; grow_radius <= 50 keeps it in range
-            src = 2 * layers + 4
+            src = 1 << (2 * layers + 3).bit_length()  # >= 2 * layers + 4 rows, a power of two
             self._queue = (np.empty((layers, ring, self.shape[1] + 1), np.int32),
                            np.zeros((layers, ring), np.int64),
                            np.empty(src * wp, np.int8), np.empty(src * wp, np.int8))
