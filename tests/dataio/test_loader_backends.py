@@ -317,6 +317,36 @@ def test_dali_reads_the_next_steps_off_the_main_thread(aligned: Path,
     assert not any(t.is_alive() for _, t in reads)  # close() ended the reading thread
 
 
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_dali_reads_read_ahead_steps_ahead_and_0_reads_in_the_callback(
+        aligned: Path, monkeypatch: pytest.MonkeyPatch, ahead: int) -> None:
+    """``data.read_ahead`` is how many steps past those DALI asked for are read (the memory of
+    that many batches of rows); 0 reads inside DALI's callback, on the training thread, as the
+    benchmark's baseline assumes, and starts no thread."""
+    from dataio import dali_pipe
+
+    threads: list[threading.Thread] = []
+    real = dali_pipe.prepare_step
+
+    def recording(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dali_pipe, "prepare_step", recording)
+    with build_loader(aligned, "train", _cfg("dali", read_ahead=ahead), train=True) as loader:
+        feed = loader._backend.feed
+        it = iter(loader)
+        next(it)
+        # submitted reads are only changed on this thread (start, DALI's callback, stop)
+        assert [r.result().record.step for r in feed._reads] == list(
+            range(feed.next, min(feed.next + ahead, len(loader))))
+        assert (feed._pool is None) == (ahead == 0)
+        assert len(list(it)) == len(loader) - 1
+    assert len(threads) == len(loader)
+    if ahead == 0:
+        assert all(t is threading.main_thread() for t in threads)
+
+
 def test_reading_ahead_or_in_the_callback_gives_the_same_batches(aligned: Path) -> None:
     got = {}
     for ahead in (0, 2):
