@@ -314,6 +314,8 @@ def test_dali_reads_the_next_steps_off_the_main_thread(aligned: Path,
     assert sorted(j for j, _ in reads) == list(range(len(loader)))  # each step read once
     assert all(t is not threading.main_thread() and t.name.startswith("dali-feed")
                for _, t in reads)
+    # one reading thread, as documented (ShardReader's descriptor table takes no lock)
+    assert len({t for _, t in reads}) == 1
     assert not any(t.is_alive() for _, t in reads)  # close() ended the reading thread
 
 
