@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -359,6 +360,29 @@ def test_reading_ahead_or_in_the_callback_gives_the_same_batches(aligned: Path) 
         np.testing.assert_array_equal(got[2][key][0], img)
         np.testing.assert_array_equal(got[2][key][1], msk)
         assert got[2][key][2] == meta
+
+
+def test_dali_close_cancels_the_reads_not_begun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping the reads ahead (closing a loader left mid-epoch, abandoning an epoch, rebuilding
+    the pipeline) waits for the one read that is running, not for all ``read_ahead`` steps to be
+    read and thrown away."""
+    from dataio import dali_pipe
+
+    started, gate = threading.Event(), threading.Event()
+    reads: list[int] = []
+
+    def slow(plan: object, j: int, *args: object, **kwargs: object) -> None:
+        reads.append(j)
+        started.set()
+        gate.wait(10)
+
+    monkeypatch.setattr(dali_pipe, "prepare_step", slow)
+    feed = dali_pipe._Feed(reader=None, transposes=False, keep=0, ahead=3)
+    feed.start(SimpleNamespace(steps=5), 0)
+    assert started.wait(10)  # step 0 is being read, steps 1 and 2 wait their turn
+    threading.Timer(0.2, gate.set).start()  # lets step 0 finish while close() waits for it
+    feed.close()
+    assert reads == [0]
 
 
 @pytest.mark.gpu
