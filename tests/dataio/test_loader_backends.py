@@ -385,6 +385,30 @@ def test_dali_close_cancels_the_reads_not_begun(monkeypatch: pytest.MonkeyPatch)
     assert reads == [0]
 
 
+def test_dali_reuses_a_queue_of_row_buffers_across_epochs(aligned: Path) -> None:
+    """The rows of a step go back to a pool once DALI has produced it, so reading does not fault
+    in fresh pages every sample; the pool holds the batches in DALI's queue and those read ahead
+    (``batch_size * (prefetch + 2 + read_ahead)``), so no epoch adds fresh buffers to it."""
+    # (read_ahead 6: a pool sized for DALI's queue only, 4 buffers, would take fresh ones
+    # every epoch)
+    cfg = LoaderConfig(batch_size=1, crop_size=48, num_threads=1, read_ahead=6)
+    with build_loader(aligned, "train", cfg, train=True) as loader:  # 10 steps
+        feed = loader._backend.feed
+        handed: list[np.ndarray] = []  # every buffer the reads got, each once
+        real = feed.alloc
+
+        def alloc(shape: tuple[int, int, int]) -> np.ndarray:
+            buf = real(shape)
+            if not any(buf is b for b in handed):
+                handed.append(buf)
+            return buf
+
+        feed.alloc = alloc
+        for epoch in range(3):
+            _stream(loader, epoch)
+    assert len(handed) <= cfg.batch_size * (cfg.prefetch + 2 + cfg.read_ahead) < 3 * 10
+
+
 @pytest.mark.gpu
 def test_gpu_pipeline_matches_cpu(aligned: Path) -> None:
     results = {}
