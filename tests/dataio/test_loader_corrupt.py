@@ -183,6 +183,22 @@ def test_a_sample_dali_cannot_decode_after_a_restored_position_is_skipped(data: 
         assert resumed.stats.pipeline_rebuilds == 1
 
 
+def test_a_sample_dali_cannot_decode_after_a_step_left_empty_is_skipped(data: Path) -> None:
+    """A step whose samples were all skipped waits in the feed (it never reaches DALI) until the
+    next batch comes out; when DALI fails on that next batch, the samples checked are those of
+    every step in flight, not only the oldest (the empty one)."""
+    for key in ("AOI_9_Bad_img2", "AOI_9_Bad_img3"):
+        _spoil(data, key, "img.npy")  # step 1 (evaluation order): no sample left
+    _spoil(data, "AOI_9_Bad_img5", "mask.png")  # step 2: fails inside DALI
+    with build_loader(data, "train", _cfg()) as loader:
+        batches = list(loader)
+        assert [b.keys for b in batches] == [["AOI_9_Bad_img0", "AOI_9_Bad_img1"], ["", ""],
+                                             ["AOI_9_Bad_img4", ""],
+                                             ["AOI_9_Bad_img6", "AOI_9_Bad_img7"]]
+        assert loader.stats.samples_skipped == {"img_invalid": 2, "mask_invalid": 1}
+        assert loader.stats.pipeline_rebuilds == 1
+
+
 def test_dali_failure_no_sample_explains_is_a_clear_error(data: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     _spoil(data, "AOI_9_Bad_img4", "mask.png")
