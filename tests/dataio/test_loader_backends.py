@@ -312,6 +312,10 @@ def test_dali_reads_the_next_steps_off_the_main_thread(aligned: Path,
             time.sleep(0.01)
         assert any(j == asked for j, _ in reads), "the next step was not read ahead"
         assert len(list(it)) == len(loader) - 1
+        # held, as a traceback may hold it: the thread must end by close(), not by the executor
+        # being collected
+        executor = loader._backend.feed._pool
+        assert executor is not None
     assert sorted(j for j, _ in reads) == list(range(len(loader)))  # each step read once
     assert all(t is not threading.main_thread() and t.name.startswith("dali-feed")
                for _, t in reads)
