@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,7 @@ class Loader:
         self.stats = LoaderStats(shards_skipped=Counter(self.index.shards_skipped))
         self._bad: dict[int, str] = {}  # sample ids DALI could not decode (torch re-detects)
         self._epoch, self._step, self._done, self._resume = 0, 0, 0, False
+        self._live: Generator[Batch, None, None] | None = None  # the epoch being iterated
         self._reader = ShardReader(manifest.bands)
         self._pool = HostPool()
         self._backend = self._make_backend(self._fallback_shape())
@@ -228,6 +229,19 @@ class Loader:
         self._epoch, self._step, self._done, self._resume = epoch, 0, 0, False
 
     def __iter__(self) -> Iterator[Batch]:
+        # NOTE: one epoch at a time (one position, one DALI pipeline): an iterator still held
+        # from before (``it = iter(loader)`` in a notebook) ends here; left running, it fed the
+        # same pipeline as the new one and moved the same position.
+        self._end_live()
+        self._live = self._batches()
+        return self._live
+
+    def _end_live(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+    def _batches(self) -> Generator[Batch, None, None]:
         if not self._resume:
             self._step, self._done = 0, 0
         self._resume = False
@@ -240,14 +254,17 @@ class Loader:
             raws = self._backend.epoch(plan, start_done)
         else:
             raws = self._backend.epoch(plan)
-        for k, raw in enumerate(raws, start=1):
-            batch = self._finish(raw)
-            # NOTE: advance before yielding: a checkpoint taken while this batch is being
-            # trained on must resume after it.
-            self._step = start_step + k
-            self._done = samples_done(self.num_samples, start_done, k, self.world_size,
-                                      self.cfg.batch_size)
-            yield batch
+        try:
+            for k, raw in enumerate(raws, start=1):
+                batch = self._finish(raw)
+                # NOTE: advance before yielding: a checkpoint taken while this batch is being
+                # trained on must resume after it.
+                self._step = start_step + k
+                self._done = samples_done(self.num_samples, start_done, k, self.world_size,
+                                          self.cfg.batch_size)
+                yield batch
+        finally:
+            raws.close()  # the backend's own clean-up, now rather than when collected
 
     def _finish(self, raw: RawBatch) -> Batch:
         rec = raw.record
@@ -294,6 +311,7 @@ class Loader:
             self._step = len(self) - rest
 
     def close(self) -> None:
+        self._end_live()
         self._backend.close()
         self._reader.close()
 

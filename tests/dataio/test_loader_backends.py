@@ -186,6 +186,23 @@ def test_restored_position_gives_the_remaining_batches(aligned: Path, backend: s
     assert _same(rest, full[1:])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_epoch_ends_an_iterator_still_held_from_the_last(aligned: Path,
+                                                               backend: str) -> None:
+    """One epoch at a time (the loader has one position and one DALI pipeline): a batch peeked
+    with ``it = iter(loader)`` in a notebook, ``it`` still held, must not break the next epoch
+    (DALI's pipeline raised "output out of order") nor share its position."""
+    with build_loader(aligned, "train", _cfg(backend), train=True) as loader:
+        expected = _stream(loader, 1)
+        loader.set_epoch(0)
+        it = iter(loader)
+        next(it)
+        assert _same(_stream(loader, 1), expected)
+        assert loader.state_dict()["step"] == len(loader)  # the new epoch's position, at its end
+        with pytest.raises(StopIteration):  # the old iterator ended when the new one began
+            next(it)
+
+
 @pytest.mark.parametrize("other", [{"fingerprint": "other"}, {"seed": 1}, {"num_samples": 11}])
 def test_state_from_another_dataset_or_seed_restarts_the_epoch(aligned: Path,
                                                                 other: dict[str, object]) -> None:
