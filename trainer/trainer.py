@@ -317,6 +317,13 @@ class Trainer:
             raise ValueError(f"{path}: cannot resume from it, it lacks {', '.join(missing)}")
         ckpt.load_model(self.net, state, Path(path), "this config's model.* settings; resume "
                         "with the run's config or start a new --run-dir")
+        # NOTE: torch loads one optimizer's state into another without a word (Adam's into SGD
+        # died at the first step on a missing 'momentum'; AdamW's into Adam trained on as Adam).
+        saved = json.loads(state.get("config") or "{}").get("optim", {}).get("name")
+        if saved is not None and saved != self.cfg.optim.name:
+            raise ValueError(f"{path}: it was trained with optim.name={saved!r}, this config has "
+                             f"{self.cfg.optim.name!r}; resume with the run's optimizer or "
+                             "start a new --run-dir")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

@@ -196,6 +196,19 @@ def test_resuming_with_another_model_names_the_checkpoint(small_dataset: Path,
         other.resume()
 
 
+def test_resuming_with_another_optimizer_is_refused_naming_both(small_dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """Adam's saved state loaded into SGD without a word and the first step died with
+    KeyError: 'momentum' (and adamw resumed as plain adam), after config.json said sgd."""
+    _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"]).train()
+    other = _trainer(small_dataset, tmp_path / "run", ["train.epochs=2", "optim.name=sgd"])
+    with pytest.raises(ValueError, match=r"step-\d+\.pt: it was trained with optim\.name='adam'"
+                                         r", this config has 'sgd'"):
+        other.train()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optim"]["name"] == "adam"  # the run's config stays what its checkpoints are
+
+
 def test_without_a_val_split_the_newest_checkpoint_is_best(tmp_path: Path) -> None:
     """prepare allows --split 85,0,15; validation is then off, so predict's default best.pt
     must still exist (it did only with val_every=0, and predict said "train first")."""
