@@ -19,6 +19,17 @@ def build_optimizer(params: Iterable[torch.nn.Parameter],
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set this config's lr (as ``initial_lr``, which the schedule scales), weight decay and SGD
+    momentum on every group: a loaded optimizer state brings the saved run's, and a resume with
+    another ``optim.lr`` trained on at the old one while ``config.json`` named the new."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay
+        if cfg.name == "sgd":
+            group["momentum"] = cfg.momentum
+
+
 def lr_factor(step: int, schedule: str, warmup_steps: int, min_lr_ratio: float,
               total_steps: int) -> float:
     """Multiplier of the base lr after ``step`` optimizer steps: linear warm-up, then constant or

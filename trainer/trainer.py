@@ -40,7 +40,7 @@ from trainer.dist import (
     on_main,
 )
 from trainer.metrics import TrainMetrics
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import apply_hyperparameters, build_optimizer, build_scheduler
 from trainer.validate import Validator
 
 log = logging.getLogger("footprints")
@@ -325,6 +325,7 @@ class Trainer:
                              f"{self.cfg.optim.name!r}; resume with the run's optimizer or "
                              "start a new --run-dir")
         self.optimizer.load_state_dict(state["optimizer"])
+        apply_hyperparameters(self.optimizer, self.cfg.optim)
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]

@@ -209,6 +209,18 @@ def test_resuming_with_another_optimizer_is_refused_naming_both(small_dataset: P
     assert saved["optim"]["name"] == "adam"  # the run's config stays what its checkpoints are
 
 
+def test_resuming_with_another_lr_trains_at_it(small_dataset: Path, tmp_path: Path) -> None:
+    """The saved optimizer groups kept the old run's lr and weight decay: resumed with
+    optim.lr=1e-4, the run trained on at 2e-3 while config.json said 1e-4."""
+    _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"]).train()
+    t = _trainer(small_dataset, tmp_path / "run",
+                 ["train.epochs=2", "optim.lr=1e-4", "optim.weight_decay=0.01"])
+    t.train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["lr"] == pytest.approx(2e-3) and log[1]["lr"] == pytest.approx(1e-4)
+    assert t.optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
 def test_without_a_val_split_the_newest_checkpoint_is_best(tmp_path: Path) -> None:
     """prepare allows --split 85,0,15; validation is then off, so predict's default best.pt
     must still exist (it did only with val_every=0, and predict said "train first")."""
