@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("footprints").error("%s", e)
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
+        print(f"trainer.train: interrupted; rerun the same command to resume from the newest "
+              f"complete checkpoint in {args.run_dir / 'checkpoints'}", file=sys.stderr)
+        return 130
     finally:
         dist.teardown()
     return 0

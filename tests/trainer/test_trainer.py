@@ -260,6 +260,25 @@ def test_bad_torchrun_variables_are_one_line(tmp_path: Path, monkeypatch: pytest
     assert err[1].startswith("trainer.predict: error:")
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_resume(small_dataset: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C ended training in a 40-line KeyboardInterrupt traceback (often deep in torch.save,
+    as if the checkpoint were lost); the postproc commands already said 'interrupted', 130."""
+    from trainer.train import main
+
+    def interrupted(self: Trainer) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    run = tmp_path / "run"
+    assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset),
+                 "--run-dir", str(run)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"trainer.train: interrupted; rerun the same command to resume from the "
+                   f"newest complete checkpoint in {run / 'checkpoints'}"]
+
+
 def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from trainer.train import main
