@@ -239,7 +239,13 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
         if "." in key:
             raise ConfigError(f"--set {text!r}: nested keys are not supported")
         _check_override_key(text, section, key)
+        # NOTE: the value's type is checked here, naming --set: build_config would name the
+        # TOML file, which need not hold the key at all.
+        hints = typing.get_type_hints(type(getattr(Config(), section)))
+        _check_type(f"--set {text!r}: {section}.{key}", value, hints[key])
         raw.setdefault(section, {})[key] = value
+    if overrides:  # a section's own checks (ranges) may refuse a value from either
+        where = f"{where} with --set {' '.join(overrides)}"
     return build_config(raw, where)
 
 

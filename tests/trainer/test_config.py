@@ -90,6 +90,22 @@ def test_an_unknown_override_key_names_set_not_the_file() -> None:
         load_config(Path("configs/tiny.toml"), ["trainn.epochs=3"])
 
 
+def test_a_bad_override_value_names_set_not_the_file(tmp_path: Path) -> None:
+    """'configs/tiny.toml: train.epochs: expected int' sent the user looking in a file that did
+    not hold the value (tiny.toml has epochs = 2); the value came from --set."""
+    with pytest.raises(ConfigError, match=r"^--set 'train.epochs=ten': train\.epochs: expected "
+                                          r"int, got 'ten'$"):
+        load_config(Path("configs/tiny.toml"), ["train.epochs=ten"])
+    # a value of the right type that the section refuses names the file and the overrides
+    with pytest.raises(ConfigError, match=r"^configs/tiny\.toml with --set train\.epochs=0: "
+                                          r"\[train\] epochs must be >= 1, got 0$"):
+        load_config(Path("configs/tiny.toml"), ["train.epochs=0"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochs = 0\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: \[train\] epochs must be >= 1, got 0$"):
+        load_config(bad)
+
+
 def test_unreadable_config_files_name_the_file(tmp_path: Path) -> None:
     binary = tmp_path / "bin.toml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
