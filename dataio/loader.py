@@ -165,6 +165,9 @@ class Loader:
         self.cfg, self.rank, self.world_size, self.train = cfg, rank, world_size, train
         manifest = load_manifest(Path(data))
         self.index = SampleIndex.build(manifest, split)
+        if not manifest.samples(split):  # (no shard was left out: there were none)
+            raise DataError(f"split {split!r} of {manifest.root} is empty: dataio.prepare put no "
+                            "tile in it (see its --split)")
         if not len(self.index):
             raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
                             f"shards left out: {self.index.skipped_detail or 'none listed'}")

@@ -121,6 +121,16 @@ def test_no_usable_shard_is_an_error_naming_the_split(data: Path) -> None:
         build_loader(data, "train", _cfg())
 
 
+def test_an_empty_split_says_so_not_that_shards_were_left_out(tmp_path: Path) -> None:
+    """prepare leaves val/test empty with few tiles or --split 85,0,15; predict --split test then
+    said 'no usable sample in split 'test'; shards left out: none listed', as if data were lost."""
+    tile = ("AOI_9_Bad_img0", *aligned_tile(32, 40, 0))
+    data = write_dataset(tmp_path / "DATA", {"train": [tile], "test": []})
+    with pytest.raises(DataError, match=r"split 'test' of .*DATA is empty: dataio\.prepare put "
+                                        r"no tile in it \(see its --split\)$"):
+        build_loader(data, "test", _cfg())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("component,reason", [
     ("mask.png", "mask_invalid"), ("img.npy", "img_invalid"), ("meta.json", "meta_invalid")])
