@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer.predict: error: {e}", file=sys.stderr)
         return 2
     ckpt_path = args.checkpoint or args.run_dir / "checkpoints" / "best.pt"
+    # (a checkpoint file given as --run-dir, or a directory as --checkpoint, was 'not found')
+    if args.run_dir.is_file():
+        print(f"trainer.predict: error: --run-dir {args.run_dir} is a file; give the run "
+              "directory (and a checkpoint of it with --checkpoint)", file=sys.stderr)
+        return 2
+    if args.checkpoint is not None and args.checkpoint.is_dir():
+        print(f"trainer.predict: error: --checkpoint {ckpt_path} is a directory; give a "
+              f"checkpoint file, e.g. {ckpt_path / 'best.pt'}", file=sys.stderr)
+        return 2
     if not ckpt_path.is_file():
         hint = "" if args.checkpoint else " (train first, or pass --checkpoint)"
         print(f"trainer.predict: error: {ckpt_path} not found{hint}", file=sys.stderr)

@@ -243,3 +243,21 @@ def test_flip_tta_and_a_missing_checkpoint(trained_run: Path, small_dataset: Pat
     assert predict([*args, "--out", str(tmp_path / "x"), "--checkpoint",
                     str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt not found" in capsys.readouterr().err
+
+
+def test_a_checkpoint_where_a_directory_goes_and_back_is_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--run-dir RUN/checkpoints/best.pt said '.../best.pt/checkpoints/best.pt not found (train
+    first ...)', and --checkpoint RUN/checkpoints said 'not found' of a directory that exists."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "best.pt").write_bytes(b"")
+    common = ["--data", str(tmp_path), "--out", str(tmp_path / "p")]
+    assert predict(["--run-dir", str(ckpts / "best.pt"), *common]) == 2
+    assert predict(["--run-dir", str(tmp_path / "run"), "--checkpoint", str(ckpts), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"trainer.predict: error: --run-dir {ckpts / 'best.pt'} is a file; give the run "
+        "directory (and a checkpoint of it with --checkpoint)",
+        f"trainer.predict: error: --checkpoint {ckpts} is a directory; give a checkpoint file, "
+        f"e.g. {ckpts / 'best.pt'}"]
