@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -219,6 +220,18 @@ def test_resuming_with_another_lr_trains_at_it(small_dataset: Path, tmp_path: Pa
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["lr"] == pytest.approx(2e-3) and log[1]["lr"] == pytest.approx(1e-4)
     assert t.optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_rerunning_a_finished_run_says_there_is_nothing_to_do(
+        small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A rerun of a finished command (or one that forgot --set train.epochs=N to train on) said
+    'resumed ...', 'training ...' and exited 0 without a word that no step was taken."""
+    _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"]).train()
+    with caplog.at_level(logging.INFO, logger="footprints"):
+        _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"]).train()
+    assert "already trained 1 epochs (train.epochs=1); nothing to do (raise train.epochs to " \
+        "train on)" in caplog.text
+    assert "training unet_baseline" not in caplog.text
 
 
 def test_without_a_val_split_the_newest_checkpoint_is_best(tmp_path: Path) -> None:
