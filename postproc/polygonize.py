@@ -31,6 +31,7 @@ import shapely
 from shapely.geometry import Polygon
 
 from postproc import blobs, grow, label, trace
+from postproc.pools import close_pool
 from postproc.predio import quantize_probs
 
 
@@ -377,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             dist.teardown()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        close_pool(pool)
     if env.is_main:
         print(f"{summary.tiles} tiles, {summary.polygons} polygons from {summary.shards} shards "
               f"-> {args.out}")

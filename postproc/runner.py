@@ -36,6 +36,7 @@ from dataio.atomic import atomic_open, fresh_staging_dir, staging_dir
 from postproc.csvio import proposal_rows, write_rows
 from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
+from postproc.pools import close_pool, ignore_sigint
 from postproc.predio import (
     PredError,
     begin_publish,
@@ -89,6 +90,7 @@ def _tiles_to_rows(chunk: list[tuple[str, bytes, dict]], shard: str, cfg: Polygo
 
 
 def _worker_init() -> None:
+    ignore_sigint()  # Ctrl-C is the parent's: it stops the pool (postproc.pools)
     # NOTE: one thread per worker process; the pool is the parallelism (numba, BLAS, OpenMP).
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -256,8 +258,8 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     finally:
         bar.close()
         stream.close()
-        if own_pool and pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if own_pool:
+            close_pool(pool)
     return summary
 
 

@@ -35,6 +35,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from postproc.iou import intersection_areas
+from postproc.pools import close_pool, ignore_sigint
 
 CHUNK_IMAGES = 64
 
@@ -227,10 +228,14 @@ def score_parallel(truth: Mapping[str, list[BaseGeometry]],
                 bar.update(len(c))
         else:
             ctx = mp.get_context("fork")
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                          initializer=ignore_sigint)
+            try:
                 for c, r in zip(chunks, pool.map(_score_chunk, chunks), strict=True):
                     parts.append(r)
                     bar.update(len(c))
+            finally:  # (Ctrl-C: the parent stops the workers, see postproc.pools)
+                close_pool(pool)
     finally:
         _TABLES = None
         bar.close()

@@ -42,6 +42,7 @@ from shapely.geometry.base import BaseGeometry
 
 from postproc.matching import scored_truth, true_positives
 from postproc.polygonize import Instances, PolygonizeConfig, find_instances, polygons_from_instances
+from postproc.pools import close_pool
 from postproc.predio import PredError, decode_sample, iter_raw_samples
 from postproc.provenance import TUNE_JSON
 from postproc.score import ScoreConfig, candidate_ious, f1_from_counts
@@ -352,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ev = evaluate(shards, truth, grid, pool, workers, progress=True)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        close_pool(pool)
     if not set(ev.tiles) & set(truth):
         raise ValueError(f"--truth {args.truth}: no ImageId in common with the predictions in "
                          f"{args.pred} (is it the split that was predicted?)")

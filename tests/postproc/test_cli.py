@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
 import json
+import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,7 @@ from proc_helpers import torchrun_cmd, worker_env
 from benchmarks.proctree import tree_pids
 from postproc import polygonize, score
 from postproc.cli import exit_on_error
+from postproc.pools import close_pool, ignore_sigint
 from postproc.predio import write_pred_shard
 from postproc.runner import make_pool
 from trainer.dist import RankError
@@ -329,6 +335,39 @@ def test_the_polygonize_pool_forks_its_workers_when_made():
         assert len(set(tree_pids(os.getpid())) - before) == 2
     finally:
         pool.shutdown(wait=True)
+
+
+@pytest.mark.timeout(180)  # compiles the kernels when the numba cache is cold
+def test_ctrl_c_leaves_the_polygonize_pool_to_the_parent() -> None:
+    """Ctrl-C in a terminal sends SIGINT to the workers too. They must leave the stopping to the
+    parent (its finally shuts the pool down): a worker that took it printed a traceback, and a
+    Ctrl-C mid-run sometimes left the command hanging after 'interrupted'."""
+    before = set(tree_pids(os.getpid()))
+    pool = make_pool(2)
+    try:
+        for pid in set(tree_pids(os.getpid())) - before:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert pool.submit(int, "7").result(timeout=30) == 7  # the workers are still there
+    finally:
+        pool.shutdown(wait=True)
+
+
+def test_a_second_ctrl_c_does_not_cut_short_the_wait_for_the_workers() -> None:
+    """Workers ignore Ctrl-C, so the parent's wait for them must not be cut short by another:
+    that left them waiting for work and the command hanging at exit, joining them."""
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=ignore_sigint)
+    fut = pool.submit(time.sleep, 1.0)
+    fut2 = pool.submit(time.sleep, 1.0)  # queued: dropped
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        close_pool(pool)
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C cut the pool's shutdown short")
+    finally:
+        timer.join()
+    assert fut.done() and (fut2.cancelled() or fut2.done())
 
 
 def test_score_keeps_its_own_reason_when_the_group_start_fails(tmp_path, monkeypatch, capsys):

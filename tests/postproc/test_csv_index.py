@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -138,3 +140,27 @@ def test_proposal_rows_number_buildings_from_one():
     rows = proposal_rows("t", [box(0, 0, 2, 2), box(5, 5, 7, 7)], [0.9, 0.4])
     assert [r[:2] for r in rows] == [["t", "1"], ["t", "2"]] and rows[1][3] == "0.4"
     assert proposal_rows("t", [], []) == [["t", "-1", "POLYGON EMPTY", "0"]]
+
+
+_SCORE_CHUNK = score._score_chunk
+
+
+def _chunk_under_ctrl_c(ids: list[str]) -> score.ScoreResult:
+    os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C reaches the worker too
+    return _SCORE_CHUNK(ids)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_score_workers_leave_ctrl_c_to_the_parent(tmp_path, monkeypatch):
+    """A worker that took the SIGINT died with a traceback (or hung the command's exit after
+    'interrupted'); the parent, which stops the pool, is the one to handle it."""
+    t, p = write(tmp_path / "t.csv", TRUTH), write(tmp_path / "p.csv", PROPS)
+    monkeypatch.setattr(score, "CHUNK_IMAGES", 1)
+    monkeypatch.setattr(score, "_score_chunk", _chunk_under_ctrl_c)  # forked: the workers see it
+    ti, pi = index_truth_csv(t), index_proposal_csv(p)
+    try:
+        got = score_parallel(ti, pi, ScoreConfig(min_truth_area=0), sorted(set(ti) | set(pi)), 2)
+    except KeyboardInterrupt:
+        pytest.fail("a score worker took the Ctrl-C")
+    assert (got.tp, got.fp, got.fn) == (3, 2, 2)
