@@ -290,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     truth = index_truth_csv(args.truth)
     props = index_proposal_csv(args.proposals)
     ids = sorted(set(truth) | set(props))
+    if len(truth) and len(props) and not set(truth) & set(props):
+        # NOTE: F1 0 with exit 0 read as a useless model; it is the wrong file (postproc.tune
+        # refuses the same mistake)
+        raise ValueError(f"--proposals {args.proposals}: no ImageId in common with --truth "
+                         f"{args.truth} (e.g. {next(iter(props))!r} and {next(iter(truth))!r}): "
+                         "is it the same split?")
     # NOTE: score this rank's images before the process group starts its threads: the pool forks.
     # The agent watcher starts first (one sleeping thread, safe to fork beside): a worker whose
     # torchrun agent is killed mid-scoring stops then, instead of scoring its share to the end.

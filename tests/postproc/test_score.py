@@ -266,3 +266,16 @@ def test_score_workers_below_one_are_refused(tmp_path):
     t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n")
     with pytest.raises(ValueError, match="--workers 0 must be at least 1"):
         score_main(["--truth", str(t), "--proposals", str(t), "--workers", "0"])
+
+
+def test_score_refuses_proposals_of_another_split(tmp_path):
+    """Proposals sharing no ImageId with the truth (val proposals against test truth) scored
+    F1 0 with exit 0, as if the model were useless; postproc.tune refuses the same mistake."""
+    t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",x\n')
+    p = write(tmp_path / "p.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                                  'img9,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",1\n')
+    with pytest.raises(ValueError, match="no ImageId in common"):
+        score_main(["--truth", str(t), "--proposals", str(p), "--workers", "1"])
+    empty = write(tmp_path / "e.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n")
+    assert score_main(["--truth", str(t), "--proposals", str(empty), "--workers", "1"]) == 0
