@@ -342,15 +342,25 @@ def test_ctrl_c_leaves_the_polygonize_pool_to_the_parent() -> None:
     """Ctrl-C in a terminal sends SIGINT to the workers too. They must leave the stopping to the
     parent (its finally shuts the pool down): a worker that took it printed a traceback, and a
     Ctrl-C mid-run sometimes left the command hanging after 'interrupted'."""
-    before = set(tree_pids(os.getpid()))
     pool = make_pool(2)
+    assert pool is not None
     try:
-        for pid in set(tree_pids(os.getpid())) - before:
+        # NOTE: the signal goes to workers that have run their initializer: one still starting
+        # up has not yet set it aside (the parent, which the terminal signals too, stops then)
+        pids: set[int] = set()
+        while len(pids) < 2:
+            pids |= {f.result(timeout=30) for f in [pool.submit(_pid_after, 0.2) for _ in "ab"]}
+        for pid in pids:
             os.kill(pid, signal.SIGINT)
         time.sleep(0.5)
         assert pool.submit(int, "7").result(timeout=30) == 7  # the workers are still there
     finally:
         pool.shutdown(wait=True)
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def test_a_second_ctrl_c_does_not_cut_short_the_wait_for_the_workers() -> None:

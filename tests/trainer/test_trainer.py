@@ -223,10 +223,15 @@ def test_resuming_with_another_lr_trains_at_it(small_dataset: Path, tmp_path: Pa
 
 
 def test_rerunning_a_finished_run_says_there_is_nothing_to_do(
-        small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A rerun of a finished command (or one that forgot --set train.epochs=N to train on) said
     'resumed ...', 'training ...' and exited 0 without a word that no step was taken."""
+    # (a trainer test run before this one may have set the logger up: INFO level, no
+    # propagation to the root, where caplog listens)
+    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
     _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"]).train()
+    caplog.clear()  # the first run's lines
     with caplog.at_level(logging.INFO, logger="footprints"):
         _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"]).train()
     assert "already trained 1 epochs (train.epochs=1); nothing to do (raise train.epochs to " \
