@@ -210,15 +210,18 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def _check_override_key(text: str, section: str, key: str) -> None:
-    """Name ``--set`` (not the TOML file) when an override's key does not exist."""
+def _check_override(text: str, section: str, key: str, value: Any) -> None:
+    """Name ``--set`` (not the TOML file, which need not hold the key at all) when an override's
+    key does not exist or its value has the wrong type."""
     if section not in SECTIONS:
         raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: "
                           f"{', '.join(SECTIONS)}")
-    known = _keys(type(getattr(Config(), section)))
+    cls = type(getattr(Config(), section))
+    known = _keys(cls)
     if key not in known:
         raise ConfigError(f"--set {text!r}: unknown key {section}.{key}; [{section}] takes "
                           f"{', '.join(sorted(known))}")
+    _check_type(f"--set {text!r}: {section}.{key}", value, typing.get_type_hints(cls)[key])
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
@@ -238,11 +241,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
         section, key, value = parse_override(text)
         if "." in key:
             raise ConfigError(f"--set {text!r}: nested keys are not supported")
-        _check_override_key(text, section, key)
-        # NOTE: the value's type is checked here, naming --set: build_config would name the
-        # TOML file, which need not hold the key at all.
-        hints = typing.get_type_hints(type(getattr(Config(), section)))
-        _check_type(f"--set {text!r}: {section}.{key}", value, hints[key])
+        _check_override(text, section, key, value)
         raw.setdefault(section, {})[key] = value
     if overrides:  # a section's own checks (ranges) may refuse a value from either
         where = f"{where} with --set {' '.join(overrides)}"

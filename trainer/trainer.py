@@ -119,11 +119,12 @@ class Trainer:
             if self.epoch >= self.cfg.train.epochs:  # (a rerun said 'training ...', then nothing)
                 log.info("already trained %d epochs (train.epochs=%d); nothing to do (raise "
                          "train.epochs to train on)", self.epoch, self.cfg.train.epochs)
-                return self.history[-1] if self.history else {}
-            log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s", self.cfg.model.name,
-                     f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
-                     self.env.world_size, self.device.type, self.steps_per_epoch,
-                     self.precision.name)
+            else:
+                log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s",
+                         self.cfg.model.name,
+                         f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
+                         self.env.world_size, self.device.type, self.steps_per_epoch,
+                         self.precision.name)
             while self.epoch < self.cfg.train.epochs:
                 summary = self.train_epoch()
                 self.epoch += 1
