@@ -38,12 +38,18 @@ def _gateway_url(text: str) -> str:
     # NOTE: checked at start-up: a typo should not surface only after the run's work is done.
     if any(c.isspace() or not c.isprintable() for c in text):  # (urllib refuses it at the push)
         raise argparse.ArgumentTypeError(f"{text!r}: a URL holds no spaces or control characters")
-    parts = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
+    # NOTE: the URL that prometheus_client will push to: it keeps an http(s) scheme and puts
+    # http:// before anything else, so 'http:/gw:9091' (one slash) is pushed as it is (no host),
+    # and 'http//gw:9091' goes to a host named "http".
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") and "://" not in text:
+        parts = urllib.parse.urlsplit(f"http://{text}")
     try:
         _ = parts.port  # ValueError for a port that is not a number in 0-65535
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if (parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.hostname in ("http", "https")):
         raise argparse.ArgumentTypeError(f"{text!r} is not http://HOST:PORT "
                                          "(e.g. http://127.0.0.1:9091)")
     return text

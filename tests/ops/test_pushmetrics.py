@@ -32,13 +32,23 @@ def test_registry_carries_units_and_score_figures() -> None:
 
 @pytest.mark.parametrize("url", ["ftp://x", "127.0.0.1:9091x", "http://127.0.0.1:abc",
                                  "http://127.0.0.1:99999", "http://:9091",
-                                 "http://a b:9091", "http://gw\t:9091"])  # (after the work)
+                                 "http://a b:9091", "http://gw\t:9091",
+                                 # typos that pushed after the work to no host or host "http"
+                                 "http:/127.0.0.1:9091", "http//127.0.0.1:9091"])
 def test_bad_gateway_url_fails_before_any_work(url: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         score.main(["--truth", "t.csv", "--proposals", "p.csv", "--pushgateway", url])
     assert e.value.code == 2
     assert "--pushgateway" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:9091", "localhost:9091", "https://gw",
+                                 "http://gw:9091/prefix", "[::1]:9091"])
+def test_gateway_urls_that_prometheus_client_takes_are_accepted(url: str) -> None:
+    args = score.build_parser().parse_args(["--truth", "t.csv", "--proposals", "p.csv",
+                                            "--pushgateway", url])
+    assert args.pushgateway == url
 
 
 def test_a_gateway_port_that_is_not_http_is_a_warning(
