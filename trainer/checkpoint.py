@@ -55,9 +55,40 @@ def save(state: dict[str, Any], path: Path) -> float:
     import time
 
     t0 = time.perf_counter()
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    out: _Recorded | None = None
+    try:
+        with atomic_open(path, "wb") as f:
+            out = _Recorded(f)
+            torch.save(state, out)
+    except (RuntimeError, OSError) as e:
+        # NOTE: on a full disk torch's zip writer got a short write and raised "[enforce fail
+        # at inline_container.cc] unexpected pos ...", or the file's buffer failed at close with
+        # an OSError that names no file: name the checkpoint and the cause (a full disk, a quota).
+        error = out.error if out is not None and out.error is not None else e
+        if not isinstance(error, OSError) or error.errno is None or error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
     return time.perf_counter() - t0
+
+
+class _Recorded:
+    """A binary file whose failed write is kept in ``error`` (see :func:`save`)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        try:
+            while view:  # a short write (the disk filled up) is followed by the one that fails
+                view = view[self.f.write(view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def mark_best(path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,47 @@ def test_remove_temp_files_takes_only_temp_names(tmp_path: Path) -> None:
     (d / ".step-00000003.pt.x.tmp").symlink_to(target)
     assert ckpt.remove_temp_files(tmp_path) == []
     assert (d / ".step-00000003.pt.x.tmp").is_symlink() and target.read_bytes() == b"keep"
+
+
+
+_SAVE = """
+import resource, signal, sys, torch
+from pathlib import Path
+from trainer import checkpoint as ckpt
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+ckpt.save({"model": {"w": torch.zeros(100_000)}}, Path(sys.argv[1]))
+"""
+
+
+def test_a_write_cut_short_names_the_checkpoint_and_the_cause(tmp_path: Path) -> None:
+    """A file that stops growing part-way (a full disk; here a file size limit) gave torch a
+    short write: the trainer's one-line error was "[enforce fail at inline_container.cc:672] .
+    unexpected pos 768 vs 662", naming neither the file nor the cause."""
+    path = ckpt.checkpoint_path(tmp_path, 2)
+    res = subprocess.run([sys.executable, "-c", _SAVE, str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1] == f"OSError: [Errno 27] File too large: '{path}'"
+    assert list(ckpt.checkpoint_dir(tmp_path).iterdir()) == []  # the temp file is gone
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_at_close_names_the_checkpoint(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """(where the file's buffer failed only when closed, the error named no file)"""
+    ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
+    real_fdopen = os.fdopen
+
+    def full_disk(fd: int, mode: str = "r", *args: object, **kwargs: object):  # noqa: ANN202
+        os.close(fd)  # the temp file stays empty: every write fails as on a full disk
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode)
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    path = ckpt.checkpoint_path(tmp_path, 2)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        ckpt.save({"model": {"w": torch.zeros(100_000)}}, path)
+    monkeypatch.undo()
+    assert err.value.filename == str(path)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert list(ckpt.checkpoint_dir(tmp_path).glob(".*")) == []
