@@ -68,6 +68,13 @@ class DistEnv:
                   local_world_size=geti("LOCAL_WORLD_SIZE", 1))
         if not 0 <= env.rank < env.world_size:
             raise ValueError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}")
+        port = os.environ.get("MASTER_PORT")
+        # (torch's own words named no variable: "invalid literal for int() with base 10: 'abc'",
+        # "port must have value from 0 to 65535 but was 99999")
+        if env.distributed and port is not None and not (port.isdigit() and
+                                                         0 < int(port) <= 65535):
+            raise ValueError(f"environment variable MASTER_PORT={port!r} is not a TCP port "
+                             "(1-65535)")
         return env
 
 

@@ -13,7 +13,7 @@ from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer.dist import DistEnv
 
-TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT",
                  "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
 
 
@@ -40,6 +40,19 @@ def test_a_rank_outside_the_world_is_refused(no_torchrun: pytest.MonkeyPatch, ra
     no_torchrun.setenv("RANK", rank)  # ranks are 0 and 1
     with pytest.raises(ValueError, match=f"RANK={rank} is outside WORLD_SIZE=2"):
         DistEnv.from_env()
+
+
+@pytest.mark.parametrize("port", ["abc", "99999", "0", ""])
+def test_a_master_port_that_is_no_port_is_named(no_torchrun: pytest.MonkeyPatch,
+                                                port: str) -> None:
+    """(init_process_group said "invalid literal for int() with base 10: 'abc'", or "port must
+    have value from 0 to 65535 but was 99999", after the config and data were loaded)"""
+    no_torchrun.setenv("WORLD_SIZE", "2")
+    no_torchrun.setenv("MASTER_PORT", port)
+    with pytest.raises(ValueError, match=f"MASTER_PORT={port!r} is not a TCP port"):
+        DistEnv.from_env()
+    no_torchrun.setenv("WORLD_SIZE", "1")  # one process: no rendezvous, the port is not used
+    assert DistEnv.from_env().world_size == 1
 
 
 def _draws() -> tuple[float, float, float]:
