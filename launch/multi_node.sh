@@ -15,6 +15,9 @@ set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set -euo pipefail/ s/^# //p' "$0"; exit 2; }  # the usage above
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
+# NOTE: from the caller's directory, as given: the command below runs from the repository
+# root, where a relative RUN put the run inside the checkout and DATA read its data/.
+for v in CONFIG DATA RUN; do [[ ${!v} = /* ]] || printf -v "$v" %s "$PWD/${!v}"; done
 cd "$(dirname "$0")/.."
 source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, OMP_NUM_THREADS
 # NOTE: a fresh rendezvous store each round (hosted by rank 0's node) instead of one shared

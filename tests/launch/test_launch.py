@@ -17,6 +17,8 @@ import launch.gpu_check as gc
 from launch.gpu_check import _run as gpu_check_step
 from launch.gpu_check import main as gpu_check
 
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+
 
 @pytest.mark.parametrize("script", ["launch/single_node.sh", "launch/multi_node.sh",
                                     "launch/slurm.sbatch"])
@@ -57,14 +59,16 @@ def test_multi_node_hands_torchrun_c10d_and_a_fresh_store_per_round(tmp_path: Pa
     out = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "head", "NNODES": "2:4", "NPROC": "3",
            "TORCHRUN": str(tmp_path / "torchrun")}
-    res = subprocess.run(["bash", "launch/multi_node.sh", "cfg.toml", "DATA", "RUN", "--set",
-                          "train.epochs=3"], capture_output=True, text=True, timeout=30, env=env)
+    # started from another directory: the paths are the caller's (see the single-node test)
+    res = subprocess.run(["bash", str(LAUNCH / "multi_node.sh"), "cfg.toml", "/data/DATA", "RUN",
+                          "--set", "train.epochs=3"], capture_output=True, text=True, timeout=30,
+                         env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     args, got = _recorded(out)
     assert {"--nnodes=2:4", "--nproc_per_node=3", "--rdzv-backend=c10d",
             "--rdzv-endpoint=head:29400"} <= set(args)
-    assert args[-10:] == ["-m", "trainer.train", "--config", "cfg.toml", "--data", "DATA",
-                          "--run-dir", "RUN", "--set", "train.epochs=3"]
+    assert args[-10:] == ["-m", "trainer.train", "--config", f"{tmp_path}/cfg.toml", "--data",
+                          "/data/DATA", "--run-dir", f"{tmp_path}/RUN", "--set", "train.epochs=3"]
     # every node gives each rendezvous round a fresh store: no agreed restart count needed
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
@@ -136,15 +140,19 @@ def test_slurm_without_gpus_or_cpus_names_the_setting(tmp_path: Path, var: str,
 
 
 def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
+    """Started from another directory, relative paths are the caller's: the script runs torchrun
+    from the repository root, where "RUN" became a run directory inside the checkout and "DATA"
+    the checkout's data/ (the caller's was not read)."""
     out = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2"}
-    res = subprocess.run(["bash", "launch/single_node.sh", "cfg.toml", "DATA", "RUN", "--set",
-                          "train.epochs=3"], capture_output=True, text=True, timeout=30, env=env)
+    res = subprocess.run(["bash", str(LAUNCH / "single_node.sh"), "cfg.toml", "/data/DATA",
+                          "runs/my run", "--set", "train.epochs=3"], capture_output=True,
+                         text=True, timeout=30, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     args, got = _recorded(out)
     assert args == ["--standalone", "--nproc_per_node=2", "--max-restarts=3", "-m",
-                    "trainer.train", "--config", "cfg.toml", "--data", "DATA", "--run-dir", "RUN",
-                    "--set", "train.epochs=3"]
+                    "trainer.train", "--config", f"{tmp_path}/cfg.toml", "--data", "/data/DATA",
+                    "--run-dir", f"{tmp_path}/runs/my run", "--set", "train.epochs=3"]
     assert got["OMP_NUM_THREADS"] == "1"  # not every core per process
 
 
