@@ -19,12 +19,19 @@ CONFIG=$1 DATA=$2 RUN=$3; shift 3
 # root, where a relative RUN put the run inside the checkout and DATA read its data/.
 for v in CONFIG DATA RUN; do [[ ${!v} = /* ]] || printf -v "$v" %s "$PWD/${!v}"; done
 cd "$(dirname "$0")/.."
-source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, OMP_NUM_THREADS
+source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, OMP_NUM_THREADS
 # NOTE: a fresh rendezvous store each round (hosted by rank 0's node) instead of one shared
 # across restarts: restarted workers then cannot read the previous attempt's addresses, and the
 # nodes need no restart counter in common (each agent keeps its own).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec "$TORCHRUN" --nnodes="${NNODES:-2}" --nproc_per_node="$NPROC" \
-    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29400}" \
-    --rdzv-id="${RDZV_ID:-footprints}" --max-restarts="${MAX_RESTARTS:-3}" \
+NNODES=${NNODES:-2} MASTER_PORT=${MASTER_PORT:-29400}
+need_number MASTER_PORT 1 65535
+if ! [[ $NNODES =~ ^[0-9]{1,9}(:[0-9]{1,9})?$ ]] ||
+        (( 10#${NNODES%%:*} < 1 || 10#${NNODES%%:*} > 10#${NNODES#*:} )); then
+    echo "error: NNODES=$NNODES: give the number of nodes, or MIN:MAX with 1 <= MIN <= MAX" >&2
+    exit 2
+fi
+exec "$TORCHRUN" --nnodes="$NNODES" --nproc_per_node="$NPROC" \
+    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv-id="${RDZV_ID:-footprints}" --max-restarts="$MAX_RESTARTS" \
     -m trainer.train --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"

@@ -14,6 +14,6 @@ CONFIG=$1 DATA=$2 RUN=$3; shift 3
 # root, where a relative RUN put the run inside the checkout and DATA read its data/.
 for v in CONFIG DATA RUN; do [[ ${!v} = /* ]] || printf -v "$v" %s "$PWD/${!v}"; done
 cd "$(dirname "$0")/.."
-source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, OMP_NUM_THREADS
-exec "$TORCHRUN" --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
+source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, OMP_NUM_THREADS
+exec "$TORCHRUN" --standalone --nproc_per_node="$NPROC" --max-restarts="$MAX_RESTARTS" \
     -m trainer.train --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"

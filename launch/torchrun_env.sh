@@ -2,10 +2,25 @@
 # Python to use, the processes per node and the CPU threads of each.
 TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+
+# need_number NAME MIN [MAX]: the variable NAME holds a whole number in [MIN, MAX], or the script
+# stops naming it (torchrun's own checks ended in a traceback: NPROC=0 in a bare AssertionError,
+# NNODES=abc in "invalid literal for int()").
+need_number() {
+    local value=${!1}
+    if ! [[ $value =~ ^[0-9]{1,9}$ ]] || (( 10#$value < $2 )) || (( ${3:+10#$value > $3} )); then
+        echo "error: $1=$value: give a whole number from $2${3:+ to $3}" >&2
+        exit 2
+    fi
+}
+
 if [ -z "${NPROC:-}" ]; then
     # the CUDA devices torch will use (CUDA_VISIBLE_DEVICES and MIG respected; `nvidia-smi -L`
     # counted MIG lines too): one process each, as NCCL needs
     GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
     NPROC=$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )
 fi
+case $NPROC in gpu|cpu|auto) ;; *) need_number NPROC 1 ;; esac  # torchrun's words pass through
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+need_number MAX_RESTARTS 0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -288,3 +288,31 @@ def test_make_setup_with_a_torch_index_runs_after_a_cpu_setup(tmp_path: Path) ->
     install = next(i for i, line in enumerate(lines)
                    if "install --quiet torch==2.13.0 --index-url https://download" in line)
     assert uninstall < install  # pip would keep 2.13.0+cpu as satisfying torch==2.13.0
+
+
+@pytest.mark.parametrize(("script", "var", "value"), [
+    ("single_node.sh", "NPROC", "0"), ("single_node.sh", "NPROC", "four"),
+    ("single_node.sh", "MAX_RESTARTS", "-1"), ("multi_node.sh", "NPROC", "-2"),
+    ("multi_node.sh", "NNODES", "two"), ("multi_node.sh", "NNODES", "3:2"),
+    ("multi_node.sh", "NNODES", "0"), ("multi_node.sh", "MASTER_PORT", "70000"),
+    ("multi_node.sh", "MASTER_PORT", "abc")])
+def test_a_launch_variable_that_is_no_number_is_named(tmp_path: Path, script: str, var: str,
+                                                      value: str) -> None:
+    """(torchrun stopped with a traceback: NPROC=0 or MAX_RESTARTS=-1 ended in an
+    AssertionError, bare for NPROC, NNODES=two in "invalid literal for int() with base 10")"""
+    out = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"),
+           "MASTER_ADDR": "head", "NPROC": "1", var: value}
+    res = subprocess.run(["bash", f"launch/{script}", "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 2 and not out.exists()
+    assert res.stderr.startswith(f"error: {var}={value}: give ") and res.stderr.count("\n") == 1
+
+
+def test_torchrun_words_for_the_process_count_pass(tmp_path: Path) -> None:
+    out = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "gpu"}
+    res = subprocess.run(["bash", "launch/single_node.sh", "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "--nproc_per_node=gpu" in _recorded(out)[0]
