@@ -3,7 +3,9 @@
 #   MASTER_ADDR=node0 NNODES=2 launch/multi_node.sh CONFIG DATA RUN [--set ...]
 # Environment:
 #   MASTER_ADDR   host of the rendezvous (any one of the nodes; required)
-#   MASTER_PORT   its TCP port (default 29400); must be reachable from every node
+#   MASTER_PORT   its TCP port (default 29400); must be reachable from every node, and no
+#                 other job's on MASTER_ADDR: a job that finds it taken joins that job's
+#                 rendezvous store and dies when that job ends
 #   NNODES        number of nodes, or MIN:MAX for an elastic range (default 2)
 #   NPROC         processes per node (default: the node's GPU count, else 2)
 #   PYTHON        the Python whose torch counts the GPUs (default .venv/bin/python)

@@ -92,9 +92,10 @@ def test_a_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, script: st
     assert got["OMP_NUM_THREADS"] == "1"  # one thread per process unless the user sets it
 
 
-def _slurm(tmp_path: Path, **slurm: str | None) -> subprocess.CompletedProcess[str]:
+def _slurm(tmp_path: Path, extra: dict[str, str] | None = None,
+           **slurm: str | None) -> subprocess.CompletedProcess[str]:
     """Run slurm.sbatch as Slurm would on a two-node allocation (``srun`` recorded, not run);
-    ``slurm`` overrides SLURM_* variables, None leaves one unset."""
+    ``slurm`` overrides SLURM_* variables, None leaves one unset; ``extra`` adds variables."""
     _recorder(tmp_path / "srun")
     (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu07\\ngpu08\\n'\n")
     (tmp_path / "scontrol").chmod(0o755)
@@ -103,6 +104,7 @@ def _slurm(tmp_path: Path, **slurm: str | None) -> subprocess.CompletedProcess[s
     env.update({f"SLURM_{k.upper()}": v for k, v in slurm.items()})
     env = {k: v for k, v in env.items() if v is not None}
     env["PATH"] = f"{tmp_path}:{os.environ['PATH']}"
+    env.update(extra or {})
     return subprocess.run(["bash", "launch/slurm.sbatch", "cfg.toml", "DATA", "RUN"],
                           capture_output=True, text=True, timeout=30, env=env)
 
@@ -112,7 +114,7 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
     assert res.returncode == 0, res.stderr
     args, got = _recorded(tmp_path / "srun.out")
     assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=gpu07:29400", "--rdzv-id=4242"} <= set(args)
+            "--rdzv-endpoint=gpu07:19242", "--rdzv-id=4242"} <= set(args)
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and got["OMP_NUM_THREADS"] == "8"
     # srun takes no --cpus-per-task from sbatch since Slurm 22.05: without it torchrun and its 4
     # workers (8 threads each) were bound to one core
@@ -316,3 +318,26 @@ def test_torchrun_words_for_the_process_count_pass(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0, res.stderr
     assert "--nproc_per_node=gpu" in _recorded(out)[0]
+
+
+def _endpoint(tmp_path: Path) -> str:
+    return next(a for a in _recorded(tmp_path / "srun.out")[0] if a.startswith("--rdzv-endpoint="))
+
+
+def test_slurm_jobs_sharing_a_first_node_rendezvous_apart(tmp_path: Path) -> None:
+    """With one fixed port (29400), a job whose first node was also a running job's could not
+    bind it, used that job's c10d store instead, and died when that job ended."""
+    endpoints = []
+    for job in ("1234567", "1234568", "42"):
+        res = _slurm(tmp_path, job_id=job)
+        assert res.returncode == 0, res.stderr
+        endpoints.append(_endpoint(tmp_path))
+    # 15000 + the job id's last 4 digits
+    assert endpoints == ["--rdzv-endpoint=gpu07:19567", "--rdzv-endpoint=gpu07:19568",
+                         "--rdzv-endpoint=gpu07:15042"]
+
+
+def test_slurm_takes_a_master_port_given(tmp_path: Path) -> None:
+    res = _slurm(tmp_path, extra={"MASTER_PORT": "29999"})
+    assert res.returncode == 0, res.stderr
+    assert _endpoint(tmp_path) == "--rdzv-endpoint=gpu07:29999"
