@@ -155,7 +155,9 @@ class Trainer:
             loss = self.train_step(batch)
             t_done = time.perf_counter()
             n = int(batch.valid.sum())
-            if loss is not None:
+            # NOTE: a batch of padding only (more ranks than samples left) has a loss of 0 by
+            # definition, not a measurement: counted, it would lower the epoch's train_loss.
+            if loss is not None and n > 0:
                 totals += torch.tensor([loss, 1.0, n], dtype=torch.float64)
             self.metrics.record_step(n, t_done - t_ready, t_got - t_ready,
                                      loss if loss is not None else float("nan"))

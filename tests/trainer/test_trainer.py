@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataio.loader import IGNORE_INDEX
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.dist import DistEnv
@@ -382,6 +384,43 @@ def test_the_logged_train_loss_is_the_mean_of_the_epochs_step_losses(small_datas
     for summary, epoch in zip(t.history, losses.values(), strict=True):
         assert len(epoch) == 5 and summary["samples"] == 17  # this epoch's only
         assert summary["train_loss"] == pytest.approx(sum(epoch) / len(epoch))
+
+
+class _PaddedTail:
+    """The loader, with a batch of padding only after each epoch's batches: what a rank gets at
+    an epoch's end when the job has more ranks than samples left."""
+
+    def __init__(self, loader: object) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.loader, name)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        last = None
+        for last in self.loader:  # type: ignore[attr-defined]
+            yield last
+        yield dataclasses.replace(last, keys=[""] * len(last.keys), meta=[{}] * len(last.keys),
+                                  valid=torch.zeros_like(last.valid),
+                                  mask=torch.full_like(last.mask, IGNORE_INDEX))
+
+
+def test_a_batch_of_padding_only_leaves_the_logged_train_loss_alone(small_dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=1"])
+    t.train_loader = _PaddedTail(t.train_loader)  # type: ignore[assignment]
+    real, losses, valid = t.train_step, [], []
+
+    def step(batch: object) -> float | None:
+        losses.append(real(batch))  # type: ignore[arg-type]
+        valid.append(int(batch.valid.sum()))  # type: ignore[attr-defined]
+        return losses[-1]
+
+    t.train_step = step  # type: ignore[method-assign]
+    t.train()
+    assert valid[-1] == 0 and losses[-1] == 0.0 and len(losses) == 6  # the padded step ran
+    assert t.history[0]["samples"] == 17
+    assert t.history[0]["train_loss"] == pytest.approx(sum(losses[:-1]) / 5)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
