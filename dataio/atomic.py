@@ -6,6 +6,7 @@ A reader therefore sees either the old complete file or the new complete file, n
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
@@ -78,10 +79,22 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in NO_ROOM and e.filename is None:
+            raise with_filename(e, path) from None
         raise
+
+
+# What a write gets from a full disk, a quota or a file size limit.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def with_filename(error: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``error`` naming ``path``: a write to an open file fails naming no file, and "[Errno 28]
+    No space left on device" alone does not say which output, and so which disk, it was."""
+    return OSError(error.errno, error.strerror, str(path))
 
 
 STAGING = ".partial"

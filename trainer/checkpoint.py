@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataio.atomic import TMP_SUFFIX, atomic_open, fsync_dir
+from dataio.atomic import TMP_SUFFIX, atomic_open, fsync_dir, with_filename
 
 log = logging.getLogger("footprints")
 
@@ -60,14 +60,13 @@ def save(state: dict[str, Any], path: Path) -> float:
         with atomic_open(path, "wb") as f:
             out = _Recorded(f)
             torch.save(state, out)
-    except (RuntimeError, OSError) as e:
+    except RuntimeError:
         # NOTE: on a full disk torch's zip writer got a short write and raised "[enforce fail
-        # at inline_container.cc] unexpected pos ...", or the file's buffer failed at close with
-        # an OSError that names no file: name the checkpoint and the cause (a full disk, a quota).
-        error = out.error if out is not None and out.error is not None else e
-        if not isinstance(error, OSError) or error.errno is None or error.filename is not None:
+        # at inline_container.cc] unexpected pos ...": name the checkpoint and the real cause.
+        # (An OSError of the file itself already names it: atomic_open.)
+        if out is None or out.error is None:
             raise
-        raise OSError(error.errno, error.strerror, str(path)) from None
+        raise with_filename(out.error, path) from None
     return time.perf_counter() - t0
 
 

@@ -3,8 +3,11 @@ writer's temporary file does not outlive the next write of its path."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,31 @@ def test_an_output_that_is_a_directory_is_refused_before_the_work(tmp_path: Path
     with pytest.raises(ValueError, match=r"--out .*out is a directory; give a file name"):
         check_writable(tmp_path / "out", "--out")
     check_writable(tmp_path / "new" / "deeper" / "scores.csv", "--out")  # made when written
+
+
+_WRITE = """
+import resource, signal, sys
+from dataio.atomic import atomic_write_text
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+atomic_write_text(sys.argv[1], "x" * 100_000)
+"""
+
+
+def test_a_write_that_finds_no_room_names_the_output(tmp_path: Path) -> None:
+    """A full disk, a quota or a size limit: the write's own error ("[Errno 28] No space left on
+    device") names no file, as it was made to an open temporary file; a run's log.jsonl or
+    config.json then failed without saying which output, and so which disk."""
+    path = tmp_path / "log.jsonl"
+    res = subprocess.run([sys.executable, "-c", _WRITE, str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1] == f"OSError: [Errno 27] File too large: '{path}'"
+    assert list(tmp_path.iterdir()) == []  # nor a temporary file left
+
+
+def test_other_errors_of_the_body_pass_unchanged(tmp_path: Path) -> None:
+    err = OSError(errno.ENOENT, "No such file or directory")  # (the body's own, e.g. a read)
+    with pytest.raises(OSError) as got, atomic_open(tmp_path / "out.bin"):
+        raise err
+    assert got.value is err
