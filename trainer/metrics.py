@@ -69,7 +69,9 @@ class TrainMetrics:
                                      ["reason"], registry=r)
         self.checkpoint_time = Histogram(f"{p}_checkpoint_seconds", "Time to write a checkpoint",
                                          buckets=STEP_BUCKETS, registry=r)
-        self.memory = Gauge(f"{p}_device_memory_bytes", "Device memory in use",
+        self.memory = Gauge(f"{p}_device_memory_bytes",
+                            "Memory by kind: allocated and reserved (CUDA, now); max_rss (CPU: "
+                            "the process's peak resident set, not what it holds now)",
                             ["rank", "kind"], registry=r)
         self.val = Gauge(f"{p}_validation", "Last validation figures", ["metric"], registry=r)
         self.resumes = Counter(f"{p}_resumes", "Runs resumed from a checkpoint", registry=r)
