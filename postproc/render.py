@@ -4,7 +4,9 @@ Tiles: the image from the dataset shards, normalised as the model sees it (clipp
 training split's 2nd..98th percentile from the manifest, never per tile), with outlines matched
 by the scorer's rule (``postproc.matching``: proposals in file order, IoU >= 0.5): true-positive
 proposals green, false-positive proposals red, missed truth yellow. A legend box in the top-left
-corner holds the counts. Truth the scorer drops (area <= 20 px) is not drawn.
+corner holds the counts. Truth the scorer drops (area <= 20 px) is not drawn. Proposals that
+share no ImageId with the split's truth (another split's CSV) are refused, as ``postproc.score``
+refuses them; an empty proposal CSV draws every building as missed.
 
 CLI::
 
@@ -27,7 +29,7 @@ from shapely.geometry.base import BaseGeometry
 
 from dataio.atomic import atomic_write_bytes
 from postproc.matching import match_image
-from postproc.score import ScoreConfig, f1_from_counts
+from postproc.score import ScoreConfig, check_same_split, f1_from_counts
 
 TP_COLOUR = (0, 255, 0)
 FP_COLOUR = (255, 0, 0)
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     truth_csv = data / split / "truth.csv"
     truth = read_truth_csv(truth_csv).polygons
     proposals = read_proposal_csv(args.proposals).polygons
+    # refused as postproc.score refuses it: another split's proposals drew every building missed
+    check_same_split(truth, proposals, f"the {split} truth {truth_csv}",
+                     f"--proposals {args.proposals}")
     score_cfg = ScoreConfig()
     ids = args.image_ids or pick_tiles(truth, args.tiles, score_cfg)
     for image_id in ids:

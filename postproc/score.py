@@ -25,7 +25,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,21 @@ def score(truth: Mapping[str, list[BaseGeometry]], proposals: Mapping[str, list[
     return res
 
 
+def check_same_split(truth_ids: Collection[str], proposal_ids: Collection[str], truth: str,
+                     proposals: str) -> None:
+    """Refuse proposals that share no ImageId with the truth, naming both (``truth`` and
+    ``proposals`` say which flag or file each is).
+
+    NOTE: that is another split's file (val proposals against test truth): it scored F1 0 with
+    exit 0 and drew every building as missed, read as a useless model. An empty proposal file
+    (no building found anywhere) is legitimate and not refused.
+    """
+    if truth_ids and proposal_ids and set(truth_ids).isdisjoint(proposal_ids):
+        raise ValueError(f"{proposals}: no ImageId in common with {truth} (e.g. "
+                         f"{next(iter(proposal_ids))!r} and {next(iter(truth_ids))!r}): is it "
+                         "the same split?")
+
+
 def merge_results(parts: Sequence[ScoreResult]) -> ScoreResult:
     """Sum partial results (ranks, workers); per-image rows sorted by image id."""
     out = ScoreResult()
@@ -290,12 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = index_truth_csv(args.truth)
     props = index_proposal_csv(args.proposals)
     ids = sorted(set(truth) | set(props))
-    if len(truth) and len(props) and not set(truth) & set(props):
-        # NOTE: F1 0 with exit 0 read as a useless model; it is the wrong file (postproc.tune
-        # refuses the same mistake)
-        raise ValueError(f"--proposals {args.proposals}: no ImageId in common with --truth "
-                         f"{args.truth} (e.g. {next(iter(props))!r} and {next(iter(truth))!r}): "
-                         "is it the same split?")
+    check_same_split(truth, props, f"--truth {args.truth}", f"--proposals {args.proposals}")
     # NOTE: score this rank's images before the process group starts its threads: the pool forks.
     # The agent watcher starts first (one sleeping thread, safe to fork beside): a worker whose
     # torchrun agent is killed mid-scoring stops then, instead of scoring its share to the end.

@@ -200,8 +200,19 @@ def test_curves_png(tmp_path, capsys):
         assert near[:, :500].sum() > 100 and near[:, 500:].sum() > 100, colour
 
 
+def test_an_empty_proposal_csv_draws_every_building_missed(prepared_dataset, drawn, tmp_path,
+                                                          capsys):
+    """No proposals at all is a legitimate result (as in postproc.score), not another split."""
+    _, key, _, _, _, truth = drawn
+    empty = write_proposals(tmp_path / "empty.csv", {})
+    assert run_main(["--data", prepared_dataset, "--split", "val", "--proposals", empty,
+                     "--out", tmp_path / "o", "--image-ids", key]) == 0
+    fn = score_image(truth[key], [])[2]
+    assert fn > 0 and f"TP 0  FP 0  missed {fn}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", ["unknown_id", "no_proposals_file", "no_data", "curves_out",
-                                  "bad_log", "no_log", "no_manifest"])
+                                  "bad_log", "no_log", "no_manifest", "other_split"])
 def test_bad_input_is_one_line(prepared_dataset, drawn, tmp_path, capsys, case):
     csv_path = drawn[4]
     argv = ["--data", prepared_dataset, "--split", "val", "--proposals", csv_path, "--out",
@@ -225,6 +236,12 @@ def test_bad_input_is_one_line(prepared_dataset, drawn, tmp_path, capsys, case):
     elif case == "no_log":
         argv = ["--curves", tmp_path / "log.jsonl", "--out", tmp_path / "c.png"]
         want = "training log not found"
+    elif case == "other_split":  # the test split's proposals drawn on val: all missed before
+        test_ids = read_truth_csv(prepared_dataset / "test" / "truth.csv").polygons
+        argv[5] = write_proposals(tmp_path / "test.csv", {k: [box(0, 0, 30, 30)]
+                                                          for k in test_ids})
+        want = (f"--proposals {argv[5]}: no ImageId in common with the val truth "
+                f"{prepared_dataset / 'val' / 'truth.csv'}")
     else:
         argv[1] = tmp_path
         want = "manifest.json: not found"
