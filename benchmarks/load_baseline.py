@@ -48,6 +48,9 @@ def polygonize(pred: Path, out: Path, min_area: float = MIN_POLYGON_AREA) -> tup
     rows: list[list[str]] = []
     tiles = 0
     suffix = ".prob.png"  # postproc.predio's member name: <ImageId>.prob.png (8-bit RGB)
+    if pred.is_file():  # (a shard given for its directory was "not found"; postproc.predio's words)
+        raise ValueError(f"--pred {pred} is a file; give the directory of prediction shards "
+                         f"(pred-*.tar), e.g. {pred.parent}")
     shards = sorted(pred.glob("pred-*.tar"))
     if not shards:  # (it wrote a header-only CSV and said "0 tiles")
         raise ValueError(f"--pred {pred}: no pred-*.tar shards (not found, or empty)")

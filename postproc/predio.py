@@ -215,12 +215,23 @@ def publish_pred_dir(staging: Path, out: Path) -> None:
     publish_dir(staging, out, SHARD_GLOB)
 
 
+def check_pred_dir(pred_dir: Path) -> Path:
+    """``pred_dir`` (a ``--pred``) if it is a directory; else raise, saying what it is instead."""
+    if pred_dir.is_file():
+        # NOTE: a shard given for its directory was 'prediction directory not found', as if
+        # the prediction were missing (cf. trainer.predict's --run-dir that is a file)
+        hint = f", e.g. {pred_dir.parent}" if pred_dir.match(SHARD_GLOB) else ""
+        raise PredError(f"--pred {pred_dir} is a file; give the directory of prediction shards "
+                        f"({SHARD_GLOB}){hint}")
+    if not pred_dir.is_dir():
+        raise PredError(f"{pred_dir}: prediction directory not found (check --pred)")
+    return pred_dir
+
+
 def list_pred_shards(pred_dir: str | Path) -> list[Path]:
     """The ``pred-*.tar`` shards of a directory in sorted order; raise if there are none, or if
     an interrupted publish left a mix of two predictions there."""
-    pred_dir = Path(pred_dir)
-    if not pred_dir.is_dir():
-        raise PredError(f"{pred_dir}: prediction directory not found (check --pred)")
+    pred_dir = check_pred_dir(Path(pred_dir))
     check_published(pred_dir, f"rerun trainer.predict with --out {pred_dir}")
     shards = sorted(p for p in pred_dir.glob(SHARD_GLOB) if p.is_file())
     if not shards:

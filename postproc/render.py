@@ -181,12 +181,12 @@ def _curves(args: argparse.Namespace) -> int:
 
 
 def _data_and_split(args: argparse.Namespace) -> tuple[Path, str]:
+    from postproc.predio import check_pred_dir
     from postproc.provenance import provenance_path, read_provenance
 
     data, split = args.data, args.split
     if args.pred is not None:
-        if not args.pred.is_dir():
-            raise ValueError(f"--pred {args.pred}: not a directory")
+        check_pred_dir(args.pred)
         data = data or provenance_path(args.pred, "data")
         split = split or (read_provenance(args.pred) or {}).get("split")
     if data is None:

@@ -43,6 +43,10 @@ def _corrupt_pred(tmp_path: Path) -> Path:
     ("load_baseline", load_baseline.main,
      lambda d: ["polygonize", "--pred", str(_corrupt_pred(d)), "--out", str(d / "p.csv")],
      "pred-000000.tar: not a readable tar"),
+    ("load_baseline", load_baseline.main,  # one shard given for its directory ("not found")
+     lambda d: ["polygonize", "--pred", str(_corrupt_pred(d) / "pred-000000.tar"), "--out",
+                str(d / "p.csv")],
+     "pred-000000.tar is a file; give the directory of prediction shards (pred-*.tar)"),
     ("load_baseline", load_baseline.main,
      lambda d: ["score", "--truth", str(d / "nope.csv"), "--proposals", str(d / "p.csv")],
      "nope.csv: file not found"),

@@ -21,7 +21,7 @@ from pp_helpers import REPO, make_pred_dir, tile_meta
 from proc_helpers import torchrun_cmd, worker_env
 
 from benchmarks.proctree import tree_pids
-from postproc import polygonize, score
+from postproc import polygonize, render, score, tune
 from postproc.cli import exit_on_error
 from postproc.pools import close_pool, ignore_sigint
 from postproc.predio import write_pred_shard
@@ -175,6 +175,22 @@ def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert last.startswith("error:") and want in last
     assert not out.exists() and not list(tmp_path.glob(".p.csv.*"))
+
+
+@pytest.mark.parametrize("command", ["polygonize", "tune", "render"])
+def test_a_shard_given_as_pred_is_named_a_file(tmp_path, capsys, command):
+    """--pred takes the directory of the shards; one shard given for it was 'prediction
+    directory not found' (render: 'not a directory'), as if the prediction were missing."""
+    pred, truth = make_pred_dir(tmp_path, shards=1, per_shard=2, size=64, buildings=3)
+    shard = pred / "pred-000000.tar"
+    main, rest = {"polygonize": (polygonize.main, ["--out", tmp_path / "p.csv", "--workers", 1]),
+                  "tune": (tune.main, ["--truth", truth, "--workers", 1]),
+                  "render": (render.main, ["--proposals", tmp_path / "p.csv",
+                                           "--out", tmp_path / "tiles"])}[command]
+    assert run_main(main, [str(a) for a in ["--pred", shard, *rest]]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --pred {shard} is a file; give the directory of prediction shards (pred-*.tar), "
+        f"e.g. {pred}"]
 
 
 def test_score_bad_csv_names_file_and_line(tmp_path, capsys):
