@@ -9,6 +9,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from postproc.csvio import CsvError
+from postproc.pools import ignore_further_sigint
 from postproc.predio import PredError
 from postproc.pushmetrics import PostprocRun, push
 
@@ -16,7 +17,9 @@ from postproc.pushmetrics import PostprocRun, push
 def exit_on_error(main: Callable[[], int]) -> int:
     """Run ``main``; turn expected failures (bad paths, malformed files) into one line on stderr.
 
-    Unexpected exceptions keep their traceback: they are bugs, not bad input.
+    Unexpected exceptions keep their traceback: they are bugs, not bad input. Ctrl-C is one line
+    and 130, and from then on Ctrl-C is ignored in this process (``postproc.pools``): the caller
+    is to exit with that code.
     """
     try:
         return main()
@@ -24,6 +27,7 @@ def exit_on_error(main: Callable[[], int]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        ignore_further_sigint()  # (a second Ctrl-C in the exit was a traceback, or exit -2)
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:  # another rank's failure under torchrun (trainer.dist.RankError)

@@ -3,7 +3,10 @@
 The workers ignore it (:func:`ignore_sigint`, their initializer) and the parent, which gets the
 KeyboardInterrupt, stops them (:func:`close_pool`). A worker that took it died with a traceback
 (or broke the pool); a parent whose wait for its workers a second Ctrl-C cut short left them
-waiting for work, and hung at exit joining them.
+waiting for work, and hung at exit joining them. Once the command's top level has the
+KeyboardInterrupt (``postproc.cli.exit_on_error``), Ctrl-C stays ignored until the process has
+exited (:func:`ignore_further_sigint`): one line, 'interrupted', and exit code 130 however often
+it is pressed.
 """
 
 from __future__ import annotations
@@ -30,3 +33,20 @@ def close_pool(pool: cf.Executor | None) -> None:
     finally:
         if main:
             signal.signal(signal.SIGINT, old)
+
+
+def ignore_further_sigint() -> None:
+    """Ignore Ctrl-C from now on: the command has taken the one that stops it and only says so
+    and exits.
+
+    NOTE: after its last line the interpreter's teardown took up to a second here (torch,
+    numba): a further Ctrl-C raised in threading's shutdown or an atexit callback (an 'Exception
+    ignored' traceback after 'interrupted') or, once the teardown had reset the handler to the
+    default one, killed the process (exit -2, not 130). That reset leaves SIG_IGN as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # (signal.signal works only there; a command's top level runs there)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # one pressed just before, raised on the way in: ignored as well
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
 import shapely
 from pp_helpers import REPO, make_pred_dir, tile_meta
-from proc_helpers import torchrun_cmd, worker_env
+from proc_helpers import kill_tree, torchrun_cmd, worker_env
 
 from benchmarks.proctree import tree_pids
 from postproc import polygonize, render, score, tune
@@ -396,6 +400,85 @@ def test_a_second_ctrl_c_does_not_cut_short_the_wait_for_the_workers() -> None:
     assert fut.done() and (fut2.cancelled() or fut2.done())
 
 
+Line = tuple[str, str | None]  # ("out" | "err", a line; None when that stream has ended)
+
+
+def _lines_of(proc: subprocess.Popen) -> queue.Queue[Line]:
+    """Every line ``proc`` writes, as it writes it, read by two daemon threads."""
+    lines: queue.Queue[Line] = queue.Queue()
+
+    def read(name: str, stream: IO[str]) -> None:
+        for line in stream:
+            lines.put((name, line.rstrip("\n")))
+        lines.put((name, None))
+
+    for name, stream in (("out", proc.stdout), ("err", proc.stderr)):
+        threading.Thread(target=read, args=(name, stream), daemon=True).start()
+    return lines
+
+
+def _next_line(lines: queue.Queue[Line], seen: list[Line], timeout: float) -> Line:
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"nothing more from the command in {timeout} s; it said {seen[-20:]}")
+    seen.append(line)
+    return line
+
+
+@pytest.mark.multiproc  # the command and its pool of 2 workers, in a process group of their own
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("second", ["while_the_pool_stops", "after_interrupted"])
+def test_a_second_ctrl_c_still_ends_in_one_line_and_exit_130(tmp_path: Path, second: str) -> None:
+    """Ctrl-C pressed twice: the second, while the command stopped its pool and exited, sometimes
+    killed it by SIGINT (exit -2) or printed an 'Exception ignored' KeyboardInterrupt traceback
+    after 'interrupted'. (After that line the interpreter's teardown, up to a second with torch
+    imported, runs threading's shutdown and atexit callbacks, then resets the Ctrl-C handler to
+    the default one.) The second Ctrl-C while the pool stops was already set aside by close_pool
+    (that case guards it); the one after 'interrupted' is the one that failed."""
+    square = '"POLYGON ((0 0, 10 0, 10 10, 0 10, 0 0))"'
+    truth, props = tmp_path / "t.csv", tmp_path / "p.csv"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     + "".join(f"img{i},1,{square},x\n" for i in range(40)))
+    props.write_text("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                     + "".join(f"img{i},1,{square},1\n" for i in range(40)))
+    worker = Path(__file__).with_name("ctrl_c_worker.py")  # postproc.score with slow chunks
+    # start_new_session: a process group of its own, which the test signals as a terminal would
+    proc = subprocess.Popen([sys.executable, str(worker), "--truth", str(truth), "--proposals",
+                             str(props), "--workers", "2"], cwd=REPO, env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: list[Line] = []
+    try:
+        lines = _lines_of(proc)
+        # NOTE: signalled only once both workers run a chunk: their initializer has set Ctrl-C
+        # aside by then (one still starting up would die of it, another failure than this one)
+        running: set[str] = set()
+        while len(running) < 2:
+            name, line = _next_line(lines, seen, 60)
+            if name == "out" and line is not None and line.startswith("worker "):
+                running.add(line)
+        os.killpg(proc.pid, signal.SIGINT)
+        if second == "after_interrupted":  # in the interpreter's teardown
+            while _next_line(lines, seen, 30) != ("err", "interrupted"):
+                pass
+        # (while_the_pool_stops: at once, while the chunks in flight finish)
+        with contextlib.suppress(ProcessLookupError):  # (it may be gone already)
+            os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+    ended = {name for name, line in seen if line is None}
+    while len(ended) < 2:  # the rest of what it said
+        name, line = _next_line(lines, seen, 30)
+        if line is None:
+            ended.add(name)
+    said = [line for name, line in seen if name == "err" and line and not line.startswith("score:")]
+    assert (rc, said) == (130, ["interrupted"]), seen[-20:]
+
+
 def test_score_keeps_its_own_reason_when_the_group_start_fails(tmp_path, monkeypatch, capsys):
     """A rank whose share failed waits in dist.init for the others' shares; if that start-up
     times out, its own reason (not the store's timeout) is what it says."""
@@ -423,7 +506,13 @@ def _raise(e: BaseException) -> int:
 def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C is exit 130 (what a shell reports for SIGINT) with one word; another rank's failure
     is one line and 2; any other RuntimeError is a bug and keeps its traceback."""
-    assert exit_on_error(lambda: _raise(KeyboardInterrupt())) == 130
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert exit_on_error(lambda: _raise(KeyboardInterrupt())) == 130
+        # a further Ctrl-C, while the process exits with that code, is ignored
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)  # (pytest's own Ctrl-C)
     assert capsys.readouterr().err == "interrupted\n"
     assert exit_on_error(lambda: _raise(RankError("rank 1 failed: disk full"))) == 2
     assert capsys.readouterr().err == "error: rank 1 failed: disk full\n"
