@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dataio.atomic import check_writable
+from postproc.pools import ignore_further_sigint
 from trainer import dist
 from trainer.config import ConfigError, load_config
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.trainer import NonFiniteError, Trainer  # heavy imports after the checks
 
+    interrupted = False
     try:
         dist.init(env, None if cfg.dist.backend == "auto" else cfg.dist.backend,
                   cfg.dist.timeout_s)
@@ -55,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
         print(f"trainer.train: interrupted; rerun the same command to resume from the newest "
               f"complete checkpoint in {args.run_dir / 'checkpoints'}", file=sys.stderr)
+        interrupted = True
         return 130
     finally:
         dist.teardown()
+        # NOTE: after the teardown (a Ctrl-C still stops one that hangs), not before: a further
+        # Ctrl-C in the interpreter's exit would add a traceback or end the process by SIGINT.
+        if interrupted:
+            ignore_further_sigint()
     return 0
 
 

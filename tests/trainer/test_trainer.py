@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -291,9 +292,15 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(small_dataset: Path, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "train", interrupted)
-    run = tmp_path / "run"
-    assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset),
-                 "--run-dir", str(run)]) == 130
+    run, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset),
+                     "--run-dir", str(run)]) == 130
+        # a further Ctrl-C while the interpreter exits (up to a second with torch loaded) would
+        # add a traceback after the line, or end the process by SIGINT instead of with 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, handler)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"trainer.train: interrupted; rerun the same command to resume from the "
                    f"newest complete checkpoint in {run / 'checkpoints'}"]
