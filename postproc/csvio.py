@@ -328,6 +328,10 @@ def proposal_rows(image_id: str, polygons: Iterable[BaseGeometry],
     if not polys:
         return [[image_id, "-1", "POLYGON EMPTY", "0"]]
     wkts = shapely.to_wkt(np.asarray(polys, dtype=object), trim=True, rounding_precision=-1)
+    # NOTE: rings joined by "),(" as SpaceNet's CSVs spell them (GDAL's WKT): the SpaceNet-2
+    # scorer (BuildingVisualizer.java, Polygon(String)) splits rings only on "),(", so GEOS's
+    # "), (" glued a courtyard's ring onto the outline and scored that building wrong.
+    wkts = [w.replace("), (", "),(") for w in wkts]
     return [[image_id, str(k), w, f"{c:.6g}"]
             for k, (w, c) in enumerate(zip(wkts, confidences, strict=True), start=1)]
 

@@ -142,6 +142,32 @@ def test_proposal_rows_number_buildings_from_one():
     assert proposal_rows("t", [], []) == [["t", "-1", "POLYGON EMPTY", "0"]]
 
 
+def _rings_as_the_spacenet2_scorer_reads_them(wkt: str) -> list[list[tuple[float, float]]]:
+    """The ring parsing of SpaceNet-2's scorer (BuildingVisualizer.java, Polygon(String) and
+    Ring(String), in SpaceNetChallenge/BuildingDetectors_Round2): rings split on "),(" only."""
+    body = wkt[wkt.index("(("):wkt.index("))") + 2]
+    body = body.replace("),(", "x").replace(")", "").replace("(", "")
+    return [[(float(p.strip().split(" ")[0]), float(p.strip().split(" ")[1]))
+             for p in ring.split(",")] for ring in body.split("x")]
+
+
+def test_proposal_rings_are_spelled_as_spacenet_csvs_so_its_scorer_reads_holes():
+    """A footprint around a courtyard: its hole was written after "), (" (GEOS's spelling), which
+    the SpaceNet-2 scorer reads as one ring (the outline and the hole glued together), so it
+    scored our TP as a FP and a FN; rings are now joined by "),(" as in SpaceNet's CSVs."""
+    import shapely
+    from shapely.geometry import Polygon
+
+    from postproc.csvio import proposal_rows
+
+    yard = Polygon([(45, 5), (45, 45), (5, 45), (5, 5)], [[(10, 10), (10, 40), (40, 40), (40, 10)]])
+    (row,) = proposal_rows("t", [yard], [0.9])
+    rings = _rings_as_the_spacenet2_scorer_reads_them(row[2])
+    assert [len(r) for r in rings] == [5, 5]
+    assert Polygon(rings[0], rings[1:]).equals(yard)
+    assert shapely.from_wkt(row[2]).equals(yard)  # still plain WKT for GEOS, OGR, solaris
+
+
 _SCORE_CHUNK = score._score_chunk
 
 
