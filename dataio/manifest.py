@@ -55,10 +55,13 @@ class BandStats:
         out: dict[str, list[float]] = {"p2": [], "p98": [], "mean": [], "std": [], "min": [],
                                        "max": []}
         for h in self.hist:
-            cdf = np.cumsum(h) / h.sum()
             nz = np.nonzero(h)[0]
-            lo = float(np.searchsorted(cdf, LOW_PCT / 100.0))
-            hi = float(np.searchsorted(cdf, HIGH_PCT / 100.0))
+            # NOTE: 0 is SpaceNet's no-data (the black of tiles at a strip's edge); the winner
+            # left it out of the percentiles ("Remove sensored mask", XD_XD's v5_im.py), else
+            # a split with over 2% of it clips at p2 = 0 and loses contrast.
+            lo, hi = _clip_range(np.concatenate(([0], h[1:])))
+            if hi <= lo:  # no other value, or one alone: the histogram with its no-data
+                lo, hi = _clip_range(h)
             if hi <= lo:
                 # NOTE: a band (nearly) constant over 96% of the pixels, e.g. no-data: the loader
                 # needs p98 > p2 to scale it, so its range reaches the largest value it holds
@@ -72,6 +75,15 @@ class BandStats:
             out["min"].append(float(nz[0]))
             out["max"].append(float(nz[-1]))
         return out
+
+
+def _clip_range(h: np.ndarray) -> tuple[float, float]:
+    """The LOW_PCT and HIGH_PCT percentiles of a histogram ((0, 0) if it is empty)."""
+    if h.sum() == 0:
+        return 0.0, 0.0
+    cdf = np.cumsum(h) / h.sum()
+    return (float(np.searchsorted(cdf, LOW_PCT / 100.0)),
+            float(np.searchsorted(cdf, HIGH_PCT / 100.0)))
 
 
 @dataclass(frozen=True)
