@@ -322,7 +322,14 @@ def _sizes(text: str) -> list[int]:
     sizes = [int(x) for x in text.split(",") if x.strip()]
     if any(n < 0 for n in sizes):
         raise argparse.ArgumentTypeError(f"tile counts must be >= 0, got {text!r}")
-    return [n for n in sizes if n > 0]
+    sizes = [n for n in sizes if n > 0]
+    # NOTE: a size given twice ran twice, then the growth per 1,000 tiles between the two
+    # divided by zero and the whole run's rows were lost (no table, no JSON)
+    repeated = sorted({n for n in sizes if sizes.count(n) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(
+            f"{','.join(map(str, repeated))} given twice in {text!r}: each size runs once")
+    return sizes
 
 
 def baseline_sizes(tiles: list[int], asked: list[int] | None) -> list[int]:

@@ -119,3 +119,21 @@ def test_growth_and_ratio_per_side():
     assert rows[3]["rss_x_smallest"] == pytest.approx(2.2)
     assert rows[1]["pss_x_project"] == pytest.approx(1.25)
     assert "pss_x_project" not in rows[0]
+
+
+@pytest.mark.parametrize("flag", ["--tiles", "--prepare-tiles"])
+def test_a_size_given_twice_is_refused_before_any_work(flag, tmp_path, capsys, monkeypatch):
+    """It ran twice and then divided the growth between the two by 0 tiles: a traceback after
+    the whole run, and neither table nor JSON."""
+    def started(*_a, **_k):
+        raise AssertionError("the benchmark started its work")
+
+    monkeypatch.setattr(load, "make_pool", started)
+    monkeypatch.setattr(load, "run_measured", started)
+    argv = {"--tiles": ["--tiles", "30,1000,30", "--prepare-tiles", "0"],
+            "--prepare-tiles": ["--tiles", "0", "--prepare-tiles", "6,6"]}[flag]
+    with pytest.raises(SystemExit) as e:
+        load.main([*argv, "--keep", str(tmp_path / "work"), "--json", str(tmp_path / "j")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: " in err and "given twice" in err
+    assert not (tmp_path / "work").exists()
