@@ -113,6 +113,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def check_dataset(parser: argparse.ArgumentParser, data: Path | None) -> None:
+    """Refuse a ``--data`` that is not a prepared dataset before any work, in one line.
+
+    NOTE: checked in the parent: a benchmark whose workers open the dataset under torchrun got
+    their error and then torchrun's own traceback and failure report."""
+    if data is None:
+        return
+    from dataio.manifest import load_manifest
+
+    try:
+        load_manifest(data)
+    except (ValueError, OSError) as e:
+        parser.error(f"--data {data}: {e}")
+
+
 def run(name: str, main: Callable[[], Any]) -> int:
     """``python -m benchmarks.NAME``: bad input (a missing dataset, a malformed file) is one
     line, as in the project's commands, not a traceback."""

@@ -40,6 +40,7 @@ import webdataset as wds
 
 from benchmarks.common import (
     base_parser,
+    check_dataset,
     count,
     machine_info,
     parse_args,
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the emulated training step between batches for the DALI wait "
                              "table (0: skip it)")
     args = parse_args(parser, argv)
+    check_dataset(parser, args.data)
     # NOTE: the consumer here does nothing, and torch's intra-op threads would only fight the
     # loaders' threads and workers for the cores.
     torch.set_num_threads(1)

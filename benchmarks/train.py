@@ -24,7 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import base_parser, count, parse_args, print_table, run, write_json
+from benchmarks.common import (
+    base_parser,
+    check_dataset,
+    count,
+    parse_args,
+    print_table,
+    run,
+    write_json,
+)
 
 PHASES = ("data_wait", "fwd_bwd", "comm", "optimizer")
 
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         load_config(args.config)
     except ConfigError as e:
         p.error(str(e))
+    check_dataset(p, args.data)
     import torch
 
     cuda = torch.cuda.is_available()

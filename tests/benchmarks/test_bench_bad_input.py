@@ -28,6 +28,29 @@ def test_bad_arguments_are_refused_before_any_work(module, argv: list[str], name
     assert e.value.code == 2 and named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("module", [loader, train])
+@pytest.mark.parametrize("kind", ["missing", "a file", "not a dataset"])
+def test_a_data_dir_that_is_no_dataset_is_one_line_naming_data(
+        module, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.train checked --data only in its torchrun workers: their error, then
+    torchrun's traceback and failure report, and exit 1 (not 2)."""
+    data = {"missing": tmp_path / "nope", "a file": tmp_path / "file",
+            "not a dataset": tmp_path}[kind]
+    (tmp_path / "file").write_text("x")
+
+    def started(*_a, **_k):
+        raise AssertionError("the benchmark started its work")
+
+    monkeypatch.setattr(train.subprocess, "run", started)
+    monkeypatch.setattr(loader, "_variants", started)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--data", str(data), "--steps" if module is train else "--rounds", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"error: --data {data}: " in err[-1]
+    assert "manifest.json" in err[-1] and "Traceback" not in "\n".join(err)
+
+
 def _corrupt_pred(tmp_path: Path) -> Path:
     (tmp_path / "pred").mkdir()
     (tmp_path / "pred" / "pred-000000.tar").write_bytes(b"not a tar" * 100)
@@ -35,8 +58,6 @@ def _corrupt_pred(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("name", "main", "argv", "named"), [
-    ("loader", loader.main, lambda d: ["--data", str(d / "nope"), "--rounds", "1"],
-     "manifest.json: not found"),
     ("load_baseline", load_baseline.main,
      lambda d: ["polygonize", "--pred", str(d / "nope"), "--out", str(d / "p.csv")],
      "no pred-*.tar shards"),
