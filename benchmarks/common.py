@@ -91,15 +91,35 @@ def base_parser(name: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 1 (tiles, rounds, steps, processes)."""
+def _whole(text: str, least: int) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {n}")
     return n
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1 (tiles, rounds, steps, processes)."""
+    return _whole(text, 1)
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number >= 0 (warm-up steps, a crop size where 0 means none)."""
+    return _whole(text, 0)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (milliseconds)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return x
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

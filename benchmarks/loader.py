@@ -43,6 +43,8 @@ from benchmarks.common import (
     check_dataset,
     count,
     machine_info,
+    non_negative,
+    non_negative_float,
     parse_args,
     print_table,
     run,
@@ -196,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=count, default=5)
     parser.add_argument("--epochs", type=count, default=3, help="epochs per round and variant")
     parser.add_argument("--batch-size", type=count, default=8)
-    parser.add_argument("--crop", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
-    parser.add_argument("--step-ms", type=float, default=50.0,
+    parser.add_argument("--crop", type=non_negative, default=512)
+    # NOTE: not 0: DALI runs at least one thread, so a row said 0 of what was 1
+    parser.add_argument("--workers", type=count, default=2,
+                        help="DALI threads / DataLoader workers")
+    parser.add_argument("--step-ms", type=non_negative_float, default=50.0,
                         help="the emulated training step between batches for the DALI wait "
                              "table (0: skip it)")
     args = parse_args(parser, argv)

@@ -54,7 +54,7 @@ def _size(path: Path, pattern: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("prepare", __doc__)
     p.add_argument("--tiles", type=count, default=96)
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--workers", type=count, default=len(os.sched_getaffinity(0)))
     args = parse_args(p, argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,6 +28,7 @@ from benchmarks.common import (
     base_parser,
     check_dataset,
     count,
+    non_negative,
     parse_args,
     print_table,
     run,
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="default: 48 synthetic tiles")
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
     p.add_argument("--steps", type=count, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    # NOTE: a negative count never reached the step that starts the clock: the rates were then
+    # the samples over the time since the machine booted (perf_counter's origin)
+    p.add_argument("--warmup", type=non_negative, default=3)
     p.add_argument("--nproc", type=count, default=min(2, len(os.sched_getaffinity(0))))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="dali", help=argparse.SUPPRESS)

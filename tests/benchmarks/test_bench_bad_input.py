@@ -28,6 +28,28 @@ def test_bad_arguments_are_refused_before_any_work(module, argv: list[str], name
     assert e.value.code == 2 and named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("module", "argv", "named"), [
+    # a negative warm-up never started the clock: rates over the time since boot, silently
+    (train, ["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
+    # a row labelled 0 workers (prepare's 0 is serial, DALI's at least one thread)
+    (prepare, ["--workers", "0"], "--workers: must be >= 1, got 0"),
+    (loader, ["--workers", "0"], "--workers: must be >= 1, got 0"),
+    (loader, ["--crop", "-5"], "--crop: must be >= 0, got -5"),  # (named data.crop_size)
+    (loader, ["--step-ms", "-1"], "--step-ms: must be finite and >= 0, got -1"),  # (skipped)
+])
+def test_out_of_range_settings_are_refused_before_any_work(
+        module, argv: list[str], named: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def started(*_a, **_k):
+        raise AssertionError("the benchmark started its work")
+
+    for mod, name in ((train, "_dataset"), (prepare, "write_aoi"), (loader, "make_dataset")):
+        monkeypatch.setattr(mod, name, started)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2 and named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("module", [loader, train])
 @pytest.mark.parametrize("kind", ["missing", "a file", "not a dataset"])
 def test_a_data_dir_that_is_no_dataset_is_one_line_naming_data(
