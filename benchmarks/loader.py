@@ -57,6 +57,9 @@ from dataio.sharding import SampleIndex
 from dataio.shards import decode_sample
 
 _TICK = os.sysconf("SC_CLK_TCK")
+# NOTE: /proc counts CPU time in clock ticks (10 ms): a round shorter than this many gives no
+# CPU figures rather than ones off by more than 10% (or a CPU time of 0 and a division by it)
+MIN_CPU_TICKS = 10
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -191,6 +194,30 @@ def step_waits(data: Path, cfg: LoaderConfig, step_ms: float, rounds: int,
     return rows
 
 
+def cpu_rows(variants: list[tuple[dict[str, Any], Any]],
+             results: list[list[tuple[int, float, float]]], mb: float) -> list[dict[str, Any]]:
+    """Each variant's row from its rounds' (samples, wall s, CPU s), with its ratios to the
+    torch row of the same mode. CPU figures are None where a round took under
+    ``MIN_CPU_TICKS`` clock ticks of CPU."""
+    rows = []
+    for (row, _), runs in zip(variants, results, strict=True):
+        rates = [n / wall for n, wall, _ in runs]
+        rate = statistics.median(rates)
+        timed = all(c * _TICK >= MIN_CPU_TICKS for _, _, c in runs)
+        row.update(samples_per_s=rate, samples_per_s_best=max(rates), mb_per_s=rate * mb,
+                   cpu_ms_per_sample=(statistics.median(1000 * c / n for n, _, c in runs)
+                                      if timed else None),
+                   cores_used=statistics.median(c / w for _, w, c in runs) if timed else None)
+        rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["name"] == "torch" and r["mode"] == row["mode"])
+        row["speedup_vs_torch"] = row["samples_per_s"] / base["samples_per_s"]
+        row["cpu_ratio_vs_torch"] = (base["cpu_ms_per_sample"] / row["cpu_ms_per_sample"]
+                                     if None not in (base["cpu_ms_per_sample"],
+                                                     row["cpu_ms_per_sample"]) else None)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("loader", __doc__)
     parser.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: "
@@ -228,19 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                 loader.close()
         waits = (step_waits(data, cfg, args.step_ms, args.rounds, args.epochs)
                  if args.step_ms > 0 else [])
-    rows = []
-    for (row, _), runs in zip(variants, results, strict=True):
-        rates = [n / wall for n, wall, _ in runs]
-        rate = statistics.median(rates)
-        row.update(samples_per_s=rate, samples_per_s_best=max(rates), mb_per_s=rate * mb,
-                   cpu_ms_per_sample=statistics.median(1000 * c / n for n, _, c in runs),
-                   cores_used=statistics.median(c / w for _, w, c in runs),
-                   batch_size=args.batch_size, crop=args.crop, workers=args.workers)
-        rows.append(row)
+    rows = cpu_rows(variants, results, mb)
     for row in rows:
-        base = next(r for r in rows if r["name"] == "torch" and r["mode"] == row["mode"])
-        row["speedup_vs_torch"] = row["samples_per_s"] / base["samples_per_s"]
-        row["cpu_ratio_vs_torch"] = base["cpu_ms_per_sample"] / row["cpu_ms_per_sample"]
+        row.update(batch_size=args.batch_size, crop=args.crop, workers=args.workers)
     info = machine_info()
     print(f"loader benchmark: {info['cores']} cores ({info['cpu']}), GPU {info['gpu']}, "
           f"{len(index)} samples of {mb:.2f} MB, batch {args.batch_size}, crop {args.crop}, "
@@ -248,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, ["name", "mode", "device", "samples_per_s", "samples_per_s_best",
                        "mb_per_s", "cpu_ms_per_sample", "cores_used", "speedup_vs_torch",
                        "cpu_ratio_vs_torch"])
+    if any(r["cpu_ms_per_sample"] is None for r in rows):
+        print(f"(no CPU figures where a round used under {MIN_CPU_TICKS} clock ticks of CPU, "
+              f"{MIN_CPU_TICKS / _TICK * 1000:.0f} ms: more --epochs, or a larger --data)")
     if waits:
         print(f"\nDALI data wait per batch with a {args.step_ms:g} ms step between batches "
               "(train-aug; read_ahead 0 reads inside DALI's callback):")
