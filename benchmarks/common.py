@@ -1,15 +1,19 @@
 """Shared plumbing for the benchmarks: machine description, timing, table and JSON output.
 
-Every benchmark prints one table and writes one JSON object ``{"benchmark", "machine", "rows"}``
-where each row names the variant (project or baseline) and carries its figures with units.
+Every benchmark prints one table and writes one JSON object ``{"benchmark", "created", "commit",
+"settings", "machine", "versions", "units", "rows", ...}`` where each row names the variant
+(project or baseline) and carries its figures, whose units ``units`` names.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,21 +34,83 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    gpu = None
+    gpu, gpus, gpu_memory = None, 0, None
     try:
         import torch
 
         if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
+            gpu, gpus = torch.cuda.get_device_name(0), torch.cuda.device_count()
+            gpu_memory = torch.cuda.get_device_properties(0).total_memory
     except ImportError:
         pass
     return {
         "cores": len(os.sched_getaffinity(0)),
         "cpu": cpu,
+        "memory_bytes": _meminfo_bytes("MemTotal"),
         "gpu": gpu,
+        "gpus": gpus,
+        "gpu_memory_bytes": gpu_memory,
         "python": platform.python_version(),
+        "os": platform.platform(),
         "hostname": platform.node(),
     }
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+# the distributions whose versions decide the figures (DALI's name carries its CUDA major)
+PACKAGES = ("torch", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali-cuda130",
+            "webdataset", "numpy", "numba", "rasterio", "shapely", "pyproj", "pillow")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the packages the benchmarks time (those installed), CUDA and NCCL as torch
+    was built with them (None without CUDA), and GDAL's."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+        out["nccl"] = (".".join(map(str, torch.cuda.nccl.version()))
+                       if torch.cuda.is_available() else None)
+    except (ImportError, RuntimeError, AttributeError):
+        pass
+    try:
+        import rasterio
+
+        out["gdal"] = rasterio.__gdal_version__
+    except ImportError:
+        pass
+    return out
+
+
+def source_commit() -> str | None:
+    """The repository's commit, with ``-dirty`` when tracked files differ from it (None when
+    this is no git checkout)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
@@ -74,9 +140,23 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 
 def write_json(path: str | os.PathLike[str] | None, name: str, rows: list[dict[str, Any]],
+               settings: argparse.Namespace | dict[str, Any], units: dict[str, str],
                **extra: Any) -> dict[str, Any]:
-    """Assemble the benchmark's JSON object and write it atomically when ``path`` is given."""
-    result = {"benchmark": name, "machine": machine_info(), "rows": rows, **extra}
+    """Assemble the benchmark's JSON object and write it atomically when ``path`` is given.
+
+    Besides the rows it says what a later reader needs to compare two runs: when, from which
+    commit, with which settings (every flag, defaults included), on which machine and package
+    versions, and the units of the figures.
+    """
+    if isinstance(settings, argparse.Namespace):
+        settings = vars(settings)
+    result = {"benchmark": name,
+              "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "commit": source_commit(),
+              "settings": {k: str(v) if isinstance(v, os.PathLike) else v
+                           for k, v in settings.items()},
+              "machine": machine_info(), "versions": versions(), "units": units, "rows": rows,
+              **extra}
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")

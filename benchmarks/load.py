@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + (f"at {', '.join(map(str, baselines))} tiles" if baselines else "none")
           + " (--baseline-tiles)")
     print_table(rows, COLUMNS)
-    return write_json(args.json, "load", rows, units=UNITS, workers=args.workers,
+    return write_json(args.json, "load", rows, settings=args, units=UNITS, workers=args.workers,
                       baseline_tiles=baselines,
                       pool=args.pool, synth_pool=args.synth_pool, shard_tiles=SHARD_TILES,
                       tile_px=TILE_PX, sample_interval_s=0.05, **extra)

@@ -194,6 +194,21 @@ def step_waits(data: Path, cfg: LoaderConfig, step_ms: float, rounds: int,
     return rows
 
 
+UNITS = {"samples_per_s": "samples/s (median over rounds)",
+         "samples_per_s_best": "samples/s (best round)",
+         "mb_per_s": "MB/s (10^6 bytes of the samples' shard members)",
+         "cpu_ms_per_sample": "ms of CPU (user + system, whole process tree) per sample; "
+                              "null where a round used under MIN_CPU_TICKS clock ticks",
+         "cores_used": "CPU seconds per wall second",
+         "speedup_vs_torch": "ratio (samples/s over the torch row's, same mode)",
+         "cpu_ratio_vs_torch": "ratio (the torch row's CPU ms/sample over this row's)",
+         "batch_size": "samples", "crop": "px (0: whole tiles)",
+         "workers": "DALI threads / DataLoader workers", "sample_mb": "MB (10^6 bytes)",
+         "step_ms": "ms (emulated step between batches)",
+         "wait_ms_per_batch": "ms (median over rounds)", "wait_ms_best": "ms (best round)",
+         "wait_vs_callback": "ratio (wait over read_ahead=0's, same device)"}
+
+
 def cpu_rows(variants: list[tuple[dict[str, Any], Any]],
              results: list[list[tuple[int, float, float]]], mb: float) -> list[dict[str, Any]]:
     """Each variant's row from its rounds' (samples, wall s, CPU s), with its ratios to the
@@ -273,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
               "(train-aug; read_ahead 0 reads inside DALI's callback):")
         print_table(waits, ["device", "read_ahead", "step_ms", "wait_ms_per_batch",
                             "wait_ms_best", "wait_vs_callback"])
-    write_json(args.json, "loader", rows, samples=len(index), sample_mb=mb,
-               rounds=args.rounds, epochs=args.epochs, step_waits=waits)
+    write_json(args.json, "loader", rows, settings=args, units=UNITS, samples=len(index),
+               sample_mb=mb, rounds=args.rounds, epochs=args.epochs, step_waits=waits)
     return 0
 
 

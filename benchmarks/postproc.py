@@ -270,11 +270,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{base_ms / 20:.2f} ms a tile, timed tile by tile with these; stage_ms: what the "
           "stage adds)")
     print_table(stages, ["stage", "ms_per_tile", "stage_ms", "x_goal_budget"])
-    return write_json(args.json, "postproc", rows, tiles=n, tile_px=650,
+    return write_json(args.json, "postproc", rows, settings=args, tiles=n, tile_px=650,
                       buildings_per_tile=buildings, stages=stages,
                       stages_baseline_ms_per_tile=base_ms,
-                      units={"tiles_per_s": "tiles/s", "ms_per_tile": "ms",
-                             "ms_per_tile_per_core": "ms x cores"})
+                      units={"tiles_per_s": "tiles/s (best of --repeat)", "ms_per_tile": "ms",
+                             "ms_per_tile_per_core": "ms x cores",
+                             "speedup_vs_baseline": "ratio (tiles/s over the baseline row's, "
+                                                    "same cores)",
+                             "stage_ms": "ms a tile", "stages_baseline_ms_per_tile": "ms",
+                             "x_goal_budget": "ratio (ms_per_tile over the baseline's / 20)"})
 
 
 if __name__ == "__main__":

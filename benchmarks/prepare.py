@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                          "shard_bytes_200": float(np.mean(full)) * 200 if full else None})
     print_table(rows, ["variant", "workers", "tiles", "seconds", "tiles_per_s", "bytes_per_tile",
                        "shard_bytes_200"])
-    write_json(args.json, "prepare", rows,
-               units={"tiles_per_s": "tiles/s", "bytes_per_tile": "bytes on disk per tile",
+    write_json(args.json, "prepare", rows, settings=args,
+               units={"seconds": "s", "tiles_per_s": "tiles/s",
+                      "bytes_per_tile": "bytes on disk per tile",
                       "shard_bytes_200": "bytes of a 200-sample shard (the default size)"})
     return 0
 

@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {row['variant']}: {row['samples_per_s']:.1f} samples/s", flush=True)
     cols = ["variant", "precision", "samples_per_s", "step_ms", *(f"{p}_ms" for p in PHASES)]
     print_table(rows, cols)
-    write_json(args.json, "train", rows, config=str(args.config), steps=args.steps,
-               units={"samples_per_s": "samples/s (all ranks)", "*_ms": "ms per step"})
+    hidden = ("worker", "backend", "amp", "out")  # the workers' own flags
+    write_json(args.json, "train", rows,
+               settings={k: v for k, v in vars(args).items() if k not in hidden},
+               config=str(args.config), steps=args.steps,
+               units={"samples_per_s": "samples/s (all ranks)", "*_ms": "ms per step",
+                      "threads": "DALI threads / DataLoader workers per process"})
     return 0
 
 
