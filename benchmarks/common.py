@@ -230,10 +230,13 @@ def check_dataset(parser: argparse.ArgumentParser, data: Path | None) -> None:
 
 def run(name: str, main: Callable[[], Any]) -> int:
     """``python -m benchmarks.NAME``: bad input (a missing dataset, a malformed file) is one
-    line, as in the project's commands, not a traceback."""
+    line, as in the project's commands, not a traceback; so is Ctrl-C (exit code 130)."""
     try:
         result = main()
     except (ValueError, OSError) as e:
         print(f"python -m benchmarks.{name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (the JSON is written whole at the end or not at all)
+        print(f"python -m benchmarks.{name}: interrupted", file=sys.stderr)
+        return 130
     return result if isinstance(result, int) else 0  # (some return their JSON object)

@@ -114,3 +114,39 @@ def test_best_time_is_the_fastest_run(monkeypatch: pytest.MonkeyPatch) -> None:
     ticks = iter([0.0, 0.3, 1.0, 1.1, 2.0, 2.2])  # runs of 0.3, 0.1 and 0.2 s
     monkeypatch.setattr(common.time, "perf_counter", lambda: next(ticks))
     assert common.best_time(lambda: None, repeat=3) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the benchmark
+    works: one line and exit code 130, as the project's commands, not a traceback; and no JSON,
+    whole or partial, nor its temporary file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.proctree import tree_pids
+
+    out = tmp_path / "out" / "prepare.json"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.prepare", "--tiles", "400",
+                             "--workers", "2", "--json", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while len(tree_pids(proc.pid)) < 2 and proc.poll() is None:  # its pool: in main()
+            assert time.monotonic() < deadline, "the benchmark started no workers"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "python -m benchmarks.prepare: interrupted", err
+    assert "Traceback" not in err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
