@@ -17,3 +17,36 @@ def test_a_gpu_variant_keeps_the_configs_loader_threads() -> None:
     assert cpu.data.num_threads == 1 and gpu.data.num_threads == 4
     assert (cpu.data.backend, cpu.train.amp) == ("torch", "bf16")
     assert (gpu.data.backend, gpu.train.amp) == ("dali", "fp16")
+
+
+def test_the_table_says_over_how_many_steps_each_row_was_timed(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    """Emulated bf16 is timed over 3 steps whatever --steps says; the table did not show it
+    (and RESULTS.md said 20 for every row)."""
+    import json
+    import subprocess
+
+    from benchmarks import train
+    from dataio.fixtures import ALIGNED_P2, ALIGNED_P98, aligned_tile, write_dataset
+
+    tiles = [(f"AOI_9_Test_img{i}", *aligned_tile(40, 48, i)) for i in range(3)]
+    data = write_dataset(tmp_path / "data", {"train": tiles}, p2=ALIGNED_P2, p98=ALIGNED_P98)
+    real = subprocess.run
+
+    def worker(cmd, **kw):  # stands in for each variant's torchrun
+        if "--worker" not in cmd:
+            return real(cmd, **kw)
+        row = {"samples_per_s": 10.0, "step_ms": 800.0, "device": "cpu", "precision": "fp32",
+               **{f"{p}_ms": 1.0 for p in train.PHASES}, "threads": 1}
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(row))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(train.subprocess, "run", worker)
+    monkeypatch.setattr("trainer.amp.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert train.main(["--data", str(data), "--steps", "7", "--nproc", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("variant"))):]
+    assert table[0].split()[:3] == ["variant", "precision", "steps"]
+    steps = {" ".join(line.split()[:3]): line.split()[4] for line in table[2:]}
+    assert steps == {"1x dali amp=off": "7", "1x dali amp=bf16": "3", "1x torch amp=off": "7"}
