@@ -164,9 +164,12 @@ def write_json(path: str | os.PathLike[str] | None, name: str, rows: list[dict[s
 
 
 def base_parser(name: str, doc: str) -> argparse.ArgumentParser:
-    """The parser of ``python -m benchmarks.NAME``, described by its docstring's first paragraph."""
-    description = " ".join(doc.split("\n\n")[0].split())
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    """The parser of ``python -m benchmarks.NAME``: its docstring's first paragraph describes it,
+    and the rest (what each row measures, against which baseline) follows the options."""
+    first, _, rest = doc.partition("\n\n")
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}",
+                                     description=" ".join(first.split()), epilog=rest.strip("\n"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return parser
 

@@ -237,16 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser("loader", __doc__)
     parser.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: "
                         "64 synthetic 650 px tiles in a temporary directory)")
-    parser.add_argument("--rounds", type=count, default=5)
-    parser.add_argument("--epochs", type=count, default=3, help="epochs per round and variant")
-    parser.add_argument("--batch-size", type=count, default=8)
-    parser.add_argument("--crop", type=non_negative, default=512)
+    parser.add_argument("--rounds", type=count, default=5,
+                        help="interleaved rounds; the median is reported (default 5)")
+    parser.add_argument("--epochs", type=count, default=3,
+                        help="epochs per round and variant (default 3)")
+    parser.add_argument("--batch-size", type=count, default=8, help="samples (default 8)")
+    parser.add_argument("--crop", type=non_negative, default=512,
+                        help="training crop in px, train-aug rows (default 512; 0: whole tiles)")
     # NOTE: not 0: DALI runs at least one thread, so a row said 0 of what was 1
     parser.add_argument("--workers", type=count, default=2,
-                        help="DALI threads / DataLoader workers")
+                        help="DALI threads / DataLoader workers (default 2)")
     parser.add_argument("--step-ms", type=non_negative_float, default=50.0,
                         help="the emulated training step between batches for the DALI wait "
-                             "table (0: skip it)")
+                             "table (default 50; 0: skip it)")
     args = parse_args(parser, argv)
     check_dataset(parser, args.data)
     # NOTE: the consumer here does nothing, and torch's intra-op threads would only fight the

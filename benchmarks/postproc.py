@@ -1,6 +1,6 @@
 """Postprocessing throughput: polygonize and score, project against the original sample's way.
 
-    python -m benchmarks.postproc [--tiles 24] [--workers N] [--json OUT]
+    python -m benchmarks.postproc [--tiles 24] [--repeat 5] [--workers N] [--json OUT]
 
 Same run, same tiles: synthetic 650x650 tiles with ~100 buildings (rotated rectangles, L-shapes,
 rows with 0-4 px gaps, the 2.5 px boundary band) as one-hot predictions.

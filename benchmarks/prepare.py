@@ -1,6 +1,6 @@
 """Ingest rate and shard sizes: ``dataio.prepare`` against per-tile mask GeoTIFFs.
 
-    python -m benchmarks.prepare [--tiles 96] [--json OUT]
+    python -m benchmarks.prepare [--tiles 96] [--workers N] [--json OUT]
 
 The baseline is what the SpaceNet utilities do (``createRasterFromGeoJson``): for every tile,
 rasterise its GeoJSON into a mask GeoTIFF next to the image, one file per tile, serially. The
@@ -53,8 +53,11 @@ def _size(path: Path, pattern: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("prepare", __doc__)
-    p.add_argument("--tiles", type=count, default=96)
-    p.add_argument("--workers", type=count, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--tiles", type=count, default=96,
+                   help="synthetic 650x650 tiles to ingest (default 96)")
+    p.add_argument("--workers", type=count, default=len(os.sched_getaffinity(0)),
+                   help="prepare's worker processes for the second project row (the first has "
+                        "1; default: all usable cores)")
     args = parse_args(p, argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -165,12 +165,16 @@ def _dataset(tmp: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("train", __doc__)
     p.add_argument("--data", type=Path, default=None, help="default: 48 synthetic tiles")
-    p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
-    p.add_argument("--steps", type=count, default=20)
+    p.add_argument("--config", type=Path, default=Path("configs/demo.toml"),
+                   help="the model, batch and loader settings (default configs/demo.toml)")
+    p.add_argument("--steps", type=count, default=20, help="timed steps a variant (default 20)")
     # NOTE: a negative count never reached the step that starts the clock: the rates were then
     # the samples over the time since the machine booted (perf_counter's origin)
-    p.add_argument("--warmup", type=non_negative, default=3)
-    p.add_argument("--nproc", type=count, default=min(2, len(os.sched_getaffinity(0))))
+    p.add_argument("--warmup", type=non_negative, default=3,
+                   help="untimed steps first (default 3)")
+    p.add_argument("--nproc", type=count, default=min(2, len(os.sched_getaffinity(0))),
+                   help="processes of the N-process rows (default: 2, or 1 on one core; at "
+                        "most the GPUs on a GPU machine)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="dali", help=argparse.SUPPRESS)
     p.add_argument("--amp", default="off", help=argparse.SUPPRESS)
