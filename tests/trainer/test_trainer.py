@@ -492,3 +492,17 @@ def test_each_epoch_reads_the_split_once_in_an_order_of_its_own(small_dataset: P
     t.train()
     assert len(order[0]) == 17 and sorted(order[0]) == sorted(order[1])
     assert order[0] != order[1]  # reshuffled: not the first epoch's batches again
+
+
+def test_an_f1_of_zero_ranks_the_epoch_by_f1_not_by_iou(small_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """An F1 of 0 (no building found yet, as early in training) is a score, not a missing one:
+    read as missing, the epoch was ranked by its IoU, and a later epoch with a better F1 but a
+    lower IoU never became best.pt."""
+    run, scores = tmp_path / "run", {1: {"val_f1": 0.0, "val_iou": 0.5},
+                                     2: {"val_f1": 0.2, "val_iou": 0.4}}
+    t = _trainer(small_dataset, run, ["train.epochs=2", "train.val_every=1"])
+    t.validator.run = lambda _net: dict(scores[t.epoch])  # type: ignore[method-assign]
+    t.train()
+    assert ckpt.load(run / "checkpoints" / ckpt.BEST)["global_step"] == 10  # epoch 2's
+    assert t.best_f1 == 0.2
