@@ -506,3 +506,19 @@ def test_an_f1_of_zero_ranks_the_epoch_by_f1_not_by_iou(small_dataset: Path,
     t.train()
     assert ckpt.load(run / "checkpoints" / ckpt.BEST)["global_step"] == 10  # epoch 2's
     assert t.best_f1 == 0.2
+
+
+def test_checkpoints_every_n_steps_and_once_at_each_epochs_end(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, saved = ckpt.save, []
+
+    def recording(state: dict, path: Path) -> float:
+        saved.append((state["global_step"], state["epoch"], state["step_in_epoch"]))
+        return real(state, path)
+
+    monkeypatch.setattr(ckpt, "save", recording)
+    _trainer(small_dataset, tmp_path / "run",
+             ["train.epochs=2", "train.checkpoint_every_steps=2"]).train()
+    # 5 steps an epoch: mid-epoch at global steps 2, 4, 6 and 8. Step 10 ends epoch 2 and is
+    # written once, as that epoch's end (not first also as 'epoch 1, step 5 of 5')
+    assert saved == [(2, 0, 2), (4, 0, 4), (5, 1, 0), (6, 1, 1), (8, 1, 3), (10, 2, 0)]
