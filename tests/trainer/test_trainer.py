@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -522,3 +523,25 @@ def test_checkpoints_every_n_steps_and_once_at_each_epochs_end(
     # 5 steps an epoch: mid-epoch at global steps 2, 4, 6 and 8. Step 10 ends epoch 2 and is
     # written once, as that epoch's end (not first also as 'epoch 1, step 5 of 5')
     assert saved == [(2, 0, 2), (4, 0, 4), (5, 1, 0), (6, 1, 1), (8, 1, 3), (10, 2, 0)]
+
+
+def test_a_cut_epoch_logs_its_seconds_before_the_cut_once(small_dataset: Path,
+                                                          tmp_path: Path) -> None:
+    """The epoch's seconds (and so its samples_per_s) cover the time before a mid-epoch resume,
+    and the next epoch's do not count that time again."""
+    common, pause = ["train.epochs=3", "train.checkpoint_every_steps=2"], 2.0
+    cut = _trainer(small_dataset, tmp_path / "run", common)
+    real = cut.train_step
+
+    def slow(batch: object) -> float | None:
+        if cut.global_step == 6:  # the second step of epoch 2, which is cut after step 8
+            time.sleep(pause)
+        return real(batch)  # type: ignore[arg-type]
+
+    cut.train_step = slow  # type: ignore[method-assign]
+    _train_until(cut, 8)
+    _trainer(small_dataset, tmp_path / "run", common).train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert log[1]["seconds"] >= pause
+    assert log[2]["seconds"] < pause  # (5 steps of a tiny net: a fraction of a second)
