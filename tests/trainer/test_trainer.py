@@ -545,3 +545,19 @@ def test_a_cut_epoch_logs_its_seconds_before_the_cut_once(small_dataset: Path,
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert log[1]["seconds"] >= pause
     assert log[2]["seconds"] < pause  # (5 steps of a tiny net: a fraction of a second)
+
+
+def test_a_run_whose_steps_draw_random_numbers_resumes_bit_exactly(small_dataset: Path,
+                                                                   tmp_path: Path) -> None:
+    """A step that draws from torch's global generator (dropout, a random op) continues the
+    checkpoint's stream after a resume, not the one a fresh process starts."""
+    def noisy(t: Trainer) -> Trainer:
+        real = t.loss_fn
+        t.loss_fn = lambda logits, mask: real(logits, mask) * (1 + torch.rand(()))  # type: ignore
+        return t
+
+    noisy(_trainer(small_dataset, tmp_path / "ref", ["train.epochs=2"])).train()
+    _train_until(noisy(_trainer(small_dataset, tmp_path / "cut", ["train.epochs=2"])), 5)
+    noisy(_trainer(small_dataset, tmp_path / "cut", ["train.epochs=2"])).train()
+    ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
