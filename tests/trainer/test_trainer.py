@@ -561,3 +561,15 @@ def test_a_run_whose_steps_draw_random_numbers_resumes_bit_exactly(small_dataset
     noisy(_trainer(small_dataset, tmp_path / "cut", ["train.epochs=2"])).train()
     ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_a_checkpoint_without_the_training_state_is_refused_naming_what_it_lacks(
+        small_dataset: Path, tmp_path: Path) -> None:
+    """(a weights-only checkpoint, all that predict needs, among the run's checkpoints)"""
+    run = tmp_path / "run"
+    t = _trainer(small_dataset, run, ["train.epochs=1"])
+    ckpt.save({"format": ckpt.FORMAT, "model": t.net.state_dict()}, ckpt.checkpoint_path(run, 5))
+    with pytest.raises(ValueError, match=r"step-00000005\.pt: cannot resume from it, it lacks "
+                                         r"optimizer, scheduler, epoch, step_in_epoch, "
+                                         r"global_step, best_score, loader, rng$"):
+        t.resume()
