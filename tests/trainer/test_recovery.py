@@ -92,6 +92,19 @@ def test_with_validation_a_stale_best_is_repaired_though_no_later_epoch_beats_it
     assert ckpt.load(ckpt.checkpoint_path(run, 15))["best_step"] == 10
 
 
+def test_best_stays_on_the_best_epoch_across_restarts(small_dataset: Path,
+                                                      tmp_path: Path) -> None:
+    """Each checkpoint names the best as of itself, also one written after a restart that did not
+    beat it: naming the best that the restart read (epoch 1's, still kept) made the next restart
+    re-point best.pt from epoch 2 back to epoch 1."""
+    run, scores = tmp_path / "run", {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.6}
+    for epochs in (1, 3, 4):  # restarted after epochs 1 and 3; epoch 1's kept until epoch 4
+        _trainer(small_dataset, run, [f"train.epochs={epochs}", "train.val_every=1",
+                                      "train.keep_last=3"], scores).train()
+        assert ckpt.load(_best(run))["epoch"] == min(epochs, 2)
+    assert os.path.samefile(_best(run), ckpt.checkpoint_path(run, 10))
+
+
 def test_a_refused_resume_keeps_the_runs_config(small_dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     _trainer(small_dataset, run, ["train.epochs=1"]).train()
