@@ -133,6 +133,19 @@ def test_repair_best_points_best_at_the_named_checkpoint_once(tmp_path: Path) ->
     assert not ckpt.repair_best(tmp_path, 2) and ckpt.load(best)["epoch"] == 2
 
 
+def test_repair_best_tells_apart_copies_of_the_same_size_and_time(tmp_path: Path) -> None:
+    """Where hard links fail best.pt is a copy, and such file systems (FAT, some SMB shares) keep
+    times to a second or two: a stale copy with the size and time of the checkpoint it should be
+    (one model's checkpoints are all one size) must still be re-pointed."""
+    for step in (1, 2):
+        ckpt.save(_state(step), ckpt.checkpoint_path(tmp_path, step))
+    best, right = ckpt.checkpoint_dir(tmp_path) / ckpt.BEST, ckpt.checkpoint_path(tmp_path, 2)
+    best.write_bytes(ckpt.checkpoint_path(tmp_path, 1).read_bytes())  # stale: step 1's
+    os.utime(best, ns=(right.stat().st_atime_ns, right.stat().st_mtime_ns))
+    assert best.stat().st_size == right.stat().st_size
+    assert ckpt.repair_best(tmp_path, 2) and ckpt.load(best)["epoch"] == 2
+
+
 def test_remove_temp_files_takes_only_temp_names(tmp_path: Path) -> None:
     ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
     d = ckpt.checkpoint_dir(tmp_path)
