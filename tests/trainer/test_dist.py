@@ -32,6 +32,10 @@ def test_torchrun_variables_and_their_absence(no_torchrun: pytest.MonkeyPatch) -
     env = DistEnv.from_env()
     assert env == DistEnv(rank=3, world_size=4, local_rank=1, local_world_size=2)
     assert env.distributed and not env.is_main
+    # set but empty (a launch script exporting a variable of its own that is unset): as if unset
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        no_torchrun.setenv(k, "")
+    assert DistEnv.from_env() == DistEnv()
 
 
 @pytest.mark.parametrize("rank", ["-1", "2"])
