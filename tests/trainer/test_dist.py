@@ -91,3 +91,35 @@ def test_the_process_group_gets_the_configured_timeout(no_torchrun: pytest.Monke
     assert dist.init(env, "gloo", timeout_s=42.0) == env
     assert seen == {"backend": "gloo", "rank": 1, "world_size": 2,
                     "timeout": datetime.timedelta(seconds=42)}
+
+
+def test_in_one_process_a_failure_is_raised_as_itself() -> None:
+    """This rank's own failure keeps its type and message (what the commands print and catch);
+    only another rank's failure becomes a RankError, and one process has no other rank."""
+    from dataio.sharding import DataError
+
+    err = DataError("DATA/train: no usable shard")
+
+    def fail() -> None:
+        raise err
+
+    for call in (lambda: dist.agreed_loader("train", "DATA", fail),
+                 lambda: dist.on_every("validating", fail),
+                 lambda: dist.on_main(DistEnv(), "writing", fail)):
+        with pytest.raises(DataError) as e:
+            call()
+        assert e.value is err
+
+
+def test_a_rank_whose_peers_are_gone_raises_its_own_failure(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """When the agreement itself fails (the others stopped, or the timeout), a rank that failed
+    says why it did, not only that the connection closed."""
+    def gone(obj: object) -> list[object]:
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "gather_objects", gone)
+    with pytest.raises(OSError, match="No space left"):
+        dist.agree_on("writing predictions", OSError(28, "No space left on device"))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # nothing of its own
+        dist.agree_on("writing predictions", None)
