@@ -156,6 +156,21 @@ def test_sigkill_of_a_worker_resumes_bit_exactly(small_dataset: Path, tmp_path: 
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.timeout(240)
+def test_a_mid_epoch_resume_logs_the_whole_epoch_of_every_rank(small_dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """The cut epoch's log line counts every rank's samples once: those before the cut from the
+    checkpoint (summed over the ranks), those after it from each rank."""
+    run_dir = tmp_path / "run"
+    res = run(torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "cut_worker.py"),
+                               str(small_dataset), str(run_dir), "4"]), timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # 17 samples, 3 steps an epoch of 2 x 4: step 4 is the first of epoch 2
+    assert "(1 epochs done, 1 steps into the next)" in res.stderr, res.stderr[-3000:]
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["samples"]) for r in log] == [(1, 17), (2, 17)]
+
+
 def _run_nodes(cmd: list[str], envs: list[dict[str, str]], timeout: float) -> list[str]:
     """``cmd`` once per environment, all at once, like one launcher per node; asserts that each
     exits 0 and returns their stderr. Whatever is left at the timeout is killed, tree and all."""
