@@ -287,6 +287,23 @@ def test_ranks_that_read_different_shards_stop_with_the_reason(small_dataset: Pa
     assert "Connection closed by peer" not in res.stderr
 
 
+@pytest.mark.timeout(240)
+def test_ranks_that_read_as_many_other_samples_stop_with_the_reason(small_dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    """A node's copy prepared again with another seed has splits of the same sizes but other
+    tiles in each: the ranks would take the same steps, without an error, each training on a
+    split of its own (and validating on tiles another rank trains on)."""
+    other = tmp_path / "DATA"
+    prepare(PrepareConfig(raw=[small_dataset.parent / "raw"], out=other, shard_size=4, seed=1),
+            progress=False)
+    worker = str(REPO / "tests" / "trainer" / "data_worker.py")
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1"])
+    res = run(torchrun_cmd(2, [worker, f"data={other}", *args[2:]]), timeout=120)
+    assert res.returncode != 0
+    assert "the ranks read different data" in res.stderr, res.stderr[-3000:]
+    assert "rank 0: 17 samples" in res.stderr and "rank 1: 17 samples" in res.stderr
+
+
 @pytest.mark.timeout(150)
 def test_a_failed_checkpoint_write_stops_every_rank_with_the_reason(small_dataset: Path,
                                                                      tmp_path: Path) -> None:
