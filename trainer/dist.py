@@ -235,14 +235,6 @@ def agree_any(flag: bool) -> bool:
     return bool(t.item())
 
 
-def agree_all(flag: bool) -> bool:
-    """True on every rank only if ``flag`` is true on all ranks."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduce_device())
-    if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` on every rank (picklable objects; small payloads only)."""
     if not _active():
