@@ -187,6 +187,33 @@ def test_restored_position_gives_the_remaining_batches(aligned: Path, backend: s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_position_restored_into_a_loader_already_used_gives_the_remaining_batches(
+        aligned: Path, backend: str) -> None:
+    """The plan of the epoch read from its start (which the torch backend keeps, cached) is not
+    the plan of a position in it: reused, it gave the epoch's first batches again."""
+    with build_loader(aligned, "train", _cfg(backend), train=True) as loader:
+        full = _stream(loader, 2)
+        state = {**loader.state_dict(), "step": 1, "samples_done": 3}  # after batch 0
+        loader.load_state_dict(state)
+        assert _same(list(loader), full[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_iteration_without_set_epoch_reads_the_epoch_from_its_start(
+        aligned: Path, backend: str) -> None:
+    """As with DistributedSampler: iterating again (an evaluation loop, a restored epoch
+    finished) repeats the epoch; it is not an empty epoch continuing from its end."""
+    with build_loader(aligned, "val", _cfg(backend, crop_size=0)) as loader:
+        first = list(loader)
+        assert len(first) == len(loader) > 0 and _same(list(loader), first)
+    with build_loader(aligned, "train", _cfg(backend), train=True) as loader:
+        full = _stream(loader, 0)
+        loader.load_state_dict({**loader.state_dict(), "step": 1, "samples_done": 3})
+        assert _same(list(loader), full[1:])  # the restored position is used once...
+        assert _same(list(loader), full)  # ...then the epoch starts over
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_new_epoch_ends_an_iterator_still_held_from_the_last(aligned: Path,
                                                                backend: str) -> None:
     """One epoch at a time (the loader has one position and one DALI pipeline): a batch peeked
