@@ -140,6 +140,7 @@ def test_member_that_does_not_decode_is_skipped_and_counted(data: Path, backend:
     keys, batches, stats = _epoch(data, backend, epochs=2)
     assert sorted(keys) == sorted(2 * [f"AOI_9_Bad_img{i}" for i in range(N) if i != 4])
     assert stats["samples_skipped"] == {reason: 2}  # once per epoch
+    assert stats["samples_padded"] == 0  # a skipped sample is not padding (8 = 4 batches of 2)
     assert stats["shards_skipped"] == {}
     if backend == "dali" and component == "mask.png":
         # DALI cannot skip inside a pipeline: one rebuild, then the sample is known bad.
@@ -207,6 +208,22 @@ def test_a_sample_dali_cannot_decode_after_a_step_left_empty_is_skipped(data: Pa
                                              ["AOI_9_Bad_img6", "AOI_9_Bad_img7"]]
         assert loader.stats.samples_skipped == {"img_invalid": 2, "mask_invalid": 1}
         assert loader.stats.pipeline_rebuilds == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_consecutive_steps_left_empty_keep_their_place(data: Path, backend: str) -> None:
+    """Two whole batches of unreadable samples in a row: DALI never sees those steps, and both
+    must come out empty before the batch that follows them (not one of them, then "DALI output
+    out of order" from pairing the other with that batch's pixels)."""
+    for i in (2, 3, 4, 5):
+        _spoil(data, f"AOI_9_Bad_img{i}", "img.npy")  # steps 1 and 2 (evaluation order)
+    with build_loader(data, "train", _cfg(backend)) as loader:
+        batches = list(loader)
+        assert [b.keys for b in batches] == [["AOI_9_Bad_img0", "AOI_9_Bad_img1"], ["", ""],
+                                             ["", ""], ["AOI_9_Bad_img6", "AOI_9_Bad_img7"]]
+        assert [b.valid.tolist() for b in batches] == [[True, True], [False, False],
+                                                       [False, False], [True, True]]
+        assert loader.stats.samples_skipped == {"img_invalid": 4}
 
 
 def test_dali_failure_no_sample_explains_is_a_clear_error(data: Path,
