@@ -15,7 +15,7 @@ from dataio import shards
 from dataio.fixtures import aligned_tile, edit_manifest, write_dataset
 from dataio.loader import LoaderConfig, build_loader
 from dataio.manifest import load_manifest
-from dataio.reader import ShardReader
+from dataio.reader import SampleError, ShardReader
 from dataio.sharding import DataError, SampleIndex
 
 BACKENDS = ["dali", "torch"]
@@ -234,6 +234,21 @@ def test_dali_failure_no_sample_explains_is_a_clear_error(data: Path,
     with pytest.raises(DataError, match="AOI_9_Bad_img4") as err:
         _epoch(data, "dali")
     assert "shard-000001.tar" in str(err.value)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_pixels_cut_off_after_the_header_was_read_are_a_read_error(data: Path,
+                                                                    reverse: bool) -> None:
+    """A shard cut short between reading a sample's header and its rows (the rows are read
+    into a reused buffer: a short read unnoticed would hand on the last sample's pixels)."""
+    ref = SampleIndex.build(load_manifest(data), "train").samples[0]
+    reader = ShardReader(3)
+    hdr = reader.header(ref)
+    os.truncate(ref.shard, hdr.data_offset + 5 * hdr.width * hdr.bands * 2)  # 5 whole rows
+    with pytest.raises(SampleError, match="short read of pixels") as err:
+        reader.rows(ref, hdr, 0, hdr.height, reverse)
+    assert err.value.reason == "read_error"
+    reader.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -60,3 +60,14 @@ def test_an_index_that_does_not_list_every_sample_fails_the_shard(
     with pytest.raises(ShardError, match=r"\.shard-000000\.idx\.tmp: index does not list 2"):
         w.close()
     assert list(tmp_path.iterdir()) == []  # neither the tar, nor the index, nor their temps
+
+
+def test_a_key_written_twice_fails_the_shard(tmp_path: Path) -> None:
+    """Read back, the two samples are one (members group by key): the shard would hold a tile
+    fewer than was written to it, the second one's members over the first's."""
+    w = ShardWriter(tmp_path, 0)
+    for key in ("a", "a", "b"):
+        w.write(_sample(key))
+    with pytest.raises(ShardError, match=r"\.shard-000000\.tar\.tmp: wrote 3 samples, read back 2"):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
