@@ -195,9 +195,10 @@ def test_crafted_members_are_refused(tmp_path):
     _raw_tar(path, [("a.prob.png", b"garbage"), ("a.meta.json", meta)])
     with pytest.raises(PredError, match="a.prob.png"):
         list(iter_pred_samples(path))
-    _raw_tar(path, [("a.prob.png", png), ("a.meta.json", json.dumps({"width": 5}).encode())])
-    with pytest.raises(PredError, match="meta.json says"):
-        list(iter_pred_samples(path))
+    for size in ({"width": 5}, {"height": 5}):  # (a 2x2 map for a tile of another size)
+        _raw_tar(path, [("a.prob.png", png), ("a.meta.json", json.dumps(size).encode())])
+        with pytest.raises(PredError, match="meta.json says"):
+            list(iter_pred_samples(path))
 
 
 def test_a_sample_repeated_later_in_a_shard_is_refused(tmp_path):
@@ -225,7 +226,7 @@ def test_a_ledger_publish_removes_only_listed_files_even_after_a_kill(tmp_path, 
     out.mkdir()
     (out / "mine.geojson").write_text("the user's")
     _publish_names(out, ["a.geojson", "b.geojson", "c.geojson"])
-    # the next publish brings only a, and is killed among its deletes
+    # the next publish brings a and a new d, and is killed among its deletes
     real, calls = Path.unlink, []
 
     def unlink(self, missing_ok=False):
@@ -236,10 +237,12 @@ def test_a_ledger_publish_removes_only_listed_files_even_after_a_kill(tmp_path, 
 
     monkeypatch.setattr(Path, "unlink", unlink)
     with pytest.raises(KeyboardInterrupt):
-        _publish_names(out, ["a.geojson"])
+        _publish_names(out, ["a.geojson", "d.geojson"])
     monkeypatch.undo()
-    # the ledger still lists what the killed publish would have removed, so a rerun does it
-    assert {"a.geojson", "b.geojson", "c.geojson"} <= set((out / ".ledger").read_text().split())
+    # the ledger still lists what the killed publish would have removed, and what it brought,
+    # so a rerun removes both (d, unlisted, would stay for good as if it were the user's)
+    assert {"a.geojson", "b.geojson", "c.geojson", "d.geojson"} <= set(
+        (out / ".ledger").read_text().split())
     shutil.rmtree(out / ".partial", ignore_errors=True)
     _publish_names(out, ["a.geojson"])
     assert sorted(p.name for p in out.glob("*.geojson")) == ["a.geojson", "mine.geojson"]
