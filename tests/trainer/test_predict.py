@@ -261,3 +261,66 @@ def test_a_checkpoint_where_a_directory_goes_and_back_is_named(
         "directory (and a checkpoint of it with --checkpoint)",
         f"trainer.predict: error: --checkpoint {ckpts} is a directory; give a checkpoint file, "
         f"e.g. {ckpts / 'best.pt'}"]
+
+
+def test_tta_averages_the_four_flips_each_flipped_back() -> None:
+    # a 3x3 convolution does not commute with flips: each flip's prediction differs
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, kernel_size=3, padding=1)
+    x = torch.rand(2, 3, 8, 12)
+    with torch.no_grad():
+        want = sum(torch.flip(torch.softmax(net(torch.flip(x, dims)), dim=1), dims)
+                   for dims in ((), (3,), (2,), (2, 3))) / 4
+        torch.testing.assert_close(predict_probs(net, x, True), want, rtol=0, atol=1e-6)
+
+
+def test_the_default_checkpoint_is_best_pt_not_the_newest(trained_run: Path, small_dataset: Path,
+                                                          tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    steps = sorted(ckpts.glob("step-*.pt"))
+    assert len(steps) >= 2
+    shutil.copyfile(steps[0], ckpts / "best.pt")  # the best: an earlier step than the newest
+    args = ["--run-dir", str(run_dir), "--data", str(small_dataset), "--split", "test"]
+    got = {}
+    for name, extra in (("default", []), ("best", ["--checkpoint", str(steps[0])]),
+                        ("newest", ["--checkpoint", str(steps[-1])])):
+        assert predict([*args, "--out", str(tmp_path / name), *extra]) == 0
+        got[name] = _read(tmp_path / name)
+    assert got["default"].keys() == got["newest"].keys() and len(got["default"]) > 0
+    assert all(np.array_equal(got["default"][k][0], got["best"][k][0]) for k in got["best"])
+    assert any(not np.array_equal(got["default"][k][0], got["newest"][k][0])
+               for k in got["newest"])
+
+
+def test_provenance_names_absolute_paths_the_checkpoint_and_tta(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative arguments: postproc.render and postproc.polygonize read these paths later, from
+    another working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert predict(["--run-dir", os.path.relpath(trained_run), "--data",
+                    os.path.relpath(small_dataset), "--split", "test", "--out", "pred",
+                    "--tta"]) == 0
+    assert json.loads((tmp_path / "pred" / "provenance.json").read_text()) == {
+        "run_dir": str(trained_run.resolve()),
+        "checkpoint": str((trained_run / "checkpoints" / "best.pt").resolve()),
+        "data": str(small_dataset.resolve()), "split": "test", "tta": True}
+
+
+def test_tiles_of_several_sizes_are_predicted_whole(trained_run: Path, tmp_path: Path) -> None:
+    """A batch mixing tile sizes is padded to the largest; each tile's prediction is its own
+    size again (the padding cut off), not the batch's."""
+    from dataio.fixtures import aligned_tile, write_dataset
+
+    tiles = [(f"AOI_9_Mix_img{i}", *aligned_tile(h, w, i))
+             for i, (h, w) in enumerate([(40, 56), (72, 88), (64, 64)])]
+    data = write_dataset(tmp_path / "DATA", {"test": tiles})
+    assert predict(["--run-dir", str(trained_run), "--data", str(data), "--split", "test",
+                    "--out", str(tmp_path / "pred"), "--batch-size", "3"]) == 0
+    got = _read(tmp_path / "pred")
+    assert {k: v[0].shape for k, v in got.items()} == {
+        key: (*image.shape[:2], 3) for key, image, _ in tiles}
