@@ -68,7 +68,8 @@ def _spoil(data: Path, key: str, component: str) -> None:
 
 
 @pytest.mark.parametrize("damage,reason", [
-    ("truncate", "size"), ("grown", "size"), ("drop_index", "index_missing"),
+    ("truncate", "size"), ("grown", "size"), ("drop_tar", "missing"),
+    ("drop_index", "index_missing"),
     ("manifest_bytes", "size"), ("manifest_count", "sample_count"),
     ("garbage_index", "index_changed"), ("scrambled_index", "index_invalid"),
     ("rotten_index", "index_invalid"),
@@ -86,6 +87,8 @@ def test_bad_shard_is_left_out_with_a_warning_and_counted(data: Path, damage: st
     elif damage == "grown":  # e.g. another prepare run writing into this one's directory
         with open(tar, "ab") as f:
             f.write(bytes(1024))
+    elif damage == "drop_tar":  # e.g. a partial copy of the dataset to a node
+        tar.unlink()
     elif damage == "drop_index":
         tar.with_suffix(".idx").unlink()
     elif damage == "manifest_bytes":
