@@ -6,6 +6,8 @@ IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris) is a true positive and remove
 polygon, anything else is a false positive; unmatched truth polygons are false negatives. Truth
 polygons with area <= ``min_truth_area`` px are dropped first. Images in only one file: truth
 without proposals count as false negatives, proposals without truth as false positives (solaris).
+Besides the pooled F1, each AOI's (ImageIds ``AOI_2_Vegas_img1``) and their mean, which is how
+the SpaceNet-2 contest combined its cities.
 
 Speed: IoU is needed only where it can reach the threshold. Candidate pairs come from an STRtree
 of bounding boxes, pairs whose bound min(box overlap, areas) cannot reach the threshold are
@@ -83,12 +85,52 @@ class ScoreResult:
     def f1(self) -> float:
         return f1_from_counts(self.tp, self.fp, self.fn)[2]
 
+    def per_aoi(self) -> dict[str, dict[str, Any]]:
+        """Counts and F1 per AOI (``AOI_2_Vegas`` of ``AOI_2_Vegas_img1``), as the SpaceNet-2
+        contest scorer groups images; {} if any ImageId is not named so."""
+        counts: dict[str, list[int]] = {}
+        for row in self.per_image:
+            aoi = aoi_of(row["image_id"])
+            if aoi is None:
+                return {}
+            c = counts.setdefault(aoi, [0, 0, 0, 0])
+            c[0] += row["tp"]
+            c[1] += row["fp"]
+            c[2] += row["fn"]
+            c[3] += 1
+        out = {}
+        for aoi, (tp, fp, fn, images) in sorted(counts.items()):
+            precision, recall, f1 = f1_from_counts(tp, fp, fn)
+            out[aoi] = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
+                        "f1": f1, "images": images}
+        return out
+
     def to_json(self) -> dict[str, Any]:
+        aois = self.per_aoi()
         return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": self.precision,
                 "recall": self.recall, "f1": self.f1, "images": len(self.per_image),
                 "images_without_proposals": self.images_without_proposals,
                 "images_without_truth": self.images_without_truth,
+                "per_aoi": aois, "aoi_mean_f1": aoi_mean_f1(aois),
                 "per_image": self.per_image}
+
+
+def aoi_of(image_id: str) -> str | None:
+    """``AOI_2_Vegas`` for ``AOI_2_Vegas_img1`` (the contest scorer's first three '_' parts);
+    None for an ImageId not named after its AOI."""
+    parts = image_id.split("_")
+    if len(parts) < 4 or parts[0] != "AOI" or not parts[1].isdigit():
+        return None
+    return "_".join(parts[:3])
+
+
+def aoi_mean_f1(per_aoi: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """The mean of the AOIs' F1s: the SpaceNet-2 contest's overall score (None without AOIs).
+
+    NOTE: not the pooled F1 (one F1 over all images), which weighs an AOI by its buildings; the
+    published leaderboard averaged the cities, so a user comparing with it needs this one.
+    """
+    return (sum(a["f1"] for a in per_aoi.values()) / len(per_aoi)) if per_aoi else None
 
 
 def _as_array(polys: Sequence[BaseGeometry]) -> np.ndarray:
@@ -337,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
           f"TP {result.tp}  FP {result.fp}  FN {result.fn}  ({len(ids)} images; "
           f"{result.images_without_proposals} without proposals, "
           f"{result.images_without_truth} without truth)")
+    if len(out["per_aoi"]) > 1:  # (with one AOI its F1 is the line above)
+        for aoi, a in out["per_aoi"].items():
+            print(f"  {aoi}: F1 {a['f1']:.4f}  TP {a['tp']}  FP {a['fp']}  FN {a['fn']}  "
+                  f"({a['images']} images)")
+        print(f"mean of the AOIs' F1s {out['aoi_mean_f1']:.4f} (how the SpaceNet-2 contest "
+              "combined its cities)")
     if args.json is not None:
         from dataio.atomic import atomic_write_text
 

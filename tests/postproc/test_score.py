@@ -279,3 +279,47 @@ def test_score_refuses_proposals_of_another_split(tmp_path):
         score_main(["--truth", str(t), "--proposals", str(p), "--workers", "1"])
     empty = write(tmp_path / "e.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n")
     assert score_main(["--truth", str(t), "--proposals", str(empty), "--workers", "1"]) == 0
+
+
+SQUARE = '"POLYGON ((0 0,10 0,10 10,0 10,0 0))"'
+OTHER = '"POLYGON ((50 50,60 50,60 60,50 60,50 50))"'
+
+
+def test_several_aois_get_their_own_f1_and_the_contests_mean(tmp_path, capsys):
+    """The SpaceNet-2 leaderboard averaged the cities' F1s; one F1 pooled over all images weighs
+    a city by its buildings, so a user comparing with it needs each AOI's figures and their mean.
+    Vegas: 3 truth, 3 found (F1 1); Khartoum: 1 truth, 1 found of 3 proposals (F1 0.5). Pooled:
+    TP 4, FP 2, FN 0 (F1 0.8); the contest's mean is 0.75."""
+    truth = ["ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo"]
+    props = ["ImageId,BuildingId,PolygonWKT_Pix,Confidence"]
+    for image_id in ("AOI_2_Vegas_img1", "AOI_2_Vegas_img2", "AOI_2_Vegas_img3"):
+        truth.append(f"{image_id},1,{SQUARE},x")
+        props.append(f"{image_id},1,{SQUARE},1")
+    truth.append(f"AOI_5_Khartoum_img7,1,{SQUARE},x")
+    props += [f"AOI_5_Khartoum_img7,1,{SQUARE},1", f"AOI_5_Khartoum_img7,2,{OTHER},1",
+              f"AOI_5_Khartoum_img8,1,{OTHER},1"]
+    t = write(tmp_path / "t.csv", "\n".join(truth) + "\n")
+    p = write(tmp_path / "p.csv", "\n".join(props) + "\n")
+    out = tmp_path / "s.json"
+    assert score_main(["--truth", str(t), "--proposals", str(p), "--json", str(out),
+                       "--workers", "1"]) == 0
+    js = json.loads(out.read_text())
+    assert (js["tp"], js["fp"], js["fn"], js["f1"]) == (4, 2, 0, pytest.approx(0.8))
+    assert {k: (a["tp"], a["fp"], a["fn"], a["images"]) for k, a in js["per_aoi"].items()} == {
+        "AOI_2_Vegas": (3, 0, 0, 3), "AOI_5_Khartoum": (1, 2, 0, 2)}
+    assert js["per_aoi"]["AOI_5_Khartoum"]["f1"] == pytest.approx(0.5)
+    assert js["aoi_mean_f1"] == pytest.approx(0.75)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == ["  AOI_2_Vegas: F1 1.0000  TP 3  FP 0  FN 0  (3 images)",
+                          "  AOI_5_Khartoum: F1 0.5000  TP 1  FP 2  FN 0  (2 images)",
+                          "mean of the AOIs' F1s 0.7500 (how the SpaceNet-2 contest combined its "
+                          "cities)"]
+
+
+@pytest.mark.parametrize("image_id", [
+    "img1", "Atlanta_nadir7_catid_1030010003D22F00_732701_3730989", "AOI_x_Vegas_img1",
+    "AOI_2_Vegas"])
+def test_imageids_not_named_after_an_aoi_get_no_aoi_figures(image_id):
+    r = score({image_id: [shapely.box(0, 0, 10, 10)]}, {image_id: [shapely.box(0, 0, 10, 10)]})
+    assert r.per_aoi() == {} and r.to_json()["aoi_mean_f1"] is None
+    assert r.to_json()["f1"] == 1.0
