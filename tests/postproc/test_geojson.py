@@ -7,6 +7,7 @@ import json
 import pytest
 import shapely
 from affine import Affine
+from pyproj import CRS
 from shapely.geometry import box, shape
 
 from postproc.geojson import tile_feature_collection, write_tile_geojson
@@ -72,3 +73,11 @@ def test_a_rotated_transform_maps_each_corner_as_rasterio_does():
     got = shape(doc["features"][0]["geometry"])
     want = shapely.Polygon([t @ xy for xy in [(0, 0), (4, 0), (4, 2), (0, 2)]])
     assert got.equals(want) and got.exterior.is_ccw
+
+
+def test_a_crs_without_an_epsg_code_is_named_by_its_wkt():
+    """A local projection has no EPSG code: the crs member must carry its WKT, or a reader has
+    nothing to place the map coordinates with (an EPSG urn of None named no CRS at all)."""
+    local = "+proj=tmerc +lat_0=36 +lon_0=-115.1 +k=1 +x_0=0 +y_0=0 +ellps=GRS80 +units=m"
+    doc = tile_feature_collection("img1", [box(0, 0, 1, 1)], [1.0], {**UTM, "crs": local})
+    assert CRS.from_user_input(doc["crs"]["properties"]["name"]) == CRS.from_user_input(local)
