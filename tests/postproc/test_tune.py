@@ -124,11 +124,17 @@ def test_polygonize_uses_the_tuned_settings(tuned, tmp_path, capsys):
     assert (got["tp"], got["fp"], got["fn"]) == (d["tp"], d["fp"], d["fn"])
 
 
-def test_flags_override_tuned_settings(tuned):
+def test_flags_override_tuned_settings(tuned, tmp_path):
     args = polygonize.build_parser().parse_args(["--pred", str(tuned.pred), "--out", "x.csv",
                                                  "--grow-radius", "1"])
     cfg = polygonize.config_from_args(args, announce=False)
     best = PolygonizeConfig.from_json(tuned.run / "postproc.json")
+    # --settings FILE replaces the run's tuned settings (the run has them: they must not win)
+    other = tmp_path / "other.json"
+    other.write_text(PolygonizeConfig(grow_radius=2).to_json())
+    given = polygonize.build_parser().parse_args(["--pred", str(tuned.pred), "--out", "x.csv",
+                                                  "--settings", str(other)])
+    assert polygonize.config_from_args(given, announce=False) == PolygonizeConfig(grow_radius=2)
     # the flag wins; the tuned area, which differs from the default, is kept
     assert cfg.grow_radius == 1 and cfg.min_polygon_area == best.min_polygon_area != 20
     args.no_tuned = True
@@ -139,12 +145,14 @@ def test_a_zero_flag_overrides_the_settings_file(tmp_path):
     """--grow-radius 0 (growth off) and --min-polygon-area 0 (keep all) are settings, not
     "flag not given": the file's values must not win over them."""
     settings = tmp_path / "postproc.json"
-    settings.write_text(PolygonizeConfig(grow_radius=2, min_polygon_area=30).to_json())
+    settings.write_text(PolygonizeConfig(grow_radius=2, min_polygon_area=30,
+                                         simplify_tolerance=0.5).to_json())
     args = polygonize.build_parser().parse_args(
         ["--pred", str(tmp_path), "--out", "x.csv", "--settings", str(settings),
-         "--grow-radius", "0", "--min-polygon-area", "0"])
+         "--grow-radius", "0", "--min-polygon-area", "0", "--simplify", "0", "--no-seedless"])
     cfg = polygonize.config_from_args(args, announce=False)
-    assert (cfg.grow_radius, cfg.min_polygon_area) == (0, 0)
+    assert (cfg.grow_radius, cfg.min_polygon_area, cfg.simplify_tolerance) == (0, 0, 0)
+    assert cfg.seedless is False
 
 
 def test_same_result_with_one_worker_and_run_dir_flag(tuned, tmp_path):
