@@ -21,7 +21,7 @@ from postproc.cli import exit_on_error
 from postproc.csvio import read_truth_csv
 from postproc.matching import greedy_match, match_image, true_positives
 from postproc.polygonize import PolygonizeConfig, polygonize_probs
-from postproc.predio import write_pred_shard
+from postproc.predio import PredError, write_pred_shard
 from postproc.provenance import read_tuned
 from postproc.score import ScoreConfig, candidate_ious, score_image
 
@@ -260,6 +260,20 @@ def test_truth_images_without_a_prediction_count_as_missed(tmp_path):
     assert ev.counts.tolist() == [[1, 0, 2], [1, 0, 2]] and ev.missing == ["b"]
 
 
+def test_an_image_id_in_two_shards_is_refused(tmp_path):
+    """As polygonize refuses it: counted twice, the tile's truth and proposals would weigh
+    double in every grid point's F1 and so in the choice."""
+    prob = np.zeros((32, 32, 3), np.uint8)
+    prob[..., 0] = 255
+    prob[4:14, 4:14] = (0, 255, 0)
+    shards = [tmp_path / f"pred-00000{i}.tar" for i in range(2)]
+    for shard in shards:
+        write_pred_shard(shard, [("a", prob, {})])
+    grid = tune.TuneGrid((0.5,), (0.5,), (3.0,), (20,))
+    with pytest.raises(PredError, match="pred-000001.tar: ImageId 'a' appears twice"):
+        tune.evaluate(shards, {"a": [box(4, 4, 14, 14)]}, grid, None)
+
+
 def test_ties_go_to_the_defaults_then_to_fewer_changes():
     grid = tune.TuneGrid((0.4, 0.5), (0.4, 0.5), (3.0,), (10, 20, 40))
     points = grid.points()
@@ -272,10 +286,33 @@ def test_ties_go_to_the_defaults_then_to_fewer_changes():
     best = points[tune.choose(points, better)]
     assert (best.building_threshold, best.footprint_threshold, best.min_polygon_area) == \
         (0.5, 0.5, 40)
+    # a split without buildings, where the large areas leave no proposal: F1 is 0 (not 0/0)
+    # at every point, so the defaults
+    assert points[tune.choose(points, np.zeros((len(points), 3), np.int64))] == PolygonizeConfig()
+
+
+def test_ties_go_to_fewer_settings_changed_then_smaller_changes_then_grid_order():
+    grid = tune.TuneGrid((0.4, 0.5, 0.6), (0.4, 0.5), (3.0,), (0, 20, 40, 80))
+    points = grid.points()
+
+    def best_of(*winners: tuple[float, float, float]) -> tuple[float, float, float]:
+        counts = np.tile([10, 2, 3], (len(points), 1))
+        for i, p in enumerate(points):
+            if (p.building_threshold, p.footprint_threshold, p.min_polygon_area) in winners:
+                counts[i] = (20, 2, 3)  # equal F1 at the winners only
+        b = points[tune.choose(points, counts)]
+        return b.building_threshold, b.footprint_threshold, b.min_polygon_area
+
+    # one setting moved three steps changes fewer settings than two moved one step each
+    assert best_of((0.4, 0.4, 20), (0.5, 0.5, 80)) == (0.5, 0.5, 80)
+    # one step each, one setting each: the first in grid order, whichever is listed first
+    assert best_of((0.6, 0.5, 20), (0.5, 0.4, 20)) == (0.5, 0.4, 20)
+    assert best_of((0.5, 0.5, 40), (0.5, 0.5, 0)) == (0.5, 0.5, 0)
 
 
 @pytest.mark.parametrize("case", ["no_truth", "empty_pred", "no_run_dir", "bad_grid",
-                                  "other_split", "gone_run_dir", "torchrun", "bad_env"])
+                                  "other_split", "gone_run_dir", "torchrun", "bad_env",
+                                  "json_under_a_file", "empty_run_dir"])
 def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     pred, truth, run = tuned.pred, tuned.truth, tmp_path / "RUN"
     extra: list = []
@@ -300,13 +337,22 @@ def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     elif case == "bad_env":  # read as torchrun's variables are everywhere else
         monkeypatch.setenv("WORLD_SIZE", "two")
         want = "WORLD_SIZE='two' is not an integer"
+    elif case == "json_under_a_file":  # refused before the grid runs and the run's files change
+        (tmp_path / "a_file").write_text("")
+        extra, want = ["--json", tmp_path / "a_file" / "t.json"], "is not a directory"
+    elif case == "empty_run_dir":  # not the current directory
+        pred, want = tmp_path / "PRED", "run_dir '' is not a path"
+        pred.mkdir()
+        (pred / "provenance.json").write_text(json.dumps({"run_dir": ""}))
+        (pred / "pred-000000.tar").write_bytes((tuned.pred / "pred-000000.tar").read_bytes())
+        monkeypatch.chdir(tmp_path)
     else:
         pred, want = tmp_path / "PRED", "is not a directory"
         pred.mkdir()
         (pred / "provenance.json").write_text(json.dumps({"run_dir": str(tmp_path / "gone")}))
         (pred / "pred-000000.tar").write_bytes((tuned.pred / "pred-000000.tar").read_bytes())
     argv = ["--pred", pred, "--truth", truth, "--workers", 1, *extra]
-    if case in ("other_split", "bad_grid"):
+    if case in ("other_split", "bad_grid", "json_under_a_file"):
         argv += ["--run-dir", run]
         run.mkdir()
     # the cases that find their run through provenance would write into the tuned run
@@ -314,7 +360,7 @@ def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     assert run_main(tune.main, argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error:") and want in last, last
-    assert not (run / "postproc.json").exists()
+    assert not (run / "postproc.json").exists() and not (tmp_path / "postproc.json").exists()
     assert (tuned.run / "postproc.json").read_bytes() == tuned_settings
     assert not (tmp_path / "gone").exists()
 
@@ -340,7 +386,9 @@ def test_polygonize_provenance_cases(tuned, tmp_path, capsys):
     argv = ["--pred", pred, "--out", out, "--workers", 1]
     assert run_main(polygonize.main, argv) == 0  # a run without postproc.json: the defaults
     assert "default settings" in capsys.readouterr().err
-    (pred / PROVENANCE).write_text("{not json")
-    assert run_main(polygonize.main, argv) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error:") and "provenance.json: unreadable provenance" in last
+    for text, want in (("{not json", "provenance.json: unreadable provenance"),
+                       ('["run_dir"]', "provenance.json: provenance must be a JSON object")):
+        (pred / PROVENANCE).write_text(text)
+        assert run_main(polygonize.main, argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error:") and want in last, last
