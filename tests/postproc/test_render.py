@@ -174,6 +174,12 @@ def test_data_and_split_from_provenance(prepared_dataset, drawn, tmp_path):
     assert run_main(["--pred", pred, "--proposals", csv_path, "--out", tmp_path / "o",
                      "--image-ids", key]) == 0
     assert (tmp_path / "o" / f"{key}.png").is_file()
+    # --data and --split given beside --pred win over its provenance
+    (pred / "provenance.json").write_text(json.dumps({"data": str(tmp_path / "elsewhere"),
+                                                      "split": "test"}))
+    assert run_main(["--pred", pred, "--data", prepared_dataset, "--split", "val",
+                     "--proposals", csv_path, "--out", tmp_path / "o2", "--image-ids", key]) == 0
+    assert (tmp_path / "o2" / f"{key}.png").is_file()
 
 
 def test_curves_png(tmp_path, capsys):
