@@ -365,6 +365,30 @@ def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     assert not (tmp_path / "gone").exists()
 
 
+@pytest.mark.parametrize("axis, value", [("footprint_thresholds", 1.5), ("grow_radii", 60.0),
+                                         ("min_polygon_areas", -1.0),
+                                         ("building_thresholds", float("nan"))])
+def test_a_grid_value_out_of_range_names_its_flag(axis, value):
+    """Every axis is checked (a footprint threshold of 1.5 exceeds every building threshold and
+    was dropped from the grid without a word)."""
+    with pytest.raises(ValueError, match=f"--{axis.replace('_', '-')}: {value} is outside"):
+        tune.TuneGrid(**{axis: (value,)})
+
+
+def test_tuning_on_the_test_split_is_warned(tuned, tmp_path, capsys):
+    """Settings tuned on the split they are then scored on make an optimistic F1."""
+    pred, run = tmp_path / "PRED", tmp_path / "RUN"
+    pred.mkdir()
+    run.mkdir()
+    (pred / "pred-000000.tar").write_bytes((tuned.pred / "pred-000000.tar").read_bytes())
+    (pred / "provenance.json").write_text(json.dumps({"run_dir": str(run), "split": "test"}))
+    assert run_main(tune.main, ["--pred", pred, "--truth", tuned.truth, "--workers", 1,
+                                "--building-thresholds", "0.5", "--footprint-thresholds", "0.5",
+                                "--min-polygon-areas", "20"]) == 0
+    assert "warning: tuning on the 'test' split" in capsys.readouterr().err
+    assert (run / "postproc.json").is_file()
+
+
 def test_help_exits_zero(capsys):
     with pytest.raises(SystemExit) as e:
         tune.main(["--help"])
