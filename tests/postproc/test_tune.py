@@ -310,6 +310,19 @@ def test_ties_go_to_fewer_settings_changed_then_smaller_changes_then_grid_order(
     assert best_of((0.5, 0.5, 40), (0.5, 0.5, 0)) == (0.5, 0.5, 0)
 
 
+def test_equal_changes_tie_by_grid_order_not_by_float_noise():
+    """Building 0.7 and footprint 0.3 are both two steps from the defaults (0.5); in floats 0.7's
+    came out 1.9999999999999996 steps, so it won every such tie, whatever the grid order."""
+    points = tune.TuneGrid((0.5, 0.7), (0.3, 0.5), (3.0,), (20,)).points()
+    counts = np.tile([10, 2, 3], (len(points), 1))
+    two_steps = [i for i, p in enumerate(points) if (p.building_threshold, p.footprint_threshold)
+                 in ((0.7, 0.5), (0.5, 0.3))]
+    counts[two_steps] = (20, 2, 3)
+    best = points[tune.choose(points, counts)]
+    assert two_steps[0] < two_steps[1] and points[two_steps[0]] == best
+    assert (best.building_threshold, best.footprint_threshold) == (0.5, 0.3)
+
+
 @pytest.mark.parametrize("case", ["no_truth", "empty_pred", "no_run_dir", "bad_grid",
                                   "other_split", "gone_run_dir", "torchrun", "bad_env",
                                   "json_under_a_file", "empty_run_dir"])
