@@ -29,6 +29,22 @@ def test_reflect_mirrors_the_edge() -> None:
     assert padded[0, 0, 1, :3].tolist() == [1.0, 0.0, 1.0]  # reflect, not repeat
 
 
+@pytest.mark.parametrize(
+    ("mode", "row"),
+    [
+        ("reflect", [2.0, 1.0, 2.0, 13.0, 14.0, 13.0]),
+        ("replicate", [1.0, 1.0, 2.0, 13.0, 14.0, 14.0]),
+        ("zeros", [0.0, 1.0, 2.0, 13.0, 14.0, 0.0]),
+    ],
+)
+def test_each_mode_pads_as_named(mode: str, row: list[float]) -> None:
+    # model.pad_mode="zeros" must pad with zeros, not with the edge values replicate gives
+    x = torch.arange(1.0, 15.0).expand(1, 1, 14, 14)
+    padded, pads = pad_to_multiple(x, 16, mode)
+    assert pads == (1, 1, 1, 1)
+    assert padded[0, 0, 1, :3].tolist() + padded[0, 0, 1, -3:].tolist() == row
+
+
 def test_too_small_to_reflect_falls_back_to_replicate() -> None:
     x = torch.arange(3.0).expand(1, 1, 3, 3)
     padded, pads = pad_to_multiple(x, 16, "reflect")  # 13 more columns: more than 3 can mirror

@@ -145,6 +145,25 @@ def test_any_input_size(name: str, size: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize("name", list_models())
+def test_pad_mode_is_used_and_only_where_needed(name: str) -> None:
+    """model.pad_mode decides what the network sees beyond a 50x50 input's edge, so the three
+    modes give three different outputs; a 48x48 input (a multiple of 16) is not padded at all,
+    so there they agree (a deeper pad, to 64, would make them differ there too)."""
+    outputs = {}
+    for mode in ("reflect", "replicate", "zeros"):
+        torch.manual_seed(0)
+        model = build_model(name, 3, 3, width_divisor=facts(name).tiny_divisor, pad_mode=mode)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outputs[mode] = (model.eval()(torch.rand(1, 3, 50, 50)),
+                             model(torch.rand(1, 3, 48, 48)))
+    (a, a48), (b, b48), (c, c48) = outputs.values()
+    assert not torch.allclose(a, b) and not torch.allclose(a, c) and not torch.allclose(b, c)
+    torch.testing.assert_close(a48, b48, rtol=0, atol=0)
+    torch.testing.assert_close(a48, c48, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list_models())
 def test_each_decoder_level_concatenates_its_encoder_features(name: str) -> None:
     """The skip connections: the up step at each level sees the encoder's output of that level
     (first, then the up-sampled features); a decoder that lost them still trains, less well."""

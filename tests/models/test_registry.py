@@ -77,6 +77,30 @@ def test_build_from_config_plain() -> None:
     assert unwrap_model(model) is model
 
 
+@pytest.mark.parametrize(
+    ("cfg", "options"),
+    [
+        # the defaults are the documented ones: reflect padding, BatchNorm
+        (ModelConfig(width_divisor=8), {"pad_mode": "reflect", "norm": "batch"}),
+        (ModelConfig(width_divisor=8, pad_mode="zeros", norm="group"),
+         {"pad_mode": "zeros", "norm": "group"}),
+        (ModelConfig(name="unet", width_divisor=16, pad_mode="replicate"),
+         {"pad_mode": "replicate", "norm": "batch"}),
+    ],
+)
+def test_build_from_config_passes_every_option(cfg: ModelConfig, options: dict) -> None:
+    # NOTE: model.pad_mode or model.norm left out of the call: the net would train with the
+    # factory's defaults while config.json says otherwise (only the 2-process DDP test saw norm)
+    torch.manual_seed(0)
+    got = build_model_from_config(cfg, 3, 3).eval()
+    torch.manual_seed(0)
+    want = build_model(cfg.name, 3, 3, width_divisor=cfg.width_divisor, **options).eval()
+    assert got.state_dict().keys() == want.state_dict().keys()  # BatchNorm has running stats
+    x = torch.rand(1, 3, 50, 50)  # padded to 64: the pad mode shows in the output
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)
+
+
 def test_build_from_config_channels_last() -> None:
     model = build_model_from_config(ModelConfig(width_divisor=4, channels_last=True), 3, 3)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
