@@ -42,7 +42,7 @@ def test_width_divisor_divides_every_width(name: str, divisor: int, widths: tupl
     assert small == pytest.approx(full / divisor**2, rel=0.01)  # widths / d -> params / d^2
 
 
-@pytest.mark.parametrize("divisor", [0, 3, 64])
+@pytest.mark.parametrize("divisor", [0, 3, 32, 64])  # 32 divides every width but leaves 1
 def test_bad_width_divisor_names_the_option(divisor: int) -> None:
     with pytest.raises(ValueError, match="width_divisor"):
         build_model("unet_baseline", 3, 3, width_divisor=divisor)
@@ -59,6 +59,7 @@ def test_bad_width_divisor_names_the_option(divisor: int) -> None:
         ({"compile_mode": "fast"}, "model.compile_mode"),
         ({"compile": True, "compile_backend": "indcutor"}, "model.compile_backend"),
         ({"pad_mode": "circular"}, "model.pad_mode"),
+        ({"norm": "layer"}, "model.norm"),
     ],
 )
 def test_model_config_errors_name_the_field(kwargs: dict, field: str) -> None:
