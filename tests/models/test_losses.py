@@ -18,11 +18,14 @@ def logits_and_target(n: int = 2, c: int = 3, size: int = 16, seed: int = 0):
     return logits, target
 
 
-def test_ce_equals_torch_weighted_cross_entropy_with_ignore() -> None:
+# (0.2, 0.5, 0.3): the default 0.1/0.8/0.1 reads the same backwards, so weights applied to the
+# wrong classes (as manifest-derived weights would be) could not show there
+@pytest.mark.parametrize("weights", [(0.1, 0.8, 0.1), (0.2, 0.5, 0.3)])
+def test_ce_equals_torch_weighted_cross_entropy_with_ignore(weights: tuple[float, ...]) -> None:
     logits, target = logits_and_target()
     target[0, :4] = -100
-    loss = build_loss(LossConfig())(logits, target)
-    ref = nn.CrossEntropyLoss(weight=torch.tensor([0.1, 0.8, 0.1]), ignore_index=-100)
+    loss = build_loss(LossConfig(class_weights=weights))(logits, target)
+    ref = nn.CrossEntropyLoss(weight=torch.tensor(weights), ignore_index=-100)
     torch.testing.assert_close(loss, ref(logits, target))
 
 
@@ -82,6 +85,14 @@ def test_dice_by_hand() -> None:
     loss3 = build_loss(LossConfig(ce_weight=0.0, dice_weight=1.0))(
         torch.zeros(1, 3, 1, 3), torch.tensor([[[0, 1, -100]]]))
     assert loss3.item() == pytest.approx(23 / 60, abs=1e-6)
+
+
+def test_dice_smooth_by_hand() -> None:
+    # loss.dice_smooth = 1/3 on test_dice_by_hand's two pixels: classes 0 and 1 score
+    # (2/3 + 1/3) / (5/3 + 1/3) = 1/2, class 2 scores (1/3) / (2/3 + 1/3) = 1/3: 1 - 4/9 = 5/9.
+    cfg = LossConfig(ce_weight=0.0, dice_weight=1.0, dice_smooth=1 / 3)
+    loss = build_loss(cfg)(torch.zeros(1, 3, 1, 2), torch.tensor([[[0, 1]]]))
+    assert loss.item() == pytest.approx(5 / 9, abs=1e-6)
 
 
 def test_ce_by_hand() -> None:
