@@ -108,12 +108,33 @@ def test_build_from_config_channels_last() -> None:
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
 
 
+_TRACED: list[int] = []
+
+
+def _counting_aot_eager() -> list[int]:
+    """Register (once) a torch.compile backend that is aot_eager and counts the graphs it gets."""
+    import torch._dynamo
+
+    if "footprints_test_aot_eager" not in torch._dynamo.list_backends(exclude_tags=()):
+
+        @torch._dynamo.register_backend(name="footprints_test_aot_eager")
+        def _backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: object):
+            _TRACED.append(1)
+            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+
+    _TRACED.clear()
+    return _TRACED
+
+
 # torch.compile's own internals still touch torch.jit, which warns; not ours to fix.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_build_from_config_compile_runs_and_unwraps() -> None:
     # NOTE: the "aot_eager" backend traces forward and backward like inductor does but skips code
     # generation, so this checks that the model compiles (pad/crop included) in seconds on a CPU.
-    cfg = ModelConfig(width_divisor=8, compile=True, compile_backend="aot_eager")
+    # A counting wrapper around it shows that model.compile_backend is the backend used (one
+    # that fell back to torch's default, inductor, passed here, only 40 s slower).
+    traced = _counting_aot_eager()
+    cfg = ModelConfig(width_divisor=8, compile=True, compile_backend="footprints_test_aot_eager")
     torch.manual_seed(0)
     compiled = build_model_from_config(cfg, 3, 3)
     plain = unwrap_model(compiled)
@@ -121,7 +142,7 @@ def test_build_from_config_compile_runs_and_unwraps() -> None:
     x = torch.rand(2, 3, 70, 70)
     out = compiled(x)
     out.sum().backward()
-    assert out.shape == (2, 3, 70, 70)
+    assert out.shape == (2, 3, 70, 70) and traced
     with torch.no_grad():
         torch.testing.assert_close(out.detach(), plain(x))
     assert all(p.grad is not None for p in plain.parameters())
