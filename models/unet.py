@@ -94,9 +94,11 @@ def scaled_widths(widths: Sequence[int], width_divisor: int) -> tuple[int, ...]:
         raise ValueError(f"width_divisor={width_divisor} must be >= 1")
     scaled = tuple(w // width_divisor for w in widths)
     if any(w < 2 or w * width_divisor != orig for w, orig in zip(scaled, widths, strict=True)):
+        allowed = [d for d in range(1, min(widths) // 2 + 1)
+                   if all(w % d == 0 for w in widths)]
         raise ValueError(
             f"width_divisor={width_divisor} must divide every width {tuple(widths)} "
-            "and leave at least 2 channels"
+            f"and leave at least 2 channels: one of {', '.join(map(str, allowed))}"
         )
     return scaled
 

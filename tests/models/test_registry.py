@@ -48,6 +48,13 @@ def test_bad_width_divisor_names_the_option(divisor: int) -> None:
         build_model("unet_baseline", 3, 3, width_divisor=divisor)
 
 
+@pytest.mark.parametrize(("name", "allowed"), [("unet_baseline", "1, 2, 4, 8, 16"),
+                                               ("unet", "1, 2, 4, 8, 16, 32")])
+def test_bad_width_divisor_lists_the_ones_that_work(name: str, allowed: str) -> None:
+    with pytest.raises(ValueError, match=f"^width_divisor=3 .* one of {allowed}$"):
+        build_model(name, 3, 3, width_divisor=3)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
