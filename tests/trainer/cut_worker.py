@@ -7,13 +7,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from stop_at import train_until
+
 from trainer import dist
 from trainer.config import load_config
 from trainer.trainer import Trainer
-
-
-class CutError(Exception):
-    pass
 
 
 def main(data: Path, run_dir: Path, step: int) -> None:
@@ -22,21 +20,7 @@ def main(data: Path, run_dir: Path, step: int) -> None:
         cfg = load_config(Path("configs/tiny.toml"), [
             "train.val_every=0", "train.epochs=2", "train.checkpoint_every_steps=2",
             "data.num_threads=1"])
-        cut = Trainer(cfg, env, data, run_dir)
-        real = cut.save_checkpoint
-
-        def save_then_stop(best: bool) -> None:
-            real(best)
-            if cut.global_step == step:
-                raise CutError
-
-        cut.save_checkpoint = save_then_stop  # type: ignore[method-assign]
-        try:
-            cut.train()
-        except CutError:
-            pass
-        else:
-            raise AssertionError(f"no checkpoint at step {step}")
+        train_until(Trainer(cfg, env, data, run_dir), step)
         Trainer(cfg, env, data, run_dir).train()
     finally:
         dist.teardown()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stop_at import train_until
 
 from dataio.loader import IGNORE_INDEX
 from trainer import checkpoint as ckpt
@@ -49,7 +50,7 @@ def test_resume_mid_epoch_is_bit_exact(small_dataset: Path, tmp_path: Path) -> N
     common = ["train.epochs=3", "train.checkpoint_every_steps=2"]
     _trainer(small_dataset, tmp_path / "ref", common).train()
     # stop right after the checkpoint at global step 8: step 3 of the second 5-step epoch
-    _train_until(_trainer(small_dataset, tmp_path / "cut", common), 8)
+    train_until(_trainer(small_dataset, tmp_path / "cut", common), 8)
     resumed = _trainer(small_dataset, tmp_path / "cut", common)
     assert resumed.resume() and (resumed.epoch, resumed.step_in_epoch) == (1, 3)
     resumed = _trainer(small_dataset, tmp_path / "cut", common)
@@ -64,30 +65,12 @@ def test_resume_mid_epoch_is_bit_exact(small_dataset: Path, tmp_path: Path) -> N
         [(r["epoch"], r["samples"], r["train_loss"]) for r in ref_log]
 
 
-class StopRunError(Exception):
-    pass
-
-
-def _train_until(t: Trainer, global_step: int) -> None:
-    """Train ``t`` and stop it right after its checkpoint at ``global_step``."""
-    real_save = t.save_checkpoint
-
-    def save_then_stop(best: bool) -> None:
-        real_save(best)
-        if t.global_step == global_step:
-            raise StopRunError
-
-    t.save_checkpoint = save_then_stop  # type: ignore[method-assign]
-    with pytest.raises(StopRunError):
-        t.train()
-
-
 def test_resume_with_another_batch_size_and_more_epochs_keeps_the_schedule(
         small_dataset: Path, tmp_path: Path) -> None:
     # 17 training tiles: 5 steps an epoch at batch 4, 9 at batch 2 (as a resize to more ranks
     # or fewer would change it). Stop at step 2 of epoch 2, resume at batch 2 with 3 epochs.
     cosine = ["optim.schedule=\"cosine\"", "train.checkpoint_every_steps=1"]
-    _train_until(_trainer(small_dataset, tmp_path / "run", [*cosine, "train.epochs=2"]), 7)
+    train_until(_trainer(small_dataset, tmp_path / "run", [*cosine, "train.epochs=2"]), 7)
     t = _trainer(small_dataset, tmp_path / "run",
                  [*cosine, "train.epochs=3", "data.batch_size=2"])
     assert t.steps_per_epoch == 9 and t.resume()
@@ -177,7 +160,7 @@ def test_fp16_on_cuda_resumes_mid_epoch_with_its_grad_scaler(small_dataset: Path
 
     cut = make()
     assert cut.precision.name == "fp16" and cut.scaler is not None
-    _train_until(cut, 8)
+    train_until(cut, 8)
     saved = ckpt.load(ckpt.list_checkpoints(tmp_path / "run")[-1])["scaler"]
     # after 8 steps the scaler has counted good steps or backed off: not a fresh one's state,
     # so a resume that dropped it would show
@@ -539,7 +522,7 @@ def test_a_cut_epoch_logs_its_seconds_before_the_cut_once(small_dataset: Path,
         return real(batch)  # type: ignore[arg-type]
 
     cut.train_step = slow  # type: ignore[method-assign]
-    _train_until(cut, 8)
+    train_until(cut, 8)
     _trainer(small_dataset, tmp_path / "run", common).train()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
@@ -557,7 +540,7 @@ def test_a_run_whose_steps_draw_random_numbers_resumes_bit_exactly(small_dataset
         return t
 
     noisy(_trainer(small_dataset, tmp_path / "ref", ["train.epochs=2"])).train()
-    _train_until(noisy(_trainer(small_dataset, tmp_path / "cut", ["train.epochs=2"])), 5)
+    train_until(noisy(_trainer(small_dataset, tmp_path / "cut", ["train.epochs=2"])), 5)
     noisy(_trainer(small_dataset, tmp_path / "cut", ["train.epochs=2"])).train()
     ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
