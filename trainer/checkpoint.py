@@ -77,14 +77,11 @@ class _Recorded:
         self.f, self.error = f, None
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        try:
-            while view:  # a short write (the disk filled up) is followed by the one that fails
-                view = view[self.f.write(view):]
+        try:  # (a buffered file writes all of ``data`` or raises: no short writes to resume)
+            return self.f.write(data)
         except OSError as e:
             self.error = e
             raise
-        return len(data)
 
     def flush(self) -> None:
         self.f.flush()
