@@ -556,3 +556,21 @@ def test_a_checkpoint_without_the_training_state_is_refused_naming_what_it_lacks
                                          r"optimizer, scheduler, epoch, step_in_epoch, "
                                          r"global_step, best_score, loader, rng$"):
         t.resume()
+
+
+def test_a_compiled_run_resumes_mid_epoch_and_saves_plain_weights(small_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    """The GPU presets compile the model. Its checkpoints must hold the plain module's keys (so
+    predict's uncompiled net and a run with compile off load them), and a compiled run cut after
+    a mid-epoch checkpoint must end where one left alone ends. aot_eager stands in for inductor,
+    whose cold compile takes minutes on a CPU; validation runs the plain module in between."""
+    common = ["train.epochs=2", "train.checkpoint_every_steps=2", "train.val_every=1",
+              "model.compile=true", "model.compile_backend=aot_eager"]
+    torch._dynamo.reset()
+    _trainer(small_dataset, tmp_path / "ref", common).train()
+    train_until(_trainer(small_dataset, tmp_path / "cut", common), 4)
+    _trainer(small_dataset, tmp_path / "cut", common).train()
+    ref, got = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert set(ref) == set(got) == set(
+        _trainer(small_dataset, tmp_path / "plain", ["model.compile=false"]).net.state_dict())
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
