@@ -9,7 +9,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from postproc.csvio import CsvError
-from postproc.pools import ignore_further_sigint
+from postproc.pools import ignore_further_sigint, sigint_once
 from postproc.predio import PredError
 from postproc.pushmetrics import PostprocRun, push
 
@@ -22,7 +22,8 @@ def exit_on_error(main: Callable[[], int]) -> int:
     is to exit with that code.
     """
     try:
-        return main()
+        with sigint_once():  # (a second press cannot cut the first one's clean-up short)
+            return main()
     except (PredError, CsvError, ValueError, OSError) as e:  # OSError: paths that cannot be used
         print(f"error: {e}", file=sys.stderr)
         return 2

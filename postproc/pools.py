@@ -6,14 +6,17 @@ KeyboardInterrupt, stops them (:func:`close_pool`). A worker that took it died w
 waiting for work, and hung at exit joining them. Once the command's top level has the
 KeyboardInterrupt (``postproc.cli.exit_on_error``), Ctrl-C stays ignored until the process has
 exited (:func:`ignore_further_sigint`): one line, 'interrupted', and exit code 130 however often
-it is pressed.
+it is pressed. A command runs under :func:`sigint_once`, so that "from then on" starts at the
+first press itself, not where the unwinding reaches a handler.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 
 def ignore_sigint() -> None:
@@ -50,3 +53,32 @@ def ignore_further_sigint() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:  # one pressed just before, raised on the way in: ignored as well
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigint_once() -> Iterator[None]:
+    """Inside: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step.
+
+    NOTE: with the default handler a second press could land while the first one unwound, before
+    :func:`close_pool` set Ctrl-C aside; it cut the pool's shutdown short, and at exit the
+    interpreter ran every queued chunk before it let the process go. Leaving normally or by
+    another exception restores the handler found.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        yield
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (raised by other means than a press)
+        raise
+    except BaseException:
+        signal.signal(signal.SIGINT, before)
+        raise
+    signal.signal(signal.SIGINT, before)

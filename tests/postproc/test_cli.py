@@ -570,3 +570,35 @@ def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFi
     assert capsys.readouterr().err == "error: rank 1 failed: disk full\n"
     with pytest.raises(RuntimeError, match="a bug"):
         exit_on_error(lambda: _raise(RuntimeError("a bug")))
+
+
+def test_a_second_ctrl_c_cannot_cut_the_first_ones_clean_up_short() -> None:
+    """The first Ctrl-C unwinds through the pool's shutdown (close_pool), which sets Ctrl-C aside
+    only once it runs. A second press landing in between cut that short: the pool was never shut
+    down, and at exit the interpreter ran every queued chunk first (the 'while the pool stops'
+    case above hung past 60 s on a loaded machine). From the first press on, Ctrl-C is ignored."""
+    before = signal.getsignal(signal.SIGINT)
+    cleaned: list[bool] = []
+
+    def main() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # (the KeyboardInterrupt comes first)
+        finally:  # a second press while the first one's clean-up runs
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            cleaned.append(True)
+        return 0
+
+    try:
+        assert exit_on_error(main) == 130
+    finally:
+        signal.signal(signal.SIGINT, before)  # (pytest's own Ctrl-C)
+    assert cleaned == [True]
+
+
+def test_a_command_that_ends_leaves_ctrl_c_as_it_found_it() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    assert exit_on_error(lambda: 0) == 0
+    assert exit_on_error(lambda: _raise(ValueError("bad input"))) == 2
+    assert signal.getsignal(signal.SIGINT) is before
