@@ -270,11 +270,27 @@ def build_config(raw: dict[str, Any], where: str) -> Config:
     # on the meta device it costs no memory and ~20 ms.
     try:
         with torch.device("meta"):
-            build_model_from_config(dataclasses.replace(parts["model"], compile=False), 3,
-                                    NUM_CLASSES)
+            net = build_model_from_config(dataclasses.replace(parts["model"], compile=False), 3,
+                                          NUM_CLASSES)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: [model] {e}") from None
+    _check_batch_norm(parts["model"], parts["data"], getattr(net, "multiple", None), where)
     return Config(**parts)
+
+
+def _check_batch_norm(model: ModelConfig, data: LoaderConfig, multiple: int | None,
+                      where: str) -> None:
+    """One sample cropped to at most the network's pad multiple reaches the centre block as 1x1:
+    BatchNorm then has one value per channel, and torch stopped the first step with its own words
+    ("Expected more than 1 value per channel"), after the process group and the loaders."""
+    crop = data.crop_size
+    if model.norm != "batch" or data.batch_size != 1 or not multiple or not 0 < crop <= multiple:
+        return
+    raise ConfigError(
+        f"{where}: data.batch_size=1 with data.crop_size={crop} leaves BatchNorm one value per "
+        f"channel in {model.name}'s centre block (a crop of {multiple} px or less is pooled to "
+        f"1x1); use data.batch_size >= 2, data.crop_size > {multiple} (or 0, whole tiles), or "
+        "model.norm = \"group\"")
 
 
 def load_run_config(run_dir: Path) -> Config:

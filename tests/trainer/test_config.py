@@ -129,3 +129,18 @@ def test_resolved_config_round_trips_through_json() -> None:
     cfg = load_config(Path("configs/demo.toml"), ["train.epochs=3"])
     again = build_config(json.loads(cfg.to_json()), "config.json")
     assert again == cfg
+
+
+@pytest.mark.parametrize("crop", [1, 16])
+def test_batch_norm_with_one_tiny_crop_per_step_is_refused_naming_the_keys(crop: int) -> None:
+    """A batch of one crop of <= 16 px reaches unet_baseline's centre as 1x1: BatchNorm stopped
+    the first step with torch's "Expected more than 1 value per channel when training", after
+    the process group and the loaders had started."""
+    bad = ["data.batch_size=1", f"data.crop_size={crop}"]
+    with pytest.raises(ConfigError, match=rf"data\.batch_size=1 with data\.crop_size={crop} "
+                                          r"leaves BatchNorm one value per channel.*"
+                                          r"data\.crop_size > 16.*model\.norm"):
+        load_config(Path("configs/tiny.toml"), bad)
+    for fine in ("data.crop_size=17", "data.crop_size=0", "model.norm=group",
+                 "data.batch_size=2"):  # (the last --set of a key wins)
+        load_config(Path("configs/tiny.toml"), [*bad, fine])
