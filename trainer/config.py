@@ -293,6 +293,22 @@ def _check_batch_norm(model: ModelConfig, data: LoaderConfig, multiple: int | No
         "model.norm = \"group\"")
 
 
+def check_device(cfg: Config, cuda: bool) -> None:
+    """What a training config asks of the machine: ``trainer.train`` checks it before the process
+    group. (Not in the sections: a GPU run's ``config.json`` must still load on a CPU, where
+    ``trainer.predict`` runs it in another precision.)"""
+    if cuda:
+        return
+    # NOTE: fp16 stopped every rank in the Trainer, after the process group and the model; nccl
+    # was refused by the one-GPU-per-process check as "start at most 0" processes.
+    if cfg.train.amp == "fp16":
+        raise ConfigError("train.amp=fp16 needs CUDA (its GradScaler is for GPUs) and this "
+                          "process sees no GPU; use train.amp=auto, bf16 or off")
+    if cfg.dist.backend == "nccl":
+        raise ConfigError("dist.backend=nccl needs CUDA and this process sees no GPU; use "
+                          "dist.backend=auto (gloo without GPUs) or gloo")
+
+
 def load_run_config(run_dir: Path) -> Config:
     """The resolved config a run saved (``RUN/config.json``), validated again."""
     path = Path(run_dir) / "config.json"

@@ -13,10 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from dataio.atomic import check_writable
 from postproc.pools import ignore_further_sigint
 from trainer import dist
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, check_device, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         # NOTE: every rank parses and validates the config before any process group exists, so
         # a bad key fails fast everywhere instead of hanging the others at the first collective.
         cfg = load_config(args.config, args.overrides)
+        check_device(cfg, torch.cuda.is_available())
         if not (args.data / "manifest.json").is_file():
             raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
         check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory

@@ -340,6 +340,36 @@ def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tm
     assert ("the process group was started" in err) != torchrun
 
 
+@pytest.mark.parametrize(("override", "named"), [
+    ("train.amp=fp16", "train.amp=fp16 needs CUDA"),
+    ("dist.backend=nccl", "dist.backend=nccl needs CUDA")])
+def test_what_needs_a_gpu_is_refused_on_a_cpu_before_the_process_group(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], override: str, named: str) -> None:
+    """fp16 stopped every rank in the Trainer, after the process group and the model; nccl was
+    refused as '2 processes on this node but 0 CUDA device(s) visible ... start at most 0'."""
+    import torch.distributed
+
+    from trainer import dist
+    from trainer.train import main
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                 "TORCHELASTIC_RUN_ID": "test"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "watch_agent", lambda env: None)  # no agent to watch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def group(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the process group was started")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", group)
+    assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
+                 str(tmp_path / "run"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"trainer.train: error: {named}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_validation_runs_every_val_every_epochs_and_after_the_last(small_dataset: Path,
                                                                     tmp_path: Path) -> None:
     t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=3", "train.val_every=2"])
