@@ -9,8 +9,10 @@ any process group exists; the resolved config is saved as JSON in the run direct
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -102,6 +104,26 @@ class MetricsConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        # NOTE: only the form; whether the name resolves is the node's business. A malformed
+        # address ('', a URL, a typo with a space) failed on rank 0 only when it started
+        # serving, after the process group, the model and the loaders, without naming the key.
+        if not _is_address(self.address):
+            raise ValueError(f"address {self.address!r} is not an IP address or a host name "
+                             "(e.g. 127.0.0.1, 0.0.0.0, ::1, node01.cluster)")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _is_address(text: str) -> bool:
+    """An IPv4/IPv6 address or a host name (RFC 1123 labels; '_' too, as some clusters use)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    return 0 < len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 MAX_TIMEOUT_S = 365 * 86400.0  # far beyond any collective; inside timedelta and c10d's ms

@@ -38,6 +38,8 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     assert tuple(cfg.loss.class_weights) == (1.0, 2.0, 3.0) and cfg.model.channels_last is True
     assert parse_override("metrics.address=0.0.0.0") == ("metrics", "address", "0.0.0.0")
     assert load_config(Path("configs/tiny.toml"), ["metrics.port=65535"]).metrics.port == 65535
+    for address in ("0.0.0.0", "::1", "localhost", "node-1.cluster.local", "gpu_node01"):
+        assert load_config(None, [f"metrics.address={address}"]).metrics.address == address
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -66,6 +68,10 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     ("optim.lr=true", "optim.lr"),
     ('loss.class_weights=["a", "b", "c"]', "loss.class_weights"),
     ("train.val_every=-1", "val_every"),  # (it meant "never validate", without a word)
+    # failed on rank 0 only when it began serving, after the process group, unnamed
+    ("metrics.address=", "[metrics] address '' is not an IP address or a host name"),
+    ("metrics.address=http://0.0.0.0:9100", "address 'http://0.0.0.0:9100' is not an IP"),
+    ("metrics.address=my host", "address 'my host' is not an IP"),
 ])
 def test_bad_values_name_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as e:
