@@ -205,13 +205,22 @@ def _keys(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}
 
 
+def _home(key: str, besides: str | None = None) -> str:
+    """'; lr is a key of [optim]' where a misplaced key belongs (else ''): users moving a key
+    between sections (train.lr for optim.lr) were told only what the wrong section takes."""
+    homes = [f"[{name}]" for name, part in dataclasses.asdict(Config()).items()
+             if name != besides and key in part]
+    return f"; {key} is a key of {' and '.join(homes)}" if homes else ""
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = _keys(cls)
     unknown = sorted(set(values) - known)
     if unknown:
+        homes = "".join(_home(k, besides=name) for k in unknown)
         raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"[{name}] takes {', '.join(sorted(known))}")
+                          f"[{name}] takes {', '.join(sorted(known))}{homes}")
     kwargs = {k: _check_type(f"{where}: {name}.{k}", v, hints[k]) for k, v in values.items()}
     try:
         return cls(**kwargs)
@@ -237,12 +246,12 @@ def _check_override(text: str, section: str, key: str, value: Any) -> None:
     key does not exist or its value has the wrong type."""
     if section not in SECTIONS:
         raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: "
-                          f"{', '.join(SECTIONS)}")
+                          f"{', '.join(SECTIONS)}{_home(key)}")
     cls = type(getattr(Config(), section))
     known = _keys(cls)
     if key not in known:
         raise ConfigError(f"--set {text!r}: unknown key {section}.{key}; [{section}] takes "
-                          f"{', '.join(sorted(known))}")
+                          f"{', '.join(sorted(known))}{_home(key, besides=section)}")
     _check_type(f"--set {text!r}: {section}.{key}", value, typing.get_type_hints(cls)[key])
 
 
@@ -272,6 +281,12 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
 
 def build_config(raw: dict[str, Any], where: str) -> Config:
     """Validate a {section: {key: value}} mapping (from TOML, or a run's config.json)."""
+    # NOTE: a key above the first [section] header (epochs = 3) is a key, not a section
+    loose = sorted(k for k, v in raw.items() if k not in SECTIONS and not isinstance(v, dict))
+    if loose:
+        raise ConfigError(f"{where}: key(s) {', '.join(loose)} come before any [section] "
+                          f"header; put each under its section ({', '.join(SECTIONS)})"
+                          f"{''.join(_home(k) for k in loose)}")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; "

@@ -150,3 +150,29 @@ def test_batch_norm_with_one_tiny_crop_per_step_is_refused_naming_the_keys(crop:
     for fine in ("data.crop_size=17", "data.crop_size=0", "model.norm=group",
                  "data.batch_size=2"):  # (the last --set of a key wins)
         load_config(Path("configs/tiny.toml"), [*bad, fine])
+
+
+def test_a_key_in_the_wrong_place_is_told_where_it_belongs(tmp_path: Path) -> None:
+    """'epochs = 3' above every header was called an unknown section; train.lr listed what
+    [train] takes without a word that lr is [optim]'s."""
+    loose = tmp_path / "loose.toml"
+    loose.write_text("epochs = 3\n[model]\nname = \"unet\"\n")
+    with pytest.raises(ConfigError, match=rf"^{loose}: key\(s\) epochs come before any \[section\] "
+                                          r"header; .*; epochs is a key of \[train\]$"):
+        load_config(loose)
+    moved = tmp_path / "moved.toml"
+    moved.write_text("[train]\nlr = 1e-3\n")
+    with pytest.raises(ConfigError, match=rf"^{moved}: unknown key\(s\) train\.lr; \[train\] "
+                                          r"takes .*; lr is a key of \[optim\]$"):
+        load_config(moved)
+    with pytest.raises(ConfigError, match=r"^--set 'train\.lr=0\.1': unknown key train\.lr; "
+                                          r".*; lr is a key of \[optim\]$"):
+        load_config(None, ["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"; seed is a key of \[data\] and \[train\]$"):
+        load_config(None, ["optim.seed=1"])
+    with pytest.raises(ConfigError, match=r"unknown section 'training'.*epochs is a key of "
+                                          r"\[train\]$"):
+        load_config(None, ["training.epochs=1"])
+    with pytest.raises(ConfigError, match=r"unknown key train\.bogus; \[train\] takes "
+                                          r"[a-z0-9_, ]+$"):
+        load_config(None, ["train.bogus=1"])  # (no home: nothing added)
