@@ -125,6 +125,7 @@ class Trainer:
                          f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
                          self.env.world_size, self.device.type, self.steps_per_epoch,
                          self.precision.name)
+                self._warn_if_warmup_fills_the_run()
             while self.epoch < self.cfg.train.epochs:
                 summary = self.train_epoch()
                 self.epoch += 1
@@ -137,6 +138,20 @@ class Trainer:
         finally:
             self.metrics.stop()
             self.train_loader.close()
+
+    def _warn_if_warmup_fills_the_run(self) -> None:
+        """A warm-up as long as the run (a GPU preset's 500 steps on a short or small run) left
+        the learning rate rising all the way, below ``optim.lr``, and the cosine never began,
+        without a word. A warning, not an error: short demo and test runs keep their preset."""
+        total = self.cfg.train.epochs * self.steps_per_epoch
+        warmup = self.cfg.optim.warmup_steps
+        if warmup >= total and self.env.is_main:
+            log.warning("optim.warmup_steps=%d fills the whole run (train.epochs=%d x %d "
+                        "steps/epoch = %d steps): the learning rate rises throughout and reaches "
+                        "%.3g of optim.lr=%g at the last step%s; lower optim.warmup_steps",
+                        warmup, self.cfg.train.epochs, self.steps_per_epoch, total,
+                        total / warmup, self.cfg.optim.lr, ", so the cosine decay never starts"
+                        if self.cfg.optim.schedule == "cosine" else "")
 
     def train_epoch(self) -> dict[str, Any]:
         self.train_loader.set_epoch(self.epoch)

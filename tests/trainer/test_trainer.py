@@ -226,6 +226,30 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_do(
     assert "training unet_baseline" not in caplog.text
 
 
+def test_a_warm_up_as_long_as_the_run_is_named(small_dataset: Path, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU preset's 500 warm-up steps on a short run trained at a fraction of optim.lr, the
+    cosine never began, and nothing said so."""
+    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)  # (as above)
+    t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=1", "optim.warmup_steps=500",
+                                                   "optim.schedule=cosine"])
+    monkeypatch.setattr(t, "train_epoch", lambda: {})  # the message is what is tested
+    monkeypatch.setattr(t, "end_epoch", lambda summary: None)
+    with caplog.at_level(logging.WARNING, logger="footprints"):
+        t.train()
+    assert (f"optim.warmup_steps=500 fills the whole run (train.epochs=1 x {t.steps_per_epoch} "
+            "steps/epoch") in caplog.text
+    assert "the cosine decay never starts; lower optim.warmup_steps" in caplog.text
+    caplog.clear()
+    t = _trainer(small_dataset, tmp_path / "run2", ["train.epochs=1", "optim.warmup_steps=2"])
+    monkeypatch.setattr(t, "train_epoch", lambda: {})
+    monkeypatch.setattr(t, "end_epoch", lambda summary: None)
+    with caplog.at_level(logging.WARNING, logger="footprints"):
+        t.train()
+    assert "warmup_steps" not in caplog.text
+
+
 def test_without_a_val_split_the_newest_checkpoint_is_best(tmp_path: Path) -> None:
     """prepare allows --split 85,0,15; validation is then off, so predict's default best.pt
     must still exist (it did only with val_every=0, and predict said "train first")."""
