@@ -174,7 +174,13 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
                 return _check_type(key, value, alt)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
+        # NOTE: a list with one bad item names the item ('loss.class_weights[1]: expected float,
+        # got '0.8''), not the union ("matches none of tuple[float, ...] | list[float] | str")
+        inner = [e for e in errors if e.startswith(f"{key}[")]
+        if inner:
+            raise ConfigError(inner[0])
+        kinds = " or ".join(dict.fromkeys(_describe(alt) for alt in typing.get_args(hint)))
+        raise ConfigError(f"{key}: expected {kinds}, got {value!r}")
     if hint is Any:
         return value
     if hint is type(None):
@@ -198,6 +204,14 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
         return value
     return value
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in a user's words: ``list[float]`` -> 'a list of float'."""
+    if typing.get_origin(hint) in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _keys(cls: type) -> set[str]:

@@ -67,6 +67,9 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     ("train.epochs=true", "train.epochs"),
     ("optim.lr=true", "optim.lr"),
     ('loss.class_weights=["a", "b", "c"]', "loss.class_weights"),
+    # (was "matches none of tuple[float, ...] | list[float] | str")
+    ('loss.class_weights=[0.1, "0.8", 0.1]', "loss.class_weights[1]: expected float, got '0.8'"),
+    ("loss.class_weights=1", "loss.class_weights: expected a list of float or str, got 1"),
     ("train.val_every=-1", "val_every"),  # (it meant "never validate", without a word)
     # failed on rank 0 only when it began serving, after the process group, unnamed
     ("metrics.address=", "[metrics] address '' is not an IP address or a host name"),
