@@ -275,7 +275,9 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
     where = str(path) if path else "defaults"
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            # NOTE: utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order
+            # mark, which tomllib refused as "Invalid statement (at line 1, column 1)"
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"--config {path}: file not found") from None
         except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not UTF-8

@@ -123,6 +123,13 @@ def test_unreadable_config_files_name_the_file(tmp_path: Path) -> None:
             load_config(path)
 
 
+def test_a_preset_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """(Notepad's UTF-8 starts with one; tomllib said 'Invalid statement (at line 1, column 1)')"""
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + Path("configs/tiny.toml").read_bytes())
+    assert load_config(bom) == load_config(Path("configs/tiny.toml"))
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
