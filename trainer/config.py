@@ -247,11 +247,13 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. train.epochs=5)")
     dotted, raw = text.split("=", 1)
-    section, key = dotted.strip().split(".", 1)
+    section, key = (part.strip() for part in dotted.split(".", 1))
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare words such as data.backend=torch
+        # bare words such as data.backend=torch; stripped as TOML strips a number, so that
+        # 'train.amp = bf16' is not refused as amp ' bf16' while 'train.epochs = 3' works
+        value = raw.strip()
     return section, key, value
 
 

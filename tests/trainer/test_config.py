@@ -37,6 +37,10 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     assert cfg.train.epochs == 7 and cfg.data.backend == "torch" and cfg.optim.lr == 1e-3
     assert tuple(cfg.loss.class_weights) == (1.0, 2.0, 3.0) and cfg.model.channels_last is True
     assert parse_override("metrics.address=0.0.0.0") == ("metrics", "address", "0.0.0.0")
+    # spaces around the = (and the dot) go, for bare words as for TOML values
+    assert parse_override("train.amp = bf16") == ("train", "amp", "bf16")
+    assert parse_override(" train . epochs = 3 ") == ("train", "epochs", 3)
+    assert load_config(None, ["data.backend = torch"]).data.backend == "torch"
     assert load_config(Path("configs/tiny.toml"), ["metrics.port=65535"]).metrics.port == 65535
     for address in ("0.0.0.0", "::1", "localhost", "node-1.cluster.local", "gpu_node01"):
         assert load_config(None, [f"metrics.address={address}"]).metrics.address == address
