@@ -48,13 +48,21 @@ def test_geojson_and_solutions_csv_agree(synthetic_aoi: Path) -> None:
         gj = json.loads((synthetic_aoi / "geojson" / "buildings" / f"buildings_{iid}.geojson")
                         .read_text())
         assert gj["type"] == "FeatureCollection"
+        # spelled as SpaceNet ships it: the legacy CRS84 member, lon/lat/0 positions
+        assert gj["crs"] == {"type": "name",
+                             "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}}
+        assert all(len(xyz) == 3 and xyz[2] == 0 for f in gj["features"]
+                   for ring in f["geometry"]["coordinates"] for xyz in ring)
         polys = [shape(f["geometry"]) for f in gj["features"]]
         assert all(p.is_valid and p.geom_type == "Polygon" for p in polys)
         if not polys:
             assert [r["BuildingId"] for r in image_rows] == ["-1"]
             assert image_rows[0]["PolygonWKT_Pix"] == "POLYGON EMPTY"
             continue
-        assert len(image_rows) == len(polys)
+        # buildings numbered 1..n alike in both files, so a row finds its feature by id
+        assert [int(r["BuildingId"]) for r in image_rows] == list(range(1, len(polys) + 1))
+        assert [f["properties"]["OBJECTID"] for f in gj["features"]] == \
+            list(range(1, len(polys) + 1))
         for r, p in zip(image_rows, polys, strict=True):
             geo = shapely.force_2d(shapely.from_wkt(r["PolygonWKT_Geo"]))
             # the CSV rounds to 1e-9 degrees: a thousandth of a (2.7e-6 degree) pixel. NOTE: a
