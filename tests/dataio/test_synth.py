@@ -31,8 +31,13 @@ def test_rasters_are_georeferenced_11bit_rgb(synthetic_aoi: Path) -> None:
             px_m = ds.transform.a * 111_320
             assert 0.25 < px_m < 0.35 and ds.transform.e == -ds.transform.a
             assert -116 < ds.transform.c < -115 and 36 < ds.transform.f < 37  # Las Vegas
+            # pixel-interleaved like SpaceNet's (a planar TIFF decodes to garbage in DALI)
+            assert ds.profile["interleave"] == "pixel"
             data = ds.read()
         assert data.max() <= 2047 and data.std() > 50  # 11-bit and not a flat image
+        # 0 is SpaceNet's no-data (prepare leaves it out of the band statistics): no roof or
+        # ground pixel of a synthetic tile may read as missing
+        assert data.min() > 0
 
 
 def test_geojson_and_solutions_csv_agree(synthetic_aoi: Path) -> None:
