@@ -89,6 +89,16 @@ def test_deterministic_for_a_seed_whatever_the_workers(tmp_path: Path) -> None:
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
 
+    # another seed is another AOI, not this one's tiles shifted by one (seed + index would be)
+    def pixels(root: Path) -> set[bytes]:
+        out = set()
+        for tif in (root / "RGB-PanSharpen").glob("*.tif"):
+            with rasterio.open(tif) as ds:
+                out.add(ds.read().tobytes())
+        return out
+
+    assert len(pixels(tmp_path / "a")) == 4 and not pixels(tmp_path / "a") & pixels(tmp_path / "c")
+
 
 def _gaps(polys: list[shapely.Polygon]) -> list[float]:
     tree = shapely.STRtree(polys)
