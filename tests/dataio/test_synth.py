@@ -160,19 +160,21 @@ def test_an_interrupted_synth_is_refused_by_prepare(tmp_path: Path,
     from dataio import synth
     from dataio.prepare import PrepareConfig, prepare
 
-    real = synth.make_tile
+    real = synth.fsync_file
+    written: list[Path] = []
 
-    def dying(cfg: SynthConfig, index: int) -> dict:
-        if index == 2:
+    def dying(path: Path) -> None:  # killed while the third tile's image is being written
+        written.append(Path(path))
+        if len(written) == 3:
             raise KeyboardInterrupt
-        return real(cfg, index)
+        real(path)
 
-    monkeypatch.setattr(synth, "make_tile", dying)
+    monkeypatch.setattr(synth, "fsync_file", dying)
     out = tmp_path / "aoi"
     with pytest.raises(KeyboardInterrupt):
         write_aoi(SynthConfig(out=out, tiles=4, size=64))
     assert len(list((out / "RGB-PanSharpen").glob("*.tif"))) == 2  # what a kill leaves
-    assert not list(out.rglob("*.tmp"))
+    assert written[2].name.endswith(".tmp") and not list(out.rglob("*.tmp"))  # its part gone
     with pytest.raises(ValueError, match=r"incomplete.*\.synth-incomplete.*--overwrite"):
         prepare(PrepareConfig(raw=[out], out=tmp_path / "d"), progress=False)
     with pytest.raises(ValueError, match="interrupted synth's AOI.*--overwrite"):
