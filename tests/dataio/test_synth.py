@@ -78,6 +78,24 @@ def test_geojson_and_solutions_csv_agree(synthetic_aoi: Path) -> None:
             assert pix.is_valid and pix.bounds[0] >= 0 and pix.bounds[2] <= 650
 
 
+@pytest.mark.parametrize("crs, gsd", [("EPSG:4326", 0.3), ("EPSG:32611", 0.5)])
+def test_the_csvs_geo_wkt_is_its_pixel_wkt_on_the_map(tmp_path: Path, crs: str, gsd: float) -> None:
+    """PolygonWKT_Geo is PolygonWKT_Pix through the tile's geotransform, to a hundredth of a
+    pixel in degrees and in a projected CRS alike (metres rounded to 1 m passed every test)."""
+    raw = tmp_path / "aoi"
+    write_aoi(SynthConfig(out=raw, tiles=2, seed=1, size=128, crs=crs, gsd_m=gsd))
+    with open(raw / "summaryData" / "AOI_2_Vegas_Train_Building_Solutions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["BuildingId"] != "-1"]
+    assert len(rows) >= 5
+    for r in rows:
+        tif = raw / "RGB-PanSharpen" / f"RGB-PanSharpen_{r['ImageId']}.tif"
+        with rasterio.open(tif) as ds:
+            transform = ds.transform
+        pix = shapely.from_wkt(r["PolygonWKT_Pix"])
+        geo = shapely.force_2d(shapely.from_wkt(r["PolygonWKT_Geo"]))
+        mapped = shapely.affinity.affine_transform(shapely.force_2d(pix), transform.to_shapely())
+        assert mapped.hausdorff_distance(geo) < 0.01 * transform.a, r["BuildingId"]
+
 def test_deterministic_for_a_seed_whatever_the_workers(tmp_path: Path) -> None:
     def digest(root: Path) -> dict[str, str]:
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
