@@ -158,6 +158,18 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["--out", str(tmp_path / "x"), "--crs", "EPSG:999999"]) == 2
 
 
+@pytest.mark.parametrize("bad, named", [
+    (["--size", "31"], "--size must be >= 32 px, got 31"),
+    (["--aoi", "AOI_2.Vegas"], "--aoi 'AOI_2.Vegas' must be a plain name"),  # ImageId of a dot
+    (["--label-crs", "EPSG:999999"], "--label-crs 'EPSG:999999': not a CRS")])
+def test_bad_arguments_are_named_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: list[str], named: str) -> None:
+    out = tmp_path / "x"
+    assert main(["--out", str(out), "--tiles", "1", *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dataio.synth: error: ") and named in err
+    assert not out.exists()
+
 def test_an_aoi_already_there_is_refused_or_replaced(tmp_path: Path) -> None:
     out = tmp_path / "aoi"
     write_aoi(SynthConfig(out=out, tiles=3, size=64))
