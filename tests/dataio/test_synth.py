@@ -138,6 +138,9 @@ def test_scenes_hold_the_hard_cases() -> None:
         kinds.add(scene.kind)
         areas += [p.area for p in scene.buildings]
         gaps += _gaps(scene.buildings)
+        # houses beside the streets and pools, never standing on them
+        assert all(b.distance(c) >= 0.99 for b in scene.buildings
+                   for c in scene.roads + scene.pools), seed
         l_shapes += sum(len(p.exterior.coords) == 7 for p in scene.buildings)
         partial += sum(scene.partial)
         for k in clutter:
