@@ -13,10 +13,11 @@ import rasterio
 import rasterio.features
 import shapely
 from pyproj import CRS
-from shapely.geometry import shape
+from shapely.geometry import box, shape
 
 from dataio.geo import reproject_geometry
-from dataio.scene import make_scene
+from dataio.render import render
+from dataio.scene import Scene, make_scene
 from dataio.synth import SynthConfig, main, write_aoi
 
 
@@ -154,6 +155,37 @@ def test_scenes_hold_the_hard_cases() -> None:
     assert 1000 < np.median(areas) < 3000 and max(areas) > 20_000
     assert all(v > 0 for v in clutter.values())
 
+
+def test_render_draws_the_cues_that_separate_buildings() -> None:
+    """Roofs overlap the ground's colours, so the image must carry the other cues the renderer
+    promises, where the scene puts them: shadows on the sun's offset, a darker eave along every
+    outline, a dimmer side of a gabled roof, and trees (dropping any of them passed every test)."""
+    houses = [box(x, y, x + 60, y + 40) for x in (20, 110) for y in (20, 110)]
+    tree = shapely.Point(95, 185).buffer(6)
+    scene = Scene(size=(200, 200), kind="sparse", buildings=houses, partial=[False] * 4,
+                  trees=[tree], sun=(6.0, 5.0))
+    img = render(scene, np.random.default_rng(0)).astype(np.float32)
+    lum = img.mean(axis=0)
+
+    def burn(*geoms: shapely.Geometry) -> np.ndarray:
+        return rasterio.features.rasterize(geoms, out_shape=(200, 200)).astype(bool)
+
+    near = burn(*(shapely.affinity.translate(h, 6, 5).buffer(3) for h in houses), tree.buffer(3))
+    ground = np.median(lum[~near & ~burn(*(h.buffer(3) for h in houses))])
+    shadows = burn(*(shapely.affinity.translate(h, 6, 5).difference(h.buffer(1)) for h in houses))
+    assert np.median(lum[shadows]) < 0.7 * ground
+    gabled = 0
+    for x, y in ((20, 20), (110, 20), (20, 110), (110, 110)):
+        cols = slice(x + 5, x + 55)
+        # the top eave row against the row 3 px in, both in the roof's upper half
+        assert np.median(lum[y, cols]) < 0.92 * np.median(lum[y + 3, cols]), (x, y)
+        upper, lower = np.median(lum[y + 5:y + 15, cols]), np.median(lum[y + 25:y + 35, cols])
+        ratio = min(upper, lower) / max(upper, lower)
+        assert ratio < 0.88 or ratio > 0.95, (x, y)  # one side at 0.82, or no ridge at all
+        gabled += ratio < 0.88
+    assert gabled >= 1
+    leaves = img[:, burn(tree.buffer(-1))]
+    assert np.median(leaves[1]) > np.median(leaves[0])  # green over red, unlike the ground
 
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path / "x"), "--tiles", "0"]) == 2
