@@ -173,6 +173,22 @@ def test_a_crs_with_no_transform_to_the_images_skips_the_tile(raw: Path, tmp_pat
     assert sum(s["samples"] for s in m["splits"].values()) == 1
 
 
+@pytest.mark.parametrize("member", [
+    {"type": "link", "properties": {"href": "http://example.com/crs/42", "type": "proj4"}},
+    {"type": "name", "properties": {}}])
+def test_a_crs_member_without_a_name_skips_the_tile(raw: Path, tmp_path: Path,
+                                                   member: dict[str, Any]) -> None:
+    """A linked (or nameless) legacy CRS says the coordinates are not lon/lat without saying
+    what they are: that tile is skipped with the reason, not read as lon/lat."""
+    doc = json.loads(_geojson(raw, 1).read_text())
+    doc["crs"] = member
+    _geojson(raw, 1).write_text(json.dumps(doc))
+    m = _run(raw, tmp_path / "d")
+    reason = _skipped(m)[IMG1]
+    assert reason.startswith(f"{_geojson(raw, 1)}: unknown CRS in the 'crs' member")
+    assert "expected a named CRS" in reason
+    assert sum(s["samples"] for s in m["splits"].values()) == 1
+
 def test_no_features_is_still_an_empty_tile(raw: Path, tmp_path: Path) -> None:
     _geojson(raw, 1).write_text(json.dumps(_collection()))
     m = _run(raw, tmp_path / "d")
