@@ -224,13 +224,27 @@ def test_a_damaged_score_file_is_named(tmp_path: Path, text: str, problem: str) 
 def test_the_stages_hand_each_other_the_right_files(tmp_path: Path) -> None:
     """Tuning reads the val predictions and val truth, the printed F1 is the test split's, and
     training gets the overrides as --set pairs (only the ~2-minute end-to-end run saw this)."""
-    demo = Demo(tmp_path / "demo", nproc=3, overrides=["train.epochs=2", "data.crop_size=64"])
+    demo = Demo(tmp_path / "demo", tiles=24, seed=3, nproc=3, render_tiles=2,
+                overrides=["train.epochs=2", "data.crop_size=64"])
     stages = dict(demo.stages())
 
     def arg(stage: str, flag: str) -> str:
         cmd = stages[stage]
         return cmd[cmd.index(flag) + 1]
 
+    # the AOI of --tiles and --seed, replaced on a rerun with others (synth and prepare refuse
+    # an existing AOI or dataset without --overwrite), is the one prepared and trained on
+    assert (arg("synth", "--tiles"), arg("synth", "--seed"), arg("prepare", "--seed")) == \
+        ("24", "3", "3")
+    assert "--overwrite" in stages["synth"] and "--overwrite" in stages["prepare"]
+    assert arg("prepare", "--raw") == arg("synth", "--out")
+    assert arg("train", "--data") == arg("predict_val", "--data") == arg("prepare", "--out")
+    assert arg("predict_test", "--run-dir") == arg("tune", "--run-dir") == str(demo.run)
+    # where the report (launch.report) reads the score and the README embeds the pictures
+    assert arg("score", "--json") == str(demo.run / "report" / "score_test.json")
+    assert arg("curves", "--out") == str(demo.run / "report" / "curves.png")
+    assert (arg("render", "--out"), arg("render", "--tiles")) == \
+        (str(demo.run / "report" / "tiles"), "2")
     assert arg("predict_val", "--split") == "val" and arg("predict_test", "--split") == "test"
     assert arg("tune", "--pred") == arg("predict_val", "--out")
     assert arg("tune", "--truth") == str(demo.data / "val" / "truth.csv")
