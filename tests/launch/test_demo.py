@@ -57,18 +57,20 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
 class _TinyDemo(Demo):
     """The demo's stage logic with two stand-in stages: "synth" writes one file per tile into
     raw/ (replacing what was there, as synth --overwrite does), "train" adds a checkpoint file to
-    run/ (as a resumed run keeps its old ones), and fails after it when its overrides hold
-    "fail" (a run killed after some checkpoints)."""
+    run/ (as a resumed run keeps its old ones) holding the number of tiles it was trained on, and
+    fails after it when its overrides hold "fail" (a run killed after some checkpoints)."""
 
     def stages(self) -> list[tuple[str, list[str]]]:
         synth = ("import pathlib, shutil, sys; d = pathlib.Path(sys.argv[1]); "
                  "shutil.rmtree(d, ignore_errors=True); d.mkdir(parents=True); "
                  "[(d / f't{i}').touch() for i in range(int(sys.argv[2]))]")
-        train = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, "
-                 "exist_ok=True); (d / f'ckpt-{len(list(d.iterdir()))}').touch(); "
-                 "sys.exit('fail' in sys.argv)")
+        train = ("import pathlib, sys; d, raw = map(pathlib.Path, sys.argv[1:3]); "
+                 "d.mkdir(parents=True, exist_ok=True); "
+                 "(d / f'ckpt-{len(list(d.iterdir()))}').write_text(str(len(list(raw.iterdir()))));"
+                 " sys.exit('fail' in sys.argv)")
         return [("synth", [sys.executable, "-c", synth, str(self.raw), str(self.tiles)]),
-                ("train", [sys.executable, "-c", train, str(self.run), *self.overrides])]
+                ("train", [sys.executable, "-c", train, str(self.run), str(self.raw),
+                           *self.overrides])]
 
 
 def test_a_rerun_with_other_inputs_trains_again(tmp_path: Path,
@@ -110,7 +112,8 @@ def test_a_rerun_stopped_while_removing_the_old_run_still_trains_from_nothing(
             run_demo(_TinyDemo(out, tiles=1))
     assert _ckpts(out) == ["ckpt-0"]  # the old run, not yet removed
     run_demo(_TinyDemo(out, tiles=1))
-    assert _ckpts(out) == ["ckpt-0"]  # removed, then trained from nothing
+    # removed, then trained from nothing on the new data (not the old run, "done before")
+    assert _ckpts(out) == ["ckpt-0"] and (out / "run" / "ckpt-0").read_text() == "1"
 
 
 def test_a_stage_that_did_not_complete_is_never_done_before(tmp_path: Path,
