@@ -136,6 +136,37 @@ def test_a_stage_that_did_not_complete_is_never_done_before(tmp_path: Path,
     assert _ckpts(out) == ["ckpt-0"]
 
 
+def test_the_command_skips_what_is_done_and_fresh_starts_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Through main: a rerun skips the stages done and still reports each one's seconds (the
+    report's table and total); --fresh deletes OUT and runs every stage again."""
+    reported: list[dict[str, float]] = []
+    monkeypatch.setattr(demo_module, "Demo", _TinyDemo)
+    monkeypatch.setattr(demo_module, "write_report",
+                        lambda run, data, seconds: reported.append(dict(seconds)) or {})
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--tiles", "5"]
+    assert demo_module.main(argv) == 0 and demo_module.main(argv) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert set(reported[0]) == {"synth", "train"} and reported[1] == reported[0]
+    (out / "stray").touch()
+    assert demo_module.main([*argv, "--fresh"]) == 0
+    assert "done before" not in capsys.readouterr().out and not (out / "stray").exists()
+    assert _ckpts(out) == ["ckpt-0"]
+
+
+def test_a_failed_stage_is_one_line_and_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    class Failing(_TinyDemo):
+        def stages(self) -> list[tuple[str, list[str]]]:
+            return [("synth", [sys.executable, "-c", "import sys; sys.exit(3)"])]
+
+    monkeypatch.setattr(demo_module, "Demo", Failing)
+    assert demo_module.main(["--out", str(tmp_path / "demo"), "--tiles", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("launch.demo: error: stage synth failed (exit 3): ") and "\n" not in err
+
 @pytest.mark.parametrize("text, problem", [("[]", "not a demo state"),
                                            ('{"synth": 1}', "not a demo state"),
                                            ('{"synth": {"cmd"', "unreadable demo state")])
