@@ -180,6 +180,7 @@ def test_a_damaged_state_file_is_named(tmp_path: Path, text: str, problem: str) 
 
 @pytest.mark.parametrize(("bad", "named"), [
     (["--nproc", "0"], "--nproc"), (["--tiles", "0"], "--tiles"), (["--set", "foo"], "--set"),
+    (["--render-tiles", "0"], "--render-tiles must be >= 1"),
     (["--set", "train.bogus=1"], "--set"),
     # these ran synth and prepare first, and failed in train (or, a split empty, in predict)
     (["--tiles", "4"], "--tiles 4 leaves a split empty"),
