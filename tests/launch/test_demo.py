@@ -327,6 +327,9 @@ def _finished_run(tmp_path: Path) -> tuple[Path, Path]:
 def test_the_report_holds_the_figures_of_the_runs_files(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     run, data = _finished_run(tmp_path)
+    (run / "report" / "tiles").mkdir()
+    for name in ("AOI_1_img2", "AOI_1_img1"):  # what the render stage drew
+        (run / "report" / "tiles" / f"{name}.png").write_bytes(b"")
     seconds = {"synth": 1.25, "train": 10.0, "score": 0.5}
     summary = write_report(run, data, seconds)
     assert summary == json.loads((run / "report" / "summary.json").read_text())
@@ -341,4 +344,13 @@ def test_the_report_holds_the_figures_of_the_runs_files(tmp_path: Path,
     assert summary["seconds"] == seconds and summary["total_seconds"] == 11.8
     readme = (run / "report" / "README.md").read_text()
     assert "Test split (1 tiles): **F1 0.6667**" in readme and "| **total** | **11.8** |" in readme
-    assert "test F1 0.6667  precision 0.7500  recall 0.6000" in capsys.readouterr().out
+    assert ("F1 0.5000 with the default settings, 0.7000 with "
+            '`{"building_threshold": 0.6}`') in readme
+    assert "| synth | 1.2 |\n| train | 10.0 |\n| score | 0.5 |\n" in readme
+    assert "![training curves](curves.png)" in readme
+    assert "![AOI_1_img1](tiles/AOI_1_img1.png)\n![AOI_1_img2](tiles/AOI_1_img2.png)" in readme
+    printed = capsys.readouterr().out
+    assert "test F1 0.6667  precision 0.7500  recall 0.6000" in printed
+    rows = [line.split() for line in printed.splitlines()]
+    assert ["train", "10.0"] in rows and ["total", "11.8"] in rows  # the stage table
+    assert f"report: {run / 'report'}/README.md" in printed
