@@ -245,14 +245,17 @@ def test_the_report_refuses_settings_that_are_not_the_tuned_ones(tmp_path: Path)
         build_summary(tmp_path, tmp_path / "data", {})
 
 
-@pytest.mark.parametrize("text, problem", [('{"f1": 0.5,', "unreadable"),
-                                           ('{"f1": 0.5}', "not postproc.score's JSON")])
-def test_a_damaged_score_file_is_named(tmp_path: Path, text: str, problem: str) -> None:
+@pytest.mark.parametrize("text, problem", [
+    ('{"f1": 0.5,', ": unreadable"), ('{"f1": 0.5}', ": not postproc.score's JSON"),
+    ('{"precision": 1, "recall": 1, "f1": 1, "tp": 1, "fp": 0}', ": not postproc.score's JSON"),
+    (None, " is missing: the stage that writes it did not run")])
+def test_a_damaged_score_file_is_named(tmp_path: Path, text: str | None, problem: str) -> None:
     from launch.report import build_summary
 
     (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "score_test.json").write_text(text)
-    with pytest.raises(ValueError, match=f"score_test.json: {problem}"):
+    if text is not None:
+        (tmp_path / "report" / "score_test.json").write_text(text)
+    with pytest.raises(ValueError, match=f"score_test.json{problem}"):
         build_summary(tmp_path, tmp_path / "data", {})
 
 
