@@ -66,8 +66,8 @@ def sigint_once() -> Iterator[None]:
 
     NOTE: with the default handler a second press could land while the first one unwound, before
     :func:`close_pool` set Ctrl-C aside; it cut the pool's shutdown short, and at exit the
-    interpreter ran every queued chunk before it let the process go. Leaving normally or by
-    another exception restores the handler found.
+    interpreter ran every queued chunk before it let the process go. Leaving without a press
+    restores the handler found.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -75,10 +75,6 @@ def sigint_once() -> Iterator[None]:
     before = signal.signal(signal.SIGINT, _interrupt_once)
     try:
         yield
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (raised by other means than a press)
-        raise
-    except BaseException:
-        signal.signal(signal.SIGINT, before)
-        raise
-    signal.signal(signal.SIGINT, before)
+    finally:  # (after a press its handler has set Ctrl-C aside: that stays)
+        if signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, before)
