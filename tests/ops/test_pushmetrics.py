@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from ops_helpers import free_port, write_preds
 from prometheus_client import generate_latest
 
-from postproc import polygonize, score
+from postproc import polygonize, pushmetrics, score
 from postproc.cli import exit_on_error
 from postproc.pushmetrics import PostprocRun, build_registry, push
 
@@ -28,6 +30,68 @@ def test_registry_carries_units_and_score_figures() -> None:
     assert "footprints_postproc_last_success_timestamp_seconds" in text
     assert "footprints_score" not in generate_latest(build_registry(
         PostprocRun(tiles=1, polygons=1, seconds=1.0))).decode()
+
+
+def test_polygonize_and_score_push_the_same_families_alike() -> None:
+    """The gateway refuses a push whose family has another help text or type than the same
+    family already pushed by another job: polygonize's push would break score's, or back."""
+    def families(run: PostprocRun) -> dict[str, tuple[str, str]]:
+        return {f.name: (f.type, f.documentation) for f in build_registry(run).collect()}
+
+    poly = families(PostprocRun(tiles=2, polygons=5, seconds=1.0))
+    scored = families(PostprocRun(tiles=3, polygons=7, seconds=2.0, score=dict(
+        f1=0.5, precision=0.5, recall=0.5, tp=1, fp=1, fn=1)))
+    assert set(poly) < set(scored)
+    assert {name: scored[name] for name in poly} == poly
+
+
+def test_last_success_is_the_time_of_the_push() -> None:
+    """Alerts compute ``time() - footprints_postproc_last_success_timestamp_seconds``: the value
+    is the Unix time in seconds when the run ended."""
+    before = time.time()
+    registry = build_registry(PostprocRun(tiles=1, polygons=1, seconds=1.0))
+    after = time.time()
+    stamp = registry.get_sample_value("footprints_postproc_last_success_timestamp_seconds")
+    assert stamp is not None and before <= stamp <= after
+
+
+def test_a_push_replaces_the_group_of_this_job_and_host() -> None:
+    """A PUT to /metrics/job/<job>/instance/<host>: the gateway keeps the last run per job and
+    host (a POST would merge runs; without the instance two hosts would overwrite each other)."""
+    got: list[tuple[str, str, str]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            self._take()
+
+        def do_POST(self) -> None:
+            self._take()
+
+        def _take(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            got.append((self.command, self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        run = PostprocRun(tiles=3, polygons=9, seconds=1.5,
+                          score=dict(f1=0.5, precision=0.5, recall=0.5, tp=2, fp=2, fn=2))
+        assert push(url, "footprints_score", run)
+    finally:
+        server.shutdown()
+        server.server_close()
+    [(method, path, body)] = got
+    assert (method, path) == ("PUT", f"/metrics/job/footprints_score/instance/"
+                                     f"{socket.gethostname()}")
+    assert "footprints_postproc_tiles_total 3.0" in body
+    assert 'footprints_score_polygons_total{outcome="tp"} 2.0' in body
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "127.0.0.1:9091x", "http://127.0.0.1:abc",
@@ -49,6 +113,19 @@ def test_gateway_urls_that_prometheus_client_takes_are_accepted(url: str) -> Non
     args = score.build_parser().parse_args(["--truth", "t.csv", "--proposals", "p.csv",
                                             "--pushgateway", url])
     assert args.pushgateway == url
+
+
+@pytest.mark.timeout(60)
+def test_a_gateway_that_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A hung gateway must not hold a finished job: the push has a timeout, then warns."""
+    monkeypatch.setattr(pushmetrics, "PUSH_TIMEOUT_S", 0.5)
+    with socket.socket() as srv:  # accepts (the kernel's backlog) and never answers
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+        assert not push(url, "footprints_test", PostprocRun(tiles=1, polygons=1, seconds=1.0))
+    assert f"could not push metrics to the Pushgateway at {url}" in capsys.readouterr().err
 
 
 def test_a_gateway_port_that_is_not_http_is_a_warning(
