@@ -34,6 +34,7 @@ def test_serves_on_the_configured_loopback_address_only() -> None:
         skipped = {s.labels["reason"]: s.value for s in fams["footprints_skipped_samples"].samples
                    if s.name.endswith("_total")}
         assert skipped == {"decode_error": 2.0}
+        assert 'footprints_skipped_steps_total{reason="nonfinite_loss"} 1.0' in text.decode()
         # counters only grow: a later sync with the same cumulative figure adds nothing
         m.set_skipped_samples({"decode_error": 2})
         m.sync()
@@ -101,6 +102,21 @@ def test_cpu_memory_is_exported_in_bytes() -> None:
     assert peak is not None and peak >= rss // 2  # KiB read as bytes gives rss / 1024
 
 
+def test_cuda_memory_is_exported_as_allocated_and_reserved(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two kinds, each its own figure (reserved minus allocated is the caching allocator's
+    slack, which a dashboard shows by putting the two side by side)."""
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 << 20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 8 << 20)
+    m = TrainMetrics(DistEnv())
+    m.record_memory(torch.device("cuda", 0))
+    m.sync()
+    got = {kind: m.registry.get_sample_value("footprints_device_memory_bytes",
+                                             {"rank": "0", "kind": kind})
+           for kind in ("allocated", "reserved", "max_rss")}
+    assert got == {"allocated": 3 << 20, "reserved": 8 << 20, "max_rss": None}
+
+
 def test_a_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -135,3 +151,36 @@ def test_training_stops_with_the_reason_when_the_port_is_taken(small_dataset, tm
                    str(tmp_path / "run"), "--set", f"metrics.port={port}"])
     assert rc == 1
     assert "already in use" in capsys.readouterr().err
+
+
+def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    """What dashboards plot besides the step series: the epoch, the learning rate, validation
+    F1/IoU and checkpoint times of the run, and one more resume each time a run picks up its
+    checkpoint (the resumed run's epoch gauge then follows the checkpoint, not 0)."""
+    from trainer.config import load_config
+    from trainer.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+
+    def run(epochs: int) -> Trainer:
+        cfg = load_config(Path("configs/tiny.toml"), [f"train.epochs={epochs}",
+                                                      "data.num_threads=1"])
+        t = Trainer(cfg, DistEnv(), small_dataset, run_dir)
+        t.train()
+        return t
+
+    def value(t: Trainer, name: str, **labels: str) -> float | None:
+        return t.metrics.registry.get_sample_value(f"footprints_{name}", labels)
+
+    first = run(1)
+    assert value(first, "resumes_total") == 0
+    assert value(first, "epoch") == 0
+    assert value(first, "learning_rate") == first.optimizer.param_groups[0]["lr"] > 0
+    assert value(first, "validation", metric="f1") == first.history[-1]["val_f1"]
+    assert value(first, "validation", metric="iou") == first.history[-1]["val_iou"]
+    assert value(first, "checkpoint_seconds_count") == 1  # one checkpoint, at the epoch's end
+    second = run(2)
+    assert value(second, "resumes_total") == 1
+    assert value(second, "epoch") == 1
+    assert value(second, "checkpoint_seconds_count") == 1  # this process's own
