@@ -117,6 +117,36 @@ def test_cuda_memory_is_exported_as_allocated_and_reserved(
     assert got == {"allocated": 3 << 20, "reserved": 8 << 20, "max_rss": None}
 
 
+def test_histogram_buckets_are_seconds_up_to_a_minute() -> None:
+    """The dashboards' p50/p95 come from the buckets: a 0.2 s step must land between 0.1 and
+    0.25 s, and a 20 s checkpoint in a finite bucket (past the last one, p95 reads as that
+    bucket's bound however slow the checkpoints get)."""
+    m = TrainMetrics(DistEnv())
+    m.record_step(samples=8, step_s=0.2, wait_s=0.2, loss=0.5)
+    m.sync()
+    m.checkpoint_time.observe(20.0)
+
+    def bucket(name: str, le: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(f"footprints_{name}_bucket", {**labels, "le": le})
+
+    for name in ("step_seconds", "data_wait_seconds"):
+        assert bucket(name, "0.1", rank="0") == 0 and bucket(name, "0.25", rank="0") == 1
+    assert bucket("checkpoint_seconds", "10.0") == 0
+    assert bucket("checkpoint_seconds", "30.0") == 1
+
+
+def test_a_stopped_endpoint_frees_its_port() -> None:
+    """stop() releases the port: a trainer built again in the same process (a notebook, a
+    resume) can serve there."""
+    port = free_port()
+    for _ in range(2):
+        m = TrainMetrics(DistEnv(), port=port)
+        m.start()
+        m.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
 def test_a_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
