@@ -7,6 +7,8 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,9 +57,9 @@ def test_last_success_is_the_time_of_the_push() -> None:
     assert stamp is not None and before <= stamp <= after
 
 
-def test_a_push_replaces_the_group_of_this_job_and_host() -> None:
-    """A PUT to /metrics/job/<job>/instance/<host>: the gateway keeps the last run per job and
-    host (a POST would merge runs; without the instance two hosts would overwrite each other)."""
+@contextmanager
+def capturing_gateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
+    """A stand-in Pushgateway on a loopback port: (URL, the (method, path, body) it received)."""
     got: list[tuple[str, str, str]] = []
 
     class Gateway(BaseHTTPRequestHandler):
@@ -80,18 +82,58 @@ def test_a_push_replaces_the_group_of_this_job_and_host() -> None:
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        run = PostprocRun(tiles=3, polygons=9, seconds=1.5,
-                          score=dict(f1=0.5, precision=0.5, recall=0.5, tp=2, fp=2, fn=2))
-        assert push(url, "footprints_score", run)
+        yield f"http://127.0.0.1:{server.server_address[1]}", got
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_push_replaces_the_group_of_this_job_and_host() -> None:
+    """A PUT to /metrics/job/<job>/instance/<host>: the gateway keeps the last run per job and
+    host (a POST would merge runs; without the instance two hosts would overwrite each other)."""
+    with capturing_gateway() as (url, got):
+        run = PostprocRun(tiles=3, polygons=9, seconds=1.5,
+                          score=dict(f1=0.5, precision=0.5, recall=0.5, tp=2, fp=2, fn=2))
+        assert push(url, "footprints_score", run)
     [(method, path, body)] = got
     assert (method, path) == ("PUT", f"/metrics/job/footprints_score/instance/"
                                      f"{socket.gethostname()}")
     assert "footprints_postproc_tiles_total 3.0" in body
     assert 'footprints_score_polygons_total{outcome="tp"} 2.0' in body
+
+
+@pytest.mark.timeout(120)
+def test_polygonize_and_score_push_what_they_wrote(tmp_path: Path) -> None:
+    """Each command pushes under its default job the figures of its own output: polygonize
+    the tiles and polygons of its CSV, score those of its JSON."""
+    pred, truth = write_preds(tmp_path, tiles=2)
+    out, js = tmp_path / "proposals.csv", tmp_path / "score.json"
+    with capturing_gateway() as (url, got):
+        assert polygonize.main(["--pred", str(pred), "--out", str(out), "--workers", "1",
+                                "--pushgateway", url]) == 0
+        rows = out.read_text().splitlines()
+        # two buildings missing from the truth and one from the proposals: 2 FP, 1 FN
+        proposals = tmp_path / "fewer.csv"
+        proposals.write_text("\n".join(rows[:-1]) + "\n")
+        lines = truth.read_text().splitlines()
+        truth.write_text("\n".join(lines[:1] + lines[3:]) + "\n")
+        assert score.main(["--truth", str(truth), "--proposals", str(proposals), "--json", str(js),
+                           "--workers", "1", "--pushgateway", url]) == 0
+    rows = rows[1:]
+    scored = json.loads(js.read_text())
+    assert scored["fp"] != scored["fn"] and scored["tp"] > 0, scored
+    host = socket.gethostname()
+    [(_, poly_path, poly), (_, score_path, sc)] = got
+    assert poly_path == f"/metrics/job/footprints_polygonize/instance/{host}"
+    assert score_path == f"/metrics/job/footprints_score/instance/{host}"
+    assert f"footprints_postproc_tiles_total {float(len({r.split(',')[0] for r in rows}))}" in poly
+    assert f"footprints_postproc_polygons_total {float(len(rows))}" in poly
+    assert "footprints_score" not in poly
+    assert "footprints_postproc_tiles_total 2.0" in sc
+    assert f"footprints_postproc_polygons_total {float(scored['tp'] + scored['fp'])}" in sc
+    for k in ("tp", "fp", "fn"):
+        assert f'footprints_score_polygons_total{{outcome="{k}"}} {float(scored[k])}' in sc
+    assert f"footprints_score_f1 {scored['f1']}" in sc
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "127.0.0.1:9091x", "http://127.0.0.1:abc",
