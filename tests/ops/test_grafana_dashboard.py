@@ -86,6 +86,19 @@ def test_dashboard_queries_use_labels_the_metrics_have() -> None:
     assert not wrong, wrong
 
 
+def test_quantile_legends_say_the_quantile_queried() -> None:
+    wrong, found = [], 0
+    for p in panels(load_dashboard()):
+        for t in p.get("targets", []):
+            legend = re.match(r"p(\d+)\b", t.get("legendFormat", ""))
+            q = re.match(r"histogram_quantile\(\s*([0-9.]+)", t["expr"])
+            if legend or q:
+                found += 1
+                if not (legend and q and float(q.group(1)) == int(legend.group(1)) / 100):
+                    wrong.append((p["title"], t["legendFormat"], t["expr"]))
+    assert found >= 4 and not wrong, wrong
+
+
 def test_training_panels_follow_the_job_variable() -> None:
     """``Training job`` is multi-value with All: Grafana puts a regex in ``$job``, so every
     training series is selected with ``job=~"$job"`` (``=`` matches nothing once two are picked,
