@@ -1,0 +1,142 @@
+"""Masks drawn from footprints, checked pixel by pixel against the geometry they come from: the
+band of ``boundary_width`` px on both sides of every outline (holes included), touching buildings
+kept apart, no band along the tile edge on any side."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+from pyproj import CRS
+from shapely.geometry import Polygon, box
+
+from dataio.classes import BACKGROUND, BOUNDARY, BUILDING
+from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
+
+
+def _expected(polygons: list[Polygon], shape_hw: tuple[int, int], width: float,
+              tol: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """The mask by definition (distance of each pixel centre to the outlines), and where it is
+    unambiguous (centres within ``tol`` of the band's edge or of an outline may fall either way)."""
+    h, w = shape_hw
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    centres = shapely.points(xs.ravel(), ys.ravel())
+    outline = shapely.union_all([p.boundary for p in polygons])
+    area = shapely.union_all(polygons)
+    d = shapely.distance(outline, centres).reshape(h, w)
+    inside = shapely.contains_xy(area, xs.ravel(), ys.ravel()).reshape(h, w)
+    want = np.where(d < width, BOUNDARY, np.where(inside, BUILDING, BACKGROUND))
+    sure = (np.abs(d - width) > tol) & (d > tol)
+    return want.astype(np.uint8), sure
+
+
+def test_the_band_is_every_pixel_within_the_width_of_an_outline_holes_included() -> None:
+    courtyard = Polygon([(10, 10), (50, 10), (50, 40), (10, 40)],
+                        [[(22, 20), (38, 20), (38, 30), (22, 30)]])
+    ell = Polygon([(60, 12), (75, 12), (75, 22), (68, 22), (68, 37), (60, 37)])
+    polys = [courtyard, ell]
+    for width in (DEFAULT_BOUNDARY_WIDTH, 1.0, 4.0):
+        mask = make_mask(polys, (50, 90), width)
+        want, sure = _expected(polys, (50, 90), width)
+        assert sure.mean() > 0.8
+        bad = np.argwhere(sure & (mask != want))
+        assert len(bad) == 0, (width, bad[:5].tolist())
+    mask = make_mask(polys, (50, 90))
+    assert (mask[24:27, 28:33] == BACKGROUND).all()  # the courtyard is no roof
+    assert (mask[18:22, 30] == BOUNDARY).all() and (mask[28:32, 30] == BOUNDARY).all()
+
+
+def test_touching_buildings_are_separated_by_the_boundary_class() -> None:
+    left, right = box(10, 10, 30, 40), box(30, 10, 55, 40)  # one shared wall at x = 30
+    mask = make_mask([left, right], (50, 70))
+    assert (mask[14:36, 28:32] == BOUNDARY).all()
+    # no 4-connected path of building pixels from one to the other
+    assert not ((mask[:, 29] == BUILDING) | (mask[:, 30] == BUILDING)).any()
+    assert (mask[20:30, 15:25] == BUILDING).all() and (mask[20:30, 36:50] == BUILDING).all()
+
+
+def test_no_band_along_any_tile_edge_of_a_tile_that_is_not_square() -> None:
+    h, w = 60, 100
+    right = box(80, 10, 100, 30)  # cut by the right edge (x = w), which lies beyond y = h
+    bottom = box(20, 40, 45, 60)  # cut by the bottom edge (y = h)
+    mask = make_mask([right, bottom], (h, w))
+    assert (mask[14:27, w - 1] == BUILDING).all()
+    assert (mask[h - 1, 24:42] == BUILDING).all()
+    assert (mask[14:27, 78:82] == BOUNDARY).all() and (mask[44:h, 18:22] == BOUNDARY).all()
+
+
+def _collection(*rings: list[tuple[float, float]]) -> str:
+    feats = [{"type": "Feature", "properties": {},
+              "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in r]]}}
+             for r in rings]
+    return json.dumps({"type": "FeatureCollection", "features": feats,
+                       "crs": {"type": "name", "properties": {"name": "EPSG:32611"}}})
+
+
+def test_footprints_smaller_than_a_pixel_are_kept(tmp_path: Path) -> None:
+    """A shed of 0.5 px x 1.5 px is still a footprint in the truth (the scorer decides what is
+    too small, by its own threshold), not dropped while reading the labels."""
+    origin = (500000.0, 4000000.0)
+    transform = Affine(0.3, 0, origin[0], 0, -0.3, origin[1])
+    path = tmp_path / "buildings.geojson"
+
+    def ring(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+        gx = [origin[0] + 0.3 * x for x in (x0, x1)]
+        gy = [origin[1] - 0.3 * y for y in (y0, y1)]
+        return [(gx[0], gy[0]), (gx[1], gy[0]), (gx[1], gy[1]), (gx[0], gy[1]), (gx[0], gy[0])]
+
+    path.write_text(_collection(ring(10, 10, 30, 30), ring(40, 40, 40.5, 41.5)))
+    fp = read_footprints(path, CRS.from_epsg(32611), transform, 64, 64)
+    assert sorted(round(p.area, 3) for p in fp.polygons) == [0.75, 400.0]
+
+
+def test_a_multipolygon_feature_gives_each_of_its_parts(tmp_path: Path) -> None:
+    """One feature may be a MultiPolygon (a building in two parts): both are footprints."""
+    transform = Affine(0.3, 0, 500000.0, 0, -0.3, 4000000.0)
+    parts = [[[[500000.0 + 0.3 * x, 4000000.0 - 0.3 * y] for x, y in
+               ((x0, 5), (x0 + 10, 5), (x0 + 10, 15), (x0, 15), (x0, 5))]] for x0 in (5, 30)]
+    doc = {"type": "FeatureCollection",
+           "crs": {"type": "name", "properties": {"name": "EPSG:32611"}},
+           "features": [{"type": "Feature", "properties": {},
+                         "geometry": {"type": "MultiPolygon", "coordinates": parts}}]}
+    path = tmp_path / "buildings.geojson"
+    path.write_text(json.dumps(doc))
+    fp = read_footprints(path, CRS.from_epsg(32611), transform, 64, 64)
+    assert sorted(round(p.bounds[0], 6) for p in fp.polygons) == [5.0, 30.0]
+    assert [round(p.area, 6) for p in fp.polygons] == [100.0, 100.0]
+
+
+def _utm_doc(*rects: tuple[float, float, float, float]) -> str:
+    """Pixel rectangles (x0, y0, x1, y1) as a GeoJSON in UTM under ``_UTM``'s 0.3 m grid."""
+    def ring(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+        xy = ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))
+        return [[_UTM.c + _UTM.a * x, _UTM.f + _UTM.e * y] for x, y in xy]
+    return json.dumps({"type": "FeatureCollection",
+                       "crs": {"type": "name", "properties": {"name": "EPSG:32611"}},
+                       "features": [{"type": "Feature", "properties": {},
+                                     "geometry": {"type": "Polygon", "coordinates": [ring(*r)]}}
+                                    for r in rects]})
+
+
+_UTM = Affine(0.3, 0, 500000.0, 0, -0.3, 4000000.0)
+
+
+def test_footprints_are_clipped_to_a_tile_that_is_not_square(tmp_path: Path) -> None:
+    """Width is x, height is y: on a 64 x 40 (w x h) tile a roof at x 50..60 is on the image,
+    and one crossing y = 40 is cut there."""
+    path = tmp_path / "buildings.geojson"
+    path.write_text(_utm_doc((50, 10, 60, 20), (10, 30, 20, 50)))
+    fp = read_footprints(path, CRS.from_epsg(32611), _UTM, 64, 40)
+    bounds = sorted(tuple(round(v, 6) for v in p.bounds) for p in fp.polygons)
+    assert bounds == [(10.0, 30.0, 20.0, 40.0), (50.0, 10.0, 60.0, 20.0)]
+
+
+def test_a_missing_label_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "buildings_AOI_9_x_img1.geojson"
+    with pytest.raises(LabelError, match=f"^{re.escape(str(path))}: label file missing"):
+        read_footprints(path, CRS.from_epsg(32611), _UTM, 64, 40)
