@@ -46,7 +46,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cores": len(os.sched_getaffinity(0)),
         "cpu": cpu,
-        "memory_bytes": _meminfo_bytes("MemTotal"),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),  # MemTotal
         "gpu": gpu,
         "gpus": gpus,
         "gpu_memory_bytes": gpu_memory,
@@ -54,17 +54,6 @@ def machine_info() -> dict[str, Any]:
         "os": platform.platform(),
         "hostname": platform.node(),
     }
-
-
-def _meminfo_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
 
 
 # the distributions whose versions decide the figures (DALI's name carries its CUDA major)
