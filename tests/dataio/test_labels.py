@@ -113,14 +113,10 @@ def test_a_multipolygon_feature_gives_each_of_its_parts(tmp_path: Path) -> None:
 
 def _utm_doc(*rects: tuple[float, float, float, float]) -> str:
     """Pixel rectangles (x0, y0, x1, y1) as a GeoJSON in UTM under ``_UTM``'s 0.3 m grid."""
-    def ring(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    def ring(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
         xy = ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))
-        return [[_UTM.c + _UTM.a * x, _UTM.f + _UTM.e * y] for x, y in xy]
-    return json.dumps({"type": "FeatureCollection",
-                       "crs": {"type": "name", "properties": {"name": "EPSG:32611"}},
-                       "features": [{"type": "Feature", "properties": {},
-                                     "geometry": {"type": "Polygon", "coordinates": [ring(*r)]}}
-                                    for r in rects]})
+        return [(_UTM.c + _UTM.a * x, _UTM.f + _UTM.e * y) for x, y in xy]
+    return _collection(*(ring(*r) for r in rects))
 
 
 _UTM = Affine(0.3, 0, 500000.0, 0, -0.3, 4000000.0)
