@@ -127,6 +127,13 @@ def _is_address(text: str) -> bool:
 
 
 MAX_TIMEOUT_S = 365 * 86400.0  # far beyond any collective; inside timedelta and c10d's ms
+# NOTE: every collective waits out the other ranks' work in between: rank 0 alone writing a
+# checkpoint (hundreds of MB for the wide U-Net), an uneven share of validation, the first
+# compiled step (~20 s), a rank still importing at start. A timeout shorter than those stopped
+# a healthy run in gloo's words ("Timed out waiting 1000ms for send operation to complete",
+# "wait timeout after 50ms, keys: /footprints/attempt_0/...", with a C++ stack), never naming
+# dist.timeout_s; a fraction of a second (0.001: seconds taken for milliseconds) failed at once.
+MIN_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -138,9 +145,10 @@ class DistConfig:
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"backend {self.backend!r}: choose auto, nccl or gloo")
         # (inf, or beyond a timedelta, failed only in dist.init, on every rank)
-        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
-            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}] s, "
-                             f"got {self.timeout_s}")
+        if not MIN_TIMEOUT_S <= self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be in [{MIN_TIMEOUT_S:.0f}, {MAX_TIMEOUT_S:.0f}] "
+                             f"s (it bounds every collective, including the waits for rank 0's "
+                             f"checkpoint writes), got {self.timeout_s}")
 
 
 @dataclass

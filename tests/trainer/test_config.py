@@ -63,6 +63,9 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     ("optim.lr=inf", "optim.lr"),
     ("dist.timeout_s=inf", "dist.timeout_s"),
     ("dist.timeout_s=1e300", "timeout_s"),
+    # gloo's own words at the first collective ("wait timeout after 1ms, keys: ..."), unnamed
+    ("dist.timeout_s=0.001", "[dist] timeout_s must be in [60, "),
+    ("dist.timeout_s=59.9", "got 59.9"),
     ("optim.momentum=-1", "momentum"),
     # found only by building the model, or at the first step, after the process group started
     ("model.width_divisor=3", "width_divisor=3 must divide every width"),
@@ -94,6 +97,7 @@ def test_nan_fails_the_optimizer_checks_made_in_code() -> None:
             OptimConfig(**bad)
     with pytest.raises(ValueError, match="timeout_s"):
         DistConfig(timeout_s=math.inf)
+    assert DistConfig(timeout_s=60).timeout_s == 60  # the bound itself is allowed
 
 
 def test_an_unknown_override_key_names_set_not_the_file() -> None:
