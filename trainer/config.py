@@ -281,6 +281,13 @@ def _check_override(text: str, section: str, key: str, value: Any) -> None:
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> Config:
     """Read a TOML preset (or start from defaults), apply overrides, validate everything."""
+    return build_config(*read_config(path, overrides))
+
+
+def read_config(path: Path | None, overrides: list[str] | None = None
+                ) -> tuple[dict[str, Any], str]:
+    """The keys a user set: the preset's ``{section: {key: value}}`` with the overrides applied
+    (their keys and types checked), and where they came from, for :func:`build_config`."""
     raw: dict[str, Any] = {}
     where = str(path) if path else "defaults"
     if path is not None:
@@ -302,7 +309,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Config
         raw.setdefault(section, {})[key] = value
     if overrides:  # a section's own checks (ranges) may refuse a value from either
         where = f"{where} with --set {' '.join(overrides)}"
-    return build_config(raw, where)
+    return raw, where
 
 
 def build_config(raw: dict[str, Any], where: str) -> Config:
@@ -354,6 +361,66 @@ def _check_batch_norm(model: ModelConfig, data: LoaderConfig, multiple: int | No
         f"channel in {model.name}'s centre block (a crop of {multiple} px or less is pooled to "
         f"1x1); use data.batch_size >= 2, data.crop_size > {multiple} (or 0, whole tiles), or "
         "model.norm = \"group\"")
+
+
+def unused_settings(cfg: Config, given: dict[str, Any]) -> list[str]:
+    """A line for each reason why keys that ``given`` sets (a preset's and ``--set``'s, as
+    :func:`read_config` returns them) have no effect in ``cfg``: ``optim.momentum`` with Adam,
+    ``optim.min_lr_ratio`` with a constant schedule, ``model.compile_mode`` without compiling.
+
+    NOTE: for ``trainer.train`` to warn about, not refuse: a preset may keep a value for when its
+    switch is turned on. Only keys a user set: every dataclass default (momentum 0.9 with the
+    default Adam) would otherwise be reported on every run.
+    """
+    inert = _inert_keys(cfg)
+    by_reason: dict[str, list[str]] = {}
+    for section, values in given.items():
+        for key, value in values.items():
+            why = inert.get(f"{section}.{key}")
+            if why is not None:
+                by_reason.setdefault(why, []).append(f"{section}.{key} = {_toml(value)}")
+    return [f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} no effect: {why}"
+            for why, keys in by_reason.items()]
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _inert_keys(cfg: Config) -> dict[str, str]:
+    """Keys whose value ``cfg`` does not use, each with the setting that makes it so."""
+    optim, loss, data, train = cfg.optim, cfg.loss, cfg.data, cfg.train
+    inert: dict[str, str] = {}
+    if optim.name != "sgd":
+        inert["optim.momentum"] = f"optim.name = {_toml(optim.name)} takes none (SGD only)"
+    if optim.schedule != "cosine":
+        inert["optim.min_lr_ratio"] = (f"optim.schedule = {_toml(optim.schedule)} does not "
+                                       "decay (it is the cosine's floor)")
+    if not cfg.model.compile:
+        inert["model.compile_mode"] = inert["model.compile_backend"] = "model.compile = false"
+    if loss.ce_weight == 0:
+        inert["loss.class_weights"] = inert["loss.frequency_balancing"] = (
+            "loss.ce_weight = 0 (the class weights weigh the cross entropy only)")
+    elif loss.class_weights != "manifest":
+        inert["loss.frequency_balancing"] = ("loss.class_weights is a list (it turns the "
+                                             "manifest's frequencies into weights)")
+    if loss.dice_weight == 0:
+        inert["loss.dice_smooth"] = "loss.dice_weight = 0 (no Dice term)"
+    if data.backend != "dali":
+        inert["data.read_ahead"] = f"data.backend = {_toml(data.backend)} (DALI only)"
+        if data.num_threads == 0:
+            inert["data.prefetch"] = (f"data.backend = {_toml(data.backend)} with "
+                                      "data.num_threads = 0 (no DataLoader workers)")
+    if cfg.metrics.port == 0:
+        inert["metrics.address"] = "metrics.port = 0 (no endpoint)"
+    if train.val_every == 0:
+        inert["train.val_f1"] = "train.val_every = 0 (no validation)"
+    if train.val_every == 0 or not train.val_f1:
+        why = ("train.val_every = 0 (no validation)" if train.val_every == 0 else
+               "train.val_f1 = false") + "; [postproc] is the validation F1's polygonizer"
+        for name in _keys(PolygonizeConfig):
+            inert[f"postproc.{name}"] = why
+    return inert
 
 
 def check_device(cfg: Config, cuda: bool) -> None:

@@ -18,7 +18,9 @@ import torch
 from dataio.atomic import check_writable
 from postproc.pools import ignore_further_sigint
 from trainer import dist
-from trainer.config import ConfigError, check_device, load_config
+from trainer.config import ConfigError, build_config, check_device, read_config, unused_settings
+
+log = logging.getLogger("footprints")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         env = dist.DistEnv.from_env()
         # NOTE: every rank parses and validates the config before any process group exists, so
         # a bad key fails fast everywhere instead of hanging the others at the first collective.
-        cfg = load_config(args.config, args.overrides)
+        given, where = read_config(args.config, args.overrides)
+        cfg = build_config(given, where)
         check_device(cfg, torch.cuda.is_available())
         if not (args.data / "manifest.json").is_file():
             raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.trainer import NonFiniteError, Trainer  # heavy imports after the checks
 
+    dist.setup_logging(env)
+    if env.is_main:  # every rank read the same config: one line each, not one per rank
+        for line in unused_settings(cfg, given):
+            log.warning("%s", line)
     interrupted = False
     try:
         dist.init(env, None if cfg.dist.backend == "auto" else cfg.dist.backend,
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.seed_everything(cfg.train.seed, env.rank)
         Trainer(cfg, env, args.data, args.run_dir).train()
     except (NonFiniteError, ValueError, RuntimeError, OSError) as e:
-        logging.getLogger("footprints").error("%s", e)
+        log.error("%s", e)
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost

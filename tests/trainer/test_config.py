@@ -15,6 +15,8 @@ from trainer.config import (
     build_config,
     load_config,
     parse_override,
+    read_config,
+    unused_settings,
 )
 
 CONFIGS = sorted(Path("configs").glob("*.toml"))
@@ -194,3 +196,49 @@ def test_a_key_in_the_wrong_place_is_told_where_it_belongs(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"unknown key train\.bogus; \[train\] takes "
                                           r"[a-z0-9_, ]+$"):
         load_config(None, ["train.bogus=1"])  # (no home: nothing added)
+
+
+def _unused(path: Path | None, overrides: list[str]) -> list[str]:
+    given, where = read_config(path, overrides)
+    return unused_settings(build_config(given, where), given)
+
+
+def test_settings_that_have_no_effect_are_named_when_set() -> None:
+    """optim.momentum with Adam, optim.min_lr_ratio with a constant schedule, model.compile_mode
+    without compiling: silently ignored, so a user who set one believed it acted."""
+    assert _unused(None, ["optim.momentum=0.5"]) == [
+        'optim.momentum = 0.5 has no effect: optim.name = "adam" takes none (SGD only)']
+    assert _unused(Path("configs/tiny.toml"), ["optim.min_lr_ratio=0.1"]) == [
+        'optim.min_lr_ratio = 0.1 has no effect: optim.schedule = "constant" does not decay '
+        "(it is the cosine's floor)"]
+    # keys idle for one reason share a line
+    assert _unused(None, ['model.compile_mode="max-autotune"', "model.compile_backend=eager"]) \
+        == ['model.compile_mode = "max-autotune", model.compile_backend = "eager" have no '
+            "effect: model.compile = false"]
+    for override, named in [("loss.dice_smooth=2", "loss.dice_weight = 0"),
+                            ("loss.frequency_balancing=sqrt", "loss.class_weights is a list"),
+                            ("metrics.address=0.0.0.0", "metrics.port = 0"),
+                            ("data.read_ahead=4", 'data.backend = "torch"'),
+                            ("postproc.grow_radius=2", "train.val_f1 = false")]:
+        lines = _unused(None, ["data.backend=torch", "train.val_f1=false", override])
+        assert len(lines) == 1 and lines[0].startswith(override.split("=")[0]), lines
+        assert named in lines[0]
+    assert "train.val_every = 0" in _unused(None, ["train.val_every=0", "train.val_f1=true"])[0]
+
+
+def test_settings_in_use_and_defaults_are_not_named(tmp_path: Path) -> None:
+    # the same keys where they act
+    assert _unused(None, ["optim.name=sgd", "optim.momentum=0.5", "optim.schedule=cosine",
+                          "optim.min_lr_ratio=0.1", "loss.dice_weight=1", "loss.dice_smooth=2",
+                          "loss.class_weights=manifest", "loss.frequency_balancing=sqrt",
+                          "metrics.port=9100", "metrics.address=0.0.0.0",
+                          "data.read_ahead=4", "postproc.grow_radius=2"]) == []
+    # the dataclass defaults: momentum 0.9 with Adam, min_lr_ratio with the constant schedule
+    assert _unused(None, []) == [] and _unused(None, ["optim.name=adamw"]) == []
+    for path in CONFIGS:  # no preset carries a key it does not use
+        assert _unused(path, []) == [], path
+    # a preset is as much the user's setting as --set
+    preset = tmp_path / "preset.toml"
+    preset.write_text("[optim]\nname = \"adamw\"\nmomentum = 0.95\n")
+    assert _unused(preset, []) == [
+        'optim.momentum = 0.95 has no effect: optim.name = "adamw" takes none (SGD only)']

@@ -394,6 +394,38 @@ def test_what_needs_a_gpu_is_refused_on_a_cpu_before_the_process_group(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_setting_that_has_no_effect_is_warned_about_once_on_rank_0(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        rank: int) -> None:
+    """optim.momentum with Adam (or min_lr_ratio with a constant schedule, ...) was silently
+    ignored; tiny.toml's own keys and the dataclass defaults stay quiet."""
+    import torch.distributed
+
+    from trainer import dist
+    from trainer.train import main
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                 "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "setup_logging", lambda env: None)  # (once per process)
+
+    def group(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the process group was started")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", group)
+    (tmp_path / "DATA").mkdir()
+    (tmp_path / "DATA" / "manifest.json").write_text("{}")  # (the group fails first)
+    # (a trainer test run before this one may have stopped propagation to caplog's root)
+    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
+    assert main(["--config", "configs/tiny.toml", "--data", str(tmp_path / "DATA"),
+                 "--run-dir", str(tmp_path / "run"), "--set", "optim.momentum=0.5"]) == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == (['optim.momentum = 0.5 has no effect: optim.name = "adam" takes none '
+                       "(SGD only)"] if rank == 0 else [])
+
+
 def test_validation_runs_every_val_every_epochs_and_after_the_last(small_dataset: Path,
                                                                     tmp_path: Path) -> None:
     t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=3", "train.val_every=2"])
