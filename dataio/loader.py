@@ -177,6 +177,7 @@ class Loader:
         self.fingerprint = self.index.fingerprint()
         self.stats = LoaderStats(shards_skipped=Counter(self.index.shards_skipped))
         self._bad: dict[int, str] = {}  # sample ids DALI could not decode (torch re-detects)
+        self._told_small_tile = False
         self._epoch, self._step, self._done, self._resume = 0, 0, 0, False
         self._live: Generator[Batch, None, None] | None = None  # the epoch being iterated
         self._reader = ShardReader(manifest.bands)
@@ -277,6 +278,8 @@ class Loader:
                     if mask.device.type == "cpu" else mask.long())
         if rec.padded_pixels or not rec.valid.all():
             mask.masked_fill_(mask == MASK_PAD, IGNORE_INDEX)
+        if rec.small_tile is not None and not self._told_small_tile:
+            self._warn_small_tile(*rec.small_tile)
         st = self.stats
         st.batches += 1
         st.samples_read += int(rec.valid.sum())
@@ -285,6 +288,23 @@ class Loader:
         st.pipeline_rebuilds = self._backend.rebuilds
         valid = torch.from_numpy(np.asarray(rec.valid, dtype=bool)).to(self.device)
         return Batch(raw.image, mask, rec.keys, valid, rec.metas)
+
+    def _warn_small_tile(self, key: str, height: int, width: int) -> None:
+        """Once per loader, on rank 0: a crop larger than a tile is cut to the tile and padded
+        back to ``crop x crop`` with pixels the loss ignores (see :mod:`dataio.augment`).
+
+        NOTE: a warning, not torchvision RandomCrop's or DALI crop's error: padding is what
+        their pad_if_needed=True / out_of_bounds_policy="pad" do, and this loader's contract
+        (tiles of several AOIs, or non-square ones, may be smaller than the crop on one side).
+        But a crop larger than every tile (1024 on SpaceNet's 650 px) mostly computes padding.
+        """
+        self._told_small_tile = True
+        crop = self.cfg.crop_size
+        if self.rank == 0:
+            log.warning("data.crop_size=%d is larger than tile %s (%d x %d px): its crops are "
+                        "the tile padded to %d x %d with pixels the loss ignores, computed all "
+                        "the same; set data.crop_size to at most the tile size (0: whole "
+                        "tiles)", crop, key, height, width, crop, crop)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "step": self._step, "samples_done": self._done,

@@ -66,6 +66,8 @@ class StepRecord:
     reasons: list[str | None]  # per slot: None for a sample or padding, else why it was skipped
     shape: tuple[int, int] | None = None  # output H, W (None: no valid sample in the batch)
     padded_pixels: bool = False  # some sample is smaller than the batch (mask gets IGNORE)
+    # the first sample whose tile is smaller than the training crop: key, height, width
+    small_tile: tuple[str, int, int] | None = None
 
 
 @dataclass
@@ -125,6 +127,9 @@ def prepare_step(plan: EpochPlan, j: int, reader: ShardReader, decode_mask: bool
             continue
         items.append(item)
         rec.keys[slot], rec.metas[slot], rec.valid[slot] = ref.key, meta, True
+    crop = plan.spec.crop if plan.spec is not None else 0
+    rec.small_tile = next(((rec.keys[it.slot], it.geom.height, it.geom.width) for it in items
+                           if crop > min(it.geom.height, it.geom.width)), None)
     target = batch_shape(plan.spec, [it.geom.out_shape for it in items])
     rec.shape = target
     rec.padded_pixels = any(it.geom.out_shape != target for it in items)

@@ -3,6 +3,7 @@ the image, streams are deterministic per seed, positions restore exactly."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -307,6 +308,30 @@ def test_train_crop_larger_than_tile_pads_bottom_right(aligned: Path) -> None:
         np.testing.assert_allclose(img, results["torch"][key][0], rtol=0, atol=1e-6)
         assert (msk == IGNORE_INDEX).any() and (msk[:H, :H] >= 0).all()  # 72 rows, or 72 cols
         np.testing.assert_array_equal(img[:, msk == IGNORE_INDEX], 0)
+
+
+def test_a_crop_larger_than_a_tile_is_named_once_on_rank_0(
+        aligned: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.crop_size beyond the tile was cut to the tile and padded back without a word: a
+    crop of 1024 on 650 px tiles computed mostly padding."""
+    # (a trainer test run in-process before this one may have stopped propagation to the root)
+    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
+
+    def told(backend: str, crop: int, rank: int = 0, world_size: int = 1) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), \
+                build_loader(aligned, "train", _cfg(backend, crop_size=crop), rank, world_size,
+                             train=True) as loader:
+            _by_key(loader, epochs=(0, 1))
+        return [r.getMessage() for r in caplog.records if "crop_size" in r.getMessage()]
+
+    for backend in BACKENDS:
+        lines = told(backend, 80)
+        assert len(lines) == 1, lines  # once per loader, not per batch or epoch
+        assert lines[0].startswith("data.crop_size=80 is larger than tile AOI_9_Test_img")
+        assert f"({H} x {W} px): its crops are the tile padded to 80 x 80" in lines[0]
+    assert told("torch", 80, rank=1, world_size=2) == []  # rank 0 says it
+    assert told("torch", H) == []  # as large as the tile's short side: no padding
 
 
 def test_config_is_validated() -> None:
