@@ -212,6 +212,11 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def backend_name() -> str | None:
+    """The process group's backend ("gloo", "nccl"), None in a process without one."""
+    return str(dist.get_backend()) if _active() else None
+
+
 def _reduce_device() -> torch.device:
     # NCCL reduces only CUDA tensors; gloo only CPU ones.
     if _active() and dist.get_backend() == "nccl":

@@ -34,6 +34,7 @@ from trainer.dist import (
     agree_any,
     agreed_loader,
     all_reduce_sum,
+    backend_name,
     broadcast_object,
     device_for,
     gather_objects,
@@ -71,6 +72,11 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss, self.manifest.class_frequencies).to(self.device)
         self.precision = resolve(cfg.train.amp, self.device)
         self.scaler = self.precision.scaler()
+        # NOTE: what "auto" became, in every log line and checkpoint: config.json keeps the
+        # setting as written (a GPU run's must load for predict on a CPU, see check_device),
+        # and a resume on other hardware may change it from one epoch to the next.
+        self.runtime = {"amp": self.precision.name, "device": self.device.type,
+                        "dist_backend": backend_name()}
         self.optimizer = build_optimizer(self.net.parameters(), cfg.optim)
         self.train_loader = agreed_loader("train", self.data, lambda: build_loader(
             self.data, "train", cfg.data, env.rank, env.world_size, train=True,
@@ -193,7 +199,7 @@ class Trainer:
         return {"epoch": self.epoch + 1, "global_step": self.global_step,
                 "train_loss": loss_sum / max(steps, 1), "lr": self.optimizer.param_groups[0]["lr"],
                 "samples": int(samples), "samples_per_s": samples / max(seconds, 1e-9),
-                "seconds": seconds}
+                "seconds": seconds, **self.runtime}
 
     def train_step(self, batch: Batch) -> float | None:
         """One optimizer step; returns the local loss, or None when all ranks agreed to skip."""
@@ -288,7 +294,7 @@ class Trainer:
             "global_step": self.global_step, "best_score": self.best_f1,
             "loader": self.train_loader.state_dict(),
             "world_size": self.env.world_size, "steps_per_epoch": self.steps_per_epoch,
-            "config": self.cfg.to_json(),
+            "config": self.cfg.to_json(), "runtime": self.runtime,
         }
 
     def save_checkpoint(self, best: bool) -> None:

@@ -170,6 +170,7 @@ def test_a_mid_epoch_resume_logs_the_whole_epoch_of_every_rank(small_dataset: Pa
     assert "(1 epochs done, 1 steps into the next)" in res.stderr, res.stderr[-3000:]
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["samples"]) for r in log] == [(1, 17), (2, 17)]
+    assert [r["dist_backend"] for r in log] == ["gloo", "gloo"]  # (what dist.backend=auto ran)
 
 
 def _run_nodes(cmd: list[str], envs: list[dict[str, str]], timeout: float) -> list[str]:

@@ -46,6 +46,24 @@ def test_training_lowers_the_loss_and_logs_every_epoch(small_dataset: Path,
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
 
 
+def test_the_precision_that_ran_is_recorded_beside_config_json_s_auto(small_dataset: Path,
+                                                                      tmp_path: Path) -> None:
+    """config.json keeps train.amp = "auto" as written (a GPU run's must load on a CPU for
+    predict); what it resolved to was only in the console log, gone after the run."""
+    from trainer.amp import resolve
+    from trainer.config import load_run_config
+
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()
+    ran = {"amp": resolve("auto", torch.device("cpu")).name, "device": "cpu",
+           "dist_backend": None}  # (one process: no group; gloo under torchrun, see
+    # test_a_mid_epoch_resume_logs_the_whole_epoch_of_every_rank)
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert {k: record[k] for k in ran} == ran
+    assert ckpt.load(ckpt.list_checkpoints(run)[-1])["runtime"] == ran
+    assert load_run_config(run).train.amp == "auto"
+
+
 def test_resume_mid_epoch_is_bit_exact(small_dataset: Path, tmp_path: Path) -> None:
     common = ["train.epochs=3", "train.checkpoint_every_steps=2"]
     _trainer(small_dataset, tmp_path / "ref", common).train()
