@@ -1,0 +1,69 @@
+"""The metric names and labels that README's "Metrics, Prometheus and Grafana" section lists are the
+ones the trainer exports and the postproc commands push: users write their queries and alerts
+from that list (it once did not say which metrics carry the ``rank`` label, and gave
+``footprints_device_memory_bytes`` only ``{kind}``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from postproc import polygonize, score
+from postproc.pushmetrics import PostprocRun, build_registry
+from trainer.dist import DistEnv
+from trainer.metrics import TrainMetrics
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _documented() -> dict[str, set[str]]:
+    """``footprints_*`` names written in backticks in the section, each with its label names
+    (``{rank,kind}``, ``{outcome="tp|fp|fn"}``)."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Metrics, Prometheus and Grafana"):text.index("**Grafana.**")]
+    found: dict[str, set[str]] = {}
+    for name, labels in re.findall(r"`(footprints_\w+)(?:\{([^}`]*)\})?`", section):
+        found[name] = {part.split("=")[0].strip() for part in labels.split(",") if part}
+    return found
+
+
+def _exported() -> tuple[dict[str, set[str]], set[str]]:
+    """Every family and sample name of a training run's registry and of a scoring push, with the
+    label names its samples carry (every labelled child made to exist first); and the families."""
+    m = TrainMetrics(DistEnv())
+    m.record_step(samples=2, step_s=0.1, wait_s=0.01, loss=1.0)
+    m.record_memory(torch.device("cpu"))
+    m.skip_step("nonfinite_loss")
+    m.set_skipped_samples({"decode_error": 1})
+    m.sync()
+    m.val.labels(metric="f1").set(0.5)
+    m.checkpoint_time.observe(0.1)
+    pushed = build_registry(PostprocRun(tiles=1, polygons=2, seconds=1.0, score=dict(
+        f1=0.5, precision=0.5, recall=0.5, tp=1, fp=1, fn=1)))
+    out: dict[str, set[str]] = {}
+    families = set()
+    for registry in (m.registry, pushed):
+        for family in registry.collect():
+            families.add(family.name)
+            for sample in family.samples:
+                for name in (family.name, sample.name):
+                    out.setdefault(name, set()).update(set(sample.labels) - {"le"})
+    return out, families
+
+
+def test_every_metric_the_readme_lists_is_exported_with_the_labels_it_gives() -> None:
+    documented = _documented()
+    # the --job defaults of the two batch commands are written beside the metrics
+    jobs = {polygonize.build_parser().parse_args(["--pred", "P", "--out", "O"]).job,
+            score.build_parser().parse_args(["--truth", "T", "--proposals", "P"]).job}
+    assert jobs == {"footprints_polygonize", "footprints_score"} <= set(documented)
+    exported, families = _exported()
+    metrics = {name: labels for name, labels in documented.items() if name not in jobs}
+    wrong = {name: (labels, exported.get(name)) for name, labels in metrics.items()
+             if exported.get(name) != labels}
+    assert not wrong, f"README name: (its labels, exported labels; None: not exported): {wrong}"
+    # and nothing exported is left out of the list (a counter is listed by its _total)
+    unlisted = {f for f in families if f not in metrics and f"{f}_total" not in metrics}
+    assert not unlisted, f"exported but not in README: {sorted(unlisted)}"
