@@ -13,6 +13,7 @@
 #   MAX_RESTARTS  group restarts after a failure (default 3); all ranks resume from RUN's newest
 #                 complete checkpoint, so RUN must be on storage every node sees
 #   NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME  the network interface to use, if not the default
+#   OMP_NUM_THREADS  CPU threads per process (default 1, whatever NPROC)
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set -euo pipefail/ s/^# //p' "$0"; exit 2; }  # the usage above
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"

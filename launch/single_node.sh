@@ -6,7 +6,7 @@
 #   PYTHON        the Python whose torch counts the GPUs (default .venv/bin/python)
 #   MAX_RESTARTS  group restarts after a failed worker (default 3); training resumes from the
 #                 newest complete checkpoint in RUN
-#   OMP_NUM_THREADS  CPU threads per process (default 1 with several CPU processes)
+#   OMP_NUM_THREADS  CPU threads per process (default 1, whatever NPROC)
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set -euo pipefail/ s/^# //p' "$0"; exit 2; }  # the usage above
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
