@@ -9,8 +9,8 @@ parts: waiting for the batch, forward + backward (under ``no_sync``, pure comput
 all-reduce (the communication DDP does, here done explicitly so it can be timed on its own), and
 the optimizer step. NOTE: real DDP overlaps the all-reduce with the backward, so its steps are at
 most this long; the split shows what each part costs. On a CPU without native bf16 (emulated,
-5-15x slower) the bf16 variant is timed over 3 steps instead of ``--steps`` (the table's
-``steps`` column).
+5-6.5x slower on an AVX2 EPYC, ``benchmarks/RESULTS.md``) the bf16 variant is timed over 3
+steps instead of ``--steps`` (the table's ``steps`` column).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for v in _variants(nproc, cuda):
             out = Path(tmp) / "row.json"
-            # emulated bf16 on an older CPU runs ~15x slower: a few steps show it
+            # emulated bf16 on an older CPU runs 5-6.5x slower: a few steps show it
             steps = 3 if (v["amp"] == "bf16" and not cuda and not cpu_has_native_bf16()) \
                 else args.steps
             # the cores this process may use (a cpuset or Slurm allocation), not the host's

@@ -38,8 +38,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve(mode: str, device: torch.device) -> Precision:
     """``auto``: bf16 where the device does it natively, else fp16 + GradScaler on CUDA; on a CPU
-    without native bf16, fp32 (measured here on an AVX2 EPYC: bf16 autocast ran 5-15x slower than
-    fp32). ``bf16``/``fp16``/``off`` force a mode; fp16 needs CUDA."""
+    without native bf16, fp32 (measured here on an AVX2 EPYC: bf16 autocast ran 5-6.5x slower than
+    fp32, benchmarks/RESULTS.md). ``bf16``/``fp16``/``off`` force a mode; fp16 needs CUDA."""
     kind = device.type
     if mode == "off":
         return Precision(None, kind, False)
