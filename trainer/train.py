@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, required=True, help="TOML preset, e.g. configs/tiny.toml")
     p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
-    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, report")
+    p.add_argument("--run-dir", type=Path, required=True,
+                   help="config.json, log.jsonl, checkpoints/ (resumed from when it holds any)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     return p.parse_args(argv)
