@@ -34,6 +34,10 @@ if ! [[ $NNODES =~ ^[0-9]{1,9}(:[0-9]{1,9})?$ ]] ||
     echo "error: NNODES=$NNODES: give the number of nodes, or MIN:MAX with 1 <= MIN <= MAX" >&2
     exit 2
 fi
+# NOTE: the checks each worker makes before its process group (the config, DATA, RUN), made
+# once here: torchrun would restart the group on such an error MAX_RESTARTS times, printing it
+# again each time and ending in its ChildFailedError traceback with exit 1 instead of 2.
+"$PYTHON" -m trainer.train --check --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
 exec "$TORCHRUN" --nnodes="$NNODES" --nproc_per_node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id="${RDZV_ID:-footprints}" --max-restarts="$MAX_RESTARTS" \

@@ -15,5 +15,9 @@ CONFIG=$1 DATA=$2 RUN=$3; shift 3
 for v in CONFIG DATA RUN; do [[ ${!v} = /* ]] || printf -v "$v" %s "$PWD/${!v}"; done
 cd "$(dirname "$0")/.."
 source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, OMP_NUM_THREADS
+# NOTE: the checks each worker makes before its process group (the config, DATA, RUN), made
+# once here: torchrun would restart the group on such an error MAX_RESTARTS times, printing it
+# again each time and ending in its ChildFailedError traceback with exit 1 instead of 2.
+"$PYTHON" -m trainer.train --check --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
 exec "$TORCHRUN" --standalone --nproc_per_node="$NPROC" --max-restarts="$MAX_RESTARTS" \
     -m trainer.train --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"

@@ -12,13 +12,21 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dataio.atomic import check_writable
 from postproc.pools import ignore_further_sigint
 from trainer import dist
-from trainer.config import ConfigError, build_config, check_device, read_config, unused_settings
+from trainer.config import (
+    Config,
+    ConfigError,
+    build_config,
+    check_device,
+    read_config,
+    unused_settings,
+)
 
 log = logging.getLogger("footprints")
 
@@ -31,24 +39,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="config.json, log.jsonl, checkpoints/ (resumed from when it holds any)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--check", action="store_true",
+                   help="only check the config, --data and --run-dir, then exit (0 fine, 2 not); "
+                        "the launch scripts run this once before torchrun")
     return p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+    """The checks made before any process group: the config (with the device it needs), --data
+    and --run-dir. Returns the config and the keys given; raises ConfigError or ValueError."""
+    given, where = read_config(args.config, args.overrides)
+    cfg = build_config(given, where)
+    check_device(cfg, torch.cuda.is_available())
+    if not (args.data / "manifest.json").is_file():
+        raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
+    check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory
+    return cfg, given
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        env = dist.DistEnv.from_env()
+        # (--check runs in the launcher, outside torchrun: its variables are not set yet)
+        env = dist.DistEnv() if args.check else dist.DistEnv.from_env()
         # NOTE: every rank parses and validates the config before any process group exists, so
         # a bad key fails fast everywhere instead of hanging the others at the first collective.
-        given, where = read_config(args.config, args.overrides)
-        cfg = build_config(given, where)
-        check_device(cfg, torch.cuda.is_available())
-        if not (args.data / "manifest.json").is_file():
-            raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
-        check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory
+        # The launch scripts make the same checks once with --check before torchrun, which
+        # would otherwise restart the group on an error that no restart can mend.
+        cfg, given = check(args)
     except (ConfigError, ValueError) as e:
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        return 0
     from trainer.trainer import NonFiniteError, Trainer  # heavy imports after the checks
 
     dist.setup_logging(env)

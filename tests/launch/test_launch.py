@@ -55,10 +55,21 @@ def _recorded(out: Path) -> tuple[list[str], dict[str, str]]:
     return args.splitlines(), dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
 
 
+def _python(tmp_path: Path, gpus: int = 0) -> Path:
+    """A Python whose torch sees ``gpus`` devices (``-c``) and whose ``trainer.train --check``
+    passes, recording its arguments to python.out: the torchrun command is tested, not the
+    config (see test_a_bad_config_is_one_line_before_torchrun)."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && {{ echo {gpus}; exit; }}\n'
+                      f'printf "%s\\n" "$@" > {tmp_path / "python.out"}\n')
+    python.chmod(0o755)
+    return python
+
+
 def test_multi_node_hands_torchrun_c10d_and_a_fresh_store_per_round(tmp_path: Path) -> None:
     out = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "head", "NNODES": "2:4", "NPROC": "3",
-           "TORCHRUN": str(tmp_path / "torchrun")}
+           "TORCHRUN": str(tmp_path / "torchrun"), "PYTHON": str(_python(tmp_path))}
     # started from another directory: the paths are the caller's (see the single-node test)
     res = subprocess.run(["bash", str(LAUNCH / "multi_node.sh"), "cfg.toml", "/data/DATA", "RUN",
                           "--set", "train.epochs=3"], capture_output=True, text=True, timeout=30,
@@ -79,11 +90,8 @@ def test_a_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, script: st
                                                       nproc: int) -> None:
     """(`nvidia-smi -L` counted MIG lines and ignored CUDA_VISIBLE_DEVICES)"""
     out = _recorder(tmp_path / "torchrun")
-    python = tmp_path / "python"  # a Python whose torch sees `gpus` devices
-    python.write_text(f"#!/usr/bin/env bash\necho {gpus}\n")
-    python.chmod(0o755)
     env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"),
-           "PYTHON": str(python), "MASTER_ADDR": "head"}
+           "PYTHON": str(_python(tmp_path, gpus)), "MASTER_ADDR": "head"}
     res = subprocess.run(["bash", script, "cfg.toml", "DATA", "RUN"],
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0, res.stderr
@@ -92,21 +100,26 @@ def test_a_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, script: st
     assert got["OMP_NUM_THREADS"] == "1"  # one thread per process unless the user sets it
 
 
-def _slurm(tmp_path: Path, extra: dict[str, str] | None = None,
+def _slurm(tmp_path: Path, extra: dict[str, str] | None = None, argv: list[str] | None = None,
            **slurm: str | None) -> subprocess.CompletedProcess[str]:
     """Run slurm.sbatch as Slurm would on a two-node allocation (``srun`` recorded, not run);
-    ``slurm`` overrides SLURM_* variables, None leaves one unset; ``extra`` adds variables."""
+    ``slurm`` overrides SLURM_* variables, None leaves one unset; ``extra`` adds variables;
+    ``argv`` replaces CONFIG DATA RUN."""
     _recorder(tmp_path / "srun")
     (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu07\\ngpu08\\n'\n")
     (tmp_path / "scontrol").chmod(0o755)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True, exist_ok=True)  # its --check passes
+    _python(tmp_path).rename(tmp_path / ".venv" / "bin" / "python")
     env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
-           "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "4242"}
+           "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(tmp_path)}
     env.update({f"SLURM_{k.upper()}": v for k, v in slurm.items()})
     env = {k: v for k, v in env.items() if v is not None}
     env["PATH"] = f"{tmp_path}:{os.environ['PATH']}"
     env.update(extra or {})
-    return subprocess.run(["bash", "launch/slurm.sbatch", "cfg.toml", "DATA", "RUN"],
-                          capture_output=True, text=True, timeout=30, env=env)
+    return subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"),
+                           *(argv or ["cfg.toml", "DATA", "RUN"])],
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path) -> None:
@@ -146,7 +159,8 @@ def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
     from the repository root, where "RUN" became a run directory inside the checkout and "DATA"
     the checkout's data/ (the caller's was not read)."""
     out = _recorder(tmp_path / "torchrun")
-    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2"}
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2",
+           "PYTHON": str(_python(tmp_path))}
     res = subprocess.run(["bash", str(LAUNCH / "single_node.sh"), "cfg.toml", "/data/DATA",
                           "runs/my run", "--set", "train.epochs=3"], capture_output=True,
                          text=True, timeout=30, env=env, cwd=tmp_path)
@@ -156,6 +170,9 @@ def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
                     "trainer.train", "--config", f"{tmp_path}/cfg.toml", "--data", "/data/DATA",
                     "--run-dir", f"{tmp_path}/runs/my run", "--set", "train.epochs=3"]
     assert got["OMP_NUM_THREADS"] == "1"  # not every core per process
+    # the workers' checks made once before, on the same command
+    assert (tmp_path / "python.out").read_text().splitlines() == [
+        "-m", "trainer.train", "--check", *args[args.index("trainer.train") + 1:]]
 
 
 def test_multi_node_runs_of_one_job_share_a_rendezvous_id(tmp_path: Path) -> None:
@@ -163,7 +180,7 @@ def test_multi_node_runs_of_one_job_share_a_rendezvous_id(tmp_path: Path) -> Non
     each other's rendezvous)"""
     out = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "head", "NPROC": "1",
-           "TORCHRUN": str(tmp_path / "torchrun")}
+           "TORCHRUN": str(tmp_path / "torchrun"), "PYTHON": str(_python(tmp_path))}
     for extra, want in (({}, {"--nnodes=2", "--rdzv-id=footprints", "--max-restarts=3",
                               "--rdzv-endpoint=head:29400"}),
                         ({"RDZV_ID": "job7", "MASTER_PORT": "29500", "MAX_RESTARTS": "0"},
@@ -313,7 +330,8 @@ def test_a_launch_variable_that_is_no_number_is_named(tmp_path: Path, script: st
 
 def test_torchrun_words_for_the_process_count_pass(tmp_path: Path) -> None:
     out = _recorder(tmp_path / "torchrun")
-    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "gpu"}
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "gpu",
+           "PYTHON": str(_python(tmp_path))}
     res = subprocess.run(["bash", "launch/single_node.sh", "cfg.toml", "DATA", "RUN"],
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0, res.stderr
@@ -341,3 +359,26 @@ def test_slurm_takes_a_master_port_given(tmp_path: Path) -> None:
     res = _slurm(tmp_path, extra={"MASTER_PORT": "29999"})
     assert res.returncode == 0, res.stderr
     assert _endpoint(tmp_path) == "--rdzv-endpoint=gpu07:29999"
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "slurm.sbatch"])
+def test_a_bad_config_is_one_line_before_torchrun(tmp_path: Path, script: str) -> None:
+    """An error no restart mends (here DATA without a manifest) made each worker exit 2 before
+    its process group, and torchrun restarted the group 3 times: the line 4 times, then
+    torchrun's ChildFailedError traceback and exit 1."""
+    data, run = tmp_path / "DATA", tmp_path / "RUN"
+    data.mkdir()
+    argv = ["configs/tiny.toml", str(data), str(run), "--set", "train.epochs=1"]
+    if script == "slurm.sbatch":  # submitted from the checkout: its .venv runs the check
+        res = _slurm(tmp_path, argv=argv, submit_dir=str(LAUNCH.parent))
+        started = tmp_path / "srun.out"
+    else:
+        started = _recorder(tmp_path / "torchrun")
+        env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "1",
+               "MASTER_ADDR": "head"}
+        res = subprocess.run(["bash", f"launch/{script}", *argv], capture_output=True,
+                             text=True, timeout=60, env=env)
+    assert res.returncode == 2 and not started.exists()
+    assert res.stderr.splitlines() == [
+        f"trainer.train: error: --data {data}: no manifest.json (run dataio.prepare first)"]
+    assert not run.exists()

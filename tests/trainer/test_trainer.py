@@ -346,6 +346,32 @@ def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path:
     assert f"{blocker} is not a directory" in capsys.readouterr().err
 
 
+def test_check_makes_the_checks_before_the_process_group_and_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """(what the launch scripts run once before torchrun; torchrun's variables are not set
+    there, so a stray RANK in the launcher's shell is not read)"""
+    import torch.distributed
+
+    from trainer.train import main
+
+    def group(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the process group was started")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", group)
+    monkeypatch.setenv("RANK", "3")
+    (tmp_path / "DATA").mkdir()
+    (tmp_path / "DATA" / "manifest.json").write_text("{}")
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(tmp_path / "DATA"),
+            "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert main([*argv, "--set", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trainer.train: error:")
+    assert "train.no_such_key" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("torchrun", [True, False])
 def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
