@@ -10,7 +10,13 @@ import shapely
 from shapely import affinity
 from shapely.geometry import Polygon, box
 
-from postproc.csvio import CsvError, read_proposal_csv, read_truth_csv
+from postproc.csvio import (
+    CsvError,
+    index_proposal_csv,
+    index_truth_csv,
+    read_proposal_csv,
+    read_truth_csv,
+)
 from postproc.iou import intersection_areas
 from postproc.polygonize import polygonize_labels
 from postproc.score import ScoreConfig, score, score_image
@@ -232,6 +238,31 @@ def test_a_degenerate_proposal_is_a_false_positive(tmp_path):
                        "--workers", "1"]) == 0
     js = json.loads(out.read_text())
     assert (js["tp"], js["fp"], js["fn"], js["repaired_polygons"]) == (1, 1, 0, 1)
+
+
+def test_an_empty_wkt_with_a_building_id_marks_the_tile_and_scores_nothing(tmp_path):
+    """``POLYGON EMPTY`` with a BuildingId other than -1 (0 or 1 as some writers mark an empty
+    tile) reads as the -1 row does: the tile is present, with no polygon. As solaris scores it
+    (empty geometries have area 0: neither a proposal nor a truth polygon there); SpaceNet's
+    evaluateScene.py drops only -1 rows and would call this proposal row a false positive, which
+    scores a file's way of marking an empty tile. Unlike a degenerate proposal (above), it holds
+    no building."""
+    t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",x\n'
+                                  "img2,1,POLYGON EMPTY,POLYGON EMPTY\n")
+    p = write(tmp_path / "p.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",1\n'
+                                  "img2,0,POLYGON EMPTY,0\n"
+                                  "img2,7,POLYGON EMPTY,0.9\n")
+    truth, props = read_truth_csv(t), read_proposal_csv(p)
+    assert truth.polygons["img2"] == [] and props.polygons["img2"] == []
+    assert props.confidence["img2"] == [] and props.rows == 3
+    for index in (index_truth_csv(t), index_proposal_csv(p)):  # the scorer's reader
+        assert "img2" in index and index["img2"] == []
+    r = score(truth.polygons, props.polygons)
+    assert (r.tp, r.fp, r.fn) == (1, 0, 0)
+    assert r.images_without_proposals == 0 and r.images_without_truth == 0
+    assert [d["image_id"] for d in r.per_image] == ["img1", "img2"]
 
 
 def test_score_json_holds_the_inputs_settings_and_every_image(tmp_path):
