@@ -366,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out, "--out")
     if args.geojson is not None:
         check_writable(args.geojson / "x.geojson", "--geojson")
+        # NOTE: the GeoJSON publish marks its directory (predio.begin_publish): in --pred, a run
+        # cut short (a full disk at the CSV's commit, a kill) left the prediction refused, with
+        # "rerun trainer.predict", though its shards were whole, and a rerun here was refused.
+        if args.geojson.resolve() == args.pred.resolve():
+            raise ValueError(f"--geojson {args.geojson} is the --pred directory; give the "
+                             "GeoJSON a directory of its own")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or runner.default_workers(env.local_world_size)

@@ -191,6 +191,33 @@ def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, mon
     assert {k: v for k, v in _snapshot(gj).items() if k != ".publishing"} == before
 
 
+def test_geojson_into_the_prediction_directory_is_refused(pred_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    """--geojson PRED: the GeoJSON publish marks its directory (.publishing), so a run cut short
+    there (here the CSV's commit fails on a full disk; a kill did the same) left PRED refused
+    by every later command with 'rerun trainer.predict', though its shards were whole, and a
+    rerun of polygonize could not clear it."""
+    pred = shutil.copytree(pred_dir[0], tmp_path / "pred")
+    out = tmp_path / "p.csv"
+    argv = ["--pred", str(pred), "--out", str(out), "--workers", "1", "--no-tuned"]
+    real = runner.atomic_open
+
+    @contextlib.contextmanager
+    def full_at_commit(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as f:
+            yield f
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "atomic_open", full_at_commit)
+    assert run_main(polygonize.main, [*argv, "--geojson", str(tmp_path / "x" / ".." / "pred")]
+                    ) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sorted(p.name for p in pred.iterdir()) == sorted(p.name for p in pred_dir[0].iterdir())
+    assert run_main(polygonize.main, argv) == 0  # the prediction is still whole and readable
+    assert len(err) == 1 and "--geojson" in err[0] and "is the --pred directory" in err[0]
+
+
 def _tiles(gj: Path) -> list[str]:
     """The tiles polygonize published into ``gj`` (not the user's files, not hidden ones)."""
     return sorted(p.name for p in gj.iterdir()
