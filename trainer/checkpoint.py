@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,30 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     return state
 
 
+# What torch.compile ("_orig_mod.") and DDP ("module.") put before every key of a wrapped model's
+# state dict. This trainer saves the plain module's (models.unwrap_model); another script may not.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def plain_state_dict(saved: dict[str, Any], own: Iterable[str]) -> dict[str, Any]:
+    """``saved`` without the wrapper prefixes that all of its keys carry (in any order) and none
+    of ``own`` (the receiving module's keys) does."""
+    own = list(own)
+    while saved:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in saved)
+                       and not any(k.startswith(p) for k in own)), None)
+        if prefix is None:
+            break
+        saved = {k[len(prefix):]: v for k, v in saved.items()}
+    return saved
+
+
 def load_model(net: torch.nn.Module, state: dict[str, Any], path: Path, hint: str) -> None:
-    """Load ``state``'s weights into ``net``; a mismatch is one ValueError naming the file (torch
-    lists every mismatched tensor) followed by ``hint``, what the user can do about it."""
+    """Load ``state``'s weights into ``net`` (a compiled or DDP model's keys too); a mismatch is
+    one ValueError naming the file (torch lists every mismatched tensor) followed by ``hint``,
+    what the user can do about it."""
     try:
-        net.load_state_dict(state["model"])
+        net.load_state_dict(plain_state_dict(state["model"], net.state_dict()))
     except RuntimeError as e:
         raise ValueError(f"{path}: its model does not match {hint} "
                          f"({str(e).splitlines()[0]})") from None

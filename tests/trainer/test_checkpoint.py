@@ -207,3 +207,30 @@ def test_a_full_disk_at_close_names_the_checkpoint(tmp_path: Path,
     assert err.value.filename == str(path)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
     assert list(ckpt.checkpoint_dir(tmp_path).glob(".*")) == []
+
+
+def _unet(bands: int = 3, classes: int = 3, width_divisor: int = 8) -> torch.nn.Module:
+    from models import build_model
+
+    return build_model("unet_baseline", bands, classes, width_divisor=width_divisor)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_a_compiled_or_ddp_models_keys_load(tmp_path: Path, prefix: str) -> None:
+    """(a state dict saved from a torch.compile or DDP wrapper, not the plain module, was 'its
+    model does not match ...', its keys all missing and unexpected)"""
+    torch.manual_seed(0)
+    src, dst = _unet(), _unet()
+    saved = {f"{prefix}{k}": v for k, v in src.state_dict().items()}
+    ckpt.load_model(dst, {"model": saved}, tmp_path / "c.pt", "config.json")
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_a_prefix_the_model_itself_has_is_kept(tmp_path: Path) -> None:
+    # a wrapper module named "module" keeps its keys (only a prefix the model lacks is stripped)
+    net = torch.nn.ModuleDict({"module": torch.nn.Linear(2, 2)})
+    saved = {k: torch.ones_like(v) for k, v in net.state_dict().items()}
+    ckpt.load_model(net, {"model": saved}, tmp_path / "c.pt", "")
+    assert torch.equal(net.module.weight, torch.ones(2, 2))
+
