@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import json
 import logging
 import os
 import random
@@ -189,15 +190,80 @@ def plain_state_dict(saved: dict[str, Any], own: Iterable[str]) -> dict[str, Any
     return saved
 
 
-def load_model(net: torch.nn.Module, state: dict[str, Any], path: Path, hint: str) -> None:
+def load_model(net: torch.nn.Module, state: dict[str, Any], path: Path, hint: str,
+               model_cfg: dict[str, Any] | None = None) -> None:
     """Load ``state``'s weights into ``net`` (a compiled or DDP model's keys too); a mismatch is
-    one ValueError naming the file (torch lists every mismatched tensor) followed by ``hint``,
-    what the user can do about it."""
+    one ValueError naming the file and ``hint`` (what it should match) and saying what differs:
+    the model.* keys of ``model_cfg`` that the checkpoint's own config has otherwise, the input
+    bands and classes, and the first tensors that differ."""
+    own = net.state_dict()
+    saved = plain_state_dict(state["model"], own)
+    problem = describe_mismatch(saved, own)
+    if not problem:
+        try:
+            net.load_state_dict(saved)
+            return
+        except RuntimeError as e:  # what the key and shape check does not see (a dtype, ...)
+            problem = " ".join(str(e).split())
+    differs = _config_differences(state, model_cfg)
+    raise ValueError(f"{path}: its model does not match {hint} "
+                     f"({'; '.join([*differs, problem])})") from None
+
+
+# The model.* keys that decide a network's tensors (compile, channels_last, pad_mode do not).
+_SHAPING_KEYS = ("name", "width_divisor", "norm")
+
+
+def _config_differences(state: dict[str, Any], model_cfg: dict[str, Any] | None) -> list[str]:
+    """"the checkpoint has model.K=V (here W)" for each shaping key its config has otherwise."""
+    if model_cfg is None or not isinstance(state.get("config"), str):
+        return []
     try:
-        net.load_state_dict(plain_state_dict(state["model"], net.state_dict()))
-    except RuntimeError as e:
-        raise ValueError(f"{path}: its model does not match {hint} "
-                         f"({str(e).splitlines()[0]})") from None
+        saved = json.loads(state["config"]).get("model", {})
+    except (json.JSONDecodeError, AttributeError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    return [f"the checkpoint was trained with model.{k}={saved[k]!r} (here {model_cfg[k]!r})"
+            for k in _SHAPING_KEYS if k in saved and k in model_cfg and saved[k] != model_cfg[k]]
+
+
+def _shape(t: Any) -> str:
+    return "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _io_channels(sd: dict[str, Any]) -> tuple[int, int] | None:
+    """(input channels of the first convolution, output channels of the last) of a state dict
+    in module order: the bands a registry model takes and the classes it gives."""
+    convs = [v for v in sd.values() if isinstance(v, torch.Tensor) and v.ndim == 4]
+    return (int(convs[0].shape[1]), int(convs[-1].shape[0])) if convs else None
+
+
+def describe_mismatch(saved: dict[str, Any], own: dict[str, Any], show: int = 2) -> str:
+    """What keeps ``saved`` from loading into a module whose state dict is ``own`` ("" if it
+    fits): bands and classes first (a user's likeliest mistake), then the tensors that differ.
+
+    NOTE: torch's own error starts "Error(s) in loading state_dict for UNet:" and lists every one
+    of the ~100 tensors on the lines after it: one line of it said nothing, all of it too much.
+    """
+    parts = []
+    io_saved, io_own = _io_channels(saved), _io_channels(own)
+    if io_saved and io_own:
+        for i, what in enumerate(("input bands", "classes")):
+            if io_saved[i] != io_own[i]:
+                parts.append(f"it has {io_saved[i]} {what} (here {io_own[i]})")
+    shaped = [k for k in own if k in saved and _shape(saved[k]) != _shape(own[k])]
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    if shaped:
+        parts.append(f"{len(shaped)} tensor(s) of another shape: " + ", ".join(
+            f"{k} {_shape(saved[k])} (here {_shape(own[k])})" for k in shaped[:show])
+            + (", ..." if len(shaped) > show else ""))
+    for keys, what in ((missing, "missing"), (unexpected, "unexpected")):
+        if keys:
+            parts.append(f"{len(keys)} tensor(s) {what}: {', '.join(keys[:show])}"
+                         + (", ..." if len(keys) > show else ""))
+    return "; ".join(parts)
 
 
 def load_latest(run_dir: Path, map_location: str | torch.device = "cpu"

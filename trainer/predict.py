@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         # checkpoint; no compile, since prediction sees tiles of every size once.
         net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
                                       manifest.bands, 3)
-        load_model(net, state, ckpt_path, f"{args.run_dir}/config.json")
+        load_model(net, state, ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and the "
+                   f"{manifest.bands} bands of {args.data / 'manifest.json'}",
+                   dataclasses.asdict(cfg.model))
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
         # agreed: else tiles are silently dropped or repeated

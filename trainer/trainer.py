@@ -6,6 +6,7 @@ rank and world size from a :class:`DistEnv`, so a test can build one without a p
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -344,7 +345,8 @@ class Trainer:
         if missing:
             raise ValueError(f"{path}: cannot resume from it, it lacks {', '.join(missing)}")
         ckpt.load_model(self.net, state, Path(path), "this config's model.* settings; resume "
-                        "with the run's config or start a new --run-dir")
+                        "with the run's config or start a new --run-dir",
+                        dataclasses.asdict(self.cfg.model))
         # NOTE: torch loads one optimizer's state into another without a word (Adam's into SGD
         # died at the first step on a missing 'momentum'; AdamW's into Adam trained on as Adam).
         saved = json.loads(state.get("config") or "{}").get("optim", {}).get("name")

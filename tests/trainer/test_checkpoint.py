@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -234,3 +235,30 @@ def test_a_prefix_the_model_itself_has_is_kept(tmp_path: Path) -> None:
     ckpt.load_model(net, {"model": saved}, tmp_path / "c.pt", "")
     assert torch.equal(net.module.weight, torch.ones(2, 2))
 
+
+def test_a_mismatched_model_names_the_file_bands_classes_and_config(tmp_path: Path) -> None:
+    """torch's first line was all the error said: 'Error(s) in loading state_dict for UNet:'."""
+    path = tmp_path / "other.pt"
+    cases = [
+        (_unet(bands=8), None, "it has 8 input bands (here 3); 1 tensor(s) of another shape: "
+                               "stem.0.weight 4x8x3x3 (here 4x3x3x3))"),
+        (_unet(classes=2), None, "it has 2 classes (here 3); 2 tensor(s) of another shape: "
+                                 "head.weight 2x4x1x1 (here 3x4x1x1), head.bias 2 (here 3))"),
+        (_unet(width_divisor=4), {"model": {"name": "unet_baseline", "width_divisor": 4}},
+         "the checkpoint was trained with model.width_divisor=4 (here 8); 99 tensor(s) of "
+         "another shape: stem.0.weight 8x3x3x3 (here 4x3x3x3), stem.1.weight 8 (here 4), ...)"),
+    ]
+    for src, config, detail in cases:
+        state = {"model": src.state_dict()}
+        if config is not None:
+            state["config"] = json.dumps(config)
+        with pytest.raises(ValueError) as e:
+            ckpt.load_model(_unet(), state, path, "run/config.json",
+                            {"name": "unet_baseline", "width_divisor": 8, "norm": "batch"})
+        assert str(e.value) == f"{path}: its model does not match run/config.json ({detail}"
+    # a GroupNorm model's checkpoint for a BatchNorm one: no running statistics
+    own = _unet().state_dict()
+    group = {k: v for k, v in own.items() if "running" not in k}
+    with pytest.raises(ValueError, match=rf"\({len(own) - len(group)} tensor\(s\) missing: "
+                                         r"stem.1.running_mean, stem.1.running_var, \.\.\.\)$"):
+        ckpt.load_model(_unet(), {"model": group}, path, "config.json")

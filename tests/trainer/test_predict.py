@@ -324,3 +324,24 @@ def test_tiles_of_several_sizes_are_predicted_whole(trained_run: Path, tmp_path:
     got = _read(tmp_path / "pred")
     assert {k: v[0].shape for k, v in got.items()} == {
         key: (*image.shape[:2], 3) for key, image, _ in tiles}
+
+
+def test_data_of_another_band_count_is_named_with_the_checkpoint(
+        trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(the error said "does not match RUN/config.json (Error(s) in loading state_dict for
+    UNet:)", blaming the config for the data's fourth band)"""
+    from dataio.fixtures import aligned_tile, write_dataset
+
+    tiles = []
+    for i in range(2):
+        image, mask = aligned_tile(32, 32, i)
+        tiles.append((f"AOI_9_Four_img{i}", np.concatenate([image, image[..., :1]], 2), mask))
+    data = write_dataset(tmp_path / "DATA", {"test": tiles})
+    assert predict(["--run-dir", str(trained_run), "--data", str(data), "--split", "test",
+                    "--out", str(tmp_path / "pred")]) == 2
+    best = trained_run / "checkpoints" / "best.pt"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"trainer.predict: error: {best}: its model does not match {trained_run}/config.json "
+        f"(model.*) and the 4 bands of {data}/manifest.json (it has 3 input bands (here 4); 1 "
+        "tensor(s) of another shape: stem.0.weight 4x3x3x3 (here 4x4x3x3))")
+    assert not (tmp_path / "pred").exists()
