@@ -19,7 +19,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +61,21 @@ def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
                 yield key, probs[i, :h, :w], batch.meta[i]
         bar.update()
     bar.close()
+
+
+def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[str],
+            listed: int) -> str:
+    """Why tiles of the split got no prediction: the loader's skipped samples by reason (summed
+    over ranks) and the tiles of shards it left out (the same on every rank)."""
+    skipped: Counter[str] = Counter()
+    for _, reasons in shares:
+        skipped.update(reasons)
+    in_shards = listed - sum(n for n, _ in shares) - sum(skipped.values())
+    parts = [f"{reason}: {n}" for reason, n in sorted(skipped.items())]
+    if in_shards > 0:
+        parts.append(f"in shards left out: {in_shards} ("
+                     f"{', '.join(f'{r}: {n}' for r, n in sorted(shards_skipped.items()))})")
+    return ", ".join(parts) or "none"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         # rank 0 prepares it, and every rank waits for that (or stops with its error)
         dist.on_main(env, f"preparing {staging}", stage)
 
-        def write_share() -> int:
+        def write_share() -> tuple[int, dict[str, int]]:
             stream = _samples(loader, net, precision, args.tta, env.is_main)
             written, k = 0, 0
             while True:
@@ -151,14 +168,23 @@ def main(argv: list[str] | None = None) -> int:
                     staging / f"pred-{k * env.world_size + env.rank:06d}.tar", chunk)
                 k += 1
             loader.close()
-            return written
+            return written, dict(loader.stats.samples_skipped)
 
         # agreed: one rank's failure (a full disk) stops every rank with its reason
-        written = dist.on_every("writing predictions", write_share)
-        total = int(dist.all_reduce_sum([written])[0])
+        shares = dist.gather_objects(dist.on_every("writing predictions", write_share))
+        total = sum(n for n, _ in shares)
+        unread = _unread(shares, loader.index.shards_skipped, manifest.samples(args.split))
+        if total == 0:
+            # NOTE: publishing would replace an earlier prediction in --out with nothing
+            dist.on_main(env, f"removing {staging}", lambda: shutil.rmtree(staging))
+            raise ValueError(f"no tile of split {args.split!r} of {args.data} could be read "
+                             f"({unread}; see the warnings above); {args.out} is left as it was")
         if env.is_main:
             publish_pred_dir(staging, args.out)
-            print(f"wrote predictions for {total} tiles of {args.split} to {args.out}")
+            listed = manifest.samples(args.split)
+            print(f"wrote predictions for {total} tiles of {args.split} to {args.out}" + (
+                f"; {listed - total} of its {listed} tiles were left out ({unread}; see the "
+                "warnings above)" if total < listed else ""))
     except (ConfigError, ValueError, OSError, RuntimeError) as e:
         print(f"trainer.predict: error: {e}", file=sys.stderr)
         return 2

@@ -345,3 +345,38 @@ def test_data_of_another_band_count_is_named_with_the_checkpoint(
         f"(model.*) and the 4 bands of {data}/manifest.json (it has 3 input bands (here 4); 1 "
         "tensor(s) of another shape: stem.0.weight 4x3x3x3 (here 4x4x3x3))")
     assert not (tmp_path / "pred").exists()
+
+
+def test_tiles_the_loader_skips_are_counted_and_none_read_is_an_error(
+        trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tile that does not fit the dataset (here 4 bands where its manifest says 3) is skipped
+    by the loader with a warning: predict said "wrote predictions for 2 tiles" as if that were
+    the split, and where no tile could be read it wrote none, exited 0 and so replaced the
+    earlier prediction in --out with nothing."""
+    from dataio.fixtures import aligned_tile, write_dataset
+
+    def four_bands(i: int) -> tuple[str, np.ndarray, np.ndarray]:
+        image, mask = aligned_tile(32, 32, i)
+        return f"AOI_9_Bad_img{i}", np.dstack([image, image[..., :1]]), mask
+
+    some = write_dataset(tmp_path / "SOME", {"test": [
+        four_bands(0), *[(f"AOI_9_Bad_img{i}", *aligned_tile(32, 32, i)) for i in (1, 2)]]})
+    pred = tmp_path / "pred"
+    args = ["--run-dir", str(trained_run), "--split", "test", "--out", str(pred)]
+    assert predict([*args, "--data", str(some)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"wrote predictions for 2 tiles of test to {pred}; 1 of its 3 tiles were left out "
+        "(img_invalid: 1; see the warnings above)")
+    assert set(_read(pred)) == {"AOI_9_Bad_img1", "AOI_9_Bad_img2"}
+    shards = {p.name: p.read_bytes() for p in pred.iterdir() if p.is_file()}
+
+    none = write_dataset(tmp_path / "NONE", {"test": [four_bands(i) for i in range(3)]})
+    manifest = json.loads((none / "manifest.json").read_text())
+    manifest["bands"] = 3  # (the manifest of a dataset prepared from 3-band rasters)
+    manifest["band_stats"] = {k: v[:3] for k, v in manifest["band_stats"].items()}
+    (none / "manifest.json").write_text(json.dumps(manifest))
+    assert predict([*args, "--data", str(none)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"trainer.predict: error: no tile of split 'test' of {none} could be read "
+        f"(img_invalid: 3; see the warnings above); {pred} is left as it was")
+    assert {p.name: p.read_bytes() for p in pred.iterdir()} == shards  # no staging left either
