@@ -87,7 +87,12 @@ def decode_prob_png(data: bytes) -> np.ndarray:
         raise ValueError(f"undecodable PNG ({e})") from None
     if fast is not None:
         return fast
-    try:  # any other PNG flavour: Pillow decides whether it is RGB
+    # NOTE: Pillow opens a 16-bit RGB PNG as mode "RGB", keeping each value's high byte: a map
+    # of round(255 * p) saved as uint16 read as all zeros (no building, and no error). The
+    # bit depth is IHDR's byte 24 (IHDR is the first chunk; decode_rgb8 checked the signature).
+    if data[12:16] == b"IHDR" and len(data) > 24 and data[24] != 8:
+        raise ValueError(f"expected an 8-bit RGB PNG, got a {data[24]}-bit one")
+    try:  # any other PNG flavour (interlaced): Pillow decides whether it is RGB
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "PNG" or im.mode != "RGB":
                 raise ValueError(f"expected an 8-bit RGB PNG, got {im.format} {im.mode}")

@@ -58,6 +58,32 @@ def test_decode_rejects_non_rgb_png():
         decode_prob_png(b"not a png")
 
 
+def _png16_rgb(arr: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    h, w, _ = arr.shape
+    rows = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_prob_png_is_refused_naming_the_shard(tmp_path):
+    """Pillow reads a 16-bit RGB PNG as "RGB", keeping the high bytes: round(255 * p) saved as
+    uint16 (another tool's map) read back as all background, without a word."""
+    prob = np.zeros((4, 4, 3), np.uint16)
+    prob[..., 1] = 255  # building everywhere
+    path = tmp_path / "pred-000000.tar"
+    _raw_tar(path, [("a.prob.png", _png16_rgb(prob)), ("a.meta.json", b"{}")])
+    with pytest.raises(PredError, match=r"pred-000000.tar: a.prob.png: expected an 8-bit RGB "
+                                        r"PNG, got a 16-bit one"):
+        list(iter_pred_samples(path))
+
 @pytest.mark.parametrize("key", ["a/b", "..", "a.b", "", "img 1", "../../etc/passwd"])
 def test_unsafe_keys_are_refused(key):
     with pytest.raises(PredError):
