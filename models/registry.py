@@ -107,21 +107,30 @@ class ModelConfig:
             )
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             raise ValueError("model.compile_backend must name a torch.compile backend")
-        if self.compile:
-            # NOTE: checked only when compiling: importing dynamo costs seconds. A misspelt
-            # backend would otherwise surface on every rank after the process group is up.
-            import torch._dynamo
-
-            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-                raise ValueError(
-                    f"model.compile_backend={self.compile_backend!r} is not a torch.compile "
-                    f"backend; known: {', '.join(torch._dynamo.list_backends())}, and the "
-                    "debugging ones of torch._dynamo.list_backends(exclude_tags=()), such as "
-                    "aot_eager")
+        # NOTE: whether the backend exists is this machine's business (a plugin such as
+        # torch_tensorrt registers its own), not the config's: check_compile_backend, which
+        # trainer.train calls, so that a GPU run's config.json still loads elsewhere.
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"model.pad_mode={self.pad_mode!r} is not one of {PAD_MODES}")
         if self.norm not in NORMS:
             raise ValueError(f"model.norm={self.norm!r} is not one of {NORMS}")
+
+
+def check_compile_backend(cfg: ModelConfig) -> None:
+    """Raise unless ``cfg.compile_backend`` is a torch.compile backend here (only when compiling).
+
+    NOTE: before the process group: a misspelt backend would otherwise surface on every rank
+    after it is up. Only when compiling, as importing dynamo costs seconds.
+    """
+    if not cfg.compile:
+        return
+    import torch._dynamo
+
+    if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"model.compile_backend={cfg.compile_backend!r} is not a torch.compile backend "
+            f"here; known: {', '.join(torch._dynamo.list_backends())}, and the debugging ones "
+            "of torch._dynamo.list_backends(exclude_tags=()), such as aot_eager")
 
 
 def compile_model(module: nn.Module, cfg: ModelConfig) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from dataio.classes import NUM_CLASSES
 from dataio.loader import LoaderConfig
 from models import LossConfig, ModelConfig, build_model_from_config
+from models.registry import check_compile_backend
 from postproc.polygonize import PolygonizeConfig
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -426,7 +427,11 @@ def _inert_keys(cfg: Config) -> dict[str, str]:
 def check_device(cfg: Config, cuda: bool) -> None:
     """What a training config asks of the machine: ``trainer.train`` checks it before the process
     group. (Not in the sections: a GPU run's ``config.json`` must still load on a CPU, where
-    ``trainer.predict`` runs it in another precision.)"""
+    ``trainer.predict`` runs it in another precision and without compiling.)"""
+    try:
+        check_compile_backend(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cuda:
         return
     # NOTE: fp16 stopped every rank in the Trainer, after the process group and the model; nccl

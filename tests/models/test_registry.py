@@ -64,7 +64,7 @@ def test_bad_width_divisor_lists_the_ones_that_work(name: str, allowed: str) -> 
         ({"compile": "yes"}, "model.compile"),
         ({"channels_last": 1}, "model.channels_last"),
         ({"compile_mode": "fast"}, "model.compile_mode"),
-        ({"compile": True, "compile_backend": "indcutor"}, "model.compile_backend"),
+        ({"compile_backend": ""}, "model.compile_backend"),
         ({"pad_mode": "circular"}, "model.pad_mode"),
         ({"norm": "layer"}, "model.norm"),
     ],
@@ -72,6 +72,19 @@ def test_bad_width_divisor_lists_the_ones_that_work(name: str, allowed: str) -> 
 def test_model_config_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises((ValueError, TypeError), match=field):
         ModelConfig(**kwargs)
+
+
+def test_a_backend_this_machine_lacks_is_refused_by_the_check_not_the_config() -> None:
+    """A GPU run's config.json (a plugin's backend, such as torch_tensorrt's "tensorrt") must
+    load where that backend is not installed: trainer.predict never compiles."""
+    from models.registry import check_compile_backend
+
+    cfg = ModelConfig(compile=True, compile_backend="indcutor")
+    with pytest.raises(ValueError, match=r"model.compile_backend='indcutor' is not a "
+                                         r"torch.compile backend here; known: .*inductor"):
+        check_compile_backend(cfg)
+    check_compile_backend(ModelConfig(compile=False, compile_backend="indcutor"))
+    check_compile_backend(ModelConfig(compile=True, compile_backend="aot_eager"))
 
 
 def test_model_config_unknown_name_lists_known() -> None:

@@ -142,9 +142,12 @@ def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_datase
         "pred-000000.tar", "provenance.json"]  # no staging left behind
 
 
-def test_a_run_trained_with_fp16_predicts_on_a_cpu(trained_run: Path, small_dataset: Path,
+def test_a_gpu_runs_config_predicts_on_a_cpu(trained_run: Path, small_dataset: Path,
                                                    tmp_path: Path) -> None:
     """(fp16 is CUDA only: predict refused such a run on a CPU machine)"""
+    import torch._dynamo
+
+    assert "tensorrt" not in torch._dynamo.list_backends(exclude_tags=())
     import shutil
 
     run_dir = tmp_path / "run"
@@ -152,6 +155,10 @@ def test_a_run_trained_with_fp16_predicts_on_a_cpu(trained_run: Path, small_data
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["train"]["amp"] == "auto"
     cfg["train"]["amp"] = "fp16"  # as the run saved it on a GPU machine
+    cfg["dist"]["backend"] = "nccl"
+    # (a backend of a plugin that machine had: config.json was refused as "not a torch.compile
+    # backend", though predict never compiles)
+    cfg["model"].update(compile=True, compile_backend="tensorrt", channels_last=True)
     (run_dir / "config.json").write_text(json.dumps(cfg))
     args = ["--data", str(small_dataset), "--split", "test"]
     assert predict(["--run-dir", str(run_dir), *args, "--out", str(tmp_path / "p16")]) == 0

@@ -408,6 +408,18 @@ def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tm
     assert ("the process group was started" in err) != torchrun
 
 
+def test_a_compile_backend_this_machine_lacks_is_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.train import main
+
+    assert main(["--config", "configs/tiny.toml", "--data", str(tmp_path), "--run-dir",
+                 str(tmp_path / "run"), "--set", "model.compile=true", "--set",
+                 "model.compile_backend=indcutor"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "trainer.train: error: model.compile_backend='indcutor' is not a torch.compile backend")
+    assert not (tmp_path / "run").exists()
+
 @pytest.mark.parametrize(("override", "named"), [
     ("train.amp=fp16", "train.amp=fp16 needs CUDA"),
     ("dist.backend=nccl", "dist.backend=nccl needs CUDA")])
