@@ -78,6 +78,19 @@ def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[st
     return ", ".join(parts) or "none"
 
 
+def _no_best_hint(run_dir: Path) -> str:
+    """What to do about a run directory without best.pt: train, or name a step checkpoint."""
+    from trainer.checkpoint import list_checkpoints
+
+    steps = list_checkpoints(run_dir)
+    if not steps:
+        return " (train first, or pass --checkpoint)"
+    # NOTE: best.pt comes with the first validation: a run with train.val_every > 1 (or mid-epoch
+    # checkpoints) stopped before it has step checkpoints only, and "train first" misled.
+    return (f" (no checkpoint of the run is marked best yet: it has not validated; pass "
+            f"--checkpoint {steps[-1]}, its newest, to predict with that one)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.predict",
                                 description=__doc__.split("\n")[0])
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoint file, e.g. {ckpt_path / 'best.pt'}", file=sys.stderr)
         return 2
     if not ckpt_path.is_file():
-        hint = "" if args.checkpoint else " (train first, or pass --checkpoint)"
+        hint = "" if args.checkpoint else _no_best_hint(args.run_dir)
         print(f"trainer.predict: error: {ckpt_path} not found{hint}", file=sys.stderr)
         return 2
     from dataio.loader import build_loader

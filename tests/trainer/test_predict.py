@@ -387,3 +387,26 @@ def test_tiles_the_loader_skips_are_counted_and_none_read_is_an_error(
         f"trainer.predict: error: no tile of split 'test' of {none} could be read "
         f"(img_invalid: 3; see the warnings above); {pred} is left as it was")
     assert {p.name: p.read_bytes() for p in pred.iterdir()} == shards  # no staging left either
+
+
+def test_a_run_not_yet_validated_names_its_newest_checkpoint(
+        trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped after epoch 1 of a val_every=2 run: step checkpoints and no best.pt, for which
+    predict said "best.pt not found (train first, or pass --checkpoint)"."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    steps = sorted(ckpts.glob("step-*.pt"))
+    for p in [ckpts / "best.pt", *steps[1:]]:  # (epoch 2's validation never happened)
+        p.unlink()
+    args = ["--data", str(tmp_path), "--out", str(tmp_path / "p")]
+    assert predict(["--run-dir", str(run_dir), *args]) == 2
+    assert predict(["--run-dir", str(tmp_path / "empty"), *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"trainer.predict: error: {ckpts / 'best.pt'} not found (no checkpoint of the run is "
+        f"marked best yet: it has not validated; pass --checkpoint {steps[0]}, its newest, to "
+        "predict with that one)",
+        f"trainer.predict: error: {tmp_path / 'empty' / 'checkpoints' / 'best.pt'} not found "
+        "(train first, or pass --checkpoint)"]
