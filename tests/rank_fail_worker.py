@@ -3,7 +3,8 @@ the step named by ``FAIL_AT`` fails, then MODULE's real main runs with ARGS.
 
 ``FAIL_AT``: ``geojson`` (postproc.polygonize's GeoJSON writes hit a full disk), ``pred``
 (trainer.predict's shard writes hit a full disk), ``val`` (trainer.train's validation raises, as
-for a tile the polygonizer refuses)."""
+for a tile the polygonizer refuses), ``ckpt`` (trainer.predict's checkpoint does not load, as one
+replaced while the ranks read it), ``weights`` (it loads other weights than on the other ranks)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ def _refused(*args, **kwargs):  # type: ignore[no-untyped-def]
     raise ValueError("simulated: a tile the polygonizer refuses")
 
 
+def _unreadable(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+    raise ValueError(f"{path}: simulated: not a readable checkpoint")
+
+
+def _other_weights(load):  # type: ignore[no-untyped-def]
+    def other(*args, **kwargs):  # type: ignore[no-untyped-def]
+        state = load(*args, **kwargs)
+        first = next(iter(state["model"]))
+        state["model"][first] = state["model"][first] + 1
+        return state
+    return other
+
+
 if __name__ == "__main__":
     module, argv = sys.argv[1], sys.argv[2:]
     if os.environ.get("RANK") == os.environ.get("FAIL_RANK", "1"):
@@ -30,6 +44,9 @@ if __name__ == "__main__":
         elif what == "pred":
             from postproc import predio
             predio.write_pred_shard = _full  # (predict imports it when it runs)
+        elif what in ("ckpt", "weights"):
+            from trainer import checkpoint
+            checkpoint.load = _other_weights(checkpoint.load) if what == "weights" else _unreadable
         else:
             from trainer.validate import Validator
             Validator._f1_counts = _refused  # type: ignore[method-assign]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -76,6 +77,15 @@ def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[st
         parts.append(f"in shards left out: {in_shards} ("
                      f"{', '.join(f'{r}: {n}' for r, n in sorted(shards_skipped.items()))})")
     return ", ".join(parts) or "none"
+
+
+def _weights_digest(net: nn.Module) -> str:
+    """A digest of every tensor of ``net`` (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in net.state_dict().items():
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _no_best_hint(run_dir: Path) -> str:
@@ -140,14 +150,28 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(args.data)
         dist.init(env)
         device = dist.device_for(env)
-        state = load(ckpt_path, map_location="cpu")
-        # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
-        # checkpoint; no compile, since prediction sees tiles of every size once.
-        net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
-                                      manifest.bands, 3)
-        load_model(net, state, ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and the "
-                   f"{manifest.bands} bands of {args.data / 'manifest.json'}",
-                   dataclasses.asdict(cfg.model))
+
+        def load_net() -> nn.Module:
+            state = load(ckpt_path, map_location="cpu")
+            # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
+            # checkpoint; no compile, since prediction sees tiles of every size once.
+            net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
+                                          manifest.bands, 3)
+            load_model(net, state, ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and "
+                       f"the {manifest.bands} bands of {args.data / 'manifest.json'}",
+                       dataclasses.asdict(cfg.model))
+            return net
+
+        # agreed: a rank that cannot load it stops every rank with its reason
+        net = dist.on_every(f"loading {ckpt_path}", load_net)
+        # NOTE: each rank reads the file itself; a best.pt that a run still training re-marks
+        # in between gave a prediction from two checkpoints, without a word.
+        digests = dist.gather_objects(_weights_digest(net))
+        if any(d != digests[0] for d in digests):
+            other = next(r for r, d in enumerate(digests) if d != digests[0])
+            raise ValueError(f"rank {other} loaded other weights from {ckpt_path} than rank 0 "
+                             "(the file changed while the ranks read it: is the run still "
+                             "training?); predict again, or pass --checkpoint step-*.pt")
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
         # agreed: else tiles are silently dropped or repeated

@@ -410,3 +410,26 @@ def test_a_run_not_yet_validated_names_its_newest_checkpoint(
         "predict with that one)",
         f"trainer.predict: error: {tmp_path / 'empty' / 'checkpoints' / 'best.pt'} not found "
         "(train first, or pass --checkpoint)"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(("fail_at", "said"), [
+    ("ckpt", "rank 1 stopped while loading {best}: ValueError: {best}: simulated: not a "
+             "readable checkpoint"),
+    ("weights", "rank 1 loaded other weights from {best} than rank 0 (the file changed while "
+                "the ranks read it: is the run still training?)")], ids=["unreadable", "other"])
+def test_every_rank_predicts_with_the_same_checkpoint_or_none_does(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, fail_at: str, said: str) -> None:
+    """Each rank reads the checkpoint itself. One that could not stopped alone (rank 0 then died
+    on "Connection closed by peer"); one that read other weights (a best.pt re-marked by a run
+    still training) gave a prediction from two checkpoints, exit 0."""
+    out = tmp_path / "p"
+    res = run(torchrun_cmd(2, [str(REPO / "tests" / "rank_fail_worker.py"), "trainer.predict",
+                               "--run-dir", str(trained_run), "--data", str(small_dataset),
+                               "--split", "val", "--out", str(out)]),
+              timeout=150, env={"FAIL_AT": fail_at})
+    best = trained_run / "checkpoints" / "best.pt"
+    assert res.returncode != 0 and not out.exists()
+    assert f"trainer.predict: error: {said.format(best=best)}" in res.stderr, res.stderr[-3000:]
+    assert "Connection closed" not in res.stderr
