@@ -53,13 +53,23 @@ def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
              progress: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
     bar = tqdm(total=len(loader), desc="predict", unit="batch", disable=not progress)
     for batch in loader:
-        with torch.no_grad(), precision.autocast():
-            probs = predict_probs(net, batch.image, tta)
-        probs = probs.permute(0, 2, 3, 1).cpu().numpy()
-        for i, key in enumerate(batch.keys):
+        # NOTE: the network sees each tile at its own size (the tiles of one size together):
+        # padded to the batch's largest tile, a smaller one was predicted from zeros beyond
+        # its edge (and, with --tta, from a flip that moved them to the other side), so its
+        # prediction changed with the tiles that shared its batch: with --batch-size, and with
+        # the number of ranks.
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for i in range(len(batch.keys)):
             if bool(batch.valid[i]):
-                h, w = batch.meta[i]["height"], batch.meta[i]["width"]
-                yield key, probs[i, :h, :w], batch.meta[i]
+                sizes.setdefault((batch.meta[i]["height"], batch.meta[i]["width"]), []).append(i)
+        out: dict[int, np.ndarray] = {}
+        for (h, w), idx in sizes.items():
+            with torch.no_grad(), precision.autocast():
+                probs = predict_probs(net, batch.image[idx, :, :h, :w], tta)
+            for i, p in zip(idx, probs.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
+                out[i] = p
+        for i in sorted(out):
+            yield batch.keys[i], out[i], batch.meta[i]
         bar.update()
     bar.close()
 

@@ -433,3 +433,25 @@ def test_every_rank_predicts_with_the_same_checkpoint_or_none_does(
     assert res.returncode != 0 and not out.exists()
     assert f"trainer.predict: error: {said.format(best=best)}" in res.stderr, res.stderr[-3000:]
     assert "Connection closed" not in res.stderr
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_a_tiles_prediction_does_not_depend_on_the_tiles_in_its_batch(
+        trained_run: Path, tmp_path: Path, tta: bool) -> None:
+    """Padded to the batch's largest tile, a smaller tile was predicted from zeros beyond its
+    edge: here most of its pixels changed by up to 195/255 between --batch-size 3 and 1 (and so
+    with the number of ranks)."""
+    from dataio.fixtures import aligned_tile, write_dataset
+
+    tiles = [(f"AOI_9_Mix_img{i}", *aligned_tile(h, w, i))
+             for i, (h, w) in enumerate([(40, 56), (72, 88), (64, 64), (40, 56)])]
+    data = write_dataset(tmp_path / "DATA", {"test": tiles})
+    got = []
+    for bs in ("4", "1"):
+        out = tmp_path / f"pred{bs}"
+        assert predict(["--run-dir", str(trained_run), "--data", str(data), "--split", "test",
+                        "--out", str(out), "--batch-size", bs, *(["--tta"] if tta else [])]) == 0
+        got.append(_read(out))
+    assert got[0].keys() == got[1].keys() == {key for key, _, _ in tiles}
+    for key in got[0]:
+        assert np.abs(got[0][key][0].astype(int) - got[1][key][0].astype(int)).max() <= 1, key
