@@ -455,3 +455,27 @@ def test_a_tiles_prediction_does_not_depend_on_the_tiles_in_its_batch(
     assert got[0].keys() == got[1].keys() == {key for key, _, _ in tiles}
     for key in got[0]:
         assert np.abs(got[0][key][0].astype(int) - got[1][key][0].astype(int)).max() <= 1, key
+
+
+def test_a_bf16_run_predicts_in_fp32_on_a_cpu_without_native_bf16(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """(train.amp=bf16 from a GPU run was kept on a CPU that emulates bf16: 5-15x slower than
+    the fp32 that "auto" gives there, see trainer.amp)"""
+    import shutil
+
+    from trainer import amp
+
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: False)
+    got = {}
+    for mode in ("bf16", "off"):
+        run_dir = tmp_path / mode
+        shutil.copytree(trained_run, run_dir)
+        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg["train"]["amp"] = mode
+        (run_dir / "config.json").write_text(json.dumps(cfg))
+        assert predict(["--run-dir", str(run_dir), "--data", str(small_dataset), "--split",
+                        "test", "--out", str(tmp_path / f"p{mode}")]) == 0
+        got[mode] = _read(tmp_path / f"p{mode}")
+    assert got["bf16"].keys() == got["off"].keys() and len(got["off"]) > 0
+    assert all(np.array_equal(got["bf16"][k][0], got["off"][k][0]) for k in got["off"])
