@@ -169,6 +169,11 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     if not isinstance(state["model"], dict):
         raise ValueError(f"{path}: not a checkpoint of this trainer ('model' is a "
                          f"{type(state['model']).__name__}, not a state dict)")
+    # (a key that is not a name stopped torch's load_state_dict with an AttributeError)
+    odd = next((k for k in state["model"] if not isinstance(k, str)), None)
+    if odd is not None:
+        raise ValueError(f"{path}: not a checkpoint of this trainer ('model' has a key "
+                         f"{odd!r}, not a state dict's tensor name)")
     return state
 
 

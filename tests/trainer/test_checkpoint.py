@@ -102,6 +102,8 @@ def test_unreadable_or_incomplete_checkpoints_name_the_file(tmp_path: Path) -> N
     torch.save({"format": ckpt.FORMAT}, partial)
     listed = tmp_path / "l.pt"  # (load_state_dict raised a TypeError, no file named)
     torch.save({"format": ckpt.FORMAT, "model": [torch.zeros(2)]}, listed)
+    numbered = tmp_path / "k.pt"  # (an AttributeError traceback from load_state_dict)
+    torch.save({"format": ckpt.FORMAT, "model": {0: torch.zeros(2)}}, numbered)
     foreign, future = tmp_path / "f.pt", tmp_path / "n.pt"  # another program's; a later format
     torch.save({"model": {}}, foreign)
     torch.save({"format": ckpt.FORMAT + 1, "model": {}}, future)
@@ -109,6 +111,7 @@ def test_unreadable_or_incomplete_checkpoints_name_the_file(tmp_path: Path) -> N
                         (empty, "not a readable checkpoint"),
                         (partial, "checkpoint lacks model"),
                         (listed, "'model' is a list, not a state dict"),
+                        (numbered, "'model' has a key 0, not a state dict's tensor name"),
                         (foreign, "not a checkpoint of this trainer"),
                         (future, "not a checkpoint of this trainer")):
         with pytest.raises(ValueError, match=match) as e:
