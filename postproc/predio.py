@@ -108,6 +108,12 @@ def _check_meta(meta: dict[str, Any], key: str) -> dict[str, Any]:
     image_id = meta.get("image_id", key)
     if image_id != key:
         raise PredError(f"{key}: meta.json image_id {image_id!r} differs from the sample key")
+    for name in ("width", "height"):
+        # (a string "650" was "prob.png is 650x650 but meta.json says 650x650")
+        v = meta.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                              or not float(v).is_integer()):
+            raise PredError(f"{key}: meta.json {name} {v!r} is not a whole number of pixels")
     return meta
 
 

@@ -225,6 +225,12 @@ def test_crafted_members_are_refused(tmp_path):
         _raw_tar(path, [("a.prob.png", png), ("a.meta.json", json.dumps(size).encode())])
         with pytest.raises(PredError, match="meta.json says"):
             list(iter_pred_samples(path))
+    for size in ({"width": "2"}, {"height": 2.5}, {"width": True}):  # (said "2x2 ... says 2x2")
+        _raw_tar(path, [("a.prob.png", png), ("a.meta.json", json.dumps(size).encode())])
+        (name, value), = size.items()
+        with pytest.raises(PredError, match=rf"pred-000000.tar: a: meta.json {name} "
+                                            rf"{value!r} is not a whole number of pixels"):
+            list(iter_pred_samples(path))
 
 
 def test_a_sample_repeated_later_in_a_shard_is_refused(tmp_path):
