@@ -25,6 +25,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from tqdm import tqdm
 
 from dataio.atomic import atomic_write_text, fresh_staging_dir, staging_dir
 from trainer import dist
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 log = logging.getLogger("footprints")
 PROVENANCE = "provenance.json"  # PRED/provenance.json: which run, checkpoint and split
@@ -89,13 +93,36 @@ def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[st
     return ", ".join(parts) or "none"
 
 
-def _weights_digest(net: nn.Module) -> str:
-    """A digest of every tensor of ``net`` (names, dtypes, shapes, bytes)."""
+def _load_net(ckpt_path: Path, cfg: Config, bands: int, args: argparse.Namespace) -> nn.Module:
+    """The run's network with the checkpoint's weights, on the CPU."""
+    from models import build_model_from_config
+    from trainer.checkpoint import load, load_model
+
+    state = load(ckpt_path, map_location="cpu")
+    # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
+    # checkpoint; no compile, since prediction sees tiles of every size once.
+    net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
+    load_model(net, state, ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and the "
+               f"{bands} bands of {args.data / 'manifest.json'}", dataclasses.asdict(cfg.model))
+    return net
+
+
+def _check_same_weights(net: nn.Module, ckpt_path: Path) -> None:
+    """Raise on every rank unless all ranks loaded the same weights.
+
+    NOTE: each rank reads the file itself; a best.pt that a run still training re-marks in
+    between gave a prediction from two checkpoints, without a word.
+    """
     h = hashlib.sha256()
     for name, t in net.state_dict().items():
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    digests = dist.gather_objects(h.hexdigest())
+    other = next((r for r, d in enumerate(digests) if d != digests[0]), None)
+    if other is not None:
+        raise ValueError(f"rank {other} loaded other weights from {ckpt_path} than rank 0 (the "
+                         "file changed while the ranks read it: is the run still training?); "
+                         "predict again, or pass --checkpoint step-*.pt")
 
 
 def _no_best_hint(run_dir: Path) -> str:
@@ -149,10 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dataio.loader import build_loader
     from dataio.manifest import load_manifest
-    from models import build_model_from_config
     from postproc.predio import publish_pred_dir, write_pred_shard
     from trainer.amp import resolve
-    from trainer.checkpoint import load, load_model
     from trainer.config import ConfigError, load_run_config
 
     try:
@@ -161,27 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         dist.init(env)
         device = dist.device_for(env)
 
-        def load_net() -> nn.Module:
-            state = load(ckpt_path, map_location="cpu")
-            # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
-            # checkpoint; no compile, since prediction sees tiles of every size once.
-            net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
-                                          manifest.bands, 3)
-            load_model(net, state, ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and "
-                       f"the {manifest.bands} bands of {args.data / 'manifest.json'}",
-                       dataclasses.asdict(cfg.model))
-            return net
-
         # agreed: a rank that cannot load it stops every rank with its reason
-        net = dist.on_every(f"loading {ckpt_path}", load_net)
-        # NOTE: each rank reads the file itself; a best.pt that a run still training re-marks
-        # in between gave a prediction from two checkpoints, without a word.
-        digests = dist.gather_objects(_weights_digest(net))
-        if any(d != digests[0] for d in digests):
-            other = next(r for r, d in enumerate(digests) if d != digests[0])
-            raise ValueError(f"rank {other} loaded other weights from {ckpt_path} than rank 0 "
-                             "(the file changed while the ranks read it: is the run still "
-                             "training?); predict again, or pass --checkpoint step-*.pt")
+        net = dist.on_every(f"loading {ckpt_path}",
+                            lambda: _load_net(ckpt_path, cfg, manifest.bands, args))
+        _check_same_weights(net, ckpt_path)
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
         # agreed: else tiles are silently dropped or repeated
