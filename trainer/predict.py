@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = dist.agreed_loader(args.split, args.data, lambda: build_loader(
             args.data, args.split, data_cfg, env.rank, env.world_size, train=False,
             device=device))
-        # A GPU run's precision (fp16 is CUDA only; bf16 on a CPU without native bf16 ran 5-15x
+        # A GPU run's precision (fp16 is CUDA only; bf16 on a CPU without native bf16 ran 5-6.5x
         # slower than fp32, trainer.amp) is not the CPU's: a CPU predicts in its best, "auto".
         amp = ("auto" if cfg.train.amp in ("fp16", "bf16") and device.type != "cuda"
                else cfg.train.amp)

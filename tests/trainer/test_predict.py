@@ -460,7 +460,7 @@ def test_a_tiles_prediction_does_not_depend_on_the_tiles_in_its_batch(
 def test_a_bf16_run_predicts_in_fp32_on_a_cpu_without_native_bf16(
         trained_run: Path, small_dataset: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """(train.amp=bf16 from a GPU run was kept on a CPU that emulates bf16: 5-15x slower than
+    """(train.amp=bf16 from a GPU run was kept on a CPU that emulates bf16: 5-6.5x slower than
     the fp32 that "auto" gives there, see trainer.amp)"""
     import shutil
 
