@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dataio.atomic import check_writable
-from postproc.pools import ignore_further_sigint
+from postproc.pools import ignore_further_sigint, sigint_once
 from trainer import dist
 from trainer.config import (
     Config,
@@ -59,6 +59,25 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # NOTE: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step. A
+    # second one while the first unwound cut its clean-up short (the loader's read-ahead thread
+    # and DALI pipeline, the metrics server, the process group): an 'Exception ignored in
+    # Pipeline.__del__' traceback, a KeyboardInterrupt traceback and exit -2, or, in a checkpoint
+    # write, torch's zip writer left unfinished, which aborted the process at exit ('terminate
+    # called ... write to closed file', exit -6).
+    with sigint_once():
+        try:
+            return _train(args)
+        except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
+            print(f"trainer.train: interrupted; rerun the same command to resume from the newest "
+                  f"complete checkpoint in {args.run_dir / 'checkpoints'}", file=sys.stderr)
+            # (set aside already after a press; a further Ctrl-C in the interpreter's exit
+            # would add a traceback or end the process by SIGINT)
+            ignore_further_sigint()
+            return 130
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         # (--check runs in the launcher, outside torchrun: its variables are not set yet)
         env = dist.DistEnv() if args.check else dist.DistEnv.from_env()
@@ -78,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:  # every rank read the same config: one line each, not one per rank
         for line in unused_settings(cfg, given):
             log.warning("%s", line)
-    interrupted = False
     try:
         dist.init(env, None if cfg.dist.backend == "auto" else cfg.dist.backend,
                   cfg.dist.timeout_s)
@@ -88,17 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"trainer.train: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
-        print(f"trainer.train: interrupted; rerun the same command to resume from the newest "
-              f"complete checkpoint in {args.run_dir / 'checkpoints'}", file=sys.stderr)
-        interrupted = True
-        return 130
     finally:
+        # NOTE: after a Ctrl-C this runs with Ctrl-C set aside (main): a teardown that hangs is
+        # ended by the launcher (torchrun sends SIGTERM on a second Ctrl-C, SIGKILL after 30 s);
+        # without torchrun there is no process group.
         dist.teardown()
-        # NOTE: after the teardown (a Ctrl-C still stops one that hangs), not before: a further
-        # Ctrl-C in the interpreter's exit would add a traceback or end the process by SIGINT.
-        if interrupted:
-            ignore_further_sigint()
     return 0
 
 

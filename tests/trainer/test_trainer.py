@@ -6,12 +6,16 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from proc_helpers import REPO, kill_tree, worker_env
 from stop_at import train_until
 
 from dataio.loader import IGNORE_INDEX
@@ -330,6 +334,43 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(small_dataset: Path, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"trainer.train: interrupted; rerun the same command to resume from the "
                    f"newest complete checkpoint in {run / 'checkpoints'}"]
+
+
+@pytest.mark.slow  # the real command in a process of its own
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(small_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """Ctrl-C pressed twice, the second while the first unwinds (here while the train loader
+    closes its read-ahead thread and DALI pipeline): it cut that clean-up short, and elsewhere in
+    it printed an 'Exception ignored in Pipeline.__del__' traceback, ended the process by SIGINT
+    (exit -2), or, in a checkpoint write, aborted it ('terminate called', exit -6)."""
+    run = tmp_path / "run"
+    worker = Path(__file__).with_name("ctrl_c_worker.py")  # says when to press
+    with open(tmp_path / "stderr", "w") as err:
+        # start_new_session: a process group of its own, which the test signals as a terminal would
+        proc = subprocess.Popen([sys.executable, str(worker), "--config", "configs/tiny.toml",
+                                 "--data", str(small_dataset), "--run-dir", str(run),
+                                 "--set", "train.epochs=100", "--set", "train.val_every=0"],
+                                cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=err,
+                                text=True, start_new_session=True)
+    said: list[str] = []
+    try:
+        for before in ("stepped", "closing"):  # the first press while it trains, then the second
+            while before not in said:
+                line = proc.stdout.readline()
+                assert line, f"the command ended before saying {before!r}: {said}"
+                said.append(line.strip())
+            os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        said += proc.stdout.read().split()
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+    text = (tmp_path / "stderr").read_text()
+    assert (rc, said[-1]) == (130, "closed"), (said, text[-3000:])
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+    assert text.count("trainer.train: interrupted;") == 1
 
 
 def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path: Path,
