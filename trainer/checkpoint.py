@@ -62,10 +62,16 @@ def save(state: dict[str, Any], path: Path) -> float:
         with atomic_open(path, "wb") as f:
             out = _Recorded(f)
             torch.save(state, out)
-    except RuntimeError:
-        # NOTE: on a full disk torch's zip writer got a short write and raised "[enforce fail
-        # at inline_container.cc] unexpected pos ...": name the checkpoint and the real cause.
-        # (An OSError of the file itself already names it: atomic_open.)
+    except RuntimeError as e:
+        # NOTE: a Ctrl-C in the middle of the save (in a write, between two) left torch's zip
+        # writer out of step, and the end-of-file record it writes on the way out raised
+        # "[enforce fail at inline_container.cc] unexpected pos 46 vs 0" over the
+        # KeyboardInterrupt: the trainer said that as its error, exit 1, not 'interrupted', 130.
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None
+        # NOTE: on a full disk torch's zip writer got a short write and raised the same: name
+        # the checkpoint and the real cause. (An OSError of the file itself already names it:
+        # atomic_open.)
         if out is None or out.error is None:
             raise
         raise with_filename(out.error, path) from None
