@@ -168,32 +168,33 @@ class Trainer:
             self._resumed_seconds = 0.0
         self._t_epoch = time.perf_counter() - self._resumed_seconds
         totals = self._totals
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
-                   desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step",
-                   disable=not self.env.is_main)
-        t_ready = time.perf_counter()
-        for batch in self.train_loader:
-            t_got = time.perf_counter()
-            loss = self.train_step(batch)
-            t_done = time.perf_counter()
-            n = int(batch.valid.sum())
-            # NOTE: a batch of padding only (more ranks than samples left) has a loss of 0 by
-            # definition, not a measurement: counted, it would lower the epoch's train_loss.
-            if loss is not None and n > 0:
-                totals += torch.tensor([loss, 1.0, n], dtype=torch.float64)
-            self.metrics.record_step(n, t_done - t_ready, t_got - t_ready,
-                                     loss if loss is not None else float("nan"))
-            self.step_in_epoch += 1
-            self.global_step += 1
-            bar.update()
-            if self.global_step % self.cfg.train.log_every == 0:
-                self._sync_metrics(bar, loss)
-            every = self.cfg.train.checkpoint_every_steps
-            mid_epoch = self.step_in_epoch < self.steps_per_epoch
-            if every and self.global_step % every == 0 and mid_epoch:
-                self.save_checkpoint(best=False)
+        # NOTE: closed however the epoch ends: a Ctrl-C left it open on the terminal's line,
+        # and the 'interrupted; rerun ...' line was printed onto the end of the bar.
+        with tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
+                  desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step",
+                  disable=not self.env.is_main) as bar:
             t_ready = time.perf_counter()
-        bar.close()
+            for batch in self.train_loader:
+                t_got = time.perf_counter()
+                loss = self.train_step(batch)
+                t_done = time.perf_counter()
+                n = int(batch.valid.sum())
+                # NOTE: a batch of padding only (more ranks than samples left) has a loss of 0 by
+                # definition, not a measurement: counted, it would lower the epoch's train_loss.
+                if loss is not None and n > 0:
+                    totals += torch.tensor([loss, 1.0, n], dtype=torch.float64)
+                self.metrics.record_step(n, t_done - t_ready, t_got - t_ready,
+                                         loss if loss is not None else float("nan"))
+                self.step_in_epoch += 1
+                self.global_step += 1
+                bar.update()
+                if self.global_step % self.cfg.train.log_every == 0:
+                    self._sync_metrics(bar, loss)
+                every = self.cfg.train.checkpoint_every_steps
+                mid_epoch = self.step_in_epoch < self.steps_per_epoch
+                if every and self.global_step % every == 0 and mid_epoch:
+                    self.save_checkpoint(best=False)
+                t_ready = time.perf_counter()
         self._sync_metrics(None, None)
         loss_sum, steps, samples = all_reduce_sum(totals).tolist()
         seconds = time.perf_counter() - self._t_epoch

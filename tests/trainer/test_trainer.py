@@ -336,6 +336,33 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(small_dataset: Path, tmp_pat
                    f"newest complete checkpoint in {run / 'checkpoints'}"]
 
 
+def test_ctrl_c_clears_the_progress_bar_before_its_line(small_dataset: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The epoch's progress bar stayed open on the terminal's line, and the line that says how to
+    resume was printed onto its end ('epoch 1/2:  40%|...| 2/5 [...]trainer.train: inter...')."""
+    from trainer.train import main
+
+    real_step = Trainer.train_step
+
+    def interrupted_at_step_2(self: Trainer, batch: object) -> float | None:
+        if self.global_step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_step_2)
+    run, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset),
+                     "--run-dir", str(run), "--set", "train.val_every=0"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line for line in lines if "interrupted" in line] == [
+        f"trainer.train: interrupted; rerun the same command to resume from the newest complete "
+        f"checkpoint in {run / 'checkpoints'}"]
+
+
 @pytest.mark.slow  # the real command in a process of its own
 @pytest.mark.timeout(120)
 def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(small_dataset: Path,
