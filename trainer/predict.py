@@ -23,7 +23,7 @@ import logging
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ from dataio.atomic import atomic_write_text, fresh_staging_dir, staging_dir
 from trainer import dist
 
 if TYPE_CHECKING:
+    from dataio.loader import Batch
     from trainer.config import Config
 
 log = logging.getLogger("footprints")
@@ -53,27 +54,48 @@ def predict_probs(net: nn.Module, image: torch.Tensor, tta: bool) -> torch.Tenso
     return probs
 
 
+def per_tile(fn: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> torch.Tensor:
+    """``fn`` (a network: NCHW in, NCHW of the same height and width out) run on each valid tile
+    of ``batch`` at the tile's own size, the tiles of one size together; the outputs in one
+    tensor of the batch's shape. Beyond a tile's edge, and in a slot without a tile, the output
+    is no prediction: count only the valid pixels of valid samples.
+
+    NOTE: the loader pads a batch of mixed tile sizes to its largest tile. Run on the padded
+    batch, a smaller tile was predicted from the zeros beyond its edge (and, with TTA, from a
+    flip that moved them to the other side): its prediction, and so the validation IoU and F1,
+    changed with the tiles that shared its batch, with the batch size and the number of ranks.
+    The model pads a tile to its multiple itself, as for a tile alone.
+    """
+    n, _, height, width = batch.image.shape
+    sizes: dict[tuple[int, int], list[int]] = {}
+    for i, valid in enumerate(batch.valid.tolist()):
+        if valid:
+            sizes.setdefault((batch.meta[i]["height"], batch.meta[i]["width"]), []).append(i)
+    if not sizes or list(sizes) == [(height, width)]:
+        # one tile size, the batch's (SpaceNet's 650x650): one call on the whole batch, as
+        # before (the padding slots of a rank's last batch are zero images, not counted)
+        return fn(batch.image)
+    out: torch.Tensor | None = None
+    for (h, w), idx in sizes.items():
+        part = fn(batch.image[idx, :, :h, :w])
+        if out is None:
+            out = part.new_zeros((n, part.shape[1], height, width))
+        out[idx, :, :h, :w] = part
+    assert out is not None
+    return out
+
+
 def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
              progress: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
     bar = tqdm(total=len(loader), desc="predict", unit="batch", disable=not progress)
     for batch in loader:
-        # NOTE: the network sees each tile at its own size (the tiles of one size together):
-        # padded to the batch's largest tile, a smaller one was predicted from zeros beyond
-        # its edge (and, with --tta, from a flip that moved them to the other side), so its
-        # prediction changed with the tiles that shared its batch: with --batch-size, and with
-        # the number of ranks.
-        sizes: dict[tuple[int, int], list[int]] = {}
-        for i in range(len(batch.keys)):
+        with torch.no_grad(), precision.autocast():
+            probs = per_tile(lambda x: predict_probs(net, x, tta), batch)
+        probs = probs.permute(0, 2, 3, 1).cpu().numpy()
+        for i, key in enumerate(batch.keys):
             if bool(batch.valid[i]):
-                sizes.setdefault((batch.meta[i]["height"], batch.meta[i]["width"]), []).append(i)
-        out: dict[int, np.ndarray] = {}
-        for (h, w), idx in sizes.items():
-            with torch.no_grad(), precision.autocast():
-                probs = predict_probs(net, batch.image[idx, :, :h, :w], tta)
-            for i, p in zip(idx, probs.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
-                out[i] = p
-        for i in sorted(out):
-            yield batch.keys[i], out[i], batch.meta[i]
+                h, w = batch.meta[i]["height"], batch.meta[i]["width"]
+                yield key, probs[i, :h, :w], batch.meta[i]
         bar.update()
     bar.close()
 

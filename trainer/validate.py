@@ -23,6 +23,7 @@ from postproc.score import ScoreConfig, score_image
 from trainer.amp import Precision
 from trainer.config import Config
 from trainer.dist import DistEnv, agreed_loader, all_reduce_sum, on_every
+from trainer.predict import per_tile
 
 log = logging.getLogger("footprints")
 
@@ -76,7 +77,7 @@ class Validator:
         self.loader.set_epoch(0)
         for batch in self.loader:
             with self.precision.autocast():
-                logits = net(batch.image)
+                logits = per_tile(net, batch)  # each tile at its own size
             logits = logits.float()
             valid_px = batch.mask != IGNORE_INDEX
             n = int(batch.valid.sum())
