@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -39,6 +41,32 @@ def _cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.M
         import torch
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def footprints_log() -> Iterator[list[logging.LogRecord]]:
+    """Every record that reaches the project's ``footprints`` logger (its children's too) during
+    the test, once each: for a test that counts lines.
+
+    NOTE: not caplog: the trainer's ``setup_logging`` (run in-process by earlier tests) makes the
+    logger non-propagating, and pytest 9 then hangs caplog's handler on it as well as on the root;
+    a test that turned propagation back on to reach caplog got every record twice.
+    """
+    logger, handler = logging.getLogger("footprints"), _Records()
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
 
 
 # ---- tiny real-format datasets, made once per test session --------------------------------------

@@ -311,19 +311,15 @@ def test_train_crop_larger_than_tile_pads_bottom_right(aligned: Path) -> None:
 
 
 def test_a_crop_larger_than_a_tile_is_named_once_on_rank_0(
-        aligned: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        aligned: Path, footprints_log: list[logging.LogRecord]) -> None:
     """data.crop_size beyond the tile was cut to the tile and padded back without a word: a
     crop of 1024 on 650 px tiles computed mostly padding."""
-    # (a trainer test run in-process before this one may have stopped propagation to the root)
-    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
-
     def told(backend: str, crop: int, rank: int = 0, world_size: int = 1) -> list[str]:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING), \
-                build_loader(aligned, "train", _cfg(backend, crop_size=crop), rank, world_size,
-                             train=True) as loader:
+        footprints_log.clear()
+        with build_loader(aligned, "train", _cfg(backend, crop_size=crop), rank, world_size,
+                          train=True) as loader:
             _by_key(loader, epochs=(0, 1))
-        return [r.getMessage() for r in caplog.records if "crop_size" in r.getMessage()]
+        return [r.getMessage() for r in footprints_log if "crop_size" in r.getMessage()]
 
     for backend in BACKENDS:
         lines = told(backend, 80)

@@ -520,8 +520,8 @@ def test_what_needs_a_gpu_is_refused_on_a_cpu_before_the_process_group(
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_setting_that_has_no_effect_is_warned_about_once_on_rank_0(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        rank: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        footprints_log: list[logging.LogRecord], rank: int) -> None:
     """optim.momentum with Adam (or min_lr_ratio with a constant schedule, ...) was silently
     ignored; tiny.toml's own keys and the dataclass defaults stay quiet."""
     import torch.distributed
@@ -541,11 +541,9 @@ def test_a_setting_that_has_no_effect_is_warned_about_once_on_rank_0(
     monkeypatch.setattr(torch.distributed, "init_process_group", group)
     (tmp_path / "DATA").mkdir()
     (tmp_path / "DATA" / "manifest.json").write_text("{}")  # (the group fails first)
-    # (a trainer test run before this one may have stopped propagation to caplog's root)
-    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
     assert main(["--config", "configs/tiny.toml", "--data", str(tmp_path / "DATA"),
                  "--run-dir", str(tmp_path / "run"), "--set", "optim.momentum=0.5"]) == 1
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warned = [r.getMessage() for r in footprints_log if r.levelno == logging.WARNING]
     assert warned == (['optim.momentum = 0.5 has no effect: optim.name = "adam" takes none '
                        "(SGD only)"] if rank == 0 else [])
 
