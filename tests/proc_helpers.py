@@ -6,13 +6,16 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from benchmarks.proctree import kill_tree
 
-__all__ = ["REPO", "free_port", "kill_tree", "torchrun_cmd", "worker_env"]
+__all__ = ["REPO", "free_port", "interrupt_when", "kill_tree", "torchrun_cmd", "worker_env"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +80,31 @@ def torchrun_cmd(nproc: int, module_args: list[str], max_restarts: int = 0,
             f"--master_port={free_port()}", f"--max-restarts={max_restarts}",
             *(extra or []), *module_args]
 
+
+
+def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 120
+                   ) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in a process group of its own and press Ctrl-C (SIGINT to the whole group, as
+    a terminal sends it) once it has written a line holding ``said`` ``times`` times on stdout.
+    Its stdout from then on and all its stderr come back; a command that outlives ``timeout``
+    seconds (or ends before it said so) is killed and fails the test."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
+                                stderr=err, text=True, start_new_session=True)
+        try:
+            seen = 0
+            while seen < times:
+                line = proc.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    err.seek(0)
+                    raise AssertionError(f"{cmd} ended before saying {said!r} {times} times: "
+                                         f"{err.read()[-3000:]}")
+                seen += said in line
+            os.killpg(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait(timeout=30)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err.read())

@@ -10,12 +10,15 @@ the run directory, checkpoint, dataset and split the predictions came from. The 
 written to ``PRED/.partial`` and moved up when all ranks are done; shards of an earlier
 prediction in PRED that were not replaced are removed. ``PRED/.publishing`` exists while they
 move (``postproc.predio.publish_dir``): readers refuse a PRED that a kill left with it, and a
-rerun of this command replaces that PRED's shards and removes the marker.
+rerun of this command replaces that PRED's shards and removes the marker. Ctrl-C is one line and
+exit code 130 on each rank, and leaves PRED as it was (the stage removed), or, pressed during
+the moves, marked so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dataio.atomic import atomic_write_text, fresh_staging_dir, staging_dir
+from postproc.pools import ignore_further_sigint, sigint_once
 from trainer import dist
 
 if TYPE_CHECKING:
@@ -87,7 +91,14 @@ def per_tile(fn: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> torch.
 
 def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
              progress: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
-    bar = tqdm(total=len(loader), desc="predict", unit="batch", disable=not progress)
+    # NOTE: closed however the loop ends (here, or the consumer's close of this generator): an
+    # interrupted bar stayed open on the terminal's line, and the 'interrupted' line was glued on.
+    with tqdm(total=len(loader), desc="predict", unit="batch", disable=not progress) as bar:
+        yield from _batches(loader, net, precision, tta, bar)
+
+
+def _batches(loader: object, net: nn.Module, precision: object, tta: bool,
+             bar: tqdm) -> Iterator[tuple[str, np.ndarray, dict]]:
     for batch in loader:
         with torch.no_grad(), precision.autocast():
             probs = per_tile(lambda x: predict_probs(net, x, tta), batch)
@@ -97,7 +108,6 @@ def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
                 h, w = batch.meta[i]["height"], batch.meta[i]["width"]
                 yield key, probs[i, :h, :w], batch.meta[i]
         bar.update()
-    bar.close()
 
 
 def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[str],
@@ -161,6 +171,27 @@ def _no_best_hint(run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    # NOTE: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step
+    # (as trainer.train does): a second one cannot cut the clean-up below short.
+    with sigint_once():
+        try:
+            return _predict(args)
+        except KeyboardInterrupt:
+            from postproc.predio import PUBLISHING
+
+            # (under torchrun each rank says it: the terminal and torchrun signal every one)
+            if (args.out / PUBLISHING).exists():
+                print(f"trainer.predict: interrupted; {args.out} is marked as being replaced "
+                      f"({PUBLISHING}): rerun the same command", file=sys.stderr)
+            else:
+                print(f"trainer.predict: interrupted; {args.out} is left as it was",
+                      file=sys.stderr)
+            ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
+            return 130
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.predict",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", type=Path, required=True)
@@ -177,6 +208,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.batch_size < 0:
         p.error(f"--batch-size must be >= 1 (or 0: the run's), got {args.batch_size}")
+    return args
+
+
+def _discard_stage(out: Path, created: bool) -> None:
+    """Remove an interrupted prediction's stage (and ``out``, if this run created it and it holds
+    nothing else): ``out`` is left as it was. A publish under way leaves its mark (PUBLISHING)."""
+    shutil.rmtree(staging_dir(out), ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):  # (not empty, or never made)
+            out.rmdir()
+
+
+def _predict(args: argparse.Namespace) -> int:
+    out_created = not args.out.exists()
     try:
         env = dist.DistEnv.from_env()
     except ValueError as e:
@@ -237,16 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         dist.on_main(env, f"preparing {staging}", stage)
 
         def write_share() -> tuple[int, dict[str, int]]:
-            stream = _samples(loader, net, precision, args.tta, env.is_main)
             written, k = 0, 0
-            while True:
-                chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
-                if not chunk:
-                    break
-                written += write_pred_shard(
-                    staging / f"pred-{k * env.world_size + env.rank:06d}.tar", chunk)
-                k += 1
-            loader.close()
+            # NOTE: closed (the progress bar, the loader's read-ahead thread and pipeline) however
+            # the share ends: a Ctrl-C while a shard was written left them to garbage collection
+            with loader, contextlib.closing(_samples(loader, net, precision, args.tta,
+                                                     env.is_main)) as stream:
+                while True:
+                    chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
+                    if not chunk:
+                        break
+                    written += write_pred_shard(
+                        staging / f"pred-{k * env.world_size + env.rank:06d}.tar", chunk)
+                    k += 1
             return written, dict(loader.stats.samples_skipped)
 
         # agreed: one rank's failure (a full disk) stops every rank with its reason
@@ -267,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError, RuntimeError) as e:
         print(f"trainer.predict: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # NOTE: the other ranks were interrupted too (the terminal's group, torchrun's forward);
+        # rank 0 removes the stage, as dataio.prepare does: a rerun would, but until then it sat
+        # hidden in --out, in a directory that this run may have created for nothing.
+        if env.is_main:
+            _discard_stage(args.out, out_created)
+        raise
     finally:
         dist.teardown()
     return 0

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from proc_helpers import interrupt_when
 from trainer_helpers import REPO, run, torchrun_cmd
 
 from dataio.loader import build_loader
@@ -125,6 +127,44 @@ def test_a_failed_write_on_one_rank_stops_every_rank_with_the_reason(
     assert "trainer.predict: error: rank 1 stopped while writing predictions: OSError: " \
            "[Errno 28] No space left on device" in res.stderr, res.stderr[-3000:]
     assert "Connection closed" not in res.stderr
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every file and directory under ``root`` (hidden ones too), files with their bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow  # the real command in a process of its own
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_ctrl_c_is_one_line_and_leaves_out_as_it_was(trained_run: Path, small_dataset: Path,
+                                                     tmp_path: Path, ranks: int) -> None:
+    """Ctrl-C while predicting (a shard already in the stage): a KeyboardInterrupt traceback
+    (exit -2) after a progress bar left open, so the traceback began on the bar's line, and the
+    stage was left in --out. Now each rank says one line of its own, exit 130, and --out is as it
+    was: an earlier prediction whole, and no stage (nor a --out made for nothing)."""
+    # (the train split: tiles enough that every rank is still predicting when it is pressed)
+    common = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "train"]
+    earlier, new = tmp_path / "earlier", tmp_path / "new"
+    assert predict([*common, "--out", str(earlier)]) == 0
+    before = _tree(earlier)
+    worker = str(Path(__file__).with_name("predict_ctrl_c_worker.py"))
+    for out in (earlier, new):
+        # (a shard per tile and a tile per batch: the first shard is staged by the second batch)
+        args = [*common, "--out", str(out), "--batch-size", "1", "--shard-size", "1"]
+        cmd = [sys.executable, worker, *args] if ranks == 1 else torchrun_cmd(2, [worker, *args])
+        res = interrupt_when(cmd, "predicting", times=2 * ranks)
+        lines = res.stderr.replace("\r", "\n").splitlines()
+        said = [line for line in lines if "interrupted" in line]
+        assert said == [f"trainer.predict: interrupted; {out} is left as it was"] * ranks, \
+            res.stderr[-3000:]
+        assert "Traceback" not in res.stderr or ranks > 1, res.stderr[-3000:]  # (torchrun's own)
+        assert "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
+        # (torchrun ends with its own code, 1, and its SignalException traceback)
+        assert res.returncode == (130 if ranks == 1 else 1), res.stderr[-3000:]
+    assert _tree(earlier) == before and not new.exists()
 
 
 def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_dataset: Path,
