@@ -46,6 +46,13 @@ from dataio.spacenet import (
     label_path,
     wkt_xyz,
 )
+from postproc.pools import (
+    close_pool,
+    ignore_further_sigint,
+    ignore_sigint,
+    sigint_once,
+    starting_workers,
+)
 
 ACCEPTED_DTYPES = ("uint16", "uint8")
 DEFAULT_SPLIT = (70.0, 15.0, 15.0)  # train:val:test weights
@@ -241,16 +248,22 @@ def _bounded_map(fn: Callable[[Tile], dict[str, Any]], items: Iterable[Tile],
         yield from map(fn, items)
         return
     window = 4 * workers
-    # NOTE: spawn, not fork: the parent holds a tqdm thread and GDAL state.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    # NOTE: spawn, not fork: the parent holds a tqdm thread and GDAL state. Ctrl-C is the
+    # parent's (postproc.pools): a worker that took it failed its tile, and the pool's exit
+    # then waited for the rest of the window.
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=ignore_sigint)
+    try:
         it = iter(items)
-        pending: collections.deque[Future[dict[str, Any]]] = collections.deque(
-            pool.submit(fn, t) for t in _take(it, window))
+        with starting_workers():  # (the first submits start them)
+            pending: collections.deque[Future[dict[str, Any]]] = collections.deque(
+                pool.submit(fn, t) for t in _take(it, window))
         while pending:
             result = pending.popleft().result()
             for t in _take(it, 1):
                 pending.append(pool.submit(fn, t))
             yield result
+    finally:  # (queued tiles dropped, running ones finish)
+        close_pool(pool)
 
 
 def _take(it: Iterator[Tile], n: int) -> list[Tile]:
@@ -373,8 +386,12 @@ def _build(cfg: PrepareConfig, out: Path, found: Scan, tiles: list[Tile], t0: fl
             f = stack.enter_context(atomic_open(out / s / "truth.csv", "w", newline=""))
             truth[s] = csv.writer(f)
             truth[s].writerow(TRUTH_HEADER)
+        # (closed with the stage: a Ctrl-C while a shard was written left the pool to garbage
+        # collection, after the 'interrupted' line)
+        results = stack.enter_context(contextlib.closing(
+            _bounded_map(_Call(found.bands, cfg.boundary_width), tiles, cfg.workers)))
         try:
-            for res in _bounded_map(_Call(found.bands, cfg.boundary_width), tiles, cfg.workers):
+            for res in results:
                 bar.update()
                 tile: Tile = res["tile"]
                 if "skip" in res:
@@ -467,13 +484,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
-        cfg = PrepareConfig(raw=args.raw, out=args.out, split=args.split, seed=args.seed,
-                            workers=args.workers, shard_size=args.shard_size,
-                            boundary_width=args.boundary_width, overwrite=args.overwrite)
-        m = prepare(cfg, progress=not args.quiet)
+        # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut
+        # the removal of the stage or the pool's shutdown short
+        with sigint_once():
+            cfg = PrepareConfig(raw=args.raw, out=args.out, split=args.split, seed=args.seed,
+                                workers=args.workers, shard_size=args.shard_size,
+                                boundary_width=args.boundary_width, overwrite=args.overwrite)
+            m = prepare(cfg, progress=not args.quiet)
     except (ValueError, OSError) as e:
         print(f"dataio.prepare: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the stage is gone; a dataset already there stays (publish)
+        ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
+        print(f"dataio.prepare: interrupted; rerun the same command to prepare {args.out} (a "
+              "dataset already there is kept until the new one is complete)", file=sys.stderr)
+        return 130
     counts = ", ".join(f"{s} {m['splits'][s]['samples']}" for s in SPLITS)
     n = sum(m["splits"][s]["samples"] for s in SPLITS)
     print(f"prepared {n} tiles into {cfg.out} ({counts}) in {m['seconds']:.1f}s "

@@ -24,6 +24,25 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def starting_workers() -> Iterator[None]:
+    """Start a pool's worker processes inside: they begin with Ctrl-C blocked.
+
+    NOTE: for spawned workers: one spends seconds importing (torch) before its initializer sets
+    Ctrl-C aside, and a Ctrl-C then killed it with a KeyboardInterrupt traceback. A signal mask
+    is inherited across fork and exec, and a blocked Ctrl-C that arrives meanwhile is dropped
+    once the initializer ignores it. Here a Ctrl-C is only held, and raised on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def close_pool(pool: cf.Executor | None) -> None:
     """Shut ``pool`` down: running tasks finish, queued ones are dropped; a further Ctrl-C
     meanwhile is ignored (the wait is short: one task per worker)."""

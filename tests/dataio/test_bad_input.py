@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import shapely
+from proc_helpers import interrupt_when
 from pyproj import CRS
 
 from dataio import prepare as prep
@@ -318,6 +320,26 @@ def test_interrupted_run_leaves_nothing_behind(raw: Path, tmp_path: Path,
     monkeypatch.undo()
     _run(raw, out)  # nothing to refuse: no --overwrite needed
     assert len(_samples(out)) == TILES
+
+
+@pytest.mark.slow  # the real command in a process of its own
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("workers", "press_when"), [(0, "tile"), (2, "worker starting")])
+def test_ctrl_c_is_one_line_and_leaves_no_dataset(raw: Path, tmp_path: Path, workers: int,
+                                                  press_when: str) -> None:
+    """Ctrl-C mid-run was a KeyboardInterrupt traceback (exit -2) and, with workers, another
+    from each worker still starting (importing for seconds before its initializer could set
+    Ctrl-C aside). Now: one line, exit 130, and no dataset in --out (the stage is gone)."""
+    out = tmp_path / "d"
+    worker = str(Path(__file__).with_name("ctrl_c_worker.py"))  # slow tiles and worker starts
+    res = interrupt_when([sys.executable, worker, "--raw", str(raw), "--out", str(out),
+                          "--shard-size", "2", "--workers", str(workers)], press_when, times=2)
+    lines = res.stderr.replace("\r", "\n").splitlines()
+    assert [line for line in lines if line and not line.startswith("prepare:")] == [
+        f"dataio.prepare: interrupted; rerun the same command to prepare {out} (a dataset "
+        "already there is kept until the new one is complete)"], res.stderr[-3000:]
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert _files(out) == {}
 
 
 def test_interrupted_overwrite_keeps_the_old_dataset(raw: Path, tmp_path: Path,
