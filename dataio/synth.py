@@ -11,6 +11,7 @@ grid like a real AOI. The same seed gives the same bytes whatever the worker cou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -41,6 +42,13 @@ from dataio.spacenet import (
     LABEL_DIR,
     TRUTH_HEADER,
     wkt_xyz,
+)
+from postproc.pools import (
+    close_pool,
+    ignore_further_sigint,
+    ignore_sigint,
+    sigint_once,
+    starting_workers,
 )
 
 METRES_PER_DEGREE = 111_320.0  # at the equator; SpaceNet uses square pixels in degrees
@@ -154,8 +162,15 @@ def _tiles(cfg: SynthConfig) -> Iterator[dict[str, Any]]:
         for i in range(cfg.tiles):
             yield make_tile(cfg, i)
         return
-    with ProcessPoolExecutor(cfg.workers) as pool:
-        yield from pool.map(make_tile, [cfg] * cfg.tiles, range(cfg.tiles), chunksize=4)
+    # NOTE: Ctrl-C is the parent's (postproc.pools): a worker that took it failed its chunk, and
+    # the pool's exit then made every chunk still queued, the rest of the AOI, before it let go.
+    pool = ProcessPoolExecutor(cfg.workers, initializer=ignore_sigint)
+    try:
+        with starting_workers():  # (map submits every chunk, and starts the workers)
+            tiles = pool.map(make_tile, [cfg] * cfg.tiles, range(cfg.tiles), chunksize=4)
+        yield from tiles
+    finally:  # (queued chunks dropped, running ones finish)
+        close_pool(pool)
 
 
 def _existing_aoi(out: Path) -> list[Path]:
@@ -189,9 +204,12 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(TRUTH_HEADER)
-        bar = tqdm(_tiles(cfg), total=cfg.tiles, desc="synth", unit="tile", disable=not progress)
-        for tile in bar:
-            writer.writerows(tile["rows"])
+        # (both closed however it ends: a Ctrl-C while rows were written left the bar open on
+        # the terminal's line, and the pool running, until garbage collection)
+        with contextlib.closing(_tiles(cfg)) as tiles, tqdm(
+                tiles, total=cfg.tiles, desc="synth", unit="tile", disable=not progress) as bar:
+            for tile in bar:
+                writer.writerows(tile["rows"])
     marker.unlink()
     fsync_dir(cfg.out)
     return csv_path
@@ -211,11 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an AOI already in --out")
     args = p.parse_args(argv)
     try:
-        cfg = SynthConfig(**vars(args))
-        path = write_aoi(cfg, progress=True)
+        # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut
+        # the pool's shutdown short
+        with sigint_once():
+            cfg = SynthConfig(**vars(args))
+            path = write_aoi(cfg, progress=True)
     except (ValueError, OSError) as e:
         print(f"dataio.synth: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
+        if (args.out / INCOMPLETE_MARKER).exists():  # (prepare refuses the AOI while it is there)
+            print(f"dataio.synth: interrupted; {args.out} holds an incomplete AOI "
+                  f"({INCOMPLETE_MARKER}): rerun with --overwrite", file=sys.stderr)
+        else:
+            print(f"dataio.synth: interrupted; {args.out} is left as it was", file=sys.stderr)
+        return 130
     print(f"wrote {cfg.tiles} tiles to {cfg.out} ({path.name})")
     return 0
 

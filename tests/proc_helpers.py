@@ -86,20 +86,19 @@ def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 1
                    ) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` in a process group of its own and press Ctrl-C (SIGINT to the whole group, as
     a terminal sends it) once it has written a line holding ``said`` ``times`` times on stdout.
-    Its stdout from then on and all its stderr come back; a command that outlives ``timeout``
-    seconds (or ends before it said so) is killed and fails the test."""
+    All its stdout and stderr come back; a command that outlives ``timeout`` seconds (or ends
+    before it said so) is killed and fails the test."""
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
                                 stderr=err, text=True, start_new_session=True)
+        before: list[str] = []
         try:
-            seen = 0
-            while seen < times:
-                line = proc.stdout.readline()  # type: ignore[union-attr]
-                if not line:
+            while sum(said in line for line in before) < times:
+                before.append(proc.stdout.readline())  # type: ignore[union-attr]
+                if not before[-1]:
                     err.seek(0)
                     raise AssertionError(f"{cmd} ended before saying {said!r} {times} times: "
                                          f"{err.read()[-3000:]}")
-                seen += said in line
             os.killpg(proc.pid, signal.SIGINT)
             out, _ = proc.communicate(timeout=timeout)
         finally:
@@ -107,4 +106,5 @@ def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 1
                 kill_tree(proc.pid)
                 proc.wait(timeout=30)
         err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err.read())
+        return subprocess.CompletedProcess(cmd, proc.returncode, "".join(before) + out,
+                                           err.read())

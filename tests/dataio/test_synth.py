@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import rasterio
 import rasterio.features
 import shapely
+from proc_helpers import interrupt_when
 from pyproj import CRS
 from shapely.geometry import box, shape
 
@@ -248,6 +250,30 @@ def test_an_interrupted_synth_is_refused_by_prepare(tmp_path: Path,
     write_aoi(SynthConfig(out=out, tiles=4, size=64, overwrite=True))
     m = prepare(PrepareConfig(raw=[out], out=tmp_path / "d", workers=0), progress=False)
     assert sum(m["splits"][s]["samples"] for s in ("train", "val", "test")) == 4
+
+
+@pytest.mark.slow  # the real command in a process of its own
+@pytest.mark.multiproc  # and its pool of 2 workers
+@pytest.mark.timeout(120)
+def test_ctrl_c_is_one_line_and_leaves_an_aoi_marked_incomplete(tmp_path: Path) -> None:
+    """Ctrl-C mid-run was a KeyboardInterrupt traceback (exit -2); the workers took it too and
+    dropped the chunks they were making, and the pool then made every chunk still queued (the
+    rest of the AOI) before the command let go. Now: one line, exit 130, the workers finish the
+    chunks they started, and the AOI keeps the mark that makes prepare refuse it."""
+    out = tmp_path / "aoi"
+    worker = str(Path(__file__).with_name("synth_ctrl_c_worker.py"))  # slow tiles, says which
+    res = interrupt_when([sys.executable, worker, "--out", str(out), "--tiles", "24", "--size",
+                          "64", "--workers", "2"], "tile ", times=2)
+    lines = res.stderr.replace("\r", "\n").splitlines()
+    assert [line for line in lines if line and not line.startswith("synth:")] == [
+        f"dataio.synth: interrupted; {out} holds an incomplete AOI (.synth-incomplete): rerun "
+        "with --overwrite"], res.stderr[-3000:]
+    assert res.returncode == 130
+    started = {int(line.split()[1]) for line in res.stdout.splitlines()}
+    chunks = {i // 4 for i in started}  # (synth maps 4 tiles per chunk)
+    made = {int(p.stem.rsplit("img", 1)[1]) - 1 for p in (out / "RGB-PanSharpen").glob("*.tif")}
+    assert made == {i for c in chunks for i in range(4 * c, 4 * c + 4)}, (started, made)
+    assert (out / ".synth-incomplete").exists() and not list(out.rglob("*.tmp"))
 
 
 def test_each_tiles_labels_lie_on_its_pixels(tmp_path: Path) -> None:
