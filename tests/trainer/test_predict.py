@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -165,6 +166,52 @@ def test_ctrl_c_is_one_line_and_leaves_out_as_it_was(trained_run: Path, small_da
         # (torchrun ends with its own code, 1, and its SignalException traceback)
         assert res.returncode == (130 if ranks == 1 else 1), res.stderr[-3000:]
     assert _tree(earlier) == before and not new.exists()
+
+
+def test_ctrl_c_while_publishing_says_out_is_marked(trained_run: Path, small_dataset: Path,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Pressed during the moves into --out, 'left as it was' would be untrue: --out is marked
+    (readers refuse it) and the line says so and how to repair it."""
+    from postproc import predio
+
+    pred = tmp_path / "pred"
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test",
+            "--out", str(pred)]
+    assert predict(args) == 0
+    capsys.readouterr()
+    real_replace, real_publish = os.replace, predio.publish_pred_dir
+
+    def replace(src: str, dst: str) -> None:  # the first move of a shard
+        if Path(dst).name.startswith("pred-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    def publish(staging: Path, out: Path) -> None:
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            real_publish(staging, out)
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+
+    monkeypatch.setattr(predio, "publish_pred_dir", publish)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        rc = predict([*args, "--shard-size", "1"])
+    except KeyboardInterrupt:  # (not to pytest, which takes it for the user's)
+        pytest.fail("the Ctrl-C came out of trainer.predict as a KeyboardInterrupt")
+    finally:
+        signal.signal(signal.SIGINT, handler)  # (pytest's own Ctrl-C)
+    assert rc == 130
+    monkeypatch.undo()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"trainer.predict: interrupted; {pred} is marked as being replaced (.publishing): rerun "
+        "the same command")
+    with pytest.raises(predio.PredError, match="interrupted.*rerun trainer.predict"):
+        list_pred_shards(pred)
+    assert not (pred / ".partial").exists()
+    assert predict(args) == 0 and _read(pred)  # the rerun clears the mark
 
 
 def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_dataset: Path,
