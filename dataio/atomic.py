@@ -116,6 +116,19 @@ def fresh_staging_dir(out: str | os.PathLike[str]) -> Path:
     return staging
 
 
+def discard_staging_dir(out: str | os.PathLike[str], out_created: bool) -> None:
+    """Remove a failed or interrupted run's :func:`staging_dir` of ``out``, and ``out`` itself if
+    this run created it (``out_created``) and it holds nothing else: ``out`` is left as it was.
+
+    NOTE: a rerun would remove the stage too, but until then a directory that this run made for
+    nothing stayed, holding only it. A publish under way leaves its mark (``out`` not empty).
+    """
+    shutil.rmtree(staging_dir(out), ignore_errors=True)
+    if out_created:
+        with contextlib.suppress(OSError):  # (not empty, or never made)
+            Path(out).rmdir()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)

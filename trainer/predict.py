@@ -35,7 +35,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dataio.atomic import atomic_write_text, fresh_staging_dir, staging_dir
+from dataio.atomic import (
+    atomic_write_text,
+    discard_staging_dir,
+    fresh_staging_dir,
+    staging_dir,
+)
 from postproc.pools import ignore_further_sigint, sigint_once
 from trainer import dist
 
@@ -211,15 +216,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _discard_stage(out: Path, created: bool) -> None:
-    """Remove an interrupted prediction's stage (and ``out``, if this run created it and it holds
-    nothing else): ``out`` is left as it was. A publish under way leaves its mark (PUBLISHING)."""
-    shutil.rmtree(staging_dir(out), ignore_errors=True)
-    if created:
-        with contextlib.suppress(OSError):  # (not empty, or never made)
-            out.rmdir()
-
-
 def _predict(args: argparse.Namespace) -> int:
     out_created = not args.out.exists()
     try:
@@ -319,7 +315,7 @@ def _predict(args: argparse.Namespace) -> int:
         # rank 0 removes the stage, as dataio.prepare does: a rerun would, but until then it sat
         # hidden in --out, in a directory that this run may have created for nothing.
         if env.is_main:
-            _discard_stage(args.out, out_created)
+            discard_staging_dir(args.out, out_created)
         raise
     finally:
         dist.teardown()

@@ -24,7 +24,7 @@ import pytest
 import shapely
 from affine import Affine
 from pp_helpers import REPO, TRANSFORM_4326, make_pred_dir, tile_meta
-from proc_helpers import kill_tree, torchrun_cmd, worker_env
+from proc_helpers import interrupt_when, kill_tree, torchrun_cmd, worker_env
 
 from benchmarks.proctree import tree_pids
 from postproc import polygonize, render, runner, score, tune
@@ -189,6 +189,47 @@ def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, mon
     assert out.read_bytes() == csv_before
     # (the mark of a publish begun may stay; the next run's publish clears it)
     assert {k: v for k, v in _snapshot(gj).items() if k != ".publishing"} == before
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every file and directory under ``root`` (hidden ones too), files with their bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow  # the real command in a process of its own
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stop", ["ctrl_c", "error"])
+def test_a_stopped_run_leaves_the_geojson_dir_as_it_was(pred_dir, tmp_path, monkeypatch,
+                                                        stop):
+    """Stopped with tiles already in DIR/.partial (a Ctrl-C, or a write that fails), the run
+    left the stage in DIR, and a DIR made for it, holding only that. Now DIR is as it was, as
+    trainer.predict leaves --out: an earlier run's output whole, and no stage (nor a new DIR)."""
+    pred, _ = pred_dir
+    earlier, new = tmp_path / "earlier", tmp_path / "new"
+    argv = ["--pred", str(pred), "--out", str(tmp_path / "p.csv"), "--workers", "1",
+            "--no-tuned"]
+    assert run_main(polygonize.main, [*argv, "--geojson", str(earlier)]) == 0
+    before = _tree(earlier)
+    real, written = runner.write_tile_geojson, []
+
+    def full_at_the_second_tile(out, key, *args):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real(out, key, *args))
+
+    monkeypatch.setattr(runner, "write_tile_geojson", full_at_the_second_tile)
+    worker = str(Path(__file__).with_name("polygonize_ctrl_c_worker.py"))  # slow chunks
+    for gj in (earlier, new):
+        written.clear()
+        args = [*argv, "--geojson", str(gj), "--min-polygon-area", "1e9"]
+        if stop == "ctrl_c":  # (at the second chunk: the first one's tiles are in the stage)
+            res = interrupt_when([sys.executable, worker, *args], "chunk", times=2)
+            assert res.returncode == 130 and "interrupted" in res.stderr, res.stderr[-3000:]
+        else:
+            assert run_main(polygonize.main, args) == 2
+            assert len(written) == 1  # (one tile was in the stage)
+    assert _tree(earlier) == before and not new.exists()
 
 
 def test_geojson_into_the_prediction_directory_is_refused(pred_dir, tmp_path, monkeypatch,

@@ -1,0 +1,28 @@
+"""Run by test_cli: ``polygonize_ctrl_c_worker.py POLYGONIZE-ARGS...``: the real
+``postproc.polygonize`` command (its imports, stage and top level) whose chunks of tiles (run in
+this process: pass ``--workers 1``) each say ``chunk`` on stdout and then take a while, so that a
+Ctrl-C finds it writing GeoJSON into its stage."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from postproc import polygonize, runner
+from postproc.cli import exit_on_error
+
+CHUNK_SECONDS = 0.5
+_real = runner._tiles_to_rows
+
+
+def _slow(*args: object) -> tuple[list[list[str]], int]:
+    os.write(sys.stdout.fileno(), b"chunk\n")  # (unbuffered: the test waits for it)
+    time.sleep(CHUNK_SECONDS)
+    return _real(*args)
+
+
+runner._tiles_to_rows = _slow
+
+if __name__ == "__main__":
+    sys.exit(exit_on_error(lambda: polygonize.main(sys.argv[1:])))
