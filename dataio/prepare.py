@@ -31,7 +31,13 @@ import rasterio
 from pyproj import CRS
 from tqdm import tqdm
 
-from dataio.atomic import STAGING, atomic_open, fresh_staging_dir, fsync_dir
+from dataio.atomic import (
+    STAGING,
+    atomic_open,
+    discard_staging_dir,
+    fresh_staging_dir,
+    fsync_dir,
+)
 from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
@@ -357,11 +363,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     # NOTE: the new dataset is built in a stage inside --out (same filesystem, so the moves are
     # renames) and replaces the old one only when complete: a refused, failed or killed run
     # leaves the old dataset as it was. A stage left by a killed run is ours; it goes first.
+    out_created = not cfg.out.exists()
     stage = fresh_staging_dir(cfg.out)
     try:
         manifest = _build(cfg, stage, found, tiles, t0, progress)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        discard_staging_dir(cfg.out, out_created)  # (and an --out made for it: left empty)
         raise
     # NOTE: from here the stage is the complete new dataset: an error inside publish must not
     # delete it (the old one may already be aside in .old).

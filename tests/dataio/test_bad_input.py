@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import shutil
 import sys
@@ -19,7 +20,7 @@ from dataio import prepare as prep
 from dataio.geo import reproject_geometry
 from dataio.manifest import load_manifest
 from dataio.prepare import PrepareConfig, prepare
-from dataio.shards import decode_sample, iter_tar_samples
+from dataio.shards import ShardWriter, decode_sample, iter_tar_samples
 from dataio.synth import SynthConfig, write_aoi
 
 TILES = 6
@@ -310,13 +311,26 @@ def test_an_out_that_cannot_be_made_is_one_line(raw: Path, tmp_path: Path,
     assert err.startswith("dataio.prepare: error:") and str(blocker) in err
 
 
+@pytest.mark.parametrize("stop", ["ctrl_c", "error"])
 def test_interrupted_run_leaves_nothing_behind(raw: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    _dying(monkeypatch, 5)
+                                              monkeypatch: pytest.MonkeyPatch, stop: str) -> None:
+    if stop == "ctrl_c":
+        _dying(monkeypatch, 5)
+    else:  # a shard write that fails (a full disk) after the first shard is in the stage
+        real, calls = ShardWriter.write, {"n": 0}
+
+        def full(self: ShardWriter, sample: dict) -> None:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(self, sample)
+
+        monkeypatch.setattr(ShardWriter, "write", full)
     out = tmp_path / "d"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl_c" else OSError):
         _run(raw, out, workers=0)
-    assert _files(out) == {}  # no manifest, no shard, no temp file: the stage went with the run
+    # no manifest, no shard, no temp file: the stage went with the run, and the --out it made
+    assert not out.exists()
     monkeypatch.undo()
     _run(raw, out)  # nothing to refuse: no --overwrite needed
     assert len(_samples(out)) == TILES
@@ -339,7 +353,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_dataset(raw: Path, tmp_path: Path, wor
         f"dataio.prepare: interrupted; rerun the same command to prepare {out} (a dataset "
         "already there is kept until the new one is complete)"], res.stderr[-3000:]
     assert res.returncode == 130, res.stderr[-3000:]
-    assert _files(out) == {}
+    assert not out.exists()  # (no dataset: the stage is gone, and the --out made for it)
 
 
 def test_interrupted_overwrite_keeps_the_old_dataset(raw: Path, tmp_path: Path,
