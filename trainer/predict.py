@@ -308,6 +308,9 @@ def _predict(args: argparse.Namespace) -> int:
                 f"; {listed - total} of its {listed} tiles were left out ({unread}; see the "
                 "warnings above)" if total < listed else ""))
     except (ConfigError, ValueError, OSError, RuntimeError) as e:
+        # (every rank stops here: the errors are agreed; rank 0 removes the stage, as below)
+        if env.is_main:
+            discard_staging_dir(args.out, out_created)
         print(f"trainer.predict: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

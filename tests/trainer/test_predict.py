@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from dataio.loader import build_loader
 from dataio.manifest import load_manifest
 from dataio.shards import iter_tar_samples
 from models import build_model_from_config
+from postproc import predio
 from postproc.predio import iter_pred_samples, list_pred_shards
 from trainer.amp import resolve
 from trainer.checkpoint import load, load_model
@@ -124,7 +126,7 @@ def test_a_failed_write_on_one_rank_stops_every_rank_with_the_reason(
                                "--run-dir", str(trained_run), "--data", str(small_dataset),
                                "--split", "val", "--out", str(out)]),
               timeout=150, env={"FAIL_AT": "pred"})
-    assert res.returncode != 0 and not list(out.glob("pred-*.tar"))  # (only its staging)
+    assert res.returncode != 0 and not list(out.glob("pred-*.tar"))  # (nor a stage)
     assert "trainer.predict: error: rank 1 stopped while writing predictions: OSError: " \
            "[Errno 28] No space left on device" in res.stderr, res.stderr[-3000:]
     assert "Connection closed" not in res.stderr
@@ -165,6 +167,34 @@ def test_ctrl_c_is_one_line_and_leaves_out_as_it_was(trained_run: Path, small_da
         assert "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
         # (torchrun ends with its own code, 1, and its SignalException traceback)
         assert res.returncode == (130 if ranks == 1 else 1), res.stderr[-3000:]
+    assert _tree(earlier) == before and not new.exists()
+
+
+def test_a_failed_write_leaves_out_as_it_was(trained_run: Path, small_dataset: Path,
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A shard write that fails (a full disk) with a shard already in the stage left the stage
+    in --out, and a new --out holding only it; a Ctrl-C already removed both. Now an error does
+    too: an earlier prediction whole, and no stage (nor a --out made for nothing)."""
+    common = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
+              "--batch-size", "1", "--shard-size", "1"]
+    earlier, new = tmp_path / "earlier", tmp_path / "new"
+    assert predict([*common, "--out", str(earlier)]) == 0
+    before = _tree(earlier)
+    real, written = predio.write_pred_shard, []
+
+    def full_at_the_second_shard(path: Path, samples: list) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real(path, samples)
+
+    monkeypatch.setattr(predio, "write_pred_shard", full_at_the_second_shard)
+    for out in (earlier, new):
+        written.clear()
+        assert predict([*common, "--out", str(out)]) == 2
+        assert "No space left on device" in capsys.readouterr().err
+        assert len(written) == 1  # (a shard was in the stage)
     assert _tree(earlier) == before and not new.exists()
 
 
