@@ -58,11 +58,13 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
                 **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left untouched. ``sweep``
-    first removes the temporary files of ``path`` that a killed writer left (see below); pass
-    False where several processes may write one path at once.
+    On an exception the temporary file is removed and ``path`` is left untouched, as are its
+    directories: those made for it go too. ``sweep`` first removes the temporary files of
+    ``path`` that a killed writer left (see below); pass False where several processes may write
+    one path at once.
     """
     path = Path(path)
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     # NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
     # path that exists now was left by a killed writer: it goes, or each kill would leave one.
@@ -82,6 +84,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # NOTE: as trainer.predict removes an --out it made: a polygonize --out NEW/p.csv, whose
+        # CSV is open all run, left NEW behind empty on an error or a Ctrl-C
+        for d in made:  # (deepest first; one that holds something now stays)
+            with contextlib.suppress(OSError):
+                d.rmdir()
         if isinstance(e, OSError) and e.errno in NO_ROOM and e.filename is None:
             raise with_filename(e, path) from None
         raise

@@ -84,3 +84,16 @@ def test_other_errors_of_the_body_pass_unchanged(tmp_path: Path) -> None:
     with pytest.raises(OSError) as got, atomic_open(tmp_path / "out.bin"):
         raise err
     assert got.value is err
+
+
+def test_a_failed_write_leaves_no_directory_it_made(tmp_path: Path) -> None:
+    """The directories made for the output went on only if it was written: a failed write (or
+    a Ctrl-C) left them behind, empty. Those that were there stay, as do any that hold more."""
+    with pytest.raises(OSError), atomic_open(tmp_path / "new" / "deeper" / "out.bin"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "mine.txt").write_text("x")
+    with pytest.raises(KeyboardInterrupt), atomic_open(tmp_path / "new" / "deeper" / "out.bin"):
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.rglob("*")] == ["new", "mine.txt"]

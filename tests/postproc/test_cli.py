@@ -200,17 +200,18 @@ def _tree(root: Path) -> dict[str, bytes | None]:
 @pytest.mark.slow  # the real command in a process of its own
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
-def test_a_stopped_run_leaves_the_geojson_dir_as_it_was(pred_dir, tmp_path, monkeypatch,
-                                                        stop):
+def test_a_stopped_run_leaves_its_outputs_as_they_were(pred_dir, tmp_path, monkeypatch, stop):
     """Stopped with tiles already in DIR/.partial (a Ctrl-C, or a write that fails), the run
-    left the stage in DIR, and a DIR made for it, holding only that. Now DIR is as it was, as
-    trainer.predict leaves --out: an earlier run's output whole, and no stage (nor a new DIR)."""
+    left the stage in DIR, and a DIR made for it, holding only that; and a directory made for
+    --out (its CSV is open all run) stayed, empty. Now, as trainer.predict leaves --out: an
+    earlier run's output whole, and no stage (nor a directory made for nothing)."""
     pred, _ = pred_dir
-    earlier, new = tmp_path / "earlier", tmp_path / "new"
-    argv = ["--pred", str(pred), "--out", str(tmp_path / "p.csv"), "--workers", "1",
-            "--no-tuned"]
-    assert run_main(polygonize.main, [*argv, "--geojson", str(earlier)]) == 0
-    before = _tree(earlier)
+    earlier = (tmp_path / "p.csv", tmp_path / "earlier")
+    new = (tmp_path / "new-csv" / "p.csv", tmp_path / "new")
+    argv = ["--pred", str(pred), "--workers", "1", "--no-tuned"]
+    assert run_main(polygonize.main, [*argv, "--out", str(earlier[0]),
+                                      "--geojson", str(earlier[1])]) == 0
+    before = earlier[0].read_bytes(), _tree(earlier[1])
     real, written = runner.write_tile_geojson, []
 
     def full_at_the_second_tile(out, key, *args):
@@ -220,16 +221,17 @@ def test_a_stopped_run_leaves_the_geojson_dir_as_it_was(pred_dir, tmp_path, monk
 
     monkeypatch.setattr(runner, "write_tile_geojson", full_at_the_second_tile)
     worker = str(Path(__file__).with_name("polygonize_ctrl_c_worker.py"))  # slow chunks
-    for gj in (earlier, new):
+    for csv_out, gj in (earlier, new):
         written.clear()
-        args = [*argv, "--geojson", str(gj), "--min-polygon-area", "1e9"]
+        args = [*argv, "--out", str(csv_out), "--geojson", str(gj), "--min-polygon-area", "1e9"]
         if stop == "ctrl_c":  # (at the second chunk: the first one's tiles are in the stage)
             res = interrupt_when([sys.executable, worker, *args], "chunk", times=2)
             assert res.returncode == 130 and "interrupted" in res.stderr, res.stderr[-3000:]
         else:
             assert run_main(polygonize.main, args) == 2
             assert len(written) == 1  # (one tile was in the stage)
-    assert _tree(earlier) == before and not new.exists()
+    assert (earlier[0].read_bytes(), _tree(earlier[1])) == before
+    assert not new[0].parent.exists() and not new[1].exists()
 
 
 def test_geojson_into_the_prediction_directory_is_refused(pred_dir, tmp_path, monkeypatch,
