@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if image_id not in truth:
             raise ValueError(f"--image-ids {image_id}: not in {truth_csv}")
     images = load_images(data, split, ids)
-    args.out.mkdir(parents=True, exist_ok=True)
+    # NOTE: --out is made by the first tile's write (atomic_open): made here, a Ctrl-C or an
+    # error while that tile was drawn left it behind empty, where trainer.predict removes it
     for image_id in tqdm(ids, unit="tile", desc="render"):
         rgb = display_rgb(images[image_id], p2, p98)
         im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),

@@ -9,6 +9,7 @@ missed, and boxes far from any building are false positives.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 from shapely import affinity
 from shapely.geometry import box
 
+from dataio.atomic import atomic_open
 from dataio.manifest import load_manifest
 from dataio.shards import decode_sample, iter_tar_samples
 from postproc import render
@@ -163,6 +165,31 @@ def test_a_rerun_leaves_only_its_own_tiles(prepared_dataset, drawn, tmp_path):
     top = render.pick_tiles(truth, 1, ScoreConfig())[0] + ".png"
     assert top in first
     assert sorted(p.name for p in out.iterdir()) == sorted([top, "curves.png", "notes.txt"])
+
+
+@pytest.mark.parametrize("stop", ["ctrl_c", "error"])
+def test_a_stopped_render_leaves_no_new_out(prepared_dataset, drawn, tmp_path, monkeypatch,
+                                            stop):
+    """Stopped at the first tile (a Ctrl-C while it was drawn, a full disk as it was written),
+    a new --out stayed, empty: render made it before it drew anything. trainer.predict leaves
+    no --out it made so."""
+    _, _, _, _, csv_path, _ = drawn
+
+    def pressed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    def full(path: Path, data: bytes) -> None:
+        with atomic_open(path, "wb"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    if stop == "ctrl_c":
+        monkeypatch.setattr(render, "draw_tile", pressed)
+    else:
+        monkeypatch.setattr(render, "atomic_write_bytes", full)
+    out = tmp_path / "tiles"
+    assert run_main(["--data", prepared_dataset, "--split", "val", "--proposals", csv_path,
+                     "--out", out]) == (130 if stop == "ctrl_c" else 2)
+    assert not out.exists()
 
 
 def test_data_and_split_from_provenance(prepared_dataset, drawn, tmp_path):
