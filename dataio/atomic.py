@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import itertools
 import os
 import shutil
 import tempfile
@@ -64,7 +65,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     one path at once.
     """
     path = Path(path)
-    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    made = list(itertools.takewhile(lambda d: not d.exists(), (path.parent, *path.parent.parents)))
     path.parent.mkdir(parents=True, exist_ok=True)
     # NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
     # path that exists now was left by a killed writer: it goes, or each kill would leave one.
