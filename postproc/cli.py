@@ -9,7 +9,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from postproc.csvio import CsvError
-from postproc.pools import ignore_further_sigint, sigint_once
+from postproc.pools import ignore_further_sigint, say, sigint_once
 from postproc.predio import PredError
 from postproc.pushmetrics import PostprocRun, push
 
@@ -25,17 +25,17 @@ def exit_on_error(main: Callable[[], int]) -> int:
         with sigint_once():  # (a second press cannot cut the first one's clean-up short)
             return main()
     except (PredError, CsvError, ValueError, OSError) as e:  # OSError: paths that cannot be used
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except KeyboardInterrupt:
         ignore_further_sigint()  # (a second Ctrl-C in the exit was a traceback, or exit -2)
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
     except RuntimeError as e:  # another rank's failure under torchrun (trainer.dist.RankError)
         dist = sys.modules.get("trainer.dist")
         if dist is None or not isinstance(e, dist.RankError):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
 
 

@@ -15,8 +15,20 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+
+
+def say(line: str) -> None:
+    """Write ``line`` to stderr in one write: a command's last line on each rank.
+
+    NOTE: under torchrun every rank's stderr is one pipe, and print's two writes (the text, then
+    the newline; unbuffered with PYTHONUNBUFFERED) from two ranks interleaved: both ranks'
+    'interrupted' lines ran into one. A write up to PIPE_BUF bytes to a pipe is not split.
+    """
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
 
 
 def ignore_sigint() -> None:

@@ -41,7 +41,7 @@ from dataio.atomic import (
     fresh_staging_dir,
     staging_dir,
 )
-from postproc.pools import ignore_further_sigint, sigint_once
+from postproc.pools import ignore_further_sigint, say, sigint_once
 from trainer import dist
 
 if TYPE_CHECKING:
@@ -187,11 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
             # (under torchrun each rank says it: the terminal and torchrun signal every one)
             if (args.out / PUBLISHING).exists():
-                print(f"trainer.predict: interrupted; {args.out} is marked as being replaced "
-                      f"({PUBLISHING}): rerun the same command", file=sys.stderr)
+                say(f"trainer.predict: interrupted; {args.out} is marked as being replaced "
+                    f"({PUBLISHING}): rerun the same command")
             else:
-                print(f"trainer.predict: interrupted; {args.out} is left as it was",
-                      file=sys.stderr)
+                say(f"trainer.predict: interrupted; {args.out} is left as it was")
             ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
             return 130
 
@@ -221,21 +220,21 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         env = dist.DistEnv.from_env()
     except ValueError as e:
-        print(f"trainer.predict: error: {e}", file=sys.stderr)
+        say(f"trainer.predict: error: {e}")
         return 2
     ckpt_path = args.checkpoint or args.run_dir / "checkpoints" / "best.pt"
     # (a checkpoint file given as --run-dir, or a directory as --checkpoint, was 'not found')
     if args.run_dir.is_file():
-        print(f"trainer.predict: error: --run-dir {args.run_dir} is a file; give the run "
-              "directory (and a checkpoint of it with --checkpoint)", file=sys.stderr)
+        say(f"trainer.predict: error: --run-dir {args.run_dir} is a file; give the run "
+            "directory (and a checkpoint of it with --checkpoint)")
         return 2
     if args.checkpoint is not None and args.checkpoint.is_dir():
-        print(f"trainer.predict: error: --checkpoint {ckpt_path} is a directory; give a "
-              f"checkpoint file, e.g. {ckpt_path / 'best.pt'}", file=sys.stderr)
+        say(f"trainer.predict: error: --checkpoint {ckpt_path} is a directory; give a "
+            f"checkpoint file, e.g. {ckpt_path / 'best.pt'}")
         return 2
     if not ckpt_path.is_file():
         hint = "" if args.checkpoint else _no_best_hint(args.run_dir)
-        print(f"trainer.predict: error: {ckpt_path} not found{hint}", file=sys.stderr)
+        say(f"trainer.predict: error: {ckpt_path} not found{hint}")
         return 2
     from dataio.loader import build_loader
     from dataio.manifest import load_manifest
@@ -311,7 +310,7 @@ def _predict(args: argparse.Namespace) -> int:
         # (every rank stops here: the errors are agreed; rank 0 removes the stage, as below)
         if env.is_main:
             discard_staging_dir(args.out, out_created)
-        print(f"trainer.predict: error: {e}", file=sys.stderr)
+        say(f"trainer.predict: error: {e}")
         return 2
     except KeyboardInterrupt:
         # NOTE: the other ranks were interrupted too (the terminal's group, torchrun's forward);

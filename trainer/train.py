@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dataio.atomic import check_writable
-from postproc.pools import ignore_further_sigint, sigint_once
+from postproc.pools import ignore_further_sigint, say, sigint_once
 from trainer import dist
 from trainer.config import (
     Config,
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _train(args)
         except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
-            print(f"trainer.train: interrupted; rerun the same command to resume from the newest "
-                  f"complete checkpoint in {args.run_dir / 'checkpoints'}", file=sys.stderr)
+            say(f"trainer.train: interrupted; rerun the same command to resume from the newest "
+                f"complete checkpoint in {args.run_dir / 'checkpoints'}")
             # (set aside already after a press; a further Ctrl-C in the interpreter's exit
             # would add a traceback or end the process by SIGINT)
             ignore_further_sigint()
@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
         # would otherwise restart the group on an error that no restart can mend.
         cfg, given = check(args)
     except (ConfigError, ValueError) as e:
-        print(f"trainer.train: error: {e}", file=sys.stderr)
+        say(f"trainer.train: error: {e}")
         return 2
     if args.check:
         return 0
@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
         Trainer(cfg, env, args.data, args.run_dir).train()
     except (NonFiniteError, ValueError, RuntimeError, OSError) as e:
         log.error("%s", e)
-        print(f"trainer.train: error: {e}", file=sys.stderr)
+        say(f"trainer.train: error: {e}")
         return 1
     finally:
         # NOTE: after a Ctrl-C this runs with Ctrl-C set aside (main): a teardown that hangs is

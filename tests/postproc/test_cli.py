@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -672,3 +673,57 @@ def test_a_command_that_ends_leaves_ctrl_c_as_it_found_it() -> None:
     assert exit_on_error(lambda: 0) == 0
     assert exit_on_error(lambda: _raise(ValueError("bad input"))) == 2
     assert signal.getsignal(signal.SIGINT) is before
+
+
+
+class _Writes:
+    """A stderr that records each write call."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _raises(e: BaseException) -> Callable[..., int]:
+    def main(*args: object) -> int:
+        raise e
+
+    return main
+
+
+@pytest.mark.parametrize("case", ["postproc-ctrl-c", "postproc-error", "train-ctrl-c",
+                                  "train-error", "predict-ctrl-c", "predict-error"])
+def test_a_ranks_last_line_is_one_write(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        case: str) -> None:
+    """Under torchrun every rank's stderr is one pipe: print's two writes (text, newline) from two
+    ranks ran both ranks' 'interrupted' lines into one ('... is left as it wastrainer.predict:
+    interrupted; ...'). Each line is one write now, which a pipe does not split."""
+    from trainer import predict, train
+
+    err = _Writes()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(signal, "signal", lambda *a: signal.SIG_DFL)  # (the test's own Ctrl-C)
+    missing = str(tmp_path / "missing")
+    if case == "postproc-ctrl-c":
+        code = exit_on_error(_raises(KeyboardInterrupt()))
+    elif case == "postproc-error":
+        code = exit_on_error(_raises(ValueError("bad")))
+    elif case == "train-ctrl-c":
+        monkeypatch.setattr(train, "_train", _raises(KeyboardInterrupt()))
+        code = train.main(["--config", missing, "--data", missing, "--run-dir", missing])
+    elif case == "train-error":  # (no such config)
+        code = train.main(["--config", missing, "--data", missing, "--run-dir", missing])
+    elif case == "predict-ctrl-c":
+        monkeypatch.setattr(predict, "_predict", _raises(KeyboardInterrupt()))
+        code = predict.main(["--run-dir", missing, "--data", missing, "--out", missing])
+    else:  # (no checkpoint)
+        code = predict.main(["--run-dir", missing, "--data", missing, "--out", missing])
+    assert code == (130 if case.endswith("ctrl-c") else 2)
+    assert len(err.writes) == 1 and err.writes[0].count("\n") == 1, err.writes
+    assert err.writes[0].endswith("\n")
