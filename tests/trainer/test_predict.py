@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -198,24 +199,16 @@ def test_a_failed_write_leaves_out_as_it_was(trained_run: Path, small_dataset: P
     assert _tree(earlier) == before and not new.exists()
 
 
-def test_ctrl_c_while_publishing_says_out_is_marked(trained_run: Path, small_dataset: Path,
-                                                   tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Pressed during the moves into --out, 'left as it was' would be untrue: --out is marked
-    (readers refuse it) and the line says so and how to repair it."""
-    from postproc import predio
-
-    pred = tmp_path / "pred"
-    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test",
-            "--out", str(pred)]
-    assert predict(args) == 0
-    capsys.readouterr()
+def _stop_publish(monkeypatch: pytest.MonkeyPatch,
+                  stop: Callable[[str], BaseException | None]) -> None:
+    """Make predict's publish raise ``stop(dst)`` at the first of its moves (``os.replace`` to
+    ``dst``) for which it is not None; ``os.replace`` elsewhere stays the real one."""
     real_replace, real_publish = os.replace, predio.publish_pred_dir
 
-    def replace(src: str, dst: str) -> None:  # the first move of a shard
-        if Path(dst).name.startswith("pred-"):
-            raise KeyboardInterrupt
+    def replace(src: str, dst: str) -> None:
+        e = stop(dst)
+        if e is not None:
+            raise e
         real_replace(src, dst)
 
     def publish(staging: Path, out: Path) -> None:
@@ -226,6 +219,22 @@ def test_ctrl_c_while_publishing_says_out_is_marked(trained_run: Path, small_dat
             monkeypatch.setattr(os, "replace", real_replace)
 
     monkeypatch.setattr(predio, "publish_pred_dir", publish)
+
+
+def test_ctrl_c_while_publishing_says_out_is_marked(trained_run: Path, small_dataset: Path,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Pressed during the moves into --out, 'left as it was' would be untrue: --out is marked
+    (readers refuse it) and the line says so and how to repair it."""
+    pred = tmp_path / "pred"
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test",
+            "--out", str(pred)]
+    assert predict(args) == 0
+    capsys.readouterr()
+    # (at the first move of a shard)
+    _stop_publish(monkeypatch, lambda dst: KeyboardInterrupt()
+                  if Path(dst).name.startswith("pred-") else None)
     handler = signal.getsignal(signal.SIGINT)
     try:
         rc = predict([*args, "--shard-size", "1"])
@@ -288,32 +297,17 @@ def test_a_gpu_runs_config_predicts_on_a_cpu(trained_run: Path, small_dataset: P
 def test_a_killed_publish_is_refused_until_a_rerun(trained_run: Path, small_dataset: Path,
                                                    tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from postproc import predio
-
     pred = tmp_path / "pred"
     args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test",
             "--out", str(pred)]
     assert predict([*args, "--shard-size", "100"]) == 0
     tiles = _read(pred).keys()
     # the next prediction (a shard per tile) dies after two renames of its publish
-    real_replace, real_publish, calls = os.replace, predio.publish_pred_dir, []
-
-    def replace(src: str, dst: str) -> None:
-        calls.append(dst)
-        if len(calls) > 2:
-            raise OSError("killed")
-        real_replace(src, dst)
-
-    def publish(staging: Path, out: Path) -> None:
-        monkeypatch.setattr(os, "replace", replace)
-        try:
-            real_publish(staging, out)
-        finally:
-            monkeypatch.setattr(os, "replace", real_replace)
-
-    monkeypatch.setattr(predio, "publish_pred_dir", publish)
+    calls: list[str] = []
+    _stop_publish(monkeypatch, lambda dst: calls.append(dst) or (
+        OSError("killed") if len(calls) > 2 else None))
     assert predict([*args, "--shard-size", "1"]) == 2
-    monkeypatch.setattr(predio, "publish_pred_dir", real_publish)
+    monkeypatch.undo()
     with pytest.raises(predio.PredError, match="interrupted.*rerun trainer.predict"):
         list_pred_shards(pred)
     assert predict([*args, "--shard-size", "100"]) == 0  # the rerun clears the mark and the mix
