@@ -168,15 +168,8 @@ def test_rows_go_most_confident_first_and_the_geojson_holds_the_same_buildings(t
         assert got.symmetric_difference(want).area < 1e-6 * want.area
 
 
-def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, monkeypatch):
-    """--geojson DIR is published only once the CSV is committed: when the CSV's last flush
-    fails (a full disk), DIR keeps the earlier run's tiles, which match the CSV still there."""
-    pred, _ = pred_dir
-    out, gj = tmp_path / "p.csv", tmp_path / "gj"
-    argv = ["--pred", str(pred), "--out", str(out), "--geojson", str(gj), "--workers", "1",
-            "--no-tuned"]
-    assert run_main(polygonize.main, argv) == 0
-    before, csv_before = _snapshot(gj), out.read_bytes()
+def _full_disk_at_the_csv_commit(monkeypatch):
+    """polygonize's CSV fails at its commit (its last flush), as on a full disk."""
     real = runner.atomic_open
 
     @contextlib.contextmanager
@@ -186,6 +179,18 @@ def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runner, "atomic_open", full_at_commit)
+
+
+def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, monkeypatch):
+    """--geojson DIR is published only once the CSV is committed: when the CSV's last flush
+    fails (a full disk), DIR keeps the earlier run's tiles, which match the CSV still there."""
+    pred, _ = pred_dir
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    argv = ["--pred", str(pred), "--out", str(out), "--geojson", str(gj), "--workers", "1",
+            "--no-tuned"]
+    assert run_main(polygonize.main, argv) == 0
+    before, csv_before = _snapshot(gj), out.read_bytes()
+    _full_disk_at_the_csv_commit(monkeypatch)
     assert run_main(polygonize.main, [*argv, "--min-polygon-area", "1e9"]) == 2
     assert out.read_bytes() == csv_before
     # (the mark of a publish begun may stay; the next run's publish clears it)
@@ -244,15 +249,7 @@ def test_geojson_into_the_prediction_directory_is_refused(pred_dir, tmp_path, mo
     pred = shutil.copytree(pred_dir[0], tmp_path / "pred")
     out = tmp_path / "p.csv"
     argv = ["--pred", str(pred), "--out", str(out), "--workers", "1", "--no-tuned"]
-    real = runner.atomic_open
-
-    @contextlib.contextmanager
-    def full_at_commit(path, *args, **kwargs):
-        with real(path, *args, **kwargs) as f:
-            yield f
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(runner, "atomic_open", full_at_commit)
+    _full_disk_at_the_csv_commit(monkeypatch)
     assert run_main(polygonize.main, [*argv, "--geojson", str(tmp_path / "x" / ".." / "pred")]
                     ) == 2
     monkeypatch.undo()
