@@ -251,7 +251,8 @@ def _predict(args: argparse.Namespace) -> int:
         # agreed: a rank that cannot load it stops every rank with its reason
         net = dist.on_every(f"loading {ckpt_path}",
                             lambda: _load_net(ckpt_path, cfg, manifest.bands, args))
-        _check_same_weights(net, ckpt_path)
+        if env.world_size > 1:  # (one process: nothing to compare, and hashing ~100 MB)
+            _check_same_weights(net, ckpt_path)
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
         # agreed: else tiles are silently dropped or repeated
