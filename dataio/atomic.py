@@ -12,7 +12,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,7 +65,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     one path at once.
     """
     path = Path(path)
-    made = list(itertools.takewhile(lambda d: not d.exists(), (path.parent, *path.parent.parents)))
+    made = missing_dirs(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     # NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
     # path that exists now was left by a killed writer: it goes, or each kill would leave one.
@@ -87,12 +87,26 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
             os.unlink(tmp)
         # NOTE: as trainer.predict removes an --out it made: a polygonize --out NEW/p.csv, whose
         # CSV is open all run, left NEW behind empty on an error or a Ctrl-C
-        for d in made:  # (deepest first; one that holds something now stays)
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        remove_made_dirs(made)
         if isinstance(e, OSError) and e.errno in NO_ROOM and e.filename is None:
             raise with_filename(e, path) from None
         raise
+
+
+def missing_dirs(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist, deepest first: the directories
+    that making ``path`` creates (looked for only up to the first that exists: its ancestors
+    exist too)."""
+    path = Path(path)
+    return list(itertools.takewhile(lambda d: not d.exists(), (path, *path.parents)))
+
+
+def remove_made_dirs(made: Sequence[Path]) -> None:
+    """Remove the directories of ``made`` (from :func:`missing_dirs`, deepest first) that are
+    empty: one that holds something now (another output, the user's file) stays."""
+    for d in made:
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 # What a write gets from a full disk, a quota or a file size limit.
@@ -124,17 +138,18 @@ def fresh_staging_dir(out: str | os.PathLike[str]) -> Path:
     return staging
 
 
-def discard_staging_dir(out: str | os.PathLike[str], out_created: bool) -> None:
-    """Remove a failed or interrupted run's :func:`staging_dir` of ``out``, and ``out`` itself if
-    this run created it (``out_created``) and it holds nothing else: ``out`` is left as it was.
+def discard_staging_dir(out: str | os.PathLike[str], made: Sequence[Path] = ()) -> None:
+    """Remove a failed or interrupted run's :func:`staging_dir` of ``out``, and the directories
+    this run created for it (``made``: :func:`missing_dirs` of ``out`` before the run, ``out``
+    and its new ancestors) that hold nothing else: the file system is left as it was.
 
     NOTE: a rerun would remove the stage too, but until then a directory that this run made for
     nothing stayed, holding only it. A publish under way leaves its mark (``out`` not empty).
+    Ancestors too: ``--geojson NEW/gj`` left NEW behind, empty (and with ``--out NEW/p.csv``,
+    whose own clean-up came first, while NEW still held the stage).
     """
     shutil.rmtree(staging_dir(out), ignore_errors=True)
-    if out_created:
-        with contextlib.suppress(OSError):  # (not empty, or never made)
-            Path(out).rmdir()
+    remove_made_dirs(made)  # (not empty, or never made: stays)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

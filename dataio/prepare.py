@@ -37,6 +37,7 @@ from dataio.atomic import (
     discard_staging_dir,
     fresh_staging_dir,
     fsync_dir,
+    missing_dirs,
 )
 from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
@@ -363,12 +364,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     # NOTE: the new dataset is built in a stage inside --out (same filesystem, so the moves are
     # renames) and replaces the old one only when complete: a refused, failed or killed run
     # leaves the old dataset as it was. A stage left by a killed run is ours; it goes first.
-    out_created = not cfg.out.exists()
+    out_made = missing_dirs(cfg.out)
     stage = fresh_staging_dir(cfg.out)
     try:
         manifest = _build(cfg, stage, found, tiles, t0, progress)
     except BaseException:
-        discard_staging_dir(cfg.out, out_created)  # (and an --out made for it: left empty)
+        discard_staging_dir(cfg.out, out_made)  # (and an --out made for it: left empty)
         raise
     # NOTE: from here the stage is the complete new dataset: an error inside publish must not
     # delete it (the old one may already be aside in .old).

@@ -356,7 +356,7 @@ def config_from_args(args: argparse.Namespace, announce: bool = True) -> Polygon
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     args = build_parser().parse_args(argv)
-    from dataio.atomic import check_writable, discard_staging_dir
+    from dataio.atomic import check_writable, discard_staging_dir, missing_dirs
     from postproc import runner
     from postproc.predio import list_pred_shards
     from trainer import dist
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or runner.default_workers(env.local_world_size)
     shards = list_pred_shards(args.pred)
-    geojson_created = args.geojson is not None and not args.geojson.exists()
+    geojson_made = [] if args.geojson is None else missing_dirs(args.geojson)
     pool = runner.make_pool(workers)  # NOTE: fork before the process group starts its threads
     try:
         try:
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         # NOTE: as trainer.predict does with its stage: an error or a Ctrl-C left DIR/.partial
         # (and a DIR made for it). Removed once the pool is closed: its workers write there.
         if env.is_main and args.geojson is not None:
-            discard_staging_dir(args.geojson, geojson_created)
+            discard_staging_dir(args.geojson, geojson_made)
         raise
     if env.is_main:
         print(f"{summary.tiles} tiles, {summary.polygons} polygons from {summary.shards} shards "

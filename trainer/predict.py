@@ -39,6 +39,7 @@ from dataio.atomic import (
     atomic_write_text,
     discard_staging_dir,
     fresh_staging_dir,
+    missing_dirs,
     staging_dir,
 )
 from postproc.pools import ignore_further_sigint, say, sigint_once
@@ -216,7 +217,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    out_created = not args.out.exists()
+    out_made = missing_dirs(args.out)
     try:
         env = dist.DistEnv.from_env()
     except ValueError as e:
@@ -310,7 +311,7 @@ def _predict(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError, RuntimeError) as e:
         # (every rank stops here: the errors are agreed; rank 0 removes the stage, as below)
         if env.is_main:
-            discard_staging_dir(args.out, out_created)
+            discard_staging_dir(args.out, out_made)
         say(f"trainer.predict: error: {e}")
         return 2
     except KeyboardInterrupt:
@@ -318,7 +319,7 @@ def _predict(args: argparse.Namespace) -> int:
         # rank 0 removes the stage, as dataio.prepare does: a rerun would, but until then it sat
         # hidden in --out, in a directory that this run may have created for nothing.
         if env.is_main:
-            discard_staging_dir(args.out, out_created)
+            discard_staging_dir(args.out, out_made)
         raise
     finally:
         dist.teardown()

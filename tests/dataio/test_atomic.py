@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from dataio.atomic import atomic_open, atomic_write_text, check_writable
+from dataio.atomic import (
+    atomic_open,
+    atomic_write_text,
+    check_writable,
+    discard_staging_dir,
+    fresh_staging_dir,
+    missing_dirs,
+)
 
 
 def test_an_error_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -97,3 +104,18 @@ def test_a_failed_write_leaves_no_directory_it_made(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt), atomic_open(tmp_path / "new" / "deeper" / "out.bin"):
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.rglob("*")] == ["new", "mine.txt"]
+
+
+def test_a_discarded_stage_takes_the_directories_made_for_it(tmp_path: Path) -> None:
+    """A stage in NEW/sub/OUT went, with OUT, but NEW and NEW/sub (made for it too) stayed,
+    empty. Those that hold something else stay."""
+    out = tmp_path / "new" / "sub" / "out"
+    made = missing_dirs(out)
+    fresh_staging_dir(out)
+    (tmp_path / "new" / "mine.txt").write_text("x")
+    discard_staging_dir(out, made)
+    assert [p.name for p in tmp_path.rglob("*")] == ["new", "mine.txt"]
+    (tmp_path / "new" / "mine.txt").unlink()
+    fresh_staging_dir(out)
+    discard_staging_dir(out, made)
+    assert list(tmp_path.iterdir()) == []

@@ -210,10 +210,13 @@ def test_a_stopped_run_leaves_its_outputs_as_they_were(pred_dir, tmp_path, monke
     """Stopped with tiles already in DIR/.partial (a Ctrl-C, or a write that fails), the run
     left the stage in DIR, and a DIR made for it, holding only that; and a directory made for
     --out (its CSV is open all run) stayed, empty. Now, as trainer.predict leaves --out: an
-    earlier run's output whole, and no stage (nor a directory made for nothing)."""
+    earlier run's output whole, and no stage (nor a directory made for nothing). Also for
+    --out NEW/p.csv --geojson NEW/sub/DIR: NEW held the stage when the CSV's clean-up came, and
+    only DIR went with it, so NEW (and NEW/sub) stayed, empty."""
     pred, _ = pred_dir
     earlier = (tmp_path / "p.csv", tmp_path / "earlier")
     new = (tmp_path / "new-csv" / "p.csv", tmp_path / "new")
+    shared = (tmp_path / "both" / "p.csv", tmp_path / "both" / "sub" / "gj")
     argv = ["--pred", str(pred), "--workers", "1", "--no-tuned"]
     assert run_main(polygonize.main, [*argv, "--out", str(earlier[0]),
                                       "--geojson", str(earlier[1])]) == 0
@@ -227,7 +230,7 @@ def test_a_stopped_run_leaves_its_outputs_as_they_were(pred_dir, tmp_path, monke
 
     monkeypatch.setattr(runner, "write_tile_geojson", full_at_the_second_tile)
     worker = str(Path(__file__).with_name("polygonize_ctrl_c_worker.py"))  # slow chunks
-    for csv_out, gj in (earlier, new):
+    for csv_out, gj in (earlier, new, shared):
         written.clear()
         args = [*argv, "--out", str(csv_out), "--geojson", str(gj), "--min-polygon-area", "1e9"]
         if stop == "ctrl_c":  # (at the second chunk: the first one's tiles are in the stage)
@@ -238,6 +241,7 @@ def test_a_stopped_run_leaves_its_outputs_as_they_were(pred_dir, tmp_path, monke
             assert len(written) == 1  # (one tile was in the stage)
     assert (earlier[0].read_bytes(), _tree(earlier[1])) == before
     assert not new[0].parent.exists() and not new[1].exists()
+    assert not shared[0].parent.exists()
 
 
 def test_geojson_into_the_prediction_directory_is_refused(pred_dir, tmp_path, monkeypatch,
