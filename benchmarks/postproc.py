@@ -58,6 +58,7 @@ from postproc.polygonize import (
     polygonize_probs,
     warmup,
 )
+from postproc.pools import ignore_sigint
 from postproc.score import ScoreConfig, score_image
 from postproc.synthmask import SynthConfig, one_hot, synth_tile
 
@@ -107,6 +108,9 @@ def _run(task: tuple[str, int, int]) -> int:
 
 
 def _worker_init() -> None:
+    # NOTE: Ctrl-C reaches the workers too (the terminal's process group): each idle one died
+    # of it with a KeyboardInterrupt traceback before the parent's one line
+    ignore_sigint()
     os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -152,6 +152,40 @@ def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path) -> None:
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ctrl_c_in_the_postproc_benchmark_is_one_line(tmp_path: Path) -> None:
+    """Its pool's workers took the terminal's Ctrl-C too: each idle one (3 workers, 2 chunks
+    at a time: one at least) died of it with a KeyboardInterrupt traceback before the
+    benchmark's line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.proctree import tree_pids
+
+    out = tmp_path / "out" / "postproc.json"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.postproc", "--tiles", "2",
+                             "--repeat", "1", "--workers", "3", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while len(tree_pids(proc.pid)) < 4 and proc.poll() is None:  # the pool's 3 workers
+            assert time.monotonic() < deadline, "the benchmark started no workers"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["python -m benchmarks.postproc: interrupted"], err
+    assert not out.parent.exists()
+
+
 @pytest.mark.parametrize("module", [loader, postproc, prepare, load, train])
 def test_help_says_what_each_row_measures_and_every_flag(
         module, capsys: pytest.CaptureFixture[str]) -> None:
