@@ -28,6 +28,7 @@ import torch
 from dataio.atomic import atomic_write_text
 from dataio.prepare import DEFAULT_SPLIT, split_counts
 from launch.report import write_report
+from postproc.pools import ignore_further_sigint, say, sigint_once
 from trainer.config import ConfigError, load_config
 from trainer.dist import check_one_gpu_each
 
@@ -131,6 +132,25 @@ def read_state(path: Path) -> dict[str, dict]:
     return state
 
 
+def run_stage(cmd: list[str]) -> int:
+    """Run a stage's command to its end; its exit code. On Ctrl-C the stage's own, then
+    KeyboardInterrupt.
+
+    NOTE: the terminal's Ctrl-C reaches the stage too (one process group), and each stage
+    stops by itself, removing what it half wrote, with its own line. ``subprocess.run`` gave it
+    0.25 s and then SIGKILL: a stage killed mid-clean-up left its stage directories behind, and
+    torchrun, killed before it passed the Ctrl-C on to its workers (sessions of their own), left
+    them training in the background. So the stage is waited for, with Ctrl-C set aside.
+    """
+    proc = subprocess.Popen(cmd, env=_env())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        ignore_further_sigint()
+        proc.wait()
+        raise
+
+
 def run_demo(demo: Demo, fresh: bool = False) -> dict:
     """Run (or resume) every stage; returns the summary that the report holds."""
     if fresh and demo.out.exists():
@@ -166,9 +186,9 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
         atomic_write_text(state_path, json.dumps(done, indent=1) + "\n")
         print(f"== {name}: {shlex.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, env=_env())
-        if res.returncode != 0:
-            raise RuntimeError(f"stage {name} failed (exit {res.returncode}): {shlex.join(cmd)}")
+        returncode = run_stage(cmd)
+        if returncode != 0:
+            raise RuntimeError(f"stage {name} failed (exit {returncode}): {shlex.join(cmd)}")
         seconds[name] = round(time.perf_counter() - t0, 1)
         done[name]["seconds"] = seconds[name]
         atomic_write_text(state_path, json.dumps(done, indent=1) + "\n")
@@ -222,10 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = Demo(out=args.out, tiles=args.tiles, seed=args.seed, nproc=args.nproc,
                 config=args.config, overrides=args.overrides, render_tiles=args.render_tiles)
     try:
-        run_demo(demo, fresh=args.fresh)
+        with sigint_once():  # (a second press cannot cut the wait for the stage short)
+            run_demo(demo, fresh=args.fresh)
     except (RuntimeError, OSError, ValueError) as e:
         print(f"launch.demo: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        ignore_further_sigint()
+        say(f"launch.demo: interrupted; rerun the same command to go on (the stages done in "
+            f"{demo.out / 'stages.json'} are skipped)")
+        return 130
     return 0
 
 

@@ -357,3 +357,25 @@ def test_the_report_holds_the_figures_of_the_runs_files(tmp_path: Path,
     rows = [line.split() for line in printed.splitlines()]
     assert ["train", "10.0"] in rows and ["total", "11.8"] in rows  # the stage table
     assert f"report: {run / 'report'}/README.md" in printed
+
+
+@pytest.mark.slow  # the real command in a process of its own
+@pytest.mark.timeout(120)
+def test_ctrl_c_waits_for_the_stage_and_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a stage runs: the
+    stage, which got it too, stops by itself. The demo gave it 0.25 s (subprocess.run) and then
+    SIGKILL, which cut its clean-up short (and killed torchrun before it stopped its workers),
+    and it ended in a KeyboardInterrupt traceback, killed by SIGINT. Now it waits for the stage,
+    then says one line and exits 130."""
+    from proc_helpers import interrupt_when
+
+    out = tmp_path / "demo"
+    worker = Path(__file__).with_name("demo_ctrl_c_worker.py")  # one stand-in stage
+    res = interrupt_when([sys.executable, str(worker), "--out", str(out), "--tiles", "24"],
+                         "stage running", timeout=60)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert (out / "cleaned-up").exists()  # the stage's clean-up ran to its end
+    assert res.stderr.strip().splitlines() == [
+        "stage: interrupted",
+        f"launch.demo: interrupted; rerun the same command to go on (the stages done in "
+        f"{out / 'stages.json'} are skipped)"]
