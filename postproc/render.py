@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -196,7 +197,13 @@ def _data_and_split(args: argparse.Namespace) -> tuple[Path, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dataio.atomic import check_writable
+    from dataio.atomic import (
+        check_writable,
+        discard_staging_dir,
+        fresh_staging_dir,
+        fsync_dir,
+        missing_dirs,
+    )
 
     # --out is the PNG with --curves, else the directory of tile pictures
     check_writable(args.out if args.curves is not None else args.out / "tile.png", "--out")
@@ -227,19 +234,34 @@ def main(argv: list[str] | None = None) -> int:
         if image_id not in truth:
             raise ValueError(f"--image-ids {image_id}: not in {truth_csv}")
     images = load_images(data, split, ids)
-    # NOTE: --out is made by the first tile's write (atomic_open): made here, a Ctrl-C or an
-    # error while that tile was drawn left it behind empty, where trainer.predict removes it
-    for image_id in tqdm(ids, unit="tile", desc="render"):
-        rgb = display_rgb(images[image_id], p2, p98)
-        im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
-                                     score_cfg)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", compress_level=6, pnginfo=_tile_info())
-        atomic_write_bytes(args.out / f"{image_id}.png", buf.getvalue())
-        tqdm.write(f"{image_id}: TP {tp}  FP {fp}  missed {fn} -> {args.out / image_id}.png")
+    # NOTE: the tiles are drawn into a stage inside --out and moved in only once all are drawn
+    # (as trainer.predict and dataio.prepare publish): a render stopped part-way (a Ctrl-C, a
+    # full disk) over an earlier render's tiles left the two mixed, some tiles new and the rest
+    # old, the earlier tiles it would have removed included. Now --out is left as it was, and
+    # an --out made for it goes again.
+    made = missing_dirs(args.out)
+    stage = fresh_staging_dir(args.out)
+    said: list[str] = []
+    try:
+        for image_id in tqdm(ids, unit="tile", desc="render"):
+            rgb = display_rgb(images[image_id], p2, p98)
+            im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
+                                         score_cfg)
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", compress_level=6, pnginfo=_tile_info())
+            atomic_write_bytes(stage / f"{image_id}.png", buf.getvalue())
+            said.append(f"{image_id}: TP {tp}  FP {fp}  missed {fn} -> {args.out / image_id}.png")
+    except BaseException:
+        discard_staging_dir(args.out, made)
+        raise
+    for tile in sorted(stage.iterdir()):  # (renames on one file system: quick)
+        os.replace(tile, args.out / tile.name)
+    stage.rmdir()
+    fsync_dir(args.out)
+    print("\n".join(said))
     for old in stale_tiles(args.out, ids):
         old.unlink()
-        tqdm.write(f"removed {old} (an earlier render's tile)")
+        print(f"removed {old} (an earlier render's tile)")
     return 0
 
 

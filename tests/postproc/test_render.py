@@ -192,6 +192,35 @@ def test_a_stopped_render_leaves_no_new_out(prepared_dataset, drawn, tmp_path, m
     assert not out.exists()
 
 
+@pytest.mark.parametrize("stop", ["ctrl_c", "error"])
+def test_a_render_stopped_part_way_leaves_the_earlier_tiles_as_they_were(
+        prepared_dataset, drawn, tmp_path, monkeypatch, stop):
+    """Each tile went into --out as it was drawn, and an earlier render's tiles that this one
+    would remove went only at its end: stopped at its second tile (a Ctrl-C, a full disk),
+    a render over another's tiles left the two mixed (its first tile new beside the earlier
+    one). Now --out is as it was, and no stage is left in it."""
+    _, _, _, _, csv_path, truth = drawn
+    out = tmp_path / "tiles"
+    base = ["--data", prepared_dataset, "--split", "val", "--out", out]
+    ids = render.pick_tiles(truth, 2, ScoreConfig())
+    assert run_main([*base, "--proposals", csv_path, "--image-ids", ids[1]]) == 0
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, drawn_tiles = render.draw_tile, []
+
+    def stopped_at_the_second(*args: object) -> object:
+        if drawn_tiles:
+            if stop == "ctrl_c":
+                raise KeyboardInterrupt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        drawn_tiles.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(render, "draw_tile", stopped_at_the_second)
+    assert run_main([*base, "--proposals", csv_path, "--image-ids", ids[0], ids[1]]) == (
+        130 if stop == "ctrl_c" else 2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
 def test_data_and_split_from_provenance(prepared_dataset, drawn, tmp_path):
     _, key, _, _, csv_path, _ = drawn
     pred = tmp_path / "PRED"
