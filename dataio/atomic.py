@@ -56,17 +56,18 @@ def check_writable(path: str | os.PathLike[str], what: str) -> None:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = True,
-                **kwargs: Any) -> Iterator[IO[Any]]:
+                make_dirs: bool = True, **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
 
     On an exception the temporary file is removed and ``path`` is left untouched, as are its
     directories: those made for it go too. ``sweep`` first removes the temporary files of
     ``path`` that a killed writer left (see below); pass False where several processes may write
-    one path at once.
+    one path at once. ``make_dirs=False``: the directory must exist (FileNotFoundError if not).
     """
     path = Path(path)
-    made = missing_dirs(path.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = missing_dirs(path.parent) if make_dirs else []
+    if make_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
     # NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
     # path that exists now was left by a killed writer: it goes, or each kill would leave one.
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}") if sweep else ():
@@ -120,6 +121,7 @@ def with_filename(error: OSError, path: str | os.PathLike[str]) -> OSError:
 
 
 STAGING = ".partial"
+DISCARDED = ".discarded-"  # a stage being removed: STAGING + this + a process id
 
 
 def staging_dir(out: str | os.PathLike[str]) -> Path:
@@ -134,6 +136,8 @@ def fresh_staging_dir(out: str | os.PathLike[str]) -> Path:
     staging = staging_dir(out)
     if staging.exists():
         shutil.rmtree(staging)
+    for trash in Path(out).glob(f"{glob.escape(STAGING)}{DISCARDED}*"):  # (a killed discard's)
+        shutil.rmtree(trash, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
 
@@ -148,7 +152,17 @@ def discard_staging_dir(out: str | os.PathLike[str], made: Sequence[Path] = ()) 
     Ancestors too: ``--geojson NEW/gj`` left NEW behind, empty (and with ``--out NEW/p.csv``,
     whose own clean-up came first, while NEW still held the stage).
     """
-    shutil.rmtree(staging_dir(out), ignore_errors=True)
+    staging = staging_dir(out)
+    # NOTE: renamed aside, then removed: under torchrun another rank's pool may still finish a
+    # chunk into the stage (postproc.polygonize --geojson), and a tile renamed in after rmtree
+    # had listed the stage kept it (and a DIR made for it) from going. Once it is renamed, no
+    # write reaches it: those writes make no directory (they fail; that rank is stopping).
+    trash = staging.with_name(f"{STAGING}{DISCARDED}{os.getpid()}")
+    try:
+        os.rename(staging, trash)
+    except OSError:  # (no stage: nothing to rename; or the name taken: removed in place)
+        trash = staging
+    shutil.rmtree(trash, ignore_errors=True)
     remove_made_dirs(made)  # (not empty, or never made: stays)
 
 
@@ -157,6 +171,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, sweep: bool = True) -> None:
-    with atomic_open(path, "w", sweep=sweep, encoding="utf-8") as f:
+def atomic_write_text(path: str | os.PathLike[str], text: str, sweep: bool = True,
+                      make_dirs: bool = True) -> None:
+    with atomic_open(path, "w", sweep=sweep, make_dirs=make_dirs, encoding="utf-8") as f:
         f.write(text)

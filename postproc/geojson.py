@@ -80,9 +80,13 @@ def write_tile_geojson(out_dir: Path, image_id: str, polys: Sequence[BaseGeometr
     doc = tile_feature_collection(image_id, polys, confidences, meta)
     # NOTE: no sweep: pool workers write here at once, and a duplicate ImageId across shards (an
     # input error the runner names) would let one delete the other's live temp file; the
-    # staging directory is emptied before each run anyway.
+    # staging directory is emptied before each run anyway. No directory is made: the stage
+    # exists (rank 0 makes it before any rank writes) unless a stopped run's rank 0 has
+    # removed it, while another rank's pool still finished its last chunk; that write made
+    # DIR/.partial (and a DIR the run had made) again, left behind with the chunk's tiles.
     try:
-        atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n", sweep=False)
+        atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n", sweep=False,
+                          make_dirs=False)
     except OSError as e:  # (a shard's error, then: every rank stops with it, not only this one)
         raise PredError(f"cannot write {path} ({e})") from None
     return path

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 
 import pytest
 import shapely
@@ -10,6 +12,7 @@ from affine import Affine
 from pyproj import CRS
 from shapely.geometry import box, shape
 
+from dataio.atomic import discard_staging_dir, fresh_staging_dir, missing_dirs
 from postproc.geojson import tile_feature_collection, write_tile_geojson
 from postproc.predio import PredError
 
@@ -81,3 +84,39 @@ def test_a_crs_without_an_epsg_code_is_named_by_its_wkt():
     local = "+proj=tmerc +lat_0=36 +lon_0=-115.1 +k=1 +x_0=0 +y_0=0 +ellps=GRS80 +units=m"
     doc = tile_feature_collection("img1", [box(0, 0, 1, 1)], [1.0], {**UTM, "crs": local})
     assert CRS.from_user_input(doc["crs"]["properties"]["name"]) == CRS.from_user_input(local)
+
+
+def test_a_tile_written_after_the_stage_was_removed_makes_no_directory(tmp_path):
+    """Under torchrun, a stopped run's rank 0 removes DIR/.partial (and a DIR it made) once its
+    own pool is closed, while another rank's pool may still finish a chunk: that chunk's write
+    made DIR/.partial, and DIR, again, and they stayed behind holding its tiles. Now the write
+    fails (that rank is stopping anyway) and leaves nothing."""
+    stage = tmp_path / "gj" / ".partial"  # (already removed: neither exists)
+    with pytest.raises(PredError, match="cannot write"):
+        write_tile_geojson(stage, "img4", [box(0, 0, 2, 2)], [1.0], UTM)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tile_written_while_the_stage_is_removed_does_not_keep_it(tmp_path, monkeypatch):
+    """The same race one step earlier: the other rank's tile lands in DIR/.partial after rank 0's
+    rmtree has listed it, so rmtree could not remove the stage (not empty: an error it ignores),
+    and DIR, made for the run, stayed with it. (The tile lands as rmtree's os.scandir returns.)"""
+    gj = tmp_path / "gj"
+    made = missing_dirs(gj)
+    stage = fresh_staging_dir(gj)
+    write_tile_geojson(stage, "img5", [box(0, 0, 2, 2)], [1.0], UTM)  # rank 0's
+    real_scandir, landed = os.scandir, []
+
+    def scandir(*args):
+        with real_scandir(*args) as it:
+            entries = list(it)
+        if not landed:  # another rank's worker ends its chunk now
+            landed.append(1)
+            with contextlib.suppress(PredError):
+                write_tile_geojson(stage, "img6", [box(0, 0, 2, 2)], [1.0], UTM)
+        return contextlib.nullcontext(iter(entries))
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    discard_staging_dir(gj, made)
+    monkeypatch.undo()
+    assert landed and list(tmp_path.iterdir()) == []
