@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +43,30 @@ def _cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.M
         import torch
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_files_under_basetemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TMPDIR (for the processes the tests start) and ``tempfile.tempdir`` (for this one) point
+    into pytest's basetemp for the session.
+
+    NOTE: torchrun's agents (``torchelastic_*``, left behind by an agent that is killed),
+    multiprocessing (``pymp-*``) and DALI's autograph (``__autograph_generated_file*.py``, never
+    removed) made ~100 entries in /tmp per run; under the basetemp they go when pytest prunes
+    its old basetemps. Session-scoped and autouse, so it is set before any module fixture starts
+    a worker.
+    """
+    tmp = tmp_path_factory.mktemp("tmp")
+    env, before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(tmp)
+    try:
+        yield tmp
+    finally:
+        tempfile.tempdir = before
+        if env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = env
 
 
 class _Records(logging.Handler):

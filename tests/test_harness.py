@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,3 +28,26 @@ def test_a_cpu_test_and_the_processes_it_starts_see_no_gpu(module_worker: str) -
     child = subprocess.run([sys.executable, *_CHILD], capture_output=True, text=True,
                            timeout=60, check=True)
     assert child.stdout.strip() == "''" and module_worker == "''"
+
+
+_TEMP_CHILD = ["-c", "import tempfile; print(tempfile.gettempdir())"]
+
+
+@pytest.fixture(scope="module")
+def module_worker_tempdir() -> str:
+    """Where a worker started by a module fixture makes its temporary files."""
+    return subprocess.run([sys.executable, *_TEMP_CHILD], env=worker_env(), capture_output=True,
+                          text=True, timeout=60, check=True).stdout.strip()
+
+
+def test_temporary_files_land_under_pytests_basetemp(
+        module_worker_tempdir: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """(torchrun's torchelastic_* directories, multiprocessing's pymp-* and DALI's autograph
+    files were left in /tmp, ~100 a run)"""
+    base = tmp_path_factory.getbasetemp().resolve()
+    child = subprocess.run([sys.executable, *_TEMP_CHILD], capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip()
+    for where in (tempfile.gettempdir(), child, module_worker_tempdir):
+        assert Path(where).resolve().is_relative_to(base), (where, base)
+    with tempfile.TemporaryDirectory() as d:
+        assert Path(d).resolve().is_relative_to(base)
