@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import loader, postproc, prepare, train
+from benchmarks import loader, prepare, train
 from dataio.fixtures import ALIGNED_P2, ALIGNED_P98, aligned_tile, write_dataset
 
 KEYS = {"benchmark", "created", "commit", "settings", "machine", "versions", "units", "rows"}
@@ -84,10 +84,8 @@ def test_train(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_postproc(tmp_path: Path) -> None:
-    out = tmp_path / "postproc.json"
-    postproc.main(["--tiles", "1", "--repeat", "1", "--workers", "1", "--json", str(out)])
-    js = json.loads(out.read_text())
+def test_postproc(postproc_bench: tuple[dict[str, Any], str]) -> None:
+    js, _ = postproc_bench  # (--tiles 2 --repeat 1 --workers 1 --json, run once in conftest)
     check(js, ["--tiles", "--repeat", "--workers", "--json"])
     for stage in js["stages"]:
         assert all(k in js["units"] for k, v in stage.items() if isinstance(v, float))

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from benchmarks import postproc as bench
@@ -12,10 +10,8 @@ from benchmarks import postproc as bench
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_benchmark_rows_stages_and_json(tmp_path, capsys):
-    out = tmp_path / "postproc.json"
-    bench.main(["--tiles", "2", "--repeat", "1", "--workers", "1", "--json", str(out)])
-    js = json.loads(out.read_text())
+def test_benchmark_rows_stages_and_json(postproc_bench):
+    js, printed = postproc_bench  # (--tiles 2 --repeat 1 --workers 1, run once in conftest)
     assert js["benchmark"] == "postproc" and js["tiles"] == 2
     assert js["stages_baseline_ms_per_tile"] > 0
     variants = {(r["variant"], r["cores"]) for r in js["rows"]}
@@ -30,7 +26,7 @@ def test_benchmark_rows_stages_and_json(tmp_path, capsys):
             assert r["speedup_vs_baseline"] > 0
     assert [s["stage"] for s in js["stages"]] == [label for label, _ in bench.STAGES]
     assert all(s["ms_per_tile"] > 0 and s["x_goal_budget"] > 0 for s in js["stages"])
-    assert "polygonize by stage" in capsys.readouterr().out
+    assert "polygonize by stage" in printed
 
 
 def test_stages_stop_where_they_say():
