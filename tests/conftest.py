@@ -121,13 +121,22 @@ def prepared_dataset(synthetic_aoi, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory: pytest.TempPathFactory):
-    """A quick dataset of 24 small (128 px) tiles for loader and trainer tests."""
-    from dataio.prepare import PrepareConfig, prepare
+def small_aoi(tmp_path_factory: pytest.TempPathFactory):
+    """A SpaceNet-2 layout AOI of 24 small (128 px) tiles: what :func:`small_dataset` is
+    prepared from, and quick input for tests of prepare itself."""
     from dataio.synth import SynthConfig, write_aoi
 
-    base = tmp_path_factory.mktemp("small")
-    write_aoi(SynthConfig(out=base / "raw", tiles=24, seed=3, size=128))
-    out = base / "DATA"
-    prepare(PrepareConfig(raw=[base / "raw"], out=out, shard_size=4, seed=0), progress=False)
+    raw = tmp_path_factory.mktemp("small") / "raw"
+    write_aoi(SynthConfig(out=raw, tiles=24, seed=3, size=128))
+    return raw
+
+
+@pytest.fixture(scope="session")
+def small_dataset(small_aoi, tmp_path_factory: pytest.TempPathFactory):
+    """A quick dataset of the 24 small (128 px) tiles of :func:`small_aoi`, for loader and
+    trainer tests."""
+    from dataio.prepare import PrepareConfig, prepare
+
+    out = small_aoi.parent / "DATA"
+    prepare(PrepareConfig(raw=[small_aoi], out=out, shard_size=4, seed=0), progress=False)
     return out

@@ -291,12 +291,13 @@ def test_ranks_that_read_different_shards_stop_with_the_reason(small_dataset: Pa
 
 @pytest.mark.timeout(240)
 def test_ranks_that_read_as_many_other_samples_stop_with_the_reason(small_dataset: Path,
+                                                                    small_aoi: Path,
                                                                     tmp_path: Path) -> None:
     """A node's copy prepared again with another seed has splits of the same sizes but other
     tiles in each: the ranks would take the same steps, without an error, each training on a
     split of its own (and validating on tiles another rank trains on)."""
     other = tmp_path / "DATA"
-    prepare(PrepareConfig(raw=[small_dataset.parent / "raw"], out=other, shard_size=4, seed=1),
+    prepare(PrepareConfig(raw=[small_aoi], out=other, shard_size=4, seed=1),
             progress=False)
     worker = str(REPO / "tests" / "trainer" / "data_worker.py")
     args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1"])
