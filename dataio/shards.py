@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from wds2idx import IndexCreator
 
@@ -164,6 +163,10 @@ class ShardWriter:
         self.final_idx = self.final.with_suffix(".idx")
         self.tmp = self.directory / f".{self.final.name}.tmp"
         self.tmp_idx = self.directory / f".{self.final_idx.name}.tmp"
+        # NOTE: imported here: webdataset imports torch (~3 s and ~300 MB a process), and
+        # prepare's spawned workers import this module only to rasterise and encode samples.
+        import webdataset as wds
+
         self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed in close/abort)
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=SHARD_MTIME)
         self.samples = 0

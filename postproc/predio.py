@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from dataio.atomic import atomic_open, atomic_write_text, fsync_dir
@@ -133,6 +132,10 @@ def write_pred_shard(path: str | Path,
     written under a temporary name, every member is decoded back, and only then renamed onto
     ``path``: a crash or a bad member never leaves a half-written shard behind.
     """
+    # NOTE: imported here: webdataset imports torch (~3 s and ~300 MB a process), and the
+    # postproc commands' pool workers import this module only to read prediction shards.
+    import webdataset as wds
+
     path = Path(path)
     n = 0
     with atomic_open(path, "w+b") as f:

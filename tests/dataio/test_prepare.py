@@ -300,3 +300,18 @@ def test_band_statistics_are_those_of_every_image_added() -> None:
     # the extremes are the pixels', not the 2nd..98th percentiles (4 and 4)
     assert (got["min"], got["max"], got["mean"]) == ([1.0], [7.0], [4.0])
     assert got["std"] == [pytest.approx(np.sqrt(18 / 102))]  # of the pixels, not a sample's
+
+
+@pytest.mark.parametrize("module", ["dataio.prepare", "postproc.polygonize", "postproc.score"])
+def test_a_pool_workers_modules_do_not_load_torch(module: str) -> None:
+    """prepare's spawned workers import dataio.prepare (their task's module) and nothing else of
+    ours; it imported webdataset at the top of dataio.shards, and webdataset imports torch: ~3 s
+    and ~300 MB in every worker, for a tar writer only the parent uses. The same for the
+    postproc commands through postproc.predio (forked workers, but a plain run paid it too)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted({{'torch', 'webdataset'}} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2], check=True)
+    assert out.stdout.strip() == "[]", f"importing {module} loads {out.stdout.strip()}"
