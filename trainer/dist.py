@@ -8,6 +8,7 @@ environment a process is rank 0 of 1 and no group is created.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import random
@@ -142,6 +143,12 @@ def init(env: DistEnv | None = None, backend: str | None = None,
                 check_one_gpu_each(env.local_world_size)
             # NOTE: binding the device up front lets NCCL create its communicator eagerly.
             kwargs["device_id"] = device_for(env)
+        # NOTE: imported before the group exists: this module binds group.WORLD as a default
+        # argument when imported, and DDP imports it (through torch._dynamo) once the group is
+        # up. That default held the group past destroy_process_group (teardown), its gloo
+        # threads running on into the interpreter's exit, where one that needed the GIL to drop
+        # a tensor aborted the process ('terminate called without an active exception').
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, **kwargs)
         log.debug("process group up: backend=%s world=%d", backend, env.world_size)

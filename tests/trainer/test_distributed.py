@@ -247,6 +247,24 @@ def test_nan_on_one_rank_is_skipped_by_both(small_dataset: Path, tmp_path: Path)
     assert res.stderr.count("skipped on all ranks") == 1  # an agreed decision is said once
 
 
+@pytest.mark.timeout(240)
+def test_no_gloo_thread_outlives_the_training_command(small_dataset: Path,
+                                                      tmp_path: Path) -> None:
+    """trainer.train leaves no thread of the process group behind: one that ran on into the
+    interpreter's exit, wanting the GIL to drop a tensor, aborted a rank after its training had
+    ended ('terminate called without an active exception', exit -6; or hung it), about once a
+    full suite. (DDP imported torch.distributed.nn.functional, whose default arguments held the
+    group past destroy_process_group.)"""
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1", "train.val_every=0",
+                                                          "data.num_threads=1"])
+    args[:2] = [str(REPO / "tests" / "trainer" / "teardown_worker.py"), str(tmp_path)]
+    res = run(torchrun_cmd(2, args), timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    left = {r: json.loads((tmp_path / f"threads-{r}.json").read_text()) for r in (0, 1)}
+    assert left[0] and left[1]  # (the main thread at least: the names were read)
+    assert not [n for names in left.values() for n in names if "gloo" in n], left
+
+
 @pytest.mark.timeout(120)
 def test_bad_config_fails_on_every_rank_before_training(small_dataset: Path,
                                                         tmp_path: Path) -> None:

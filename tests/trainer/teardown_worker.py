@@ -1,0 +1,24 @@
+"""Run under torchrun by test_distributed: ``teardown_worker.py OUT TRAIN_ARGS...`` runs
+trainer.train's main, then writes the threads this process still has (their OS names) to
+OUT/threads-RANK.json: what would run on into the interpreter's exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from trainer import train
+
+
+def main(out: Path, argv: list[str]) -> int:
+    rc = train.main(argv)
+    tasks = Path("/proc/self/task").iterdir()
+    names = sorted((task / "comm").read_text().strip() for task in tasks)
+    (out / f"threads-{os.environ['RANK']}.json").write_text(json.dumps(names))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2:]))
