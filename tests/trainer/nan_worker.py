@@ -1,7 +1,7 @@
 """Run under torchrun by test_distributed: NaN loss on rank 1 only, at its third step.
 
 Writes rank 0's view to OUT (JSON): steps taken and skipped, and whether all ranks ended with
-identical weights.
+identical weights. Fails if a thread of the process group outlives dist.teardown.
 """
 
 from __future__ import annotations
@@ -11,39 +11,51 @@ import sys
 from pathlib import Path
 
 import torch
+from threads import gloo_threads
 
 from trainer import dist
 from trainer.config import load_config
 from trainer.trainer import Trainer
 
 
+def train(env: dist.DistEnv, data: Path, run_dir: Path, out: Path) -> None:
+    cfg = load_config(Path("configs/tiny.toml"), ["train.val_every=0", "train.epochs=2",
+                                                  "data.num_threads=1"])
+    t = Trainer(cfg, env, data, run_dir)
+    real, calls = t.loss_fn, {"n": 0}
+
+    def poisoned(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(logits, mask)
+        return loss * float("nan") if env.rank == 1 and calls["n"] == 3 else loss
+
+    t.loss_fn = poisoned
+    t.train()
+    flat = torch.cat([p.detach().flatten() for p in t.net.parameters()])
+    views = dist.gather_objects(flat)
+    skipped = t.metrics.skipped_steps.labels(reason="nonfinite_loss")._value.get()
+    if env.is_main:
+        out.write_text(json.dumps({
+            "identical": all(torch.equal(views[0], v) for v in views[1:]),
+            "global_step": t.global_step, "skipped": skipped,
+            "steps_per_epoch": t.steps_per_epoch,
+            "steps_taken": int(t.optimizer.state_dict()["state"][0]["step"]),
+        }))
+
+
 def main(data: Path, run_dir: Path, out: Path) -> None:
     env = dist.init(dist.DistEnv.from_env())
     try:
-        cfg = load_config(Path("configs/tiny.toml"), ["train.val_every=0", "train.epochs=2",
-                                                      "data.num_threads=1"])
-        t = Trainer(cfg, env, data, run_dir)
-        real, calls = t.loss_fn, {"n": 0}
-
-        def poisoned(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            calls["n"] += 1
-            loss = real(logits, mask)
-            return loss * float("nan") if env.rank == 1 and calls["n"] == 3 else loss
-
-        t.loss_fn = poisoned
-        t.train()
-        flat = torch.cat([p.detach().flatten() for p in t.net.parameters()])
-        views = dist.gather_objects(flat)
-        skipped = t.metrics.skipped_steps.labels(reason="nonfinite_loss")._value.get()
-        if env.is_main:
-            out.write_text(json.dumps({
-                "identical": all(torch.equal(views[0], v) for v in views[1:]),
-                "global_step": t.global_step, "skipped": skipped,
-                "steps_per_epoch": t.steps_per_epoch,
-                "steps_taken": int(t.optimizer.state_dict()["state"][0]["step"]),
-            }))
+        # NOTE: in a function of its own, so that the Trainer (its DDP model) is gone before the
+        # teardown, as in trainer.train. A DDP model that outlives destroy_process_group destroys
+        # the group later, from its reducer, joining the gloo threads with the GIL held: a
+        # thread that needs the GIL then (to drop a tensor of a collective it finished late)
+        # hangs the process.
+        train(env, data, run_dir, out)
     finally:
         dist.teardown()
+    if left := gloo_threads():
+        sys.exit(f"rank {env.rank}: the process group's threads outlived dist.teardown: {left}")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+from threads import thread_names
+
 from trainer import train
 
 
 def main(out: Path, argv: list[str]) -> int:
     rc = train.main(argv)
-    tasks = Path("/proc/self/task").iterdir()
-    names = sorted((task / "comm").read_text().strip() for task in tasks)
-    (out / f"threads-{os.environ['RANK']}.json").write_text(json.dumps(names))
+    (out / f"threads-{os.environ['RANK']}.json").write_text(json.dumps(thread_names()))
     return rc
 
 
