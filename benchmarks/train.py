@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.common import (
     base_parser,
@@ -36,6 +36,9 @@ from benchmarks.common import (
     run,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from trainer.dist import DistEnv
 
 PHASES = ("data_wait", "fwd_bwd", "comm", "optimizer")
 
@@ -63,6 +66,20 @@ def overrides(backend: str, amp: str, cuda: bool) -> list[str]:
 
 def worker(args: argparse.Namespace) -> None:
     """One process of a variant: time ``--steps`` steps after ``--warmup``."""
+    from trainer import dist
+
+    env = dist.init(dist.DistEnv.from_env())
+    try:
+        # NOTE: the model (DDP) lives in _time_steps only, so it is gone before teardown:
+        # a DDP that outlives destroy_process_group frees the group later from its reducer,
+        # joining gloo's threads with the GIL held (see trainer.dist.init).
+        _time_steps(args, env)
+    finally:
+        dist.teardown()
+
+
+def _time_steps(args: argparse.Namespace, env: DistEnv) -> None:
+    """The timed steps of :func:`worker`; rank 0 writes the row to ``--out``."""
     import torch
 
     from dataio.loader import build_loader
@@ -73,83 +90,79 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.config import load_config
     from trainer.optim import build_optimizer
 
-    env = dist.init(dist.DistEnv.from_env())
-    try:
-        cfg = load_config(args.config, overrides(args.backend, args.amp,
-                                                 torch.cuda.is_available()))
-        device = dist.device_for(env)
-        manifest = load_manifest(args.data)
-        torch.manual_seed(0)
-        net = build_model_from_config(cfg.model, manifest.bands, 3).to(device)
-        loss_fn = build_loss(cfg.loss, manifest.class_frequencies).to(device)
-        opt = build_optimizer(net.parameters(), cfg.optim)
-        precision = resolve(args.amp, device)
-        scaler = precision.scaler()
-        ddp = torch.nn.parallel.DistributedDataParallel(net) if env.distributed else net
-        loader = build_loader(args.data, "train", cfg.data, env.rank, env.world_size,
-                              train=True, device=device)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        times = {p: 0.0 for p in PHASES}
-        samples, steps, epoch = 0, 0, 0
-        t_start = 0.0
-        while steps < args.warmup + args.steps:
-            loader.set_epoch(epoch)
+    cfg = load_config(args.config, overrides(args.backend, args.amp,
+                                             torch.cuda.is_available()))
+    device = dist.device_for(env)
+    manifest = load_manifest(args.data)
+    torch.manual_seed(0)
+    net = build_model_from_config(cfg.model, manifest.bands, 3).to(device)
+    loss_fn = build_loss(cfg.loss, manifest.class_frequencies).to(device)
+    opt = build_optimizer(net.parameters(), cfg.optim)
+    precision = resolve(args.amp, device)
+    scaler = precision.scaler()
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if env.distributed else net
+    loader = build_loader(args.data, "train", cfg.data, env.rank, env.world_size,
+                          train=True, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {p: 0.0 for p in PHASES}
+    samples, steps, epoch = 0, 0, 0
+    t_start = 0.0
+    while steps < args.warmup + args.steps:
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        for batch in loader:
+            if steps == args.warmup:
+                dist.barrier()
+                t_start, times, samples = time.perf_counter(), dict.fromkeys(PHASES, 0.0), 0
+                t0 = t_start
+            sync()
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            ctx = ddp.no_sync() if env.distributed else contextlib.nullcontext()
+            with ctx:
+                with precision.autocast():
+                    logits = ddp(batch.image)
+                loss = loss_fn(logits, batch.mask)
+                (scaler.scale(loss) if scaler else loss).backward()
+            sync()
+            t2 = time.perf_counter()
+            if env.distributed:
+                grads = [p.grad for p in net.parameters() if p.grad is not None]
+                flat = torch.cat([g.flatten() for g in grads])
+                torch.distributed.all_reduce(flat)
+                flat /= env.world_size
+                # the copy back into .grad is part of what DDP does (its buckets are views,
+                # but the reduced values still land in every parameter's gradient)
+                for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(
+                        flat, grads), strict=True):
+                    g.copy_(reduced)
+            sync()
+            t3 = time.perf_counter()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sync()
+            t4 = time.perf_counter()
+            for p, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                times[p] += dt
+            samples += int(batch.valid.sum())
+            steps += 1
             t0 = time.perf_counter()
-            for batch in loader:
-                if steps == args.warmup:
-                    dist.barrier()
-                    t_start, times, samples = time.perf_counter(), dict.fromkeys(PHASES, 0.0), 0
-                    t0 = t_start
-                sync()
-                t1 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                ctx = ddp.no_sync() if env.distributed else contextlib.nullcontext()
-                with ctx:
-                    with precision.autocast():
-                        logits = ddp(batch.image)
-                    loss = loss_fn(logits, batch.mask)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                sync()
-                t2 = time.perf_counter()
-                if env.distributed:
-                    grads = [p.grad for p in net.parameters() if p.grad is not None]
-                    flat = torch.cat([g.flatten() for g in grads])
-                    torch.distributed.all_reduce(flat)
-                    flat /= env.world_size
-                    # the copy back into .grad is part of what DDP does (its buckets are views,
-                    # but the reduced values still land in every parameter's gradient)
-                    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(
-                            flat, grads), strict=True):
-                        g.copy_(reduced)
-                sync()
-                t3 = time.perf_counter()
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                sync()
-                t4 = time.perf_counter()
-                for p, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                    times[p] += dt
-                samples += int(batch.valid.sum())
-                steps += 1
-                t0 = time.perf_counter()
-                if steps >= args.warmup + args.steps:
-                    break
-            epoch += 1
-        wall = time.perf_counter() - t_start
-        loader.close()
-        total = dist.all_reduce_sum([samples])[0].item()
-        if env.is_main:
-            n = args.steps
-            row = {"samples_per_s": total / wall, "step_ms": 1000 * wall / n,
-                   **{f"{p}_ms": 1000 * times[p] / n for p in PHASES},
-                   "device": device.type, "precision": precision.name,
-                   "threads": cfg.data.num_threads}
-            Path(args.out).write_text(json.dumps(row))
-    finally:
-        dist.teardown()
+            if steps >= args.warmup + args.steps:
+                break
+        epoch += 1
+    wall = time.perf_counter() - t_start
+    loader.close()
+    total = dist.all_reduce_sum([samples])[0].item()
+    if env.is_main:
+        n = args.steps
+        row = {"samples_per_s": total / wall, "step_ms": 1000 * wall / n,
+               **{f"{p}_ms": 1000 * times[p] / n for p in PHASES},
+               "device": device.type, "precision": precision.name,
+               "threads": cfg.data.num_threads}
+        Path(args.out).write_text(json.dumps(row))
 
 
 def _dataset(tmp: Path) -> Path:
