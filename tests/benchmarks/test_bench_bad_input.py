@@ -116,12 +116,36 @@ def test_best_time_is_the_fastest_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert common.best_time(lambda: None, repeat=3) == pytest.approx(0.1)
 
 
+def test_ctrl_c_stops_a_benchmark_started_with_ctrl_c_ignored(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A shell starts a background command without job control (``cmd &`` in a script) with
+    Ctrl-C ignored, and Python installs no KeyboardInterrupt then: a benchmark ignored Ctrl-C and
+    ran on (the Ctrl-C test in a suite run started so waited 120 s, with nothing on stderr). The
+    project's commands install their handler themselves; so does ``run``. A further Ctrl-C,
+    while it exits, is ignored."""
+    import signal
+
+    def main() -> int:
+        signal.raise_signal(signal.SIGINT)  # (a handler, if any, raises in here)
+        return 0
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as inherited from such a shell
+    try:
+        assert run("prepare", main) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)  # (pytest's own Ctrl-C)
+    assert capsys.readouterr().err == "python -m benchmarks.prepare: interrupted\n"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path, inherited: str) -> None:
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the benchmark
     works: one line and exit code 130, as the project's commands, not a traceback; and no JSON,
-    whole or partial, nor its temporary file."""
+    whole or partial, nor its temporary file. Also when the benchmark was started with Ctrl-C
+    ignored, as a shell starts a background command without job control."""
     import os
     import signal
     import subprocess
@@ -131,8 +155,11 @@ def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path) -> None:
     from benchmarks.proctree import tree_pids
 
     out = tmp_path / "out" / "prepare.json"
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.prepare", "--tiles", "400",
-                             "--workers", "2", "--json", str(out)], stdout=subprocess.PIPE,
+    cmd = [sys.executable, "-m", "benchmarks.prepare", "--tiles", "400", "--workers", "2",
+           "--json", str(out)]
+    if inherited == "ignored":  # (exec keeps an ignored signal ignored)
+        cmd = ["sh", "-c", 'trap "" INT && exec "$@"', "sh", *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             cwd=Path(__file__).resolve().parents[2])
     try:
