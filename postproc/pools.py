@@ -38,21 +38,34 @@ def ignore_sigint() -> None:
 
 @contextlib.contextmanager
 def starting_workers() -> Iterator[None]:
-    """Start a pool's worker processes inside: they begin with Ctrl-C blocked.
+    """Start a pool's worker processes inside: they begin with Ctrl-C blocked, and a Ctrl-C
+    meanwhile is held and raised on the way out.
 
     NOTE: for spawned workers: one spends seconds importing (torch) before its initializer sets
     Ctrl-C aside, and a Ctrl-C then killed it with a KeyboardInterrupt traceback. A signal mask
     is inherited across fork and exec, and a blocked Ctrl-C that arrives meanwhile is dropped
-    once the initializer ignores it. Here a Ctrl-C is only held, and raised on the way out.
+    once the initializer ignores it.
+
+    NOTE: blocking it here does not hold it for this process: another thread (tqdm's monitor,
+    started by any bar) takes it, and Python raises KeyboardInterrupt in the main thread all the
+    same, inside the pool's start. One raised between a worker's start and the pool's note of it
+    (or before the pool's manager thread started) left that worker waiting for work no shutdown
+    sends: 'interrupted', then a hang at exit joining it. So the press is only recorded inside,
+    and delivered once the workers are started and known.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pressed: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # (one pending is recorded here)
+        signal.signal(signal.SIGINT, handler)
+        if pressed:  # to the handler found: KeyboardInterrupt, or nothing when ignored
+            signal.raise_signal(signal.SIGINT)
 
 
 def close_pool(pool: cf.Executor | None) -> None:
