@@ -36,7 +36,7 @@ from dataio.atomic import atomic_open, fresh_staging_dir, staging_dir
 from postproc.csvio import proposal_rows, write_rows
 from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
-from postproc.pools import close_pool, ignore_sigint
+from postproc.pools import close_pool, ignore_sigint, starting_workers
 from postproc.predio import (
     PredError,
     begin_publish,
@@ -185,8 +185,16 @@ def make_pool(workers: int) -> cf.Executor | None:
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
     # NOTE: a fork pool forks all its workers at the first submit: do it now, while this is the
-    # only thread, not later beside gloo's (callers make the pool before dist.init for this)
-    pool.submit(int).result()
+    # only thread, not later beside gloo's (callers make the pool before dist.init for this).
+    # A Ctrl-C meanwhile: held until they are started (postproc.pools), then the pool is closed
+    # here, as the caller never got it (its workers waited for work, and the exit joined them).
+    try:
+        with starting_workers():
+            first = pool.submit(int)
+        first.result()
+    except BaseException:
+        close_pool(pool)
+        raise
     return pool
 
 

@@ -63,6 +63,25 @@ def test_a_ctrl_c_while_workers_start_is_held_until_they_are_started() -> None:
     assert reached
 
 
+def _press_as_a_worker_starts(monkeypatch: pytest.MonkeyPatch,
+                              press: Callable[[], None]) -> None:
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def start(self: multiprocessing.process.BaseProcess) -> None:
+        real_start(self)
+        press()  # (the pool has not recorded this worker yet)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+
+
+def _left_children() -> list[multiprocessing.process.BaseProcess]:
+    left = mp.active_children()
+    for p in left:  # (the old code's: else pytest's exit joins them)
+        p.kill()
+        p.join()
+    return left
+
+
 @pytest.mark.timeout(120)
 def test_a_ctrl_c_as_a_worker_starts_leaves_no_worker_behind(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,14 +89,8 @@ def test_a_ctrl_c_as_a_worker_starts_leaves_no_worker_behind(
     manager thread started) left that worker waiting for work that no shutdown sends: the
     command said 'interrupted' and then hung at exit, joining it (seen in benchmarks.prepare's
     synth under load)."""
-    real_start = multiprocessing.process.BaseProcess.start
     with _ctrl_c_taken_by_another_thread() as press:
-
-        def start(self: multiprocessing.process.BaseProcess) -> None:
-            real_start(self)
-            press()  # (the pool has not recorded this worker yet)
-
-        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+        _press_as_a_worker_starts(monkeypatch, press)
         pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"),
                                       initializer=ignore_sigint)
         try:
@@ -87,9 +100,24 @@ def test_a_ctrl_c_as_a_worker_starts_leaves_no_worker_behind(
                         pool.submit(_step)
                 finally:
                     close_pool(pool)
-            left = mp.active_children()
         finally:
-            for p in mp.active_children():  # (the old code's: else pytest's exit joins it)
-                p.kill()
-                p.join()
+            left = _left_children()
+    assert left == []
+
+
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_while_make_pool_forks_leaves_no_worker_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """postproc.runner.make_pool forked its workers outside starting_workers, and a Ctrl-C
+    there lost the pool to its caller: nobody closed it, and the exit joined its workers."""
+    from postproc import runner
+
+    runner.warmup()  # (its numba compile before the Ctrl-C, not inside it)
+    with _ctrl_c_taken_by_another_thread() as press:
+        _press_as_a_worker_starts(monkeypatch, press)
+        try:
+            with pytest.raises(KeyboardInterrupt), sigint_once():
+                runner.make_pool(2)
+        finally:
+            left = _left_children()
     assert left == []
