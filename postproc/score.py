@@ -37,7 +37,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from postproc.iou import intersection_areas
-from postproc.pools import close_pool, ignore_sigint
+from postproc.pools import close_pool, ignore_sigint, starting_workers
 
 CHUNK_IMAGES = 64
 
@@ -288,7 +288,9 @@ def score_parallel(truth: Mapping[str, list[BaseGeometry]],
             pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                           initializer=ignore_sigint)
             try:
-                for c, r in zip(chunks, pool.map(_score_chunk, chunks), strict=True):
+                with starting_workers():  # (map submits every chunk and forks the workers)
+                    results = pool.map(_score_chunk, chunks)
+                for c, r in zip(chunks, results, strict=True):
                     parts.append(r)
                     bar.update(len(c))
             finally:  # (Ctrl-C: the parent stops the workers, see postproc.pools)

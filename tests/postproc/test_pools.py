@@ -121,3 +121,22 @@ def test_a_ctrl_c_while_make_pool_forks_leaves_no_worker_behind(
         finally:
             left = _left_children()
     assert left == []
+
+
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_while_score_forks_leaves_no_worker_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """score_parallel's pool.map forked the workers outside starting_workers: a Ctrl-C before
+    the pool's manager thread started left close_pool nothing to stop, and the exit joined the
+    forked workers."""
+    from postproc.score import CHUNK_IMAGES, ScoreConfig, score_parallel
+
+    ids = [f"img{i}" for i in range(2 * CHUNK_IMAGES)]  # (two chunks: the pool is used)
+    with _ctrl_c_taken_by_another_thread() as press:
+        _press_as_a_worker_starts(monkeypatch, press)
+        try:
+            with pytest.raises(KeyboardInterrupt), sigint_once():
+                score_parallel({}, {}, ScoreConfig(), ids, workers=2)
+        finally:
+            left = _left_children()
+    assert left == []
