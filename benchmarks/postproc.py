@@ -58,7 +58,7 @@ from postproc.polygonize import (
     polygonize_probs,
     warmup,
 )
-from postproc.pools import ignore_sigint
+from postproc.pools import ignore_sigint, starting_workers
 from postproc.score import ScoreConfig, score_image
 from postproc.synthmask import SynthConfig, one_hot, synth_tile
 
@@ -240,6 +240,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # cores), and a speed-up looked up by label would pair one run's project with the other's
     cores_list = (1,) if args.workers == 1 else (1, args.workers)
     with cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init) as pool:
+        # NOTE: the workers fork at the first submit: done here, with a Ctrl-C held until they
+        # are started and known to the pool (postproc.pools), or the exit waits for a lost one
+        with starting_workers():
+            first = pool.submit(int)
+        first.result()
         for kinds, labels in ((("polygonize", "polygonize_baseline"),
                                ("polygonize, project", "polygonize, baseline (shapes+shapely)")),
                               (("trace", "trace_baseline"),
