@@ -138,14 +138,11 @@ def test_ctrl_c_stops_a_benchmark_started_with_ctrl_c_ignored(
     assert capsys.readouterr().err == "python -m benchmarks.prepare: interrupted\n"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("inherited", ["default", "ignored"])
-def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path, inherited: str) -> None:
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the benchmark
-    works: one line and exit code 130, as the project's commands, not a traceback; and no JSON,
-    whole or partial, nor its temporary file. Also when the benchmark was started with Ctrl-C
-    ignored, as a shell starts a background command without job control."""
+def _interrupt_once_it_has_workers(args: list[str], processes: int,
+                                   settle: float = 0.0) -> tuple[int, str]:
+    """Run ``python -m benchmarks.ARGS`` in a session of its own; once it has ``processes``
+    processes (itself and its workers), wait ``settle`` s, send Ctrl-C to its whole process
+    group as a terminal does; its exit code and stderr."""
     import os
     import signal
     import subprocess
@@ -154,26 +151,34 @@ def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path, inherited: str) -
 
     from benchmarks.proctree import tree_pids
 
-    out = tmp_path / "out" / "prepare.json"
-    cmd = [sys.executable, "-m", "benchmarks.prepare", "--tiles", "400", "--workers", "2",
-           "--json", str(out)]
-    if inherited == "ignored":  # (exec keeps an ignored signal ignored)
-        cmd = ["sh", "-c", 'trap "" INT && exec "$@"', "sh", *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 120
-        while len(tree_pids(proc.pid)) < 2 and proc.poll() is None:  # its pool: in main()
+        while len(tree_pids(proc.pid)) < processes and proc.poll() is None:
             assert time.monotonic() < deadline, "the benchmark started no workers"
-            time.sleep(0.2)
-        time.sleep(1.0)
+            time.sleep(0.1)
+        time.sleep(settle)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ctrl_c_is_one_line_and_leaves_no_json(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the benchmark
+    works: one line and exit code 130, as the project's commands, not a traceback; and no JSON,
+    whole or partial, nor its temporary file. (Started with Ctrl-C ignored, as a shell starts a
+    background command without job control: test_ctrl_c_stops_a_benchmark_started_with_...)"""
+    out = tmp_path / "out" / "prepare.json"
+    rc, err = _interrupt_once_it_has_workers(  # (its pool: in main())
+        ["benchmarks.prepare", "--tiles", "400", "--workers", "2", "--json", str(out)], 2, 1.0)
+    assert rc == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "python -m benchmarks.prepare: interrupted", err
     assert "Traceback" not in err
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
@@ -185,30 +190,11 @@ def test_ctrl_c_in_the_postproc_benchmark_is_one_line(tmp_path: Path) -> None:
     """Its pool's workers took the terminal's Ctrl-C too: each idle one (3 workers, 2 chunks
     at a time: one at least) died of it with a KeyboardInterrupt traceback before the
     benchmark's line."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from benchmarks.proctree import tree_pids
-
     out = tmp_path / "out" / "postproc.json"
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.postproc", "--tiles", "2",
-                             "--repeat", "1", "--workers", "3", "--json", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
-    try:
-        deadline = time.monotonic() + 120
-        while len(tree_pids(proc.pid)) < 4 and proc.poll() is None:  # the pool's 3 workers
-            assert time.monotonic() < deadline, "the benchmark started no workers"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    rc, err = _interrupt_once_it_has_workers(  # (the pool's 3 workers)
+        ["benchmarks.postproc", "--tiles", "2", "--repeat", "1", "--workers", "3",
+         "--json", str(out)], 4)
+    assert rc == 130, err[-2000:]
     assert err.strip().splitlines() == ["python -m benchmarks.postproc: interrupted"], err
     assert not out.parent.exists()
 
