@@ -8,6 +8,7 @@ environment a process is rank 0 of 1 and no group is created.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -191,6 +193,15 @@ def watch_agent(env: DistEnv, poll_s: float = 1.0) -> None:
 def teardown() -> None:
     """Destroy the process group if one exists (always call this, also on errors)."""
     if dist.is_available() and dist.is_initialized():
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            # NOTE: called in a ``finally`` while an exception (a Ctrl-C, an error) is on its
+            # way out, whose traceback still holds the finished frames that built the DDP model.
+            # A DDP model alive past destroy_process_group keeps the group, and its reducer frees
+            # it later, joining gloo's threads with the GIL held: a hang if one of them needs the
+            # GIL to finish. So those frames' locals go first (clear_frames skips running ones).
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()  # (a module's reference cycles)
         dist.destroy_process_group()
 
 

@@ -123,3 +123,48 @@ def test_a_rank_whose_peers_are_gone_raises_its_own_failure(monkeypatch: pytest.
         dist.agree_on("writing predictions", OSError(28, "No space left on device"))
     with pytest.raises(RuntimeError, match="Connection closed by peer"):  # nothing of its own
         dist.agree_on("writing predictions", None)
+
+
+def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
+        no_torchrun: pytest.MonkeyPatch, small_dataset, tmp_path) -> None:
+    """trainer.train's teardown runs in a ``finally`` while the Ctrl-C is on its way out, and
+    the KeyboardInterrupt's traceback held the Trainer's frames, so the DDP model outlived
+    destroy_process_group; its reducer then freed the group later, joining gloo's threads with
+    the GIL held (a hang if one of them needed the GIL). By then it must be gone."""
+    import gc
+    import weakref
+    from pathlib import Path
+
+    import trainer.trainer
+    from trainer import train
+
+    class Model:  # (stands in for the DDP model a Trainer builds)
+        pass
+
+    made: list[weakref.ref] = []
+    alive_at_destroy: list[bool] = []
+
+    class Trainer:
+        def __init__(self, *args: object) -> None:
+            self.model = Model()
+            made.append(weakref.ref(self.model))
+
+        def train(self) -> None:
+            model = self.model  # (a frame's local too, as in the real loop)
+            assert model is not None
+            raise KeyboardInterrupt
+
+    def destroy() -> None:
+        gc.collect()  # (only what something still holds survives)
+        alive_at_destroy.append(made[0]() is not None)
+
+    no_torchrun.setattr(trainer.trainer, "Trainer", Trainer)
+    no_torchrun.setattr(dist, "init", lambda env, *args: env)
+    no_torchrun.setattr(dist, "setup_logging", lambda env: None)
+    no_torchrun.setattr(torch.distributed, "is_initialized", lambda: True)
+    no_torchrun.setattr(torch.distributed, "destroy_process_group", destroy)
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
+    rc = train.main(["--config", str(config), "--data", str(small_dataset),
+                     "--run-dir", str(tmp_path / "run")])
+    assert rc == 130
+    assert alive_at_destroy == [False], "the model outlived destroy_process_group"
