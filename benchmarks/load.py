@@ -58,6 +58,7 @@ from benchmarks.common import (
 from benchmarks.proctree import tree_pids
 from dataio.geo import to_geo
 from dataio.spacenet import EMPTY, IMAGE_DIR, IMAGE_PREFIX, LABEL_DIR, TRUTH_HEADER, wkt_xyz
+from postproc.pools import wait_to_end
 from postproc.predio import encode_prob_png, write_pred_shard
 from postproc.synthmask import SynthConfig, one_hot, synth_tile
 
@@ -145,7 +146,8 @@ def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         with TreeMemory(proc.pid) as mem:
-            rc = proc.wait()
+            wait_to_end(proc)  # (a Ctrl-C: the command got it too, and stops by itself)
+            rc = proc.returncode
         seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from benchmarks.common import (
     run,
     write_json,
 )
+from postproc.pools import run_to_end
 
 if TYPE_CHECKING:
     from trainer.dist import DistEnv
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--data", str(data), "--config", str(args.config), "--steps",
                    str(steps), "--warmup", str(args.warmup), "--backend", v["backend"],
                    "--amp", v["amp"], "--out", str(out)]
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            # NOTE: on Ctrl-C torchrun passes it on to its workers and waits for them:
+            # subprocess.run killed it after 0.25 s (postproc.pools.run_to_end)
+            res = run_to_end(cmd, env=env, capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stderr[-3000:], file=sys.stderr)
                 return 1

@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 from dataio.atomic import atomic_write_text
 from dataio.prepare import DEFAULT_SPLIT, split_counts
 from launch.report import write_report
-from postproc.pools import ignore_further_sigint, say, sigint_once
+from postproc.pools import ignore_further_sigint, run_to_end, say, sigint_once
 from trainer.config import ConfigError, load_config
 from trainer.dist import check_one_gpu_each
 
@@ -133,22 +132,10 @@ def read_state(path: Path) -> dict[str, dict]:
 
 
 def run_stage(cmd: list[str]) -> int:
-    """Run a stage's command to its end; its exit code. On Ctrl-C the stage's own, then
-    KeyboardInterrupt.
-
-    NOTE: the terminal's Ctrl-C reaches the stage too (one process group), and each stage
-    stops by itself, removing what it half wrote, with its own line. ``subprocess.run`` gave it
-    0.25 s and then SIGKILL: a stage killed mid-clean-up left its stage directories behind, and
-    torchrun, killed before it passed the Ctrl-C on to its workers (sessions of their own), left
-    them training in the background. So the stage is waited for, with Ctrl-C set aside.
-    """
-    proc = subprocess.Popen(cmd, env=_env())
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        ignore_further_sigint()
-        proc.wait()
-        raise
+    """Run a stage's command to its end; its exit code. On Ctrl-C the stage stops by itself
+    (it got the Ctrl-C too) and is waited for (``postproc.pools.run_to_end``), then
+    KeyboardInterrupt."""
+    return run_to_end(cmd, env=_env()).returncode
 
 
 def run_demo(demo: Demo, fresh: bool = False) -> dict:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 
 def say(line: str) -> None:
@@ -122,3 +124,32 @@ def sigint_once() -> Iterator[None]:
     finally:  # (after a press its handler has set Ctrl-C aside: that stays)
         if signal.getsignal(signal.SIGINT) is _interrupt_once:
             signal.signal(signal.SIGINT, before)
+
+
+def run_to_end(cmd: list[str], capture_output: bool = False,
+               **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, ...)`` for a command that handles Ctrl-C itself: see
+    :func:`wait_to_end`."""
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with subprocess.Popen(cmd, **kwargs) as proc:
+        out, err = wait_to_end(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_to_end(proc: subprocess.Popen) -> tuple[Any, Any]:
+    """``proc.communicate()``; on Ctrl-C the child is waited for to its end, with further
+    presses set aside, then KeyboardInterrupt.
+
+    NOTE: the terminal's Ctrl-C reaches the child too (one process group), and the project's
+    commands stop by themselves, removing what they half wrote. ``subprocess.run`` gave the
+    child 0.25 s and then SIGKILL: a stage killed mid-clean-up left its stage directory, and
+    torchrun, killed before it passed the Ctrl-C on to its workers (sessions of their own),
+    left them running.
+    """
+    try:
+        return proc.communicate()
+    except KeyboardInterrupt:
+        ignore_further_sigint()
+        proc.communicate()  # (reading on, as after a timeout: the pipes cannot fill up)
+        raise

@@ -8,12 +8,19 @@ import multiprocessing as mp
 import multiprocessing.process
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from postproc.pools import close_pool, ignore_sigint, sigint_once, starting_workers
+from postproc.pools import (
+    close_pool,
+    ignore_sigint,
+    run_to_end,
+    sigint_once,
+    starting_workers,
+)
 
 
 @contextlib.contextmanager
@@ -140,3 +147,30 @@ def test_a_ctrl_c_while_score_forks_leaves_no_worker_behind(
         finally:
             left = _left_children()
     assert left == []
+
+
+_CLEANS_UP = """
+import os, pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # (as a command that has taken its one Ctrl-C)
+os.kill(os.getppid(), signal.SIGINT)  # the terminal's Ctrl-C, as the parent gets it
+time.sleep(1.0)  # the child's own clean-up: a torch process takes about that to exit
+pathlib.Path(sys.argv[1]).touch()
+print("cleaned up")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_run_to_end_lets_the_child_finish_its_clean_up_after_a_ctrl_c(tmp_path) -> None:
+    """launch.demo's stages and benchmarks.train's torchrun ran under subprocess.run, which on
+    Ctrl-C gave the child 0.25 s and then SIGKILL: its clean-up cut short (a stage directory
+    left behind; torchrun killed before it stopped its workers). The Ctrl-C still goes on."""
+    done = tmp_path / "cleaned-up"
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt), sigint_once():
+            run_to_end([sys.executable, "-c", _CLEANS_UP, str(done)], capture_output=True,
+                       text=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # (further presses: aside)
+    finally:
+        signal.signal(signal.SIGINT, before)  # (pytest's own Ctrl-C)
+    assert done.exists(), "the child was killed before its clean-up ended"
