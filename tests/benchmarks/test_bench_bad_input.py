@@ -64,7 +64,7 @@ def test_a_data_dir_that_is_no_dataset_is_one_line_naming_data(
     def started(*_a, **_k):
         raise AssertionError("the benchmark started its work")
 
-    monkeypatch.setattr(train.subprocess, "run", started)
+    monkeypatch.setattr(train, "run_to_end", started)
     monkeypatch.setattr(loader, "_variants", started)
     with pytest.raises(SystemExit) as e:
         module.main(["--data", str(data), "--steps" if module is train else "--rounds", "1"])
