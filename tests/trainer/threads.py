@@ -7,8 +7,13 @@ from pathlib import Path
 
 
 def thread_names() -> list[str]:
-    return sorted((task / "comm").read_text().strip()
-                  for task in Path("/proc/self/task").iterdir())
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except FileNotFoundError:  # (a thread that ended since the listing: not alive)
+            continue
+    return sorted(names)
 
 
 def gloo_threads() -> list[str]:
