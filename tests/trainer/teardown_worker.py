@@ -9,14 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from threads import thread_names
+from threads import settled_thread_names
 
 from trainer import train
 
 
 def main(out: Path, argv: list[str]) -> int:
     rc = train.main(argv)
-    (out / f"threads-{os.environ['RANK']}.json").write_text(json.dumps(thread_names()))
+    (out / f"threads-{os.environ['RANK']}.json").write_text(json.dumps(settled_thread_names()))
     return rc
 
 
