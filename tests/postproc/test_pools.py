@@ -89,6 +89,21 @@ def _left_children() -> list[multiprocessing.process.BaseProcess]:
     return left
 
 
+def _left_by_a_ctrl_c_as_workers_start(monkeypatch: pytest.MonkeyPatch,
+                                      start: Callable[[], object]
+                                      ) -> list[multiprocessing.process.BaseProcess]:
+    """Run ``start`` (it starts a pool's workers) under :func:`sigint_once`, with a Ctrl-C as
+    each worker starts; it must end in KeyboardInterrupt. The worker processes left alive."""
+    with _ctrl_c_taken_by_another_thread() as press:
+        _press_as_a_worker_starts(monkeypatch, press)
+        try:
+            with pytest.raises(KeyboardInterrupt), sigint_once():
+                start()
+        finally:
+            left = _left_children()
+    return left
+
+
 @pytest.mark.timeout(120)
 def test_a_ctrl_c_as_a_worker_starts_leaves_no_worker_behind(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,20 +111,16 @@ def test_a_ctrl_c_as_a_worker_starts_leaves_no_worker_behind(
     manager thread started) left that worker waiting for work that no shutdown sends: the
     command said 'interrupted' and then hung at exit, joining it (seen in benchmarks.prepare's
     synth under load)."""
-    with _ctrl_c_taken_by_another_thread() as press:
-        _press_as_a_worker_starts(monkeypatch, press)
+    def start() -> None:
         pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"),
                                       initializer=ignore_sigint)
         try:
-            with pytest.raises(KeyboardInterrupt), sigint_once():
-                try:
-                    with starting_workers():
-                        pool.submit(_step)
-                finally:
-                    close_pool(pool)
+            with starting_workers():
+                pool.submit(_step)
         finally:
-            left = _left_children()
-    assert left == []
+            close_pool(pool)
+
+    assert _left_by_a_ctrl_c_as_workers_start(monkeypatch, start) == []
 
 
 @pytest.mark.timeout(120)
@@ -120,14 +131,7 @@ def test_a_ctrl_c_while_make_pool_forks_leaves_no_worker_behind(
     from postproc import runner
 
     runner.warmup()  # (its numba compile before the Ctrl-C, not inside it)
-    with _ctrl_c_taken_by_another_thread() as press:
-        _press_as_a_worker_starts(monkeypatch, press)
-        try:
-            with pytest.raises(KeyboardInterrupt), sigint_once():
-                runner.make_pool(2)
-        finally:
-            left = _left_children()
-    assert left == []
+    assert _left_by_a_ctrl_c_as_workers_start(monkeypatch, lambda: runner.make_pool(2)) == []
 
 
 @pytest.mark.timeout(120)
@@ -139,14 +143,8 @@ def test_a_ctrl_c_while_score_forks_leaves_no_worker_behind(
     from postproc.score import CHUNK_IMAGES, ScoreConfig, score_parallel
 
     ids = [f"img{i}" for i in range(2 * CHUNK_IMAGES)]  # (two chunks: the pool is used)
-    with _ctrl_c_taken_by_another_thread() as press:
-        _press_as_a_worker_starts(monkeypatch, press)
-        try:
-            with pytest.raises(KeyboardInterrupt), sigint_once():
-                score_parallel({}, {}, ScoreConfig(), ids, workers=2)
-        finally:
-            left = _left_children()
-    assert left == []
+    assert _left_by_a_ctrl_c_as_workers_start(
+        monkeypatch, lambda: score_parallel({}, {}, ScoreConfig(), ids, workers=2)) == []
 
 
 _CLEANS_UP = """
