@@ -125,12 +125,14 @@ def _sample_members(key: str, prob: np.ndarray, meta: dict[str, Any]) -> dict[st
 
 
 def write_pred_shard(path: str | Path,
-                     samples: Iterable[tuple[str, np.ndarray | bytes, dict[str, Any]]]) -> int:
+                     samples: Iterable[tuple[str, np.ndarray | bytes, dict[str, Any]]],
+                     make_dirs: bool = True) -> int:
     """Write one prediction shard atomically; return the number of samples.
 
     ``prob`` may be float (encoded here), uint8 HxWx3, or already-encoded PNG bytes. The tar is
     written under a temporary name, every member is decoded back, and only then renamed onto
     ``path``: a crash or a bad member never leaves a half-written shard behind.
+    ``make_dirs=False``: ``path``'s directory must exist (FileNotFoundError if not).
     """
     # NOTE: imported here: webdataset imports torch (~3 s and ~300 MB a process), and the
     # postproc commands' pool workers import this module only to read prediction shards.
@@ -138,7 +140,7 @@ def write_pred_shard(path: str | Path,
 
     path = Path(path)
     n = 0
-    with atomic_open(path, "w+b") as f:
+    with atomic_open(path, "w+b", make_dirs=make_dirs) as f:
         with wds.TarWriter(f, encoder=False, mtime=FIXED_MTIME) as writer:
             seen: set[str] = set()
             for key, prob, meta in samples:

@@ -288,8 +288,15 @@ def _predict(args: argparse.Namespace) -> int:
                     chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
                     if not chunk:
                         break
+                    # NOTE: no directory made: the stage exists (rank 0 made it before any rank
+                    # got here) unless a stopped run's rank 0 has removed it, without waiting for
+                    # the others (a collective after a Ctrl-C could hang), while this rank was
+                    # not stopped yet (its Ctrl-C later, or none: another node's terminal). That
+                    # write made PRED/.partial (and a PRED the run had made) again, left behind
+                    # with the shard. Now it fails, and this rank stops with the others.
                     written += write_pred_shard(
-                        staging / f"pred-{k * env.world_size + env.rank:06d}.tar", chunk)
+                        staging / f"pred-{k * env.world_size + env.rank:06d}.tar", chunk,
+                        make_dirs=False)
                     k += 1
             return written, dict(loader.stats.samples_skipped)
 

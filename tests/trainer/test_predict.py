@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,12 +17,14 @@ import torch
 from proc_helpers import interrupt_when
 from trainer_helpers import REPO, run, torchrun_cmd
 
+from dataio.atomic import discard_staging_dir, fresh_staging_dir, missing_dirs
 from dataio.loader import build_loader
 from dataio.manifest import load_manifest
 from dataio.shards import iter_tar_samples
 from models import build_model_from_config
 from postproc import predio
 from postproc.predio import iter_pred_samples, list_pred_shards
+from trainer import dist
 from trainer.amp import resolve
 from trainer.checkpoint import load, load_model
 from trainer.config import load_config, load_run_config
@@ -184,11 +187,11 @@ def test_a_failed_write_leaves_out_as_it_was(trained_run: Path, small_dataset: P
     before = _tree(earlier)
     real, written = predio.write_pred_shard, []
 
-    def full_at_the_second_shard(path: Path, samples: list) -> int:
+    def full_at_the_second_shard(path: Path, samples: list, **kwargs: bool) -> int:
         if written:
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(path)
-        return real(path, samples)
+        return real(path, samples, **kwargs)
 
     monkeypatch.setattr(predio, "write_pred_shard", full_at_the_second_shard)
     for out in (earlier, new):
@@ -197,6 +200,40 @@ def test_a_failed_write_leaves_out_as_it_was(trained_run: Path, small_dataset: P
         assert "No space left on device" in capsys.readouterr().err
         assert len(written) == 1  # (a shard was in the stage)
     assert _tree(earlier) == before and not new.exists()
+
+
+def test_a_shard_written_after_rank_0_removed_the_stage_makes_no_directory(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun, a stopped run's rank 0 removes --out's stage (and a --out it made) without
+    waiting for the other ranks, one of which may not be stopped yet (its Ctrl-C later, or none:
+    another node's terminal) and write a shard: that write made PRED/.partial and PRED again, left
+    behind holding the shard. This process plays that rank 1 of 2 (rank 0's stage and discard
+    done here); now its write fails and leaves nothing."""
+    new = tmp_path / "new"
+    made = missing_dirs(new)
+    fresh_staging_dir(new)  # rank 0's, before any rank writes
+    monkeypatch.setattr(dist.DistEnv, "from_env", classmethod(
+        lambda cls: cls(rank=1, world_size=2, local_rank=1, local_world_size=2)))
+    monkeypatch.setattr(dist, "init", lambda env: env)  # (no process group: collectives local)
+    real, tried = predio.write_pred_shard, []
+
+    def late(path: Path, samples: list, **kwargs: bool) -> int:
+        discard_staging_dir(new, made)  # rank 0, stopped, has just removed the stage
+        tried.append(path)
+        with contextlib.suppress(OSError):  # (this rank's last shard: written, or refused)
+            real(path, samples, **kwargs)
+        raise KeyboardInterrupt  # (then this rank's own Ctrl-C)
+
+    monkeypatch.setattr(predio, "write_pred_shard", late)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        rc = predict(["--run-dir", str(trained_run), "--data", str(small_dataset), "--split",
+                      "val", "--out", str(new), "--shard-size", "1"])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # (pytest's own Ctrl-C)
+    assert rc == 130 and [p.name for p in tried] == ["pred-000001.tar"]
+    assert not new.exists(), _tree(new)
 
 
 def _stop_publish(monkeypatch: pytest.MonkeyPatch,
