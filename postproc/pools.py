@@ -54,18 +54,28 @@ def starting_workers() -> Iterator[None]:
     (or before the pool's manager thread started) left that worker waiting for work no shutdown
     sends: 'interrupted', then a hang at exit joining it. So the press is only recorded inside,
     and delivered once the workers are started and known.
+
+    NOTE: a handler installed from C (a program embedding Python; ``getsignal`` says None) is
+    left in place, and a press is its own, not held: Python can neither call it nor put it back
+    (``signal.signal(SIGINT, None)`` raised TypeError on the way out, after the workers had
+    started, and left the recording handler in place). Ctrl-C is still blocked inside: the
+    workers start with it blocked, and a press meanwhile reaches that handler on the way out.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pressed: list[int] = []
-    handler = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    handler = signal.getsignal(signal.SIGINT)
+    hold = handler is not None
+    if hold:
+        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)  # (one pending is recorded here)
-        signal.signal(signal.SIGINT, handler)
+        if hold:
+            signal.signal(signal.SIGINT, handler)
         if pressed:  # to the handler found: KeyboardInterrupt, or nothing when ignored
             signal.raise_signal(signal.SIGINT)
 

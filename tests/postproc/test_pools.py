@@ -147,6 +147,52 @@ def test_a_ctrl_c_while_score_forks_leaves_no_worker_behind(
         monkeypatch, lambda: score_parallel({}, {}, ScoreConfig(), ids, workers=2)) == []
 
 
+@contextlib.contextmanager
+def _sigint_handler_from_c(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    """Make SIGINT's handler look installed from C (by a program embedding Python), for which
+    ``signal.getsignal`` and ``signal.signal`` give None. Yield the handlers set for SIGINT
+    meanwhile (``signal.signal`` with None raises TypeError, as the real one does)."""
+    real_signal, real_getsignal = signal.signal, signal.getsignal
+    before, current, installed = real_getsignal(signal.SIGINT), [None], []
+
+    def fake_signal(signum: int, handler: object) -> object:
+        if signum != signal.SIGINT:
+            return real_signal(signum, handler)
+        real_signal(signum, handler)
+        installed.append(handler)
+        old, current[0] = current[0], handler
+        return old
+
+    monkeypatch.setattr(signal, "signal", fake_signal)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: current[0]
+                        if signum == signal.SIGINT else real_getsignal(signum))
+    try:
+        yield installed
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, before)  # (pytest's own Ctrl-C)
+
+
+def _sigint_blocked() -> bool:
+    return signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.mark.timeout(60)
+def test_a_sigint_handler_from_c_is_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a handler installed from C, the block replaced it and then restored it with
+    signal.signal(SIGINT, None): TypeError once the workers had started. Now it is left in
+    place (Python cannot put it back), and the workers still start with Ctrl-C blocked."""
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"))
+    try:
+        with _sigint_handler_from_c(monkeypatch) as installed:
+            with starting_workers():
+                future = pool.submit(_sigint_blocked)  # (forks the worker)
+            assert installed == [] and signal.getsignal(signal.SIGINT) is None
+            assert future.result(timeout=30) and not _sigint_blocked()
+    finally:
+        close_pool(pool)
+
+
 _CLEANS_UP = """
 import os, pathlib, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # (as a command that has taken its one Ctrl-C)
