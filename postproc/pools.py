@@ -86,11 +86,15 @@ def close_pool(pool: cf.Executor | None) -> None:
     if pool is None:
         return
     main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    # (None: not the main thread, or a handler installed from C, left as it is: see
+    # starting_workers)
+    old = signal.getsignal(signal.SIGINT) if main else None
+    if old is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        if main:
+        if old is not None:
             signal.signal(signal.SIGINT, old)
 
 
@@ -123,9 +127,11 @@ def sigint_once() -> Iterator[None]:
     NOTE: with the default handler a second press could land while the first one unwound, before
     :func:`close_pool` set Ctrl-C aside; it cut the pool's shutdown short, and at exit the
     interpreter ran every queued chunk before it let the process go. Leaving without a press
-    restores the handler found.
+    restores the handler found. A handler installed from C stays in place: it could not be put
+    back (see :func:`starting_workers`), and Ctrl-C is its own.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is None):
         yield
         return
     before = signal.signal(signal.SIGINT, _interrupt_once)

@@ -193,6 +193,23 @@ def test_a_sigint_handler_from_c_is_left_as_it_was(monkeypatch: pytest.MonkeyPat
         close_pool(pool)
 
 
+@pytest.mark.timeout(60)
+def test_sigint_once_and_close_pool_leave_a_handler_from_c_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same TypeError on their way out: each set its own handler and put back None. Now a
+    handler from C stays in place, and the pool is still shut down."""
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"))
+    try:
+        with _sigint_handler_from_c(monkeypatch) as installed:
+            with sigint_once():
+                assert pool.submit(_step).result(timeout=30) is None
+            close_pool(pool)
+            assert installed == [] and signal.getsignal(signal.SIGINT) is None
+        assert mp.active_children() == []
+    finally:
+        close_pool(pool)
+
+
 _CLEANS_UP = """
 import os, pathlib, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # (as a command that has taken its one Ctrl-C)
