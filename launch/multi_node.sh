@@ -7,7 +7,8 @@
 #                 other job's on MASTER_ADDR: a job that finds it taken joins that job's
 #                 rendezvous store and dies when that job ends
 #   NNODES        number of nodes, or MIN:MAX for an elastic range (default 2)
-#   NPROC         processes per node (default: the node's GPU count, else 2)
+#   NPROC         processes per node (default: the node's GPU count, else 2); with NCCL (the
+#                 default with GPUs) at most one per GPU: more stop the script before torchrun
 #   PYTHON        the Python whose torch counts the GPUs (default .venv/bin/python)
 #   RDZV_ID       a job id shared by all nodes of one run (default: footprints)
 #   MAX_RESTARTS  group restarts after a failure (default 3); all ranks resume from RUN's newest
@@ -22,7 +23,7 @@ CONFIG=$1 DATA=$2 RUN=$3; shift 3
 # root, where a relative RUN put the run inside the checkout and DATA read its data/.
 for v in CONFIG DATA RUN; do [[ ${!v} = /* ]] || printf -v "$v" %s "$PWD/${!v}"; done
 cd "$(dirname "$0")/.."
-source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, OMP_NUM_THREADS
+source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, CHECK_NPROC, MAX_RESTARTS, OMP_...
 # NOTE: a fresh rendezvous store each round (hosted by rank 0's node) instead of one shared
 # across restarts: restarted workers then cannot read the previous attempt's addresses, and the
 # nodes need no restart counter in common (each agent keeps its own).
@@ -34,10 +35,12 @@ if ! [[ $NNODES =~ ^[0-9]{1,9}(:[0-9]{1,9})?$ ]] ||
     echo "error: NNODES=$NNODES: give the number of nodes, or MIN:MAX with 1 <= MIN <= MAX" >&2
     exit 2
 fi
-# NOTE: the checks each worker makes before its process group (the config, DATA, RUN), made
-# once here: torchrun would restart the group on such an error MAX_RESTARTS times, printing it
-# again each time and ending in its ChildFailedError traceback with exit 1 instead of 2.
-"$PYTHON" -m trainer.train --check --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
+# NOTE: the checks each worker makes before its process group (the config, DATA, RUN, NPROC
+# against the GPUs), made once here: torchrun would restart the group on such an error
+# MAX_RESTARTS times, printing it again each time and ending in its ChildFailedError traceback
+# with exit 1 instead of 2.
+"$PYTHON" -m trainer.train --check "${CHECK_NPROC[@]}" \
+    --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
 exec "$TORCHRUN" --nnodes="$NNODES" --nproc_per_node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id="${RDZV_ID:-footprints}" --max-restarts="$MAX_RESTARTS" \

@@ -1,5 +1,6 @@
 # Sourced (from the repository root) by single_node.sh and multi_node.sh: the torchrun and the
-# Python to use, the processes per node and the CPU threads of each.
+# Python to use, the processes per node (and CHECK_NPROC, their part of the --check before
+# torchrun) and the CPU threads of each.
 TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
@@ -20,7 +21,13 @@ if [ -z "${NPROC:-}" ]; then
     GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
     NPROC=$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )
 fi
-case $NPROC in gpu|cpu|auto) ;; *) need_number NPROC 1 ;; esac  # torchrun's words pass through
+# NOTE: a number goes to trainer.train --check, which refuses more processes than GPUs under
+# NCCL (they would share one) as every worker would, but once: torchrun restarted the group on
+# it. torchrun's own words pass through, counted by torchrun.
+case $NPROC in
+    gpu|cpu|auto) CHECK_NPROC=() ;;
+    *) need_number NPROC 1; CHECK_NPROC=(--nproc "$NPROC") ;;
+esac
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 need_number MAX_RESTARTS 0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

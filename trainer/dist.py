@@ -86,14 +86,15 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def check_one_gpu_each(procs: int) -> None:
+def check_one_gpu_each(procs: int, setting: str = "torchrun --nproc_per_node=") -> None:
     """NCCL needs a GPU of its own for each process of a node: ``procs`` processes that all see
-    the same, fewer CUDA devices would share one and fail in NCCL ("Duplicate GPU detected")."""
+    the same, fewer CUDA devices would share one and fail in NCCL ("Duplicate GPU detected").
+    ``setting`` names what sets ``procs`` (the message appends the count to it)."""
     gpus = torch.cuda.device_count()
     if procs > gpus:
         raise ValueError(
             f"{procs} processes on this node but {gpus} CUDA device(s) visible: NCCL needs one "
-            f"GPU per process; start at most {gpus} (torchrun --nproc_per_node), or hide the "
+            f"GPU per process; start at most {gpus} ({setting}{gpus}), or hide the "
             "GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU with gloo")
 
 

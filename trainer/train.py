@@ -40,17 +40,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--check", action="store_true",
-                   help="only check the config, --data and --run-dir, then exit (0 fine, 2 not); "
-                        "the launch scripts run this once before torchrun")
-    return p.parse_args(argv)
+                   help="only check the config, --data, --run-dir and --nproc, then exit (0 "
+                        "fine, 2 not); the launch scripts run this once before torchrun")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="with --check: the processes torchrun will start on this node (the "
+                        "launch scripts' NPROC); more than its GPUs are refused under NCCL")
+    args = p.parse_args(argv)
+    if args.nproc is not None and not args.check:
+        p.error("--nproc goes with --check (a torchrun worker checks its LOCAL_WORLD_SIZE)")
+    return args
+
+
+def _backend(cfg: Config) -> str | None:
+    """The backend dist.init is given: None for its default (nccl with CUDA, gloo without)."""
+    return None if cfg.dist.backend == "auto" else cfg.dist.backend
 
 
 def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
-    """The checks made before any process group: the config (with the device it needs), --data
-    and --run-dir. Returns the config and the keys given; raises ConfigError or ValueError."""
+    """The checks made before any process group: the config (with the device it needs), --nproc,
+    --data and --run-dir. Returns the config and the keys given; raises ConfigError or
+    ValueError."""
     given, where = read_config(args.config, args.overrides)
     cfg = build_config(given, where)
     check_device(cfg, torch.cuda.is_available())
+    if args.nproc is not None and (_backend(cfg) or dist.default_backend()) == "nccl":
+        # NOTE: the refusal every torchrun worker makes in dist.init, made once by the launch
+        # scripts: from the workers, torchrun restarted the group MAX_RESTARTS times on it
+        dist.check_one_gpu_each(args.nproc, "NPROC=")
     if not (args.data / "manifest.json").is_file():
         raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
     check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory
@@ -98,8 +114,7 @@ def _train(args: argparse.Namespace) -> int:
         for line in unused_settings(cfg, given):
             log.warning("%s", line)
     try:
-        dist.init(env, None if cfg.dist.backend == "auto" else cfg.dist.backend,
-                  cfg.dist.timeout_s)
+        dist.init(env, _backend(cfg), cfg.dist.timeout_s)
         dist.seed_everything(cfg.train.seed, env.rank)
         Trainer(cfg, env, args.data, args.run_dir).train()
     except (NonFiniteError, ValueError, RuntimeError, OSError) as e:

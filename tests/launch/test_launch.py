@@ -170,9 +170,48 @@ def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
                     "trainer.train", "--config", f"{tmp_path}/cfg.toml", "--data", "/data/DATA",
                     "--run-dir", f"{tmp_path}/runs/my run", "--set", "train.epochs=3"]
     assert got["OMP_NUM_THREADS"] == "1"  # not every core per process
-    # the workers' checks made once before, on the same command
+    # the workers' checks made once before, on the same command, with the processes per node
     assert (tmp_path / "python.out").read_text().splitlines() == [
-        "-m", "trainer.train", "--check", *args[args.index("trainer.train") + 1:]]
+        "-m", "trainer.train", "--check", "--nproc", "2", *args[args.index("trainer.train") + 1:]]
+
+
+def _sees_gpus(tmp_path: Path, gpus: int) -> dict[str, str]:
+    """The environment in which the real Python's torch sees ``gpus`` CUDA devices and NCCL (a
+    sitecustomize on PYTHONPATH), for the launch scripts' real ``trainer.train --check``."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import torch\nimport torch.distributed\n"
+        f"torch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: {gpus}\n"
+        "torch.distributed.is_nccl_available = lambda: True\n")
+    return {"PYTHONPATH": str(site)}
+
+
+@pytest.mark.parametrize(("script", "nproc"), [("single_node.sh", 8), ("multi_node.sh", 8),
+                                               ("single_node.sh", 4)])
+def test_more_processes_than_gpus_is_one_line_before_torchrun(tmp_path: Path, script: str,
+                                                               nproc: int) -> None:
+    """NPROC=8 on a 4-GPU node passed the --check, and every worker refused in dist.init:
+    torchrun restarted the group 3 times, printing the error each time, then its
+    ChildFailedError traceback and exit 1."""
+    data = tmp_path / "DATA"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}\n")
+    started = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"),
+           "NPROC": str(nproc), "MASTER_ADDR": "head", **_sees_gpus(tmp_path, 4)}
+    res = subprocess.run(["bash", f"launch/{script}", "configs/tiny.toml", str(data),
+                          str(tmp_path / "RUN")], capture_output=True, text=True, timeout=60,
+                         env=env)
+    if nproc <= 4:  # the fake works: as many as the GPUs start
+        assert res.returncode == 0, res.stderr
+        assert f"--nproc_per_node={nproc}" in _recorded(started)[0]
+        return
+    assert res.returncode == 2 and not started.exists()
+    assert res.stderr.splitlines() == [
+        "trainer.train: error: 8 processes on this node but 4 CUDA device(s) visible: NCCL needs "
+        "one GPU per process; start at most 4 (NPROC=4), or hide the GPUs "
+        "(CUDA_VISIBLE_DEVICES=) to run on the CPU with gloo"]
 
 
 def test_multi_node_runs_of_one_job_share_a_rendezvous_id(tmp_path: Path) -> None:

@@ -476,6 +476,48 @@ def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tm
     assert ("the process group was started" in err) != torchrun
 
 
+@pytest.mark.parametrize(("gpus", "nproc", "override", "refused"), [
+    (4, 8, None, True), (4, 4, None, False), (0, 8, None, False),
+    (4, 8, "dist.backend=gloo", False)])
+def test_check_refuses_more_processes_than_gpus_as_the_workers_would(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        gpus: int, nproc: int, override: str | None, refused: bool) -> None:
+    """``--check --nproc`` (the launch scripts' NPROC) makes dist.init's refusal once, by the same
+    rule: under NCCL only (gloo, on the CPU or chosen, may share). Only the workers refused, and
+    torchrun restarted the group on it MAX_RESTARTS times."""
+    import torch.distributed
+
+    from trainer.train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}\n")  # (--check only asks that it is there)
+    rc = main(["--check", "--nproc", str(nproc), "--config", "configs/tiny.toml", "--data",
+               str(data), "--run-dir", str(tmp_path / "run"),
+               *(["--set", override] if override else [])])
+    err = capsys.readouterr().err.splitlines()
+    if refused:
+        assert rc == 2 and err == [
+            f"trainer.train: error: {nproc} processes on this node but {gpus} CUDA device(s) "
+            f"visible: NCCL needs one GPU per process; start at most {gpus} (NPROC={gpus}), or "
+            "hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU with gloo"]
+    else:
+        assert rc == 0 and err == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_nproc_goes_with_check(capsys: pytest.CaptureFixture[str]) -> None:
+    """(a worker under torchrun checks its LOCAL_WORLD_SIZE; --nproc there would be ignored)"""
+    from trainer.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--nproc", "2", "--config", "c", "--data", "d", "--run-dir", "r"])
+    assert e.value.code == 2 and "--nproc goes with --check" in capsys.readouterr().err
+
+
 def test_a_compile_backend_this_machine_lacks_is_refused_before_anything_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from trainer.train import main
