@@ -5,7 +5,8 @@
 #   MASTER_ADDR   host of the rendezvous (any one of the nodes; required)
 #   MASTER_PORT   its TCP port (default 29400); must be reachable from every node, and no
 #                 other job's on MASTER_ADDR: a job that finds it taken joins that job's
-#                 rendezvous store and dies when that job ends
+#                 rendezvous store and dies when that job ends. Held by anything else (a web
+#                 server, say), the script stops with an error naming it, exit 2
 #   NNODES        number of nodes, or MIN:MAX for an elastic range (default 2)
 #   NPROC         processes per node (default: the node's GPU count, else 2); with NCCL (the
 #                 default with GPUs) at most one per GPU: more stop the script before torchrun
@@ -41,6 +42,10 @@ fi
 # with exit 1 instead of 2.
 "$PYTHON" -m trainer.train --check "${CHECK_NPROC[@]}" \
     --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
+# NOTE: torchrun hung, silently and for ever, on a MASTER_PORT held by something that is not
+# a rendezvous store: its agent, finding the port taken, joins it as a store client, whose
+# handshake waits without a time limit. A store there (another agent of this job) passes.
+"$PYTHON" -m launch.port_check "$MASTER_ADDR" "$MASTER_PORT"
 exec "$TORCHRUN" --nnodes="$NNODES" --nproc_per_node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id="${RDZV_ID:-footprints}" --max-restarts="$MAX_RESTARTS" \

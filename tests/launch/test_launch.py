@@ -3,10 +3,14 @@ and make gpu-check refusing without CUDA."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,6 +232,61 @@ def test_multi_node_runs_of_one_job_share_a_rendezvous_id(tmp_path: Path) -> Non
                              text=True, timeout=30, env={**env, **extra})
         assert res.returncode == 0, res.stderr
         assert want <= set(_recorded(out)[0])
+
+
+def _multi_node_at(tmp_path: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """multi_node.sh with its rendezvous at 127.0.0.1:``port`` and the real port check (its
+    config check passes; torchrun is recorded to torchrun.out, not run)."""
+    _recorder(tmp_path / "torchrun")
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n[ "$2" = trainer.train ] && exit 0\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "NNODES": "1", "NPROC": "1", "OMP_NUM_THREADS": "1",
+           "TORCHRUN": str(tmp_path / "torchrun"), "PYTHON": str(python)}
+    return subprocess.run(["bash", "launch/multi_node.sh", "c", "d", "r"], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("closes", [False, True])
+def test_multi_node_names_a_port_held_by_something_else(tmp_path: Path, closes: bool) -> None:
+    """torchrun's agent, finding MASTER_PORT taken, joined it as a rendezvous store client:
+    behind a plain listening socket its handshake waited for ever, saying nothing; a listener
+    that closed each connection failed it after a minute of C++ tracebacks."""
+    stop = threading.Event()
+
+    def close_each(server: socket.socket) -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                server.accept()[0].close()
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        closer = threading.Thread(target=close_each, args=(server,), daemon=True)
+        if closes:
+            closer.start()
+        try:
+            res = _multi_node_at(tmp_path, port)
+        finally:
+            stop.set()
+            if closes:
+                closer.join()
+    assert res.returncode == 2 and not (tmp_path / "torchrun.out").exists()
+    assert res.stderr.startswith(f"error: MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}: the port "
+                                 "is held by something that is not a torch rendezvous store")
+    assert res.stderr.count("\n") == 1, res.stderr  # one line: no C++ warnings
+
+
+def test_multi_node_joins_a_rendezvous_store_on_its_port(tmp_path: Path) -> None:
+    """Several agents of one job on one host (the two-node tests): the later ones find the port
+    held, by the first one's store, and go on to torchrun."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True,
+                                       timeout=datetime.timedelta(seconds=30))
+    res = _multi_node_at(tmp_path, store.port)
+    assert res.returncode == 0, res.stderr
+    assert f"--rdzv-endpoint=127.0.0.1:{store.port}" in _recorded(tmp_path / "torchrun.out")[0]
 
 
 def test_gpu_check_fits_one_device_call_and_trains_on_every_gpu(

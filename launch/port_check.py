@@ -1,0 +1,83 @@
+"""Before torchrun's c10d rendezvous: may MASTER_ADDR:MASTER_PORT serve it? Yes when nothing
+listens there (the rendezvous host's agent will start the store) or a torch rendezvous store
+answers (another agent of the job, on this host or the rendezvous host, started it first); not
+when something else holds the port. launch/multi_node.sh runs it before torchrun.
+
+    python -m launch.port_check HOST PORT    (exit 2 and one line when the port is held)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import threading
+
+# NOTE: a store answers the handshake at once (its server thread replies to the ping), over a
+# cluster network too; seconds more only delay the error when something else holds the port.
+TIMEOUT_S = 3.0
+
+
+def not_a_store(host: str, port: int, timeout: float = TIMEOUT_S) -> str | None:
+    """Why ``host:port`` cannot serve a c10d rendezvous, or None when it can (or when nothing
+    answers there at all: the host may not be up yet, which torchrun waits for itself).
+
+    NOTE: a torchrun agent that cannot start the store on the port (it is taken) connects to
+    it as a store client instead (torch's c10d_rendezvous_backend._create_tcp_store), and the
+    client's handshake (validate, then ping) ends in a read with no time limit (torch 2.13): a
+    listener that never answers held torchrun for ever, silently; one that answered or closed
+    failed it only after the 60 s read_timeout, in C++ tracebacks. Here the same client gets
+    ``timeout`` seconds, in a thread, to finish its handshake.
+    """
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return None  # the usual case, without importing torch: nothing listens yet
+    # the client's failed attempts are logged as C++ warnings with stack traces: not here
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    from torch.distributed import TCPStore
+
+    outcome: list[Exception | None] = []
+
+    def connect() -> None:
+        try:
+            TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
+            outcome.append(None)
+        except Exception as e:  # DistNetworkError, RuntimeError: the handshake failed
+            outcome.append(e)
+
+    # NOTE: a daemon thread, as the handshake's read may never return; a process that leaves it
+    # running must end with os._exit (see main).
+    client = threading.Thread(target=connect, name="port-check", daemon=True)
+    client.start()
+    client.join(timeout)
+    if outcome == [None]:
+        return None
+    how = (f"a store client's handshake with it failed: {outcome[0]}" if outcome else
+           f"it took the connection but gave no store's answer within {timeout:g} s")
+    return (f"the port is held by something that is not a torch rendezvous store ({how}); "
+            "torchrun would not get past it. Choose another MASTER_PORT, or stop what listens "
+            "there")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when torchrun may use the port; otherwise the reason, and the process ends (2)."""
+    ap = argparse.ArgumentParser(prog="launch.port_check", description=__doc__.split("\n")[0])
+    ap.add_argument("host", help="MASTER_ADDR, the rendezvous host")
+    ap.add_argument("port", type=int, help="MASTER_PORT, its port")
+    args = ap.parse_args(argv)
+    why = not_a_store(args.host, args.port)
+    if why is None:
+        return 0
+    print(f"error: MASTER_ADDR:MASTER_PORT={args.host}:{args.port}: {why}", file=sys.stderr,
+          flush=True)
+    # NOTE: not a plain exit: the handshake thread, still inside torch's C++ client while the
+    # interpreter shut down, aborted the process ("terminate called without an active
+    # exception", exit 134) when its retries ended.
+    os._exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
