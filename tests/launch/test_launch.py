@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from proc_helpers import free_port
 
 import launch.gpu_check as gc
 from launch.gpu_check import _run as gpu_check_step
@@ -104,16 +105,30 @@ def test_a_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, script: st
     assert got["OMP_NUM_THREADS"] == "1"  # one thread per process unless the user sets it
 
 
+def _checking_python(path: Path) -> Path:
+    """This Python at ``path``, its ``trainer.train --check`` passing: the port check is real."""
+    path.write_text(f'#!/usr/bin/env bash\n[ "$2" = trainer.train ] && exit 0\n'
+                    f'PYTHONPATH={LAUNCH.parent} exec {sys.executable} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
 def _slurm(tmp_path: Path, extra: dict[str, str] | None = None, argv: list[str] | None = None,
-           **slurm: str | None) -> subprocess.CompletedProcess[str]:
+           on_this_host: bool = False, **slurm: str | None) -> subprocess.CompletedProcess[str]:
     """Run slurm.sbatch as Slurm would on a two-node allocation (``srun`` recorded, not run);
     ``slurm`` overrides SLURM_* variables, None leaves one unset; ``extra`` adds variables;
-    ``argv`` replaces CONFIG DATA RUN."""
+    ``argv`` replaces CONFIG DATA RUN; ``on_this_host`` makes the first node 127.0.0.1 and
+    checks its rendezvous port for real."""
     _recorder(tmp_path / "srun")
-    (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu07\\ngpu08\\n'\n")
+    head = "127.0.0.1" if on_this_host else "gpu07"
+    (tmp_path / "scontrol").write_text(f"#!/usr/bin/env bash\nprintf '{head}\\ngpu08\\n'\n")
     (tmp_path / "scontrol").chmod(0o755)
     (tmp_path / ".venv" / "bin").mkdir(parents=True, exist_ok=True)  # its --check passes
-    _python(tmp_path).rename(tmp_path / ".venv" / "bin" / "python")
+    python = tmp_path / ".venv" / "bin" / "python"
+    if on_this_host:
+        _checking_python(python)
+    else:
+        _python(tmp_path).rename(python)
     env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
            "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "4242",
            "SLURM_SUBMIT_DIR": str(tmp_path)}
@@ -238,13 +253,10 @@ def _multi_node_at(tmp_path: Path, port: int) -> subprocess.CompletedProcess[str
     """multi_node.sh with its rendezvous at 127.0.0.1:``port`` and the real port check (its
     config check passes; torchrun is recorded to torchrun.out, not run)."""
     _recorder(tmp_path / "torchrun")
-    python = tmp_path / "python"
-    python.write_text(f'#!/usr/bin/env bash\n[ "$2" = trainer.train ] && exit 0\n'
-                      f'exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
     env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "NNODES": "1", "NPROC": "1", "OMP_NUM_THREADS": "1",
-           "TORCHRUN": str(tmp_path / "torchrun"), "PYTHON": str(python)}
+           "TORCHRUN": str(tmp_path / "torchrun"),
+           "PYTHON": str(_checking_python(tmp_path / "python"))}
     return subprocess.run(["bash", "launch/multi_node.sh", "c", "d", "r"], capture_output=True,
                           text=True, timeout=60, env=env)
 
@@ -279,14 +291,27 @@ def test_multi_node_names_a_port_held_by_something_else(tmp_path: Path, closes: 
     assert res.stderr.count("\n") == 1, res.stderr  # one line: no C++ warnings
 
 
-def test_multi_node_joins_a_rendezvous_store_on_its_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", [True, False])
+def test_multi_node_goes_on_to_torchrun_at_a_store_or_a_free_port(tmp_path: Path,
+                                                                  store: bool) -> None:
     """Several agents of one job on one host (the two-node tests): the later ones find the port
-    held, by the first one's store, and go on to torchrun."""
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True,
-                                       timeout=datetime.timedelta(seconds=30))
-    res = _multi_node_at(tmp_path, store.port)
+    held, by the first one's store, and go on to torchrun; so does the first, finding it free."""
+    held = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True,
+                                      timeout=datetime.timedelta(seconds=30)) if store else None
+    port = held.port if held else free_port()
+    res = _multi_node_at(tmp_path, port)
     assert res.returncode == 0, res.stderr
-    assert f"--rdzv-endpoint=127.0.0.1:{store.port}" in _recorded(tmp_path / "torchrun.out")[0]
+    assert f"--rdzv-endpoint=127.0.0.1:{port}" in _recorded(tmp_path / "torchrun.out")[0]
+
+
+def test_slurm_names_a_rendezvous_port_held_by_something_else(tmp_path: Path) -> None:
+    """(the batch step runs on the first node, which hosts the store: checked there)"""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        res = _slurm(tmp_path, extra={"MASTER_PORT": str(port)}, on_this_host=True)
+    assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
+    assert res.stderr.startswith(f"error: MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}: the port "
+                                 "is held by something that is not a torch rendezvous store")
 
 
 def test_gpu_check_fits_one_device_call_and_trains_on_every_gpu(
