@@ -189,7 +189,7 @@ def training_procs(requested: int | None) -> int:
         return requested or 2
     if requested is None:
         return min(2, torch.cuda.device_count())
-    check_one_gpu_each(requested)
+    check_one_gpu_each(requested, "--nproc ")  # (the hint names the demo's own option)
     return requested
 
 

@@ -201,7 +201,7 @@ def test_bad_arguments_stop_the_demo_before_any_stage(bad: list[str], named: str
 
 @pytest.mark.parametrize(("gpus", "requested", "want"), [
     (0, None, 2), (0, 3, 3), (4, None, 2), (1, None, 1), (4, 3, 3),
-    (1, 2, "2 processes on this node but 1")])
+    (1, 2, r"2 processes on this node but 1 .*start at most 1 \(--nproc 1\)")])
 def test_training_takes_at_most_one_process_per_gpu(monkeypatch: pytest.MonkeyPatch, gpus: int,
                                             requested: int | None, want: int | str) -> None:
     """(on a one-GPU machine the demo's 2 processes shared it: NCCL "Duplicate GPU")"""
