@@ -455,4 +455,7 @@ def load_run_config(run_dir: Path) -> Config:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):  # (a list or a number failed in build_config: AttributeError)
+        raise ConfigError(f"{path}: not a run's config (a JSON object of sections), got "
+                          f"{type(raw).__name__}")
     return build_config(raw, str(path))

@@ -14,6 +14,7 @@ from trainer.config import (
     OptimConfig,
     build_config,
     load_config,
+    load_run_config,
     parse_override,
     read_config,
     unused_settings,
@@ -149,6 +150,14 @@ def test_bad_files(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["epochs=3"])
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "3", "null", '"model"'])
+def test_a_run_config_that_is_no_json_object_names_the_file(tmp_path: Path, text: str) -> None:
+    """(a JSON list in RUN/config.json was an AttributeError traceback in trainer.predict)"""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: not a run's config"):
+        load_run_config(tmp_path)
 
 
 def test_resolved_config_round_trips_through_json() -> None:
