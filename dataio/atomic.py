@@ -12,7 +12,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,12 +39,21 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     fsync_file(path)
 
 
-def check_writable(path: str | os.PathLike[str], what: str) -> None:
+def check_writable(path: str | os.PathLike[str], what: str,
+                   inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = ()) -> None:
     """Raise ValueError unless ``path`` could be created: its nearest existing ancestor is a
-    writable directory. Checked before a command's work, so a typo fails at once."""
+    writable directory, and it is none of the command's ``inputs`` (``(flag, path)`` pairs).
+    Checked before a command's work, so a typo fails at once."""
     target = Path(path).absolute()
     if target.is_dir():  # (a file cannot be renamed onto it: found only after the work)
         raise ValueError(f"{what} {path} is a directory; give a file name")
+    for flag, src in inputs:
+        # NOTE: the rename at the end replaced the input with the output: score --json on its
+        # --truth CSV, polygonize --out on a prediction shard. samefile: links and ../ too.
+        if src is not None and target.exists() and Path(src).exists() and \
+                os.path.samefile(target, src):
+            raise ValueError(f"{what} {path} is the {flag} input {src}; writing it would "
+                             "replace it: give the output another name")
     anc = target.parent
     while not anc.exists():
         anc = anc.parent

@@ -353,6 +353,16 @@ def config_from_args(args: argparse.Namespace, announce: bool = True) -> Polygon
     return PolygonizeConfig.from_dict(base)
 
 
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """The files the command reads, which its outputs must not replace: --settings, and --pred's
+    shards and provenance."""
+    from postproc.predio import SHARD_GLOB
+    from postproc.provenance import PROVENANCE
+
+    pred = [args.pred / PROVENANCE, *args.pred.glob(SHARD_GLOB)] if args.pred.is_dir() else []
+    return [("--settings", args.settings), *(("--pred", p) for p in pred)]
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     args = build_parser().parse_args(argv)
@@ -363,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dist.DistEnv.from_env()
     cfg = config_from_args(args, announce=env.is_main)
-    check_writable(args.out, "--out")
+    check_writable(args.out, "--out", _inputs(args))
     if args.geojson is not None:
         check_writable(args.geojson / "x.geojson", "--geojson")
         # NOTE: the GeoJSON publish marks its directory (predio.begin_publish): in --pred, a run

@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dist.DistEnv.from_env()
     if args.json is not None:
-        check_writable(args.json, "--json")
+        check_writable(args.json, "--json",
+                       (("--truth", args.truth), ("--proposals", args.proposals)))
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     # the outputs are checked before the grid runs: it writes them only at the end
     for path, what in ((run / SETTINGS, "--run-dir"), (args.json, "--json")):
         if path is not None:
-            check_writable(path, what)
+            check_writable(path, what, (("--truth", args.truth),))
     truth = read_truth_csv(args.truth).polygons
     if not truth:
         raise ValueError(f"--truth {args.truth}: no images in the truth CSV")

@@ -469,6 +469,36 @@ def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, ca
     assert "--json" in capsys.readouterr().err
 
 
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(pred_dir, tmp_path, capsys):
+    """(the rename at the end replaced the input: score --json on its --truth CSV, tune --json
+    on its --truth, polygonize --out on a prediction shard or its provenance)"""
+    pred, truth = tmp_path / "pred", tmp_path / "truth.csv"
+    shutil.copytree(pred_dir[0], pred)
+    shutil.copy(pred_dir[1], truth)
+    (pred / "provenance.json").write_text('{"split": "test"}\n')
+    props = tmp_path / "p.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(props), "--no-tuned",
+                                      "--workers", "1"]) == 0
+    kept = {p: p.read_bytes() for p in (truth, props, *pred.iterdir())}
+    for main, argv, flag, victim in (
+            (score.main, ["--truth", str(truth), "--proposals", str(props), "--json"], "--json",
+             truth),
+            (score.main, ["--truth", str(truth), "--proposals", str(props), "--json"], "--json",
+             tmp_path / "." / "p.csv"),  # (another spelling of the same file)
+            (tune.main, ["--pred", str(pred), "--truth", str(truth), "--run-dir", str(tmp_path),
+                         "--workers", "1", "--grow-radii", "3", "--building-thresholds", "0.5",
+                         "--footprint-thresholds", "0.5", "--min-polygon-areas", "20",
+                         "--json"], "--json", truth),
+            (polygonize.main, ["--pred", str(pred), "--workers", "1", "--no-tuned", "--out"],
+             "--out", pred / "pred-000001.tar"),
+            (polygonize.main, ["--pred", str(pred), "--workers", "1", "--no-tuned", "--out"],
+             "--out", pred / "provenance.json")):
+        assert run_main(main, [*argv, str(victim)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {flag} {victim} is the ") and "input" in err[-1], err
+        assert {p: p.read_bytes() for p in kept} == kept
+
+
 @pytest.mark.timeout(180)  # compiles the kernels when the numba cache is cold
 def test_the_polygonize_pool_forks_its_workers_when_made():
     """``make_pool`` runs before the process group starts gloo's threads, so its workers must be
