@@ -383,6 +383,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         baselines = baseline_sizes(args.tiles, args.baseline_tiles)
     except ValueError as e:
         p.error(str(e))
+    # NOTE: an earlier run's work there (the same --keep again) failed only after the timing
+    # that came before it: dataio.synth and prepare refuse to write over an AOI or a dataset.
+    if args.keep is not None and args.keep.is_dir() and any(args.keep.iterdir()):
+        p.error(f"--keep {args.keep} is not empty (an earlier run's work?); give a new or empty "
+                "directory")
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-load-"))
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []

@@ -137,3 +137,19 @@ def test_a_size_given_twice_is_refused_before_any_work(flag, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {flag}: " in err and "given twice" in err
     assert not (tmp_path / "work").exists()
+
+
+def test_a_keep_directory_that_is_not_empty_is_refused_before_any_work(tmp_path, capsys,
+                                                                      monkeypatch):
+    """(a second run with the same --keep timed what came first, then failed with a
+    RuntimeError traceback: dataio.synth refused to write over the first run's AOI)"""
+    def started(*_a, **_k):
+        raise AssertionError("the benchmark started its work")
+
+    monkeypatch.setattr(load, "make_pool", started)
+    monkeypatch.setattr(load, "run_measured", started)
+    work = tmp_path / "work"
+    (work / "synth-pool").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        load.main(["--tiles", "0", "--prepare-tiles", "2", "--keep", str(work)])
+    assert e.value.code == 2 and f"--keep {work} is not empty" in capsys.readouterr().err
