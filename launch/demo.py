@@ -138,8 +138,23 @@ def run_stage(cmd: list[str]) -> int:
     return run_to_end(cmd, env=_env()).returncode
 
 
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds something but is no demo's directory (no stages.json).
+
+    NOTE: the demo replaces what it finds at its paths (synth and prepare run with --overwrite,
+    --fresh deletes OUT): ``--out .`` in the directory of the README's own commands replaced
+    the user's raw/AOI_2_Vegas_Train and data/ (or, with --fresh, deleted the directory)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the demo")
+    if out.is_dir() and not (out / "stages.json").is_file() and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds files but no stages.json: it is no demo's "
+                         "directory, and the demo would replace or delete what is there; give a "
+                         "new or empty directory")
+
+
 def run_demo(demo: Demo, fresh: bool = False) -> dict:
     """Run (or resume) every stage; returns the summary that the report holds."""
+    check_out(demo.out)
     if fresh and demo.out.exists():
         shutil.rmtree(demo.out)
     demo.out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" (train:val:test); give at least {least}")
     try:
         load_config(args.config, args.overrides)
-    except ConfigError as e:
+        check_out(args.out)
+    except (ConfigError, ValueError) as e:
         p.error(str(e))
     demo = Demo(out=args.out, tiles=args.tiles, seed=args.seed, nproc=args.nproc,
                 config=args.config, overrides=args.overrides, render_tiles=args.render_tiles)

@@ -159,6 +159,27 @@ def test_the_command_skips_what_is_done_and_fresh_starts_over(
     assert _ckpts(out) == ["ckpt-0"]
 
 
+@pytest.mark.parametrize("fresh", [[], ["--fresh"]])
+def test_an_out_that_is_no_demos_directory_is_left_alone(
+        fresh: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """(--out . where the README's commands ran: synth --overwrite replaced the user's
+    raw/AOI_2_Vegas_Train, prepare --overwrite their data/, and --fresh deleted it all)"""
+    monkeypatch.setattr(demo_module, "Demo", _TinyDemo)
+    out = tmp_path / "work"
+    mine = out / "raw" / "AOI_2_Vegas_Train" / "mine.tif"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("the user's")
+    with pytest.raises(SystemExit) as e:
+        demo_module.main(["--out", str(out), "--tiles", "5", *fresh])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"--out {out} holds files but no stages.json" in last
+    assert mine.read_text() == "the user's" and sorted(p.name for p in out.iterdir()) == ["raw"]
+    with pytest.raises(ValueError, match="no demo's directory"):
+        run_demo(_TinyDemo(out, tiles=3), fresh=bool(fresh))
+    assert mine.read_text() == "the user's"
+
+
 def test_a_failed_stage_is_one_line_and_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     class Failing(_TinyDemo):
