@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -250,26 +251,58 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
 
 def _bounded_map(fn: Callable[[Tile], dict[str, Any]], items: Iterable[Tile],
                  workers: int) -> Iterator[dict[str, Any]]:
-    """Ordered parallel map with a bounded window, so results never pile up in memory."""
+    """Ordered parallel map with a bounded window, so results never pile up in memory.
+
+    A tile whose worker dies (killed for memory, or a crash inside GDAL on a damaged file) is
+    skipped with that reason, and the rest go on (see :func:`_alone`)."""
     if workers <= 1:
         yield from map(fn, items)
         return
     window = 4 * workers
-    # NOTE: spawn, not fork: the parent holds a tqdm thread and GDAL state. Ctrl-C is the
-    # parent's (postproc.pools): a worker that took it failed its tile, and the pool's exit
-    # then waited for the rest of the window.
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=ignore_sigint)
+    pool = _pool(workers)
     try:
         it = iter(items)
         with starting_workers():  # (the first submits start them)
-            pending: collections.deque[Future[dict[str, Any]]] = collections.deque(
-                pool.submit(fn, t) for t in _take(it, window))
+            pending: collections.deque[tuple[Tile, Future[dict[str, Any]]]] = collections.deque(
+                (t, pool.submit(fn, t)) for t in _take(it, window))
         while pending:
-            result = pending.popleft().result()
+            tile, fut = pending.popleft()
+            try:
+                result = fut.result()
+            except BrokenProcessPool:
+                # NOTE: a dead worker breaks the whole pool: every tile in flight fails with it
+                # and which one killed it is unknown. The first is rerun alone (the culprit is
+                # skipped there), the others in a new pool; each break uses up one tile.
+                close_pool(pool)
+                result = _alone(fn, tile)
+                pool = _pool(workers)
+                with starting_workers():
+                    pending = collections.deque((t, pool.submit(fn, t)) for t, _ in pending)
             for t in _take(it, 1):
-                pending.append(pool.submit(fn, t))
+                pending.append((t, pool.submit(fn, t)))
             yield result
     finally:  # (queued tiles dropped, running ones finish)
+        close_pool(pool)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # NOTE: spawn, not fork: the parent holds a tqdm thread and GDAL state. Ctrl-C is the
+    # parent's (postproc.pools): a worker that took it failed its tile, and the pool's exit
+    # then waited for the rest of the window.
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=ignore_sigint)
+
+
+def _alone(fn: Callable[[Tile], dict[str, Any]], tile: Tile) -> dict[str, Any]:
+    """``fn(tile)`` in a worker of its own; if that worker dies too, the tile is skipped."""
+    pool = _pool(1)
+    try:
+        with starting_workers():
+            fut = pool.submit(fn, tile)
+        return fut.result()
+    except BrokenProcessPool:
+        return {"tile": tile, "skip": "its worker process died reading it (killed for memory, "
+                                      "or a crash in GDAL on a damaged file)"}
+    finally:
         close_pool(pool)
 
 

@@ -407,3 +407,30 @@ def test_interrupted_swap_deletes_neither_dataset(raw: Path, tmp_path: Path,
     _run(raw, out, seed=5, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test", "train", "val"]
     assert load_manifest(out).data["config"]["seed"] == 5 and len(_samples(out)) == TILES
+
+
+class _DiesOn(prep._Call):
+    """prepare's worker call, but the process dies on one tile, as one killed for memory or
+    crashed inside GDAL does (pickled by reference: the spawned workers import this module)."""
+
+    def __init__(self, bands: int, boundary_width: float, victim: str = "AOI_2_Vegas_img3"):
+        super().__init__(bands, boundary_width)
+        self.victim = victim
+
+    def __call__(self, tile: prep.Tile) -> dict:
+        if tile.image_id == self.victim:
+            import os
+            os._exit(9)
+        return super().__call__(tile)
+
+
+@pytest.mark.timeout(120)
+def test_a_tile_whose_worker_dies_is_skipped_and_the_rest_prepared(
+        raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(the pool broke: a BrokenProcessPool traceback naming no tile, and no dataset)"""
+    monkeypatch.setattr(prep, "_Call", _DiesOn)
+    manifest = _run(raw, tmp_path / "data", workers=2)
+    assert [(s["image_id"], "worker process died" in s["reason"])
+            for s in manifest["skipped"]] == [("AOI_2_Vegas_img3", True)]
+    assert sorted(_samples(tmp_path / "data")) == sorted(
+        f"AOI_2_Vegas_img{n}" for n in range(1, TILES + 1) if n != 3)
