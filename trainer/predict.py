@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from dataio.atomic import (
     atomic_write_text,
+    check_writable,
     discard_staging_dir,
     fresh_staging_dir,
     missing_dirs,
@@ -236,6 +237,11 @@ def _predict(args: argparse.Namespace) -> int:
     if not ckpt_path.is_file():
         hint = "" if args.checkpoint else _no_best_hint(args.run_dir)
         say(f"trainer.predict: error: {ckpt_path} not found{hint}")
+        return 2
+    try:  # (an --out that is a file, or under one, was "[Errno 20] Not a directory: '...'")
+        check_writable(args.out / PROVENANCE, "--out")
+    except ValueError as e:
+        say(f"trainer.predict: error: {e}")
         return 2
     from dataio.loader import build_loader
     from dataio.manifest import load_manifest

@@ -418,6 +418,24 @@ def test_a_checkpoint_where_a_directory_goes_and_back_is_named(
         f"e.g. {ckpts / 'best.pt'}"]
 
 
+def test_an_out_that_is_a_file_or_under_one_is_named_before_the_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(it was "[Errno 20] Not a directory: 'p.csv/.partial'", naming no flag, after loading
+    the checkpoint and the dataset)"""
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "best.pt").write_bytes(b"")  # (never read: the --out check comes first)
+    shard = tmp_path / "pred-000000.tar"
+    shard.write_bytes(b"x")
+    for out in (shard, shard / "sub"):
+        assert predict(["--run-dir", str(tmp_path / "run"), "--data", str(tmp_path), "--out",
+                        str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"trainer.predict: error: --out {out / 'provenance.json'}: {shard} is "
+                       "not a directory"]
+    assert shard.read_bytes() == b"x"
+
+
 def test_tta_averages_the_four_flips_each_flipped_back() -> None:
     # a 3x3 convolution does not commute with flips: each flip's prediction differs
     torch.manual_seed(0)
