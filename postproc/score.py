@@ -348,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     # (benchmarks.load); the workers parse the images they score, so a malformed WKT is found
     # by the rank that scores its image, and agreed once the process group exists.
     truth = index_truth_csv(args.truth)
+    if not truth:
+        # NOTE: e.g. the truth.csv of a split prepare left empty: it scored F1 0 with exit 0 (and
+        # pushed it), a figure for nothing; postproc.tune refuses it too.
+        raise ValueError(f"--truth {args.truth}: no images in the truth CSV; nothing to score "
+                         "against")
     props = index_proposal_csv(args.proposals)
     ids = sorted(set(truth) | set(props))
     check_same_split(truth, props, f"--truth {args.truth}", f"--proposals {args.proposals}")

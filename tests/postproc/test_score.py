@@ -312,6 +312,17 @@ def test_score_refuses_proposals_of_another_split(tmp_path):
     assert score_main(["--truth", str(t), "--proposals", str(empty), "--workers", "1"]) == 0
 
 
+
+def test_score_refuses_a_truth_csv_with_no_images(tmp_path):
+    """(the truth.csv of a split prepare left empty scored F1 0 with exit 0, against any
+    proposals: a figure for nothing; postproc.tune refuses it)"""
+    t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n")
+    for body in ("", 'img9,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",1\n'):
+        p = write(tmp_path / "p.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n" + body)
+        with pytest.raises(ValueError, match=f"--truth {t}: no images in the truth CSV"):
+            score_main(["--truth", str(t), "--proposals", str(p), "--workers", "1"])
+
+
 SQUARE = '"POLYGON ((0 0,10 0,10 10,0 10,0 0))"'
 OTHER = '"POLYGON ((50 50,60 50,60 60,50 60,50 50))"'
 
