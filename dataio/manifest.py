@@ -6,6 +6,7 @@ that does not grow with the number of tiles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -120,6 +121,14 @@ class Manifest:
     @property
     def class_frequencies(self) -> list[float]:
         return list(self.data["class_frequencies"])
+
+    def fingerprint(self, splits: tuple[str, ...] = ("train", "val")) -> str:
+        """A digest of what ``splits`` hold (their sample, building and class-pixel counts), not
+        of where the dataset lies: a copy elsewhere, or the same AOIs prepared again alike, give
+        the same one; another --seed, --split or set of AOIs another."""
+        held = {s: {k: self.data["splits"].get(s, {}).get(k)
+                    for k in ("samples", "buildings", "class_pixels")} for s in splits}
+        return hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_manifest(root: Path) -> Manifest:

@@ -61,6 +61,7 @@ class Trainer:
         self.cfg, self.env, self.data, self.run_dir = cfg, env, Path(data), Path(run_dir)
         self.device = device or device_for(env)
         self.manifest = load_manifest(self.data)
+        self.data_fingerprint = self.manifest.fingerprint()  # (checked on resume)
         # NOTE: the same seed on every rank gives identical initial weights (DDP also broadcasts
         # rank 0's at wrap time, so this is belt and braces).
         torch.manual_seed(cfg.train.seed)
@@ -297,6 +298,7 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "world_size": self.env.world_size, "steps_per_epoch": self.steps_per_epoch,
             "config": self.cfg.to_json(), "runtime": self.runtime,
+            "data": self.data_fingerprint,
         }
 
     def save_checkpoint(self, best: bool) -> None:
@@ -355,6 +357,15 @@ class Trainer:
             raise ValueError(f"{path}: it was trained with optim.name={saved!r}, this config has "
                              f"{self.cfg.optim.name!r}; resume with the run's optimizer or "
                              "start a new --run-dir")
+        # NOTE: a dataset prepared again with another --seed or --split (or other AOIs) was
+        # resumed on without a word: its val split then held tiles the weights had trained on,
+        # and best.pt and the tuned thresholds were chosen on them.
+        trained_on = state.get("data")
+        if trained_on is not None and trained_on != self.data_fingerprint:
+            raise ValueError(f"{path}: it was trained on another dataset than --data {self.data} "
+                             "(the train and val splits differ: prepared again with another "
+                             "--seed or --split, or other AOIs?); resume on the dataset it "
+                             "trained on, or start a new --run-dir")
         self.optimizer.load_state_dict(state["optimizer"])
         apply_hyperparameters(self.optimizer, self.cfg.optim)
         if self.scaler is not None and state["scaler"]:

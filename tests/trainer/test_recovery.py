@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,27 @@ def test_a_refused_resume_keeps_the_runs_config(small_dataset: Path, tmp_path: P
     # an accepted resume writes the config it runs with
     _trainer(small_dataset, run, ["train.epochs=2"]).train()
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_a_resume_on_a_dataset_prepared_otherwise_is_refused(small_aoi: Path,
+                                                             small_dataset: Path,
+                                                             tmp_path: Path) -> None:
+    """(a dataset prepared again with another --seed was resumed on without a word: its val
+    split held tiles the checkpoint had trained on, and best.pt was chosen on them)"""
+    from dataio.prepare import PrepareConfig, prepare
+
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()
+    reshuffled = tmp_path / "reshuffled"
+    prepare(PrepareConfig(raw=[small_aoi], out=reshuffled, shard_size=4, seed=1), progress=False)
+    with pytest.raises(ValueError, match=r"step-\d+\.pt: it was trained on another dataset than "
+                                         f"--data {reshuffled} "):
+        _trainer(reshuffled, run, ["train.epochs=2"]).train()
+    assert _epochs_logged(run) == [1]
+    # the same dataset elsewhere (copied to a node's disk) resumes
+    shutil.copytree(small_dataset, tmp_path / "copy")
+    _trainer(tmp_path / "copy", run, ["train.epochs=2"]).train()
+    assert _epochs_logged(run) == [1, 2]
 
 
 @pytest.mark.parametrize("torn", [False, True], ids=["whole_line", "torn_line"])
