@@ -98,7 +98,9 @@ def read_footprints(path: Path, image_crs: CRS, transform: Affine, width: int,
 def _read_collection(path: Path) -> tuple[list[Any], CRS]:
     """The features of a GeoJSON FeatureCollection and the CRS of their coordinates."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # NOTE: utf-8-sig: a label file saved by a Windows editor (Notepad) starts with a byte-
+        # order mark, which json refused, so its tile was skipped; RFC 7946 lets readers ignore it
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise LabelError(f"{path}: label file missing") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -132,6 +132,15 @@ def test_footprints_are_clipped_to_a_tile_that_is_not_square(tmp_path: Path) -> 
     assert bounds == [(10.0, 30.0, 20.0, 40.0), (50.0, 10.0, 60.0, 20.0)]
 
 
+def test_a_label_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """(saved by Notepad: json refused the BOM, and the tile was skipped as malformed GeoJSON;
+    RFC 7946 lets a reader ignore it)"""
+    path = tmp_path / "buildings.geojson"
+    path.write_bytes(b"\xef\xbb\xbf" + _utm_doc((10, 10, 20, 20)).encode())
+    fp = read_footprints(path, CRS.from_epsg(32611), _UTM, 64, 40)
+    assert [p.bounds for p in fp.polygons] == [(10.0, 10.0, 20.0, 20.0)]
+
+
 def test_a_missing_label_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "buildings_AOI_9_x_img1.geojson"
     with pytest.raises(LabelError, match=f"^{re.escape(str(path))}: label file missing"):
