@@ -69,6 +69,14 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         dist.check_one_gpu_each(args.nproc, "NPROC=")
     if not (args.data / "manifest.json").is_file():
         raise ConfigError(f"--data {args.data}: no manifest.json (run dataio.prepare first)")
+    # NOTE: read, not only found: a damaged or foreign manifest passed, and every worker then
+    # failed on it and torchrun restarted them MAX_RESTARTS times (the launch scripts' --check)
+    from dataio.manifest import load_manifest
+
+    try:
+        load_manifest(args.data)
+    except ValueError as e:
+        raise ConfigError(f"--data {args.data}: {e}") from None
     check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory
     return cfg, given
 

@@ -415,7 +415,7 @@ def test_train_refuses_a_run_dir_it_cannot_create(small_dataset: Path, tmp_path:
 
 
 def test_check_makes_the_checks_before_the_process_group_and_stops(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """(what the launch scripts run once before torchrun; torchrun's variables are not set
     there, so a stray RANK in the launcher's shell is not read)"""
@@ -428,9 +428,7 @@ def test_check_makes_the_checks_before_the_process_group_and_stops(
 
     monkeypatch.setattr(torch.distributed, "init_process_group", group)
     monkeypatch.setenv("RANK", "3")
-    (tmp_path / "DATA").mkdir()
-    (tmp_path / "DATA" / "manifest.json").write_text("{}")
-    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(tmp_path / "DATA"),
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
             "--run-dir", str(tmp_path / "run")]
     assert main(argv) == 0
     assert main([*argv, "--set", "train.no_such_key=1"]) == 2
@@ -438,6 +436,24 @@ def test_check_makes_the_checks_before_the_process_group_and_stops(
     assert len(err) == 1 and err[0].startswith("trainer.train: error:")
     assert "train.no_such_key" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("text", "problem"), [('{"format_version": 1', "not valid UTF-8 JSON"),
+                                               ("{}", "format_version None")])
+def test_check_refuses_a_damaged_manifest(tmp_path: Path, text: str, problem: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """(--check only looked for manifest.json: the launch scripts went on to torchrun, whose
+    workers each failed on it, restarted MAX_RESTARTS times)"""
+    from trainer.train import main
+
+    data = tmp_path / "DATA"
+    data.mkdir()
+    (data / "manifest.json").write_text(text)
+    assert main(["--check", "--config", "configs/tiny.toml", "--data", str(data),
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"trainer.train: error: --data {data}: {data / 'manifest.json'}: {problem}")
 
 
 @pytest.mark.parametrize("torchrun", [True, False])
@@ -562,7 +578,7 @@ def test_what_needs_a_gpu_is_refused_on_a_cpu_before_the_process_group(
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_setting_that_has_no_effect_is_warned_about_once_on_rank_0(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         footprints_log: list[logging.LogRecord], rank: int) -> None:
     """optim.momentum with Adam (or min_lr_ratio with a constant schedule, ...) was silently
     ignored; tiny.toml's own keys and the dataclass defaults stay quiet."""
@@ -581,9 +597,8 @@ def test_a_setting_that_has_no_effect_is_warned_about_once_on_rank_0(
         raise RuntimeError("the process group was started")
 
     monkeypatch.setattr(torch.distributed, "init_process_group", group)
-    (tmp_path / "DATA").mkdir()
-    (tmp_path / "DATA" / "manifest.json").write_text("{}")  # (the group fails first)
-    assert main(["--config", "configs/tiny.toml", "--data", str(tmp_path / "DATA"),
+    # (the process group fails first: no training)
+    assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset),
                  "--run-dir", str(tmp_path / "run"), "--set", "optim.momentum=0.5"]) == 1
     warned = [r.getMessage() for r in footprints_log if r.levelno == logging.WARNING]
     assert warned == (['optim.momentum = 0.5 has no effect: optim.name = "adam" takes none '
