@@ -35,6 +35,7 @@ from tqdm import tqdm
 from dataio.atomic import (
     STAGING,
     atomic_open,
+    check_writable,
     discard_staging_dir,
     fresh_staging_dir,
     fsync_dir,
@@ -340,6 +341,8 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
     files), replaced by :func:`publish` once the new dataset is complete."""
     out = cfg.out
     if not out.exists():
+        # (one under a file was "[Errno 20] Not a directory: 'OUT/.partial'", naming no flag)
+        check_writable(out / MANIFEST, "--out")
         return []
     if not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")

@@ -30,7 +30,13 @@ from pyproj.exceptions import CRSError
 from shapely.geometry import mapping
 from tqdm import tqdm
 
-from dataio.atomic import atomic_open, atomic_write_text, fsync_dir, fsync_file
+from dataio.atomic import (
+    atomic_open,
+    atomic_write_text,
+    check_writable,
+    fsync_dir,
+    fsync_file,
+)
 from dataio.geo import gdal_env, reproject_geometry, to_geo
 from dataio.render import render
 from dataio.scene import make_scene
@@ -187,6 +193,8 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     old ones would make an AOI whose images and solutions CSV disagree.
     """
     marker = cfg.out / INCOMPLETE_MARKER
+    # (an --out that is a file, or under one, was "[Errno 17] File exists: 'OUT'", no flag)
+    check_writable(marker, "--out")
     old = _existing_aoi(cfg.out)
     if (old or marker.exists()) and not cfg.overwrite:
         what = "an interrupted synth's AOI" if marker.exists() else "an AOI"

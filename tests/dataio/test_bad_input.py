@@ -22,6 +22,7 @@ from dataio.manifest import load_manifest
 from dataio.prepare import PrepareConfig, prepare
 from dataio.shards import ShardWriter, decode_sample, iter_tar_samples
 from dataio.synth import SynthConfig, write_aoi
+from dataio.synth import main as synth_main
 
 TILES = 6
 
@@ -303,12 +304,20 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_an_out_that_cannot_be_made_is_one_line(raw: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """An OSError (here --out under a regular file) exits 2 with the reason, not a traceback."""
+    """An OSError (here --out under a regular file) exits 2 with the reason, not a traceback,
+    naming --out (it was "[Errno 20] Not a directory: 'file/d/.partial'", after the scan)."""
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert prep.main(["--raw", str(raw), "--out", str(blocker / "d"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dataio.prepare: error:") and str(blocker) in err
+    assert err.strip() == (f"dataio.prepare: error: --out {blocker / 'd' / 'manifest.json'}: "
+                           f"{blocker} is not a directory")
+    # the same for synth, whose --out that is a file was "[Errno 17] File exists: 'file'"
+    for out in (blocker, blocker / "aoi"):
+        assert synth_main(["--out", str(out), "--tiles", "1", "--size", "32"]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == (f"dataio.synth: error: --out {out / '.synth-incomplete'}: "
+                               f"{blocker} is not a directory")
 
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
