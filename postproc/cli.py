@@ -7,6 +7,7 @@ import argparse
 import sys
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import BrokenExecutor
 
 from postproc.csvio import CsvError
 from postproc.pools import ignore_further_sigint, say, sigint_once
@@ -31,6 +32,13 @@ def exit_on_error(main: Callable[[], int]) -> int:
         ignore_further_sigint()  # (a second Ctrl-C in the exit was a traceback, or exit -2)
         say("interrupted")
         return 130
+    except BrokenExecutor:  # (a RuntimeError: before the clause below)
+        # NOTE: a pool worker killed (the kernel's OOM killer on a large share, a signal) or
+        # crashed: the pool's traceback said nothing the user can act on; the outputs are
+        # written at the end (or staged), so none was.
+        say("error: a worker process died (killed, e.g. out of memory, or crashed); no output "
+            "was written: rerun, with fewer --workers if memory ran out")
+        return 1
     except RuntimeError as e:  # another rank's failure under torchrun (trainer.dist.RankError)
         dist = sys.modules.get("trainer.dist")
         if dist is None or not isinstance(e, dist.RankError):

@@ -674,6 +674,24 @@ def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFi
         exit_on_error(lambda: _raise(RuntimeError("a bug")))
 
 
+def _dies(*_args: object) -> None:
+    """A pool task whose process dies, as one the OOM killer took (pickled by name)."""
+    os._exit(9)
+
+
+@pytest.mark.timeout(180)  # compiles the kernels when the numba cache is cold
+def test_a_worker_that_dies_is_one_line_and_exit_1(pred_dir, tmp_path, monkeypatch, capsys):
+    """(a pool worker killed, e.g. by the OOM killer: a BrokenProcessPool traceback)"""
+    monkeypatch.setattr(runner, "_tiles_to_rows", _dies)
+    out = tmp_path / "p.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred_dir[0]), "--out", str(out),
+                                      "--no-tuned", "--workers", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: a worker process died (killed")
+    assert not any("Traceback" in line for line in err)
+    assert not out.exists()
+
+
 def test_a_second_ctrl_c_cannot_cut_the_first_ones_clean_up_short() -> None:
     """The first Ctrl-C unwinds through the pool's shutdown (close_pool), which sets Ctrl-C aside
     only once it runs. A second press landing in between cut that short: the pool was never shut
