@@ -353,6 +353,19 @@ def config_from_args(args: argparse.Namespace, announce: bool = True) -> Polygon
     return PolygonizeConfig.from_dict(base)
 
 
+def _check_apart(out: Path, geojson: Path) -> None:
+    """Refuse a CSV and a GeoJSON directory that would collide: found only after the work, the
+    CSV's commit failed ("Is a directory") when --geojson was --out or under it, leaving that
+    directory with a publish mark; and a tile's GeoJSON replaced an --out named like one."""
+    csv, gj = out.resolve(), geojson.resolve()
+    if csv == gj or csv in gj.parents:
+        raise ValueError(f"--geojson {geojson} is --out {out} or under it; give the CSV and "
+                         "the GeoJSON directory paths apart")
+    if csv.parent == gj and csv.suffix.lower() == ".geojson":
+        raise ValueError(f"--out {out} is named like a tile's GeoJSON in --geojson {geojson}, "
+                         "which the tile would replace; give the CSV another name")
+
+
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
     """The files the command reads, which its outputs must not replace: --settings, and --pred's
     shards and provenance."""
@@ -382,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.geojson.resolve() == args.pred.resolve():
             raise ValueError(f"--geojson {args.geojson} is the --pred directory; give the "
                              "GeoJSON a directory of its own")
+        _check_apart(args.out, args.geojson)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or runner.default_workers(env.local_world_size)

@@ -674,6 +674,23 @@ def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFi
         exit_on_error(lambda: _raise(RuntimeError("a bug")))
 
 
+@pytest.mark.parametrize("layout", ["same", "under", "tile_name"])
+def test_a_csv_and_geojson_dir_that_collide_are_refused_before_the_work(
+        pred_dir, tmp_path, capsys, layout):
+    """(--geojson same as --out, or under it: the CSV's commit failed after the work, "Is a
+    directory", and left that directory with a .publishing mark; --out DIR/<ImageId>.geojson:
+    the tile's GeoJSON replaced the CSV, which the command said it wrote)"""
+    gj = tmp_path / "gj"
+    out, geojson = {"same": (gj, gj), "under": (gj, gj / "tiles"),
+                    "tile_name": (gj / "AOI_9_Test_img1.geojson", gj)}[layout]
+    assert run_main(polygonize.main, ["--pred", str(pred_dir[0]), "--out", str(out),
+                                      "--geojson", str(geojson), "--no-tuned",
+                                      "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --") and "--geojson" in err[-1] and "--out" in err[-1]
+    assert not gj.exists()
+
+
 def _dies(*_args: object) -> None:
     """A pool task whose process dies, as one the OOM killer took (pickled by name)."""
     os._exit(9)
