@@ -209,13 +209,12 @@ def _sees_gpus(tmp_path: Path, gpus: int) -> dict[str, str]:
 @pytest.mark.parametrize(("script", "nproc"), [("single_node.sh", 8), ("multi_node.sh", 8),
                                                ("single_node.sh", 4)])
 def test_more_processes_than_gpus_is_one_line_before_torchrun(tmp_path: Path, script: str,
-                                                               nproc: int) -> None:
+                                                               nproc: int,
+                                                               small_dataset: Path) -> None:
     """NPROC=8 on a 4-GPU node passed the --check, and every worker refused in dist.init:
     torchrun restarted the group 3 times, printing the error each time, then its
     ChildFailedError traceback and exit 1."""
-    data = tmp_path / "DATA"
-    data.mkdir()
-    (data / "manifest.json").write_text("{}\n")
+    data = small_dataset  # (--check reads its manifest)
     started = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"),
            "NPROC": str(nproc), "MASTER_ADDR": "head", **_sees_gpus(tmp_path, 4)}
