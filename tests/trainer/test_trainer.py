@@ -497,7 +497,7 @@ def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tm
     (4, 8, "dist.backend=gloo", False)])
 def test_check_refuses_more_processes_than_gpus_as_the_workers_would(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        gpus: int, nproc: int, override: str | None, refused: bool) -> None:
+        gpus: int, nproc: int, override: str | None, refused: bool, small_dataset: Path) -> None:
     """``--check --nproc`` (the launch scripts' NPROC) makes dist.init's refusal once, by the same
     rule: under NCCL only (gloo, on the CPU or chosen, may share). Only the workers refused, and
     torchrun restarted the group on it MAX_RESTARTS times."""
@@ -508,11 +508,8 @@ def test_check_refuses_more_processes_than_gpus_as_the_workers_would(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "manifest.json").write_text("{}\n")  # (--check only asks that it is there)
     rc = main(["--check", "--nproc", str(nproc), "--config", "configs/tiny.toml", "--data",
-               str(data), "--run-dir", str(tmp_path / "run"),
+               str(small_dataset), "--run-dir", str(tmp_path / "run"),
                *(["--set", override] if override else [])])
     err = capsys.readouterr().err.splitlines()
     if refused:
