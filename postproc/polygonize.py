@@ -274,7 +274,8 @@ def polygonize_probs(prob: np.ndarray, cfg: PolygonizeConfig | None = None
     if cfg.simplify_tolerance > 0:
         polys = _simplify(polys, cfg.simplify_tolerance)
     order = np.argsort(-conf, kind="stable")
-    return [(polys[i], float(conf[i])) for i in order]
+    # NOTE: tolist() makes the Python objects in C; indexing element by element cost ~20 us a tile
+    return list(zip(polys[order].tolist(), conf[order].tolist(), strict=True))
 
 
 def warmup() -> None:
