@@ -350,14 +350,20 @@ def seedless(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple,
     H, W = prob.shape[0], prob.shape[1]
     wp = W + 2
     flat = prob.reshape(-1)
-    seeded = np.zeros(nrun, np.uint8)
+    # NOTE: a run's parent never follows it (the smaller root wins a union), so one pass in
+    # run order points every run at its root, and the roots collect their runs' seed flags
+    # (in place: nothing reads these after this kernel). Most tiles have no seedless
+    # component, and a find per run and flag cost more than the rest of this kernel.
     for i in range(nrun):
-        if run_seed[i]:
-            seeded[_find(run_parent, i)] = 1
+        root = run_parent[i]
+        if root != i:
+            root = run_parent[root]
+            run_parent[i] = root
+            run_seed[root] |= run_seed[i]
     rad = int(np.sqrt(radius2))
     kept = 0
     for i in range(nrun):
-        if seeded[_find(run_parent, i)]:
+        if run_seed[run_parent[i]]:
             continue
         r = np.int64(run_r[i])
         for c in range(run_c0[i], run_c1[i]):
@@ -387,6 +393,8 @@ def seedless(prob: np.ndarray, codes: np.ndarray, lab: np.ndarray, stats: tuple,
     fsum2 = np.concatenate((fsum, np.zeros(kept, np.int64)))
     nb = 0
     for i in range(nrun):  # runs are in raster order: a flood starts at its blob's first pixel
+        if run_seed[run_parent[i]]:  # NOTE: KEPT is only in seedless runs; skip the rest's pixels
+            continue
         r = np.int64(run_r[i])
         for c in range(run_c0[i], run_c1[i]):
             p0 = (r + 1) * wp + c + 1
