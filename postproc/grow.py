@@ -45,19 +45,20 @@ def grow_row(frow: np.ndarray, r: int, layer: int, last: bool, rasters: tuple, u
     """Layer ``layer`` of row ``r``: decide and claim its queued pixels (``queue``: ring, counts;
     see ``RING``), queue their neighbours for the next layer unless ``last``.
 
-    ``rasters``: codes, lab, and each grown pixel's seed pixel as row and column offsets (int8);
-    ``uf``: first pixel, pixel count and confidence sum per provisional label, updated with the
-    claimed pixels (``frow``: the row's probabilities).
+    ``rasters``: codes, lab; ``queue`` ends with each grown pixel's seed pixel as row and column
+    offsets, one byte each in an int16 (row << 8 | column & 255); ``uf``: first pixel, pixel
+    count and confidence sum per provisional label, updated with the claimed pixels (``frow``:
+    the row's probabilities).
     """
     codes, lab = rasters
     first_prov, cnt_prov, sum_prov = uf
-    ring, ringn, src_dr, src_dc = queue
+    ring, ringn, src = queue
     wp = frow.shape[0] // 3 + 2
     mine = GROWN + layer  # claimed in this layer: not grown as far as this layer knows
     s = r % RING
     # seed offsets live in a ring of rows: a row's are read until the last layer is past it
     # NOTE: the ring's row count is a power of two: a mask, not three integer divisions a call
-    m = src_dr.shape[0] // wp - 1
+    m = src.shape[0] // wp - 1
     base = (r & m) * wp - (r + 1) * wp  # flat index p -> its index in the source ring
     b_up = ((r - 1) & m) * wp - r * wp
     b_dn = ((r + 1) & m) * wp - (r + 2) * wp
@@ -75,7 +76,8 @@ def grow_row(frow: np.ndarray, r: int, layer: int, last: bool, rasters: tuple, u
                 sr, sc = rr, cc
             elif cq >= GROWN and cq != mine:
                 qs = q + (base if rr == r else (b_dn if rr > r else b_up))
-                sr, sc = rr + np.int64(src_dr[U(qs)]), cc + np.int64(src_dc[U(qs)])
+                v = np.int64(src[U(qs)])
+                sr, sc = rr + (v >> 8), cc + (((v & 0xFF) ^ 0x80) - 0x80)
             else:
                 continue
             d2 = (r - sr) * (r - sr) + (c - sc) * (c - sc)
@@ -88,8 +90,7 @@ def grow_row(frow: np.ndarray, r: int, layer: int, last: bool, rasters: tuple, u
         codes[U(p)] = mine
         lb = np.int64(lab[U(bq)])
         lab[U(p)] = lb
-        src_dr[U(p + base)] = bsr - r
-        src_dc[U(p + base)] = bsc - c
+        src[U(p + base)] = ((bsr - r) << 8) | ((bsc - c) & 0xFF)
         cnt_prov[U(lb)] += 1
         sum_prov[U(lb)] += min(np.int64(frow[U(3 * c + 1)]) + np.int64(frow[U(3 * c + 2)]), 255)
         if p < first_prov[U(lb)]:

@@ -179,12 +179,12 @@ class Workspace:
         if self._queue is None or self._queue[1].shape[0] < layers:
             layers = max(layers, 1)
             ring, wp = grow.RING, self.shape[1] + 2
-            # NOTE: the nearest seed pixel of a grown pixel as an offset: int8 keeps these rows
-            # (in cache) small; grow_radius <= 50 keeps it in range
+            # NOTE: the nearest seed pixel of a grown pixel as row and column offsets, a byte
+            # each in one int16 (row << 8 | column & 255: one load and one store, and rows small
+            # enough to stay in cache); grow_radius <= 50 keeps them in range
             src = 1 << (2 * layers + 3).bit_length()  # >= 2 * layers + 4 rows, a power of two
             self._queue = (np.empty((layers, ring, self.shape[1] + 1), np.int32),
-                           np.zeros((layers, ring), np.int64),
-                           np.empty(src * wp, np.int8), np.empty(src * wp, np.int8))
+                           np.zeros((layers, ring), np.int64), np.empty(src * wp, np.int16))
         return self._queue
 
 
