@@ -11,10 +11,12 @@ from numba import njit
 
 from postproc.label import SEED
 
+U = np.uint64  # NOTE: unsigned indices spare numba's negative-index wraparound on every access
+
 
 @njit(cache=True, inline="always")
 def _inblob(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, p: int, blob: int) -> bool:
-    return codes[p] >= SEED and final[lab[p]] == blob
+    return codes[U(p)] >= SEED and final[U(lab[U(p)])] == blob
 
 
 @njit(cache=True)
@@ -59,11 +61,11 @@ def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int
             v -= wp
             al, ar = v - 1 - wp, v - wp  # NW, NE
         if _inblob(codes, lab, final, al, blob):
-            nd = (d + 3) % 4
+            nd = (d + 3) & 3
         elif _inblob(codes, lab, final, ar, blob):
             nd = d
         else:
-            nd = (d + 1) % 4
+            nd = (d + 1) & 3
         if nd != d:
             if nb + 2 >= buf.shape[0]:
                 grown = np.empty((buf.shape[0] * 2, 2), np.float64)
