@@ -23,6 +23,24 @@ def _inblob(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, p: int, blob:
 def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int, x0: int,
                 y0: int, d0: int, wp: int, out: tuple, visited: np.ndarray, vy0: int,
                 vx0: int) -> tuple:
+    """``_walk`` with ``buf`` grown as needed: (buf, nb, twice the signed area, bbox x0, y0,
+    x1, y1); ``out`` is (buf, nb)."""
+    buf, nb = out
+    while True:
+        end, area2, bx0, by0, bx1, by1 = _walk(codes, lab, final, blob, x0, y0, d0, wp, buf, nb,
+                                               visited, vy0, vx0)
+        if end >= 0:
+            return buf, end, area2, bx0, by0, bx1, by1
+        # NOTE: full (rare: the buffer doubles); the walk is deterministic, so walk it again
+        grown = np.empty((buf.shape[0] * 2, 2), np.float64)
+        grown[:nb] = buf[:nb]
+        buf = grown
+
+
+@njit(cache=True)
+def _walk(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int, x0: int, y0: int,
+          d0: int, wp: int, buf: np.ndarray, nb: int, visited: np.ndarray, vy0: int,
+          vx0: int) -> tuple:
     """Follow one ring from vertex (x0, y0) heading ``d0``, the blob on the right; add corners.
 
     Headings 0 east, 1 south, 2 west, 3 north (y down). At a vertex: turn left if the pixel
@@ -30,9 +48,12 @@ def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int
     Turning left at a diagonal (saddle) vertex joins the blob's own diagonal pixels, so a hole
     that touches the outside at a corner becomes a hole ring touching the shell at one point
     (valid), never a self-touching shell (invalid).
-    Returns (buf, nb, twice the signed area, bbox x0, y0, x1, y1); ``out`` is (buf, nb).
+    Corners go to ``buf`` from ``nb`` on. Returns (the new nb, twice the signed area, bbox x0,
+    y0, x1, y1), or nb -1 when ``buf`` is full.
+
+    NOTE: ``buf`` is never reassigned here: growing it inside the loop made numba count
+    references to it (two atomic operations) at every step of every ring.
     """
-    buf, nb = out
     # a vertex is tracked by its south-east pixel's padded flat index
     v = (y0 + 1) * wp + x0 + 1
     x, y, d = x0, y0, d0
@@ -68,9 +89,7 @@ def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int
             nd = (d + 1) & 3
         if nd != d:
             if nb + 2 >= buf.shape[0]:
-                grown = np.empty((buf.shape[0] * 2, 2), np.float64)
-                grown[:nb] = buf[:nb]
-                buf = grown
+                return -1, 0, 0, 0, 0, 0
             buf[nb, 0] = x
             buf[nb, 1] = y
             if px >= 0:
@@ -90,7 +109,7 @@ def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int
     buf[nb, 0] = fx
     buf[nb, 1] = fy
     nb += 1
-    return buf, nb, area2, bx0, by0, bx1, by1
+    return nb, area2, bx0, by0, bx1, by1
 
 
 @njit(cache=True)
