@@ -113,6 +113,29 @@ def _walk(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int, x0: 
 
 
 @njit(cache=True)
+def _next_hole(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int,
+               visited: np.ndarray, by0: int, bx0: int, by1: int, bx1: int, wp: int, r: int,
+               c: int) -> tuple:
+    """The first hole start from pixel (r, c) on, in raster order over rows by0 + 1 .. by1 - 1
+    and columns bx0 .. bx1 - 1: a pixel outside the blob, the blob above it, its top edge not
+    yet ``visited``. (-1, -1) when there is none.
+
+    NOTE: a loop of its own: scanning in ``trace_blobs``, whose ``buf`` and ``ring_off`` are
+    reassigned when a hole is traced, made numba count references to them at every pixel.
+    """
+    while r < by1:
+        while c < bx1:
+            p = (r + 1) * wp + c + 1
+            if visited[r - by0, c - bx0] == 0 and _inblob(codes, lab, final, p - wp, blob) \
+                    and not _inblob(codes, lab, final, p, blob):
+                return r, c
+            c += 1
+        r += 1
+        c = bx0
+    return -1, -1
+
+
+@njit(cache=True)
 def _push_offset(off: np.ndarray, k: int, value: int) -> tuple:
     """Set ``off[k + 1] = value`` (growing ``off`` when full); return (off, k + 1)."""
     if k + 2 > off.shape[0]:
@@ -157,14 +180,15 @@ def trace_blobs(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, n: int,
             buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c0, r0, 0, Wp,
                                                  (buf, nb), visited, by0, bx0)
             ring_off, nr = _push_offset(ring_off, nr, nb)
-            for r in range(by0 + 1, by1):
-                for c in range(bx0, bx1):
-                    p = (r + 1) * Wp + c + 1
-                    if visited[r - by0, c - bx0] == 0 and _inblob(codes, lab, final, p - Wp, blob) \
-                            and not _inblob(codes, lab, final, p, blob):
-                        buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c + 1, r, 2,
-                                                             Wp, (buf, nb), visited, by0, bx0)
-                        ring_off, nr = _push_offset(ring_off, nr, nb)
+            r, c = by0 + 1, bx0
+            while True:
+                r, c = _next_hole(codes, lab, final, blob, visited, by0, bx0, by1, bx1, Wp, r, c)
+                if r < 0:
+                    break
+                buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c + 1, r, 2, Wp,
+                                                     (buf, nb), visited, by0, bx0)
+                ring_off, nr = _push_offset(ring_off, nr, nb)
+                c += 1
         else:
             ring_off, nr = _push_offset(ring_off, nr, nb)
         npoly += 1
