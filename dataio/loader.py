@@ -57,7 +57,7 @@ import torch
 
 from dataio.augment import MASK_PAD, AugSpec, Normaliser
 from dataio.hostpool import HostPool
-from dataio.manifest import load_manifest
+from dataio.manifest import MANIFEST, load_manifest
 from dataio.plan import EpochPlan, RawBatch
 from dataio.reader import SampleError, ShardReader
 from dataio.sharding import (
@@ -159,7 +159,8 @@ class Loader:
 
     def __init__(self, data: Path, split: str, cfg: LoaderConfig, rank: int = 0,
                  world_size: int = 1, train: bool = False,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 percentiles: tuple[list[float], list[float]] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size, self.train = cfg, rank, world_size, train
@@ -171,7 +172,12 @@ class Loader:
         if not len(self.index):
             raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
                             f"shards left out: {self.index.skipped_detail or 'none listed'}")
-        self.norm = Normaliser(*manifest.percentiles())
+        if percentiles is not None and len(percentiles[0]) != manifest.bands:
+            raise DataError(f"{manifest.root / MANIFEST}: {manifest.bands} bands, but "
+                            f"the given percentiles are for {len(percentiles[0])}")
+        # NOTE: trainer.predict passes the run's (training) percentiles: a model sees its inputs
+        # scaled as in training, whatever dataset it predicts on.
+        self.norm = Normaliser(*(percentiles or manifest.percentiles()))
         self.spec = cfg.aug_spec() if train else None
         self.device = resolve_device(device, rank)
         self.fingerprint = self.index.fingerprint()
@@ -346,6 +352,8 @@ class Loader:
 
 
 def build_loader(data: Path, split: str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
-                 train: bool = False, device: torch.device | None = None) -> Loader:
-    """The loader for ``split`` of the prepared dataset ``data`` (see the module docstring)."""
-    return Loader(data, split, cfg, rank, world_size, train, device)
+                 train: bool = False, device: torch.device | None = None,
+                 percentiles: tuple[list[float], list[float]] | None = None) -> Loader:
+    """The loader for ``split`` of the prepared dataset ``data`` (see the module docstring);
+    ``percentiles`` (p2, p98 per band) replace the manifest's for the normalisation."""
+    return Loader(data, split, cfg, rank, world_size, train, device, percentiles)

@@ -132,8 +132,13 @@ def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[st
     return ", ".join(parts) or "none"
 
 
-def _load_net(ckpt_path: Path, cfg: Config, bands: int, args: argparse.Namespace) -> nn.Module:
-    """The run's network with the checkpoint's weights, on the CPU."""
+Percentiles = tuple[list[float], list[float]]
+
+
+def _load_net(ckpt_path: Path, cfg: Config, bands: int,
+              args: argparse.Namespace) -> tuple[nn.Module, Percentiles | None]:
+    """The run's network with the checkpoint's weights, on the CPU, and the per-band p2/p98 it
+    was trained with (None: a checkpoint from before the trainer recorded them)."""
     from models import build_model_from_config
     from trainer.checkpoint import load, load_model
 
@@ -143,7 +148,15 @@ def _load_net(ckpt_path: Path, cfg: Config, bands: int, args: argparse.Namespace
     net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
     load_model(net, state, ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and the "
                f"{bands} bands of {args.data / 'manifest.json'}", dataclasses.asdict(cfg.model))
-    return net
+    saved = state.get("percentiles")
+    if saved is None:
+        return net, None
+    try:
+        p2, p98 = [float(v) for v in saved["p2"]], [float(v) for v in saved["p98"]]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{ckpt_path}: its 'percentiles' are not p2/p98 lists") from None
+    # (their band count is the model's, which load_model has just matched to --data's)
+    return net, (p2, p98)
 
 
 def _check_same_weights(net: nn.Module, ckpt_path: Path) -> None:
@@ -256,8 +269,14 @@ def _predict(args: argparse.Namespace) -> int:
         device = dist.device_for(env)
 
         # agreed: a rank that cannot load it stops every rank with its reason
-        net = dist.on_every(f"loading {ckpt_path}",
-                            lambda: _load_net(ckpt_path, cfg, manifest.bands, args))
+        net, norm = dist.on_every(f"loading {ckpt_path}",
+                                  lambda: _load_net(ckpt_path, cfg, manifest.bands, args))
+        # NOTE: the run's training percentiles, not --data's (another AOI's differ, and the
+        # model would see its inputs scaled otherwise); silent when they differ, since that is
+        # the normal case for a dataset prepared on its own.
+        if norm is None and env.is_main:
+            say(f"trainer.predict: {ckpt_path} does not record its training percentiles (an "
+                f"older checkpoint); normalising with {args.data / 'manifest.json'}'s band_stats")
         if env.world_size > 1:  # (one process: nothing to compare, and hashing ~100 MB)
             _check_same_weights(net, ckpt_path)
         net.to(device).eval()
@@ -265,7 +284,7 @@ def _predict(args: argparse.Namespace) -> int:
         # agreed: else tiles are silently dropped or repeated
         loader = dist.agreed_loader(args.split, args.data, lambda: build_loader(
             args.data, args.split, data_cfg, env.rank, env.world_size, train=False,
-            device=device))
+            device=device, percentiles=norm))
         # A GPU run's precision (fp16 is CUDA only; bf16 on a CPU without native bf16 ran 5-6.5x
         # slower than fp32, trainer.amp) is not the CPU's: a CPU predicts in its best, "auto".
         amp = ("auto" if cfg.train.amp in ("fp16", "bf16") and device.type != "cuda"

@@ -299,6 +299,9 @@ class Trainer:
             "world_size": self.env.world_size, "steps_per_epoch": self.steps_per_epoch,
             "config": self.cfg.to_json(), "runtime": self.runtime,
             "data": self.data_fingerprint,
+            # NOTE: the normalisation the weights were trained with, for trainer.predict: another
+            # dataset's manifest (a new AOI prepared on its own) has percentiles of its own.
+            "percentiles": dict(zip(("p2", "p98"), self.manifest.percentiles(), strict=True)),
         }
 
     def save_checkpoint(self, best: bool) -> None:

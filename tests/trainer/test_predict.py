@@ -645,3 +645,56 @@ def test_a_bf16_run_predicts_in_fp32_on_a_cpu_without_native_bf16(
         got[mode] = _read(tmp_path / f"p{mode}")
     assert got["bf16"].keys() == got["off"].keys() and len(got["off"]) > 0
     assert all(np.array_equal(got["bf16"][k][0], got["off"][k][0]) for k in got["off"])
+
+
+@pytest.fixture(scope="module")
+def rescaled_dataset(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``small_dataset`` whose manifest has other percentiles, as another AOI prepared
+    on its own has: the same tiles, normalised otherwise by its own statistics."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("rescaled") / "data"
+    shutil.copytree(small_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    stats = manifest["band_stats"]
+    stats["p2"] = [0.5 * v for v in stats["p2"]]
+    stats["p98"] = [1.5 * v for v in stats["p98"]]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+def _probs(run_dir: Path, data: Path, out: Path, *extra: str) -> dict[str, np.ndarray]:
+    assert predict(["--run-dir", str(run_dir), "--data", str(data), "--split", "test",
+                    "--out", str(out), *extra]) == 0
+    return {key: prob for key, (prob, _) in _read(out).items()}
+
+
+def test_predict_normalises_with_the_runs_training_percentiles(
+        trained_run: Path, small_dataset: Path, rescaled_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another dataset's manifest percentiles do not change the prediction: the model sees its
+    inputs scaled as in training (the loader took --data's, and the probabilities changed)."""
+    want = _probs(trained_run, small_dataset, tmp_path / "same")
+    got = _probs(trained_run, rescaled_dataset, tmp_path / "other")
+    assert set(got) == set(want) and want
+    for key, prob in want.items():
+        assert np.array_equal(got[key], prob), key
+    assert "training percentiles" not in capsys.readouterr().err
+
+
+def test_an_older_checkpoint_normalises_with_the_datas_percentiles(
+        trained_run: Path, small_dataset: Path, rescaled_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint without "percentiles" (saved before the trainer recorded them) still
+    predicts, with --data's manifest, and says so once."""
+    state = load(trained_run / "checkpoints" / "best.pt")
+    assert state.pop("percentiles") is not None
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    want = _probs(trained_run, small_dataset, tmp_path / "new")
+    capsys.readouterr()
+    same = _probs(trained_run, small_dataset, tmp_path / "old", "--checkpoint", str(old))
+    assert capsys.readouterr().err.count("does not record its training percentiles") == 1
+    assert all(np.array_equal(same[k], p) for k, p in want.items()) and set(same) == set(want)
+    other = _probs(trained_run, rescaled_dataset, tmp_path / "old2", "--checkpoint", str(old))
+    assert any(not np.array_equal(other[k], p) for k, p in want.items())  # --data's scaling
