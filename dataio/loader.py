@@ -72,6 +72,8 @@ log = logging.getLogger(f"footprints.{__name__}")  # under the trainer: its [ran
 
 IGNORE_INDEX = -100
 BACKENDS = ("dali", "torch")
+# NOTE: the widest seed every consumer keeps whole (torch CPU, numpy legacy, DALI: 32 bits)
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -96,8 +98,10 @@ class LoaderConfig:
                              "(set data.backend)")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if self.seed < 0:  # numpy's generators take no negative seed
-            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
+        # NOTE: numpy's generators take no negative seed; DALI keeps the low 32 bits of its
+        # pipeline seed and fails to build at 2**63 (after the process group and the model).
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"data.seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.read_ahead < 0:
             raise ValueError(f"data.read_ahead must be >= 0, got {self.read_ahead}")
         if self.num_threads < 0 or self.prefetch < 1:

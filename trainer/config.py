@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dataio.classes import NUM_CLASSES
-from dataio.loader import LoaderConfig
+from dataio.loader import MAX_SEED, LoaderConfig
 from models import LossConfig, ModelConfig, build_model_from_config
 from models.registry import check_compile_backend
 from postproc.polygonize import PolygonizeConfig
@@ -90,6 +90,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.val_every < 0 or self.checkpoint_every_steps < 0:
             raise ValueError("val_every and checkpoint_every_steps must be >= 0")
+        # NOTE: torch's CPU generator (which draws the initial weights) keeps the low 32 bits
+        # of its seed and numpy's legacy seed takes 32 bits: seed 2**33 trained exactly like
+        # seed 0, and -1 like 2**32-1. Refuse what would silently alias another seed.
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}] (torch and numpy keep 32 bits "
+                             f"of it), got {self.seed}")
 
 
 @dataclass

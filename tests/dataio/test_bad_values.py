@@ -268,7 +268,7 @@ def test_a_negative_seed_names_its_flag_before_anything_is_written(
     assert prep.main(["--raw", str(raw), "--out", str(tmp_path / "o"), "--seed", "-1",
                       "--quiet"]) == 2
     assert "--seed must be >= 0, got -1" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="data.seed must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"data.seed must be in \[0, 4294967295\], got -1"):
         LoaderConfig(seed=-1)
 
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.config import (
     ConfigError,
@@ -80,6 +81,10 @@ def test_overrides_apply_with_toml_values_or_bare_words() -> None:
     # (was "matches none of tuple[float, ...] | list[float] | str")
     ('loss.class_weights=[0.1, "0.8", 0.1]', "loss.class_weights[1]: expected float, got '0.8'"),
     ("loss.class_weights=1", "loss.class_weights: expected a list of float or str, got 1"),
+    # torch's CPU generator and numpy keep 32 bits: 2**33 trained exactly like seed 0
+    ("train.seed=8589934592", "[train] seed must be in [0, 4294967295]"),
+    ("train.seed=-1", "[train] seed must be in [0, 4294967295]"),
+    ("data.seed=9223372036854775808", "data.seed must be in [0, 4294967295]"),  # DALI's build
     ("train.val_every=-1", "val_every"),  # (it meant "never validate", without a word)
     # failed on rank 0 only when it began serving, after the process group, unnamed
     ("metrics.address=", "[metrics] address '' is not an IP address or a host name"),
@@ -251,3 +256,14 @@ def test_settings_in_use_and_defaults_are_not_named(tmp_path: Path) -> None:
     preset.write_text("[optim]\nname = \"adamw\"\nmomentum = 0.95\n")
     assert _unused(preset, []) == [
         'optim.momentum = 0.95 has no effect: optim.name = "adamw" takes none (SGD only)']
+
+
+def test_the_largest_seed_is_allowed_and_one_more_would_alias_another() -> None:
+    """The bound is where torch's CPU generator (the initial weights) starts to wrap."""
+    cfg = load_config(Path("configs/tiny.toml"), ["train.seed=4294967295", "data.seed=4294967295"])
+    assert cfg.train.seed == cfg.data.seed == 2**32 - 1
+    draws = []
+    for seed in (0, 2**32):
+        torch.manual_seed(seed)
+        draws.append(torch.rand(3))
+    assert torch.equal(*draws)  # what the refused seeds did: 2**32 trained like 0
