@@ -83,12 +83,16 @@ class PrepareConfig:
         self.out = Path(self.out)
         if not self.raw:
             raise ValueError("give at least one --raw AOI directory")
-        # NOTE: a finite sum first: NaN passes both comparisons, and NaN, inf or weights whose
+        # NOTE: finite weights first: NaN passes both comparisons, and NaN, inf or weights whose
         # sum overflows would fail later in split_counts with a message not naming --split.
-        if (len(self.split) != 3 or not math.isfinite(sum(self.split))
+        if (len(self.split) != 3 or not all(math.isfinite(w) for w in self.split)
                 or min(self.split) < 0 or self.split[0] <= 0):
             raise ValueError(f"--split needs three finite non-negative weights (train,val,test) "
                              f"with train > 0, got {self.split}")
+        if not math.isfinite(sum(self.split)):  # finite weights, but they were called non-finite
+            raise ValueError(f"--split weights {self.split} are too large: their sum is not "
+                             "finite; scale them down (only their proportions count, e.g. "
+                             "70,15,15)")
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.seed < 0:  # numpy's generators take no negative seed

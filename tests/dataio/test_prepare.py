@@ -273,9 +273,12 @@ def test_an_empty_training_split_is_refused_before_any_work(
                  "--overwrite"]) == 2
     assert (tmp_path / "c" / "manifest.json").read_bytes() == before
     assert list((tmp_path / "c" / "train").glob("shard-*.tar"))
-    # weights whose sum overflows are refused naming --split (they crashed in the split)
+    # weights whose sum overflows are refused naming --split (they crashed in the split), and
+    # are not called non-finite (each one is finite)
     assert main(["--raw", str(raw), "--out", str(tmp_path / "d"), "--split", "1e308,1e308,1"]) == 2
-    assert "--split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--split weights (1e+308, 1e+308, 1.0) are too large: their sum is not finite" in err
+    assert "finite non-negative" not in err
 
 
 def test_no_boundary_band_along_the_tile_edge() -> None:
