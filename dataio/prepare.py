@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from pyproj import CRS
+from rasterio.errors import NotGeoreferencedWarning
 from tqdm import tqdm
 
 from dataio.atomic import (
@@ -150,8 +152,13 @@ def scan(cfg: PrepareConfig) -> Scan:
                 skip(f"duplicate ImageId (also in {seen[iid]})", iid)
                 continue
             try:
-                with gdal_env(), rasterio.open(tif) as ds:
+                # NOTE: a GeoTIFF without a geotransform reads as the identity, with a
+                # NotGeoreferencedWarning; the skip below reports it, once, in the manifest.
+                with (gdal_env(),
+                      warnings.catch_warnings(action="ignore", category=NotGeoreferencedWarning),
+                      rasterio.open(tif) as ds):
                     count, dtype, has_crs = ds.count, ds.dtypes[0], ds.crs is not None
+                    has_transform = not ds.transform.is_identity
             except Exception as e:
                 skip(f"unreadable image ({e})", iid)
                 continue
@@ -160,6 +167,12 @@ def scan(cfg: PrepareConfig) -> Scan:
                 continue
             if not has_crs:
                 skip("image has no CRS (not georeferenced)", iid)
+                continue
+            # NOTE: a CRS alone places nothing: its footprints would all lie off the image (the
+            # tile skipped for its labels) and a tile without buildings was kept, its samples
+            # and predictions in pixel units. Either way it is skipped here, for this reason.
+            if not has_transform:
+                skip("image has no geotransform (not georeferenced)", iid)
                 continue
             seen[iid] = tif
             headers.append((Tile(iid, tif, label_path(raw, iid)), count, dtype))

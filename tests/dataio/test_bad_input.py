@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import rasterio
 import shapely
 from proc_helpers import interrupt_when
 from pyproj import CRS
+from rasterio.errors import NotGeoreferencedWarning
 
 from dataio import prepare as prep
 from dataio.geo import reproject_geometry
@@ -110,6 +112,33 @@ def test_an_image_without_a_crs_is_skipped(raw: Path, tmp_path: Path) -> None:
     m = _run(raw, tmp_path / "d")
     assert _skipped(m) == {"AOI_2_Vegas_img3": "image has no CRS (not georeferenced)"}
     assert len(_samples(tmp_path / "d")) == TILES - 1
+
+
+def test_an_image_without_a_geotransform_is_skipped_with_or_without_buildings(
+        raw: Path, tmp_path: Path) -> None:
+    """A CRS but no geotransform (rasterio reads the identity and warns): no pixel has a place
+    on the map, so its labels cannot be placed (nor its predictions' GeoJSON). The tile with
+    buildings was skipped as 'all off the image' and the one without was kept, in pixel units."""
+    assert json.loads(_geojson(raw, 2).read_text())["features"]  # (synth seed 11: 8 buildings)
+    assert not json.loads(_geojson(raw, 3).read_text())["features"]  # (and none)
+    for n in (2, 3):
+        with rasterio.open(_tif(raw, n)) as ds:
+            profile, data = ds.profile, ds.read()
+        del profile["transform"]
+        with (pytest.warns(NotGeoreferencedWarning),
+              rasterio.open(_tif(raw, n), "w", **profile) as ds):
+            ds.write(data)
+    # what the image says: a CRS, no geotransform
+    with pytest.warns(NotGeoreferencedWarning), rasterio.open(_tif(raw, 3)) as ds:
+        assert ds.crs is not None and ds.transform.is_identity
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = _run(raw, tmp_path / "d")
+    reason = "image has no geotransform (not georeferenced)"
+    assert _skipped(m) == {"AOI_2_Vegas_img2": reason, "AOI_2_Vegas_img3": reason}
+    assert len(_samples(tmp_path / "d")) == TILES - 2
+    # the skip reports it: prepare does not warn as well
+    assert not [w for w in caught if issubclass(w.category, NotGeoreferencedWarning)]
 
 
 def test_an_image_id_in_two_aois_is_kept_once(raw: Path, tmp_path: Path) -> None:
