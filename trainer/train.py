@@ -74,9 +74,18 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     from dataio.manifest import load_manifest
 
     try:
-        load_manifest(args.data)
+        manifest = load_manifest(args.data)
     except ValueError as e:
         raise ConfigError(f"--data {args.data}: {e}") from None
+    # NOTE: the val truth is read by the Validator (same condition) in every worker, once
+    # training has started: a corrupt one failed there and torchrun restarted the group on it
+    if cfg.train.val_every > 0 and cfg.train.val_f1 and manifest.samples("val") > 0:
+        from postproc.csvio import read_truth_csv
+
+        try:
+            read_truth_csv(args.data / "val" / "truth.csv")
+        except (ValueError, OSError) as e:  # CsvError names the file and the line
+            raise ConfigError(f"--data {args.data}: {e} (or set train.val_f1=false)") from None
     check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory
     return cfg, given
 

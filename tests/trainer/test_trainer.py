@@ -456,6 +456,29 @@ def test_check_refuses_a_damaged_manifest(tmp_path: Path, text: str, problem: st
         f"trainer.train: error: --data {data}: {data / 'manifest.json'}: {problem}")
 
 
+def test_check_reads_the_val_truth_that_validation_f1_will_read(
+        small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(--check did not read DATA/val/truth.csv: a corrupt one failed only at the first
+    validation, in every worker, and torchrun restarted them on it)"""
+    import shutil
+
+    from trainer.train import main
+
+    data = tmp_path / "DATA"
+    shutil.copytree(small_dataset, data)
+    truth = data / "val" / "truth.csv"
+    truth.write_text("ImageId,BuildingId\nAOI_2_Vegas_img1,1\n")
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(data),
+            "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"trainer.train: error: --data {data}: {truth}:1: header lacks PolygonWKT_Pix")
+    # validation F1 off (or no validation): the truth is not read, so not checked
+    assert main([*argv, "--set", "train.val_f1=false"]) == 0
+    assert main([*argv, "--set", "train.val_every=0"]) == 0
+
+
 @pytest.mark.parametrize("torchrun", [True, False])
 def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
