@@ -116,6 +116,8 @@ def _rectangles(coords: np.ndarray, rings: np.ndarray, r0: int, r1: int) -> np.n
             elif ay != by:
                 return np.empty((0, 4))
     ny = _sort_unique(ys, ny)
+    # NOTE: a slab holds at most nv // 2 rectangles and there are ny - 1 slabs, so ``out`` never
+    # fills and is never reassigned (growing it in the loop made numba count references to it).
     out = np.empty((max(nv, 1) * max(ny, 1), 4))
     k = 0
     xs = np.empty(nv)
@@ -129,10 +131,6 @@ def _rectangles(coords: np.ndarray, rings: np.ndarray, r0: int, r1: int) -> np.n
                 m += 1
         m = _sort_unique(xs, m, False)
         for j in range(0, m - 1, 2):
-            if k >= out.shape[0]:
-                grown = np.empty((out.shape[0] * 2, 4))
-                grown[:k] = out[:k]
-                out = grown
             out[k, 0] = xs[j]
             out[k, 1] = xs[j + 1]
             out[k, 2] = ya
