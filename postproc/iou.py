@@ -16,8 +16,13 @@ import numpy as np
 import shapely
 from numba import njit
 
+# NOTE: the clipping kernels allocate nothing, so they run without numba's reference counting:
+# with it, every call (four clips per rectangle and truth ring) paid atomic increments and
+# decrements for its arrays.
+_noalloc = njit(cache=True, _nrt=False)
 
-@njit(cache=True)
+
+@_noalloc
 def _clip_half(src: np.ndarray, n: int, dst: np.ndarray, axis: int, bound: float,
                keep_ge: bool) -> int:
     """Clip polygon ``src[:n]`` to the half plane coord[axis] >= bound (or <=); return length."""
@@ -47,7 +52,7 @@ def _clip_half(src: np.ndarray, n: int, dst: np.ndarray, axis: int, bound: float
     return m
 
 
-@njit(cache=True)
+@_noalloc
 def _ring_rect_area(coords: np.ndarray, a: int, b: int, x0: float, x1: float, y0: float,
                     y1: float, buf1: np.ndarray, buf2: np.ndarray) -> float:
     """|area| of ring ``coords[a:b]`` (closed: last == first) clipped to [x0,x1] x [y0,y1]."""
