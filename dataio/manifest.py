@@ -102,14 +102,19 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.data["class_frequencies"])
 
-    def shards(self, split: str) -> list[dict[str, Any]]:
+    def _split(self, split: str) -> dict[str, Any]:
+        # NOTE: the schema check does not require every split (a hand-made dataset may lack
+        # one): a missing one is named here, not a KeyError traceback (train --check, validate)
         if split not in self.data["splits"]:
             known = ", ".join(self.data["splits"])
             raise ManifestError(f"{self.root / MANIFEST}: no split {split!r} (has {known})")
-        return list(self.data["splits"][split]["shards"])
+        return self.data["splits"][split]
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        return list(self._split(split)["shards"])
 
     def samples(self, split: str) -> int:
-        return int(self.data["splits"][split]["samples"])
+        return int(self._split(split)["samples"])
 
     def split_dir(self, split: str) -> Path:
         return self.root / split

@@ -515,6 +515,21 @@ def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tm
     assert ("the process group was started" in err) != torchrun
 
 
+def test_check_names_a_val_split_the_manifest_lacks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(--check reads the val split's sample count for the truth check: a dataset without a val
+    split, which the manifest's schema allows, was a KeyError traceback, not one line)"""
+    from dataio.fixtures import aligned_tile, write_dataset
+    from trainer.train import main
+
+    data = write_dataset(tmp_path / "DATA", {"train": [
+        (f"AOI_2_Vegas_img{i}", *aligned_tile(32, 32, i)) for i in range(2)]})
+    assert main(["--check", "--config", "configs/tiny.toml", "--data", str(data),
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"trainer.train: error: {data / 'manifest.json'}: no split 'val' (has train)"]
+
+
 @pytest.mark.parametrize(("gpus", "nproc", "override", "refused"), [
     (4, 8, None, True), (4, 4, None, False), (0, 8, None, False),
     (4, 8, "dist.backend=gloo", False)])
