@@ -282,7 +282,7 @@ def _bounded_map(fn: Callable[[Tile], dict[str, Any]], items: Iterable[Tile],
         it = iter(items)
         with starting_workers():  # (the first submits start them)
             pending: collections.deque[tuple[Tile, Future[dict[str, Any]]]] = collections.deque(
-                (t, pool.submit(fn, t)) for t in _take(it, window))
+                (t, _submit(pool, fn, t)) for t in _take(it, window))
         while pending:
             tile, fut = pending.popleft()
             try:
@@ -295,9 +295,9 @@ def _bounded_map(fn: Callable[[Tile], dict[str, Any]], items: Iterable[Tile],
                 result = _alone(fn, tile)
                 pool = _pool(workers)
                 with starting_workers():
-                    pending = collections.deque((t, pool.submit(fn, t)) for t, _ in pending)
+                    pending = collections.deque((t, _submit(pool, fn, t)) for t, _ in pending)
             for t in _take(it, 1):
-                pending.append((t, pool.submit(fn, t)))
+                pending.append((t, _submit(pool, fn, t)))
             yield result
     finally:  # (queued tiles dropped, running ones finish)
         close_pool(pool)
@@ -308,6 +308,21 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     # parent's (postproc.pools): a worker that took it failed its tile, and the pool's exit
     # then waited for the rest of the window.
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=ignore_sigint)
+
+
+def _submit(pool: ProcessPoolExecutor, fn: Callable[[Tile], dict[str, Any]],
+            tile: Tile) -> Future[dict[str, Any]]:
+    """``pool.submit(fn, tile)``, or a future failed with the pool's BrokenProcessPool.
+
+    NOTE: a worker may die while the head's result is already in hand (the consumer was busy
+    with it): the next submit then raised BrokenProcessPool outside the recovery above, a
+    traceback and no dataset. As a failed future it is met at the head like the others."""
+    try:
+        return pool.submit(fn, tile)
+    except BrokenProcessPool as e:
+        failed: Future[dict[str, Any]] = Future()
+        failed.set_exception(e)
+        return failed
 
 
 def _alone(fn: Callable[[Tile], dict[str, Any]], tile: Tile) -> dict[str, Any]:

@@ -472,3 +472,46 @@ def test_a_tile_whose_worker_dies_is_skipped_and_the_rest_prepared(
             for s in manifest["skipped"]] == [("AOI_2_Vegas_img3", True)]
     assert sorted(_samples(tmp_path / "data")) == sorted(
         f"AOI_2_Vegas_img{n}" for n in range(1, TILES + 1) if n != 3)
+
+
+def _dies_when_told(item: tuple[str, str]) -> dict:
+    """A worker call that returns its item's name, but dies on "victim" once ``go`` exists."""
+    import os
+    import time
+
+    name, go = item
+    if name == "victim":
+        deadline = time.monotonic() + 60  # (a bound on a broken test, not a timing)
+        while not Path(go).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os._exit(9)
+    return {"tile": name}
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_dies_while_the_head_result_is_in_hand_is_recovered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(the pool broke after the head tile's result came back, before the next tile was
+    submitted: that submit raised BrokenProcessPool outside the recovery, a traceback)"""
+    import time
+
+    pools: list = []
+    make_pool = prep._pool
+    monkeypatch.setattr(prep, "_pool", lambda n: pools.append(make_pool(n)) or pools[-1])
+    go = str(tmp_path / "go")
+    window = 4 * 2  # _bounded_map's with 2 workers
+
+    def items():
+        yield from ((name, go) for name in ["first", "victim", *map(str, range(3, window + 1))])
+        # the refill after the head's result: the victim dies, and the pool breaks, first
+        Path(go).touch()
+        deadline = time.monotonic() + 60
+        while not pools[-1]._broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pools[-1]._broken
+        yield from (("ninth", go), ("tenth", go))
+
+    got = [r.get("tile") if "skip" not in r else ("skipped", r["tile"][0], r["skip"][:30])
+           for r in prep._bounded_map(_dies_when_told, items(), 2)]
+    assert got == ["first", ("skipped", "victim", "its worker process died readin"),
+                   *map(str, range(3, window + 1)), "ninth", "tenth"]
