@@ -1,7 +1,8 @@
 """Before torchrun's c10d rendezvous: may MASTER_ADDR:MASTER_PORT serve it? Yes when nothing
 listens there (the rendezvous host's agent will start the store) or a torch rendezvous store
 answers (another agent of the job, on this host or the rendezvous host, started it first); not
-when something else holds the port. launch/multi_node.sh runs it before torchrun.
+when something else holds the port. launch/multi_node.sh and launch/slurm.sbatch (on the
+first node) run it before torchrun.
 
     python -m launch.port_check HOST PORT    (exit 2 and one line when the port is held)
 """
