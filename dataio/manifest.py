@@ -145,6 +145,8 @@ def load_manifest(root: Path) -> Manifest:
     except FileNotFoundError:
         raise ManifestError(f"{path}: not found; is {root} a dataset made by dataio.prepare? "
                             "(an interrupted prepare leaves no manifest)") from None
+    except OSError as e:  # (unreadable: permissions, an I/O error; a traceback in every reader)
+        raise ManifestError(f"{path}: cannot read ({e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ManifestError(f"{path}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:

@@ -456,6 +456,29 @@ def test_check_refuses_a_damaged_manifest(tmp_path: Path, text: str, problem: st
         f"trainer.train: error: --data {data}: {data / 'manifest.json'}: {problem}")
 
 
+def test_check_names_a_manifest_it_cannot_read(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """(--check reads the manifest since a83ace1: an unreadable one, e.g. no read permission,
+    was a PermissionError traceback out of load_manifest, and --check's exit 1, not 2)"""
+    from trainer.train import main
+
+    manifest = small_dataset / "manifest.json"
+    read_text = Path.read_text
+
+    def denied(self: Path, *a: object, **kw: object) -> str:
+        if self == manifest:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert main(["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"trainer.train: error: --data {small_dataset}: {manifest}: cannot read "
+                   f"([Errno 13] Permission denied: '{manifest}')"]
+
+
 def test_check_reads_the_val_truth_that_validation_f1_will_read(
         small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """(--check did not read DATA/val/truth.csv: a corrupt one failed only at the first
