@@ -20,7 +20,7 @@ source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, CHECK_NPROC, MAX_RESTA
 # against the GPUs), made once here: torchrun would restart the group on such an error
 # MAX_RESTARTS times, printing it again each time and ending in its ChildFailedError traceback
 # with exit 1 instead of 2.
-"$PYTHON" -m trainer.train --check "${CHECK_NPROC[@]}" \
+"$PYTHON" -m trainer.train --check ${CHECK_NPROC[@]+"${CHECK_NPROC[@]}"} \
     --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
 exec "$TORCHRUN" --standalone --nproc_per_node="$NPROC" --max-restarts="$MAX_RESTARTS" \
     -m trainer.train --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"

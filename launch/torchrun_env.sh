@@ -24,6 +24,8 @@ fi
 # NOTE: a number goes to trainer.train --check, which refuses more processes than GPUs under
 # NCCL (they would share one) as every worker would, but once: torchrun restarted the group on
 # it. torchrun's own words pass through, counted by torchrun.
+# (The scripts expand it as ${CHECK_NPROC[@]+"${CHECK_NPROC[@]}"}: bash before 4.4 calls an
+# empty array unbound under set -u.)
 case $NPROC in
     gpu|cpu|auto) CHECK_NPROC=() ;;
     *) need_number NPROC 1; CHECK_NPROC=(--nproc "$NPROC") ;;

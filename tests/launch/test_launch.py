@@ -194,6 +194,21 @@ def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
         "-m", "trainer.train", "--check", "--nproc", "2", *args[args.index("trainer.train") + 1:]]
 
 
+@pytest.mark.parametrize("word", ["cpu", "gpu", "auto"])
+def test_torchruns_own_nproc_words_pass_through_unchecked(tmp_path: Path, word: str) -> None:
+    """NPROC=cpu|gpu|auto is torchrun's to count: --check gets no --nproc (an empty array, which
+    the scripts expand so that bash before 4.4 does not call it unbound under set -u)."""
+    out = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": word,
+           "PYTHON": str(_python(tmp_path))}
+    res = subprocess.run(["bash", str(LAUNCH / "single_node.sh"), "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"--nproc_per_node={word}" in _recorded(out)[0]
+    assert (tmp_path / "python.out").read_text().splitlines()[:4] == [
+        "-m", "trainer.train", "--check", "--config"]
+
+
 def _sees_gpus(tmp_path: Path, gpus: int) -> dict[str, str]:
     """The environment in which the real Python's torch sees ``gpus`` CUDA devices and NCCL (a
     sitecustomize on PYTHONPATH), for the launch scripts' real ``trainer.train --check``."""
