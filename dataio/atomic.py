@@ -47,13 +47,14 @@ def check_writable(path: str | os.PathLike[str], what: str,
     target = Path(path).absolute()
     if target.is_dir():  # (a file cannot be renamed onto it: found only after the work)
         raise ValueError(f"{what} {path} is a directory; give a file name")
-    for flag, src in inputs:
-        # NOTE: the rename at the end replaced the input with the output: score --json on its
-        # --truth CSV, polygonize --out on a prediction shard. samefile: links and ../ too.
-        if src is not None and target.exists() and Path(src).exists() and \
-                os.path.samefile(target, src):
-            raise ValueError(f"{what} {path} is the {flag} input {src}; writing it would "
-                             "replace it: give the output another name")
+    # NOTE: the rename at the end replaced the input with the output: score --json on its
+    # --truth CSV, polygonize --out on a prediction shard. samefile: links and ../ too. Only an
+    # existing output can be an input (``inputs`` is then read, so it may be lazy).
+    if target.exists():
+        for flag, src in inputs:
+            if src is not None and Path(src).exists() and os.path.samefile(target, src):
+                raise ValueError(f"{what} {path} is the {flag} input {src}; writing it would "
+                                 "replace it: give the output another name")
     anc = target.parent
     while not anc.exists():
         anc = anc.parent

@@ -22,6 +22,7 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -367,14 +368,16 @@ def _check_apart(out: Path, geojson: Path) -> None:
                          "which the tile would replace; give the CSV another name")
 
 
-def _inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+def _inputs(args: argparse.Namespace) -> Iterator[tuple[str, Path | None]]:
     """The files the command reads, which its outputs must not replace: --settings, and --pred's
-    shards and provenance."""
+    shards and provenance (lazily: ``check_writable`` lists them only for an existing --out)."""
     from postproc.predio import SHARD_GLOB
     from postproc.provenance import PROVENANCE
 
-    pred = [args.pred / PROVENANCE, *args.pred.glob(SHARD_GLOB)] if args.pred.is_dir() else []
-    return [("--settings", args.settings), *(("--pred", p) for p in pred)]
+    yield "--settings", args.settings
+    if args.pred.is_dir():
+        yield "--pred", args.pred / PROVENANCE
+        yield from (("--pred", p) for p in args.pred.glob(SHARD_GLOB))
 
 
 def main(argv: list[str] | None = None) -> int:
