@@ -120,6 +120,17 @@ def _interrupt_once(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def interrupted(e: BaseException | None) -> bool:
+    """Whether ``e`` is a KeyboardInterrupt or was raised while one was on its way (its chain)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def sigint_once() -> Iterator[None]:
     """Inside: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step.
@@ -137,6 +148,13 @@ def sigint_once() -> Iterator[None]:
     before = signal.signal(signal.SIGINT, _interrupt_once)
     try:
         yield
+    except SystemError as e:
+        # NOTE: a press while numba boxed the arrays a kernel returns (it calls into Python
+        # there) came out as "SystemError: ... returned a result with an exception set", the
+        # KeyboardInterrupt only in its chain: a traceback instead of the command's one line.
+        if not interrupted(e):
+            raise
+        raise KeyboardInterrupt from e
     finally:  # (after a press its handler has set Ctrl-C aside: that stays)
         if signal.getsignal(signal.SIGINT) is _interrupt_once:
             signal.signal(signal.SIGINT, before)

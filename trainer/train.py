@@ -98,16 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     # Pipeline.__del__' traceback, a KeyboardInterrupt traceback and exit -2, or, in a checkpoint
     # write, torch's zip writer left unfinished, which aborted the process at exit ('terminate
     # called ... write to closed file', exit -6).
-    with sigint_once():
-        try:
+    # (caught outside: sigint_once also turns a press that numba reported as a SystemError into
+    # the KeyboardInterrupt it was, on its way out; after a press Ctrl-C stays set aside)
+    try:
+        with sigint_once():
             return _train(args)
-        except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
-            say(f"trainer.train: interrupted; rerun the same command to resume from the newest "
-                f"complete checkpoint in {args.run_dir / 'checkpoints'}")
-            # (set aside already after a press; a further Ctrl-C in the interpreter's exit
-            # would add a traceback or end the process by SIGINT)
-            ignore_further_sigint()
-            return 130
+    except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
+        say(f"trainer.train: interrupted; rerun the same command to resume from the newest "
+            f"complete checkpoint in {args.run_dir / 'checkpoints'}")
+        # (set aside already after a press; a further Ctrl-C in the interpreter's exit
+        # would add a traceback or end the process by SIGINT)
+        ignore_further_sigint()
+        return 130
 
 
 def _train(args: argparse.Namespace) -> int:
