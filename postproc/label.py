@@ -20,7 +20,8 @@ from numba.extending import intrinsic
 
 # NOTE: a pixel is in a blob when its code is >= SEED (seed, or GROWN + the layer that claimed
 # it, see postproc.grow); classify writes ELIGIBLE + (SEED - ELIGIBLE) * seed, branch-free.
-NONE, ELIGIBLE, QUEUED, REJECTED, KEPT, SEED, GROWN = 0, 1, 2, 3, 8, 64, 128
+# Growth queues a pixel for an even layer as QUEUED, for an odd one as QUEUED_ODD.
+NONE, ELIGIBLE, QUEUED, REJECTED, QUEUED_ODD, KEPT, SEED, GROWN = 0, 1, 2, 3, 4, 8, 64, 128
 
 @njit(cache=True, inline="always")
 def _find(parent: np.ndarray, i: int) -> int:

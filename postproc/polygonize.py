@@ -176,16 +176,16 @@ class Workspace:
 
     def queue(self, layers: int) -> tuple[np.ndarray, ...]:
         """Growth's state for at least ``layers`` layers (see ``grow.grow_row``): the queues
-        (columns, counts) and the rows of seed offsets."""
+        (columns, counts) and the rows of best candidates."""
         if self._queue is None or self._queue[1].shape[0] < layers:
             layers = max(layers, 1)
             ring, wp = grow.RING, self.shape[1] + 2
-            # NOTE: the nearest seed pixel of a grown pixel as row and column offsets, a byte
-            # each in one int16 (row << 8 | column & 255: one load and one store, and rows small
-            # enough to stay in cache); grow_radius <= 50 keeps them in range
-            src = 1 << (2 * layers + 3).bit_length()  # >= 2 * layers + 4 rows, a power of two
+            # NOTE: each queued pixel's best candidate so far, one int64 (see grow.grow_row),
+            # in a ring of rows small enough to stay in cache; grow_radius <= 50 keeps the
+            # seed offsets in a byte each
+            rows = 1 << (2 * layers + 3).bit_length()  # >= 2 * layers + 4 rows, a power of two
             self._queue = (np.empty((layers, ring, self.shape[1] + 1), np.int32),
-                           np.zeros((layers, ring), np.int64), np.empty(src * wp, np.int16))
+                           np.zeros((layers, ring), np.int64), np.empty(rows * wp, np.int64))
         return self._queue
 
 
