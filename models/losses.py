@@ -11,6 +11,9 @@
   (Lovasz sorts every pixel's error, slow on 650x650 tiles), and it directly counters the class
   imbalance that the boundary class suffers from.
 * Everything is computed in float32 with autocast off, so bf16/fp16 logits give a finite loss.
+* ``sums`` gives both terms' numerators and denominators (CE's weighted sum and weight; Dice's
+  per-class intersection and cardinality), which add up over batches and ranks: ``from_sums``
+  of their total is the loss of the whole val split as one batch, whatever its batching.
 
 The original SpaceNet sample weighted background/building/boundary by 0.1/0.8/0.1.
 """
@@ -144,6 +147,32 @@ class SegmentationLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Logits (N, C, H, W) of any float dtype, target (N, H, W) int64 -> float32 scalar."""
+        self._check(logits, target)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return self._combine(*self._terms(logits, target))
+
+    @torch.no_grad()
+    def sums(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss's sums over these pixels as a float64 CPU vector: the CE numerator and
+        denominator, then Dice's intersection and cardinality per class. Summed over batches
+        (and ranks), ``from_sums`` gives the loss of all their pixels as one batch.
+
+        NOTE: the forward's value is a ratio (CE: a weighted mean; Dice: per class over the whole
+        batch), so a mean of batch losses weighted by samples depends on how the pixels were cut
+        into batches (validation's batch size and ranks, tile sizes, class mix); sums do not."""
+        self._check(logits, target)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            ce_num, ce_den, inter, card = self._terms(logits, target)
+        return torch.cat([ce_num.view(1), ce_den.view(1), inter, card]).double().cpu()
+
+    def from_sums(self, sums: torch.Tensor) -> float:
+        """The loss from ``sums`` (added up over any number of batches)."""
+        c = self.num_classes
+        if sums.shape != (2 + 2 * c,):
+            raise ValueError(f"sums {tuple(sums.shape)} must be ({2 + 2 * c},) for {c} classes")
+        return float(self._combine(sums[0], sums[1], sums[2:2 + c], sums[2 + c:]))
+
+    def _check(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(
                 f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must be "
@@ -154,44 +183,54 @@ class SegmentationLoss(nn.Module):
                 f"the model gives {logits.shape[1]} classes but loss.class_weights has "
                 f"{self.num_classes}"
             )
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            logits = logits.float()
-            target = target.long()
-            if self.ignore_index != PAD_INDEX:
-                # the loader pads masks with torch's default: ignored too, whatever is configured
-                target = target.masked_fill(target == PAD_INDEX, self.ignore_index)
-            valid = target != self.ignore_index
-            loss = logits.new_zeros(())
-            if self.ce_weight > 0:
-                loss = loss + self.ce_weight * self._cross_entropy(logits, target, valid)
-            if self.dice_weight > 0:
-                loss = loss + self.dice_weight * self._dice_loss(logits, target, valid)
+
+    def _terms(
+        self, logits: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float32 sums (with a graph): CE numerator, CE denominator, and per class Dice
+        intersection and cardinality; a term whose weight is 0 gives zeros."""
+        logits = logits.float()
+        target = target.long()
+        if self.ignore_index != PAD_INDEX:
+            # the loader pads masks with torch's default: ignored too, whatever is configured
+            target = target.masked_fill(target == PAD_INDEX, self.ignore_index)
+        valid = target != self.ignore_index
+        zero = logits.new_zeros(())
+        ce_num, ce_den = zero, zero
+        inter = card = logits.new_zeros(self.num_classes)
+        if self.ce_weight > 0:
+            weights = self.class_weights.to(logits.device)
+            per_pixel = F.cross_entropy(
+                logits, target, weight=weights, ignore_index=self.ignore_index, reduction="none"
+            )
+            # torch's "mean" divides by the summed weight of the valid pixels
+            ce_num = per_pixel.sum()
+            ce_den = (weights[torch.where(valid, target, 0)] * valid).sum()
+        if self.dice_weight > 0:
+            mask = valid.unsqueeze(1).to(logits.dtype)
+            probs = logits.softmax(dim=1) * mask
+            one_hot = torch.zeros_like(probs).scatter_(
+                1, torch.where(valid, target, 0).unsqueeze(1), 1
+            )
+            one_hot = one_hot * mask
+            dims = (0, 2, 3)
+            inter = (probs * one_hot).sum(dims)
+            card = probs.sum(dims) + one_hot.sum(dims)
+        return ce_num, ce_den, inter, card
+
+    def _combine(
+        self, ce_num: torch.Tensor, ce_den: torch.Tensor, inter: torch.Tensor, card: torch.Tensor
+    ) -> torch.Tensor:
+        loss = ce_num.new_zeros(())
+        if self.ce_weight > 0:
+            # an empty batch gives 0, not NaN (with a graph, so DDP still sees every parameter
+            # used)
+            ce = ce_num / ce_den.clamp_min(torch.finfo(torch.float32).tiny)
+            loss = loss + self.ce_weight * ce
+        if self.dice_weight > 0:
+            dice = (2 * inter + self.dice_smooth) / (card + self.dice_smooth)
+            loss = loss + self.dice_weight * (1 - dice.mean())
         return loss
-
-    def _cross_entropy(
-        self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
-        weights = self.class_weights.to(logits.device)
-        per_pixel = F.cross_entropy(
-            logits, target, weight=weights, ignore_index=self.ignore_index, reduction="none"
-        )
-        # torch's "mean" divides by the summed weight of the valid pixels; do the same, but an
-        # empty batch gives 0 (with a graph, so DDP still sees every parameter used).
-        pixel_weight = weights[torch.where(valid, target, 0)] * valid
-        return per_pixel.sum() / pixel_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
-
-    def _dice_loss(
-        self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
-        mask = valid.unsqueeze(1).to(logits.dtype)
-        probs = logits.softmax(dim=1) * mask
-        one_hot = torch.zeros_like(probs).scatter_(1, torch.where(valid, target, 0).unsqueeze(1), 1)
-        one_hot = one_hot * mask
-        dims = (0, 2, 3)
-        intersection = (probs * one_hot).sum(dims)
-        cardinality = probs.sum(dims) + one_hot.sum(dims)
-        dice = (2 * intersection + self.dice_smooth) / (cardinality + self.dice_smooth)
-        return 1 - dice.mean()
 
 
 def build_loss(cfg: LossConfig, class_frequencies: Sequence[float] | None = None) -> nn.Module:

@@ -2,6 +2,8 @@
 
 Each rank evaluates its own disjoint part of the split (padding excluded via ``Batch.valid``);
 the counts are summed over ranks before any ratio is taken (never an average of per-rank ratios).
+So is the loss: ``val_loss`` is the loss of all val pixels at once, from its sums (numerators and
+denominators, ``SegmentationLoss.sums``), the same for any validation batch size or world size.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from dataio.classes import BUILDING
 from dataio.loader import IGNORE_INDEX, build_loader
 from dataio.manifest import load_manifest
+from models.losses import SegmentationLoss
 from postproc.csvio import read_truth_csv
 from postproc.polygonize import polygonize_probs
 from postproc.score import ScoreConfig, score_image
@@ -27,6 +30,9 @@ from trainer.predict import per_tile
 
 log = logging.getLogger("footprints")
 
+# the pixel and polygon counts that come before the loss's sums in the all-reduced vector
+_COUNTS = 6
+
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else 0.0
@@ -34,7 +40,7 @@ def _ratio(a: float, b: float) -> float:
 
 class Validator:
     def __init__(self, cfg: Config, env: DistEnv, data: Path, device: torch.device,
-                 precision: Precision, loss_fn: nn.Module) -> None:
+                 precision: Precision, loss_fn: SegmentationLoss) -> None:
         self.cfg, self.device, self.precision, self.loss_fn = cfg, device, precision, loss_fn
         manifest = load_manifest(data)
         self.enabled = cfg.train.val_every > 0 and manifest.samples("val") > 0
@@ -53,7 +59,8 @@ class Validator:
         """Evaluate ``net`` (the plain module, no DDP: no collectives inside forward).
 
         ``val_loss`` is the training objective (same loss and class weights), so the two curves
-        compare; IoU and F1 count only valid (non-padding) samples."""
+        compare, over the whole split as one batch; IoU and F1 count only valid (non-padding)
+        samples."""
         if not self.enabled:
             return {}
         was_training = net.training
@@ -61,36 +68,34 @@ class Validator:
         # agreed: one rank's failure (a tile the polygonizer refuses) must stop all with it
         c = all_reduce_sum(on_every("validating", lambda: self._counts(net)))
         net.train(was_training)
-        out = {"val_loss": _ratio(c[0].item(), c[1].item()),
-               "val_iou": _ratio(c[2].item(), (c[2] + c[3] + c[4]).item())}
+        out = {"val_loss": self.loss_fn.from_sums(c[_COUNTS:]),
+               "val_iou": _ratio(c[0].item(), (c[0] + c[1] + c[2]).item())}
         if self.cfg.train.val_f1:
-            tp, fp, fn = c[5].item(), c[6].item(), c[7].item()
+            tp, fp, fn = c[3].item(), c[4].item(), c[5].item()
             p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
             out.update({"val_precision": p, "val_recall": r, "val_f1": _ratio(2 * p * r, p + r),
                         "val_tp": int(tp), "val_fp": int(fp), "val_fn": int(fn)})
         return out
 
     def _counts(self, net: nn.Module) -> torch.Tensor:
-        """This rank's sums: loss*n, n, tp, fp, fn (pixels, building class), tp, fp, fn
-        (SpaceNet polygons)."""
-        c = torch.zeros(8, dtype=torch.float64)
+        """This rank's sums: tp, fp, fn (pixels, building class), tp, fp, fn (SpaceNet
+        polygons), then the loss's sums."""
+        c = torch.zeros(_COUNTS + 2 + 2 * self.loss_fn.num_classes, dtype=torch.float64)
         self.loader.set_epoch(0)
         for batch in self.loader:
             with self.precision.autocast():
                 logits = per_tile(net, batch)  # each tile at its own size
             logits = logits.float()
             valid_px = batch.mask != IGNORE_INDEX
-            n = int(batch.valid.sum())
-            if n:
-                c[0] += float(self.loss_fn(logits, batch.mask)) * n
-                c[1] += n
+            # NOTE: a padding slot's and a padded border's mask is ignored, so they add nothing
+            c[_COUNTS:] += self.loss_fn.sums(logits, batch.mask)
             pred = logits.argmax(1)
             is_b, want_b = (pred == BUILDING) & valid_px, (batch.mask == BUILDING) & valid_px
-            c[2] += float((is_b & want_b).sum())
-            c[3] += float((is_b & ~want_b).sum())
-            c[4] += float((~is_b & want_b).sum())
+            c[0] += float((is_b & want_b).sum())
+            c[1] += float((is_b & ~want_b).sum())
+            c[2] += float((~is_b & want_b).sum())
             if self.cfg.train.val_f1:
-                c[5:8] += self._f1_counts(logits, batch)
+                c[3:6] += self._f1_counts(logits, batch)
         return c
 
     def _f1_counts(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:

@@ -238,3 +238,28 @@ def test_config_defaults_and_list_input() -> None:
 def test_loss_config_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises((ValueError, TypeError), match=field):
         LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize("cfg", [LossConfig(class_weights=(0.2, 0.5, 0.3)),
+                                 LossConfig(class_weights=(0.2, 0.5, 0.3), dice_weight=0.5),
+                                 LossConfig(ce_weight=0.0, dice_weight=1.0, ignore_index=1)])
+def test_sums_added_over_batches_give_the_loss_of_them_all_at_once(cfg: LossConfig) -> None:
+    """Validation adds ``sums`` over batches and ranks: the loss of the whole split, however
+    it was cut (here unevenly, one part mostly ignored)."""
+    logits, target = logits_and_target(n=3)
+    target[0, :12] = -100
+    target[2, :, 5:] = -100
+    loss_fn = build_loss(cfg)
+    whole = loss_fn(logits, target)
+    parts = loss_fn.sums(logits[:1], target[:1]) + loss_fn.sums(logits[1:], target[1:])
+    assert parts.dtype == torch.float64 and not parts.requires_grad
+    assert loss_fn.from_sums(parts) == pytest.approx(whole.item(), rel=1e-6)
+    # while a mean of the parts' losses is not that loss
+    mean = (loss_fn(logits[:1], target[:1]) + 2 * loss_fn(logits[1:], target[1:])) / 3
+    assert abs(mean.item() - whole.item()) > 1e-3
+
+
+def test_sums_of_nothing_valid_give_0() -> None:
+    logits, target = logits_and_target()
+    loss_fn = build_loss(LossConfig(dice_weight=0.5))
+    assert loss_fn.from_sums(loss_fn.sums(logits, torch.full_like(target, -100))) == 0.0

@@ -10,6 +10,7 @@ from torch import nn
 
 from dataio.classes import BUILDING
 from dataio.loader import IGNORE_INDEX, Batch
+from models.losses import SegmentationLoss, build_loss
 from postproc.score import ScoreConfig
 from trainer.amp import resolve
 from trainer.config import load_config
@@ -45,7 +46,8 @@ def _validator(batch: Batch, truth: dict) -> Validator:
     cfg = load_config(Path("configs/tiny.toml"), ["train.val_f1=true"])
     v = Validator.__new__(Validator)
     v.cfg, v.device, v.enabled = cfg, torch.device("cpu"), True
-    v.precision, v.loss_fn = resolve("off", v.device), nn.CrossEntropyLoss()
+    # weights 1: plain nn.CrossEntropyLoss
+    v.precision, v.loss_fn = resolve("off", v.device), SegmentationLoss([1.0, 1.0, 1.0])
     v.loader, v.score_cfg, v.truth = _OneBatch(batch), ScoreConfig(), truth
     return v
 
@@ -126,7 +128,6 @@ def test_validation_metrics_do_not_depend_on_the_tiles_in_a_batch(tmp_path: Path
     """The loader pads a batch of mixed tile sizes to its largest: validated on the padded
     batch, a smaller tile was predicted from the zeros beyond its edge, so val_iou and val_f1
     (which picks best.pt) changed with the validation batch size (and so with the ranks)."""
-    from models.losses import build_loss
     from trainer.dist import DistEnv
 
     data = _mixed_size_val_data(tmp_path / "DATA")
@@ -141,3 +142,37 @@ def test_validation_metrics_do_not_depend_on_the_tiles_in_a_batch(tmp_path: Path
         got[bs] = (r["val_iou"], r["val_tp"], r["val_fp"], r["val_fn"])
     assert got[1][0] > 0.5 and got[1][1] > 0, got  # it finds buildings: the figures can differ
     assert got[4] == got[1], got
+
+
+class _Unsure(_LocalMean):
+    """``_LocalMean`` made far less sure, so that every pixel's loss counts."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / 200
+
+
+def test_val_loss_is_the_loss_of_the_whole_split_whatever_its_batches(tmp_path: Path) -> None:
+    """val_loss was the mean of the batches' losses weighted by their samples: it changed with
+    the validation batch size and ranks (the last short batch, tiles of other sizes, each batch's
+    own class-weighted mean and Dice). Now it is the loss of all val pixels as one batch."""
+    from trainer.dist import DistEnv
+
+    data = _mixed_size_val_data(tmp_path / "DATA")
+    got, logits, masks = {}, [], []
+    for bs in (4, 2, 1):  # 2: a last batch of one tile and a padding slot
+        cfg = load_config(Path("configs/tiny.toml"), [
+            f"data.batch_size={bs}", "loss.class_weights=[0.2, 0.5, 0.3]", "loss.dice_weight=0.5"])
+        v = Validator(cfg, DistEnv(), data, torch.device("cpu"), resolve("off", torch.device(
+            "cpu")), build_loss(cfg.loss))
+        got[bs] = v.run(_Unsure())["val_loss"]
+        if bs == 1:  # each tile alone: all their pixels, in one row, through the loss at once
+            for batch in v.loader:
+                h, w = batch.meta[0]["height"], batch.meta[0]["width"]
+                logits.append(_Unsure()(batch.image[:, :, :h, :w]).flatten(2))
+                masks.append(batch.mask[:, :h, :w].flatten(1))
+        v.loader.close()
+    assert len(masks) == 5
+    whole = float(v.loss_fn(torch.cat(logits, 2).unsqueeze(2), torch.cat(masks, 1).unsqueeze(1)))
+    assert whole > 0.1, whole  # a loss that the batching could change
+    for bs, loss in got.items():
+        assert abs(loss - whole) < 1e-5 * whole, (bs, got, whole)
