@@ -321,7 +321,11 @@ def add_vs_project(rows: list[dict[str, Any]]) -> None:
 
 def _sizes(text: str) -> list[int]:
     """Comma-separated tile counts; '' or 0 means none (``--prepare-tiles 0``)."""
-    sizes = [int(x) for x in text.split(",") if x.strip()]
+    items = text.split(",") if text.strip() else []
+    # NOTE: '1000,,10000' (a size left out, or a typo) ran 1000 and 10000 without a word
+    if any(not x.strip() for x in items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give counts like 500,2000")
+    sizes = [int(x) for x in items]
     if any(n < 0 for n in sizes):
         raise argparse.ArgumentTypeError(f"tile counts must be >= 0, got {text!r}")
     sizes = [n for n in sizes if n > 0]

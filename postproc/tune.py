@@ -252,14 +252,18 @@ def report(ev: Evaluation, grid: TuneGrid, best: int) -> dict[str, Any]:
 
 def _floats(flag: str) -> Any:
     def parse(text: str) -> tuple[float, ...]:
+        items = text.split(",")
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} wants at least one number")
+        # NOTE: '0.5,,0.6' (a value left out, or a typo) was tuned as 0.5,0.6 without a word
+        if any(not v.strip() for v in items):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} has an empty item: give numbers "
+                                             "like 0.3,0.5")
         try:
-            values = tuple(float(v) for v in text.split(",") if v.strip())
+            return tuple(float(v) for v in items)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} wants numbers like 0.3,0.5, got {text!r}"
                                              ) from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"{flag} wants at least one number")
-        return values
     return parse
 
 

@@ -18,6 +18,11 @@ from benchmarks.common import run
     (postproc, ["--workers", "two"], "--workers: 'two' is not a whole number"),
     (prepare, ["--tiles", "0"], "--tiles: must be >= 1, got 0"),
     (load, ["--tiles", "0", "--prepare-tiles", "0"], "--tiles and --prepare-tiles are both 0"),
+    # an empty item was dropped without a word (here the rest would have been 'both 0')
+    (load, ["--tiles", "0,", "--prepare-tiles", "0"], "--tiles: '0,' has an empty item"),
+    (load, ["--tiles", "0", "--prepare-tiles", "0,,0"], "--prepare-tiles: '0,,0' has an empty"),
+    (load, ["--tiles", "0", "--prepare-tiles", "0", "--baseline-tiles", " ,0"],
+     "--baseline-tiles: ' ,0' has an empty item"),
     (train, ["--config", "configs/nope.toml", "--steps", "1"], "configs/nope.toml: file not found"),
     (postproc, ["--tiles", "1", "--json", "."], "--json . is a directory"),
 ])

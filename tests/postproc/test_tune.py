@@ -378,6 +378,17 @@ def test_bad_input_is_one_line(tuned, tmp_path, capsys, monkeypatch, case):
     assert not (tmp_path / "gone").exists()
 
 
+@pytest.mark.parametrize("axis", tune.AXES)
+@pytest.mark.parametrize("text", ["0.5,,0.6", "0.5,", ",0.5", "0.5, ,0.6"])
+def test_an_empty_item_in_a_grid_flag_is_refused_naming_the_flag(axis, text, tmp_path, capsys):
+    """'--building-thresholds 0.5,,0.6' was tuned as 0.5,0.6 without a word."""
+    flag = "--" + axis.replace("_", "-")
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--pred", str(tmp_path), "--truth", str(tmp_path / "t.csv"), flag, text])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"{flag}: {flag} '{text}' has an empty item" in last, last
+
+
 @pytest.mark.parametrize("axis, value", [("footprint_thresholds", 1.5), ("grow_radii", 60.0),
                                          ("min_polygon_areas", -1.0),
                                          ("building_thresholds", float("nan"))])
