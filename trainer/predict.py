@@ -194,20 +194,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     # NOTE: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step
     # (as trainer.train does): a second one cannot cut the clean-up below short.
-    with sigint_once():
-        try:
+    # (caught outside, as trainer.train does: sigint_once also turns a press that numba reported
+    # as a SystemError into the KeyboardInterrupt it was, on its way out; after a press Ctrl-C
+    # stays set aside)
+    try:
+        with sigint_once():
             return _predict(args)
-        except KeyboardInterrupt:
-            from postproc.predio import PUBLISHING
+    except KeyboardInterrupt:
+        from postproc.predio import PUBLISHING
 
-            # (under torchrun each rank says it: the terminal and torchrun signal every one)
-            if (args.out / PUBLISHING).exists():
-                say(f"trainer.predict: interrupted; {args.out} is marked as being replaced "
-                    f"({PUBLISHING}): rerun the same command")
-            else:
-                say(f"trainer.predict: interrupted; {args.out} is left as it was")
-            ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
-            return 130
+        # (under torchrun each rank says it: the terminal and torchrun signal every one)
+        if (args.out / PUBLISHING).exists():
+            say(f"trainer.predict: interrupted; {args.out} is marked as being replaced "
+                f"({PUBLISHING}): rerun the same command")
+        else:
+            say(f"trainer.predict: interrupted; {args.out} is left as it was")
+        ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
+        return 130
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -111,6 +111,30 @@ def test_in_one_process_a_failure_is_raised_as_itself() -> None:
         assert e.value is err
 
 
+def _numba_like(cause: BaseException) -> None:
+    """What numba raises for a press while it boxes a kernel's returned arrays."""
+    try:
+        raise cause
+    except BaseException as e:
+        raise SystemError("<function _numba_unpickle> returned a result with an exception "
+                          "set") from e
+
+
+def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_not_agreed_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was taken for the share's failure: agreed on (a collective the interrupted peers
+    never join), then out as a SystemError that the commands' Ctrl-C clean-up (trainer.predict
+    removing its stage) did not see. Now it is the KeyboardInterrupt it was, at once, as a plain
+    one is; another SystemError is agreed on as before."""
+    agreed: list[BaseException | None] = []
+    monkeypatch.setattr(dist, "agree_on", lambda what, error: agreed.append(error))
+    with pytest.raises(KeyboardInterrupt) as e:
+        dist.on_every("writing predictions", lambda: _numba_like(KeyboardInterrupt()))
+    assert isinstance(e.value.__cause__, SystemError) and agreed == []
+    dist.on_every("writing predictions", lambda: _numba_like(ValueError("not a press")))
+    assert len(agreed) == 1 and isinstance(agreed[0], SystemError)
+
+
 def test_a_rank_whose_peers_are_gone_raises_its_own_failure(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     """When the agreement itself fails (the others stopped, or the timeout), a rank that failed

@@ -290,6 +290,49 @@ def test_ctrl_c_while_publishing_says_out_is_marked(trained_run: Path, small_dat
     assert predict(args) == 0 and _read(pred)  # the rerun clears the mark
 
 
+def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_one_line_and_leaves_out_as_it_was(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A press while numba boxed the arrays of the PNG read-back's kernel (pngfast.unfilter, in
+    every shard write) came out as a SystemError with the KeyboardInterrupt in its chain: taken
+    for the share's failure, it passed predict's Ctrl-C clean-up (the stage was left in --out)
+    and its one line, and sigint_once turned it into a KeyboardInterrupt traceback."""
+    from postproc import pngfast
+
+    common = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
+              "--batch-size", "1", "--shard-size", "1"]
+    earlier, new = tmp_path / "earlier", tmp_path / "new"
+    assert predict([*common, "--out", str(earlier)]) == 0
+    before = _tree(earlier)
+    real, calls = pngfast.unfilter, []
+
+    def pressed_in_the_second_shard(*args: object) -> tuple:
+        calls.append(1)
+        if len(calls) > 1:  # (the first shard is in the stage)
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise SystemError("<function _numba_unpickle> returned a result with an "
+                                  "exception set") from e
+        return real(*args)
+
+    monkeypatch.setattr(pngfast, "unfilter", pressed_in_the_second_shard)
+    handler = signal.getsignal(signal.SIGINT)
+    for out in (earlier, new):
+        calls.clear()
+        capsys.readouterr()
+        try:
+            rc = predict([*common, "--out", str(out)])
+        except KeyboardInterrupt:  # (not to pytest, which takes it for the user's)
+            pytest.fail("the Ctrl-C came out of trainer.predict as a KeyboardInterrupt")
+        finally:
+            signal.signal(signal.SIGINT, handler)  # (pytest's own Ctrl-C)
+        assert rc == 130 and len(calls) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"trainer.predict: interrupted; {out} is left as it was")
+    assert _tree(earlier) == before and not new.exists()
+
+
 def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_dataset: Path,
                                                  tmp_path: Path) -> None:
     args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "test",
