@@ -313,6 +313,50 @@ def test_score_refuses_proposals_of_another_split(tmp_path):
 
 
 
+def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_one_line_not_a_rank_failure(
+        tmp_path, monkeypatch, capsys):
+    """A press while numba boxed the areas of the IoU kernel (in this process with --workers 1)
+    came out as a SystemError with the KeyboardInterrupt in its chain, which main took for its
+    images' failure: it went on into dist.init to agree on it, where under torchrun it waited
+    for the interrupted peers (they never come) until the timeout, and then left as a
+    SystemError traceback (``raise error from None`` dropped the KeyboardInterrupt from its
+    chain). Here dist.init fails as that timeout does."""
+    import signal
+
+    from postproc import iou
+    from postproc.cli import exit_on_error
+    from trainer import dist
+
+    t = write(tmp_path / "t.csv", "ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",x\n')
+    p = write(tmp_path / "p.csv", "ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                                  'img1,1,"POLYGON ((0 0,10 0,10 10,0 10,0 0))",1\n')
+    calls, joined = [], []
+
+    def pressed(*args):
+        calls.append(1)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise SystemError("<function _numba_unpickle> returned a result with an exception "
+                              "set") from e
+
+    def init_the_peers_never_join(env=None, *args, **kwargs):
+        joined.append(1)
+        raise RuntimeError("Timed out waiting for the other ranks")
+
+    monkeypatch.setattr(iou, "pair_intersection_areas", pressed)
+    monkeypatch.setattr(dist, "init", init_the_peers_never_join)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        rc = exit_on_error(lambda: score_main(["--truth", str(t), "--proposals", str(p),
+                                               "--workers", "1"]))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # (pytest's own Ctrl-C)
+    assert rc == 130 and calls == [1] and joined == []
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+
+
 def test_score_refuses_a_truth_csv_with_no_images(tmp_path):
     """(the truth.csv of a split prepare left empty scored F1 0 with exit 0, against any
     proposals: a figure for nothing; postproc.tune refuses it)"""
