@@ -150,7 +150,13 @@ def _clip_to_tile(path: Path, k: int, geom: BaseGeometry, src_crs: CRS, grid: _G
     if not pix.is_valid:
         reason = shapely.is_valid_reason(pix)
         pix = shapely.make_valid(pix)
-        notes.append(f"feature {k}: invalid polygon ({reason}), repaired with make_valid")
+        if any(p.area > 0 for p in _polygon_parts(pix)):
+            notes.append(f"feature {k}: invalid polygon ({reason}), repaired with make_valid")
+        else:
+            # NOTE: a polygon with no area (its corners on one line, a ring of repeated points)
+            # repairs to lines or points, and the area filter below dropped it: no building in
+            # the mask or truth.csv, while the manifest listed it as "repaired".
+            notes.append(f"feature {k}: polygon with no area ({reason}), ignored")
     clipped = pix.intersection(grid.tile)  # (empty exactly when it does not touch the tile)
     parts = [shapely.normalize(p) for p in _polygon_parts(clipped) if p.area > 0]
     return parts, not clipped.is_empty

@@ -132,6 +132,25 @@ def test_footprints_are_clipped_to_a_tile_that_is_not_square(tmp_path: Path) -> 
     assert bounds == [(10.0, 30.0, 20.0, 40.0), (50.0, 10.0, 60.0, 20.0)]
 
 
+def test_a_polygon_with_no_area_is_noted_as_ignored_not_as_repaired(tmp_path: Path) -> None:
+    """A building whose corners lie on one line (or whose ring repeats its points) repairs to
+    lines, and the area filter dropped it: it was in neither the mask nor truth.csv, while the
+    manifest's note said "repaired with make_valid", as for a bow-tie that keeps its area."""
+    path = tmp_path / "buildings.geojson"
+    on_a_line = [(10, 10), (20, 10), (30, 10), (10, 10)]
+    repeated = [(40, 10), (50, 10), (50, 10), (40, 10), (40, 10)]
+    bow_tie = [(10, 30), (30, 50), (30, 30), (10, 50), (10, 30)]
+    rings = [[(_UTM.c + _UTM.a * x, _UTM.f + _UTM.e * y) for x, y in r]
+             for r in (on_a_line, repeated, bow_tie)]
+    path.write_text(_collection(*rings))
+    fp = read_footprints(path, CRS.from_epsg(32611), _UTM, 64, 64)
+    assert sorted(round(p.area, 6) for p in fp.polygons) == [100.0, 100.0]  # the bow-tie's two
+    assert [re.sub(r" \(.*\)", "", n) for n in fp.notes] == [
+        "feature 0: polygon with no area, ignored",
+        "feature 1: polygon with no area, ignored",
+        "feature 2: invalid polygon, repaired with make_valid"]
+
+
 def test_a_label_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     """(saved by Notepad: json refused the BOM, and the tile was skipped as malformed GeoJSON;
     RFC 7946 lets a reader ignore it)"""
