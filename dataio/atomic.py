@@ -11,6 +11,7 @@ import glob
 import itertools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -41,9 +42,10 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def check_writable(path: str | os.PathLike[str], what: str,
                    inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = ()) -> None:
-    """Raise ValueError unless ``path`` could be created: its nearest existing ancestor is a
-    writable directory, and it is none of the command's ``inputs`` (``(flag, path)`` pairs).
-    Checked before a command's work, so a typo fails at once."""
+    """Raise ValueError unless ``path`` could be created or replaced by this user: its nearest
+    existing ancestor is a writable directory, an existing ``path`` is writable, and it is none
+    of the command's ``inputs`` (``(flag, path)`` pairs). Checked before a command's work, so a
+    typo fails at once."""
     target = Path(path).absolute()
     if target.is_dir():  # (a file cannot be renamed onto it: found only after the work)
         raise ValueError(f"{what} {path} is a directory; give a file name")
@@ -62,6 +64,27 @@ def check_writable(path: str | os.PathLike[str], what: str,
         raise ValueError(f"{what} {path}: {anc} is not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: {anc} is not writable")
+    if target.exists():
+        problem = _not_replaceable(target)
+        if problem:
+            raise ValueError(f"{what} {path}: {target} {problem}; give another name")
+
+
+def _not_replaceable(target: Path) -> str | None:
+    """Why this user may not replace the existing file ``target``, or None.
+
+    NOTE: the rename at the end needs only the directory's write permission, so it replaced a
+    file whose mode protects it (chmod a-w, another account's 0644 file in a shared directory)
+    without a word; and in a sticky directory (/tmp) the rename of another account's file failed
+    after the work, with "[Errno 1] Operation not permitted" naming the temporary file. (root
+    may do both: os.access says so.)"""
+    if not os.access(target, os.W_OK):
+        return "is read-only for this user"
+    folder = target.parent.stat()
+    euid = os.geteuid()
+    if folder.st_mode & stat.S_ISVTX and euid not in (0, folder.st_uid, target.stat().st_uid):
+        return "belongs to another user in a sticky directory, which only its owner may replace"
+    return None
 
 
 @contextlib.contextmanager

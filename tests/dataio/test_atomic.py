@@ -119,3 +119,42 @@ def test_a_discarded_stage_takes_the_directories_made_for_it(tmp_path: Path) -> 
     fresh_staging_dir(out)
     discard_staging_dir(out, made)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_this_user_may_not_write_is_refused(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """The rename needs only the directory's write permission: it replaced a read-only file
+    (or another account's, in a shared directory) without a word. (os.access is faked, so that
+    this runs as root too, whom a file's mode does not stop.)"""
+    out = tmp_path / "score.json"
+    out.write_text("kept\n")
+    out.chmod(0o444)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == out and
+                        mode & os.W_OK else real(p, mode, **kw))
+    with pytest.raises(ValueError, match=r"--json .*score.json: .*score.json is read-only for "
+                                         "this user; give another name"):
+        check_writable(out, "--json")
+    check_writable(tmp_path / "new.json", "--json")  # (a new file in the same directory: fine)
+    assert out.read_text() == "kept\n"
+
+
+def test_another_users_file_in_a_sticky_directory_is_refused(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """In /tmp (sticky) the rename of another account's file failed only after the work, with
+    "[Errno 1] Operation not permitted" naming the temporary file. (geteuid is faked: this
+    process owns both the directory and the file.)"""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "theirs.csv").write_text("")
+    stranger = os.geteuid() + 4242
+    monkeypatch.setattr(os, "geteuid", lambda: stranger)
+    with pytest.raises(ValueError, match=r"theirs.csv belongs to another user in a sticky "
+                                         "directory"):
+        check_writable(shared / "theirs.csv", "--out")
+    check_writable(shared / "mine.csv", "--out")
+    monkeypatch.undo()
+    check_writable(shared / "theirs.csv", "--out")  # (its owner may)
