@@ -41,11 +41,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def check_writable(path: str | os.PathLike[str], what: str,
-                   inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = ()) -> None:
+                   inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (),
+                   given: str | os.PathLike[str] | None = None) -> None:
     """Raise ValueError unless ``path`` could be created or replaced by this user: its nearest
     existing ancestor is a writable directory, an existing ``path`` is writable, and it is none
     of the command's ``inputs`` (``(flag, path)`` pairs). Checked before a command's work, so a
-    typo fails at once."""
+    typo fails at once. ``given``: the flag's value where ``path`` is a file the command writes
+    inside it (an output directory), so that the message names what the user typed."""
+    shown = path if given is None else given
     target = Path(path).absolute()
     if target.is_dir():  # (a file cannot be renamed onto it: found only after the work)
         raise ValueError(f"{what} {path} is a directory; give a file name")
@@ -61,13 +64,13 @@ def check_writable(path: str | os.PathLike[str], what: str,
     while not anc.exists():
         anc = anc.parent
     if not anc.is_dir():
-        raise ValueError(f"{what} {path}: {anc} is not a directory")
+        raise ValueError(f"{what} {shown}: {anc} is not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {anc} is not writable")
+        raise ValueError(f"{what} {shown}: {anc} is not writable")
     if target.exists():
         problem = _not_replaceable(target)
         if problem:
-            raise ValueError(f"{what} {path}: {target} {problem}; give another name")
+            raise ValueError(f"{what} {shown}: {target} {problem}; give another name")
 
 
 def _not_replaceable(target: Path) -> str | None:

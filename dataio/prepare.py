@@ -374,10 +374,13 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
     out = cfg.out
     if not out.exists():
         # (one under a file was "[Errno 20] Not a directory: 'OUT/.partial'", naming no flag)
-        check_writable(out / MANIFEST, "--out")
+        check_writable(out / MANIFEST, "--out", given=out)
         return []
     if not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    # NOTE: an existing --out too: one this user cannot write was "[Errno 13] Permission
+    # denied: 'OUT/.partial'", naming no flag (and a read-only manifest was replaced)
+    check_writable(out / MANIFEST, "--out", given=out)
     ours = [out / MANIFEST, *(out / s for s in SPLITS)]
     present = [p for p in ours if p.exists()]
     others = [p for p in out.iterdir() if p not in ours and p.name not in (STAGING, OLD)]

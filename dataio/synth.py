@@ -194,7 +194,7 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     """
     marker = cfg.out / INCOMPLETE_MARKER
     # (an --out that is a file, or under one, was "[Errno 17] File exists: 'OUT'", no flag)
-    check_writable(marker, "--out")
+    check_writable(marker, "--out", given=cfg.out)
     old = _existing_aoi(cfg.out)
     if (old or marker.exists()) and not cfg.overwrite:
         what = "an interrupted synth's AOI" if marker.exists() else "an AOI"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dataio.atomic import atomic_write_text
+from dataio.atomic import atomic_write_text, check_writable
 from dataio.prepare import DEFAULT_SPLIT, split_counts
 from launch.report import write_report
 from postproc.pools import ignore_further_sigint, run_to_end, say, sigint_once
@@ -150,6 +150,9 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {out} holds files but no stages.json: it is no demo's "
                          "directory, and the demo would replace or delete what is there; give a "
                          "new or empty directory")
+    # NOTE: one this user cannot write failed after the checks, with exit code 1 and
+    # "[Errno 13] Permission denied" naming OUT or a temporary file of stages.json
+    check_writable(out / "stages.json", "--out", given=out)
 
 
 def run_demo(demo: Demo, fresh: bool = False) -> dict:

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, announce=env.is_main)
     check_writable(args.out, "--out", _inputs(args))
     if args.geojson is not None:
-        check_writable(args.geojson / "x.geojson", "--geojson")
+        check_writable(args.geojson / "x.geojson", "--geojson", given=args.geojson)
         # NOTE: the GeoJSON publish marks its directory (predio.begin_publish): in --pred, a run
         # cut short (a full disk at the CSV's commit, a kill) left the prediction refused, with
         # "rerun trainer.predict", though its shards were whole, and a rerun here was refused.

@@ -206,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # --out is the PNG with --curves, else the directory of tile pictures
-    check_writable(args.out if args.curves is not None else args.out / "tile.png", "--out")
+    if args.curves is not None:
+        check_writable(args.out, "--out")
+    else:
+        check_writable(args.out / "tile.png", "--out", given=args.out)
     if args.curves is not None:
         return _curves(args)
     from tqdm import tqdm

@@ -347,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     shards = list_pred_shards(args.pred)
     run = _run_dir(args)
     # the outputs are checked before the grid runs: it writes them only at the end
-    for path, what in ((run / SETTINGS, "--run-dir"), (args.json, "--json")):
+    # NOTE: a run directory taken from provenance.json is named so, with the flag that changes
+    # it: a user who gave no --run-dir was told "--run-dir RUN/postproc.json" is not writable
+    where = ("--run-dir" if args.run_dir is not None
+             else f"--run-dir (default: the run_dir in {args.pred / 'provenance.json'})")
+    for path, what, given in ((run / SETTINGS, where, run), (args.json, "--json", None)):
         if path is not None:
-            check_writable(path, what, (("--truth", args.truth),))
+            check_writable(path, what, (("--truth", args.truth),), given=given)
     truth = read_truth_csv(args.truth).polygons
     if not truth:
         raise ValueError(f"--truth {args.truth}: no images in the truth CSV")

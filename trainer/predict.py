@@ -255,7 +255,7 @@ def _predict(args: argparse.Namespace) -> int:
         say(f"trainer.predict: error: {ckpt_path} not found{hint}")
         return 2
     try:  # (an --out that is a file, or under one, was "[Errno 20] Not a directory: '...'")
-        check_writable(args.out / PROVENANCE, "--out")
+        check_writable(args.out / PROVENANCE, "--out", given=args.out)
     except ValueError as e:
         say(f"trainer.predict: error: {e}")
         return 2

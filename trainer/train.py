@@ -86,7 +86,7 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
             read_truth_csv(args.data / "val" / "truth.csv")
         except (ValueError, OSError) as e:  # CsvError names the file and the line
             raise ConfigError(f"--data {args.data}: {e} (or set train.val_f1=false)") from None
-    check_writable(args.run_dir / "config.json", "--run-dir")  # it is a directory
+    check_writable(args.run_dir / "config.json", "--run-dir", given=args.run_dir)
     return cfg, given
 
 

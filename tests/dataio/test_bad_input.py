@@ -339,13 +339,13 @@ def test_an_out_that_cannot_be_made_is_one_line(raw: Path, tmp_path: Path,
     blocker.write_text("")
     assert prep.main(["--raw", str(raw), "--out", str(blocker / "d"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == (f"dataio.prepare: error: --out {blocker / 'd' / 'manifest.json'}: "
+    assert err.strip() == (f"dataio.prepare: error: --out {blocker / 'd'}: "
                            f"{blocker} is not a directory")
     # the same for synth, whose --out that is a file was "[Errno 17] File exists: 'file'"
     for out in (blocker, blocker / "aoi"):
         assert synth_main(["--out", str(out), "--tiles", "1", "--size", "32"]) == 2
         err = capsys.readouterr().err
-        assert err.strip() == (f"dataio.synth: error: --out {out / '.synth-incomplete'}: "
+        assert err.strip() == (f"dataio.synth: error: --out {out}: "
                                f"{blocker} is not a directory")
 
 

@@ -440,3 +440,25 @@ def test_polygonize_provenance_cases(tuned, tmp_path, capsys):
         assert run_main(polygonize.main, argv) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("error:") and want in last, last
+
+
+def test_a_run_dir_from_provenance_that_cannot_be_written_says_where_it_came_from(
+        pred_dir, tmp_path, capsys, monkeypatch):
+    """No --run-dir given: the message was "--run-dir RUN/postproc.json: RUN is not writable",
+    a flag the user never gave, naming a file in it; it says it is provenance's, and the flag."""
+    import os
+
+    src, truth = pred_dir
+    pred, run = tmp_path / "PRED", tmp_path / "RUN"
+    pred.mkdir()
+    run.mkdir()
+    (pred / "pred-000000.tar").write_bytes((src / "pred-000000.tar").read_bytes())
+    (pred / "provenance.json").write_text(json.dumps({"run_dir": str(run)}))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == run and
+                        mode & os.W_OK else real(p, mode, **kw))
+    assert run_main(tune.main, ["--pred", pred, "--truth", truth, "--workers", 1]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"error: --run-dir (default: the run_dir in {pred / 'provenance.json'}) "
+                    f"{run}: {run} is not writable"), last
+    assert list(run.iterdir()) == []
