@@ -553,12 +553,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", type=Path, action="append", required=True,
                    help="a SpaceNet AOI directory (repeat for several)")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
-    p.add_argument("--split", type=_parse_split, default=DEFAULT_SPLIT)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))))
-    p.add_argument("--shard-size", type=int, default=200, help="samples per shard")
+    p.add_argument("--split", type=_parse_split, default=DEFAULT_SPLIT,
+                   help="train,val,test weights (default "
+                   f"{','.join(f'{w:g}' for w in DEFAULT_SPLIT)})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split's shuffle (default %(default)s)")
+    p.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+                   help="worker processes (default: this machine's cores, at most 4)")
+    p.add_argument("--shard-size", type=int, default=200,
+                   help="samples per shard (default %(default)s)")
     p.add_argument("--boundary-width", type=float, default=DEFAULT_BOUNDARY_WIDTH,
-                   help="boundary band, px on each side of every outline")
+                   help="boundary band, px on each side of every outline (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

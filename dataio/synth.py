@@ -226,14 +226,20 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dataio.synth", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="AOI directory to create")
-    p.add_argument("--tiles", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--aoi", default="AOI_2_Vegas", help="AOI name used in file names and ImageIds")
-    p.add_argument("--size", type=int, default=650, help="tile width and height in pixels")
-    p.add_argument("--gsd", type=float, default=0.3, dest="gsd_m", help="metres per pixel")
-    p.add_argument("--crs", default="EPSG:4326", help="raster CRS (e.g. EPSG:32611 for UTM)")
-    p.add_argument("--label-crs", default="OGC:CRS84", help="GeoJSON CRS (legacy crs member)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--tiles", type=int, default=20, help="tiles to write (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="scene seed (default %(default)s)")
+    p.add_argument("--aoi", default="AOI_2_Vegas",
+                   help="AOI name used in file names and ImageIds (default %(default)s)")
+    p.add_argument("--size", type=int, default=650,
+                   help="tile width and height in pixels (default %(default)s)")
+    p.add_argument("--gsd", type=float, default=0.3, dest="gsd_m",
+                   help="metres per pixel (default %(default)s)")
+    p.add_argument("--crs", default="EPSG:4326",
+                   help="raster CRS (default %(default)s; e.g. EPSG:32611 for UTM)")
+    p.add_argument("--label-crs", default="OGC:CRS84",
+                   help="GeoJSON CRS (legacy crs member; default %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an AOI already in --out")
     args = p.parse_args(argv)
     try:

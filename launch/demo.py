@@ -213,15 +213,20 @@ def training_procs(requested: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("demo"))
-    p.add_argument("--tiles", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("demo"),
+                   help="directory for everything the demo writes (default %(default)s)")
+    p.add_argument("--tiles", type=int, default=300,
+                   help="tiles of the synthetic AOI (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of synth and prepare (default %(default)s)")
     p.add_argument("--nproc", type=int, default=None,
                    help="training processes (torchrun; default 2, at most one per GPU)")
-    p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    p.add_argument("--config", type=Path, default=Path("configs/demo.toml"),
+                   help="training preset (default %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a training config value")
-    p.add_argument("--render-tiles", type=int, default=4)
+    p.add_argument("--render-tiles", type=int, default=4,
+                   help="test tiles drawn in the report (default %(default)s)")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over")
     args = p.parse_args(argv)
     # NOTE: everything the later stages would refuse is checked here, before minutes of synth

@@ -216,14 +216,16 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.predict",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--run-dir", type=Path, required=True, help="the training run directory")
+    p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="split of --data to predict (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="directory for pred-NNNNNN.tar")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file (default: RUN/checkpoints/best.pt)")
     p.add_argument("--tta", action="store_true", help="average over flips (4x the compute)")
-    p.add_argument("--shard-size", type=int, default=100, help="tiles per prediction shard")
+    p.add_argument("--shard-size", type=int, default=100,
+                   help="tiles per prediction shard (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=0, help="default: the run's data.batch_size")
     args = p.parse_args(argv)
     if args.shard_size < 1:
