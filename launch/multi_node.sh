@@ -18,7 +18,13 @@
 #   OMP_NUM_THREADS  CPU threads per process (default 1, whatever NPROC)
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^set -euo pipefail/ s/^# //p' "$0"; exit 2; }  # the usage above
-: "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"
+# (not ${MASTER_ADDR:?}: bash's own words, "line 21: MASTER_ADDR: ...", and exit 1, where every
+# other setting this script refuses is one "error:" line and exit 2)
+if [ -z "${MASTER_ADDR:-}" ]; then
+    echo "error: MASTER_ADDR is not set: give the rendezvous host, the same on every node" \
+        "(e.g. MASTER_ADDR=node0)" >&2
+    exit 2
+fi
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
 # NOTE: from the caller's directory, as given: the command below runs from the repository
 # root, where a relative RUN put the run inside the checkout and DATA read its data/.

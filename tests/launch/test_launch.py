@@ -39,7 +39,10 @@ def test_multi_node_needs_a_rendezvous_host() -> None:
     env = {"PATH": "/usr/bin:/bin"}
     res = subprocess.run(["bash", "launch/multi_node.sh", "c", "d", "r"], capture_output=True,
                          text=True, timeout=30, env=env)
-    assert res.returncode != 0 and "MASTER_ADDR" in res.stderr
+    # (one line and exit 2, as every other setting the script refuses; it was bash's
+    # "launch/multi_node.sh: line 21: MASTER_ADDR: ..." and exit 1)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: MASTER_ADDR is not set") and res.stderr.count("\n") == 1
 
 
 def test_slurm_batch_file_is_valid_bash() -> None:
