@@ -474,8 +474,7 @@ def test_an_out_that_is_a_file_or_under_one_is_named_before_the_work(
         assert predict(["--run-dir", str(tmp_path / "run"), "--data", str(tmp_path), "--out",
                         str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"trainer.predict: error: --out {out / 'provenance.json'}: {shard} is "
-                       "not a directory"]
+        assert err == [f"trainer.predict: error: --out {out}: {shard} is not a directory"]
     assert shard.read_bytes() == b"x"
 
 
