@@ -6,4 +6,9 @@
 - ``label``, ``grow``, ``trace``, ``iou``, ``pngfast``: the numba kernels behind them.
 - ``runner``: all cores and torchrun ranks over a directory of shards. ``geojson``: GeoJSON output.
 - ``synthmask``: synthetic masks with known footprints for tests and benchmarks.
+- ``numbacache``: a cache directory for the kernels where numba has none of its own.
 """
+
+from postproc.numbacache import ensure_cache_dir
+
+ensure_cache_dir()  # (before any kernel module imports numba)

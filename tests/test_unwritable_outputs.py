@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -27,12 +28,13 @@ NOBODY = 65534
 SETPRIV = shutil.which("setpriv")
 
 
-def _as_nobody(args: list[str], home: Path) -> subprocess.CompletedProcess:
+def _as_nobody(args: list[str], home: Path, **env_vars: str) -> subprocess.CompletedProcess:
     cmd = [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
            *args]
     # (HOME: numba's cache for a checkout nobody cannot write goes under it)
-    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TMPDIR=str(home))
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(home), **env_vars}
+    env.pop("NUMBA_CACHE_DIR", None)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -178,3 +180,17 @@ def test_an_output_directory_is_named_as_given(module: str, flag: str, tmp_path:
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and last.endswith(f"{flag} {given}: {tmp_path / 'file'} is not a directory"), \
         last
+
+
+def test_the_kernels_load_for_an_account_with_no_cache_of_its_own(scratch: Path) -> None:
+    """nobody can write neither the checkout's postproc/__pycache__ nor its home (/nonexistent,
+    as /etc/passwd has it): every postproc command died at import with numba's "RuntimeError:
+    cannot cache function '_find': no locator available". The cache goes to a 0700 directory
+    of its own under TMPDIR instead."""
+    home = scratch / "home"
+    result = _as_nobody(["-c", "import postproc.score, postproc.polygonize"], home,
+                        HOME="/nonexistent", XDG_CACHE_HOME="")
+    assert result.returncode == 0, result.stderr
+    cache = home / f"footprints-numba-{NOBODY}"
+    assert cache.is_dir() and cache.stat().st_uid == NOBODY and \
+        stat.S_IMODE(cache.stat().st_mode) == 0o700
