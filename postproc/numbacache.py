@@ -38,8 +38,9 @@ def private_dir() -> Path | None:
     """``<temp dir>/footprints-numba-<uid>``, made 0700 and used only while it is this user's
     alone (compiled code is loaded from it: another account could plant some), else a fresh
     directory; None where the temp dir cannot be written either."""
-    path = Path(tempfile.gettempdir()) / f"footprints-numba-{os.getuid()}"
     try:
+        # NOTE: in the try: with no writable temp dir at all gettempdir raises (FileNotFoundError)
+        path = Path(tempfile.gettempdir()) / f"footprints-numba-{os.getuid()}"
         with contextlib.suppress(FileExistsError):
             path.mkdir(mode=0o700)
         st = path.lstat()

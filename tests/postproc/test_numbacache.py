@@ -50,3 +50,14 @@ def test_numbas_own_places_and_a_given_dir_are_left_alone(no_cache_of_its_own: P
     numbacache.ensure_cache_dir()
     assert os.environ[numbacache.ENV] == "/somewhere/chosen"
     assert not list(no_cache_of_its_own.iterdir())
+
+
+def test_no_writable_temp_dir_either_leaves_it_to_numba(no_cache_of_its_own: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def none_usable() -> str:
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", none_usable)
+    assert numbacache.private_dir() is None
+    numbacache.ensure_cache_dir()  # (importing postproc must not fail here: numba says why)
+    assert os.environ[numbacache.ENV] == ""
