@@ -32,12 +32,12 @@ def find_blobs(prob: np.ndarray, st: int, ft: int, radius2: int, layers: int, ra
     ``radius2`` (0 layers: no growth). Seeds: building > ``st``; eligible: building + boundary
     > ``ft`` (uint8 units, ft <= st).
 
-    ``rasters``: padded codes, lab, and growth's seed offsets (see ``postproc.grow``); ``uf``:
-    union-find parent, first pixel, pixel count and confidence sum per provisional label;
-    ``runs``: the eligible runs (see ``label.row_runs``, for ``label.seedless``); ``rows``: row
-    buffers and ``queue`` growth's queues, >= ``layers`` of them (see
-    ``polygonize.Workspace``). Returns the number of provisional labels (``label.finish`` makes
-    the blobs of them) and of eligible runs.
+    ``rasters``: padded codes and lab; ``uf``: union-find parent, first pixel, pixel count and
+    confidence sum per provisional label; ``runs``: the eligible runs (see ``label.row_runs``,
+    for ``label.seedless``); ``rows``: row buffers and ``queue`` growth's queues, >= ``layers``
+    of them, and its best candidates (see ``postproc.grow`` and ``polygonize.Workspace``).
+    Returns the number of provisional labels (``label.finish`` makes the blobs of them) and of
+    eligible runs.
     """
     codes, lab = rasters
     first_prov, cnt_prov, sum_prov = uf[1], uf[2], uf[3]
