@@ -112,3 +112,18 @@ def test_odd_widths_and_degenerate_tiles_match():
     band = np.zeros((16, 24, 3), np.uint8)
     band[..., 2] = 255
     assert_equivalent(band, PolygonizeConfig(min_polygon_area=0))
+
+
+@pytest.mark.parametrize("radius", [25.0, 50.0])
+def test_long_growth_through_the_candidate_ring_matches(radius):
+    """Radii above RADII's 12 px: growth's layers (up to 71) share the ring of best candidates
+    (``Workspace.queue``: 128 or 256 rows here), so tiles taller than it wrap it while far
+    layers still hold offers; sparse seeds in a full band make those layers busy."""
+    rng = np.random.default_rng(int(radius))
+    for _ in range(4):
+        h, w = int(rng.integers(300, 600)), int(rng.integers(3, 24))
+        b = np.where(rng.random((h, w)) < 0.004, 200, 10).astype(np.uint8)
+        band = np.where(rng.random((h, w)) < 0.995, 80, 0).astype(np.uint8)
+        prob = np.stack([255 - b - band, b, band], -1).astype(np.uint8)
+        assert_equivalent(prob, PolygonizeConfig(building_threshold=0.5, footprint_threshold=0.2,
+                                                 grow_radius=radius, min_polygon_area=0.0))
