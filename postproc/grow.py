@@ -16,7 +16,7 @@ as one int64 whose integer order is the tie order above, so layer ``l + 1`` only
 The offers are exactly the candidates that can win: a pixel queued for layer ``l + 1`` has no
 seed neighbour (it would be in layer 0) and no neighbour from a layer before ``l`` whose seed
 reaches it (that one would have queued it earlier). Pulling (reading four neighbours' codes and
-seeds again at decision time) cost ~6% more of the sweep.
+seeds again at decision time) cost 3-6% more of the sweep.
 
 A layer's row only reads rows next to it, so the layers need not sweep the tile one after the
 other: ``grow_row`` does one layer of one row, and the sweep runs layer ``l`` two rows behind
