@@ -20,13 +20,20 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from postproc.pools import interrupted
+
+if TYPE_CHECKING:
+    import torch
+
+# NOTE: torch is imported in the functions that need it, not here: the postproc commands
+# (polygonize, score, tune) import this module for DistEnv and the agreement helpers, and a plain
+# ``python -m postproc.score`` (one process, no group) spent ~1.7 s of its start importing torch
+# for nothing. Only a torchrun run (WORLD_SIZE > 1) or the trainer, which has torch anyway,
+# needs it; the helpers below answer a single process without it (see _active).
 
 log = logging.getLogger("footprints")
 T = TypeVar("T")
@@ -85,6 +92,9 @@ class DistEnv:
 
 def default_backend() -> str:
     """NCCL where CUDA is present, gloo otherwise."""
+    import torch
+    import torch.distributed as dist
+
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
@@ -92,6 +102,8 @@ def check_one_gpu_each(procs: int, setting: str = "torchrun --nproc_per_node=") 
     """NCCL needs a GPU of its own for each process of a node: ``procs`` processes that all see
     the same, fewer CUDA devices would share one and fail in NCCL ("Duplicate GPU detected").
     ``setting`` names what sets ``procs`` (the message appends the count to it)."""
+    import torch
+
     gpus = torch.cuda.device_count()
     if procs > gpus:
         raise ValueError(
@@ -102,6 +114,8 @@ def check_one_gpu_each(procs: int, setting: str = "torchrun --nproc_per_node=") 
 
 def device_for(env: DistEnv) -> torch.device:
     """The device this rank computes on: its local GPU, or the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
@@ -117,7 +131,9 @@ def init(env: DistEnv | None = None, backend: str | None = None,
     env = env or DistEnv.from_env()
     setup_logging(env)
     watch_agent(env)
-    if env.distributed and not dist.is_initialized():
+    if env.distributed and not _active():
+        import torch.distributed as dist
+
         backend = backend or default_backend()
         kwargs: dict[str, Any] = {}
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -195,7 +211,9 @@ def watch_agent(env: DistEnv, poll_s: float = 1.0) -> None:
 
 def teardown() -> None:
     """Destroy the process group if one exists (always call this, also on errors)."""
-    if dist.is_available() and dist.is_initialized():
+    if _active():
+        import torch.distributed as dist
+
         exc = sys.exc_info()[1]
         if exc is not None:
             # NOTE: called in a ``finally`` while an exception (a Ctrl-C, an error) is on its
@@ -223,6 +241,8 @@ def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed python, numpy and torch; each rank gets its own stream derived from the seed."""
+    import torch
+
     s = seed + 1_000_003 * rank
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -230,33 +250,53 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def _active() -> bool:
+    """Is a process group up? False without importing torch where torch.distributed was never
+    imported: no group can exist then (a single process of a postproc command)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
 def backend_name() -> str | None:
     """The process group's backend ("gloo", "nccl"), None in a process without one."""
-    return str(dist.get_backend()) if _active() else None
+    if not _active():
+        return None
+    import torch.distributed as dist
+
+    return str(dist.get_backend())
 
 
 def _reduce_device() -> torch.device:
     # NCCL reduces only CUDA tensors; gloo only CPU ones.
-    if _active() and dist.get_backend() == "nccl":
+    import torch
+
+    if backend_name() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def all_reduce_sum(values: torch.Tensor | np.ndarray | list[float]) -> torch.Tensor:
     """Sum a vector over all ranks (identity in a single process). Returns a CPU float64 tensor."""
+    import torch
+
     t = torch.as_tensor(np.asarray(values, dtype=np.float64)).to(_reduce_device())
     if _active():
+        import torch.distributed as dist
+
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu()
 
 
 def agree_any(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (a collective stop/skip decision)."""
+    import torch
+
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_reduce_device())
     if _active():
+        import torch.distributed as dist
+
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -265,6 +305,8 @@ def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` on every rank (picklable objects; small payloads only)."""
     if not _active():
         return [obj]
+    import torch.distributed as dist
+
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -361,6 +403,8 @@ def agree_on(what: str, error: BaseException | None) -> None:
 
 def barrier() -> None:
     if _active():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -368,6 +412,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (how rank 0's decisions reach the others)."""
     if not _active():
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]

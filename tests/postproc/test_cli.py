@@ -53,6 +53,37 @@ def test_help_exits_zero(capsys):
     assert "--pred" in capsys.readouterr().out
 
 
+_NO_TORCH = """
+import sys
+from postproc import polygonize, score, tune
+from postproc.cli import exit_on_error
+
+pred, truth, out, run = sys.argv[1:]
+for main, argv in (
+        (polygonize.main, ["--pred", pred, "--out", out, "--workers", "1"]),
+        (score.main, ["--truth", truth, "--proposals", out, "--workers", "1"]),
+        (tune.main, ["--pred", pred, "--truth", truth, "--run-dir", run, "--workers", "1",
+                     "--building-thresholds", "0.5", "--footprint-thresholds", "0.5",
+                     "--grow-radii", "0", "--min-polygon-areas", "0"])):
+    assert exit_on_error(lambda: main(argv)) == 0, main
+print("torch modules:", sorted(m for m in sys.modules if m.split(".")[0] == "torch")[:3])
+"""
+
+
+@pytest.mark.timeout(180)  # compiles the kernels when the numba cache is cold
+def test_one_process_commands_do_not_import_torch(tmp_path):
+    """A plain ``python -m postproc.score`` (no torchrun) has no process group and needs no torch:
+    trainer.dist, which main imports, imported it at its top (~1.7 s of each command's start)."""
+    pred, truth = make_pred_dir(tmp_path, shards=1, per_shard=2, size=64, buildings=3)
+    (tmp_path / "run").mkdir()
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH, str(pred), str(truth),
+                        str(tmp_path / "p.csv"), str(tmp_path / "run")],
+                       cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "p.csv").exists() and (tmp_path / "run" / "postproc.json").exists()
+    assert r.stdout.splitlines()[-1] == "torch modules: []", r.stdout[-500:]
+
+
 @pytest.mark.multiproc  # worker pools of 2 processes
 @pytest.mark.timeout(180)
 def test_polygonize_then_score(pred_dir, tmp_path, capsys):
