@@ -15,7 +15,8 @@ from pathlib import Path
 
 from benchmarks.proctree import kill_tree
 
-__all__ = ["REPO", "free_port", "interrupt_when", "kill_tree", "torchrun_cmd", "worker_env"]
+__all__ = ["REPO", "free_port", "interrupt_when", "kill_tree", "numba_interrupt", "torchrun_cmd",
+           "worker_env"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +109,13 @@ def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 1
         err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, "".join(before) + out,
                                            err.read())
+
+
+def numba_interrupt(cause: BaseException | None = None) -> None:
+    """Raise what numba raises for a Ctrl-C pressed while it boxes a kernel's returned arrays:
+    a SystemError with the press (``cause``, a KeyboardInterrupt by default) in its chain."""
+    try:
+        raise cause if cause is not None else KeyboardInterrupt()
+    except BaseException as e:
+        raise SystemError("<function _numba_unpickle> returned a result with an exception "
+                          "set") from e

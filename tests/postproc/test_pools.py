@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from proc_helpers import numba_interrupt
 
 from postproc.pools import (
     close_pool,
@@ -244,16 +245,9 @@ def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_a_keyboard_interrupt(
     benchmark's Ctrl-C test). Another SystemError stays what it is."""
     from postproc.pools import sigint_once
 
-    def numba_like(cause: BaseException) -> None:
-        try:
-            raise cause
-        except BaseException as e:
-            raise SystemError("<function _numba_unpickle> returned a result with an exception "
-                              "set") from e
-
     with pytest.raises(KeyboardInterrupt) as got, sigint_once():
-        numba_like(KeyboardInterrupt())
+        numba_interrupt(KeyboardInterrupt())
     assert isinstance(got.value.__cause__, SystemError)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(SystemError), sigint_once():
-        numba_like(ValueError("not a press"))
+        numba_interrupt(ValueError("not a press"))

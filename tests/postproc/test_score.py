@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import shapely
+from proc_helpers import numba_interrupt
 from shapely import affinity
 from shapely.geometry import Polygon, box
 
@@ -335,11 +336,7 @@ def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_one_line_not_a_rank_f
 
     def pressed(*args):
         calls.append(1)
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as e:
-            raise SystemError("<function _numba_unpickle> returned a result with an exception "
-                              "set") from e
+        numba_interrupt()
 
     def init_the_peers_never_join(env=None, *args, **kwargs):
         joined.append(1)

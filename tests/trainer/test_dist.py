@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from proc_helpers import numba_interrupt
 
 from trainer import checkpoint as ckpt
 from trainer import dist
@@ -111,15 +112,6 @@ def test_in_one_process_a_failure_is_raised_as_itself() -> None:
         assert e.value is err
 
 
-def _numba_like(cause: BaseException) -> None:
-    """What numba raises for a press while it boxes a kernel's returned arrays."""
-    try:
-        raise cause
-    except BaseException as e:
-        raise SystemError("<function _numba_unpickle> returned a result with an exception "
-                          "set") from e
-
-
 def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_not_agreed_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """It was taken for the share's failure: agreed on (a collective the interrupted peers
@@ -129,9 +121,9 @@ def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_not_agreed_on(
     agreed: list[BaseException | None] = []
     monkeypatch.setattr(dist, "agree_on", lambda what, error: agreed.append(error))
     with pytest.raises(KeyboardInterrupt) as e:
-        dist.on_every("writing predictions", lambda: _numba_like(KeyboardInterrupt()))
+        dist.on_every("writing predictions", lambda: numba_interrupt(KeyboardInterrupt()))
     assert isinstance(e.value.__cause__, SystemError) and agreed == []
-    dist.on_every("writing predictions", lambda: _numba_like(ValueError("not a press")))
+    dist.on_every("writing predictions", lambda: numba_interrupt(ValueError("not a press")))
     assert len(agreed) == 1 and isinstance(agreed[0], SystemError)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from proc_helpers import interrupt_when
+from proc_helpers import interrupt_when, numba_interrupt
 from trainer_helpers import REPO, run, torchrun_cmd
 
 from dataio.atomic import discard_staging_dir, fresh_staging_dir, missing_dirs
@@ -309,11 +309,7 @@ def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_one_line_and_leaves_o
     def pressed_in_the_second_shard(*args: object) -> tuple:
         calls.append(1)
         if len(calls) > 1:  # (the first shard is in the stage)
-            try:
-                raise KeyboardInterrupt
-            except KeyboardInterrupt as e:
-                raise SystemError("<function _numba_unpickle> returned a result with an "
-                                  "exception set") from e
+            numba_interrupt()
         return real(*args)
 
     monkeypatch.setattr(pngfast, "unfilter", pressed_in_the_second_shard)
