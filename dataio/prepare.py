@@ -372,15 +372,14 @@ def check_output(cfg: PrepareConfig) -> list[Path]:
     """Refuse to mix a new dataset into an old one; returns what --overwrite replaces (only our
     files), replaced by :func:`publish` once the new dataset is complete."""
     out = cfg.out
-    if not out.exists():
-        # (one under a file was "[Errno 20] Not a directory: 'OUT/.partial'", naming no flag)
-        check_writable(out / MANIFEST, "--out", given=out)
-        return []
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
-    # NOTE: an existing --out too: one this user cannot write was "[Errno 13] Permission
-    # denied: 'OUT/.partial'", naming no flag (and a read-only manifest was replaced)
+    # NOTE: one under a file was "[Errno 20] Not a directory: 'OUT/.partial'", and one this user
+    # cannot write "[Errno 13] Permission denied: 'OUT/.partial'", naming no flag (and a
+    # read-only manifest was replaced)
     check_writable(out / MANIFEST, "--out", given=out)
+    if not out.exists():
+        return []
     ours = [out / MANIFEST, *(out / s for s in SPLITS)]
     present = [p for p in ours if p.exists()]
     others = [p for p in out.iterdir() if p not in ours and p.name not in (STAGING, OLD)]

@@ -131,6 +131,17 @@ def interrupted(e: BaseException | None) -> bool:
     return False
 
 
+def raise_if_interrupted(e: BaseException) -> None:
+    """Raise the KeyboardInterrupt that ``e`` carries in its chain, if it does.
+
+    NOTE: a press while numba boxed the arrays a kernel returns (it calls into Python there)
+    comes out as "SystemError: ... returned a result with an exception set", the
+    KeyboardInterrupt only in its chain. Where an error is caught to be agreed on or reported,
+    that press must go on as the Ctrl-C it was (the command's one line and clean-up)."""
+    if not isinstance(e, KeyboardInterrupt) and interrupted(e):
+        raise KeyboardInterrupt from e
+
+
 @contextlib.contextmanager
 def sigint_once() -> Iterator[None]:
     """Inside: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step.
@@ -148,13 +159,9 @@ def sigint_once() -> Iterator[None]:
     before = signal.signal(signal.SIGINT, _interrupt_once)
     try:
         yield
-    except SystemError as e:
-        # NOTE: a press while numba boxed the arrays a kernel returns (it calls into Python
-        # there) came out as "SystemError: ... returned a result with an exception set", the
-        # KeyboardInterrupt only in its chain: a traceback instead of the command's one line.
-        if not interrupted(e):
-            raise
-        raise KeyboardInterrupt from e
+    except SystemError as e:  # (numba's form of a press: a traceback, not the one line)
+        raise_if_interrupted(e)
+        raise
     finally:  # (after a press its handler has set Ctrl-C aside: that stays)
         if signal.getsignal(signal.SIGINT) is _interrupt_once:
             signal.signal(signal.SIGINT, before)

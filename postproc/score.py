@@ -37,7 +37,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from postproc.iou import intersection_areas
-from postproc.pools import close_pool, ignore_sigint, interrupted, starting_workers
+from postproc.pools import close_pool, ignore_sigint, raise_if_interrupted, starting_workers
 
 CHUNK_IMAGES = 64
 
@@ -364,13 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         mine, error = score_parallel(truth, props, cfg, ids[env.rank::env.world_size], workers,
                                      progress=env.is_main), None
     except Exception as e:
-        if interrupted(e):
-            # NOTE: a Ctrl-C that numba reported as a SystemError (a press while it boxed the
-            # areas the IoU kernel returns, in this process with --workers 1) is no failure of
-            # this rank's images to agree on, but the KeyboardInterrupt it was, on its way at
-            # once (as trainer.dist.on_every does): it waited in dist.init for the interrupted
-            # peers, which never come, until the timeout, then left as a SystemError traceback.
-            raise KeyboardInterrupt from e
+        # NOTE: a Ctrl-C that numba reported as a SystemError (the IoU kernel in this process,
+        # --workers 1) is no failure of this rank's images: it waited in dist.init for the
+        # interrupted peers, which never come, until the timeout
+        raise_if_interrupted(e)
         mine, error = None, e
     try:
         env = dist.init(env)

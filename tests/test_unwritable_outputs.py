@@ -53,8 +53,11 @@ def scratch() -> Iterator[Path]:
         (base / "ro").mkdir(mode=0o755)
         probe = _as_nobody(["-c", "import dataio.atomic"], home)
         if probe.returncode != 0:
-            pytest.skip(f"nobody cannot run {sys.executable} on {ROOT}: "
-                        f"{probe.stderr.strip().splitlines()[-1:]}")
+            # (e.g. a checkout in a 0700 directory: `mktemp -d`; the root-free tests below
+            # still run)
+            closed = [str(d) for d in (ROOT, *ROOT.parents) if not d.stat().st_mode & 0o001]
+            pytest.skip(f"nobody cannot run {sys.executable} on {ROOT} (directories it cannot "
+                        f"enter: {closed or 'none'}): {probe.stderr.strip().splitlines()[-1:]}")
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)

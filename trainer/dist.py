@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from postproc.pools import interrupted
+from postproc.pools import raise_if_interrupted
 
 if TYPE_CHECKING:
     import torch
@@ -370,13 +370,10 @@ def on_every(what: str, fn: Callable[[], T]) -> T:
     try:
         result, error = fn(), None
     except Exception as e:
-        if interrupted(e):
-            # NOTE: a Ctrl-C that numba reported as a SystemError (a press while it boxed a
-            # kernel's returned arrays: the polygonizer in validation, the PNG read-back of
-            # trainer.predict's shards) is no failure of this share to agree on, but the
-            # KeyboardInterrupt it was: on its way at once, as a plain one is, so that the
-            # command's Ctrl-C clean-up and line see it (postproc.pools.sigint_once)
-            raise KeyboardInterrupt from e
+        # a Ctrl-C that numba reported as a SystemError (the polygonizer in validation, the
+        # PNG read-back of trainer.predict's shards) is no failure of this share to agree on:
+        # on its way at once, as a plain one is
+        raise_if_interrupted(e)
         result, error = None, e
     agree_on(what, error)
     return result  # type: ignore[return-value]
