@@ -7,11 +7,13 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -116,15 +118,18 @@ def _checking_python(path: Path) -> Path:
     return path
 
 
-def _slurm(tmp_path: Path, extra: dict[str, str] | None = None, argv: list[str] | None = None,
-           on_this_host: bool = False, **slurm: str | None) -> subprocess.CompletedProcess[str]:
-    """Run slurm.sbatch as Slurm would on a two-node allocation (``srun`` recorded, not run);
-    ``slurm`` overrides SLURM_* variables, None leaves one unset; ``extra`` adds variables;
-    ``argv`` replaces CONFIG DATA RUN; ``on_this_host`` makes the first node 127.0.0.1 and
-    checks its rendezvous port for real."""
+def _slurm_job(tmp_path: Path, extra: dict[str, str] | None = None,
+               argv: list[str] | None = None, on_this_host: bool = False,
+               **slurm: str | None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of slurm.sbatch as Slurm would run it on a two-node
+    allocation: ``srun`` recorded to srun.out, not run; ``scontrol`` gives the node list and
+    appends each call to scontrol.log. Arguments as for :func:`_slurm`."""
     _recorder(tmp_path / "srun")
     head = "127.0.0.1" if on_this_host else "gpu07"
-    (tmp_path / "scontrol").write_text(f"#!/usr/bin/env bash\nprintf '{head}\\ngpu08\\n'\n")
+    (tmp_path / "scontrol").write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "scontrol.log"}\n'
+        f"[ \"$1\" = show ] && printf '{head}\\ngpu08\\n'\n"
+        f'[ "$1" = requeue ] && exit "${{FAKE_REQUEUE_STATUS:-0}}"\nexit 0\n')
     (tmp_path / "scontrol").chmod(0o755)
     (tmp_path / ".venv" / "bin").mkdir(parents=True, exist_ok=True)  # its --check passes
     python = tmp_path / ".venv" / "bin" / "python"
@@ -139,9 +144,17 @@ def _slurm(tmp_path: Path, extra: dict[str, str] | None = None, argv: list[str] 
     env = {k: v for k, v in env.items() if v is not None}
     env["PATH"] = f"{tmp_path}:{os.environ['PATH']}"
     env.update(extra or {})
-    return subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"),
-                           *(argv or ["cfg.toml", "DATA", "RUN"])],
-                          capture_output=True, text=True, timeout=60, env=env)
+    return ["bash", str(LAUNCH / "slurm.sbatch"), *(argv or ["cfg.toml", "DATA", "RUN"])], env
+
+
+def _slurm(tmp_path: Path, extra: dict[str, str] | None = None, argv: list[str] | None = None,
+           on_this_host: bool = False, **slurm: str | None) -> subprocess.CompletedProcess[str]:
+    """Run slurm.sbatch as Slurm would on a two-node allocation (``srun`` recorded, not run);
+    ``slurm`` overrides SLURM_* variables, None leaves one unset; ``extra`` adds variables;
+    ``argv`` replaces CONFIG DATA RUN; ``on_this_host`` makes the first node 127.0.0.1 and
+    checks its rendezvous port for real."""
+    cmd, env = _slurm_job(tmp_path, extra, argv, on_this_host, **slurm)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path) -> None:
@@ -499,6 +512,128 @@ def test_slurm_takes_a_master_port_given(tmp_path: Path) -> None:
     res = _slurm(tmp_path, extra={"MASTER_PORT": "29999"})
     assert res.returncode == 0, res.stderr
     assert _endpoint(tmp_path) == "--rdzv-endpoint=gpu07:29999"
+
+
+def test_slurm_asks_for_a_requeue_signal_and_keeps_its_log() -> None:
+    """(a job at its 24 h limit was killed, to be noticed and resubmitted by hand; a requeued
+    job's %x-%j.out is truncated unless opened for appending)"""
+    lines = (LAUNCH / "slurm.sbatch").read_text().splitlines()
+    directives = {line.split()[1] for line in lines if line.startswith("#SBATCH ")}
+    assert {"--requeue", "--open-mode=append"} <= directives
+    signal_at = [d for d in directives if d.startswith("--signal=B:USR1@")]
+    assert len(signal_at) == 1 and int(signal_at[0].rsplit("@", 1)[1]) >= 60  # (Slurm's step)
+
+
+def _training_slurm_job(tmp_path: Path, extra: dict[str, str] | None = None
+                        ) -> subprocess.Popen[bytes]:
+    """slurm.sbatch started with an ``srun`` that trains until it is signalled (its pid in
+    srun.pid once the batch shell has started it); the script's stdout and stderr go to the
+    files out and err."""
+    cmd, env = _slurm_job(tmp_path, extra)
+    (tmp_path / "srun").write_text(f"#!/usr/bin/env bash\necho $$ > {tmp_path / 'srun.tmp'}\n"
+                                   f"mv {tmp_path / 'srun.tmp'} {tmp_path / 'srun.pid'}\n"
+                                   "exec sleep 600\n")
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        return subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+
+
+def _until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    """Wait (at most 30 s) until ``ready()``; fail at once if the script ends first."""
+    deadline = time.monotonic() + 30
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"exit {proc.poll()}: {(tmp_path / 'err').read_text()}")
+        time.sleep(0.05)
+
+
+def _ended(proc: subprocess.Popen[bytes]) -> None:
+    """Wait (at most 30 s) for ``proc`` to end; kill its session if it has not."""
+    try:
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _requeues(tmp_path: Path) -> list[str]:
+    return [c for c in (tmp_path / "scontrol.log").read_text().splitlines()
+            if c.startswith("requeue")]
+
+
+def test_slurm_near_its_time_limit_requeues_the_job_and_ends(tmp_path: Path) -> None:
+    """(the batch shell ran srun in the foreground: the USR1 that Slurm sends before the time
+    limit (#SBATCH --signal=B:USR1@...) killed it, and nothing requeued the job)"""
+    proc = _training_slurm_job(tmp_path)
+    try:
+        _until((tmp_path / "srun.pid").exists, proc, tmp_path)
+        os.kill(proc.pid, signal.SIGUSR1)  # (B: to the batch shell alone)
+    finally:
+        _ended(proc)
+    assert _requeues(tmp_path) == ["requeue 4242"], (tmp_path / "err").read_text()
+    out = (tmp_path / "out").read_text().splitlines()
+    assert len(out) == 1 and out[0].startswith("slurm.sbatch: job 4242 is near its time limit")
+    assert "requeueing it" in out[0] and (tmp_path / "err").read_text() == ""
+    # training stopped (srun TERMed, which it passes on to torchrun), not left running until
+    # Slurm's kill: the script ends with srun's status
+    assert proc.returncode == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp_path / "srun.pid").read_text()), 0)
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    ({"REQUEUE": "0"}, "out"), ({"FAKE_REQUEUE_STATUS": "1"}, "err")])
+def test_slurm_not_requeued_trains_on_until_slurm_ends_it(tmp_path: Path, extra: dict[str, str],
+                                                          said: str) -> None:
+    """REQUEUE=0, or a requeue Slurm refuses: one line, and the job trains on until the time
+    limit ends srun (TERMed here, as Slurm does), with srun's status (the USR1 killed the batch
+    shell, and with it the job, minutes before its time)."""
+    proc = _training_slurm_job(tmp_path, extra)
+    try:
+        _until((tmp_path / "srun.pid").exists, proc, tmp_path)
+        os.kill(proc.pid, signal.SIGUSR1)
+        _until(lambda: (tmp_path / said).read_text().endswith("\n"), proc, tmp_path)
+        assert proc.poll() is None  # training on
+        os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)  # the time limit
+    finally:
+        _ended(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, (tmp_path / "err").read_text()
+    assert _requeues(tmp_path) == (["requeue 4242"] if "FAKE_REQUEUE_STATUS" in extra else [])
+    line = (tmp_path / said).read_text().splitlines()
+    if "REQUEUE" in extra:
+        assert line == [
+            "slurm.sbatch: job 4242 is near its time limit (USR1); REQUEUE=0: not requeued, it "
+            "trains until Slurm ends it; rerun the same sbatch command to resume from the "
+            "newest complete checkpoint in RUN"]
+    else:  # (the fake scontrol says nothing of its refusal; the real one does)
+        assert len(line) == 1 and line[0].startswith(
+            "slurm.sbatch: warning: scontrol requeue 4242 failed; training goes on")
+
+
+@pytest.mark.parametrize(("status", "restarts"), [(3, "2"), (0, None)])
+def test_slurm_exits_with_sruns_status_and_names_its_restart(tmp_path: Path, status: int,
+                                                             restarts: str | None) -> None:
+    """srun in the background still gives the script its status; a requeued job (Slurm sets
+    SLURM_RESTART_COUNT) says so, under the same job id (same rendezvous id and port)."""
+    cmd, env = _slurm_job(tmp_path, restart_count=restarts)
+    (tmp_path / "srun").write_text(f"#!/usr/bin/env bash\nexit {status}\n")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == status, res.stderr
+    assert _requeues(tmp_path) == []
+    if restarts:
+        assert res.stdout.splitlines() == [
+            "slurm.sbatch: job 4242 requeued 2 time(s): resuming from the newest complete "
+            "checkpoint in RUN"]
+    else:
+        assert res.stdout == ""
+
+
+@pytest.mark.parametrize("value", ["yes", "2", " 1"])
+def test_slurm_names_a_bad_requeue_setting(tmp_path: Path, value: str) -> None:
+    res = _slurm(tmp_path, extra={"REQUEUE": value})
+    assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
+    assert res.stderr.startswith(f"error: REQUEUE={value}: give 1 ") and \
+        res.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "slurm.sbatch"])
