@@ -581,6 +581,28 @@ def test_slurm_near_its_time_limit_requeues_the_job_and_ends(tmp_path: Path) -> 
         os.kill(int((tmp_path / "srun.pid").read_text()), 0)
 
 
+def test_slurm_requeued_during_its_checks_starts_no_training(tmp_path: Path) -> None:
+    """(the trap was set just before srun: a USR1 during the config check killed the batch
+    shell, bash's default for USR1, and the job with it, not requeued)"""
+    cmd, env = _slurm_job(tmp_path)
+    checking, go = tmp_path / "checking", tmp_path / "go"
+    python = tmp_path / ".venv" / "bin" / "python"  # a --check that waits for the test
+    python.write_text(f"#!/usr/bin/env bash\ntouch {checking}\n"
+                      f"while [ ! -e {go} ]; do sleep 0.05; done\n")
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+    try:
+        _until(checking.exists, proc, tmp_path)
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.2)  # (bash takes the signal at once and runs the trap after the check)
+        go.touch()
+    finally:
+        _ended(proc)
+    assert proc.returncode == 0, (tmp_path / "err").read_text()
+    assert _requeues(tmp_path) == ["requeue 4242"]
+    assert not (tmp_path / "srun.out").exists()  # no training started, to be stopped at once
+
+
 @pytest.mark.parametrize(("extra", "said"), [
     ({"REQUEUE": "0"}, "out"), ({"FAKE_REQUEUE_STATUS": "1"}, "err")])
 def test_slurm_not_requeued_trains_on_until_slurm_ends_it(tmp_path: Path, extra: dict[str, str],
