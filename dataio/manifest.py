@@ -99,7 +99,21 @@ class Manifest:
         return int(self.data["bands"])
 
     @property
+    def labels(self) -> bool:
+        """Whether the dataset has labels (masks, truth CSVs); False for one prepared with
+        ``--images-only``. A manifest without the key is from before it: labelled."""
+        return self.data.get("labels", True) is not False
+
+    def require_labels(self, what: str) -> None:
+        """Raise :class:`ManifestError` naming the file if the dataset has no labels."""
+        if not self.labels:
+            raise ManifestError(f"{self.root / MANIFEST}: the dataset has no labels (prepared "
+                                f"with --images-only); {what} needs a labelled dataset (prepare "
+                                "one without --images-only)")
+
+    @property
     def num_classes(self) -> int:
+        self.require_labels("the class count")
         return len(self.data["class_frequencies"])
 
     def _split(self, split: str) -> dict[str, Any]:
@@ -125,6 +139,7 @@ class Manifest:
 
     @property
     def class_frequencies(self) -> list[float]:
+        self.require_labels("the loss's class frequencies")
         return list(self.data["class_frequencies"])
 
     def fingerprint(self, splits: tuple[str, ...] = ("train", "val")) -> str:
@@ -180,7 +195,12 @@ def _check_schema(path: Path, data: dict[str, Any]) -> None:
     stats = _mapping(path, "band_stats", data["band_stats"])
     for key in ("p2", "p98"):
         _numbers(path, f"band_stats.{key}", _field(path, "band_stats", stats, key), bands)
-    _numbers(path, "class_frequencies", data["class_frequencies"], NUM_CLASSES)
+    labels = data.get("labels", True)
+    if not isinstance(labels, bool):
+        raise _wrong(path, "labels", "true or false", labels)
+    # NOTE: a dataset without labels has no class pixels to count: null, not made-up numbers
+    if labels or data["class_frequencies"] is not None:
+        _numbers(path, "class_frequencies", data["class_frequencies"], NUM_CLASSES)
 
 
 def _check_shard_entry(path: Path, where: str, info: Any) -> None:

@@ -2,6 +2,11 @@
 
     python -m dataio.prepare --raw RAW [--raw RAW2 ...] --out DATA [--split 70,15,15] [--seed S]
                              [--workers N] [--shard-size K] [--boundary-width W] [--overwrite]
+    python -m dataio.prepare --raw RAW --out DATA --images-only     (new imagery, no labels)
+
+With ``--images-only`` only ``RAW/RGB-PanSharpen/`` is read (``geojson/`` may be absent, and is
+ignored if present) and every tile goes into the ``test`` split, for ``trainer.predict``: no
+truth CSVs, a manifest with ``"labels": false``, each sample's mask all ``MASK_PAD`` (no label).
 
 Tiles are processed in parallel and streamed into shards, so memory does not grow with the AOI.
 Unusable tiles are skipped and listed in the manifest with their reason. The dataset is complete
@@ -43,6 +48,7 @@ from dataio.atomic import (
     fsync_dir,
     missing_dirs,
 )
+from dataio.augment import MASK_PAD
 from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
@@ -52,6 +58,7 @@ from dataio.spacenet import (
     EMPTY,
     IMAGE_DIR,
     INCOMPLETE_MARKER,
+    LABEL_DIR,
     TRUTH_HEADER,
     image_id_of,
     label_path,
@@ -67,6 +74,7 @@ from postproc.pools import (
 
 ACCEPTED_DTYPES = ("uint16", "uint8")
 DEFAULT_SPLIT = (70.0, 15.0, 15.0)  # train:val:test weights
+IMAGES_ONLY_SPLIT = (0.0, 0.0, 1.0)  # --images-only: every tile is a test tile
 
 
 @dataclass
@@ -79,12 +87,16 @@ class PrepareConfig:
     shard_size: int = 200
     boundary_width: float = DEFAULT_BOUNDARY_WIDTH
     overwrite: bool = False
+    images_only: bool = False  # no labels read: every tile into test, masks all MASK_PAD
 
     def __post_init__(self) -> None:
         self.raw = [Path(r) for r in self.raw]
         self.out = Path(self.out)
         if not self.raw:
             raise ValueError("give at least one --raw AOI directory")
+        if self.images_only and tuple(self.split) != DEFAULT_SPLIT:
+            raise ValueError("--split and --images-only do not go together: without labels "
+                             "every tile goes into the test split")
         # NOTE: finite weights first: NaN passes both comparisons, and NaN, inf or weights whose
         # sum overflows would fail later in split_counts with a message not naming --split.
         if (len(self.split) != 3 or not all(math.isfinite(w) for w in self.split)
@@ -109,7 +121,7 @@ class PrepareConfig:
 class Tile:
     image_id: str
     tif: Path
-    label: Path
+    label: Path | None  # None: --images-only, the tile has no label
     split: str = ""
 
 
@@ -135,7 +147,10 @@ def scan(cfg: PrepareConfig) -> Scan:
             raise ValueError(f"--raw {raw}: incomplete, dataio.synth did not finish writing it "
                              f"({INCOMPLETE_MARKER} is there); rerun synth with --overwrite")
         tifs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
-        result.sources.append({"raw": str(raw), "tiles": len(tifs)})
+        source: dict[str, Any] = {"raw": str(raw), "tiles": len(tifs)}
+        if cfg.images_only:  # (main says so in one line)
+            source["labels_ignored"] = (raw / LABEL_DIR).is_dir()
+        result.sources.append(source)
         for tif in tifs:
             def skip(reason: str, iid: str = "", tif: Path = tif) -> None:
                 result.skipped.append({"image_id": iid, "path": str(tif), "reason": reason})
@@ -175,7 +190,8 @@ def scan(cfg: PrepareConfig) -> Scan:
                 skip("image has no geotransform (not georeferenced)", iid)
                 continue
             seen[iid] = tif
-            headers.append((Tile(iid, tif, label_path(raw, iid)), count, dtype))
+            label = None if cfg.images_only else label_path(raw, iid)
+            headers.append((Tile(iid, tif, label), count, dtype))
     if not headers:
         raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}")
     # NOTE: the model takes one band count, and the normalisation pools one radiometry (an
@@ -232,7 +248,10 @@ def assign_splits(tiles: list[Tile], weights: tuple[float, float, float],
 
 
 def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any]:
-    """Worker: read one tile, rasterise its mask, encode its sample. Never raises for bad input."""
+    """Worker: read one tile, rasterise its mask, encode its sample. Never raises for bad input.
+
+    A tile without a label (``--images-only``) gets a mask of ``MASK_PAD`` (the loader reads it
+    as no label), no building count and no truth rows; its pixels count in the statistics."""
     try:
         with gdal_env(), rasterio.open(tile.tif) as ds:
             pixels = ds.read()
@@ -244,17 +263,24 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
     if not is_invertible(transform):  # e.g. a pixel size of 0: no pixel has a place on the map
         return {"skip": "image has a degenerate geotransform"}
     image_crs = CRS.from_user_input(crs.to_wkt())
+    image = np.ascontiguousarray(pixels.transpose(1, 2, 0)).astype(np.uint16, copy=False)
+    meta = {
+        "image_id": tile.image_id, "crs": crs_to_string(image_crs),
+        "transform": list(transform)[:6], "width": width, "height": height, "bands": bands,
+        "building_count": None, "source": tile.tif.name,
+    }
+    if tile.label is None:
+        # NOTE: the shard format stays whole (both readers, the index check and the loader's
+        # backends need all three members); a mask of MASK_PAD is "no label" to every reader
+        mask = np.full((height, width), MASK_PAD, np.uint8)
+        return {"sample": encode_sample(tile.image_id, image, mask, meta), "rows": [],
+                "hist": BandStats.of_image(image), "classes": None, "notes": []}
     try:
         fp = read_footprints(tile.label, image_crs, transform, width, height)
     except LabelError as e:
         return {"skip": str(e)}
     mask = make_mask(fp.polygons, (height, width), boundary_width)
-    image = np.ascontiguousarray(pixels.transpose(1, 2, 0)).astype(np.uint16, copy=False)
-    meta = {
-        "image_id": tile.image_id, "crs": crs_to_string(image_crs),
-        "transform": list(transform)[:6], "width": width, "height": height, "bands": bands,
-        "building_count": len(fp.polygons), "source": tile.tif.name,
-    }
+    meta["building_count"] = len(fp.polygons)
     geo_precision = 10 if image_crs.is_geographic else 4
     rows = [[tile.image_id, k + 1, wkt_xyz(p, 4), wkt_xyz(to_geo(p, transform), geo_precision)]
             for k, p in enumerate(fp.polygons)]
@@ -427,8 +453,10 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     replaced = check_output(cfg)
     found = scan(cfg)
-    tiles = assign_splits(found.tiles, cfg.split, cfg.seed)
-    if tiles and not any(t.split == "train" for t in tiles):  # say so before the work, not after
+    tiles = assign_splits(found.tiles, IMAGES_ONLY_SPLIT if cfg.images_only else cfg.split,
+                          cfg.seed)
+    # (say so before the work, not after)
+    if tiles and not cfg.images_only and not any(t.split == "train" for t in tiles):
         raise ValueError(f"the training split would be empty: {len(tiles)} tile(s) at --split "
                          f"{','.join(f'{w:g}' for w in cfg.split)}; add tiles or raise its weight")
     # NOTE: the new dataset is built in a stage inside --out (same filesystem, so the moves are
@@ -461,6 +489,9 @@ def _build(cfg: PrepareConfig, out: Path, found: Scan, tiles: list[Tile], t0: fl
     with contextlib.ExitStack() as stack:
         truth = {}
         for s in SPLITS:
+            if cfg.images_only:  # no truth.csv; the split directories all the same (publish)
+                (out / s).mkdir(parents=True, exist_ok=True)
+                continue
             f = stack.enter_context(atomic_open(out / s / "truth.csv", "w", newline=""))
             truth[s] = csv.writer(f)
             truth[s].writerow(TRUTH_HEADER)
@@ -481,10 +512,11 @@ def _build(cfg: PrepareConfig, out: Path, found: Scan, tiles: list[Tile], t0: fl
                 if w is None:
                     w = writers[s] = ShardWriter(out / s, len(shards[s]))
                 w.write(res["sample"])
-                truth[s].writerows(res["rows"])
                 samples[s] += 1
-                buildings[s] += sum(1 for r in res["rows"] if r[1] != -1)
-                classes[s] += res["classes"]
+                if res["classes"] is not None:  # (a tile with a label)
+                    truth[s].writerows(res["rows"])
+                    buildings[s] += sum(1 for r in res["rows"] if r[1] != -1)
+                    classes[s] += res["classes"]
                 repaired += [{"image_id": tile.image_id, "note": n} for n in res["notes"]]
                 if res["hist"] is not None:
                     stats.add(res["hist"])
@@ -512,28 +544,43 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
               shards: dict[str, list[ShardInfo]], samples: dict[str, int],
               buildings: dict[str, int], skipped: list[dict[str, str]],
               repaired: list[dict[str, str]], seconds: float) -> dict[str, Any]:
+    labels = not cfg.images_only
     train = classes["train"]
-    if train.sum() == 0:
+    if labels and train.sum() == 0:
         raise ValueError("the training split is empty: add tiles or change --split")
+    if not labels and sum(samples.values()) == 0:  # (else "no training pixels" below)
+        raise ValueError(f"no tile of {', '.join(map(str, cfg.raw))} could be read (see the "
+                         "skipped tiles' reasons)")
+    # NOTE: without labels there is nothing to count: null, not zeros that read as "no building"
     return {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {"split": list(cfg.split), "seed": cfg.seed, "shard_size": cfg.shard_size,
+        # NOTE: labels false: --images-only; band_stats are then those of the test tiles
+        "labels": labels,
+        "config": {"split": list(cfg.split) if labels else list(IMAGES_ONLY_SPLIT),
+                   "seed": cfg.seed, "shard_size": cfg.shard_size,
                    "boundary_width": cfg.boundary_width},
         "sources": found.sources,
         "bands": found.bands,
         "dtype": "uint16",
         "layout": "HWC",
         "classes": ["background", "building", "boundary"],
-        "splits": {s: {"samples": samples[s], "buildings": buildings[s], "truth": f"{s}/truth.csv",
-                       "class_pixels": classes[s].tolist(),
+        "splits": {s: {"samples": samples[s], "buildings": buildings[s] if labels else None,
+                       "truth": f"{s}/truth.csv" if labels else None,
+                       "class_pixels": classes[s].tolist() if labels else None,
                        "shards": [i.to_json() for i in shards[s]]} for s in SPLITS},
         "band_stats": stats.to_json(),
-        "class_frequencies": (train / train.sum()).tolist(),
+        "class_frequencies": (train / train.sum()).tolist() if labels else None,
         "skipped": skipped,
         "repaired": repaired,
         "seconds": round(seconds, 3),
     }
+
+
+IMAGES_ONLY_HELP = (
+    "new imagery without labels: read only RAW/RGB-PanSharpen/ (geojson/ may be absent and is "
+    "ignored), put every tile into the test split for trainer.predict, write no truth.csv; the "
+    "manifest says \"labels\": false and training refuses the dataset; not with --split")
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:
@@ -552,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", type=Path, action="append", required=True,
                    help="a SpaceNet AOI directory (repeat for several)")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
-    p.add_argument("--split", type=_parse_split, default=DEFAULT_SPLIT,
+    # (default None: --images-only refuses a --split given, even the default's)
+    p.add_argument("--split", type=_parse_split, default=None,
                    help="train,val,test weights (default "
                    f"{','.join(f'{w:g}' for w in DEFAULT_SPLIT)})")
     p.add_argument("--seed", type=int, default=0,
@@ -564,15 +612,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boundary-width", type=float, default=DEFAULT_BOUNDARY_WIDTH,
                    help="boundary band, px on each side of every outline (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--images-only", action="store_true", help=IMAGES_ONLY_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.images_only and args.split is not None:
+        p.error("--split and --images-only do not go together: without labels every tile goes "
+                "into the test split")
     try:
         # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut
         # the removal of the stage or the pool's shutdown short
         with sigint_once():
-            cfg = PrepareConfig(raw=args.raw, out=args.out, split=args.split, seed=args.seed,
-                                workers=args.workers, shard_size=args.shard_size,
-                                boundary_width=args.boundary_width, overwrite=args.overwrite)
+            cfg = PrepareConfig(raw=args.raw, out=args.out, split=args.split or DEFAULT_SPLIT,
+                                seed=args.seed, workers=args.workers,
+                                shard_size=args.shard_size, boundary_width=args.boundary_width,
+                                overwrite=args.overwrite, images_only=args.images_only)
             m = prepare(cfg, progress=not args.quiet)
     except (ValueError, OSError) as e:
         print(f"dataio.prepare: error: {e}", file=sys.stderr)
@@ -584,7 +637,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     counts = ", ".join(f"{s} {m['splits'][s]['samples']}" for s in SPLITS)
     n = sum(m["splits"][s]["samples"] for s in SPLITS)
-    print(f"prepared {n} tiles into {cfg.out} ({counts}) in {m['seconds']:.1f}s "
+    for src in m["sources"]:
+        if src.get("labels_ignored"):
+            print(f"  {Path(src['raw']) / LABEL_DIR}: ignored (--images-only)")
+    print(f"prepared {n} tiles into {cfg.out} ({counts}"
+          f"{'; images only, no labels' if cfg.images_only else ''}) in {m['seconds']:.1f}s "
           f"({n / max(m['seconds'], 1e-9):.1f} tiles/s, {cfg.workers} workers); "
           f"skipped {len(m['skipped'])}")
     for s in m["skipped"][:10]:

@@ -140,3 +140,31 @@ def small_dataset(small_aoi, tmp_path_factory: pytest.TempPathFactory):
     out = small_aoi.parent / "DATA"
     prepare(PrepareConfig(raw=[small_aoi], out=out, shard_size=4, seed=0), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def unlabelled_aoi(tmp_path_factory: pytest.TempPathFactory):
+    """New imagery without labels, as SpaceNet's ``AOI_2_Vegas_Test_public``: 6 small (128 px)
+    tiles in ``RGB-PanSharpen/`` (UTM zone 11N, so a CRS of its own), no ``geojson/`` and no
+    ``summaryData/``."""
+    import shutil
+
+    from dataio.synth import SynthConfig, write_aoi
+
+    raw = tmp_path_factory.mktemp("unlabelled") / "AOI_2_Vegas_Test_public"
+    write_aoi(SynthConfig(out=raw, tiles=6, seed=11, size=128, crs="EPSG:32611"))
+    shutil.rmtree(raw / "geojson")
+    shutil.rmtree(raw / "summaryData")
+    return raw
+
+
+@pytest.fixture(scope="session")
+def images_only_dataset(unlabelled_aoi):
+    """``python -m dataio.prepare --raw AOI --out DATA --images-only`` of :func:`unlabelled_aoi`
+    (shards of 4: two shards)."""
+    from dataio.prepare import main
+
+    out = unlabelled_aoi.parent / "DATA"
+    assert main(["--raw", str(unlabelled_aoi), "--out", str(out), "--images-only",
+                 "--shard-size", "4", "--workers", "0", "--quiet"]) == 0
+    return out
