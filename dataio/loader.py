@@ -172,7 +172,9 @@ class Loader:
         self.index = SampleIndex.build(manifest, split)
         if not manifest.samples(split):  # (no shard was left out: there were none)
             raise DataError(f"split {split!r} of {manifest.root} is empty: dataio.prepare put no "
-                            "tile in it (see its --split)")
+                            "tile in it (see its --split" + (
+                                "; with --images-only every tile is in test)"
+                                if not manifest.labels else ")"))
         if not len(self.index):
             raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
                             f"shards left out: {self.index.skipped_detail or 'none listed'}")
@@ -182,6 +184,7 @@ class Loader:
         # NOTE: trainer.predict passes the run's (training) percentiles: a model sees its inputs
         # scaled as in training, whatever dataset it predicts on.
         self.norm = Normaliser(*(percentiles or manifest.percentiles()))
+        self.labels = manifest.labels  # False: masks are all MASK_PAD, IGNORE_INDEX in batches
         self.spec = cfg.aug_spec() if train else None
         self.device = resolve_device(device, rank)
         self.fingerprint = self.index.fingerprint()
@@ -286,7 +289,7 @@ class Loader:
         if mask.dtype != torch.int64:
             mask = (self._pool.empty(tuple(mask.shape), torch.int64).copy_(mask)
                     if mask.device.type == "cpu" else mask.long())
-        if rec.padded_pixels or not rec.valid.all():
+        if rec.padded_pixels or not rec.valid.all() or not self.labels:
             mask.masked_fill_(mask == MASK_PAD, IGNORE_INDEX)
         if rec.small_tile is not None and not self._told_small_tile:
             self._warn_small_tile(*rec.small_tile)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from dataio.augment import MASK_PAD
 from dataio.fixtures import write_dataset
+from dataio.loader import IGNORE_INDEX, LoaderConfig, build_loader
 from dataio.manifest import ManifestError, load_manifest
 from dataio.prepare import PrepareConfig
 from dataio.prepare import main as prepare_main
@@ -88,6 +90,23 @@ def test_shards_read_by_webdataset_and_dali(images_only_dataset: Path,
     for i in range(6):
         assert np.asarray(img.at(i)).dtype == np.uint16
         assert (np.asarray(mask.at(i)) == MASK_PAD).all()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_loader_gives_masks_of_ignore_index_only(images_only_dataset: Path,
+                                                 backend: str) -> None:
+    """Every pixel of such a batch is "no label" for a loss or a metric, in a batch full of
+    tiles too (before, MASK_PAD became IGNORE_INDEX only in batches with padding or a skip)."""
+    cfg = LoaderConfig(backend=backend, batch_size=3, num_threads=1, read_ahead=0)
+    keys = []
+    with build_loader(images_only_dataset, "test", cfg, train=False,
+                      device=torch.device("cpu")) as loader:
+        for batch in loader:
+            assert bool(batch.valid.all())  # (6 tiles, batches of 3: no padding)
+            assert (batch.mask == IGNORE_INDEX).all()
+            assert torch.isfinite(batch.image).all()
+            keys += batch.keys
+    assert len(keys) == 6
 
 
 def test_split_with_images_only_is_refused(unlabelled_aoi: Path, tmp_path: Path,
