@@ -77,6 +77,12 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         manifest = load_manifest(args.data)
     except ValueError as e:
         raise ConfigError(f"--data {args.data}: {e}") from None
+    # NOTE: a dataset prepared with --images-only has masks of "no label" only: every pixel is
+    # ignored by the loss, so training would run its epochs and learn nothing
+    if not manifest.labels:
+        raise ConfigError(f"--data {args.data}: no labels (prepared with --images-only): "
+                          "nothing to train on; train on a dataset prepared with its "
+                          "geojson/buildings/, and predict on this one with trainer.predict")
     # NOTE: the val truth is read by the Validator (same condition) in every worker, once
     # training has started: a corrupt one failed there and torchrun restarted the group on it
     if cfg.train.val_every > 0 and cfg.train.val_f1 and manifest.samples("val") > 0:

@@ -897,3 +897,28 @@ def test_a_compiled_run_resumes_mid_epoch_and_saves_plain_weights(small_dataset:
     assert set(ref) == set(got) == set(
         _trainer(small_dataset, tmp_path / "plain", ["model.compile=false"]).net.state_dict())
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "run"])
+def test_a_dataset_without_labels_is_refused_before_any_work(
+        images_only_dataset: Path, tmp_path: Path, check: bool, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A dataset of prepare --images-only has masks of "no label" only: training on it would run
+    its epochs on a loss of ignored pixels. Refused in one line with exit 2 by --check (the
+    launch scripts' check before torchrun) and by every worker, before any process group."""
+    import torch.distributed
+
+    from trainer.train import main
+
+    def group(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the process group was started")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", group)
+    argv = ["--config", "configs/tiny.toml", "--data", str(images_only_dataset), "--run-dir",
+            str(tmp_path / "run")]
+    assert main(["--check", *argv] if check else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"trainer.train: error: --data {images_only_dataset}: no labels (prepared with "
+        "--images-only)"), err
+    assert not (tmp_path / "run").exists()
