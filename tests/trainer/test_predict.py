@@ -736,3 +736,55 @@ def test_an_older_checkpoint_normalises_with_the_datas_percentiles(
     assert all(np.array_equal(same[k], p) for k, p in want.items()) and set(same) == set(want)
     other = _probs(trained_run, rescaled_dataset, tmp_path / "old2", "--checkpoint", str(old))
     assert any(not np.array_equal(other[k], p) for k, p in want.items())  # --data's scaling
+
+
+def test_footprints_for_new_imagery_without_labels(
+        trained_run: Path, images_only_dataset: Path, unlabelled_aoi: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """README's three commands for an AOI with no labels (SpaceNet's AOI_2_Vegas_Test_public):
+    prepare --images-only -> predict -> polygonize give every tile's proposals, and GeoJSON in
+    the tile's own CRS. (prepare refused --images-only before, and such an AOI gave no tile.)"""
+    import csv
+
+    import rasterio
+    import shapely
+    from shapely import affinity
+    from shapely.geometry import shape
+
+    from postproc.polygonize import main as polygonize
+
+    ids = sorted(t.name[len("RGB-PanSharpen_"):-4]
+                 for t in (unlabelled_aoi / "RGB-PanSharpen").glob("*.tif"))
+    pred = tmp_path / "pred"
+    assert predict(["--run-dir", str(trained_run), "--data", str(images_only_dataset),
+                    "--split", "test", "--out", str(pred)]) == 0
+    said = capsys.readouterr().out.lower()
+    assert f"wrote predictions for {len(ids)} tiles" in said
+    assert not any(w in said for w in ("f1", "iou", "precision", "recall"))  # nothing to score
+    assert sorted(_read(pred)) == ids
+    # (thresholds low enough that the briefly trained net proposes buildings in every tile)
+    assert polygonize(["--pred", str(pred), "--out", str(tmp_path / "proposals.csv"),
+                       "--geojson", str(tmp_path / "geo"), "--no-tuned", "--workers", "1",
+                       "--building-threshold", "0.2", "--footprint-threshold", "0.2"]) == 0
+    with open(tmp_path / "proposals.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["ImageId"] for r in rows}) == ids
+    checked = 0
+    for iid in ids:
+        with rasterio.open(unlabelled_aoi / "RGB-PanSharpen" / f"RGB-PanSharpen_{iid}.tif") as ds:
+            transform, bounds = ds.transform, shapely.box(*ds.bounds)
+        doc = json.loads((tmp_path / "geo" / f"{iid}.geojson").read_text())
+        assert doc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32611"  # the tile's
+        pix = {int(r["BuildingId"]): shapely.from_wkt(r["PolygonWKT_Pix"])
+               for r in rows if r["ImageId"] == iid and r["BuildingId"] != "-1"}
+        assert len(doc["features"]) == len(pix)
+        for feat in doc["features"]:
+            geo = shape(feat["geometry"])
+            # UTM metres inside the tile, and the CSV's pixel polygon carried by its transform
+            assert bounds.buffer(1e-6).contains(geo)
+            want = affinity.affine_transform(
+                pix[feat["properties"]["BuildingId"]],
+                [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f])
+            assert geo.symmetric_difference(want).area <= 1e-6 * max(want.area, 1.0)
+            checked += 1
+    assert checked > 0
