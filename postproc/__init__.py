@@ -5,6 +5,7 @@
 - ``score``: the SpaceNet F1; CLI. ``csvio``: the truth and proposal CSVs.
 - ``label``, ``grow``, ``trace``, ``iou``, ``pngfast``: the numba kernels behind them.
 - ``runner``: all cores and torchrun ranks over a directory of shards. ``geojson``: GeoJSON output.
+- ``merge``: the tiles' GeoJSON as one WGS 84 layer, buildings cut by tile edges merged; CLI.
 - ``synthmask``: synthetic masks with known footprints for tests and benchmarks.
 - ``numbacache``: a cache directory for the kernels where numba has none of its own.
 """

@@ -1,0 +1,337 @@
+"""postproc.merge: tiles' GeoJSON -> one WGS 84 layer, buildings cut by tile edges merged.
+
+The mosaic is real use: prediction shards of 2 x 3 georeferenced UTM tiles (24 px, 0.3 m, tile
+origins off by up to 5e-7 m, as float origins are) cut from one probability raster, then
+``postproc.polygonize --geojson``; the unsplit raster polygonized as one tile is the truth.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from pp_helpers import TRANSFORM_4326
+from pyproj import Transformer
+from shapely.geometry import mapping, shape
+
+from postproc import merge, polygonize
+from postproc.cli import exit_on_error
+from postproc.geojson import to_map, write_tile_geojson
+from postproc.polygonize import PolygonizeConfig, polygonize_probs
+from postproc.predio import iter_raw_samples, quantize_probs, write_pred_shard
+
+T, PX, X0, Y0 = 24, 0.3, 500000.0, 4000000.0  # tile size, pixel size, the area's corner
+UTM = "EPSG:32611"
+TO_LONLAT = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True)
+TO_UTM = Transformer.from_crs("EPSG:4326", UTM, always_xy=True)
+# (rows, cols) of the unsplit raster, 48 x 72 px: tiles r0c0 r0c1 r0c2 / r1c0 r1c1 r1c2
+ACROSS_TWO = (slice(3, 9), slice(18, 30))  # tiles r0c0 | r0c1
+RING = (slice(18, 30), slice(18, 30))  # around the corner of four tiles; hole 22:26
+POINT_TOUCH = [(slice(36, 40), slice(20, 24)), (slice(40, 44), slice(24, 28))]  # r1c0, r1c1
+CORNER_TOUCH = [(slice(18, 24), slice(43, 48)), (slice(24, 30), slice(48, 53))]  # r0c1, r1c2
+INTERIOR = [(slice(5, 12), slice(55, 65)), (slice(28, 33), slice(3, 9))]  # r0c2, r1c0
+AREA_EDGE = (slice(40, 48), slice(60, 66))  # r1c2, on the area's outer edge
+
+
+def _raster() -> np.ndarray:
+    b = np.zeros((2 * T, 3 * T), bool)
+    for rows, cols in [ACROSS_TWO, RING, *POINT_TOUCH, *CORNER_TOUCH, *INTERIOR, AREA_EDGE]:
+        b[rows, cols] = True
+    b[22:26, 22:26] = False
+    p = np.where(b, 0.55 + 0.4 * np.arange(3 * T) / (3 * T), 0.0)  # confidences differ by piece
+    return quantize_probs(np.stack([1 - p, p, np.zeros_like(p)], axis=2).astype(np.float32))
+
+
+def _key(r: int, c: int) -> str:
+    return f"AOI_9_Mosaic_r{r}c{c}"
+
+
+def _tile_meta(r: int, c: int, crs: str = UTM) -> dict:
+    jitter = 1e-7 * (3 * r + c)  # (m) tiles of one mosaic line up only up to float error
+    return {"crs": crs, "transform": [PX, 0.0, X0 + c * T * PX + jitter, 0.0, -PX,
+                                      Y0 - r * T * PX - jitter], "width": T, "height": T}
+
+
+def _lonlat(g):
+    return shapely.transform(g, lambda xy: np.column_stack(TO_LONLAT.transform(xy[:, 0],
+                                                                               xy[:, 1])))
+
+
+def _pixels(g):
+    """lon/lat -> the unsplit raster's pixel coordinates, rounded: all vertices are pixel
+    corners (the tiles' origins are up to 2e-6 px off)."""
+    return shapely.transform(g, lambda xy: np.round((np.column_stack(
+        TO_UTM.transform(xy[:, 0], xy[:, 1])) - (X0, Y0)) / (PX, -PX)))
+
+
+def run(argv: list[str]) -> int:
+    return exit_on_error(lambda: merge.main(argv))
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("mosaic")
+    prob = _raster()
+    for r in range(2):  # a shard per row of tiles
+        write_pred_shard(root / "pred" / f"pred-{r:06d}.tar", [
+            (_key(r, c), prob[r * T:(r + 1) * T, c * T:(c + 1) * T], _tile_meta(r, c))
+            for c in range(3)])
+    argv = ["--pred", str(root / "pred"), "--out", str(root / "p.csv"), "--geojson",
+            str(root / "gj"), "--min-polygon-area", "0", "--no-tuned", "--workers", "1"]
+    assert exit_on_error(lambda: polygonize.main(argv)) == 0
+    return root / "pred", root / "gj"
+
+
+@pytest.fixture(scope="module")
+def merged(mosaic, tmp_path_factory) -> dict:
+    pred, gj = mosaic
+    out = tmp_path_factory.mktemp("out") / "area.geojson"
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _truth() -> list[tuple[shapely.Polygon, float]]:
+    """The unsplit raster polygonized as one tile, in lon/lat."""
+    found = polygonize_probs(_raster(), PolygonizeConfig(min_polygon_area=0))
+    geoms = to_map([g for g, _ in found], [PX, 0.0, X0, 0.0, -PX, Y0])
+    return [(_lonlat(g), c) for g, (_, c) in zip(geoms, found, strict=True)]
+
+
+def _tile_features(gj: Path) -> list[dict]:
+    return [f for p in sorted(gj.glob("*.geojson")) for f in json.loads(p.read_text())["features"]]
+
+
+def _only(feats: list[dict], where: shapely.Point) -> dict:
+    (f,) = [f for f in feats if shape(f["geometry"]).intersects(where)]
+    return f
+
+
+def test_buildings_cut_by_tile_edges_come_out_whole(mosaic, merged):
+    _, gj = mosaic
+    feats = merged["features"]
+    truth = _truth()
+    assert len(feats) == len(truth) == 9
+    for want, conf in truth:  # each building of the unsplit raster is one output footprint
+        (got,) = [f for f in feats
+                  if shape(f["geometry"]).intersection(want).area > want.area / 2]
+        g = shape(got["geometry"])
+        assert g.geom_type == "Polygon"
+        # (an unmerged piece keeps its tile's origin, up to 5e-7 m off the unsplit raster's)
+        assert g.symmetric_difference(want).area <= 1e-5 * want.area
+        assert got["properties"]["Confidence"] == pytest.approx(conf, abs=2e-6)
+    at = {name: _lonlat(to_map([shapely.Point(c + 0.5, r + 0.5)], _tile_meta(0, 0)["transform"])
+                         [0]) for name, (r, c) in {"two": (3, 18), "ring": (18, 18)}.items()}
+    two, ring = _only(feats, at["two"]), _only(feats, at["ring"])
+    assert two["properties"]["ImageIds"] == [_key(0, 0), _key(0, 1)]
+    assert sorted(ring["properties"]["ImageIds"]) == sorted(_key(r, c) for r in (0, 1)
+                                                            for c in (0, 1))
+    assert len(shape(ring["geometry"]).interiors) == 1
+    assert {two["properties"]["MergedId"], ring["properties"]["MergedId"]} == {1, 2}
+    # the merged footprint's area equals the union of the pieces' (the tiles' GeoJSON)
+    pieces = [shape(f["geometry"]) for f in _tile_features(gj)]
+    for m in (two, ring):
+        mine = [p for p in pieces if _lonlat(p).intersects(shape(m["geometry"]))]
+        assert len(mine) == len(m["properties"]["ImageIds"])
+        union = shapely.union_all([_pixels(_lonlat(p)) for p in mine])
+        assert _pixels(shape(m["geometry"])).area == pytest.approx(union.area, rel=1e-12)
+        # Confidence: the pieces' area-weighted mean
+        confs = [f["properties"]["Confidence"] for f in _tile_features(gj)
+                 if _lonlat(shape(f["geometry"])).intersects(shape(m["geometry"]))]
+        areas = [p.area for p in mine]
+        assert m["properties"]["Confidence"] == pytest.approx(
+            np.dot(areas, confs) / sum(areas), abs=1e-6)
+
+
+def test_pieces_that_touch_at_a_point_stay_apart(merged):
+    feats = merged["features"]
+    tf = _tile_meta(0, 0)["transform"]
+    for pair in (POINT_TOUCH, CORNER_TOUCH):
+        for rows, cols in pair:
+            f = _only(feats, _lonlat(to_map([shapely.Point(cols.start + 0.5, rows.start + 0.5)],
+                                            tf)[0]))
+            assert "ImageIds" not in f["properties"] and "ImageId" in f["properties"]
+
+
+def test_output_is_rfc7946(merged):
+    assert merged["type"] == "FeatureCollection" and "crs" not in merged
+    for f in merged["features"]:
+        assert f["type"] == "Feature"
+        g = shape(f["geometry"])
+        assert g.is_valid
+        x0, y0, x1, y1 = g.bounds
+        assert -180 <= x0 <= x1 <= 180 and -90 <= y0 <= y1 <= 90
+        assert -118 < x0 < -116 and 36 < y0 < 37  # (X0, Y0 in UTM zone 11N)
+        assert g.exterior.is_ccw and not any(r.is_ccw for r in g.interiors)
+
+
+def test_interior_features_pass_through_and_are_not_held(mosaic, merged):
+    pred, gj = mosaic
+    feats = merged["features"]
+    out = io.StringIO()
+    m = merge.Merger(out)
+    border = 0
+    for shard in sorted(pred.glob("pred-*.tar")):
+        for key, _, meta in iter_raw_samples(shard):
+            m.add_tile(key, meta, gj / f"{key}.geojson", shard)
+            doc = json.loads((gj / f"{key}.geojson").read_text())
+            _, _, x0, _, _, y1 = meta["transform"]
+            for f in doc["features"]:
+                b = np.array(shape(f["geometry"]).bounds)
+                edges = np.array([x0, y1 - T * PX, x0 + T * PX, y1])
+                border += bool(np.isclose(b, edges, rtol=0, atol=1e-6).any())
+    # only the footprints on a tile border are held; the interior ones are written already
+    assert len(m.pieces) == border == 11
+    assert out.getvalue().count('"type":"Feature"') == 2
+    m.finish()
+    assert json.loads(out.getvalue()) == merged
+    interior = [f for f in _tile_features(gj)
+                if not any(shape(f["geometry"]).equals(p.geom) for p in m.pieces)]
+    assert len(interior) == 2
+    for f in interior:  # unchanged: the same properties, the coordinates reprojected
+        (got,) = [g for g in feats if g["properties"] == f["properties"]]
+        assert shape(got["geometry"]).equals_exact(_lonlat(shape(f["geometry"])), 1e-12)
+
+
+def test_merge_agrees_with_a_union_of_all_border_pieces(mosaic, merged):
+    """Reference: unary_union of every border piece (in the unsplit raster's pixels), then each
+    of its polygons matched to the output's: the same set."""
+    _, gj = mosaic
+    pieces = [_pixels(_lonlat(shape(f["geometry"]))) for f in _tile_features(gj)]
+    border = [p for p in pieces
+              if any(v % T == 0 for v in p.bounds)]  # on a tile edge (the raster's: in pixels)
+    ref = shapely.get_parts(shapely.union_all(border))
+    got = [_pixels(shape(f["geometry"])) for f in merged["features"]
+           if "ImageIds" in f["properties"]
+           or any(v % T == 0 for v in _pixels(shape(f["geometry"])).bounds)]
+    assert len(ref) == len(got) == 7
+    assert sorted(shapely.normalize(g).wkt for g in ref) == \
+        sorted(shapely.normalize(g).wkt for g in got)
+
+
+def test_tiles_off_the_grid_beyond_the_tolerance_are_not_merged(mosaic, tmp_path, capsys):
+    pred, gj = mosaic
+    out = tmp_path / "area.geojson"
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out),
+                "--tolerance", "1e-9"]) == 0  # below the tiles' 3e-7 px float offsets
+    feats = json.loads(out.read_text())["features"]
+    assert len(feats) == 13 and not any("ImageIds" in f["properties"] for f in feats)
+    assert "pixel grids" in capsys.readouterr().err
+
+
+def _two_tiles(root: Path, crs_b: str = "EPSG:4326") -> tuple[Path, Path]:
+    """Two EPSG:4326 tiles side by side (the second in ``crs_b``), a building across both,
+    written with polygonize's own writers."""
+    prob = np.zeros((16, 32, 3), np.uint8)
+    prob[..., 0] = 255
+    prob[4:10, 10:22] = (0, 230, 25)
+    a, b, c, d, e, f = TRANSFORM_4326
+    samples, gj = [], root / "gj"
+    gj.mkdir(parents=True)
+    for k, crs in enumerate(["EPSG:4326", crs_b]):
+        meta = {"crs": crs, "transform": [a, b, c + 16 * k * a, d, e, f], "width": 16,
+                "height": 16}
+        tile = prob[:, 16 * k:16 * (k + 1)]
+        found = polygonize_probs(tile, PolygonizeConfig(min_polygon_area=0))
+        write_tile_geojson(gj, f"t{k}", [g for g, _ in found], [s for _, s in found], meta)
+        samples.append((f"t{k}", tile, meta))
+    write_pred_shard(root / "pred" / "pred-000000.tar", samples)
+    return root / "pred", gj
+
+
+def test_a_lonlat_mosaic_merges_and_other_crs_do_not(tmp_path, capsys):
+    for crs_b, n in (("EPSG:4326", 1), ("EPSG:32611", 2)):
+        pred, gj = _two_tiles(tmp_path / crs_b.replace(":", ""), crs_b)
+        doc = json.loads((gj / "t0.geojson").read_text())
+        for f in doc["features"]:  # (another writer's rings: clockwise)
+            f["geometry"] = mapping(shapely.orient_polygons(shape(f["geometry"]),
+                                                            exterior_cw=True))
+        (gj / "t0.geojson").write_text(json.dumps(doc))
+        out = tmp_path / f"{crs_b.replace(':', '')}.geojson"
+        assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]) == 0
+        feats = json.loads(out.read_text())["features"]
+        assert len(feats) == n
+        assert all(shape(f["geometry"]).exterior.is_ccw for f in feats)
+        if n == 1:
+            assert feats[0]["properties"]["ImageIds"] == ["t0", "t1"]
+            want = shapely.box(-115.2 + 10 * 3e-6, 36.2 - 10 * 3e-6, -115.2 + 22 * 3e-6,
+                               36.2 - 4 * 3e-6)
+            assert shape(feats[0]["geometry"]).symmetric_difference(want).area < 1e-9 * want.area
+        else:
+            assert "2 pixel grids (2 CRS)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def copy(mosaic, tmp_path) -> tuple[Path, Path, Path]:
+    pred, gj = mosaic
+    shutil.copytree(pred, tmp_path / "pred")
+    shutil.copytree(gj, tmp_path / "gj")
+    return tmp_path / "pred", tmp_path / "gj", tmp_path / "area.geojson"
+
+
+def _refused(copy, capsys, *extra: str) -> str:
+    pred, gj, out = copy
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out), *extra]) == 2
+    assert not out.exists() and not list(out.parent.glob(".area.geojson*"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    return err
+
+
+def test_a_malformed_file_is_named(copy, capsys):
+    tile = copy[1] / f"{_key(1, 1)}.geojson"
+    tile.write_text('{"type": "FeatureCollection", "features": [')
+    assert f"{tile}: malformed GeoJSON" in _refused(copy, capsys)
+    tile.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", '
+                    '"geometry": {"type": "Polygon", "coordinates": [[1, 2]]}}]}')
+    assert f"{tile}: feature 0" in _refused(copy, capsys)
+
+
+def test_a_file_without_crs_that_is_not_lonlat_is_named(copy, capsys):
+    tile = copy[1] / f"{_key(0, 2)}.geojson"
+    doc = json.loads(tile.read_text())
+    del doc["crs"]
+    tile.write_text(json.dumps(doc))
+    assert f"{tile}: no crs member, and its coordinates are not lon/lat" in \
+        _refused(copy, capsys)
+
+
+def test_empty_missing_and_half_published_directories_are_refused(copy, capsys):
+    pred, gj, _ = copy
+    (gj / f"{_key(0, 1)}.geojson").unlink()
+    assert f"{gj / _key(0, 1)}.geojson: missing" in _refused(copy, capsys)
+    (gj / ".publishing").write_text("")
+    assert "interrupted" in _refused(copy, capsys)
+    shutil.rmtree(gj)
+    gj.mkdir()
+    assert "no tile GeoJSON" in _refused(copy, capsys)
+
+
+def test_duplicate_image_ids_are_refused(copy, capsys):
+    pred, gj, _ = copy
+    tile = gj / f"{_key(0, 0)}.geojson"
+    before = tile.read_text()
+    doc = json.loads(before)
+    doc["features"][0]["properties"]["ImageId"] = _key(0, 1)  # a second file for r0c1
+    tile.write_text(json.dumps(doc))
+    err = _refused(copy, capsys)
+    assert str(tile) in err and f"ImageId '{_key(0, 1)}' is not the file's tile" in err
+    tile.write_text(before)
+    shutil.copy(copy[0] / "pred-000000.tar", pred / "pred-000002.tar")
+    assert f"ImageId '{_key(0, 0)}' also appears in an earlier shard" in _refused(copy, capsys)
+
+
+def test_an_unusable_out_or_tolerance_is_refused_before_the_work(copy, capsys, monkeypatch):
+    pred, gj, out = copy
+    monkeypatch.setattr(merge, "iter_raw_samples", None)  # (the work would fail otherwise)
+    tile = gj / f"{_key(0, 0)}.geojson"
+    before = tile.read_bytes()
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(tile)]) == 2
+    assert "is the --geojson input" in capsys.readouterr().err and tile.read_bytes() == before
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(gj)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert "--tolerance" in _refused(copy, capsys, "--tolerance", "0.5")
