@@ -31,7 +31,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from postproc import blobs, grow, label, trace
+from postproc import blobs, grow, label, tilekernel, trace
 from postproc.pools import close_pool
 from postproc.predio import quantize_probs
 
@@ -137,6 +137,15 @@ def _thresholds_u8(cfg: PolygonizeConfig) -> tuple[float, float]:
     return 255.0 * cfg.building_threshold, 255.0 * cfg.footprint_threshold
 
 
+def _growth(cfg: PolygonizeConfig) -> tuple[int, int, int, int]:
+    """``find_blobs``' seed and eligible thresholds (uint8), squared radius and layers."""
+    seed_t, fp_t = _thresholds_u8(cfg)
+    r2 = int(math.floor(cfg.grow_radius * cfg.grow_radius + 1e-9))  # d2 is an integer
+    # a pixel within Euclidean r can be up to r*sqrt(2) 4-steps away from its seed
+    layers = int(math.floor(cfg.grow_radius * math.sqrt(2.0))) + 1 if r2 > 0 else 0
+    return int(seed_t), int(fp_t), r2, layers
+
+
 class Workspace:
     """Scratch buffers for one tile size, reused across tiles (one per thread).
 
@@ -206,13 +215,9 @@ def find_instances(prob: np.ndarray, cfg: PolygonizeConfig) -> Instances:
     """
     q = np.ascontiguousarray(quantize_probs(prob))
     ws = _workspace(q.shape[0], q.shape[1])
-    seed_t, fp_t = _thresholds_u8(cfg)
-    r2 = int(math.floor(cfg.grow_radius * cfg.grow_radius + 1e-9))  # d2 is an integer
-    # a pixel within Euclidean r can be up to r*sqrt(2) 4-steps away from its seed
-    layers = int(math.floor(cfg.grow_radius * math.sqrt(2.0))) + 1 if r2 > 0 else 0
-    nprov, nrun = blobs.find_blobs(q, int(seed_t), int(fp_t), r2, layers,
-                                   (ws.codes, ws.lab), ws.uf, ws.runs, ws.rows,
-                                   ws.queue(layers))
+    seed_t, fp_t, r2, layers = _growth(cfg)
+    nprov, nrun = blobs.find_blobs(q, seed_t, fp_t, r2, layers, (ws.codes, ws.lab), ws.uf,
+                                   ws.runs, ws.rows, ws.queue(layers))
     final, n, first, count, fsum = label.finish(*ws.uf, nprov)
     if cfg.seedless and nrun > 0:
         final, first, count, fsum, n = label.seedless(
@@ -265,18 +270,20 @@ def polygonize_probs(prob: np.ndarray, cfg: PolygonizeConfig | None = None
     Pure and cheap (a few ms per 650x650 tile): the trainer calls it on every validation tile.
     """
     cfg = cfg or PolygonizeConfig()
-    inst = find_instances(prob, cfg)
-    if inst.n == 0:
+    q = np.ascontiguousarray(quantize_probs(prob))
+    ws = _workspace(q.shape[0], q.shape[1])
+    seed_t, fp_t, r2, layers = _growth(cfg)
+    # NOTE: find_instances + polygons_from_instances in one numba call (see postproc.tilekernel)
+    coords, ring_off, poly_off, conf, order = tilekernel.polygonize_tile(
+        q, (seed_t, fp_t, r2, layers, cfg.seedless, float(cfg.min_polygon_area)),
+        (ws.codes, ws.lab), ws.uf, ws.runs, ws.rows, ws.queue(layers), ws.stack)
+    if order.size == 0:
         return []
-    polys, ids = polygons_from_instances(inst, cfg.min_polygon_area)
-    if ids.size == 0:
-        return []
-    conf = inst.fsum[ids] / (255.0 * inst.count[ids])
+    polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_off, poly_off))
     if cfg.simplify_tolerance > 0:
         polys = _simplify(polys, cfg.simplify_tolerance)
-    order = np.argsort(-conf, kind="stable")
     # NOTE: tolist() makes the Python objects in C; indexing element by element cost ~20 us a tile
-    return list(zip(polys[order].tolist(), conf[order].tolist(), strict=True))
+    return list(zip(polys[order].tolist(), conf.tolist(), strict=True))
 
 
 def warmup() -> None:

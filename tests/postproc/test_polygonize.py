@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,11 +11,15 @@ import shapely
 from rasterio.features import shapes
 from shapely.geometry import box, shape
 
+from postproc import tilekernel
 from postproc.polygonize import (
     PolygonizeConfig,
+    _growth,
+    _workspace,
     find_instances,
     polygonize_labels,
     polygonize_probs,
+    polygons_from_instances,
     warmup,
 )
 from postproc.synthmask import SynthConfig, make_mask, one_hot, soften, synth_tile
@@ -220,6 +225,38 @@ def test_equal_confidences_keep_raster_order():
     found = polygonize_probs(p, PolygonizeConfig(grow_radius=0, min_polygon_area=0))
     got = [(-round(conf, 3), g.bounds[1], g.bounds[0]) for g, conf in found]
     assert len(got) == 64 and got == sorted(got)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_call_driver_matches_the_kernels_called_one_by_one(seed):
+    """``tilekernel.polygonize_tile`` (polygonize_probs' one numba call) against the kernels
+    called from Python as ``find_instances`` + ``polygons_from_instances`` call them, and numpy's
+    confidences and stable order: the same rings to the coordinate, the same floats to the bit.
+    Soft tiles with seedless pieces (grow_radius 1) and without growth too."""
+    mask, _ = synth_tile(seed, SynthConfig(size=180, buildings=25))
+    prob = soften(one_hot(mask), np.random.default_rng(seed))
+    prob[166:, :14] = (255, 0, 0)
+    prob[168:178, 2:12] = (0, 0, 255)  # a band-only hut: a seedless component
+    for cfg in (PolygonizeConfig(), PolygonizeConfig(grow_radius=1.0, min_polygon_area=0),
+                PolygonizeConfig(grow_radius=0.0, seedless=False)):
+        inst = find_instances(prob, cfg)
+        polys, ids = polygons_from_instances(inst, cfg.min_polygon_area)
+        conf = inst.fsum[ids] / (255.0 * inst.count[ids])
+        order = np.argsort(-conf, kind="stable")
+        fsum = inst.fsum.copy()  # the workspace is reused below
+        ws = _workspace(180, 180)
+        seed_t, fp_t, r2, layers = _growth(cfg)
+        coords, ring_off, poly_off, conf1, order1 = tilekernel.polygonize_tile(
+            prob, (seed_t, fp_t, r2, layers, cfg.seedless, float(cfg.min_polygon_area)),
+            (ws.codes, ws.lab), ws.uf, ws.runs, ws.rows, ws.queue(layers), ws.stack)
+        assert len(ids) > 10 and fsum[ids].min() > 0
+        if cfg.seedless:
+            assert inst.n > find_instances(prob, replace(cfg, seedless=False)).n
+        np.testing.assert_array_equal(order1, order)
+        assert conf1.tobytes() == conf[order].tobytes()
+        polys1 = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords,
+                                           (ring_off, poly_off))
+        assert all(shapely.equals_exact(polys1, polys, 0))
 
 
 def test_grow_radius_limit_is_inclusive_as_tune_documents():
