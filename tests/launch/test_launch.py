@@ -650,6 +650,22 @@ def test_slurm_exits_with_sruns_status_and_names_its_restart(tmp_path: Path, sta
         assert res.stdout == ""
 
 
+@pytest.mark.parametrize("posix", [False, True])
+def test_slurm_exits_with_the_status_of_an_srun_that_ends_while_waited_for(
+        tmp_path: Path, posix: bool) -> None:
+    """srun ending during the script's wait (every training that runs to its end): the script
+    exits with its status. (The script waited a second time for the reaped srun: bash in POSIX
+    mode, e.g. with POSIXLY_CORRECT in the submitting shell's environment, which sbatch passes
+    on, keeps no status for it then: exit 127, a job finished or failed reported as 127.)"""
+    cmd, env = _slurm_job(tmp_path, {"POSIXLY_CORRECT": "1"} if posix else None)
+    (tmp_path / "srun").write_text(f"#!/usr/bin/env bash\ntouch {tmp_path / 'srun.started'}\n"
+                                   "sleep 1\nexit 3\n")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert (tmp_path / "srun.started").exists()
+    assert res.returncode == 3, res.stderr
+    assert res.stderr == ""
+
+
 @pytest.mark.parametrize("value", ["yes", "2", " 1"])
 def test_slurm_names_a_bad_requeue_setting(tmp_path: Path, value: str) -> None:
     res = _slurm(tmp_path, extra={"REQUEUE": value})
