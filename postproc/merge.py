@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import sys
+import tarfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -373,13 +374,22 @@ def _check_dir(d: Path) -> None:
 
 
 def _inputs(args: argparse.Namespace) -> Iterator[tuple[str, Path | None]]:
-    """What the command reads (lazily: ``check_writable`` lists them only for an existing --out)."""
+    """What the command reads (lazily: ``check_writable`` lists them only for an existing --out):
+    the shards, and the GeoJSON of their tiles, named by the shards' member names."""
     from postproc.predio import SHARD_GLOB
 
-    if args.geojson.is_dir():
-        yield from (("--geojson", p) for p in args.geojson.glob("*.geojson"))
-    if args.pred.is_dir():
-        yield from (("--pred", p) for p in args.pred.glob(SHARD_GLOB))
+    shards = sorted(args.pred.glob(SHARD_GLOB)) if args.pred.is_dir() else []
+    yield from (("--pred", p) for p in shards)
+    # NOTE: not every DIR/*.geojson: an --out in DIR (which main leaves out of its note on files
+    # that are no tiles) was refused as a --geojson input when the same command ran again
+    for shard in shards if args.geojson.is_dir() else ():
+        try:
+            with tarfile.open(shard) as tar:  # (headers only; a bad shard: main names it)
+                names = tar.getnames()
+        except (tarfile.TarError, OSError):
+            continue
+        for key in dict.fromkeys(n.split(".", 1)[0] for n in names):
+            yield "--geojson", args.geojson / f"{key}.geojson"
 
 
 def build_parser() -> argparse.ArgumentParser:

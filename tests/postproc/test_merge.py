@@ -335,3 +335,16 @@ def test_an_unusable_out_or_tolerance_is_refused_before_the_work(copy, capsys, m
     assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(gj)]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert "--tolerance" in _refused(copy, capsys, "--tolerance", "0.5")
+
+
+def test_the_same_command_runs_again_with_its_out_beside_the_tiles(copy, capsys):
+    """(an --out in --geojson DIR was written once, then refused as "the --geojson input" when
+    the same command ran again: every DIR/*.geojson counted as an input, not only the tiles')"""
+    pred, gj, _ = copy
+    out = gj / "area.geojson"
+    argv = ["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]
+    assert run(argv) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert run(argv) == 0, capsys.readouterr().err
+    assert out.read_bytes() == first and "not tiles of --pred" not in capsys.readouterr().err
