@@ -11,8 +11,9 @@ Merging happens on pixel grids, one per CRS and alignment: a tile joins a grid w
 fall on the grid's pixel corners within ``--tolerance`` px (the tiles of one mosaic do, up to
 float error), and a coordinate within the tolerance of a pixel corner is snapped onto it, so the
 common edge of two tiles is one exact line. Two footprints of different tiles of one grid are one
-building when their outlines share a segment longer than the tolerance on those tiles' borders;
-a touch at a point is not (4-connectivity, as the polygonizer's within a tile). Pieces merge
+building when their outlines share a segment longer than the tolerance on those tiles' borders
+(so polygonize them without --simplify: it can move a piece's outline off the edge); a
+touch at a point is not (4-connectivity, as the polygonizer's within a tile). Pieces merge
 transitively (union-find: at a tile corner a building has up to four), and their union is taken
 in grid pixels, where it is exact. Tiles of different grids are not merged with each other: in
 another CRS (a mosaic across a UTM zone boundary), or with another pixel size or alignment, their
