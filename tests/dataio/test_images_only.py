@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from dali_helpers import dali_read
 
 from dataio.augment import MASK_PAD
 from dataio.fixtures import write_dataset
@@ -63,7 +64,6 @@ def test_every_tile_goes_to_test_with_no_labels(images_only_dataset: Path,
 
 def test_shards_read_by_webdataset_and_dali(images_only_dataset: Path,
                                             unlabelled_aoi: Path) -> None:
-    from nvidia.dali import fn, pipeline_def, types
 
     tars = sorted((images_only_dataset / "test").glob("shard-*.tar"))
     ds = wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode("l8")
@@ -75,17 +75,7 @@ def test_shards_read_by_webdataset_and_dali(images_only_dataset: Path,
         keys.append(sample["__key__"])
     assert sorted(keys) == _tile_ids(unlabelled_aoi)
 
-    @pipeline_def(batch_size=6, num_threads=1, device_id=None)
-    def pipe():  # type: ignore[no-untyped-def]
-        img, mask, meta = fn.readers.webdataset(
-            paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx")) for t in tars],
-            ext=["img.npy", "mask.png", "meta.json"], missing_component_behavior="error",
-            dont_use_mmap=True)
-        return fn.decoders.numpy(img), fn.decoders.image(mask, output_type=types.GRAY), meta
-
-    p = pipe()
-    p.build()
-    img, mask, meta = p.run()
+    img, mask, meta = dali_read(tars, 6)
     assert sorted(json.loads(bytes(meta.at(i)))["image_id"] for i in range(6)) == sorted(keys)
     for i in range(6):
         assert np.asarray(img.at(i)).dtype == np.uint16

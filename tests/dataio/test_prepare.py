@@ -12,6 +12,7 @@ import pytest
 import rasterio
 import shapely
 import webdataset as wds
+from dali_helpers import dali_read
 from pyproj import CRS
 from rasterio.features import shapes
 from shapely.geometry import shape
@@ -129,21 +130,10 @@ def test_shards_read_by_webdataset(prepared_dataset: Path) -> None:
 
 
 def test_shards_read_by_dali_cpu_pipeline(prepared_dataset: Path) -> None:
-    from nvidia.dali import fn, pipeline_def, types
 
     tars = sorted((prepared_dataset / "train").glob("shard-*.tar"))
 
-    @pipeline_def(batch_size=7, num_threads=1, device_id=None)
-    def pipe():  # type: ignore[no-untyped-def]
-        img, mask, meta = fn.readers.webdataset(
-            paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx")) for t in tars],
-            ext=["img.npy", "mask.png", "meta.json"], missing_component_behavior="error",
-            dont_use_mmap=True)
-        return fn.decoders.numpy(img), fn.decoders.image(mask, output_type=types.GRAY), meta
-
-    p = pipe()
-    p.build()
-    img, mask, meta = p.run()
+    img, mask, meta = dali_read(tars, 7)
     keys = sorted(json.loads(bytes(meta.at(i)))["image_id"] for i in range(7))
     assert keys == sorted(_keys(prepared_dataset, "train"))
     for i in range(7):
