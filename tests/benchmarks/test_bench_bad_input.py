@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, load, load_baseline, loader, postproc, prepare, train
+from benchmarks import common, load, load_baseline, loader, merge, postproc, prepare, train
 from benchmarks.common import run
 
 
@@ -25,6 +25,8 @@ from benchmarks.common import run
      "--baseline-tiles: ' ,0' has an empty item"),
     (train, ["--config", "configs/nope.toml", "--steps", "1"], "configs/nope.toml: file not found"),
     (postproc, ["--tiles", "1", "--json", "."], "--json . is a directory"),
+    (merge, ["--grids", "1,4"], "--grids: '1,4': each size >= 2 tiles a side"),  # (no edges)
+    (merge, ["--grids", "4", "--tile-px", "32"], "--tile-px 32: at least 64"),
 ])
 def test_bad_arguments_are_refused_before_any_work(module, argv: list[str], named: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
