@@ -29,10 +29,13 @@ Counts (not timed): the canvas's buildings are its 4-connected components of bui
 pixels (``rasterio.features.shapes``, not the project's labeller), each matched to the output
 footprints it overlaps. The run fails when a building is in two footprints or none, when a
 footprint holds none, and unless the project's footprints are the buildings less ``joined``
-(buildings in one footprint with another: two buildings whose outlines meet on a tile edge, a
-shared wall or a gap of a pixel or so there, share a segment of it as a cut building's pieces do,
-and merge cannot tell them apart) and its merged footprints exactly those that hold a building
-over a tile edge (``crossing``: pixels in two tiles or more) or a joined pair. The baseline
+(buildings in one footprint with another) and its merged footprints exactly those that hold a
+building over a tile edge (``crossing``: pixels in two tiles or more) or a joined pair. Joins
+are of two kinds: a thin drawn footprint (synthmask's polygon) rasterises into several blobs,
+whose grown outlines can meet on a tile edge and be merged back into one; and two drawn
+buildings whose outlines meet on a tile edge (a shared wall, or a gap of a pixel or so there)
+share a segment of it as a cut building's pieces do, and merge cannot tell them apart:
+``joined_drawn`` counts these (a footprint holding n drawn buildings counts n - 1). The baseline
 also joins footprints that merely touch (a shared wall within a tile, or a corner):
 ``touch_wall`` and ``touch_corner`` count the pairs of the project's footprints that one
 baseline part holds, ``baseline_split`` the project's footprints that it left in pieces (the
@@ -161,7 +164,23 @@ def make_mosaic(n: int, tile: int, work: Path) -> dict[str, Any]:
     found = buildings(mask)
     cut = [g for g in found if _crosses(g.bounds, tile)]
     return {"pred": work / "pred", "gj": work / "gj", "buildings": found, "crossing": len(cut),
-            "footprints_drawn": len(polys), "canvas_px": size, "tile_px": tile}
+            "drawn": drawn_of(found, polys),
+            "canvas_px": size, "tile_px": tile}
+
+
+def drawn_of(found: list[Polygon], polys: list[Polygon]) -> list[int]:
+    """For each building blob, the drawn footprint it overlaps most (blob pixels' centres lie in
+    it: synthmask's rasterisation): a thin drawn building can be several blobs."""
+    drawn = np.asarray(polys, object)
+    i_blob, i_drawn = shapely.STRtree(drawn).query(np.asarray(found, object),
+                                                   predicate="intersects")
+    area = shapely.area(shapely.intersection(np.asarray(found, object)[i_blob], drawn[i_drawn]))
+    best = np.full(len(found), -1.0)
+    out = [-1] * len(found)
+    for b, d, ar in zip(i_blob, i_drawn, area, strict=True):
+        if ar > best[b]:
+            best[b], out[b] = ar, int(d)
+    return out
 
 
 def _crosses(bounds: tuple[float, ...], tile: int) -> bool:
@@ -242,8 +261,12 @@ def project_counts(mosaic: dict[str, Any], out: Path) -> dict[str, Any]:
     if (want != got).any():
         raise RuntimeError(f"{out}: {int((want & ~got).sum())} footprints over a tile edge not "
                            f"merged, {int((got & ~want).sum())} merged that are not")
-    return {"canvas_buildings": len(found), "joined": joined, "crossing": mosaic["crossing"],
-            "merged": int(got.sum())}
+    drawn: dict[int, set[int]] = defaultdict(set)  # footprint -> the drawn footprints in it
+    for w, d in zip(where, mosaic["drawn"], strict=True):
+        drawn[w[0]].add(d)
+    return {"canvas_buildings": len(found), "joined": joined,
+            "joined_drawn": sum(len(d) - 1 for d in drawn.values()),
+            "crossing": mosaic["crossing"], "merged": int(got.sum())}
 
 
 def baseline_counts(project_out: Path, baseline_out: Path) -> dict[str, Any]:
@@ -311,16 +334,17 @@ def bench_size(n: int, tile: int, repeat: int, work: Path) -> list[dict[str, Any
 
 COLUMNS = ["variant", "grid", "tiles", "footprints_in", "footprints_out", "held", "seconds",
            "tiles_per_s", "footprints_per_s", "peak_rss_mb", "work_mb"]
-COUNTS = ["grid", "canvas_buildings", "crossing", "merged", "joined", "project_out",
-          "baseline_out", "touch_wall", "touch_corner", "baseline_split"]
+COUNTS = ["grid", "canvas_buildings", "crossing", "merged", "joined", "joined_drawn",
+          "project_out", "baseline_out", "touch_wall", "touch_corner", "baseline_split"]
 UNITS = {"seconds": "s (the work after the imports; best of --repeat)", "tiles_per_s": "tiles/s",
          "footprints_per_s": "footprints read/s", "peak_rss_mb": "MiB (VmHWM; the largest run)",
          "rss_start_mb": "MiB (VmRSS after the imports)",
          "work_mb": "MiB (peak_rss_mb - rss_start_mb)", "held": "footprints",
          "footprints_in": "footprints", "footprints_out": "footprints",
          "canvas_buildings": "buildings", "crossing": "buildings", "merged": "footprints",
-         "joined": "buildings", "baseline_out": "footprints", "touch_wall": "pairs of footprints",
-         "touch_corner": "pairs of footprints", "baseline_split": "footprints"}
+         "joined": "buildings", "joined_drawn": "drawn buildings", "baseline_out": "footprints",
+         "touch_wall": "pairs of footprints", "touch_corner": "pairs of footprints",
+         "baseline_split": "footprints"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -84,6 +84,7 @@ def test_benchmark_rows_counts_and_json(tmp_path):
     assert mine["footprints_in"] == base["footprints_in"] == base["held"] > mine["held"] > 0
     # every building of the canvas is one footprint, but for those joined across an edge
     assert mine["footprints_out"] == mine["canvas_buildings"] - mine["joined"]
+    assert 0 <= mine["joined_drawn"] <= mine["joined"]
     assert mine["merged"] > 0 and base["footprints_out"] > 0
     for r in js["rows"]:
         assert r["seconds"] > 0 and r["peak_rss_mb"] >= r["rss_start_mb"] > 0
