@@ -20,8 +20,10 @@ another CRS (a mosaic across a UTM zone boundary), or with another pixel size or
 edges are not one line in any one CRS. A note says when there was more than one grid.
 
 Memory: a footprint with no segment on its tile's border cannot merge, so it is written as soon
-as its tile is read; only border footprints (and the ImageIds seen) are held: memory grows with
-the length of the tile edges, not with the area's interior.
+as its tile is read; only border footprints (and the ImageIds seen) are held: memory follows
+the length of the tile edges (25-30% of the footprints with 256 px tiles, benchmarks.merge), not
+every footprint of the area. Two buildings whose shared wall lies on a tile edge merge into one:
+their pieces meet as a cut building's do, and the footprints cannot tell the two apart.
 
 Output: one RFC 7946 FeatureCollection in WGS 84 lon/lat (no ``crs`` member, exterior rings
 counter-clockwise), written atomically: interior footprints in tile order, then the border ones.

@@ -26,7 +26,6 @@ import numpy as np
 from PIL import Image
 
 from dataio.atomic import atomic_open, atomic_write_text, fsync_dir
-from postproc import pngfast
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 SHARD_GLOB = "pred-*.tar"
@@ -75,11 +74,17 @@ def encode_prob_png(prob: np.ndarray) -> bytes:
     q = quantize_probs(prob)
     if q.shape[0] == 0 or q.shape[1] == 0:
         raise ValueError(f"cannot encode an empty {q.shape} probability map")
+    from postproc import pngfast  # (lazily: see decode_prob_png)
+
     return pngfast.encode_rgb8(q)
 
 
 def decode_prob_png(data: bytes) -> np.ndarray:
     """Decode a ``prob.png`` into uint8 HxWx3; raise ValueError if it is not an RGB PNG."""
+    # NOTE: imported here, not with the module: pngfast's kernels import numba (~0.3 s and
+    # ~65 MiB), which readers of meta.json alone (postproc.merge) never need
+    from postproc import pngfast
+
     try:
         fast = pngfast.decode_rgb8(data)
     except (ValueError, struct.error) as e:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +351,14 @@ def test_the_same_command_runs_again_with_its_out_beside_the_tiles(copy, capsys)
     capsys.readouterr()
     assert run(argv) == 0, capsys.readouterr().err
     assert out.read_bytes() == first and "not tiles of --pred" not in capsys.readouterr().err
+
+
+def test_merge_loads_no_numba() -> None:
+    """merge reads meta.json and GeoJSON only: importing numba through predio's PNG codec cost
+    it ~0.3 s and ~65 MiB before any work (benchmarks.merge: 116 MiB against the baseline's 50)."""
+    code = "import sys, postproc.merge; print(sorted(m for m in sys.modules if m == 'numba'))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parents[2],
+                         env={**os.environ, "PYTHONPATH": "."})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
