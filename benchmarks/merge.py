@@ -60,7 +60,7 @@ import numpy as np
 import shapely
 from pyproj import Transformer
 from rasterio.features import shapes
-from shapely.geometry import Polygon, box, shape
+from shapely.geometry import Polygon, shape
 
 from benchmarks.common import (
     base_parser,
@@ -72,7 +72,7 @@ from benchmarks.common import (
     write_json,
 )
 from dataio.classes import BUILDING
-from postproc.synthmask import SynthConfig, _l_shape, _rect, _row, make_mask, one_hot
+from postproc.synthmask import SynthConfig, make_mask, one_hot, synth_footprints
 
 REPO = Path(__file__).resolve().parents[1]
 UTM, PX, X0, Y0 = "EPSG:32611", 0.3, 500_000.0, 4_000_000.0  # the mosaic's CRS, m, NW corner
@@ -81,48 +81,6 @@ PROJECT, BASELINE = "merge, project", "merge, baseline (union_all)"
 
 
 # ---- the canvas ---------------------------------------------------------------------------------
-
-def canvas_footprints(rng: np.random.Generator, cfg: SynthConfig, cell: int = 64
-                      ) -> list[Polygon]:
-    """``synthmask.synth_footprints`` (the same draws, the same footprints) on a canvas of any
-    size: placed footprints are found by a grid of ``cell`` px for the 3 px spacing check.
-
-    NOTE: synth_footprints checks each candidate against every placed footprint, O(n^2)
-    shapely calls: 2.1 s for an 8x8 canvas's 1,000 buildings here (this: 0.27 s), and ~16x
-    that for 16x16's 4,000."""
-    area = box(0, 0, cfg.size, cfg.size)
-    placed: list[Polygon] = []
-    cells: dict[tuple[int, int], list[int]] = defaultdict(list)
-
-    def keys(bounds: tuple[float, ...], pad: float) -> list[tuple[int, int]]:
-        x0, y0, x1, y1 = bounds
-        return [(i, j) for i in range(int((x0 - pad) // cell), int((x1 + pad) // cell) + 1)
-                for j in range(int((y0 - pad) // cell), int((y1 + pad) // cell) + 1)]
-
-    tries = 0
-    while len(placed) < cfg.buildings and tries < cfg.buildings * 50:
-        tries += 1
-        cx, cy = rng.uniform(0, cfg.size, 2)
-        kind = rng.random()
-        w, h = rng.uniform(cfg.min_side, cfg.max_side, 2)
-        if kind < 0.15:
-            cands = _row(rng, cx, cy, cfg)
-        elif kind < 0.3:
-            cands = [_l_shape(cx, cy, w * 1.3, h * 1.3, rng.uniform(0, 90))]
-        elif kind < 0.6:
-            cands = [_rect(cx, cy, w, h, 0.0)]
-        else:
-            cands = [_rect(cx, cy, w, h, rng.uniform(0, 90))]
-        cands = [c.intersection(area) for c in cands]
-        cands = [c for c in cands if isinstance(c, Polygon) and c.area >= 30]
-        if cands and not any(c.distance(placed[k]) < 3 for c in cands
-                             for k in {k for key in keys(c.bounds, 3) for k in cells[key]}):
-            for c in cands:
-                for key in keys(c.bounds, 0):
-                    cells[key].append(len(placed))
-                placed.append(c)
-    return placed[: cfg.buildings]
-
 
 def buildings(mask: np.ndarray) -> list[Polygon]:
     """The canvas's buildings: 4-connected components of building-class pixels, as polygons in
@@ -144,7 +102,7 @@ def make_mosaic(n: int, tile: int, work: Path) -> dict[str, Any]:
 
     size = n * tile
     cfg = SynthConfig(size=size, buildings=round(DENSITY * size * size))
-    polys = canvas_footprints(np.random.default_rng(1000 + n), cfg)
+    polys = synth_footprints(np.random.default_rng(1000 + n), cfg)
     mask = make_mask(polys, size, cfg.boundary_width)
     for r in range(n):
         write_pred_shard(work / "pred" / f"pred-{r:06d}.tar", [

