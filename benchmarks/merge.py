@@ -129,13 +129,9 @@ def make_mosaic(n: int, tile: int, work: Path) -> dict[str, Any]:
 def drawn_of(found: list[Polygon], polys: list[Polygon]) -> list[int]:
     """For each building blob, the drawn footprint it overlaps most (blob pixels' centres lie in
     it: synthmask's rasterisation): a thin drawn building can be several blobs."""
-    drawn = np.asarray(polys, object)
-    i_blob, i_drawn = shapely.STRtree(drawn).query(np.asarray(found, object),
-                                                   predicate="intersects")
-    area = shapely.area(shapely.intersection(np.asarray(found, object)[i_blob], drawn[i_drawn]))
     best = np.full(len(found), -1.0)
     out = [-1] * len(found)
-    for b, d, ar in zip(i_blob, i_drawn, area, strict=True):
+    for b, d, ar in zip(*overlaps(np.asarray(polys, object), found), strict=True):
         if ar > best[b]:
             best[b], out[b] = ar, int(d)
     return out
@@ -178,14 +174,17 @@ def read_pixels(path: Path) -> tuple[list[dict[str, Any]], np.ndarray]:
     return [f["properties"] for f in feats], shapely.transform(np.asarray(geoms, object), to_px)
 
 
+def overlaps(targets: np.ndarray, items: list[Polygon] | np.ndarray) -> tuple:
+    """Every (item, target) pair that intersects, with the area they share."""
+    items = np.asarray(items, object)
+    i_item, i_target = shapely.STRtree(targets).query(items, predicate="intersects")
+    return i_item, i_target, shapely.area(shapely.intersection(items[i_item], targets[i_target]))
+
+
 def holders(targets: np.ndarray, items: list[Polygon] | np.ndarray) -> list[list[int]]:
     """For each item, the targets it overlaps (by area, not a touch)."""
-    tree = shapely.STRtree(targets)
-    i_item, i_target = tree.query(np.asarray(items, object), predicate="intersects")
-    area = shapely.area(shapely.intersection(np.asarray(items, object)[i_item],
-                                             targets[i_target]))
     out: list[list[int]] = [[] for _ in items]
-    for a, t, ar in zip(i_item, i_target, area, strict=True):
+    for a, t, ar in zip(*overlaps(targets, items), strict=True):
         if ar > 0.5:  # (px^2; a blob is at least one pixel)
             out[a].append(int(t))
     return out
