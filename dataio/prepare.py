@@ -3,10 +3,13 @@
     python -m dataio.prepare --raw RAW [--raw RAW2 ...] --out DATA [--split 70,15,15] [--seed S]
                              [--workers N] [--shard-size K] [--boundary-width W] [--overwrite]
     python -m dataio.prepare --raw RAW --out DATA --images-only     (new imagery, no labels)
+                             [--chip-size N]                   (scenes cut into N x N chips)
 
 With ``--images-only`` only ``RAW/RGB-PanSharpen/`` is read (``geojson/`` may be absent, and is
 ignored if present) and every tile goes into the ``test`` split, for ``trainer.predict``: no
 truth CSVs, a manifest with ``"labels": false``, each sample's mask all ``MASK_PAD`` (no label).
+With ``--chip-size N`` too, an image larger than N px either way is cut into a grid of chips
+(``dataio.chips``), each a sample of its own read through a window of the image.
 
 Tiles are processed in parallel and streamed into shards, so memory does not grow with the AOI.
 Unusable tiles are skipped and listed in the manifest with their reason. The dataset is complete
@@ -28,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,7 @@ from dataio.atomic import (
     missing_dirs,
 )
 from dataio.augment import MASK_PAD
+from dataio.chips import Chip, check_chip_size, chip_grid, needs_chips
 from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
@@ -75,6 +79,11 @@ from postproc.pools import (
 ACCEPTED_DTYPES = ("uint16", "uint8")
 DEFAULT_SPLIT = (70.0, 15.0, 15.0)  # train:val:test weights
 IMAGES_ONLY_SPLIT = (0.0, 0.0, 1.0)  # --images-only: every tile is a test tile
+# NOTE: chips of one scene lie side by side: in different splits, val/test would be scored on
+# pixels next to (and buildings cut from) the ones trained on, i.e. spatial leakage.
+CHIPS_NEED_IMAGES_ONLY = ("--chip-size needs --images-only: chips of a labelled AOI would put "
+                          "neighbouring chips of one scene into different splits (spatial "
+                          "leakage between train and val/test)")
 
 
 @dataclass
@@ -88,6 +97,7 @@ class PrepareConfig:
     boundary_width: float = DEFAULT_BOUNDARY_WIDTH
     overwrite: bool = False
     images_only: bool = False  # no labels read: every tile into test, masks all MASK_PAD
+    chip_size: int | None = None  # --images-only: cut larger images into chips of N x N px
 
     def __post_init__(self) -> None:
         self.raw = [Path(r) for r in self.raw]
@@ -115,6 +125,10 @@ class PrepareConfig:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.boundary_width <= 50:
             raise ValueError(f"--boundary-width must be in [0, 50] px, got {self.boundary_width}")
+        if self.chip_size is not None:
+            if not self.images_only:
+                raise ValueError(CHIPS_NEED_IMAGES_ONLY)
+            check_chip_size(self.chip_size)
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,20 @@ class Tile:
     tif: Path
     label: Path | None  # None: --images-only, the tile has no label
     split: str = ""
+    chip: Chip | None = None  # --chip-size: this window of the image (image_id is the chip's)
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What the scan reads of an image before it decides what to do with it."""
+
+    tile: Tile
+    bands: int
+    dtype: str
+    height: int
+    width: int
+    invertible: bool
+    source: dict[str, Any]  # its entry in Scan.sources (chip counts are added to it)
 
 
 @dataclass
@@ -136,7 +164,7 @@ class Scan:
 def scan(cfg: PrepareConfig) -> Scan:
     """Find every tile in every AOI, read raster headers, drop what cannot be used."""
     result = Scan()
-    headers: list[tuple[Tile, int, str]] = []
+    headers: list[_Header] = []
     seen: dict[str, Path] = {}
     for raw in cfg.raw:
         img_dir = raw / IMAGE_DIR
@@ -150,6 +178,8 @@ def scan(cfg: PrepareConfig) -> Scan:
         source: dict[str, Any] = {"raw": str(raw), "tiles": len(tifs)}
         if cfg.images_only:  # (main says so in one line)
             source["labels_ignored"] = (raw / LABEL_DIR).is_dir()
+        if cfg.chip_size is not None:  # (counted in _chipped)
+            source.update(chip_size=cfg.chip_size, images_chipped=0, chips=0)
         result.sources.append(source)
         for tif in tifs:
             def skip(reason: str, iid: str = "", tif: Path = tif) -> None:
@@ -174,6 +204,8 @@ def scan(cfg: PrepareConfig) -> Scan:
                       rasterio.open(tif) as ds):
                     count, dtype, has_crs = ds.count, ds.dtypes[0], ds.crs is not None
                     has_transform = not ds.transform.is_identity
+                    height, width = ds.height, ds.width
+                    invertible = is_invertible(ds.transform)
             except Exception as e:
                 skip(f"unreadable image ({e})", iid)
                 continue
@@ -191,26 +223,58 @@ def scan(cfg: PrepareConfig) -> Scan:
                 continue
             seen[iid] = tif
             label = None if cfg.images_only else label_path(raw, iid)
-            headers.append((Tile(iid, tif, label), count, dtype))
+            headers.append(_Header(Tile(iid, tif, label), count, dtype, height, width,
+                                   invertible, source))
     if not headers:
         raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}")
     # NOTE: the model takes one band count, and the normalisation pools one radiometry (an
     # 8-bit tile among 11-bit ones would drag the percentiles down and come out nearly black);
     # the majority decides each and odd tiles are skipped.
-    counts = collections.Counter(c for _, c, _ in headers)
+    counts = collections.Counter(h.bands for h in headers)
     result.bands = max(counts, key=lambda c: (counts[c], c))
-    dtypes = collections.Counter(d for _, c, d in headers if c == result.bands)
+    dtypes = collections.Counter(h.dtype for h in headers if h.bands == result.bands)
     dtype = max(dtypes, key=lambda d: (dtypes[d], d == "uint16"))  # a tie: SpaceNet's format
-    for tile, count, dt in headers:
-        reason = (f"has {count} bands, the rest of the AOI has {result.bands}"
-                  if count != result.bands else
-                  f"is {dt}, most tiles are {dtype}" if dt != dtype else None)
+    kept = []
+    for h in headers:
+        reason = (f"has {h.bands} bands, the rest of the AOI has {result.bands}"
+                  if h.bands != result.bands else
+                  f"is {h.dtype}, most tiles are {dtype}" if h.dtype != dtype else None)
         if reason:
-            result.skipped.append({"image_id": tile.image_id, "path": str(tile.tif),
+            result.skipped.append({"image_id": h.tile.image_id, "path": str(h.tile.tif),
                                    "reason": reason})
         else:
-            result.tiles.append(tile)
+            kept.append(h)
+    result.tiles = ([h.tile for h in kept] if cfg.chip_size is None
+                    else _chipped(kept, cfg.chip_size, result))
     return result
+
+
+def _chipped(kept: list[_Header], size: int, result: Scan) -> list[Tile]:
+    """The tiles of ``kept`` with every image larger than ``size`` px cut into its chips.
+
+    An image cut into chips is skipped whole, once, for what would fail each of its chips: a
+    degenerate geotransform, or a chip ImageId that another image already has (a file named like
+    a chip of a scene beside it: ``A.tif`` cut at 512 px and ``A_r0_c512.tif``)."""
+    whole = {h.tile.image_id: h.tile.tif for h in kept if not needs_chips(h.height, h.width, size)}
+    tiles = []
+    for h in kept:
+        if not needs_chips(h.height, h.width, size):
+            tiles.append(h.tile)
+            continue
+        chips = chip_grid(h.height, h.width, size)
+        ids = [c.image_id(h.tile.image_id) for c in chips]
+        clash = next((i for i in ids if i in whole), None)
+        reason = ("image has a degenerate geotransform" if not h.invertible else
+                  f"its chip ImageId {clash!r} is that of {whole[clash]} too; rename one of them"
+                  if clash is not None else None)
+        if reason:
+            result.skipped.append({"image_id": h.tile.image_id, "path": str(h.tile.tif),
+                                   "reason": reason})
+            continue
+        tiles += [replace(h.tile, image_id=i, chip=c) for i, c in zip(ids, chips, strict=True)]
+        h.source["images_chipped"] += 1
+        h.source["chips"] += len(chips)
+    return tiles
 
 
 def split_counts(n: int, weights: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -242,8 +306,7 @@ def assign_splits(tiles: list[Tile], weights: tuple[float, float, float],
     out = []
     for rank, i in enumerate(perm):
         split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-        t = ordered[i]
-        out.append(Tile(t.image_id, t.tif, t.label, split))
+        out.append(replace(ordered[i], split=split))
     return out
 
 
@@ -251,13 +314,29 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
     """Worker: read one tile, rasterise its mask, encode its sample. Never raises for bad input.
 
     A tile without a label (``--images-only``) gets a mask of ``MASK_PAD`` (the loader reads it
-    as no label), no building count and no truth rows; its pixels count in the statistics."""
+    as no label), no building count and no truth rows; its pixels count in the statistics.
+    A chip (``--chip-size``) reads its window of the image alone, and has that window's transform
+    and size: the chips of an image lie on its pixel grid, which ``postproc.merge`` relies on."""
     try:
         with gdal_env(), rasterio.open(tile.tif) as ds:
-            pixels = ds.read()
-            transform, crs, height, width = ds.transform, ds.crs, ds.height, ds.width
+            if tile.chip is None:
+                pixels = ds.read()
+                transform, crs, height, width = ds.transform, ds.crs, ds.height, ds.width
+            else:
+                window = tile.chip.window()
+                pixels = ds.read(window=window)
+                transform, crs = ds.window_transform(window), ds.crs
+                height, width = tile.chip.height, tile.chip.width
     except Exception as e:
-        return {"skip": f"unreadable image ({e})"}
+        c = tile.chip
+        return {"skip": f"unreadable image ({e})" if c is None else
+                f"unreadable chip, rows {c.row0}-{c.row0 + c.height - 1} and columns "
+                f"{c.col0}-{c.col0 + c.width - 1} of the image ({e})"}
+    # NOTE: rasterio crops a window that runs off the image: a chip of an image replaced by a
+    # smaller one since the scan would be a sample of another size than its window's
+    if pixels.shape[1:] != (height, width):
+        return {"skip": f"read {pixels.shape[1]} x {pixels.shape[2]} px, expected {height} x "
+                        f"{width}"}
     if pixels.shape[0] != bands:
         return {"skip": f"has {pixels.shape[0]} bands, the rest of the AOI has {bands}"}
     if not is_invertible(transform):  # e.g. a pixel size of 0: no pixel has a place on the map
@@ -269,6 +348,8 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
         "transform": list(transform)[:6], "width": width, "height": height, "bands": bands,
         "building_count": None, "source": tile.tif.name,
     }
+    if tile.chip is not None:  # (a whole image's meta.json as before)
+        meta["source_offset"] = [tile.chip.row0, tile.chip.col0]  # row, column in the image
     if tile.label is None:
         # NOTE: the shard format stays whole (both readers, the index check and the loader's
         # backends need all three members); a mask of MASK_PAD is "no label" to every reader
@@ -485,7 +566,8 @@ def _build(cfg: PrepareConfig, out: Path, found: Scan, tiles: list[Tile], t0: fl
     buildings = dict.fromkeys(SPLITS, 0)
     writers: dict[str, ShardWriter | None] = dict.fromkeys(SPLITS)
     skipped, repaired = list(found.skipped), []
-    bar = tqdm(total=len(tiles), desc="prepare", unit="tile", disable=not progress)
+    bar = tqdm(total=len(tiles), desc="prepare", unit="tile" if cfg.chip_size is None else "chip",
+               disable=not progress)
     with contextlib.ExitStack() as stack:
         truth = {}
         for s in SPLITS:
@@ -551,15 +633,18 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
     if not labels and sum(samples.values()) == 0:  # (else "no training pixels" below)
         raise ValueError(f"no tile of {', '.join(map(str, cfg.raw))} could be read (see the "
                          "skipped tiles' reasons)")
+    config: dict[str, Any] = {"split": list(cfg.split) if labels else list(IMAGES_ONLY_SPLIT),
+                              "seed": cfg.seed, "shard_size": cfg.shard_size,
+                              "boundary_width": cfg.boundary_width}
+    if cfg.chip_size is not None:  # (no key without it: the manifest as before)
+        config["chip_size"] = cfg.chip_size
     # NOTE: without labels there is nothing to count: null, not zeros that read as "no building"
     return {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # NOTE: labels false: --images-only; band_stats are then those of the test tiles
         "labels": labels,
-        "config": {"split": list(cfg.split) if labels else list(IMAGES_ONLY_SPLIT),
-                   "seed": cfg.seed, "shard_size": cfg.shard_size,
-                   "boundary_width": cfg.boundary_width},
+        "config": config,
         "sources": found.sources,
         "bands": found.bands,
         "dtype": "uint16",
@@ -581,6 +666,24 @@ IMAGES_ONLY_HELP = (
     "new imagery without labels: read only RAW/RGB-PanSharpen/ (geojson/ may be absent and is "
     "ignored), put every tile into the test split for trainer.predict, write no truth.csv; the "
     "manifest says \"labels\": false and training refuses the dataset; not with --split")
+
+
+CHIP_SIZE_HELP = (
+    "with --images-only: cut each image larger than N px (either way) into chips of N x N from "
+    "its top-left corner, the last row and column smaller (no overlap), each chip a sample "
+    "named <ImageId>_r<row>_c<col> (its pixel offset); smaller images stay whole")
+
+
+def _parse_chip_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--chip-size {text!r}: expected a whole number of px, "
+                                         "e.g. 512") from None
+    try:
+        return check_chip_size(size)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:
@@ -613,11 +716,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="boundary band, px on each side of every outline (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--images-only", action="store_true", help=IMAGES_ONLY_HELP)
+    p.add_argument("--chip-size", type=_parse_chip_size, default=None, metavar="N",
+                   help=CHIP_SIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.images_only and args.split is not None:
         p.error("--split and --images-only do not go together: without labels every tile goes "
                 "into the test split")
+    if args.chip_size is not None and not args.images_only:
+        p.error(CHIPS_NEED_IMAGES_ONLY)
     try:
         # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut
         # the removal of the stage or the pool's shutdown short
@@ -625,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PrepareConfig(raw=args.raw, out=args.out, split=args.split or DEFAULT_SPLIT,
                                 seed=args.seed, workers=args.workers,
                                 shard_size=args.shard_size, boundary_width=args.boundary_width,
-                                overwrite=args.overwrite, images_only=args.images_only)
+                                overwrite=args.overwrite, images_only=args.images_only,
+                                chip_size=args.chip_size)
             m = prepare(cfg, progress=not args.quiet)
     except (ValueError, OSError) as e:
         print(f"dataio.prepare: error: {e}", file=sys.stderr)
@@ -640,8 +748,14 @@ def main(argv: list[str] | None = None) -> int:
     for src in m["sources"]:
         if src.get("labels_ignored"):
             print(f"  {Path(src['raw']) / LABEL_DIR}: ignored (--images-only)")
+    chipped = ""
+    if cfg.chip_size is not None:
+        chips = sum(src["chips"] for src in m["sources"])
+        images = sum(src["images_chipped"] for src in m["sources"])
+        chipped = f"; {images} images cut into {chips} chips of {cfg.chip_size} px"
     print(f"prepared {n} tiles into {cfg.out} ({counts}"
-          f"{'; images only, no labels' if cfg.images_only else ''}) in {m['seconds']:.1f}s "
+          f"{'; images only, no labels' if cfg.images_only else ''}{chipped}) in "
+          f"{m['seconds']:.1f}s "
           f"({n / max(m['seconds'], 1e-9):.1f} tiles/s, {cfg.workers} workers); "
           f"skipped {len(m['skipped'])}")
     for s in m["skipped"][:10]:

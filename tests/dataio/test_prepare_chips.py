@@ -1,0 +1,248 @@
+"""dataio.prepare --images-only --chip-size N: a scene too large for one sample, cut into chips.
+
+The scene is a 300 x 200 px UTM GeoTIFF: at 128 px, 3 x 2 chips, the last column 44 px wide and
+the last row 72 px high.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from pyproj import Transformer
+from shapely.geometry import shape
+
+from dataio.augment import MASK_PAD
+from dataio.chips import Chip
+from dataio.geo import gdal_env
+from dataio.manifest import load_manifest
+from dataio.prepare import PrepareConfig, Tile, process_tile
+from dataio.prepare import main as prepare_main
+from dataio.shards import check_shard, decode_sample, iter_tar_samples
+from dataio.spacenet import IMAGE_DIR, IMAGE_PREFIX
+
+UTM, PX, X0, Y0 = "EPSG:32611", 0.3, 500123.45, 4012345.6  # (an origin off the metre grid)
+SCENE = "AOI_9_Scene_img1"
+H, W, N = 200, 300, 128
+CHIPS = {f"{SCENE}_r{r}_c{c}": (r, c, min(N, H - r), min(N, W - c))
+         for r in (0, 128) for c in (0, 128, 256)}
+# buildings of the end-to-end test, (rows, cols) in the scene: across the chips' column edge at
+# 128; around the corner of four chips (row 128, column 256); inside one chip
+ACROSS_TWO, ACROSS_FOUR, INSIDE = ((40, 70), (100, 150)), ((110, 150), (230, 280)), \
+    ((160, 190), (20, 60))
+ROOF = 3000  # band values of a building; the ground is below 1000
+
+
+def _scene() -> np.ndarray:
+    """(3, H, W) uint16: noise with bright roofs."""
+    img = np.random.default_rng(5).integers(100, 1000, (3, H, W)).astype(np.uint16)
+    for (r0, r1), (c0, c1) in (ACROSS_TWO, ACROSS_FOUR, INSIDE):
+        img[:, r0:r1, c0:c1] = ROOF
+    return img
+
+
+def _write_tif(raw: Path, iid: str, pixels: np.ndarray, transform: Affine | None = None,
+               **creation: object) -> Path:
+    """A georeferenced GeoTIFF as dataio.synth writes them (uint16, pixel-interleaved)."""
+    tif = raw / IMAGE_DIR / f"{IMAGE_PREFIX}{iid}.tif"
+    tif.parent.mkdir(parents=True, exist_ok=True)
+    bands, h, w = pixels.shape
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": bands, "dtype": "uint16",
+               "crs": UTM, "transform": transform or Affine(PX, 0, X0, 0, -PX, Y0),
+               "interleave": "pixel", **creation}
+    with gdal_env(), rasterio.open(tif, "w", **profile) as ds:
+        ds.write(pixels)
+    return tif
+
+
+def _run(raw: Path, out: Path, *extra: str) -> dict:
+    assert prepare_main(["--raw", str(raw), "--out", str(out), "--images-only",
+                         "--workers", "0", "--quiet", *extra]) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _samples(data: Path) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
+    return {k: decode_sample(m) for shard in sorted((data / "test").glob("shard-*.tar"))
+            for k, m in iter_tar_samples(shard)}
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    """The scene and a 100 x 90 px image beside it, which stays one sample."""
+    raw = tmp_path / "raw"
+    _write_tif(raw, SCENE, _scene())
+    small = np.random.default_rng(6).integers(0, 2047, (3, 90, 100)).astype(np.uint16)
+    _write_tif(raw, "AOI_9_Small_img1", small, Affine(PX, 0, X0 + 1000, 0, -PX, Y0))
+    return raw
+
+
+def test_a_scene_is_cut_into_chips_on_its_grid(raw: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Chip count, sizes (remainders), ImageIds, each chip's transform and pixels those of its
+    window of the scene; the pool gets chips, the manifest and the progress bar count them."""
+    out = tmp_path / "d"
+    assert prepare_main(["--raw", str(raw), "--out", str(out), "--images-only", "--chip-size",
+                         str(N), "--workers", "2", "--shard-size", "4"]) == 0
+    said = capsys.readouterr()
+    assert "7/7" in said.err and "chip" in said.err  # the bar: 6 chips and the small image
+    assert "1 images cut into 6 chips of 128 px" in said.out
+    m = load_manifest(out)
+    assert m.samples("test") == 7 and len(m.shards("test")) == 2 and not m.labels
+    assert all(check_shard(out / "test", info) is None for info in m.shards("test"))
+    assert m.data["config"]["chip_size"] == N and m.data["skipped"] == []
+    (src,) = m.data["sources"]
+    assert src | {"raw": ""} == {"raw": "", "tiles": 2, "labels_ignored": False,
+                                 "chip_size": N, "images_chipped": 1, "chips": 6}
+    got = _samples(out)
+    assert sorted(got) == sorted([*CHIPS, "AOI_9_Small_img1"])
+    scene = _scene().transpose(1, 2, 0)
+    for key, (r0, c0, h, w) in CHIPS.items():
+        img, mask, meta = got[key]
+        assert img.shape == (h, w, 3) and (mask == MASK_PAD).all()
+        assert np.array_equal(img, scene[r0:r0 + h, c0:c0 + w])
+        assert meta["image_id"] == key and (meta["height"], meta["width"]) == (h, w)
+        assert meta["source_offset"] == [r0, c0] and meta["source"] == f"{IMAGE_PREFIX}{SCENE}.tif"
+        assert meta["crs"] == UTM
+        np.testing.assert_allclose(meta["transform"],
+                                   [PX, 0, X0 + c0 * PX, 0, -PX, Y0 - r0 * PX], rtol=0, atol=1e-9)
+    img, _, meta = got["AOI_9_Small_img1"]  # at most N x N: one sample, as without --chip-size
+    assert img.shape == (90, 100, 3) and "source_offset" not in meta
+    # band statistics over the chips: those of the same pixels prepared whole
+    whole = _run(raw, tmp_path / "whole")
+    assert whole["splits"]["test"]["samples"] == 2
+    assert m.data["band_stats"] == whole["band_stats"]
+
+
+def test_without_chip_size_and_with_small_images_the_output_is_as_before(
+        images_only_dataset: Path, unlabelled_aoi: Path, tmp_path: Path) -> None:
+    """Images of at most N px stay whole, written byte for byte as without --chip-size, and
+    meta.json has the keys it always had."""
+    out = _run(unlabelled_aoi, tmp_path / "d", "--chip-size", "128", "--shard-size", "4")
+    assert out["sources"][0]["images_chipped"] == out["sources"][0]["chips"] == 0
+    before = sorted(p.name for p in (images_only_dataset / "test").iterdir())
+    assert sorted(p.name for p in (tmp_path / "d" / "test").iterdir()) == before and before
+    for name in before:
+        assert (tmp_path / "d" / "test" / name).read_bytes() == \
+            (images_only_dataset / "test" / name).read_bytes(), name
+    for _, _, meta in _samples(images_only_dataset).values():
+        assert set(meta) == {"image_id", "crs", "transform", "width", "height", "bands",
+                             "building_count", "source"}
+    assert "chip_size" not in load_manifest(images_only_dataset).data["config"]
+
+
+def test_chip_size_without_images_only_or_a_bad_value_is_refused(
+        raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "d"
+    with pytest.raises(SystemExit) as stop:
+        prepare_main(["--raw", str(raw), "--out", str(out), "--chip-size", "128"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--chip-size needs --images-only" in last and "leakage" in last
+    for bad in ("63", "0", "-128", "12.5", "big"):
+        with pytest.raises(SystemExit) as stop:
+            prepare_main(["--raw", str(raw), "--out", str(out), "--images-only",
+                          "--chip-size", bad])
+        assert stop.value.code == 2
+        assert "--chip-size" in capsys.readouterr().err.strip().splitlines()[-1], bad
+    assert not out.exists()  # before any work
+    with pytest.raises(ValueError, match="--chip-size needs --images-only"):
+        PrepareConfig([raw], out, chip_size=128)
+    with pytest.raises(ValueError, match="--chip-size must be an integer >= 64"):
+        PrepareConfig([raw], out, images_only=True, chip_size=32)
+
+
+def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> None:
+    """A scene that opens but one of whose strips is damaged loses the chips that read it, each
+    skipped with its reason and counted; a file that does not open is one skip, not one a chip."""
+    raw = tmp_path / "raw"
+    tif = _write_tif(raw, SCENE, _scene(), compress="deflate", blockysize=8)
+    with rasterio.open(tif) as ds:  # the strip of rows 144-151: in the second row of chips
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_0_18", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_0_18", "TIFF", bidx=1))
+    data = bytearray(tif.read_bytes())
+    data[offset:offset + size] = b"\xff" * size
+    tif.write_bytes(bytes(data))
+    bad = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Broken_img1.tif"
+    bad.write_bytes(b"not a tiff" * 100)
+    m = _run(raw, tmp_path / "d", "--chip-size", str(N))
+    assert sorted(_samples(tmp_path / "d")) == [k for k in sorted(CHIPS) if "_r0_" in k]
+    skipped = {s["image_id"]: s for s in m["skipped"]}
+    assert sorted(skipped) == sorted(["AOI_9_Broken_img1",
+                                      *(k for k in CHIPS if "_r128_" in k)])
+    assert "unreadable image" in skipped["AOI_9_Broken_img1"]["reason"]
+    for key in CHIPS:
+        if "_r128_" in key:
+            assert skipped[key]["path"] == str(tif)
+            assert skipped[key]["reason"].startswith("unreadable chip, rows 128-199 and columns")
+    assert m["sources"][0]["chips"] == 6 and m["splits"]["test"]["samples"] == 3
+
+
+def test_a_chip_beyond_an_image_that_shrank_since_the_scan_is_skipped(raw: Path) -> None:
+    """(rasterio crops such a window: the sample was smaller than its chip, at its offset)"""
+    tif = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Small_img1.tif"  # 100 x 90 px
+    tile = Tile("AOI_9_Small_img1_r0_c64", tif, None, "test", Chip(0, 64, 128, 64))
+    assert process_tile(tile, 3, 0.0) == {"skip": "read 90 x 36 px, expected 128 x 64"}
+    tile = Tile("AOI_9_Small_img1_r0_c64", tif, None, "test", Chip(0, 0, 64, 64))
+    assert "sample" in process_tile(tile, 3, 0.0)
+
+
+def test_an_image_that_would_fail_every_chip_is_skipped_once(tmp_path: Path) -> None:
+    """A chip ImageId that an image beside the scene already has (the ImageIds must be unique:
+    two samples of one key) and a degenerate geotransform skip the scene once, not per chip."""
+    raw = tmp_path / "raw"
+    _write_tif(raw, SCENE, _scene())
+    clash = _write_tif(raw, f"{SCENE}_r0_c128", _scene()[:, :64, :64])
+    other = "AOI_9_Other_img1"
+    _write_tif(raw, other, _scene(), Affine(0.0, 0.0, X0, 0.0, 0.0, Y0))  # pixel size 0
+    m = _run(raw, tmp_path / "d", "--chip-size", str(N))
+    skipped = {s["image_id"]: s["reason"] for s in m["skipped"]}
+    assert skipped == {SCENE: f"its chip ImageId '{SCENE}_r0_c128' is that of {clash} too; "
+                              "rename one of them",
+                       other: "image has a degenerate geotransform"}
+    assert sorted(_samples(tmp_path / "d")) == [f"{SCENE}_r0_c128"]  # the image, whole
+    assert m["sources"][0]["images_chipped"] == m["sources"][0]["chips"] == 0
+
+
+def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(raw: Path, tmp_path: Path) -> None:
+    """prepare --chip-size -> per-chip predictions -> polygonize --geojson -> merge: one
+    footprint for each building, across two chips or four, in the scene's place (the chips'
+    meta.json put them on the scene's pixel grid). The predictions are the roofs of each chip's
+    own pixels, as read back from the shards (a net would give them, less exactly)."""
+    from postproc.cli import exit_on_error
+    from postproc.merge import main as merge_main
+    from postproc.polygonize import main as polygonize_main
+    from postproc.predio import quantize_probs, write_pred_shard
+
+    data = tmp_path / "d"
+    _run(raw, data, "--chip-size", str(N))
+    preds = []
+    for key, (img, _, meta) in sorted(_samples(data).items()):
+        p = np.where(img[..., 0] == ROOF, 0.9, 0.05)
+        preds.append((key, quantize_probs(np.stack([1 - p, p, 0 * p], axis=2)), meta))
+    write_pred_shard(tmp_path / "pred" / "pred-000000.tar", preds)
+    assert exit_on_error(lambda: polygonize_main([
+        "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "p.csv"), "--geojson",
+        str(tmp_path / "gj"), "--min-polygon-area", "0", "--no-tuned", "--workers", "1"])) == 0
+    out = tmp_path / "area.geojson"
+    assert exit_on_error(lambda: merge_main(["--pred", str(tmp_path / "pred"), "--geojson",
+                                             str(tmp_path / "gj"), "--out", str(out)])) == 0
+    feats = json.loads(out.read_text())["features"]
+    to_utm = Transformer.from_crs("EPSG:4326", UTM, always_xy=True)
+
+    def scene_pixels(g: shapely.Geometry) -> shapely.Geometry:  # lon/lat -> the scene's pixels
+        return shapely.transform(g, lambda xy: np.round((np.column_stack(
+            to_utm.transform(xy[:, 0], xy[:, 1])) - (X0, Y0)) / (PX, -PX), 6))
+
+    geoms = [(scene_pixels(shape(f["geometry"])), f["properties"]) for f in feats]
+    assert len(geoms) == 3
+    want_chips = {ACROSS_TWO: [f"{SCENE}_r0_c0", f"{SCENE}_r0_c128"],
+                  ACROSS_FOUR: [f"{SCENE}_r{r}_c{c}" for r in (0, 128) for c in (128, 256)],
+                  INSIDE: [f"{SCENE}_r128_c0"]}
+    for ((r0, r1), (c0, c1)), ids in want_chips.items():
+        (props,) = [p for g, p in geoms if g.equals(shapely.box(c0, r0, c1, r1))]
+        assert sorted(props.get("ImageIds", [props.get("ImageId")])) == sorted(ids)
