@@ -208,7 +208,20 @@ def test_an_image_that_would_fail_every_chip_is_skipped_once(tmp_path: Path) -> 
     assert m["sources"][0]["images_chipped"] == m["sources"][0]["chips"] == 0
 
 
-def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(raw: Path, tmp_path: Path) -> None:
+# the scene's georeferencing in the end-to-end test: SpaceNet's own CRS (EPSG:4326, pixels of
+# ~2.7e-6 degrees, here also rotated 30 degrees) and a south-up UTM grid (a positive e), beside
+# the plain north-up UTM one: merge's grid check must find every chip on the scene's grid
+GEOREF = {
+    "utm": (UTM, Affine(PX, 0, X0, 0, -PX, Y0)),
+    "wgs84-rotated": ("EPSG:4326", Affine.translation(-115.30721312, 36.2541873)
+                      * Affine.rotation(30) * Affine.scale(2.6949458523585647e-06, -2.7e-06)),
+    "utm-south-up": (UTM, Affine(PX, 0, X0, 0, PX, Y0)),
+}
+
+
+@pytest.mark.parametrize("georef", sorted(GEOREF))
+def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
+                                                               tmp_path: Path) -> None:
     """prepare --chip-size -> per-chip predictions -> polygonize --geojson -> merge: one
     footprint for each building, across two chips or four, in the scene's place (the chips'
     meta.json put them on the scene's pixel grid). The predictions are the roofs of each chip's
@@ -218,6 +231,12 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(raw: Path, tmp_pa
     from postproc.polygonize import main as polygonize_main
     from postproc.predio import quantize_probs, write_pred_shard
 
+    crs, transform = GEOREF[georef]
+    raw = tmp_path / "raw"
+    _write_tif(raw, SCENE, _scene(), transform, crs=crs)
+    small = np.random.default_rng(6).integers(0, 2047, (3, 90, 100)).astype(np.uint16)
+    _write_tif(raw, "AOI_9_Small_img1", small, transform * Affine.translation(W + 1000, 0),
+               crs=crs)
     data = tmp_path / "d"
     _run(raw, data, "--chip-size", str(N))
     preds = []
@@ -232,11 +251,14 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(raw: Path, tmp_pa
     assert exit_on_error(lambda: merge_main(["--pred", str(tmp_path / "pred"), "--geojson",
                                              str(tmp_path / "gj"), "--out", str(out)])) == 0
     feats = json.loads(out.read_text())["features"]
-    to_utm = Transformer.from_crs("EPSG:4326", UTM, always_xy=True)
+    to_crs = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    inv = ~transform
 
     def scene_pixels(g: shapely.Geometry) -> shapely.Geometry:  # lon/lat -> the scene's pixels
-        return shapely.transform(g, lambda xy: np.round((np.column_stack(
-            to_utm.transform(xy[:, 0], xy[:, 1])) - (X0, Y0)) / (PX, -PX), 6))
+        def px(xy: np.ndarray) -> np.ndarray:
+            x, y = to_crs.transform(xy[:, 0], xy[:, 1])
+            return np.round(np.column_stack(inv * (x, y)), 6)
+        return shapely.transform(g, px)
 
     geoms = [(scene_pixels(shape(f["geometry"])), f["properties"]) for f in feats]
     assert len(geoms) == 3
