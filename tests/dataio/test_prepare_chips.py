@@ -186,7 +186,9 @@ def test_a_chip_beyond_an_image_that_shrank_since_the_scan_is_skipped(raw: Path)
     """(rasterio crops such a window: the sample was smaller than its chip, at its offset)"""
     tif = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Small_img1.tif"  # 100 x 90 px
     tile = Tile("AOI_9_Small_img1_r0_c64", tif, None, "test", Chip(0, 64, 128, 64))
-    assert process_tile(tile, 3, 0.0) == {"skip": "read 90 x 36 px, expected 128 x 64"}
+    assert process_tile(tile, 3, 0.0) == {"skip": "chip rows 0-127 and columns 64-127 run off "
+                                          "the image, now 90 x 100 px: it changed since "
+                                          "prepare's scan; rerun dataio.prepare"}
     tile = Tile("AOI_9_Small_img1_r0_c64", tif, None, "test", Chip(0, 0, 64, 64))
     assert "sample" in process_tile(tile, 3, 0.0)
 
