@@ -1,9 +1,13 @@
 """Chip geometry for ``dataio.prepare --images-only --chip-size N``: a scene cut into a grid.
 
-A scene larger than N px in either dimension is cut into chips of N x N from its top-left
-corner; the last row and column of chips hold the remainder (smaller), never shifted back to
-overlap their neighbours: ``postproc.merge`` joins footprints of tiles that meet edge to edge,
-and ``trainer.predict`` runs each tile size on its own. A scene of at most N x N stays whole.
+Per axis of L px, the scene is cut into n = max(1, round(L / N)) chips (a half rounds up),
+starting at 0, N, ..., (n - 1)N: every chip is N px but the last row and column, which take the
+rest, between N/2 (inclusive) and 1.5N (exclusive) px; only a scene under N/2 px gives a smaller
+chip (itself). NOTE: the rest is never a thin chip of its own: a 1 px wide chip is predicted from
+almost no context and is garbage at both its edges. Chips are never shifted back to overlap
+their neighbours: ``postproc.merge`` joins footprints of tiles that meet edge to edge, and
+``trainer.predict`` runs each tile size on its own. A scene that gives one chip both ways (each
+side under 1.5N px) stays whole.
 
 A chip's ImageId is ``<ImageId>_r<row0>_c<col0>``, its pixel offset in the scene. Read from the
 right, the suffix gives back one scene and offset, so chips of two scenes never share an ImageId;
@@ -44,9 +48,20 @@ def check_chip_size(size: int) -> int:
     return size
 
 
+def chip_count(length: int, size: int) -> int:
+    """How many chips an axis of ``length`` px is cut into: max(1, floor(length / size + 0.5))."""
+    return max(1, (2 * length + size) // (2 * size))  # (in integers: no float rounding at 1.5N)
+
+
+def _starts(length: int, size: int) -> list[tuple[int, int]]:
+    """(offset, extent) of the chips along one axis; the last takes the rest."""
+    n = chip_count(length, size)
+    return [(i * size, size if i < n - 1 else length - i * size) for i in range(n)]
+
+
 def needs_chips(height: int, width: int, size: int) -> bool:
-    """Whether a scene of ``height`` x ``width`` px is cut at ``size`` (larger either way)."""
-    return height > size or width > size
+    """Whether a scene of ``height`` x ``width`` px is cut at ``size`` (more than one chip)."""
+    return chip_count(height, size) > 1 or chip_count(width, size) > 1
 
 
 def chip_grid(height: int, width: int, size: int) -> list[Chip]:
@@ -54,5 +69,4 @@ def chip_grid(height: int, width: int, size: int) -> list[Chip]:
     check_chip_size(size)
     if height < 1 or width < 1:
         raise ValueError(f"a scene of {height} x {width} px has no pixels to cut")
-    return [Chip(r, c, min(size, height - r), min(size, width - c))
-            for r in range(0, height, size) for c in range(0, width, size)]
+    return [Chip(r, c, h, w) for r, h in _starts(height, size) for c, w in _starts(width, size)]

@@ -8,8 +8,8 @@
 With ``--images-only`` only ``RAW/RGB-PanSharpen/`` is read (``geojson/`` may be absent, and is
 ignored if present) and every tile goes into the ``test`` split, for ``trainer.predict``: no
 truth CSVs, a manifest with ``"labels": false``, each sample's mask all ``MASK_PAD`` (no label).
-With ``--chip-size N`` too, an image larger than N px either way is cut into a grid of chips
-(``dataio.chips``), each a sample of its own read through a window of the image.
+With ``--chip-size N`` too, an image of 1.5N px or more either way is cut into a grid of chips
+of about N px (``dataio.chips``), each a sample of its own read through a window of the image.
 
 Tiles are processed in parallel and streamed into shards, so memory does not grow with the AOI.
 Unusable tiles are skipped and listed in the manifest with their reason. The dataset is complete
@@ -97,7 +97,7 @@ class PrepareConfig:
     boundary_width: float = DEFAULT_BOUNDARY_WIDTH
     overwrite: bool = False
     images_only: bool = False  # no labels read: every tile into test, masks all MASK_PAD
-    chip_size: int | None = None  # --images-only: cut larger images into chips of N x N px
+    chip_size: int | None = None  # --images-only: cut larger images into chips of ~N x N px
 
     def __post_init__(self) -> None:
         self.raw = [Path(r) for r in self.raw]
@@ -250,7 +250,7 @@ def scan(cfg: PrepareConfig) -> Scan:
 
 
 def _chipped(kept: list[_Header], size: int, result: Scan) -> list[Tile]:
-    """The tiles of ``kept`` with every image larger than ``size`` px cut into its chips.
+    """The tiles of ``kept`` with every image of more than one chip cut into its chips.
 
     An image cut into chips is skipped whole, once, for what would fail each of its chips: a
     degenerate geotransform, or a chip ImageId that another image already has (a file named like
@@ -672,9 +672,10 @@ IMAGES_ONLY_HELP = (
 
 
 CHIP_SIZE_HELP = (
-    "with --images-only: cut each image larger than N px (either way) into chips of N x N from "
-    "its top-left corner, the last row and column smaller (no overlap), each chip a sample "
-    "named <ImageId>_r<row>_c<col> (its pixel offset); smaller images stay whole")
+    "with --images-only: cut each image into chips of N x N from its top-left corner, "
+    "round(side / N) per side, the last row and column taking the rest (N/2 to 1.5N px; no "
+    "overlap), each chip a sample named <ImageId>_r<row>_c<col> (its pixel offset); an image "
+    "under 1.5N px both ways stays whole")
 
 
 def _parse_chip_size(text: str) -> int:

@@ -7,27 +7,60 @@ import pytest
 from affine import Affine
 from rasterio.windows import transform as window_transform
 
-from dataio.chips import MIN_CHIP_SIZE, Chip, check_chip_size, chip_grid, needs_chips
+from dataio.chips import MIN_CHIP_SIZE, Chip, check_chip_size, chip_count, chip_grid, needs_chips
 from dataio.geo import IMAGE_ID_RE
 
 
-def test_a_scene_is_cut_from_its_top_left_corner_with_smaller_remainders() -> None:
-    chips = chip_grid(200, 300, 128)
-    assert chips == [Chip(0, 0, 128, 128), Chip(0, 128, 128, 128), Chip(0, 256, 128, 44),
-                     Chip(128, 0, 72, 128), Chip(128, 128, 72, 128), Chip(128, 256, 72, 44)]
-    # every pixel in exactly one chip: no overlap, no gap
-    cover = np.zeros((200, 300), int)
+def _covered_once(chips: list[Chip], height: int, width: int) -> bool:
+    """Every pixel of the scene in exactly one chip: no overlap, no gap."""
+    cover = np.zeros((height, width), int)
     for c in chips:
         cover[c.row0:c.row0 + c.height, c.col0:c.col0 + c.width] += 1
-    assert (cover == 1).all()
+    return bool((cover == 1).all())
 
 
-def test_an_exact_multiple_has_no_remainder_and_a_small_scene_one_chip() -> None:
-    assert {(c.height, c.width) for c in chip_grid(256, 512, 128)} == {(128, 128)}
-    assert len(chip_grid(256, 512, 128)) == 8
+def test_a_scene_is_cut_from_its_top_left_corner_the_last_chips_taking_the_rest() -> None:
+    """300 x 200 at 128: 2 columns (128 + 172), 2 rows (128 + 72), not a 44 px column."""
+    chips = chip_grid(200, 300, 128)
+    assert chips == [Chip(0, 0, 128, 128), Chip(0, 128, 128, 172),
+                     Chip(128, 0, 72, 128), Chip(128, 128, 72, 172)]
+    assert _covered_once(chips, 200, 300)
+
+
+@pytest.mark.parametrize("length, sizes", [
+    (128, [128]), (512, [128] * 4),          # exact multiples: unchanged
+    (129, [129]), (191, [191]),              # N + 1 and just under 1.5N: one chip
+    (192, [128, 64]),                        # 1.5N: two chips, N + N/2
+    (257, [128, 129]),                       # 2N + 1: N and N + 1, not N, N and 1
+    (319, [128, 191]), (320, [128, 128, 64]),
+    (63, [63]), (1, [1]),                    # under N/2: the image itself
+])
+def test_the_last_chip_of_an_axis_is_between_half_and_one_and_a_half_n(
+        length: int, sizes: list[int]) -> None:
+    row = chip_grid(64, length, 128)  # (one row of chips: 64 px is N/2)
+    assert [c.width for c in row] == sizes and chip_count(length, 128) == len(sizes)
+    assert [c.col0 for c in row] == [128 * i for i in range(len(sizes))]
+    column = chip_grid(length, 64, 128)
+    assert [c.height for c in column] == sizes and {c.width for c in column} == {64}
+
+
+def test_no_chip_is_thin_and_every_pixel_is_in_one_chip() -> None:
+    for size in (64, 100, 128):
+        for height, width in ((size - 1, 5 * size + 1), (2 * size + 1, 3 * size // 2),
+                              (size // 2 + 1, 7 * size // 2), (5 * size // 2, size * 3 - 1)):
+            chips = chip_grid(height, width, size)
+            assert _covered_once(chips, height, width), (height, width, size)
+            for c in chips:  # N/2 <= a side < 1.5N, unless the scene's own side is under N/2
+                for side, scene in ((c.height, height), (c.width, width)):
+                    assert (side == scene < size / 2) or size / 2 <= side < 1.5 * size
+
+
+def test_an_image_that_gives_one_chip_both_ways_stays_whole() -> None:
     assert chip_grid(100, 128, 128) == [Chip(0, 0, 100, 128)]
+    assert chip_grid(191, 129, 128) == [Chip(0, 0, 191, 129)]
     assert not needs_chips(128, 128, 128) and not needs_chips(1, 64, 64)
-    assert needs_chips(129, 10, 128) and needs_chips(10, 129, 128)
+    assert not needs_chips(129, 10, 128) and not needs_chips(10, 191, 128)  # N + 1, 1.5N - 1
+    assert needs_chips(192, 10, 128) and needs_chips(10, 192, 128)  # 1.5N: two chips
 
 
 def test_a_chips_window_and_image_id() -> None:

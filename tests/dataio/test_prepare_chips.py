@@ -1,7 +1,7 @@
 """dataio.prepare --images-only --chip-size N: a scene too large for one sample, cut into chips.
 
-The scene is a 300 x 200 px UTM GeoTIFF: at 128 px, 3 x 2 chips, the last column 44 px wide and
-the last row 72 px high.
+The scene is a 300 x 200 px UTM GeoTIFF: at 128 px, 2 x 2 chips, the last column 172 px wide (the
+rest of 300 px: no 44 px column) and the last row 72 px high.
 """
 
 from __future__ import annotations
@@ -29,19 +29,20 @@ from dataio.spacenet import IMAGE_DIR, IMAGE_PREFIX
 UTM, PX, X0, Y0 = "EPSG:32611", 0.3, 500123.45, 4012345.6  # (an origin off the metre grid)
 SCENE = "AOI_9_Scene_img1"
 H, W, N = 200, 300, 128
-CHIPS = {f"{SCENE}_r{r}_c{c}": (r, c, min(N, H - r), min(N, W - c))
-         for r in (0, 128) for c in (0, 128, 256)}
+CHIPS = {f"{SCENE}_r{r}_c{c}": (r, c, h, w) for r, h in ((0, N), (128, H - 128))
+         for c, w in ((0, N), (128, W - 128))}
 # buildings of the end-to-end test, (rows, cols) in the scene: across the chips' column edge at
-# 128; around the corner of four chips (row 128, column 256); inside one chip
-ACROSS_TWO, ACROSS_FOUR, INSIDE = ((40, 70), (100, 150)), ((110, 150), (230, 280)), \
-    ((160, 190), (20, 60))
+# 128; around the corner of four chips (row 128, column 128); inside one chip; inside the wide
+# last column, across column 256 (where a third column of chips began before)
+ACROSS_TWO, ACROSS_FOUR, INSIDE, WIDE = ((40, 70), (100, 150)), ((110, 150), (110, 150)), \
+    ((160, 190), (20, 60)), ((20, 60), (230, 290))
 ROOF = 3000  # band values of a building; the ground is below 1000
 
 
 def _scene() -> np.ndarray:
     """(3, H, W) uint16: noise with bright roofs."""
     img = np.random.default_rng(5).integers(100, 1000, (3, H, W)).astype(np.uint16)
-    for (r0, r1), (c0, c1) in (ACROSS_TWO, ACROSS_FOUR, INSIDE):
+    for (r0, r1), (c0, c1) in (ACROSS_TWO, ACROSS_FOUR, INSIDE, WIDE):
         img[:, r0:r1, c0:c1] = ROOF
     return img
 
@@ -73,10 +74,11 @@ def _samples(data: Path) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
 
 @pytest.fixture
 def raw(tmp_path: Path) -> Path:
-    """The scene and a 100 x 90 px image beside it, which stays one sample."""
+    """The scene and a 129 x 90 px image beside it (N + 1 px wide: under 1.5N px both ways), which
+    stays one sample."""
     raw = tmp_path / "raw"
     _write_tif(raw, SCENE, _scene())
-    small = np.random.default_rng(6).integers(0, 2047, (3, 90, 100)).astype(np.uint16)
+    small = np.random.default_rng(6).integers(0, 2047, (3, 90, N + 1)).astype(np.uint16)
     _write_tif(raw, "AOI_9_Small_img1", small, Affine(PX, 0, X0 + 1000, 0, -PX, Y0))
     return raw
 
@@ -89,15 +91,15 @@ def test_a_scene_is_cut_into_chips_on_its_grid(raw: Path, tmp_path: Path,
     assert prepare_main(["--raw", str(raw), "--out", str(out), "--images-only", "--chip-size",
                          str(N), "--workers", "2", "--shard-size", "4"]) == 0
     said = capsys.readouterr()
-    assert "7/7" in said.err and "chip" in said.err  # the bar: 6 chips and the small image
-    assert "1 images cut into 6 chips of 128 px" in said.out
+    assert "5/5" in said.err and "chip" in said.err  # the bar: 4 chips and the small image
+    assert "1 images cut into 4 chips of 128 px" in said.out
     m = load_manifest(out)
-    assert m.samples("test") == 7 and len(m.shards("test")) == 2 and not m.labels
+    assert m.samples("test") == 5 and len(m.shards("test")) == 2 and not m.labels
     assert all(check_shard(out / "test", info) is None for info in m.shards("test"))
     assert m.data["config"]["chip_size"] == N and m.data["skipped"] == []
     (src,) = m.data["sources"]
     assert src | {"raw": ""} == {"raw": "", "tiles": 2, "labels_ignored": False,
-                                 "chip_size": N, "images_chipped": 1, "chips": 6}
+                                 "chip_size": N, "images_chipped": 1, "chips": 4}
     got = _samples(out)
     assert sorted(got) == sorted([*CHIPS, "AOI_9_Small_img1"])
     scene = _scene().transpose(1, 2, 0)
@@ -110,8 +112,8 @@ def test_a_scene_is_cut_into_chips_on_its_grid(raw: Path, tmp_path: Path,
         assert meta["crs"] == UTM
         np.testing.assert_allclose(meta["transform"],
                                    [PX, 0, X0 + c0 * PX, 0, -PX, Y0 - r0 * PX], rtol=0, atol=1e-9)
-    img, _, meta = got["AOI_9_Small_img1"]  # at most N x N: one sample, as without --chip-size
-    assert img.shape == (90, 100, 3) and "source_offset" not in meta
+    img, _, meta = got["AOI_9_Small_img1"]  # under 1.5N both ways: one sample, as without
+    assert img.shape == (90, N + 1, 3) and "source_offset" not in meta
     # band statistics over the chips: those of the same pixels prepared whole
     whole = _run(raw, tmp_path / "whole")
     assert whole["splits"]["test"]["samples"] == 2
@@ -179,15 +181,15 @@ def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> 
         if "_r128_" in key:
             assert skipped[key]["path"] == str(tif)
             assert skipped[key]["reason"].startswith("unreadable chip, rows 128-199 and columns")
-    assert m["sources"][0]["chips"] == 6 and m["splits"]["test"]["samples"] == 3
+    assert m["sources"][0]["chips"] == 4 and m["splits"]["test"]["samples"] == 2
 
 
 def test_a_chip_beyond_an_image_that_shrank_since_the_scan_is_skipped(raw: Path) -> None:
     """(rasterio crops such a window: the sample was smaller than its chip, at its offset)"""
-    tif = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Small_img1.tif"  # 100 x 90 px
+    tif = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Small_img1.tif"  # 129 x 90 px
     tile = Tile("AOI_9_Small_img1_r0_c64", tif, None, "test", Chip(0, 64, 128, 64))
     assert process_tile(tile, 3, 0.0) == {"skip": "chip rows 0-127 and columns 64-127 run off "
-                                          "the image, now 90 x 100 px: it changed since "
+                                          "the image, now 90 x 129 px: it changed since "
                                           "prepare's scan; rerun dataio.prepare"}
     tile = Tile("AOI_9_Small_img1_r0_c64", tif, None, "test", Chip(0, 0, 64, 64))
     assert "sample" in process_tile(tile, 3, 0.0)
@@ -236,7 +238,7 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
     crs, transform = GEOREF[georef]
     raw = tmp_path / "raw"
     _write_tif(raw, SCENE, _scene(), transform, crs=crs)
-    small = np.random.default_rng(6).integers(0, 2047, (3, 90, 100)).astype(np.uint16)
+    small = np.random.default_rng(6).integers(0, 2047, (3, 90, N + 1)).astype(np.uint16)
     _write_tif(raw, "AOI_9_Small_img1", small, transform * Affine.translation(W + 1000, 0),
                crs=crs)
     data = tmp_path / "d"
@@ -263,10 +265,10 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
         return shapely.transform(g, px)
 
     geoms = [(scene_pixels(shape(f["geometry"])), f["properties"]) for f in feats]
-    assert len(geoms) == 3
+    assert len(geoms) == 4
     want_chips = {ACROSS_TWO: [f"{SCENE}_r0_c0", f"{SCENE}_r0_c128"],
-                  ACROSS_FOUR: [f"{SCENE}_r{r}_c{c}" for r in (0, 128) for c in (128, 256)],
-                  INSIDE: [f"{SCENE}_r128_c0"]}
+                  ACROSS_FOUR: [f"{SCENE}_r{r}_c{c}" for r in (0, 128) for c in (0, 128)],
+                  INSIDE: [f"{SCENE}_r128_c0"], WIDE: [f"{SCENE}_r0_c128"]}
     for ((r0, r1), (c0, c1)), ids in want_chips.items():
         (props,) = [p for g, p in geoms if g.equals(shapely.box(c0, r0, c1, r1))]
         assert sorted(props.get("ImageIds", [props.get("ImageId")])) == sorted(ids)
