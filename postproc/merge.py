@@ -1,7 +1,8 @@
 """One GeoJSON layer for an area: every tile's footprints in WGS 84, and a building that tile
 edges cut into pieces merged back into one footprint.
 
-CLI: ``python -m postproc.merge --pred PRED --geojson DIR --out AREA.geojson [--tolerance PX]``.
+CLI: ``python -m postproc.merge --pred PRED --geojson DIR --out AREA.geojson [--tolerance PX]
+[--min-area PX]``.
 
 Tiles are those of the prediction shards in PRED, in shard order. A tile's footprints are
 ``DIR/<ImageId>.geojson`` (``postproc.polygonize --pred PRED --geojson DIR``); its extent
@@ -30,6 +31,11 @@ counter-clockwise), written atomically: interior footprints in tile order, then 
 An unmerged footprint keeps its properties; a merged one has ``ImageIds`` and ``BuildingIds``
 (its pieces', in the same order), ``MergedId`` (1, 2, ... in the file) and ``Confidence``, the
 area-weighted mean of its pieces'.
+
+``--min-area PX`` drops every output footprint under PX px of its tiles' grid (an interior one
+as it is read, a merged one after the union), so that polygonize can keep every piece
+(``--min-polygon-area 0``): polygonize's own minimum, per tile, drops a cut building's small
+pieces before they are merged, and loses a building cut into small pieces altogether.
 """
 
 from __future__ import annotations
@@ -235,8 +241,9 @@ def _border_segments(pixels: BaseGeometry, box: tuple[int, int, int, int]
 class Merger:
     """Reads tiles one by one, writes interior footprints at once, merges the rest at the end."""
 
-    def __init__(self, out: IO[str], tolerance: float = TOLERANCE_PX) -> None:
-        self.out, self.tol = out, tolerance
+    def __init__(self, out: IO[str], tolerance: float = TOLERANCE_PX, min_area: float = 0.0
+                 ) -> None:
+        self.out, self.tol, self.min_area = out, tolerance, min_area
         self.grids: list[Grid] = []
         self._by_phase: dict[tuple[str, int, int], list[int]] = defaultdict(list)
         self.pieces: list[Piece] = []
@@ -244,7 +251,7 @@ class Merger:
         self.edges: dict[tuple[int, int, float], list[tuple[float, float, int]]] = \
             defaultdict(list)
         self.seen: set[str] = set()
-        self.written = self.merged = self.merged_pieces = 0
+        self.written = self.merged = self.merged_pieces = self.dropped = 0
         out.write('{"type":"FeatureCollection","features":[\n')
 
     def _place(self, crs: str, fwd: np.ndarray, w: int, h: int) -> tuple[int, np.ndarray]:
@@ -301,6 +308,11 @@ class Merger:
             for axis, line, lo, hi in segs:
                 self.edges[(gi, axis, line)].append((lo, hi, len(self.pieces)))
             self.pieces.append(Piece(len(self.seen), gi, geoms[i], pixels[i], props[i]))
+        # NOTE: the area in grid pixels, where polygonize's min_polygon_area is counted (a blob's
+        # pixel count is its outline's area); a tile in lon/lat has no other meaningful unit
+        small = shapely.area(pixels[interior]) < self.min_area
+        self.dropped += int(small.sum())
+        interior = [i for i, s in zip(interior, small, strict=True) if not s]
         for g, i in zip(to_wgs84(geoms[interior], crs), interior, strict=True):
             self._write(g, props[i], path)
 
@@ -334,7 +346,9 @@ class Merger:
             members[r].append(i)
         for i, p in enumerate(self.pieces):
             group = members[roots[i]]
-            if len(group) == 1:
+            if len(group) == 1 and p.pixels.area < self.min_area:
+                self.dropped += 1
+            elif len(group) == 1:
                 self._write(to_wgs84(_objects([p.geom]), self.grids[p.grid].crs)[0], p.props)
             elif group[0] == i:
                 self._write_merged([self.pieces[k] for k in group])
@@ -343,6 +357,9 @@ class Merger:
     def _write_merged(self, parts: list[Piece]) -> None:
         grid = self.grids[parts[0].grid]
         union = shapely.union_all([p.pixels for p in parts])
+        if union.area < self.min_area:  # (after the union: its pieces may each be smaller)
+            self.dropped += 1
+            return
         areas = np.array([p.pixels.area for p in parts])
         confs = np.array([p.props["Confidence"] for p in parts], dtype=float)
         self.merged += 1
@@ -412,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=TOLERANCE_PX, metavar="PX",
                    help="how far, in pixels, tile edges and outlines may be off the pixel grid "
                         f"and still meet (float error; default {TOLERANCE_PX})")
+    p.add_argument("--min-area", type=float, default=0.0, metavar="PX",
+                   help="drop every output footprint under this many px of its tiles' pixel "
+                        "grid, after the merge (default 0: keep all); polygonize with "
+                        "--min-polygon-area 0 and give its area here, so that the small pieces "
+                        "of a cut building are merged, not dropped per tile")
     from postproc.cli import add_push_args
 
     add_push_args(p, job="footprints_merge")
@@ -423,11 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.tolerance < 0.5:
         raise ValueError(f"--tolerance {args.tolerance} px must lie in [0, 0.5)")
+    if not (math.isfinite(args.min_area) and args.min_area >= 0):
+        raise ValueError(f"--min-area {args.min_area} px must be a finite number >= 0 (0: keep "
+                         "every footprint)")
     check_writable(args.out, "--out", _inputs(args))
     _check_dir(args.geojson)
     shards = list_pred_shards(args.pred)
     with atomic_open(args.out, "w", encoding="utf-8") as f:
-        m = Merger(f, args.tolerance)
+        m = Merger(f, args.tolerance, args.min_area)
         for shard in shards:
             for key, _png, meta in iter_raw_samples(shard):
                 m.add_tile(key, meta, args.geojson / f"{key}.geojson", shard)
@@ -443,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         say(f"merge: {extra} *.geojson in {args.geojson} are not tiles of --pred {args.pred}: "
             "left out")
+    small = f"; {m.dropped} under --min-area {args.min_area:g} px dropped" if args.min_area else ""
     print(f"{len(m.seen)} tiles, {m.written} footprints ({m.merged} merged from "
-          f"{m.merged_pieces} pieces) -> {args.out}")
+          f"{m.merged_pieces} pieces{small}) -> {args.out}")
     from postproc.cli import push_metrics
     from postproc.pushmetrics import PostprocRun
 

@@ -226,12 +226,15 @@ def test_tiles_off_the_grid_beyond_the_tolerance_are_not_merged(mosaic, tmp_path
     assert "pixel grids" in capsys.readouterr().err
 
 
-def _two_tiles(root: Path, crs_b: str = "EPSG:4326") -> tuple[Path, Path]:
-    """Two EPSG:4326 tiles side by side (the second in ``crs_b``), a building across both,
-    written with polygonize's own writers."""
+def _two_tiles(root: Path, crs_b: str = "EPSG:4326", buildings: tuple = ((4, 10, 10, 22),),
+               min_polygon_area: float = 0.0) -> tuple[Path, Path]:
+    """Two EPSG:4326 tiles side by side (the second in ``crs_b``), ``buildings`` (rows and cols
+    of the 16 x 32 px pair; by default one across both), written with polygonize's own writers
+    (polygonize's --min-polygon-area: ``min_polygon_area``)."""
     prob = np.zeros((16, 32, 3), np.uint8)
     prob[..., 0] = 255
-    prob[4:10, 10:22] = (0, 230, 25)
+    for r0, r1, c0, c1 in buildings:
+        prob[r0:r1, c0:c1] = (0, 230, 25)
     a, b, c, d, e, f = TRANSFORM_4326
     samples, gj = [], root / "gj"
     gj.mkdir(parents=True)
@@ -239,7 +242,7 @@ def _two_tiles(root: Path, crs_b: str = "EPSG:4326") -> tuple[Path, Path]:
         meta = {"crs": crs, "transform": [a, b, c + 16 * k * a, d, e, f], "width": 16,
                 "height": 16}
         tile = prob[:, 16 * k:16 * (k + 1)]
-        found = polygonize_probs(tile, PolygonizeConfig(min_polygon_area=0))
+        found = polygonize_probs(tile, PolygonizeConfig(min_polygon_area=min_polygon_area))
         write_tile_geojson(gj, f"t{k}", [g for g, _ in found], [s for _, s in found], meta)
         samples.append((f"t{k}", tile, meta))
     write_pred_shard(root / "pred" / "pred-000000.tar", samples)
@@ -266,6 +269,54 @@ def test_a_lonlat_mosaic_merges_and_other_crs_do_not(tmp_path, capsys):
             assert shape(feats[0]["geometry"]).symmetric_difference(want).area < 1e-9 * want.area
         else:
             assert "2 pixel grids (2 CRS)" in capsys.readouterr().err
+
+
+# README's case: a 6 x 6 px building cut down its middle by the tiles' edge (two 18 px pieces),
+# and a 10 px blob inside the first tile
+CUT_6X6, BLOB_10 = (4, 10, 13, 19), (11, 13, 2, 7)
+
+
+def _merged(pred: Path, gj: Path, out: Path, *extra: str) -> list[dict]:
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())["features"]
+
+
+def test_min_area_applies_after_the_merge(tmp_path, capsys):
+    """polygonize's min_polygon_area drops the pieces per tile, before merge: the building is
+    lost. polygonize at 0, then merge --min-area 20: the one 36 px footprint, and the 10 px blob
+    dropped; at --min-area 40 the building too (its area is the union's, not a piece's)."""
+    lost = _two_tiles(tmp_path / "per_tile", buildings=(CUT_6X6, BLOB_10), min_polygon_area=20)
+    assert _merged(*lost, tmp_path / "lost.geojson") == []  # (what README warns of)
+    pred, gj = _two_tiles(tmp_path / "kept", buildings=(CUT_6X6, BLOB_10))
+    capsys.readouterr()
+    feats = _merged(pred, gj, tmp_path / "all.geojson")
+    assert len(feats) == 2 and "dropped" not in capsys.readouterr().out  # default 0: keep all
+    (f,) = _merged(pred, gj, tmp_path / "area.geojson", "--min-area", "20")
+    assert f["properties"]["ImageIds"] == ["t0", "t1"] and f["properties"]["MergedId"] == 1
+    a, _, c, _, e, f0 = TRANSFORM_4326
+    want = shapely.box(c + 13 * a, f0 + 10 * e, c + 19 * a, f0 + 4 * e)
+    assert shape(f["geometry"]).symmetric_difference(want).area < 1e-9 * want.area
+    assert want.area / abs(a * e) == pytest.approx(36)
+    assert "2 tiles, 1 footprints (1 merged from 2 pieces; 1 under --min-area 20 px dropped)" \
+        in capsys.readouterr().out
+    assert _merged(pred, gj, tmp_path / "big.geojson", "--min-area", "40") == []
+    assert "0 footprints (0 merged from 0 pieces; 2 under --min-area 40 px dropped)" in \
+        capsys.readouterr().out
+    # a piece of 18 px on the tile edge that merges with nothing is dropped alone, at 20
+    alone = _two_tiles(tmp_path / "alone", buildings=((4, 10, 13, 16),))
+    assert _merged(*alone, tmp_path / "alone.geojson", "--min-area", "20") == []
+    assert len(_merged(*alone, tmp_path / "alone18.geojson", "--min-area", "18")) == 1
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
+def test_a_bad_min_area_is_refused_naming_the_flag(bad, tmp_path, capsys):
+    pred, gj = _two_tiles(tmp_path)
+    out = tmp_path / "area.geojson"
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out),
+                "--min-area", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --min-area {float(bad)} px must be a finite number >= 0")
+    assert not out.exists()
 
 
 @pytest.fixture
