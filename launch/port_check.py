@@ -5,6 +5,8 @@ when something else holds the port. launch/multi_node.sh and launch/slurm.sbatch
 first node) run it before torchrun.
 
     python -m launch.port_check HOST PORT    (exit 2 and one line when the port is held)
+
+PORT_CHECK_TIMEOUT_S (default 3) is how long a listener there gets to answer as a store would.
 """
 
 from __future__ import annotations
@@ -19,6 +21,24 @@ import threading
 # NOTE: a store answers the handshake at once (its server thread replies to the ping), over a
 # cluster network too; seconds more only delay the error when something else holds the port.
 TIMEOUT_S = 3.0
+# NOTE: settable through the launch scripts (they pass the environment on) for the tests: each
+# that holds the port with a listener that never answers waited the whole 3 s for nothing.
+TIMEOUT_ENV = "PORT_CHECK_TIMEOUT_S"
+
+
+def timeout_from_env() -> float:
+    """``PORT_CHECK_TIMEOUT_S`` in seconds, else ``TIMEOUT_S``."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give a number of seconds > 0, or unset it "
+                         f"(default {TIMEOUT_S:g})")
+    return value
 
 
 def not_a_store(host: str, port: int, timeout: float = TIMEOUT_S) -> str | None:
@@ -69,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("host", help="MASTER_ADDR, the rendezvous host")
     ap.add_argument("port", type=int, help="MASTER_PORT, its port")
     args = ap.parse_args(argv)
-    why = not_a_store(args.host, args.port)
+    try:
+        timeout = timeout_from_env()
+    except ValueError as e:
+        ap.error(str(e))
+    why = not_a_store(args.host, args.port, timeout)
     if why is None:
         return 0
     print(f"error: MASTER_ADDR:MASTER_PORT={args.host}:{args.port}: {why}", file=sys.stderr,

@@ -23,6 +23,7 @@ from proc_helpers import free_port
 import launch.gpu_check as gc
 from launch.gpu_check import _run as gpu_check_step
 from launch.gpu_check import main as gpu_check
+from launch.port_check import main as port_check
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
@@ -279,14 +280,21 @@ def test_multi_node_runs_of_one_job_share_a_rendezvous_id(tmp_path: Path) -> Non
         assert want <= set(_recorded(out)[0])
 
 
-def _multi_node_at(tmp_path: Path, port: int) -> subprocess.CompletedProcess[str]:
+# NOTE: the port check's wait for an answer, for the tests whose listener never gives one (they
+# waited out the default 3 s each); a real store answers at once and keeps the default.
+NO_ANSWER_WAIT = {"PORT_CHECK_TIMEOUT_S": "0.5"}
+
+
+def _multi_node_at(tmp_path: Path, port: int, extra: dict[str, str] | None = None
+                   ) -> subprocess.CompletedProcess[str]:
     """multi_node.sh with its rendezvous at 127.0.0.1:``port`` and the real port check (its
-    config check passes; torchrun is recorded to torchrun.out, not run)."""
+    config check passes; torchrun is recorded to torchrun.out, not run); ``extra`` adds
+    variables."""
     _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "NNODES": "1", "NPROC": "1", "OMP_NUM_THREADS": "1",
            "TORCHRUN": str(tmp_path / "torchrun"),
-           "PYTHON": str(_checking_python(tmp_path / "python"))}
+           "PYTHON": str(_checking_python(tmp_path / "python")), **(extra or {})}
     return subprocess.run(["bash", "launch/multi_node.sh", "c", "d", "r"], capture_output=True,
                           text=True, timeout=60, env=env)
 
@@ -310,7 +318,7 @@ def test_multi_node_names_a_port_held_by_something_else(tmp_path: Path, closes: 
         if closes:
             closer.start()
         try:
-            res = _multi_node_at(tmp_path, port)
+            res = _multi_node_at(tmp_path, port, NO_ANSWER_WAIT)
         finally:
             stop.set()
             if closes:
@@ -338,10 +346,21 @@ def test_slurm_names_a_rendezvous_port_held_by_something_else(tmp_path: Path) ->
     """(the batch step runs on the first node, which hosts the store: checked there)"""
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
-        res = _slurm(tmp_path, extra={"MASTER_PORT": str(port)}, on_this_host=True)
+        res = _slurm(tmp_path, extra={"MASTER_PORT": str(port), **NO_ANSWER_WAIT},
+                     on_this_host=True)
     assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
     assert res.stderr.startswith(f"error: MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}: the port "
                                  "is held by something that is not a torch rendezvous store")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_bad_port_check_wait_is_named(value: str, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PORT_CHECK_TIMEOUT_S", value)
+    with pytest.raises(SystemExit) as e:
+        port_check(["127.0.0.1", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"PORT_CHECK_TIMEOUT_S={value!r}" in err
 
 
 def test_gpu_check_fits_one_device_call_and_trains_on_every_gpu(
