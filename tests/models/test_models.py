@@ -7,7 +7,6 @@ under test, so a change of architecture that moves the parameter count fails her
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -22,32 +21,12 @@ class Facts:
     params: float  # the issue's figure with 3 input bands and 3 classes
     exact: int  # the count models/unet.py states, to the parameter
     tiny_divisor: int  # width_divisor that makes the first width 16, for the fast tests
-    big: bool = False  # a full-width 650x650 forward takes > 10 s on 2 CPU cores
 
 
 MODEL_FACTS = {
     "unet_baseline": Facts(params=7.8e6, exact=7_763_107, tiny_divisor=2),
-    "unet": Facts(params=31e6, exact=31_037_763, tiny_divisor=4, big=True),
+    "unet": Facts(params=31e6, exact=31_037_763, tiny_divisor=4),
 }
-
-
-def _full_size_params() -> list[object]:
-    """Every model, the big ones marked slow for the full-width 650x650 forward."""
-    return [
-        pytest.param(n, marks=pytest.mark.slow) if n in MODEL_FACTS and MODEL_FACTS[n].big else n
-        for n in list_models()
-    ]
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    # NOTE: conftest pins OMP to 1 thread for the multi-process tests. The full-width forwards are
-    # big enough to gain from both cores (13 s -> 8 s for `unet` at 650); the tiny models are not
-    # (thread overhead makes them slower), so only the full-width tests ask for this.
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def facts(name: str) -> Facts:
@@ -92,15 +71,17 @@ def test_parameter_count_matches_issue(name: str) -> None:
     assert count == exact, f"{name}: {count:,} parameters, models/unet.py says {exact:,}"
 
 
-@pytest.mark.parametrize("name", _full_size_params())
-def test_output_shape_650_full_width(name: str, two_threads: None) -> None:
-    # 650 is not a multiple of 16: the model pads to 656 and crops back. (A full-width 256 px
-    # forward asserted the same shape, dtype and finiteness on the same modules; an input that
-    # needs no pad is test_any_input_size's 64x64.)
+@pytest.mark.parametrize("name", list_models())
+def test_output_shape_full_width(name: str) -> None:
+    # 90 px, like a 650 px SpaceNet tile, is 10 more than a multiple of 16: the model pads both
+    # by 3 px on each side (to 96, 656) and crops back, through the same full-width modules.
+    # NOTE: at 650 px this forward took 8-13 s for `unet` on 2 cores; 650 px itself is
+    # test_650_with_gradients (every model, tiny widths); an input that needs no pad is
+    # test_any_input_size's 64x64.
     model = build_model(name, 3, 3).eval()
     with torch.no_grad():
-        out = model(torch.rand(1, 3, 650, 650))
-    assert out.shape == (1, 3, 650, 650)
+        out = model(torch.rand(1, 3, 90, 90))
+    assert out.shape == (1, 3, 90, 90)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
