@@ -227,7 +227,7 @@ def test_two_nodes_regroup_when_only_one_counted_a_restart(tmp_path: Path) -> No
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-           f"--rdzv-id=regroup-{os.getpid()}", "--max-restarts=1", "--monitor-interval=1",
+           f"--rdzv-id=regroup-{os.getpid()}", "--max-restarts=1",
            str(REPO / "tests" / "trainer" / "restart_worker.py"), str(tmp_path)]
     _run_nodes(cmd, [{**env, "NODE": node} for node in "AB"], timeout=200)
     assert (tmp_path / "B-was-busy").exists()
