@@ -218,7 +218,7 @@ def test_an_image_that_would_fail_every_chip_is_skipped_once(tmp_path: Path) -> 
 GEOREF = {
     "utm": (UTM, Affine(PX, 0, X0, 0, -PX, Y0)),
     "wgs84-rotated": ("EPSG:4326", Affine.translation(-115.30721312, 36.2541873)
-                      * Affine.rotation(30) * Affine.scale(2.6949458523585647e-06, -2.7e-06)),
+                      @ Affine.rotation(30) @ Affine.scale(2.6949458523585647e-06, -2.7e-06)),
     "utm-south-up": (UTM, Affine(PX, 0, X0, 0, PX, Y0)),
 }
 
@@ -239,7 +239,7 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
     raw = tmp_path / "raw"
     _write_tif(raw, SCENE, _scene(), transform, crs=crs)
     small = np.random.default_rng(6).integers(0, 2047, (3, 90, N + 1)).astype(np.uint16)
-    _write_tif(raw, "AOI_9_Small_img1", small, transform * Affine.translation(W + 1000, 0),
+    _write_tif(raw, "AOI_9_Small_img1", small, transform @ Affine.translation(W + 1000, 0),
                crs=crs)
     data = tmp_path / "d"
     _run(raw, data, "--chip-size", str(N))
@@ -261,7 +261,7 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
     def scene_pixels(g: shapely.Geometry) -> shapely.Geometry:  # lon/lat -> the scene's pixels
         def px(xy: np.ndarray) -> np.ndarray:
             x, y = to_crs.transform(xy[:, 0], xy[:, 1])
-            return np.round(np.column_stack(inv * (x, y)), 6)
+            return np.round(np.column_stack(inv @ (x, y)), 6)
         return shapely.transform(g, px)
 
     geoms = [(scene_pixels(shape(f["geometry"])), f["properties"]) for f in feats]
