@@ -75,7 +75,9 @@ def _ring_rect_area(coords: np.ndarray, a: int, b: int, x0: float, x1: float, y0
 def _sort_unique(a: np.ndarray, n: int, unique: bool = True) -> int:
     """Sort ``a[:n]`` in place, optionally dropping repeats; return the new length."""
     if n > 48:
-        a[:n] = np.sort(a[:n])
+        # NOTE: in place, not ``a[:n] = np.sort(a[:n])`` (the same quicksort): slice assignment
+        # compiles numba's shape-mismatch error message, seconds of a cold compile
+        a[:n].sort()
     for i in range(1, n if n <= 48 else 0):  # insertion sort: n is usually tiny
         v = a[i]
         j = i - 1

@@ -33,7 +33,11 @@ def _trace_ring(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, blob: int
             return buf, end, area2, bx0, by0, bx1, by1
         # NOTE: full (rare: the buffer doubles); the walk is deterministic, so walk it again
         grown = np.empty((buf.shape[0] * 2, 2), np.float64)
-        grown[:nb] = buf[:nb]
+        # NOTE: a loop, not ``grown[:nb] = buf[:nb]``: slice assignment compiles numba's
+        # shape-mismatch error message (string formatting), ~5 s of a cold compile
+        for i in range(nb):
+            grown[i, 0] = buf[i, 0]
+            grown[i, 1] = buf[i, 1]
         buf = grown
 
 
@@ -140,7 +144,8 @@ def _push_offset(off: np.ndarray, k: int, value: int) -> tuple:
     """Set ``off[k + 1] = value`` (growing ``off`` when full); return (off, k + 1)."""
     if k + 2 > off.shape[0]:
         grown = np.empty(off.shape[0] * 2, np.int64)
-        grown[: k + 1] = off[: k + 1]
+        for i in range(k + 1):  # NOTE: not a slice assignment (see _trace_ring)
+            grown[i] = off[i]
         off = grown
     off[k + 1] = value
     return off, k + 1
