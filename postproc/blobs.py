@@ -51,10 +51,12 @@ def find_blobs(prob: np.ndarray, st: int, ft: int, radius2: int, layers: int, ra
             ringn[layer, s] = 0
     st8 = np.uint8(st)
     ft8 = np.uint8(ft)
-    n = 0
-    nrun = 0
-    prev0 = prev1 = 0  # the previous row's eligible runs
-    nseg = 0  # the previous row's seed segments
+    # NOTE: np.int64, not 0: a literal int is an argument type of its own, so each row kernel
+    # was compiled again for it (join_runs three times)
+    n = np.int64(0)
+    nrun = np.int64(0)
+    prev0 = prev1 = np.int64(0)  # the previous row's eligible runs
+    nseg = np.int64(0)  # the previous row's seed segments
     for t in range(H + 2 * layers + 2):
         if t < H:
             o = (t + 1) * Wp + 1

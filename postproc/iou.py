@@ -107,7 +107,9 @@ def _rectangles(coords: np.ndarray, rings: np.ndarray, r0: int, r1: int) -> np.n
     vhi = np.empty(ne)
     ys = np.empty(ne)
     nv = 0
-    ny = 0
+    # NOTE: np.int64, not 0, for the counts passed to _sort_unique: a literal int is an argument
+    # type of its own, which compiled _sort_unique twice more
+    ny = np.int64(0)
     for r in range(r0, r1):
         for i in range(rings[r], rings[r + 1] - 1):
             ax, ay = coords[i, 0], coords[i, 1]
@@ -131,7 +133,7 @@ def _rectangles(coords: np.ndarray, rings: np.ndarray, r0: int, r1: int) -> np.n
     for s in range(ny - 1):
         ya, yb = ys[s], ys[s + 1]
         mid = 0.5 * (ya + yb)
-        m = 0
+        m = np.int64(0)
         for e in range(nv):
             if vlo[e] < mid < vhi[e]:
                 xs[m] = vx[e]

@@ -73,7 +73,7 @@ def label_values(values: np.ndarray, codes: np.ndarray, lab: np.ndarray, scratch
     parent, first_prov, cnt_prov = scratch[0], scratch[1], scratch[2]
     H, W = values.shape
     Wp = W + 2
-    n = 0
+    n = np.int64(0)  # NOTE: not 0, which compiled _flatten once more for a literal int
     for r in range(H):
         o = (r + 1) * Wp + 1
         for c in range(W):

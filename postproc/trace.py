@@ -161,11 +161,15 @@ def trace_blobs(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, n: int,
     """
     Wp = width + 2
     buf = np.empty((4096, 2), np.float64)
-    nb = 0
+    # NOTE: np.int64, not literal ints, for every integer passed to a kernel (here and below):
+    # numba compiles a callee once per argument type, and a literal 0 is a type of its own
+    # (even while a variable's type is still being inferred): _trace_ring was compiled 5 times
+    zero = np.int64(0)
+    nb = zero
     ring_off = np.zeros(n + 2, np.int64)
     poly_off = np.zeros(n + 1, np.int64)
     ids = np.empty(n, np.int32)
-    nr = 0
+    nr = zero
     npoly = 0
     no_visit = np.zeros((0, 0), np.uint8)
     for blob in range(1, n + 1):
@@ -174,15 +178,15 @@ def trace_blobs(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, n: int,
         r0 = first[blob] // Wp - 1  # the first pixel's top-left corner starts the shell
         c0 = first[blob] % Wp - 1
         start_nb = nb
-        buf, nb, area2, bx0, by0, bx1, by1 = _trace_ring(codes, lab, final, blob, c0, r0, 0, Wp,
-                                                         (buf, nb), no_visit, 0, 0)
+        buf, nb, area2, bx0, by0, bx1, by1 = _trace_ring(codes, lab, final, blob, c0, r0, zero,
+                                                         Wp, (buf, nb), no_visit, zero, zero)
         if area2 != 2 * count[blob]:
             # The shell encloses more than the blob, so there are holes (rare). Trace it again
             # marking west edges, then start a ring at every unmarked edge with the blob above
             # and something else below: the top edge of each hole's first pixel is one.
             nb = start_nb
             visited = np.zeros((by1 - by0 + 1, bx1 - bx0 + 1), np.uint8)
-            buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c0, r0, 0, Wp,
+            buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c0, r0, zero, Wp,
                                                  (buf, nb), visited, by0, bx0)
             ring_off, nr = _push_offset(ring_off, nr, nb)
             r, c = by0 + 1, bx0
@@ -190,8 +194,9 @@ def trace_blobs(codes: np.ndarray, lab: np.ndarray, final: np.ndarray, n: int,
                 r, c = _next_hole(codes, lab, final, blob, visited, by0, bx0, by1, bx1, Wp, r, c)
                 if r < 0:
                     break
-                buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c + 1, r, 2, Wp,
-                                                     (buf, nb), visited, by0, bx0)
+                buf, nb, _, _, _, _, _ = _trace_ring(codes, lab, final, blob, c + 1, r,
+                                                     np.int64(2), Wp, (buf, nb), visited, by0,
+                                                     bx0)
                 ring_off, nr = _push_offset(ring_off, nr, nb)
                 c += 1
         else:

@@ -45,3 +45,17 @@ def test_the_second_process_loads_every_kernel_from_the_cache(cold_then_warm: tu
     assert {"postproc.tilekernel.polygonize_tile",
             "postproc.iou.pair_intersection_areas"} <= set(cold)
     assert warm == {}
+
+
+# NOTE: specialisations on purpose: the clip's axis and side are literals (constant branches)
+SPECIALISED = {"postproc.iou._clip_half": 4, "postproc.iou._sort_unique": 2}
+
+
+def test_each_kernel_is_compiled_once(cold_then_warm: tuple) -> None:
+    # NOTE: numba compiles a callee for each distinct argument types, and a literal int (a
+    # ``0`` argument, or a variable set to 0 while its type is being inferred) is a type of its
+    # own: _trace_ring was compiled 5 times, join_runs 3, for one warmup()
+    cold, _ = cold_then_warm
+    counts = {name: len(sigs) for name, sigs in cold.items() if name.startswith("postproc.")}
+    assert counts, "compile_worker.py compiled nothing"
+    assert {name: k for name, k in counts.items() if k != SPECIALISED.get(name, 1)} == {}
