@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import socket
 import sys
@@ -35,9 +36,11 @@ def timeout_from_env() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give a number of seconds > 0, or unset it "
-                         f"(default {TIMEOUT_S:g})")
+    # NOTE: float() also reads "inf", which socket.settimeout and timedelta refuse (a traceback
+    # before torchrun, where this names the variable)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give a finite number of seconds > 0, or "
+                         f"unset it (default {TIMEOUT_S:g})")
     return value
 
 

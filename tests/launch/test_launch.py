@@ -353,7 +353,7 @@ def test_slurm_names_a_rendezvous_port_held_by_something_else(tmp_path: Path) ->
                                  "is held by something that is not a torch rendezvous store")
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf", "nan"])
 def test_a_bad_port_check_wait_is_named(value: str, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PORT_CHECK_TIMEOUT_S", value)
