@@ -37,6 +37,11 @@ class Chip:
     def window(self) -> Window:
         return Window(self.col0, self.row0, self.width, self.height)
 
+    def span(self) -> str:
+        """Its pixels in words, for messages: ``rows 128-199 and columns 0-127``."""
+        return (f"rows {self.row0}-{self.row0 + self.height - 1} and columns "
+                f"{self.col0}-{self.col0 + self.width - 1}")
+
     def image_id(self, scene_id: str) -> str:
         return f"{scene_id}_r{self.row0}_c{self.col0}"
 

@@ -331,15 +331,13 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
     except Exception as e:
         c = tile.chip
         return {"skip": f"unreadable image ({e})" if c is None else
-                f"unreadable chip, rows {c.row0}-{c.row0 + c.height - 1} and columns "
-                f"{c.col0}-{c.col0 + c.width - 1} of the image ({e})"}
+                f"unreadable chip, {c.span()} of the image ({e})"}
     # NOTE: rasterio crops a window that runs off the image: a chip of an image replaced by a
     # smaller one since the scan would be a sample of another size than its window's (a whole
     # image is read at the size it has now)
     if (c := tile.chip) is not None and pixels.shape[1:] != (height, width):
-        return {"skip": f"chip rows {c.row0}-{c.row0 + c.height - 1} and columns {c.col0}-"
-                        f"{c.col0 + c.width - 1} run off the image, now {now[0]} x {now[1]} px: "
-                        "it changed since prepare's scan; rerun dataio.prepare"}
+        return {"skip": f"chip {c.span()} run off the image, now {now[0]} x {now[1]} px: it "
+                        "changed since prepare's scan; rerun dataio.prepare"}
     if pixels.shape[0] != bands:
         return {"skip": f"has {pixels.shape[0]} bands, the rest of the AOI has {bands}"}
     if not is_invertible(transform):  # e.g. a pixel size of 0: no pixel has a place on the map
