@@ -310,9 +310,10 @@ class Merger:
             self.pieces.append(Piece(len(self.seen), gi, geoms[i], pixels[i], props[i]))
         # NOTE: the area in grid pixels, where polygonize's min_polygon_area is counted (a blob's
         # pixel count is its outline's area); a tile in lon/lat has no other meaningful unit
-        small = shapely.area(pixels[interior]) < self.min_area
-        self.dropped += int(small.sum())
-        interior = [i for i, s in zip(interior, small, strict=True) if not s]
+        if self.min_area > 0:  # (the default, 0, keeps all: no areas to compute)
+            small = shapely.area(pixels[interior]) < self.min_area
+            self.dropped += int(small.sum())
+            interior = [i for i, s in zip(interior, small, strict=True) if not s]
         for g, i in zip(to_wgs84(geoms[interior], crs), interior, strict=True):
             self._write(g, props[i], path)
 
