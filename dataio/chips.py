@@ -9,6 +9,13 @@ their neighbours: ``postproc.merge`` joins footprints of tiles that meet edge to
 ``trainer.predict`` runs each tile size on its own. A scene that gives one chip both ways (each
 side under 1.5N px) stays whole.
 
+With ``--chip-margin M`` a chip's sample is its window grown by M px on each side, clipped to the
+scene (no padding: the net pads a tile itself), so the pixels near its edges are predicted with
+the context beyond them; ``trainer.predict`` cuts each prediction back to the chip (its *core*),
+so what ``postproc`` sees are still chips that meet edge to edge. NOTE: M defaults to 64 px, a
+multiple of the U-Nets' 32x downsampling: with N one too, a sample starts on the scene's 32 px
+grid, as the whole scene's pooling windows do.
+
 A chip's ImageId is ``<ImageId>_r<row0>_c<col0>``, its pixel offset in the scene. Read from the
 right, the suffix gives back one scene and offset, so chips of two scenes never share an ImageId;
 only a scene whose own ImageId looks like a chip's can clash with one (prepare's scan checks).
@@ -23,6 +30,7 @@ from rasterio.windows import Window
 # NOTE: a chip much smaller than the network's receptive field predicts from little context, and
 # the U-Nets downsample 16-32x; 64 px is a floor against a typo (--chip-size 5), not a guide.
 MIN_CHIP_SIZE = 64
+DEFAULT_CHIP_MARGIN = 64  # px of context on each side of a chip (see above)
 
 
 @dataclass(frozen=True)
@@ -45,12 +53,36 @@ class Chip:
     def image_id(self, scene_id: str) -> str:
         return f"{scene_id}_r{self.row0}_c{self.col0}"
 
+    def grown(self, margin: int, height: int, width: int) -> Chip:
+        """This window grown by ``margin`` px on each side, clipped to a ``height`` x ``width``
+        scene: the pixels of its sample with ``--chip-margin``."""
+        r0, c0 = max(0, self.row0 - margin), max(0, self.col0 - margin)
+        r1 = min(height, self.row0 + self.height + margin)
+        c1 = min(width, self.col0 + self.width + margin)
+        return Chip(r0, c0, r1 - r0, c1 - c0)
+
+    def core_in(self, window: Chip) -> list[int]:
+        """Where this chip lies in ``window`` (its grown window): [row_off, col_off, height,
+        width], the ``core`` of its sample's meta.json."""
+        return [self.row0 - window.row0, self.col0 - window.col0, self.height, self.width]
+
 
 def check_chip_size(size: int) -> int:
     """``size`` if it is a usable --chip-size, else ValueError naming the flag."""
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_CHIP_SIZE:
         raise ValueError(f"--chip-size must be an integer >= {MIN_CHIP_SIZE} px, got {size!r}")
     return size
+
+
+def check_chip_margin(margin: int, size: int) -> int:
+    """``margin`` if it is a usable --chip-margin for --chip-size ``size``, else ValueError."""
+    # NOTE: a margin wider than the chip makes a sample mostly context (at M = N, 9x the chip's
+    # pixels to predict); more than that is a typo, not a setting
+    if (isinstance(margin, bool) or not isinstance(margin, int)
+            or not 0 <= margin <= size):
+        raise ValueError(f"--chip-margin must be a whole number of px from 0 to the --chip-size "
+                         f"({size}), got {margin!r}")
+    return margin
 
 
 def chip_count(length: int, size: int) -> int:

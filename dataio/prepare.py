@@ -3,13 +3,15 @@
     python -m dataio.prepare --raw RAW [--raw RAW2 ...] --out DATA [--split 70,15,15] [--seed S]
                              [--workers N] [--shard-size K] [--boundary-width W] [--overwrite]
     python -m dataio.prepare --raw RAW --out DATA --images-only     (new imagery, no labels)
-                             [--chip-size N]                   (scenes cut into N x N chips)
+                             [--chip-size N [--chip-margin M]] (scenes cut into N x N chips)
 
 With ``--images-only`` only ``RAW/RGB-PanSharpen/`` is read (``geojson/`` may be absent, and is
 ignored if present) and every tile goes into the ``test`` split, for ``trainer.predict``: no
 truth CSVs, a manifest with ``"labels": false``, each sample's mask all ``MASK_PAD`` (no label).
 With ``--chip-size N`` too, an image of 1.5N px or more either way is cut into a grid of chips
-of about N px (``dataio.chips``), each a sample of its own read through a window of the image.
+of about N px (``dataio.chips``), each a sample of its own read through a window of the image,
+grown by ``--chip-margin`` M px of context on each side (64 by default; ``trainer.predict`` cuts
+each prediction back to its chip).
 
 Tiles are processed in parallel and streamed into shards, so memory does not grow with the AOI.
 Unusable tiles are skipped and listed in the manifest with their reason. The dataset is complete
@@ -52,7 +54,14 @@ from dataio.atomic import (
     missing_dirs,
 )
 from dataio.augment import MASK_PAD
-from dataio.chips import Chip, check_chip_size, chip_grid, needs_chips
+from dataio.chips import (
+    DEFAULT_CHIP_MARGIN,
+    Chip,
+    check_chip_margin,
+    check_chip_size,
+    chip_grid,
+    needs_chips,
+)
 from dataio.classes import NUM_CLASSES
 from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
@@ -84,6 +93,7 @@ IMAGES_ONLY_SPLIT = (0.0, 0.0, 1.0)  # --images-only: every tile is a test tile
 CHIPS_NEED_IMAGES_ONLY = ("--chip-size needs --images-only: chips of a labelled AOI would put "
                           "neighbouring chips of one scene into different splits (spatial "
                           "leakage between train and val/test)")
+MARGIN_NEEDS_CHIPS = "--chip-margin needs --chip-size: it is the context around each chip"
 
 
 @dataclass
@@ -98,6 +108,8 @@ class PrepareConfig:
     overwrite: bool = False
     images_only: bool = False  # no labels read: every tile into test, masks all MASK_PAD
     chip_size: int | None = None  # --images-only: cut larger images into chips of ~N x N px
+    # --chip-size: px of context around each chip in its sample (None: DEFAULT_CHIP_MARGIN)
+    chip_margin: int | None = None
 
     def __post_init__(self) -> None:
         self.raw = [Path(r) for r in self.raw]
@@ -129,6 +141,11 @@ class PrepareConfig:
             if not self.images_only:
                 raise ValueError(CHIPS_NEED_IMAGES_ONLY)
             check_chip_size(self.chip_size)
+            if self.chip_margin is None:
+                self.chip_margin = DEFAULT_CHIP_MARGIN
+            check_chip_margin(self.chip_margin, self.chip_size)
+        elif self.chip_margin is not None:
+            raise ValueError(MARGIN_NEEDS_CHIPS)
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,9 @@ class Tile:
     label: Path | None  # None: --images-only, the tile has no label
     split: str = ""
     chip: Chip | None = None  # --chip-size: this window of the image (image_id is the chip's)
+    # --chip-margin: the chip grown by the margin, clipped to the image: the pixels its sample
+    # holds (None: the chip's own)
+    window: Chip | None = None
 
 
 @dataclass(frozen=True)
@@ -245,11 +265,11 @@ def scan(cfg: PrepareConfig) -> Scan:
         else:
             kept.append(h)
     result.tiles = ([h.tile for h in kept] if cfg.chip_size is None
-                    else _chipped(kept, cfg.chip_size, result))
+                    else _chipped(kept, cfg.chip_size, cfg.chip_margin or 0, result))
     return result
 
 
-def _chipped(kept: list[_Header], size: int, result: Scan) -> list[Tile]:
+def _chipped(kept: list[_Header], size: int, margin: int, result: Scan) -> list[Tile]:
     """The tiles of ``kept`` with every image of more than one chip cut into its chips.
 
     An image cut into chips is skipped whole, once, for what would fail each of its chips: a
@@ -271,7 +291,9 @@ def _chipped(kept: list[_Header], size: int, result: Scan) -> list[Tile]:
             result.skipped.append({"image_id": h.tile.image_id, "path": str(h.tile.tif),
                                    "reason": reason})
             continue
-        tiles += [replace(h.tile, image_id=i, chip=c) for i, c in zip(ids, chips, strict=True)]
+        tiles += [replace(h.tile, image_id=i, chip=c,
+                          window=c.grown(margin, h.height, h.width) if margin else None)
+                  for i, c in zip(ids, chips, strict=True)]
         h.source["images_chipped"] += 1
         h.source["chips"] += len(chips)
     return tiles
@@ -315,27 +337,30 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
 
     A tile without a label (``--images-only``) gets a mask of ``MASK_PAD`` (the loader reads it
     as no label), no building count and no truth rows; its pixels count in the statistics.
-    A chip (``--chip-size``) reads its window of the image alone, and has that window's transform
-    and size: the chips of an image lie on its pixel grid, which ``postproc.merge`` relies on."""
+    A chip (``--chip-size``) reads its window of the image alone (grown by ``--chip-margin``),
+    and has that window's transform and size: the chips of an image lie on its pixel grid, which
+    ``postproc.merge`` relies on. Its meta.json adds ``source_offset`` (the chip's [row, col] in
+    the image) and, with a margin, ``core`` (the chip's [row, col, height, width] in the
+    sample); its pixels in the statistics are the chip's alone, so each pixel counts once."""
+    # (the window read: the chip grown by its margin, or the chip)
+    c = tile.window or tile.chip
     try:
         with gdal_env(), rasterio.open(tile.tif) as ds:
-            if tile.chip is None:
+            if c is None:
                 pixels = ds.read()
                 transform, crs, height, width = ds.transform, ds.crs, ds.height, ds.width
             else:
-                window = tile.chip.window()
-                pixels = ds.read(window=window)
-                transform, crs = ds.window_transform(window), ds.crs
-                height, width = tile.chip.height, tile.chip.width
+                pixels = ds.read(window=c.window())
+                transform, crs = ds.window_transform(c.window()), ds.crs
+                height, width = c.height, c.width
             now = ds.height, ds.width
     except Exception as e:
-        c = tile.chip
         return {"skip": f"unreadable image ({e})" if c is None else
                 f"unreadable chip, {c.span()} of the image ({e})"}
     # NOTE: rasterio crops a window that runs off the image: a chip of an image replaced by a
     # smaller one since the scan would be a sample of another size than its window's (a whole
     # image is read at the size it has now)
-    if (c := tile.chip) is not None and pixels.shape[1:] != (height, width):
+    if c is not None and pixels.shape[1:] != (height, width):
         return {"skip": f"chip {c.span()} run off the image, now {now[0]} x {now[1]} px: it "
                         "changed since prepare's scan; rerun dataio.prepare"}
     if pixels.shape[0] != bands:
@@ -349,14 +374,20 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
         "transform": list(transform)[:6], "width": width, "height": height, "bands": bands,
         "building_count": None, "source": tile.tif.name,
     }
+    own = image  # the pixels that count in the statistics
     if tile.chip is not None:  # (a whole image's meta.json as before)
         meta["source_offset"] = [tile.chip.row0, tile.chip.col0]  # row, column in the image
+        if tile.window is not None:  # (a chip without a margin: no core, as before)
+            r, k, h, w = meta["core"] = tile.chip.core_in(tile.window)
+            # NOTE: a margin is a neighbour's pixels (up to 4 chips' worth at a corner):
+            # counted there, and band_stats stay those of the whole images
+            own = image[r:r + h, k:k + w]
     if tile.label is None:
         # NOTE: the shard format stays whole (both readers, the index check and the loader's
         # backends need all three members); a mask of MASK_PAD is "no label" to every reader
         mask = np.full((height, width), MASK_PAD, np.uint8)
         return {"sample": encode_sample(tile.image_id, image, mask, meta), "rows": [],
-                "hist": BandStats.of_image(image), "classes": None, "notes": []}
+                "hist": BandStats.of_image(own), "classes": None, "notes": []}
     try:
         fp = read_footprints(tile.label, image_crs, transform, width, height)
     except LabelError as e:
@@ -637,8 +668,9 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
     config: dict[str, Any] = {"split": list(cfg.split) if labels else list(IMAGES_ONLY_SPLIT),
                               "seed": cfg.seed, "shard_size": cfg.shard_size,
                               "boundary_width": cfg.boundary_width}
-    if cfg.chip_size is not None:  # (no key without it: the manifest as before)
+    if cfg.chip_size is not None:  # (no keys without it: the manifest as before)
         config["chip_size"] = cfg.chip_size
+        config["chip_margin"] = cfg.chip_margin
     # NOTE: without labels there is nothing to count: null, not zeros that read as "no building"
     return {
         "format_version": FORMAT_VERSION,
@@ -675,6 +707,11 @@ CHIP_SIZE_HELP = (
     "overlap), each chip a sample named <ImageId>_r<row>_c<col> (its pixel offset); an image "
     "under 1.5N px both ways stays whole")
 
+CHIP_MARGIN_HELP = (
+    "with --chip-size N: each chip's sample holds M px of the image around it on each side "
+    "(clipped to the image), context for the pixels near its edges; trainer.predict cuts each "
+    f"prediction back to the chip; 0 to N px (default {DEFAULT_CHIP_MARGIN}; 0: none)")
+
 
 def _parse_chip_size(text: str) -> int:
     try:
@@ -686,6 +723,14 @@ def _parse_chip_size(text: str) -> int:
         return check_chip_size(size)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _parse_chip_margin(text: str) -> int:
+    try:
+        return int(text)  # (0 <= M <= N is checked with --chip-size in main)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--chip-margin {text!r}: expected a whole number of "
+                                         "px, e.g. 64") from None
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:
@@ -720,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-only", action="store_true", help=IMAGES_ONLY_HELP)
     p.add_argument("--chip-size", type=_parse_chip_size, default=None, metavar="N",
                    help=CHIP_SIZE_HELP)
+    p.add_argument("--chip-margin", type=_parse_chip_margin, default=None, metavar="M",
+                   help=CHIP_MARGIN_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.images_only and args.split is not None:
@@ -727,6 +774,13 @@ def main(argv: list[str] | None = None) -> int:
                 "into the test split")
     if args.chip_size is not None and not args.images_only:
         p.error(CHIPS_NEED_IMAGES_ONLY)
+    if args.chip_margin is not None:
+        if args.chip_size is None:
+            p.error(MARGIN_NEEDS_CHIPS)
+        try:
+            check_chip_margin(args.chip_margin, args.chip_size)
+        except ValueError as e:
+            p.error(str(e))
     try:
         # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut
         # the removal of the stage or the pool's shutdown short
@@ -735,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, workers=args.workers,
                                 shard_size=args.shard_size, boundary_width=args.boundary_width,
                                 overwrite=args.overwrite, images_only=args.images_only,
-                                chip_size=args.chip_size)
+                                chip_size=args.chip_size, chip_margin=args.chip_margin)
             m = prepare(cfg, progress=not args.quiet)
     except (ValueError, OSError) as e:
         print(f"dataio.prepare: error: {e}", file=sys.stderr)
@@ -754,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.chip_size is not None:
         chips = sum(src["chips"] for src in m["sources"])
         images = sum(src["images_chipped"] for src in m["sources"])
-        chipped = f"; {images} images cut into {chips} chips of {cfg.chip_size} px"
+        chipped = (f"; {images} images cut into {chips} chips of {cfg.chip_size} px, "
+                   f"{cfg.chip_margin} px margin")
     print(f"prepared {n} tiles into {cfg.out} ({counts}"
           f"{'; images only, no labels' if cfg.images_only else ''}{chipped}) in "
           f"{m['seconds']:.1f}s "

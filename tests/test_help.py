@@ -16,7 +16,7 @@ WANTED = {
     "dataio.prepare": ["weights (default 70,15,15)", "samples per shard (default 200)",
                        "outline (default 2.5)", "seed of the split's shuffle (default 0)",
                        "cores, at most 4", "new imagery without labels",
-                       "put every tile into the test split"],
+                       "put every tile into the test split", "0 to N px (default 64; 0: none)"],
     "trainer.predict": ["split of --data to predict (default test)",
                         "tiles per prediction shard (default 100)"],
     "launch.demo": ["writes (default demo)", "synthetic AOI (default 300)",

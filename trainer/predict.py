@@ -4,7 +4,10 @@
     torchrun --nproc_per_node=N -m trainer.predict ...   (ranks split the samples)
 
 Output: ``PRED/pred-NNNNNN.tar``, one sample per tile: ``prob.png`` (8-bit RGB of round(255*p)
-for background, building, boundary) and the tile's ``meta.json``. Whole tiles of any size.
+for background, building, boundary) and the tile's ``meta.json``. Whole tiles of any size. A
+chip's sample with a margin of context (``dataio.prepare --chip-margin``; its meta.json has a
+``core``) is predicted whole and written cut to its core, with the core's meta.json (transform,
+height, width; no ``core``): chips of a scene meet edge to edge, as ``postproc.merge`` needs.
 Rank r writes shards ``r, r+W, r+2W, ...`` so ranks never collide. ``PRED/provenance.json`` names
 the run directory, checkpoint, dataset and split the predictions came from. The shards are
 written to ``PRED/.partial`` and moved up when all ranks are done; shards of an earlier
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from affine import Affine
 from torch import nn
 from tqdm import tqdm
 
@@ -96,6 +100,28 @@ def per_tile(fn: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> torch.
     return out
 
 
+def to_core(prob: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
+    """A sample's prediction (HxWxC) and meta.json as written: cut to its ``core`` (a chip with a
+    margin of context, ``dataio.prepare --chip-margin``) with the core's transform, height and
+    width and no ``core`` key; any other sample as it is."""
+    core = meta.get("core")
+    if core is None:
+        return prob, meta
+    height, width = prob.shape[:2]
+    ok = (isinstance(core, list) and len(core) == 4
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in core))
+    r, c, h, w = core if ok else (-1, -1, 0, 0)
+    if min(r, c) < 0 or min(h, w) < 1 or r + h > height or c + w > width:
+        raise ValueError(f"{meta.get('image_id')}: meta.json core {core!r} is not [row, col, "
+                         f"height, width] inside its {height} x {width} px sample; rerun "
+                         "dataio.prepare")
+    out = {k: v for k, v in meta.items() if k != "core"}
+    # (rasterio's window transform: the sample's, moved by the core's offset)
+    out.update(transform=list(Affine(*meta["transform"][:6]) @ Affine.translation(c, r))[:6],
+               height=h, width=w)
+    return prob[r:r + h, c:c + w], out
+
+
 def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
              progress: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
     # NOTE: closed however the loop ends (here, or the consumer's close of this generator): an
@@ -113,7 +139,8 @@ def _batches(loader: object, net: nn.Module, precision: object, tta: bool,
         for i, key in enumerate(batch.keys):
             if bool(batch.valid[i]):
                 h, w = batch.meta[i]["height"], batch.meta[i]["width"]
-                yield key, probs[i, :h, :w], batch.meta[i]
+                # NOTE: cut after the whole sample (its margin, TTA's flips) is predicted
+                yield key, *to_core(probs[i, :h, :w], batch.meta[i])
         bar.update()
 
 

@@ -7,7 +7,15 @@ import pytest
 from affine import Affine
 from rasterio.windows import transform as window_transform
 
-from dataio.chips import MIN_CHIP_SIZE, Chip, check_chip_size, chip_count, chip_grid, needs_chips
+from dataio.chips import (
+    MIN_CHIP_SIZE,
+    Chip,
+    check_chip_margin,
+    check_chip_size,
+    chip_count,
+    chip_grid,
+    needs_chips,
+)
 from dataio.geo import IMAGE_ID_RE
 
 
@@ -83,3 +91,31 @@ def test_a_chip_size_below_the_floor_or_not_an_int_is_refused(bad: object) -> No
     with pytest.raises(ValueError, match="--chip-size"):
         chip_grid(200, 300, bad)  # type: ignore[arg-type]
     assert check_chip_size(MIN_CHIP_SIZE) == MIN_CHIP_SIZE
+
+
+def test_a_chips_sample_window_is_grown_by_the_margin_and_clipped_to_the_scene() -> None:
+    """--chip-margin 16 on a 400 x 330 scene at 128 px (3 x 3 chips, the last column 74 px):
+    an interior chip grows 16 px every way, an edge chip not across the scene's edge, a corner
+    chip only inward; the core is the chip's place in its window."""
+    chips = chip_grid(400, 330, 128)
+    assert [(c.row0, c.col0) for c in chips][:3] == [(0, 0), (0, 128), (0, 256)]
+    grown = {(c.row0, c.col0): c.grown(16, 400, 330) for c in chips}
+    assert grown[(128, 128)] == Chip(112, 112, 160, 160)  # interior
+    assert grown[(0, 128)] == Chip(0, 112, 144, 160)  # top edge
+    assert grown[(128, 256)] == Chip(112, 240, 160, 90)  # right edge: 256 + 74 = 330, the end
+    assert grown[(0, 0)] == Chip(0, 0, 144, 144)  # corners
+    assert grown[(256, 256)] == Chip(240, 240, 160, 90)
+    assert Chip(128, 128, 128, 128).core_in(grown[(128, 128)]) == [16, 16, 128, 128]
+    assert Chip(0, 256, 128, 74).core_in(grown[(0, 256)]) == [0, 16, 128, 74]
+    # a margin wider than the room left: clipped at the scene's edges, never padded
+    assert Chip(0, 128, 128, 128).grown(128, 200, 300) == Chip(0, 0, 200, 300)
+    assert Chip(64, 64, 64, 64).grown(0, 200, 300) == Chip(64, 64, 64, 64)
+
+
+@pytest.mark.parametrize("bad", [-1, 129, True, 8.0, "8"])
+def test_a_chip_margin_below_zero_above_the_chip_size_or_not_an_int_is_refused(
+        bad: object) -> None:
+    with pytest.raises(ValueError, match=r"^--chip-margin must be a whole number of px from 0 "
+                                         r"to the --chip-size \(128\), got "):
+        check_chip_margin(bad, 128)  # type: ignore[arg-type]
+    assert check_chip_margin(0, 128) == 0 and check_chip_margin(128, 128) == 128

@@ -1,7 +1,9 @@
 """dataio.prepare --images-only --chip-size N: a scene too large for one sample, cut into chips.
 
 The scene is a 300 x 200 px UTM GeoTIFF: at 128 px, 2 x 2 chips, the last column 172 px wide (the
-rest of 300 px: no 44 px column) and the last row 72 px high.
+rest of 300 px: no 44 px column) and the last row 72 px high. With the default --chip-margin of
+64 px each chip's sample is that window grown by 64 px inward (every chip is at a corner of the
+scene: nothing to grow into outward).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+import torch
 from affine import Affine
 from pyproj import Transformer
 from shapely.geometry import shape
+from tqdm import tqdm
 
 from dataio.augment import MASK_PAD
 from dataio.chips import Chip
@@ -31,6 +35,12 @@ SCENE = "AOI_9_Scene_img1"
 H, W, N = 200, 300, 128
 CHIPS = {f"{SCENE}_r{r}_c{c}": (r, c, h, w) for r, h in ((0, N), (128, H - 128))
          for c, w in ((0, N), (128, W - 128))}
+# each chip's sample at the default margin of 64 px: its window (r0, c0, h, w) in the scene and
+# its core in it; clipped at the scene's edges (rows 0 and 200, columns 0 and 300)
+GROWN = {f"{SCENE}_r0_c0": ((0, 0, 192, 192), [0, 0, 128, 128]),
+         f"{SCENE}_r0_c128": ((0, 64, 192, 236), [0, 64, 128, 172]),
+         f"{SCENE}_r128_c0": ((64, 0, 136, 192), [64, 0, 72, 128]),
+         f"{SCENE}_r128_c128": ((64, 64, 136, 236), [64, 64, 72, 172])}
 # buildings of the end-to-end test, (rows, cols) in the scene: across the chips' column edge at
 # 128; around the corner of four chips (row 128, column 128); inside one chip; inside the wide
 # last column, across column 256 (where a third column of chips began before)
@@ -92,29 +102,32 @@ def test_a_scene_is_cut_into_chips_on_its_grid(raw: Path, tmp_path: Path,
                          str(N), "--workers", "2", "--shard-size", "4"]) == 0
     said = capsys.readouterr()
     assert "5/5" in said.err and "chip" in said.err  # the bar: 4 chips and the small image
-    assert "1 images cut into 4 chips of 128 px" in said.out
+    assert "1 images cut into 4 chips of 128 px, 64 px margin" in said.out
     m = load_manifest(out)
     assert m.samples("test") == 5 and len(m.shards("test")) == 2 and not m.labels
     assert all(check_shard(out / "test", info) is None for info in m.shards("test"))
     assert m.data["config"]["chip_size"] == N and m.data["skipped"] == []
+    assert m.data["config"]["chip_margin"] == 64  # the default
     (src,) = m.data["sources"]
     assert src | {"raw": ""} == {"raw": "", "tiles": 2, "labels_ignored": False,
                                  "chip_size": N, "images_chipped": 1, "chips": 4}
     got = _samples(out)
     assert sorted(got) == sorted([*CHIPS, "AOI_9_Small_img1"])
     scene = _scene().transpose(1, 2, 0)
-    for key, (r0, c0, h, w) in CHIPS.items():
+    for key, ((r0, c0, h, w), core) in GROWN.items():  # the sample: the grown window's
         img, mask, meta = got[key]
         assert img.shape == (h, w, 3) and (mask == MASK_PAD).all()
         assert np.array_equal(img, scene[r0:r0 + h, c0:c0 + w])
         assert meta["image_id"] == key and (meta["height"], meta["width"]) == (h, w)
-        assert meta["source_offset"] == [r0, c0] and meta["source"] == f"{IMAGE_PREFIX}{SCENE}.tif"
+        assert meta["source_offset"] == list(CHIPS[key][:2])  # the chip's (the core's) offset
+        assert meta["core"] == core and meta["source"] == f"{IMAGE_PREFIX}{SCENE}.tif"
         assert meta["crs"] == UTM
         np.testing.assert_allclose(meta["transform"],
                                    [PX, 0, X0 + c0 * PX, 0, -PX, Y0 - r0 * PX], rtol=0, atol=1e-9)
     img, _, meta = got["AOI_9_Small_img1"]  # under 1.5N both ways: one sample, as without
-    assert img.shape == (90, N + 1, 3) and "source_offset" not in meta
-    # band statistics over the chips: those of the same pixels prepared whole
+    assert img.shape == (90, N + 1, 3) and "source_offset" not in meta and "core" not in meta
+    # band statistics over the chips' cores: those of the same pixels prepared whole (each
+    # pixel once, not again in every margin it lies in)
     whole = _run(raw, tmp_path / "whole")
     assert whole["splits"]["test"]["samples"] == 2
     assert m.data["band_stats"] == whole["band_stats"]
@@ -134,7 +147,7 @@ def test_without_chip_size_and_with_small_images_the_output_is_as_before(
     for _, _, meta in _samples(images_only_dataset).values():
         assert set(meta) == {"image_id", "crs", "transform", "width", "height", "bands",
                              "building_count", "source"}
-    assert "chip_size" not in load_manifest(images_only_dataset).data["config"]
+    assert not {"chip_size", "chip_margin"} & set(load_manifest(images_only_dataset).data["config"])
 
 
 def test_chip_size_without_images_only_or_a_bad_value_is_refused(
@@ -151,11 +164,26 @@ def test_chip_size_without_images_only_or_a_bad_value_is_refused(
                           "--chip-size", bad])
         assert stop.value.code == 2
         assert "--chip-size" in capsys.readouterr().err.strip().splitlines()[-1], bad
+    for bad, why in ((["--chip-margin", "8"], "needs --chip-size"),
+                     (["--chip-size", "128", "--chip-margin", "-1"], "must be a whole number"),
+                     (["--chip-size", "128", "--chip-margin", "129"], "from 0 to the --chip-size"),
+                     (["--chip-size", "128", "--chip-margin", "12.5"], "'12.5': expected")):
+        with pytest.raises(SystemExit) as stop:
+            prepare_main(["--raw", str(raw), "--out", str(out), "--images-only", *bad])
+        assert stop.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("python -m dataio.prepare: error: ") and "--chip-margin" in last
+        assert why in last, (bad, last)
     assert not out.exists()  # before any work
     with pytest.raises(ValueError, match="--chip-size needs --images-only"):
         PrepareConfig([raw], out, chip_size=128)
     with pytest.raises(ValueError, match="--chip-size must be an integer >= 64"):
         PrepareConfig([raw], out, images_only=True, chip_size=32)
+    with pytest.raises(ValueError, match="--chip-margin needs --chip-size"):
+        PrepareConfig([raw], out, images_only=True, chip_margin=8)
+    with pytest.raises(ValueError, match=r"--chip-margin must be .* from 0 to the --chip-size"):
+        PrepareConfig([raw], out, images_only=True, chip_size=128, chip_margin=200)
+    assert PrepareConfig([raw], out, images_only=True, chip_size=128).chip_margin == 64
 
 
 def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> None:
@@ -171,7 +199,8 @@ def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> 
     tif.write_bytes(bytes(data))
     bad = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Broken_img1.tif"
     bad.write_bytes(b"not a tiff" * 100)
-    m = _run(raw, tmp_path / "d", "--chip-size", str(N))
+    # (a margin of 8 px: the top chips read rows 0-135, the damage is in the bottom ones' alone)
+    m = _run(raw, tmp_path / "d", "--chip-size", str(N), "--chip-margin", "8")
     assert sorted(_samples(tmp_path / "d")) == [k for k in sorted(CHIPS) if "_r0_" in k]
     skipped = {s["image_id"]: s for s in m["skipped"]}
     assert sorted(skipped) == sorted(["AOI_9_Broken_img1",
@@ -180,7 +209,8 @@ def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> 
     for key in CHIPS:
         if "_r128_" in key:
             assert skipped[key]["path"] == str(tif)
-            assert skipped[key]["reason"].startswith("unreadable chip, rows 128-199 and columns")
+            # (the window it read: the chip and its margin)
+            assert skipped[key]["reason"].startswith("unreadable chip, rows 120-199 and columns")
     assert m["sources"][0]["chips"] == 4 and m["splits"]["test"]["samples"] == 2
 
 
@@ -223,17 +253,20 @@ GEOREF = {
 }
 
 
+@pytest.mark.parametrize("margin", [[], ["--chip-margin", "0"]], ids=["margin64", "margin0"])
 @pytest.mark.parametrize("georef", sorted(GEOREF))
-def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
+def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str, margin: list[str],
                                                                tmp_path: Path) -> None:
     """prepare --chip-size -> per-chip predictions -> polygonize --geojson -> merge: one
     footprint for each building, across two chips or four, in the scene's place (the chips'
     meta.json put them on the scene's pixel grid). The predictions are the roofs of each chip's
-    own pixels, as read back from the shards (a net would give them, less exactly)."""
+    sample, as read back from the shards (a net would give them, less exactly), cut to the chip
+    as trainer.predict writes them: at the chip's size, with the chip's transform."""
     from postproc.cli import exit_on_error
     from postproc.merge import main as merge_main
     from postproc.polygonize import main as polygonize_main
-    from postproc.predio import quantize_probs, write_pred_shard
+    from postproc.predio import iter_pred_samples, quantize_probs, write_pred_shard
+    from trainer.predict import to_core
 
     crs, transform = GEOREF[georef]
     raw = tmp_path / "raw"
@@ -242,12 +275,21 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
     _write_tif(raw, "AOI_9_Small_img1", small, transform @ Affine.translation(W + 1000, 0),
                crs=crs)
     data = tmp_path / "d"
-    _run(raw, data, "--chip-size", str(N))
+    _run(raw, data, "--chip-size", str(N), *margin)
     preds = []
     for key, (img, _, meta) in sorted(_samples(data).items()):
+        assert ("core" in meta) == (not margin and key in CHIPS), key
         p = np.where(img[..., 0] == ROOF, 0.9, 0.05)
-        preds.append((key, quantize_probs(np.stack([1 - p, p, 0 * p], axis=2)), meta))
+        preds.append((key, *to_core(quantize_probs(np.stack([1 - p, p, 0 * p], axis=2)), meta)))
     write_pred_shard(tmp_path / "pred" / "pred-000000.tar", preds)
+    for key, prob, meta in iter_pred_samples(tmp_path / "pred" / "pred-000000.tar"):
+        if key in CHIPS:  # what merge reads: the chip's place and size, as without a margin
+            r0, c0, h, w = CHIPS[key]
+            assert prob.shape[:2] == (h, w) and (meta["height"], meta["width"]) == (h, w)
+            assert "core" not in meta and meta["source_offset"] == [r0, c0]
+            np.testing.assert_allclose(meta["transform"],
+                                       list(transform @ Affine.translation(c0, r0))[:6],
+                                       rtol=1e-12, atol=1e-12)
     assert exit_on_error(lambda: polygonize_main([
         "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "p.csv"), "--geojson",
         str(tmp_path / "gj"), "--min-polygon-area", "0", "--no-tuned", "--workers", "1"])) == 0
@@ -272,3 +314,78 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str,
     for ((r0, r1), (c0, c1)), ids in want_chips.items():
         (props,) = [p for g, p in geoms if g.equals(shapely.box(c0, r0, c1, r1))]
         assert sorted(props.get("ImageIds", [props.get("ImageId")])) == sorted(ids)
+
+
+def _predicted_chips(data: Path, net: torch.nn.Module,
+                     tta: bool) -> dict[str, tuple[np.ndarray, dict]]:
+    """What trainer.predict writes for the samples of ``data`` (its own path from a batch:
+    per_tile at each sample's size, the flips of TTA, the cut to the core), the samples in one
+    batch of mixed sizes padded to the largest, as the loader pads them (pixels / 1000 for its
+    normalisation)."""
+    from dataio.loader import Batch
+    from trainer.amp import resolve
+    from trainer.predict import _batches
+
+    got = sorted(_samples(data).items())
+    n = len(got)
+    hmax, wmax = (max(img.shape[k] for _, (img, _, _) in got) for k in (0, 1))
+    image = torch.zeros((n, 3, hmax, wmax))
+    for i, (_, (img, _, _)) in enumerate(got):
+        image[i, :, :img.shape[0], :img.shape[1]] = torch.from_numpy(
+            img.astype(np.float32) / 1000).permute(2, 0, 1)
+    batch = Batch(image, torch.zeros((n, hmax, wmax), dtype=torch.int64), [k for k, _ in got],
+                  torch.ones(n, dtype=torch.bool), [meta for _, (_, _, meta) in got])
+    with tqdm(disable=True) as bar:
+        return {key: (prob, meta) for key, prob, meta in
+                _batches([batch], net, resolve("off", torch.device("cpu")), tta, bar)}
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_with_a_margin_a_chip_is_predicted_as_in_the_whole_scene_up_to_its_edges(
+        raw: Path, tmp_path: Path, tta: bool) -> None:
+    """The point of --chip-margin: a net that sees 4 px around each pixel (two 5 x 5
+    convolutions) predicts every chip, cut to its core, as it predicts the whole scene, with a
+    margin of 4 px; without one, the pixels within 4 px of the chips' edges (row 128, column
+    128) are predicted from the zeros beyond the chip, and differ."""
+    from trainer.predict import predict_probs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 3, 5, padding=2)).eval()
+    with torch.no_grad():
+        whole = predict_probs(net, torch.from_numpy(_scene().astype(np.float32) / 1000)[None],
+                              tta)[0].permute(1, 2, 0).numpy()
+    error = {}
+    for margin in ("4", "0"):
+        _run(raw, tmp_path / margin, "--chip-size", str(N), "--chip-margin", margin)
+        mosaic = np.full((H, W, 3), np.nan, np.float32)
+        for key, (prob, meta) in _predicted_chips(tmp_path / margin, net, tta).items():
+            if key in CHIPS:
+                r0, c0, h, w = CHIPS[key]
+                assert prob.shape == (h, w, 3) and (meta["height"], meta["width"]) == (h, w)
+                mosaic[r0:r0 + h, c0:c0 + w] = prob
+        assert not np.isnan(mosaic).any()  # the cores tile the scene
+        error[margin] = np.abs(mosaic - whole).max(axis=2)
+    assert error["4"].max() <= 1e-5
+    near = np.zeros((H, W), bool)
+    near[128 - 4:128 + 4] = near[:, 128 - 4:128 + 4] = True
+    assert error["0"][~near].max() <= 1e-5 and error["0"][near].max() > 0.05
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_both_loader_backends_read_chips_with_a_margin(raw: Path, tmp_path: Path,
+                                                       backend: str) -> None:
+    """Samples of five sizes (the grown windows and the small image) in one batch, each padded
+    to the largest, its meta.json (and so its core) passed through for trainer.predict."""
+    from dataio.loader import LoaderConfig, build_loader
+
+    _run(raw, tmp_path / "d", "--chip-size", str(N))
+    cfg = LoaderConfig(backend=backend, batch_size=5, num_threads=1, read_ahead=0)
+    with build_loader(tmp_path / "d", "test", cfg, train=False,
+                      device=torch.device("cpu")) as loader:
+        (batch,) = list(loader)
+    assert bool(batch.valid.all()) and tuple(batch.image.shape) == (5, 3, 192, 236)
+    metas = dict(zip(batch.keys, batch.meta, strict=True))
+    assert sorted(metas) == sorted([*GROWN, "AOI_9_Small_img1"])
+    for key, ((_, _, h, w), core) in GROWN.items():
+        assert (metas[key]["height"], metas[key]["width"], metas[key]["core"]) == (h, w, core)

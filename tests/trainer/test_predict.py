@@ -788,3 +788,56 @@ def test_footprints_for_new_imagery_without_labels(
             assert geo.symmetric_difference(want).area <= 1e-6 * max(want.area, 1.0)
             checked += 1
     assert checked > 0
+
+
+def test_a_chip_with_a_margin_is_written_at_its_cores_size_with_its_meta(
+        trained_run: Path, tmp_path: Path) -> None:
+    """prepare --chip-size 64 --chip-margin 16 -> predict (TTA, chips of mixed sizes in a
+    batch): each chip's prediction is the chip's size, with the meta.json the chip has without
+    a margin (its transform, height, width; no core), which postproc reads."""
+    import rasterio
+    from affine import Affine
+
+    from dataio.prepare import main as prepare
+
+    tif = tmp_path / "raw" / "RGB-PanSharpen" / "RGB-PanSharpen_AOI_9_Scene_img1.tif"
+    tif.parent.mkdir(parents=True)
+    pixels = np.random.default_rng(3).integers(100, 2000, (3, 150, 170)).astype(np.uint16)
+    scene = Affine(0.3, 0, 500123.45, 0, -0.3, 4012345.6)
+    with rasterio.open(tif, "w", driver="GTiff", width=170, height=150, count=3,
+                       dtype="uint16", crs="EPSG:32611", transform=scene) as ds:
+        ds.write(pixels)
+    data = tmp_path / "data"
+    assert prepare(["--raw", str(tmp_path / "raw"), "--out", str(data), "--images-only",
+                    "--chip-size", "64", "--chip-margin", "16", "--workers", "0", "--quiet"]) == 0
+    assert predict(["--run-dir", str(trained_run), "--data", str(data), "--out",
+                    str(tmp_path / "pred"), "--tta", "--batch-size", "4"]) == 0
+    got = _read(tmp_path / "pred")
+    # 150 x 170 px at 64: rows of 64 and 86 px, columns of 64, 64 and 42 px
+    chips = {f"AOI_9_Scene_img1_r{r}_c{c}": (r, c, h, w) for r, h in ((0, 64), (64, 86))
+             for c, w in ((0, 64), (64, 64), (128, 42))}
+    assert got.keys() == chips.keys()
+    for key, (prob, meta) in got.items():
+        r0, c0, h, w = chips[key]
+        assert prob.shape == (h, w, 3)
+        np.testing.assert_allclose(meta.pop("transform"),
+                                   list(scene @ Affine.translation(c0, r0))[:6], rtol=1e-12,
+                                   atol=1e-12)
+        assert meta == {"image_id": key, "crs": "EPSG:32611", "height": h, "width": w,
+                        "bands": 3, "building_count": None, "source_offset": [r0, c0],
+                        "source": tif.name}, key
+
+
+def test_a_core_that_is_not_inside_its_sample_is_refused() -> None:
+    from trainer.predict import to_core
+
+    prob = np.zeros((10, 12, 3))
+    meta = {"image_id": "A_r0_c0", "transform": [1, 0, 0, 0, -1, 0], "height": 10, "width": 12}
+    assert to_core(prob, meta) == (prob, meta)  # no core: as it is
+    cut, core_meta = to_core(prob, {**meta, "core": [2, 3, 8, 9]})
+    assert cut.shape == (8, 9, 3) and core_meta == {**meta, "transform": [1, 0, 3, 0, -1, -2],
+                                                    "height": 8, "width": 9}
+    for bad in ([2, 3, 9, 9], [-1, 0, 5, 5], [0, 0, 0, 5], [0, 0, 5], [0, 0, 5.0, 5], "0 0 5 5"):
+        with pytest.raises(ValueError, match=r"^A_r0_c0: meta.json core .* inside its 10 x 12 "
+                                             "px sample; rerun dataio.prepare"):
+            to_core(prob, {**meta, "core": bad})
