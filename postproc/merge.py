@@ -16,9 +16,13 @@ building when their outlines share a segment longer than the tolerance on those 
 (so polygonize them without --simplify: it can move a piece's outline off the edge); a
 touch at a point is not (4-connectivity, as the polygonizer's within a tile). Pieces merge
 transitively (union-find: at a tile corner a building has up to four), and their union is taken
-in grid pixels, where it is exact. Tiles of different grids are not merged with each other: in
-another CRS (a mosaic across a UTM zone boundary), or with another pixel size or alignment, their
-edges are not one line in any one CRS. A note says when there was more than one grid.
+in grid pixels, where it is exact. Two footprints of one tile never merge with each other (the
+polygonizer made them two instances; even overlapping ones, as another tool's may be), only
+through a piece of another tile: a piece that meets two touching footprints of the next tile
+along the edge joins all three (the tiles disagree; the piece is kept whole). Tiles of
+different grids are not merged with each other: in another CRS (a mosaic across a UTM zone
+boundary), or with another pixel size or alignment, their edges are not one line in any one
+CRS. A note says when there was more than one grid.
 
 Memory: a footprint with no segment on its tile's border cannot merge, so it is written as soon
 as its tile is read; only border footprints (and the ImageIds seen) are held: memory follows

@@ -271,6 +271,78 @@ def test_a_lonlat_mosaic_merges_and_other_crs_do_not(tmp_path, capsys):
             assert "2 pixel grids (2 CRS)" in capsys.readouterr().err
 
 
+def _drawn(gj: Path, tiles: dict[str, tuple[int, int, list[tuple[int, int, int, int]]]],
+           size: int = 16) -> dict[str, dict]:
+    """Footprints drawn by hand, as polygonize writes them (``write_tile_geojson``): per ImageId
+    its tile's (row, col) in the area's EPSG:4326 pixels and its footprints, boxes (r0, r1, c0,
+    c1) of those pixels. Returns each tile's meta.json."""
+    a, b, c, d, e, f = TRANSFORM_4326
+    gj.mkdir(parents=True, exist_ok=True)
+    metas = {}
+    for key, (row, col, boxes) in tiles.items():
+        metas[key] = {"crs": "EPSG:4326", "width": size, "height": size,
+                      "transform": [a, b, c + col * a, d, e, f + row * e]}
+        polys = [shapely.box(c0 - col, r0 - row, c1 - col, r1 - row) for r0, r1, c0, c1 in boxes]
+        write_tile_geojson(gj, key, polys, [0.9] * len(polys), metas[key])
+    return metas
+
+
+def _merge_drawn(gj: Path, metas: dict[str, dict]) -> list[dict]:
+    out = io.StringIO()
+    m = merge.Merger(out)
+    for key, meta in metas.items():
+        m.add_tile(key, meta, gj / f"{key}.geojson", gj / "pred-000000.tar")
+    m.finish()
+    return json.loads(out.getvalue())["features"]
+
+
+def _drawn_pixels(g: dict) -> shapely.Geometry:
+    """An output footprint in the area's pixels (as ``_drawn`` counts them)."""
+    a, _, c, _, e, f = TRANSFORM_4326
+    return shapely.transform(shape(g["geometry"]), lambda xy: np.round((xy - (c, f)) / (a, e)))
+
+
+def _ids(feats: list[dict]) -> list[tuple]:
+    return sorted((tuple(f["properties"].get("ImageIds", [f["properties"].get("ImageId")])),
+                   tuple(f["properties"].get("BuildingIds", [f["properties"].get("BuildingId")])))
+                  for f in feats)
+
+
+def test_pieces_of_one_tile_do_not_merge_with_each_other(tmp_path):
+    """Two touching buildings of tile t1 (B above C, a wall between them; polygonize's decision:
+    two instances), both on t1's edge with t0, where t0's piece A meets B alone: A and B are one
+    building, C stays apart (merge joins pieces across tile edges only, never within a tile)."""
+    metas = _drawn(tmp_path, {"t0": (0, 0, [(2, 6, 12, 16)]),
+                              "t1": (0, 16, [(2, 6, 16, 20), (6, 10, 16, 20)])})
+    feats = _merge_drawn(tmp_path, metas)
+    assert _ids(feats) == [(("t0", "t1"), (1, 1)), (("t1",), (2,))]
+    (ab,) = [f for f in feats if "ImageIds" in f["properties"]]
+    assert _drawn_pixels(ab).equals(shapely.box(12, 2, 20, 6))
+
+
+def test_overlapping_pieces_of_one_tile_do_not_merge_on_its_edge(tmp_path):
+    """Another tool's instances may overlap (t1's B and C share rows 5-7 of the edge): their
+    segments of t1's edge overlap, yet they are still two instances of one tile; t0's A meets B
+    alone. On the area's outer edge (t1's right one) the same pair is left apart, unmerged."""
+    metas = _drawn(tmp_path, {"t0": (0, 0, [(2, 4, 12, 16)]),
+                              "t1": (0, 16, [(2, 7, 16, 20), (5, 10, 16, 20),
+                                             (2, 7, 28, 32), (5, 10, 28, 32)])})
+    feats = _merge_drawn(tmp_path, metas)
+    assert _ids(feats) == [(("t0", "t1"), (1, 1)), (("t1",), (2,)), (("t1",), (3,)),
+                           (("t1",), (4,))]
+
+
+def test_a_piece_across_two_touching_pieces_of_the_next_tile_joins_all_three(tmp_path):
+    """t0's A meets both of t1's touching B and C along the edge: the tiles disagree (one
+    building, or two that t0 did not separate), and merge keeps A whole: one footprint of the
+    three pieces (union-find, transitively; the README's shared wall on a tile edge)."""
+    metas = _drawn(tmp_path, {"t0": (0, 0, [(2, 10, 12, 16)]),
+                              "t1": (0, 16, [(2, 6, 16, 20), (6, 10, 16, 20)])})
+    (f,) = _merge_drawn(tmp_path, metas)
+    assert _ids([f]) == [(("t0", "t1", "t1"), (1, 1, 2))]
+    assert _drawn_pixels(f).equals(shapely.box(12, 2, 20, 10))
+
+
 # README's case: a 6 x 6 px building cut down its middle by the tiles' edge (two 18 px pieces),
 # and a 10 px blob inside the first tile
 CUT_6X6, BLOB_10 = (4, 10, 13, 19), (11, 13, 2, 7)
