@@ -25,10 +25,16 @@ boundary), or with another pixel size or alignment, their edges are not one line
 CRS. A note says when there was more than one grid.
 
 Memory: a footprint with no segment on its tile's border cannot merge, so it is written as soon
-as its tile is read; only border footprints (and the ImageIds seen) are held: memory follows
-the length of the tile edges (25-30% of the footprints with 256 px tiles, benchmarks.merge), not
-every footprint of the area. Two buildings whose shared wall lies on a tile edge merge into one:
-their pieces meet as a cut building's do, and the footprints cannot tell the two apart.
+as its tile is read; only border footprints (and the ImageIds and extents seen) are held:
+memory follows the length of the tile edges (25-30% of the footprints with 256 px tiles,
+benchmarks.merge), not every footprint of the area. Two buildings whose shared wall lies on a
+tile edge merge into one: their pieces meet as a cut building's do, and the footprints cannot
+tell the two apart.
+
+Tiles of one grid are to meet edge to edge. Where two overlap (chips cut with an overlap by
+another tool, or one tile given twice under two names), each one's footprints in the overlap
+are written, twice over: a note names the first pair of ImageIds read and the number of pairs,
+and the summary line counts them; the rest of the layer is unaffected, so merge goes on.
 
 Output: one RFC 7946 FeatureCollection in WGS 84 lon/lat (no ``crs`` member, exterior rings
 counter-clockwise), written atomically: interior footprints in tile order, then the border ones.
@@ -51,6 +57,7 @@ import math
 import sys
 import tarfile
 import time
+from array import array
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -255,7 +262,11 @@ class Merger:
         self.edges: dict[tuple[int, int, float], list[tuple[float, float, int]]] = \
             defaultdict(list)
         self.seen: set[str] = set()
+        # (grid, x0, y0, x1, y1) in grid pixels of each tile with footprints, and its ImageId
+        self._extents = array("q")
+        self._extent_keys: list[str] = []
         self.written = self.merged = self.merged_pieces = self.dropped = 0
+        self.overlaps: tuple[int, tuple[str, str] | None] = (0, None)  # (finish sets it)
         out.write('{"type":"FeatureCollection","features":[\n')
 
     def _place(self, crs: str, fwd: np.ndarray, w: int, h: int) -> tuple[int, np.ndarray]:
@@ -296,6 +307,9 @@ class Merger:
         grid = self.grids[gi]
         pixels = shapely.transform(geoms, lambda xy: _snap(grid.to_pixels(xy), self.tol))
         box = (int(ox), int(oy), int(ox) + w, int(oy) + h)
+        # NOTE: a tile without footprints is left out (it has no grid): it writes nothing twice
+        self._extents.extend((gi, *box))
+        self._extent_keys.append(key)
         b = shapely.bounds(pixels)
         if ((b[:, 0] < box[0]) | (b[:, 1] < box[1]) | (b[:, 2] > box[2])
                 | (b[:, 3] > box[3])).any():
@@ -343,8 +357,32 @@ class Merger:
                         parent[find(p)] = find(q)
         return [find(i) for i in range(len(self.pieces))]
 
+    def _overlaps(self) -> tuple[int, tuple[str, str] | None]:
+        """Pairs of tiles of one grid whose extents overlap (more than along an edge or at a
+        corner), and the first pair read: their footprints in the overlap are written twice."""
+        ext = np.frombuffer(self._extents, dtype=np.int64).reshape(-1, 5)
+        pairs = []
+        for gi in np.unique(ext[:, 0]):
+            idx = np.flatnonzero(ext[:, 0] == gi)
+            x0, y0, x1, y1 = ext[idx, 1:].T
+            # NOTE: an R-tree (O(n log n); a mosaic's tile meets 8 others), then the overlap of
+            # the whole-pixel rectangles, exact: "intersects" also holds for tiles that merely
+            # meet, and shapely's "overlaps" is false for a tile given twice (equal extents)
+            i, j = shapely.STRtree(shapely.box(x0, y0, x1, y1)).query(
+                shapely.box(x0, y0, x1, y1), predicate="intersects")
+            i, j = i[i < j], j[i < j]
+            over = ((np.minimum(x1[i], x1[j]) > np.maximum(x0[i], x0[j]))
+                    & (np.minimum(y1[i], y1[j]) > np.maximum(y0[i], y0[j])))
+            pairs.append(np.column_stack([idx[i[over]], idx[j[over]]]))
+        both = np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)
+        if not len(both):
+            return 0, None
+        a, b = both[np.lexsort((both[:, 0], both[:, 1]))[0]]  # (the first read: by the later)
+        return len(both), (self._extent_keys[a], self._extent_keys[b])
+
     def finish(self) -> None:
         """Write the border footprints, merged, and close the FeatureCollection."""
+        self.overlaps = self._overlaps()
         roots = self._groups()
         members: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(roots):
@@ -464,6 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         m.finish()
     from postproc.pools import say
 
+    n_over, first = m.overlaps
+    if first is not None:
+        # NOTE: a note, not a refusal: only the overlaps are wrong (each tile's footprints there
+        # are written, a building over an edge of one inside the other stays in pieces), the
+        # rest of the layer is right, and chips that overlap on purpose (another tool's) have
+        # no other way through; a refusal would come after reading every tile anyway
+        say(f"merge: {n_over} pairs of tiles overlap on their pixel grid (first: {first[0]} and "
+            f"{first[1]}; a tile given twice under two names?): their footprints in the overlap "
+            "are written once per tile; tiles of a mosaic meet edge to edge")
     if len(m.grids) > 1:
         say(f"merge: the tiles lie on {len(m.grids)} pixel grids ({len({g.crs for g in m.grids})}"
             " CRS); footprints are merged only between tiles of one grid")
@@ -474,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"merge: {extra} *.geojson in {args.geojson} are not tiles of --pred {args.pred}: "
             "left out")
     small = f"; {m.dropped} under --min-area {args.min_area:g} px dropped" if args.min_area else ""
+    if n_over:
+        small += f"; {n_over} pairs of tiles overlap"
     print(f"{len(m.seen)} tiles, {m.written} footprints ({m.merged} merged from "
           f"{m.merged_pieces} pieces{small}) -> {args.out}")
     from postproc.cli import push_metrics

@@ -380,6 +380,35 @@ def test_min_area_applies_after_the_merge(tmp_path, capsys):
     assert len(_merged(*alone, tmp_path / "alone18.geojson", "--min-area", "18")) == 1
 
 
+def test_overlapping_tiles_are_named_and_counted(tmp_path, capsys):
+    """Tiles of one grid whose extents overlap (t2 straddles t0 | t1; t1 also given again as
+    t1b: 4 pairs): every footprint of each is written, so the overlaps come out twice; merge
+    goes on and says so, naming the first pair read. Tiles that meet at an edge (t0 | t1) or a
+    corner (t1, t3) do not overlap, nor does a tile of another grid over t0 (t4, half a pixel
+    off: its extent is not on t0's grid)."""
+    gj, pred = tmp_path / "gj", tmp_path / "pred"
+    metas = _drawn(gj, {"t0": (0, 0, [(2, 6, 2, 6)]), "t1": (0, 16, [(2, 6, 20, 24)]),
+                        "t2": (0, 8, [(8, 12, 10, 14)]), "t1b": (0, 16, [(2, 6, 20, 24)]),
+                        "t3": (16, 32, [(20, 24, 36, 40)])})
+    a, b, c, d, e, f = TRANSFORM_4326
+    metas["t4"] = {**metas["t0"], "transform": [a, b, c + a / 2, d, e, f]}
+    write_tile_geojson(gj, "t4", [shapely.box(1, 1, 3, 3)], [0.9], metas["t4"])
+    write_pred_shard(pred / "pred-000000.tar",
+                     [(k, np.zeros((16, 16, 3), np.uint8), m) for k, m in metas.items()])
+    feats = _merged(pred, gj, tmp_path / "area.geojson")
+    assert len(feats) == 6  # (t1's footprint and t1b's: two)
+    err, out = capsys.readouterr()[::-1]
+    assert "merge: 4 pairs of tiles overlap on their pixel grid (first: t0 and t2;" in err
+    assert "6 tiles, 6 footprints (0 merged from 0 pieces; 4 pairs of tiles overlap)" in out
+    del metas["t2"], metas["t1b"]  # (the same tiles without the overlapping two: no note)
+    write_pred_shard(pred / "pred-000000.tar",
+                     [(k, np.zeros((16, 16, 3), np.uint8), m) for k, m in metas.items()])
+    assert len(_merged(pred, gj, tmp_path / "apart.geojson")) == 4
+    err, out = capsys.readouterr()[::-1]
+    assert "tiles overlap" not in err + out
+    assert "4 tiles, 4 footprints (0 merged from 0 pieces) ->" in out
+
+
 @pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
 def test_a_bad_min_area_is_refused_naming_the_flag(bad, tmp_path, capsys):
     pred, gj = _two_tiles(tmp_path)
