@@ -33,8 +33,9 @@ tell the two apart.
 
 Tiles of one grid are to meet edge to edge. Where two overlap (chips cut with an overlap by
 another tool, or one tile given twice under two names), each one's footprints in the overlap
-are written, twice over: a note names the first pair of ImageIds read and the number of pairs,
-and the summary line counts them; the rest of the layer is unaffected, so merge goes on.
+are written, twice over (but pieces on an edge line that the two share, which are joined): a
+note names the first pair of ImageIds read and the number of pairs, and the summary line counts
+them; the rest of the layer is unaffected, so merge goes on.
 
 Output: one RFC 7946 FeatureCollection in WGS 84 lon/lat (no ``crs`` member, exterior rings
 counter-clockwise), written atomically: interior footprints in tile order, then the border ones.
