@@ -19,12 +19,21 @@ grid, as the whole scene's pooling windows do.
 A chip's ImageId is ``<ImageId>_r<row0>_c<col0>``, its pixel offset in the scene. Read from the
 right, the suffix gives back one scene and offset, so chips of two scenes never share an ImageId;
 only a scene whose own ImageId looks like a chip's can clash with one (prepare's scan checks).
+
+A chip whose own pixels (not its margin's) are all nodata by the scene's dataset mask
+(:func:`core_is_nodata`) is left out: a satellite strip or an orthomosaic has wide borders of
+nodata, and predicting them is GPU time for nothing.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NodataShadowWarning
+from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
 # NOTE: a chip much smaller than the network's receptive field predicts from little context, and
@@ -107,3 +116,35 @@ def chip_grid(height: int, width: int, size: int) -> list[Chip]:
     if height < 1 or width < 1:
         raise ValueError(f"a scene of {height} x {width} px has no pixels to cut")
     return [Chip(r, c, h, w) for r, h in _starts(height, size) for c, w in _starts(width, size)]
+
+
+def core_is_nodata(ds: DatasetReader, sample: np.ndarray, chip: Chip, window: Chip) -> bool:
+    """Whether every pixel of ``chip`` is nodata in ``ds``'s dataset mask (rasterio's
+    ``dataset_mask``: a pixel is valid where any band is; a nodata value, an alpha band, an
+    internal or external mask); ``sample`` holds the pixels of ``window`` (bands first, as read),
+    the chip's grown window or the chip itself. An image without nodata or mask: False.
+
+    NOTE: with nodata values alone (the usual border of 0s) the mask is worked out from
+    ``sample``, which was read anyway: no second read of the image. An alpha band or a mask is
+    read for the chip alone; so is a nodata value that GDAL might compare otherwise (one the
+    dtype cannot hold exactly), for GDAL's own answer."""
+    flags = ds.mask_flag_enums
+    if all(f == [MaskFlags.all_valid] for f in flags):
+        return False
+    nodata = ds.nodatavals
+    if (all(f == [MaskFlags.nodata] for f in flags) and ColorInterp.alpha not in ds.colorinterp
+            and all(_holds(v, dt) for v, dt in zip(nodata, ds.dtypes, strict=True))):
+        r, c, h, w = chip.core_in(window)
+        core = sample[:, r:r + h, c:c + w]
+        return bool((core == np.array(nodata, sample.dtype)[:, None, None]).all())
+    # (nodata beside an alpha band: rasterio warns that it takes the nodata, and does)
+    with warnings.catch_warnings(action="ignore", category=NodataShadowWarning):
+        return not ds.dataset_mask(window=chip.window()).any()
+
+
+def _holds(value: float | None, dtype: str) -> bool:
+    """Whether an integer ``dtype`` holds the nodata ``value`` exactly."""
+    if value is None or not float(value).is_integer() or not np.issubdtype(dtype, np.integer):
+        return False
+    info = np.iinfo(dtype)
+    return info.min <= value <= info.max

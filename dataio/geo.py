@@ -25,6 +25,11 @@ GDAL_DEFAULTS: dict[str, Any] = {
     "GDAL_CACHEMAX": 64,
     "CPL_LOG_ERRORS": "OFF",
 }
+# NOTE: EMPTY_DIR takes the folder for empty, so an external mask (``<image>.msk``, a sidecar)
+# is never found; where the mask matters (prepare --chip-size leaves out chips all nodata) GDAL
+# looks for sidecars by name, still without listing the folder, and with PAM off, so that an
+# ``.aux.xml`` changes nothing else (nodata, georeferencing) against the other reads.
+SIDECAR_MASKS: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "TRUE", "GDAL_PAM_ENABLED": "NO"}
 
 # GeoJSON (RFC 7946) coordinates are lon/lat WGS84 unless a legacy ``crs`` member says otherwise.
 GEOJSON_DEFAULT_CRS = CRS.from_user_input("OGC:CRS84")
@@ -32,9 +37,10 @@ GEOJSON_DEFAULT_CRS = CRS.from_user_input("OGC:CRS84")
 IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def gdal_env() -> rasterio.Env:
-    """The rasterio/GDAL environment every raster read and write runs under."""
-    return rasterio.Env(**GDAL_DEFAULTS)
+def gdal_env(sidecar_masks: bool = False) -> rasterio.Env:
+    """The rasterio/GDAL environment every raster read and write runs under; with
+    ``sidecar_masks``, one that finds an image's external mask too (see SIDECAR_MASKS)."""
+    return rasterio.Env(**{**GDAL_DEFAULTS, **(SIDECAR_MASKS if sidecar_masks else {})})
 
 
 def geojson_crs(collection: dict[str, Any]) -> CRS:

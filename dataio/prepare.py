@@ -11,7 +11,8 @@ truth CSVs, a manifest with ``"labels": false``, each sample's mask all ``MASK_P
 With ``--chip-size N`` too, an image of 1.5N px or more either way is cut into a grid of chips
 of about N px (``dataio.chips``), each a sample of its own read through a window of the image,
 grown by ``--chip-margin`` M px of context on each side (64 by default; ``trainer.predict`` cuts
-each prediction back to its chip).
+each prediction back to its chip). A chip whose own pixels are all nodata (the image's dataset
+mask: nodata value, alpha band or mask) is left out, and counted; a whole image never is.
 
 Tiles are processed in parallel and streamed into shards, so memory does not grow with the AOI.
 Unusable tiles are skipped and listed in the manifest with their reason. The dataset is complete
@@ -60,6 +61,7 @@ from dataio.chips import (
     check_chip_margin,
     check_chip_size,
     chip_grid,
+    core_is_nodata,
     needs_chips,
 )
 from dataio.classes import NUM_CLASSES
@@ -179,6 +181,8 @@ class Scan:
     skipped: list[dict[str, str]] = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
     bands: int = 0
+    # each tile's image -> its entry in sources (where _build counts the chips left out)
+    source_of: dict[Path, dict[str, Any]] = field(default_factory=dict)
 
 
 def scan(cfg: PrepareConfig) -> Scan:
@@ -198,8 +202,8 @@ def scan(cfg: PrepareConfig) -> Scan:
         source: dict[str, Any] = {"raw": str(raw), "tiles": len(tifs)}
         if cfg.images_only:  # (main says so in one line)
             source["labels_ignored"] = (raw / LABEL_DIR).is_dir()
-        if cfg.chip_size is not None:  # (counted in _chipped)
-            source.update(chip_size=cfg.chip_size, images_chipped=0, chips=0)
+        if cfg.chip_size is not None:  # (counted in _chipped; chips_empty in _build)
+            source.update(chip_size=cfg.chip_size, images_chipped=0, chips=0, chips_empty=0)
         result.sources.append(source)
         for tif in tifs:
             def skip(reason: str, iid: str = "", tif: Path = tif) -> None:
@@ -242,6 +246,7 @@ def scan(cfg: PrepareConfig) -> Scan:
                 skip("image has no geotransform (not georeferenced)", iid)
                 continue
             seen[iid] = tif
+            result.source_of[tif] = source
             label = None if cfg.images_only else label_path(raw, iid)
             headers.append(_Header(Tile(iid, tif, label), count, dtype, height, width,
                                    invertible, source))
@@ -341,11 +346,17 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
     and has that window's transform and size: the chips of an image lie on its pixel grid, which
     ``postproc.merge`` relies on. Its meta.json adds ``source_offset`` (the chip's [row, col] in
     the image) and, with a margin, ``core`` (the chip's [row, col, height, width] in the
-    sample); its pixels in the statistics are the chip's alone, so each pixel counts once."""
+    sample); its pixels in the statistics are the chip's alone, so each pixel counts once.
+    A chip whose own pixels are all nodata gives ``{"empty": True}``, no sample (merge works
+    from the prediction shards: the chip is simply not there); a whole image is never empty.
+    NOTE: a whole image is the user's tile, and its absence would read as a lost one; a chip
+    is prepare's own cut, and an all-nodata one holds nothing to find."""
     # (the window read: the chip grown by its margin, or the chip)
     c = tile.window or tile.chip
+    empty = False
     try:
-        with gdal_env(), rasterio.open(tile.tif) as ds:
+        # (a chip: a mask beside the image, <file>.msk, counts for core_is_nodata)
+        with gdal_env(sidecar_masks=c is not None), rasterio.open(tile.tif) as ds:
             if c is None:
                 pixels = ds.read()
                 transform, crs, height, width = ds.transform, ds.crs, ds.height, ds.width
@@ -353,6 +364,8 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
                 pixels = ds.read(window=c.window())
                 transform, crs = ds.window_transform(c.window()), ds.crs
                 height, width = c.height, c.width
+                if tile.chip is not None and pixels.shape[1:] == (height, width):  # (else below)
+                    empty = core_is_nodata(ds, pixels, tile.chip, c)
             now = ds.height, ds.width
     except Exception as e:
         return {"skip": f"unreadable image ({e})" if c is None else
@@ -367,6 +380,8 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
         return {"skip": f"has {pixels.shape[0]} bands, the rest of the AOI has {bands}"}
     if not is_invertible(transform):  # e.g. a pixel size of 0: no pixel has a place on the map
         return {"skip": "image has a degenerate geotransform"}
+    if empty:
+        return {"empty": True}
     image_crs = CRS.from_user_input(crs.to_wkt())
     image = np.ascontiguousarray(pixels.transpose(1, 2, 0)).astype(np.uint16, copy=False)
     meta = {
@@ -617,6 +632,9 @@ def _build(cfg: PrepareConfig, out: Path, found: Scan, tiles: list[Tile], t0: fl
             for res in results:
                 bar.update()
                 tile: Tile = res["tile"]
+                if res.get("empty"):  # (counted, not listed: a strip has thousands)
+                    found.source_of[tile.tif]["chips_empty"] += 1
+                    continue
                 if "skip" in res:
                     skipped.append({"image_id": tile.image_id, "path": str(tile.tif),
                                     "reason": res["skip"]})
@@ -663,8 +681,11 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
     if labels and train.sum() == 0:
         raise ValueError("the training split is empty: add tiles or change --split")
     if not labels and sum(samples.values()) == 0:  # (else "no training pixels" below)
+        empty = sum(src.get("chips_empty", 0) for src in found.sources)
         raise ValueError(f"no tile of {', '.join(map(str, cfg.raw))} could be read (see the "
-                         "skipped tiles' reasons)")
+                         "skipped tiles' reasons)" if not empty else
+                         f"nothing to predict in {', '.join(map(str, cfg.raw))}: {empty} chips "
+                         f"are all nodata{', the rest skipped' if skipped else ''}")
     config: dict[str, Any] = {"split": list(cfg.split) if labels else list(IMAGES_ONLY_SPLIT),
                               "seed": cfg.seed, "shard_size": cfg.shard_size,
                               "boundary_width": cfg.boundary_width}
@@ -704,8 +725,9 @@ IMAGES_ONLY_HELP = (
 CHIP_SIZE_HELP = (
     "with --images-only: cut each image into chips of N x N from its top-left corner, "
     "round(side / N) per side, the last row and column taking the rest (N/2 to 1.5N px; no "
-    "overlap), each chip a sample named <ImageId>_r<row>_c<col> (its pixel offset); an image "
-    "under 1.5N px both ways stays whole")
+    "overlap), each chip a sample named <ImageId>_r<row>_c<col> (its pixel offset), but a chip "
+    "all nodata (the image's nodata value, alpha band or mask), which is left out and counted; "
+    "an image under 1.5N px both ways stays whole")
 
 CHIP_MARGIN_HELP = (
     "with --chip-size N: each chip's sample holds M px of the image around it on each side "
@@ -808,8 +830,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.chip_size is not None:
         chips = sum(src["chips"] for src in m["sources"])
         images = sum(src["images_chipped"] for src in m["sources"])
+        empty = sum(src["chips_empty"] for src in m["sources"])
         chipped = (f"; {images} images cut into {chips} chips of {cfg.chip_size} px, "
-                   f"{cfg.chip_margin} px margin")
+                   f"{cfg.chip_margin} px margin"
+                   f"{f', {empty} all nodata left out' if empty else ''}")
     print(f"prepared {n} tiles into {cfg.out} ({counts}"
           f"{'; images only, no labels' if cfg.images_only else ''}{chipped}) in "
           f"{m['seconds']:.1f}s "

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import rasterio
 from affine import Affine
+from rasterio.enums import ColorInterp
 from rasterio.windows import transform as window_transform
 
 from dataio.chips import (
@@ -14,9 +18,10 @@ from dataio.chips import (
     check_chip_size,
     chip_count,
     chip_grid,
+    core_is_nodata,
     needs_chips,
 )
-from dataio.geo import IMAGE_ID_RE
+from dataio.geo import IMAGE_ID_RE, gdal_env
 
 
 def _covered_once(chips: list[Chip], height: int, width: int) -> bool:
@@ -119,3 +124,66 @@ def test_a_chip_margin_below_zero_above_the_chip_size_or_not_an_int_is_refused(
                                          r"to the --chip-size \(128\), got "):
         check_chip_margin(bad, 128)  # type: ignore[arg-type]
     assert check_chip_margin(0, 128) == 0 and check_chip_margin(128, 128) == 128
+
+
+# (kind, dtype, nodata): the ways GDAL marks pixels invalid, and none
+MASKS = [("none", "uint16", None), ("nodata", "uint16", 0), ("nodata", "uint8", 7),
+         ("nodata-fraction", "uint8", 7.5), ("mask", "uint16", None),
+         ("alpha", "uint8", None), ("alpha", "uint8", 0)]
+
+
+@pytest.mark.parametrize("kind, dtype, nodata", MASKS, ids=[f"{k}-{d}-{n}" for k, d, n in MASKS])
+def test_core_is_nodata_is_rasterio_dataset_mask_of_the_chip(kind: str, dtype: str,
+                                                             nodata: float | None,
+                                                             tmp_path: Path) -> None:
+    """A 12 x 16 px image whose left half is invalid (nodata in every band, or masked out) but
+    for one pixel valid in a single band: every chip of a 4 px grid, read with a margin of 0
+    or 4 px, is all nodata exactly where rasterio's ``dataset_mask`` of the chip says so."""
+    fill = int(nodata) if kind.startswith("nodata") else 0
+    rng = np.random.default_rng(3)
+    px = rng.integers(10, 200, (3, 12, 16)).astype(dtype)
+    px[:, :, :8] = fill
+    px[1, 6, 2] = 9  # (one band valid: the pixel is valid)
+    mask = np.full((12, 16), 255, np.uint8)
+    mask[:, :8] = 0
+    mask[6, 2] = 255
+    if kind == "alpha":
+        px = np.concatenate([px, mask[None].astype(dtype)])
+    tif = tmp_path / "img.tif"
+    profile = {"driver": "GTiff", "width": 16, "height": 12, "count": len(px), "dtype": dtype,
+               "crs": "EPSG:32611", "transform": Affine(0.3, 0, 500000, 0, -0.3, 4000000)}
+    if kind.startswith("nodata"):
+        profile["nodata"] = nodata
+    with gdal_env(), rasterio.open(tif, "w", **profile) as ds:
+        ds.write(px)
+        if kind == "mask":
+            ds.write_mask(mask)
+        if kind == "alpha":
+            ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue,
+                              ColorInterp.alpha]
+    got = []
+    with gdal_env(), rasterio.open(tif) as ds:
+        for chip in (Chip(r, c, 4, 4) for r in range(0, 12, 4) for c in range(0, 16, 4)):
+            want = not ds.dataset_mask(window=chip.window()).any()
+            for margin in (0, 4):
+                window = chip.grown(margin, 12, 16)
+                sample = ds.read(window=window.window())
+                assert core_is_nodata(ds, sample, chip, window) == want, (chip, margin)
+            got.append(want)
+    # (both answers are met where GDAL marks the left half invalid; a nodata value that a uint8
+    # cannot hold is left to GDAL, whatever it makes of it)
+    assert sum(got) == (0 if kind == "none" else 5) or kind == "nodata-fraction"
+
+
+def test_with_a_nodata_value_the_pixels_already_read_decide(tmp_path: Path) -> None:
+    """No second read of the image: the sample passed in is what is looked at (here made all
+    nodata over valid pixels in the file, as a stand-in for it)."""
+    tif = tmp_path / "img.tif"
+    with gdal_env(), rasterio.open(tif, "w", driver="GTiff", width=8, height=8, count=3,
+                                   dtype="uint16", nodata=0, crs="EPSG:32611",
+                                   transform=Affine(0.3, 0, 500000, 0, -0.3, 4000000)) as ds:
+        ds.write(np.full((3, 8, 8), 5, np.uint16))
+    chip = Chip(0, 0, 4, 4)
+    with gdal_env(), rasterio.open(tif) as ds:
+        assert not core_is_nodata(ds, ds.read(window=chip.window()), chip, chip)
+        assert core_is_nodata(ds, np.zeros((3, 4, 4), np.uint16), chip, chip)

@@ -58,16 +58,21 @@ def _scene() -> np.ndarray:
 
 
 def _write_tif(raw: Path, iid: str, pixels: np.ndarray, transform: Affine | None = None,
+               mask: np.ndarray | None = None, external: bool = False,
                **creation: object) -> Path:
-    """A georeferenced GeoTIFF as dataio.synth writes them (uint16, pixel-interleaved)."""
+    """A georeferenced GeoTIFF as dataio.synth writes them (uint16, pixel-interleaved), with
+    ``mask`` as its mask (0: nodata) if given: internal, or ``<file>.msk`` if ``external``."""
     tif = raw / IMAGE_DIR / f"{IMAGE_PREFIX}{iid}.tif"
     tif.parent.mkdir(parents=True, exist_ok=True)
     bands, h, w = pixels.shape
     profile = {"driver": "GTiff", "width": w, "height": h, "count": bands, "dtype": "uint16",
                "crs": UTM, "transform": transform or Affine(PX, 0, X0, 0, -PX, Y0),
                "interleave": "pixel", **creation}
-    with gdal_env(), rasterio.open(tif, "w", **profile) as ds:
+    with (gdal_env(), rasterio.Env(GDAL_TIFF_INTERNAL_MASK=not external),
+          rasterio.open(tif, "w", **profile) as ds):
         ds.write(pixels)
+        if mask is not None:
+            ds.write_mask(mask)
     return tif
 
 
@@ -110,7 +115,8 @@ def test_a_scene_is_cut_into_chips_on_its_grid(raw: Path, tmp_path: Path,
     assert m.data["config"]["chip_margin"] == 64  # the default
     (src,) = m.data["sources"]
     assert src | {"raw": ""} == {"raw": "", "tiles": 2, "labels_ignored": False,
-                                 "chip_size": N, "images_chipped": 1, "chips": 4}
+                                 "chip_size": N, "images_chipped": 1, "chips": 4,
+                                 "chips_empty": 0}
     got = _samples(out)
     assert sorted(got) == sorted([*CHIPS, "AOI_9_Small_img1"])
     scene = _scene().transpose(1, 2, 0)
@@ -214,6 +220,47 @@ def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> 
     assert m["sources"][0]["chips"] == 4 and m["splits"]["test"]["samples"] == 2
 
 
+@pytest.mark.parametrize("how", ["nodata", "mask", "external-mask"])
+def test_a_chip_all_nodata_is_left_out_and_counted(how: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The left column of chips invalid (nodata 0 in every band, or a mask, internal or a
+    ``.msk`` file beside the image, which prepare's GDAL environment otherwise ignores): the
+    bottom chip is left out, although its margin holds data; the top one has one valid pixel
+    (in one band) and is kept, as is the small image, all nodata but whole. A scene of nothing
+    but nodata leaves nothing to predict: an error saying so."""
+    raw = tmp_path / "raw"
+    img = _scene()
+    invalid = np.zeros((H, W), bool)
+    invalid[:, :N] = True
+    invalid[5, 5] = False
+    mask = np.where(invalid, 0, 255).astype(np.uint8)
+    if how == "nodata":
+        img[:, invalid] = 0
+        img[1, 5, 5] = 7  # (bands 0 and 2 are nodata there: the pixel is valid all the same)
+    external = how == "external-mask"
+    _write_tif(raw, SCENE, img, **({"nodata": 0} if how == "nodata" else
+                                   {"mask": mask, "external": external}))
+    assert (raw / IMAGE_DIR / f"{IMAGE_PREFIX}{SCENE}.tif.msk").exists() == external
+    small = np.zeros((3, 90, N + 1), np.uint16)
+    _write_tif(raw, "AOI_9_Small_img1", small, Affine(PX, 0, X0 + 1000, 0, -PX, Y0),
+               **({"nodata": 0} if how == "nodata" else
+                  {"mask": np.zeros((90, N + 1), np.uint8), "external": external}))
+    m = _run(raw, tmp_path / "d", "--chip-size", str(N))
+    assert "1 images cut into 4 chips of 128 px, 64 px margin, 1 all nodata left out" in \
+        capsys.readouterr().out
+    assert sorted(_samples(tmp_path / "d")) == sorted(
+        [f"{SCENE}_r0_c0", f"{SCENE}_r0_c128", f"{SCENE}_r128_c128", "AOI_9_Small_img1"])
+    assert m["sources"][0]["chips"] == 4 and m["sources"][0]["chips_empty"] == 1
+    assert m["splits"]["test"]["samples"] == 4 and m["skipped"] == []
+    (raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Small_img1.tif").unlink()
+    img[:] = 0
+    _write_tif(raw, SCENE, img, nodata=0, mask=np.zeros((H, W), np.uint8))
+    assert prepare_main(["--raw", str(raw), "--out", str(tmp_path / "e"), "--images-only",
+                         "--workers", "0", "--quiet", "--chip-size", str(N)]) == 2
+    assert capsys.readouterr().err.strip() == (f"dataio.prepare: error: nothing to predict in "
+                                               f"{raw}: 4 chips are all nodata")
+
+
 def test_a_chip_beyond_an_image_that_shrank_since_the_scan_is_skipped(raw: Path) -> None:
     """(rasterio crops such a window: the sample was smaller than its chip, at its offset)"""
     tif = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Small_img1.tif"  # 129 x 90 px
@@ -262,11 +309,7 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str, marg
     meta.json put them on the scene's pixel grid). The predictions are the roofs of each chip's
     sample, as read back from the shards (a net would give them, less exactly), cut to the chip
     as trainer.predict writes them: at the chip's size, with the chip's transform."""
-    from postproc.cli import exit_on_error
-    from postproc.merge import main as merge_main
-    from postproc.polygonize import main as polygonize_main
-    from postproc.predio import iter_pred_samples, quantize_probs, write_pred_shard
-    from trainer.predict import to_core
+    from postproc.predio import iter_pred_samples
 
     crs, transform = GEOREF[georef]
     raw = tmp_path / "raw"
@@ -276,12 +319,9 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str, marg
                crs=crs)
     data = tmp_path / "d"
     _run(raw, data, "--chip-size", str(N), *margin)
-    preds = []
-    for key, (img, _, meta) in sorted(_samples(data).items()):
+    for key, (_, _, meta) in _samples(data).items():
         assert ("core" in meta) == (not margin and key in CHIPS), key
-        p = np.where(img[..., 0] == ROOF, 0.9, 0.05)
-        preds.append((key, *to_core(quantize_probs(np.stack([1 - p, p, 0 * p], axis=2)), meta)))
-    write_pred_shard(tmp_path / "pred" / "pred-000000.tar", preds)
+    geoms = _merged(data, tmp_path, crs, transform)
     for key, prob, meta in iter_pred_samples(tmp_path / "pred" / "pred-000000.tar"):
         if key in CHIPS:  # what merge reads: the chip's place and size, as without a margin
             r0, c0, h, w = CHIPS[key]
@@ -290,23 +330,6 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str, marg
             np.testing.assert_allclose(meta["transform"],
                                        list(transform @ Affine.translation(c0, r0))[:6],
                                        rtol=1e-12, atol=1e-12)
-    assert exit_on_error(lambda: polygonize_main([
-        "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "p.csv"), "--geojson",
-        str(tmp_path / "gj"), "--min-polygon-area", "0", "--no-tuned", "--workers", "1"])) == 0
-    out = tmp_path / "area.geojson"
-    assert exit_on_error(lambda: merge_main(["--pred", str(tmp_path / "pred"), "--geojson",
-                                             str(tmp_path / "gj"), "--out", str(out)])) == 0
-    feats = json.loads(out.read_text())["features"]
-    to_crs = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-    inv = ~transform
-
-    def scene_pixels(g: shapely.Geometry) -> shapely.Geometry:  # lon/lat -> the scene's pixels
-        def px(xy: np.ndarray) -> np.ndarray:
-            x, y = to_crs.transform(xy[:, 0], xy[:, 1])
-            return np.round(np.column_stack(inv @ (x, y)), 6)
-        return shapely.transform(g, px)
-
-    geoms = [(scene_pixels(shape(f["geometry"])), f["properties"]) for f in feats]
     assert len(geoms) == 4
     want_chips = {ACROSS_TWO: [f"{SCENE}_r0_c0", f"{SCENE}_r0_c128"],
                   ACROSS_FOUR: [f"{SCENE}_r{r}_c{c}" for r in (0, 128) for c in (0, 128)],
@@ -314,6 +337,59 @@ def test_a_building_cut_by_chip_edges_comes_out_of_merge_whole(georef: str, marg
     for ((r0, r1), (c0, c1)), ids in want_chips.items():
         (props,) = [p for g, p in geoms if g.equals(shapely.box(c0, r0, c1, r1))]
         assert sorted(props.get("ImageIds", [props.get("ImageId")])) == sorted(ids)
+
+
+def _merged(data: Path, tmp_path: Path, crs: str,
+            transform: Affine) -> list[tuple[shapely.Geometry, dict]]:
+    """Each sample of ``data`` predicted (its roofs), cut to its chip, polygonized with
+    --geojson and merged: the footprints in the scene's pixels, with their properties."""
+    from postproc.cli import exit_on_error
+    from postproc.merge import main as merge_main
+    from postproc.polygonize import main as polygonize_main
+    from postproc.predio import quantize_probs, write_pred_shard
+    from trainer.predict import to_core
+
+    preds = []
+    for key, (img, _, meta) in sorted(_samples(data).items()):
+        p = np.where(img[..., 0] == ROOF, 0.9, 0.05)
+        preds.append((key, *to_core(quantize_probs(np.stack([1 - p, p, 0 * p], axis=2)), meta)))
+    write_pred_shard(tmp_path / "pred" / "pred-000000.tar", preds)
+    assert exit_on_error(lambda: polygonize_main([
+        "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "p.csv"), "--geojson",
+        str(tmp_path / "gj"), "--min-polygon-area", "0", "--no-tuned", "--workers", "1"])) == 0
+    out = tmp_path / "area.geojson"
+    assert exit_on_error(lambda: merge_main(["--pred", str(tmp_path / "pred"), "--geojson",
+                                             str(tmp_path / "gj"), "--out", str(out)])) == 0
+    to_crs = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    inv = ~transform
+
+    def px(xy: np.ndarray) -> np.ndarray:  # lon/lat -> the scene's pixels
+        x, y = to_crs.transform(xy[:, 0], xy[:, 1])
+        return np.round(np.column_stack(inv @ (x, y)), 6)
+
+    return [(shapely.transform(shape(f["geometry"]), px), f["properties"])
+            for f in json.loads(out.read_text())["features"]]
+
+
+def test_merge_joins_the_chips_around_those_left_out_as_nodata(tmp_path: Path) -> None:
+    """The scene's left column of chips all nodata, left out: merge works from the prediction
+    shards as they are (no chip missing to it), and joins the pieces in the chips that are
+    there: the two cut buildings end at the nodata (column 128), the one across the two
+    remaining chips is one footprint."""
+    raw = tmp_path / "raw"
+    img = _scene()
+    img[:, :, :N] = 0
+    _write_tif(raw, SCENE, img, nodata=0)
+    data = tmp_path / "d"
+    m = _run(raw, data, "--chip-size", str(N))
+    assert m["sources"][0]["chips_empty"] == 2 and m["splits"]["test"]["samples"] == 2
+    geoms = _merged(data, tmp_path, UTM, Affine(PX, 0, X0, 0, -PX, Y0))
+    assert len(geoms) == 3
+    for (r0, r1), (c0, c1), ids in (((40, 70), (N, 150), [f"{SCENE}_r0_c128"]),
+                                    ((110, 150), (N, 150), [f"{SCENE}_r{r}_c128" for r in (0, N)]),
+                                    (*WIDE, [f"{SCENE}_r0_c128"])):
+        (props,) = [p for g, p in geoms if g.equals(shapely.box(c0, r0, c1, r1))]
+        assert sorted(props.get("ImageIds", [props.get("ImageId")])) == ids
 
 
 def _predicted_chips(data: Path, net: torch.nn.Module,
