@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import IO, Any
 
 TMP_SUFFIX = ".tmp"
+# NOTE: a name has at most 255 bytes on Linux file systems (ext4, XFS, btrfs, tmpfs: NAME_MAX),
+# and atomic_open's temporary name, ".<name>.<mkstemp's 8 random characters>.tmp", is longer
+# than the name: a name within 255 - TMP_NAME_EXTRA bytes is what can be written.
+NAME_MAX = 255
+TMP_NAME_EXTRA = len(".") + len(".") + 8 + len(TMP_SUFFIX)
 
 
 def _umask() -> int:

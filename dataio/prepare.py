@@ -46,6 +46,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from tqdm import tqdm
 
 from dataio.atomic import (
+    NAME_MAX,
     STAGING,
     atomic_open,
     check_writable,
@@ -79,6 +80,7 @@ from dataio.spacenet import (
     label_path,
     wkt_xyz,
 )
+from postproc.geojson import MAX_IMAGE_ID_BYTES
 from postproc.pools import (
     close_pool,
     ignore_further_sigint,
@@ -96,6 +98,13 @@ CHIPS_NEED_IMAGES_ONLY = ("--chip-size needs --images-only: chips of a labelled 
                           "neighbouring chips of one scene into different splits (spatial "
                           "leakage between train and val/test)")
 MARGIN_NEEDS_CHIPS = "--chip-margin needs --chip-size: it is the context around each chip"
+# NOTE: an ImageId becomes a file name downstream, and a chip's one is longer than its scene's;
+# polygonize --geojson stopped at the first too long, after the prediction (bytes: a file name's
+# limit is in bytes; IMAGE_ID_RE allows ASCII alone for now, one byte a character)
+TOO_LONG = (f"over the {MAX_IMAGE_ID_BYTES} bytes an ImageId may have: postproc.polygonize "
+            "--geojson writes <ImageId>.geojson under a temporary name "
+            f"{NAME_MAX - MAX_IMAGE_ID_BYTES} bytes longer, and a file name has at most "
+            f"{NAME_MAX}; rename the file")
 
 
 @dataclass
@@ -217,6 +226,9 @@ def scan(cfg: PrepareConfig) -> Scan:
             if not IMAGE_ID_RE.match(iid):
                 skip(f"ImageId {iid!r} has characters other than letters, digits, '_', '-'", iid)
                 continue
+            if len(iid.encode()) > MAX_IMAGE_ID_BYTES:
+                skip(f"ImageId of {len(iid.encode())} bytes, {TOO_LONG}", iid)
+                continue
             if iid in seen:
                 skip(f"duplicate ImageId (also in {seen[iid]})", iid)
                 continue
@@ -278,8 +290,9 @@ def _chipped(kept: list[_Header], size: int, margin: int, result: Scan) -> list[
     """The tiles of ``kept`` with every image of more than one chip cut into its chips.
 
     An image cut into chips is skipped whole, once, for what would fail each of its chips: a
-    degenerate geotransform, or a chip ImageId that another image already has (a file named like
-    a chip of a scene beside it: ``A.tif`` cut at 512 px and ``A_r0_c512.tif``)."""
+    degenerate geotransform, a chip ImageId that another image already has (a file named like
+    a chip of a scene beside it: ``A.tif`` cut at 512 px and ``A_r0_c512.tif``), or chip
+    ImageIds too long for a file name downstream (not only those: a scene with holes in it)."""
     whole = {h.tile.image_id: h.tile.tif for h in kept if not needs_chips(h.height, h.width, size)}
     tiles = []
     for h in kept:
@@ -289,9 +302,13 @@ def _chipped(kept: list[_Header], size: int, margin: int, result: Scan) -> list[
         chips = chip_grid(h.height, h.width, size)
         ids = [c.image_id(h.tile.image_id) for c in chips]
         clash = next((i for i in ids if i in whole), None)
+        longest = max(len(i.encode()) for i in ids)
+        suffix = ids[-1][len(h.tile.image_id):]  # (the last chip's offsets: the longest)
         reason = ("image has a degenerate geotransform" if not h.invertible else
                   f"its chip ImageId {clash!r} is that of {whole[clash]} too; rename one of them"
-                  if clash is not None else None)
+                  if clash is not None else
+                  f"its chip ImageIds are up to {longest} bytes ({suffix!r} added), {TOO_LONG}"
+                  if longest > MAX_IMAGE_ID_BYTES else None)
         if reason:
             result.skipped.append({"image_id": h.tile.image_id, "path": str(h.tile.tif),
                                    "reason": reason})

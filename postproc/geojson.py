@@ -21,8 +21,13 @@ from pyproj.exceptions import CRSError
 from shapely.geometry import mapping
 from shapely.geometry.base import BaseGeometry
 
-from dataio.atomic import atomic_write_text
+from dataio.atomic import NAME_MAX, TMP_NAME_EXTRA, atomic_write_text
 from postproc.predio import PredError, check_key
+
+GEOJSON_SUFFIX = ".geojson"
+# The longest ImageId (in bytes) whose GeoJSON can be written: <ImageId>.geojson's temporary
+# name must fit a file name. dataio.prepare skips a tile beyond it, before any work.
+MAX_IMAGE_ID_BYTES = NAME_MAX - TMP_NAME_EXTRA - len(GEOJSON_SUFFIX)
 
 
 @functools.lru_cache(maxsize=64)
@@ -76,7 +81,7 @@ def write_tile_geojson(out_dir: Path, image_id: str, polys: Sequence[BaseGeometr
     whole once the CSV is committed (``postproc.runner``), so one file's atomicity is not all
     a reader of DIR relies on.
     """
-    path = Path(out_dir) / f"{check_key(image_id)}.geojson"
+    path = Path(out_dir) / f"{check_key(image_id)}{GEOJSON_SUFFIX}"
     doc = tile_feature_collection(image_id, polys, confidences, meta)
     # NOTE: no sweep: pool workers write here at once, and a duplicate ImageId across shards (an
     # input error the runner names) would let one delete the other's live temp file; the

@@ -289,6 +289,37 @@ def test_an_image_that_would_fail_every_chip_is_skipped_once(tmp_path: Path) -> 
     assert m["sources"][0]["images_chipped"] == m["sources"][0]["chips"] == 0
 
 
+def test_an_image_id_too_long_for_a_file_name_downstream_is_skipped_early(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Chip ImageIds of 234 bytes (the scene's own 224 and _r128_c128) would stop polygonize
+    --geojson after the prediction (tests/postproc/test_geojson.py): the scene is skipped
+    once, in the scan, naming the file and the limit; one whose longest chip ImageId is 233
+    bytes is cut as usual. So are images that stay whole: 234 bytes skipped, 233 kept."""
+    raw = tmp_path / "raw"
+    small = np.zeros((3, 90, N + 1), np.uint16)
+    ids = {}
+    for n, pixels in ((224, _scene()), (223, _scene()), (234, small), (233, small)):
+        iid = ids[n] = "AOI_9_" + "x" * (n - 6)
+        assert len(iid.encode()) == n
+        _write_tif(raw, iid, pixels)
+    m = _run(raw, tmp_path / "d", "--chip-size", str(N))
+    long_scene = raw / IMAGE_DIR / f"{IMAGE_PREFIX}{ids[224]}.tif"
+    assert {s["image_id"]: (s["path"], s["reason"]) for s in m["skipped"]} == {
+        ids[224]: (str(long_scene), "its chip ImageIds are up to 234 bytes ('_r128_c128' "
+                   "added), over the 233 bytes an ImageId may have: postproc.polygonize "
+                   "--geojson writes <ImageId>.geojson under a temporary name 22 bytes longer, "
+                   "and a file name has at most 255; rename the file"),
+        ids[234]: (str(raw / IMAGE_DIR / f"{IMAGE_PREFIX}{ids[234]}.tif"),
+                   "ImageId of 234 bytes, over the 233 bytes an ImageId may have: "
+                   "postproc.polygonize --geojson writes <ImageId>.geojson under a temporary "
+                   "name 22 bytes longer, and a file name has at most 255; rename the file")}
+    assert sorted(_samples(tmp_path / "d")) == sorted(
+        [ids[233], *(f"{ids[223]}_r{r}_c{c}" for r in (0, N) for c in (0, N))])
+    assert m["sources"][0]["images_chipped"] == 1
+    said = capsys.readouterr().out
+    assert "skipped 2" in said and f"  skipped {long_scene}: its chip ImageIds are" in said
+
+
 # the scene's georeferencing in the end-to-end test: SpaceNet's own CRS (EPSG:4326, pixels of
 # ~2.7e-6 degrees, here also rotated 30 degrees) and a south-up UTM grid (a positive e), beside
 # the plain north-up UTM one: merge's grid check must find every chip on the scene's grid

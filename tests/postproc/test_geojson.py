@@ -13,7 +13,7 @@ from pyproj import CRS
 from shapely.geometry import box, shape
 
 from dataio.atomic import discard_staging_dir, fresh_staging_dir, missing_dirs
-from postproc.geojson import tile_feature_collection, write_tile_geojson
+from postproc.geojson import MAX_IMAGE_ID_BYTES, tile_feature_collection, write_tile_geojson
 from postproc.predio import PredError
 
 UTM = {"crs": "EPSG:32611", "transform": [0.3, 0.0, 500000.0, 0.0, -0.3, 4000000.0]}
@@ -50,6 +50,22 @@ def test_bad_meta_and_unsafe_ids_are_refused(tmp_path):
     with pytest.raises(PredError):
         write_tile_geojson(tmp_path, "../escape", [], [], UTM)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_longest_image_id_that_gets_a_geojson_is_max_image_id_bytes(tmp_path):
+    """What failed, and where: a chip of a long scene ImageId (dataio.prepare --chip-size adds
+    _r<row>_c<col>) reached polygonize --geojson, whose first such tile stopped the run with
+    "[Errno 36] File name too long", after the prediction: the temporary name,
+    .<ImageId>.geojson.<8 random>.tmp, is 22 bytes longer than the ImageId, so 234 bytes failed
+    although <ImageId>.geojson, 242, fits the 255 bytes of a file name. MAX_IMAGE_ID_BYTES,
+    which prepare checks, is the longest that is written."""
+    if os.pathconf(tmp_path, "PC_NAME_MAX") != 255:
+        pytest.skip("a file system whose names are not limited to 255 bytes")
+    assert MAX_IMAGE_ID_BYTES == 233
+    key = "a" * MAX_IMAGE_ID_BYTES
+    assert write_tile_geojson(tmp_path, key, [], [], UTM).name == f"{key}.geojson"
+    with pytest.raises(PredError, match="File name too long"):
+        write_tile_geojson(tmp_path, key + "b", [], [], UTM)
 
 
 def test_a_concurrent_writers_temp_file_is_left_alone(tmp_path):
