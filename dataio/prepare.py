@@ -263,7 +263,8 @@ def scan(cfg: PrepareConfig) -> Scan:
             headers.append(_Header(Tile(iid, tif, label), count, dtype, height, width,
                                    invertible, source))
     if not headers:
-        raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}")
+        raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}"
+                         f"{first_skip(result.skipped)}")
     # NOTE: the model takes one band count, and the normalisation pools one radiometry (an
     # 8-bit tile among 11-bit ones would drag the percentiles down and come out nearly black);
     # the majority decides each and odd tiles are skipped.
@@ -319,6 +320,16 @@ def _chipped(kept: list[_Header], size: int, margin: int, result: Scan) -> list[
         h.source["images_chipped"] += 1
         h.source["chips"] += len(chips)
     return tiles
+
+
+def first_skip(skipped: list[dict[str, str]]) -> str:
+    """``; skipped PATH: REASON (and N more)`` for an error that stops prepare with nothing
+    to write. NOTE: the reasons are listed in the manifest, which such a run never writes: the
+    error said "see the skipped tiles' reasons", and there were none to see."""
+    if not skipped:
+        return ""
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    return f"; skipped {skipped[0]['path']}: {skipped[0]['reason']}{more}"
 
 
 def split_counts(n: int, weights: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -696,13 +707,14 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
     labels = not cfg.images_only
     train = classes["train"]
     if labels and train.sum() == 0:
-        raise ValueError("the training split is empty: add tiles or change --split")
+        raise ValueError(f"the training split is empty: add tiles or change --split"
+                         f"{first_skip(skipped)}")
     if not labels and sum(samples.values()) == 0:  # (else "no training pixels" below)
         empty = sum(src.get("chips_empty", 0) for src in found.sources)
-        raise ValueError(f"no tile of {', '.join(map(str, cfg.raw))} could be read (see the "
-                         "skipped tiles' reasons)" if not empty else
-                         f"nothing to predict in {', '.join(map(str, cfg.raw))}: {empty} chips "
-                         f"are all nodata{', the rest skipped' if skipped else ''}")
+        raise ValueError((f"no tile of {', '.join(map(str, cfg.raw))} could be read"
+                          if not empty else
+                          f"nothing to predict in {', '.join(map(str, cfg.raw))}: {empty} "
+                          "chips are all nodata") + first_skip(skipped))
     config: dict[str, Any] = {"split": list(cfg.split) if labels else list(IMAGES_ONLY_SPLIT),
                               "seed": cfg.seed, "shard_size": cfg.shard_size,
                               "boundary_width": cfg.boundary_width}

@@ -320,6 +320,29 @@ def test_an_image_id_too_long_for_a_file_name_downstream_is_skipped_early(
     assert "skipped 2" in said and f"  skipped {long_scene}: its chip ImageIds are" in said
 
 
+def test_with_nothing_left_to_write_the_error_names_a_skipped_file_and_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run whose every image is skipped writes no manifest, where the reasons are listed: the
+    error names the first (it said "see the skipped tiles' reasons", which were nowhere), in
+    the scan (a whole image) and after it (a scene whose chips all fail)."""
+    for n, pixels, flags in ((234, np.zeros((3, 90, 90), np.uint16), []),
+                             (226, _scene(), ["--chip-size", str(N)])):
+        raw = tmp_path / f"raw{n}"
+        iid = "AOI_9_" + "x" * (n - 6)
+        tif = _write_tif(raw, iid, pixels)
+        if not flags:  # (a second skip, listed after it)
+            (raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_zz_img1.tif").write_bytes(b"not a tiff")
+        assert prepare_main(["--raw", str(raw), "--out", str(tmp_path / "d"), "--images-only",
+                             "--workers", "0", "--quiet", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"dataio.prepare: error: no usable tiles in {raw}; skipped "
+                              if not flags else
+                              f"dataio.prepare: error: no tile of {raw} could be read; skipped ")
+        assert f"skipped {tif}: " in err and "over the 233 bytes" in err
+        assert err.endswith("; rename the file" + ("" if flags else " (and 1 more)")), err
+        assert not (tmp_path / "d").exists()
+
+
 # the scene's georeferencing in the end-to-end test: SpaceNet's own CRS (EPSG:4326, pixels of
 # ~2.7e-6 degrees, here also rotated 30 degrees) and a south-up UTM grid (a positive e), beside
 # the plain north-up UTM one: merge's grid check must find every chip on the scene's grid
