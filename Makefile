@@ -9,6 +9,11 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_DIR ?= demo
 TEST_ARGS ?=
+# pytest-xdist workers: one a core, at most 4 (each test may start torchrun and its ranks), none
+# on one core. NOTE: on CI's 2 cores the serial suite kept ~1.15 cores busy (processes waiting on
+# each other, torchrun's rendezvous, subprocess starts); whole files go to a worker (loadfile), so
+# a module's fixtures (a trained run, a prepared dataset) are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
 
 .PHONY: setup test lint demo gpu-check clean
 .DEFAULT_GOAL := help
@@ -38,7 +43,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: setup lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(TEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(TEST_ARGS)
 
 demo: setup
 	$(PY) -m launch.demo --out $(DEMO_DIR)

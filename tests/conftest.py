@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,20 @@ def _cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.M
         import torch
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored() -> Iterator[None]:
+    """Each test starts with the Ctrl-C handler the session had.
+
+    NOTE: a command's ``main`` run in process that took a Ctrl-C leaves Ctrl-C set aside (its
+    process would exit next); the tests after it in the same process saw SIG_IGN. The suite
+    passed only in the order of one process: under ``pytest -n`` (files spread over workers) a
+    test that checks the handler put back failed after an in-process render Ctrl-C test."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if before is not None:  # (None: a handler installed from C, which cannot be put back)
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session", autouse=True)

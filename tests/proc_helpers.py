@@ -39,8 +39,14 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
+    # NOTE: under ``pytest -n`` each worker draws from a slice of its own: two workers' tests
+    # could otherwise both find one port free before either bound it
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    step = (low - 10000) // max(count, 1)
+    start = 10000 + step * (worker % max(count, 1))
     while True:
-        port = random.randrange(10000, low)
+        port = random.randrange(start, start + step)
         if port not in _GIVEN and _unused(port):
             _GIVEN.add(port)
             return port
