@@ -34,7 +34,9 @@ SIDECAR_MASKS: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "TRUE", "GDAL_P
 # GeoJSON (RFC 7946) coordinates are lon/lat WGS84 unless a legacy ``crs`` member says otherwise.
 GEOJSON_DEFAULT_CRS = CRS.from_user_input("OGC:CRS84")
 
-IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# NOTE: use it with fullmatch: with match, "$" also matched before a final newline, and a file
+# named "RGB-PanSharpen_x\n.tif" gave the ImageId "x\n" (a broken CSV row downstream)
+IMAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def gdal_env(sidecar_masks: bool = False) -> rasterio.Env:

@@ -223,7 +223,7 @@ def scan(cfg: PrepareConfig) -> Scan:
             except ValueError as e:
                 skip(str(e))
                 continue
-            if not IMAGE_ID_RE.match(iid):
+            if not IMAGE_ID_RE.fullmatch(iid):
                 skip(f"ImageId {iid!r} has characters other than letters, digits, '_', '-'", iid)
                 continue
             if len(iid.encode()) > MAX_IMAGE_ID_BYTES:

@@ -83,7 +83,7 @@ def _parse_index(idx: Path, tar: Path, expected: int) -> list[SampleRef]:
         key = name.partition(".")[0]
         # NOTE: keys become file names downstream (prediction shards, GeoJSON per tile): a
         # member like "../x.img.npy" is not something prepare writes, so the shard is refused.
-        if "/" in name or not IMAGE_ID_RE.match(key):
+        if "/" in name or not IMAGE_ID_RE.fullmatch(key):
             raise ValueError(f"sample key {key!r} of member {name!r} is not an ImageId")
         refs.append(SampleRef(key, tar, members))
     if len(refs) != expected:

@@ -52,7 +52,7 @@ def shard_name(i: int) -> str:
 
 def check_key(key: str) -> str:
     """Refuse keys that could escape a directory or confuse DALI (which splits at the first dot)."""
-    if not IMAGE_ID_RE.match(key):
+    if not IMAGE_ID_RE.fullmatch(key):
         raise ValueError(f"sample key {key!r} must match {IMAGE_ID_RE.pattern} (no dots, slashes)")
     return key
 

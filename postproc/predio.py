@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import struct
 import sys
 import tarfile
@@ -26,8 +25,9 @@ import numpy as np
 from PIL import Image
 
 from dataio.atomic import atomic_open, atomic_write_text, fsync_dir
+from dataio.geo import IMAGE_ID_RE
 
-KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+KEY_RE = IMAGE_ID_RE  # (one definition of an ImageId for prepare and postproc)
 SHARD_GLOB = "pred-*.tar"
 # present in a directory while publish_dir replaces its files (and after a kill in between)
 PUBLISHING = ".publishing"

@@ -86,7 +86,7 @@ def test_a_chips_window_and_image_id() -> None:
                                             0.0, -0.3, 4000000.0 - 128 * 0.3)
     assert chip.image_id("AOI_2_Vegas_img1") == "AOI_2_Vegas_img1_r128_c256"
     ids = [c.image_id("AOI_2_Vegas_img1") for c in chip_grid(1000, 700, 64)]
-    assert len(set(ids)) == len(ids) == 16 * 11 and all(IMAGE_ID_RE.match(i) for i in ids)
+    assert len(set(ids)) == len(ids) == 16 * 11 and all(IMAGE_ID_RE.fullmatch(i) for i in ids)
 
 
 @pytest.mark.parametrize("bad", [MIN_CHIP_SIZE - 1, 0, -128, True, 128.0, "128"])

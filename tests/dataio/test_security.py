@@ -15,7 +15,7 @@ from wds2idx import IndexCreator
 from dataio.fixtures import write_dataset
 from dataio.loader import LoaderConfig, build_loader
 from dataio.prepare import PrepareConfig, prepare
-from dataio.shards import encode_png, encode_sample
+from dataio.shards import check_key, encode_png, encode_sample
 from dataio.synth import SynthConfig, write_aoi
 
 
@@ -109,3 +109,19 @@ def test_image_ids_that_are_not_plain_names_are_skipped(tmp_path: Path) -> None:
     assert [s["reason"] for s in m["skipped"]] == [
         "ImageId 'AOI_2_Vegas_img3.v2' has characters other than letters, digits, '_', '-'"]
     assert m["splits"]["train"]["samples"] == 2
+
+
+def test_an_image_id_that_ends_in_a_newline_is_skipped_and_no_key_may(tmp_path: Path) -> None:
+    """'$' matched before a final newline: a file named ``..._img3\\n.tif`` was prepared as the
+    ImageId 'AOI_2_Vegas_img3\\n', a row break inside the truth CSV's first field."""
+    raw = tmp_path / "raw"
+    write_aoi(SynthConfig(out=raw, tiles=3, seed=1, size=64))
+    img_dir = raw / "RGB-PanSharpen"
+    (img_dir / "RGB-PanSharpen_AOI_2_Vegas_img3.tif").rename(
+        img_dir / "RGB-PanSharpen_AOI_2_Vegas_img3\n.tif")
+    m = prepare(PrepareConfig([raw], tmp_path / "out", split=(100, 0, 0)), progress=False)
+    assert [s["reason"] for s in m["skipped"]] == [
+        "ImageId 'AOI_2_Vegas_img3\\n' has characters other than letters, digits, '_', '-'"]
+    assert m["splits"]["train"]["samples"] == 2
+    with pytest.raises(ValueError, match="must match"):
+        check_key("AOI_2_Vegas_img3\n")
