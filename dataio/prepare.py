@@ -370,18 +370,19 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
 
     A tile without a label (``--images-only``) gets a mask of ``MASK_PAD`` (the loader reads it
     as no label), no building count and no truth rows; its pixels count in the statistics.
-    A chip (``--chip-size``) reads its window of the image alone (grown by ``--chip-margin``),
-    and has that window's transform and size: the chips of an image lie on its pixel grid, which
-    ``postproc.merge`` relies on. Its meta.json adds ``source_offset`` (the chip's [row, col] in
-    the image) and, with a margin, ``core`` (the chip's [row, col, height, width] in the
-    sample); its pixels in the statistics are the chip's alone, so each pixel counts once.
+    A chip (``--chip-size``) reads its window of the image alone (grown by ``--chip-margin``;
+    where the margin cannot be read, the chip alone, noted), and has that window's transform and
+    size: the chips of an image lie on its pixel grid, which ``postproc.merge`` relies on. Its
+    meta.json adds ``source_offset`` (the chip's [row, col] in the image) and, with a margin,
+    ``core`` (the chip's [row, col, height, width] in the sample); its pixels in the statistics
+    are the chip's alone, so each pixel counts once.
     A chip whose own pixels are all nodata gives ``{"empty": True}``, no sample (merge works
     from the prediction shards: the chip is simply not there); a whole image is never empty.
     NOTE: a whole image is the user's tile, and its absence would read as a lost one; a chip
     is prepare's own cut, and an all-nodata one holds nothing to find."""
     # (the window read: the chip grown by its margin, or the chip)
     c = tile.window or tile.chip
-    empty = False
+    empty, notes = False, []
     try:
         # (a chip: a mask beside the image, <file>.msk, counts for core_is_nodata)
         with gdal_env(sidecar_masks=c is not None), rasterio.open(tile.tif) as ds:
@@ -389,7 +390,18 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
                 pixels = ds.read()
                 transform, crs, height, width = ds.transform, ds.crs, ds.height, ds.width
             else:
-                pixels = ds.read(window=c.window())
+                try:
+                    pixels = ds.read(window=c.window())
+                except Exception as e:
+                    if c == tile.chip:
+                        raise
+                    # NOTE: a damaged block in the margin is a neighbour's pixels: the chip is
+                    # read alone (a sample without a core, predicted without that context),
+                    # not lost with it; a failure now is the chip's own (named below)
+                    notes = [f"read without its --chip-margin: {c.span()} of the image could "
+                             f"not be read ({e})"]
+                    c = tile.chip
+                    pixels = ds.read(window=c.window())
                 transform, crs = ds.window_transform(c.window()), ds.crs
                 height, width = c.height, c.width
                 if tile.chip is not None and pixels.shape[1:] == (height, width):  # (else below)
@@ -420,8 +432,8 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
     own = image  # the pixels that count in the statistics
     if tile.chip is not None:  # (a whole image's meta.json as before)
         meta["source_offset"] = [tile.chip.row0, tile.chip.col0]  # row, column in the image
-        if tile.window is not None:  # (a chip without a margin: no core, as before)
-            r, k, h, w = meta["core"] = tile.chip.core_in(tile.window)
+        if c != tile.chip:  # (a chip without a margin, or read without it: no core)
+            r, k, h, w = meta["core"] = tile.chip.core_in(c)
             # NOTE: a margin is a neighbour's pixels (up to 4 chips' worth at a corner):
             # counted there, and band_stats stay those of the whole images
             own = image[r:r + h, k:k + w]
@@ -430,7 +442,7 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
         # backends need all three members); a mask of MASK_PAD is "no label" to every reader
         mask = np.full((height, width), MASK_PAD, np.uint8)
         return {"sample": encode_sample(tile.image_id, image, mask, meta), "rows": [],
-                "hist": BandStats.of_image(own), "classes": None, "notes": []}
+                "hist": BandStats.of_image(own), "classes": None, "notes": notes}
     try:
         fp = read_footprints(tile.label, image_crs, transform, width, height)
     except LabelError as e:
@@ -445,7 +457,7 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
         "rows": rows or [[tile.image_id, -1, EMPTY, EMPTY]],
         "hist": BandStats.of_image(image) if tile.split == "train" else None,
         "classes": np.bincount(mask.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES],
-        "notes": fp.notes,
+        "notes": [*notes, *fp.notes],
     }
 
 

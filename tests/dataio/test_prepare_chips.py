@@ -192,17 +192,24 @@ def test_chip_size_without_images_only_or_a_bad_value_is_refused(
     assert PrepareConfig([raw], out, images_only=True, chip_size=128).chip_margin == 64
 
 
-def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> None:
-    """A scene that opens but one of whose strips is damaged loses the chips that read it, each
-    skipped with its reason and counted; a file that does not open is one skip, not one a chip."""
-    raw = tmp_path / "raw"
+def _damaged_scene(raw: Path) -> Path:
+    """The scene, deflated in strips of 8 rows, with the strip of rows 144-151 (in the second
+    row of chips) overwritten: GDAL opens the file and fails to read that strip."""
     tif = _write_tif(raw, SCENE, _scene(), compress="deflate", blockysize=8)
-    with rasterio.open(tif) as ds:  # the strip of rows 144-151: in the second row of chips
+    with rasterio.open(tif) as ds:
         offset = int(ds.get_tag_item("BLOCK_OFFSET_0_18", "TIFF", bidx=1))
         size = int(ds.get_tag_item("BLOCK_SIZE_0_18", "TIFF", bidx=1))
     data = bytearray(tif.read_bytes())
     data[offset:offset + size] = b"\xff" * size
     tif.write_bytes(bytes(data))
+    return tif
+
+
+def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> None:
+    """A scene that opens but one of whose strips is damaged loses the chips that read it, each
+    skipped with its reason and counted; a file that does not open is one skip, not one a chip."""
+    raw = tmp_path / "raw"
+    tif = _damaged_scene(raw)
     bad = raw / IMAGE_DIR / f"{IMAGE_PREFIX}AOI_9_Broken_img1.tif"
     bad.write_bytes(b"not a tiff" * 100)
     # (a margin of 8 px: the top chips read rows 0-135, the damage is in the bottom ones' alone)
@@ -215,9 +222,35 @@ def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> 
     for key in CHIPS:
         if "_r128_" in key:
             assert skipped[key]["path"] == str(tif)
-            # (the window it read: the chip and its margin)
-            assert skipped[key]["reason"].startswith("unreadable chip, rows 120-199 and columns")
+            # (its own pixels: read without the margin, they fail too)
+            assert skipped[key]["reason"].startswith("unreadable chip, rows 128-199 and columns")
     assert m["sources"][0]["chips"] == 4 and m["splits"]["test"]["samples"] == 2
+
+
+def test_a_chip_whose_margin_cannot_be_read_is_read_without_it(tmp_path: Path) -> None:
+    """At the default margin of 64 px the top chips' samples (rows 0-191) take in the damaged
+    strip (rows 144-151), which is the bottom chips' own: the top chips are read alone (their
+    own pixels, no core: predicted without that context) and noted, not lost with the strip."""
+    raw = tmp_path / "raw"
+    _damaged_scene(raw)
+    m = _run(raw, tmp_path / "d", "--chip-size", str(N))
+    got = _samples(tmp_path / "d")
+    assert sorted(got) == [k for k in sorted(CHIPS) if "_r0_" in k]
+    scene = _scene().transpose(1, 2, 0)
+    for key, (r0, c0, h, w) in CHIPS.items():
+        if "_r0_" in key:
+            img, _, meta = got[key]
+            assert np.array_equal(img, scene[r0:r0 + h, c0:c0 + w]) and "core" not in meta
+            assert (meta["height"], meta["width"]) == (h, w)
+            np.testing.assert_allclose(meta["transform"], [PX, 0, X0 + c0 * PX, 0, -PX,
+                                                           Y0 - r0 * PX], rtol=0, atol=1e-9)
+    notes = {r["image_id"]: r["note"] for r in m["repaired"]}
+    assert sorted(notes) == sorted(got)
+    assert notes[f"{SCENE}_r0_c128"].startswith("read without its --chip-margin: rows 0-191 "
+                                                "and columns 64-299 of the image could not")
+    skipped = {s["image_id"]: s["reason"] for s in m["skipped"]}
+    assert sorted(skipped) == sorted(k for k in CHIPS if "_r128_" in k)
+    assert all(r.startswith("unreadable chip, rows 128-199 and columns") for r in skipped.values())
 
 
 @pytest.mark.parametrize("how", ["nodata", "mask", "external-mask"])
