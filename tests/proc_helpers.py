@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 from benchmarks.proctree import kill_tree
@@ -39,17 +41,28 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
-    # NOTE: under ``pytest -n`` each worker draws from a slice of its own: two workers' tests
-    # could otherwise both find one port free before either bound it
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    step = (low - 10000) // max(count, 1)
-    start = 10000 + step * (worker % max(count, 1))
+    start, step = _port_slice(low)
     while True:
         port = random.randrange(start, start + step)
         if port not in _GIVEN and _unused(port):
             _GIVEN.add(port)
             return port
+
+
+def _port_slice(low: int) -> tuple[int, int]:
+    """(start, size) of the ports under ``low`` (from 10000) this pytest-xdist worker draws.
+
+    NOTE: under ``pytest -n`` each worker draws from a slice of its own: two workers' tests
+    could otherwise both find one port free before either bound it. A worker is ``gw<N>``
+    (``gw2`` and on replace crashed ones, hence the modulo), or a name given with ``--tx
+    ...//id=NAME``: that one draws by its name's hash (int() of it failed every test that
+    started a process)."""
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    digits = re.fullmatch(r"gw(\d+)", name)
+    worker = int(digits.group(1)) if digits else zlib.crc32(name.encode())
+    step = (low - 10000) // count
+    return 10000 + step * (worker % count), step
 
 
 def _unused(port: int) -> bool:

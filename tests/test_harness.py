@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from proc_helpers import worker_env
+from proc_helpers import free_port, worker_env
 
 _CHILD = ["-c", "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"]
 
@@ -51,3 +51,29 @@ def test_temporary_files_land_under_pytests_basetemp(
         assert Path(where).resolve().is_relative_to(base), (where, base)
     with tempfile.TemporaryDirectory() as d:
         assert Path(d).resolve().is_relative_to(base)
+
+
+# (PYTEST_XDIST_WORKER, PYTEST_XDIST_WORKER_COUNT, the slice of 2 expected; None: either)
+WORKERS = [("gw0", "2", 0), ("gw1", "2", 1), ("gw3", "2", 1), ("master", "2", None),
+           ("sub", "", None)]
+
+
+@pytest.mark.parametrize("worker, count, slot", WORKERS, ids=[w for w, _, _ in WORKERS])
+def test_free_port_draws_from_its_xdist_workers_slice(worker: str, count: str,
+                                                      slot: int | None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gw<N>`` draws from slice N (a replaced worker, gw2 and on, modulo the count); a worker
+    named otherwise (``--tx popen//id=NAME``) still gets a port below the ephemeral range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range: free_port takes bind(0)'s port")
+    if low <= 11000:
+        pytest.skip(f"the ephemeral range starts at {low}: free_port takes bind(0)'s port")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", count)
+    port = free_port()
+    assert 10000 <= port < low
+    if slot is not None:
+        step = (low - 10000) // 2
+        assert 10000 + slot * step <= port < 10000 + (slot + 1) * step
