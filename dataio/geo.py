@@ -6,7 +6,6 @@ GDAL environment defaults live here and nowhere else (``gdal_env``).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -33,10 +32,6 @@ SIDECAR_MASKS: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "TRUE", "GDAL_P
 
 # GeoJSON (RFC 7946) coordinates are lon/lat WGS84 unless a legacy ``crs`` member says otherwise.
 GEOJSON_DEFAULT_CRS = CRS.from_user_input("OGC:CRS84")
-
-# NOTE: use it with fullmatch: with match, "$" also matched before a final newline, and a file
-# named "RGB-PanSharpen_x\n.tif" gave the ImageId "x\n" (a broken CSV row downstream)
-IMAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def gdal_env(sidecar_masks: bool = False) -> rasterio.Env:

@@ -66,7 +66,8 @@ from dataio.chips import (
     needs_chips,
 )
 from dataio.classes import NUM_CLASSES
-from dataio.geo import IMAGE_ID_RE, crs_to_string, gdal_env, is_invertible, to_geo
+from dataio.geo import crs_to_string, gdal_env, is_invertible, to_geo
+from dataio.imageid import IMAGE_ID_RE
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
 from dataio.manifest import FORMAT_VERSION, MANIFEST, SPLITS, BandStats, save_manifest
 from dataio.shards import ShardInfo, ShardWriter, encode_sample

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataio.geo import IMAGE_ID_RE
+from dataio.imageid import IMAGE_ID_RE
 from dataio.manifest import Manifest
 from dataio.shards import COMPONENTS, check_shard
 

@@ -21,7 +21,7 @@ from PIL import Image
 from wds2idx import IndexCreator
 
 from dataio.atomic import fsync_dir, fsync_file
-from dataio.geo import IMAGE_ID_RE
+from dataio.imageid import IMAGE_ID_RE
 
 IMG, MASK, META = "img.npy", "mask.png", "meta.json"
 COMPONENTS = (IMG, MASK, META)

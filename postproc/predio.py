@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from dataio.atomic import atomic_open, atomic_write_text, fsync_dir
-from dataio.geo import IMAGE_ID_RE
+from dataio.imageid import IMAGE_ID_RE
 
 KEY_RE = IMAGE_ID_RE  # (one definition of an ImageId for prepare and postproc)
 SHARD_GLOB = "pred-*.tar"

@@ -21,7 +21,8 @@ from dataio.chips import (
     core_is_nodata,
     needs_chips,
 )
-from dataio.geo import IMAGE_ID_RE, gdal_env
+from dataio.geo import gdal_env
+from dataio.imageid import IMAGE_ID_RE
 
 
 def _covered_once(chips: list[Chip], height: int, width: int) -> bool:

@@ -285,3 +285,19 @@ def test_a_ledger_publish_removes_only_listed_files_even_after_a_kill(tmp_path, 
     assert sorted(p.name for p in out.glob("*.geojson")) == ["a.geojson", "b.geojson",
                                                              "mine.geojson"]
     assert (out / ".ledger").read_text() == "b.geojson\n" and not (out / ".publishing").exists()
+
+
+@pytest.mark.parametrize("module", ["postproc.predio", "postproc.polygonize", "postproc.merge",
+                                    "postproc.tune"])
+def test_the_postproc_commands_load_no_rasterio(module: str) -> None:
+    """postproc reads PNGs, meta.json and GeoJSON; rasterio (GDAL) is prepare's. predio took its
+    ImageId pattern from dataio.geo, and its rasterio cost every postproc command (polygonize's
+    pool workers too) ~0.3 s and ~20 MiB at start."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'rasterio'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2],
+                         env={**os.environ, "PYTHONPATH": "."}, check=True)
+    assert out.stdout.strip() == "[]", f"importing {module} loads rasterio"
