@@ -146,8 +146,12 @@ class Merger:
         corner), and the first pair read: their footprints in the overlap are written twice."""
         ext = np.frombuffer(self._extents, dtype=np.int64).reshape(-1, 5)
         pairs = []
-        for gi in np.unique(ext[:, 0]):
-            idx = np.flatnonzero(ext[:, 0] == gi)
+        # (the tiles of each grid, by one sort: a mask per grid was O(grids x tiles), 3.9 s for
+        # 40,000 tiles each on a grid of its own; a grid of one tile has no pair)
+        order = np.argsort(ext[:, 0], kind="stable")
+        for idx in np.split(order, np.flatnonzero(np.diff(ext[order, 0])) + 1):
+            if len(idx) < 2:
+                continue
             x0, y0, x1, y1 = ext[idx, 1:].T
             # NOTE: an R-tree (O(n log n); a mosaic's tile meets 8 others), then the overlap of
             # the whole-pixel rectangles, exact: "intersects" also holds for tiles that merely
