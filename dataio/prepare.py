@@ -766,9 +766,10 @@ IMAGES_ONLY_HELP = (
 
 CHIP_SIZE_HELP = (
     "with --images-only: cut each image into chips of N x N from its top-left corner, "
-    "round(side / N) per side, the last row and column taking the rest (N/2 to 1.5N px; no "
-    "overlap), each chip a sample named <ImageId>_r<row>_c<col> (its pixel offset), but a chip "
-    "all nodata (the image's nodata value, alpha band or mask), which is left out and counted; "
+    "round(side / N) per side, the last row and column taking the rest (N/2 to 1.5N px; the "
+    "chips do not overlap, their --chip-margin context does), each chip a sample named "
+    "<ImageId>_r<row>_c<col> (its pixel offset), but a chip all nodata (the image's nodata "
+    "value, alpha band or mask), which is left out and counted; "
     "an image under 1.5N px both ways stays whole")
 
 CHIP_MARGIN_HELP = (
