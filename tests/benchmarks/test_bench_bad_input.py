@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, load, load_baseline, loader, merge, postproc, prepare, train
+from benchmarks import (
+    chips,
+    common,
+    load,
+    load_baseline,
+    loader,
+    merge,
+    postproc,
+    prepare,
+    train,
+)
 from benchmarks.common import run
 
 
@@ -27,6 +37,8 @@ from benchmarks.common import run
     (postproc, ["--tiles", "1", "--json", "."], "--json . is a directory"),
     (merge, ["--grids", "1,4"], "--grids: '1,4': each size >= 2 tiles a side"),  # (no edges)
     (merge, ["--grids", "4", "--tile-px", "32"], "--tile-px 32: at least 64"),
+    (chips, ["--margins", "0,300"], "--margins: at most the --chip-size (256)"),
+    (chips, ["--scene-px", "300"], "--scene-px 300 gives one chip of --chip-size 256"),
 ])
 def test_bad_arguments_are_refused_before_any_work(module, argv: list[str], named: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,7 +218,7 @@ def test_ctrl_c_in_the_postproc_benchmark_is_one_line(tmp_path: Path) -> None:
     assert not out.parent.exists()
 
 
-@pytest.mark.parametrize("module", [loader, postproc, prepare, load, train])
+@pytest.mark.parametrize("module", [loader, postproc, prepare, load, train, chips])
 def test_help_says_what_each_row_measures_and_every_flag(
         module, capsys: pytest.CaptureFixture[str]) -> None:
     """--help showed the docstring's first sentence only (not the variants, the baseline, how
