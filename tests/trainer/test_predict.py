@@ -661,6 +661,42 @@ def test_a_tiles_prediction_does_not_depend_on_the_tiles_in_its_batch(
         assert np.abs(got[0][key][0].astype(int) - got[1][key][0].astype(int)).max() <= 1, key
 
 
+def test_slots_without_a_tile_are_not_predicted() -> None:
+    """The loader fills a rank's last batch with zero images up to the batch size: a split of
+    one large scene at batch size 8 was predicted 8 times over (benchmarks.chips)."""
+    from dataio.loader import Batch
+    from trainer.predict import _batches, per_tile
+
+    class Net(torch.nn.Module):  # (NCHW in, the first band as three classes' logits out)
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(x.shape[0])
+            return x[:, :1].expand(-1, 3, -1, -1) * torch.tensor([0.0, 2.0, 1.0]).view(1, 3, 1, 1)
+
+    image, mask = torch.rand(4, 3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long)
+
+    def batch(valid: list[bool]) -> Batch:
+        return Batch(image, mask, [f"t{i}" if v else "" for i, v in enumerate(valid)],
+                     torch.tensor(valid), [{"height": 8, "width": 8} if v else {} for v in valid])
+
+    net = Net()
+    got = list(_batches([batch([True, False, True, False]), batch([False] * 4)], net,
+                        resolve("off", torch.device("cpu")), False, type("Bar", (), {
+                            "update": lambda self: None})()))
+    assert net.seen == [2, 1]  # the two tiles, not the padding; all padding: one slot
+    assert [key for key, _, _ in got] == ["t0", "t2"]
+    for (_, prob, _), i in zip(got, (0, 2), strict=True):
+        want = torch.softmax(net(image[i:i + 1]), 1)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(prob, want, rtol=1e-6)
+    # validation's call keeps the batch whole (one shape for a compiled model)
+    net.seen.clear()
+    assert per_tile(net, batch([True, False, True, False])).shape == (4, 3, 8, 8)
+    assert net.seen == [4]
+
+
 def test_a_bf16_run_predicts_in_fp32_on_a_cpu_without_native_bf16(
         trained_run: Path, small_dataset: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
