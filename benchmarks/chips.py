@@ -164,6 +164,8 @@ def _quiet(fn: Callable[[list[str]], int], argv: list[str], what: str) -> None:
     said = io.StringIO()
     with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
         rc = fn(argv)
+    if rc == 130:  # NOTE: the command caught the Ctrl-C itself (its line is kept with the rest)
+        raise KeyboardInterrupt
     if rc != 0:
         raise RuntimeError(f"{what} {' '.join(argv)} exited with {rc}:\n{said.getvalue()[-2000:]}")
 

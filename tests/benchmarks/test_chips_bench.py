@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,15 @@ def test_a_run_dir_without_its_checkpoint_is_one_line(kind: str, tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m benchmarks.chips: error: --run-dir ")
     assert str(run_dir) in err[0] and "best.pt" in err[0]
+
+
+def test_ctrl_c_that_a_command_caught_is_the_benchmarks_one_line(
+        capsys: pytest.CaptureFixture[str]):
+    """trainer.predict (run in this process) catches Ctrl-C itself and returns 130: the
+    benchmark took that for a failure, a RuntimeError traceback and exit 1."""
+    def interrupted(argv: list[str]) -> int:
+        print("trainer.predict: interrupted", file=sys.stderr)  # (its line, kept with the rest)
+        return 130
+
+    assert run("chips", lambda: bench._quiet(interrupted, [], "trainer.predict")) == 130
+    assert capsys.readouterr().err == "python -m benchmarks.chips: interrupted\n"
