@@ -208,17 +208,54 @@ def load_model(net: torch.nn.Module, state: dict[str, Any], path: Path, hint: st
     the model.* keys of ``model_cfg`` that the checkpoint's own config has otherwise, the input
     bands and classes, and the first tensors that differ."""
     own = net.state_dict()
+    saved = check_model(own, state, path, hint, model_cfg)
+    try:
+        net.load_state_dict(saved)
+    except RuntimeError as e:  # what the key and shape check does not see (a dtype, ...)
+        raise _mismatch(state, path, hint, model_cfg, " ".join(str(e).split())) from None
+
+
+def check_model(own: dict[str, Any], state: dict[str, Any], path: Path, hint: str,
+                model_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``state``'s weights named as ``own`` (a module's state dict: a model built on the meta
+    device will do) names them, or :func:`load_model`'s ValueError if their keys or shapes
+    differ; for checks made before the weights are needed (``trainer.train``'s
+    ``train.init_from``)."""
     saved = plain_state_dict(state["model"], own)
     problem = describe_mismatch(saved, own)
-    if not problem:
-        try:
-            net.load_state_dict(saved)
-            return
-        except RuntimeError as e:  # what the key and shape check does not see (a dtype, ...)
-            problem = " ".join(str(e).split())
+    if problem:
+        raise _mismatch(state, path, hint, model_cfg, problem)
+    return saved
+
+
+def _mismatch(state: dict[str, Any], path: Path, hint: str, model_cfg: dict[str, Any] | None,
+              problem: str) -> ValueError:
     differs = _config_differences(state, model_cfg)
-    raise ValueError(f"{path}: its model does not match {hint} "
-                     f"({'; '.join([*differs, problem])})") from None
+    return ValueError(f"{path}: its model does not match {hint} "
+                      f"({'; '.join([*differs, problem])})")
+
+
+def source_checkpoint(init_from: str) -> Path:
+    """The checkpoint file that ``train.init_from`` names: a checkpoint (``step-*.pt``,
+    ``best.pt``), or a run directory, whose ``checkpoints/best.pt`` it means; ValueError naming
+    the key and the path if there is no such file."""
+    given = Path(init_from).expanduser()
+    path = checkpoint_dir(given) / BEST if given.is_dir() else given
+    if path.is_file():
+        return path
+    if not given.is_dir():
+        raise ValueError(f"train.init_from={init_from}: no such file or run directory")
+    steps = list_checkpoints(given)
+    hint = (f"name one of its checkpoints, e.g. its newest {steps[-1]}" if steps else
+            "it has no checkpoints: is it a run directory?")
+    raise ValueError(f"train.init_from={init_from}: {path} not found (the run has no best "
+                     f"checkpoint yet); {hint}")
+
+
+def init_from_hint(data: Path, bands: int) -> str:
+    """What a ``train.init_from`` checkpoint must match (said when it does not)."""
+    return (f"this config's model.* settings and the {bands} bands of {data / 'manifest.json'} "
+            "(train.init_from fine-tunes the same model on another dataset)")
 
 
 # The model.* keys that decide a network's tensors (compile, channels_last, pad_mode do not).

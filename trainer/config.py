@@ -81,6 +81,9 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
     log_every: int = 10  # steps between metric syncs and progress updates
+    # A fresh run's initial weights: a checkpoint file, or a run directory (its best.pt). Only
+    # the weights; a run with a checkpoint of its own resumes from it and ignores this.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:

@@ -414,3 +414,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite every rank's ``tensors`` in place with rank ``src``'s (the same shapes on all
+    ranks, on the backend's device: a module's ``state_dict().values()``)."""
+    if not _active():
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.broadcast(t, src=src)

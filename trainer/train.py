@@ -9,6 +9,7 @@ Resumes from the newest complete checkpoint in RUN when there is one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -17,7 +18,10 @@ from typing import Any
 import torch
 
 from dataio.atomic import check_writable
+from dataio.classes import NUM_CLASSES
+from models import build_model_from_config
 from postproc.pools import ignore_further_sigint, say, sigint_once
+from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer.config import (
     Config,
@@ -93,7 +97,30 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         except (ValueError, OSError) as e:  # CsvError names the file and the line
             raise ConfigError(f"--data {args.data}: {e} (or set train.val_f1=false)") from None
     check_writable(args.run_dir / "config.json", "--run-dir", given=args.run_dir)
+    _check_init_from(cfg, manifest.bands, args)
     return cfg, given
+
+
+def _check_init_from(cfg: Config, bands: int, args: argparse.Namespace) -> None:
+    """``train.init_from`` names a checkpoint that loads into this config's model for --data's
+    bands (ValueError naming the file and what differs). Every rank makes the check on the same
+    file, so all agree; the Trainer loads the weights on rank 0 only and sends them to the rest.
+
+    NOTE: skipped for a run that has a checkpoint: it resumes and ignores init_from, and a
+    restarted worker (torchrun --max-restarts) must not be stopped by a source moved since.
+    """
+    if not cfg.train.init_from or ckpt.list_checkpoints(args.run_dir):
+        return
+    path = ckpt.source_checkpoint(cfg.train.init_from)
+    # (on the meta device: shapes only, no memory; the dtype is checked when it loads)
+    with torch.device("meta"):
+        net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands,
+                                      NUM_CLASSES)
+    try:
+        ckpt.check_model(net.state_dict(), ckpt.load(path), path,
+                         ckpt.init_from_hint(args.data, bands), dataclasses.asdict(cfg.model))
+    except ValueError as e:  # (each names the file)
+        raise ValueError(f"train.init_from: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from trainer.dist import (
     all_reduce_sum,
     backend_name,
     broadcast_object,
+    broadcast_tensors,
     device_for,
     gather_objects,
     on_main,
@@ -96,6 +97,9 @@ class Trainer:
         self.best_step: int | None = None  # the global step of the checkpoint best.pt should be
         self.nonfinite_run = 0
         self.history: list[dict[str, Any]] = []
+        # train.init_from's checkpoint as this run loaded it ({"path", "global_step"}; None for
+        # weights of its own), kept in every checkpoint: a resume keeps the record.
+        self.init_source: dict[str, Any] | None = None
         # This rank's figures of the epoch so far (loss sum, steps, samples) and the epoch's
         # start on the perf_counter clock: kept across a mid-epoch resume, so the epoch's log
         # line covers all of it, not only the steps after the restart.
@@ -120,7 +124,13 @@ class Trainer:
         # NOTE: rank 0 alone binds the port; all ranks stop together if it cannot.
         on_main(self.env, "starting the metrics endpoint", self.metrics.start)
         try:
-            self.resume()
+            resumed = self.resume()
+            if not resumed and self.cfg.train.init_from:
+                self.init_weights()
+            elif resumed and self.cfg.train.init_from and self.env.is_main:
+                log.info("train.init_from=%s ignored: the run resumes from its own checkpoint "
+                         "(init_from only starts a fresh run; fine-tune again in a new --run-dir)",
+                         self.cfg.train.init_from)
             # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
             # settings) must leave the run's config, which predict builds its model from.
             on_main(self.env, "writing config.json", self._write_config)
@@ -302,6 +312,7 @@ class Trainer:
             # NOTE: the normalisation the weights were trained with, for trainer.predict: another
             # dataset's manifest (a new AOI prepared on its own) has percentiles of its own.
             "percentiles": dict(zip(("p2", "p98"), self.manifest.percentiles(), strict=True)),
+            "init_from": self.init_source,
         }
 
     def save_checkpoint(self, best: bool) -> None:
@@ -376,6 +387,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_f1 = state["global_step"], state["best_score"]
         self.best_step = state.get("best_step")
+        self.init_source = state.get("init_from")
         if self.step_in_epoch:
             self.train_loader.load_state_dict(state["loader"])
             # The loader re-derives its position when the world size or batch size changed;
@@ -392,6 +404,38 @@ class Trainer:
         log.info("resumed from %s (%d epochs done, %d steps into the next)", path, self.epoch,
                  self.step_in_epoch)
         return True
+
+    def init_weights(self) -> None:
+        """A fresh run's weights from ``train.init_from``, and nothing else of its checkpoint: the
+        optimizer, scaler, schedule (its warm-up from step 0), step, epoch, best score, loader and
+        RNG start as in any new run. Rank 0 reads the file; every rank takes its weights.
+
+        NOTE: the inputs are normalised with this run's --data percentiles (its manifest), as in
+        any run, not the source's: the fine-tuned weights adapt to them, and its checkpoints
+        record them for trainer.predict.
+        """
+        def read() -> dict[str, Any]:
+            path = ckpt.source_checkpoint(self.cfg.train.init_from)
+            try:
+                state = ckpt.load(path)
+                ckpt.load_model(self.net, state, path,
+                                ckpt.init_from_hint(self.data, self.manifest.bands),
+                                dataclasses.asdict(self.cfg.model))
+            except ValueError as e:  # (each names the file)
+                raise ValueError(f"train.init_from: {e}") from None
+            step = state.get("global_step")
+            return {"path": str(path.resolve()),
+                    "global_step": step if isinstance(step, int) else None}
+
+        source = broadcast_object(on_main(self.env, "loading train.init_from", read))
+        # NOTE: rank 0's weights, not each rank's own read: a best.pt that a source run still
+        # training re-marks in between would have started the ranks from two checkpoints.
+        broadcast_tensors(list(self.net.state_dict().values()))
+        self.init_source = source
+        if self.env.is_main:
+            path = Path(source["path"])
+            run = path.parent.parent if path.parent.name == ckpt.CKPT_DIR else path.parent
+            log.info("initialised from %s (step %s of %s)", path, source["global_step"], run)
 
     def _resumed_scheduler(self, state: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
         """The schedule of this run's plan (``train.epochs`` x this world's steps per epoch), at
