@@ -84,6 +84,9 @@ class TrainConfig:
     # A fresh run's initial weights: a checkpoint file, or a run directory (its best.pt). Only
     # the weights; a run with a checkpoint of its own resumes from it and ignores this.
     init_from: str = ""
+    # Stop once the validation score (val_f1, or val_iou with val_f1 off: best.pt's) has not
+    # improved for this many validations in a row; 0 = off.
+    early_stop_patience: int = 0
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -99,6 +102,14 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (torch and numpy keep 32 bits "
                              f"of it), got {self.seed}")
+        if self.early_stop_patience < 0:
+            raise ValueError(f"early_stop_patience must be >= 0 (0 = off), got "
+                             f"{self.early_stop_patience}")
+        # (a patience without validations would never count one: the run trained its epochs)
+        if self.early_stop_patience > 0 and self.val_every == 0:
+            raise ValueError(f"early_stop_patience = {self.early_stop_patience} counts "
+                             "validations and val_every = 0 never validates; set "
+                             "train.val_every >= 1 or train.early_stop_patience = 0")
 
 
 @dataclass

@@ -100,6 +100,10 @@ class Trainer:
         # train.init_from's checkpoint as this run loaded it ({"path", "global_step"}; None for
         # weights of its own), kept in every checkpoint: a resume keeps the record.
         self.init_source: dict[str, Any] | None = None
+        # validations in a row that did not beat best_f1 (train.early_stop_patience); kept in
+        # every checkpoint, so that a resume of a run that stopped early stays stopped
+        self.validations_since_best = 0
+        self.stopped_early = False
         # This rank's figures of the epoch so far (loss sum, steps, samples) and the epoch's
         # start on the perf_counter clock: kept across a mid-epoch resume, so the epoch's log
         # line covers all of it, not only the steps after the restart.
@@ -134,9 +138,13 @@ class Trainer:
             # NOTE: only once resume() accepted the checkpoint: a refused one (other model.*
             # settings) must leave the run's config, which predict builds its model from.
             on_main(self.env, "writing config.json", self._write_config)
+            self.stopped_early = self._patience_spent()
             if self.epoch >= self.cfg.train.epochs:  # (a rerun said 'training ...', then nothing)
                 log.info("already trained %d epochs (train.epochs=%d); nothing to do (raise "
                          "train.epochs to train on)", self.epoch, self.cfg.train.epochs)
+            elif self.stopped_early:
+                log.info("the run stopped early after epoch %d; nothing to do (%s)", self.epoch,
+                         self._early_stop_reason())
             else:
                 log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s",
                          self.cfg.model.name,
@@ -144,7 +152,7 @@ class Trainer:
                          self.env.world_size, self.device.type, self.steps_per_epoch,
                          self.precision.name)
                 self._warn_if_warmup_fills_the_run()
-            while self.epoch < self.cfg.train.epochs:
+            while self.epoch < self.cfg.train.epochs and not self.stopped_early:
                 summary = self.train_epoch()
                 self.epoch += 1
                 self.step_in_epoch = 0
@@ -279,6 +287,8 @@ class Trainer:
         is_best = score is not None and score > self.best_f1
         if is_best:
             self.best_f1 = score
+        if score is not None:
+            self.validations_since_best = 0 if is_best else self.validations_since_best + 1
         for k in ("val_f1", "val_iou"):
             if k in summary:
                 self.metrics.val.labels(metric=k[4:]).set(summary[k])
@@ -291,6 +301,27 @@ class Trainer:
                                if k in summary), summary["samples_per_s"], summary["seconds"])
         # without validation (val_every 0, or an empty val split) the newest is the one to use
         self.save_checkpoint(best=is_best or not self.validator.enabled)
+        self.stopped_early = self._patience_spent()
+        if self.stopped_early and self.env.is_main and self.epoch < self.cfg.train.epochs:
+            log.info("stopping early after epoch %d (%s)", self.epoch,
+                     self._early_stop_reason())
+
+    def _patience_spent(self) -> bool:
+        """Have ``train.early_stop_patience`` validations in a row not beaten the best score?
+
+        NOTE: the scores come from counts summed over all ranks, so every rank counts alike;
+        agreed all the same, as every stop decision is: a rank that stopped alone would leave
+        the others waiting at their next collective until the process-group timeout.
+        """
+        patience = self.cfg.train.early_stop_patience
+        return patience > 0 and agree_any(self.validations_since_best >= patience)
+
+    def _early_stop_reason(self) -> str:
+        metric = "val_f1" if self.cfg.train.val_f1 else "val_iou"
+        return (f"{metric} has not beaten its best, {self.best_f1:.4f} at step {self.best_step} "
+                f"(best.pt), for {self.validations_since_best} validations: "
+                f"train.early_stop_patience={self.cfg.train.early_stop_patience}; raise it, or "
+                "set it to 0, to train on")
 
     def _append_log(self, summary: dict[str, Any]) -> None:
         with open(self.run_dir / LOG, "a", encoding="utf-8") as f:
@@ -313,6 +344,7 @@ class Trainer:
             # dataset's manifest (a new AOI prepared on its own) has percentiles of its own.
             "percentiles": dict(zip(("p2", "p98"), self.manifest.percentiles(), strict=True)),
             "init_from": self.init_source,
+            "validations_since_best": self.validations_since_best,
         }
 
     def save_checkpoint(self, best: bool) -> None:
@@ -388,6 +420,7 @@ class Trainer:
         self.global_step, self.best_f1 = state["global_step"], state["best_score"]
         self.best_step = state.get("best_step")
         self.init_source = state.get("init_from")
+        self.validations_since_best = int(state.get("validations_since_best", 0))
         if self.step_in_epoch:
             self.train_loader.load_state_dict(state["loader"])
             # The loader re-derives its position when the world size or batch size changed;

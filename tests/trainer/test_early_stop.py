@@ -1,0 +1,82 @@
+"""train.early_stop_patience: stop when validation has not improved; a resume stays stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, load_config
+from trainer.dist import DistEnv
+from trainer.trainer import LOG, Trainer
+
+# scripted validation scores by epoch: epoch 2 is the best until epoch 6
+F1 = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: 0.8, 6: 0.95}
+
+
+def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
+    cfg = load_config(Path("configs/tiny.toml"), ["data.num_threads=1", "train.val_every=1",
+                                                  "train.epochs=6", *overrides])
+    t = Trainer(cfg, DistEnv(), data, run, device=torch.device("cpu"))
+    t.validator.run = lambda _net: {"val_f1": F1[t.epoch]}  # type: ignore[method-assign]
+    return t
+
+
+def _epochs_logged(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / LOG).read_text().splitlines()]
+
+
+def test_patience_stops_the_run_and_a_resume_stays_stopped(
+        small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="footprints"):
+        _trainer(small_dataset, run, ["train.early_stop_patience=3"]).train()
+    # epochs 3, 4 (a tie is no improvement) and 5 did not beat epoch 2's 0.9
+    assert _epochs_logged(run) == [1, 2, 3, 4, 5]
+    stopped = ckpt.load(ckpt.list_checkpoints(run)[-1])
+    assert (stopped["epoch"], stopped["validations_since_best"]) == (5, 3)
+    assert ckpt.load(run / "checkpoints" / ckpt.BEST)["epoch"] == 2
+    said = [r.getMessage() for r in caplog.records if "early" in r.getMessage()]
+    assert said == ["stopping early after epoch 5 (val_f1 has not beaten its best, 0.9000 at "
+                    "step 10 (best.pt), for 3 validations: train.early_stop_patience=3; raise "
+                    "it, or set it to 0, to train on)"]
+    # the same command again (a torchrun restart, a rerun) does not train on
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="footprints"):
+        t = _trainer(small_dataset, run, ["train.early_stop_patience=3"])
+        t.train()
+    assert t.epoch == 5 and _epochs_logged(run) == [1, 2, 3, 4, 5]
+    assert "the run stopped early after epoch 5; nothing to do (val_f1 has not beaten" \
+        in caplog.text
+    assert "training unet_baseline" not in caplog.text
+    # a higher patience trains on: epoch 6 beats the best
+    _trainer(small_dataset, run, ["train.early_stop_patience=4"]).train()
+    assert _epochs_logged(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_patience_zero_trains_every_epoch_and_a_stopped_run_trains_on_with_it(
+        small_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.epochs=4", "train.early_stop_patience=1"]).train()
+    assert _epochs_logged(run) == [1, 2, 3]  # epoch 3 did not beat epoch 2
+    _trainer(small_dataset, run, ["train.epochs=4"]).train()  # patience 0: off
+    assert _epochs_logged(run) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    (["train.early_stop_patience=2", "train.val_every=0"],
+     "early_stop_patience = 2 counts validations and val_every = 0 never validates; set "
+     "train.val_every >= 1 or train.early_stop_patience = 0"),
+    (["train.early_stop_patience=-1"], "early_stop_patience must be >= 0 (0 = off), got -1"),
+])
+def test_a_patience_that_cannot_count_is_refused_naming_the_keys(overrides: list[str],
+                                                                 problem: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[train\] " + problem.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        load_config(Path("configs/tiny.toml"), overrides)
