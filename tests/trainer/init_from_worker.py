@@ -19,7 +19,10 @@ from trainer.trainer import Trainer
 
 
 def init(env: dist.DistEnv, data: Path, run_dir: Path, sources: list[str], out: Path) -> None:
+    # (channels_last as the GPU presets have it: its weights are not contiguous in the default
+    # format, and the broadcast must take them as they are)
     cfg = load_config(Path("configs/tiny.toml"), ["train.val_every=0", "data.num_threads=1",
+                                                  "model.channels_last=true",
                                                   f"train.init_from={sources[env.rank]}"])
     t = Trainer(cfg, env, data, run_dir)
     try:
