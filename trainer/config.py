@@ -81,6 +81,10 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
     log_every: int = 10  # steps between metric syncs and progress updates
+    # Loader batches per optimizer step (gradient accumulation): the step's gradient is the mean
+    # of theirs, as one batch of data.batch_size x grad_accum_steps samples would give, in the
+    # memory of one batch. The epoch's last step may take fewer (what is left of the epoch).
+    grad_accum_steps: int = 1
     # A fresh run's initial weights: a checkpoint file, or a run directory (its best.pt). Only
     # the weights; a run with a checkpoint of its own resumes from it and ignores this.
     init_from: str = ""
@@ -91,7 +95,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
-        for name in ("epochs", "keep_last", "max_nonfinite_steps", "log_every"):
+        for name in ("epochs", "keep_last", "max_nonfinite_steps", "log_every",
+                     "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.val_every < 0 or self.checkpoint_every_steps < 0:

@@ -6,6 +6,7 @@ rank and world size from a :class:`DistEnv`, so a test can build one without a p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -56,6 +57,12 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def optimizer_steps(batches: int, accum: int) -> int:
+    """Optimizer steps of an epoch of ``batches`` loader batches, ``accum`` per step (the last
+    step takes what is left)."""
+    return -(-batches // accum)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, data: Path, run_dir: Path,
                  device: torch.device | None = None) -> None:
@@ -86,7 +93,7 @@ class Trainer:
             device=self.device))
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
-                                         cfg.train.epochs * self.steps_per_epoch)
+                                         cfg.train.epochs * self.optimizer_steps_per_epoch)
         self.validator = Validator(cfg, env, self.data, self.device, self.precision,
                                    self.loss_fn)
         self.metrics = TrainMetrics(env, cfg.metrics.port, cfg.metrics.address)
@@ -96,6 +103,9 @@ class Trainer:
         self.best_f1 = -math.inf
         self.best_step: int | None = None  # the global step of the checkpoint best.pt should be
         self.nonfinite_run = 0
+        # The current accumulation group (train.grad_accum_steps): its batches done so far (0
+        # between optimizer steps), its size, and whether all their losses were finite here.
+        self._accumulated, self._group_size, self._group_finite = 0, 1, True
         self.history: list[dict[str, Any]] = []
         # train.init_from's checkpoint as this run loaded it ({"path", "global_step"}; None for
         # weights of its own), kept in every checkpoint: a resume keeps the record.
@@ -146,11 +156,11 @@ class Trainer:
                 log.info("the run stopped early after epoch %d; nothing to do (%s)", self.epoch,
                          self._early_stop_reason())
             else:
-                log.info("training %s (%s) on %d x %s, %d steps/epoch, amp %s",
+                log.info("training %s (%s) on %d x %s, %d steps/epoch%s, amp %s",
                          self.cfg.model.name,
                          f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
-                         self.env.world_size, self.device.type, self.steps_per_epoch,
-                         self.precision.name)
+                         self.env.world_size, self.device.type, self.optimizer_steps_per_epoch,
+                         self._accumulation_note(), self.precision.name)
                 self._warn_if_warmup_fills_the_run()
             while self.epoch < self.cfg.train.epochs and not self.stopped_early:
                 summary = self.train_epoch()
@@ -165,17 +175,29 @@ class Trainer:
             self.metrics.stop()
             self.train_loader.close()
 
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        """One per ``train.grad_accum_steps`` loader batches (``steps_per_epoch``), the epoch's
+        last group possibly shorter: the unit of ``global_step`` and of the schedule."""
+        return optimizer_steps(self.steps_per_epoch, self.cfg.train.grad_accum_steps)
+
+    def _accumulation_note(self) -> str:
+        accum = self.cfg.train.grad_accum_steps
+        return (f" (train.grad_accum_steps={accum}: {self.steps_per_epoch} batches)"
+                if accum > 1 else "")
+
     def _warn_if_warmup_fills_the_run(self) -> None:
         """A warm-up as long as the run (a GPU preset's 500 steps on a short or small run) left
         the learning rate rising all the way, below ``optim.lr``, and the cosine never began,
         without a word. A warning, not an error: short demo and test runs keep their preset."""
-        total = self.cfg.train.epochs * self.steps_per_epoch
+        total = self.cfg.train.epochs * self.optimizer_steps_per_epoch
         warmup = self.cfg.optim.warmup_steps
         if warmup >= total and self.env.is_main:
             log.warning("optim.warmup_steps=%d fills the whole run (train.epochs=%d x %d "
-                        "steps/epoch = %d steps): the learning rate rises throughout and reaches "
-                        "%.3g of optim.lr=%g at the last step%s; lower optim.warmup_steps",
-                        warmup, self.cfg.train.epochs, self.steps_per_epoch, total,
+                        "steps/epoch%s = %d steps): the learning rate rises throughout and "
+                        "reaches %.3g of optim.lr=%g at the last step%s; lower "
+                        "optim.warmup_steps", warmup, self.cfg.train.epochs,
+                        self.optimizer_steps_per_epoch, self._accumulation_note(), total,
                         total / warmup, self.cfg.optim.lr, ", so the cosine decay never starts"
                         if self.cfg.optim.schedule == "cosine" else "")
 
@@ -187,6 +209,8 @@ class Trainer:
             self._resumed_seconds = 0.0
         self._t_epoch = time.perf_counter() - self._resumed_seconds
         totals = self._totals
+        # the current group's (loss sum, batches, samples): into totals once its step is taken
+        group = torch.zeros(3, dtype=torch.float64)
         # NOTE: closed however the epoch ends: a Ctrl-C left it open on the terminal's line,
         # and the 'interrupted; rerun ...' line was printed onto the end of the bar.
         with tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
@@ -201,18 +225,25 @@ class Trainer:
                 # NOTE: a batch of padding only (more ranks than samples left) has a loss of 0 by
                 # definition, not a measurement: counted, it would lower the epoch's train_loss.
                 if loss is not None and n > 0:
-                    totals += torch.tensor([loss, 1.0, n], dtype=torch.float64)
+                    group += torch.tensor([loss, 1.0, n], dtype=torch.float64)
                 self.metrics.record_step(n, t_done - t_ready, t_got - t_ready,
                                          loss if loss is not None else float("nan"))
                 self.step_in_epoch += 1
-                self.global_step += 1
                 bar.update()
-                if self.global_step % self.cfg.train.log_every == 0:
-                    self._sync_metrics(bar, loss)
-                every = self.cfg.train.checkpoint_every_steps
-                mid_epoch = self.step_in_epoch < self.steps_per_epoch
-                if every and self.global_step % every == 0 and mid_epoch:
-                    self.save_checkpoint(best=False)
+                # NOTE: the rest only between optimizer steps (the same loader batches on every
+                # rank: the loader pads all ranks to as many): a mid-epoch checkpoint never
+                # splits a group, and log_every's metric sync is a collective.
+                if self._accumulated == 0:
+                    if loss is not None:  # a skipped group counts for nothing, as a skipped step
+                        totals += group
+                    group.zero_()
+                    self.global_step += 1
+                    if self.global_step % self.cfg.train.log_every == 0:
+                        self._sync_metrics(bar, loss)
+                    every = self.cfg.train.checkpoint_every_steps
+                    mid_epoch = self.step_in_epoch < self.steps_per_epoch
+                    if every and self.global_step % every == 0 and mid_epoch:
+                        self.save_checkpoint(best=False)
                 t_ready = time.perf_counter()
         self._sync_metrics(None, None)
         loss_sum, steps, samples = all_reduce_sum(totals).tolist()
@@ -223,21 +254,29 @@ class Trainer:
                 "seconds": seconds, **self.runtime}
 
     def train_step(self, batch: Batch) -> float | None:
-        """One optimizer step; returns the local loss, or None when all ranks agreed to skip."""
+        """One loader batch's forward and backward, and after the last batch of its group (every
+        ``train.grad_accum_steps`` batches, and at the epoch's end) the optimizer step. Returns
+        the local loss, or None when all ranks agreed to skip the group (the losses its earlier
+        batches returned then count for nothing either)."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.precision.autocast():
-            logits = self.model(batch.image)
-        loss = self.loss_fn(logits, batch.mask)
-        # NOTE: decide before backward, together: a NaN on one rank would otherwise be averaged
-        # into every rank's gradients by DDP.
-        if agree_any(not bool(torch.isfinite(loss))):
+        if self._accumulated == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            # NOTE: the epoch's last group takes what is left (fewer batches), each divided by
+            # that count: every rank has as many batches, so all agree where groups end.
+            left = self.steps_per_epoch - self.step_in_epoch
+            self._group_size = max(1, min(self.cfg.train.grad_accum_steps, left))
+            self._group_finite = True
+        if self._accumulated + 1 < self._group_size:
+            return self._accumulate(batch)
+        self._accumulated = 0
+        loss = self._loss(batch)
+        # NOTE: decide before the group's last backward, together: a NaN on one rank would
+        # otherwise be averaged into every rank's gradients by DDP's all-reduce.
+        if agree_any(not (self._group_finite and bool(torch.isfinite(loss)))):
             return self._skip("nonfinite_loss")
+        self._backward(loss)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         clip = self.cfg.optim.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
         # Gradients are identical on all ranks after DDP's all-reduce, so this test agrees.
@@ -256,6 +295,40 @@ class Trainer:
         self.scheduler.step()
         self.nonfinite_run = 0
         return float(loss.detach())
+
+    def _accumulate(self, batch: Batch) -> float:
+        """A batch of a group other than its last: its gradients added, its local loss returned.
+
+        NOTE: no all-reduce (DDP's no_sync, around the forward too) nor any agreement here: the
+        group's last backward all-reduces the accumulated gradients, and whether all the group's
+        losses were finite is agreed on once, before it (one collective per optimizer step)."""
+        sync = (self.model.no_sync() if isinstance(self.model, DistributedDataParallel)
+                else contextlib.nullcontext())
+        with sync:
+            loss = self._loss(batch)
+            self._backward(loss)
+        self._accumulated += 1
+        value = float(loss.detach())  # (after the backward is queued)
+        self._group_finite = self._group_finite and math.isfinite(value)
+        return value
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        with self.precision.autocast():
+            logits = self.model(batch.image)
+        return self.loss_fn(logits, batch.mask)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ``loss``'s gradients, divided by the group's size: the step's gradient is
+        then the mean of its batches', like one batch of all their samples (up to what is per
+        batch, as on DDP's ranks: the Dice term, BatchNorm statistics, the weighted cross
+        entropy's normaliser). fp16: every backward is scaled; unscaling, clipping and the step
+        come once, after the last."""
+        if self._group_size > 1:  # (N = 1: the loss as it is, no extra op)
+            loss = loss / self._group_size
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
 
     def _skip(self, reason: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -471,17 +544,24 @@ class Trainer:
             log.info("initialised from %s (step %s of %s)", path, source["global_step"], run)
 
     def _resumed_scheduler(self, state: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
-        """The schedule of this run's plan (``train.epochs`` x this world's steps per epoch), at
-        the saved point of it: the applied steps, scaled by the change in steps per epoch. A
-        resize keeps its place on the cosine. More epochs keep the step and lengthen the plan, so
+        """The schedule of this run's plan (``train.epochs`` x this world's optimizer steps per
+        epoch), at the saved point of it: the applied steps, scaled by the change in steps per
+        epoch (world size, batch size or ``train.grad_accum_steps``). A resize keeps its place
+        on the cosine. More epochs keep the step and lengthen the plan, so
         the learning rate moves up to the new plan's value at that step (as when extending a
         finished cosine run); either way it reaches the floor at the last step, not before."""
         done = int(state["scheduler"]["last_epoch"])
-        saved_spe = int(state.get("steps_per_epoch") or self.steps_per_epoch)
-        if saved_spe != self.steps_per_epoch:
-            done = round(done * self.steps_per_epoch / saved_spe)
+        # NOTE: in optimizer steps: the saved run's loader batches per epoch, grouped by its
+        # train.grad_accum_steps (1 before the key existed), which a resume may change.
+        saved_accum = json.loads(state.get("config") or "{}").get("train", {}).get(
+            "grad_accum_steps", 1)
+        saved_spe = optimizer_steps(int(state.get("steps_per_epoch") or self.steps_per_epoch),
+                                    int(saved_accum))
+        if saved_spe != self.optimizer_steps_per_epoch:
+            done = round(done * self.optimizer_steps_per_epoch / saved_spe)
         return build_scheduler(self.optimizer, self.cfg.optim,
-                               self.cfg.train.epochs * self.steps_per_epoch, start_step=done)
+                               self.cfg.train.epochs * self.optimizer_steps_per_epoch,
+                               start_step=done)
 
     def _lock_run_dir(self) -> IO[str] | None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

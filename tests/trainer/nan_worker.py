@@ -1,7 +1,11 @@
-"""Run under torchrun by test_distributed: NaN loss on rank 1 only, at its third step.
+"""Run under torchrun by test_distributed: NaN loss on rank 1 only, at its CALL-th loss (3rd by
+default), with ACCUM loader batches per optimizer step (train.grad_accum_steps, 1 by default).
 
-Writes rank 0's view to OUT (JSON): steps taken and skipped, and whether all ranks ended with
-identical weights. Fails if a thread of the process group outlives dist.teardown.
+Writes rank 0's view to OUT (JSON): steps taken and skipped, the backward passes that
+all-reduced (counted by a DDP comm hook), and whether all ranks ended with identical weights.
+Fails if a thread of the process group outlives dist.teardown.
+
+    nan_worker.py DATA RUN OUT [ACCUM CALL]
 """
 
 from __future__ import annotations
@@ -12,24 +16,35 @@ from pathlib import Path
 
 import torch
 from threads import gloo_threads
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from trainer import dist
 from trainer.config import load_config
 from trainer.trainer import Trainer
 
 
-def train(env: dist.DistEnv, data: Path, run_dir: Path, out: Path) -> None:
+def train(env: dist.DistEnv, data: Path, run_dir: Path, out: Path, accum: int,
+          call: int) -> None:
     cfg = load_config(Path("configs/tiny.toml"), ["train.val_every=0", "train.epochs=2",
-                                                  "data.num_threads=1"])
+                                                  "data.num_threads=1",
+                                                  f"train.grad_accum_steps={accum}"])
     t = Trainer(cfg, env, data, run_dir)
-    real, calls = t.loss_fn, {"n": 0}
+    real, calls = t.loss_fn, {"n": 0, "synced": 0}
 
     def poisoned(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         loss = real(logits, mask)
-        return loss * float("nan") if env.rank == 1 and calls["n"] == 3 else loss
+        return loss * float("nan") if env.rank == 1 and calls["n"] == call else loss
+
+    # NOTE: no annotations: DDP checks them against its types, and under this module's
+    # "from __future__ import annotations" they are strings
+    def counting(state, bucket):  # type: ignore[no-untyped-def]
+        if bucket.index() == 0:  # (once per backward that all-reduces, whatever the buckets)
+            calls["synced"] += 1
+        return allreduce_hook(None, bucket)
 
     t.loss_fn = poisoned
+    t.model.register_comm_hook(None, counting)
     t.train()
     flat = torch.cat([p.detach().flatten() for p in t.net.parameters()])
     views = dist.gather_objects(flat)
@@ -38,12 +53,13 @@ def train(env: dist.DistEnv, data: Path, run_dir: Path, out: Path) -> None:
         out.write_text(json.dumps({
             "identical": all(torch.equal(views[0], v) for v in views[1:]),
             "global_step": t.global_step, "skipped": skipped,
-            "steps_per_epoch": t.steps_per_epoch,
+            "optimizer_steps_per_epoch": t.optimizer_steps_per_epoch,
+            "synced_backwards": calls["synced"],
             "steps_taken": int(t.optimizer.state_dict()["state"][0]["step"]),
         }))
 
 
-def main(data: Path, run_dir: Path, out: Path) -> None:
+def main(data: Path, run_dir: Path, out: Path, accum: int = 1, call: int = 3) -> None:
     env = dist.init(dist.DistEnv.from_env())
     try:
         # NOTE: in a function of its own, so that the Trainer (its DDP model) is gone before the
@@ -51,7 +67,7 @@ def main(data: Path, run_dir: Path, out: Path) -> None:
         # the group later, from its reducer, joining the gloo threads with the GIL held: a
         # thread that needs the GIL then (to drop a tensor of a collective it finished late)
         # hangs the process.
-        train(env, data, run_dir, out)
+        train(env, data, run_dir, out, accum, call)
     finally:
         dist.teardown()
     if left := gloo_threads():
@@ -59,4 +75,4 @@ def main(data: Path, run_dir: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), *map(int, sys.argv[4:6]))

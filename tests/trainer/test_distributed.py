@@ -246,16 +246,25 @@ def _worker_pid(agent: int, rank: int) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_nan_on_one_rank_is_skipped_by_both(small_dataset: Path, tmp_path: Path) -> None:
+# accum 2: rank 1's first loss is the first of a group of 2 (3 batches a rank and epoch: groups
+# of 2 and 1), whose backward runs under no_sync; the group's second is finite on both ranks.
+@pytest.mark.parametrize(("accum", "call", "steps"), [(1, 3, 3), (2, 1, 2)],
+                         ids=["step", "group"])
+def test_nan_on_one_rank_is_skipped_by_both(small_dataset: Path, tmp_path: Path, accum: int,
+                                            call: int, steps: int) -> None:
     out = tmp_path / "out.json"
     res = run(torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "nan_worker.py"),
-                               str(small_dataset), str(tmp_path / "run"), str(out)]),
+                               str(small_dataset), str(tmp_path / "run"), str(out), str(accum),
+                               str(call)]),
               timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["identical"] and got["skipped"] == 1
-    assert got["global_step"] == 2 * got["steps_per_epoch"]
+    assert got["global_step"] == 2 * got["optimizer_steps_per_epoch"] == 2 * steps
     assert got["steps_taken"] == got["global_step"] - 1  # the optimizer skipped exactly one
+    # one all-reduce per optimizer step taken: none for the skipped one (decided before its
+    # last backward), none for the batches a group accumulates before its last
+    assert got["synced_backwards"] == got["steps_taken"]
     assert res.stderr.count("skipped on all ranks") == 1  # an agreed decision is said once
 
 
