@@ -4,7 +4,6 @@ border pieces held and merged at the end (see ``postproc.merge`` for the rules).
 from __future__ import annotations
 
 import json
-import math
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,7 +15,16 @@ import shapely
 from shapely.geometry import mapping
 from shapely.geometry.base import BaseGeometry
 
-from postproc.mergegrid import WGS84, Grid, border_segments, objects, snap, to_wgs84
+from postproc.mergegrid import (
+    WGS84,
+    Grid,
+    GridIndex,
+    border_segments,
+    objects,
+    overlapping_pairs,
+    snap,
+    to_wgs84,
+)
 from postproc.mergeio import MergeError, crs_key, meta_extent, read_tile
 
 TOLERANCE_PX = 0.01  # float error between a mosaic's tiles is ~1e-9 px; a snap this small is safe
@@ -39,8 +47,8 @@ class Merger:
     def __init__(self, out: IO[str], tolerance: float = TOLERANCE_PX, min_area: float = 0.0
                  ) -> None:
         self.out, self.tol, self.min_area = out, tolerance, min_area
-        self.grids: list[Grid] = []
-        self._by_phase: dict[tuple[str, int, int], list[int]] = defaultdict(list)
+        self.index = GridIndex(tolerance)
+        self.grids: list[Grid] = self.index.grids
         self.pieces: list[Piece] = []
         # (grid, axis, line) -> (lo, hi, piece) of every held border segment
         self.edges: dict[tuple[int, int, float], list[tuple[float, float, int]]] = \
@@ -52,27 +60,6 @@ class Merger:
         self.written = self.merged = self.merged_pieces = self.dropped = 0
         self.overlaps: tuple[int, tuple[str, str] | None] = (0, None)  # (finish sets it)
         out.write('{"type":"FeatureCollection","features":[\n')
-
-    def _place(self, crs: str, fwd: np.ndarray, w: int, h: int) -> tuple[int, np.ndarray]:
-        """The grid of a tile and the tile's origin on it (whole pixels)."""
-        # NOTE: tiles of one grid have origins a whole number of pixels apart, so the phase of
-        # the origin (in pixels from the map's origin, mod 1) finds the candidates in O(1).
-        # (a bucket >= tol, a whole number of them in 1, and wider than the phase's float error)
-        q = 1.0 / math.floor(1.0 / max(self.tol, 1e-6))
-        n = round(1.0 / q)
-        phase = np.linalg.solve(fwd[:, :2], fwd[:, 2]) % 1.0
-        bx, by = (int(v) % n for v in np.floor(phase / q))
-        local = np.array([[0, 0], [w, 0], [0, h], [w, h]], dtype=float)
-        corners = local @ fwd[:, :2].T + fwd[:, 2]
-        for i in {g for dx in (-1, 0, 1) for dy in (-1, 0, 1)
-                  for g in self._by_phase.get((crs, (bx + dx) % n, (by + dy) % n), ())}:
-            px = self.grids[i].to_pixels(corners)
-            origin = np.round(px[0])
-            if np.abs(px - (origin + local)).max() <= self.tol:
-                return i, origin
-        self.grids.append(Grid.of(crs, fwd))
-        self._by_phase[(crs, bx, by)].append(len(self.grids) - 1)
-        return len(self.grids) - 1, np.zeros(2)
 
     def add_tile(self, key: str, meta: dict[str, Any], path: Path, shard: Path) -> None:
         if key in self.seen:
@@ -87,7 +74,7 @@ class Merger:
         geoms, props = read_tile(path, key, crs)
         if not len(geoms):
             return
-        gi, (ox, oy) = self._place(crs, fwd, w, h)
+        gi, (ox, oy) = self.index.place(crs, fwd, w, h)
         grid = self.grids[gi]
         pixels = shapely.transform(geoms, lambda xy: snap(grid.to_pixels(xy), self.tol))
         box = (int(ox), int(oy), int(ox) + w, int(oy) + h)
@@ -145,24 +132,7 @@ class Merger:
         """Pairs of tiles of one grid whose extents overlap (more than along an edge or at a
         corner), and the first pair read: their footprints in the overlap are written twice."""
         ext = np.frombuffer(self._extents, dtype=np.int64).reshape(-1, 5)
-        pairs = []
-        # (the tiles of each grid, by one sort: a mask per grid was O(grids x tiles), 3.9 s for
-        # 40,000 tiles each on a grid of its own; a grid of one tile has no pair)
-        order = np.argsort(ext[:, 0], kind="stable")
-        for idx in np.split(order, np.flatnonzero(np.diff(ext[order, 0])) + 1):
-            if len(idx) < 2:
-                continue
-            x0, y0, x1, y1 = ext[idx, 1:].T
-            # NOTE: an R-tree (O(n log n); a mosaic's tile meets 8 others), then the overlap of
-            # the whole-pixel rectangles, exact: "intersects" also holds for tiles that merely
-            # meet, and shapely's "overlaps" is false for a tile given twice (equal extents)
-            i, j = shapely.STRtree(shapely.box(x0, y0, x1, y1)).query(
-                shapely.box(x0, y0, x1, y1), predicate="intersects")
-            i, j = i[i < j], j[i < j]
-            over = ((np.minimum(x1[i], x1[j]) > np.maximum(x0[i], x0[j]))
-                    & (np.minimum(y1[i], y1[j]) > np.maximum(y0[i], y0[j])))
-            pairs.append(np.column_stack([idx[i[over]], idx[j[over]]]))
-        both = np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64)
+        both = overlapping_pairs(ext)
         if not len(both):
             return 0, None
         a, b = both[np.lexsort((both[:, 0], both[:, 1]))[0]]  # (the first read: by the later)
