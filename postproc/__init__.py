@@ -7,6 +7,7 @@
   ``blobs`` and ``tilekernel`` drive them (one sweep down a tile; one call per tile).
 - ``runner``: all cores and torchrun ranks over a directory of shards. ``geojson``: GeoJSON output.
 - ``merge``: the tiles' GeoJSON as one WGS 84 layer, buildings cut by tile edges merged; CLI.
+- ``mosaic``: the tiles' probabilities as one Cloud-Optimized GeoTIFF for GIS tools; CLI.
 - ``synthmask``: synthetic masks with known footprints for tests and benchmarks.
 - ``numbacache``: a cache directory for the kernels where numba has none of its own.
 """
