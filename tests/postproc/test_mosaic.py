@@ -108,14 +108,37 @@ def test_the_file_is_a_cloud_optimized_geotiff_and_nothing_else_is_left(area):
     assert sorted(p.name for p in out.parent.iterdir()) == ["area.tif"]
 
 
+def test_blocks_without_a_tile_are_not_stored(tmp_path):
+    """Two 64 px tiles at opposite corners of a 3 x 3 block area: the blocks between hold no
+    tile and take no bytes (GDAL reads them as masked 0s)."""
+    fwd = Affine(PX, 0, X0, 0, -PX, Y0)
+    far = 3 * mosaic.BLOCK_PX - 64
+    pred = tmp_path / "pred"
+    write_pred_shard(pred / "pred-000000.tar", [
+        ("AOI_9_a", _probs(64, 64, 1), _meta(fwd, 0, 0, 64, 64)),
+        ("AOI_9_b", _probs(64, 64, 2), _meta(fwd, far, far, 64, 64))])
+    out = tmp_path / "area.tif"
+    assert run(["--pred", str(pred), "--out", str(out)]) == 0
+    with rasterio.open(out) as src:
+        assert src.width == src.height == 3 * mosaic.BLOCK_PX
+        offsets = {(i, j): src.get_tag_item(f"BLOCK_OFFSET_{i}_{j}", "TIFF", bidx=1)
+                   for i in range(3) for j in range(3)}
+        assert src.read_masks(1)[64:far, 64:far].max() == 0
+    assert offsets.pop((0, 0)) and offsets.pop((2, 2))
+    assert not any(offsets.values()), offsets
+
+
 def test_one_band(area, tmp_path):
+    """--band building; a temporary file a killed run left beside --out is removed."""
     pred, _ = area
     out = tmp_path / "building.tif"
+    (tmp_path / ".building.tif.0badf00d.tiff.tmp").write_bytes(b"killed")
     assert run(["--pred", str(pred), "--out", str(out), "--band", "building"]) == 0
     with rasterio.open(out) as src:
         assert src.count == 1 and src.descriptions == ("building",)
         for key, (prob, meta) in _tiles(pred).items():
             assert np.array_equal(_read_back(src, meta)[0][:, :, 0], prob[:, :, 1]), key
+    assert [p.name for p in tmp_path.iterdir()] == ["building.tif"]
 
 
 @pytest.mark.parametrize("fwd", [Affine(0.5, 0, X0, 0, 0.5, Y0),  # south-up
