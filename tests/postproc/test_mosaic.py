@@ -250,6 +250,11 @@ def test_bad_inputs_are_named(area, tmp_path, capsys):
         write_pred_shard(shard, [("AOI_9_Bad", _probs(8, 8, 1), meta)])
         err = _refused(["--pred", str(pred), "--out", str(out)], capsys, out)
         assert f"{shard}: AOI_9_Bad: meta.json" in err and said in err, err
+    meta = _meta(Affine(PX, 0, X0, 0, -PX, Y0), 0, 0, 8, 8)
+    write_pred_shard(shard, [("AOI_9_Twice", _probs(8, 8, 1), meta)])
+    write_pred_shard(pred / "pred-000001.tar", [("AOI_9_Twice", _probs(8, 8, 2), meta)])
+    err = _refused(["--pred", str(pred), "--out", str(out)], capsys, out)
+    assert f"{pred / 'pred-000001.tar'}: ImageId 'AOI_9_Twice' also appears in an earlier" in err
 
 
 def test_an_unwritable_out_is_refused_before_the_work(area, tmp_path, capsys, monkeypatch):
