@@ -157,12 +157,14 @@ RESUME_KEYS = ("optimizer", "scheduler", "epoch", "step_in_epoch", "global_step"
                "loader", "rng")
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+         ) -> dict[str, Any]:
     """Load a checkpoint safely (no arbitrary unpickling); ValueError naming the file if it does
     not load, is not this trainer's format, or has no model (``Trainer.resume`` checks the rest
-    it needs)."""
+    it needs). ``mmap``: map the file rather than read it, so that only the tensors used are
+    read (for a reader of the model alone: its optimizer state is twice its size with Adam)."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torn, empty, foreign or crafted: all the same to the caller
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})"

@@ -523,7 +523,7 @@ class Trainer:
         def read() -> dict[str, Any]:
             path = ckpt.source_checkpoint(self.cfg.train.init_from)
             try:
-                state = ckpt.load(path)
+                state = ckpt.load(path, mmap=True)  # (its model alone is read: see train.py)
                 ckpt.load_model(self.net, state, path,
                                 ckpt.init_from_hint(self.data, self.manifest.bands),
                                 dataclasses.asdict(self.cfg.model))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,28 @@ def test_check_refuses_a_missing_or_damaged_source_unless_the_run_resumes(
     # a run with a checkpoint of its own resumes and ignores init_from: a source gone since
     # must not stop it
     assert check(missing, source) == (0, [])
+
+
+@pytest.mark.timeout(180)
+def test_the_source_is_read_for_its_weights_alone(source: Path, small_dataset: Path,
+                                                  tmp_path: Path) -> None:
+    """(every rank checks the source before the process group, all of a node's at once, and
+    rank 0 loads it again: each read the whole file, the optimizer's moments too, twice the
+    model's size with Adam, to use the model's shapes or weights alone)"""
+    from trainer_helpers import REPO, run
+
+    state = ckpt.load(ckpt.list_checkpoints(source)[-1])
+    mib = 96  # (as a larger model's moments would be; the tiny model's are 2 x 0.3 MiB)
+    state["optimizer"]["state"][0]["padding"] = torch.ones(mib * 2**20 // 4)
+    big = tmp_path / "big.pt"
+    ckpt.save(state, big)
+    res = run([sys.executable, str(REPO / "tests" / "trainer" / "init_from_memory_worker.py"),
+               str(small_dataset), str(tmp_path / "run"), str(big)], timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["check_exit"] == 0 and got["loaded"], got
+    # (each read the whole file: a rise of 96 MiB and more)
+    assert got["check_mib"] < mib / 4 and got["load_mib"] < mib / 4, got
 
 
 @pytest.mark.multiproc
