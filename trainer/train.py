@@ -87,6 +87,15 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         raise ConfigError(f"--data {args.data}: no labels (prepared with --images-only): "
                           "nothing to train on; train on a dataset prepared with its "
                           "geojson/buildings/, and predict on this one with trainer.predict")
+    # NOTE: an empty val split is never validated (trainer.validate), as with val_every = 0,
+    # which TrainConfig refuses with a patience: here the patience never counted, and the run
+    # trained all its epochs without a word
+    patience = cfg.train.early_stop_patience
+    if patience > 0 and manifest.samples("val") == 0:
+        raise ConfigError(f"--data {args.data}: its val split is empty, so nothing is "
+                          f"validated, and train.early_stop_patience = {patience} counts "
+                          "validations; set train.early_stop_patience = 0, or prepare the "
+                          "dataset with a val split (dataio.prepare --split)")
     # NOTE: the val truth is read by the Validator (same condition) in every worker, once
     # training has started: a corrupt one failed there and torchrun restarted the group on it
     if cfg.train.val_every > 0 and cfg.train.val_f1 and manifest.samples("val") > 0:

@@ -80,3 +80,25 @@ def test_a_patience_that_cannot_count_is_refused_naming_the_keys(overrides: list
     with pytest.raises(ConfigError, match=r"\[train\] " + problem.replace("(", r"\(")
                        .replace(")", r"\)")):
         load_config(Path("configs/tiny.toml"), overrides)
+
+
+def test_a_patience_on_an_empty_val_split_is_refused_before_training(
+        small_aoi: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(the split never validates, as with val_every = 0: the patience never counted, and the
+    run trained all its epochs without a word)"""
+    from dataio.prepare import PrepareConfig, prepare
+    from trainer.train import main
+
+    data = tmp_path / "DATA"
+    prepare(PrepareConfig(raw=[small_aoi], out=data, shard_size=8, split=(4.0, 0.0, 1.0)),
+            progress=False)
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(data), "--run-dir",
+            str(tmp_path / "run"), "--set", "train.val_every=1"]
+    assert main(argv) == 0  # (a run without the patience: best.pt is the newest epoch's)
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.early_stop_patience=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"trainer.train: error: --data {data}: its val split is empty, so nothing is "
+        "validated, and train.early_stop_patience = 2 counts validations; set "
+        "train.early_stop_patience = 0, or prepare the dataset with a val split "
+        "(dataio.prepare --split)"]
