@@ -211,6 +211,30 @@ def test_single_node_hands_torchrun_the_whole_command(tmp_path: Path) -> None:
         "-m", "trainer.train", "--check", "--nproc", "2", *args[args.index("trainer.train") + 1:]]
 
 
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh"])
+def test_a_relative_init_from_is_the_callers_too(tmp_path: Path, script: str) -> None:
+    """train.init_from is a path as RUN is: run from the repository root, "runs/vegas" named the
+    checkout's (a missing source, or another run of that name), not the caller's."""
+    out = _recorder(tmp_path / "torchrun")
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2",
+           "PYTHON": str(_python(tmp_path)), "MASTER_ADDR": "head"}
+    given = ["--set", "train.init_from=runs/vegas", "--set=train.init_from='my run/best.pt'",
+             "--set", 'train.init_from="b.pt"', "--set", "train.init_from=/abs/run",
+             "--set", "train.init_from=~/run", "--set", "train.init_from=", "--set",
+             "train.epochs=3"]
+    res = subprocess.run(["bash", str(LAUNCH / script), "cfg.toml", "DATA", "RUN", *given],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    want = ["--set", f"train.init_from={tmp_path}/runs/vegas",
+            f"--set=train.init_from={tmp_path}/my run/best.pt", "--set",
+            f"train.init_from={tmp_path}/b.pt", *given[5:]]
+    args = _recorded(out)[0]
+    assert args[-len(want):] == want
+    if script == "single_node.sh":  # (multi_node's last Python is its port check)
+        # --check, before torchrun, checks the same source
+        assert (tmp_path / "python.out").read_text().splitlines()[-len(want):] == want
+
+
 @pytest.mark.parametrize("word", ["cpu", "gpu", "auto"])
 def test_torchruns_own_nproc_words_pass_through_unchecked(tmp_path: Path, word: str) -> None:
     """NPROC=cpu|gpu|auto is torchrun's to count: --check gets no --nproc (an empty array, which
