@@ -239,12 +239,13 @@ def _mismatch(state: dict[str, Any], path: Path, hint: str, model_cfg: dict[str,
 
 def source_checkpoint(init_from: str) -> Path:
     """The checkpoint file that ``train.init_from`` names: a checkpoint (``step-*.pt``,
-    ``best.pt``), or a run directory, whose ``checkpoints/best.pt`` it means; ValueError naming
-    the key and the path if there is no such file."""
+    ``best.pt``), or a run directory, whose ``checkpoints/best.pt`` it means (or the best that
+    best.pt was not re-pointed at yet: :func:`_recorded_best`); ValueError naming the key and
+    the path if there is no such file."""
     given = Path(init_from).expanduser()
     path = checkpoint_dir(given) / BEST if given.is_dir() else given
     if path.is_file():
-        return path
+        return _recorded_best(given, path) if given.is_dir() else path
     if not given.is_dir():
         raise ValueError(f"train.init_from={init_from}: no such file or run directory")
     steps = list_checkpoints(given)
@@ -252,6 +253,30 @@ def source_checkpoint(init_from: str) -> Path:
             "it has no checkpoints: is it a run directory?")
     raise ValueError(f"train.init_from={init_from}: {path} not found (the run has no best "
                      f"checkpoint yet); {hint}")
+
+
+def _recorded_best(run_dir: Path, best: Path) -> Path:
+    """``best`` (``run_dir``'s best.pt), unless the run's newest checkpoint names another as its
+    best (``best_step``) that best.pt is not: the run was killed between committing that one and
+    re-pointing best.pt (a hard link, or a whole copy where links fail), which its own resume
+    repairs (:func:`repair_best`); a fine-tune from it before that took the older best.
+
+    NOTE: mapped, not read (see :func:`load`): every rank makes this choice in its pre-group
+    check. A gone ``step-<best_step>.pt`` was pruned after ``mark_best`` had run."""
+    found = load_latest(run_dir, mmap=True)
+    step = found[0].get("best_step") if found else None
+    marked = checkpoint_path(run_dir, step) if isinstance(step, int) else None
+    try:
+        if marked is None or not marked.is_file() or os.path.samefile(best, marked):
+            return best
+    except OSError:  # (pruned just now by a run still training: best.pt was marked before)
+        return best
+    try:
+        if load(best, mmap=True).get("global_step") == step:  # (a copy of it)
+            return best
+    except ValueError:  # (a best.pt that does not load: the one named is the run's best)
+        pass
+    return marked
 
 
 def init_from_hint(data: Path, bands: int) -> str:
@@ -316,12 +341,12 @@ def describe_mismatch(saved: dict[str, Any], own: dict[str, Any], show: int = 2)
     return "; ".join(parts)
 
 
-def load_latest(run_dir: Path, map_location: str | torch.device = "cpu"
+def load_latest(run_dir: Path, map_location: str | torch.device = "cpu", mmap: bool = False
                 ) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that loads; a damaged newest one is reported and skipped."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load(path, map_location), path
+            return load(path, map_location, mmap), path
         except Exception as e:  # a torn or foreign file: fall back to the previous one
             log.warning("checkpoint %s does not load (%s); trying an older one", path, e)
     return None

@@ -99,6 +99,37 @@ def test_a_run_directory_means_its_best_checkpoint(source: Path, small_dataset: 
     assert t.init_source == {"path": str(best.resolve()), "global_step": 5}
 
 
+def test_a_run_directory_whose_best_pt_was_not_yet_re_pointed_means_its_best(
+        source: Path, small_dataset: Path, tmp_path: Path) -> None:
+    """A run killed between committing a new best checkpoint and pointing best.pt at it (a
+    hard link, or a whole copy where links fail) names the new one as its best (best_step) and
+    repairs best.pt when it resumes; a fine-tune from it before that took the older best."""
+    import shutil
+
+    run = tmp_path / "vegas"
+    shutil.copytree(source, run)
+    old = ckpt.list_checkpoints(run)[-1]
+    state = ckpt.load(old)
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["global_step"] = state["best_step"] = 6
+    new = ckpt.checkpoint_path(run, 6)
+    ckpt.save(state, new)  # (killed here: best.pt still the step-5 one)
+    assert ckpt.load(run / "checkpoints" / ckpt.BEST)["global_step"] == 5
+    t = _trainer(small_dataset, tmp_path / "paris", ["train.epochs=1",
+                                                     f"train.init_from={run}"])
+    try:
+        t.init_weights()
+    finally:
+        t.train_loader.close()
+    assert _same(t.net.state_dict(), state["model"])
+    assert t.init_source == {"path": str(new.resolve()), "global_step": 6}
+    # a best.pt that is a copy, not a link, of the best is taken as it is
+    ckpt.mark_best(new)
+    (run / "checkpoints" / ckpt.BEST).unlink()
+    shutil.copyfile(new, run / "checkpoints" / ckpt.BEST)
+    assert ckpt.source_checkpoint(str(run)) == run / "checkpoints" / ckpt.BEST
+
+
 def test_a_run_with_a_checkpoint_resumes_and_ignores_init_from(
         source: Path, small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
