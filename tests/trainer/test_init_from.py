@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,8 @@ def test_check_refuses_a_missing_or_damaged_source_unless_the_run_resumes(
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs Linux's /proc/self/clear_refs (to reset the peak RSS)")
 def test_the_source_is_read_for_its_weights_alone(source: Path, small_dataset: Path,
                                                   tmp_path: Path) -> None:
     """(every rank checks the source before the process group, all of a node's at once, and
