@@ -214,7 +214,7 @@ class Trainer:
         # NOTE: closed however the epoch ends: a Ctrl-C left it open on the terminal's line,
         # and the 'interrupted; rerun ...' line was printed onto the end of the bar.
         with tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False,
-                  desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="step",
+                  desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="batch",
                   disable=not self.env.is_main) as bar:
             t_ready = time.perf_counter()
             for batch in self.train_loader:
