@@ -177,10 +177,15 @@ def fresh_staging_dir(out: str | os.PathLike[str]) -> Path:
     staging = staging_dir(out)
     if staging.exists():
         shutil.rmtree(staging)
-    for trash in Path(out).glob(f"{glob.escape(STAGING)}{DISCARDED}*"):  # (a killed discard's)
-        shutil.rmtree(trash, ignore_errors=True)
+    remove_discarded(out)
     staging.mkdir(parents=True)
     return staging
+
+
+def remove_discarded(out: str | os.PathLike[str]) -> None:
+    """Remove what a killed :func:`discard_staging_dir` of ``out`` left (its renamed stage)."""
+    for trash in Path(out).glob(f"{glob.escape(STAGING)}{DISCARDED}*"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def discard_staging_dir(out: str | os.PathLike[str], made: Sequence[Path] = ()) -> None:

@@ -342,6 +342,48 @@ def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, bytes, dict]]:
         yield _finish_raw(key, parts, shard)
 
 
+def shard_keys(shard_path: str | Path) -> list[str]:
+    """The sample keys of a complete shard, in order, from its tar headers alone: the members'
+    bytes are seeked over, not read (a resumed trainer.predict checks a whole stage of shards).
+    Raise :class:`PredError` for a shard that is missing, truncated or malformed, or whose
+    samples lack a member."""
+    shard = Path(shard_path)
+    try:
+        f = open(shard, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise PredError(f"{shard}: cannot open shard ({e.strerror})") from None
+    keys: list[str] = []
+    parts: list[set[str]] = []
+    seen: set[str] = set()
+    with f:
+        _check_complete(f, shard)
+        size = os.fstat(f.fileno()).st_size
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    if member.offset_data + member.size > size:
+                        raise PredError(f"{shard}: truncated tar (member {member.name!r} ends "
+                                        f"past its {size} bytes)")
+                    key, ext = _split_member(member.name, shard)
+                    if not keys or keys[-1] != key:
+                        if key in seen:
+                            raise PredError(f"{shard}: members of sample {key!r} are not "
+                                            "adjacent")
+                        seen.add(key)
+                        keys.append(key)
+                        parts.append(set())
+                    parts[-1].add(ext)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
+    for key, exts in zip(keys, parts, strict=True):
+        missing = [e for e in (PROB_EXT, META_EXT) if e not in exts]
+        if missing:
+            raise PredError(f"{shard}: sample {key!r} lacks {', '.join(missing)}")
+    return keys
+
+
 def iter_raw_samples(shard_path: str | Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """Yield ``(key, prob.png bytes, meta)`` per sample, streaming; the PNG is not decoded (so
     that worker processes can do it)."""

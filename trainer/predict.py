@@ -13,8 +13,16 @@ the run directory, checkpoint, dataset and split the predictions came from. The 
 written to ``PRED/.partial`` and moved up when all ranks are done; shards of an earlier
 prediction in PRED that were not replaced are removed. ``PRED/.publishing`` exists while they
 move (``postproc.predio.publish_dir``): readers refuse a PRED that a kill left with it, and a
-rerun of this command replaces that PRED's shards and removes the marker. Ctrl-C is one line and
-exit code 130 on each rank, and leaves PRED as it was (the stage removed), or, pressed during
+rerun of this command replaces that PRED's shards and removes the marker.
+
+A stopped run resumes: an error, Ctrl-C or a kill leaves PRED as it was and keeps the stage with
+the shards written so far, and a rerun of the same command keeps each rank's complete shards and
+predicts only the tiles after them; the output is an uninterrupted run's, byte for byte. A stage
+made by another prediction (the checkpoint's bytes, the data, ``--split``, ``--tta``,
+``--shard-size``, ``--batch-size``, the number of ranks, ...) is discarded with one line saying
+why; ``--fresh`` discards it regardless (``trainer.predresume``). A stage that holds no shard is
+removed, and a successful run leaves none. Ctrl-C is one line and exit code 130 on each rank, and
+leaves PRED as it was (the line says whether the stage is kept for a rerun), or, pressed during
 the moves, marked so.
 """
 
@@ -26,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,19 +50,21 @@ from dataio.atomic import (
     atomic_write_text,
     check_writable,
     discard_staging_dir,
-    fresh_staging_dir,
     missing_dirs,
+    remove_made_dirs,
     staging_dir,
 )
 from postproc.pools import ignore_further_sigint, say, sigint_once
-from trainer import dist
+from trainer import dist, predresume
 
 if TYPE_CHECKING:
-    from dataio.loader import Batch
+    from dataio.loader import Batch, Loader, LoaderConfig
+    from trainer.amp import Precision
     from trainer.config import Config
 
 log = logging.getLogger("footprints")
 PROVENANCE = "provenance.json"  # PRED/provenance.json: which run, checkpoint and split
+SKIPPED_BEFORE = "skipped by the stopped run"  # (a resumed run's: its reasons were said then)
 
 
 def predict_probs(net: nn.Module, image: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -135,10 +144,12 @@ def to_core(prob: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
 
 
 def _samples(loader: object, net: nn.Module, precision: object, tta: bool,
-             progress: bool) -> Iterator[tuple[str, np.ndarray, dict]]:
+             progress: bool, done: int = 0) -> Iterator[tuple[str, np.ndarray, dict]]:
     # NOTE: closed however the loop ends (here, or the consumer's close of this generator): an
     # interrupted bar stayed open on the terminal's line, and the 'interrupted' line was glued on.
-    with tqdm(total=len(loader), desc="predict", unit="batch", disable=not progress) as bar:
+    # (``done``: the batches a resumed run starts after)
+    with tqdm(total=len(loader), initial=done, desc="predict", unit="batch",
+              disable=not progress) as bar:
         yield from _batches(loader, net, precision, tta, bar)
 
 
@@ -198,17 +209,22 @@ def _load_net(ckpt_path: Path, cfg: Config, bands: int,
     return net, (p2, p98)
 
 
-def _check_same_weights(net: nn.Module, ckpt_path: Path) -> None:
-    """Raise on every rank unless all ranks loaded the same weights.
-
-    NOTE: each rank reads the file itself; a best.pt that a run still training re-marks in
-    between gave a prediction from two checkpoints, without a word.
-    """
+def _weights_sha256(net: nn.Module) -> str:
+    """A digest of the weights ``net`` holds: names, dtypes, shapes and bytes."""
     h = hashlib.sha256()
     for name, t in net.state_dict().items():
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digests = dist.gather_objects(h.hexdigest())
+    return h.hexdigest()
+
+
+def _check_same_weights(digest: str, ckpt_path: Path) -> None:
+    """Raise on every rank unless all ranks loaded the same weights (``digest``: this rank's).
+
+    NOTE: each rank reads the file itself; a best.pt that a run still training re-marks in
+    between gave a prediction from two checkpoints, without a word.
+    """
+    digests = dist.gather_objects(digest)
     other = next((r for r, d in enumerate(digests) if d != digests[0]), None)
     if other is not None:
         raise ValueError(f"rank {other} loaded other weights from {ckpt_path} than rank 0 (the "
@@ -247,9 +263,17 @@ def main(argv: list[str] | None = None) -> int:
             say(f"trainer.predict: interrupted; {args.out} is marked as being replaced "
                 f"({PUBLISHING}): rerun the same command")
         else:
-            say(f"trainer.predict: interrupted; {args.out} is left as it was")
+            say(f"trainer.predict: interrupted; {args.out} is left as it was{_kept(args.out)}")
         ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
         return 130
+
+
+def _kept(out: Path) -> str:
+    """What a failed or interrupted run's line adds when its stage is kept for a rerun."""
+    if not predresume.resumable(out):
+        return ""
+    return (f"; the shards written so far are kept in {staging_dir(out)}: rerun the same "
+            "command to resume (--fresh to start over)")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -266,6 +290,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=100,
                    help="tiles per prediction shard (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=0, help="default: the run's data.batch_size")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard a stopped run's shards in OUT/.partial instead of resuming")
     args = p.parse_args(argv)
     if args.shard_size < 1:
         p.error(f"--shard-size must be >= 1, got {args.shard_size}")
@@ -274,8 +300,33 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _settle_stage(out: Path, made: list[Path], staged: bool) -> None:
+    """Rank 0, after a failure or a Ctrl-C: keep this prediction's stage if it holds shards (a
+    rerun resumes it), else remove it and the directories made for it. Before the stage was
+    this run's, one there is left for a rerun to judge (it may be resumable)."""
+    if not staged:
+        remove_made_dirs(made)
+    elif not predresume.resumable(out):
+        discard_staging_dir(out, made)
+
+
+def _resume_key(args: argparse.Namespace, weights: str, norm: Percentiles | None, cfg: Config,
+                data_cfg: LoaderConfig, loader: Loader, device: torch.device,
+                precision: Precision, world_size: int) -> dict[str, object]:
+    """What decides which tiles land in which shard, and their values: a stage made with
+    anything else is not resumed (``trainer.predresume``)."""
+    return {"format": predresume.KEY_FORMAT, "weights_sha256": weights, "percentiles": norm,
+            "model": dataclasses.asdict(dataclasses.replace(cfg.model, compile=False)),
+            "manifest_sha256": predresume.file_sha256(args.data / "manifest.json"),
+            "samples": loader.fingerprint, "split": args.split, "tta": args.tta,
+            "shard_size": args.shard_size, "batch_size": data_cfg.batch_size,
+            "world_size": world_size, "backend": data_cfg.backend, "device": device.type,
+            "precision": precision.name}
+
+
 def _predict(args: argparse.Namespace) -> int:
     out_made = missing_dirs(args.out)
+    staged = False
     try:
         env = dist.DistEnv.from_env()
     except ValueError as e:
@@ -321,8 +372,12 @@ def _predict(args: argparse.Namespace) -> int:
         if norm is None and env.is_main:
             say(f"trainer.predict: {ckpt_path} does not record its training percentiles (an "
                 f"older checkpoint); normalising with {args.data / 'manifest.json'}'s band_stats")
-        if env.world_size > 1:  # (one process: nothing to compare, and hashing ~100 MB)
-            _check_same_weights(net, ckpt_path)
+        # NOTE: the weights loaded, not the file's bytes or its path and mtime: a best.pt
+        # re-marked by a run still training after this run read it is other weights, at the same
+        # path. Hashed once a run (~1 s for 400 MB): the resume key's, and compared across ranks.
+        weights = _weights_sha256(net)
+        if env.world_size > 1:
+            _check_same_weights(weights, ckpt_path)
         net.to(device).eval()
         data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.data.batch_size)
         # agreed: else tiles are silently dropped or repeated
@@ -337,22 +392,36 @@ def _predict(args: argparse.Namespace) -> int:
         # Shards go to a staging directory and into --out only once every rank is done.
         staging = staging_dir(args.out)
 
-        def stage() -> None:
-            fresh_staging_dir(args.out)  # (a killed run's removed)
+        def stage() -> bool:
+            key = _resume_key(args, weights, norm, cfg, data_cfg, loader, device, precision,
+                              env.world_size)
+            resuming = predresume.prepare_stage(args.out, key, args.fresh)
             # provenance: lets postproc.polygonize find the run's tuned settings by default
             atomic_write_text(staging / PROVENANCE, json.dumps({
                 "run_dir": str(args.run_dir.resolve()), "checkpoint": str(ckpt_path.resolve()),
                 "data": str(args.data.resolve()), "split": args.split, "tta": args.tta}) + "\n")
+            return resuming
 
-        # rank 0 prepares it, and every rank waits for that (or stops with its error)
-        dist.on_main(env, f"preparing {staging}", stage)
+        # rank 0 prepares it (a stopped run's kept, or a fresh one), and every rank waits for
+        # that (or stops with its error) and learns which
+        staged = True  # (this prediction's stage from here on: a failure may keep it)
+        resuming = dist.broadcast_object(dist.on_main(env, f"preparing {staging}", stage))
 
-        def write_share() -> tuple[int, dict[str, int]]:
-            written, k = 0, 0
+        def write_share() -> tuple[int, dict[str, int], int]:
+            at = predresume.Resume()
+            if resuming:
+                at = predresume.scan_share(staging, [r.key for r in loader.index.samples],
+                                           env.rank, env.world_size, data_cfg.batch_size,
+                                           args.shard_size)
+                loader.load_state_dict(predresume.loader_state(loader, at.step))
+            predresume.clear_share(staging, env.rank, env.world_size, at.shards)
+            written, k = at.tiles, at.shards
             # NOTE: closed (the progress bar, the loader's read-ahead thread and pipeline) however
             # the share ends: a Ctrl-C while a shard was written left them to garbage collection
             with loader, contextlib.closing(_samples(loader, net, precision, args.tta,
-                                                     env.is_main)) as stream:
+                                                     env.is_main, at.step)) as samples:
+                # (the first batch's tiles already in a kept shard: predicted with their batch)
+                stream = (s for s in samples if s[0] not in at.drop)
                 while True:
                     chunk = [s for _, s in zip(range(args.shard_size), stream, strict=False)]
                     if not chunk:
@@ -364,38 +433,45 @@ def _predict(args: argparse.Namespace) -> int:
                     # write made PRED/.partial (and a PRED the run had made) again, left behind
                     # with the shard. Now it fails, and this rank stops with the others.
                     written += write_pred_shard(
-                        staging / f"pred-{k * env.world_size + env.rank:06d}.tar", chunk,
+                        staging / predresume.shard_name(k, env.rank, env.world_size), chunk,
                         make_dirs=False)
                     k += 1
-            return written, dict(loader.stats.samples_skipped)
+            skipped = dict(loader.stats.samples_skipped)
+            if at.skipped:
+                skipped[SKIPPED_BEFORE] = at.skipped
+            return written, skipped, at.tiles
 
         # agreed: one rank's failure (a full disk) stops every rank with its reason
         shares = dist.gather_objects(dist.on_every("writing predictions", write_share))
-        total = sum(n for n, _ in shares)
-        unread = _unread(shares, loader.index.shards_skipped, manifest.samples(args.split))
+        total = sum(n for n, _, _ in shares)
+        unread = _unread([(n, why) for n, why, _ in shares], loader.index.shards_skipped,
+                         manifest.samples(args.split))
         if total == 0:
             # NOTE: publishing would replace an earlier prediction in --out with nothing
-            dist.on_main(env, f"removing {staging}", lambda: shutil.rmtree(staging))
             raise ValueError(f"no tile of split {args.split!r} of {args.data} could be read "
                              f"({unread}; see the warnings above); {args.out} is left as it was")
         if env.is_main:
+            # (a stage without its key is never resumed: one whose publish was cut short)
+            (staging / predresume.RESUME_KEY).unlink()
             publish_pred_dir(staging, args.out)
-            listed = manifest.samples(args.split)
+            listed, kept = manifest.samples(args.split), sum(n for _, _, n in shares)
             print(f"wrote predictions for {total} tiles of {args.split} to {args.out}" + (
+                f" ({kept} of them in the stopped run's shards, kept)" if kept else "") + (
                 f"; {listed - total} of its {listed} tiles were left out ({unread}; see the "
                 "warnings above)" if total < listed else ""))
     except (ConfigError, ValueError, OSError, RuntimeError) as e:
-        # (every rank stops here: the errors are agreed; rank 0 removes the stage, as below)
+        # (every rank stops here: the errors are agreed; rank 0 keeps or removes the stage)
         if env.is_main:
-            discard_staging_dir(args.out, out_made)
-        say(f"trainer.predict: error: {e}")
+            _settle_stage(args.out, out_made, staged)
+        say(f"trainer.predict: error: {e}{_kept(args.out) if staged else ''}")
         return 2
     except KeyboardInterrupt:
         # NOTE: the other ranks were interrupted too (the terminal's group, torchrun's forward);
-        # rank 0 removes the stage, as dataio.prepare does: a rerun would, but until then it sat
-        # hidden in --out, in a directory that this run may have created for nothing.
+        # rank 0 keeps a stage of shards for the rerun, and removes one without (as
+        # dataio.prepare does): until a rerun it sat hidden in --out, in a directory that this
+        # run may have created for nothing.
         if env.is_main:
-            discard_staging_dir(args.out, out_made)
+            _settle_stage(args.out, out_made, staged)
         raise
     finally:
         dist.teardown()

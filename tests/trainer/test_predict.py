@@ -130,7 +130,8 @@ def test_a_failed_write_on_one_rank_stops_every_rank_with_the_reason(
                                "--run-dir", str(trained_run), "--data", str(small_dataset),
                                "--split", "val", "--out", str(out)]),
               timeout=150, env={"FAIL_AT": "pred"})
-    assert res.returncode != 0 and not list(out.glob("pred-*.tar"))  # (nor a stage)
+    # (nothing published; the stage, with what rank 0 wrote, is kept for a rerun)
+    assert res.returncode != 0 and not list(out.glob("pred-*.tar"))
     assert "trainer.predict: error: rank 1 stopped while writing predictions: OSError: " \
            "[Errno 28] No space left on device" in res.stderr, res.stderr[-3000:]
     assert "Connection closed" not in res.stderr
@@ -142,6 +143,11 @@ def _tree(root: Path) -> dict[str, bytes | None]:
             for p in sorted(root.rglob("*"))}
 
 
+def _published(root: Path) -> dict[str, bytes | None]:
+    """:func:`_tree` of ``root`` but its stage (``.partial``), kept by a stopped run."""
+    return {k: v for k, v in _tree(root).items() if k.split(os.sep)[0] != ".partial"}
+
+
 @pytest.mark.slow  # the real command in a process of its own
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
@@ -149,9 +155,10 @@ def _tree(root: Path) -> dict[str, bytes | None]:
 def test_ctrl_c_is_one_line_and_leaves_out_as_it_was(trained_run: Path, small_dataset: Path,
                                                      tmp_path: Path, ranks: int) -> None:
     """Ctrl-C while predicting (a shard already in the stage): a KeyboardInterrupt traceback
-    (exit -2) after a progress bar left open, so the traceback began on the bar's line, and the
-    stage was left in --out. Now each rank says one line of its own, exit 130, and --out is as it
-    was: an earlier prediction whole, and no stage (nor a --out made for nothing)."""
+    (exit -2) after a progress bar left open, so the traceback began on the bar's line. Now each
+    rank says one line of its own, exit 130, and --out is as it was: an earlier prediction
+    whole. The stage holding the shards is kept for the rerun to resume, and the line says so
+    (it was removed, as a Ctrl-C removed it before resuming: a deliberate change)."""
     # (the train split: tiles enough that every rank is still predicting when it is pressed)
     common = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "train"]
     earlier, new = tmp_path / "earlier", tmp_path / "new"
@@ -165,21 +172,24 @@ def test_ctrl_c_is_one_line_and_leaves_out_as_it_was(trained_run: Path, small_da
         res = interrupt_when(cmd, "predicting", times=2 * ranks)
         lines = res.stderr.replace("\r", "\n").splitlines()
         said = [line for line in lines if "interrupted" in line]
-        assert said == [f"trainer.predict: interrupted; {out} is left as it was"] * ranks, \
-            res.stderr[-3000:]
+        assert said == [f"trainer.predict: interrupted; {out} is left as it was; the shards "
+                        f"written so far are kept in {out / '.partial'}: rerun the same "
+                        "command to resume (--fresh to start over)"] * ranks, res.stderr[-3000:]
         assert "Traceback" not in res.stderr or ranks > 1, res.stderr[-3000:]  # (torchrun's own)
         assert "KeyboardInterrupt" not in res.stderr, res.stderr[-3000:]
         # (torchrun ends with its own code, 1, and its SignalException traceback)
         assert res.returncode == (130 if ranks == 1 else 1), res.stderr[-3000:]
-    assert _tree(earlier) == before and not new.exists()
+    assert _published(earlier) == before and _published(new) == {}
+    assert list((new / ".partial").glob("pred-*.tar"))
 
 
-def test_a_failed_write_leaves_out_as_it_was(trained_run: Path, small_dataset: Path,
-                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """A shard write that fails (a full disk) with a shard already in the stage left the stage
-    in --out, and a new --out holding only it; a Ctrl-C already removed both. Now an error does
-    too: an earlier prediction whole, and no stage (nor a --out made for nothing)."""
+def test_a_failed_write_leaves_out_as_it_was_and_keeps_the_shards_for_a_rerun(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shard write that fails (a full disk) with a shard already in the stage: --out is as it
+    was (an earlier prediction whole), and the stage, with the shard written, is kept for the
+    rerun to resume, as the error line says. (The stage was removed, and a new --out with it,
+    before a rerun could resume: the old test asserted that, changed deliberately.)"""
     common = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
               "--batch-size", "1", "--shard-size", "1"]
     earlier, new = tmp_path / "earlier", tmp_path / "new"
@@ -197,9 +207,13 @@ def test_a_failed_write_leaves_out_as_it_was(trained_run: Path, small_dataset: P
     for out in (earlier, new):
         written.clear()
         assert predict([*common, "--out", str(out)]) == 2
-        assert "No space left on device" in capsys.readouterr().err
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "trainer.predict: error: [Errno 28] No space left on device; the shards written so "
+            f"far are kept in {out / '.partial'}: rerun the same command to resume (--fresh to "
+            "start over)")
         assert len(written) == 1  # (a shard was in the stage)
-    assert _tree(earlier) == before and not new.exists()
+        assert [p.name for p in (out / ".partial").glob("pred-*.tar")] == [written[0].name]
+    assert _published(earlier) == before and _published(new) == {}
 
 
 def test_a_shard_written_after_rank_0_removed_the_stage_makes_no_directory(
@@ -324,9 +338,12 @@ def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_one_line_and_leaves_o
         finally:
             signal.signal(signal.SIGINT, handler)  # (pytest's own Ctrl-C)
         assert rc == 130 and len(calls) == 2
+        # (the stage, with the first shard, kept for the rerun: it was removed before resuming)
         assert capsys.readouterr().err.splitlines()[-1] == (
-            f"trainer.predict: interrupted; {out} is left as it was")
-    assert _tree(earlier) == before and not new.exists()
+            f"trainer.predict: interrupted; {out} is left as it was; the shards written so far "
+            f"are kept in {out / '.partial'}: rerun the same command to resume (--fresh to "
+            "start over)")
+    assert _published(earlier) == before and _published(new) == {}
 
 
 def test_a_rerun_replaces_the_earlier_prediction(trained_run: Path, small_dataset: Path,
@@ -877,3 +894,230 @@ def test_a_core_that_is_not_inside_its_sample_is_refused() -> None:
         with pytest.raises(ValueError, match=r"^A_r0_c0: meta.json core .* inside its 10 x 12 "
                                              "px sample; rerun dataio.prepare"):
             to_core(prob, {**meta, "core": bad})
+
+
+# ---- a rerun resumes a stopped prediction ------------------------------------------------
+
+
+def _stop_at_shard(monkeypatch: pytest.MonkeyPatch, n: int) -> list[Path]:
+    """Make predict's ``n``-th shard write fail (a full disk), its first ``n - 1`` written;
+    returns the shards written."""
+    real, written = predio.write_pred_shard, []
+
+    def write(path: Path, samples: list, **kwargs: bool) -> int:
+        if len(written) >= n - 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real(path, samples, **kwargs)
+
+    monkeypatch.setattr(predio, "write_pred_shard", write)
+    return written
+
+
+def _count_tiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The tiles of each call of the network (``predict_probs``) from now on."""
+    import trainer.predict as module
+
+    real, seen = module.predict_probs, []
+
+    def counting(net: torch.nn.Module, image: torch.Tensor, tta: bool) -> torch.Tensor:
+        seen.append(image.shape[0])
+        return real(net, image, tta)
+
+    monkeypatch.setattr(module, "predict_probs", counting)
+    return seen
+
+
+def _lines(err: str) -> list[str]:
+    """stderr's lines, a progress bar's updates each a line of its own"""
+    return err.replace("\r", "\n").splitlines()
+
+
+# (the train split: shards enough for a stop part-way; two tiles a batch)
+def _resume_args(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--run-dir", str(run), "--data", str(data), "--split", "train", "--batch-size", "2",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize(("shard", "stop_after"), [(4, 2), (3, 1)], ids=["aligned", "mid-batch"])
+def test_a_rerun_resumes_a_stopped_prediction_byte_for_byte(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], shard: int, stop_after: int) -> None:
+    """A prediction stopped after its first shards (a full disk; a kill, a time limit) lost
+    them: the stage was removed, and the rerun predicted every tile again. Now the rerun keeps
+    them and predicts only the tiles after them (and, where they end inside a batch, that
+    batch's first tiles again: a tile's prediction is its batch's), and its output is an
+    uninterrupted run's byte for byte, shard names too."""
+    def args(out: Path) -> list[str]:
+        return _resume_args(trained_run, small_dataset, out, "--shard-size", str(shard))
+
+    assert predict(args(tmp_path / "whole")) == 0
+    want = _tree(tmp_path / "whole")
+    out = tmp_path / "pred"
+    written = _stop_at_shard(monkeypatch, stop_after + 1)
+    assert predict(args(out)) == 2 and len(written) == stop_after
+    assert _published(out) == {}  # nothing published
+    monkeypatch.undo()
+    capsys.readouterr()
+    seen = _count_tiles(monkeypatch)
+    assert predict(args(out)) == 0
+    assert _tree(out) == want
+    tiles, kept = len(_read(out)), stop_after * shard
+    assert tiles > kept + 2 and sum(seen) == tiles - kept + kept % 2
+    said, err = capsys.readouterr()
+    assert (f"trainer.predict: resuming the stopped prediction in {out / '.partial'} (--fresh "
+            "to start over)") in _lines(err)
+    assert said.splitlines()[-1].startswith(f"wrote predictions for {tiles} tiles of train to "
+                                            f"{out} ({kept} of them in the stopped run's shards")
+
+
+@pytest.mark.parametrize(("other", "changed"), [
+    (["--tta"], "--tta"), (["--shard-size", "3"], "--shard-size"),
+    (["--checkpoint", "STEP"], "the checkpoint's weights")],
+    ids=["tta", "shard-size", "checkpoint"])
+def test_a_stage_of_another_prediction_is_discarded(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], other: list[str], changed: str) -> None:
+    """A stage that another checkpoint, --tta or --shard-size made (other values, or other
+    tiles in each shard) is not resumed: it is discarded in one line saying why, and the
+    output is this prediction's."""
+    step = sorted((trained_run / "checkpoints").glob("step-*.pt"))[0]
+    other = [str(step) if a == "STEP" else a for a in other]
+    common = ["--shard-size", "2"]
+    assert predict(_resume_args(trained_run, small_dataset, tmp_path / "whole", *common)) == 0
+    want = _tree(tmp_path / "whole")
+    out = tmp_path / "pred"
+    _stop_at_shard(monkeypatch, 2)
+    assert predict(_resume_args(trained_run, small_dataset, out, *common, *other)) == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    seen = _count_tiles(monkeypatch)
+    assert predict(_resume_args(trained_run, small_dataset, out, *common)) == 0
+    assert _tree(out) == want and sum(seen) == len(_read(out))
+    assert (f"trainer.predict: discarding {out / '.partial'} (made by another prediction: "
+            f"{changed} changed); starting over") in _lines(capsys.readouterr().err)
+
+
+def test_fresh_starts_over_and_a_damaged_shard_is_written_again(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated shard in the stage (and a killed write's temporary file) is not kept: the
+    rerun writes it again, and publishes neither. --fresh discards a stage it could resume."""
+    common = ["--shard-size", "2"]
+    assert predict(_resume_args(trained_run, small_dataset, tmp_path / "whole", *common)) == 0
+    want = _tree(tmp_path / "whole")
+    out = tmp_path / "pred"
+    for fresh in (False, True):
+        _stop_at_shard(monkeypatch, 3)
+        assert predict(_resume_args(trained_run, small_dataset, out, *common)) == 2
+        monkeypatch.undo()
+        stage = out / ".partial"
+        second = stage / "pred-000001.tar"
+        data = second.read_bytes()
+        second.write_bytes(data[:len(data) // 2])  # (cut inside a member)
+        (stage / ".pred-000002.tar.abcd1234.tmp").write_bytes(b"killed")
+        capsys.readouterr()
+        seen = _count_tiles(monkeypatch)
+        assert predict(_resume_args(trained_run, small_dataset, out, *common,
+                                    *(["--fresh"] if fresh else []))) == 0
+        monkeypatch.undo()
+        assert _tree(out) == want
+        # the first shard's two tiles kept (not with --fresh); the truncated second's redone
+        assert sum(seen) == len(_read(out)) - (0 if fresh else 2)
+        if fresh:
+            assert (f"trainer.predict: discarding {stage} (--fresh); starting over"
+                    in _lines(capsys.readouterr().err))
+
+
+def test_each_rank_resumes_after_its_own_complete_shards(small_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """Two ranks stopped at different shards (rank 0 after its second, rank 1 after its first,
+    its second cut short): each keeps its own complete shards, removes its others (and no
+    other rank's), and its loader, started where the scan says, reads the rest of its share:
+    the kept tiles and the rest are the share of an uninterrupted run, once each."""
+    from dataio.loader import LoaderConfig
+    from trainer import predresume
+
+    cfg = LoaderConfig(batch_size=2, num_threads=1)
+    shard, world = 3, 2
+    stage = tmp_path / ".partial"
+    stage.mkdir()
+
+    def share(loader: object) -> list[str]:
+        return [k for b in loader for k, v in zip(b.keys, b.valid.tolist(), strict=True) if v]
+
+    shares, loaders = [], []
+    for rank in range(world):
+        loader = build_loader(small_dataset, "train", cfg, rank, world)
+        loaders.append(loader)
+        shares.append(share(loader))
+        chunks = [shares[rank][i:i + shard] for i in range(0, len(shares[rank]), shard)]
+        assert len(chunks) >= 3
+        for k, chunk in enumerate(chunks[:3]):
+            predio.write_pred_shard(stage / predresume.shard_name(k, rank, world), [
+                (key, np.zeros((2, 2, 3), np.uint8), {"height": 2, "width": 2})
+                for key in chunk])
+    # rank 1's second: cut in tarfile's padding after the end-of-archive marker (it reads whole,
+    # but it is not the file an uninterrupted run writes)
+    second = stage / predresume.shard_name(1, 1, world)
+    data = second.read_bytes()
+    end = -(-len(data.rstrip(b"\0")) // 512) * 512 + 1024
+    assert end < len(data)
+    second.write_bytes(data[:end])
+    assert predio.shard_keys(second) == shares[1][shard:2 * shard]
+    (stage / predresume.shard_name(2, 0, world)).unlink()  # rank 0's third: not written
+    keys = [r.key for r in loaders[0].index.samples]
+    for rank, kept_shards in ((0, 2), (1, 1)):
+        at = predresume.scan_share(stage, keys, rank, world, cfg.batch_size, shard)
+        assert (at.shards, at.tiles, at.skipped) == (kept_shards, kept_shards * shard, 0)
+        predresume.clear_share(stage, rank, world, at.shards)
+        loader = loaders[rank]
+        loader.load_state_dict(predresume.loader_state(loader, at.step))
+        rest = [k for k in share(loader) if k not in at.drop]
+        assert shares[rank][:at.tiles] + rest == shares[rank]
+        with loader:
+            pass
+    assert sorted(p.name for p in stage.iterdir()) == [
+        predresume.shard_name(k, r, world) for k, r in ((0, 0), (0, 1), (1, 0))]
+    # a share written whole: nothing of it is read again (its last batch, part full, neither)
+    r = next(r for r in range(world) if len(shares[r]) % cfg.batch_size)
+    done = tmp_path / "done"
+    done.mkdir()
+    chunks = [shares[r][i:i + shard] for i in range(0, len(shares[r]), shard)]
+    for k, chunk in enumerate(chunks):
+        predio.write_pred_shard(done / predresume.shard_name(k, r, world), [
+            (key, np.zeros((2, 2, 3), np.uint8), {"height": 2, "width": 2}) for key in chunk])
+    at = predresume.scan_share(done, keys, r, world, cfg.batch_size, shard)
+    assert (at.shards, at.tiles, at.drop, at.skipped) == (len(chunks), len(shares[r]), set(), 0)
+    loader = build_loader(small_dataset, "train", cfg, r, world)
+    loader.load_state_dict(predresume.loader_state(loader, at.step))
+    with loader:
+        assert share(loader) == []
+
+
+def test_a_resumed_run_counts_the_tiles_the_stopped_run_skipped(
+        trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A tile the stopped run's loader skipped (4 bands where the manifest says 3), before its
+    last kept shard, is not read again: the rerun counts it as left out all the same, not as a
+    tile of a shard left out."""
+    from dataio.fixtures import aligned_tile, write_dataset
+
+    image, mask = aligned_tile(32, 32, 0)
+    tiles = [("AOI_9_Bad_img0", np.dstack([image, image[..., :1]]), mask),
+             *[(f"AOI_9_Bad_img{i}", *aligned_tile(32, 32, i)) for i in range(1, 6)]]
+    data = write_dataset(tmp_path / "DATA", {"test": tiles})
+    args = ["--run-dir", str(trained_run), "--data", str(data), "--split", "test",
+            "--batch-size", "2", "--shard-size", "2"]
+    assert predict([*args, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "pred"
+    _stop_at_shard(monkeypatch, 2)
+    assert predict([*args, "--out", str(out)]) == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert predict([*args, "--out", str(out)]) == 0
+    assert _tree(out) == _tree(tmp_path / "whole")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"wrote predictions for 5 tiles of test to {out} (2 of them in the stopped run's shards, "
+        "kept); 1 of its 6 tiles were left out (skipped by the stopped run: 1; see the warnings "
+        "above)")
