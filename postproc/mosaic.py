@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import glob
 import itertools
+import math
 import os
 import secrets
 import sys
@@ -130,10 +131,32 @@ def scan(shards: list[Path], tol: float) -> Layout:
         a, b = first_of[0], first_of[1]
         raise MergeError(
             f"--pred {shards[0].parent}: the tiles lie on {len(index.grids)} pixel grids "
-            f"({len({g.crs for g in index.grids})} CRS; e.g. {a} on one, {b} on another): a "
-            "mosaic is one grid, and resampling would change the probabilities; mosaic each "
-            "grid's tiles apart, or join their footprints with postproc.merge")
+            f"({len({g.crs for g in index.grids})} CRS; e.g. {a} on one, {b} on another"
+            f"{_off_by(index.grids[0], index.grids[1], tiles[b], tol)}): a mosaic is one grid, "
+            "and resampling would change the probabilities; mosaic each grid's tiles apart, or "
+            "join their footprints with postproc.merge")
     return _resolve_overlaps(Layout(index.grids[0], tiles), np.array(ext, dtype=np.int64))
+
+
+def _off_by(grid: Grid, other: Grid, tile: Tile, tol: float) -> str:
+    """What the refusal adds when ``tile`` (the first of grid ``other``) is off ``grid`` by a
+    rounding's worth (under 0.1 px), in the same CRS: by how much, and the flag that accepts it.
+
+    NOTE: the refusal named only the ways out that keep the grids apart; tiles whose transforms
+    were written with fewer digits (lon/lat origins to 1e-7 degrees: up to 0.02 px of SpaceNet's
+    2.7e-6 degree pixels) lie a few hundredths of a pixel off one grid, and the user was not told
+    that --tolerance joins them.
+    """
+    if other.crs != grid.crs:
+        return ""
+    w, h = tile.box[2] - tile.box[0], tile.box[3] - tile.box[1]
+    local = np.array([[0, 0], [w, 0], [0, h], [w, h]], dtype=float)
+    px = grid.to_pixels(other.to_map(local))
+    off = float(np.abs(px - (np.round(px[0]) + local)).max())
+    if not tol < off < 0.1:
+        return ""
+    return (f", off the first by {off:.2g} px: if their transforms are rounded, pass "
+            f"--tolerance {math.floor(off * 100 + 1) / 100:g} (now {tol:g})")
 
 
 def _resolve_overlaps(layout: Layout, ext: np.ndarray) -> Layout:

@@ -174,6 +174,35 @@ def test_tiles_on_several_grids_are_refused(other, tmp_path, capsys):
     assert "2 pixel grids" in err and "AOI_9_Mosaic_r0c1" in err and "AOI_9_Other" in err
 
 
+def test_tiles_a_rounding_off_one_grid_are_told_the_tolerance_that_joins_them(tmp_path, capsys):
+    """SpaceNet-style lon/lat tiles (EPSG:4326, 2.7e-6 degree pixels) whose origins were written
+    to 1e-7 degrees lie up to 0.02 px off one grid: refused, as they must be at the default
+    --tolerance, but the refusal named only ways out that keep them apart. It says by how much
+    they are off and the --tolerance that joins them; with it the mosaic is written."""
+    deg = 0.3 / 111320
+    fwd = Affine(deg, 0, -115.3, 0, -deg, 36.2)
+    pred = _cut(tmp_path / "pred", fwd, 1, 2, 16, jitter=0)
+    for m in (pred / "pred-000000.tar", pred / "pred-000001.tar"):  # (in EPSG:4326)
+        write_pred_shard(m, [(k, p, {**meta, "crs": "EPSG:4326"})
+                             for k, p, meta in iter_pred_samples(m)])
+    meta = _meta(fwd, 32, 0, 16, 16, "EPSG:4326")
+    meta["transform"][2] = round(meta["transform"][2], 7)  # (0.014 px off)
+    write_pred_shard(pred / "pred-000002.tar", [("AOI_9_Rounded", _probs(16, 16, 5), meta)])
+    out = tmp_path / "area.tif"
+    err = _refused(["--pred", str(pred), "--out", str(out)], capsys, out)
+    assert "AOI_9_Rounded on another, off the first by 0.014 px" in err, err
+    assert "pass --tolerance 0.02 (now 0.01)" in err, err
+    assert run(["--pred", str(pred), "--out", str(out), "--tolerance", "0.02"]) == 0
+    with rasterio.open(out) as src:
+        assert (src.width, src.height) == (48, 16)
+    capsys.readouterr()
+    # (half a pixel off is no rounding: no --tolerance to try)
+    meta["transform"][2] = (fwd @ (32.5, 0))[0]
+    write_pred_shard(pred / "pred-000002.tar", [("AOI_9_Rounded", _probs(16, 16, 5), meta)])
+    out = tmp_path / "half.tif"
+    assert "--tolerance" not in _refused(["--pred", str(pred), "--out", str(out)], capsys, out)
+
+
 def test_overlaps_go_to_the_first_image_id_and_are_noted(tmp_path, capsys):
     """b at (0, 0); a over b's bottom-right quarter; c the same extent as a, a later name. Shard
     order a, c, b (the last read would win if written over): the pixels must follow ImageId
