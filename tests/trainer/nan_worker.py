@@ -1,11 +1,17 @@
-"""Run under torchrun by test_distributed: NaN loss on rank 1 only, at its CALL-th loss (3rd by
-default), with ACCUM loader batches per optimizer step (train.grad_accum_steps, 1 by default).
+"""Run under torchrun by test_distributed: NaN loss on rank 1 only, at its CALL-th loss, with
+ACCUM loader batches per optimizer step (train.grad_accum_steps); one training run per
+ACCUM:CALL given, one after another in the same process group.
 
-Writes rank 0's view to OUT (JSON): steps taken and skipped, the backward passes that
-all-reduced (counted by a DDP comm hook), and whether all ranks ended with identical weights.
-Fails if a thread of the process group outlives dist.teardown.
+NOTE: one torchrun for every case: a start of its own cost each case ~8 s of start-up on 2 cores.
+Each run has a Trainer (its DDP model, loaders and metrics) and run directory of its own.
 
-    nan_worker.py DATA RUN OUT [ACCUM CALL]
+Writes rank 0's view of each run to OUT (JSON, keyed by "ACCUM:CALL"): steps taken and skipped,
+the backward passes that all-reduced (counted by a DDP comm hook), and whether all ranks ended
+with identical weights. Before each run rank 0 says ``nan_worker: run ACCUM:CALL`` on stderr, so
+that a test can tell the runs' log lines apart. Fails if a thread of the process group outlives
+dist.teardown.
+
+    nan_worker.py DATA BASE OUT ACCUM:CALL [ACCUM:CALL ...]   (runs in BASE/run-ACCUM-CALL)
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from trainer.config import load_config
 from trainer.trainer import Trainer
 
 
-def train(env: dist.DistEnv, data: Path, run_dir: Path, out: Path, accum: int,
-          call: int) -> None:
+def train(env: dist.DistEnv, data: Path, run_dir: Path, accum: int, call: int
+          ) -> dict[str, object]:
     cfg = load_config(Path("configs/tiny.toml"), ["train.val_every=0", "train.epochs=2",
                                                   "data.num_threads=1",
                                                   f"train.grad_accum_steps={accum}"])
@@ -49,30 +55,37 @@ def train(env: dist.DistEnv, data: Path, run_dir: Path, out: Path, accum: int,
     flat = torch.cat([p.detach().flatten() for p in t.net.parameters()])
     views = dist.gather_objects(flat)
     skipped = t.metrics.skipped_steps.labels(reason="nonfinite_loss")._value.get()
-    if env.is_main:
-        out.write_text(json.dumps({
-            "identical": all(torch.equal(views[0], v) for v in views[1:]),
-            "global_step": t.global_step, "skipped": skipped,
-            "optimizer_steps_per_epoch": t.optimizer_steps_per_epoch,
-            "synced_backwards": calls["synced"],
-            "steps_taken": int(t.optimizer.state_dict()["state"][0]["step"]),
-        }))
+    return {
+        "identical": all(torch.equal(views[0], v) for v in views[1:]),
+        "global_step": t.global_step, "skipped": skipped,
+        "optimizer_steps_per_epoch": t.optimizer_steps_per_epoch,
+        "synced_backwards": calls["synced"],
+        "steps_taken": int(t.optimizer.state_dict()["state"][0]["step"]),
+    }
 
 
-def main(data: Path, run_dir: Path, out: Path, accum: int = 1, call: int = 3) -> None:
+def main(data: Path, base: Path, out: Path, cases: list[str]) -> None:
     env = dist.init(dist.DistEnv.from_env())
+    views = {}
     try:
-        # NOTE: in a function of its own, so that the Trainer (its DDP model) is gone before the
-        # teardown, as in trainer.train. A DDP model that outlives destroy_process_group destroys
-        # the group later, from its reducer, joining the gloo threads with the GIL held: a
-        # thread that needs the GIL then (to drop a tensor of a collective it finished late)
-        # hangs the process.
-        train(env, data, run_dir, out, accum, call)
+        for case in cases:
+            accum, call = map(int, case.split(":"))
+            if env.is_main:  # (one write: print's two could have rank 1's output between)
+                sys.stderr.write(f"nan_worker: run {case}\n")
+                sys.stderr.flush()
+            # NOTE: in a function of its own, so that the Trainer (its DDP model) is gone before
+            # the teardown, as in trainer.train. A DDP model that outlives
+            # destroy_process_group destroys the group later, from its reducer, joining the gloo
+            # threads with the GIL held: a thread that needs the GIL then (to drop a tensor of a
+            # collective it finished late) hangs the process.
+            views[case] = train(env, data, base / f"run-{accum}-{call}", accum, call)
     finally:
         dist.teardown()
     if left := gloo_threads():
         sys.exit(f"rank {env.rank}: the process group's threads outlived dist.teardown: {left}")
+    if env.is_main:
+        out.write_text(json.dumps(views))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), *map(int, sys.argv[4:6]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
