@@ -20,8 +20,12 @@ from postproc.score import score
 REPO = Path(__file__).resolve().parents[2]
 # NOTE: 12 tiles (8/2/2: two test tiles to render) and one epoch: every stage runs on real
 # files; 24 tiles and 2 epochs took a third longer for the same checks (the F1 of so short a
-# training is near 0 either way, and it is recomputed here, not asserted high).
-SHORT = ["--tiles", "12", "--render-tiles", "2", "--set", "train.epochs=1",
+# training is near 0 either way, and it is recomputed here, not asserted high). One process
+# under torchrun (the same --standalone command line): a second rank cost each of the three
+# torchrun stages its start-up on 2 busy cores, ~20 s of the ~85 s, and what two ranks do is
+# checked where it is the point: DDP training in tests/trainer/test_distributed.py, two ranks'
+# prediction shards against one process's in test_predict_under_torchrun_matches_one_process.
+SHORT = ["--tiles", "12", "--render-tiles", "2", "--nproc", "1", "--set", "train.epochs=1",
          "--set", "train.val_every=1", "--set", "data.crop_size=128"]
 
 
