@@ -433,14 +433,8 @@ def _merged(data: Path, tmp_path: Path, crs: str,
     from postproc.cli import exit_on_error
     from postproc.merge import main as merge_main
     from postproc.polygonize import main as polygonize_main
-    from postproc.predio import quantize_probs, write_pred_shard
-    from trainer.predict import to_core
 
-    preds = []
-    for key, (img, _, meta) in sorted(_samples(data).items()):
-        p = np.where(img[..., 0] == ROOF, 0.9, 0.05)
-        preds.append((key, *to_core(quantize_probs(np.stack([1 - p, p, 0 * p], axis=2)), meta)))
-    write_pred_shard(tmp_path / "pred" / "pred-000000.tar", preds)
+    _predicted(data, tmp_path / "pred")
     assert exit_on_error(lambda: polygonize_main([
         "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "p.csv"), "--geojson",
         str(tmp_path / "gj"), "--min-polygon-area", "0", "--no-tuned", "--workers", "1"])) == 0
@@ -456,6 +450,61 @@ def _merged(data: Path, tmp_path: Path, crs: str,
 
     return [(shapely.transform(shape(f["geometry"]), px), f["properties"])
             for f in json.loads(out.read_text())["features"]]
+
+
+def _roof_probs(img: np.ndarray) -> np.ndarray:
+    """What the tests' stand-in net predicts: 0.9 building on a roof, 0.05 elsewhere (uint8)."""
+    from postproc.predio import quantize_probs
+
+    p = np.where(img[..., 0] == ROOF, 0.9, 0.05)
+    return quantize_probs(np.stack([1 - p, p, 0 * p], axis=2))
+
+
+def _predicted(data: Path, pred: Path) -> None:
+    """Each sample of ``data`` predicted (its roofs) and cut to its chip, as trainer.predict
+    writes it, into ``pred``."""
+    from postproc.predio import write_pred_shard
+    from trainer.predict import to_core
+
+    write_pred_shard(pred / "pred-000000.tar", [
+        (key, *to_core(_roof_probs(img), meta))
+        for key, (img, _, meta) in sorted(_samples(data).items())])
+
+
+@pytest.mark.parametrize("georef", sorted(GEOREF))
+def test_the_chips_mosaic_is_the_scenes_prediction_on_its_grid(georef: str,
+                                                               tmp_path: Path) -> None:
+    """prepare --chip-size (with its default margin) -> per-chip predictions cut to their chips
+    -> postproc.mosaic: one raster on the scene's own grid (its CRS and transform, also rotated
+    or south-up), every pixel of the scene its prediction, the second image in its place 1000 px
+    to the right, and the gap between the two masked out."""
+    from postproc.mosaic import main as mosaic_main
+
+    crs, transform = GEOREF[georef]
+    raw = tmp_path / "raw"
+    scene = _scene()
+    _write_tif(raw, SCENE, scene, transform, crs=crs)
+    small = np.random.default_rng(6).integers(0, 2047, (3, 90, N + 1)).astype(np.uint16)
+    _write_tif(raw, "AOI_9_Small_img1", small, transform @ Affine.translation(W + 1000, 0),
+               crs=crs)
+    data = tmp_path / "d"
+    _run(raw, data, "--chip-size", str(N))
+    _predicted(data, tmp_path / "pred")
+    out = tmp_path / "area.tif"
+    assert mosaic_main(["--pred", str(tmp_path / "pred"), "--out", str(out)]) == 0
+    with rasterio.open(out) as d:
+        assert d.crs == rasterio.crs.CRS.from_user_input(crs)
+        np.testing.assert_allclose(list(d.transform)[:6], list(transform)[:6], rtol=1e-12,
+                                   atol=1e-12)
+        assert (d.height, d.width) == (H, W + 1000 + N + 1)
+        got, mask = d.read(), d.dataset_mask()
+    want = np.zeros((H, W + 1000 + N + 1, 3), np.uint8)
+    want[:, :W] = _roof_probs(scene.transpose(1, 2, 0))
+    want[:90, W + 1000:] = _roof_probs(small.transpose(1, 2, 0))
+    covered = np.zeros((H, W + 1000 + N + 1), bool)
+    covered[:, :W] = covered[:90, W + 1000:] = True
+    assert np.array_equal(mask > 0, covered)
+    assert np.array_equal(got.transpose(1, 2, 0)[covered], want[covered])
 
 
 def test_merge_joins_the_chips_around_those_left_out_as_nodata(tmp_path: Path) -> None:
