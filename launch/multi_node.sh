@@ -26,24 +26,11 @@ if [ -z "${MASTER_ADDR:-}" ]; then
     exit 2
 fi
 CONFIG=$1 DATA=$2 RUN=$3; shift 3
-# NOTE: from the caller's directory, as given: the command below runs from the repository
-# root, where a relative RUN put the run inside the checkout and DATA read its data/.
-for v in CONFIG DATA RUN; do [[ ${!v} = /* ]] || printf -v "$v" %s "$PWD/${!v}"; done
-# So is train.init_from, the path a --set gives (a TOML string's quotes taken off): relative,
-# it named a source in the checkout (missing there, or another run of that name).
-given=()
-for word in "$@"; do
-    if [[ $word =~ ^(--set=)?train\.init_from=(.+)$ ]]; then
-        src=${BASH_REMATCH[2]}
-        [[ ${#src} -ge 2 && ( $src = \"*\" || $src = \'*\' ) ]] && src=${src:1:${#src}-2}
-        [[ -z $src || $src = /* || $src = \~* ]] ||
-            word="${BASH_REMATCH[1]}train.init_from=$PWD/$src"
-    fi
-    given+=("$word")
-done
-set -- ${given[@]+"${given[@]}"}
+CALLER=$PWD  # (the paths given are relative to it: from_caller, below)
 cd "$(dirname "$0")/.."
 source launch/torchrun_env.sh  # TORCHRUN, PYTHON, NPROC, CHECK_NPROC, MAX_RESTARTS, OMP_...
+from_caller "$CALLER" "$@"  # CONFIG, DATA, RUN and a train.init_from: absolute
+set -- ${ARGS[@]+"${ARGS[@]}"}
 # NOTE: a fresh rendezvous store each round (hosted by rank 0's node) instead of one shared
 # across restarts: restarted workers then cannot read the previous attempt's addresses, and the
 # nodes need no restart counter in common (each agent keeps its own).

@@ -1,6 +1,6 @@
 # Sourced (from the repository root) by single_node.sh and multi_node.sh: the torchrun and the
 # Python to use, the processes per node (and CHECK_NPROC, their part of the --check before
-# torchrun) and the CPU threads of each.
+# torchrun), the CPU threads of each, and from_caller for the paths the caller gave.
 TORCHRUN=${TORCHRUN:-$( [ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun )}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
@@ -13,6 +13,28 @@ need_number() {
         echo "error: $1=$value: give a whole number from $2${3:+ to $3}" >&2
         exit 2
     fi
+}
+
+# from_caller DIR [ARG ...]: the paths given relative to DIR, the caller's directory, made
+# absolute: CONFIG, DATA and RUN in place, and train.init_from's in a --set among the ARGs,
+# which come back in ARGS.
+# NOTE: the scripts run from the repository root, where a relative RUN put the run inside the
+# checkout, DATA read its data/, and an init_from named a source there (missing, or another run
+# of that name). The --set's value is a TOML string's: its quotes are taken off.
+from_caller() {
+    local dir=$1 v word src
+    shift
+    for v in CONFIG DATA RUN; do [[ ${!v} = /* ]] || printf -v "$v" %s "$dir/${!v}"; done
+    ARGS=()
+    for word in "$@"; do
+        if [[ $word =~ ^(--set=)?train\.init_from=(.+)$ ]]; then
+            src=${BASH_REMATCH[2]}
+            [[ ${#src} -ge 2 && ( $src = \"*\" || $src = \'*\' ) ]] && src=${src:1:${#src}-2}
+            [[ -z $src || $src = /* || $src = \~* ]] ||
+                word="${BASH_REMATCH[1]}train.init_from=$dir/$src"
+        fi
+        ARGS+=("$word")
+    done
 }
 
 if [ -z "${NPROC:-}" ]; then
