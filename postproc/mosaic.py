@@ -127,6 +127,10 @@ def scan(shards: list[Path], tol: float) -> Layout:
             box = (int(ox), int(oy), int(ox) + w, int(oy) + h)
             tiles[key] = Tile(key, box)
             ext.append((gi, *box))
+    # NOTE: a raster needs an extent: shards holding no sample ended in an IndexError traceback
+    if not tiles:
+        raise MergeError(f"--pred {shards[0].parent}: no tile in its {len(shards)} "
+                         "pred-*.tar shard(s): nothing to mosaic")
     if len(index.grids) > 1:
         a, b = first_of[0], first_of[1]
         raise MergeError(

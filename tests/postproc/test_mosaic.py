@@ -270,6 +270,9 @@ def test_bad_inputs_are_named(area, tmp_path, capsys):
     assert "no pred-*.tar shards" in _refused(["--pred", str(pred), "--out", str(out)], capsys,
                                               out)
     shard = pred / "pred-000000.tar"
+    tarfile.open(shard, "w").close()  # (complete, and empty: no tile to place)
+    assert f"--pred {pred}: no tile in its 1 pred-*.tar shard(s)" in _refused(
+        ["--pred", str(pred), "--out", str(out)], capsys, out)
     shard.write_bytes((pred0 / "pred-000000.tar").read_bytes()[:-3000])
     assert f"{shard}: truncated" in _refused(["--pred", str(pred), "--out", str(out)], capsys, out)
     for drop, said in (("transform", "transform None is not six finite numbers"),
