@@ -18,7 +18,7 @@ rerun of this command replaces that PRED's shards and removes the marker.
 A stopped run resumes: an error, Ctrl-C or a kill leaves PRED as it was and keeps the stage with
 the shards written so far, and a rerun of the same command keeps each rank's complete shards and
 predicts only the tiles after them; the output is an uninterrupted run's, byte for byte. A stage
-made by another prediction (the checkpoint's bytes, the data, ``--split``, ``--tta``,
+made by another prediction (the weights loaded, the data, ``--split``, ``--tta``,
 ``--shard-size``, ``--batch-size``, the number of ranks, ...) is discarded with one line saying
 why; ``--fresh`` discards it regardless (``trainer.predresume``). A stage that holds no shard is
 removed, and a successful run leaves none. Ctrl-C is one line and exit code 130 on each rank, and

@@ -3,7 +3,7 @@
 A prediction at scale (a city cut into 100,000 chips, hours of GPU time) stopped near its end
 (a node failure, a Slurm time limit, Ctrl-C) lost every shard: its stage ``PRED/.partial`` was
 removed, and a rerun started from zero. Now a stopped run keeps its stage, with
-``.partial/.resume.json``: the key of the prediction that made it (the checkpoint's bytes, the
+``.partial/.resume.json``: the key of the prediction that made it (the weights loaded, the
 run's model config, the data, the split and every setting that decides which tiles land in which
 shard, or their values). A rerun whose key is the same keeps each rank's complete shards
 k = 0..K-1 and starts that rank's loader at the batch of its first tile after them (the loader's

@@ -114,9 +114,9 @@ class Trainer:
         # every checkpoint, so that a resume of a run that stopped early stays stopped
         self.validations_since_best = 0
         self.stopped_early = False
-        # This rank's figures of the epoch so far (loss sum, steps, samples) and the epoch's
-        # start on the perf_counter clock: kept across a mid-epoch resume, so the epoch's log
-        # line covers all of it, not only the steps after the restart.
+        # This rank's figures of the epoch so far (loss sum, loader batches, samples) and the
+        # epoch's start on the perf_counter clock: kept across a mid-epoch resume, so the epoch's
+        # log line covers all of it, not only the steps after the restart.
         self._totals = torch.zeros(3, dtype=torch.float64)
         self._t_epoch = 0.0
         self._resumed_seconds = 0.0
