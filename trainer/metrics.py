@@ -54,10 +54,12 @@ class TrainMetrics:
         r = self.registry
         p = PREFIX
         self.samples = Counter(f"{p}_samples", "Training samples processed", ["rank"], registry=r)
-        self.steps = Counter(f"{p}_steps", "Training steps run (skipped ones too)", ["rank"],
-                             registry=r)
-        self.step_time = Histogram(f"{p}_step_seconds", "Wall time of one training step",
-                                   ["rank"], buckets=STEP_BUCKETS, registry=r)
+        # NOTE: a step here is a loader batch: train.grad_accum_steps of them make one optimizer
+        # step (global_step), as the README says
+        self.steps = Counter(f"{p}_steps", "Training steps run, in loader batches (skipped "
+                             "ones too)", ["rank"], registry=r)
+        self.step_time = Histogram(f"{p}_step_seconds", "Wall time of one training step (a "
+                                   "loader batch)", ["rank"], buckets=STEP_BUCKETS, registry=r)
         self.data_wait = Histogram(f"{p}_data_wait_seconds", "Time a step waited for its batch",
                                    ["rank"], buckets=STEP_BUCKETS, registry=r)
         self.loss = Gauge(f"{p}_loss", "Training loss of the last step", ["rank"], registry=r)
