@@ -192,7 +192,9 @@ def _load_net(ckpt_path: Path, cfg: Config, bands: int,
     from models import build_model_from_config
     from trainer.checkpoint import load, load_model
 
-    state = load(ckpt_path, map_location="cpu")
+    # NOTE: mapped, not read: every rank loads the checkpoint, whose optimizer state (twice the
+    # model's size with Adam) prediction never uses; only the model's tensors are read
+    state = load(ckpt_path, map_location="cpu", mmap=True)
     # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
     # checkpoint; no compile, since prediction sees tiles of every size once.
     net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
