@@ -36,6 +36,12 @@ SAME_AS_ONE_BATCH = ["train.amp=off", "model.norm=group", "loss.class_weights=[1
                      "optim.name=sgd", "optim.momentum=0.0", "optim.lr=0.02", "train.epochs=1"]
 
 
+def _text(records: list[logging.LogRecord]) -> str:
+    """The messages the project's logger got (the conftest fixture ``footprints_log``: once
+    each, whatever an earlier test did to the logger's propagation)."""
+    return "\n".join(r.getMessage() for r in records)
+
+
 def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
     cfg = load_config(Path("configs/tiny.toml"), FAST + overrides)
     return Trainer(cfg, DistEnv(), data, run, device=torch.device("cpu"))
@@ -165,17 +171,18 @@ def test_steps_checkpoints_and_the_schedule_count_optimizer_steps(
 
 def test_a_warm_up_as_long_as_the_run_counts_optimizer_steps(
         small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        footprints_log: list[logging.LogRecord],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
     t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=2", "optim.warmup_steps=6",
                                                    "train.grad_accum_steps=2"])
     monkeypatch.setattr(t, "train_epoch", lambda: {})  # the messages are what is tested
     monkeypatch.setattr(t, "end_epoch", lambda summary: None)
+    footprints_log.clear()
     with caplog.at_level(logging.INFO, logger="footprints"):
         t.train()
-    assert "3 steps/epoch (train.grad_accum_steps=2: 5 batches), amp" in caplog.text
+    assert "3 steps/epoch (train.grad_accum_steps=2: 5 batches), amp" in _text(footprints_log)
     assert ("optim.warmup_steps=6 fills the whole run (train.epochs=2 x 3 steps/epoch "
-            "(train.grad_accum_steps=2: 5 batches) = 6 steps)") in caplog.text
+            "(train.grad_accum_steps=2: 5 batches) = 6 steps)") in _text(footprints_log)
 
 
 def test_a_mid_epoch_resume_lands_on_a_group_boundary_and_is_bit_exact(
@@ -217,10 +224,9 @@ def test_a_resume_with_another_grad_accum_steps_keeps_the_schedule(small_dataset
         "grad_accum_steps"] == 3
 
 
-def test_a_nan_in_one_batch_skips_its_whole_group_once(small_dataset: Path, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
+def test_a_nan_in_one_batch_skips_its_whole_group_once(
+        small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        footprints_log: list[logging.LogRecord]) -> None:
     t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=1", "train.grad_accum_steps=2",
                                                    "train.max_nonfinite_steps=2"])
     real, calls = t.loss_fn, {"n": 0}
@@ -230,6 +236,7 @@ def test_a_nan_in_one_batch_skips_its_whole_group_once(small_dataset: Path, tmp_
         return real(logits, mask) * (float("nan") if calls["n"] == 1 else 1.0)
 
     t.loss_fn = poisoned  # type: ignore[assignment]
+    footprints_log.clear()
     with caplog.at_level(logging.WARNING, logger="footprints"):
         summary = t.train()
     assert calls["n"] == 5 and t.global_step == 3
@@ -237,7 +244,7 @@ def test_a_nan_in_one_batch_skips_its_whole_group_once(small_dataset: Path, tmp_
     assert t.scheduler.last_epoch == 2 and t.nonfinite_run == 0
     assert t.metrics.registry.get_sample_value("footprints_skipped_steps_total",
                                                {"reason": "nonfinite_loss"}) == 1
-    assert caplog.text.count("skipped on all ranks") == 1
+    assert _text(footprints_log).count("skipped on all ranks") == 1
     assert all(bool(torch.isfinite(p).all()) for p in t.net.parameters())
     # the skipped group's 8 samples (and its finite batch's loss) count for nothing
     assert summary["samples"] == 17 - 8 and math.isfinite(summary["train_loss"])

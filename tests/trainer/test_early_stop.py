@@ -18,6 +18,12 @@ from trainer.trainer import LOG, Trainer
 F1 = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: 0.8, 6: 0.95}
 
 
+def _text(records: list[logging.LogRecord]) -> str:
+    """The messages the project's logger got (the conftest fixture ``footprints_log``: once
+    each, whatever an earlier test did to the logger's propagation)."""
+    return "\n".join(r.getMessage() for r in records)
+
+
 def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
     cfg = load_config(Path("configs/tiny.toml"), ["data.num_threads=1", "train.val_every=1",
                                                   "train.epochs=6", *overrides])
@@ -32,9 +38,9 @@ def _epochs_logged(run: Path) -> list[int]:
 
 def test_patience_stops_the_run_and_a_resume_stays_stopped(
         small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
+        footprints_log: list[logging.LogRecord]) -> None:
     run = tmp_path / "run"
+    footprints_log.clear()
     with caplog.at_level(logging.INFO, logger="footprints"):
         _trainer(small_dataset, run, ["train.early_stop_patience=3"]).train()
     # epochs 3, 4 (a tie is no improvement) and 5 did not beat epoch 2's 0.9
@@ -42,19 +48,19 @@ def test_patience_stops_the_run_and_a_resume_stays_stopped(
     stopped = ckpt.load(ckpt.list_checkpoints(run)[-1])
     assert (stopped["epoch"], stopped["validations_since_best"]) == (5, 3)
     assert ckpt.load(run / "checkpoints" / ckpt.BEST)["epoch"] == 2
-    said = [r.getMessage() for r in caplog.records if "early" in r.getMessage()]
+    said = [r.getMessage() for r in footprints_log if "early" in r.getMessage()]
     assert said == ["stopping early after epoch 5 (val_f1 has not beaten its best, 0.9000 at "
                     "step 10 (best.pt), for 3 validations: train.early_stop_patience=3; raise "
                     "it, or set it to 0, to train on)"]
     # the same command again (a torchrun restart, a rerun) does not train on
-    caplog.clear()
+    footprints_log.clear()
     with caplog.at_level(logging.INFO, logger="footprints"):
         t = _trainer(small_dataset, run, ["train.early_stop_patience=3"])
         t.train()
     assert t.epoch == 5 and _epochs_logged(run) == [1, 2, 3, 4, 5]
     assert "the run stopped early after epoch 5; nothing to do (val_f1 has not beaten" \
-        in caplog.text
-    assert "training unet_baseline" not in caplog.text
+        in _text(footprints_log)
+    assert "training unet_baseline" not in _text(footprints_log)
     # a higher patience trains on: epoch 6 beats the best
     _trainer(small_dataset, run, ["train.early_stop_patience=4"]).train()
     assert _epochs_logged(run) == [1, 2, 3, 4, 5, 6]

@@ -20,6 +20,12 @@ from trainer.trainer import Trainer
 FAST = ["train.val_every=0", "data.num_threads=1"]
 
 
+def _text(records: list[logging.LogRecord]) -> str:
+    """The messages the project's logger got (the conftest fixture ``footprints_log``: once
+    each, whatever an earlier test did to the logger's propagation)."""
+    return "\n".join(r.getMessage() for r in records)
+
+
 def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
     cfg = load_config(Path("configs/tiny.toml"), FAST + overrides)
     return Trainer(cfg, DistEnv(), data, run, device=torch.device("cpu"))
@@ -64,13 +70,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_fresh_run_starts_from_the_weights_only(source: Path, other_dataset: Path,
-                                                  tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fresh_run_starts_from_the_weights_only(
+        source: Path, other_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        footprints_log: list[logging.LogRecord]) -> None:
     src = ckpt.list_checkpoints(source)[-1]
-    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
     t = _trainer(other_dataset, tmp_path / "paris",
                  ["train.epochs=1", "optim.warmup_steps=4", f"train.init_from={src}"])
+    footprints_log.clear()
     with caplog.at_level(logging.INFO, logger="footprints"):
         seen = _first_step(t)
     assert _same(seen["weights"], ckpt.load(src)["model"])
@@ -79,7 +85,8 @@ def test_a_fresh_run_starts_from_the_weights_only(source: Path, other_dataset: P
     assert (seen["global_step"], seen["epoch"], seen["best"]) == (0, 0, -float("inf"))
     assert seen["lr"] == pytest.approx(2e-3 * lr_factor(0, "constant", 4, 0.01, 5))
     assert seen["opt_state"] == {}
-    assert f"initialised from {src.resolve()} (step 5 of {source.resolve()})" in caplog.text
+    said = _text(footprints_log)
+    assert f"initialised from {src.resolve()} (step 5 of {source.resolve()})" in said
     state = ckpt.load(ckpt.list_checkpoints(tmp_path / "paris")[-1])
     assert state["init_from"] == {"path": str(src.resolve()), "global_step": 5}
     assert state["global_step"] == 5  # its own steps, from 0
@@ -131,21 +138,21 @@ def test_a_run_directory_whose_best_pt_was_not_yet_re_pointed_means_its_best(
 
 def test_a_run_with_a_checkpoint_resumes_and_ignores_init_from(
         source: Path, small_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        footprints_log: list[logging.LogRecord]) -> None:
     """(a worker that torchrun restarts reruns the command, init_from and all: reloading the
     source would throw its training away)"""
     run, overrides = tmp_path / "run", [f"train.init_from={source}"]
     _trainer(small_dataset, run, ["train.epochs=1", *overrides]).train()
     own = ckpt.list_checkpoints(run)[-1]
-    monkeypatch.setattr(logging.getLogger("footprints"), "propagate", True)
+    footprints_log.clear()
     with caplog.at_level(logging.INFO, logger="footprints"):
         seen = _first_step(_trainer(small_dataset, run, ["train.epochs=2", *overrides]))
     assert _same(seen["weights"], ckpt.load(own)["model"])
     assert not _same(seen["weights"], ckpt.load(source / "checkpoints" / "best.pt")["model"])
     assert seen["global_step"] == 5 and seen["opt_state"]
     assert f"train.init_from={source} ignored: the run resumes from its own checkpoint" \
-        in caplog.text
-    assert "initialised from" not in caplog.text
+        in _text(footprints_log)
+    assert "initialised from" not in _text(footprints_log)
     # the record of where its weights came from stays in its later checkpoints
     best = source / "checkpoints" / "best.pt"
     assert ckpt.load(ckpt.list_checkpoints(run)[-1])["init_from"] == {
