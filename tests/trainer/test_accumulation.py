@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from stop_at import train_until
+from trainer_helpers import messages
 
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
@@ -34,12 +35,6 @@ FAST = ["train.val_every=0", "data.num_threads=1"]
 # per sample, whatever the batch size.
 SAME_AS_ONE_BATCH = ["train.amp=off", "model.norm=group", "loss.class_weights=[1, 1, 1]",
                      "optim.name=sgd", "optim.momentum=0.0", "optim.lr=0.02", "train.epochs=1"]
-
-
-def _text(records: list[logging.LogRecord]) -> str:
-    """The messages the project's logger got (the conftest fixture ``footprints_log``: once
-    each, whatever an earlier test did to the logger's propagation)."""
-    return "\n".join(r.getMessage() for r in records)
 
 
 def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
@@ -180,9 +175,9 @@ def test_a_warm_up_as_long_as_the_run_counts_optimizer_steps(
     footprints_log.clear()
     with caplog.at_level(logging.INFO, logger="footprints"):
         t.train()
-    assert "3 steps/epoch (train.grad_accum_steps=2: 5 batches), amp" in _text(footprints_log)
+    assert "3 steps/epoch (train.grad_accum_steps=2: 5 batches), amp" in messages(footprints_log)
     assert ("optim.warmup_steps=6 fills the whole run (train.epochs=2 x 3 steps/epoch "
-            "(train.grad_accum_steps=2: 5 batches) = 6 steps)") in _text(footprints_log)
+            "(train.grad_accum_steps=2: 5 batches) = 6 steps)") in messages(footprints_log)
 
 
 def test_a_mid_epoch_resume_lands_on_a_group_boundary_and_is_bit_exact(
@@ -244,7 +239,7 @@ def test_a_nan_in_one_batch_skips_its_whole_group_once(
     assert t.scheduler.last_epoch == 2 and t.nonfinite_run == 0
     assert t.metrics.registry.get_sample_value("footprints_skipped_steps_total",
                                                {"reason": "nonfinite_loss"}) == 1
-    assert _text(footprints_log).count("skipped on all ranks") == 1
+    assert messages(footprints_log).count("skipped on all ranks") == 1
     assert all(bool(torch.isfinite(p).all()) for p in t.net.parameters())
     # the skipped group's 8 samples (and its finite batch's loss) count for nothing
     assert summary["samples"] == 17 - 8 and math.isfinite(summary["train_loss"])

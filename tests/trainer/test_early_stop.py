@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import messages
 
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
@@ -16,12 +17,6 @@ from trainer.trainer import LOG, Trainer
 
 # scripted validation scores by epoch: epoch 2 is the best until epoch 6
 F1 = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: 0.8, 6: 0.95}
-
-
-def _text(records: list[logging.LogRecord]) -> str:
-    """The messages the project's logger got (the conftest fixture ``footprints_log``: once
-    each, whatever an earlier test did to the logger's propagation)."""
-    return "\n".join(r.getMessage() for r in records)
 
 
 def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
@@ -59,8 +54,8 @@ def test_patience_stops_the_run_and_a_resume_stays_stopped(
         t.train()
     assert t.epoch == 5 and _epochs_logged(run) == [1, 2, 3, 4, 5]
     assert "the run stopped early after epoch 5; nothing to do (val_f1 has not beaten" \
-        in _text(footprints_log)
-    assert "training unet_baseline" not in _text(footprints_log)
+        in messages(footprints_log)
+    assert "training unet_baseline" not in messages(footprints_log)
     # a higher patience trains on: epoch 6 beats the best
     _trainer(small_dataset, run, ["train.early_stop_patience=4"]).train()
     assert _epochs_logged(run) == [1, 2, 3, 4, 5, 6]

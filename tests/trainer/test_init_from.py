@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from trainer_helpers import messages
 
 from dataio.manifest import load_manifest
 from trainer import checkpoint as ckpt
@@ -18,12 +19,6 @@ from trainer.optim import lr_factor
 from trainer.trainer import Trainer
 
 FAST = ["train.val_every=0", "data.num_threads=1"]
-
-
-def _text(records: list[logging.LogRecord]) -> str:
-    """The messages the project's logger got (the conftest fixture ``footprints_log``: once
-    each, whatever an earlier test did to the logger's propagation)."""
-    return "\n".join(r.getMessage() for r in records)
 
 
 def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
@@ -85,8 +80,8 @@ def test_a_fresh_run_starts_from_the_weights_only(
     assert (seen["global_step"], seen["epoch"], seen["best"]) == (0, 0, -float("inf"))
     assert seen["lr"] == pytest.approx(2e-3 * lr_factor(0, "constant", 4, 0.01, 5))
     assert seen["opt_state"] == {}
-    said = _text(footprints_log)
-    assert f"initialised from {src.resolve()} (step 5 of {source.resolve()})" in said
+    logged = messages(footprints_log)
+    assert f"initialised from {src.resolve()} (step 5 of {source.resolve()})" in logged
     state = ckpt.load(ckpt.list_checkpoints(tmp_path / "paris")[-1])
     assert state["init_from"] == {"path": str(src.resolve()), "global_step": 5}
     assert state["global_step"] == 5  # its own steps, from 0
@@ -151,8 +146,8 @@ def test_a_run_with_a_checkpoint_resumes_and_ignores_init_from(
     assert not _same(seen["weights"], ckpt.load(source / "checkpoints" / "best.pt")["model"])
     assert seen["global_step"] == 5 and seen["opt_state"]
     assert f"train.init_from={source} ignored: the run resumes from its own checkpoint" \
-        in _text(footprints_log)
-    assert "initialised from" not in _text(footprints_log)
+        in messages(footprints_log)
+    assert "initialised from" not in messages(footprints_log)
     # the record of where its weights came from stays in its later checkpoints
     best = source / "checkpoints" / "best.pt"
     assert ckpt.load(ckpt.list_checkpoints(run)[-1])["init_from"] == {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -44,3 +45,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from trainer.checkpoint import list_checkpoints, load
 
     return load(list_checkpoints(run_dir)[-1])["model"]
+
+
+def messages(records: list[logging.LogRecord]) -> str:
+    """The messages the project's logger got, one a line (from conftest's ``footprints_log``:
+    once each, whatever an earlier test in the process did to the logger's propagation)."""
+    return "\n".join(r.getMessage() for r in records)
