@@ -6,16 +6,21 @@ import contextlib
 import errno
 import json
 import os
+import select
 import signal
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
 import torch
 from proc_helpers import interrupt_when, numba_interrupt
-from trainer_helpers import REPO, run, torchrun_cmd
+from trainer_helpers import REPO, kill_tree, run, torchrun_cmd, worker_env
 
 from dataio.atomic import discard_staging_dir, fresh_staging_dir, missing_dirs
 from dataio.loader import build_loader
@@ -991,6 +996,78 @@ def test_a_rerun_resumes_a_stopped_prediction_byte_for_byte(
             "to start over)") in _lines(err)
     assert said.splitlines()[-1].startswith(f"wrote predictions for {tiles} tiles of train to "
                                             f"{out} ({kept} of them in the stopped run's shards")
+
+
+def _wait_for(proc: subprocess.Popen[bytes], said: bytes, timeout: float, err: IO[bytes]
+              ) -> None:
+    """Wait until ``proc`` has said ``said`` on its stdout (a pipe), at most ``timeout``
+    seconds: fail if it ends or stays silent that long (``err``: its stderr, for the message)."""
+    deadline, got, fd = time.monotonic() + timeout, b"", proc.stdout.fileno()  # type: ignore
+    while said not in got:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else None
+        if not chunk:
+            err.seek(0)
+            why = "ended" if chunk == b"" else f"said nothing for {timeout} s"
+            raise AssertionError(f"{proc.args} {why} before {said!r}: {got[-1000:]!r}\n"
+                                 f"{err.read()[-3000:].decode(errors='replace')}")
+        got += chunk
+
+
+@pytest.mark.slow  # the real command in processes of its own
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_a_rerun_resumes_a_prediction_killed_mid_shard(trained_run: Path, small_dataset: Path,
+                                                       tmp_path: Path) -> None:
+    """A SIGKILL (an OOM kill, a lost node, a Slurm kill after its grace period) runs no Python
+    clean-up: the stage is left as the kill found it, a complete shard and the next one's
+    temporary tar half written. The real command, rerun, keeps the complete shard (the same
+    file, not written again), removes the temporary one and writes the rest: its output is an
+    uninterrupted run's byte for byte, and its line says it resumed. (The other resume tests
+    stop a run in-process, where its except and finally clauses run.)"""
+    shard = 4
+
+    def args(out: Path) -> list[str]:
+        return _resume_args(trained_run, small_dataset, out, "--shard-size", str(shard))
+
+    assert predict(args(tmp_path / "whole")) == 0
+    want = _tree(tmp_path / "whole")
+    out = tmp_path / "pred"
+    stage = out / ".partial"
+    worker = str(Path(__file__).with_name("predict_kill_worker.py"))
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, worker, *args(out)], cwd=REPO,
+                                env=worker_env(), stdout=subprocess.PIPE, stderr=err,
+                                start_new_session=True)
+        try:
+            _wait_for(proc, b"blocked", 180, err)
+            os.killpg(proc.pid, signal.SIGKILL)  # (its whole process group)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait(timeout=30)
+            proc.stdout.close()  # type: ignore[union-attr]
+    # the kill point: the first shard whole, the second's temporary tar part-written
+    temps = list(stage.glob(".pred-000001.tar.*.tmp"))
+    assert len(temps) == 1 and temps[0].stat().st_size > 0, sorted(stage.iterdir())
+    assert sorted(p.name for p in stage.iterdir() if p not in temps) == [
+        ".resume.json", "pred-000000.tar", "provenance.json"]
+    assert len(predio.shard_keys(stage / "pred-000000.tar")) == shard
+    kept = (stage / "pred-000000.tar").stat()
+    assert _published(out) == {}
+
+    res = run([sys.executable, "-m", "trainer.predict", *args(out)], timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not list(out.rglob("*.tmp")) and not stage.exists()
+    assert _tree(out) == want
+    now = (out / "pred-000000.tar").stat()  # (published by a rename: the kept file itself)
+    assert (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    assert (f"trainer.predict: resuming the stopped prediction in {stage} (--fresh to start "
+            "over)") in _lines(res.stderr), res.stderr[-3000:]
+    assert res.stdout.splitlines()[-1].startswith(
+        f"wrote predictions for {len(_read(out))} tiles of train to {out} ({shard} of them in "
+        "the stopped run's shards, kept)"), res.stdout
 
 
 @pytest.mark.parametrize(("other", "changed"), [
