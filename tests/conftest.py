@@ -8,6 +8,7 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +92,23 @@ class _Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+@pytest.fixture
+def torch_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Every ``torch.load`` during the test, as (the file, whether it was mapped: ``mmap``):
+    for the readers that must map a checkpoint rather than read it whole."""
+    import torch
+
+    reads: list[tuple[str, bool]] = []
+    real = torch.load
+
+    def spy(f: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append((str(f), bool(kwargs.get("mmap"))))
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return reads
 
 
 @pytest.fixture

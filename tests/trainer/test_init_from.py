@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -207,11 +206,8 @@ def test_check_refuses_a_missing_or_damaged_source_unless_the_run_resumes(
     assert check(missing, source) == (0, [])
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
-                    reason="needs Linux's /proc/self/clear_refs (to reset the peak RSS)")
 def test_the_source_is_mapped_not_read_whole(source: Path, small_dataset: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             torch_loads: list[tuple[str, bool]]) -> None:
     """(every rank checks the source before the process group, all of a node's at once, and
     rank 0 loads it again: each read the whole file, the optimizer's moments too, twice the
     model's size with Adam, to use the model's shapes or weights alone. Mapped, only the tensors
@@ -219,14 +215,7 @@ def test_the_source_is_mapped_not_read_whole(source: Path, small_dataset: Path, 
     asserts the mapping itself, for every read of the source)"""
     from trainer.train import main
 
-    reads: list[tuple[str, bool]] = []
-    real = torch.load
-
-    def spy(f: Any, *args: Any, **kwargs: Any) -> Any:
-        reads.append((str(f), bool(kwargs.get("mmap"))))
-        return real(f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
+    reads = torch_loads
     assert main(["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
                  "--run-dir", str(tmp_path / "run"), "--set", f"train.init_from={source}"]) == 0
     checked = list(reads)

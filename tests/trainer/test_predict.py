@@ -82,24 +82,15 @@ def test_predict_writes_every_tile_of_the_split_once(trained_run: Path, small_da
 
 def test_the_checkpoint_is_mapped_not_read_whole(trained_run: Path, small_dataset: Path,
                                                  tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 torch_loads: list[tuple[str, bool]]) -> None:
     """(every rank loads it; read whole, each took its optimizer state too, twice the model's
     size with Adam, which prediction never uses; the memory that saves is a benchmark's figure,
     the mapping is what is asserted)"""
-    import torch
-
-    reads: list[tuple[str, bool]] = []
-    real = torch.load
-
-    def spy(f: object, *args: object, **kwargs: object) -> object:
-        reads.append((str(f), bool(kwargs.get("mmap"))))
-        return real(f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
     assert predict(["--run-dir", str(trained_run), "--data", str(small_dataset), "--split",
                     "test", "--out", str(tmp_path / "pred")]) == 0
-    mine = [(f, m) for f, m in reads if Path(f).is_relative_to(trained_run)]
-    assert mine and all(m for _, m in mine), reads
+    mine = [(f, m) for f, m in torch_loads if Path(f).is_relative_to(trained_run)]
+    assert mine and all(m for _, m in mine), torch_loads
+
 
 def test_prob_png_is_the_checkpoints_softmax_of_each_tile(trained_run: Path, small_dataset: Path,
                                                          tmp_path: Path) -> None:
