@@ -58,6 +58,14 @@ class Grid:
     def to_map(self, xy: np.ndarray) -> np.ndarray:
         return xy @ self.fwd[:, :2].T + self.fwd[:, 2]
 
+    def fit(self, fwd: np.ndarray, w: int, h: int) -> tuple[np.ndarray, float]:
+        """Where a tile (affine ``fwd``, ``w`` x ``h`` px) lies on this grid: its origin in
+        whole pixels, and how far (px) its corners are off the grid's pixel corners."""
+        local = np.array([[0, 0], [w, 0], [0, h], [w, h]], dtype=float)
+        px = self.to_pixels(local @ fwd[:, :2].T + fwd[:, 2])
+        origin = np.round(px[0])
+        return origin, float(np.abs(px - (origin + local)).max())
+
 
 @dataclass
 class GridIndex:
@@ -78,13 +86,10 @@ class GridIndex:
         n = round(1.0 / q)
         phase = np.linalg.solve(fwd[:, :2], fwd[:, 2]) % 1.0
         bx, by = (int(v) % n for v in np.floor(phase / q))
-        local = np.array([[0, 0], [w, 0], [0, h], [w, h]], dtype=float)
-        corners = local @ fwd[:, :2].T + fwd[:, 2]
         for i in {g for dx in (-1, 0, 1) for dy in (-1, 0, 1)
                   for g in self._by_phase.get((crs, (bx + dx) % n, (by + dy) % n), ())}:
-            px = self.grids[i].to_pixels(corners)
-            origin = np.round(px[0])
-            if np.abs(px - (origin + local)).max() <= self.tol:
+            origin, off = self.grids[i].fit(fwd, w, h)
+            if off <= self.tol:
                 return i, origin
         self.grids.append(Grid.of(crs, fwd))
         self._by_phase[(crs, bx, by)].append(len(self.grids) - 1)

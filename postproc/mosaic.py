@@ -153,10 +153,7 @@ def _off_by(grid: Grid, other: Grid, tile: Tile, tol: float) -> str:
     """
     if other.crs != grid.crs:
         return ""
-    w, h = tile.box[2] - tile.box[0], tile.box[3] - tile.box[1]
-    local = np.array([[0, 0], [w, 0], [0, h], [w, h]], dtype=float)
-    px = grid.to_pixels(other.to_map(local))
-    off = float(np.abs(px - (np.round(px[0]) + local)).max())
+    _, off = grid.fit(other.fwd, tile.box[2] - tile.box[0], tile.box[3] - tile.box[1])
     if not tol < off < 0.1:
         return ""
     return (f", off the first by {off:.2g} px: if their transforms are rounded, pass "
