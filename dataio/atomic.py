@@ -109,11 +109,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     made = missing_dirs(path.parent) if make_dirs else []
     if make_dirs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    # NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
-    # path that exists now was left by a killed writer: it goes, or each kill would leave one.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}") if sweep else ():
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            stale.unlink()
+    if sweep:
+        remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     # mkstemp creates 0600; give the file the mode a plain open() would have.
     os.fchmod(fd, 0o666 & ~_umask())
@@ -133,6 +130,19 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
         if isinstance(e, OSError) and e.errno in NO_ROOM and e.filename is None:
             raise with_filename(e, path) from None
         raise
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> None:
+    """Remove the temporary files of ``path`` (``.<name>.*.tmp`` beside it) that a killed
+    writer left.
+
+    NOTE: every output has one writer (rank 0 for shared files), so a temporary file of this
+    path that exists when its writer starts was left by a killed one: it goes, or each kill
+    would leave one."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            stale.unlink()
 
 
 def missing_dirs(path: str | os.PathLike[str]) -> list[Path]:

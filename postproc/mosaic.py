@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import itertools
 import math
 import os
@@ -51,6 +50,7 @@ from dataio.atomic import (
     fsync_file,
     missing_dirs,
     remove_made_dirs,
+    remove_stale_temps,
 )
 from postproc.mergegrid import Grid, GridIndex, overlapping_pairs
 from postproc.mergeio import MergeError, crs_key, meta_extent
@@ -201,9 +201,7 @@ def own_boxes(tile: Tile) -> list[tuple[int, int, int, int]]:
 def temporary_paths(out: Path, *tags: str) -> Iterator[list[Path]]:
     """Names beside ``out`` for files that GDAL writes; removed on the way out (a success
     renames the one it keeps first). A killed run's are removed first, as atomic_open does."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.*{TMP_SUFFIX}"):
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            stale.unlink()
+    remove_stale_temps(out)
     token = secrets.token_hex(4)
     paths = [out.with_name(f".{out.name}.{token}.{tag}{TMP_SUFFIX}") for tag in tags]
     try:
