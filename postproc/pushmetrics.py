@@ -4,10 +4,10 @@ A batch job lives shorter than a scrape interval, so Prometheus cannot scrape it
 (https://prometheus.io/docs/practices/pushing/) is to push once, at the end, to a Pushgateway that
 Prometheus scrapes with ``honor_labels: true``. Rank 0 pushes after the ranks' counts are summed.
 
-Grouping key: ``job`` (``--job``, default ``footprints_polygonize`` / ``footprints_score``) and
-``instance`` = this host's name. A push is a PUT, so it replaces the group's previous run: the
-gateway keeps the last run per job and host, and two hosts running the same job don't overwrite
-each other.
+Grouping key: ``job`` (``--job``, default ``footprints_polygonize`` / ``footprints_score`` /
+``footprints_merge``) and ``instance`` = this host's name. A push is a PUT, so it replaces the
+group's previous run: the gateway keeps the last run per job and host, and two hosts running the
+same job don't overwrite each other.
 
 A failed push (gateway down, wrong URL) is a warning on stderr naming the URL; the command still
 exits 0. The run's real product (the CSV, the JSON) is already written and correct, and a pipeline

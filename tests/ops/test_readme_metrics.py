@@ -1,7 +1,8 @@
 """The metric names and labels that README's "Metrics, Prometheus and Grafana" section lists are the
 ones the trainer exports and the postproc commands push: users write their queries and alerts
 from that list (it once did not say which metrics carry the ``rank`` label, and gave
-``footprints_device_memory_bytes`` only ``{kind}``)."""
+``footprints_device_memory_bytes`` only ``{kind}``; and it named two of the three commands that
+push, leaving out ``postproc.merge``'s ``footprints_merge``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from postproc import polygonize, score
+from postproc import merge, mosaic, polygonize, render, score, tune
 from postproc.pushmetrics import PostprocRun, build_registry
 from trainer.dist import DistEnv
 from trainer.metrics import TrainMetrics
@@ -55,10 +56,11 @@ def _exported() -> tuple[dict[str, set[str]], set[str]]:
 
 def test_every_metric_the_readme_lists_is_exported_with_the_labels_it_gives() -> None:
     documented = _documented()
-    # the --job defaults of the two batch commands are written beside the metrics
-    jobs = {polygonize.build_parser().parse_args(["--pred", "P", "--out", "O"]).job,
-            score.build_parser().parse_args(["--truth", "T", "--proposals", "P"]).job}
-    assert jobs == {"footprints_polygonize", "footprints_score"} <= set(documented)
+    # the --job defaults of every postproc command that pushes are written beside the metrics
+    jobs = {action.default for module in (merge, mosaic, polygonize, render, score, tune)
+            for action in module.build_parser()._actions if "--job" in action.option_strings}
+    assert jobs == {"footprints_polygonize", "footprints_score", "footprints_merge"}
+    assert not jobs - set(documented), f"--job defaults not in README: {jobs - set(documented)}"
     exported, families = _exported()
     metrics = {name: labels for name, labels in documented.items() if name not in jobs}
     wrong = {name: (labels, exported.get(name)) for name, labels in metrics.items()
