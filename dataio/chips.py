@@ -13,8 +13,9 @@ With ``--chip-margin M`` a chip's sample is its window grown by M px on each sid
 scene (no padding: the net pads a tile itself), so the pixels near its edges are predicted with
 the context beyond them; ``trainer.predict`` cuts each prediction back to the chip (its *core*),
 so what ``postproc`` sees are still chips that meet edge to edge. NOTE: M defaults to 64 px, a
-multiple of the U-Nets' 32x downsampling: with N one too, a sample starts on the scene's 32 px
-grid, as the whole scene's pooling windows do.
+multiple of the U-Nets' 16x downsampling (four poolings, ``UNet.multiple``): with N one too, a
+sample starts on the scene's 16 px grid, as the whole scene's pooling windows do where its sides
+are multiples of 16 px (the net pads other sizes, centred).
 
 A chip's ImageId is ``<ImageId>_r<row0>_c<col0>``, its pixel offset in the scene. Read from the
 right, the suffix gives back one scene and offset, so chips of two scenes never share an ImageId;
@@ -37,7 +38,7 @@ from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
 # NOTE: a chip much smaller than the network's receptive field predicts from little context, and
-# the U-Nets downsample 16-32x; 64 px is a floor against a typo (--chip-size 5), not a guide.
+# the U-Nets downsample 16x; 64 px is a floor against a typo (--chip-size 5), not a guide.
 MIN_CHIP_SIZE = 64
 DEFAULT_CHIP_MARGIN = 64  # px of context on each side of a chip (see above)
 
