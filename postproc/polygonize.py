@@ -318,17 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tuned", action="store_true",
                    help="ignore the run's tuned postproc.json: defaults and flags only")
     d = PolygonizeConfig()
+    # NOTE: a flag left out takes the settings' value (--settings, else the run's tuned
+    # postproc.json), and only without one the dataclass default: the help once said
+    # "default 20.0" where a tuned run polygonized at its own area.
+    def default(value: object) -> str:
+        return f"(default: the settings' value, else {value})"
+
     p.add_argument("--min-polygon-area", type=float, default=None,
-                   help=f"drop blobs under this many px (default {d.min_polygon_area})")
+                   help=f"drop blobs under this many px {default(d.min_polygon_area)}")
     p.add_argument("--building-threshold", type=float, default=None,
-                   help=f"seed pixels: p(building) above this (default {d.building_threshold})")
+                   help=f"seed pixels: p(building) above this {default(d.building_threshold)}")
     p.add_argument("--footprint-threshold", type=float, default=None,
                    help="growable pixels: p(building) + p(boundary) above this "
-                        f"(default {d.footprint_threshold})")
+                        f"{default(d.footprint_threshold)}")
     p.add_argument("--grow-radius", type=float, default=None,
-                   help=f"grow instances this many px over the band (default {d.grow_radius})")
+                   help=f"grow instances this many px over the band {default(d.grow_radius)}")
     p.add_argument("--simplify", type=float, default=None, dest="simplify_tolerance",
-                   help="simplify polygons with this tolerance in px (default 0: exact edges)")
+                   help="simplify polygons with this tolerance in px "
+                        f"{default('0: exact edges')}")
     p.add_argument("--no-seedless", action="store_false", dest="seedless", default=None,
                    help="drop components without any building-class pixel instead of eroding "
                         "them into instances")

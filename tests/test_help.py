@@ -19,6 +19,10 @@ WANTED = {
                        "put every tile into the test split", "0 to N px (default 64; 0: none)"],
     "trainer.predict": ["split of --data to predict (default test)",
                         "tiles per prediction shard (default 100)"],
+    # (a flag left out takes --settings' or the run's tuned value: "default 20.0" was wrong there)
+    "postproc.polygonize": ["under this many px (default: the settings' value, else 20.0)",
+                            "above this (default: the settings' value, else 0.5)",
+                            "tuned RUN/postproc.json"],
     "launch.demo": ["writes (default demo)", "synthetic AOI (default 300)",
                     "training preset (default configs/demo.toml)", "report (default 4)"],
 }
