@@ -1,8 +1,8 @@
 """What README tells a user to type is what the code takes: the flags of each command it shows,
-every ``--flag`` it names, the config keys, the make targets and variables, and the U-Nets'
-downsampling it reasons with. README drifted from the code after many sessions (it once named
-two of the three commands that push metrics, and the U-Nets' 16x downsampling as 32x); these are
-the classes of drift a test can catch by reading README."""
+every ``--flag`` it names, the config keys, the files, the make targets and variables, and the
+U-Nets' downsampling it reasons with. README drifted from the code after many sessions (it once
+named two of the three commands that push metrics, and the U-Nets' 16x downsampling as 32x);
+these are the classes of drift a test can catch by reading README."""
 
 from __future__ import annotations
 
@@ -90,6 +90,15 @@ def test_config_keys_readme_names_exist() -> None:
     assert ("train", "init_from") in named and ("metrics", "port") in named  # (it parsed)
     unknown = sorted(f"{s}.{k}" for s, k in named if k not in sections[s])
     assert not unknown, f"README names config keys that do not exist: {unknown}"
+
+
+def test_files_readme_names_exist() -> None:
+    """The repository's files README points to (scripts, presets, the dashboard, RESULTS)."""
+    tops = "|".join([*PACKAGES, "models", "configs", "tests", r"\.ci"])
+    named = set(re.findall(rf"(?<![\w./-])((?:{tops})/[\w./-]*\w)", CODE))
+    assert {"launch/slurm.sbatch", "configs/unet.toml"} <= named  # (it parsed)
+    missing = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, f"README names files the repository lacks: {missing}"
 
 
 def test_make_targets_and_variables_readme_names_exist() -> None:
