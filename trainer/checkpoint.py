@@ -151,6 +151,10 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 # What every reader needs (predict needs only this).
 REQUIRED = ("model",)
+# A weight EMA's state (``train.ema_decay`` > 0; ``trainer.ema.WeightEMA.state_dict``): its
+# "model" is what validation scored, and what predict and init_from load (:func:`scored`);
+# "model" beside it stays the raw weights, which a resume trains on.
+EMA = "ema"
 # What a resume reads besides (every Trainer.state has them).
 # (``best_step`` is optional: checkpoints written before it existed resume without it.)
 RESUME_KEYS = ("optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "best_score",
@@ -174,15 +178,37 @@ def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = Fals
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if not isinstance(state["model"], dict):
-        raise ValueError(f"{path}: not a checkpoint of this trainer ('model' is a "
-                         f"{type(state['model']).__name__}, not a state dict)")
-    # (a key that is not a name stopped torch's load_state_dict with an AttributeError)
-    odd = next((k for k in state["model"] if not isinstance(k, str)), None)
-    if odd is not None:
-        raise ValueError(f"{path}: not a checkpoint of this trainer ('model' has a key "
-                         f"{odd!r}, not a state dict's tensor name)")
+    _check_state_dict(state["model"], path, "'model'")
+    ema = state.get(EMA)
+    if ema is not None:
+        if not (isinstance(ema, dict) and isinstance(ema.get("updates"), int)):
+            raise ValueError(f"{path}: not a checkpoint of this trainer ('{EMA}' is not a "
+                             "weight EMA's state: its model and updates)")
+        _check_state_dict(ema.get("model"), path, f"'{EMA}' 'model'")
     return state
+
+
+def _check_state_dict(weights: Any, path: Path, what: str) -> None:
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: not a checkpoint of this trainer ({what} is a "
+                         f"{type(weights).__name__}, not a state dict)")
+    # (a key that is not a name stopped torch's load_state_dict with an AttributeError)
+    odd = next((k for k in weights if not isinstance(k, str)), None)
+    if odd is not None:
+        raise ValueError(f"{path}: not a checkpoint of this trainer ({what} has a key "
+                         f"{odd!r}, not a state dict's tensor name)")
+
+
+def has_ema(state: dict[str, Any]) -> bool:
+    """Does the checkpoint hold a weight EMA (``train.ema_decay`` > 0)?"""
+    return state.get(EMA) is not None
+
+
+def scored(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the weights its run validated as its ``"model"``: the weight EMA's where
+    it has one (``train.ema_decay``), else its own. What best.pt was chosen by, so what
+    ``trainer.predict`` and ``train.init_from`` take; only a resume takes the raw weights."""
+    return {**state, "model": state[EMA]["model"]} if has_ema(state) else state
 
 
 # What torch.compile ("_orig_mod.") and DDP ("module.") put before every key of a wrapped model's

@@ -91,6 +91,10 @@ class TrainConfig:
     # Stop once the validation score (val_f1, or val_iou with val_f1 off: best.pt's) has not
     # improved for this many validations in a row; 0 = off.
     early_stop_patience: int = 0
+    # An exponential moving average of the weights, updated after every optimizer step, with
+    # this decay (0 = off; 0.999 or 0.9999 as in timm): validation scores it, and best.pt,
+    # trainer.predict and train.init_from use it (trainer/ema.py).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -107,6 +111,10 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (torch and numpy keep 32 bits "
                              f"of it), got {self.seed}")
+        # (1 never moves from its start; a negative or larger one extrapolates, not averages)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off; e.g. 0.999), got "
+                             f"{self.ema_decay}")
         if self.early_stop_patience < 0:
             raise ValueError(f"early_stop_patience must be >= 0 (0 = off), got "
                              f"{self.early_stop_patience}")

@@ -186,11 +186,12 @@ Percentiles = tuple[list[float], list[float]]
 
 
 def _load_net(ckpt_path: Path, cfg: Config, bands: int,
-              args: argparse.Namespace) -> tuple[nn.Module, Percentiles | None]:
-    """The run's network with the checkpoint's weights, on the CPU, and the per-band p2/p98 it
-    was trained with (None: a checkpoint from before the trainer recorded them)."""
+              args: argparse.Namespace) -> tuple[nn.Module, Percentiles | None, bool]:
+    """The run's network with the checkpoint's weights, on the CPU, the per-band p2/p98 it
+    was trained with (None: a checkpoint from before the trainer recorded them), and whether
+    the weights are its weight EMA (``train.ema_decay``: what its validation scored)."""
     from models import build_model_from_config
-    from trainer.checkpoint import load, load_model
+    from trainer.checkpoint import has_ema, load, load_model, scored
 
     # NOTE: mapped, not read: every rank loads the checkpoint, whose optimizer state (twice the
     # model's size with Adam) prediction never uses; only the model's tensors are read
@@ -198,17 +199,19 @@ def _load_net(ckpt_path: Path, cfg: Config, bands: int,
     # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
     # checkpoint; no compile, since prediction sees tiles of every size once.
     net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
-    load_model(net, state, ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and the "
-               f"{bands} bands of {args.data / 'manifest.json'}", dataclasses.asdict(cfg.model))
+    load_model(net, scored(state), ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and "
+               f"the {bands} bands of {args.data / 'manifest.json'}",
+               dataclasses.asdict(cfg.model))
+    ema = has_ema(state)
     saved = state.get("percentiles")
     if saved is None:
-        return net, None
+        return net, None, ema
     try:
         p2, p98 = [float(v) for v in saved["p2"]], [float(v) for v in saved["p98"]]
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{ckpt_path}: its 'percentiles' are not p2/p98 lists") from None
     # (their band count is the model's, which load_model has just matched to --data's)
-    return net, (p2, p98)
+    return net, (p2, p98), ema
 
 
 def _weights_sha256(net: nn.Module) -> str:
@@ -366,8 +369,11 @@ def _predict(args: argparse.Namespace) -> int:
         device = dist.device_for(env)
 
         # agreed: a rank that cannot load it stops every rank with its reason
-        net, norm = dist.on_every(f"loading {ckpt_path}",
-                                  lambda: _load_net(ckpt_path, cfg, manifest.bands, args))
+        net, norm, ema = dist.on_every(f"loading {ckpt_path}",
+                                       lambda: _load_net(ckpt_path, cfg, manifest.bands, args))
+        if ema and env.is_main:
+            say(f"trainer.predict: predicting with the weight EMA of {ckpt_path} (its run's "
+                "train.ema_decay), the weights its validation scored")
         # NOTE: the run's training percentiles, not --data's (another AOI's differ, and the
         # model would see its inputs scaled otherwise); silent when they differ, since that is
         # the normal case for a dataset prepared on its own.

@@ -129,7 +129,7 @@ def _check_init_from(cfg: Config, bands: int, args: argparse.Namespace) -> None:
         # NOTE: mapped, not read: the check needs the weights' names and shapes alone, and
         # every worker of a node makes it at once (the source's optimizer state is twice the
         # model's size with Adam)
-        ckpt.check_model(net.state_dict(), ckpt.load(path, mmap=True), path,
+        ckpt.check_model(net.state_dict(), ckpt.scored(ckpt.load(path, mmap=True)), path,
                          ckpt.init_from_hint(args.data, bands), dataclasses.asdict(cfg.model))
     except ValueError as e:  # (each names the file)
         raise ValueError(f"train.init_from: {e}") from None

@@ -43,6 +43,7 @@ from trainer.dist import (
     gather_objects,
     on_main,
 )
+from trainer.ema import WeightEMA
 from trainer.metrics import TrainMetrics
 from trainer.optim import apply_hyperparameters, build_optimizer, build_scheduler
 from trainer.validate import Validator
@@ -75,6 +76,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model_from_config(cfg.model, self.manifest.bands, NUM_CLASSES)
         self.model = model.to(self.device)
+        # NOTE: copied from the plain module before DDP wraps it; a resume or train.init_from
+        # sets it again from the weights they load
+        self.ema = (WeightEMA(unwrap_model(self.model), cfg.train.ema_decay)
+                    if cfg.train.ema_decay > 0 else None)
         if env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
@@ -161,6 +166,9 @@ class Trainer:
                          f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params",
                          self.env.world_size, self.device.type, self.optimizer_steps_per_epoch,
                          self._accumulation_note(), self.precision.name)
+                if self.ema is not None and self.env.is_main:
+                    log.info("train.ema_decay=%g: validation, best.pt, trainer.predict and "
+                             "train.init_from use the weight EMA", self.ema.decay)
                 self._warn_if_warmup_fills_the_run()
             while self.epoch < self.cfg.train.epochs and not self.stopped_early:
                 summary = self.train_epoch()
@@ -168,12 +176,21 @@ class Trainer:
                 self.step_in_epoch = 0
                 every = self.cfg.train.val_every
                 if every and (self.epoch % every == 0 or self.epoch == self.cfg.train.epochs):
-                    summary.update(self.validator.run(self.net))
+                    summary.update(self.validator.run(self._scored_net()))
                 self.end_epoch(summary)
             return self.history[-1] if self.history else {}
         finally:
             self.metrics.stop()
             self.train_loader.close()
+
+    def _scored_net(self) -> torch.nn.Module:
+        """The module validation scores: the weight EMA when train.ema_decay is on (every rank
+        with rank 0's BatchNorm statistics, see trainer/ema.py), else the plain module."""
+        if self.ema is None:
+            return self.net
+        if self.validator.enabled:  # (a collective: the same on every rank)
+            self.ema.sync_buffers()
+        return self.ema.module
 
     @property
     def optimizer_steps_per_epoch(self) -> int:
@@ -293,6 +310,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:  # (a skipped step, returned above, leaves it as it was)
+            self.ema.update(self.net)
         self.nonfinite_run = 0
         return float(loss.detach())
 
@@ -418,6 +437,8 @@ class Trainer:
             "percentiles": dict(zip(("p2", "p98"), self.manifest.percentiles(), strict=True)),
             "init_from": self.init_source,
             "validations_since_best": self.validations_since_best,
+            # (rank 0's: the others' BatchNorm statistics in it may differ until the next use)
+            **({ckpt.EMA: self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def save_checkpoint(self, best: bool) -> None:
@@ -503,6 +524,7 @@ class Trainer:
                 self._totals = torch.tensor(state["epoch_totals"], dtype=torch.float64)
             self._resumed_seconds = float(state.get("epoch_seconds", 0.0))
         self.scheduler = self._resumed_scheduler(state)
+        self._resume_ema(state, Path(path))
         if state.get("world_size") == self.env.world_size and len(state["rng"]) > self.env.rank:
             ckpt.set_rng_state(state["rng"][self.env.rank])
         on_main(self.env, "repairing the run directory", self._repair)
@@ -510,6 +532,25 @@ class Trainer:
         log.info("resumed from %s (%d epochs done, %d steps into the next)", path, self.epoch,
                  self.step_in_epoch)
         return True
+
+    def _resume_ema(self, state: dict[str, Any], path: Path) -> None:
+        """The weight EMA as the checkpoint left it; started from the resumed weights if it has
+        none (an older run, or one without train.ema_decay), dropped if this run has none."""
+        if self.ema is None:
+            if ckpt.has_ema(state) and self.env.is_main:
+                log.info("%s has a weight EMA and train.ema_decay=0: it is dropped; validation, "
+                         "best.pt and predict use the raw weights from here", path)
+            return
+        if not ckpt.has_ema(state):
+            self.ema.reset(self.net)
+            if self.env.is_main:
+                log.info("train.ema_decay=%g: %s has no weight EMA; it starts from the resumed "
+                         "weights", self.ema.decay, path)
+            return
+        ckpt.load_model(self.ema.module, ckpt.scored(state), path, "this config's model.* "
+                        "settings (its weight EMA); resume with the run's config or start a new "
+                        "--run-dir", dataclasses.asdict(self.cfg.model))
+        self.ema.updates = int(state[ckpt.EMA]["updates"])
 
     def init_weights(self) -> None:
         """A fresh run's weights from ``train.init_from``, and nothing else of its checkpoint: the
@@ -524,24 +565,30 @@ class Trainer:
             path = ckpt.source_checkpoint(self.cfg.train.init_from)
             try:
                 state = ckpt.load(path, mmap=True)  # (its model alone is read: see train.py)
-                ckpt.load_model(self.net, state, path,
+                # NOTE: the weights its validation scored, best.pt's choice: its EMA if it has one
+                ckpt.load_model(self.net, ckpt.scored(state), path,
                                 ckpt.init_from_hint(self.data, self.manifest.bands),
                                 dataclasses.asdict(self.cfg.model))
             except ValueError as e:  # (each names the file)
                 raise ValueError(f"train.init_from: {e}") from None
             step = state.get("global_step")
+            # ("ema": its weight EMA was taken; only then, so other records read as before)
             return {"path": str(path.resolve()),
-                    "global_step": step if isinstance(step, int) else None}
+                    "global_step": step if isinstance(step, int) else None,
+                    **({"ema": True} if ckpt.has_ema(state) else {})}
 
         source = broadcast_object(on_main(self.env, "loading train.init_from", read))
         # NOTE: rank 0's weights, not each rank's own read: a best.pt that a source run still
         # training re-marks in between would have started the ranks from two checkpoints.
         broadcast_tensors(list(self.net.state_dict().values()))
+        if self.ema is not None:  # (this run's average starts from the weights it starts from)
+            self.ema.reset(self.net)
         self.init_source = source
         if self.env.is_main:
             path = Path(source["path"])
             run = path.parent.parent if path.parent.name == ckpt.CKPT_DIR else path.parent
-            log.info("initialised from %s (step %s of %s)", path, source["global_step"], run)
+            log.info("initialised from %s (step %s of %s%s)", path, source["global_step"], run,
+                     ", its weight EMA" if source.get("ema") else "")
 
     def _resumed_scheduler(self, state: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
         """The schedule of this run's plan (``train.epochs`` x this world's optimizer steps per
