@@ -425,3 +425,13 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
 
     for t in tensors:
         dist.broadcast(t, src=src)
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's floating-point buffers of ``module`` (BatchNorm's running
+    statistics, a few KB); a no-op without a process group. A collective.
+
+    NOTE: each rank updates them from its own batches in training (DDP gives every rank rank
+    0's before each forward, and the ranks' own updates after it), so without this each rank
+    would validate with statistics of its own, not the ones rank 0's checkpoint holds."""
+    broadcast_tensors([b for b in module.buffers() if b.is_floating_point()])

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.dist import broadcast_tensors
+from trainer.dist import broadcast_buffers
 
 # TF's ExponentialMovingAverage(num_updates=...): the decay's warm-up
 WARMUP_OFFSET = 10
@@ -73,7 +73,7 @@ class WeightEMA:
     def sync_buffers(self) -> None:
         """Every rank takes rank 0's floating-point buffers (see the module's NOTE); a no-op
         without a process group. A collective: every rank calls it at the same point."""
-        broadcast_tensors([b for b in self.module.buffers() if b.is_floating_point()])
+        broadcast_buffers(self.module)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps (``"ema"``): the averaged weights as a plain module's state

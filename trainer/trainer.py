@@ -37,6 +37,7 @@ from trainer.dist import (
     agreed_loader,
     all_reduce_sum,
     backend_name,
+    broadcast_buffers,
     broadcast_object,
     broadcast_tensors,
     device_for,
@@ -184,13 +185,17 @@ class Trainer:
             self.train_loader.close()
 
     def _scored_net(self) -> torch.nn.Module:
-        """The module validation scores: the weight EMA when train.ema_decay is on (every rank
-        with rank 0's BatchNorm statistics, see trainer/ema.py), else the plain module."""
-        if self.ema is None:
-            return self.net
+        """The module validation scores: the weight EMA when train.ema_decay is on, else the
+        plain module; on every rank with rank 0's BatchNorm statistics, the ones its
+        checkpoint holds (see ``dist.broadcast_buffers``)."""
         if self.validator.enabled:  # (a collective: the same on every rank)
-            self.ema.sync_buffers()
-        return self.ema.module
+            # (the raw ones too: a resumed run starts from rank 0's, so an uninterrupted one
+            # validates with them as well; training is unchanged, since DDP hands every rank
+            # rank 0's before its next forward anyway)
+            broadcast_buffers(self.net)
+            if self.ema is not None:
+                self.ema.sync_buffers()
+        return self.net if self.ema is None else self.ema.module
 
     @property
     def optimizer_steps_per_epoch(self) -> int:

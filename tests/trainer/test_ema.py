@@ -265,7 +265,7 @@ def test_predict_takes_the_ema_and_says_so(ema_run: Trainer, small_dataset: Path
 def test_two_ranks_hold_the_same_ema(small_dataset: Path, tmp_path: Path) -> None:
     """The averaged parameters are the same on both ranks with no communication of their own;
     BatchNorm's averaged running statistics are each rank's until validation gives every rank
-    rank 0's, which its checkpoint holds."""
+    rank 0's, which its checkpoint holds; the raw net's too."""
     out = tmp_path / "out"
     out.mkdir()
     res = run(torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "ema_worker.py"),
@@ -284,6 +284,10 @@ def test_two_ranks_hold_the_same_ema(small_dataset: Path, tmp_path: Path) -> Non
     assert _equal(after[0]["ema"], before[0])  # rank 0's own, unchanged by the sync
     assert _equal(_newest(tmp_path / "run")["ema"]["model"], after[0]["ema"])
     assert not _equal(after[0]["ema"], after[0]["raw"])
+    # the raw net validated with rank 0's statistics too (each rank's own before): the ones its
+    # checkpoint holds, so a resumed run validates as an uninterrupted one
+    assert _equal(after[0]["raw"], after[1]["raw"])
+    assert _equal(_newest(tmp_path / "run")["model"], after[0]["raw"])
 
 
 @pytest.mark.parametrize(("ema", "said"), [
