@@ -91,6 +91,9 @@ class TrainConfig:
     # Stop once the validation score (val_f1, or val_iou with val_f1 off: best.pt's) has not
     # improved for this many validations in a row; 0 = off.
     early_stop_patience: int = 0
+    # Keras' start_from_epoch: the validations of the first N epochs do not count towards the
+    # patience (a warm-up whose F1 sits at 0 is no reason to stop); they still choose best.pt.
+    early_stop_start_epoch: int = 0
     # An exponential moving average of the weights, updated after every optimizer step, with
     # this decay (0 = off; 0.999 or 0.9999 as in timm): validation scores it, and best.pt,
     # trainer.predict and train.init_from use it (trainer/ema.py).
@@ -118,11 +121,20 @@ class TrainConfig:
         if self.early_stop_patience < 0:
             raise ValueError(f"early_stop_patience must be >= 0 (0 = off), got "
                              f"{self.early_stop_patience}")
+        if self.early_stop_start_epoch < 0:
+            raise ValueError(f"early_stop_start_epoch must be >= 0 (0 = every validation "
+                             f"counts), got {self.early_stop_start_epoch}")
         # (a patience without validations would never count one: the run trained its epochs)
         if self.early_stop_patience > 0 and self.val_every == 0:
             raise ValueError(f"early_stop_patience = {self.early_stop_patience} counts "
                              "validations and val_every = 0 never validates; set "
                              "train.val_every >= 1 or train.early_stop_patience = 0")
+        if self.early_stop_patience > 0 and self.early_stop_start_epoch >= self.epochs:
+            raise ValueError(f"early_stop_start_epoch = {self.early_stop_start_epoch} counts "
+                             f"no validation of a run of epochs = {self.epochs}, so "
+                             f"early_stop_patience = {self.early_stop_patience} never stops "
+                             "it; set train.early_stop_start_epoch < train.epochs or "
+                             "train.early_stop_patience = 0")
 
 
 @dataclass

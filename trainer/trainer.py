@@ -384,8 +384,13 @@ class Trainer:
         is_best = score is not None and score > self.best_f1
         if is_best:
             self.best_f1 = score
-        if score is not None:
-            self.validations_since_best = 0 if is_best else self.validations_since_best + 1
+        # NOTE: a new best always resets the count; one that is not counts only after the
+        # warm-up (train.early_stop_start_epoch). The warm-up's validations still set the best
+        # (best.pt is about the best weights), so the count after it is against that best.
+        if is_best:
+            self.validations_since_best = 0
+        elif score is not None and self.epoch > self.cfg.train.early_stop_start_epoch:
+            self.validations_since_best += 1
         for k in ("val_f1", "val_iou"):
             if k in summary:
                 self.metrics.val.labels(metric=k[4:]).set(summary[k])

@@ -1,4 +1,6 @@
-"""train.early_stop_patience: stop when validation has not improved; a resume stays stopped."""
+"""train.early_stop_patience: stop when validation has not improved; a resume stays stopped.
+
+train.early_stop_start_epoch: the first epochs' validations do not count."""
 
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from trainer.trainer import LOG, Trainer
 F1 = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: 0.8, 6: 0.95}
 
 
-def _trainer(data: Path, run: Path, overrides: list[str]) -> Trainer:
+def _trainer(data: Path, run: Path, overrides: list[str],
+             scores: dict[int, float] = F1) -> Trainer:
     cfg = load_config(Path("configs/tiny.toml"), ["data.num_threads=1", "train.val_every=1",
                                                   "train.epochs=6", *overrides])
     t = Trainer(cfg, DistEnv(), data, run, device=torch.device("cpu"))
-    t.validator.run = lambda _net: {"val_f1": F1[t.epoch]}  # type: ignore[method-assign]
+    t.validator.run = lambda _net: {"val_f1": scores[t.epoch]}  # type: ignore[method-assign]
     return t
 
 
@@ -70,11 +73,55 @@ def test_patience_zero_trains_every_epoch_and_a_stopped_run_trains_on_with_it(
     assert _epochs_logged(run) == [1, 2, 3, 4]
 
 
+# a warm-up: F1 sits at 0 for three epochs, then rises, then falls back
+WARM_UP = {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.4, 5: 0.3, 6: 0.3, 7: 0.2, 8: 0.9}
+
+
+def test_validations_of_the_start_epochs_do_not_count(small_dataset: Path,
+                                                       tmp_path: Path) -> None:
+    # without it, epochs 2 and 3 (ties with epoch 1's 0) spend a patience of 2
+    _trainer(small_dataset, tmp_path / "off", ["train.early_stop_patience=2"], WARM_UP).train()
+    assert _epochs_logged(tmp_path / "off") == [1, 2, 3]
+    # with it, counting starts at epoch 4 (its best): epochs 5 and 6 spend the patience
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.early_stop_patience=2",
+                                  "train.early_stop_start_epoch=3"], WARM_UP).train()
+    assert _epochs_logged(run) == [1, 2, 3, 4, 5, 6]
+    assert ckpt.load(run / "checkpoints" / ckpt.BEST)["epoch"] == 4
+
+
+def test_the_start_epochs_still_choose_best_pt(small_dataset: Path, tmp_path: Path) -> None:
+    """(best.pt is about the best weights: epoch 2's 0.7 stays the best the count is against)"""
+    run = tmp_path / "run"
+    scores = {1: 0.0, 2: 0.7, 3: 0.1, 4: 0.5, 5: 0.6, 6: 0.8}
+    _trainer(small_dataset, run, ["train.early_stop_patience=2",
+                                  "train.early_stop_start_epoch=3"], scores).train()
+    assert _epochs_logged(run) == [1, 2, 3, 4, 5]  # epoch 3 did not count, 4 and 5 did
+    assert ckpt.load(run / "checkpoints" / ckpt.BEST)["epoch"] == 2
+
+
+def test_the_count_after_the_start_epoch_survives_a_resume(small_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    keys = ["train.early_stop_patience=3", "train.early_stop_start_epoch=3"]
+    _trainer(small_dataset, run, ["train.epochs=5", *keys], WARM_UP).train()
+    assert ckpt.load(ckpt.list_checkpoints(run)[-1])["validations_since_best"] == 1  # epoch 5
+    # epochs 6 and 7 spend the patience; a count restarted at 0 would have gone on to epoch 8
+    _trainer(small_dataset, run, ["train.epochs=8", *keys], WARM_UP).train()
+    assert _epochs_logged(run) == [1, 2, 3, 4, 5, 6, 7]
+
+
 @pytest.mark.parametrize(("overrides", "problem"), [
     (["train.early_stop_patience=2", "train.val_every=0"],
      "early_stop_patience = 2 counts validations and val_every = 0 never validates; set "
      "train.val_every >= 1 or train.early_stop_patience = 0"),
     (["train.early_stop_patience=-1"], "early_stop_patience must be >= 0 (0 = off), got -1"),
+    (["train.early_stop_start_epoch=-1"],
+     "early_stop_start_epoch must be >= 0 (0 = every validation counts), got -1"),
+    (["train.epochs=4", "train.early_stop_patience=2", "train.early_stop_start_epoch=4"],
+     "early_stop_start_epoch = 4 counts no validation of a run of epochs = 4, so "
+     "early_stop_patience = 2 never stops it; set train.early_stop_start_epoch < train.epochs "
+     "or train.early_stop_patience = 0"),
 ])
 def test_a_patience_that_cannot_count_is_refused_naming_the_keys(overrides: list[str],
                                                                  problem: str) -> None:
