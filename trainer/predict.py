@@ -15,15 +15,15 @@ prediction in PRED that were not replaced are removed. ``PRED/.publishing`` exis
 move (``postproc.predio.publish_dir``): readers refuse a PRED that a kill left with it, and a
 rerun of this command replaces that PRED's shards and removes the marker.
 
-A stopped run resumes: an error, Ctrl-C or a kill leaves PRED as it was and keeps the stage with
-the shards written so far, and a rerun of the same command keeps each rank's complete shards and
+A stopped run resumes: an error, Ctrl-C or a kill leaves PRED as it was and keeps the stage with the
+shards written so far, and a rerun of the same command keeps each rank's complete shards and
 predicts only the tiles after them; the output is an uninterrupted run's, byte for byte. A stage
-made by another prediction (the weights loaded, the data, ``--split``, ``--tta``,
-``--shard-size``, ``--batch-size``, the number of ranks, ...) is discarded with one line saying
-why; ``--fresh`` discards it regardless (``trainer.predresume``). A stage that holds no shard is
-removed, and a successful run leaves none. Ctrl-C is one line and exit code 130 on each rank, and
-leaves PRED as it was (the line says whether the stage is kept for a rerun), or, pressed during
-the moves, marked so.
+made by another prediction (the weights loaded, the data, ``--split``, ``--tta``, ``--shard-size``,
+``--batch-size``, the number of ranks, the code, ...) is discarded with one line saying why;
+``--fresh`` discards it regardless (``trainer.predresume``). A stage that holds no shard is removed,
+and a successful run leaves none. Ctrl-C is one line and exit code 130 on each rank, and leaves PRED
+as it was (the line says whether the stage is kept for a rerun), or, pressed during the moves,
+marked so.
 """
 
 from __future__ import annotations
@@ -318,15 +318,15 @@ def _settle_stage(out: Path, made: list[Path], staged: bool) -> None:
 def _resume_key(args: argparse.Namespace, weights: str, norm: Percentiles | None, cfg: Config,
                 data_cfg: LoaderConfig, loader: Loader, device: torch.device,
                 precision: Precision, world_size: int) -> dict[str, object]:
-    """What decides which tiles land in which shard, and their values: a stage made with
-    anything else is not resumed (``trainer.predresume``)."""
+    """What decides which tiles land in which shard, and their values (the code that computes
+    them too): a stage made with anything else is not resumed (``trainer.predresume``)."""
     return {"format": predresume.KEY_FORMAT, "weights_sha256": weights, "percentiles": norm,
             "model": dataclasses.asdict(dataclasses.replace(cfg.model, compile=False)),
             "manifest_sha256": predresume.file_sha256(args.data / "manifest.json"),
             "samples": loader.fingerprint, "split": args.split, "tta": args.tta,
             "shard_size": args.shard_size, "batch_size": data_cfg.batch_size,
             "world_size": world_size, "backend": data_cfg.backend, "device": device.type,
-            "precision": precision.name}
+            "precision": precision.name, "code": predresume.code_sha256()}
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -1,14 +1,14 @@
 """Resuming a stopped ``trainer.predict``: which shards of its stage a rerun keeps.
 
-A prediction at scale (a city cut into 100,000 chips, hours of GPU time) stopped near its end
-(a node failure, a Slurm time limit, Ctrl-C) lost every shard: its stage ``PRED/.partial`` was
-removed, and a rerun started from zero. Now a stopped run keeps its stage, with
-``.partial/.resume.json``: the key of the prediction that made it (the weights loaded, the
-run's model config, the data, the split and every setting that decides which tiles land in which
-shard, or their values). A rerun whose key is the same keeps each rank's complete shards
-k = 0..K-1 and starts that rank's loader at the batch of its first tile after them (the loader's
-own position, ``Loader.load_state_dict``: the kept tiles are neither read nor predicted again);
-another key, or ``--fresh``, discards the stage as before.
+A prediction at scale (a city cut into 100,000 chips, hours of GPU time) stopped near its end (a
+node failure, a Slurm time limit, Ctrl-C) lost every shard: its stage ``PRED/.partial`` was removed,
+and a rerun started from zero. Now a stopped run keeps its stage, with ``.partial/.resume.json``:
+the key of the prediction that made it (the weights loaded, the run's model config, the data, the
+split and every setting that decides which tiles land in which shard, or their values, and a
+fingerprint of the code that computes them). A rerun whose key is the same keeps each rank's
+complete shards k = 0..K-1 and starts that rank's loader at the batch of its first tile after them
+(the loader's own position, ``Loader.load_state_dict``: the kept tiles are neither read nor
+predicted again); another key, or ``--fresh``, discards the stage as before.
 
 NOTE: the batch the rank starts at is predicted whole, its tiles already in a kept shard dropped
 after: a tile's prediction is that of its batch (the batch's calls, ``trainer.predict.per_tile``),
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import re
 import tarfile
@@ -51,12 +52,58 @@ CHANGED = {"format": "the stage's format", "weights_sha256": "the checkpoint's w
            "samples": "--data's usable samples", "split": "--split", "tta": "--tta",
            "shard_size": "--shard-size", "batch_size": "--batch-size",
            "world_size": "the number of ranks", "backend": "data.backend",
-           "device": "the device", "precision": "the precision"}
+           "device": "the device", "precision": "the precision",
+           "code": "the code (models/, the loader, trainer.predict, the PNG writer; or the "
+                   "footprints, torch or DALI version)"}
+# NOTE: the sources whose change may change a prediction's values (the model, the loader's
+# decoding, normalisation and order, predict itself and its precision, the PNG encoding): a
+# stage that other code wrote, resumed, mixed two codes' output in one PRED. Hashed, not git's
+# commit: the same files give the same key with or without git, and an edit not yet committed
+# counts. Wider than strictly needed costs a discarded stage; narrower, silently mixed output.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+CODE = ("models/*.py", "dataio/loader.py", "dataio/plan.py", "dataio/reader.py",
+        "dataio/augment.py", "dataio/sharding.py", "dataio/dali_pipe.py", "dataio/torch_pipe.py",
+        "dataio/hostpool.py", "trainer/predict*.py", "trainer/amp.py", "postproc/predio.py",
+        "postproc/pngfast.py")
 
 
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def code_files(root: Path | None = None) -> list[Path]:
+    """The files of :data:`CODE` under ``root`` (:data:`CODE_ROOT`), in a fixed order."""
+    root = CODE_ROOT if root is None else root
+    return sorted({p for pattern in CODE for p in root.glob(pattern) if p.is_file()})
+
+
+def _versions() -> dict[str, str | None]:
+    """This package's version and the libraries' that compute the values (DALI's distribution
+    is named after its CUDA: nvidia-dali-cuda120, ...)."""
+    out: dict[str, str | None] = {}
+    for name in ("footprints", "torch"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # (run from a checkout, not installed)
+            out[name] = None
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-dali"):
+            out[name] = dist.version
+    return out
+
+
+def code_sha256(root: Path | None = None) -> str:
+    """sha256 over :func:`code_files` (each file's path under ``root`` and its bytes) and
+    :func:`_versions`: the same code gives the same key on every machine."""
+    root = CODE_ROOT if root is None else root
+    h = hashlib.sha256(json.dumps(_versions(), sort_keys=True).encode())
+    for path in code_files(root):
+        data = path.read_bytes()
+        h.update(f"\0{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def shard_name(k: int, rank: int, world_size: int) -> str:

@@ -1061,16 +1061,34 @@ def test_a_rerun_resumes_a_prediction_killed_mid_shard(trained_run: Path, small_
         "the stopped run's shards, kept)"), res.stdout
 
 
+def _edited_code(root: Path) -> Path:
+    """A copy of the code predict's key hashes (``predresume.CODE``) under ``root``, with one
+    comment added to the model: another version of the code."""
+    from trainer import predresume
+
+    for path in predresume.code_files():
+        copy = root / path.relative_to(predresume.CODE_ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    with open(root / "models" / "unet.py", "a", encoding="utf-8") as f:
+        f.write("# another version\n")
+    return root
+
+
 @pytest.mark.parametrize(("other", "changed"), [
     (["--tta"], "--tta"), (["--shard-size", "3"], "--shard-size"),
-    (["--checkpoint", "STEP"], "the checkpoint's weights")],
-    ids=["tta", "shard-size", "checkpoint"])
+    (["--checkpoint", "STEP"], "the checkpoint's weights"),
+    (["CODE"], "the code (models/, the loader, trainer.predict, the PNG writer; or the "
+               "footprints, torch or DALI version)")],
+    ids=["tta", "shard-size", "checkpoint", "code"])
 def test_a_stage_of_another_prediction_is_discarded(
         trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], other: list[str], changed: str) -> None:
-    """A stage that another checkpoint, --tta or --shard-size made (other values, or other
-    tiles in each shard) is not resumed: it is discarded in one line saying why, and the
-    output is this prediction's."""
+    """A stage that another checkpoint, --tta, --shard-size or other code (a model or loader
+    edited, another torch) made (other values, or other tiles in each shard) is not resumed:
+    it is discarded in one line saying why, and the output is this prediction's."""
+    from trainer import predresume
+
     step = sorted((trained_run / "checkpoints").glob("step-*.pt"))[0]
     other = [str(step) if a == "STEP" else a for a in other]
     common = ["--shard-size", "2"]
@@ -1078,6 +1096,9 @@ def test_a_stage_of_another_prediction_is_discarded(
     want = _tree(tmp_path / "whole")
     out = tmp_path / "pred"
     _stop_at_shard(monkeypatch, 2)
+    if other == ["CODE"]:  # (the stopped run's code: the key hashes this copy's files)
+        monkeypatch.setattr(predresume, "CODE_ROOT", _edited_code(tmp_path / "code"))
+        other = []
     assert predict(_resume_args(trained_run, small_dataset, out, *common, *other)) == 2
     monkeypatch.undo()
     capsys.readouterr()
@@ -1086,6 +1107,29 @@ def test_a_stage_of_another_prediction_is_discarded(
     assert _tree(out) == want and sum(seen) == len(_read(out))
     assert (f"trainer.predict: discarding {out / '.partial'} (made by another prediction: "
             f"{changed} changed); starting over") in _lines(capsys.readouterr().err)
+
+
+def test_the_code_fingerprint_covers_each_file_and_nothing_else(tmp_path: Path) -> None:
+    """The same files give the same key wherever the checkout is (no git needed); a change in
+    any of them, or a file more, another key. Each pattern of ``CODE`` names files that exist
+    (a module renamed away would leave the key blind to it)."""
+    from trainer import predresume
+
+    for pattern in predresume.CODE:
+        assert list(predresume.CODE_ROOT.glob(pattern)), f"{pattern} matches no file"
+    copy = _edited_code(tmp_path / "a")
+    unet = copy / "models" / "unet.py"
+    unet.write_bytes((predresume.CODE_ROOT / "models" / "unet.py").read_bytes())
+    (copy / "trainer" / "train.py").write_text("# not predict's code\n", encoding="utf-8")
+    key = predresume.code_sha256()
+    assert predresume.code_sha256(copy) == key  # (trainer/train.py is not in CODE)
+    for path in predresume.code_files(copy):
+        data = path.read_bytes()
+        path.write_bytes(data + b"\n")
+        assert predresume.code_sha256(copy) != key, path
+        path.write_bytes(data)
+    (copy / "models" / "new.py").write_text("", encoding="utf-8")
+    assert predresume.code_sha256(copy) != key
 
 
 def test_fresh_starts_over_and_a_damaged_shard_is_written_again(
