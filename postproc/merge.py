@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     from postproc.cli import push_metrics
     from postproc.pushmetrics import PostprocRun
 
-    push_metrics(args, PostprocRun(len(m.seen), m.written, time.monotonic() - t0))
+    push_metrics(args, PostprocRun(len(m.seen), m.written, time.monotonic() - t0,
+                                   overlaps=n_over))
     return 0
 
 

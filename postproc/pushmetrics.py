@@ -31,12 +31,14 @@ PUSH_TIMEOUT_S = 10.0  # a slow gateway must not hold a finished job for long
 
 @dataclass
 class PostprocRun:
-    """What one finished run reports; ``score`` holds f1/precision/recall/tp/fp/fn for scoring."""
+    """What one finished run reports; ``score`` holds f1/precision/recall/tp/fp/fn for scoring,
+    ``overlaps`` merge's pairs of overlapping tiles (None: not a merge)."""
 
     tiles: int
     polygons: int
     seconds: float
     score: dict[str, float] = field(default_factory=dict)
+    overlaps: int | None = None
 
 
 def build_registry(run: PostprocRun) -> CollectorRegistry:
@@ -63,6 +65,11 @@ def build_registry(run: PostprocRun) -> CollectorRegistry:
                            "(tp, fp: proposals; fn: missed truth)", ["outcome"], registry=r)
         for name in ("tp", "fp", "fn"):
             outcomes.labels(outcome=name).inc(run.score[name])
+    # NOTE: pushed by every merge, 0 too: an alert on > 0 must see a run that had none
+    if run.overlaps is not None:
+        Counter(f"{p}_merge_overlapping_tile_pairs", "Pairs of tiles of one pixel grid that "
+                "overlap in the last merge run (their footprints there are written once per "
+                "tile)", registry=r).inc(run.overlaps)
     return r
 
 

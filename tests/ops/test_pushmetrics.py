@@ -47,6 +47,24 @@ def test_polygonize_and_score_push_the_same_families_alike() -> None:
     assert {name: scored[name] for name in poly} == poly
 
 
+def test_merge_pushes_its_overlapping_pairs_and_the_common_families_alike() -> None:
+    """Merge's overlap count is its own family, 0 too (an alert on > 0 must see a clean run),
+    in no other command's push; the families it shares have polygonize's help and type."""
+    def families(run: PostprocRun) -> dict[str, tuple[str, str]]:
+        return {f.name: (f.type, f.documentation) for f in build_registry(run).collect()}
+
+    name = "footprints_merge_overlapping_tile_pairs_total"
+    for n in (0, 4):
+        assert build_registry(PostprocRun(tiles=6, polygons=6, seconds=1.0, overlaps=n)
+                              ).get_sample_value(name) == n
+    assert "footprints_merge" not in generate_latest(build_registry(
+        PostprocRun(tiles=1, polygons=1, seconds=1.0))).decode()
+    poly = families(PostprocRun(tiles=2, polygons=5, seconds=1.0))
+    merged = families(PostprocRun(tiles=2, polygons=5, seconds=1.0, overlaps=1))
+    assert set(merged) - set(poly) == {"footprints_merge_overlapping_tile_pairs"}
+    assert {k: merged[k] for k in poly} == poly
+
+
 def test_last_success_is_the_time_of_the_push() -> None:
     """Alerts compute ``time() - footprints_postproc_last_success_timestamp_seconds``: the value
     is the Unix time in seconds when the run ended."""

@@ -31,8 +31,9 @@ def _documented() -> dict[str, set[str]]:
 
 
 def _exported() -> tuple[dict[str, set[str]], set[str]]:
-    """Every family and sample name of a training run's registry and of a scoring push, with the
-    label names its samples carry (every labelled child made to exist first); and the families."""
+    """Every family and sample name of a training run's registry and of a scoring and a merge
+    push, with the label names its samples carry (every labelled child made to exist first); and
+    the families."""
     m = TrainMetrics(DistEnv())
     m.record_step(samples=2, step_s=0.1, wait_s=0.01, loss=1.0)
     m.record_memory(torch.device("cpu"))
@@ -43,9 +44,10 @@ def _exported() -> tuple[dict[str, set[str]], set[str]]:
     m.checkpoint_time.observe(0.1)
     pushed = build_registry(PostprocRun(tiles=1, polygons=2, seconds=1.0, score=dict(
         f1=0.5, precision=0.5, recall=0.5, tp=1, fp=1, fn=1)))
+    merged = build_registry(PostprocRun(tiles=1, polygons=2, seconds=1.0, overlaps=0))
     out: dict[str, set[str]] = {}
     families = set()
-    for registry in (m.registry, pushed):
+    for registry in (m.registry, pushed, merged):
         for family in registry.collect():
             families.add(family.name)
             for sample in family.samples:

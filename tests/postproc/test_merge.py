@@ -380,12 +380,18 @@ def test_min_area_applies_after_the_merge(tmp_path, capsys):
     assert len(_merged(*alone, tmp_path / "alone18.geojson", "--min-area", "18")) == 1
 
 
-def test_overlapping_tiles_are_named_and_counted(tmp_path, capsys):
+def test_overlapping_tiles_are_named_and_counted(tmp_path, capsys, monkeypatch):
     """Tiles of one grid whose extents overlap (t2 straddles t0 | t1; t1 also given again as
     t1b: 4 pairs): every footprint of each is written, so the overlaps come out twice; merge
-    goes on and says so, naming the first pair read. Tiles that meet at an edge (t0 | t1) or a
-    corner (t1, t3) do not overlap, nor does a tile of another grid over t0 (t4, half a pixel
-    off: its extent is not on t0's grid)."""
+    goes on and says so, naming the first pair read, and pushes the count (0 too). Tiles that
+    meet at an edge (t0 | t1) or a corner (t1, t3) do not overlap, nor does a tile of another
+    grid over t0 (t4, half a pixel off: its extent is not on t0's grid)."""
+    from postproc import pushmetrics
+
+    pushed = []  # (the registry each push would have sent)
+    monkeypatch.setattr(pushmetrics, "push_to_gateway",
+                        lambda _url, job, registry, **_kw: pushed.append((job, registry)))
+    push = ("--pushgateway", "http://127.0.0.1:9091")
     gj, pred = tmp_path / "gj", tmp_path / "pred"
     metas = _drawn(gj, {"t0": (0, 0, [(2, 6, 2, 6)]), "t1": (0, 16, [(2, 6, 20, 24)]),
                         "t2": (0, 8, [(8, 12, 10, 14)]), "t1b": (0, 16, [(2, 6, 20, 24)]),
@@ -395,7 +401,7 @@ def test_overlapping_tiles_are_named_and_counted(tmp_path, capsys):
     write_tile_geojson(gj, "t4", [shapely.box(1, 1, 3, 3)], [0.9], metas["t4"])
     write_pred_shard(pred / "pred-000000.tar",
                      [(k, np.zeros((16, 16, 3), np.uint8), m) for k, m in metas.items()])
-    feats = _merged(pred, gj, tmp_path / "area.geojson")
+    feats = _merged(pred, gj, tmp_path / "area.geojson", *push)
     assert len(feats) == 6  # (t1's footprint and t1b's: two)
     err, out = capsys.readouterr()[::-1]
     assert "merge: 4 pairs of tiles overlap on their pixel grid (first: t0 and t2;" in err
@@ -403,10 +409,13 @@ def test_overlapping_tiles_are_named_and_counted(tmp_path, capsys):
     del metas["t2"], metas["t1b"]  # (the same tiles without the overlapping two: no note)
     write_pred_shard(pred / "pred-000000.tar",
                      [(k, np.zeros((16, 16, 3), np.uint8), m) for k, m in metas.items()])
-    assert len(_merged(pred, gj, tmp_path / "apart.geojson")) == 4
+    assert len(_merged(pred, gj, tmp_path / "apart.geojson", *push)) == 4
     err, out = capsys.readouterr()[::-1]
     assert "tiles overlap" not in err + out
     assert "4 tiles, 4 footprints (0 merged from 0 pieces) ->" in out
+    assert [(job, r.get_sample_value("footprints_merge_overlapping_tile_pairs_total"),
+             r.get_sample_value("footprints_postproc_polygons_total")) for job, r in pushed] == [
+        ("footprints_merge", 4, 6), ("footprints_merge", 0, 4)]
 
 
 @pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
