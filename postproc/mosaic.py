@@ -19,13 +19,13 @@ grid that overlap: the pixels of the overlap are those of the tile whose ImageId
 sort order (the same file whatever the shard order), with a note naming the first pair read and
 the number of pairs, as merge has.
 
-Memory follows one tile, not the area: a first pass reads each tile's meta.json (grids, extent),
-a second decodes one tile at a time and writes it through a window into a temporary tiled GTiff
-(sparse: no tile, no block), which GDAL then copies into the COG. Both temporary files lie in
-``--out``'s directory (``.<name>.<random>.{tiff,cog}.tmp``); the COG is renamed onto ``--out`` at
-the end: the file is whole or absent, and an error or Ctrl-C leaves neither temporary file.
-Disk: up to 3 bytes per pixel under the tiles (1 with ``--band``) for the temporary GTiff,
-besides the compressed COG.
+Memory follows one tile, not the area: a first pass reads each tile's meta.json (grids, extent; the
+PNGs' bytes are seeked over), a second decodes one tile at a time and writes it through a window
+into a temporary tiled GTiff (sparse: no tile, no block), which GDAL then copies into the COG. Both
+temporary files lie in ``--out``'s directory (``.<name>.<random>.{tiff,cog}.tmp``); the COG is
+renamed onto ``--out`` at the end: the file is whole or absent, and an error or Ctrl-C leaves
+neither temporary file. Disk: up to 3 bytes per pixel under the tiles (1 with ``--band``) for the
+temporary GTiff, besides the compressed COG.
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ from dataio.atomic import (
 from postproc.mergegrid import Grid, GridIndex, overlapping_pairs
 from postproc.mergeio import MergeError, crs_key, meta_extent
 from postproc.merger import TOLERANCE_PX
-from postproc.predio import PredError, decode_sample, iter_raw_samples, list_pred_shards
+from postproc.predio import (
+    PredError,
+    decode_sample,
+    iter_metas,
+    iter_raw_samples,
+    list_pred_shards,
+)
 
 BANDS = ("background", "building", "boundary")  # prob.png's channels (postproc.predio)
 BLOCK_PX = 512  # the COG's tiles (GDAL's default): the unit a viewer reads over HTTP
@@ -102,13 +108,14 @@ class Layout:
 
 
 def scan(shards: list[Path], tol: float) -> Layout:
-    """First pass: each tile's grid and extent from its meta.json (no PNG is decoded)."""
+    """First pass: each tile's grid and extent from its meta.json (no PNG is read: the tar's
+    headers and meta.json members alone, ``predio.iter_metas``)."""
     index = GridIndex(tol)
     tiles: dict[str, Tile] = {}
     first_of: dict[int, str] = {}  # a tile of each grid, for the refusal
     ext: list[tuple[int, int, int, int, int]] = []
     for shard in shards:
-        for key, _png, meta in iter_raw_samples(shard):
+        for key, meta in iter_metas(shard):
             if key in tiles:
                 raise MergeError(f"{shard}: ImageId {key!r} also appears in an earlier shard")
             where = f"{shard}: {key}"

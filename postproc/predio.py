@@ -271,19 +271,26 @@ def _split_member(name: str, shard: Path) -> tuple[str, str]:
     return key, ext
 
 
-def _finish_raw(key: str, parts: dict[str, bytes], shard: Path) -> tuple[str, bytes, dict]:
-    missing = [e for e in (PROB_EXT, META_EXT) if e not in parts]
+def _check_members(key: str, exts: Iterable[str], shard: Path) -> None:
+    missing = [e for e in (PROB_EXT, META_EXT) if e not in exts]
     if missing:
         raise PredError(f"{shard}: sample {key!r} lacks {', '.join(missing)}")
+
+
+def _parse_meta(key: str, data: bytes, shard: Path) -> dict[str, Any]:
     try:
-        meta = json.loads(parts[META_EXT])
+        meta = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PredError(f"{shard}: {key}.{META_EXT}: malformed JSON ({e})") from None
     try:
-        meta = _check_meta(meta, key)
+        return _check_meta(meta, key)
     except PredError as e:
         raise PredError(f"{shard}: {e}") from None
-    return key, parts[PROB_EXT], meta
+
+
+def _finish_raw(key: str, parts: dict[str, bytes], shard: Path) -> tuple[str, bytes, dict]:
+    _check_members(key, parts, shard)
+    return key, parts[PROB_EXT], _parse_meta(key, parts[META_EXT], shard)
 
 
 def decode_sample(key: str, png: bytes, meta: dict[str, Any], shard: str | Path
@@ -342,18 +349,18 @@ def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, bytes, dict]]:
         yield _finish_raw(key, parts, shard)
 
 
-def shard_keys(shard_path: str | Path) -> list[str]:
-    """The sample keys of a complete shard, in order, from its tar headers alone: the members'
-    bytes are seeked over, not read (a resumed trainer.predict checks a whole stage of shards).
-    Raise :class:`PredError` for a shard that is missing, truncated or malformed, or whose
-    samples lack a member."""
-    shard = Path(shard_path)
+def _iter_headers(shard: Path, read: frozenset[str] = frozenset()
+                  ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """The samples of a complete shard, in order, from its tar headers: ``(key, {ext: the
+    member's bytes if ext is in read, else None})``; the other members' bytes are seeked over,
+    not read. Raise :class:`PredError` for a shard that is missing, truncated or malformed, or
+    whose samples lack a member."""
     try:
-        f = open(shard, "rb")  # noqa: SIM115 - closed below
+        f = open(shard, "rb")  # noqa: SIM115 - the generator closes it
     except OSError as e:
         raise PredError(f"{shard}: cannot open shard ({e.strerror})") from None
-    keys: list[str] = []
-    parts: list[set[str]] = []
+    key: str | None = None
+    parts: dict[str, bytes | None] = {}
     seen: set[str] = set()
     with f:
         _check_complete(f, shard)
@@ -366,22 +373,39 @@ def shard_keys(shard_path: str | Path) -> list[str]:
                     if member.offset_data + member.size > size:
                         raise PredError(f"{shard}: truncated tar (member {member.name!r} ends "
                                         f"past its {size} bytes)")
-                    key, ext = _split_member(member.name, shard)
-                    if not keys or keys[-1] != key:
-                        if key in seen:
-                            raise PredError(f"{shard}: members of sample {key!r} are not "
+                    k, ext = _split_member(member.name, shard)
+                    if k != key:
+                        if key is not None:
+                            _check_members(key, parts, shard)
+                            yield key, parts
+                        if k in seen:
+                            raise PredError(f"{shard}: members of sample {k!r} are not "
                                             "adjacent")
-                        seen.add(key)
-                        keys.append(key)
-                        parts.append(set())
-                    parts[-1].add(ext)
+                        seen.add(k)
+                        key, parts = k, {}
+                    data = tar.extractfile(member) if ext in read else None
+                    parts[ext] = data.read() if data is not None else None
         except (tarfile.TarError, EOFError, OSError) as e:
             raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
-    for key, exts in zip(keys, parts, strict=True):
-        missing = [e for e in (PROB_EXT, META_EXT) if e not in exts]
-        if missing:
-            raise PredError(f"{shard}: sample {key!r} lacks {', '.join(missing)}")
-    return keys
+    if key is not None:
+        _check_members(key, parts, shard)
+        yield key, parts
+
+
+def shard_keys(shard_path: str | Path) -> list[str]:
+    """The sample keys of a complete shard, in order, from its tar headers alone: the members'
+    bytes are seeked over, not read (a resumed trainer.predict checks a whole stage of shards).
+    Raise :class:`PredError` for a shard that is missing, truncated or malformed, or whose
+    samples lack a member."""
+    return [key for key, _ in _iter_headers(Path(shard_path))]
+
+
+def iter_metas(shard_path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(key, meta)`` per sample, reading only the tar headers and the meta.json members:
+    the prob.png bytes are seeked over (postproc.mosaic's first pass needs only the grids)."""
+    shard = Path(shard_path)
+    for key, parts in _iter_headers(shard, frozenset({META_EXT})):
+        yield key, _parse_meta(key, parts[META_EXT] or b"", shard)
 
 
 def iter_raw_samples(shard_path: str | Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:

@@ -7,6 +7,7 @@ order. Every tile read back through the window of its own transform must be its 
 
 from __future__ import annotations
 
+import io
 import tarfile
 from pathlib import Path
 
@@ -94,6 +95,30 @@ def test_every_tile_reads_back_as_its_prob_png_and_the_hole_is_masked(area):
     r, c = HOLE
     assert (mask[r * T:(r + 1) * T, c * T:(c + 1) * T] == 0).all()
     assert (mask == 255).sum() == 8 * T * T  # (the hole and nothing else)
+
+
+def test_the_first_pass_reads_no_png(area, monkeypatch):
+    """The first pass needs each tile's meta.json alone: the prob.png members are seeked over.
+    (They were read, the whole prediction once more, only to be thrown away.)"""
+    from postproc import predio
+
+    pred, _ = area
+    shards = sorted(pred.glob("pred-*.tar"))
+    got = []  # the bytes of each read from a shard
+
+    class Counting(io.FileIO):  # (unbuffered: what is counted is what was read)
+        def read(self, size=-1):
+            data = super().read(size)
+            got.append(len(data))
+            return data
+
+    monkeypatch.setattr(predio, "open", lambda path, _mode: Counting(path), raising=False)
+    assert len(mosaic.scan(shards, mosaic.TOLERANCE_PX).tiles) == 8
+    pngs = 0
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            pngs += sum(m.size for m in tar if m.name.endswith(".prob.png"))
+    assert got and sum(got) <= sum(s.stat().st_size for s in shards) - pngs
 
 
 def test_the_file_is_a_cloud_optimized_geotiff_and_nothing_else_is_left(area):

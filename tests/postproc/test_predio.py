@@ -18,6 +18,7 @@ from postproc.predio import (
     check_key,
     decode_prob_png,
     encode_prob_png,
+    iter_metas,
     iter_pred_samples,
     list_pred_shards,
     publish_dir,
@@ -243,6 +244,39 @@ def test_a_sample_repeated_later_in_a_shard_is_refused(tmp_path):
                     ("b.meta.json", meta), ("a.prob.png", png), ("a.meta.json", meta)])
     with pytest.raises(PredError, match=r"pred-000000.tar: members of sample 'a' are not adjacent"):
         list(iter_pred_samples(path))
+
+
+def test_iter_metas_reads_the_metas_and_refuses_what_the_full_read_refuses(tmp_path):
+    """postproc.mosaic's first pass reads the headers and meta.json members alone: the same
+    metas, and the same errors for a shard that is cut, crafted or lacks a member (a PNG that
+    does not decode is the second pass's to find)."""
+    path = tmp_path / "pred-000000.tar"
+    samples = [(f"img{k}", np.full((64, 64, 3), k, np.uint8), {"width": 64, "n": k})
+               for k in range(4)]
+    write_pred_shard(path, samples)
+    assert list(iter_metas(path)) == [(k, m) for k, _, m in iter_pred_samples(path)]
+    assert [m["n"] for _, m in iter_metas(path)] == [0, 1, 2, 3]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(PredError, match="pred-000000.tar: truncated tar"):
+        list(iter_metas(path))
+    png, meta = encode_prob_png(np.zeros((2, 2, 3))), json.dumps({}).encode()
+    for members, error in [
+            ([("../evil.prob.png", png), ("../evil.meta.json", meta)], "invalid sample key"),
+            ([("a.prob.png", png)], "sample 'a' lacks meta.json"),
+            ([("a.meta.json", meta), ("b.prob.png", png), ("b.meta.json", meta)],
+             "sample 'a' lacks prob.png"),
+            ([("a.prob.png", png), ("a.meta.json", b"{not json")], "malformed JSON"),
+            ([("a.prob.png", png), ("a.meta.json", b'{"width": "2"}')],
+             "a: meta.json width '2' is not a whole number"),
+            ([("a.prob.png", png), ("a.meta.json", meta), ("b.prob.png", png),
+              ("b.meta.json", meta), ("a.prob.png", png), ("a.meta.json", meta)],
+             "members of sample 'a' are not adjacent")]:
+        _raw_tar(path, members)
+        with pytest.raises(PredError, match=f"pred-000000.tar: .*{error}"):
+            list(iter_metas(path))
+    _raw_tar(path, [("a.prob.png", b"garbage"), ("a.meta.json", meta)])
+    assert list(iter_metas(path)) == [("a", {})]
 
 
 def _publish_names(out, names, ledger=".ledger"):
