@@ -263,21 +263,22 @@ def _mismatch(state: dict[str, Any], path: Path, hint: str, model_cfg: dict[str,
                       f"({'; '.join([*differs, problem])})")
 
 
-def source_checkpoint(init_from: str) -> Path:
+def source_checkpoint(init_from: str, key: str = "train.init_from") -> Path:
     """The checkpoint file that ``train.init_from`` names: a checkpoint (``step-*.pt``,
     ``best.pt``), or a run directory, whose ``checkpoints/best.pt`` it means (or the best that
     best.pt was not re-pointed at yet: :func:`_recorded_best`); ValueError naming the key and
-    the path if there is no such file."""
+    the path if there is no such file. ``key``: the setting or flag that named it, for the
+    message (``trainer.export`` resolves its ``--checkpoint`` here too)."""
     given = Path(init_from).expanduser()
     path = checkpoint_dir(given) / BEST if given.is_dir() else given
     if path.is_file():
         return _recorded_best(given, path) if given.is_dir() else path
     if not given.is_dir():
-        raise ValueError(f"train.init_from={init_from}: no such file or run directory")
+        raise ValueError(f"{key}={init_from}: no such file or run directory")
     steps = list_checkpoints(given)
     hint = (f"name one of its checkpoints, e.g. its newest {steps[-1]}" if steps else
             "it has no checkpoints: is it a run directory?")
-    raise ValueError(f"train.init_from={init_from}: {path} not found (the run has no best "
+    raise ValueError(f"{key}={init_from}: {path} not found (the run has no best "
                      f"checkpoint yet); {hint}")
 
 
@@ -333,7 +334,7 @@ def _shape(t: Any) -> str:
     return "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _io_channels(sd: dict[str, Any]) -> tuple[int, int] | None:
+def io_channels(sd: dict[str, Any]) -> tuple[int, int] | None:
     """(input channels of the first convolution, output channels of the last) of a state dict
     in module order: the bands a registry model takes and the classes it gives."""
     convs = [v for v in sd.values() if isinstance(v, torch.Tensor) and v.ndim == 4]
@@ -348,7 +349,7 @@ def describe_mismatch(saved: dict[str, Any], own: dict[str, Any], show: int = 2)
     of the ~100 tensors on the lines after it: one line of it said nothing, all of it too much.
     """
     parts = []
-    io_saved, io_own = _io_channels(saved), _io_channels(own)
+    io_saved, io_own = io_channels(saved), io_channels(own)
     if io_saved and io_own:
         for i, what in enumerate(("input bands", "classes")):
             if io_saved[i] != io_own[i]:

@@ -185,11 +185,14 @@ def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[st
 Percentiles = tuple[list[float], list[float]]
 
 
-def _load_net(ckpt_path: Path, cfg: Config, bands: int,
-              args: argparse.Namespace) -> tuple[nn.Module, Percentiles | None, bool]:
+def load_net(ckpt_path: Path, cfg: Config, bands: int,
+             hint: str) -> tuple[nn.Module, Percentiles | None, bool]:
     """The run's network with the checkpoint's weights, on the CPU, the per-band p2/p98 it
     was trained with (None: a checkpoint from before the trainer recorded them), and whether
-    the weights are its weight EMA (``train.ema_decay``: what its validation scored)."""
+    the weights are its weight EMA (``train.ema_decay``: what its validation scored); ``hint``:
+    what the checkpoint must match, for the message when it does not
+    (``checkpoint.load_model``). The weights a prediction uses: ``trainer.export`` loads them
+    here too."""
     from models import build_model_from_config
     from trainer.checkpoint import has_ema, load, load_model, scored
 
@@ -199,9 +202,7 @@ def _load_net(ckpt_path: Path, cfg: Config, bands: int,
     # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
     # checkpoint; no compile, since prediction sees tiles of every size once.
     net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
-    load_model(net, scored(state), ckpt_path, f"{args.run_dir / 'config.json'} (model.*) and "
-               f"the {bands} bands of {args.data / 'manifest.json'}",
-               dataclasses.asdict(cfg.model))
+    load_model(net, scored(state), ckpt_path, hint, dataclasses.asdict(cfg.model))
     ema = has_ema(state)
     saved = state.get("percentiles")
     if saved is None:
@@ -369,8 +370,10 @@ def _predict(args: argparse.Namespace) -> int:
         device = dist.device_for(env)
 
         # agreed: a rank that cannot load it stops every rank with its reason
+        hint = (f"{args.run_dir / 'config.json'} (model.*) and the {manifest.bands} bands of "
+                f"{args.data / 'manifest.json'}")
         net, norm, ema = dist.on_every(f"loading {ckpt_path}",
-                                       lambda: _load_net(ckpt_path, cfg, manifest.bands, args))
+                                       lambda: load_net(ckpt_path, cfg, manifest.bands, hint))
         if ema and env.is_main:
             say(f"trainer.predict: predicting with the weight EMA of {ckpt_path} (its run's "
                 "train.ema_decay), the weights its validation scored")
