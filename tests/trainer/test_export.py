@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,14 @@ def test_a_checkpoint_without_percentiles_takes_those_of_data(a_run: Path, small
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     norm = json.loads(meta["normalisation"])
     assert (norm["p2"], norm["p98"]) == load_manifest(small_dataset).percentiles()
+
+
+def test_without_the_onnx_packages_it_names_the_extra(a_run: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # (import onnxscript: ImportError)
+    assert export(["--checkpoint", str(a_run), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "trainer.export: error: exporting needs the onnx and onnxscript packages"), err
+    assert "pip install -e '.[export]'" in err and not (tmp_path / "m.onnx").exists()
