@@ -63,7 +63,7 @@ from dataio.atomic import atomic_open, check_writable
 from postproc.mergegrid import WGS84, Grid, to_wgs84
 from postproc.mergeio import MergeError, crs_key, read_tile
 from postproc.merger import TOLERANCE_PX, Merger, Piece
-from postproc.predio import check_published, iter_raw_samples, list_pred_shards
+from postproc.predio import check_published, iter_metas, list_pred_shards
 
 # NOTE: the work lives in postproc.merger (Merger), .mergeio (reading the inputs) and .mergegrid
 # (pixel grids, CRS); its names stay importable here, and main looks Merger up in this module
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_open(args.out, "w", encoding="utf-8") as f:
         m = Merger(f, args.tolerance, args.min_area)
         for shard in shards:
-            for key, _png, meta in iter_raw_samples(shard):
+            for key, meta in iter_metas(shard):  # (the PNGs are seeked over, not read)
                 m.add_tile(key, meta, args.geojson / f"{key}.geojson", shard)
         m.finish()
     from postproc.pools import say

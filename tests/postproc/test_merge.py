@@ -491,7 +491,7 @@ def test_duplicate_image_ids_are_refused(copy, capsys):
 
 def test_an_unusable_out_or_tolerance_is_refused_before_the_work(copy, capsys, monkeypatch):
     pred, gj, out = copy
-    monkeypatch.setattr(merge, "iter_raw_samples", None)  # (the work would fail otherwise)
+    monkeypatch.setattr(merge, "iter_metas", None)  # (the work would fail otherwise)
     tile = gj / f"{_key(0, 0)}.geojson"
     before = tile.read_bytes()
     assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(tile)]) == 2
@@ -523,3 +523,30 @@ def test_merge_loads_no_numba() -> None:
                          env={**os.environ, "PYTHONPATH": "."})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_merge_reads_no_png(mosaic, tmp_path, monkeypatch):
+    """Merge needs each tile's meta.json alone (its grid): the prob.png members are seeked
+    over. (They were read, the whole prediction once more, only to be thrown away.)"""
+    import tarfile
+
+    from postproc import predio
+
+    pred, gj = mosaic
+    got = []  # the bytes of each read from a shard
+
+    class Counting(io.FileIO):  # (unbuffered: what is counted is what was read)
+        def read(self, size=-1):
+            data = super().read(size)
+            got.append(len(data))
+            return data
+
+    monkeypatch.setattr(predio, "open", lambda path, _mode: Counting(path), raising=False)
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out",
+                str(tmp_path / "area.geojson")]) == 0
+    shards = sorted(pred.glob("pred-*.tar"))
+    pngs = 0
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            pngs += sum(m.size for m in tar if m.name.endswith(".prob.png"))
+    assert got and pngs and sum(got) <= sum(s.stat().st_size for s in shards) - pngs
