@@ -168,6 +168,27 @@ def test_one_update_per_optimizer_step_none_for_a_skipped_one(small_dataset: Pat
     assert all(bool(torch.isfinite(v).all()) for v in t.ema.module.state_dict().values())
 
 
+def test_a_step_the_grad_scaler_skips_is_not_averaged_in(small_dataset: Path,
+                                                        tmp_path: Path) -> None:
+    """fp16's GradScaler (on the CPU here, in fp32) skips the optimizer step on inf gradients
+    inside ``scaler.step``, which returns None either way: the trainer tells by the unscaled
+    gradients' norm, and the EMA must follow the steps the optimizer took, not the calls."""
+    t = _trainer(small_dataset, tmp_path / "run", [*EMA, "train.epochs=1", "train.amp=off"])
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    calls = {"n": 0}
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:  # steps 2 and 4 overflow
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] % 2 == 0 else grad
+
+    t.net.head.weight.register_hook(overflow)
+    t.train()
+    # the scaler itself skipped twice (each halved its scale), the trainer did not
+    assert t.global_step == 5 and t.scaler.get_scale() == 2.0**14 and t.nonfinite_run == 0
+    assert t.ema is not None and t.ema.updates == 3
+    assert all(bool(torch.isfinite(v).all()) for v in t.ema.module.state_dict().values())
+
+
 def test_a_resume_restores_the_ema_bit_exactly(small_dataset: Path, tmp_path: Path) -> None:
     common = [*EMA, *VALIDATED, "train.epochs=2", "train.checkpoint_every_steps=2"]
     _trainer(small_dataset, tmp_path / "ref", common).train()
