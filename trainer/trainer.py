@@ -548,8 +548,9 @@ class Trainer:
         none (an older run, or one without train.ema_decay), dropped if this run has none."""
         if self.ema is None:
             if ckpt.has_ema(state) and self.env.is_main:
-                log.info("%s has a weight EMA and train.ema_decay=0: it is dropped; validation, "
-                         "best.pt and predict use the raw weights from here", path)
+                log.info("%s has a weight EMA and train.ema_decay=0: it is dropped; validation "
+                         "scores the raw weights from here (best.pt stays the EMA's until they "
+                         "beat its score)", path)
             return
         if not ckpt.has_ema(state):
             self.ema.reset(self.net)
