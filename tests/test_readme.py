@@ -21,6 +21,8 @@ PACKAGES = ("dataio", "trainer", "postproc", "launch", "benchmarks")
 FOREIGN = {"--nproc_per_node", "--max-restarts", "--gpus-per-node", "--cpus-per-task", "--time",
            "--signal", "--open-mode", "--requeue", "--no-requeue"}
 FLAG = r"(?<![\w-])--[a-z][a-z0-9_-]*"
+# file names README writes that look like section.key (postproc.json, model.onnx)
+FILE_SUFFIXES = {"json", "onnx", "pt", "tif", "toml", "csv", "geojson"}
 
 
 # README's code: its fenced blocks, and the inline spans of the text between them
@@ -84,9 +86,9 @@ def test_config_keys_readme_names_exist() -> None:
     sections = {f.name: {k.name for k in dataclasses.fields(f.default_factory())}
                 for f in dataclasses.fields(Config)}
     named = set(re.findall(rf"(?<![\w./])({'|'.join(sections)})\.([a-z_][a-z0-9_]*)", CODE))
-    # (postproc.polygonize and postproc.json are a module and a file, not [postproc] keys)
-    named = {(s, k) for s, k in named if not (s == "postproc" and (
-        k == "json" or (ROOT / "postproc" / f"{k}.py").is_file()))}
+    # (postproc.polygonize is a module, and postproc.json or model.onnx a file, not keys)
+    named = {(s, k) for s, k in named if k not in FILE_SUFFIXES and not (
+        s == "postproc" and (ROOT / "postproc" / f"{k}.py").is_file())}
     assert ("train", "init_from") in named and ("metrics", "port") in named  # (it parsed)
     unknown = sorted(f"{s}.{k}" for s, k in named if k not in sections[s])
     assert not unknown, f"README names config keys that do not exist: {unknown}"
