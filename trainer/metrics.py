@@ -75,7 +75,9 @@ class TrainMetrics:
                             "Memory by kind: allocated and reserved (CUDA, now); max_rss (CPU: "
                             "the process's peak resident set, not what it holds now)",
                             ["rank", "kind"], registry=r)
-        self.val = Gauge(f"{p}_validation", "Last validation figures", ["metric"], registry=r)
+        self.val = Gauge(f"{p}_validation", "Last validation figures: f1, iou (building), "
+                         "iou_background, iou_building, iou_boundary, miou", ["metric"],
+                         registry=r)
         self.resumes = Counter(f"{p}_resumes", "Runs resumed from a checkpoint", registry=r)
 
     # ---- server -------------------------------------------------------------------------------

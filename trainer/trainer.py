@@ -47,7 +47,7 @@ from trainer.dist import (
 from trainer.ema import WeightEMA
 from trainer.metrics import TrainMetrics
 from trainer.optim import apply_hyperparameters, build_optimizer, build_scheduler
-from trainer.validate import Validator
+from trainer.validate import GAUGED, Validator
 
 log = logging.getLogger("footprints")
 NUM_CLASSES = 3
@@ -391,9 +391,10 @@ class Trainer:
             self.validations_since_best = 0
         elif score is not None and self.epoch > self.cfg.train.early_stop_start_epoch:
             self.validations_since_best += 1
-        for k in ("val_f1", "val_iou"):
-            if k in summary:
-                self.metrics.val.labels(metric=k[4:]).set(summary[k])
+        for k in GAUGED:
+            if k in summary:  # (a class without an IoU, None: NaN, Prometheus' "no value")
+                v = summary[k]
+                self.metrics.val.labels(metric=k[4:]).set(math.nan if v is None else v)
         self.history.append(summary)
         on_main(self.env, "writing the training log", lambda: self._append_log(summary))
         if self.env.is_main:

@@ -1,7 +1,10 @@
-"""Validation on the val split: loss, building IoU and the SpaceNet F1, from all-reduced counts.
+"""Validation on the val split: loss, pixel IoU of each class and the SpaceNet F1, from
+all-reduced counts.
 
 Each rank evaluates its own disjoint part of the split (padding excluded via ``Batch.valid``);
-the counts are summed over ranks before any ratio is taken (never an average of per-rank ratios).
+the counts are summed over ranks before any ratio is taken (never an average of per-rank ratios):
+the pixels' confusion matrix (every class's IoU, and ``val_iou``, the building class's, which
+picks ``best.pt`` with ``train.val_f1=false``) and the polygons' tp, fp, fn (the F1).
 So is the loss: ``val_loss`` is the loss of all val pixels at once, from its sums (numerators and
 denominators, ``SegmentationLoss.sums``), the same for any validation batch size or world size.
 """
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dataio.classes import BUILDING
+from dataio.classes import BUILDING, NUM_CLASSES
 from dataio.loader import IGNORE_INDEX, build_loader
 from dataio.manifest import load_manifest
 from models.losses import SegmentationLoss
@@ -30,12 +33,36 @@ from trainer.predict import per_tile
 
 log = logging.getLogger("footprints")
 
-# the pixel and polygon counts that come before the loss's sums in the all-reduced vector
-_COUNTS = 6
+# names of the class ids 0, 1, 2 (dataio.classes) in the per-class keys: val_iou_background, ...
+CLASS_NAMES = ("background", "building", "boundary")
+# the all-reduced vector: the pixels' confusion matrix (true class x predicted class, row-major),
+# the polygons' tp, fp, fn, then the loss's sums
+_CM = NUM_CLASSES * NUM_CLASSES
+_COUNTS = _CM + 3
+# the figures the trainer exports as footprints_validation{metric=KEY less its "val_"}
+GAUGED = ("val_f1", "val_iou", *(f"val_iou_{name}" for name in CLASS_NAMES), "val_miou")
 
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else 0.0
+
+
+def class_ious(cm: torch.Tensor) -> dict[str, float | None]:
+    """Each class's pixel IoU, ``tp / (tp + fp + fn)``, from the confusion matrix ``cm`` (true
+    class x predicted class, summed over ranks), their mean ``val_miou``, and ``val_iou``: the
+    building class's, as it always was (0 when the split has no building pixel and none is
+    predicted; ``best.pt`` and early stopping read it).
+
+    NOTE: a class with neither a pixel nor a prediction has no IoU: ``None`` (JSON null), left
+    out of the mean, as mmsegmentation's ``nanmean`` and torchmetrics' macro Jaccard index do,
+    instead of a 0 that would pull the mean down for a class the split lacks."""
+    tp = cm.diagonal()
+    union = cm.sum(0) + cm.sum(1) - tp
+    ious = [tp[k].item() / union[k].item() if union[k] > 0 else None for k in range(len(tp))]
+    present = [v for v in ious if v is not None]
+    return {"val_iou": _ratio(tp[BUILDING].item(), union[BUILDING].item()),
+            **{f"val_iou_{name}": v for name, v in zip(CLASS_NAMES, ious, strict=True)},
+            "val_miou": sum(present) / len(present) if present else None}
 
 
 class Validator:
@@ -69,17 +96,17 @@ class Validator:
         c = all_reduce_sum(on_every("validating", lambda: self._counts(net)))
         net.train(was_training)
         out = {"val_loss": self.loss_fn.from_sums(c[_COUNTS:]),
-               "val_iou": _ratio(c[0].item(), (c[0] + c[1] + c[2]).item())}
+               **class_ious(c[:_CM].view(NUM_CLASSES, NUM_CLASSES))}
         if self.cfg.train.val_f1:
-            tp, fp, fn = c[3].item(), c[4].item(), c[5].item()
+            tp, fp, fn = c[_CM].item(), c[_CM + 1].item(), c[_CM + 2].item()
             p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
             out.update({"val_precision": p, "val_recall": r, "val_f1": _ratio(2 * p * r, p + r),
                         "val_tp": int(tp), "val_fp": int(fp), "val_fn": int(fn)})
         return out
 
     def _counts(self, net: nn.Module) -> torch.Tensor:
-        """This rank's sums: tp, fp, fn (pixels, building class), tp, fp, fn (SpaceNet
-        polygons), then the loss's sums."""
+        """This rank's sums: the pixels' confusion matrix, tp, fp, fn (SpaceNet polygons), then
+        the loss's sums."""
         c = torch.zeros(_COUNTS + 2 + 2 * self.loss_fn.num_classes, dtype=torch.float64)
         self.loader.set_epoch(0)
         for batch in self.loader:
@@ -90,12 +117,10 @@ class Validator:
             # NOTE: a padding slot's and a padded border's mask is ignored, so they add nothing
             c[_COUNTS:] += self.loss_fn.sums(logits, batch.mask)
             pred = logits.argmax(1)
-            is_b, want_b = (pred == BUILDING) & valid_px, (batch.mask == BUILDING) & valid_px
-            c[0] += float((is_b & want_b).sum())
-            c[1] += float((is_b & ~want_b).sum())
-            c[2] += float((~is_b & want_b).sum())
+            pairs = batch.mask[valid_px] * NUM_CLASSES + pred[valid_px]
+            c[:_CM] += torch.bincount(pairs, minlength=_CM).to("cpu", torch.float64)
             if self.cfg.train.val_f1:
-                c[3:6] += self._f1_counts(logits, batch)
+                c[_CM:_COUNTS] += self._f1_counts(logits, batch)
         return c
 
     def _f1_counts(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:

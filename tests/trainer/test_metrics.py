@@ -209,6 +209,8 @@ def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
     assert value(first, "learning_rate") == first.optimizer.param_groups[0]["lr"] > 0
     assert value(first, "validation", metric="f1") == first.history[-1]["val_f1"]
     assert value(first, "validation", metric="iou") == first.history[-1]["val_iou"]
+    for metric in ("iou_background", "iou_building", "iou_boundary", "miou"):
+        assert value(first, "validation", metric=metric) == first.history[-1][f"val_{metric}"]
     assert value(first, "checkpoint_seconds_count") == 1  # one checkpoint, at the epoch's end
     second = run(2)
     assert value(second, "resumes_total") == 1

@@ -45,6 +45,10 @@ def test_training_lowers_the_loss_and_logs_every_epoch(small_dataset: Path,
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
     assert "val_f1" in log[2] and "val_iou" in log[5] and "val_f1" not in log[3]
+    # each class's pixel IoU and their mean beside val_iou, the building class's
+    ious = [log[2][f"val_iou_{c}"] for c in ("background", "building", "boundary")]
+    assert log[2]["val_iou"] == ious[1] and log[2]["val_miou"] == pytest.approx(sum(ious) / 3)
+    assert "val_miou" in log[5] and "val_miou" not in log[3]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["epochs"] == 6
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()

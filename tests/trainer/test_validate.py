@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 from shapely.geometry import box
 from torch import nn
+from trainer_helpers import REPO, run, torchrun_cmd
+from val_nets import LocalMean
+from val_worker import OVERRIDES
 
 from dataio.classes import BUILDING
 from dataio.loader import IGNORE_INDEX, Batch
@@ -14,7 +19,8 @@ from models.losses import SegmentationLoss, build_loss
 from postproc.score import ScoreConfig
 from trainer.amp import resolve
 from trainer.config import load_config
-from trainer.validate import Validator
+from trainer.dist import DistEnv
+from trainer.validate import Validator, class_ious
 
 
 class _OneBatch:
@@ -92,16 +98,37 @@ def test_a_batch_of_one_tile_size_is_one_forward_and_its_padding_slot_is_not_cou
     assert (got["val_tp"], got["val_fp"], got["val_fn"]) == (1, 0, 0)
 
 
-class _LocalMean(nn.Module):
-    """Classes by the mean of band 0 over the 7x7 window around each pixel, within the input:
-    like any network's, its output near a tile's edge depends on what lies beyond the edge."""
+def test_every_class_iou_comes_from_the_confusion_matrix() -> None:
+    """val_iou is the building class's alone; each class's IoU and their mean, on a 4x4 tile
+    padded to 5x4 (its padded row and the padding slot, ignored in the mask, not counted)."""
+    mask = torch.full((2, 5, 4), IGNORE_INDEX, dtype=torch.int64)
+    mask[0, :4] = torch.tensor([[0, 0, 1, 1], [0, 2, 1, 1], [0, 2, 2, 1], [0, 0, 0, 0]])
+    pred = torch.full((2, 5, 4), 2, dtype=torch.int64)
+    pred[0, :4] = torch.tensor([[0, 1, 1, 1], [0, 2, 2, 1], [0, 0, 2, 1], [0, 0, 0, 2]])
+    # true x predicted: background [6, 1, 1], building [0, 4, 1], boundary [1, 0, 2]
+    # IoU = tp / (row + column - tp): 6 / (8 + 7 - 6), 4 / (5 + 5 - 4), 2 / (3 + 4 - 2)
+    batch = Batch(image=torch.zeros(2, 3, 5, 4), mask=mask, keys=["a", ""],
+                  valid=torch.tensor([True, False]), meta=[{"height": 4, "width": 4}, {}])
+    v = _validator(batch, {})
+    v.cfg.train.val_f1 = False
+    got = v.run(_Fixed(pred))
+    want = {"val_iou_background": 6 / 9, "val_iou_building": 4 / 6, "val_iou_boundary": 2 / 5}
+    assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-12)
+    assert got["val_iou"] == got["val_iou_building"]
+    assert got["val_miou"] == pytest.approx((6 / 9 + 4 / 6 + 2 / 5) / 3, abs=1e-12)
+    assert "val_f1" not in got
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dataio.fixtures import ALIGNED_LEVELS, ALIGNED_P98
 
-        m = nn.functional.avg_pool2d(x[:, :1], 7, stride=1, padding=3, count_include_pad=False)
-        levels = torch.tensor(ALIGNED_LEVELS, dtype=x.dtype) / ALIGNED_P98[0]
-        return -((m - levels.view(1, 3, 1, 1)) * 20) ** 2
+def test_a_class_with_no_pixel_and_no_prediction_has_no_iou_and_no_place_in_the_mean() -> None:
+    # true x predicted, no boundary at all: background [3, 1, 0], building [1, 5, 0]
+    cm = torch.tensor([[3, 1, 0], [1, 5, 0], [0, 0, 0]], dtype=torch.float64)
+    got = class_ious(cm)
+    assert got["val_iou_boundary"] is None
+    assert got["val_miou"] == pytest.approx((3 / 5 + 5 / 7) / 2, abs=1e-12)
+    assert got["val_iou"] == got["val_iou_building"] == pytest.approx(5 / 7, abs=1e-12)
+    # no building pixel, none predicted: val_iou stays the 0 it always was (best.pt's score)
+    none = class_ious(torch.tensor([[4, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float64))
+    assert (none["val_iou"], none["val_iou_building"], none["val_miou"]) == (0.0, None, 1.0)
 
 
 def _mixed_size_val_data(root: Path) -> Path:
@@ -128,8 +155,6 @@ def test_validation_metrics_do_not_depend_on_the_tiles_in_a_batch(tmp_path: Path
     """The loader pads a batch of mixed tile sizes to its largest: validated on the padded
     batch, a smaller tile was predicted from the zeros beyond its edge, so val_iou and val_f1
     (which picks best.pt) changed with the validation batch size (and so with the ranks)."""
-    from trainer.dist import DistEnv
-
     data = _mixed_size_val_data(tmp_path / "DATA")
     got = {}
     for bs in (4, 1):
@@ -137,15 +162,15 @@ def test_validation_metrics_do_not_depend_on_the_tiles_in_a_batch(tmp_path: Path
                                                       "train.val_f1=true"])
         v = Validator(cfg, DistEnv(), data, torch.device("cpu"), resolve("off", torch.device(
             "cpu")), build_loss(cfg.loss))
-        r = v.run(_LocalMean())
+        r = v.run(LocalMean())
         v.loader.close()
         got[bs] = (r["val_iou"], r["val_tp"], r["val_fp"], r["val_fn"])
     assert got[1][0] > 0.5 and got[1][1] > 0, got  # it finds buildings: the figures can differ
     assert got[4] == got[1], got
 
 
-class _Unsure(_LocalMean):
-    """``_LocalMean`` made far less sure, so that every pixel's loss counts."""
+class _Unsure(LocalMean):
+    """``LocalMean`` made far less sure, so that every pixel's loss counts."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) / 200
@@ -155,8 +180,6 @@ def test_val_loss_is_the_loss_of_the_whole_split_whatever_its_batches(tmp_path: 
     """val_loss was the mean of the batches' losses weighted by their samples: it changed with
     the validation batch size and ranks (the last short batch, tiles of other sizes, each batch's
     own class-weighted mean and Dice). Now it is the loss of all val pixels as one batch."""
-    from trainer.dist import DistEnv
-
     data = _mixed_size_val_data(tmp_path / "DATA")
     got, logits, masks = {}, [], []
     for bs in (4, 2, 1):  # 2: a last batch of one tile and a padding slot
@@ -176,3 +199,30 @@ def test_val_loss_is_the_loss_of_the_whole_split_whatever_its_batches(tmp_path: 
     assert whole > 0.1, whole  # a loss that the batching could change
     for bs, loss in got.items():
         assert abs(loss - whole) < 1e-5 * whole, (bs, got, whole)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_ranks_score_exactly_what_one_process_scores(tmp_path: Path) -> None:
+    """Each class's IoU (and the F1) from the counts of both ranks' parts of the split summed,
+    one confusion matrix: equal to one process's, not close to it (an average of each rank's
+    ratios, or rank 0's counts alone, is not)."""
+    data = _mixed_size_val_data(tmp_path / "DATA")
+    out = tmp_path / "two.json"
+    res = run(torchrun_cmd(2, [str(REPO / "tests" / "trainer" / "val_worker.py"), str(data),
+                               str(out)]), timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(out.read_text())
+    cfg = load_config(Path("configs/tiny.toml"), OVERRIDES)
+    cpu = torch.device("cpu")
+    v = Validator(cfg, DistEnv(), data, cpu, resolve("off", cpu), build_loss(cfg.loss))
+    one = v.run(LocalMean())
+    v.loader.close()
+    exact = ["val_iou", "val_iou_background", "val_iou_building", "val_iou_boundary", "val_miou",
+             "val_tp", "val_fp", "val_fn", "val_f1"]
+    assert {k: two[k] for k in exact} == {k: one[k] for k in exact}
+    # figures a lost or double-counted pixel would move
+    assert all(0.3 < one[k] < 1 for k in exact[:5]), one
+    # (the loss: the same sums, added in another order)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
