@@ -177,12 +177,23 @@ class Trainer:
                 self.step_in_epoch = 0
                 every = self.cfg.train.val_every
                 if every and (self.epoch % every == 0 or self.epoch == self.cfg.train.epochs):
-                    summary.update(self.validator.run(self._scored_net()))
+                    summary.update(self._validate())
                 self.end_epoch(summary)
             return self.history[-1] if self.history else {}
         finally:
             self.metrics.stop()
             self.train_loader.close()
+
+    def _validate(self) -> dict[str, Any]:
+        """The validation figures, and which weights they scored: ``val_weights`` is "ema" or
+        "model" (none without a validation).
+
+        NOTE: a resume may turn train.ema_decay on or off, so one run's log.jsonl can hold
+        both kinds of validation; the marker says which each epoch's scores are."""
+        scores = self.validator.run(self._scored_net())
+        if not scores:  # (off, or an empty val split)
+            return {}
+        return {**scores, "val_weights": "model" if self.ema is None else "ema"}
 
     def _scored_net(self) -> torch.nn.Module:
         """The module validation scores: the weight EMA when train.ema_decay is on, else the

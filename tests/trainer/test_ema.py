@@ -221,6 +221,21 @@ def test_a_resume_starts_an_ema_from_the_weights_or_drops_it(
     assert t.ema is None and "ema" not in _newest(run_dir)
 
 
+def test_the_log_says_which_weights_each_validation_scored(small_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    """One log.jsonl across resumes that turn the EMA on and off: each validated epoch's record
+    names the weights its figures are of (the EMA's or the trained ones), an epoch without a
+    validation none."""
+    run_dir = tmp_path / "run"
+    _trainer(small_dataset, run_dir, [*VALIDATED, "train.epochs=1"]).train()
+    _trainer(small_dataset, run_dir, [*EMA, *VALIDATED, "train.epochs=2"]).train()
+    _trainer(small_dataset, run_dir, [*VALIDATED, "train.val_every=2", "train.epochs=4"]).train()
+    log = _log(run_dir)
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert [r.get("val_weights") for r in log] == ["model", "ema", None, "model"]
+    assert "val_iou" not in log[2]
+
+
 @pytest.fixture(scope="module")
 def ema_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
     """Two validated epochs with an EMA: best.pt holds raw weights and an EMA that differ."""
@@ -236,6 +251,7 @@ def test_validation_and_best_pt_score_the_ema(ema_run: Trainer) -> None:
     logged = _log(t.run_dir)[-1]
     on_ema, on_raw = t.validator.run(t.ema.module), t.validator.run(t.net)
     assert (logged["val_loss"], logged["val_iou"]) == (on_ema["val_loss"], on_ema["val_iou"])
+    assert [r["val_weights"] for r in _log(t.run_dir)] == ["ema", "ema"]
     assert on_raw["val_loss"] != on_ema["val_loss"]
     best = ckpt.load(t.run_dir / "checkpoints" / "best.pt")
     assert not _equal(best["model"], best["ema"]["model"])
