@@ -216,3 +216,28 @@ def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
     assert value(second, "resumes_total") == 1
     assert value(second, "epoch") == 1
     assert value(second, "checkpoint_seconds_count") == 1  # this process's own
+
+
+def test_a_class_without_an_iou_is_null_in_the_log_and_nan_on_its_gauge(
+        small_dataset: Path, tmp_path: Path) -> None:
+    """A val split without a boundary pixel, predicting none, has no boundary IoU (None): the
+    gauge cannot take None (a TypeError at the epoch's end stopped the run), so it is NaN."""
+    import json
+    import math
+
+    from trainer.config import load_config
+    from trainer.trainer import Trainer
+
+    cfg = load_config(Path("configs/tiny.toml"), ["train.epochs=1", "data.num_threads=1"])
+    t = Trainer(cfg, DistEnv(), small_dataset, tmp_path / "run")
+    scores = {"val_f1": 0.5, "val_iou": 0.6, "val_iou_background": 0.8, "val_iou_building": 0.6,
+              "val_iou_boundary": None, "val_miou": 0.7}
+    t.validator.run = lambda _net: dict(scores)  # type: ignore[method-assign]
+    t.train()
+
+    def value(metric: str) -> float | None:
+        return t.metrics.registry.get_sample_value("footprints_validation", {"metric": metric})
+
+    assert math.isnan(value("iou_boundary")) and value("miou") == 0.7  # type: ignore[arg-type]
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert "val_iou_boundary" in logged and logged["val_iou_boundary"] is None
