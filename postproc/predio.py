@@ -322,6 +322,22 @@ def _check_complete(fileobj: Any, shard: Path) -> None:
         raise PredError(f"{shard}: truncated tar ({size} bytes, no end-of-archive marker)")
 
 
+def _check_ended(fileobj: Any, offset: int, shard: Path) -> None:
+    """Raise unless everything from ``offset`` (where ``tarfile`` stopped reading headers) to the
+    end of the file is zeros: the end-of-archive marker and the record's padding.
+
+    NOTE: ``tarfile`` takes a damaged header after the first (a bad checksum: a flipped bit, a
+    block overwritten) for the end of the archive, without a word; the tail check above sees the
+    marker still in place, and the shard read as complete minus the tiles from there on (2 of 4
+    in the test). Read in blocks: a whole shard's worth only where it is damaged early.
+    """
+    fileobj.seek(offset)
+    while block := fileobj.read(1 << 16):
+        if block.count(0) != len(block):
+            raise PredError(f"{shard}: corrupt tar (a damaged member header at byte {offset}; "
+                            "the members after it were not read)")
+
+
 def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, bytes, dict]]:
     """Stream raw samples (consecutive members sharing a key) from an open, complete tar."""
     _check_complete(fileobj, shard)
@@ -343,6 +359,8 @@ def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, bytes, dict]]:
                     key, parts = k, {}
                 f = tar.extractfile(member)
                 parts[ext] = f.read() if f is not None else b""
+            end = tar.offset
+        _check_ended(fileobj, end, shard)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
     if key is not None:
@@ -385,6 +403,7 @@ def _iter_headers(shard: Path, read: frozenset[str] = frozenset()
                         key, parts = k, {}
                     data = tar.extractfile(member) if ext in read else None
                     parts[ext] = data.read() if data is not None else None
+                _check_ended(f, tar.offset, shard)
         except (tarfile.TarError, EOFError, OSError) as e:
             raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
     if key is not None:

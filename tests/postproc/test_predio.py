@@ -24,6 +24,7 @@ from postproc.predio import (
     publish_dir,
     publish_pred_dir,
     quantize_probs,
+    shard_keys,
     write_pred_shard,
 )
 
@@ -187,6 +188,26 @@ def test_a_tar_cut_at_or_inside_a_header_is_refused(tmp_path, into_header):
     path.write_bytes(data[: third + into_header])
     with pytest.raises(PredError, match="pred-000000.tar: truncated tar"):
         list(iter_pred_samples(path))
+
+
+@pytest.mark.parametrize("damage", ["a flipped bit", "a zeroed block"])
+@pytest.mark.parametrize("read", [iter_pred_samples, iter_metas, shard_keys])
+def test_a_damaged_header_inside_a_tar_is_refused(tmp_path, damage, read):
+    """tarfile takes a header that fails its checksum (or reads as zeros) after the first for
+    the end of the archive: each reader gave the shard's first 2 tiles of 4, without a word."""
+    samples = [(f"img{k}", np.full((64, 64, 3), k, np.uint8), {}) for k in range(4)]
+    path = tmp_path / "pred-000000.tar"
+    write_pred_shard(path, samples)
+    with tarfile.open(path) as tar:
+        third = tar.getmembers()[4].offset  # the first header of img2
+    data = bytearray(path.read_bytes())
+    if damage == "a flipped bit":
+        data[third + 100] ^= 1  # (its mode field: the checksum no longer matches)
+    else:
+        data[third:third + tarfile.BLOCKSIZE] = bytes(tarfile.BLOCKSIZE)
+    path.write_bytes(bytes(data))
+    with pytest.raises(PredError, match=f"pred-000000.tar: corrupt tar .*at byte {third}"):
+        list(read(path))
 
 
 def test_damaged_png_header_names_the_shard(tmp_path):
