@@ -280,7 +280,10 @@ def _check_members(key: str, exts: Iterable[str], shard: Path) -> None:
 def _parse_meta(key: str, data: bytes, shard: Path) -> dict[str, Any]:
     try:
         meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # NOTE: ValueError, not only JSONDecodeError: a number of over 4300 digits is int()'s
+    # ValueError, said without the shard; and arrays nested ~100,000 deep a RecursionError, a
+    # traceback (dataio.manifest.load_manifest catches it too)
+    except (ValueError, RecursionError) as e:
         raise PredError(f"{shard}: {key}.{META_EXT}: malformed JSON ({e})") from None
     try:
         return _check_meta(meta, key)

@@ -255,6 +255,18 @@ def test_crafted_members_are_refused(tmp_path):
             list(iter_pred_samples(path))
 
 
+@pytest.mark.parametrize("meta", [b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"width": ' + b"9" * 5000 + b"}"], ids=["deep", "digits"])
+@pytest.mark.parametrize("read", [iter_pred_samples, iter_metas])
+def test_a_meta_json_that_json_cannot_hold_is_malformed(tmp_path, meta, read):
+    """(nested 100,000 deep: json's RecursionError, a traceback; a 5,000-digit number: int()'s
+    ValueError, a line that named no shard)"""
+    path = tmp_path / "pred-000000.tar"
+    _raw_tar(path, [("a.prob.png", encode_prob_png(np.zeros((2, 2, 3)))), ("a.meta.json", meta)])
+    with pytest.raises(PredError, match=r"pred-000000.tar: a.meta.json: malformed JSON"):
+        list(read(path))
+
+
 def test_a_sample_repeated_later_in_a_shard_is_refused(tmp_path):
     """A key whose members come back after another sample would otherwise be yielded twice:
     the runner checks ImageIds across shards only, so the CSV got its rows twice."""
