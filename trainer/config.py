@@ -461,6 +461,9 @@ def _inert_keys(cfg: Config) -> dict[str, str]:
         inert["metrics.address"] = "metrics.port = 0 (no endpoint)"
     if train.val_every == 0:
         inert["train.val_f1"] = "train.val_every = 0 (no validation)"
+    if train.early_stop_patience == 0:
+        inert["train.early_stop_start_epoch"] = ("train.early_stop_patience = 0 (no early "
+                                                 "stopping: it says when the patience counts)")
     if train.val_every == 0 or not train.val_f1:
         why = ("train.val_every = 0 (no validation)" if train.val_every == 0 else
                "train.val_f1 = false") + "; [postproc] is the validation F1's polygonizer"

@@ -233,7 +233,8 @@ def test_settings_that_have_no_effect_are_named_when_set() -> None:
                             ("loss.frequency_balancing=sqrt", "loss.class_weights is a list"),
                             ("metrics.address=0.0.0.0", "metrics.port = 0"),
                             ("data.read_ahead=4", 'data.backend = "torch"'),
-                            ("postproc.grow_radius=2", "train.val_f1 = false")]:
+                            ("postproc.grow_radius=2", "train.val_f1 = false"),
+                            ("train.early_stop_start_epoch=3", "train.early_stop_patience = 0")]:
         lines = _unused(None, ["data.backend=torch", "train.val_f1=false", override])
         assert len(lines) == 1 and lines[0].startswith(override.split("=")[0]), lines
         assert named in lines[0]
@@ -246,7 +247,8 @@ def test_settings_in_use_and_defaults_are_not_named(tmp_path: Path) -> None:
                           "optim.min_lr_ratio=0.1", "loss.dice_weight=1", "loss.dice_smooth=2",
                           "loss.class_weights=manifest", "loss.frequency_balancing=sqrt",
                           "metrics.port=9100", "metrics.address=0.0.0.0",
-                          "data.read_ahead=4", "postproc.grow_radius=2"]) == []
+                          "data.read_ahead=4", "postproc.grow_radius=2",
+                          "train.early_stop_patience=2", "train.early_stop_start_epoch=3"]) == []
     # the dataclass defaults: momentum 0.9 with Adam, min_lr_ratio with the constant schedule
     assert _unused(None, []) == [] and _unused(None, ["optim.name=adamw"]) == []
     for path in CONFIGS:  # no preset carries a key it does not use
