@@ -17,7 +17,8 @@ The graph, so that a deployer gets ``trainer.predict``'s probabilities without t
   percentiles the checkpoint records, is the graph's first step, as the loader does it.
 * output ``probs``: float32 NCHW softmax probabilities, classes background, building, boundary,
   at the input's height and width (``prob.png`` of ``trainer.predict`` is ``round(255 * probs)``
-  without ``--tta``).
+  without ``--tta``, where predict computes in fp32: ``train.amp`` "off", or "auto" on a CPU
+  without native bf16; a bf16 or fp16 prediction, a GPU's, differs by its rounding).
 * batch, height and width are dynamic. The U-Net halves a tile 4 times, so it needs sides that are
   multiples of 16; the graph pads a tile to that multiple itself (centred, as the model does with
   ``model.pad_mode``) and crops the output back, so any height and width of at least 16 work.
