@@ -22,6 +22,8 @@ The graph, so that a deployer gets ``trainer.predict``'s probabilities without t
 * batch, height and width are dynamic. The U-Net halves a tile 4 times, so it needs sides that are
   multiples of 16; the graph pads a tile to that multiple itself (centred, as the model does with
   ``model.pad_mode``) and crops the output back, so any height and width of at least 16 work.
+  (Smaller ones: with reflect padding a side of 5 px or less, where the model replicates the
+  edge instead, fails in onnxruntime's Pad node; the graph holds no such fallback.)
 * ``metadata_props``: the classes, bands, normalisation, model, size constraint and the source
   checkpoint's path, step and sha256 (``METADATA`` keys; lists and numbers as JSON).
 
