@@ -17,6 +17,7 @@ import numpy as np
 
 from dataio.atomic import atomic_write_text
 from dataio.classes import NUM_CLASSES
+from dataio.spacenet import DEFAULT_PRODUCT
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -97,6 +98,16 @@ class Manifest:
     @property
     def bands(self) -> int:
         return int(self.data["bands"])
+
+    @property
+    def product(self) -> str:
+        """The imagery the samples hold (``prepare --product``); a manifest without the key is
+        from before the option, which read RGB-PanSharpen alone."""
+        return str(self.data.get("product", DEFAULT_PRODUCT))
+
+    def imagery(self) -> str:
+        """``8-band MUL-PanSharpen``: for a message about what a model and a dataset take."""
+        return f"{self.bands}-band {self.product}"
 
     @property
     def labels(self) -> bool:
@@ -195,6 +206,9 @@ def _check_schema(path: Path, data: dict[str, Any]) -> None:
     stats = _mapping(path, "band_stats", data["band_stats"])
     for key in ("p2", "p98"):
         _numbers(path, f"band_stats.{key}", _field(path, "band_stats", stats, key), bands)
+    product = data.get("product", DEFAULT_PRODUCT)
+    if not isinstance(product, str) or not product:
+        raise _wrong(path, "product", "a product name such as \"MUL-PanSharpen\"", product)
     labels = data.get("labels", True)
     if not isinstance(labels, bool):
         raise _wrong(path, "labels", "true or false", labels)

@@ -4,8 +4,15 @@
                              [--workers N] [--shard-size K] [--boundary-width W] [--overwrite]
     python -m dataio.prepare --raw RAW --out DATA --images-only     (new imagery, no labels)
                              [--chip-size N [--chip-margin M]] (scenes cut into N x N chips)
+    ... [--product MUL-PanSharpen]   (the 8-band product instead of RGB-PanSharpen; with either)
 
-With ``--images-only`` only ``RAW/RGB-PanSharpen/`` is read (``geojson/`` may be absent, and is
+``--product`` picks the imagery folder read, ``RAW/<product>/<product>_<ImageId>.tif``:
+``RGB-PanSharpen`` (3 bands, the default) or ``MUL-PanSharpen`` (8 bands: coastal, blue, green,
+yellow, red, red edge, NIR1, NIR2). Both lie on the same grid with the same ImageIds, so masks,
+truth CSVs and predictions are the same; the samples hold every band, and the manifest records
+the product (one without it is RGB-PanSharpen's).
+
+With ``--images-only`` only ``RAW/<product>/`` is read (``geojson/`` may be absent, and is
 ignored if present) and every tile goes into the ``test`` split, for ``trainer.predict``: no
 truth CSVs, a manifest with ``"labels": false``, each sample's mask all ``MASK_PAD`` (no label).
 With ``--chip-size N`` too, an image of 1.5N px or more either way is cut into a grid of chips
@@ -72,13 +79,15 @@ from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_fo
 from dataio.manifest import FORMAT_VERSION, MANIFEST, SPLITS, BandStats, save_manifest
 from dataio.shards import ShardInfo, ShardWriter, encode_sample
 from dataio.spacenet import (
+    DEFAULT_PRODUCT,
     EMPTY,
-    IMAGE_DIR,
     INCOMPLETE_MARKER,
     LABEL_DIR,
+    PRODUCTS,
     TRUTH_HEADER,
     image_id_of,
     label_path,
+    products_in,
     wkt_xyz,
 )
 from postproc.geojson import MAX_IMAGE_ID_BYTES
@@ -122,12 +131,16 @@ class PrepareConfig:
     chip_size: int | None = None  # --images-only: cut larger images into chips of ~N x N px
     # --chip-size: px of context around each chip in its sample (None: DEFAULT_CHIP_MARGIN)
     chip_margin: int | None = None
+    product: str = DEFAULT_PRODUCT  # the imagery folder read (dataio.spacenet.PRODUCTS)
 
     def __post_init__(self) -> None:
         self.raw = [Path(r) for r in self.raw]
         self.out = Path(self.out)
         if not self.raw:
             raise ValueError("give at least one --raw AOI directory")
+        if self.product not in PRODUCTS:
+            raise ValueError(f"--product {self.product!r}: not one dataio.prepare reads (it reads "
+                             f"{', '.join(PRODUCTS)}); {_found(self.raw[0])}")
         if self.images_only and tuple(self.split) != DEFAULT_SPLIT:
             raise ValueError("--split and --images-only do not go together: without labels "
                              "every tile goes into the test split")
@@ -201,10 +214,11 @@ def scan(cfg: PrepareConfig) -> Scan:
     headers: list[_Header] = []
     seen: dict[str, Path] = {}
     for raw in cfg.raw:
-        img_dir = raw / IMAGE_DIR
+        img_dir = raw / cfg.product
         if not img_dir.is_dir():
-            raise ValueError(f"--raw {raw}: no {IMAGE_DIR}/ folder (expected the SpaceNet layout, "
-                             f"e.g. AOI_2_Vegas_Train/{IMAGE_DIR}/*.tif)")
+            raise ValueError(f"--raw {raw}: no {cfg.product}/ folder (expected the SpaceNet "
+                             f"layout, e.g. AOI_2_Vegas_Train/{cfg.product}/*.tif); "
+                             f"{_found(raw)}")
         if (raw / INCOMPLETE_MARKER).exists():
             raise ValueError(f"--raw {raw}: incomplete, dataio.synth did not finish writing it "
                              f"({INCOMPLETE_MARKER} is there); rerun synth with --overwrite")
@@ -220,7 +234,7 @@ def scan(cfg: PrepareConfig) -> Scan:
                 result.skipped.append({"image_id": iid, "path": str(tif), "reason": reason})
 
             try:
-                iid = image_id_of(tif)
+                iid = image_id_of(tif, cfg.product)
             except ValueError as e:
                 skip(str(e))
                 continue
@@ -321,6 +335,13 @@ def _chipped(kept: list[_Header], size: int, margin: int, result: Scan) -> list[
         h.source["images_chipped"] += 1
         h.source["chips"] += len(chips)
     return tiles
+
+
+def _found(raw: Path) -> str:
+    """What imagery ``raw`` holds, for an error about ``--product``."""
+    found = products_in(raw) if raw.is_dir() else []
+    return (f"{raw} holds {', '.join(f'{p}/' for p in found)}" if found else
+            f"{raw} holds none of {', '.join(f'{p}/' for p in PRODUCTS)}")
 
 
 def first_skip(skipped: list[dict[str, str]]) -> str:
@@ -742,6 +763,9 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
         "labels": labels,
         "config": config,
         "sources": found.sources,
+        # NOTE: which imagery the bands are (a run trained on one refuses to predict another);
+        # a manifest without it is from before --product: RGB-PanSharpen
+        "product": cfg.product,
         "bands": found.bands,
         "dtype": "uint16",
         "layout": "HWC",
@@ -759,7 +783,7 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
 
 
 IMAGES_ONLY_HELP = (
-    "new imagery without labels: read only RAW/RGB-PanSharpen/ (geojson/ may be absent and is "
+    "new imagery without labels: read only RAW/<--product>/ (geojson/ may be absent and is "
     "ignored), put every tile into the test split for trainer.predict, write no truth.csv; the "
     "manifest says \"labels\": false and training refuses the dataset; not with --split")
 
@@ -776,6 +800,12 @@ CHIP_MARGIN_HELP = (
     "with --chip-size N: each chip's sample holds M px of the image around it on each side "
     "(clipped to the image), context for the pixels near its edges; trainer.predict cuts each "
     f"prediction back to the chip; 0 to N px (default {DEFAULT_CHIP_MARGIN}; 0: none)")
+
+
+PRODUCT_HELP = (
+    "the imagery read, RAW/NAME/NAME_<ImageId>.tif: RGB-PanSharpen (3 bands: red, green, blue; "
+    "the default) or MUL-PanSharpen (8 bands: coastal, blue, green, yellow, red, red edge, NIR1, "
+    "NIR2); same grid and ImageIds, so labels and truth are the same; recorded in the manifest")
 
 
 def _parse_chip_size(text: str) -> int:
@@ -832,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=CHIP_SIZE_HELP)
     p.add_argument("--chip-margin", type=_parse_chip_margin, default=None, metavar="M",
                    help=CHIP_MARGIN_HELP)
+    p.add_argument("--product", default=DEFAULT_PRODUCT, metavar="NAME", help=PRODUCT_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.images_only and args.split is not None:
@@ -854,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, workers=args.workers,
                                 shard_size=args.shard_size, boundary_width=args.boundary_width,
                                 overwrite=args.overwrite, images_only=args.images_only,
-                                chip_size=args.chip_size, chip_margin=args.chip_margin)
+                                chip_size=args.chip_size, chip_margin=args.chip_margin,
+                                product=args.product)
             m = prepare(cfg, progress=not args.quiet)
     except (ValueError, OSError) as e:
         print(f"dataio.prepare: error: {e}", file=sys.stderr)
@@ -877,7 +909,9 @@ def main(argv: list[str] | None = None) -> int:
         chipped = (f"; {images} images cut into {chips} chips of {cfg.chip_size} px, "
                    f"{cfg.chip_margin} px margin"
                    f"{f', {empty} all nodata left out' if empty else ''}")
-    print(f"prepared {n} tiles into {cfg.out} ({counts}"
+    product = ("" if cfg.product == DEFAULT_PRODUCT else
+               f"; {cfg.product}, {m['bands']} bands")  # (the default's line as before)
+    print(f"prepared {n} tiles into {cfg.out} ({counts}{product}"
           f"{'; images only, no labels' if cfg.images_only else ''}{chipped}) in "
           f"{m['seconds']:.1f}s "
           f"({n / max(m['seconds'], 1e-9):.1f} tiles/s, {cfg.workers} workers); "

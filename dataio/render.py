@@ -123,3 +123,20 @@ def _draw_roofs(img: np.ndarray, scene: Scene, ground: np.ndarray,
     # A thin darker eave along every outline: the edge cue that separates near-touching houses.
     eaves = [b.difference(b.buffer(-1.2)) for b in scene.buildings]
     img[_burn(shape, eaves) & roof] *= 0.85
+
+
+def mul_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """uint16 (8, H, W) MUL-PanSharpen-like bands derived from a rendered (3, H, W) RGB image.
+
+    Bands in WorldView-2's order: coastal, blue, green, yellow, red, red edge, NIR1, NIR2.
+    NOTE: derived, not rendered: 8 bands that move together with the RGB ones (so a model can
+    learn from them alike) and where plants are bright in the near infrared, as in real imagery;
+    no random numbers, so the RGB tiles of a seed stay the bytes they were.
+    """
+    r, g, b = (rgb[i].astype(np.float32) for i in range(3))
+    green_excess = np.clip((g - r) / (g + r + 1.0), 0.0, 1.0)  # grass, trees: a vegetation cue
+    nir1 = 0.7 * r + 0.5 * g + 2400.0 * green_excess
+    bands = [0.85 * b + 0.1 * g, b, g, 0.5 * (r + g), r, 0.5 * (r + nir1), nir1, 0.95 * nir1]
+    out = np.stack(bands)
+    np.clip(out, 0, MAX_DN, out=out)
+    return np.rint(out).astype(np.uint16)

@@ -6,8 +6,22 @@ from pathlib import Path
 
 from shapely.geometry import Polygon
 
-IMAGE_DIR = "RGB-PanSharpen"
-IMAGE_PREFIX = "RGB-PanSharpen_"
+# The imagery products prepare reads (--product), each with its bands and the three of them
+# (1-based) that a picture shows as red, green, blue. Both lie on the same 650x650 grid with the
+# same ImageIds, so labels, truth CSVs and predictions do not depend on the product.
+# NOTE: MUL-PanSharpen's bands are WorldView-2's: 1 coastal, 2 blue, 3 green, 4 yellow, 5 red,
+# 6 red edge, 7 NIR1, 8 NIR2 (SpaceNet-2's README); its true-colour composite is 5, 3, 2.
+PRODUCTS: dict[str, tuple[str, ...]] = {
+    "RGB-PanSharpen": ("red", "green", "blue"),
+    "MUL-PanSharpen": ("coastal", "blue", "green", "yellow", "red", "red edge", "nir1", "nir2"),
+}
+RGB_BANDS: dict[str, tuple[int, int, int]] = {"RGB-PanSharpen": (1, 2, 3),
+                                              "MUL-PanSharpen": (5, 3, 2)}
+DEFAULT_PRODUCT = "RGB-PanSharpen"
+# Every imagery folder a SpaceNet-2 AOI ships (MUL and PAN lie on other grids: not read)
+SPACENET_PRODUCTS = ("RGB-PanSharpen", "MUL-PanSharpen", "MUL", "PAN")
+IMAGE_DIR = DEFAULT_PRODUCT
+IMAGE_PREFIX = f"{DEFAULT_PRODUCT}_"
 LABEL_DIR = Path("geojson") / "buildings"
 TRUTH_HEADER = ["ImageId", "BuildingId", "PolygonWKT_Pix", "PolygonWKT_Geo"]
 PROPOSAL_HEADER = ["ImageId", "BuildingId", "PolygonWKT_Pix", "Confidence"]
@@ -16,12 +30,23 @@ EMPTY = "POLYGON EMPTY"
 INCOMPLETE_MARKER = ".synth-incomplete"
 
 
-def image_id_of(tif: Path) -> str:
-    """``RGB-PanSharpen_AOI_2_Vegas_img1.tif`` -> ``AOI_2_Vegas_img1``."""
-    name = tif.name
-    if not (name.startswith(IMAGE_PREFIX) and name.lower().endswith((".tif", ".tiff"))):
-        raise ValueError(f"{tif}: not named {IMAGE_PREFIX}<ImageId>.tif")
-    return name[len(IMAGE_PREFIX):].rsplit(".", 1)[0]
+def image_prefix(product: str = DEFAULT_PRODUCT) -> str:
+    """``MUL-PanSharpen`` -> ``MUL-PanSharpen_``: how its files are named in its folder."""
+    return f"{product}_"
+
+
+def image_id_of(tif: Path, product: str = DEFAULT_PRODUCT) -> str:
+    """``RGB-PanSharpen_AOI_2_Vegas_img1.tif`` -> ``AOI_2_Vegas_img1`` (``MUL-PanSharpen_...``
+    with ``product="MUL-PanSharpen"``)."""
+    name, prefix = tif.name, image_prefix(product)
+    if not (name.startswith(prefix) and name.lower().endswith((".tif", ".tiff"))):
+        raise ValueError(f"{tif}: not named {prefix}<ImageId>.tif")
+    return name[len(prefix):].rsplit(".", 1)[0]
+
+
+def products_in(raw: Path) -> list[str]:
+    """The SpaceNet imagery folders that ``raw`` holds (for an error that names them)."""
+    return [p for p in SPACENET_PRODUCTS if (raw / p).is_dir()]
 
 
 def label_path(raw: Path, image_id: str) -> Path:

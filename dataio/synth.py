@@ -1,11 +1,16 @@
 """Write a synthetic AOI in the exact SpaceNet-2 layout (as downloaded for AOI_2_Vegas_Train).
 
-    python -m dataio.synth --out RAW --tiles N --seed S [--overwrite]
+    python -m dataio.synth --out RAW --tiles N --seed S [--overwrite] [--mul]
 
 gives ``RAW/RGB-PanSharpen/RGB-PanSharpen_<AOI>_img<N>.tif`` (georeferenced, 3-band uint16 with
 11-bit values), ``RAW/geojson/buildings/buildings_<AOI>_img<N>.geojson`` (one FeatureCollection per
 tile, lon/lat) and ``RAW/summaryData/<AOI>_Train_Building_Solutions.csv``. Tiles are laid out on a
 grid like a real AOI. The same seed gives the same bytes whatever the worker count.
+
+With ``--mul`` also ``RAW/MUL-PanSharpen/MUL-PanSharpen_<AOI>_img<N>.tif``: 8 bands on the same
+grid, derived from the RGB ones (``dataio.render.mul_from_rgb``), for ``prepare --product
+MUL-PanSharpen``. NOTE: behind a flag: 2.7 times the RGB tile's bytes (6.8 MB a 650 px tile
+against 2.5), which the demo and most tests never read.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dataio.atomic import (
     fsync_file,
 )
 from dataio.geo import gdal_env, reproject_geometry, to_geo
-from dataio.render import render
+from dataio.render import mul_from_rgb, render
 from dataio.scene import make_scene
 from dataio.spacenet import (
     EMPTY,
@@ -47,6 +52,7 @@ from dataio.spacenet import (
     INCOMPLETE_MARKER,
     LABEL_DIR,
     TRUTH_HEADER,
+    image_prefix,
     wkt_xyz,
 )
 from postproc.pools import (
@@ -57,6 +63,7 @@ from postproc.pools import (
     starting_workers,
 )
 
+MUL_PRODUCT = "MUL-PanSharpen"
 METRES_PER_DEGREE = 111_320.0  # at the equator; SpaceNet uses square pixels in degrees
 LEGACY_CRS84 = {"type": "name", "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}}
 
@@ -77,6 +84,7 @@ class SynthConfig:
     origin_lat: float = 36.30
     workers: int = 1
     overwrite: bool = False  # replace the tiles of an AOI already in ``out``
+    mul: bool = False  # also write MUL-PanSharpen/ (8 bands derived from the RGB ones)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -124,20 +132,10 @@ def make_tile(cfg: SynthConfig, index: int) -> dict[str, Any]:
     pixels = render(scene, rng)
     transform = tile_transform(cfg, index)
     iid = image_id(cfg, index)
-    tif = cfg.out / IMAGE_DIR / f"{IMAGE_PREFIX}{iid}.tif"
-    profile = {
-        "driver": "GTiff", "width": cfg.size, "height": cfg.size, "count": 3, "dtype": "uint16",
-        "crs": cfg.crs, "transform": transform, "tiled": False, "interleave": "pixel",
-    }
-    tmp = tif.with_name(f".{tif.name}.tmp")
-    try:
-        with gdal_env(), rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(pixels)
-        fsync_file(tmp)
-        tmp.replace(tif)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_tif(cfg, cfg.out / IMAGE_DIR / f"{IMAGE_PREFIX}{iid}.tif", pixels, transform)
+    if cfg.mul:
+        _write_tif(cfg, cfg.out / MUL_PRODUCT / f"{image_prefix(MUL_PRODUCT)}{iid}.tif",
+                   mul_from_rgb(pixels), transform)
 
     img_crs = CRS.from_user_input(cfg.crs)
     lab_crs = CRS.from_user_input(cfg.label_crs)
@@ -163,6 +161,24 @@ def make_tile(cfg: SynthConfig, index: int) -> dict[str, Any]:
     return {"image_id": iid, "rows": rows, "kind": scene.kind}
 
 
+def _write_tif(cfg: SynthConfig, tif: Path, pixels: np.ndarray, transform: Affine) -> None:
+    """``pixels`` (bands, H, W) as an uncompressed GeoTIFF at ``tif``, under a temporary name."""
+    profile = {
+        "driver": "GTiff", "width": cfg.size, "height": cfg.size, "count": pixels.shape[0],
+        "dtype": "uint16", "crs": cfg.crs, "transform": transform, "tiled": False,
+        "interleave": "pixel",
+    }
+    tmp = tif.with_name(f".{tif.name}.tmp")
+    try:
+        with gdal_env(), rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(pixels)
+        fsync_file(tmp)
+        tmp.replace(tif)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _tiles(cfg: SynthConfig) -> Iterator[dict[str, Any]]:
     if cfg.workers <= 1:
         for i in range(cfg.tiles):
@@ -182,6 +198,7 @@ def _tiles(cfg: SynthConfig) -> Iterator[dict[str, Any]]:
 def _existing_aoi(out: Path) -> list[Path]:
     """The files of an AOI in ``out`` that synth writes (images, labels, solutions CSVs)."""
     return [*(out / IMAGE_DIR).glob(f"{IMAGE_PREFIX}*.tif"),
+            *(out / MUL_PRODUCT).glob(f"{image_prefix(MUL_PRODUCT)}*.tif"),
             *(out / LABEL_DIR).glob("buildings_*.geojson"),
             *(out / "summaryData").glob("*_Train_Building_Solutions.csv")]
 
@@ -206,7 +223,8 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
                       "it was interrupted\n")
     for path in old:
         path.unlink()
-    for sub in (Path(IMAGE_DIR), LABEL_DIR, Path("summaryData")):
+    subs = [Path(IMAGE_DIR), LABEL_DIR, Path("summaryData")] + [Path(MUL_PRODUCT)] * cfg.mul
+    for sub in subs:
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
     csv_path = cfg.out / "summaryData" / f"{cfg.aoi}_Train_Building_Solutions.csv"
     with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -241,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an AOI already in --out")
+    p.add_argument("--mul", action="store_true",
+                   help=f"also write {MUL_PRODUCT}/ beside {IMAGE_DIR}/: 8 bands (coastal, blue, "
+                   "green, yellow, red, red edge, NIR1, NIR2) derived from the RGB ones, for "
+                   f"dataio.prepare --product {MUL_PRODUCT}")
     args = p.parse_args(argv)
     try:
         # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut

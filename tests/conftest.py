@@ -201,3 +201,25 @@ def images_only_dataset(unlabelled_aoi):
     assert main(["--raw", str(unlabelled_aoi), "--out", str(out), "--images-only",
                  "--shard-size", "4", "--workers", "0", "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def mul_aoi(tmp_path_factory: pytest.TempPathFactory):
+    """8 small (96 px) tiles with ``MUL-PanSharpen/`` beside ``RGB-PanSharpen/``
+    (``dataio.synth --mul``)."""
+    from dataio.synth import SynthConfig, write_aoi
+
+    raw = tmp_path_factory.mktemp("mul") / "raw"
+    write_aoi(SynthConfig(out=raw, tiles=8, seed=5, size=96, mul=True))
+    return raw
+
+
+@pytest.fixture(scope="session")
+def mul_dataset(mul_aoi):
+    """``dataio.prepare --product MUL-PanSharpen`` of :func:`mul_aoi` (6/1/1 tiles, 8 bands)."""
+    from dataio.prepare import PrepareConfig, prepare
+
+    out = mul_aoi.parent / "DATA"
+    prepare(PrepareConfig(raw=[mul_aoi], out=out, shard_size=4, seed=0,
+                          product="MUL-PanSharpen"), progress=False)
+    return out
