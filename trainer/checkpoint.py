@@ -18,12 +18,15 @@ import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from dataio.atomic import TMP_SUFFIX, atomic_open, fsync_dir, with_filename
+
+if TYPE_CHECKING:
+    from dataio.manifest import Manifest
 
 log = logging.getLogger("footprints")
 
@@ -306,9 +309,10 @@ def _recorded_best(run_dir: Path, best: Path) -> Path:
     return marked
 
 
-def init_from_hint(data: Path, bands: int) -> str:
+def init_from_hint(data: Path, manifest: Manifest) -> str:
     """What a ``train.init_from`` checkpoint must match (said when it does not)."""
-    return (f"this config's model.* settings and the {bands} bands of {data / 'manifest.json'} "
+    return (f"this config's model.* settings and the {manifest.bands} bands "
+            f"({manifest.product}) of {data / 'manifest.json'} "
             "(train.init_from fine-tunes the same model on another dataset)")
 
 

@@ -38,7 +38,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ from trainer import dist, predresume
 
 if TYPE_CHECKING:
     from dataio.loader import Batch, Loader, LoaderConfig
+    from dataio.manifest import Manifest
     from trainer.amp import Precision
     from trainer.config import Config
 
@@ -185,20 +186,25 @@ def _unread(shares: list[tuple[int, dict[str, int]]], shards_skipped: Counter[st
 Percentiles = tuple[list[float], list[float]]
 
 
-def load_net(ckpt_path: Path, cfg: Config, bands: int,
-             hint: str) -> tuple[nn.Module, Percentiles | None, bool]:
+def load_net(ckpt_path: Path, cfg: Config, bands: int, hint: str,
+             manifest: Manifest | None = None) -> tuple[nn.Module, Percentiles | None, bool]:
     """The run's network with the checkpoint's weights, on the CPU, the per-band p2/p98 it
     was trained with (None: a checkpoint from before the trainer recorded them), and whether
     the weights are its weight EMA (``train.ema_decay``: what its validation scored); ``hint``:
     what the checkpoint must match, for the message when it does not
     (``checkpoint.load_model``). The weights a prediction uses: ``trainer.export`` loads them
-    here too."""
+    here too.
+
+    With ``manifest`` (--data's), a checkpoint trained on another imagery product than it holds
+    (``prepare --product``) is refused naming both, before its weights are matched."""
     from models import build_model_from_config
     from trainer.checkpoint import has_ema, load, load_model, scored
 
     # NOTE: mapped, not read: every rank loads the checkpoint, whose optimizer state (twice the
     # model's size with Adam) prediction never uses; only the model's tensors are read
     state = load(ckpt_path, map_location="cpu", mmap=True)
+    if manifest is not None:
+        _check_product(state, ckpt_path, manifest, manifest.root)
     # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
     # checkpoint; no compile, since prediction sees tiles of every size once.
     net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
@@ -213,6 +219,26 @@ def load_net(ckpt_path: Path, cfg: Config, bands: int,
         raise ValueError(f"{ckpt_path}: its 'percentiles' are not p2/p98 lists") from None
     # (their band count is the model's, which load_model has just matched to --data's)
     return net, (p2, p98), ema
+
+
+def _check_product(state: dict[str, Any], ckpt_path: Path, manifest: Manifest,
+                   data: Path) -> None:
+    """Raise naming both if the checkpoint was trained on another product than ``manifest``'s.
+
+    NOTE: the band counts alone (load_model's check) told "it has 3 input bands (here 8)" but
+    not that --data is MUL-PanSharpen and the run RGB-PanSharpen, nor what to do; and two
+    products of one band count would have loaded, their bands meaning other colours. A
+    checkpoint from before the trainer recorded its product is left to that check."""
+    trained = state.get("product")
+    if not isinstance(trained, str) or trained == manifest.product:
+        return
+    saved = state.get("percentiles")
+    n = (f"{len(saved['p2'])}-band " if isinstance(saved, dict)
+         and isinstance(saved.get("p2"), list) else "")
+    raise ValueError(f"{ckpt_path} was trained on {n}{trained} imagery, but "
+                     f"{data / 'manifest.json'} holds {manifest.imagery()}: predict a dataset "
+                     f"prepared with dataio.prepare --product {trained}, or with a run trained "
+                     f"on {manifest.product}")
 
 
 def _weights_sha256(net: nn.Module) -> str:
@@ -370,10 +396,11 @@ def _predict(args: argparse.Namespace) -> int:
         device = dist.device_for(env)
 
         # agreed: a rank that cannot load it stops every rank with its reason
-        hint = (f"{args.run_dir / 'config.json'} (model.*) and the {manifest.bands} bands of "
-                f"{args.data / 'manifest.json'}")
+        hint = (f"{args.run_dir / 'config.json'} (model.*) and the {manifest.bands} bands "
+                f"({manifest.product}) of {args.data / 'manifest.json'}")
         net, norm, ema = dist.on_every(f"loading {ckpt_path}",
-                                       lambda: load_net(ckpt_path, cfg, manifest.bands, hint))
+                                       lambda: load_net(ckpt_path, cfg, manifest.bands, hint,
+                                                        manifest))
         if ema and env.is_main:
             say(f"trainer.predict: predicting with the weight EMA of {ckpt_path} (its run's "
                 "train.ema_decay), the weights its validation scored")

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from trainer.config import (
     read_config,
     unused_settings,
 )
+
+if TYPE_CHECKING:
+    from dataio.manifest import Manifest
 
 log = logging.getLogger("footprints")
 
@@ -106,11 +109,11 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         except (ValueError, OSError) as e:  # CsvError names the file and the line
             raise ConfigError(f"--data {args.data}: {e} (or set train.val_f1=false)") from None
     check_writable(args.run_dir / "config.json", "--run-dir", given=args.run_dir)
-    _check_init_from(cfg, manifest.bands, args)
+    _check_init_from(cfg, manifest, args)
     return cfg, given
 
 
-def _check_init_from(cfg: Config, bands: int, args: argparse.Namespace) -> None:
+def _check_init_from(cfg: Config, manifest: Manifest, args: argparse.Namespace) -> None:
     """``train.init_from`` names a checkpoint that loads into this config's model for --data's
     bands (ValueError naming the file and what differs). Every rank makes the check on the same
     file, so all agree; the Trainer loads the weights on rank 0 only and sends them to the rest.
@@ -123,14 +126,14 @@ def _check_init_from(cfg: Config, bands: int, args: argparse.Namespace) -> None:
     path = ckpt.source_checkpoint(cfg.train.init_from)
     # (on the meta device: shapes only, no memory; the dtype is checked when it loads)
     with torch.device("meta"):
-        net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands,
-                                      NUM_CLASSES)
+        net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
+                                      manifest.bands, NUM_CLASSES)
     try:
         # NOTE: mapped, not read: the check needs the weights' names and shapes alone, and
         # every worker of a node makes it at once (the source's optimizer state is twice the
         # model's size with Adam)
         ckpt.check_model(net.state_dict(), ckpt.scored(ckpt.load(path, mmap=True)), path,
-                         ckpt.init_from_hint(args.data, bands), dataclasses.asdict(cfg.model))
+                         ckpt.init_from_hint(args.data, manifest), dataclasses.asdict(cfg.model))
     except ValueError as e:  # (each names the file)
         raise ValueError(f"train.init_from: {e}") from None
 

@@ -457,6 +457,8 @@ class Trainer:
             # NOTE: the normalisation the weights were trained with, for trainer.predict: another
             # dataset's manifest (a new AOI prepared on its own) has percentiles of its own.
             "percentiles": dict(zip(("p2", "p98"), self.manifest.percentiles(), strict=True)),
+            # (the imagery they are of: trainer.predict refuses a dataset of another product)
+            "product": self.manifest.product,
             "init_from": self.init_source,
             "validations_since_best": self.validations_since_best,
             # (rank 0's: the others' BatchNorm statistics in it may differ until the next use)
@@ -590,7 +592,7 @@ class Trainer:
                 state = ckpt.load(path, mmap=True)  # (its model alone is read: see train.py)
                 # NOTE: the weights its validation scored, best.pt's choice: its EMA if it has one
                 ckpt.load_model(self.net, ckpt.scored(state), path,
-                                ckpt.init_from_hint(self.data, self.manifest.bands),
+                                ckpt.init_from_hint(self.data, self.manifest),
                                 dataclasses.asdict(self.cfg.model))
             except ValueError as e:  # (each names the file)
                 raise ValueError(f"train.init_from: {e}") from None

@@ -172,7 +172,8 @@ def test_another_model_is_refused_before_the_process_group_naming_the_file(
     assert len(err) == 1, err
     best = source / "checkpoints" / "best.pt"
     assert err[0].startswith(f"trainer.train: error: train.init_from: {best}: its model does "
-                             "not match this config's model.* settings and the 3 bands of ")
+                             "not match this config's model.* settings and the 3 bands "
+                             "(RGB-PanSharpen) of ")
     assert "the checkpoint was trained with model.width_divisor=8 (here 4)" in err[0]
     assert not run.exists()
 

@@ -588,7 +588,8 @@ def test_data_of_another_band_count_is_named_with_the_checkpoint(
     best = trained_run / "checkpoints" / "best.pt"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"trainer.predict: error: {best}: its model does not match {trained_run}/config.json "
-        f"(model.*) and the 4 bands of {data}/manifest.json (it has 3 input bands (here 4); 1 "
+        f"(model.*) and the 4 bands (RGB-PanSharpen) of {data}/manifest.json (it has 3 input "
+        "bands (here 4); 1 "
         "tensor(s) of another shape: stem.0.weight 4x3x3x3 (here 4x4x3x3))")
     assert not (tmp_path / "pred").exists()
 

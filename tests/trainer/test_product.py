@@ -1,0 +1,81 @@
+"""Training and prediction on MUL-PanSharpen (8-band) datasets, and runs of one product refusing
+a dataset of the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataio.manifest import load_manifest
+from postproc.predio import iter_pred_samples, list_pred_shards
+from trainer.checkpoint import load
+from trainer.config import load_config
+from trainer.dist import DistEnv
+from trainer.predict import main as predict
+from trainer.trainer import Trainer
+
+MUL = "MUL-PanSharpen"
+
+
+def _train(data: Path, run_dir: Path) -> Path:
+    """configs/tiny.toml for one epoch (two steps of the 6 training tiles), validated once."""
+    cfg = load_config(Path("configs/tiny.toml"), ["train.epochs=1", "train.val_every=1",
+                                                  "data.num_threads=1"])
+    Trainer(cfg, DistEnv(), data, run_dir, device=torch.device("cpu")).train()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def rgb_dataset(mul_aoi: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The RGB-PanSharpen product of the same AOI (the default)."""
+    from dataio.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("rgb") / "DATA"
+    prepare(PrepareConfig(raw=[mul_aoi], out=out, shard_size=4, seed=0), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mul_run(mul_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(mul_dataset, tmp_path_factory.mktemp("mulrun") / "run")
+
+
+@pytest.fixture(scope="module")
+def rgb_run(rgb_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(rgb_dataset, tmp_path_factory.mktemp("rgbrun") / "run")
+
+
+def test_a_mul_run_trains_on_8_bands_and_predicts(mul_run: Path, mul_dataset: Path,
+                                                  tmp_path: Path) -> None:
+    state = load(mul_run / "checkpoints" / "best.pt")
+    assert state["product"] == MUL and state["model"]["stem.0.weight"].shape[1] == 8
+    assert len(state["percentiles"]["p2"]) == 8
+    assert predict(["--run-dir", str(mul_run), "--data", str(mul_dataset), "--split", "test",
+                    "--out", str(tmp_path / "pred")]) == 0
+    got = [(k, p, m) for s in list_pred_shards(tmp_path / "pred") for k, p, m in
+           iter_pred_samples(s)]
+    assert len(got) == load_manifest(mul_dataset).samples("test") == 1
+    key, prob, meta = got[0]
+    assert prob.dtype == np.uint8 and prob.shape == (96, 96, 3) and meta["bands"] == 8
+
+
+@pytest.mark.parametrize("run_of, data_of", [("rgb", "mul"), ("mul", "rgb")])
+def test_a_run_refuses_a_dataset_of_the_other_product(
+        run_of: str, data_of: str, request: pytest.FixtureRequest, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """(before: "its model does not match RUN/config.json (model.*) and the 8 bands of
+    DATA/manifest.json (it has 3 input bands (here 8); ...", naming neither product)"""
+    run = request.getfixturevalue(f"{run_of}_run")
+    data = request.getfixturevalue(f"{data_of}_dataset")
+    assert predict(["--run-dir", str(run), "--data", str(data), "--split", "test",
+                    "--out", str(tmp_path / "pred")]) == 2
+    trained, held = ((3, "RGB-PanSharpen"), (8, MUL))[::1 if run_of == "rgb" else -1]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"trainer.predict: error: {run}/checkpoints/best.pt was trained on {trained[0]}-band "
+        f"{trained[1]} imagery, but {data}/manifest.json holds {held[0]}-band {held[1]}: "
+        f"predict a dataset prepared with dataio.prepare --product {trained[1]}, or with a run "
+        f"trained on {held[1]}")
+    assert not (tmp_path / "pred").exists()
