@@ -44,6 +44,15 @@ def image_id_of(tif: Path, product: str = DEFAULT_PRODUCT) -> str:
     return name[len(prefix):].rsplit(".", 1)[0]
 
 
+def rgb_composite(product: str, bands: int) -> tuple[int, int, int]:
+    """The bands (1-based) a picture of ``product`` shows as red, green, blue: the product's
+    own (MUL-PanSharpen: 5, 3, 2), else the first three, or band 1 as grey below three."""
+    own = RGB_BANDS.get(product)
+    if own is not None and max(own) <= bands:
+        return own
+    return (1, 2, 3) if bands >= 3 else (1, 1, 1)
+
+
 def products_in(raw: Path) -> list[str]:
     """The SpaceNet imagery folders that ``raw`` holds (for an error that names them)."""
     return [p for p in SPACENET_PRODUCTS if (raw / p).is_dir()]

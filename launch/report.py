@@ -12,6 +12,7 @@ from typing import Any
 
 from dataio.atomic import atomic_write_text
 from dataio.manifest import load_manifest
+from dataio.spacenet import rgb_composite
 from postproc.curves import parse_log
 from postproc.provenance import read_tuned
 
@@ -50,6 +51,9 @@ def build_summary(run: Path, data: Path, seconds: dict[str, float]) -> dict[str,
     last_val = next((e for e in reversed(epochs) if "val_f1" in e), {})
     manifest = load_manifest(data)
     return {
+        # (the imagery, and which of its bands the tile pictures show as red, green, blue)
+        "imagery": {"product": manifest.product, "bands": manifest.bands,
+                    "rgb_composite": list(rgb_composite(manifest.product, manifest.bands))},
         "split": "test",
         "precision": score["precision"], "recall": score["recall"], "f1": score["f1"],
         "tp": score["tp"], "fp": score["fp"], "fn": score["fn"],
@@ -89,6 +93,8 @@ def _markdown(summary: dict[str, Any], report: Path) -> str:
         "",
         "## Test tiles",
         "",
+        f"{summary['imagery']['product']} bands "
+        f"{', '.join(map(str, summary['imagery']['rgb_composite']))} as red, green, blue. "
         "Green: true positive proposals; red: false positives; yellow: missed buildings.",
         "",
         *(f"![{p.stem}](tiles/{p.name})" for p in tiles),

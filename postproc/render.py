@@ -1,7 +1,9 @@
 """Pictures for the report (issue 7): tiles with outlines coloured by outcome, and training curves.
 
 Tiles: the image from the dataset shards, normalised as the model sees it (clipped per band to the
-training split's 2nd..98th percentile from the manifest, never per tile), with outlines matched
+training split's 2nd..98th percentile from the manifest, never per tile), shown as an RGB composite
+of the manifest's product (``dataio.spacenet.rgb_composite``: MUL-PanSharpen's bands 5, 3, 2;
+said in a line and in each PNG's text), with outlines matched
 by the scorer's rule (``postproc.matching``: proposals in file order, IoU >= 0.5): true-positive
 proposals green, false-positive proposals red, missed truth yellow. A legend box in the top-left
 corner holds the counts. Truth the scorer drops (area <= 20 px) is not drawn. Proposals that
@@ -44,6 +46,7 @@ LEGEND_TEMPLATES = ("TP 000000", "FP 000000", "missed 000000", "F1: 0.0000")
 DEFAULT_TILES = 4
 # PNG text chunk on every tile this command writes: how a rerun knows which PNGs are its own
 TILE_TAG = ("Software", "footprints postproc.render tile")
+COMPOSITE_KEY = "Description"  # PNG text: "<product> bands R, G, B as red, green, blue"
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -59,11 +62,14 @@ def legend_box(width: int, height: int) -> tuple[int, int, int, int]:
     return 0, 0, min(width, w), min(height, line * len(LEGEND_TEMPLATES) + 6)
 
 
-def display_rgb(img: np.ndarray, p2: list[float], p98: list[float]) -> np.ndarray:
-    """uint8 HxWx3: bands 1-3 (or band 1 as grey) clipped to [p2, p98] and scaled to 0..255."""
-    bands = [0, 1, 2] if img.shape[2] >= 3 else [0, 0, 0]
+def display_rgb(img: np.ndarray, p2: list[float], p98: list[float],
+                composite: tuple[int, int, int] | None = None) -> np.ndarray:
+    """uint8 HxWx3: the ``composite`` bands (1-based; default bands 1-3, or band 1 as grey)
+    clipped to [p2, p98] and scaled to 0..255."""
+    if composite is None:
+        composite = (1, 2, 3) if img.shape[2] >= 3 else (1, 1, 1)
     out = np.empty((*img.shape[:2], 3), np.uint8)
-    for i, b in enumerate(bands):
+    for i, b in enumerate(c - 1 for c in composite):
         lo, hi = float(p2[b]), float(p98[b])
         x = (img[..., b].astype(np.float32) - lo) / max(hi - lo, 1e-6)
         out[..., i] = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -223,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiles < 1:
         raise ValueError(f"--tiles {args.tiles} must be at least 1")
     data, split = _data_and_split(args)
-    p2, p98 = load_manifest(data).percentiles()
+    from dataio.spacenet import rgb_composite
+
+    manifest = load_manifest(data)
+    p2, p98 = manifest.percentiles()
+    # NOTE: an 8-band MUL-PanSharpen tile's bands 1-3 (coastal, blue, green) drew a bluish
+    # picture unlike the scene; its red, green, blue are bands 5, 3, 2
+    composite = rgb_composite(manifest.product, manifest.bands)
+    shown = f"{manifest.product} bands {', '.join(map(str, composite))} as red, green, blue"
     truth_csv = data / split / "truth.csv"
     truth = read_truth_csv(truth_csv).polygons
     proposals = read_proposal_csv(args.proposals).polygons
@@ -247,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     said: list[str] = []
     try:
         for image_id in tqdm(ids, unit="tile", desc="render"):
-            rgb = display_rgb(images[image_id], p2, p98)
+            rgb = display_rgb(images[image_id], p2, p98, composite)
             im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
                                          score_cfg)
             buf = io.BytesIO()
-            im.save(buf, format="PNG", compress_level=6, pnginfo=_tile_info())
+            im.save(buf, format="PNG", compress_level=6, pnginfo=_tile_info(shown))
             atomic_write_bytes(stage / f"{image_id}.png", buf.getvalue())
             said.append(f"{image_id}: TP {tp}  FP {fp}  missed {fn} -> {args.out / image_id}.png")
     except BaseException:
@@ -261,16 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tile, args.out / tile.name)
     stage.rmdir()
     fsync_dir(args.out)
-    print("\n".join(said))
+    print("\n".join([f"tiles show {shown}", *said]))
     for old in stale_tiles(args.out, ids):
         old.unlink()
         print(f"removed {old} (an earlier render's tile)")
     return 0
 
 
-def _tile_info() -> PngInfo:
+def _tile_info(shown: str) -> PngInfo:
     info = PngInfo()
     info.add_text(TILE_TAG[0], TILE_TAG[1])
+    info.add_text(COMPOSITE_KEY, shown)  # (which bands the picture is: 5, 3, 2 of MUL-PanSharpen)
     return info
 
 

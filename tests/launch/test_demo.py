@@ -393,6 +393,24 @@ def test_the_report_holds_the_figures_of_the_runs_files(tmp_path: Path,
     assert f"report: {run / 'report'}/README.md" in printed
 
 
+def test_the_report_records_the_imagery_and_its_composite(tmp_path: Path) -> None:
+    """The tile pictures' bands are said: an RGB dataset (its manifest from before --product
+    reads as RGB-PanSharpen) as bands 1, 2, 3; an 8-band MUL-PanSharpen one as 5, 3, 2."""
+    run, data = _finished_run(tmp_path)
+    summary = write_report(run, data, {"train": 1.0})
+    assert summary["imagery"] == {"product": "RGB-PanSharpen", "bands": 3,
+                                  "rgb_composite": [1, 2, 3]}
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest.update(product="MUL-PanSharpen", bands=8,
+                    band_stats={"p2": [100.0] * 8, "p98": [1100.0] * 8})
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    summary = write_report(run, data, {"train": 1.0})
+    assert summary["imagery"] == {"product": "MUL-PanSharpen", "bands": 8,
+                                  "rgb_composite": [5, 3, 2]}
+    assert "MUL-PanSharpen bands 5, 3, 2 as red, green, blue. Green: true positive" in \
+        (run / "report" / "README.md").read_text()
+
+
 @pytest.mark.slow  # the real command in a process of its own
 @pytest.mark.timeout(120)
 def test_ctrl_c_waits_for_the_stage_and_is_one_line(tmp_path: Path) -> None:

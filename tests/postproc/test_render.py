@@ -317,3 +317,29 @@ def test_help_exits_zero(capsys):
     with pytest.raises(SystemExit) as e:
         render.main(["--help"])
     assert e.value.code == 0 and "--curves" in capsys.readouterr().out
+
+
+def test_a_mul_dataset_is_drawn_as_its_red_green_blue_bands(mul_dataset, tmp_path, capsys):
+    """MUL-PanSharpen tiles are drawn from bands 5, 3, 2, said in a line and in each PNG (before:
+    bands 1-3, coastal, blue and green: a bluish picture unlike the scene)."""
+    csv_path = write_proposals(tmp_path / "props.csv", {})  # (every building drawn missed)
+    assert run_main(["--data", mul_dataset, "--split", "train", "--proposals", csv_path,
+                     "--out", tmp_path / "tiles", "--tiles", 2]) == 0
+    shown = "MUL-PanSharpen bands 5, 3, 2 as red, green, blue"
+    assert capsys.readouterr().out.splitlines()[0] == f"tiles show {shown}"
+    p2, p98 = load_manifest(mul_dataset).percentiles()
+    tiles = sorted((tmp_path / "tiles").glob("*.png"))
+    assert len(tiles) == 2
+    for tile in tiles:
+        with Image.open(tile) as im:
+            assert im.info[render.COMPOSITE_KEY] == shown
+            png = np.asarray(im.convert("RGB"))
+        shards = sorted((mul_dataset / "train").glob("shard-*.tar"))
+        img = next(decode_sample(m, k)[0] for s in shards for k, m in iter_tar_samples(s)
+                   if k == tile.stem)
+        free = np.ones(png.shape[:2], bool)  # (the legend box aside)
+        x0, y0, x1, y1 = render.legend_box(png.shape[1], png.shape[0])
+        free[y0:y1, x0:x1] = False
+        same = (png == render.display_rgb(img, p2, p98, (5, 3, 2))).all(-1)[free].mean()
+        first3 = (png == render.display_rgb(img, p2, p98)).all(-1)[free].mean()
+        assert img.shape[2] == 8 and same > 0.8 and first3 < 0.1  # (outlines aside)
