@@ -206,6 +206,36 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def add_product(parser: argparse.ArgumentParser) -> None:
+    """``--product``: the imagery of the synthetic dataset a benchmark makes without ``--data``."""
+    from dataio.spacenet import DEFAULT_PRODUCT, PRODUCTS
+
+    parser.add_argument("--product", choices=list(PRODUCTS), default=None,
+                        help=f"the synthetic dataset's imagery (default {DEFAULT_PRODUCT}; "
+                        "MUL-PanSharpen: 8 bands, 2.7x the bytes a sample); not with --data, "
+                        "whose manifest says its own")
+
+
+def check_product(parser: argparse.ArgumentParser, data: Path | None,
+                  product: str | None) -> str:
+    """The product a synthetic dataset is made of; ``--product`` with ``--data`` is refused."""
+    from dataio.spacenet import DEFAULT_PRODUCT
+
+    if product is not None and data is not None:
+        parser.error(f"--product makes the synthetic dataset; --data {data} is prepared already "
+                     "(its manifest says its product)")
+    return product or DEFAULT_PRODUCT
+
+
+def imagery(data: Path) -> dict[str, Any]:
+    """What a benchmark's samples are: the dataset's product and band count (a MUL-PanSharpen
+    sample is 8 bands, 2.7x an RGB one's bytes: figures of the two do not compare as such)."""
+    from dataio.manifest import load_manifest
+
+    m = load_manifest(data)
+    return {"product": m.product, "bands": m.bands}
+
+
 def check_dataset(parser: argparse.ArgumentParser, data: Path | None) -> None:
     """Refuse a ``--data`` that is not a prepared dataset before any work, in one line.
 

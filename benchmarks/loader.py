@@ -39,9 +39,12 @@ import torch
 import webdataset as wds
 
 from benchmarks.common import (
+    add_product,
     base_parser,
     check_dataset,
+    check_product,
     count,
+    imagery,
     machine_info,
     non_negative,
     non_negative_float,
@@ -77,14 +80,16 @@ def cpu_seconds(pid: int | None = None) -> float:
     return total
 
 
-def make_dataset(root: Path, tiles: int = 64) -> Path:
+def make_dataset(root: Path, tiles: int = 64, product: str = "RGB-PanSharpen") -> Path:
     from dataio.prepare import PrepareConfig, prepare
+    from dataio.spacenet import DEFAULT_PRODUCT
     from dataio.synth import SynthConfig, write_aoi
 
     workers = len(os.sched_getaffinity(0))
-    write_aoi(SynthConfig(out=root / "raw", tiles=tiles, seed=1, workers=workers))
+    write_aoi(SynthConfig(out=root / "raw", tiles=tiles, seed=1, workers=workers,
+                          mul=product != DEFAULT_PRODUCT))
     prepare(PrepareConfig(raw=[root / "raw"], out=root / "DATA", split=(100.0, 0.0, 0.0),
-                          shard_size=16, workers=workers), progress=False)
+                          shard_size=16, workers=workers, product=product), progress=False)
     return root / "DATA"
 
 
@@ -250,14 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=non_negative_float, default=50.0,
                         help="the emulated training step between batches for the DALI wait "
                              "table (default 50; 0: skip it)")
+    add_product(parser)
     args = parse_args(parser, argv)
     check_dataset(parser, args.data)
+    product = check_product(parser, args.data, args.product)
     # NOTE: the consumer here does nothing, and torch's intra-op threads would only fight the
     # loaders' threads and workers for the cores.
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_dataset(Path(tmp))
+        data = args.data or make_dataset(Path(tmp), product=product)
         index = SampleIndex.build(load_manifest(data), "train")
+        what = imagery(data)
         mb = np.mean([sum(size for _, size in r.members.values()) for r in index.samples]) / 1e6
         cfg = LoaderConfig(batch_size=args.batch_size, crop_size=args.crop,
                            num_threads=args.workers)
@@ -278,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         row.update(batch_size=args.batch_size, crop=args.crop, workers=args.workers)
     info = machine_info()
     print(f"loader benchmark: {info['cores']} cores ({info['cpu']}), GPU {info['gpu']}, "
-          f"{len(index)} samples of {mb:.2f} MB, batch {args.batch_size}, crop {args.crop}, "
+          f"{len(index)} samples of {mb:.2f} MB ({what['product']}, {what['bands']} bands), "
+          f"batch {args.batch_size}, crop {args.crop}, "
           f"{args.workers} threads/workers, median of {args.rounds} rounds x {args.epochs} epochs")
     print_table(rows, ["name", "mode", "device", "samples_per_s", "samples_per_s_best",
                        "mb_per_s", "cpu_ms_per_sample", "cores_used", "speedup_vs_torch",
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(waits, ["device", "read_ahead", "step_ms", "wait_ms_per_batch",
                             "wait_ms_best", "wait_vs_callback"])
     write_json(args.json, "loader", rows, settings=args, units=UNITS, samples=len(index),
-               sample_mb=mb, rounds=args.rounds, epochs=args.epochs, step_waits=waits)
+               sample_mb=mb, imagery=what, rounds=args.rounds, epochs=args.epochs, step_waits=waits)
     return 0
 
 

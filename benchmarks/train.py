@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.common import (
+    add_product,
     base_parser,
     check_dataset,
+    check_product,
     count,
+    imagery,
     non_negative,
     parse_args,
     print_table,
@@ -165,13 +168,15 @@ def _time_steps(args: argparse.Namespace, env: DistEnv) -> None:
         Path(args.out).write_text(json.dumps(row))
 
 
-def _dataset(tmp: Path) -> Path:
+def _dataset(tmp: Path, product: str) -> Path:
     from dataio.prepare import PrepareConfig, prepare
+    from dataio.spacenet import DEFAULT_PRODUCT
     from dataio.synth import SynthConfig, write_aoi
 
-    write_aoi(SynthConfig(out=tmp / "raw", tiles=48, seed=1, workers=2))
+    write_aoi(SynthConfig(out=tmp / "raw", tiles=48, seed=1, workers=2,
+                          mul=product != DEFAULT_PRODUCT))
     prepare(PrepareConfig([tmp / "raw"], tmp / "DATA", split=(100, 0, 0), shard_size=16,
-                          workers=2), progress=False)
+                          workers=2, product=product), progress=False)
     return tmp / "DATA"
 
 
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=count, default=min(2, len(os.sched_getaffinity(0))),
                    help="processes of the N-process rows (default: 2, or 1 on one core; at "
                         "most the GPUs on a GPU machine)")
+    add_product(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="dali", help=argparse.SUPPRESS)
     p.add_argument("--amp", default="off", help=argparse.SUPPRESS)
@@ -203,12 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         p.error(str(e))
     check_dataset(p, args.data)
+    product = check_product(p, args.data, args.product)
     import torch
 
     cuda = torch.cuda.is_available()
     nproc = min(args.nproc, torch.cuda.device_count()) if cuda else args.nproc
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or _dataset(Path(tmp))
+        data = args.data or _dataset(Path(tmp), product)
+        what = imagery(data)
+        print(f"train benchmark: {what['product']} ({what['bands']} bands)", flush=True)
         rows = []
         from trainer.amp import cpu_has_native_bf16
 
@@ -243,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     hidden = ("worker", "backend", "amp", "out")  # the workers' own flags
     write_json(args.json, "train", rows,
                settings={k: v for k, v in vars(args).items() if k not in hidden},
-               config=str(args.config), steps=args.steps,
+               config=str(args.config), steps=args.steps, imagery=what,
                units={"samples_per_s": "samples/s (all ranks)", "*_ms": "ms per step",
                       "threads": "DALI threads / DataLoader workers per process"})
     return 0

@@ -58,3 +58,37 @@ def test_a_small_dataset_gives_a_table_and_json(tmp_path: Path) -> None:
     for r in rows:
         assert r["samples_per_s"] > 0 and r["speedup_vs_torch"] > 0
         assert r["cpu_ms_per_sample"] is None or r["cpu_ms_per_sample"] > 0
+
+
+def test_the_json_says_which_imagery_and_8_bands_are_read(mul_dataset: Path,
+                                                          tmp_path: Path) -> None:
+    """An 8-band MUL-PanSharpen dataset is read by every variant (the webdataset reference
+    too), and the JSON says so: its samples are 2.7x an RGB one's bytes."""
+    import json
+
+    from benchmarks import loader
+
+    out = tmp_path / "loader.json"
+    assert loader.main(["--data", str(mul_dataset), "--rounds", "1", "--epochs", "1",
+                        "--batch-size", "3", "--crop", "32", "--workers", "1", "--step-ms", "0",
+                        "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["imagery"] == {"product": "MUL-PanSharpen", "bands": 8}
+    assert len(result["rows"]) == 6 and all(r["samples_per_s"] > 0 for r in result["rows"])
+
+
+def test_product_makes_the_synthetic_dataset_and_is_refused_with_data(
+        small_dataset: Path, tmp_path: Path, capsys) -> None:
+    import pytest
+
+    from benchmarks import loader
+    from dataio.manifest import load_manifest
+
+    data = loader.make_dataset(tmp_path, tiles=1, product="MUL-PanSharpen")
+    assert (load_manifest(data).product, load_manifest(data).bands) == ("MUL-PanSharpen", 8)
+    with pytest.raises(SystemExit) as stop:
+        loader.main(["--data", str(small_dataset), "--product", "MUL-PanSharpen"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--product makes the synthetic dataset; --data {small_dataset} is prepared already "
+        "(its manifest says its product)")

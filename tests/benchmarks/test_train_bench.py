@@ -46,3 +46,30 @@ def test_the_table_says_over_how_many_steps_each_row_was_timed(
     assert table[0].split()[:3] == ["variant", "precision", "steps"]
     steps = {" ".join(line.split()[:3]): line.split()[4] for line in table[2:]}
     assert steps == {"1x dali amp=off": "7", "1x dali amp=bf16": "3", "1x torch amp=off": "7"}
+
+
+def test_the_json_says_which_imagery_and_product_with_data_is_refused(
+        mul_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+    import subprocess
+
+    import pytest
+
+    from benchmarks import train
+
+    def worker(cmd, **kw):  # stands in for each variant's torchrun
+        row = {"samples_per_s": 10.0, "step_ms": 800.0, "device": "cpu", "precision": "fp32",
+               **{f"{p}_ms": 1.0 for p in train.PHASES}, "threads": 1}
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(row))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(train, "run_to_end", worker)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = tmp_path / "train.json"
+    assert train.main(["--data", str(mul_dataset), "--steps", "1", "--nproc", "1",
+                       "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["imagery"] == {"product": "MUL-PanSharpen", "bands": 8}
+    assert "train benchmark: MUL-PanSharpen (8 bands)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data", str(mul_dataset), "--product", "MUL-PanSharpen"])
+    assert stop.value.code == 2
