@@ -309,6 +309,24 @@ def _recorded_best(run_dir: Path, best: Path) -> Path:
     return marked
 
 
+def other_product(state: dict[str, Any], manifest: Manifest) -> str | None:
+    """``"was trained on 3-band RGB-PanSharpen imagery, but DATA/manifest.json holds 8-band
+    MUL-PanSharpen"`` when the checkpoint ``state`` records another imagery product
+    (``prepare --product``) than ``manifest``'s, else None (also for a checkpoint from before
+    the record: its band count is load_model's to check).
+
+    NOTE: the band counts alone (load_model) said "it has 3 input bands (here 8)", blaming the
+    config, and named neither product; two products of one band count would have loaded."""
+    trained = state.get("product")
+    if not isinstance(trained, str) or trained == manifest.product:
+        return None
+    saved = state.get("percentiles")
+    n = (f"{len(saved['p2'])}-band " if isinstance(saved, dict)
+         and isinstance(saved.get("p2"), list) else "")
+    return (f"was trained on {n}{trained} imagery, but {manifest.root / 'manifest.json'} holds "
+            f"{manifest.imagery()}")
+
+
 def init_from_hint(data: Path, manifest: Manifest) -> str:
     """What a ``train.init_from`` checkpoint must match (said when it does not)."""
     return (f"this config's model.* settings and the {manifest.bands} bands "

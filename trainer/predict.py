@@ -204,7 +204,7 @@ def load_net(ckpt_path: Path, cfg: Config, bands: int, hint: str,
     # model's size with Adam) prediction never uses; only the model's tensors are read
     state = load(ckpt_path, map_location="cpu", mmap=True)
     if manifest is not None:
-        _check_product(state, ckpt_path, manifest, manifest.root)
+        _check_product(state, ckpt_path, manifest)
     # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
     # checkpoint; no compile, since prediction sees tiles of every size once.
     net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
@@ -221,24 +221,16 @@ def load_net(ckpt_path: Path, cfg: Config, bands: int, hint: str,
     return net, (p2, p98), ema
 
 
-def _check_product(state: dict[str, Any], ckpt_path: Path, manifest: Manifest,
-                   data: Path) -> None:
-    """Raise naming both if the checkpoint was trained on another product than ``manifest``'s.
+def _check_product(state: dict[str, Any], ckpt_path: Path, manifest: Manifest) -> None:
+    """Raise naming both if the checkpoint was trained on another product than ``manifest``'s
+    (:func:`trainer.checkpoint.other_product`), with what to do."""
+    from trainer.checkpoint import other_product
 
-    NOTE: the band counts alone (load_model's check) told "it has 3 input bands (here 8)" but
-    not that --data is MUL-PanSharpen and the run RGB-PanSharpen, nor what to do; and two
-    products of one band count would have loaded, their bands meaning other colours. A
-    checkpoint from before the trainer recorded its product is left to that check."""
-    trained = state.get("product")
-    if not isinstance(trained, str) or trained == manifest.product:
-        return
-    saved = state.get("percentiles")
-    n = (f"{len(saved['p2'])}-band " if isinstance(saved, dict)
-         and isinstance(saved.get("p2"), list) else "")
-    raise ValueError(f"{ckpt_path} was trained on {n}{trained} imagery, but "
-                     f"{data / 'manifest.json'} holds {manifest.imagery()}: predict a dataset "
-                     f"prepared with dataio.prepare --product {trained}, or with a run trained "
-                     f"on {manifest.product}")
+    problem = other_product(state, manifest)
+    if problem is not None:
+        raise ValueError(f"{ckpt_path} {problem}: predict a dataset prepared with dataio.prepare "
+                         f"--product {state['product']}, or with a run trained on "
+                         f"{manifest.product}")
 
 
 def _weights_sha256(net: nn.Module) -> str:

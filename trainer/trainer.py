@@ -511,6 +511,10 @@ class Trainer:
         missing = [k for k in ckpt.RESUME_KEYS if k not in state]
         if missing:
             raise ValueError(f"{path}: cannot resume from it, it lacks {', '.join(missing)}")
+        problem = ckpt.other_product(state, self.manifest)
+        if problem is not None:  # (load_model's band check blamed the config)
+            raise ValueError(f"{path}: it {problem}; resume on the dataset it trained on, or "
+                             "start a new --run-dir")
         ckpt.load_model(self.net, state, Path(path), "this config's model.* settings; resume "
                         "with the run's config or start a new --run-dir",
                         dataclasses.asdict(self.cfg.model))

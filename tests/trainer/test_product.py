@@ -79,3 +79,23 @@ def test_a_run_refuses_a_dataset_of_the_other_product(
         f"predict a dataset prepared with dataio.prepare --product {trained[1]}, or with a run "
         f"trained on {held[1]}")
     assert not (tmp_path / "pred").exists()
+
+
+def test_resuming_on_a_dataset_of_the_other_product_is_refused_naming_both(
+        rgb_run: Path, mul_dataset: Path, tmp_path: Path) -> None:
+    """(MUL and RGB of one AOI have the same splits, so the dataset check let it by; the
+    weights' check then said "its model does not match this config's model.* settings ... (it
+    has 3 input bands (here 8)", blaming the config)"""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(rgb_run, run)
+    cfg = load_config(Path("configs/tiny.toml"), ["train.epochs=2", "data.num_threads=1"])
+    last = sorted((run / "checkpoints").glob("*.pt"))
+    with pytest.raises(ValueError) as e:
+        Trainer(cfg, DistEnv(), mul_dataset, run, device=torch.device("cpu")).train()
+    assert str(e.value).endswith(
+        f": it was trained on 3-band RGB-PanSharpen imagery, but {mul_dataset}/manifest.json "
+        "holds 8-band MUL-PanSharpen; resume on the dataset it trained on, or start a new "
+        "--run-dir")
+    assert sorted((run / "checkpoints").glob("*.pt")) == last
