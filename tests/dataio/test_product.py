@@ -166,3 +166,20 @@ def test_images_only_and_chips_read_the_product(mul_aoi: Path, tmp_path: Path) -
         assert img.shape[2] == 8
         np.testing.assert_array_equal(  # (the chip in its sample: the MUL tile's pixels)
             img[cr:cr + h, cc:cc + w], _tif(mul_aoi, MUL, key.rsplit("_r", 1)[0])[r:r + h, c:c + w])
+
+
+@pytest.mark.gpu
+def test_the_gpu_pipeline_gives_the_cpu_ones_8_bands(mul_dataset: Path) -> None:
+    """DALI's graph on the GPU (crop_mirror_normalize of 8-channel HWC) as on the CPU."""
+    cfg = LoaderConfig(backend="dali", batch_size=3, num_threads=1, crop_size=64)
+    results = {}
+    for device in ("cuda", "cpu"):
+        with build_loader(mul_dataset, "train", cfg, train=True, device=device) as loader:
+            loader.set_epoch(1)
+            results[device] = {k: (b.image[i].cpu().numpy(), b.mask[i].cpu().numpy())
+                               for b in loader for i, k in enumerate(b.keys) if k}
+    assert len(results["cpu"]) == 6
+    for key, (img, msk) in results["cpu"].items():
+        assert img.shape == (8, 64, 64)
+        np.testing.assert_allclose(results["cuda"][key][0], img, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(results["cuda"][key][1], msk)
