@@ -1,13 +1,14 @@
 """The one-command demo: synthetic AOI -> shards -> torchrun training -> tuned polygons -> F1.
 
     python -m launch.demo --out demo [--tiles 300] [--seed 0] [--nproc N] [--fresh]
-                          [--set section.key=value ...]
+                          [--set section.key=value ...] [--product MUL-PanSharpen]
 
 Every stage is the command a user runs on real SpaceNet data (printed before it runs), so the demo
 doubles as a worked example. Stages already completed with the same arguments are skipped on a
 rerun (training resumes from its checkpoints anyway); ``--fresh`` starts over. The run directory
 is ``OUT/run``; the report (``summary.json``, ``README.md``, pictures) is ``OUT/run/report``.
 Training takes ``--nproc`` processes (default 2; on a one-GPU machine 1), one per GPU with NCCL.
+``--product MUL-PanSharpen`` runs it on 8-band imagery (synth ``--mul``, prepare ``--product``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from dataio.atomic import atomic_write_text, check_writable
 from dataio.prepare import DEFAULT_SPLIT, split_counts
+from dataio.spacenet import DEFAULT_PRODUCT, PRODUCTS
 from launch.report import write_report
 from postproc.pools import ignore_further_sigint, run_to_end, say, sigint_once
 from trainer.config import ConfigError, load_config
@@ -44,6 +46,7 @@ class Demo:
     config: Path = Path("configs/demo.toml")
     overrides: list[str] = field(default_factory=list)
     render_tiles: int = 4
+    product: str = DEFAULT_PRODUCT  # the imagery trained on (prepare --product)
 
     @property
     def raw(self) -> Path:
@@ -66,13 +69,17 @@ class Demo:
         workers = str(min(2, len(os.sched_getaffinity(0))))
         sets = [a for o in self.overrides for a in ("--set", o)]
         proposals = self.report / "proposals_test.csv"
+        # NOTE: no flag for the default product: the commands, and so a demo directory's
+        # completed stages (stages.json), stay what they were
+        mul = [] if self.product == DEFAULT_PRODUCT else ["--mul"]
+        product = [] if self.product == DEFAULT_PRODUCT else ["--product", self.product]
         return [
             ("synth", [PY, "-m", "dataio.synth", "--out", str(self.raw), "--tiles",
                        str(self.tiles), "--seed", str(self.seed), "--workers", workers,
-                       "--overwrite"]),
+                       "--overwrite", *mul]),
             ("prepare", [PY, "-m", "dataio.prepare", "--raw", str(self.raw), "--out",
                          str(self.data), "--seed", str(self.seed), "--workers", workers,
-                         "--overwrite"]),
+                         "--overwrite", *product]),
             ("train", [*TORCHRUN, f"--nproc_per_node={self.nproc}", "-m", "trainer.train",
                        "--config", str(self.config), "--data", str(self.data), "--run-dir",
                        str(self.run), *sets]),
@@ -227,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="SECTION.KEY=VALUE", help="override a training config value")
     p.add_argument("--render-tiles", type=int, default=4,
                    help="test tiles drawn in the report (default %(default)s)")
+    p.add_argument("--product", choices=list(PRODUCTS), default=DEFAULT_PRODUCT,
+                   help="the imagery trained on: RGB-PanSharpen (default) or MUL-PanSharpen (8 "
+                   "bands: synth --mul, prepare --product; 2.7x the disk)")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over")
     args = p.parse_args(argv)
     # NOTE: everything the later stages would refuse is checked here, before minutes of synth
@@ -251,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         p.error(str(e))
     demo = Demo(out=args.out, tiles=args.tiles, seed=args.seed, nproc=args.nproc,
-                config=args.config, overrides=args.overrides, render_tiles=args.render_tiles)
+                config=args.config, overrides=args.overrides, render_tiles=args.render_tiles,
+                product=args.product)
     try:
         with sigint_once():  # (a second press cannot cut the wait for the stage short)
             run_demo(demo, fresh=args.fresh)

@@ -330,6 +330,19 @@ def test_the_stages_hand_each_other_the_right_files(tmp_path: Path) -> None:
                                                       "--set", "data.crop_size=64"]
 
 
+def test_product_mul_makes_and_prepares_8_band_imagery(tmp_path: Path) -> None:
+    """--product MUL-PanSharpen: synth writes MUL-PanSharpen/ and prepare reads it; the default's
+    commands carry neither flag, so a demo directory's completed stages stay done."""
+    stages = dict(Demo(tmp_path / "demo", product="MUL-PanSharpen").stages())
+    assert "--mul" in stages["synth"]
+    prepare = stages["prepare"]
+    assert prepare[prepare.index("--product") + 1] == "MUL-PanSharpen"
+    default = dict(Demo(tmp_path / "demo").stages())
+    assert "--mul" not in default["synth"] and "--product" not in default["prepare"]
+    assert {k: v for k, v in stages.items() if k not in ("synth", "prepare")} == \
+        {k: v for k, v in default.items() if k not in ("synth", "prepare")}
+
+
 def test_too_few_tiles_names_the_least_that_works(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """70:15:15 of 4 tiles is 3:1:0; 5 tiles give 3:1:1, so 5 is what the message must say."""
