@@ -51,6 +51,7 @@ from torch import nn
 
 from dataio.atomic import atomic_write_bytes, check_writable
 from dataio.augment import Normaliser
+from dataio.spacenet import DEFAULT_PRODUCT, PRODUCTS
 from postproc.pools import say
 from trainer import checkpoint as ckpt
 
@@ -67,7 +68,7 @@ INPUT, OUTPUT = "image", "probs"
 MIN_OPSET = 18
 FORMAT = 1  # of the metadata: bump on a change a deployer's reader must know about
 # The keys of the file's metadata_props, each a string (JSON where it holds a list or number).
-METADATA = ("footprints.format", "classes", "bands", "band_order", "input", "output",
+METADATA = ("footprints.format", "classes", "bands", "product", "band_order", "input", "output",
             "normalisation", "model", "model_widths", "model_norm", "model_pad_mode",
             "size_multiple", "min_size", "size_constraint", "checkpoint", "checkpoint_step",
             "checkpoint_sha256", "checkpoint_weights")
@@ -172,13 +173,19 @@ def metadata(cfg: Config, net: nn.Module, norm: tuple[list[float], list[float]],
     weight EMA (``train.ema_decay``), as predict takes them."""
     m = size_multiple(net)
     p2, p98 = norm
+    # (the imagery it was trained on, dataio.prepare --product; recorded since that option:
+    # an older checkpoint's is RGB-PanSharpen's, the only one prepare read then)
+    product = state.get("product") if isinstance(state.get("product"), str) else DEFAULT_PRODUCT
+    bands = PRODUCTS.get(product, ())
+    names = f": {', '.join(bands)}" if len(bands) == len(p2) else ""
     step = state.get("global_step")
     props = {
         "footprints.format": str(FORMAT),
         "classes": json.dumps(list(CLASSES)),
         "bands": str(len(p2)),
+        "product": product,
         "band_order": "the GeoTIFF's bands in file order, band 1 first (as dataio.prepare reads "
-                      "them; SpaceNet RGB-PanSharpen: R, G, B)",
+                      f"them){names}",
         "input": f"{INPUT}: float32 NCHW, the raw band values (SpaceNet: 11-bit uint16) as "
                  "float32; normalised inside the graph",
         "output": f"{OUTPUT}: float32 NCHW softmax probabilities of the classes, the input's "

@@ -107,6 +107,8 @@ def test_metadata_round_trips(exported: tuple[Path, Path]) -> None:
     assert meta == {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == ["background", "building", "boundary"]
     assert int(meta["bands"]) == 3
+    assert meta["product"] == state["product"] == "RGB-PanSharpen"
+    assert meta["band_order"].endswith(": red, green, blue")
     norm = json.loads(meta["normalisation"])
     assert (norm["p2"], norm["p98"]) == (state["percentiles"]["p2"], state["percentiles"]["p98"])
     net = build_model_from_config(cfg.model, 3, 3)
