@@ -48,7 +48,9 @@ def build_summary(run: Path, data: Path, seconds: dict[str, float]) -> dict[str,
     # settings that are not the ones in force
     settings, tune = read_tuned(run)
     epochs = _epochs(run)
-    last_val = next((e for e in reversed(epochs) if "val_f1" in e), {})
+    # NOTE: the last epoch that logged val_iou; found by val_f1 instead, a run trained with
+    # train.val_f1=false (val_iou logged, val_f1 not) reported final_val_iou null
+    last_val = next((e for e in reversed(epochs) if "val_iou" in e), {})
     manifest = load_manifest(data)
     return {
         # (the imagery, and which of its bands the tile pictures show as red, green, blue)

@@ -444,3 +444,17 @@ def test_ctrl_c_waits_for_the_stage_and_is_one_line(tmp_path: Path) -> None:
         "stage: interrupted",
         f"launch.demo: interrupted; rerun the same command to go on (the stages done in "
         f"{out / 'stages.json'} are skipped)"]
+
+
+def test_the_final_val_iou_of_a_run_validated_without_f1(tmp_path: Path) -> None:
+    """With train.val_f1=false the log holds val_iou but no val_f1: the report's final_val_iou
+    is that val_iou (it was null, as if the run had never validated)."""
+    from launch.report import build_summary
+
+    run, data = _finished_run(tmp_path)
+    (run / "log.jsonl").write_text(
+        '{"epoch": 1, "train_loss": 0.9, "val_loss": 0.8, "val_iou": 0.2}\n'
+        '{"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_iou": 0.35, "val_miou": null,'
+        ' "val_weights": "model"}\n'
+        '{"epoch": 3, "train_loss": 0.4}\n')
+    assert build_summary(run, data, {})["final_val_iou"] == 0.35
