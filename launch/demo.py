@@ -111,6 +111,20 @@ class Demo:
         since a run directory trained on other data would be resumed, not retrained."""
         return {"train": [self.run]}.get(name, [])
 
+    def products(self, name: str) -> list[Path]:
+        """What a completed stage left for the stages after it and the report: a stage whose
+        products are gone is run again, and every stage after it (see :func:`first_to_run`).
+
+        NOTE: synth's raw AOI matters only when prepare runs again (nothing else reads it)."""
+        report, pred = self.report, self.out / "pred"
+        return {"synth": [self.raw], "prepare": [self.data / "manifest.json"],
+                "train": [self.run], "predict_val": [pred / "val"],
+                "predict_test": [pred / "test"],
+                "tune": [self.run / "postproc.json", self.run / "tune.json"],
+                "polygonize": [report / "proposals_test.csv"],
+                "score": [report / "score_test.json"], "render": [report / "tiles"],
+                "curves": [report / "curves.png"]}.get(name, [])
+
 
 def _env() -> dict[str, str]:
     # NOTE: one thread per process: the demo runs as many processes as there are cores.
@@ -162,6 +176,26 @@ def check_out(out: Path) -> None:
     check_writable(out / "stages.json", "--out", given=out)
 
 
+def first_to_run(demo: Demo, stages: list[tuple[str, list[str]]], done: dict[str, dict]
+                 ) -> int:
+    """Index of the first stage to run: the first not completed with the same command, or whose
+    products are gone (synth's only when prepare runs); the stages before it are skipped.
+
+    NOTE: the state alone was trusted: a rerun after ``rm -r OUT/run/report`` (to redo the
+    report) skipped every stage and failed on "score_test.json is missing: the stage that writes
+    it did not run"; only --fresh, retraining, went on. Every stage's products count but the
+    first stage's (synth's raw AOI) is read only by the second, prepare: it is made again only
+    when prepare runs."""
+    def gone(i: int) -> bool:
+        return any(not p.exists() for p in demo.products(stages[i][0]))
+
+    first = next((i for i, (name, cmd) in enumerate(stages)
+                  if done.get(name, {}).get("cmd") != cmd or "seconds" not in done[name]
+                  or (i > 0 and gone(i))), len(stages))
+    # (the stages between the first and this one left all they made, by the test above)
+    return 0 if first == 1 and gone(0) else first
+
+
 def run_demo(demo: Demo, fresh: bool = False) -> dict:
     """Run (or resume) every stage; returns the summary that the report holds."""
     check_out(demo.out)
@@ -174,9 +208,10 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
     upstream_ran = False
     stages = demo.stages()
     names = [n for n, _ in stages]
-    for name, cmd in stages:
+    first = first_to_run(demo, stages, done)
+    for i, (name, cmd) in enumerate(stages):
         last = done.get(name, {})
-        if last.get("cmd") == cmd and "seconds" in last and not upstream_ran:
+        if i < first:
             print(f"== {name}: done before, skipped", flush=True)
             seconds[name] = last["seconds"]
             continue
@@ -184,6 +219,9 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
         # resumes, training from its checkpoints; any other starts from nothing: its inputs or
         # arguments changed, or an upstream rerun dropped its record (also when that rerun was
         # stopped while these very outputs were being removed).
+        gone = [str(p) for p in demo.products(name) if not p.exists()]
+        if not upstream_ran and last.get("cmd") == cmd and "seconds" in last and gone:
+            print(f"== {name}: done before, but {gone[0]} is gone: running it again", flush=True)
         if upstream_ran or last.get("cmd") != cmd:
             for path in demo.outputs(name):
                 if path.exists():

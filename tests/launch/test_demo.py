@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -458,3 +459,51 @@ def test_the_final_val_iou_of_a_run_validated_without_f1(tmp_path: Path) -> None
         ' "val_weights": "model"}\n'
         '{"epoch": 3, "train_loss": 0.4}\n')
     assert build_summary(run, data, {})["final_val_iou"] == 0.35
+
+
+def test_a_stage_whose_products_are_gone_runs_again(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """stages.json alone was trusted: a rerun after the run directory (or the report in it) was
+    removed skipped every stage, and the report then failed on a file "the stage that writes it
+    did not run". Synth's raw AOI, read by nothing after prepare, is made again only with it."""
+    monkeypatch.setattr(demo_module, "write_report", lambda *a: {})
+    out = tmp_path / "demo"
+    run_demo(_TinyDemo(out, tiles=3))
+    shutil.rmtree(out / "run")
+    capsys.readouterr()
+    run_demo(_TinyDemo(out, tiles=3))
+    printed = capsys.readouterr().out
+    assert "== synth: done before, skipped" in printed
+    assert f"== train: done before, but {out / 'run'} is gone: running it again" in printed
+    assert _ckpts(out) == ["ckpt-0"]
+    # the raw AOI alone gone: nothing needs it, nothing runs
+    shutil.rmtree(_TinyDemo(out).raw)
+    run_demo(_TinyDemo(out, tiles=3))
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert not _TinyDemo(out).raw.exists()
+    # both gone: synth runs again for the training that runs again
+    shutil.rmtree(out / "run")
+    run_demo(_TinyDemo(out, tiles=3))
+    assert len(list(_TinyDemo(out).raw.iterdir())) == 3 and _ckpts(out) == ["ckpt-0"]
+
+
+def test_every_stage_names_its_products(tmp_path: Path) -> None:
+    """The report's inputs are among them: a rerun after ``rm -r OUT/run/report`` redoes the
+    stages that write the report's files instead of failing on a missing score_test.json."""
+    demo = Demo(tmp_path / "demo")
+    stages = demo.stages()
+    assert all(demo.products(name) for name, _ in stages)
+    for name, cmd in stages:  # each is an output of its command, or inside one
+        outs = [Path(v) for f, v in zip(cmd[:-1], cmd[1:], strict=True)
+                if f in ("--out", "--run-dir", "--json")]
+        for p in demo.products(name):
+            assert any(p == o or o in p.parents for o in outs), (name, p)
+    state = {name: {"cmd": cmd, "seconds": 1.0} for name, cmd in stages}
+    made = [p for name, _ in stages for p in demo.products(name)]
+    for p in made:  # (a directory stands for a file here: only their presence is looked at)
+        p.mkdir(parents=True, exist_ok=True)
+    assert demo_module.first_to_run(demo, stages, state) == len(stages)  # all done: skipped
+    shutil.rmtree(demo.report)
+    names = [n for n, _ in stages]
+    assert names[demo_module.first_to_run(demo, stages, state)] == "polygonize"
