@@ -372,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         if ids:
             print(f"warning: {len(ids)} {what}, e.g. {ids[0]}", file=sys.stderr)
     best = choose(ev.points, ev.counts)
+    # NOTE: tp + fn is the truth's building count, the same at every point. Without one, every F1
+    # is 0 and the tie goes to the defaults: said, as "F1 0.0000" read as a useless model.
+    if int(ev.counts[best, 0] + ev.counts[best, 2]) == 0:
+        print(f"warning: --truth {args.truth} has no building (over "
+              f"{ScoreConfig().min_truth_area:g} px) in the predicted images: every F1 is 0, so "
+              "the default settings are kept; tune on a split with buildings", file=sys.stderr)
     doc = report(ev, grid, best)
     doc.update(pred=str(args.pred), truth=str(args.truth), run_dir=str(run),
                seconds=time.perf_counter() - t0)

@@ -462,3 +462,29 @@ def test_a_run_dir_from_provenance_that_cannot_be_written_says_where_it_came_fro
     assert last == (f"error: --run-dir (default: the run_dir in {pred / 'provenance.json'}) "
                     f"{run}: {run} is not writable"), last
     assert list(run.iterdir()) == []
+
+
+def test_a_truth_without_buildings_is_told_and_keeps_the_defaults(tmp_path, capsys):
+    """Every F1 is 0 there (the tie goes to the defaults): the table alone said "F1 0.0000", as
+    for a model that finds nothing."""
+    prob = np.zeros((32, 32, 3), np.uint8)
+    prob[..., 0] = 255
+    prob[4:14, 4:14] = (0, 150, 105)  # a false building
+    pred, run = tmp_path / "PRED", tmp_path / "RUN"
+    pred.mkdir()
+    run.mkdir()
+    write_pred_shard(pred / "pred-000000.tar", [("a", prob, {})])
+    truth = tmp_path / "truth.csv"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     "a,-1,POLYGON EMPTY,POLYGON EMPTY\n")
+    assert run_main(tune.main, ["--pred", pred, "--truth", truth, "--run-dir", run,
+                                "--workers", 1]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --truth {truth} has no building (over 20 px)" in err
+    assert PolygonizeConfig.from_json(run / "postproc.json") == PolygonizeConfig()
+    # with a building the warning is not given
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     "a,1,\"POLYGON ((4 4, 14 4, 14 14, 4 14, 4 4))\",\"POLYGON EMPTY\"\n")
+    assert run_main(tune.main, ["--pred", pred, "--truth", truth, "--run-dir", run,
+                                "--workers", 1]) == 0
+    assert "no building" not in capsys.readouterr().err
