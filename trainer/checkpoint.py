@@ -327,6 +327,19 @@ def other_product(state: dict[str, Any], manifest: Manifest) -> str | None:
             f"{manifest.imagery()}")
 
 
+def check_init_from_product(state: dict[str, Any], path: Path, manifest: Manifest) -> None:
+    """ValueError naming both if the ``train.init_from`` checkpoint ``state`` (at ``path``) was
+    trained on another imagery product than ``manifest``'s (:func:`other_product`).
+
+    NOTE: before its weights are matched: their check said "its model does not match this
+    config's model.* settings and the 8 bands (MUL-PanSharpen) of DATA/manifest.json (... it has
+    3 input bands (here 8))", blaming the config and naming the source's imagery nowhere."""
+    problem = other_product(state, manifest)
+    if problem is not None:
+        raise ValueError(f"{path} {problem}: fine-tune from a run trained on "
+                         f"{manifest.product}, or train this one without train.init_from")
+
+
 def init_from_hint(data: Path, manifest: Manifest) -> str:
     """What a ``train.init_from`` checkpoint must match (said when it does not)."""
     return (f"this config's model.* settings and the {manifest.bands} bands "

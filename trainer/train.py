@@ -132,7 +132,9 @@ def _check_init_from(cfg: Config, manifest: Manifest, args: argparse.Namespace) 
         # NOTE: mapped, not read: the check needs the weights' names and shapes alone, and
         # every worker of a node makes it at once (the source's optimizer state is twice the
         # model's size with Adam)
-        ckpt.check_model(net.state_dict(), ckpt.scored(ckpt.load(path, mmap=True)), path,
+        state = ckpt.load(path, mmap=True)
+        ckpt.check_init_from_product(state, path, manifest)
+        ckpt.check_model(net.state_dict(), ckpt.scored(state), path,
                          ckpt.init_from_hint(args.data, manifest), dataclasses.asdict(cfg.model))
     except ValueError as e:  # (each names the file)
         raise ValueError(f"train.init_from: {e}") from None

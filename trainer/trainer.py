@@ -594,6 +594,7 @@ class Trainer:
             path = ckpt.source_checkpoint(self.cfg.train.init_from)
             try:
                 state = ckpt.load(path, mmap=True)  # (its model alone is read: see train.py)
+                ckpt.check_init_from_product(state, path, self.manifest)
                 # NOTE: the weights its validation scored, best.pt's choice: its EMA if it has one
                 ckpt.load_model(self.net, ckpt.scored(state), path,
                                 ckpt.init_from_hint(self.data, self.manifest),

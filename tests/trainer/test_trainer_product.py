@@ -99,3 +99,29 @@ def test_resuming_on_a_dataset_of_the_other_product_is_refused_naming_both(
         "holds 8-band MUL-PanSharpen; resume on the dataset it trained on, or start a new "
         "--run-dir")
     assert sorted((run / "checkpoints").glob("*.pt")) == last
+
+
+def test_init_from_a_run_of_the_other_product_is_refused_naming_both(
+        rgb_run: Path, mul_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """(before: "its model does not match this config's model.* settings and the 8 bands
+    (MUL-PanSharpen) of DATA/manifest.json (...) (it has 3 input bands (here 8))": the config
+    blamed first, the run's own imagery not named)"""
+    from trainer.train import main
+
+    run = tmp_path / "run"
+    assert main(["--check", "--config", "configs/tiny.toml", "--data", str(mul_dataset),
+                 "--run-dir", str(run), "--set", f"train.init_from={rgb_run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    best = rgb_run / "checkpoints" / "best.pt"
+    said = (f"train.init_from: {best} was trained on 3-band RGB-PanSharpen imagery, but "
+            f"{mul_dataset}/manifest.json holds 8-band MUL-PanSharpen: fine-tune from a run "
+            "trained on MUL-PanSharpen, or train this one without train.init_from")
+    assert err == [f"trainer.train: error: {said}"]
+    assert not run.exists()
+    # the Trainer's own load (a Trainer built without trainer.train's check) says the same
+    cfg = load_config(Path("configs/tiny.toml"), [f"train.init_from={rgb_run}",
+                                                  "data.num_threads=1"])
+    with pytest.raises(ValueError) as e:
+        Trainer(cfg, DistEnv(), mul_dataset, run, device=torch.device("cpu")).train()
+    assert str(e.value) == said
