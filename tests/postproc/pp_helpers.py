@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +51,31 @@ def make_pred_dir(root: Path, shards: int, per_shard: int, size: int = 200,
             samples.append((key, one_hot(mask), tile_meta(key, size, len(polys))))
         write_pred_shard(root / "pred" / f"pred-{s:06d}.tar", samples)
     return root / "pred", write_truth_csv(root / "truth.csv", truth)
+
+
+def count_shard_reads(monkeypatch) -> list[int]:
+    """The size of every read that postproc.predio makes from a shard from now on (unbuffered:
+    what is counted is what was read)."""
+    from postproc import predio
+
+    got: list[int] = []
+
+    class Counting(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            got.append(len(data))
+            return data
+
+    monkeypatch.setattr(predio, "open", lambda path, _mode: Counting(path), raising=False)
+    return got
+
+
+def assert_no_png_read(got: list[int], shards: list[Path]) -> None:
+    """The reads ``got`` (count_shard_reads) skipped every prob.png member of ``shards``."""
+    pngs = 0
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            pngs += sum(m.size for m in tar if m.name.endswith(".prob.png"))
+    # (the completeness checks read each shard's end-of-archive blocks twice: 2 x 1 KiB)
+    tail = 2 * 2 * tarfile.BLOCKSIZE * len(shards)
+    assert got and pngs and sum(got) <= sum(s.stat().st_size for s in shards) - pngs + tail

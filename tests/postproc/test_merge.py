@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
-from pp_helpers import TRANSFORM_4326
+from pp_helpers import TRANSFORM_4326, assert_no_png_read, count_shard_reads
 from pyproj import Transformer
 from shapely.geometry import mapping, shape
 
@@ -528,27 +528,8 @@ def test_merge_loads_no_numba() -> None:
 def test_merge_reads_no_png(mosaic, tmp_path, monkeypatch):
     """Merge needs each tile's meta.json alone (its grid): the prob.png members are seeked
     over. (They were read, the whole prediction once more, only to be thrown away.)"""
-    import tarfile
-
-    from postproc import predio
-
     pred, gj = mosaic
-    got = []  # the bytes of each read from a shard
-
-    class Counting(io.FileIO):  # (unbuffered: what is counted is what was read)
-        def read(self, size=-1):
-            data = super().read(size)
-            got.append(len(data))
-            return data
-
-    monkeypatch.setattr(predio, "open", lambda path, _mode: Counting(path), raising=False)
+    got = count_shard_reads(monkeypatch)
     assert run(["--pred", str(pred), "--geojson", str(gj), "--out",
                 str(tmp_path / "area.geojson")]) == 0
-    shards = sorted(pred.glob("pred-*.tar"))
-    pngs = 0
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            pngs += sum(m.size for m in tar if m.name.endswith(".prob.png"))
-    # (the completeness checks read each shard's end-of-archive blocks twice: 2 x 1 KiB)
-    tail = 2 * 2 * tarfile.BLOCKSIZE * len(shards)
-    assert got and pngs and sum(got) <= sum(s.stat().st_size for s in shards) - pngs + tail
+    assert_no_png_read(got, sorted(pred.glob("pred-*.tar")))

@@ -7,7 +7,6 @@ order. Every tile read back through the window of its own transform must be its 
 
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from pp_helpers import assert_no_png_read, count_shard_reads
 
 from postproc import mosaic
 from postproc.cli import exit_on_error
@@ -100,27 +100,11 @@ def test_every_tile_reads_back_as_its_prob_png_and_the_hole_is_masked(area):
 def test_the_first_pass_reads_no_png(area, monkeypatch):
     """The first pass needs each tile's meta.json alone: the prob.png members are seeked over.
     (They were read, the whole prediction once more, only to be thrown away.)"""
-    from postproc import predio
-
     pred, _ = area
     shards = sorted(pred.glob("pred-*.tar"))
-    got = []  # the bytes of each read from a shard
-
-    class Counting(io.FileIO):  # (unbuffered: what is counted is what was read)
-        def read(self, size=-1):
-            data = super().read(size)
-            got.append(len(data))
-            return data
-
-    monkeypatch.setattr(predio, "open", lambda path, _mode: Counting(path), raising=False)
+    got = count_shard_reads(monkeypatch)
     assert len(mosaic.scan(shards, mosaic.TOLERANCE_PX).tiles) == 8
-    pngs = 0
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            pngs += sum(m.size for m in tar if m.name.endswith(".prob.png"))
-    # (the completeness checks read each shard's end-of-archive blocks twice: 2 x 1 KiB)
-    tail = 2 * 2 * tarfile.BLOCKSIZE * len(shards)
-    assert got and sum(got) <= sum(s.stat().st_size for s in shards) - pngs + tail
+    assert_no_png_read(got, shards)
 
 
 def test_the_file_is_a_cloud_optimized_geotiff_and_nothing_else_is_left(area):
