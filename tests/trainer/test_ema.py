@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from stop_at import train_until
-from trainer_helpers import REPO, messages, run, torchrun_cmd
+from trainer_helpers import REPO, messages, poison_every_other_gradient, run, torchrun_cmd
 
 from postproc.predio import iter_pred_samples, list_pred_shards
 from trainer import checkpoint as ckpt
@@ -156,13 +156,7 @@ def test_one_update_per_optimizer_step_none_for_a_skipped_one(small_dataset: Pat
     # NaN gradients on steps 1, 3 and 5: skipped, and averaged in neither
     t = _trainer(small_dataset, tmp_path / "nan", [*EMA, "train.epochs=1",
                                                    "train.max_nonfinite_steps=2"])
-    calls = {"n": 0}
-
-    def poison(grad: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        return grad * float("nan") if calls["n"] % 2 else grad
-
-    t.net.head.weight.register_hook(poison)
+    poison_every_other_gradient(t.net)
     t.train()
     assert t.global_step == 5 and t.ema is not None and t.ema.updates == 2
     assert all(bool(torch.isfinite(v).all()) for v in t.ema.module.state_dict().values())

@@ -17,6 +17,7 @@ import pytest
 import torch
 from proc_helpers import REPO, kill_tree, worker_env
 from stop_at import train_until
+from trainer_helpers import poison_every_other_gradient
 
 from dataio.loader import IGNORE_INDEX
 from trainer import checkpoint as ckpt
@@ -768,13 +769,7 @@ def test_nonfinite_gradients_skip_the_step_and_a_good_step_resets_the_count(
     # goes on, and the poisoned steps change no weight
     t = _trainer(small_dataset, tmp_path / "run", ["train.epochs=1",
                                                    "train.max_nonfinite_steps=2"])
-    calls = {"n": 0}
-
-    def poison(grad: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        return grad * float("nan") if calls["n"] % 2 else grad
-
-    t.net.head.weight.register_hook(poison)
+    poison_every_other_gradient(t.net)
     t.train()
     assert t.global_step == 5 and t.nonfinite_run == 1  # the last step only
     assert all(bool(torch.isfinite(p).all()) for p in t.net.parameters())

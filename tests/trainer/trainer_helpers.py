@@ -51,3 +51,15 @@ def messages(records: list[logging.LogRecord]) -> str:
     """The messages the project's logger got, one a line (from conftest's ``footprints_log``:
     once each, whatever an earlier test in the process did to the logger's propagation)."""
     return "\n".join(r.getMessage() for r in records)
+
+
+def poison_every_other_gradient(net: torch.nn.Module) -> None:
+    """Make the head's gradient NaN on the 1st, 3rd, 5th, ... backward: a finite loss whose
+    step the trainer must skip, never two in a row."""
+    calls = {"n": 0}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] % 2 else grad
+
+    net.head.weight.register_hook(poison)
