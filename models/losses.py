@@ -5,6 +5,13 @@
 * ``CE_w`` is exactly ``nn.CrossEntropyLoss(weight=w, ignore_index=i)`` (the mean over valid pixels
   weighted by their class's weight), except that a batch with no valid pixel gives 0 instead of
   NaN, so a rank whose batch is all padding does not trip the trainer's non-finite-loss check.
+* ``focal_gamma = g > 0`` makes CE the focal loss (Lin et al. 2017, arXiv:1708.02002): each
+  valid pixel's term ``-w_t log p_t`` is multiplied by ``(1 - p_t) ** g`` (``p_t``: the softmax
+  probability of its true class), so pixels already right weigh less; the class weights stay as
+  the paper's alpha (as torchvision's ``sigmoid_focal_loss``). The normaliser stays the summed
+  class weight of the valid pixels (the paper's is a count of anchors, not of modulated
+  weights), so numerator and denominator still add up over batches and ranks (``sums``);
+  ``g = 0`` is the weighted CE above, bit for bit (same code).
 * Dice is soft (softmax probabilities), per class over the whole batch (all pixels of all
   images, as one volume), averaged over all classes, background included; it ignores the same
   pixels as CE. We chose Dice over Lovasz-softmax: it is a few lines, needs no per-image sort
@@ -53,6 +60,8 @@ class LossConfig:
     ignore_index: int = -100
     # How "manifest" frequencies become weights (see class_weights_from_frequencies).
     frequency_balancing: str = "median"
+    # Focal loss's gamma (Lin et al. 2017; the paper's best is 2): 0 is plain weighted CE.
+    focal_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.class_weights, str):
@@ -70,7 +79,7 @@ class LossConfig:
                 )
             if sum(weights) <= 0:
                 raise ValueError(f"loss.class_weights={list(weights)} are all 0")
-        for name in ("ce_weight", "dice_weight", "dice_smooth"):
+        for name in ("ce_weight", "dice_weight", "dice_smooth", "focal_gamma"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"loss.{name}={value!r} must be a finite number >= 0")
@@ -78,6 +87,11 @@ class LossConfig:
             raise ValueError("loss.ce_weight and loss.dice_weight are both 0: nothing to train")
         if self.dice_weight > 0 and self.dice_smooth <= 0:
             raise ValueError("loss.dice_smooth must be > 0 when loss.dice_weight > 0")
+        if self.focal_gamma > 0 and self.ce_weight == 0:
+            raise ValueError(
+                f"loss.focal_gamma={self.focal_gamma} modulates the CE term, but loss.ce_weight "
+                "is 0: set loss.ce_weight > 0 or loss.focal_gamma = 0"
+            )
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"loss.ignore_index must be an int, got {self.ignore_index!r}")
         if self.frequency_balancing not in FREQUENCY_METHODS:
@@ -130,8 +144,11 @@ class SegmentationLoss(nn.Module):
         dice_weight: float = 0.0,
         dice_smooth: float = 1.0,
         ignore_index: int = -100,
+        focal_gamma: float = 0.0,
     ) -> None:
         super().__init__()
+        if not math.isfinite(focal_gamma) or focal_gamma < 0:
+            raise ValueError(f"loss.focal_gamma={focal_gamma!r} must be a finite number >= 0")
         # NOTE: a buffer so that loss.to(device) moves it; not persistent, so it stays out of
         # checkpoints (it is rebuilt from the config).
         weights = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
@@ -140,6 +157,7 @@ class SegmentationLoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.dice_smooth = float(dice_smooth)
         self.ignore_index = int(ignore_index)
+        self.focal_gamma = float(focal_gamma)
 
     @property
     def num_classes(self) -> int:
@@ -200,10 +218,15 @@ class SegmentationLoss(nn.Module):
         inter = card = logits.new_zeros(self.num_classes)
         if self.ce_weight > 0:
             weights = self.class_weights.to(logits.device)
-            per_pixel = F.cross_entropy(
-                logits, target, weight=weights, ignore_index=self.ignore_index, reduction="none"
-            )
-            # torch's "mean" divides by the summed weight of the valid pixels
+            if self.focal_gamma > 0:
+                per_pixel = self._focal(logits, target, valid, weights)
+            else:
+                per_pixel = F.cross_entropy(
+                    logits, target, weight=weights, ignore_index=self.ignore_index,
+                    reduction="none"
+                )
+            # torch's "mean" divides by the summed weight of the valid pixels (focal too: see
+            # the module docstring)
             ce_num = per_pixel.sum()
             ce_den = (weights[torch.where(valid, target, 0)] * valid).sum()
         if self.dice_weight > 0:
@@ -217,6 +240,21 @@ class SegmentationLoss(nn.Module):
             inter = (probs * one_hot).sum(dims)
             card = probs.sum(dims) + one_hot.sum(dims)
         return ce_num, ce_den, inter, card
+
+    def _focal(
+        self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+        weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Per pixel ``w_t (1 - p_t) ** gamma * -log p_t`` (float32 logits), 0 where ignored."""
+        safe = torch.where(valid, target, 0).unsqueeze(1)
+        log_pt = logits.log_softmax(dim=1).gather(1, safe).squeeze(1)
+        # NOTE: 1 - p_t as -expm1(log p_t): accurate near p_t = 1, where 1 - exp() cancels to 0.
+        # Clamped to the smallest normal float: (1 - p_t) ** gamma has an infinite derivative
+        # at 0 for gamma < 1, and inf * (-log p_t = 0) would be a NaN gradient at p_t = 1.
+        one_minus = (-torch.expm1(log_pt)).clamp_min(torch.finfo(torch.float32).tiny)
+        per_pixel = weights[safe.squeeze(1)] * one_minus.pow(self.focal_gamma) * -log_pt
+        # the ignored pixels were scored as class 0 above: they count for nothing (nor their grads)
+        return torch.where(valid, per_pixel, 0.0)
 
     def _combine(
         self, ce_num: torch.Tensor, ce_den: torch.Tensor, inter: torch.Tensor, card: torch.Tensor
@@ -250,4 +288,5 @@ def build_loss(cfg: LossConfig, class_frequencies: Sequence[float] | None = None
         dice_weight=cfg.dice_weight,
         dice_smooth=cfg.dice_smooth,
         ignore_index=cfg.ignore_index,
+        focal_gamma=cfg.focal_gamma,
     )
