@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shapely.geometry import Polygon
+if TYPE_CHECKING:
+    # NOTE: for the annotation alone: dataio.manifest (so every reader of a dataset: the loaders,
+    # trainer.predict, the validator) imports this module for the product names, and a shapely
+    # import there cost them ~0.4 s (dataio.classes' reason)
+    from shapely.geometry import Polygon
 
 # The imagery products prepare reads (--product), each with its bands and the three of them
 # (1-based) that a picture shows as red, green, blue. Both lie on the same 650x650 grid with the

@@ -110,3 +110,17 @@ def test_band_extremes_are_each_bands_own() -> None:
     stats.add(BandStats.of_image(img))
     got = stats.to_json()
     assert (got["min"], got["max"]) == ([3.0, 40.0], [18.0, 300.0])
+
+
+def test_reading_a_manifest_does_not_load_shapely_or_rasterio() -> None:
+    """Every reader of a dataset (the loaders, trainer.predict) imports dataio.manifest; since
+    --product it imported dataio.spacenet for the default product, whose top-level shapely
+    import put shapely (~0.4 s) back into them, which dataio.classes had taken out."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dataio.manifest; "
+            "print(sorted({'shapely', 'rasterio'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2], check=True)
+    assert out.stdout.strip() == "[]", f"importing dataio.manifest loads {out.stdout.strip()}"
