@@ -111,9 +111,10 @@ class Demo:
         since a run directory trained on other data would be resumed, not retrained."""
         return {"train": [self.run]}.get(name, [])
 
-    def products(self, name: str) -> list[Path]:
+    def results(self, name: str) -> list[Path]:
         """What a completed stage left for the stages after it and the report: a stage whose
-        products are gone is run again, and every stage after it (see :func:`first_to_run`).
+        results are gone is run again, and every stage after it (see :func:`first_to_run`).
+        (Not "products": ``product`` is the imagery, ``--product``.)
 
         NOTE: synth's raw AOI matters only when prepare runs again (nothing else reads it)."""
         report, pred = self.report, self.out / "pred"
@@ -179,15 +180,15 @@ def check_out(out: Path) -> None:
 def first_to_run(demo: Demo, stages: list[tuple[str, list[str]]], done: dict[str, dict]
                  ) -> int:
     """Index of the first stage to run: the first not completed with the same command, or whose
-    products are gone (synth's only when prepare runs); the stages before it are skipped.
+    results are gone (synth's only when prepare runs); the stages before it are skipped.
 
     NOTE: the state alone was trusted: a rerun after ``rm -r OUT/run/report`` (to redo the
     report) skipped every stage and failed on "score_test.json is missing: the stage that writes
-    it did not run"; only --fresh, retraining, went on. Every stage's products count but the
+    it did not run"; only --fresh, retraining, went on. Every stage's results count but the
     first stage's (synth's raw AOI) is read only by the second, prepare: it is made again only
     when prepare runs."""
     def gone(i: int) -> bool:
-        return any(not p.exists() for p in demo.products(stages[i][0]))
+        return any(not p.exists() for p in demo.results(stages[i][0]))
 
     first = next((i for i, (name, cmd) in enumerate(stages)
                   if done.get(name, {}).get("cmd") != cmd or "seconds" not in done[name]
@@ -219,7 +220,7 @@ def run_demo(demo: Demo, fresh: bool = False) -> dict:
         # resumes, training from its checkpoints; any other starts from nothing: its inputs or
         # arguments changed, or an upstream rerun dropped its record (also when that rerun was
         # stopped while these very outputs were being removed).
-        gone = [str(p) for p in demo.products(name) if not p.exists()]
+        gone = [str(p) for p in demo.results(name) if not p.exists()]
         if not upstream_ran and last.get("cmd") == cmd and "seconds" in last and gone:
             print(f"== {name}: done before, but {gone[0]} is gone: running it again", flush=True)
         if upstream_ran or last.get("cmd") != cmd:

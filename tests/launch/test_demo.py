@@ -461,7 +461,7 @@ def test_the_final_val_iou_of_a_run_validated_without_f1(tmp_path: Path) -> None
     assert build_summary(run, data, {})["final_val_iou"] == 0.35
 
 
-def test_a_stage_whose_products_are_gone_runs_again(tmp_path: Path,
+def test_a_stage_whose_results_are_gone_runs_again(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """stages.json alone was trusted: a rerun after the run directory (or the report in it) was
@@ -488,19 +488,19 @@ def test_a_stage_whose_products_are_gone_runs_again(tmp_path: Path,
     assert len(list(_TinyDemo(out).raw.iterdir())) == 3 and _ckpts(out) == ["ckpt-0"]
 
 
-def test_every_stage_names_its_products(tmp_path: Path) -> None:
+def test_every_stage_names_its_results(tmp_path: Path) -> None:
     """The report's inputs are among them: a rerun after ``rm -r OUT/run/report`` redoes the
     stages that write the report's files instead of failing on a missing score_test.json."""
     demo = Demo(tmp_path / "demo")
     stages = demo.stages()
-    assert all(demo.products(name) for name, _ in stages)
+    assert all(demo.results(name) for name, _ in stages)
     for name, cmd in stages:  # each is an output of its command, or inside one
         outs = [Path(v) for f, v in zip(cmd[:-1], cmd[1:], strict=True)
                 if f in ("--out", "--run-dir", "--json")]
-        for p in demo.products(name):
+        for p in demo.results(name):
             assert any(p == o or o in p.parents for o in outs), (name, p)
     state = {name: {"cmd": cmd, "seconds": 1.0} for name, cmd in stages}
-    made = [p for name, _ in stages for p in demo.products(name)]
+    made = [p for name, _ in stages for p in demo.results(name)]
     for p in made:  # (a directory stands for a file here: only their presence is looked at)
         p.mkdir(parents=True, exist_ok=True)
     assert demo_module.first_to_run(demo, stages, state) == len(stages)  # all done: skipped
