@@ -10,7 +10,8 @@ grid like a real AOI. The same seed gives the same bytes whatever the worker cou
 With ``--mul`` also ``RAW/MUL-PanSharpen/MUL-PanSharpen_<AOI>_img<N>.tif``: 8 bands on the same
 grid, derived from the RGB ones (``dataio.render.mul_from_rgb``), for ``prepare --product
 MUL-PanSharpen``. NOTE: behind a flag: 2.7 times the RGB tile's bytes (6.8 MB a 650 px tile
-against 2.5), which the demo and most tests never read.
+against 2.5), which most tests, and the demo without its ``--product MUL-PanSharpen``, never
+read.
 """
 
 from __future__ import annotations

@@ -123,3 +123,13 @@ def test_the_downsampling_readme_reasons_with_is_the_unets() -> None:
     assert stated, "README no longer states the U-Nets' downsampling"
     actual = {build_model(name, 3, 3, width_divisor=16).multiple for name in list_models()}
     assert stated == actual, f"README says {stated}x downsampling, the U-Nets pad to {actual}"
+
+
+def test_readme_lists_every_onnx_metadata_key() -> None:
+    """The export section's ``metadata_props`` list is a deployer's reference: it named every key
+    of ``trainer.export.METADATA`` but the first, ``footprints.format`` (the version to check)."""
+    from trainer.export import METADATA
+
+    section = README.split("### Exporting the model (ONNX)", 1)[1].split("\n## ", 1)[0]
+    listed = section.split("- `metadata_props`", 1)[1].split("\n\n", 1)[0]
+    assert [k for k in METADATA if f"`{k}`" not in listed] == []
