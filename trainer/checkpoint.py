@@ -327,17 +327,24 @@ def other_product(state: dict[str, Any], manifest: Manifest) -> str | None:
             f"{manifest.imagery()}")
 
 
-def check_init_from_product(state: dict[str, Any], path: Path, manifest: Manifest) -> None:
-    """ValueError naming both if the ``train.init_from`` checkpoint ``state`` (at ``path``) was
-    trained on another imagery product than ``manifest``'s (:func:`other_product`).
+def check_product(state: dict[str, Any], path: Path, manifest: Manifest, fix: str) -> None:
+    """ValueError ``"PATH was trained on ..., but ... holds ...: FIX"`` if the checkpoint
+    ``state`` (at ``path``) was trained on another imagery product than ``manifest``'s
+    (:func:`other_product`); ``fix``: what to do instead, the caller's.
 
     NOTE: before its weights are matched: their check said "its model does not match this
     config's model.* settings and the 8 bands (MUL-PanSharpen) of DATA/manifest.json (... it has
-    3 input bands (here 8))", blaming the config and naming the source's imagery nowhere."""
+    3 input bands (here 8))", blaming the config and naming the checkpoint's imagery nowhere."""
     problem = other_product(state, manifest)
     if problem is not None:
-        raise ValueError(f"{path} {problem}: fine-tune from a run trained on "
-                         f"{manifest.product}, or train this one without train.init_from")
+        raise ValueError(f"{path} {problem}: {fix}")
+
+
+def check_init_from_product(state: dict[str, Any], path: Path, manifest: Manifest) -> None:
+    """:func:`check_product` for the ``train.init_from`` checkpoint (train.py's check and the
+    Trainer's load say the same)."""
+    check_product(state, path, manifest, f"fine-tune from a run trained on {manifest.product}, "
+                  "or train this one without train.init_from")
 
 
 def init_from_hint(data: Path, manifest: Manifest) -> str:

@@ -38,7 +38,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -198,13 +198,15 @@ def load_net(ckpt_path: Path, cfg: Config, bands: int, hint: str,
     With ``manifest`` (--data's), a checkpoint trained on another imagery product than it holds
     (``prepare --product``) is refused naming both, before its weights are matched."""
     from models import build_model_from_config
-    from trainer.checkpoint import has_ema, load, load_model, scored
+    from trainer.checkpoint import check_product, has_ema, load, load_model, scored
 
     # NOTE: mapped, not read: every rank loads the checkpoint, whose optimizer state (twice the
     # model's size with Adam) prediction never uses; only the model's tensors are read
     state = load(ckpt_path, map_location="cpu", mmap=True)
     if manifest is not None:
-        _check_product(state, ckpt_path, manifest)
+        check_product(state, ckpt_path, manifest, "predict a dataset prepared with "
+                      f"dataio.prepare --product {state.get('product')}, or with a run trained "
+                      f"on {manifest.product}")
     # The trainer's own builder, so every model option (norm, pad mode, ...) matches the
     # checkpoint; no compile, since prediction sees tiles of every size once.
     net = build_model_from_config(dataclasses.replace(cfg.model, compile=False), bands, 3)
@@ -219,18 +221,6 @@ def load_net(ckpt_path: Path, cfg: Config, bands: int, hint: str,
         raise ValueError(f"{ckpt_path}: its 'percentiles' are not p2/p98 lists") from None
     # (their band count is the model's, which load_model has just matched to --data's)
     return net, (p2, p98), ema
-
-
-def _check_product(state: dict[str, Any], ckpt_path: Path, manifest: Manifest) -> None:
-    """Raise naming both if the checkpoint was trained on another product than ``manifest``'s
-    (:func:`trainer.checkpoint.other_product`), with what to do."""
-    from trainer.checkpoint import other_product
-
-    problem = other_product(state, manifest)
-    if problem is not None:
-        raise ValueError(f"{ckpt_path} {problem}: predict a dataset prepared with dataio.prepare "
-                         f"--product {state['product']}, or with a run trained on "
-                         f"{manifest.product}")
 
 
 def _weights_sha256(net: nn.Module) -> str:
