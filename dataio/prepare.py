@@ -72,7 +72,7 @@ from dataio.chips import (
     core_is_nodata,
     needs_chips,
 )
-from dataio.classes import NUM_CLASSES
+from dataio.classes import CLASS_NAMES, NUM_CLASSES
 from dataio.geo import crs_to_string, gdal_env, is_invertible, to_geo
 from dataio.imageid import IMAGE_ID_RE
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
@@ -769,7 +769,7 @@ def _manifest(cfg: PrepareConfig, found: Scan, stats: BandStats, classes: dict[s
         "bands": found.bands,
         "dtype": "uint16",
         "layout": "HWC",
-        "classes": ["background", "building", "boundary"],
+        "classes": list(CLASS_NAMES),
         "splits": {s: {"samples": samples[s], "buildings": buildings[s] if labels else None,
                        "truth": f"{s}/truth.csv" if labels else None,
                        "class_pixels": classes[s].tolist() if labels else None,

@@ -52,6 +52,7 @@ from dataio.atomic import (
     remove_made_dirs,
     remove_stale_temps,
 )
+from dataio.classes import CLASS_NAMES
 from postproc.mergegrid import Grid, GridIndex, overlapping_pairs
 from postproc.mergeio import MergeError, crs_key, meta_extent
 from postproc.merger import TOLERANCE_PX
@@ -63,7 +64,7 @@ from postproc.predio import (
     list_pred_shards,
 )
 
-BANDS = ("background", "building", "boundary")  # prob.png's channels (postproc.predio)
+BANDS = CLASS_NAMES  # prob.png's channels (postproc.predio)
 BLOCK_PX = 512  # the COG's tiles (GDAL's default): the unit a viewer reads over HTTP
 # NOTE: the mask inside the TIFF, said here rather than left to the GDAL version's default (an
 # external .msk sidecar in older ones: QGIS would miss it once the file is renamed, and a

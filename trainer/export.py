@@ -51,6 +51,7 @@ from torch import nn
 
 from dataio.atomic import atomic_write_bytes, check_writable
 from dataio.augment import Normaliser
+from dataio.classes import CLASS_NAMES
 from dataio.spacenet import DEFAULT_PRODUCT, PRODUCTS
 from postproc.pools import say
 from trainer import checkpoint as ckpt
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
     from trainer.config import Config
 
 PROG = "trainer.export"
-CLASSES = ("background", "building", "boundary")  # (dataio.classes' ids 0, 1, 2)
 INPUT, OUTPUT = "image", "probs"
 # NOTE: torch 2.13's exporter writes opset 18 and up; for a lower --opset it converts the graph,
 # and for this model that failed ("No Adapter To Version $17 for Pad": the padding to a multiple
@@ -181,7 +181,7 @@ def metadata(cfg: Config, net: nn.Module, norm: tuple[list[float], list[float]],
     step = state.get("global_step")
     props = {
         "footprints.format": str(FORMAT),
-        "classes": json.dumps(list(CLASSES)),
+        "classes": json.dumps(list(CLASS_NAMES)),
         "bands": str(len(p2)),
         "product": product,
         "band_order": "the GeoTIFF's bands in file order, band 1 first (as dataio.prepare reads "
@@ -320,7 +320,7 @@ def _export(args: argparse.Namespace) -> int:
         say(f"{PROG}: error: {e}")
         return 2
     step = state.get("global_step")
-    print(f"wrote {args.out}: {cfg.model.name} ({bands} bands in, {len(CLASSES)} class "
+    print(f"wrote {args.out}: {cfg.model.name} ({bands} bands in, {len(CLASS_NAMES)} class "
           f"probabilities out, ONNX opset {graph_opset(proto)}) from {path}"
           + (f" (step {step})" if isinstance(step, int) else "")
           + (", its weight EMA (the weights its validation scored)" if ema else ""))

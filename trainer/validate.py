@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dataio.classes import BUILDING, NUM_CLASSES
+from dataio.classes import BUILDING, CLASS_NAMES, NUM_CLASSES
 from dataio.loader import IGNORE_INDEX, build_loader
 from dataio.manifest import load_manifest
 from models.losses import SegmentationLoss
@@ -33,8 +33,6 @@ from trainer.predict import per_tile
 
 log = logging.getLogger("footprints")
 
-# names of the class ids 0, 1, 2 (dataio.classes) in the per-class keys: val_iou_background, ...
-CLASS_NAMES = ("background", "building", "boundary")
 # the all-reduced vector: the pixels' confusion matrix (true class x predicted class, row-major),
 # the polygons' tp, fp, fn, then the loss's sums
 _CM = NUM_CLASSES * NUM_CLASSES
