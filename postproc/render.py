@@ -31,6 +31,7 @@ from PIL.PngImagePlugin import PngInfo
 from shapely.geometry.base import BaseGeometry
 
 from dataio.atomic import atomic_write_bytes
+from dataio.spacenet import DEFAULT_PRODUCT, rgb_composite
 from postproc.matching import match_image
 from postproc.score import ScoreConfig, check_same_split, f1_from_counts
 
@@ -64,10 +65,10 @@ def legend_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 def display_rgb(img: np.ndarray, p2: list[float], p98: list[float],
                 composite: tuple[int, int, int] | None = None) -> np.ndarray:
-    """uint8 HxWx3: the ``composite`` bands (1-based; default bands 1-3, or band 1 as grey)
-    clipped to [p2, p98] and scaled to 0..255."""
+    """uint8 HxWx3: the ``composite`` bands (1-based; default bands 1-3, or band 1 as grey:
+    ``rgb_composite``'s choice for RGB-PanSharpen) clipped to [p2, p98] and scaled to 0..255."""
     if composite is None:
-        composite = (1, 2, 3) if img.shape[2] >= 3 else (1, 1, 1)
+        composite = rgb_composite(DEFAULT_PRODUCT, img.shape[2])
     out = np.empty((*img.shape[:2], 3), np.uint8)
     for i, b in enumerate(c - 1 for c in composite):
         lo, hi = float(p2[b]), float(p98[b])
@@ -229,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiles < 1:
         raise ValueError(f"--tiles {args.tiles} must be at least 1")
     data, split = _data_and_split(args)
-    from dataio.spacenet import rgb_composite
-
     manifest = load_manifest(data)
     p2, p98 = manifest.percentiles()
     # NOTE: an 8-band MUL-PanSharpen tile's bands 1-3 (coastal, blue, green) drew a bluish
