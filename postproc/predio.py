@@ -291,11 +291,6 @@ def _parse_meta(key: str, data: bytes, shard: Path) -> dict[str, Any]:
         raise PredError(f"{shard}: {e}") from None
 
 
-def _finish_raw(key: str, parts: dict[str, bytes], shard: Path) -> tuple[str, bytes, dict]:
-    _check_members(key, parts, shard)
-    return key, parts[PROB_EXT], _parse_meta(key, parts[META_EXT], shard)
-
-
 def decode_sample(key: str, png: bytes, meta: dict[str, Any], shard: str | Path
                   ) -> np.ndarray:
     """Decode a sample's ``prob.png`` and check it against its meta; errors name the shard."""
@@ -343,72 +338,59 @@ def _check_ended(fileobj: Any, offset: int, shard: Path) -> None:
 
 def _iter_tar(fileobj: Any, shard: Path) -> Iterator[tuple[str, bytes, dict]]:
     """Stream raw samples (consecutive members sharing a key) from an open, complete tar."""
-    _check_complete(fileobj, shard)
-    key: str | None = None
-    parts: dict[str, bytes] = {}
-    done: set[str] = set()
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_member(member.name, shard)
-                if k != key:
-                    if key is not None:
-                        yield _finish_raw(key, parts, shard)
-                        done.add(key)
-                    if k in done:
-                        raise PredError(f"{shard}: members of sample {k!r} are not adjacent")
-                    key, parts = k, {}
-                f = tar.extractfile(member)
-                parts[ext] = f.read() if f is not None else b""
-            end = tar.offset
-        _check_ended(fileobj, end, shard)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
-    if key is not None:
-        yield _finish_raw(key, parts, shard)
+    for key, parts in _walk(fileobj, shard, frozenset({PROB_EXT, META_EXT})):
+        yield key, parts[PROB_EXT] or b"", _parse_meta(key, parts[META_EXT] or b"", shard)
 
 
 def _iter_headers(shard: Path, read: frozenset[str] = frozenset()
                   ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """The samples of a complete shard, in order, from its tar headers: ``(key, {ext: the
-    member's bytes if ext is in read, else None})``; the other members' bytes are seeked over,
-    not read. Raise :class:`PredError` for a shard that is missing, truncated or malformed, or
-    whose samples lack a member."""
+    """:func:`_walk` over the shard file ``shard``."""
     try:
         f = open(shard, "rb")  # noqa: SIM115 - the generator closes it
     except OSError as e:
         raise PredError(f"{shard}: cannot open shard ({e.strerror})") from None
+    with f:
+        yield from _walk(f, shard, read)
+
+
+def _walk(fileobj: Any, shard: Path, read: frozenset[str]
+          ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """The samples of an open, complete shard, in order, from its tar headers: ``(key, {ext: the
+    member's bytes if ext is in read, else None})``; the other members' bytes are seeked over,
+    not read. Raise :class:`PredError` for a shard that is truncated or malformed, or whose
+    samples lack a member.
+
+    NOTE: the one walker of every reader (the full read, :func:`iter_metas`, :func:`shard_keys`):
+    two, written apart, had to be given the damaged-header check (:func:`_check_ended`) each."""
+    _check_complete(fileobj, shard)
+    start = fileobj.tell()
+    size = fileobj.seek(0, os.SEEK_END)
+    fileobj.seek(start)
     key: str | None = None
     parts: dict[str, bytes | None] = {}
     seen: set[str] = set()
-    with f:
-        _check_complete(f, shard)
-        size = os.fstat(f.fileno()).st_size
-        try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    if member.offset_data + member.size > size:
-                        raise PredError(f"{shard}: truncated tar (member {member.name!r} ends "
-                                        f"past its {size} bytes)")
-                    k, ext = _split_member(member.name, shard)
-                    if k != key:
-                        if key is not None:
-                            _check_members(key, parts, shard)
-                            yield key, parts
-                        if k in seen:
-                            raise PredError(f"{shard}: members of sample {k!r} are not "
-                                            "adjacent")
-                        seen.add(k)
-                        key, parts = k, {}
-                    data = tar.extractfile(member) if ext in read else None
-                    parts[ext] = data.read() if data is not None else None
-                _check_ended(f, tar.offset, shard)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > size:
+                    raise PredError(f"{shard}: truncated tar (member {member.name!r} ends "
+                                    f"past its {size} bytes)")
+                k, ext = _split_member(member.name, shard)
+                if k != key:
+                    if key is not None:
+                        _check_members(key, parts, shard)
+                        yield key, parts
+                    if k in seen:
+                        raise PredError(f"{shard}: members of sample {k!r} are not adjacent")
+                    seen.add(k)
+                    key, parts = k, {}
+                data = tar.extractfile(member) if ext in read else None
+                parts[ext] = data.read() if data is not None else None
+            _check_ended(fileobj, tar.offset, shard)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise PredError(f"{shard}: truncated or corrupt tar ({e})") from None
     if key is not None:
         _check_members(key, parts, shard)
         yield key, parts
