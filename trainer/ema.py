@@ -77,6 +77,7 @@ class WeightEMA:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps (``"ema"``): the averaged weights as a plain module's state
-        dict (``"model"``, which readers take instead of the raw weights), and the updates."""
+        dict (``"model"``, which readers take instead of the raw weights), the updates, and the
+        decay (a record: a resume goes on with its own ``train.ema_decay``)."""
         return {"model": self.module.state_dict(), "updates": self.updates,
                 "decay": self.decay}
