@@ -58,6 +58,7 @@ from dataio.loader import LoaderConfig, build_loader
 from dataio.manifest import load_manifest
 from dataio.sharding import SampleIndex
 from dataio.shards import decode_sample
+from dataio.spacenet import DEFAULT_PRODUCT
 
 _TICK = os.sysconf("SC_CLK_TCK")
 # NOTE: /proc counts CPU time in clock ticks (10 ms): a round shorter than this many gives no
@@ -80,9 +81,8 @@ def cpu_seconds(pid: int | None = None) -> float:
     return total
 
 
-def make_dataset(root: Path, tiles: int = 64, product: str = "RGB-PanSharpen") -> Path:
+def make_dataset(root: Path, tiles: int = 64, product: str = DEFAULT_PRODUCT) -> Path:
     from dataio.prepare import PrepareConfig, prepare
-    from dataio.spacenet import DEFAULT_PRODUCT
     from dataio.synth import SynthConfig, write_aoi
 
     workers = len(os.sched_getaffinity(0))
