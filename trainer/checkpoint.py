@@ -347,10 +347,10 @@ def check_init_from_product(state: dict[str, Any], path: Path, manifest: Manifes
                   "or train this one without train.init_from")
 
 
-def init_from_hint(data: Path, manifest: Manifest) -> str:
+def init_from_hint(manifest: Manifest) -> str:
     """What a ``train.init_from`` checkpoint must match (said when it does not)."""
     return (f"this config's model.* settings and the {manifest.bands} bands "
-            f"({manifest.product}) of {data / 'manifest.json'} "
+            f"({manifest.product}) of {manifest.root / 'manifest.json'} "
             "(train.init_from fine-tunes the same model on another dataset)")
 
 

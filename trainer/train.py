@@ -135,7 +135,7 @@ def _check_init_from(cfg: Config, manifest: Manifest, args: argparse.Namespace) 
         state = ckpt.load(path, mmap=True)
         ckpt.check_init_from_product(state, path, manifest)
         ckpt.check_model(net.state_dict(), ckpt.scored(state), path,
-                         ckpt.init_from_hint(args.data, manifest), dataclasses.asdict(cfg.model))
+                         ckpt.init_from_hint(manifest), dataclasses.asdict(cfg.model))
     except ValueError as e:  # (each names the file)
         raise ValueError(f"train.init_from: {e}") from None
 

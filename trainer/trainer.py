@@ -597,7 +597,7 @@ class Trainer:
                 ckpt.check_init_from_product(state, path, self.manifest)
                 # NOTE: the weights its validation scored, best.pt's choice: its EMA if it has one
                 ckpt.load_model(self.net, ckpt.scored(state), path,
-                                ckpt.init_from_hint(self.data, self.manifest),
+                                ckpt.init_from_hint(self.manifest),
                                 dataclasses.asdict(self.cfg.model))
             except ValueError as e:  # (each names the file)
                 raise ValueError(f"train.init_from: {e}") from None
