@@ -59,7 +59,8 @@ def machine_info() -> dict[str, Any]:
 
 # the distributions whose versions decide the figures (DALI's name carries its CUDA major)
 PACKAGES = ("torch", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali-cuda130",
-            "webdataset", "numpy", "numba", "rasterio", "shapely", "pyproj", "pillow")
+            "webdataset", "numpy", "numba", "rasterio", "shapely", "pyproj", "pillow",
+            "onnx", "onnxscript", "onnxruntime")  # (the last three: benchmarks.export)
 
 
 def versions() -> dict[str, str | None]:
