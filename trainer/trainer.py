@@ -77,6 +77,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model_from_config(cfg.model, self.manifest.bands, NUM_CLASSES)
         self.model = model.to(self.device)
+        self.precision = resolve(cfg.train.amp, self.device)
+        self._check_same_precision()
+        self.scaler = self.precision.scaler()
         # NOTE: copied from the plain module before DDP wraps it; a resume or train.init_from
         # sets it again from the weights they load
         self.ema = (WeightEMA(unwrap_model(self.model), cfg.train.ema_decay)
@@ -86,8 +89,6 @@ class Trainer:
             self.model = DistributedDataParallel(self.model, device_ids=ids)
         self.net = unwrap_model(self.model)  # the plain module: checkpoints and evaluation
         self.loss_fn = build_loss(cfg.loss, self.manifest.class_frequencies).to(self.device)
-        self.precision = resolve(cfg.train.amp, self.device)
-        self.scaler = self.precision.scaler()
         # NOTE: what "auto" became, in every log line and checkpoint: config.json keeps the
         # setting as written (a GPU run's must load for predict on a CPU, see check_device),
         # and a resume on other hardware may change it from one epoch to the next.
@@ -126,6 +127,23 @@ class Trainer:
         self._totals = torch.zeros(3, dtype=torch.float64)
         self._t_epoch = 0.0
         self._resumed_seconds = 0.0
+
+    def _check_same_precision(self) -> None:
+        """Raise on every rank unless every rank resolved ``train.amp`` to the same precision.
+
+        NOTE: "auto" resolves on each rank's own GPU, so a job over nodes of two GPU generations
+        trained its ranks in bf16 (Ampere on) and in fp16 with a GradScaler (before). A step the
+        scaler finds overflowing is then skipped on the fp16 ranks alone, while the bf16 ranks
+        take it: DDP all-reduces gradients but never compares weights, so the ranks' weights
+        part without a word (and rank 0's checkpoint holds only its own). Before the DDP wrap,
+        so that a refusal leaves no DDP model holding the process group."""
+        names = gather_objects(self.precision.name)
+        if len(set(names)) > 1:
+            ranks = ", ".join(f"rank {r}: {name}" for r, name in enumerate(names))
+            raise ValueError(
+                f"train.amp={self.cfg.train.amp} gives the ranks different precisions ({ranks}): "
+                "their GPUs differ; set train.amp=fp16 (any GPU) or bf16 (Ampere and later) so "
+                "that every rank trains in the same one")
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:

@@ -67,3 +67,28 @@ def test_auto_on_a_gpu_is_bf16_from_ampere_and_fp16_before(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulated
     p = amp.resolve("auto", torch.device("cuda", 0))
     assert p.name == want and p.use_scaler == (want == "fp16")
+
+
+def test_ranks_whose_auto_resolves_differently_are_refused_before_ddp(
+        monkeypatch: pytest.MonkeyPatch, small_dataset: Path, tmp_path: Path) -> None:
+    """A job over an Ampere node (auto: bf16) and an older one (auto: fp16 + GradScaler): the
+    scaler's overflow skips would be the fp16 ranks' alone, their weights parting from the
+    others'. Every rank sees the same gathered names, so every rank refuses (here rank 1's is
+    faked: one process, no GPU)."""
+    from trainer import trainer as trainer_mod
+    from trainer.config import load_config
+    from trainer.dist import DistEnv
+
+    gathered: list[object] = []
+
+    def two_ranks(obj: object) -> list[object]:
+        gathered.append(obj)
+        return [obj, "fp16"]
+
+    monkeypatch.setattr(trainer_mod, "gather_objects", two_ranks)
+    cfg = load_config(Path("configs/tiny.toml"), ["train.amp=off", "train.val_every=0"])
+    with pytest.raises(ValueError, match=r"train\.amp=off gives the ranks different precisions "
+                                         r"\(rank 0: fp32, rank 1: fp16\)"):
+        trainer_mod.Trainer(cfg, DistEnv(), small_dataset, tmp_path / "run",
+                            device=torch.device("cpu"))
+    assert gathered == ["fp32"]
