@@ -1133,6 +1133,72 @@ def test_the_code_fingerprint_covers_each_file_and_nothing_else(tmp_path: Path) 
     assert predresume.code_sha256(copy) != key
 
 
+# The project modules trainer.predict imports (at any depth, lazily too) that are not in the
+# resume key's code fingerprint (predresume.CODE), and why their code does not decide a
+# prediction's values. A module predict starts to import must be put in CODE or here.
+NOT_VALUES = {
+    "dataio/__init__.py": "package",
+    "postproc/__init__.py": "package", "trainer/__init__.py": "package",
+    "dataio/atomic.py": "writes files", "dataio/imageid.py": "names", "dataio/classes.py":
+    "class ids: another count is another model, which the weights' check refuses",
+    "dataio/manifest.py": "the manifest's sha256 is in the key", "dataio/shards.py":
+    "decodes the masks, which predict does not use", "dataio/spacenet.py": "product names",
+    "trainer/checkpoint.py": "which weights load: their sha256 is in the key",
+    "trainer/config.py": "settings: the model's must match the weights, the rest are in the key",
+    "trainer/dist.py": "process group", "trainer/predresume.py": "the key itself",
+    **{f"postproc/{m}.py": "polygonize, CLI and metrics plumbing, not prob.png" for m in (
+        "blobs", "cli", "csvio", "geojson", "grow", "label", "numbacache", "polygonize", "pools",
+        "provenance", "pushmetrics", "runner", "tilekernel", "trace")},
+}
+
+
+def _project_imports(module: str) -> set[Path]:
+    """The files of the project modules ``module`` imports, at any depth, lazily too (every
+    import statement in its source, function bodies included)."""
+    import ast
+
+    def file_of(name: str) -> Path | None:
+        p = REPO.joinpath(*name.split("."))
+        return next((f for f in (p.with_suffix(".py"), p / "__init__.py") if f.is_file()), None)
+
+    packages = {"dataio", "models", "trainer", "postproc"}
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = file_of(name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                     else [])
+            for n in names:
+                parts = n.split(".")
+                if parts[0] in packages:  # (a package's __init__ runs too)
+                    todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return set(seen.values())
+
+
+def test_every_module_predict_imports_is_in_the_code_fingerprint_or_named_harmless() -> None:
+    """The fingerprint is a list of files: a module that predict starts to import (a new
+    normaliser, a new decoder) must be added to it, or here with the reason it cannot change
+    a prediction; this test fails until one of the two is done."""
+    from trainer import predresume
+
+    imported = _project_imports("trainer.predict")
+    hashed = set(predresume.code_files())
+    named = {REPO / f for f in NOT_VALUES}
+    assert REPO / "models" / "unet.py" in imported and REPO / "dataio" / "augment.py" in imported
+    unknown = sorted(str(p.relative_to(REPO)) for p in imported - hashed - named)
+    assert not unknown, f"predict imports these, not in predresume.CODE nor NOT_VALUES: {unknown}"
+    stale = sorted(str(p.relative_to(REPO)) for p in named - imported)
+    assert not stale, f"NOT_VALUES names files predict no longer imports: {stale}"
+    assert not named & hashed, "a file both hashed and named harmless"
+
+
 def test_fresh_starts_over_and_a_damaged_shard_is_written_again(
         trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
