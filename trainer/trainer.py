@@ -186,8 +186,9 @@ class Trainer:
                          self.env.world_size, self.device.type, self.optimizer_steps_per_epoch,
                          self._accumulation_note(), self.precision.name)
                 if self.ema is not None and self.env.is_main:
-                    log.info("train.ema_decay=%g: validation, best.pt, trainer.predict and "
-                             "train.init_from use the weight EMA", self.ema.decay)
+                    log.info("train.ema_decay=%g: validation, best.pt, trainer.predict, "
+                             "trainer.export and train.init_from use the weight EMA",
+                             self.ema.decay)
                 self._warn_if_warmup_fills_the_run()
             while self.epoch < self.cfg.train.epochs and not self.stopped_early:
                 summary = self.train_epoch()

@@ -230,6 +230,17 @@ def test_the_log_says_which_weights_each_validation_scored(small_dataset: Path,
     assert "val_iou" not in log[2]
 
 
+def test_the_start_line_names_every_reader_of_the_ema(small_dataset: Path, tmp_path: Path,
+                                                       info_log: list[logging.LogRecord]) -> None:
+    """The line a run with an EMA starts with lists what takes the EMA instead of the raw
+    weights: trainer.export too (it loads a checkpoint as predict does)."""
+    _trainer(small_dataset, tmp_path / "run", [*EMA, "train.epochs=1"]).train()
+    line = next(m for m in messages(info_log).splitlines() if m.startswith("train.ema_decay=0.9:"))
+    for reader in ("validation", "best.pt", "trainer.predict", "trainer.export",
+                   "train.init_from"):
+        assert reader in line, (reader, line)
+
+
 @pytest.fixture(scope="module")
 def ema_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
     """Two validated epochs with an EMA: best.pt holds raw weights and an EMA that differ."""
