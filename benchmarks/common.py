@@ -185,6 +185,18 @@ def non_negative(text: str) -> int:
     return _whole(text, 0)
 
 
+def sizes(text: str, least: int, unit: str) -> list[int]:
+    """An argparse type's body: comma-separated whole numbers >= ``least``, each given once,
+    sorted (``--grids 4,16``; ``unit`` names them in the message)."""
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not whole numbers like 4,8,16") from None
+    if any(n < least for n in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{text!r}: each size >= {least} {unit}, given once")
+    return sorted(out)
+
+
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number >= 0 (milliseconds)."""
     try:

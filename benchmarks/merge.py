@@ -44,7 +44,6 @@ tiles' common edges are a float error apart in lon/lat, and union_all does not c
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -69,6 +68,7 @@ from benchmarks.common import (
     parse_args,
     print_table,
     run,
+    sizes,
     write_json,
 )
 from dataio.classes import BUILDING
@@ -254,13 +254,7 @@ def baseline_counts(project_out: Path, baseline_out: Path) -> dict[str, Any]:
 
 def _grids(text: str) -> list[int]:
     """Comma-separated mosaic sizes (tiles a side), each >= 2 (a mosaic has inner edges)."""
-    try:
-        sizes = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not whole numbers like 4,8,16") from None
-    if any(n < 2 for n in sizes) or len(set(sizes)) != len(sizes):
-        raise argparse.ArgumentTypeError(f"{text!r}: each size >= 2 tiles a side, given once")
-    return sorted(sizes)
+    return sizes(text, 2, "tiles a side")
 
 
 def row(variant: str, n: int, tile: int, m: dict[str, Any], **extra: Any) -> dict[str, Any]:

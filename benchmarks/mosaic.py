@@ -23,7 +23,6 @@ mask, so the baseline also checks the project's placement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from benchmarks.common import (
     parse_args,
     print_table,
     run,
+    sizes,
     write_json,
 )
 from benchmarks.merge import DENSITY, PX, UTM, tile_meta
@@ -134,13 +134,8 @@ def bench_size(n: int, tile: int, repeat: int, work: Path) -> list[dict[str, Any
 
 
 def _grids(text: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: whole numbers, comma-separated") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: each size must be >= 1")
-    return sizes
+    """Comma-separated area sizes (tiles a side), each >= 1 (one tile is an area too)."""
+    return sizes(text, 1, "tiles a side")
 
 
 COLUMNS = ["variant", "grid", "tiles", "area_mpx", "seconds", "tiles_per_s", "mpx_per_s",
