@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import glob
 import json
 import math
 import sys
@@ -37,6 +38,7 @@ from shapely.geometry import mapping
 from tqdm import tqdm
 
 from dataio.atomic import (
+    TMP_SUFFIX,
     atomic_open,
     atomic_write_text,
     check_writable,
@@ -204,6 +206,18 @@ def _existing_aoi(out: Path) -> list[Path]:
             *(out / "summaryData").glob("*_Train_Building_Solutions.csv")]
 
 
+def _stale_temps(out: Path) -> list[Path]:
+    """The temporary files of synth's outputs that a killed synth left (a SIGKILL skips the
+    clean-up): ``_write_tif``'s ``.<name>.tmp`` and ``atomic_open``'s ``.<name>.<random>.tmp``.
+
+    NOTE: a rerun replaces only the temporaries of the tiles it writes again: one with fewer
+    tiles (or without --mul) kept the rest, hidden files that a fresh synth does not make."""
+    names = ((IMAGE_DIR, IMAGE_PREFIX), (MUL_PRODUCT, image_prefix(MUL_PRODUCT)),
+             (LABEL_DIR, "buildings_"), ("summaryData", ""))
+    return [p for sub, prefix in names
+            for p in (out / sub).glob(f".{glob.escape(prefix)}*{TMP_SUFFIX}") if p.is_file()]
+
+
 def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     """Write the whole AOI under ``cfg.out``; returns the solutions CSV path.
 
@@ -222,7 +236,7 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
     # solutions CSV is in place: dataio.prepare refuses an AOI that has it (a killed synth).
     atomic_write_text(marker, "dataio.synth is writing this AOI; rerun it with --overwrite if "
                       "it was interrupted\n")
-    for path in old:
+    for path in [*old, *_stale_temps(cfg.out)]:
         path.unlink()
     subs = [Path(IMAGE_DIR), LABEL_DIR, Path("summaryData")] + [Path(MUL_PRODUCT)] * cfg.mul
     for sub in subs:
@@ -237,6 +251,11 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
                 tiles, total=cfg.tiles, desc="synth", unit="tile", disable=not progress) as bar:
             for tile in bar:
                 writer.writerows(tile["rows"])
+    # NOTE: the tiles' renames are durable only once their directories are synced (the
+    # GeoTIFFs' were not: _write_tif syncs the file, not its directory); the marker goes after
+    # them, or a power cut could leave an AOI without its mark but with tiles missing.
+    for sub in subs:
+        fsync_dir(cfg.out / sub)
     marker.unlink()
     fsync_dir(cfg.out)
     return csv_path

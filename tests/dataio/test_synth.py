@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -250,6 +252,75 @@ def test_an_interrupted_synth_is_refused_by_prepare(tmp_path: Path,
     write_aoi(SynthConfig(out=out, tiles=4, size=64, overwrite=True))
     m = prepare(PrepareConfig(raw=[out], out=tmp_path / "d", workers=0), progress=False)
     assert sum(m["splits"][s]["samples"] for s in ("train", "val", "test")) == 4
+
+
+# A synth killed outright (SIGKILL: no clean-up runs) as tile N's GeoTIFF is synced, under its
+# temporary name, before it is renamed.
+_KILLED_SYNTH = """
+import os, signal, sys
+from dataio import synth
+calls = []
+def dying(path):
+    calls.append(path)
+    if len(calls) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+synth.fsync_file = dying
+synth.main(sys.argv[2:])
+"""
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones too) and a digest of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow  # a process of its own, killed
+def test_a_killed_synth_leaves_nothing_complete_and_a_rerun_writes_a_fresh_aoi(
+        tmp_path: Path) -> None:
+    """Killed outright midway, synth leaves an AOI that prepare refuses; the rerun (with fewer
+    tiles here) must give what a fresh synth gives, byte for byte. It kept the killed run's
+    hidden GeoTIFF temporary of a tile it no longer writes."""
+    from proc_helpers import worker_env
+
+    from dataio.prepare import PrepareConfig, prepare
+
+    out, fresh = tmp_path / "aoi", tmp_path / "fresh"
+    args = ["--out", str(out), "--tiles", "4", "--size", "64", "--seed", "3"]
+    res = subprocess.run([sys.executable, "-c", _KILLED_SYNTH, "3", *args], env=worker_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert (out / "RGB-PanSharpen" / ".RGB-PanSharpen_AOI_2_Vegas_img3.tif.tmp").is_file()
+    assert not list((out / "summaryData").glob("*.csv"))  # (written last, whole)
+    with pytest.raises(ValueError, match=r"incomplete.*\.synth-incomplete"):
+        prepare(PrepareConfig(raw=[out], out=tmp_path / "d"), progress=False)
+    again = ["--out", str(out), "--tiles", "2", "--size", "64", "--seed", "3", "--overwrite"]
+    assert main(again) == 0
+    assert main(["--out", str(fresh), "--tiles", "2", "--size", "64", "--seed", "3"]) == 0
+    assert _tree(out) == _tree(fresh)
+
+
+def test_the_tiles_are_durable_before_the_aoi_loses_its_mark(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The marker says "incomplete" until every tile is in place; its removal must come after
+    the tiles' directories are synced, or a power cut after it could lose renames of tiles
+    (the GeoTIFFs' directory was never synced) in an AOI that no longer says it is
+    incomplete."""
+    from dataio import synth
+
+    out = tmp_path / "aoi"
+    synced: list[tuple[Path, bool]] = []
+    real = synth.fsync_dir
+
+    def recording(path: Path) -> None:
+        synced.append((Path(path), (out / ".synth-incomplete").exists()))
+        real(path)
+
+    monkeypatch.setattr(synth, "fsync_dir", recording)
+    write_aoi(SynthConfig(out=out, tiles=2, size=64, mul=True))
+    marked = {path for path, mark in synced if mark}
+    for sub in ("RGB-PanSharpen", "MUL-PanSharpen", "geojson/buildings", "summaryData"):
+        assert out / sub in marked, (sub, synced)
 
 
 @pytest.mark.slow  # the real command in a process of its own
