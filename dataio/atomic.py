@@ -112,10 +112,13 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     if sweep:
         remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    # mkstemp creates 0600; give the file the mode a plain open() would have.
-    os.fchmod(fd, 0o666 & ~_umask())
+    # NOTE: everything after mkstemp is inside the try, and the file object owns the descriptor
+    # first: a Ctrl-C in the fchmod that came between them and the try left the empty temporary
+    # file behind (and the descriptor open).
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
+            # mkstemp creates 0600; give the file the mode a plain open() would have.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -291,6 +291,40 @@ class _PressedFile:
         self.f.flush()
 
 
+# Each system call of a save outside torch's zip writer (dataio.atomic_open's), and the
+# how-many-th call of it in the save: mkstemp's open of the temporary file, its mode, its fsync,
+# the rename, the directory's open and fsync (fsync_dir).
+_SAVE_CALLS = [("open", 1), ("fchmod", 1), ("fsync", 1), ("replace", 1), ("open", 2),
+               ("fsync", 2)]
+
+
+@pytest.mark.parametrize(("call", "nth"), _SAVE_CALLS)
+def test_a_ctrl_c_at_any_step_of_a_save_leaves_the_checkpoint_whole_or_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, nth: int) -> None:
+    """A Ctrl-C outside torch's zip writer's own writes (the test below covers those): the
+    checkpoint directory must hold complete checkpoints under their names and nothing else.
+    One landing as the temporary file was given its mode (after mkstemp, before atomic_open's
+    try) left that empty temporary file, a .step-N.pt.*.tmp, behind."""
+    ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
+    real, calls = getattr(os, call), []
+
+    def pressed(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, call, pressed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(_state(2), ckpt.checkpoint_path(tmp_path, 2))
+    monkeypatch.undo()
+    assert len(calls) >= nth  # (the press happened in the save)
+    left = sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir())
+    assert left in (["step-00000001.pt"], ["step-00000001.pt", "step-00000002.pt"]), left
+    for name in left:
+        assert ckpt.load(ckpt.checkpoint_dir(tmp_path) / name)["epoch"] == int(name[5:13])
+
+
 @pytest.mark.parametrize("when", ["before_a_write", "in_a_write"])
 def test_a_ctrl_c_during_a_save_stays_a_keyboard_interrupt(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
