@@ -34,6 +34,7 @@ from trainer.config import (
 
 if TYPE_CHECKING:
     from dataio.manifest import Manifest
+    from trainer.validate import ValTruth
 
 log = logging.getLogger("footprints")
 
@@ -63,10 +64,11 @@ def _backend(cfg: Config) -> str | None:
     return None if cfg.dist.backend == "auto" else cfg.dist.backend
 
 
-def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | None]:
     """The checks made before any process group: the config (with the device it needs), --nproc,
-    --data and --run-dir. Returns the config and the keys given; raises ConfigError or
-    ValueError."""
+    --data and --run-dir. Returns the config, the keys given and the val truth's polygons per
+    ImageId where validation scores F1 (read here to check it; the Trainer takes them rather
+    than reading the file again), else None; raises ConfigError or ValueError."""
     given, where = read_config(args.config, args.overrides)
     cfg = build_config(given, where)
     check_device(cfg, torch.cuda.is_available())
@@ -101,16 +103,17 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
                           "dataset with a val split (dataio.prepare --split)")
     # NOTE: the val truth is read by the Validator (same condition) in every worker, once
     # training has started: a corrupt one failed there and torchrun restarted the group on it
+    truth = None
     if cfg.train.val_every > 0 and cfg.train.val_f1 and manifest.samples("val") > 0:
         from postproc.csvio import read_truth_csv
 
         try:
-            read_truth_csv(args.data / "val" / "truth.csv")
+            truth = read_truth_csv(args.data / "val" / "truth.csv").polygons
         except (ValueError, OSError) as e:  # CsvError names the file and the line
             raise ConfigError(f"--data {args.data}: {e} (or set train.val_f1=false)") from None
     check_writable(args.run_dir / "config.json", "--run-dir", given=args.run_dir)
     _check_init_from(cfg, manifest, args)
-    return cfg, given
+    return cfg, given, truth
 
 
 def _check_init_from(cfg: Config, manifest: Manifest, args: argparse.Namespace) -> None:
@@ -170,7 +173,7 @@ def _train(args: argparse.Namespace) -> int:
         # a bad key fails fast everywhere instead of hanging the others at the first collective.
         # The launch scripts make the same checks once with --check before torchrun, which
         # would otherwise restart the group on an error that no restart can mend.
-        cfg, given = check(args)
+        cfg, given, val_truth = check(args)
     except (ConfigError, ValueError) as e:
         say(f"trainer.train: error: {e}")
         return 2
@@ -185,7 +188,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         dist.init(env, _backend(cfg), cfg.dist.timeout_s)
         dist.seed_everything(cfg.train.seed, env.rank)
-        Trainer(cfg, env, args.data, args.run_dir).train()
+        Trainer(cfg, env, args.data, args.run_dir, val_truth=val_truth).train()
     except (NonFiniteError, ValueError, RuntimeError, OSError) as e:
         log.error("%s", e)
         say(f"trainer.train: error: {e}")

@@ -47,7 +47,7 @@ from trainer.dist import (
 from trainer.ema import WeightEMA
 from trainer.metrics import TrainMetrics
 from trainer.optim import apply_hyperparameters, build_optimizer, build_scheduler
-from trainer.validate import GAUGED, Validator
+from trainer.validate import GAUGED, Validator, ValTruth
 
 log = logging.getLogger("footprints")
 NUM_CLASSES = 3
@@ -67,7 +67,9 @@ def optimizer_steps(batches: int, accum: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, data: Path, run_dir: Path,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, val_truth: ValTruth | None = None) -> None:
+        """``val_truth``: the val split's truth polygons where they were read already (see
+        :class:`Validator`)."""
         self.cfg, self.env, self.data, self.run_dir = cfg, env, Path(data), Path(run_dir)
         self.device = device or device_for(env)
         self.manifest = load_manifest(self.data)
@@ -102,7 +104,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          cfg.train.epochs * self.optimizer_steps_per_epoch)
         self.validator = Validator(cfg, env, self.data, self.device, self.precision,
-                                   self.loss_fn)
+                                   self.loss_fn, val_truth)
         self.metrics = TrainMetrics(env, cfg.metrics.port, cfg.metrics.address)
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # steps of the current epoch completed

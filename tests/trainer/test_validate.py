@@ -226,3 +226,36 @@ def test_two_ranks_score_exactly_what_one_process_scores(tmp_path: Path) -> None
     assert all(0.3 < one[k] < 1 for k in exact[:5]), one
     # (the loss: the same sums, added in another order)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+
+
+def test_a_run_parses_the_val_truth_once(small_dataset: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.train's checks read DATA/val/truth.csv (a bad one must fail before any process
+    group), and the Validator then parsed it again in every worker: it takes the checks'
+    polygons now, the file's own."""
+    from postproc import csvio
+    from trainer.train import main
+    from trainer.trainer import Trainer
+
+    truth_csv = small_dataset / "val" / "truth.csv"
+    parsed: list[Path] = []
+    real = csvio.read_polygon_csv
+
+    def counted(path: str | Path, proposals: bool) -> csvio.PolygonTable:
+        parsed.append(Path(path))
+        return real(path, proposals)
+
+    seen: dict = {}
+
+    def built_only(self: Trainer) -> None:  # (the Validator is made in __init__; no training)
+        seen.update(self.validator.truth)
+
+    monkeypatch.setattr(csvio, "read_polygon_csv", counted)
+    monkeypatch.setattr(Trainer, "train", built_only)
+    assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset),
+                 "--run-dir", str(tmp_path / "run")]) == 0
+    assert parsed == [truth_csv]
+    expected = real(truth_csv, proposals=False).polygons
+    assert seen.keys() == expected.keys() and seen
+    assert all(len(seen[k]) == len(v) and all(a.equals(b) for a, b in zip(seen[k], v, strict=True))
+               for k, v in expected.items())
