@@ -156,7 +156,17 @@ class Manifest:
     def fingerprint(self, splits: tuple[str, ...] = ("train", "val")) -> str:
         """A digest of what ``splits`` hold (their sample, building and class-pixel counts), not
         of where the dataset lies: a copy elsewhere, or the same AOIs prepared again alike, give
-        the same one; another --seed, --split or set of AOIs another."""
+        the same one; another --seed, --split, --boundary-width or set of AOIs another.
+
+        NOTE: one of two fingerprints of a dataset, for another question than the other
+        (``dataio.sharding.SampleIndex.fingerprint``): this one asks "is it the dataset a
+        checkpoint trained on" (``Trainer.resume`` refuses another), so it ignores how the
+        samples are laid out in shards (another --shard-size, a shard left out as damaged: the
+        same data). The other asks "is it the same list of samples, in the same order": ranks
+        must agree on it, and a loader's mid-epoch position means nothing in another list. A
+        dataset re-sharded therefore resumes (this one agrees) at the start of its epoch (the
+        other does not); one unifying both would refuse it, or take positions in one list
+        for another's."""
         held = {s: {k: self.data["splits"].get(s, {}).get(k)
                     for k in ("samples", "buildings", "class_pixels")} for s in splits}
         return hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()[:16]

@@ -123,7 +123,9 @@ class SampleIndex:
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        """Identifies the sample list: ranks (and a resumed run) must agree on it."""
+        """Identifies the sample list, in order: ranks must agree on it, and a loader resumes
+        mid-epoch only in the list it left (else at the epoch's start). Not the dataset's
+        identity for a resume: :meth:`dataio.manifest.Manifest.fingerprint` (see there why two)."""
         h = hashlib.sha1()
         for ref in self.samples:
             h.update(f"{ref.shard.name}/{ref.key};".encode())

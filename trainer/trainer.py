@@ -551,10 +551,13 @@ class Trainer:
         # and best.pt and the tuned thresholds were chosen on them.
         trained_on = state.get("data")
         if trained_on is not None and trained_on != self.data_fingerprint:
+            # (the masks count too: another --boundary-width gave the same splits, refused as
+            # "the splits differ", which sent the user looking for a --seed they never changed)
             raise ValueError(f"{path}: it was trained on another dataset than --data {self.data} "
-                             "(the train and val splits differ: prepared again with another "
-                             "--seed or --split, or other AOIs?); resume on the dataset it "
-                             "trained on, or start a new --run-dir")
+                             "(its train or val split holds other tiles or other masks: "
+                             "prepared again with another --seed, --split or --boundary-width, "
+                             "or other AOIs?); resume on the dataset it trained on, or start a "
+                             "new --run-dir")
         self.optimizer.load_state_dict(state["optimizer"])
         apply_hyperparameters(self.optimizer, self.cfg.optim)
         if self.scaler is not None and state["scaler"]:

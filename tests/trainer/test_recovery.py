@@ -141,6 +141,28 @@ def test_a_resume_on_a_dataset_prepared_otherwise_is_refused(small_aoi: Path,
     assert _epochs_logged(run) == [1, 2]
 
 
+def test_a_resume_on_other_masks_is_refused_naming_them_and_on_other_shards_goes_on(
+        small_aoi: Path, small_dataset: Path, tmp_path: Path) -> None:
+    """The two fingerprints of a dataset answer two questions (Manifest.fingerprint: the data a
+    checkpoint trained on; SampleIndex.fingerprint: the sample list a loader position lies in).
+    Masks drawn with another --boundary-width were refused as "the train and val splits
+    differ" (they did not: same --seed and --split); the same tiles in other shards resume."""
+    from dataio.prepare import PrepareConfig, prepare
+
+    run = tmp_path / "run"
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()
+    thinner = tmp_path / "thinner"
+    prepare(PrepareConfig(raw=[small_aoi], out=thinner, shard_size=4, seed=0,
+                          boundary_width=1.0), progress=False)
+    with pytest.raises(ValueError, match=r"trained on another dataset than --data "
+                                         rf"{thinner} \(.*other masks.*--boundary-width"):
+        _trainer(thinner, run, ["train.epochs=2"]).train()
+    resharded = tmp_path / "resharded"
+    prepare(PrepareConfig(raw=[small_aoi], out=resharded, shard_size=3, seed=0), progress=False)
+    _trainer(resharded, run, ["train.epochs=2"]).train()
+    assert _epochs_logged(run) == [1, 2]
+
+
 @pytest.mark.parametrize("torn", [False, True], ids=["whole_line", "torn_line"])
 def test_a_kill_before_the_first_checkpoint_leaves_one_line_per_epoch(
         small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
