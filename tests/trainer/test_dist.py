@@ -161,7 +161,7 @@ def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
     alive_at_destroy: list[bool] = []
 
     class Trainer:
-        def __init__(self, *args: object) -> None:
+        def __init__(self, *args: object, **kwargs: object) -> None:
             self.model = Model()
             made.append(weakref.ref(self.model))
 
