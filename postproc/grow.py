@@ -26,9 +26,9 @@ layer ``l - 1`` (see ``postproc.blobs``), all while those rows are in cache.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from postproc.label import ELIGIBLE, GROWN, QUEUED, QUEUED_ODD, REJECTED, SEED, row_kernel
+from postproc.numbacache import njit
 
 RING = 4  # rows of a layer's queue that are live at once: its row and the three below
 U = np.uint64  # NOTE: unsigned indices spare numba's negative-index wraparound on every access

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import shapely
-from numba import njit
+
+from postproc.numbacache import njit
 
 # NOTE: the clipping kernels allocate nothing, so they run without numba's reference counting:
 # with it, every call (four clips per rectangle and truth ring) paid atomic increments and

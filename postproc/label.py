@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic
+
+from postproc.numbacache import njit
 
 # NOTE: a pixel is in a blob when its code is >= SEED (seed, or GROWN + the layer that claimed
 # it, see postproc.grow); classify writes ELIGIBLE + (SEED - ELIGIBLE) * seed, branch-free.

@@ -5,18 +5,27 @@ numba caches beside the source (``postproc/__pycache__``) or under the user's ca
 account, run by one without a writable home: ``nobody``, a container's arbitrary uid) died at
 import of every postproc command, and of training with validation F1, with numba's
 "RuntimeError: cannot cache function '_find': no locator available for file ...".
+
+It also makes numba's cache writes safe across processes (:func:`njit`): several processes
+compiling the kernels at once (torchrun ranks, pytest-xdist workers on a fresh checkout) crossed
+numba's cache index and its data files, and a later process ran one signature's code on another's
+arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ENV = "NUMBA_CACHE_DIR"
+LOCK_NAME = ".footprints-numba-save.lock"  # one a cache directory, beside numba's own files
 
 
 def can_write(path: Path) -> bool:
@@ -66,3 +75,64 @@ def ensure_cache_dir() -> None:
         from numba.core import config
 
         config.CACHE_DIR = str(path)
+
+
+def _locked(save: Callable[..., None]) -> Callable[..., None]:
+    """``save`` holding an exclusive ``flock`` on the cache directory's :data:`LOCK_NAME`."""
+
+    @functools.wraps(save)
+    def locked_save(self: Any, key: Any, data: Any) -> None:
+        import fcntl  # (POSIX: serialize_cache_writes patches nothing without it)
+
+        try:  # read-only is enough for flock: an account that shares the cache can lock too
+            fd = os.open(os.path.join(self._cache_path, LOCK_NAME), os.O_RDONLY | os.O_CREAT,
+                         0o644)
+        except OSError:
+            return save(self, key, data)  # (numba's own save then says what is wrong)
+        try:
+            with contextlib.suppress(OSError):  # NOTE: ENOLCK (NFS without lockd): save unlocked
+                fcntl.flock(fd, fcntl.LOCK_EX)  # as numba does, rather than fail the compile
+            return save(self, key, data)
+        finally:
+            os.close(fd)  # (releases the lock)
+
+    locked_save.footprints_locked = True  # type: ignore[attr-defined]
+    return locked_save
+
+
+def serialize_cache_writes() -> None:
+    """Make numba's cache saves take turns between processes (idempotent).
+
+    NOTE: numba writes each index and data file atomically (a temporary name, then
+    ``os.replace``), so no process reads a partial file, but ``IndexDataCacheFile.save`` is an
+    unlocked read-modify-write: load the index, give a new signature the first free data number,
+    write the index, then the data. Two processes that add different signatures of one kernel at
+    once both take number 1; the index keeps one's entry and the data file can keep the other's
+    code, which every later process loads for the wrong signature (no check: a float64 argument
+    went to the int64 code and ``twice(1.5)`` returned 2). Same-signature writes only lost
+    entries (a recompile). Holding a lock over the whole save (compiling stays parallel; a save
+    is milliseconds) keeps the index and the data files in step; readers need no lock, since
+    the index is written before its data and a missing data file is a cache miss.
+    tests/postproc/test_numbacache_race.py forces that interleaving.
+    """
+    try:
+        import fcntl  # noqa: F401 (locked_save's)
+    except ImportError:  # (not POSIX: numba's own save)
+        return
+    from numba.core import caching
+
+    # (numba's internals: a numba without them runs its own save; the tests say so)
+    cls = getattr(caching, "IndexDataCacheFile", None)
+    save = getattr(cls, "save", None)
+    if save is not None and not getattr(save, "footprints_locked", False):
+        cls.save = _locked(save)
+
+
+def njit(*args: Any, **kwargs: Any) -> Any:
+    """``numba.njit`` for the project's kernels (all ``cache=True``), after
+    :func:`serialize_cache_writes`. (numba is imported here, not at ``import postproc``: a
+    command that runs no kernel does not pay for it.)"""
+    serialize_cache_writes()
+    from numba import njit as numba_njit
+
+    return numba_njit(*args, **kwargs)

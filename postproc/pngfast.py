@@ -13,7 +13,8 @@ import struct
 import zlib
 
 import numpy as np
-from numba import njit
+
+from postproc.numbacache import njit
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -12,10 +12,10 @@ results are the same (``tests/postproc/test_polygonize_equivalence.py``).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from postproc.blobs import find_blobs
 from postproc.label import finish, seedless
+from postproc.numbacache import njit
 from postproc.trace import trace_blobs
 
 

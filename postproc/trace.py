@@ -7,9 +7,9 @@ result is the geometry of GDAL's polygonize (4-connectivity) on the same blobs.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from postproc.label import SEED
+from postproc.numbacache import njit
 
 U = np.uint64  # NOTE: unsigned indices spare numba's negative-index wraparound on every access
 

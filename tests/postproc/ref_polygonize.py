@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 from rasterio.features import shapes
 from shapely.geometry import shape
 
+from postproc.numbacache import njit
 from postproc.predio import quantize_probs
 
 NONE, ELIGIBLE, SEED, GROWN, QUEUED, REJECTED, KEPT = 0, 1, 2, 3, 4, 5, 8
