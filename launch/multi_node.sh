@@ -2,7 +2,8 @@
 # Several nodes with c10d rendezvous: run this same command on every node.
 #   MASTER_ADDR=node0 NNODES=2 launch/multi_node.sh CONFIG DATA RUN [--set ...]
 # Environment:
-#   MASTER_ADDR   host of the rendezvous (any one of the nodes; required)
+#   MASTER_ADDR   host of the rendezvous (any one of the nodes; required); one that does not
+#                 resolve stops the script with an error naming it, exit 2
 #   MASTER_PORT   its TCP port (default 29400); must be reachable from every node, and no
 #                 other job's on MASTER_ADDR: a job that finds it taken joins that job's
 #                 rendezvous store and dies when that job ends. Held by anything else (a web

@@ -1,12 +1,13 @@
-"""Before torchrun's c10d rendezvous: may MASTER_ADDR:MASTER_PORT serve it? Yes when nothing
-listens there (the rendezvous host's agent will start the store) or a torch rendezvous store
-answers (another agent of the job, on this host or the rendezvous host, started it first); not
-when something else holds the port. launch/multi_node.sh and launch/slurm.sbatch (on the
-first node) run it before torchrun.
+"""Before torchrun's c10d rendezvous: may MASTER_ADDR:MASTER_PORT serve it? Not when MASTER_ADDR
+does not resolve. Yes when nothing listens there (the rendezvous host's agent will start the
+store) or a torch rendezvous store answers (another agent of the job, on this host or the
+rendezvous host, started it first); not when something else holds the port.
+launch/multi_node.sh and launch/slurm.sbatch (on the first node) run it before torchrun.
 
-    python -m launch.port_check HOST PORT    (exit 2 and one line when the port is held)
+    python -m launch.port_check HOST PORT    (exit 2 and one line when it cannot serve)
 
-PORT_CHECK_TIMEOUT_S (default 3) is how long a listener there gets to answer as a store would.
+PORT_CHECK_TIMEOUT_S (default 3) is how long a listener there gets to answer as a store would
+(and a name server that says "try again" to resolve the host).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 # NOTE: a store answers the handshake at once (its server thread replies to the ping), over a
 # cluster network too; seconds more only delay the error when something else holds the port.
@@ -42,6 +44,27 @@ def timeout_from_env() -> float:
         raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give a finite number of seconds > 0, or "
                          f"unset it (default {TIMEOUT_S:g})")
     return value
+
+
+def unresolvable(host: str, timeout: float = TIMEOUT_S) -> str | None:
+    """Why ``host`` has no address, or None when it resolves.
+
+    NOTE: torchrun took a MASTER_ADDR that does not resolve (a typo, a node name from another
+    cluster, ``node0:29400`` with the port in it) as a host not up yet: two minutes of C++
+    warnings ("cannot be retrieved (gai error: -2 ...)") and then an 88-line traceback ending
+    in RendezvousConnectionError. A name server's "try again" is retried for ``timeout`` s.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            return None
+        except socket.gaierror as e:
+            if e.errno != socket.EAI_AGAIN or time.monotonic() >= end:
+                return (f"the host does not resolve ({e.strerror}): give the name or address "
+                        "of the rendezvous node, one every node can resolve (the port goes in "
+                        "MASTER_PORT)")
+        time.sleep(0.2)
 
 
 def not_a_store(host: str, port: int, timeout: float = TIMEOUT_S) -> str | None:
@@ -96,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout = timeout_from_env()
     except ValueError as e:
         ap.error(str(e))
+    why = unresolvable(args.host, timeout)
+    if why is not None:
+        print(f"error: MASTER_ADDR={args.host}: {why}", file=sys.stderr)
+        return 2
     why = not_a_store(args.host, args.port, timeout)
     if why is None:
         return 0

@@ -377,6 +377,37 @@ def test_slurm_names_a_rendezvous_port_held_by_something_else(tmp_path: Path) ->
                                  "is held by something that is not a torch rendezvous store")
 
 
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "127.0.0.1:29400"])
+def test_multi_node_names_a_rendezvous_host_that_does_not_resolve(tmp_path: Path,
+                                                                  host: str) -> None:
+    """torchrun took it for a host not up yet: two minutes of C++ warnings, then an 88-line
+    RendezvousConnectionError traceback, exit 1. (.invalid never resolves: RFC 2606; the second
+    has the port in it.)"""
+    res = _multi_node_at(tmp_path, free_port(), {"MASTER_ADDR": host})
+    assert res.returncode == 2 and not (tmp_path / "torchrun.out").exists()
+    assert res.stderr.startswith(f"error: MASTER_ADDR={host}: the host does not resolve")
+    assert res.stderr.count("\n") == 1, res.stderr
+
+
+def test_a_name_server_that_says_try_again_is_asked_again(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import launch.port_check as pc
+
+    answers = [socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")] * 2
+    real = socket.getaddrinfo
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        if answers:
+            raise answers.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+    monkeypatch.setattr(pc.time, "sleep", lambda s: None)
+    assert pc.unresolvable("127.0.0.1") is None and not answers
+    answers[:] = [socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")] * 3
+    assert "does not resolve (Temporary failure" in pc.unresolvable("127.0.0.1", timeout=0)
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "inf", "nan"])
 def test_a_bad_port_check_wait_is_named(value: str, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
