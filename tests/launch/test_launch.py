@@ -133,6 +133,7 @@ def _slurm_job(tmp_path: Path, extra: dict[str, str] | None = None,
         f'[ "$1" = requeue ] && exit "${{FAKE_REQUEUE_STATUS:-0}}"\nexit 0\n')
     (tmp_path / "scontrol").chmod(0o755)
     (tmp_path / ".venv" / "bin").mkdir(parents=True, exist_ok=True)  # its --check passes
+    (tmp_path / ".venv" / "bin" / "torchrun").touch(mode=0o755)  # (srun, recorded, runs none)
     python = tmp_path / ".venv" / "bin" / "python"
     if on_this_host:
         _checking_python(python)
@@ -169,6 +170,28 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
     # workers (8 threads each) were bound to one core
     assert args[:args.index(".venv/bin/torchrun")] == ["--kill-on-bad-exit=0",
                                                        "--cpus-per-task=32"]
+
+
+@pytest.mark.parametrize("var", ["job_id", "job_nodelist", "nnodes"])
+def test_slurm_outside_a_job_names_what_is_missing(tmp_path: Path, var: str) -> None:
+    """(``bash launch/slurm.sbatch ...``: bash's "SLURM_JOB_NODELIST: unbound variable", exit 1)"""
+    res = _slurm(tmp_path, **{var: None})
+    assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
+    assert res.stderr.startswith(f"error: SLURM_{var.upper()} is not set: this file runs as a "
+                                 "Slurm batch job")
+    assert res.stderr.count("\n") == 1
+
+
+def test_slurm_submitted_from_outside_the_checkout_says_so(tmp_path: Path) -> None:
+    """sbatch runs a spooled copy: the checkout is the submit directory, and from another one
+    the job died of ".venv/bin/python: No such file or directory", exit 127."""
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    res = _slurm(tmp_path, submit_dir=str(elsewhere))
+    assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
+    assert res.stderr.splitlines() == [
+        f"error: no .venv/bin/python and .venv/bin/torchrun in {elsewhere} (SLURM_SUBMIT_DIR): "
+        "submit the job from the repository root, after make setup"]
 
 
 def test_slurm_gives_each_worker_at_least_one_thread(tmp_path: Path) -> None:
