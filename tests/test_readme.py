@@ -19,7 +19,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 PACKAGES = ("dataio", "trainer", "postproc", "launch", "benchmarks")
 # flags README names that belong to torchrun or Slurm, not to a command of this project
 FOREIGN = {"--nproc_per_node", "--max-restarts", "--gpus-per-node", "--cpus-per-task", "--time",
-           "--signal", "--open-mode", "--requeue", "--no-requeue"}
+           "--signal", "--open-mode", "--requeue", "--no-requeue", "--ntasks-per-node"}
 FLAG = r"(?<![\w-])--[a-z][a-z0-9_-]*"
 # file names README writes that look like section.key (postproc.json, model.onnx)
 FILE_SUFFIXES = {"json", "onnx", "pt", "tif", "toml", "csv", "geojson"}

@@ -168,8 +168,18 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and got["OMP_NUM_THREADS"] == "8"
     # srun takes no --cpus-per-task from sbatch since Slurm 22.05: without it torchrun and its 4
     # workers (8 threads each) were bound to one core
-    assert args[:args.index(".venv/bin/torchrun")] == ["--kill-on-bad-exit=0",
-                                                       "--cpus-per-task=32"]
+    # one task a node whatever the job's task count (SLURM_NTASKS, which srun takes as its own)
+    assert args[:args.index(".venv/bin/torchrun")] == [
+        "--kill-on-bad-exit=0", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32"]
+
+
+def test_slurm_starts_one_torchrun_a_node_in_a_job_of_a_task_a_gpu(tmp_path: Path) -> None:
+    """#SBATCH --ntasks-per-node=4 (a task a GPU, as Lightning and srun-launched scripts want
+    it): srun took the job's 8 tasks and started 4 torchruns, each of 4 workers, on a node."""
+    res = _slurm(tmp_path, ntasks="8", ntasks_per_node="4")
+    assert res.returncode == 0, res.stderr
+    args = _recorded(tmp_path / "srun.out")[0]
+    assert {"--ntasks=2", "--ntasks-per-node=1", "--nproc_per_node=4"} <= set(args)
 
 
 @pytest.mark.parametrize("var", ["job_id", "job_nodelist", "nnodes"])
