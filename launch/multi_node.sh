@@ -10,7 +10,8 @@
 #                 server, say), the script stops with an error naming it, exit 2
 #   NNODES        number of nodes, or MIN:MAX for an elastic range (default 2)
 #   NPROC         processes per node (default: the node's GPU count, else 2); with NCCL (the
-#                 default with GPUs) at most one per GPU: more stop the script before torchrun
+#                 default with GPUs) at most one per GPU: more stop the script before torchrun;
+#                 torchrun's gpu, cpu and auto pass (gpu where torch sees no GPU stops it too)
 #   PYTHON        the Python whose torch counts the GPUs (default .venv/bin/python)
 #   RDZV_ID       a job id shared by all nodes of one run (default: footprints)
 #   MAX_RESTARTS  group restarts after a failure (default 3); all ranks resume from RUN's newest

@@ -3,7 +3,8 @@
 #   launch/single_node.sh CONFIG DATA RUN [--set section.key=value ...]
 # Environment:
 #   NPROC         processes on this node (default: the number of GPUs, else 2); with NCCL (the
-#                 default with GPUs) at most one per GPU: more stop the script before torchrun
+#                 default with GPUs) at most one per GPU: more stop the script before torchrun;
+#                 torchrun's gpu, cpu and auto pass (gpu where torch sees no GPU stops it too)
 #   PYTHON        the Python whose torch counts the GPUs (default .venv/bin/python)
 #   MAX_RESTARTS  group restarts after a failed worker (default 3); training resumes from the
 #                 newest complete checkpoint in RUN

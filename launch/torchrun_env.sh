@@ -37,11 +37,16 @@ from_caller() {
     done
 }
 
+# the CUDA devices torch will use (CUDA_VISIBLE_DEVICES and MIG respected; `nvidia-smi -L`
+# counted MIG lines too): one process each, as NCCL needs
+gpu_count() {
+    local n
+    n=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) || n=0
+    [[ $n =~ ^[0-9]+$ ]] && echo "$n" || echo 0
+}
 if [ -z "${NPROC:-}" ]; then
-    # the CUDA devices torch will use (CUDA_VISIBLE_DEVICES and MIG respected; `nvidia-smi -L`
-    # counted MIG lines too): one process each, as NCCL needs
-    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    NPROC=$( [ "${GPUS:-0}" -gt 0 ] && echo "$GPUS" || echo 2 )
+    GPUS=$(gpu_count)
+    NPROC=$( [ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2 )
 fi
 # NOTE: a number goes to trainer.train --check, which refuses more processes than GPUs under
 # NCCL (they would share one) as every worker would, but once: torchrun restarted the group on
@@ -49,7 +54,13 @@ fi
 # (The scripts expand it as ${CHECK_NPROC[@]+"${CHECK_NPROC[@]}"}: bash before 4.4 calls an
 # empty array unbound under set -u.)
 case $NPROC in
-    gpu|cpu|auto) CHECK_NPROC=() ;;
+    # NOTE: torchrun's "gpu" on a machine where torch sees no GPU ended in its traceback,
+    # "ValueError: Cuda is not available.", exit 1
+    gpu) [ "$(gpu_count)" -gt 0 ] || { echo "error: NPROC=gpu: $PYTHON's torch sees no CUDA" \
+             "device here: give a number of processes (gloo on the CPU), or run on a GPU node" >&2
+             exit 2; }
+         CHECK_NPROC=() ;;
+    cpu|auto) CHECK_NPROC=() ;;
     *) need_number NPROC 1; CHECK_NPROC=(--nproc "$NPROC") ;;
 esac
 MAX_RESTARTS=${MAX_RESTARTS:-3}

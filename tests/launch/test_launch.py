@@ -274,13 +274,29 @@ def test_torchruns_own_nproc_words_pass_through_unchecked(tmp_path: Path, word: 
     the scripts expand so that bash before 4.4 does not call it unbound under set -u)."""
     out = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": word,
-           "PYTHON": str(_python(tmp_path))}
+           "PYTHON": str(_python(tmp_path, gpus=2))}
     res = subprocess.run(["bash", str(LAUNCH / "single_node.sh"), "cfg.toml", "DATA", "RUN"],
                          capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert f"--nproc_per_node={word}" in _recorded(out)[0]
     assert (tmp_path / "python.out").read_text().splitlines()[:4] == [
         "-m", "trainer.train", "--check", "--config"]
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh"])
+def test_nproc_gpu_where_torch_sees_none_is_one_line_before_torchrun(tmp_path: Path,
+                                                                     script: str) -> None:
+    """(torchrun's own "ValueError: Cuda is not available." traceback, exit 1)"""
+    out = _recorder(tmp_path / "torchrun")
+    python = _python(tmp_path, gpus=0)
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "gpu",
+           "PYTHON": str(python), "MASTER_ADDR": "head"}
+    res = subprocess.run(["bash", str(LAUNCH / script), "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert res.returncode == 2 and not out.exists()
+    assert res.stderr.splitlines() == [
+        f"error: NPROC=gpu: {python}'s torch sees no CUDA device here: give a number of "
+        "processes (gloo on the CPU), or run on a GPU node"]
 
 
 def _sees_gpus(tmp_path: Path, gpus: int) -> dict[str, str]:
@@ -591,7 +607,7 @@ def test_a_launch_variable_that_is_no_number_is_named(tmp_path: Path, script: st
 def test_torchrun_words_for_the_process_count_pass(tmp_path: Path) -> None:
     out = _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "gpu",
-           "PYTHON": str(_python(tmp_path))}
+           "PYTHON": str(_python(tmp_path, gpus=1))}  # (none: an error, see above)
     res = subprocess.run(["bash", "launch/single_node.sh", "cfg.toml", "DATA", "RUN"],
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0, res.stderr
