@@ -113,8 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     """0 when torchrun may use the port; otherwise the reason, and the process ends (2)."""
     ap = argparse.ArgumentParser(prog="launch.port_check", description=__doc__.split("\n")[0])
     ap.add_argument("host", help="MASTER_ADDR, the rendezvous host")
-    ap.add_argument("port", type=int, help="MASTER_PORT, its port")
+    ap.add_argument("port", help="MASTER_PORT, its port (1 to 65535)")
     args = ap.parse_args(argv)
+    # NOTE: slurm.sbatch takes MASTER_PORT as given (multi_node.sh checks it itself): 70000
+    # passed this check (getaddrinfo's error read as "nothing listens") and reached torchrun
+    if not (args.port.isdigit() and 1 <= int(args.port) <= 65535):
+        print(f"error: MASTER_PORT={args.port}: give a whole number from 1 to 65535",
+              file=sys.stderr)
+        return 2
+    args.port = int(args.port)
     try:
         timeout = timeout_from_env()
     except ValueError as e:

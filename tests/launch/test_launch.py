@@ -631,6 +631,15 @@ def test_slurm_jobs_sharing_a_first_node_rendezvous_apart(tmp_path: Path) -> Non
                          "--rdzv-endpoint=gpu07:15042"]
 
 
+@pytest.mark.parametrize("port", ["70000", "0", "29400x", "-1"])
+def test_slurm_names_a_master_port_that_is_no_port(tmp_path: Path, port: str) -> None:
+    """(multi_node.sh checked MASTER_PORT; slurm.sbatch handed 70000 to torchrun)"""
+    res = _slurm(tmp_path, extra={"MASTER_PORT": port}, on_this_host=True)
+    assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
+    assert res.stderr.splitlines() == [f"error: MASTER_PORT={port}: give a whole number from 1 "
+                                       "to 65535"]
+
+
 def test_slurm_takes_a_master_port_given(tmp_path: Path) -> None:
     res = _slurm(tmp_path, extra={"MASTER_PORT": "29999"})
     assert res.returncode == 0, res.stderr
