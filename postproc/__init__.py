@@ -9,7 +9,8 @@
 - ``merge``: the tiles' GeoJSON as one WGS 84 layer, buildings cut by tile edges merged; CLI.
 - ``mosaic``: the tiles' probabilities as one Cloud-Optimized GeoTIFF for GIS tools; CLI.
 - ``synthmask``: synthetic masks with known footprints for tests and benchmarks.
-- ``numbacache``: a cache directory for the kernels where numba has none of its own.
+- ``numbacache``: the kernels' ``njit`` (numba's cache written in turns, and stale when a
+  module a kernel imports changes) and a cache directory where numba has none of its own.
 """
 
 from postproc.numbacache import ensure_cache_dir

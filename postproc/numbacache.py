@@ -9,14 +9,18 @@ import of every postproc command, and of training with validation F1, with numba
 It also makes numba's cache writes safe across processes (:func:`njit`): several processes
 compiling the kernels at once (torchrun ranks, pytest-xdist workers on a fresh checkout) crossed
 numba's cache index and its data files, and a later process ran one signature's code on another's
-arguments.
+arguments; and it makes a kernel's cache go stale when a module it imports changes, not only
+its own file (:func:`_stamp_imports`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import inspect
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -128,11 +132,88 @@ def serialize_cache_writes() -> None:
         cls.save = _locked(save)
 
 
+def _module_file(base: Path, parts: list[str]) -> Path | None:
+    """The file of module ``parts`` under ``base`` (``a/b.py`` or ``a/b/__init__.py``)."""
+    for path in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+        if parts and path.is_file():
+            return path
+    return None
+
+
+# a top-level import statement: ``from M import a, b`` (names in parentheses over several lines
+# too) or ``import M, N``. NOTE: a scan, not ast.parse: parsing the kernel modules cost ~50 ms at
+# every import of them.
+IMPORT = re.compile(r"^(?:from[ \t]+([\w.]+)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]*)"
+                    r"|import[ \t]+([^\n#]+))", re.M)
+
+
+@functools.cache
+def _imported_files(path: Path, top: str, top_dir: Path) -> frozenset[Path]:
+    """The files of the modules of package ``top`` (in ``top_dir``) that ``path`` imports at its
+    top level (absolute imports, as the project writes them)."""
+    found: set[Path] = set()
+    for m in IMPORT.finditer(path.read_text(encoding="utf-8")):
+        words = [w.split()[0] for w in (m[2] or m[3]).strip("()").split(",") if w.split()]
+        names = [f"{m[1]}", *(f"{m[1]}.{w}" for w in words)] if m[1] else words
+        for name in names:
+            first, *rest = name.split(".")
+            if first == top and (f := _module_file(top_dir, rest)) is not None:
+                found.add(f)
+    return frozenset(found)
+
+
+@functools.cache
+def kernel_sources(path: Path, module: str) -> tuple[Path, ...]:
+    """``path`` (module ``module``) and every module of its package it imports, and they import,
+    and so on: the source a kernel there may have compiled into itself."""
+    parts = module.split(".") + (["__init__"] if path.name == "__init__.py" else [])
+    files = {path}
+    if len(parts) > 1:  # (a top-level module imports no package of its own)
+        top, top_dir = parts[0], path.parents[len(parts) - 2]
+        todo = [path]
+        while todo:
+            for f in _imported_files(todo.pop(), top, top_dir) - files:
+                files.add(f)
+                todo.append(f)
+    return tuple(sorted(files))
+
+
+@functools.cache  # (once a module: its kernels share it)
+def sources_stamp(path: Path, module: str) -> str:
+    """A hash of :func:`kernel_sources`' contents."""
+    digest = hashlib.sha256()
+    for f in kernel_sources(path, module):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp_imports(dispatcher: Any) -> Any:
+    """``dispatcher``'s cache made stale by an edit of a module its source imports, not only of
+    its own file.
+
+    NOTE: numba stamps a cache index with its own source file's time and size alone, and a
+    kernel holds the machine code of the kernels it calls: after an edit (or a ``git pull``)
+    that changed only ``label.py``, ``tilekernel.polygonize_tile`` kept running the old
+    labelling from the cache (numba's docs, "Cache invalidation", say so). The stamp gets a
+    hash of the imported modules' source too.
+    """
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    stamp = getattr(cache_file, "_source_stamp", None)
+    if stamp is not None:  # (None: no cache, numba's NullCache)
+        func = dispatcher.py_func
+        cache_file._source_stamp = (stamp, sources_stamp(Path(inspect.getfile(func)).resolve(),
+                                                         func.__module__))
+    return dispatcher
+
+
 def njit(*args: Any, **kwargs: Any) -> Any:
     """``numba.njit`` for the project's kernels (all ``cache=True``), after
-    :func:`serialize_cache_writes`. (numba is imported here, not at ``import postproc``: a
-    command that runs no kernel does not pay for it.)"""
+    :func:`serialize_cache_writes`, with :func:`_stamp_imports`. (numba is imported here, not
+    at ``import postproc``: a command that runs no kernel does not pay for it.)"""
     serialize_cache_writes()
     from numba import njit as numba_njit
 
-    return numba_njit(*args, **kwargs)
+    if args:  # njit(func, ...)
+        return _stamp_imports(numba_njit(*args, **kwargs))
+    decorate = numba_njit(**kwargs)
+    return lambda func: _stamp_imports(decorate(func))

@@ -1,10 +1,14 @@
 """postproc.numbacache: numba gets a cache directory of this user's alone when it has none of
-its own (the account-level test, for real, is in tests/test_unwritable_outputs.py)."""
+its own (the account-level test, for real, is in tests/test_unwritable_outputs.py), and a
+kernel's cache goes stale with the modules it imports (the cache shared between processes:
+test_numbacache_race.py)."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,3 +65,51 @@ def test_no_writable_temp_dir_either_leaves_it_to_numba(no_cache_of_its_own: Pat
     assert numbacache.private_dir() is None
     numbacache.ensure_cache_dir()  # (importing postproc must not fail here: numba says why)
     assert os.environ[numbacache.ENV] == ""
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CALLEE = "from postproc.numbacache import njit\n\n\n@njit(cache=True)\ndef k():\n    return {}\n"
+CALLER = ("from postproc.numbacache import njit\nfrom stalepkg.callee import k\n\n\n"
+          "@njit(cache=True)\ndef f():\n    return k()\n")
+
+
+@pytest.mark.slow
+def test_a_kernel_is_compiled_again_when_a_module_it_imports_changes(tmp_path: Path) -> None:
+    """(numba stamps a kernel's cache with its own file alone: f, which holds k's code, went on
+    returning 1 from the cache after k was changed to return 2)"""
+    pkg = tmp_path / "src" / "stalepkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "caller.py").write_text(CALLER)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "src"), str(ROOT)])}
+
+    def f() -> str:
+        run = subprocess.run([sys.executable, "-c", "from stalepkg.caller import f; print(f())"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    (pkg / "callee.py").write_text(CALLEE.format(1))
+    assert f() == "1"
+    (pkg / "callee.py").write_text(CALLEE.format(2))
+    assert f() == "2"
+
+
+def test_a_kernels_sources_are_the_package_modules_it_imports_transitively() -> None:
+    path = ROOT / "postproc" / "tilekernel.py"
+    got = {p.name for p in numbacache.kernel_sources(path, "postproc.tilekernel")}
+    # (blobs imports grow; grow and trace import label; not the CLI modules nor __init__)
+    assert got == {"tilekernel.py", "blobs.py", "grow.py", "label.py", "trace.py",
+                   "numbacache.py"}
+    assert {p.name for p in numbacache.kernel_sources(ROOT / "postproc" / "iou.py",
+                                                      "postproc.iou")} == {"iou.py",
+                                                                           "numbacache.py"}
+
+
+def test_every_kernel_gets_the_stamp_of_its_imports() -> None:
+    from postproc import tilekernel
+
+    stamp = tilekernel.polygonize_tile._cache._cache_file._source_stamp
+    assert stamp[1] == numbacache.sources_stamp(Path(tilekernel.__file__).resolve(),
+                                                "postproc.tilekernel")
