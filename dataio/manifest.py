@@ -179,6 +179,9 @@ def load_manifest(root: Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not Path(root).is_dir():  # (a typo in --data: say that, not "no manifest")
+            raise ManifestError(f"{root}: no such directory (a dataset made by "
+                                "dataio.prepare was expected)") from None
         raise ManifestError(f"{path}: not found; is {root} a dataset made by dataio.prepare? "
                             "(an interrupted prepare leaves no manifest)") from None
     except OSError as e:  # (unreadable: permissions, an I/O error; a traceback in every reader)

@@ -53,6 +53,12 @@ def test_a_folder_without_a_manifest_is_named(tmp_path: Path) -> None:
         load_manifest(tmp_path)
 
 
+def test_a_data_directory_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=f"^{re.escape(str(tmp_path / 'nope'))}: no such "
+                                            "directory"):
+        load_manifest(tmp_path / "nope")
+
+
 @pytest.mark.parametrize("version", [None, 0, 2, "1"])
 def test_a_manifest_of_another_format_version_or_none_is_refused(tmp_path: Path,
                                                                  version: object) -> None:

@@ -461,6 +461,22 @@ def test_check_refuses_a_damaged_manifest(tmp_path: Path, text: str, problem: st
         f"trainer.train: error: --data {data}: {data / 'manifest.json'}: {problem}")
 
 
+@pytest.mark.parametrize("made", [False, True])
+def test_check_says_whether_data_is_missing_or_holds_no_manifest(
+        tmp_path: Path, made: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """(a typo in --data read as "no manifest.json", which sent the user to run prepare)"""
+    from trainer.train import main
+
+    data = tmp_path / "DATA"
+    if made:
+        data.mkdir()
+    assert main(["--check", "--config", "configs/tiny.toml", "--data", str(data),
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    what = "no manifest.json" if made else "no such directory"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"trainer.train: error: --data {data}: {what} (run dataio.prepare first)"]
+
+
 def test_check_names_a_manifest_it_cannot_read(
         small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
