@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -29,13 +30,13 @@ from dataio.shards import iter_tar_samples
 from models import build_model_from_config
 from postproc import predio
 from postproc.predio import iter_pred_samples, list_pred_shards
-from trainer import dist
+from trainer import dist, predresume
 from trainer.amp import resolve
 from trainer.checkpoint import load, load_model
 from trainer.config import load_config, load_run_config
 from trainer.dist import DistEnv
+from trainer.predict import PROVENANCE, predict_probs
 from trainer.predict import main as predict
-from trainer.predict import predict_probs
 from trainer.trainer import Trainer
 
 
@@ -996,12 +997,13 @@ def test_a_rerun_resumes_a_stopped_prediction_byte_for_byte(
                                             f"{out} ({kept} of them in the stopped run's shards")
 
 
-def _wait_for(proc: subprocess.Popen[bytes], said: bytes, timeout: float, err: IO[bytes]
-              ) -> None:
-    """Wait until ``proc`` has said ``said`` on its stdout (a pipe), at most ``timeout``
-    seconds: fail if it ends or stays silent that long (``err``: its stderr, for the message)."""
+def _wait_for(proc: subprocess.Popen[bytes], said: bytes | list[bytes], timeout: float,
+              err: IO[bytes]) -> bytes:
+    """Wait until ``proc`` has said ``said`` (each of a list) on its stdout (a pipe), at most
+    ``timeout`` seconds: fail if it ends or stays silent that long (``err``: its stderr, for the
+    message). Returns what it said."""
     deadline, got, fd = time.monotonic() + timeout, b"", proc.stdout.fileno()  # type: ignore
-    while said not in got:
+    while not all(s in got for s in ([said] if isinstance(said, bytes) else said)):
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         chunk = os.read(fd, 4096) if ready else None
         if not chunk:
@@ -1010,6 +1012,7 @@ def _wait_for(proc: subprocess.Popen[bytes], said: bytes, timeout: float, err: I
             raise AssertionError(f"{proc.args} {why} before {said!r}: {got[-1000:]!r}\n"
                                  f"{err.read()[-3000:].decode(errors='replace')}")
         got += chunk
+    return got
 
 
 @pytest.mark.slow  # the real command in processes of its own
@@ -1066,6 +1069,176 @@ def test_a_rerun_resumes_a_prediction_killed_mid_shard(trained_run: Path, small_
     assert res.stdout.splitlines()[-1].startswith(
         f"wrote predictions for {len(_read(out))} tiles of train to {out} ({shard} of them in "
         "the stopped run's shards, kept)"), res.stdout
+
+
+# ---- under torchrun: one rank (or torchrun itself) killed, and the rerun -------------------
+
+# (the train split's 17 tiles: 9 and 8 a rank, three shards each; a rank's first ends inside a
+# batch of two, so its resume predicts that batch again)
+RANKS_SHARD = "3"
+PRED_KILL_WORKER = str(Path(__file__).with_name("predict_kill_worker.py"))
+PRED_RECORD_WORKER = str(Path(__file__).with_name("predict_record_worker.py"))
+
+
+def _ranks_args(run_dir: Path, data: Path, out: Path) -> list[str]:
+    return _resume_args(run_dir, data, out, "--shard-size", RANKS_SHARD)
+
+
+def _recorded_torchrun(nproc: int, args: list[str], record: Path
+                       ) -> tuple[subprocess.CompletedProcess[str], dict[int, list[str]]]:
+    """The real command under torchrun, and each rank's writes (``predict_record_worker``)."""
+    record.mkdir()
+    res = run(torchrun_cmd(nproc, [PRED_RECORD_WORKER, *args]), timeout=120,
+              env={"PRED_RECORD": str(record)})
+    return res, {int(p.stem.removeprefix("rank-")): p.read_text().splitlines()
+                 for p in sorted(record.glob("rank-*.txt"))}
+
+
+@pytest.fixture(scope="module")
+def two_rank_prediction(trained_run: Path, small_dataset: Path,
+                        tmp_path_factory: pytest.TempPathFactory
+                        ) -> tuple[Path, dict[int, list[str]]]:
+    """An uninterrupted 2-rank prediction of the train split (what a killed one's rerun must
+    publish), and each of its ranks' writes."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    res, writes = _recorded_torchrun(2, _ranks_args(trained_run, small_dataset, root / "pred"),
+                                     root / "record")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root / "pred", writes
+
+
+def _gone(pid: int) -> bool:
+    """``pid`` has ended (a zombie that its new parent has not reaped yet has too)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _kill_under_torchrun(args: list[str], block: list[int], kill: str) -> str:
+    """Run the command on 2 ranks under torchrun (``predict_kill_worker``): the ranks ``block``
+    stop part-way through their second shard, the others predict their whole share and wait for
+    them; then SIGKILL ``kill``, ``"rank N"`` or ``"torchrun"`` (its agent alone). Fails unless
+    torchrun and both workers are gone within a minute; returns torchrun's stderr."""
+    pids: dict[int, int] = {}
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(torchrun_cmd(2, [PRED_KILL_WORKER, *args]), cwd=REPO,
+                                env={**worker_env(), "BLOCK_RANKS": ",".join(map(str, block))},
+                                stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+        try:
+            said = _wait_for(proc, [f"{'blocked' if r in block else 'waiting'} rank {r} pid "
+                                    .encode() for r in range(2)], 120, err)
+            pids = {int(r): int(p) for r, p in re.findall(rb"rank (\d) pid (\d+)", said)}
+            os.kill(proc.pid if kill == "torchrun" else pids[int(kill.split()[1])],
+                    signal.SIGKILL)
+            proc.wait(timeout=60)  # (torchrun stops the other rank)
+            deadline = time.monotonic() + 30  # (workers watch for their agent every second)
+            while not all(_gone(p) for p in pids.values()):
+                assert time.monotonic() < deadline, f"workers {pids} outlived torchrun"
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait(timeout=30)
+            for pid in pids.values():  # (orphans: torchrun's tree no longer holds them)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.stdout.close()  # type: ignore[union-attr]
+        err.seek(0)
+        return err.read().decode(errors="replace")
+
+
+def _rank_shards(names: object, rank: int) -> list[str]:
+    """The shard names of ``rank`` of 2 among ``names``."""
+    return sorted(n for n in names if n.startswith("pred-") and int(n[5:11]) % 2 == rank)
+
+
+@pytest.mark.slow  # the real command in processes of its own
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("block", "kill"), [([1], "rank 1"), ([0, 1], "torchrun")],
+                         ids=["rank", "torchrun"])
+def test_a_2_rank_prediction_killed_resumes_under_torchrun(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        two_rank_prediction: tuple[Path, dict[int, list[str]]], block: list[int],
+        kill: str) -> None:
+    """One rank SIGKILLed mid-shard (torchrun then stops the other, which had finished its
+    share) or torchrun itself (its workers then stop themselves): no Python clean-up ran on the
+    killed process. The same command rerun keeps each rank's complete shards (the files
+    themselves), predicts the rest, and publishes the uninterrupted 2-rank run's output byte for
+    byte: every tile of the split once, no staging file left. Only rank 0 prepares the stage
+    (its key, the provenance) and publishes; each rank writes only its own shards."""
+    whole, whole_writes = two_rank_prediction
+    out = tmp_path / "pred"
+    stage = out / ".partial"
+    args = _ranks_args(trained_run, small_dataset, out)
+    _kill_under_torchrun(args, block, kill)
+    # the kill point: a blocked rank's first shard whole and its second's temporary tar, a
+    # waiting rank's whole share; nothing published
+    names = sorted(p.name for p in stage.iterdir())
+    want_shards = sorted(p.name for p in whole.glob("pred-*.tar"))
+    assert [n for n in names if n.endswith(".tmp")] == [
+        n for r in block for n in names if n.startswith(f".pred-{2 + r:06d}.tar.")], names
+    assert [n for n in names if n.startswith("pred-")] == sorted(
+        n for r in range(2) for n in (_rank_shards(want_shards, r)[:1] if r in block
+                                      else _rank_shards(want_shards, r))), names
+    assert _published(out) == {}
+    kept = {n: (stage / n).stat() for n in names if n.startswith("pred-")}
+
+    res, writes = _recorded_torchrun(2, args, tmp_path / "record")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _tree(out) == _tree(whole) and not stage.exists()
+    assert _read(out).keys() == _split_keys(small_dataset, "train")  # (none twice: _read)
+    for name, before in kept.items():  # (published by a rename: the kept file itself)
+        now = (out / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    assert _lines(res.stderr).count(
+        f"trainer.predict: resuming the stopped prediction in {stage} (--fresh to start "
+        "over)") == 1, res.stderr[-3000:]
+    # each rank writes its own shards (the resumed run only those not kept), rank 0 alone the
+    # stage's key and provenance and the publish
+    # (resumed: the stage's key kept, not written again)
+    for run_writes, kept_names, main in (
+            (whole_writes, set(), [f"write {predresume.RESUME_KEY}", f"write {PROVENANCE}",
+                                   "publish pred"]),
+            (writes, set(kept), [f"write {PROVENANCE}", "publish pred"])):
+        assert sorted(run_writes) == [0, 1]
+        for rank, lines in run_writes.items():
+            assert sorted(w.split()[1] for w in lines if w.startswith("shard ")) == [
+                n for n in _rank_shards(want_shards, rank) if n not in kept_names]
+            assert [w for w in lines if not w.startswith("shard ")] == ([] if rank else main)
+
+
+@pytest.mark.slow  # the real command in processes of its own
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_a_killed_2_rank_prediction_rerun_on_1_rank_starts_over_saying_why(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        two_rank_prediction: tuple[Path, dict[int, list[str]]]) -> None:
+    """A stage of 2 ranks holds other shards than 1 rank writes (rank r's are r, r + 2, ...;
+    the tiles of each differ), so a rerun with --nproc_per_node=1 after rank 0 was SIGKILLed
+    (the rank that made the stage) does not resume it: it discards it in one line naming the
+    number of ranks and predicts every tile, in 1 rank's shards, with no file of the 2-rank
+    stage left; each tile's prediction is the uninterrupted 2-rank run's."""
+    whole, _ = two_rank_prediction
+    out = tmp_path / "pred"
+    stage = out / ".partial"
+    args = _ranks_args(trained_run, small_dataset, out)
+    _kill_under_torchrun(args, [0], "rank 0")
+    assert predresume.resumable(out) and _published(out) == {}
+    res = run(torchrun_cmd(1, ["-m", "trainer.predict", *args]), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    tiles, want = _read(out), _read(whole)
+    assert sorted(_tree(out)) == sorted([PROVENANCE, *(f"pred-{k:06d}.tar" for k in range(
+        -(-len(want) // int(RANKS_SHARD))))])
+    assert (out / PROVENANCE).read_bytes() == (whole / PROVENANCE).read_bytes()
+    assert tiles.keys() == want.keys() == _split_keys(small_dataset, "train")
+    for key, (prob, meta) in tiles.items():
+        assert np.array_equal(prob, want[key][0]) and meta == want[key][1], key
+    assert (f"trainer.predict: discarding {stage} (made by another prediction: the number of "
+            "ranks changed); starting over") in _lines(res.stderr), res.stderr[-3000:]
+    assert "resuming" not in res.stderr and "of them in the stopped run's shards" not in res.stdout
 
 
 def _edited_code(root: Path) -> Path:
