@@ -1116,14 +1116,17 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
-def _kill_under_torchrun(args: list[str], block: list[int], kill: str) -> str:
+def _kill_under_torchrun(args: list[str], block: list[int], kill: str, max_restarts: int = 0
+                         ) -> subprocess.CompletedProcess[str]:
     """Run the command on 2 ranks under torchrun (``predict_kill_worker``): the ranks ``block``
     stop part-way through their second shard, the others predict their whole share and wait for
     them; then SIGKILL ``kill``, ``"rank N"`` or ``"torchrun"`` (its agent alone). Fails unless
-    torchrun and both workers are gone within a minute; returns torchrun's stderr."""
+    torchrun (after its restarts, if any) and the killed attempt's workers are gone within a
+    minute; returns torchrun's exit code, stdout and stderr."""
     pids: dict[int, int] = {}
+    cmd = torchrun_cmd(2, [PRED_KILL_WORKER, *args], max_restarts=max_restarts)
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(torchrun_cmd(2, [PRED_KILL_WORKER, *args]), cwd=REPO,
+        proc = subprocess.Popen(cmd, cwd=REPO,
                                 env={**worker_env(), "BLOCK_RANKS": ",".join(map(str, block))},
                                 stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         try:
@@ -1132,21 +1135,23 @@ def _kill_under_torchrun(args: list[str], block: list[int], kill: str) -> str:
             pids = {int(r): int(p) for r, p in re.findall(rb"rank (\d) pid (\d+)", said)}
             os.kill(proc.pid if kill == "torchrun" else pids[int(kill.split()[1])],
                     signal.SIGKILL)
-            proc.wait(timeout=60)  # (torchrun stops the other rank)
+            said += proc.communicate(timeout=60)[0]  # (torchrun stops the other rank)
             deadline = time.monotonic() + 30  # (workers watch for their agent every second)
             while not all(_gone(p) for p in pids.values()):
                 assert time.monotonic() < deadline, f"workers {pids} outlived torchrun"
                 time.sleep(0.1)
+            pids = {}
         finally:
             if proc.poll() is None:
                 kill_tree(proc.pid)
                 proc.wait(timeout=30)
             for pid in pids.values():  # (orphans: torchrun's tree no longer holds them)
-                with contextlib.suppress(ProcessLookupError):
+                if not _gone(pid):
                     os.kill(pid, signal.SIGKILL)
             proc.stdout.close()  # type: ignore[union-attr]
         err.seek(0)
-        return err.read().decode(errors="replace")
+        return subprocess.CompletedProcess(cmd, proc.returncode, said.decode(),
+                                           err.read().decode(errors="replace"))
 
 
 def _rank_shards(names: object, rank: int) -> list[str]:
@@ -1173,7 +1178,7 @@ def test_a_2_rank_prediction_killed_resumes_under_torchrun(
     out = tmp_path / "pred"
     stage = out / ".partial"
     args = _ranks_args(trained_run, small_dataset, out)
-    _kill_under_torchrun(args, block, kill)
+    assert _kill_under_torchrun(args, block, kill).returncode != 0
     # the kill point: a blocked rank's first shard whole and its second's temporary tar, a
     # waiting rank's whole share; nothing published
     names = sorted(p.name for p in stage.iterdir())
@@ -1225,7 +1230,7 @@ def test_a_killed_2_rank_prediction_rerun_on_1_rank_starts_over_saying_why(
     out = tmp_path / "pred"
     stage = out / ".partial"
     args = _ranks_args(trained_run, small_dataset, out)
-    _kill_under_torchrun(args, [0], "rank 0")
+    assert _kill_under_torchrun(args, [0], "rank 0").returncode != 0
     assert predresume.resumable(out) and _published(out) == {}
     res = run(torchrun_cmd(1, ["-m", "trainer.predict", *args]), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -1239,6 +1244,31 @@ def test_a_killed_2_rank_prediction_rerun_on_1_rank_starts_over_saying_why(
     assert (f"trainer.predict: discarding {stage} (made by another prediction: the number of "
             "ranks changed); starting over") in _lines(res.stderr), res.stderr[-3000:]
     assert "resuming" not in res.stderr and "of them in the stopped run's shards" not in res.stdout
+
+
+@pytest.mark.slow  # the real command in processes of its own
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_a_rank_killed_under_max_restarts_is_resumed_by_the_restarted_group(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        two_rank_prediction: tuple[Path, dict[int, list[str]]]) -> None:
+    """With torchrun --max-restarts, a SIGKILLed rank restarts the group with the same command:
+    the restarted ranks resume the killed attempt's stage (its complete shards kept, not
+    predicted again) and publish the uninterrupted run's output; torchrun ends with 0."""
+    whole, _ = two_rank_prediction
+    out = tmp_path / "pred"
+    res = _kill_under_torchrun(_ranks_args(trained_run, small_dataset, out), [1], "rank 1",
+                               max_restarts=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _tree(out) == _tree(whole)
+    # (rank 0's whole share and rank 1's first shard)
+    kept = int(RANKS_SHARD) + sum(len(predio.shard_keys(whole / n)) for n in _rank_shards(
+        [p.name for p in whole.glob("pred-*.tar")], 0))
+    assert res.stdout.splitlines()[-1] == (
+        f"wrote predictions for {len(_read(whole))} tiles of train to {out} ({kept} of them in "
+        "the stopped run's shards, kept)"), res.stdout
+    assert (f"trainer.predict: resuming the stopped prediction in {out / '.partial'} (--fresh "
+            "to start over)") in _lines(res.stderr), res.stderr[-3000:]
 
 
 def _edited_code(root: Path) -> Path:
