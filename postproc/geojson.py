@@ -51,6 +51,12 @@ def to_map(polys: Sequence[BaseGeometry], transform: Sequence[float]) -> np.ndar
         raise PredError(f"meta.json transform {transform!r} is not six finite numbers")
     a, b, c, d, e, f = (float(v) for v in transform[:6])
     m = np.array([[a, b], [d, e]])
+    # NOTE: a singular matrix (all zeros, or rows in proportion) maps every footprint onto one
+    # point or line: GeoJSON of nothing, written as if it were the tile's (postproc.merge and
+    # postproc.mosaic refuse such a tile too; dataio.prepare skips its image)
+    if np.linalg.det(m) == 0:
+        raise PredError(f"meta.json transform {transform!r} is degenerate (it maps the tile "
+                        "onto a point or a line)")
     arr = np.empty(len(polys), dtype=object)
     arr[:] = list(polys)
     out = shapely.transform(arr, lambda xy: xy @ m.T + (c, f))

@@ -301,7 +301,7 @@ def _tiles(gj: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "truncated", "bad_settings", "null_transform",
-                                  "huge_tile"])
+                                  "zero_transform", "huge_tile"])
 def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
     out = tmp_path / "p.csv"
@@ -320,6 +320,14 @@ def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
                          [("img1", prob, {**tile_meta("img1", 64, 0), "transform": None})])
         argv += ["--geojson", str(tmp_path / "gj")]
         want = "pred-000001.tar: img1: meta.json transform None is not six finite numbers"
+    elif case == "zero_transform":  # (it wrote GeoJSON of footprints all at (0, 0), exit 0)
+        prob = np.zeros((64, 64, 3), np.float32)
+        prob[8:24, 8:24] = (0, 1, 0)
+        prob[..., 0] = 1 - prob[..., 1]
+        write_pred_shard(pred / "pred-000001.tar",
+                         [("img1", prob, {**tile_meta("img1", 64, 0), "transform": [0] * 6})])
+        argv += ["--geojson", str(tmp_path / "gj")]
+        want = "pred-000001.tar: img1: meta.json transform [0, 0, 0, 0, 0, 0] is degenerate"
     elif case == "huge_tile":  # (the message named neither the shard nor the tile)
         prob = np.zeros((1, 33000, 3), np.float32)
         prob[..., 0] = 1

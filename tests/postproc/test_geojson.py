@@ -85,6 +85,14 @@ def test_a_transform_that_is_not_a_list_is_refused(transform):
         tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {**UTM, "transform": transform})
 
 
+@pytest.mark.parametrize("transform", [[0, 0, 0, 0, 0, 0], [0.3, 0.6, 5e5, 0.1, 0.2, 4e6]])
+def test_a_degenerate_transform_is_refused(transform):
+    """A singular transform (zeros, or proportional rows) put every footprint of the tile on one
+    point or line in its GeoJSON, without a word: polygonize --geojson exited 0."""
+    with pytest.raises(PredError, match=r"transform \[.*\] is degenerate"):
+        tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {**UTM, "transform": transform})
+
+
 def test_a_rotated_transform_maps_each_corner_as_rasterio_does():
     """North-up tests cannot tell the affine from its transpose: a rotated or sheared tile can."""
     t = Affine(0.3, 0.1, 500000.0, 0.2, -0.3, 4000000.0)
