@@ -40,6 +40,20 @@ def gdal_env(sidecar_masks: bool = False) -> rasterio.Env:
     return rasterio.Env(**{**GDAL_DEFAULTS, **(SIDECAR_MASKS if sidecar_masks else {})})
 
 
+def read_error(e: BaseException) -> str:
+    """What a failed raster open or read says to a user: GDAL's own message too.
+
+    NOTE: rasterio raises ``RasterioIOError("Read failed. See previous exception for
+    details.")`` for a damaged strip or tile, with GDAL's message (the band and the block that
+    failed) only as its cause, which a skip reason in the manifest would lose.
+    """
+    msg = str(e)
+    cause = e.__cause__
+    if cause is not None and str(cause) and str(cause) not in msg:
+        msg = f"{msg.removesuffix(' See previous exception for details.').rstrip('.')}: {cause}"
+    return msg
+
+
 def geojson_crs(collection: dict[str, Any]) -> CRS:
     """The CRS of a GeoJSON object: its legacy ``crs`` member if present, else CRS84 (lon/lat)."""
     member = collection.get("crs")

@@ -73,7 +73,7 @@ from dataio.chips import (
     needs_chips,
 )
 from dataio.classes import CLASS_NAMES, NUM_CLASSES
-from dataio.geo import crs_to_string, gdal_env, is_invertible, to_geo
+from dataio.geo import crs_to_string, gdal_env, is_invertible, read_error, to_geo
 from dataio.imageid import IMAGE_ID_RE
 from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
 from dataio.manifest import FORMAT_VERSION, MANIFEST, SPLITS, BandStats, save_manifest
@@ -258,7 +258,7 @@ def scan(cfg: PrepareConfig) -> Scan:
                     height, width = ds.height, ds.width
                     invertible = is_invertible(ds.transform)
             except Exception as e:
-                skip(f"unreadable image ({e})", iid)
+                skip(f"unreadable image ({read_error(e)})", iid)
                 continue
             if dtype not in ACCEPTED_DTYPES:
                 skip(f"image dtype {dtype} (expected one of {', '.join(ACCEPTED_DTYPES)})", iid)
@@ -421,7 +421,7 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
                     # read alone (a sample without a core, predicted without that context),
                     # not lost with it; a failure now is the chip's own (named below)
                     notes = [f"read without its --chip-margin: {c.span()} of the image could "
-                             f"not be read ({e})"]
+                             f"not be read ({read_error(e)})"]
                     c = tile.chip
                     pixels = ds.read(window=c.window())
                 transform, crs = ds.window_transform(c.window()), ds.crs
@@ -430,8 +430,8 @@ def process_tile(tile: Tile, bands: int, boundary_width: float) -> dict[str, Any
                     empty = core_is_nodata(ds, pixels, tile.chip, c)
             now = ds.height, ds.width
     except Exception as e:
-        return {"skip": f"unreadable image ({e})" if c is None else
-                f"unreadable chip, {c.span()} of the image ({e})"}
+        return {"skip": f"unreadable image ({read_error(e)})" if c is None else
+                f"unreadable chip, {c.span()} of the image ({read_error(e)})"}
     # NOTE: rasterio crops a window that runs off the image: a chip of an image replaced by a
     # smaller one since the scan would be a sample of another size than its window's (a whole
     # image is read at the size it has now)

@@ -224,6 +224,8 @@ def test_a_chip_whose_window_cannot_be_read_is_skipped_alone(tmp_path: Path) -> 
             assert skipped[key]["path"] == str(tif)
             # (its own pixels: read without the margin, they fail too)
             assert skipped[key]["reason"].startswith("unreadable chip, rows 128-199 and columns")
+            assert "previous exception" not in skipped[key]["reason"]  # (GDAL's words instead)
+            assert "band 1" in skipped[key]["reason"]
     assert m["sources"][0]["chips"] == 4 and m["splits"]["test"]["samples"] == 2
 
 
@@ -248,6 +250,7 @@ def test_a_chip_whose_margin_cannot_be_read_is_read_without_it(tmp_path: Path) -
     assert sorted(notes) == sorted(got)
     assert notes[f"{SCENE}_r0_c128"].startswith("read without its --chip-margin: rows 0-191 "
                                                 "and columns 64-299 of the image could not")
+    assert "previous exception" not in notes[f"{SCENE}_r0_c128"]
     skipped = {s["image_id"]: s["reason"] for s in m["skipped"]}
     assert sorted(skipped) == sorted(k for k in CHIPS if "_r128_" in k)
     assert all(r.startswith("unreadable chip, rows 128-199 and columns") for r in skipped.values())
