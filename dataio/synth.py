@@ -293,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"dataio.synth: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:  # (a tile is drawn whole, in float32: a typo'd --size was a traceback)
+        left = (f"; {args.out} holds an incomplete AOI ({INCOMPLETE_MARKER}): rerun with "
+                "--overwrite" if (args.out / INCOMPLETE_MARKER).exists() else "")
+        print(f"dataio.synth: error: --size {args.size}: not enough memory to draw one "
+              f"{args.size} x {args.size} px tile; choose a smaller --size{left}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
         if (args.out / INCOMPLETE_MARKER).exists():  # (prepare refuses the AOI while it is there)

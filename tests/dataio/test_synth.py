@@ -209,6 +209,18 @@ def test_bad_arguments_are_named_before_anything_is_written(
     assert err.startswith("dataio.synth: error: ") and named in err
     assert not out.exists()
 
+def test_a_size_too_large_to_draw_is_one_line(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--size 100000000 (a tile of petabytes) was a numpy MemoryError traceback, exit 1."""
+    out = tmp_path / "x"
+    assert main(["--out", str(out), "--tiles", "1", "--size", "100000000"]) == 2
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line for line in lines if line and not line.startswith("synth:")] == [
+        "dataio.synth: error: --size 100000000: not enough memory to draw one 100000000 x "
+        f"100000000 px tile; choose a smaller --size; {out} holds an incomplete AOI "
+        "(.synth-incomplete): rerun with --overwrite"]
+
+
 def test_an_aoi_already_there_is_refused_or_replaced(tmp_path: Path) -> None:
     out = tmp_path / "aoi"
     write_aoi(SynthConfig(out=out, tiles=3, size=64))
