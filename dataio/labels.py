@@ -137,7 +137,10 @@ def _footprint(path: Path, k: int, feat: Any, notes: list[str]) -> BaseGeometry 
     # NOTE: Python's json reads NaN and Infinity literals; GEOS fails on them much later.
     if not _finite(geom):
         raise LabelError(f"{path}: feature {k} has non-finite coordinates (NaN or Infinity)")
-    return None if geom.is_empty else geom
+    if geom.is_empty:  # ("coordinates": []: no building, but said, as a null geometry is)
+        notes.append(f"feature {k}: empty {geom.geom_type} (no coordinates), ignored")
+        return None
+    return geom
 
 
 def _clip_to_tile(path: Path, k: int, geom: BaseGeometry, src_crs: CRS, grid: _Grid,

@@ -151,6 +151,21 @@ def test_a_polygon_with_no_area_is_noted_as_ignored_not_as_repaired(tmp_path: Pa
         "feature 2: invalid polygon, repaired with make_valid"]
 
 
+def test_an_empty_polygon_is_noted_as_ignored(tmp_path: Path) -> None:
+    """A feature with "coordinates": [] was dropped without a word, while a feature with no
+    geometry, or a Point, was noted in the manifest as ignored."""
+    path = tmp_path / "buildings.geojson"
+    doc = json.loads(_utm_doc((10, 10, 20, 20)))
+    doc["features"][:0] = [{"type": "Feature", "properties": {},
+                            "geometry": {"type": kind, "coordinates": []}}
+                           for kind in ("Polygon", "MultiPolygon")]
+    path.write_text(json.dumps(doc))
+    fp = read_footprints(path, CRS.from_epsg(32611), _UTM, 64, 40)
+    assert [p.bounds for p in fp.polygons] == [(10.0, 10.0, 20.0, 20.0)]
+    assert fp.notes == ["feature 0: empty Polygon (no coordinates), ignored",
+                        "feature 1: empty MultiPolygon (no coordinates), ignored"]
+
+
 def test_a_label_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     """(saved by Notepad: json refused the BOM, and the tile was skipped as malformed GeoJSON;
     RFC 7946 lets a reader ignore it)"""
