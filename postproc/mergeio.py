@@ -58,11 +58,19 @@ def _feature(feat: Any, key: str) -> tuple[BaseGeometry, dict[str, Any]]:
     if not isinstance(geom, dict) or geom.get("type") not in ("Polygon", "MultiPolygon"):
         raise ValueError("its geometry is not a Polygon or MultiPolygon")
     try:
-        g = shape(geom)
+        # (NaN coordinates: numpy's "invalid value" warning was a second stderr line beside
+        # the one-line error they lead to, below)
+        with np.errstate(invalid="ignore"):
+            g = shape(geom)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError,
             shapely.errors.ShapelyError) as e:
         raise ValueError(f"unreadable coordinates ({e})") from None
-    if g.is_empty or not np.isfinite(shapely.get_coordinates(g)).all() or not g.is_valid:
+    # (each its own words: an empty one was "invalid polygon (Valid Geometry)", GEOS's reason)
+    if g.is_empty:
+        raise ValueError(f"empty {g.geom_type} (no coordinates)")
+    if not np.isfinite(shapely.get_coordinates(g)).all():
+        raise ValueError("non-finite coordinates (NaN or Infinity)")
+    if not g.is_valid:
         raise ValueError(f"invalid polygon ({shapely.is_valid_reason(g)})")
     if not isinstance(props, dict) or props.get("ImageId") != key:
         found = props.get("ImageId") if isinstance(props, dict) else None

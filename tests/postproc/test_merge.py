@@ -455,6 +455,19 @@ def test_a_malformed_file_is_named(copy, capsys):
     assert f"{tile}: feature 0" in _refused(copy, capsys)
 
 
+@pytest.mark.parametrize("coordinates, said", [
+    ([], "empty Polygon (no coordinates)"),  # (was "invalid polygon (Valid Geometry)")
+    ([[[0, 0], [1, float("nan")], [1, 1], [0, 0]]], "non-finite coordinates (NaN or Infinity)"),
+    ([[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]], "invalid polygon (Self-intersection")])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (a warning is a second stderr line)
+def test_an_unusable_polygon_is_named_with_what_is_wrong(copy, capsys, coordinates, said):
+    tile = copy[1] / f"{_key(1, 1)}.geojson"
+    doc = json.loads(tile.read_text())
+    doc["features"][0]["geometry"] = {"type": "Polygon", "coordinates": coordinates}
+    tile.write_text(json.dumps(doc))
+    assert f"{tile}: feature 0: {said}" in _refused(copy, capsys)
+
+
 def test_a_file_without_crs_that_is_not_lonlat_is_named(copy, capsys):
     tile = copy[1] / f"{_key(0, 2)}.geojson"
     doc = json.loads(tile.read_text())
