@@ -36,6 +36,13 @@ from postproc.pools import close_pool
 from postproc.predio import quantize_probs
 
 
+def _named(field: str) -> str:
+    """A setting as errors name it: its key in a settings file and its flag (a user sets it
+    with either)."""
+    flag = {"simplify_tolerance": "simplify"}.get(field, field).replace("_", "-")
+    return f"{field} (--{flag})"
+
+
 @dataclass
 class PolygonizeConfig:
     """Thresholds in probability units (0..1) and sizes in pixels; saved as ``postproc.json``."""
@@ -53,17 +60,17 @@ class PolygonizeConfig:
         for name in ("building_threshold", "footprint_threshold"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ValueError(f"PolygonizeConfig.{name}={v} must lie in [0, 1)")
+                raise ValueError(f"{_named(name)} {v} must lie in [0, 1)")
         if self.footprint_threshold > self.building_threshold:
-            raise ValueError("PolygonizeConfig.footprint_threshold must not exceed "
-                             f"building_threshold ({self.footprint_threshold} > "
+            raise ValueError(f"{_named('footprint_threshold')} must not exceed "
+                             f"{_named('building_threshold')} ({self.footprint_threshold} > "
                              f"{self.building_threshold}): a seed must also be growable")
         for name in ("grow_radius", "min_polygon_area", "simplify_tolerance"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"PolygonizeConfig.{name}={v} must be a finite number >= 0")
+                raise ValueError(f"{_named(name)} {v} must be a finite number >= 0")
         if self.grow_radius > 50:
-            raise ValueError(f"PolygonizeConfig.grow_radius={self.grow_radius} px is implausible "
+            raise ValueError(f"{_named('grow_radius')} {self.grow_radius} px is implausible "
                              "(the boundary band is a few px wide)")
 
     def to_json(self) -> str:

@@ -49,10 +49,12 @@ class ScoreConfig:
     min_truth_area: float = 20.0  # px; truth polygons with area <= this are dropped
 
     def __post_init__(self) -> None:
+        # (named by their flags: the command line is where they come from)
         if not 0.0 < self.iou_threshold <= 1.0:
-            raise ValueError(f"ScoreConfig.iou_threshold={self.iou_threshold} must be in (0, 1]")
+            raise ValueError(f"--iou-threshold {self.iou_threshold} must be in (0, 1]")
         if not (math.isfinite(self.min_truth_area) and self.min_truth_area >= 0):
-            raise ValueError(f"ScoreConfig.min_truth_area={self.min_truth_area} must be >= 0")
+            raise ValueError(f"--min-truth-area {self.min_truth_area} must be a finite number "
+                             ">= 0")
 
 
 def f1_from_counts(tp: int, fp: int, fn: int) -> tuple[float, float, float]:

@@ -360,6 +360,32 @@ def test_a_shard_given_as_pred_is_named_a_file(tmp_path, capsys, command):
         f"e.g. {pred}"]
 
 
+@pytest.mark.parametrize("command, flags, said", [
+    ("polygonize", ["--min-polygon-area", "-5"],
+     "error: min_polygon_area (--min-polygon-area) -5.0 must be a finite number >= 0"),
+    ("polygonize", ["--simplify", "nan"],
+     "error: simplify_tolerance (--simplify) nan must be a finite number >= 0"),
+    ("polygonize", ["--building-threshold", "0.3", "--footprint-threshold", "0.4"],
+     "error: footprint_threshold (--footprint-threshold) must not exceed building_threshold "
+     "(--building-threshold) (0.4 > 0.3): a seed must also be growable"),
+    ("score", ["--iou-threshold", "0"], "error: --iou-threshold 0.0 must be in (0, 1]"),
+    ("score", ["--min-truth-area", "inf"],
+     "error: --min-truth-area inf must be a finite number >= 0")])
+def test_a_bad_setting_is_named_by_its_flag(pred_dir, tmp_path, capsys, command, flags, said):
+    """(they were named as fields of a class the user never sees: "ScoreConfig.iou_threshold",
+    "PolygonizeConfig.min_polygon_area")"""
+    truth = tmp_path / "truth.csv"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",x\n')
+    if command == "polygonize":
+        main, argv = polygonize.main, ["--pred", str(pred_dir[0]), "--no-tuned"]
+    else:
+        main, argv = score.main, ["--truth", str(truth)]
+    argv += ["--out" if command == "polygonize" else "--proposals", str(tmp_path / "p.csv")]
+    assert run_main(main, argv + flags) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said
+
+
 def test_score_bad_csv_names_file_and_line(tmp_path, capsys):
     truth = tmp_path / "truth.csv"
     truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"

@@ -162,7 +162,7 @@ def test_numba_areas_of_a_polygon_with_a_slanted_edge_fall_back_to_geos():
                                  {"min_truth_area": float("inf")}, {"min_truth_area": -1.0}])
 def test_score_config_refuses_what_would_score_nonsense(bad):
     # a threshold of 0 counts every disjoint pair in the candidates; inf drops every truth
-    with pytest.raises(ValueError, match=next(iter(bad))):
+    with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
         ScoreConfig(**bad)
 
 
