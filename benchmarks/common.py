@@ -264,6 +264,17 @@ def check_dataset(parser: argparse.ArgumentParser, data: Path | None) -> None:
         parser.error(f"--data {data}: {e}")
 
 
+def _bad_input(e: Exception) -> bool:
+    """Whether ``e`` is input a benchmark cannot use, said in one line: a ValueError or OSError,
+    or the loader's ``DataError`` (a --data whose split has no usable shard was a traceback).
+
+    NOTE: DataError is looked up, not imported: some benchmarks keep the project's modules out
+    of their processes, and a DataError was raised only where its module is loaded."""
+    sharding = sys.modules.get("dataio.sharding")
+    return isinstance(e, ValueError | OSError) or (
+        sharding is not None and isinstance(e, sharding.DataError))
+
+
 def run(name: str, main: Callable[[], Any]) -> int:
     """``python -m benchmarks.NAME``: bad input (a missing dataset, a malformed file) is one
     line, as in the project's commands, not a traceback; so is Ctrl-C (exit code 130), handled
@@ -279,7 +290,9 @@ def run(name: str, main: Callable[[], Any]) -> int:
     try:
         with sigint_once():
             result = main()
-    except (ValueError, OSError) as e:
+    except Exception as e:
+        if not _bad_input(e):
+            raise
         print(f"python -m benchmarks.{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # (the JSON is written whole at the end or not at all)

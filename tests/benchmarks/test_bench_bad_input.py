@@ -4,6 +4,7 @@ run for a --json that is a directory, and an exit 0 with 0 tiles for a missing -
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,42 @@ def test_a_data_dir_that_is_no_dataset_is_one_line_naming_data(
     assert e.value.code == 2 and f"error: --data {data}: " in err[-1]
     named = "no such directory" if kind == "missing" else "manifest.json"
     assert named in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def _truncated_train(small_dataset: Path, tmp_path: Path, shards: int) -> Path:
+    """A copy of the dataset with its first ``shards`` training shards cut in half."""
+    data = Path(shutil.copytree(small_dataset, tmp_path / "data"))
+    for tar in sorted((data / "train").glob("shard-*.tar"))[:shards]:
+        tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    return data
+
+
+def test_the_webdataset_reference_reads_the_shards_the_loaders_read(
+        small_dataset: Path, tmp_path: Path) -> None:
+    """A truncated shard, which the project's loaders leave out with a warning, stopped
+    benchmarks.loader with a tarfile traceback from the reference's DataLoader worker."""
+    from dataio.loader import LoaderConfig
+    from dataio.manifest import load_manifest
+    from dataio.sharding import SampleIndex
+
+    data = _truncated_train(small_dataset, tmp_path, 1)
+    index = SampleIndex.build(load_manifest(data), "train")
+    assert 0 < len(index) < load_manifest(data).samples("train")
+    ref = loader.WebdatasetReference(data, index, False, LoaderConfig(batch_size=4,
+                                                                      num_threads=0))
+    assert sum(len(images) for images, _ in ref) == len(index)
+
+
+def test_a_data_dir_without_a_usable_training_shard_is_one_line(
+        small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(the loader's DataError, no usable sample in split 'train', was a traceback)"""
+    data = _truncated_train(small_dataset, tmp_path, 100)
+    argv = ["--data", str(data), "--rounds", "1", "--epochs", "1", "--step-ms", "0"]
+    assert run("loader", lambda: loader.main(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m benchmarks.loader: error: ")
+    assert "no usable sample in split 'train'" in err[-1]
+    assert not [line for line in err if "Traceback" in line or "Warning" in line]
 
 
 def _corrupt_pred(tmp_path: Path) -> Path:
