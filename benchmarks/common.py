@@ -250,17 +250,21 @@ def imagery(data: Path) -> dict[str, Any]:
 
 
 def check_dataset(parser: argparse.ArgumentParser, data: Path | None) -> None:
-    """Refuse a ``--data`` that is not a prepared dataset before any work, in one line.
+    """Refuse a ``--data`` that is not a prepared dataset, or whose training split has no usable
+    sample, before any work, in one line.
 
     NOTE: checked in the parent: a benchmark whose workers open the dataset under torchrun got
     their error and then torchrun's own traceback and failure report."""
     if data is None:
         return
     from dataio.manifest import load_manifest
+    from dataio.sharding import DataError, usable_samples
 
     try:
-        load_manifest(data)
-    except (ValueError, OSError) as e:
+        # (and its training split, which both read: benchmarks.train's torchrun workers found
+        # it empty or every shard unusable, and their error came with torchrun's traceback)
+        usable_samples(load_manifest(data), "train")
+    except (ValueError, OSError, DataError) as e:
         parser.error(f"--data {data}: {e}")
 
 

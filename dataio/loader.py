@@ -63,9 +63,9 @@ from dataio.reader import SampleError, ShardReader
 from dataio.sharding import (
     PAD,
     DataError,
-    SampleIndex,
     batches_per_epoch,
     samples_done,
+    usable_samples,
 )
 
 log = logging.getLogger(f"footprints.{__name__}")  # under the trainer: its [rank N] handler
@@ -169,15 +169,7 @@ class Loader:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size, self.train = cfg, rank, world_size, train
         manifest = load_manifest(Path(data))
-        self.index = SampleIndex.build(manifest, split)
-        if not manifest.samples(split):  # (no shard was left out: there were none)
-            raise DataError(f"split {split!r} of {manifest.root} is empty: dataio.prepare put no "
-                            "tile in it (see its --split" + (
-                                "; with --images-only every tile is in test)"
-                                if not manifest.labels else ")"))
-        if not len(self.index):
-            raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
-                            f"shards left out: {self.index.skipped_detail or 'none listed'}")
+        self.index = usable_samples(manifest, split)
         if percentiles is not None and len(percentiles[0]) != manifest.bands:
             raise DataError(f"{manifest.root / MANIFEST}: {manifest.bands} bands, but "
                             f"the given percentiles are for {len(percentiles[0])}")

@@ -132,6 +132,21 @@ class SampleIndex:
         return h.hexdigest()[:16]
 
 
+def usable_samples(manifest: Manifest, split: str) -> SampleIndex:
+    """The usable samples of ``split``; :class:`DataError` when there is none to read (an empty
+    split, or every shard left out), said once for every reader of a split."""
+    index = SampleIndex.build(manifest, split)
+    if not manifest.samples(split):  # (no shard was left out: there were none)
+        raise DataError(f"split {split!r} of {manifest.root} is empty: dataio.prepare put no "
+                        "tile in it (see its --split" + (
+                            "; with --images-only every tile is in test)"
+                            if not manifest.labels else ")"))
+    if not len(index):
+        raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
+                        f"shards left out: {index.skipped_detail or 'none listed'}")
+    return index
+
+
 # ---- per-epoch, per-rank order -------------------------------------------------------------
 
 

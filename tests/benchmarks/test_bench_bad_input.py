@@ -118,16 +118,42 @@ def test_the_webdataset_reference_reads_the_shards_the_loaders_read(
     assert sum(len(images) for images, _ in ref) == len(index)
 
 
-def test_a_data_dir_without_a_usable_training_shard_is_one_line(
-        small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """(the loader's DataError, no usable sample in split 'train', was a traceback)"""
-    data = _truncated_train(small_dataset, tmp_path, 100)
-    argv = ["--data", str(data), "--rounds", "1", "--epochs", "1", "--step-ms", "0"]
-    assert run("loader", lambda: loader.main(argv)) == 2
+@pytest.mark.parametrize("module", [loader, train])
+@pytest.mark.parametrize("kind", ["every shard truncated", "images only"])
+def test_a_data_dir_without_a_usable_training_sample_is_one_line(
+        module, kind: str, small_dataset: Path, images_only_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.loader stopped with the loader's DataError as a traceback; benchmarks.train's
+    torchrun workers said it, then came torchrun's traceback and failure report (exit 1)."""
+    data = (_truncated_train(small_dataset, tmp_path, 100) if kind == "every shard truncated"
+            else images_only_dataset)  # (every tile in test: no training split)
+
+    def started(*_a, **_k):
+        raise AssertionError("the benchmark started its work")
+
+    monkeypatch.setattr(train, "run_to_end", started)
+    monkeypatch.setattr(loader, "_variants", started)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--data", str(data), "--steps" if module is train else "--rounds", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("python -m benchmarks.loader: error: ")
-    assert "no usable sample in split 'train'" in err[-1]
+    assert e.value.code == 2 and err[-1].startswith(
+        f"python -m benchmarks.{module.__name__.rpartition('.')[2]}: error: --data {data}: ")
+    assert ("no usable sample in split 'train'" if kind == "every shard truncated"
+            else "split 'train' of") in err[-1]
     assert not [line for line in err if "Traceback" in line or "Warning" in line]
+
+
+def test_a_loader_data_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """(benchmarks.common.run took ValueError and OSError alone: the loader's DataError, input
+    it cannot use, was a traceback)"""
+    from dataio.sharding import DataError
+
+    def main() -> int:
+        raise DataError("/d/train/shard-000000.tar: img1: undecodable img.npy")
+
+    assert run("loader", main) == 2
+    assert capsys.readouterr().err == ("python -m benchmarks.loader: error: /d/train/"
+                                       "shard-000000.tar: img1: undecodable img.npy\n")
 
 
 def _corrupt_pred(tmp_path: Path) -> Path:
