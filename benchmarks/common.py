@@ -263,7 +263,7 @@ def check_dataset(parser: argparse.ArgumentParser, data: Path | None) -> None:
     try:
         # (and its training split, which both read: benchmarks.train's torchrun workers found
         # it empty or every shard unusable, and their error came with torchrun's traceback)
-        usable_samples(load_manifest(data), "train")
+        usable_samples(load_manifest(data), "train", warn=False)  # (the loaders warn)
     except (ValueError, OSError, DataError) as e:
         parser.error(f"--data {data}: {e}")
 

@@ -100,8 +100,10 @@ class SampleIndex:
     skipped_detail: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, manifest: Manifest, split: str) -> SampleIndex:
-        """Check every shard of ``split`` against the manifest before anything opens it."""
+    def build(cls, manifest: Manifest, split: str, warn: bool = True) -> SampleIndex:
+        """Check every shard of ``split`` against the manifest before anything opens it;
+        ``warn``: log each shard left out (a check before the loaders, which log them, does
+        not)."""
         directory = manifest.split_dir(split)
         out = cls([])
         for info in manifest.shards(split):
@@ -116,7 +118,8 @@ class SampleIndex:
                     reason = f"{idx}: unusable index ({e})"
             out.shards_skipped[label] += 1
             out.skipped_detail.append(reason)
-            log.warning("leaving out shard %s (%s): %s", tar, label, reason)
+            if warn:
+                log.warning("leaving out shard %s (%s): %s", tar, label, reason)
         return out
 
     def __len__(self) -> int:
@@ -132,10 +135,10 @@ class SampleIndex:
         return h.hexdigest()[:16]
 
 
-def usable_samples(manifest: Manifest, split: str) -> SampleIndex:
+def usable_samples(manifest: Manifest, split: str, warn: bool = True) -> SampleIndex:
     """The usable samples of ``split``; :class:`DataError` when there is none to read (an empty
     split, or every shard left out), said once for every reader of a split."""
-    index = SampleIndex.build(manifest, split)
+    index = SampleIndex.build(manifest, split, warn)
     if not manifest.samples(split):  # (no shard was left out: there were none)
         raise DataError(f"split {split!r} of {manifest.root} is empty: dataio.prepare put no "
                         "tile in it (see its --split" + (

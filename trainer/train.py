@@ -102,6 +102,17 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
                           f"validated, and train.early_stop_patience = {patience} counts "
                           "validations; set train.early_stop_patience = 0, or prepare the "
                           "dataset with a val split (dataio.prepare --split)")
+    # NOTE: a split whose shards are all left out (truncated, missing) stopped the Trainer once
+    # the process group was up (exit 1), and passed the launch scripts' --check, so torchrun
+    # restarted the group MAX_RESTARTS times on it. (Not warned here: the loaders warn.)
+    from dataio.sharding import DataError, usable_samples
+
+    validates = cfg.train.val_every > 0 and manifest.samples("val") > 0
+    for split in ("train", "val") if validates else ("train",):
+        try:
+            usable_samples(manifest, split, warn=False)
+        except DataError as e:
+            raise ConfigError(f"--data {args.data}: {e}") from None
     # NOTE: the val truth is read by the Validator (same condition) in every worker, once
     # training has started: a corrupt one failed there and torchrun restarted the group on it
     truth = None

@@ -915,6 +915,40 @@ def test_a_compiled_run_resumes_mid_epoch_and_saves_plain_weights(small_dataset:
 
 
 @pytest.mark.parametrize("check", [True, False], ids=["check", "run"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_whose_shards_are_all_unusable_is_refused_before_any_work(
+        small_dataset: Path, tmp_path: Path, check: bool, split: str,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every shard of a split truncated: the Trainer found it once the process group was up
+    (exit 1, the error twice), and the launch scripts' --check passed it, so torchrun restarted
+    the group MAX_RESTARTS times on it. Now one line, exit 2, before any process group."""
+    import shutil
+
+    import torch.distributed
+
+    from trainer.train import main
+
+    def group(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the process group was started")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", group)
+    data = Path(shutil.copytree(small_dataset, tmp_path / "data"))
+    for tar in (data / split).glob("shard-*.tar"):
+        tar.write_bytes(tar.read_bytes()[:1024])
+    argv = ["--config", "configs/tiny.toml", "--data", str(data), "--run-dir",
+            str(tmp_path / "run")]
+    assert main(["--check", *argv] if check else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"trainer.train: error: --data {data}: {data / split}: no usable sample in split "
+        f"'{split}'; shards left out: ['{data / split / 'shard-000000.tar'}: 1024 bytes on "
+        "disk"), err
+    assert not (tmp_path / "run").exists()
+    if split == "val":  # (a run that does not validate does not read it)
+        assert main(["--check", *argv, "--set", "train.val_every=0"]) == 0
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "run"])
 def test_a_dataset_without_labels_is_refused_before_any_work(
         images_only_dataset: Path, tmp_path: Path, check: bool, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
