@@ -102,17 +102,21 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
                           f"validated, and train.early_stop_patience = {patience} counts "
                           "validations; set train.early_stop_patience = 0, or prepare the "
                           "dataset with a val split (dataio.prepare --split)")
-    # NOTE: a split whose shards are all left out (truncated, missing) stopped the Trainer once
-    # the process group was up (exit 1), and passed the launch scripts' --check, so torchrun
-    # restarted the group MAX_RESTARTS times on it. (Not warned here: the loaders warn.)
-    from dataio.sharding import DataError, usable_samples
+    # NOTE: a split whose shards are all left out (truncated, missing) passed the launch
+    # scripts' --check, and torchrun restarted the group MAX_RESTARTS times on it. Checked in
+    # --check only (the launcher, once, before torchrun): in the workers a node's copy may lack
+    # what another's has, and the Trainer's loaders say which rank could not open which split,
+    # agreed across ranks (dist.agreed_loader), where a refusal here would stop one rank alone.
+    # (Not warned here: the loaders warn.)
+    if args.check:
+        from dataio.sharding import DataError, usable_samples
 
-    validates = cfg.train.val_every > 0 and manifest.samples("val") > 0
-    for split in ("train", "val") if validates else ("train",):
-        try:
-            usable_samples(manifest, split, warn=False)
-        except DataError as e:
-            raise ConfigError(f"--data {args.data}: {e}") from None
+        validates = cfg.train.val_every > 0 and manifest.samples("val") > 0
+        for split in ("train", "val") if validates else ("train",):
+            try:
+                usable_samples(manifest, split, warn=False)
+            except DataError as e:
+                raise ConfigError(f"--data {args.data}: {e}") from None
     # NOTE: the val truth is read by the Validator (same condition) in every worker, once
     # training has started: a corrupt one failed there and torchrun restarted the group on it
     truth = None
