@@ -258,12 +258,12 @@ def check_dataset(parser: argparse.ArgumentParser, data: Path | None) -> None:
     if data is None:
         return
     from dataio.manifest import load_manifest
-    from dataio.sharding import DataError, usable_samples
+    from dataio.sharding import DataError, check_usable
 
     try:
         # (and its training split, which both read: benchmarks.train's torchrun workers found
         # it empty or every shard unusable, and their error came with torchrun's traceback)
-        usable_samples(load_manifest(data), "train", warn=False)  # (the loaders warn)
+        check_usable(load_manifest(data), "train")
     except (ValueError, OSError, DataError) as e:
         parser.error(f"--data {data}: {e}")
 

@@ -100,10 +100,11 @@ class SampleIndex:
     skipped_detail: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, manifest: Manifest, split: str, warn: bool = True) -> SampleIndex:
+    def build(cls, manifest: Manifest, split: str, warn: bool = True,
+              until_usable: bool = False) -> SampleIndex:
         """Check every shard of ``split`` against the manifest before anything opens it;
         ``warn``: log each shard left out (a check before the loaders, which log them, does
-        not)."""
+        not); ``until_usable``: stop after the first usable shard (see :func:`check_usable`)."""
         directory = manifest.split_dir(split)
         out = cls([])
         for info in manifest.shards(split):
@@ -113,6 +114,8 @@ class SampleIndex:
             if reason is None:
                 try:
                     out.samples.extend(_parse_index(idx, tar, info["samples"]))
+                    if until_usable and out.samples:
+                        break
                     continue
                 except (OSError, ValueError, UnicodeDecodeError) as e:
                     reason = f"{idx}: unusable index ({e})"
@@ -135,18 +138,41 @@ class SampleIndex:
         return h.hexdigest()[:16]
 
 
-def usable_samples(manifest: Manifest, split: str, warn: bool = True) -> SampleIndex:
-    """The usable samples of ``split``; :class:`DataError` when there is none to read (an empty
-    split, or every shard left out), said once for every reader of a split."""
-    index = SampleIndex.build(manifest, split, warn)
+def usable_samples(manifest: Manifest, split: str) -> SampleIndex:
+    """The usable samples of ``split`` (each shard left out is logged); :class:`DataError` when
+    there is none to read (an empty split, or every shard left out), said once for every
+    reader of a split."""
+    return _require_some(manifest, split, SampleIndex.build(manifest, split))
+
+
+def check_usable(manifest: Manifest, split: str) -> None:
+    """Raise :func:`usable_samples`' :class:`DataError` where it would, quietly (the loaders
+    warn), for a check before any loader.
+
+    NOTE: it stops at the first usable shard: parsing every index ran in every worker before
+    its loaders parsed them all again (0.58 s for a split of 100k samples in 400 shards, warm
+    page cache, on a 2-core VM: ~6 s a rank for 1M); only a split with no usable shard is read
+    whole.
+    """
+    _require_some(manifest, split, SampleIndex.build(manifest, split, warn=False,
+                                                     until_usable=True))
+
+
+SHOWN_REASONS = 3  # shards left out named in the error; one line of every shard was ~250 B each
+
+
+def _require_some(manifest: Manifest, split: str, index: SampleIndex) -> SampleIndex:
     if not manifest.samples(split):  # (no shard was left out: there were none)
         raise DataError(f"split {split!r} of {manifest.root} is empty: dataio.prepare put no "
                         "tile in it (see its --split" + (
                             "; with --images-only every tile is in test)"
                             if not manifest.labels else ")"))
     if not len(index):
+        reasons = index.skipped_detail
+        more = len(reasons) - SHOWN_REASONS
+        shown = "; ".join(reasons[:SHOWN_REASONS]) + (f"; and {more} more" if more > 0 else "")
         raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
-                        f"shards left out: {index.skipped_detail or 'none listed'}")
+                        f"{len(reasons)} shards left out: {shown or 'none listed'}")
     return index
 
 

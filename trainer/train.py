@@ -107,20 +107,19 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
     # --check only (the launcher, once, before torchrun): in the workers a node's copy may lack
     # what another's has, and the Trainer's loaders say which rank could not open which split,
     # agreed across ranks (dist.agreed_loader), where a refusal here would stop one rank alone.
-    # (Not warned here: the loaders warn.)
+    validates = cfg.train.val_every > 0 and manifest.samples("val") > 0  # (as the Validator)
     if args.check:
-        from dataio.sharding import DataError, usable_samples
+        from dataio.sharding import DataError, check_usable
 
-        validates = cfg.train.val_every > 0 and manifest.samples("val") > 0
         for split in ("train", "val") if validates else ("train",):
             try:
-                usable_samples(manifest, split, warn=False)
+                check_usable(manifest, split)
             except DataError as e:
                 raise ConfigError(f"--data {args.data}: {e}") from None
-    # NOTE: the val truth is read by the Validator (same condition) in every worker, once
-    # training has started: a corrupt one failed there and torchrun restarted the group on it
+    # NOTE: the val truth is read by the Validator in every worker, once training has started:
+    # a corrupt one failed there and torchrun restarted the group on it
     truth = None
-    if cfg.train.val_every > 0 and cfg.train.val_f1 and manifest.samples("val") > 0:
+    if validates and cfg.train.val_f1:
         from postproc.csvio import read_truth_csv
 
         try:

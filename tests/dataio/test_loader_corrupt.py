@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataio import shards
+from dataio import sharding, shards
 from dataio.fixtures import aligned_tile, edit_manifest, write_dataset
 from dataio.loader import LoaderConfig, build_loader
 from dataio.manifest import load_manifest
@@ -122,6 +122,42 @@ def test_no_usable_shard_is_an_error_naming_the_split(data: Path) -> None:
         os.truncate(tar, 100)
     with pytest.raises(DataError, match="no usable sample in split 'train'"):
         build_loader(data, "train", _cfg())
+
+
+def test_the_error_names_a_few_of_many_shards_left_out(data: Path, monkeypatch) -> None:
+    """One repr of every shard's reason (~250 B each) made the one-line error of a split of
+    400 bad shards 100 kB long; now the first few and a count."""
+    monkeypatch.setattr(sharding, "SHOWN_REASONS", 2)
+    for tar in (data / "train").glob("*.tar"):
+        os.truncate(tar, 100)
+    with pytest.raises(DataError) as e:
+        build_loader(data, "train", _cfg())
+    msg = str(e.value)
+    assert "no usable sample in split 'train'; 3 shards left out: " in msg
+    assert msg.count("bytes on disk") == 2 and msg.endswith("; and 1 more"), msg
+
+
+def test_check_usable_reads_no_index_past_the_first_usable_shard(
+        data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.train's checks (in every worker, before its loaders parse every index again) and
+    the benchmarks' need one usable shard, not the whole list: it stops at the first; a split
+    with none is read whole and refused as the loader refuses it."""
+    parsed: list[Path] = []
+    parse = sharding._parse_index
+
+    def counted(idx: Path, tar: Path, expected: int):
+        parsed.append(idx)
+        return parse(idx, tar, expected)
+
+    monkeypatch.setattr(sharding, "_parse_index", counted)
+    manifest = load_manifest(data)
+    os.truncate(data / "train" / "shard-000000.tar", 100)  # (left out: the next one is read)
+    sharding.check_usable(manifest, "train")
+    assert [p.name for p in parsed] == ["shard-000001.idx"]
+    for tar in (data / "train").glob("*.tar"):
+        os.truncate(tar, 100)
+    with pytest.raises(DataError, match="no usable sample in split 'train'; 3 shards left out"):
+        sharding.check_usable(manifest, "train")
 
 
 def test_an_empty_split_says_so_not_that_shards_were_left_out(tmp_path: Path) -> None:
