@@ -8,9 +8,10 @@ import of every postproc command, and of training with validation F1, with numba
 
 It also makes numba's cache writes safe across processes (:func:`njit`): several processes
 compiling the kernels at once (torchrun ranks, pytest-xdist workers on a fresh checkout) crossed
-numba's cache index and its data files, and a later process ran one signature's code on another's
-arguments; and it makes a kernel's cache go stale when a module it imports changes, not only
-its own file (:func:`_stamp_imports`).
+numba's cache index and its data files, and a later process ran one signature's code on
+another's arguments (or, loading during a save after an edit, the older source's code); and it
+makes a kernel's cache go stale when a module it imports changes, not only its own file
+(:func:`_stamp_imports`).
 """
 
 from __future__ import annotations
@@ -81,31 +82,33 @@ def ensure_cache_dir() -> None:
         config.CACHE_DIR = str(path)
 
 
-def _locked(save: Callable[..., None]) -> Callable[..., None]:
-    """``save`` holding an exclusive ``flock`` on the cache directory's :data:`LOCK_NAME`."""
+def _locked(method: Callable[..., Any], exclusive: bool = True) -> Callable[..., Any]:
+    """``method`` (numba's cache save or load) holding a ``flock`` on the cache directory's
+    :data:`LOCK_NAME`: exclusive for a save, shared for a load."""
 
-    @functools.wraps(save)
-    def locked_save(self: Any, key: Any, data: Any) -> None:
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any) -> Any:
         import fcntl  # (POSIX: serialize_cache_writes patches nothing without it)
 
         try:  # read-only is enough for flock: an account that shares the cache can lock too
             fd = os.open(os.path.join(self._cache_path, LOCK_NAME), os.O_RDONLY | os.O_CREAT,
                          0o644)
-        except OSError:
-            return save(self, key, data)  # (numba's own save then says what is wrong)
+        except OSError:  # (numba's own save then says what is wrong; a load finds nothing)
+            return method(self, *args)
         try:
-            with contextlib.suppress(OSError):  # NOTE: ENOLCK (NFS without lockd): save unlocked
-                fcntl.flock(fd, fcntl.LOCK_EX)  # as numba does, rather than fail the compile
-            return save(self, key, data)
+            with contextlib.suppress(OSError):  # NOTE: ENOLCK (NFS without lockd): unlocked,
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)  # as numba's
+            return method(self, *args)
         finally:
             os.close(fd)  # (releases the lock)
 
-    locked_save.footprints_locked = True  # type: ignore[attr-defined]
-    return locked_save
+    locked.footprints_locked = True  # type: ignore[attr-defined]
+    return locked
 
 
 def serialize_cache_writes() -> None:
-    """Make numba's cache saves take turns between processes (idempotent).
+    """Make numba's cache saves take turns between processes, and its loads wait for a save
+    under way (idempotent).
 
     NOTE: numba writes each index and data file atomically (a temporary name, then
     ``os.replace``), so no process reads a partial file, but ``IndexDataCacheFile.save`` is an
@@ -115,21 +118,24 @@ def serialize_cache_writes() -> None:
     code, which every later process loads for the wrong signature (no check: a float64 argument
     went to the int64 code and ``twice(1.5)`` returned 2). Same-signature writes only lost
     entries (a recompile). Holding a lock over the whole save (compiling stays parallel; a save
-    is milliseconds) keeps the index and the data files in step; readers need no lock, since
-    the index is written before its data and a missing data file is a cache miss.
-    tests/postproc/test_numbacache_race.py forces that interleaving.
+    is milliseconds) keeps the index and the data files in step. A load takes the lock shared:
+    between a save's index and its data, the index names a data file that may still hold the
+    code of an older source (a stale index is replaced, and its data numbers are reused from 1),
+    which a reader then ran as the new (``twice`` edited from ``x * 2`` to ``x * 3`` returned 6).
+    tests/postproc/test_numbacache_race.py forces both interleavings.
     """
     try:
-        import fcntl  # noqa: F401 (locked_save's)
-    except ImportError:  # (not POSIX: numba's own save)
+        import fcntl  # noqa: F401 (locked's)
+    except ImportError:  # (not POSIX: numba's own save and load)
         return
     from numba.core import caching
 
-    # (numba's internals: a numba without them runs its own save; the tests say so)
+    # (numba's internals: a numba without them runs its own; the tests say so)
     cls = getattr(caching, "IndexDataCacheFile", None)
-    save = getattr(cls, "save", None)
-    if save is not None and not getattr(save, "footprints_locked", False):
-        cls.save = _locked(save)
+    for name, exclusive in (("save", True), ("load", False)):
+        method = getattr(cls, name, None)
+        if method is not None and not getattr(method, "footprints_locked", False):
+            setattr(cls, name, _locked(method, exclusive))
 
 
 def _module_file(base: Path, parts: list[str]) -> Path | None:

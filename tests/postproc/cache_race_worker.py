@@ -3,7 +3,9 @@
 processes read the cache index before either writes it: the interleaving that crossed numba's
 index and data files. ``check`` instead prints, as JSON, what a later process gets from the
 cache: ``twice(3)``, ``twice(1.5)`` and every index entry whose data file holds another
-signature's code."""
+signature's code. ``W`` and ``R`` (after ``plain`` cached an older ``twice``): W compiles the
+edited kernel and writes its index, then waits for R to load before it writes the data, the
+interleaving in which R loaded the older code as the new."""
 
 from __future__ import annotations
 
@@ -48,6 +50,35 @@ def _hook(role: str, sync: Path) -> None:
     cls._save_index, cls._save_data = hooked_index, hooked_data
 
 
+PRECONDITION_S = 60.0  # (R waits for W's compile: not the race, a start that may be slow)
+
+
+def _hook_reload(role: str, sync: Path) -> None:
+    """W writes its data after R has loaded (or WAIT_S); R loads once W has written its index
+    (outside numba's load: a reader waiting inside the lock would hold the writer off)."""
+    cls = caching.IndexDataCacheFile
+    load_data, save_data = cls._load_data, cls._save_data
+
+    def hooked_save_data(self, name, data):  # type: ignore[no-untyped-def]
+        (sync / "W_index").touch()
+        _wait(sync / "R_loaded")
+        save_data(self, name, data)
+
+    def hooked_load_data(self, name):  # type: ignore[no-untyped-def]
+        try:
+            return load_data(self, name)
+        finally:
+            (sync / "R_loaded").touch()
+
+    if role == "W":
+        cls._save_data = hooked_save_data
+        return
+    cls._load_data = hooked_load_data
+    end = time.monotonic() + PRECONDITION_S
+    while not (sync / "W_index").exists() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def _crossed(cache: Path) -> list[str]:
     """Index entries (of every ``.nbi`` under ``cache``) whose data is another signature's."""
     bad = []
@@ -72,6 +103,13 @@ def main() -> None:
         crossed = _crossed(Path(sys.argv[2]))
         print(json.dumps({"int": repr(race_kernel.twice(3)), "float": repr(race_kernel.twice(1.5)),
                           "crossed": crossed}))
+        return
+    if role == "plain":
+        print(repr(race_kernel.twice(3)))
+        return
+    if role in ("W", "R"):
+        _hook_reload(role, Path(sys.argv[2]))
+        print(repr(race_kernel.twice(3)))
         return
     _hook(role, Path(sys.argv[2]))
     print(repr(race_kernel.twice(3 if role == "A" else 1.5)))

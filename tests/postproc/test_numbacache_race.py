@@ -1,6 +1,7 @@
 """numba's cache written by two processes at once (pytest-xdist workers or torchrun ranks on a
 fresh checkout): ``postproc.numbacache.njit`` makes the saves take turns, so the index and the
-data files stay in step and no process loads one signature's code for another."""
+data files stay in step and no process loads one signature's code for another, and a load waits
+for a save under way, so that no process loads an older source's code under the new index."""
 
 from __future__ import annotations
 
@@ -58,14 +59,43 @@ def test_two_processes_adding_signatures_at_once_keep_the_cache_consistent(tmp_p
     assert got == {"int": "6", "float": "3.0", "crossed": []}
 
 
-def test_serializing_is_idempotent_and_patches_numbas_save() -> None:
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_load_during_a_save_does_not_run_the_older_code(tmp_path: Path) -> None:
+    """After an edit, a save replaces the stale index and reuses its data numbers: between the
+    index and the data, a process that loaded the kernel got the older code's data file under
+    the new index (``x * 2`` ran for the edited ``x * 3``)."""
+    src, cache, sync = tmp_path / "src", tmp_path / "cache", tmp_path / "sync"
+    for d in (src, cache, sync):
+        d.mkdir()
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(src), str(ROOT)])}
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(WORKER), *args], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    (src / "race_kernel.py").write_text(KERNEL)
+    old = start("plain", str(sync))
+    assert old.communicate(timeout=120)[0].strip() == "6"
+    (src / "race_kernel.py").write_text(KERNEL.replace("x * 2", "x * 3"))
+    procs = [start("W", str(sync)), start("R", str(sync))]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert (sync / "W_index").exists()  # (the writer saved through its hook)
+    assert [o.strip() for o, _ in outs] == ["9", "9"], outs
+
+
+def test_serializing_is_idempotent_and_patches_numbas_save_and_load() -> None:
     from numba.core import caching
 
     numbacache.serialize_cache_writes()
-    save = caching.IndexDataCacheFile.save
+    cls = caching.IndexDataCacheFile
+    save, load = cls.save, cls.load
     numbacache.serialize_cache_writes()
-    assert caching.IndexDataCacheFile.save is save  # (one lock, not one inside another)
-    assert getattr(save, "footprints_locked", False)
+    assert (cls.save, cls.load) == (save, load)  # (one lock, not one inside another)
+    assert getattr(save, "footprints_locked", False) and getattr(load, "footprints_locked",
+                                                                 False)
 
 
 def test_a_file_system_without_locks_still_saves(tmp_path: Path,
