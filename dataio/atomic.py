@@ -115,8 +115,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     # NOTE: everything after mkstemp is inside the try, and the file object owns the descriptor
     # first: a Ctrl-C in the fchmod that came between them and the try left the empty temporary
     # file behind (and the descriptor open).
+    f = None
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
+        f = os.fdopen(fd, mode, **kwargs)
+        with f:
             # mkstemp creates 0600; give the file the mode a plain open() would have.
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
@@ -125,6 +127,9 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as e:
+        if f is None:  # (fdopen refused the mode or an argument: the descriptor is still ours)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         # NOTE: as trainer.predict removes an --out it made: a polygonize --out NEW/p.csv, whose

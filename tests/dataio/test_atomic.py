@@ -106,6 +106,16 @@ def test_a_failed_write_leaves_no_directory_it_made(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.rglob("*")] == ["new", "mine.txt"]
 
 
+def test_a_mode_that_fdopen_refuses_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    """(``atomic_open(p, "wb", encoding=...)``: fdopen raised before a file object owned the
+    descriptor, and the temporary file went but its descriptor stayed open)"""
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match="encoding"), atomic_open(tmp_path / "out.txt", "wb",
+                                                                   encoding="utf-8"):
+        pass
+    assert set(os.listdir("/proc/self/fd")) <= fds and list(tmp_path.iterdir()) == []
+
+
 def test_a_discarded_stage_takes_the_directories_made_for_it(tmp_path: Path) -> None:
     """A stage in NEW/sub/OUT went, with OUT, but NEW and NEW/sub (made for it too) stayed,
     empty. Those that hold something else stay."""

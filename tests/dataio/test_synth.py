@@ -209,6 +209,7 @@ def test_bad_arguments_are_named_before_anything_is_written(
     assert err.startswith("dataio.synth: error: ") and named in err
     assert not out.exists()
 
+
 def test_a_size_too_large_to_draw_is_one_line(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """--size 100000000 (a tile of petabytes) was a numpy MemoryError traceback, exit 1."""
