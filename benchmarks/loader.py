@@ -56,7 +56,7 @@ from benchmarks.common import (
 from dataio.augment import Draws, Geometry, Normaliser, transform_image, transform_mask
 from dataio.loader import LoaderConfig, build_loader
 from dataio.manifest import load_manifest
-from dataio.sharding import SampleIndex
+from dataio.sharding import SampleIndex, usable_samples
 from dataio.shards import decode_sample
 from dataio.spacenet import DEFAULT_PRODUCT
 
@@ -269,11 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_dataset(Path(tmp), product=product)
-        index = SampleIndex.build(load_manifest(data), "train")
+        index = usable_samples(load_manifest(data), "train")  # (the loaders' list: see there)
         what = imagery(data)
-        # (no sample: the loaders below stop with the reason; a mean of nothing only warned)
-        mb = np.mean([sum(size for _, size in r.members.values())
-                      for r in index.samples]) / 1e6 if index.samples else 0.0
+        mb = np.mean([sum(size for _, size in r.members.values()) for r in index.samples]) / 1e6
         cfg = LoaderConfig(batch_size=args.batch_size, crop_size=args.crop,
                            num_threads=args.workers)
         variants = _variants(data, index, cfg)
