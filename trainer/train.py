@@ -77,7 +77,8 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
         # scripts: from the workers, torchrun restarted the group MAX_RESTARTS times on it
         dist.check_one_gpu_each(args.nproc, "NPROC=")
     if not (args.data / "manifest.json").is_file():
-        what = "no manifest.json" if args.data.is_dir() else "no such directory"
+        what = ("no manifest.json" if args.data.is_dir() else  # (a file: DATA/manifest.json)
+                "not a directory" if args.data.exists() else "no such directory")
         raise ConfigError(f"--data {args.data}: {what} (run dataio.prepare first)")
     # NOTE: read, not only found: a damaged or foreign manifest passed, and every worker then
     # failed on it and torchrun restarted them MAX_RESTARTS times (the launch scripts' --check)

@@ -461,18 +461,22 @@ def test_check_refuses_a_damaged_manifest(tmp_path: Path, text: str, problem: st
         f"trainer.train: error: --data {data}: {data / 'manifest.json'}: {problem}")
 
 
-@pytest.mark.parametrize("made", [False, True])
+@pytest.mark.parametrize("made", ["nothing", "directory", "file"])
 def test_check_says_whether_data_is_missing_or_holds_no_manifest(
-        tmp_path: Path, made: bool, capsys: pytest.CaptureFixture[str]) -> None:
-    """(a typo in --data read as "no manifest.json", which sent the user to run prepare)"""
+        tmp_path: Path, made: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """(a typo in --data read as "no manifest.json", which sent the user to run prepare; a
+    file, ``--data DATA/manifest.json`` say, was then "no such directory")"""
     from trainer.train import main
 
     data = tmp_path / "DATA"
-    if made:
+    if made == "directory":
         data.mkdir()
+    elif made == "file":
+        data.write_text("{}")
     assert main(["--check", "--config", "configs/tiny.toml", "--data", str(data),
                  "--run-dir", str(tmp_path / "run")]) == 2
-    what = "no manifest.json" if made else "no such directory"
+    what = {"nothing": "no such directory", "directory": "no manifest.json",
+            "file": "not a directory"}[made]
     assert capsys.readouterr().err.strip().splitlines() == [
         f"trainer.train: error: --data {data}: {what} (run dataio.prepare first)"]
 
