@@ -37,10 +37,11 @@ from postproc.predio import quantize_probs
 
 
 def _named(field: str) -> str:
-    """A setting as errors name it: its key in a settings file and its flag (a user sets it
-    with either)."""
+    """A setting as errors name it: its key in a settings file (or a training config's
+    [postproc]) and polygonize's flag (a user sets it with either; "polygonize's": trainer.train
+    and tune, which check it too, have no such flag)."""
     flag = {"simplify_tolerance": "simplify"}.get(field, field).replace("_", "-")
-    return f"{field} (--{flag})"
+    return f"{field} (polygonize --{flag})"
 
 
 @dataclass

@@ -362,12 +362,14 @@ def test_a_shard_given_as_pred_is_named_a_file(tmp_path, capsys, command):
 
 @pytest.mark.parametrize("command, flags, said", [
     ("polygonize", ["--min-polygon-area", "-5"],
-     "error: min_polygon_area (--min-polygon-area) -5.0 must be a finite number >= 0"),
+     "error: min_polygon_area (polygonize --min-polygon-area) -5.0 must be a finite number "
+     ">= 0"),
     ("polygonize", ["--simplify", "nan"],
-     "error: simplify_tolerance (--simplify) nan must be a finite number >= 0"),
+     "error: simplify_tolerance (polygonize --simplify) nan must be a finite number >= 0"),
     ("polygonize", ["--building-threshold", "0.3", "--footprint-threshold", "0.4"],
-     "error: footprint_threshold (--footprint-threshold) must not exceed building_threshold "
-     "(--building-threshold) (0.4 > 0.3): a seed must also be growable"),
+     "error: footprint_threshold (polygonize --footprint-threshold) must not exceed "
+     "building_threshold (polygonize --building-threshold) (0.4 > 0.3): a seed must also be "
+     "growable"),
     ("score", ["--iou-threshold", "0"], "error: --iou-threshold 0.0 must be in (0, 1]"),
     ("score", ["--min-truth-area", "inf"],
      "error: --min-truth-area inf must be a finite number >= 0")])
