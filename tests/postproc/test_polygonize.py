@@ -266,5 +266,6 @@ def test_grow_radius_limit_is_inclusive_as_tune_documents():
     p[3:5, 3:5] = (0, 1, 0)
     (poly, _), = polygonize_probs(p, PolygonizeConfig(grow_radius=50))
     assert poly.equals(box(0, 0, 8, 8))
-    with pytest.raises(ValueError, match=r"grow_radius \(polygonize --grow-radius\) 50.5 px is implausible"):
+    with pytest.raises(ValueError,
+                       match=r"grow_radius \(polygonize --grow-radius\) 50.5 px is implausible"):
         PolygonizeConfig(grow_radius=50.5)
