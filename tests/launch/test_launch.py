@@ -175,11 +175,14 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
 
 def test_slurm_starts_one_torchrun_a_node_in_a_job_of_a_task_a_gpu(tmp_path: Path) -> None:
     """#SBATCH --ntasks-per-node=4 (a task a GPU, as Lightning and srun-launched scripts want
-    it): srun took the job's 8 tasks and started 4 torchruns, each of 4 workers, on a node."""
-    res = _slurm(tmp_path, ntasks="8", ntasks_per_node="4")
+    it): srun took the job's 8 tasks and started 4 torchruns, each of 4 workers, on a node. With
+    --cpus-per-task=8 the node's one torchrun then got one task's 8 CPUs, not the node's 32."""
+    res = _slurm(tmp_path, ntasks="8", ntasks_per_node="4", cpus_per_task="8")
     assert res.returncode == 0, res.stderr
-    args = _recorded(tmp_path / "srun.out")[0]
-    assert {"--ntasks=2", "--ntasks-per-node=1", "--nproc_per_node=4"} <= set(args)
+    args, got = _recorded(tmp_path / "srun.out")
+    assert {"--ntasks=2", "--ntasks-per-node=1", "--nproc_per_node=4",
+            "--cpus-per-task=32"} <= set(args)
+    assert got["OMP_NUM_THREADS"] == "8"  # (32 CPUs for 4 workers)
 
 
 @pytest.mark.parametrize("var", ["job_id", "job_nodelist", "nnodes"])
