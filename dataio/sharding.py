@@ -161,6 +161,13 @@ def check_usable(manifest: Manifest, split: str) -> None:
 SHOWN_REASONS = 3  # shards left out named in the error; one line of every shard was ~250 B each
 
 
+def left_out(reasons: list[str]) -> str:
+    """The shards left out as an error names them: the first :data:`SHOWN_REASONS` reasons
+    and how many more (a split of 400 shards, all truncated, made one line of ~100 kB)."""
+    more = len(reasons) - SHOWN_REASONS
+    return "; ".join(reasons[:SHOWN_REASONS]) + (f"; and {more} more" if more > 0 else "")
+
+
 def _require_some(manifest: Manifest, split: str, index: SampleIndex) -> SampleIndex:
     if not manifest.samples(split):  # (no shard was left out: there were none)
         raise DataError(f"split {split!r} of {manifest.root} is empty: dataio.prepare put no "
@@ -169,10 +176,8 @@ def _require_some(manifest: Manifest, split: str, index: SampleIndex) -> SampleI
                             if not manifest.labels else ")"))
     if not len(index):
         reasons = index.skipped_detail
-        more = len(reasons) - SHOWN_REASONS
-        shown = "; ".join(reasons[:SHOWN_REASONS]) + (f"; and {more} more" if more > 0 else "")
         raise DataError(f"{manifest.split_dir(split)}: no usable sample in split {split!r}; "
-                        f"{len(reasons)} shards left out: {shown or 'none listed'}")
+                        f"{len(reasons)} shards left out: {left_out(reasons) or 'none listed'}")
     return index
 
 

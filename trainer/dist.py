@@ -326,8 +326,13 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
         loader, error = build(), None
     except Exception as e:
         loader, error = None, e
-    view = ((None, 0, [], f"{type(error).__name__}: {error}") if error is not None else
-            (loader.fingerprint, loader.num_samples, list(loader.index.skipped_detail), None))
+    from dataio.sharding import left_out  # (the loader's module: build imported it)
+
+    # (each rank's shards left out as the error names them, a few and a count: every one of
+    # them, for a node missing a whole split, made a line of hundreds of kB)
+    view = ((None, 0, "", f"{type(error).__name__}: {error}") if error is not None else
+            (loader.fingerprint, loader.num_samples, left_out(loader.index.skipped_detail),
+             None))
     views = gather_objects(view)
     if error is not None:
         raise error
@@ -337,7 +342,7 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
         raise RankError(f"rank {rank} could not open split {split!r} of {data}: {why}")
     if any(v[0] != views[0][0] for v in views):
         detail = "; ".join(f"rank {r}: {n} samples, fingerprint {fp[:12]}, left out "
-                           f"{skipped or 'none'}" for r, (fp, n, skipped, _) in enumerate(views))
+                           f"[{skipped or 'none'}]" for r, (fp, n, skipped, _) in enumerate(views))
         raise RankError(f"split {split!r} of {data}: the ranks read different data ({detail}); "
                         "every rank must see the same shards (check node-local copies)")
     return loader  # type: ignore[return-value]

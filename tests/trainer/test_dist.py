@@ -112,6 +112,26 @@ def test_in_one_process_a_failure_is_raised_as_itself() -> None:
         assert e.value is err
 
 
+def test_ranks_that_read_different_data_name_a_few_left_out_shards_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node missing a whole split of 400 shards: every rank's every shard went into one line
+    (~100 kB). Now each rank's first three reasons and a count."""
+    from types import SimpleNamespace
+
+    reasons = [f"DATA/train/shard-{i:06d}.tar: missing (this node's copy)" for i in range(400)]
+    mine = SimpleNamespace(fingerprint="a" * 16, num_samples=10,
+                           index=SimpleNamespace(skipped_detail=reasons))
+    monkeypatch.setattr(dist, "gather_objects",  # (this rank's view, and a rank 1 that read all)
+                        lambda view: [view, ("b" * 16, 4000, "", None)])
+    with pytest.raises(dist.RankError) as e:
+        dist.agreed_loader("train", "DATA", lambda: mine)
+    msg = str(e.value)
+    assert (f"rank 0: 10 samples, fingerprint aaaaaaaaaaaa, left out [{reasons[0]}; "
+            f"{reasons[1]}; {reasons[2]}; and 397 more]; rank 1: 4000 samples, fingerprint "
+            "bbbbbbbbbbbb, left out [none]") in msg
+    assert len(msg) < 1000
+
+
 def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_not_agreed_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """It was taken for the share's failure: agreed on (a collective the interrupted peers
