@@ -304,6 +304,9 @@ def _export(args: argparse.Namespace) -> int:
                                   f"its own {bands} input bands")
         if norm is None:
             norm = _manifest_percentiles(args.data, path, bands)
+        elif args.data is not None:  # (a user expecting DATA's statistics would get others)
+            say(f"{PROG}: note: --data {args.data} is not read: {path} records the percentiles "
+                "it trained with, and the graph normalises with those")
         model = Deployable(net.float().eval(), *norm).eval()
         with torch.no_grad():
             proto = to_onnx(model, bands, args.opset)

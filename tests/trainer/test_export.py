@@ -211,6 +211,23 @@ def test_a_checkpoint_without_percentiles_takes_those_of_data(a_run: Path, small
     assert (norm["p2"], norm["p98"]) == load_manifest(small_dataset).percentiles()
 
 
+def test_data_given_for_a_checkpoint_with_percentiles_is_named_as_not_read(
+        a_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """(--data was silently ignored: a user who meant the graph to take DATA's statistics was
+    not told it took the checkpoint's; the graph is not built here, the note comes before)"""
+    import trainer.export as export_module
+
+    def to_onnx(*args: object) -> None:
+        raise ValueError("stopped before the graph")
+
+    monkeypatch.setattr(export_module, "to_onnx", to_onnx)
+    assert export(["--checkpoint", str(a_run), "--out", str(tmp_path / "m.onnx"), "--data",
+                   str(small_dataset)]) == 2
+    err = capsys.readouterr().err
+    assert f"trainer.export: note: --data {small_dataset} is not read: " in err, err
+
+
 def test_without_the_onnx_packages_it_names_the_extra(a_run: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
