@@ -70,6 +70,20 @@ def test_out_of_range_settings_are_refused_before_any_work(
     assert e.value.code == 2 and named in capsys.readouterr().err
 
 
+def _refused(module, data: Path, monkeypatch: pytest.MonkeyPatch,
+             capsys: pytest.CaptureFixture[str]) -> tuple[list[str], int | str | None]:
+    """``module``'s main on ``data``, which must stop before any work: stderr's lines and the
+    exit code."""
+    def started(*_a, **_k):
+        raise AssertionError("the benchmark started its work")
+
+    monkeypatch.setattr(train, "run_to_end", started)
+    monkeypatch.setattr(loader, "_variants", started)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--data", str(data), "--steps" if module is train else "--rounds", "1"])
+    return capsys.readouterr().err.strip().splitlines(), e.value.code
+
+
 @pytest.mark.parametrize("module", [loader, train])
 @pytest.mark.parametrize("kind", ["missing", "a file", "not a dataset"])
 def test_a_data_dir_that_is_no_dataset_is_one_line_naming_data(
@@ -80,16 +94,8 @@ def test_a_data_dir_that_is_no_dataset_is_one_line_naming_data(
     data = {"missing": tmp_path / "nope", "a file": tmp_path / "file",
             "not a dataset": tmp_path}[kind]
     (tmp_path / "file").write_text("x")
-
-    def started(*_a, **_k):
-        raise AssertionError("the benchmark started its work")
-
-    monkeypatch.setattr(train, "run_to_end", started)
-    monkeypatch.setattr(loader, "_variants", started)
-    with pytest.raises(SystemExit) as e:
-        module.main(["--data", str(data), "--steps" if module is train else "--rounds", "1"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and f"error: --data {data}: " in err[-1]
+    err, code = _refused(module, data, monkeypatch, capsys)
+    assert code == 2 and f"error: --data {data}: " in err[-1]
     named = "no such directory" if kind == "missing" else "manifest.json"
     assert named in err[-1] and "Traceback" not in "\n".join(err)
 
@@ -127,16 +133,8 @@ def test_a_data_dir_without_a_usable_training_sample_is_one_line(
     torchrun workers said it, then came torchrun's traceback and failure report (exit 1)."""
     data = (_truncated_train(small_dataset, tmp_path, 100) if kind == "every shard truncated"
             else images_only_dataset)  # (every tile in test: no training split)
-
-    def started(*_a, **_k):
-        raise AssertionError("the benchmark started its work")
-
-    monkeypatch.setattr(train, "run_to_end", started)
-    monkeypatch.setattr(loader, "_variants", started)
-    with pytest.raises(SystemExit) as e:
-        module.main(["--data", str(data), "--steps" if module is train else "--rounds", "1"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith(
+    err, code = _refused(module, data, monkeypatch, capsys)
+    assert code == 2 and err[-1].startswith(
         f"python -m benchmarks.{module.__name__.rpartition('.')[2]}: error: --data {data}: ")
     assert ("no usable sample in split 'train'" if kind == "every shard truncated"
             else "split 'train' of") in err[-1]
