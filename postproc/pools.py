@@ -36,6 +36,9 @@ def say(line: str) -> None:
 def ignore_sigint() -> None:
     """Pool initializer: Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # NOTE: a forked worker inherits the parent's SIGTERM handler (trainer.dist.stop_signals):
+    # it raised in the worker, a traceback. A SIGTERM ends a worker silently, as it always did.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -102,10 +102,11 @@ def torchrun_cmd(nproc: int, module_args: list[str], max_restarts: int = 0,
 
 
 
-def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 120
-                   ) -> subprocess.CompletedProcess[str]:
+def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 120,
+                   sig: int = signal.SIGINT) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` in a process group of its own and press Ctrl-C (SIGINT to the whole group, as
-    a terminal sends it) once it has written a line holding ``said`` ``times`` times on stdout.
+    a terminal sends it; or ``sig``) once it has written a line holding ``said`` ``times`` times
+    on stdout.
     All its stdout and stderr come back; a command that outlives ``timeout`` seconds (or ends
     before it said so) is killed and fails the test."""
     with tempfile.TemporaryFile("w+") as err:
@@ -119,7 +120,7 @@ def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 1
                     err.seek(0)
                     raise AssertionError(f"{cmd} ended before saying {said!r} {times} times: "
                                          f"{err.read()[-3000:]}")
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig)
             out, _ = proc.communicate(timeout=timeout)
         finally:
             if proc.poll() is None:

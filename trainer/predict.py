@@ -23,7 +23,7 @@ made by another prediction (the weights loaded, the data, ``--split``, ``--tta``
 ``--fresh`` discards it regardless (``trainer.predresume``). A stage that holds no shard is removed,
 and a successful run leaves none. Ctrl-C is one line and exit code 130 on each rank, and leaves PRED
 as it was (the line says whether the stage is kept for a rerun), or, pressed during the moves,
-marked so.
+marked so. A SIGTERM (torchrun's, Slurm's) does the same, 'terminated (SIGTERM)', exit code 143.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from dataio.atomic import (
     remove_made_dirs,
     staging_dir,
 )
-from postproc.pools import ignore_further_sigint, say, sigint_once
+from postproc.pools import ignore_further_sigint, say
 from trainer import dist, predresume
 
 if TYPE_CHECKING:
@@ -263,23 +263,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     # NOTE: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step
     # (as trainer.train does): a second one cannot cut the clean-up below short.
-    # (caught outside, as trainer.train does: sigint_once also turns a press that numba reported
-    # as a SystemError into the KeyboardInterrupt it was, on its way out; after a press Ctrl-C
-    # stays set aside)
+    # (caught outside, as trainer.train does: dist.stop_signals also turns a press that numba
+    # reported as a SystemError into the KeyboardInterrupt it was, on its way out; after a press
+    # Ctrl-C stays set aside)
+    # A SIGTERM (torchrun's, Slurm's) stops it the same way: its own line, exit code 143.
     try:
-        with sigint_once():
+        with dist.stop_signals():
             return _predict(args)
     except KeyboardInterrupt:
         from postproc.predio import PUBLISHING
 
         # (under torchrun each rank says it: the terminal and torchrun signal every one)
+        how = f"trainer.predict: {dist.stopped_by()};"
         if (args.out / PUBLISHING).exists():
-            say(f"trainer.predict: interrupted; {args.out} is marked as being replaced "
-                f"({PUBLISHING}): rerun the same command")
+            say(f"{how} {args.out} is marked as being replaced ({PUBLISHING}): rerun the same "
+                "command")
         else:
-            say(f"trainer.predict: interrupted; {args.out} is left as it was{_kept(args.out)}")
+            say(f"{how} {args.out} is left as it was{_kept(args.out)}")
         ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
-        return 130
+        return dist.stop_code()
 
 
 def _kept(out: Path) -> str:

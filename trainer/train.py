@@ -20,7 +20,7 @@ import torch
 from dataio.atomic import check_writable
 from dataio.classes import NUM_CLASSES
 from models import build_model_from_config
-from postproc.pools import ignore_further_sigint, say, sigint_once
+from postproc.pools import ignore_further_sigint, say
 from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer.config import (
@@ -167,18 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     # Pipeline.__del__' traceback, a KeyboardInterrupt traceback and exit -2, or, in a checkpoint
     # write, torch's zip writer left unfinished, which aborted the process at exit ('terminate
     # called ... write to closed file', exit -6).
-    # (caught outside: sigint_once also turns a press that numba reported as a SystemError into
-    # the KeyboardInterrupt it was, on its way out; after a press Ctrl-C stays set aside)
+    # (caught outside: dist.stop_signals also turns a press that numba reported as a SystemError
+    # into the KeyboardInterrupt it was, on its way out; after a press Ctrl-C stays set aside)
+    # A SIGTERM (torchrun's to the survivors of a failed worker, Slurm's at the job's end) stops
+    # it the same way, with its own line and exit code 143 (dist.stop_signals).
     try:
-        with sigint_once():
+        with dist.stop_signals():
             return _train(args)
     except KeyboardInterrupt:  # checkpoints are written whole or not at all: nothing is lost
-        say(f"trainer.train: interrupted; rerun the same command to resume from the newest "
-            f"complete checkpoint in {args.run_dir / 'checkpoints'}")
+        say(f"trainer.train: {dist.stopped_by()}; rerun the same command to resume from the "
+            f"newest complete checkpoint in {args.run_dir / 'checkpoints'}")
         # (set aside already after a press; a further Ctrl-C in the interpreter's exit
         # would add a traceback or end the process by SIGINT)
         ignore_further_sigint()
-        return 130
+        return dist.stop_code()
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import dist
 
 
 def _state(v: float) -> dict:
@@ -269,6 +271,50 @@ def test_a_mismatched_model_names_the_file_bands_classes_and_config(tmp_path: Pa
     with pytest.raises(ValueError, match=rf"\({len(own) - len(group)} tensor\(s\) missing: "
                                          r"stem.1.running_mean, stem.1.running_var, \.\.\.\)$"):
         ckpt.load_model(_unet(), {"model": group}, path, "config.json")
+
+
+class _TerminatedFile:
+    """A checkpoint's temp file whose third write sends this process a real SIGTERM."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.writes = f, 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        n = self.f.write(data)
+        if self.writes == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def test_a_sigterm_during_a_save_leaves_the_last_checkpoint_whole_and_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's or Slurm's SIGTERM in the middle of a checkpoint write, under the commands'
+    trainer.dist.stop_signals: it stops the save as a Ctrl-C does, and the directory holds the
+    previous checkpoint, whole, and no temporary file."""
+    ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
+    real_open = ckpt.atomic_open
+
+    @contextlib.contextmanager
+    def terminated_open(path: Path, mode: str) -> Iterator[_TerminatedFile]:
+        with real_open(path, mode) as f:
+            yield _TerminatedFile(f)
+
+    monkeypatch.setattr(ckpt, "atomic_open", terminated_open)
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(dist.Terminated), dist.stop_signals():
+            ckpt.save(_state(2), ckpt.checkpoint_path(tmp_path, 2))
+    finally:
+        for s, handler in found.items():
+            signal.signal(s, handler)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert list(ckpt.checkpoint_dir(tmp_path).glob(".*")) == []
+    assert ckpt.load(ckpt.checkpoint_path(tmp_path, 1))["epoch"] == 1
 
 
 class _PressedFile:

@@ -204,3 +204,38 @@ def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
                      "--run-dir", str(tmp_path / "run")])
     assert rc == 130
     assert alive_at_destroy == [False], "the model outlived destroy_process_group"
+
+
+def test_a_sigterm_stops_as_a_ctrl_c_does_and_sets_both_aside() -> None:
+    """A real SIGTERM to this process inside stop_signals: raised as Terminated (a
+    KeyboardInterrupt: every clean-up that handles a Ctrl-C handles it), said as 'terminated
+    (SIGTERM)', exit code 143; a Ctrl-C or SIGTERM after it (torchrun's SIGTERM after the Ctrl-C
+    it forwarded) is set aside, not raised into the clean-up. Without one, both handlers come
+    back as they were. (With the default action the process vanished without a line.)"""
+    import os
+    import signal
+    import time
+
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(dist.Terminated), dist.stop_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler runs at the next bytecode: not reached)
+        assert (dist.stopped_by(), dist.stop_code()) == ("terminated (SIGTERM)", 143)
+        assert {s: signal.getsignal(s) for s in found} == dict.fromkeys(found, signal.SIG_IGN)
+        for s in found:
+            signal.signal(s, found[s])
+        with pytest.raises(KeyboardInterrupt) as pressed, dist.stop_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert not isinstance(pressed.value, dist.Terminated)
+        assert (dist.stopped_by(), dist.stop_code()) == ("interrupted", 130)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        for s in found:
+            signal.signal(s, found[s])
+        with dist.stop_signals():
+            pass
+        assert {s: signal.getsignal(s) for s in found} == found
+    finally:
+        for s in found:
+            signal.signal(s, found[s])

@@ -202,6 +202,39 @@ def test_ctrl_c_is_one_line_and_leaves_out_as_it_was(trained_run: Path, small_da
     assert list((new / ".partial").glob("pred-*.tar"))
 
 
+@pytest.mark.slow  # the real command in a process of its own
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_is_one_line_and_keeps_the_stage_as_ctrl_c_does(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, ranks: int) -> None:
+    """A real SIGTERM while predicting (a shard already in the stage): to the process, or to
+    torchrun, which forwards it to its workers (as it sends it to the survivors of a failed
+    worker; Slurm signals at a job's end or scancel). The process vanished without a line (exit
+    -15). Now each rank says one line, as after a Ctrl-C, and ends with exit code 143 (128 +
+    SIGTERM); --out is untouched and the stage with its shards kept for the rerun."""
+    out = tmp_path / "new"
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "train",
+            "--out", str(out), "--batch-size", "1", "--shard-size", "1"]
+    worker = str(Path(__file__).with_name("predict_ctrl_c_worker.py"))
+    cmd = [sys.executable, worker, *args] if ranks == 1 else torchrun_cmd(2, [worker, *args])
+    res = interrupt_when(cmd, "predicting", times=2 * ranks, sig=signal.SIGTERM)
+    lines = res.stderr.replace("\r", "\n").splitlines()
+    assert [line for line in lines if "trainer.predict:" in line] == [
+        f"trainer.predict: terminated (SIGTERM); {out} is left as it was; the shards written so "
+        f"far are kept in {out / '.partial'}: rerun the same command to resume (--fresh to start "
+        "over)"] * ranks, res.stderr[-3000:]
+    assert "KeyboardInterrupt" not in res.stderr and "Terminated" not in res.stderr, (
+        res.stderr[-3000:])
+    if ranks == 1:
+        assert res.returncode == 143 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    else:  # (torchrun ends with its own code, 1, and SignalException traceback: the only one)
+        assert res.returncode == 1 and res.stderr.count("Traceback") == 1, res.stderr[-3000:]
+        assert "SignalException" in res.stderr, res.stderr[-3000:]
+    assert _published(out) == {}
+    assert list((out / ".partial").glob("pred-*.tar"))
+
+
 def test_a_failed_write_leaves_out_as_it_was_and_keeps_the_shards_for_a_rerun(
         trained_run: Path, small_dataset: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -341,6 +341,42 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(small_dataset: Path, tmp_pat
                    f"newest complete checkpoint in {run / 'checkpoints'}"]
 
 
+def test_sigterm_stops_training_as_ctrl_c_does_with_exit_code_143(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A real SIGTERM at the third step (torchrun's to the survivors of a failed worker, Slurm's
+    at the job's end): the process vanished without a line. Now it takes Ctrl-C's path: the
+    complete checkpoints kept, one line saying how to resume, exit code 143 (128 + SIGTERM), and
+    both signals set aside for the rest of the exit."""
+    from trainer.train import main
+
+    real_step = Trainer.train_step
+
+    def terminated_at_step_2(self: Trainer, batch: object) -> float | None:
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "train_step", terminated_at_step_2)
+    run = tmp_path / "run"
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset),
+                     "--run-dir", str(run), "--set", "train.val_every=0",
+                     "--set", "train.checkpoint_every_steps=1"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, handler in found.items():
+            signal.signal(s, handler)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line for line in lines if "trainer.train:" in line] == [
+        f"trainer.train: terminated (SIGTERM); rerun the same command to resume from the newest "
+        f"complete checkpoint in {run / 'checkpoints'}"]
+    kept = ckpt.list_checkpoints(run)
+    assert [p.name for p in kept] == ["step-00000001.pt", "step-00000002.pt"]
+    assert [p.name for p in ckpt.checkpoint_dir(run).iterdir() if p.name.startswith(".")] == []
+
+
 def test_ctrl_c_clears_the_progress_bar_before_its_line(small_dataset: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
