@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from proc_helpers import REPO, kill_tree, worker_env
+from proc_helpers import REPO, interrupt_when, kill_tree, torchrun_cmd, worker_env
 from stop_at import train_until
 from trainer_helpers import poison_every_other_gradient
 
@@ -375,6 +375,33 @@ def test_sigterm_stops_training_as_ctrl_c_does_with_exit_code_143(
     kept = ckpt.list_checkpoints(run)
     assert [p.name for p in kept] == ["step-00000001.pt", "step-00000002.pt"]
     assert [p.name for p in ckpt.checkpoint_dir(run).iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow  # the real command under torchrun
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_sigterm_to_torchrun_stops_every_rank_with_its_line(small_dataset: Path,
+                                                             tmp_path: Path) -> None:
+    """torchrun forwards a SIGTERM (Slurm's scancel, a time limit) to its workers, as it sends
+    one to the survivors of a failed worker: each rank said nothing and vanished. Now each says
+    how to resume, and the checkpoint directory holds complete checkpoints only."""
+    run = tmp_path / "run"
+    worker = str(Path(__file__).with_name("ctrl_c_worker.py"))  # says 'stepped'
+    res = interrupt_when(torchrun_cmd(2, [
+        worker, "--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
+        str(run), "--set", "train.epochs=100", "--set", "train.val_every=0", "--set",
+        "train.checkpoint_every_steps=1"]), "stepped", times=2, sig=signal.SIGTERM)
+    lines = res.stderr.replace("\r", "\n").splitlines()
+    assert [line for line in lines if "trainer.train:" in line] == [
+        f"trainer.train: terminated (SIGTERM); rerun the same command to resume from the newest "
+        f"complete checkpoint in {run / 'checkpoints'}"] * 2, res.stderr[-3000:]
+    # (torchrun's own SignalException traceback, exit code 1: the only traceback)
+    assert res.returncode == 1 and res.stderr.count("Traceback") == 1, res.stderr[-3000:]
+    assert "Exception ignored" not in res.stderr, res.stderr[-3000:]
+    if ckpt.checkpoint_dir(run).is_dir():
+        assert all(not p.name.startswith(".") for p in ckpt.checkpoint_dir(run).iterdir())
+        for path in ckpt.list_checkpoints(run):
+            ckpt.load(path)
 
 
 def test_ctrl_c_clears_the_progress_bar_before_its_line(small_dataset: Path, tmp_path: Path,
