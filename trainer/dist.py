@@ -277,18 +277,47 @@ def watch_agent(env: DistEnv, poll_s: float = 1.0) -> None:
 def teardown() -> None:
     """Destroy the process group if one exists (always call this, also on errors)."""
     if _active():
-        import torch.distributed as dist
+        with _stops_held():
+            _destroy()
 
-        exc = sys.exc_info()[1]
-        if exc is not None:
-            # NOTE: called in a ``finally`` while an exception (a Ctrl-C, an error) is on its
-            # way out, whose traceback still holds the finished frames that built the DDP model.
-            # A DDP model alive past destroy_process_group keeps the group, and its reducer frees
-            # it later, joining gloo's threads with the GIL held: a hang if one of them needs the
-            # GIL to finish. So those frames' locals go first (clear_frames skips running ones).
-            traceback.clear_frames(exc.__traceback__)
-            gc.collect()  # (a module's reference cycles)
-        dist.destroy_process_group()
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Inside: a Ctrl-C or SIGTERM that :func:`stop_signals` would raise is held, and raised on
+    the way out.
+
+    NOTE: a teardown after an error runs with neither set aside, and torchrun's SIGTERM (sent
+    to the survivors once a worker has died) landed in it: destroy_process_group skipped, the
+    group alive into the interpreter's exit (see :func:`_destroy`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    ours = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is _stop_once]
+    for sig in ours:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig in ours:
+            signal.signal(sig, _stop_once)
+        if held:
+            signal.raise_signal(held[0])
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    exc = sys.exc_info()[1]
+    if exc is not None:
+        # NOTE: called in a ``finally`` while an exception (a Ctrl-C, an error) is on its
+        # way out, whose traceback still holds the finished frames that built the DDP model.
+        # A DDP model alive past destroy_process_group keeps the group, and its reducer frees
+        # it later, joining gloo's threads with the GIL held: a hang if one of them needs the
+        # GIL to finish. So those frames' locals go first (clear_frames skips running ones).
+        traceback.clear_frames(exc.__traceback__)
+        gc.collect()  # (a module's reference cycles)
+    dist.destroy_process_group()
 
 
 def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:

@@ -239,3 +239,36 @@ def test_a_sigterm_stops_as_a_ctrl_c_does_and_sets_both_aside() -> None:
     finally:
         for s in found:
             signal.signal(s, found[s])
+
+
+def test_a_sigterm_during_the_teardown_is_raised_once_the_group_is_destroyed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an error the teardown runs with SIGTERM not set aside, and torchrun sends one to the
+    survivors once a worker has died: raised inside it, destroy_process_group was skipped and
+    the group lived into the interpreter's exit. Now it is held until the group is gone."""
+    import os
+    import signal
+
+    import torch.distributed as tdist
+
+    real, order = tdist.destroy_process_group, []
+
+    def destroy(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # (torchrun's, as the teardown begins)
+        order.append("signalled")
+        real(*args)
+        order.append("destroyed")
+
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(tdist, "destroy_process_group", destroy)
+        with pytest.raises(dist.Terminated), dist.stop_signals():
+            dist.teardown()
+        assert order == ["signalled", "destroyed"] and not tdist.is_initialized()
+        assert dist.stop_code() == 143
+    finally:
+        if tdist.is_initialized():
+            real()
+        for s in found:
+            signal.signal(s, found[s])
