@@ -219,7 +219,9 @@ def stop_signals() -> Iterator[None]:
         # (sigint_once's handler is replaced by one that sets SIGTERM aside too, and put back)
         found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig, handler in found.items():
-            if handler is not None:
+            # (a SIGTERM ignored since the start was ignored on purpose by whatever started
+            # this process, as a shell leaves such a signal alone; SIGINT: sigint_once's)
+            if handler is not None and not (sig == signal.SIGTERM and handler == signal.SIG_IGN):
                 signal.signal(sig, _stop_once)
         try:
             yield

@@ -236,6 +236,9 @@ def test_a_sigterm_stops_as_a_ctrl_c_does_and_sets_both_aside() -> None:
         with dist.stop_signals():
             pass
         assert {s: signal.getsignal(s) for s in found} == found
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (ignored by whatever started it)
+        with dist.stop_signals():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         for s in found:
             signal.signal(s, found[s])
