@@ -147,12 +147,11 @@ def usable_samples(manifest: Manifest, split: str) -> SampleIndex:
 
 def check_usable(manifest: Manifest, split: str) -> None:
     """Raise :func:`usable_samples`' :class:`DataError` where it would, quietly (the loaders
-    warn), for a check before any loader.
+    warn), for a check before any loader (``trainer.train --check``, the benchmarks' --data).
 
-    NOTE: it stops at the first usable shard: parsing every index ran in every worker before
-    its loaders parsed them all again (0.58 s for a split of 100k samples in 400 shards, warm
-    page cache, on a 2-core VM: ~6 s a rank for 1M); only a split with no usable shard is read
-    whole.
+    NOTE: it stops at the first usable shard: parsing every index took 0.58 s for a split of
+    100k samples in 400 shards (warm page cache, a 2-core VM), ~6 s for 1M, before a launch
+    whose loaders parse them all again; only a split with no usable shard is read whole.
     """
     _require_some(manifest, split, SampleIndex.build(manifest, split, warn=False,
                                                      until_usable=True))

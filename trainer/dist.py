@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from postproc.pools import raise_if_interrupted, sigint_once
+from postproc.pools import raise_if_interrupted
 
 if TYPE_CHECKING:
     import torch
@@ -211,24 +211,25 @@ def stop_signals() -> Iterator[None]:
     collective stops once it returns or times out (``dist.timeout_s``), or at the SIGKILL.
     """
     _stops.clear()
-    with sigint_once():  # (its part: a press that numba reported as a SystemError)
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGTERM) is None):
-            yield
-            return
-        # (sigint_once's handler is replaced by one that sets SIGTERM aside too, and put back)
-        found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in found.items():
+        # (None: a handler installed from C, left in place, as postproc.pools.sigint_once
+        # leaves it; a SIGTERM ignored since the start was ignored on purpose by whatever
+        # started this process, as a shell leaves such a signal alone)
+        if handler is not None and not (sig == signal.SIGTERM and handler == signal.SIG_IGN):
+            signal.signal(sig, _stop_once)
+    try:
+        yield
+    except SystemError as e:  # (numba's form of a press: a traceback, not the one line)
+        raise_if_interrupted(e)
+        raise
+    finally:  # (after a signal both stay set aside)
         for sig, handler in found.items():
-            # (a SIGTERM ignored since the start was ignored on purpose by whatever started
-            # this process, as a shell leaves such a signal alone; SIGINT: sigint_once's)
-            if handler is not None and not (sig == signal.SIGTERM and handler == signal.SIG_IGN):
-                signal.signal(sig, _stop_once)
-        try:
-            yield
-        finally:  # (after a signal both stay set aside)
-            for sig, handler in found.items():
-                if signal.getsignal(sig) is _stop_once:
-                    signal.signal(sig, handler)
+            if signal.getsignal(sig) is _stop_once:
+                signal.signal(sig, handler)
 
 
 def stopped_by() -> str:

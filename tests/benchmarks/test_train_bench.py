@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 from benchmarks.train import overrides
 from trainer.config import load_config
+
+
+def _fake_variant(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
+    """Stands in for each variant's torchrun: the row its worker would write to ``--out``."""
+    from benchmarks import train
+
+    row = {"samples_per_s": 10.0, "step_ms": 800.0, "device": "cpu", "precision": "fp32",
+           **{f"{p}_ms": 1.0 for p in train.PHASES}, "threads": 1}
+    Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(row))
+    return subprocess.CompletedProcess(cmd, 0, "", "")
 
 
 def test_a_gpu_variant_keeps_the_configs_loader_threads() -> None:
@@ -23,21 +35,13 @@ def test_the_table_says_over_how_many_steps_each_row_was_timed(
         tmp_path: Path, monkeypatch, capsys) -> None:
     """Emulated bf16 is timed over 3 steps whatever --steps says; the table did not show it
     (and RESULTS.md said 20 for every row)."""
-    import json
-    import subprocess
 
     from benchmarks import train
     from dataio.fixtures import ALIGNED_P2, ALIGNED_P98, aligned_tile, write_dataset
 
     tiles = [(f"AOI_9_Test_img{i}", *aligned_tile(40, 48, i)) for i in range(3)]
     data = write_dataset(tmp_path / "data", {"train": tiles}, p2=ALIGNED_P2, p98=ALIGNED_P98)
-    def worker(cmd, **kw):  # stands in for each variant's torchrun
-        row = {"samples_per_s": 10.0, "step_ms": 800.0, "device": "cpu", "precision": "fp32",
-               **{f"{p}_ms": 1.0 for p in train.PHASES}, "threads": 1}
-        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(row))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(train, "run_to_end", worker)
+    monkeypatch.setattr(train, "run_to_end", _fake_variant)
     monkeypatch.setattr("trainer.amp.cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert train.main(["--data", str(data), "--steps", "7", "--nproc", "1"]) == 0
@@ -51,19 +55,12 @@ def test_the_table_says_over_how_many_steps_each_row_was_timed(
 def test_the_json_says_which_imagery_and_product_with_data_is_refused(
         mul_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     import json
-    import subprocess
 
     import pytest
 
     from benchmarks import train
 
-    def worker(cmd, **kw):  # stands in for each variant's torchrun
-        row = {"samples_per_s": 10.0, "step_ms": 800.0, "device": "cpu", "precision": "fp32",
-               **{f"{p}_ms": 1.0 for p in train.PHASES}, "threads": 1}
-        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(row))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(train, "run_to_end", worker)
+    monkeypatch.setattr(train, "run_to_end", _fake_variant)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     out = tmp_path / "train.json"
     assert train.main(["--data", str(mul_dataset), "--steps", "1", "--nproc", "1",
