@@ -103,14 +103,14 @@ def torchrun_cmd(nproc: int, module_args: list[str], max_restarts: int = 0,
 
 
 def interrupt_when(cmd: list[str], said: str, times: int = 1, timeout: float = 120,
-                   sig: int = signal.SIGINT) -> subprocess.CompletedProcess[str]:
+                   sig: int = signal.SIGINT, gpu: bool = False) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` in a process group of its own and press Ctrl-C (SIGINT to the whole group, as
     a terminal sends it; or ``sig``) once it has written a line holding ``said`` ``times`` times
-    on stdout.
+    on stdout (on the GPU if ``gpu``, see :func:`worker_env`).
     All its stdout and stderr come back; a command that outlives ``timeout`` seconds (or ends
     before it said so) is killed and fails the test."""
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(gpu), stdout=subprocess.PIPE,
                                 stderr=err, text=True, start_new_session=True)
         before: list[str] = []
         try:

@@ -1,8 +1,8 @@
 """Run by test_trainer: ``ctrl_c_worker.py TRAIN-ARGS...``: the real ``trainer.train`` command (its
-imports, loader and top level). It says ``stepped`` on stdout after its first training step, and
-``closing`` and ``closed`` around the close of its train loader (the read-ahead thread, the DALI
-pipeline), which takes a while here (``CLOSE_SECONDS`` first), so that a second Ctrl-C finds it
-busy."""
+imports, loader and top level). It says ``stepped`` on stdout after its first training step,
+``saved`` after each checkpoint, and ``closing`` and ``closed`` around the close of its train
+loader (the read-ahead thread, the DALI pipeline), which takes a while here (``CLOSE_SECONDS``
+first), so that a second Ctrl-C finds it busy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from trainer import train
 from trainer.trainer import Trainer
 
 CLOSE_SECONDS = 1.0
-_real_step, _real_close = Trainer.train_step, Loader.close
+_real_step, _real_save, _real_close = Trainer.train_step, Trainer.save_checkpoint, Loader.close
 
 
 def _say(what: str) -> None:
@@ -30,6 +30,11 @@ def _step(self: Trainer, batch: Any) -> float | None:
     return loss
 
 
+def _save(self: Trainer, best: bool) -> None:
+    _real_save(self, best)
+    _say("saved")
+
+
 def _close(self: Loader) -> None:
     _say("closing")
     time.sleep(CLOSE_SECONDS)
@@ -38,6 +43,7 @@ def _close(self: Loader) -> None:
 
 
 Trainer.train_step = _step  # type: ignore[method-assign]
+Trainer.save_checkpoint = _save  # type: ignore[method-assign]
 Loader.close = _close  # type: ignore[method-assign]
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from proc_helpers import (  # noqa: F401 (re-exported)
 )
 
 
-def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, gpu: bool = False
         ) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` (with ``env`` added); on timeout kill its whole process tree and fail."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**worker_env(), **(env or {})},
+    """Run ``cmd`` (with ``env`` added; on the GPU if ``gpu``); on timeout kill its whole process
+    tree and fail."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**worker_env(gpu), **(env or {})},
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
