@@ -82,11 +82,14 @@ def _unused(port: int) -> bool:
 
 
 def worker_env(gpu: bool = False) -> dict[str, str]:
-    """One thread per process (2 cores here), the repository importable, and (unless ``gpu``)
+    """One thread per process (2 cores here), the repository importable first, and (unless ``gpu``)
     no GPU: the multi-process tests check gloo and bit-exact CPU runs, on a CUDA machine too.
     (Set here, not only in conftest's autouse fixture: module fixtures start workers before it.)"""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # (the repository first, then a PYTHONPATH already set: where packages are carried onto a
+    # GPU machine beside its own, as benchmarks/RESULTS.md's leases do)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONPATH=path)
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
