@@ -109,25 +109,31 @@ def decode_sample(members: dict[str, bytes], where: str = "") -> tuple[np.ndarra
     return img, mask, meta
 
 
-def iter_tar_samples(path: Path) -> Any:
-    """Yield (key, {component: bytes}) from a shard in file order, using only stdlib tarfile."""
-    current: str | None = None
-    members: dict[str, bytes] = {}
+def iter_tar_members(path: Path) -> Any:
+    """Yield (key, component, bytes) per member of a shard in file order (stdlib tarfile);
+    ShardError where the tar stops being readable, after the members before it."""
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
-                base = info.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if key != current:
-                    if current is not None:
-                        yield current, members
-                    current, members = key, {}
+                key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
                 f = tar.extractfile(info)
-                members[ext] = f.read() if f is not None else b""
+                yield key, ext, f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path}: unreadable tar ({e})") from None
+
+
+def iter_tar_samples(path: Path) -> Any:
+    """Yield (key, {component: bytes}) from a shard in file order, using only stdlib tarfile."""
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    for key, ext, data in iter_tar_members(path):
+        if key != current:
+            if current is not None:
+                yield current, members
+            current, members = key, {}
+        members[ext] = data
     if current is not None:
         yield current, members
 

@@ -23,7 +23,9 @@ import argparse
 import io
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -33,6 +35,7 @@ from shapely.geometry.base import BaseGeometry
 from dataio.atomic import atomic_write_bytes
 from dataio.spacenet import DEFAULT_PRODUCT, rgb_composite
 from postproc.matching import match_image
+from postproc.pools import say
 from postproc.score import ScoreConfig, check_same_split, f1_from_counts
 
 TP_COLOUR = (0, 255, 0)
@@ -48,6 +51,7 @@ DEFAULT_TILES = 4
 # PNG text chunk on every tile this command writes: how a rerun knows which PNGs are its own
 TILE_TAG = ("Software", "footprints postproc.render tile")
 COMPOSITE_KEY = "Description"  # PNG text: "<product> bands R, G, B as red, green, blue"
+TAR_REASONS = ("missing", "size")  # dataio.sharding.shard_reason labels of a tar's own damage
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -126,25 +130,81 @@ def pick_tiles(truth: dict[str, list[BaseGeometry]], n: int, score_cfg: ScoreCon
     return sorted(counts, key=lambda k: (-counts[k], k))[:n]
 
 
-def load_images(data: Path, split: str, ids: list[str]) -> dict[str, np.ndarray]:
-    """img.npy of the wanted tiles from ``DATA/<split>/shard-*.tar`` (only those are decoded)."""
-    from dataio.shards import IMG, decode_npy, iter_tar_samples
+@dataclass
+class TileImages:
+    """What :func:`load_images` read: the images, and the wanted tiles it could not read."""
 
-    shards = sorted((data / split).glob("shard-*.tar"))
+    images: dict[str, np.ndarray]
+    skipped: list[str] = field(default_factory=list)  # wanted, not readable (damaged shards)
+    damaged: dict[str, str] = field(default_factory=dict)  # shard -> why, said once each
+
+
+def load_images(data: Path, split: str, ids: list[str],
+                shard_infos: list[dict[str, Any]] | None = None) -> TileImages:
+    """img.npy of the wanted tiles from ``DATA/<split>/shard-*.tar`` (only those are decoded).
+
+    NOTE: a damaged shard (truncated, cut at a header, a member that does not decode) stopped
+    the render at the first tile it could not read. Now what it holds before the damage is
+    read, the shard is named once with the reason (the loaders' check against the manifest,
+    ``shard_infos``, else the tar's own error), and the wanted tiles not found are skipped: they
+    may lie in the unread part. Without a damaged shard a tile not found is still an error.
+    """
+    from dataio.sharding import shard_reason
+    from dataio.shards import IMG, ShardError, check_shard, decode_npy, iter_tar_members
+
+    directory = data / split
+    infos = {info["name"]: info for info in shard_infos or []}
+    shards = sorted({p.name for p in directory.glob("shard-*.tar")} | set(infos))
     if not shards:
         raise ValueError(f"--data {data}: no {split}/shard-*.tar (check --data and --split)")
-    want, found = set(ids), {}
-    for shard in shards:
-        for key, members in iter_tar_samples(shard):
-            if key in want and IMG in members:
-                found[key] = decode_npy(members[IMG])
-        if len(found) == len(want):
+    out = TileImages({})
+    want = set(ids)
+    for name in shards:
+        shard, info = directory / name, infos.get(name)
+        # (only the tar's own checks: render does not read the .idx, so its damage is not this)
+        reason = check_shard(directory, info) if info is not None else None
+        if reason is not None and shard_reason(reason) not in TAR_REASONS:
+            reason = None
+        keys: set[str] = set()
+        try:
+            # NOTE: member by member, not sample by sample: a sample is whole only when the
+            # next one starts, so the last whole tile before the damage was lost with it
+            for key, ext, raw in iter_tar_members(shard) if shard.is_file() else ():
+                keys.add(key)
+                if ext != IMG or key not in want:
+                    continue
+                try:
+                    out.images[key] = decode_npy(raw)
+                except (ValueError, EOFError) as e:  # (np.load's, for bytes not a whole .npy)
+                    reason = reason or f"{shard}: {key}.{IMG} does not decode ({e})"
+                if len(out.images) == len(want):
+                    break
+            else:
+                # (a tar damaged at a later header can read as if it ended there, unsaid)
+                if reason is None and info is not None and len(keys) != info["samples"]:
+                    reason = (f"{shard}: {len(keys)} samples read, manifest says "
+                              f"{info['samples']} (a damaged member header)")
+        except ShardError as e:
+            reason = reason or str(e)
+        if reason is not None:
+            out.damaged[str(shard)] = reason
+            say(f"warning: damaged shard: {reason}; its tiles that cannot be read are skipped")
+        if len(out.images) == len(want):
             break
-    missing = sorted(want - set(found))
-    if missing:
-        raise ValueError(f"{missing[0]}: no such tile in {data / split} shards "
+    missing = [k for k in ids if k not in out.images]
+    if missing and not out.damaged:
+        raise ValueError(f"{missing[0]}: no such tile in {directory} shards "
                          "(check --image-ids and --split)")
-    return found
+    out.skipped = missing
+    if not out.images:
+        raise ValueError(f"no tile of split {split!r} of {data} could be read: the "
+                         f"{len(missing)} wanted are not in the readable part of "
+                         f"{_count(len(out.damaged), 'damaged shard')} (see the warnings above)")
+    return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         check_key(image_id)
         if image_id not in truth:
             raise ValueError(f"--image-ids {image_id}: not in {truth_csv}")
-    images = load_images(data, split, ids)
+    read = load_images(data, split, ids, manifest.shards(split))
+    images, drawn = read.images, [k for k in ids if k in read.images]
     # NOTE: the tiles are drawn into a stage inside --out and moved in only once all are drawn
     # (as trainer.predict and dataio.prepare publish): a render stopped part-way (a Ctrl-C, a
     # full disk) over an earlier render's tiles left the two mixed, some tiles new and the rest
@@ -258,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = fresh_staging_dir(args.out)
     said: list[str] = []
     try:
-        for image_id in tqdm(ids, unit="tile", desc="render"):
+        for image_id in tqdm(drawn, unit="tile", desc="render"):
             rgb = display_rgb(images[image_id], p2, p98, composite)
             im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
                                          score_cfg)
@@ -273,8 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tile, args.out / tile.name)
     stage.rmdir()
     fsync_dir(args.out)
+    if read.skipped:
+        said.append(f"{len(read.skipped)} of the {len(ids)} tiles were left out, not readable "
+                    f"from {_count(len(read.damaged), 'damaged shard')}: "
+                    f"{', '.join(read.skipped)} (see the warnings above)")
     print("\n".join([f"tiles show {shown}", *said]))
-    for old in stale_tiles(args.out, ids):
+    # (a skipped tile's picture from an earlier render goes too: it drew other proposals)
+    for old in stale_tiles(args.out, drawn):
         old.unlink()
         print(f"removed {old} (an earlier render's tile)")
     return 0

@@ -12,6 +12,7 @@ import csv
 import errno
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,67 @@ def test_bad_input_is_one_line(prepared_dataset, drawn, tmp_path, capsys, case):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error:") and want in last, last
     assert not (tmp_path / "o").exists() and not (tmp_path / "c.png").exists()
+
+
+def _damaged_copy(small_dataset: Path, root: Path, how: str) -> tuple[Path, Path, list[str]]:
+    """A copy of the dataset whose train shard-000001.tar (4 samples) is damaged at its third
+    sample: cut inside the image bytes, cut at the member header, or the header overwritten.
+    Returns (DATA, the shard, its keys in file order)."""
+    data = root / "DATA"
+    shutil.copytree(small_dataset, data)
+    shard = data / "train" / "shard-000001.tar"
+    lines = shard.with_suffix(".idx").read_text().splitlines()[1:]
+    keys = [line.split()[3].partition(".")[0] for line in lines]
+    img_at = int(lines[2].split()[1])  # (the third sample's img.npy: its first member)
+    if how == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(img_at + 1000)
+    elif how == "cut_at_header":  # (tarfile reads a shard cut so as ending there, unsaid)
+        with open(shard, "r+b") as f:
+            f.truncate(img_at - 512)
+    else:
+        with open(shard, "r+b") as f:
+            f.seek(img_at - 512 + 148)  # (the header's checksum field)
+            f.write(b"XXXXXX")
+    return data, shard, keys
+
+
+@pytest.mark.parametrize("how", ["truncated", "cut_at_header", "bad_header"])
+def test_a_damaged_shard_skips_the_tiles_it_cannot_read(small_dataset, tmp_path, capsys, how):
+    """A truncated or damaged data shard stopped the render at its first unreadable tile, with
+    every tile undrawn. Now the tiles before the damage are drawn, the ones after it skipped;
+    the shard is named once with the reason, the skipped tiles counted, and the exit code is 0."""
+    data, shard, keys = _damaged_copy(small_dataset, tmp_path, how)
+    other = next(line.split(",")[0] for line in
+                 (data / "train" / "truth.csv").read_text().splitlines()[1:]
+                 if line.split(",")[0] not in keys)
+    props = write_proposals(tmp_path / "props.csv", {})
+    out = tmp_path / "tiles"
+    assert run_main(["--data", data, "--split", "train", "--proposals", props, "--out", out,
+                     "--image-ids", *keys, other]) == 0
+    std = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{k}.png" for k in
+                                                           [*keys[:2], other])
+    warned = [line for line in std.err.splitlines() if str(shard) in line]
+    why = {"truncated": "(truncated or changed)", "cut_at_header": "(truncated or changed)",
+           "bad_header": "unreadable tar"}[how]
+    assert len(warned) == 1 and warned[0].startswith("warning: damaged shard:"), std.err
+    assert why in warned[0], warned
+    assert (f"2 of the 5 tiles were left out, not readable from 1 damaged shard: "
+            f"{keys[2]}, {keys[3]}") in std.out
+
+
+def test_a_damaged_shard_with_no_readable_wanted_tile_is_an_error(small_dataset, tmp_path,
+                                                                   capsys):
+    data, shard, keys = _damaged_copy(small_dataset, tmp_path, "truncated")
+    props = write_proposals(tmp_path / "props.csv", {})
+    out = tmp_path / "tiles"
+    assert run_main(["--data", data, "--split", "train", "--proposals", props, "--out", out,
+                     "--image-ids", *keys[2:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: no tile of split 'train' of {data} could be read: the 2 wanted "
+                       "are not in the readable part of 1 damaged shard (see the warnings above)")
+    assert str(shard) in err[-2] and not out.exists()
 
 
 def test_help_exits_zero(capsys):
