@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dataio.atomic import atomic_write_text
+from dataio.atomic import atomic_write_text, missing_dirs, remove_made_dirs
 from dataio.loader import Batch, build_loader
 from dataio.manifest import load_manifest
 from models import build_loss, build_model_from_config
@@ -153,12 +153,38 @@ class Trainer:
         # NOTE: one trainer per run directory (two would interleave their checkpoints); held by
         # rank 0 until train() returns or the process dies. First, so that a second trainer is
         # told who holds the run rather than that the metrics port is taken.
+        made = missing_dirs(self.run_dir) if self.env.is_main else []
+        had = set(os.listdir(self.run_dir)) if self.env.is_main and not made else set()
         lock = on_main(self.env, f"locking {self.run_dir}", self._lock_run_dir)
         try:
             return self._train()
+        except BaseException:
+            if self.env.is_main:
+                self._undo_start(made, had)
+            raise
         finally:
             if lock is not None:
                 lock.close()
+
+    def _undo_start(self, made: list[Path], had: set[str]) -> None:
+        """Rank 0, when :meth:`train` fails, the lock still held: a start that wrote nothing
+        (refused at the metrics port, stopped by a Ctrl-C) removes the lock file it made, and
+        the run directory and parents it made, where they are empty.
+
+        NOTE: the run directory is made for the lock, before the checks that follow it: a run
+        refused there left an empty run directory (but for ``.lock``). A directory that was
+        there stays, as does anything this run did not make; a run that wrote something (a
+        config.json, a checkpoint) keeps it for the rerun that resumes from it."""
+        try:
+            now = set(os.listdir(self.run_dir))
+        except OSError:
+            return
+        if now - had - {LOCK}:
+            return
+        if LOCK not in had:
+            with contextlib.suppress(OSError):
+                (self.run_dir / LOCK).unlink()
+        remove_made_dirs(made)
 
     def _train(self) -> dict[str, Any]:
         # NOTE: rank 0 alone binds the port; all ranks stop together if it cannot.

@@ -169,18 +169,32 @@ def test_only_rank_0_serves_and_port_0_is_off() -> None:
     assert rank1._server is None and off._server is None
 
 
+@pytest.mark.parametrize("run_dir", ["new", "existing", "existing_with_files"])
 def test_training_stops_with_the_reason_when_the_port_is_taken(small_dataset, tmp_path,
-                                                               capsys) -> None:
+                                                               capsys, run_dir) -> None:
+    """Refused at the port (after the run directory is made for its lock), a new run directory
+    stayed behind, empty but for .lock; now it goes, with the parents made for it. One that
+    was there stays as it was."""
     from trainer.train import main
 
+    run = tmp_path / "runs" / "run"
+    if run_dir != "new":
+        run.mkdir(parents=True)
+    if run_dir == "existing_with_files":
+        (run / "notes.txt").write_text("mine")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         rc = main(["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
-                   str(tmp_path / "run"), "--set", f"metrics.port={port}"])
+                   str(run), "--set", f"metrics.port={port}"])
     assert rc == 1
     assert "already in use" in capsys.readouterr().err
+    if run_dir == "new":
+        assert not (tmp_path / "runs").exists()
+    else:
+        assert sorted(p.name for p in run.iterdir()) == (
+            ["notes.txt"] if run_dir == "existing_with_files" else [])
 
 
 def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
