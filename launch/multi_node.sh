@@ -7,7 +7,8 @@
 #   MASTER_PORT   its TCP port (default 29400); must be reachable from every node, and no
 #                 other job's on MASTER_ADDR: a job that finds it taken joins that job's
 #                 rendezvous store and dies when that job ends. Held by anything else (a web
-#                 server, say), the script stops with an error naming it, exit 2
+#                 server, say), the script stops with an error naming it, exit 2; so it
+#                 does on a port below 1024 that this user may not bind (not root)
 #   NNODES        number of nodes, or MIN:MAX for an elastic range (default 2)
 #   NPROC         processes per node (default: the node's GPU count, else 2); with NCCL (the
 #                 default with GPUs) at most one per GPU: more stop the script before torchrun;

@@ -1,7 +1,8 @@
 """Before torchrun's c10d rendezvous: may MASTER_ADDR:MASTER_PORT serve it? Not when MASTER_ADDR
-does not resolve. Yes when nothing listens there (the rendezvous host's agent will start the
-store) or a torch rendezvous store answers (another agent of the job, on this host or the
-rendezvous host, started it first); not when something else holds the port.
+does not resolve, nor on a privileged port (below 1024) that this user may not bind. Yes when
+nothing listens there (the rendezvous host's agent will start the store) or a torch rendezvous
+store answers (another agent of the job, on this host or the rendezvous host, started it
+first); not when something else holds the port.
 launch/multi_node.sh and launch/slurm.sbatch (on the first node) run it before torchrun.
 
     python -m launch.port_check HOST PORT    (exit 2 and one line when it cannot serve)
@@ -20,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 # NOTE: a store answers the handshake at once (its server thread replies to the ping), over a
 # cluster network too; seconds more only delay the error when something else holds the port.
@@ -65,6 +67,38 @@ def unresolvable(host: str, timeout: float = TIMEOUT_S) -> str | None:
                         "of the rendezvous node, one every node can resolve (the port goes in "
                         "MASTER_PORT)")
         time.sleep(0.2)
+
+
+UNPRIVILEGED = "/proc/sys/net/ipv4/ip_unprivileged_port_start"  # Linux; 1024 elsewhere
+
+
+def privileged(port: int) -> str | None:
+    """Why this user cannot bind ``port``, a privileged one, or None when it can.
+
+    NOTE: a port below 1024 passed this check as a non-root user (nothing listens there), and
+    the rendezvous host's agent then could not start its store on it. Asked of the kernel with
+    a bind, not decided from the number and the uid: CAP_NET_BIND_SERVICE (root's, or given to
+    another user) and a lowered ``ip_unprivileged_port_start`` (Docker sets 0) allow it. The
+    kernel checks the permission before whether the port is in use, so a port held by a store
+    still answers; the socket is closed at once. Not tried above the privileged range: a bind
+    there, however short, could take the port from an agent starting its store at that moment.
+    """
+    try:
+        start = int(Path(UNPRIVILEGED).read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        start = 1024
+    if port >= start:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", port))
+    except PermissionError:
+        return (f"a port below {start} is privileged and this user (uid {os.geteuid()}) may "
+                "not bind it: torchrun's rendezvous store could not start there; choose one "
+                f"from {start} to 65535 (e.g. 29400)")
+    except OSError:  # (in use: not_a_store's question)
+        pass
+    return None
 
 
 def not_a_store(host: str, port: int, timeout: float = TIMEOUT_S) -> str | None:
@@ -129,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     why = unresolvable(args.host, timeout)
     if why is not None:
         print(f"error: MASTER_ADDR={args.host}: {why}", file=sys.stderr)
+        return 2
+    why = privileged(args.port)
+    if why is not None:
+        print(f"error: MASTER_PORT={args.port}: {why}", file=sys.stderr)
         return 2
     why = not_a_store(args.host, args.port, timeout)
     if why is None:

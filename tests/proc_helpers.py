@@ -7,18 +7,23 @@ import errno
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from benchmarks.proctree import kill_tree
 
-__all__ = ["REPO", "free_port", "interrupt_when", "kill_tree", "numba_interrupt", "torchrun_cmd",
-           "worker_env"]
+__all__ = ["NOBODY", "REPO", "as_nobody", "free_port", "interrupt_when", "kill_tree",
+           "nobody_scratch", "numba_interrupt", "torchrun_cmd", "worker_env"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,3 +147,47 @@ def numba_interrupt(cause: BaseException | None = None) -> None:
     except BaseException as e:
         raise SystemError("<function _numba_unpickle> returned a result with an exception "
                           "set") from e
+
+
+# ---- running a command as another account: nobody --------------------------------------------
+
+NOBODY = 65534
+SETPRIV = shutil.which("setpriv")
+
+
+def as_nobody(args: list[str], home: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    """This Python with ``args``, run as nobody (setpriv) in the checkout; ``home``: its HOME and
+    TMPDIR, a directory nobody may write (see :func:`nobody_scratch`)."""
+    cmd = [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+           *args]
+    # (HOME: numba's cache for a checkout nobody cannot write goes under it)
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(home), **env_vars}
+    env.pop("NUMBA_CACHE_DIR", None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@contextmanager
+def nobody_scratch() -> Iterator[Path]:
+    """A directory nobody can reach, outside pytest's basetemp (under a 0700 directory of
+    root's), holding ``home/`` (nobody's) and ``ro/`` (root's, 0755: nobody cannot write it);
+    removed after. Skips the test unless it runs as root with setpriv and nobody can run this
+    Python on this checkout (a venv under a 0700 home cannot be)."""
+    if os.geteuid() != 0 or SETPRIV is None:
+        pytest.skip("needs root and setpriv to run a command as nobody")
+    base = Path(tempfile.mkdtemp(prefix="footprints-nobody-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        home = base / "home"
+        home.mkdir()
+        os.chown(home, NOBODY, NOBODY)
+        (base / "ro").mkdir(mode=0o755)
+        probe = as_nobody(["-c", "import dataio.atomic"], home)
+        if probe.returncode != 0:
+            # (e.g. a checkout in a 0700 directory: `mktemp -d`)
+            closed = [str(d) for d in (REPO, *REPO.parents) if not d.stat().st_mode & 0o001]
+            pytest.skip(f"nobody cannot run {sys.executable} on {REPO} (directories it cannot "
+                        f"enter: {closed or 'none'}): {probe.stderr.strip().splitlines()[-1:]}")
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

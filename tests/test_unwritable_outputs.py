@@ -13,54 +13,24 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proc_helpers import NOBODY, as_nobody, nobody_scratch
 
 from dataio.prepare import PrepareConfig, check_output
 from launch.demo import check_out
 
 ROOT = Path(__file__).resolve().parents[1]
-NOBODY = 65534
-SETPRIV = shutil.which("setpriv")
-
-
-def _as_nobody(args: list[str], home: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    cmd = [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-           *args]
-    # (HOME: numba's cache for a checkout nobody cannot write goes under it)
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "TMPDIR": str(home), **env_vars}
-    env.pop("NUMBA_CACHE_DIR", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def scratch() -> Iterator[Path]:
-    """A directory nobody can reach, outside pytest's basetemp (under a 0700 directory of
-    root's), holding ``home/`` (nobody's) and ``ro/`` (root's, 0755: nobody cannot write it)."""
-    if os.geteuid() != 0 or SETPRIV is None:
-        pytest.skip("needs root and setpriv to run a command as nobody")
-    base = Path(tempfile.mkdtemp(prefix="footprints-nobody-", dir="/tmp"))
-    try:
-        base.chmod(0o755)
-        home = base / "home"
-        home.mkdir()
-        os.chown(home, NOBODY, NOBODY)
-        (base / "ro").mkdir(mode=0o755)
-        probe = _as_nobody(["-c", "import dataio.atomic"], home)
-        if probe.returncode != 0:
-            # (e.g. a checkout in a 0700 directory: `mktemp -d`; the root-free tests below
-            # still run)
-            closed = [str(d) for d in (ROOT, *ROOT.parents) if not d.stat().st_mode & 0o001]
-            pytest.skip(f"nobody cannot run {sys.executable} on {ROOT} (directories it cannot "
-                        f"enter: {closed or 'none'}): {probe.stderr.strip().splitlines()[-1:]}")
+    """:func:`proc_helpers.nobody_scratch` for this module's tests (skipped where nobody cannot
+    run this Python; the root-free tests below still run)."""
+    with nobody_scratch() as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _tree(path: Path) -> dict[str, tuple[int, bytes]]:
@@ -88,7 +58,7 @@ def test_score_json_that_is_a_read_only_file_is_refused(scratch: Path) -> None:
     os.chown(out, NOBODY, NOBODY)
     out.chmod(0o444)
     before = _tree(scratch)
-    result = _as_nobody(["-m", "postproc.score", "--truth", str(truth), "--proposals",
+    result = as_nobody(["-m", "postproc.score", "--truth", str(truth), "--proposals",
                          str(proposals), "--json", str(out), "--workers", "1"], home)
     _refused(result, str(out), "is read-only for this user")
     after = _tree(scratch)
@@ -105,7 +75,7 @@ def test_prepare_into_an_existing_directory_nobody_may_write_is_refused(scratch:
         dst.mkdir(parents=True) if p.is_dir() else shutil.copyfile(p, dst)
     for p in (scratch / "raw", *(scratch / "raw").rglob("*")):
         p.chmod(0o755 if p.is_dir() else 0o644)
-    result = _as_nobody(["-m", "dataio.prepare", "--raw", str(scratch / "raw"), "--out",
+    result = as_nobody(["-m", "dataio.prepare", "--raw", str(scratch / "raw"), "--out",
                          str(ro), "--workers", "1", "--quiet"], scratch / "home")
     _refused(result, f"--out {ro}: {ro} is not writable", "")
     assert list(ro.iterdir()) == []
@@ -114,7 +84,7 @@ def test_prepare_into_an_existing_directory_nobody_may_write_is_refused(scratch:
 def test_a_demo_out_nobody_may_write_is_refused(scratch: Path) -> None:
     # (was exit code 1 after the checks, "[Errno 13] Permission denied: 'OUT'")
     out = scratch / "ro" / "demo"
-    result = _as_nobody(["-m", "launch.demo", "--out", str(out), "--tiles", "5"],
+    result = as_nobody(["-m", "launch.demo", "--out", str(out), "--tiles", "5"],
                         scratch / "home")
     _refused(result, f"--out {out}: {scratch / 'ro'} is not writable", "")
     assert not out.exists()
@@ -191,7 +161,7 @@ def test_the_kernels_load_for_an_account_with_no_cache_of_its_own(scratch: Path)
     cannot cache function '_find': no locator available". The cache goes to a 0700 directory
     of its own under TMPDIR instead."""
     home = scratch / "home"
-    result = _as_nobody(["-c", "import postproc.score, postproc.polygonize"], home,
+    result = as_nobody(["-c", "import postproc.score, postproc.polygonize"], home,
                         HOME="/nonexistent", XDG_CACHE_HOME="")
     assert result.returncode == 0, result.stderr
     cache = home / f"footprints-numba-{NOBODY}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from proc_helpers import free_port
+from proc_helpers import NOBODY, SETPRIV, as_nobody, free_port, nobody_scratch
 
 import launch.gpu_check as gc
 from launch.gpu_check import _run as gpu_check_step
@@ -361,18 +361,18 @@ def test_multi_node_runs_of_one_job_share_a_rendezvous_id(tmp_path: Path) -> Non
 NO_ANSWER_WAIT = {"PORT_CHECK_TIMEOUT_S": "0.5"}
 
 
-def _multi_node_at(tmp_path: Path, port: int, extra: dict[str, str] | None = None
-                   ) -> subprocess.CompletedProcess[str]:
+def _multi_node_at(tmp_path: Path, port: int, extra: dict[str, str] | None = None,
+                   prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """multi_node.sh with its rendezvous at 127.0.0.1:``port`` and the real port check (its
     config check passes; torchrun is recorded to torchrun.out, not run); ``extra`` adds
-    variables."""
+    variables; ``prefix`` comes before its command (setpriv, say)."""
     _recorder(tmp_path / "torchrun")
     env = {"PATH": os.environ["PATH"], "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "NNODES": "1", "NPROC": "1", "OMP_NUM_THREADS": "1",
            "TORCHRUN": str(tmp_path / "torchrun"),
            "PYTHON": str(_checking_python(tmp_path / "python")), **(extra or {})}
-    return subprocess.run(["bash", "launch/multi_node.sh", "c", "d", "r"], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run([*prefix, "bash", "launch/multi_node.sh", "c", "d", "r"],
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.mark.parametrize("closes", [False, True])
@@ -427,6 +427,81 @@ def test_slurm_names_a_rendezvous_port_held_by_something_else(tmp_path: Path) ->
     assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
     assert res.stderr.startswith(f"error: MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}: the port "
                                  "is held by something that is not a torch rendezvous store")
+
+
+def _privileged_port() -> int:
+    """The highest privileged port (1023 by default); skips where there is none (Docker sets
+    ``ip_unprivileged_port_start`` to 0)."""
+    import launch.port_check as pc
+
+    try:
+        start = int(Path(pc.UNPRIVILEGED).read_text())
+    except (OSError, ValueError):
+        start = 1024
+    if start < 2:
+        pytest.skip(f"no privileged port here ({pc.UNPRIVILEGED} is {start})")
+    return start - 1
+
+
+def _without_bind_permission(port: int) -> tuple[str, ...]:
+    """A command prefix that runs without the right to bind ``port`` as a non-root user does:
+    root drops CAP_NET_BIND_SERVICE (setpriv; files stay readable, unlike as nobody), another
+    user has none. Skips where the process could still bind it."""
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        if SETPRIV is None:
+            pytest.skip("needs setpriv to run root without CAP_NET_BIND_SERVICE")
+        prefix = (SETPRIV, "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import socket\ntry:\n"
+                            f"    socket.socket().bind(('', {port}))\nexcept PermissionError:\n"
+                            "    raise SystemExit(3)\nexcept OSError:\n    pass"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 3:
+        pytest.skip(f"this process may bind port {port} (or setpriv failed): "
+                    f"{probe.stderr.strip()[-200:]}")
+    return prefix
+
+
+def _refused_privileged(res: subprocess.CompletedProcess[str], port: int, uid: int) -> None:
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        f"error: MASTER_PORT={port}: a port below {port + 1} is privileged and this user (uid "
+        f"{uid}) may not bind it: torchrun's rendezvous store could not start there; choose "
+        f"one from {port + 1} to 65535 (e.g. 29400)"], res.stderr
+
+
+@pytest.mark.parametrize("launcher", ["port_check", "multi_node.sh", "slurm.sbatch"])
+def test_a_privileged_master_port_is_refused_without_the_right_to_bind_it(
+        tmp_path: Path, launcher: str) -> None:
+    """A MASTER_PORT below 1024 passed the check for a non-root user (nothing listens there);
+    the rendezvous host's agent then could not start its store on it. Run as root without
+    CAP_NET_BIND_SERVICE, which a non-root user lacks (see the nobody test below)."""
+    port = _privileged_port()
+    prefix = _without_bind_permission(port)
+    if launcher == "port_check":
+        res = subprocess.run([*prefix, sys.executable, "-m", "launch.port_check", "127.0.0.1",
+                              str(port)], capture_output=True, text=True, timeout=60,
+                             cwd=LAUNCH.parent, env={**os.environ, **NO_ANSWER_WAIT})
+    elif launcher == "multi_node.sh":
+        res = _multi_node_at(tmp_path, port, NO_ANSWER_WAIT, prefix)
+        assert not (tmp_path / "torchrun.out").exists()
+    else:
+        cmd, env = _slurm_job(tmp_path, {"MASTER_PORT": str(port), **NO_ANSWER_WAIT},
+                              on_this_host=True)
+        res = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=60,
+                             env=env)
+        assert not (tmp_path / "srun.out").exists()
+    _refused_privileged(res, port, os.geteuid())
+
+
+def test_a_privileged_master_port_is_refused_for_nobody() -> None:
+    """The same as nobody, a non-root account, for real (skipped where nobody cannot run this
+    Python, as the other nobody tests are)."""
+    port = _privileged_port()
+    with nobody_scratch() as base:
+        res = as_nobody(["-m", "launch.port_check", "127.0.0.1", str(port)], base / "home",
+                        **NO_ANSWER_WAIT)
+    _refused_privileged(res, port, NOBODY)
 
 
 @pytest.mark.parametrize("host", ["no-such-host.invalid", "127.0.0.1:29400"])
