@@ -46,6 +46,8 @@ PAD = -1  # a slot that holds no sample
 class DataError(RuntimeError):
     """Input the loader cannot use; the message names the file (and sample) and the problem."""
 
+    refusal = True  # bad input, not a failure of the run (trainer.dist.refusal: exit code 2)
+
 
 @dataclass(frozen=True)
 class SampleRef:

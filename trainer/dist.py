@@ -50,7 +50,21 @@ class Terminated(KeyboardInterrupt):
 
 class RankError(RuntimeError):
     """Another rank's failure, or a disagreement between ranks, raised on every rank so that all
-    stop with the reason (the commands print it as one line, like bad input)."""
+    stop with the reason (the commands print it as one line, like bad input). ``refusal``: the
+    failure was a :func:`refusal`, so that every rank exits as the failing one does."""
+
+    def __init__(self, message: str, refusal: bool = False) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+def refusal(error: BaseException) -> bool:
+    """Whether ``error`` refuses the input or the settings (fix them and rerun: trainer.train's
+    exit code 2, as before its process group), not a failure of the run itself (a non-finite
+    loss, a full disk, a lost peer: 1). A ValueError (a ConfigError too), an exception class
+    that says so (``refusal = True``: dataio's DataError, the metrics port's MetricsError), or
+    a RankError carrying one from another rank."""
+    return isinstance(error, ValueError) or bool(getattr(error, "refusal", False))
 
 
 @dataclass(frozen=True)
@@ -427,7 +441,7 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
 
     # (each rank's shards left out as the error names them, a few and a count: every one of
     # them, for a node missing a whole split, made a line of hundreds of kB)
-    view = ((None, 0, "", f"{type(error).__name__}: {error}") if error is not None else
+    view = ((None, 0, "", _said(error)) if error is not None else
             (loader.fingerprint, loader.num_samples, left_out(loader.index.skipped_detail),
              None))
     views = gather_objects(view)
@@ -435,13 +449,14 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
         raise error
     failed = [(r, v[3]) for r, v in enumerate(views) if v[3] is not None]
     if failed:
-        rank, why = failed[0]
-        raise RankError(f"rank {rank} could not open split {split!r} of {data}: {why}")
+        rank, (why, refused) = failed[0]
+        raise RankError(f"rank {rank} could not open split {split!r} of {data}: {why}", refused)
     if any(v[0] != views[0][0] for v in views):
         detail = "; ".join(f"rank {r}: {n} samples, fingerprint {fp[:12]}, left out "
                            f"[{skipped or 'none'}]" for r, (fp, n, skipped, _) in enumerate(views))
         raise RankError(f"split {split!r} of {data}: the ranks read different data ({detail}); "
-                        "every rank must see the same shards (check node-local copies)")
+                        "every rank must see the same shards (check node-local copies)",
+                        refusal=True)
     return loader  # type: ignore[return-value]
 
 
@@ -455,12 +470,13 @@ def on_main(env: DistEnv, what: str, fn: Callable[[], T]) -> T | None:
     if not env.is_main:
         error = broadcast_object(None)
         if error is not None:
-            raise RankError(f"rank 0 stopped while {what}: {error}")
+            why, refused = error
+            raise RankError(f"rank 0 stopped while {what}: {why}", refused)
         return None
     try:
         result = fn()
     except Exception as e:
-        broadcast_object(f"{type(e).__name__}: {e}")
+        broadcast_object(_said(e))
         raise
     broadcast_object(None)
     return result
@@ -488,16 +504,22 @@ def agree_on(what: str, error: BaseException | None) -> None:
     it (alone, it would stop and leave the others to die on gloo's reset connection).
     """
     try:
-        errors = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        errors = gather_objects(None if error is None else _said(error))
     except Exception:
         if error is not None:  # the others were not there in time: this rank's reason first
             raise error from None
         raise
     if error is not None:
         raise error
-    failed = [(r, why) for r, why in enumerate(errors) if why is not None]
+    failed = [(r, said) for r, said in enumerate(errors) if said is not None]
     if failed:
-        raise RankError(f"rank {failed[0][0]} stopped while {what}: {failed[0][1]}")
+        rank, (why, refused) = failed[0]
+        raise RankError(f"rank {rank} stopped while {what}: {why}", refused)
+
+
+def _said(error: BaseException) -> tuple[str, bool]:
+    """How a rank's failure reaches the others: its line, and whether it is a :func:`refusal`."""
+    return f"{type(error).__name__}: {error}", refusal(error)
 
 
 def barrier() -> None:

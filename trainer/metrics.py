@@ -25,7 +25,9 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class MetricsError(RuntimeError):
-    pass
+    """The metrics endpoint cannot start where the config puts it (``metrics.port``/``address``)."""
+
+    refusal = True  # a setting to change, not a failure of the run (trainer.dist.refusal)
 
 
 @dataclass

@@ -40,7 +40,14 @@ log = logging.getLogger("footprints")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.train", description=__doc__.split("\n")[0],
+        epilog="Exit codes: 0 done; 2 bad input or settings (a config, --data or --run-dir "
+               "refused, before training or, on every rank, once the ranks have started): fix "
+               "it and rerun; 1 a failure of the run (a non-finite loss, a full disk, a lost "
+               "rank): rerun to resume; 130 Ctrl-C and 143 SIGTERM: rerun to resume. Under "
+               "torchrun these are the workers' codes (torchrun's summary names the first "
+               "failure's); torchrun itself exits 1.")
     p.add_argument("--config", type=Path, required=True, help="TOML preset, e.g. configs/tiny.toml")
     p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
     p.add_argument("--run-dir", type=Path, required=True,
@@ -210,7 +217,11 @@ def _train(args: argparse.Namespace) -> int:
     except (NonFiniteError, ValueError, RuntimeError, OSError) as e:
         log.error("%s", e)
         say(f"trainer.train: error: {e}")
-        return 1
+        # NOTE: a refusal found once the group is up (the loaders' agreed refusal of a split,
+        # a checkpoint of another model or dataset, the metrics port taken) is bad input as
+        # the checks before it are: exit 2 on every rank (RankError carries it), where it was 1
+        # like a failure of the run (a non-finite loss, a full disk, a lost peer)
+        return 2 if dist.refusal(e) else 1
     finally:
         # NOTE: after a Ctrl-C this runs with Ctrl-C set aside (main): a teardown that hangs is
         # ended by the launcher (torchrun sends SIGTERM on a second Ctrl-C, SIGKILL after 30 s);

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -331,6 +333,47 @@ def test_ranks_that_read_different_shards_stop_with_the_reason(small_dataset: Pa
     assert f"rank 1 could not open split 'val' of {small_dataset}: DataError" in res.stderr, \
         res.stderr[-3000:]
     assert "Connection closed by peer" not in res.stderr
+
+
+def _worker_exit_codes(stderr: str) -> dict[int, int]:
+    """Each failed worker's exit code, by rank, from torchrun's summary ("Root Cause" is the
+    first failure it saw; the others are listed under "Failures")."""
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)",
+                       stderr)
+    return {int(rank): int(code) for rank, code in found}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("refused", ["split", "metrics_port"])
+def test_a_refusal_once_the_ranks_have_started_exits_2_on_every_rank(small_dataset: Path,
+                                                                     tmp_path: Path,
+                                                                     refused: str) -> None:
+    """Bad input found once the process group is up (the loaders' agreed refusal of a split,
+    the metrics port taken: rank 0's failure, the other ranks' RankError) exited 1, as a
+    failure of the run does, where the same input refused before the group exited 2."""
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if refused == "split":  # rank 1 finds no usable val shard: a DataError there
+            worker = str(REPO / "tests" / "trainer" / "data_worker.py")
+            cmd = torchrun_cmd(2, [worker, "val/shard-000000.tar", *args[2:]])
+            said = f"could not open split 'val' of {small_dataset}"
+        else:  # rank 0 cannot bind it: a MetricsError there
+            port = busy.getsockname()[1]
+            cmd = torchrun_cmd(2, [*args, "--set", f"metrics.port={port}", "--set",
+                                   "metrics.address=127.0.0.1"])
+            said = f"metrics port {port} on 127.0.0.1 is already in use"
+        res = run(cmd, timeout=150)
+    assert res.returncode == 1  # (torchrun's own, whatever its workers' codes)
+    codes = _worker_exit_codes(res.stderr)
+    first = re.search(r"Root Cause.*?\n.*?rank\s*: (\d+)", res.stderr, re.S)
+    assert first and codes[int(first.group(1))] == 2, res.stderr[-3000:]
+    # (a rank still tearing down when torchrun saw the first exit gets its SIGTERM: 143)
+    assert set(codes.values()) <= {2, 143}, codes
+    assert res.stderr.count("trainer.train: error:") == 2 and said in res.stderr, \
+        res.stderr[-3000:]
+    assert res.stderr.count("Traceback") == 1, res.stderr[-3000:]  # (torchrun's own alone)
 
 
 @pytest.mark.timeout(240)

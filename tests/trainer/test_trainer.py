@@ -618,8 +618,9 @@ def test_more_processes_than_gpus_is_refused_before_nccl(small_dataset: Path, tm
         raise RuntimeError("the process group was started")
 
     monkeypatch.setattr(torch.distributed, "init_process_group", group)
+    # (refused: bad settings, exit 2 as from --check; the group's failure: 1)
     assert main(["--config", "configs/tiny.toml", "--data", str(small_dataset), "--run-dir",
-                 str(tmp_path / "run")]) == 1
+                 str(tmp_path / "run")]) == (2 if torchrun else 1)
     err = capsys.readouterr().err
     refused = "2 processes on this node but 1 CUDA device(s) visible" in err
     assert refused == torchrun and ("--nproc_per_node" in err) == torchrun
