@@ -39,9 +39,17 @@ def exit_on_error(main: Callable[[], int]) -> int:
         say("error: a worker process died (killed, e.g. out of memory, or crashed); no output "
             "was written: rerun, with fewer --workers if memory ran out")
         return 1
-    except RuntimeError as e:  # another rank's failure under torchrun (trainer.dist.RankError)
+    except RuntimeError as e:  # under torchrun: another rank's failure, or a lost one
         dist = sys.modules.get("trainer.dist")
-        if dist is None or not isinstance(e, dist.RankError):
+        if dist is None:
+            raise
+        # (a peer killed mid-run: gloo's or NCCL's raw text and a traceback, before; the
+        # outputs are written at the end or staged, so a rerun starts over)
+        lost = dist.describe_failure(e)
+        if lost is not None:
+            say(f"error: {lost}")
+            return dist.PEER_LOST_EXIT
+        if not isinstance(e, dist.RankError):
             raise
         say(f"error: {e}")
         return 2

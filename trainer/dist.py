@@ -67,6 +67,54 @@ def refusal(error: BaseException) -> bool:
     return isinstance(error, ValueError) or bool(getattr(error, "refusal", False))
 
 
+PEER_LOST_EXIT = 1  # a lost peer or failed collective: a failure to rerun, not bad input (2)
+
+# NOTE: what a collective's failure says where its type cannot tell: gloo raises a plain
+# RuntimeError ("[.../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error ...:
+# Connection reset by peer", "... unbound_buffer.cc:78] Timed out waiting 3000ms for recv"),
+# and so does DDP's reducer with the backend's text; NCCL's come as DistBackendError.
+_COLLECTIVE_TEXT = ("third_party/gloo", "gloo/transport", "connection closed by peer",
+                    "connection reset by peer", "nccl error", "ncclremoteerror",
+                    "ncclsystemerror", "remote process exited", "processgroupnccl",
+                    "watchdog caught collective operation timeout")
+
+
+def describe_failure(e: BaseException, rank: int | None = None, rerun: str = "rerun the same "
+                     "command") -> str | None:
+    """One line for a lost peer rank or a failed collective (``e``), or None for anything else.
+
+    A peer killed (SIGKILL, the OOM killer) or its node lost makes the survivors' next
+    collective raise gloo's or NCCL's own text, many lines of it with NCCL or a store, that
+    names neither the cause nor what to do. The line says which rank, what failed, the first
+    line of the original message (for diagnosis) and the way on: ``rerun``, the command's own
+    words for what a rerun resumes from. ``rank``: this process's (default: RANK, else 0).
+
+    Recognised by type first (torch.distributed's DistError family); a RuntimeError only by the
+    backends' texts (gloo's errors have no type of their own). :class:`RankError` is not one:
+    the peer said why it stopped.
+    """
+    if isinstance(e, RankError) or not isinstance(e, RuntimeError):
+        return None
+    dist = sys.modules.get("torch.distributed")  # (not imported: no collective ran)
+    typed = dist is not None and isinstance(e, getattr(dist, "DistError", ()))
+    text = str(e)
+    if not typed and not any(m in text.lower() for m in _COLLECTIVE_TEXT):
+        return None
+    if rank is None:
+        raw = os.environ.get("RANK", "")
+        rank = int(raw) if raw.isdigit() else 0
+    first = next((line.strip() for line in text.splitlines() if line.strip()),
+                 type(e).__name__)
+    # (gloo's own advice after the error, "This is typically caused by ... GLHF!", is dropped)
+    first = first.split(" This is typically caused", 1)[0][:300]
+    what = ("a collective timed out (a peer rank stalled or left; the limit is dist.timeout_s)"
+            if "timed out" in text.lower() or "timeout" in text.lower() else
+            "a peer rank left the process group (killed, out of memory, or its node lost) or "
+            "the collective failed")
+    return (f"rank {rank}: {what}: {type(e).__name__}: {first}; torchrun restarts the group if "
+            f"its --max-restarts allows, else {rerun} (the peer's own log says why it stopped)")
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """Where this process sits in the job, as torchrun describes it."""

@@ -485,8 +485,11 @@ def _predict(args: argparse.Namespace) -> int:
         # (every rank stops here: the errors are agreed; rank 0 keeps or removes the stage)
         if env.is_main:
             _settle_stage(args.out, out_made, staged)
-        say(f"trainer.predict: error: {e}{_kept(args.out) if staged else ''}")
-        return 2
+        # NOTE: a peer killed (OOM, a lost node) gave gloo's or NCCL's raw text (see
+        # dist.describe_failure): one line instead, exit code 1 (a failure to rerun, not bad input)
+        lost = dist.describe_failure(e, env.rank)
+        say(f"trainer.predict: error: {lost or e}{_kept(args.out) if staged else ''}")
+        return dist.PEER_LOST_EXIT if lost else 2
     except KeyboardInterrupt:
         # NOTE: the other ranks were interrupted too (the terminal's group, torchrun's forward);
         # rank 0 keeps a stage of shards for the rerun, and removes one without (as

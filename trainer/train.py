@@ -215,12 +215,21 @@ def _train(args: argparse.Namespace) -> int:
         dist.seed_everything(cfg.train.seed, env.rank)
         Trainer(cfg, env, args.data, args.run_dir, val_truth=val_truth).train()
     except (NonFiniteError, ValueError, RuntimeError, OSError) as e:
-        log.error("%s", e)
-        say(f"trainer.train: error: {e}")
+        # NOTE: a peer killed (OOM, a lost node) gave gloo's or NCCL's raw text here, twice,
+        # naming neither the cause nor the way on (on one node torchrun's SIGTERM mostly comes
+        # first; across nodes it does not). Now one line; exit code 1 (dist.PEER_LOST_EXIT: a
+        # failure in the run, which a rerun resumes).
+        lost = dist.describe_failure(e, env.rank, "rerun the same command to resume from the "
+                                     f"newest complete checkpoint in {args.run_dir}/checkpoints")
+        if lost is None:
+            log.error("%s", e)
+        say(f"trainer.train: error: {lost or e}")
+        if lost:
+            return dist.PEER_LOST_EXIT
         # NOTE: a refusal found once the group is up (the loaders' agreed refusal of a split,
         # a checkpoint of another model or dataset, the metrics port taken) is bad input as
         # the checks before it are: exit 2 on every rank (RankError carries it), where it was 1
-        # like a failure of the run (a non-finite loss, a full disk, a lost peer)
+        # like a failure of the run (a non-finite loss, a full disk)
         return 2 if dist.refusal(e) else 1
     finally:
         # NOTE: after a Ctrl-C this runs with Ctrl-C set aside (main): a teardown that hangs is

@@ -741,6 +741,22 @@ def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFi
         exit_on_error(lambda: _raise(RuntimeError("a bug")))
 
 
+def test_a_lost_peer_is_one_line_and_exit_code_1(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun (polygonize, score), a peer killed mid-run raised gloo's or NCCL's text
+    with a traceback: now trainer.dist.describe_failure's line, exit 1 as for a dead worker."""
+    import torch.distributed
+
+    monkeypatch.setenv("RANK", "1")
+    lost = torch.distributed.DistBackendError("NCCL error in: x.cpp:77, remote process exited "
+                                              "or there was a network error\nLast error: ...")
+    assert exit_on_error(lambda: _raise(lost)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: rank 1: a peer rank left the process group") and \
+        err.count("\n") == 1, err
+    assert "remote process exited" in err and "Last error" not in err
+
+
 @pytest.mark.parametrize("layout", ["same", "under", "tile_name"])
 def test_a_csv_and_geojson_dir_that_collide_are_refused_before_the_work(
         pred_dir, tmp_path, capsys, layout):

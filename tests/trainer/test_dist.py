@@ -275,3 +275,57 @@ def test_a_sigterm_during_the_teardown_is_raised_once_the_group_is_destroyed(
             real()
         for s in found:
             signal.signal(s, found[s])
+
+
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+              "[127.0.0.1]:59054: Connection reset by peer. This is typically caused by a remote "
+              "worker hanging or bugs in the application. Check the logs of the remote worker "
+              "before reporting an error. GLHF!")
+NCCL_EXITED = ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.cpp:77, remote "
+               "process exited or there was a network error, NCCL version 2.21.5\n"
+               "ncclRemoteError: A call failed possibly due to a network error or a remote "
+               "process exiting prematurely.\nLast error:\nsocketProgress: Connection closed by "
+               "remote peer node1<51234>")
+
+
+@pytest.mark.parametrize(("error", "says", "first"), [
+    # gloo's: a plain RuntimeError (its type cannot tell), known by its text
+    (RuntimeError(GLOO_RESET), "a peer rank left",
+     "RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read "
+     "error [127.0.0.1]:59054: Connection reset by peer.;"),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                  "waiting 3000ms for recv operation to complete"), "a collective timed out",
+     "Timed out waiting 3000ms for recv operation to complete;"),
+    # NCCL's and the store's: torch.distributed's DistError family, by type whatever the text
+    (torch.distributed.DistBackendError(NCCL_EXITED), "a peer rank left",
+     "DistBackendError: NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.cpp:77, "
+     "remote process exited or there was a network error, NCCL version 2.21.5;"),
+    (torch.distributed.DistNetworkError("failed to recv, got 0 bytes\nException raised from "
+                                        "recvBytes\nframe #0: c10::Error"), "a peer rank left",
+     "DistNetworkError: failed to recv, got 0 bytes;"),
+    (torch.distributed.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//1"),
+     "a collective timed out", "DistStoreError: wait timeout after 600000ms"),
+])
+def test_a_lost_peer_or_failed_collective_is_one_line_naming_the_rank_and_the_way_on(
+        error: RuntimeError, says: str, first: str) -> None:
+    line = dist.describe_failure(error, 3, "rerun to resume from RUN/checkpoints")
+    assert line is not None and "\n" not in line
+    assert line.startswith(f"rank 3: {says}"), line
+    assert first in line, line  # the original's first line, for diagnosis (gloo's advice cut)
+    assert "GLHF" not in line and "Last error" not in line and "frame #0" not in line
+    assert line.endswith("torchrun restarts the group if its --max-restarts allows, else rerun "
+                         "to resume from RUN/checkpoints (the peer's own log says why it "
+                         "stopped)"), line
+
+
+def test_other_errors_are_not_taken_for_a_lost_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad input, a bug, and another rank's agreed failure keep their own words; without a
+    rank given, RANK names it."""
+    for e in (RuntimeError("a bug"), ValueError("Connection reset by peer"), OSError(28, "full"),
+              dist.RankError("rank 1 stopped while validating: ValueError: x"),
+              KeyboardInterrupt()):
+        assert dist.describe_failure(e) is None, e
+    monkeypatch.setenv("RANK", "5")
+    assert str(dist.describe_failure(RuntimeError(GLOO_RESET))).startswith("rank 5: ")
+    monkeypatch.delenv("RANK")
+    assert str(dist.describe_failure(RuntimeError(GLOO_RESET))).startswith("rank 0: ")

@@ -237,14 +237,79 @@ def test_two_nodes_regroup_when_only_one_counted_a_restart(tmp_path: Path) -> No
     assert (tmp_path / "B-0.ok").read_text() == "2"
 
 
-def _worker_pid(agent: int, rank: int) -> int:
-    """The pid of the torchrun worker with RANK=rank (a child of the agent process)."""
+def _worker_pid(agent: int, rank: int | None = None) -> int:
+    """The pid of the torchrun worker with RANK=rank (a child of the agent process); with no
+    rank, the agent's one worker (whichever rank the rendezvous gave it)."""
     children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    if rank is None and len(children) == 1:
+        return int(children[0])
     for pid in children:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         if f"RANK={rank}".encode() in env:
             return int(pid)
     raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+def _listening(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until something accepts connections on ``port`` (``proc`` must stay up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listened on port {port} within {timeout}s")
+
+
+@pytest.mark.timeout(300)
+def test_the_survivor_of_a_killed_peer_says_so_in_one_line_and_a_rerun_resumes(
+        small_dataset: Path, tmp_path: Path) -> None:
+    """Two c10d "nodes" of one worker each, node B's worker SIGKILLed mid-run (the OOM killer, a
+    lost node). No SIGTERM comes to the survivor first, as torchrun's does on one node: its next
+    collective failed, and it said gloo's raw text twice (its log and its error line)."""
+    run_dir = tmp_path / "run"
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+           f"--rdzv-id=lost-{os.getpid()}", "--max-restarts=0",
+           *train_args(small_dataset, run_dir, KILL_RUN)]
+    env = {**worker_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+    def node() -> subprocess.Popen[str]:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    # NOTE: A first, so that A's agent hosts the rendezvous store: B's agent ends with its
+    # worker, and had it held the store, A's agent would stop A's worker with a SIGTERM instead
+    nodes = [node()]
+    try:
+        _listening(port, nodes[0], timeout=60)
+        nodes.append(node())
+        deadline = time.monotonic() + 120
+        while (not any((run_dir / "checkpoints").glob("step-*.pt"))
+               and time.monotonic() < deadline and all(n.poll() is None for n in nodes)):
+            time.sleep(0.02)
+        assert all(n.poll() is None for n in nodes), "a node ended before the kill"
+        os.kill(_worker_pid(nodes[1].pid), signal.SIGKILL)
+        err = nodes[0].communicate(timeout=120)[1]
+        nodes[1].communicate(timeout=60)
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                kill_tree(n.pid)
+    said = [line for line in err.splitlines() if "peer" in line or "gloo" in line.lower()]
+    assert len(said) == 1 and re.match(r"trainer\.train: error: rank [01]: a peer rank left the "
+                                       r"process group", said[0]), err[-3000:]
+    assert "Connection reset by peer" in said[0] or "Connection closed by peer" in said[0]
+    assert said[0].endswith(f"else rerun the same command to resume from the newest complete "
+                            f"checkpoint in {run_dir / 'checkpoints'} (the peer's own log says "
+                            "why it stopped)"), said[0]
+    # the worker's exit code (torchrun's agent always exits 1), and no traceback of the worker's
+    assert "failed (exitcode: 1) local_rank: 0" in err, err[-3000:]
+    assert not [line for line in err.splitlines()
+                if line.strip().startswith("File") and "/trainer/" in line], err[-3000:]
+    rerun = run(torchrun_cmd(2, train_args(small_dataset, run_dir, KILL_RUN)), timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr, rerun.stderr[-3000:]
 
 
 @pytest.mark.timeout(240)
