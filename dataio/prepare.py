@@ -95,8 +95,10 @@ from postproc.pools import (
     close_pool,
     ignore_further_sigint,
     ignore_sigint,
-    sigint_once,
     starting_workers,
+    stop_code,
+    stop_signals,
+    stopped_by,
 )
 
 ACCEPTED_DTYPES = ("uint16", "uint8")
@@ -878,9 +880,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(str(e))
     try:
-        # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut
-        # the removal of the stage or the pool's shutdown short
-        with sigint_once():
+        # NOTE: the first Ctrl-C (or SIGTERM) sets both aside (postproc.pools), so a second one
+        # cannot cut the removal of the stage or the pool's shutdown short
+        with stop_signals():
             cfg = PrepareConfig(raw=args.raw, out=args.out, split=args.split or DEFAULT_SPLIT,
                                 seed=args.seed, workers=args.workers,
                                 shard_size=args.shard_size, boundary_width=args.boundary_width,
@@ -893,9 +895,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # the stage is gone; a dataset already there stays (publish)
         ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
-        print(f"dataio.prepare: interrupted; rerun the same command to prepare {args.out} (a "
-              "dataset already there is kept until the new one is complete)", file=sys.stderr)
-        return 130
+        print(f"dataio.prepare: {stopped_by()}; rerun the same command to prepare {args.out} "
+              "(a dataset already there is kept until the new one is complete)", file=sys.stderr)
+        return stop_code()
     counts = ", ".join(f"{s} {m['splits'][s]['samples']}" for s in SPLITS)
     n = sum(m["splits"][s]["samples"] for s in SPLITS)
     for src in m["sources"]:

@@ -62,8 +62,10 @@ from postproc.pools import (
     close_pool,
     ignore_further_sigint,
     ignore_sigint,
-    sigint_once,
     starting_workers,
+    stop_code,
+    stop_signals,
+    stopped_by,
 )
 
 MUL_PRODUCT = "MUL-PanSharpen"
@@ -285,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"dataio.prepare --product {MUL_PRODUCT}")
     args = p.parse_args(argv)
     try:
-        # NOTE: the first Ctrl-C sets Ctrl-C aside (postproc.pools), so a second one cannot cut
-        # the pool's shutdown short
-        with sigint_once():
+        # NOTE: the first Ctrl-C (or SIGTERM) sets both aside (postproc.pools), so a second one
+        # cannot cut the pool's shutdown short
+        with stop_signals():
             cfg = SynthConfig(**vars(args))
             path = write_aoi(cfg, progress=True)
     except (ValueError, OSError) as e:
@@ -303,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
         if (args.out / INCOMPLETE_MARKER).exists():  # (prepare refuses the AOI while it is there)
-            print(f"dataio.synth: interrupted; {args.out} holds an incomplete AOI "
+            print(f"dataio.synth: {stopped_by()}; {args.out} holds an incomplete AOI "
                   f"({INCOMPLETE_MARKER}): rerun with --overwrite", file=sys.stderr)
         else:
-            print(f"dataio.synth: interrupted; {args.out} is left as it was", file=sys.stderr)
-        return 130
+            print(f"dataio.synth: {stopped_by()}; {args.out} is left as it was", file=sys.stderr)
+        return stop_code()
     print(f"wrote {cfg.tiles} tiles to {cfg.out} ({path.name})")
     return 0
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import BrokenExecutor
 
 from postproc.csvio import CsvError
-from postproc.pools import ignore_further_sigint, say, sigint_once
+from postproc.pools import ignore_further_sigint, say, stop_code, stop_signals, stopped_by
 from postproc.predio import PredError
 from postproc.pushmetrics import PostprocRun, push
 
@@ -19,19 +19,20 @@ def exit_on_error(main: Callable[[], int]) -> int:
     """Run ``main``; turn expected failures (bad paths, malformed files) into one line on stderr.
 
     Unexpected exceptions keep their traceback: they are bugs, not bad input. Ctrl-C is one line
-    and 130, and from then on Ctrl-C is ignored in this process (``postproc.pools``): the caller
-    is to exit with that code.
+    and 130, a SIGTERM one line and 143, and from then on both are ignored in this process
+    (``postproc.pools``): the caller is to exit with that code.
     """
     try:
-        with sigint_once():  # (a second press cannot cut the first one's clean-up short)
+        # (a second press, or a SIGTERM after it, cannot cut the first one's clean-up short)
+        with stop_signals():
             return main()
     except (PredError, CsvError, ValueError, OSError) as e:  # OSError: paths that cannot be used
         say(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (a SIGTERM too: the outputs are written whole at the end)
         ignore_further_sigint()  # (a second Ctrl-C in the exit was a traceback, or exit -2)
-        say("interrupted")
-        return 130
+        say(stopped_by())
+        return stop_code()
     except BrokenExecutor:  # (a RuntimeError: before the clause below)
         # NOTE: a pool worker killed (the kernel's OOM killer on a large share, a signal) or
         # crashed: the pool's traceback said nothing the user can act on; the outputs are

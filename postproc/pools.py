@@ -6,8 +6,9 @@ KeyboardInterrupt, stops them (:func:`close_pool`). A worker that took it died w
 waiting for work, and hung at exit joining them. Once the command's top level has the
 KeyboardInterrupt (``postproc.cli.exit_on_error``), Ctrl-C stays ignored until the process has
 exited (:func:`ignore_further_sigint`): one line, 'interrupted', and exit code 130 however often
-it is pressed. A command runs under :func:`sigint_once`, so that "from then on" starts at the
-first press itself, not where the unwinding reaches a handler.
+it is pressed. A command runs under :func:`stop_signals`, so that "from then on" starts at the
+first press itself, not where the unwinding reaches a handler; a SIGTERM (``kill``, Slurm's
+``scancel`` or time limit, torchrun's) takes the same path: 'terminated (SIGTERM)', exit code 143.
 """
 
 from __future__ import annotations
@@ -118,11 +119,6 @@ def ignore_further_sigint() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _interrupt_once(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def interrupted(e: BaseException | None) -> bool:
     """Whether ``e`` is a KeyboardInterrupt or was raised while one was on its way (its chain)."""
     seen: set[int] = set()
@@ -145,29 +141,85 @@ def raise_if_interrupted(e: BaseException) -> None:
         raise KeyboardInterrupt from e
 
 
-@contextlib.contextmanager
-def sigint_once() -> Iterator[None]:
-    """Inside: the first Ctrl-C raises KeyboardInterrupt and sets Ctrl-C aside in the same step.
+TERMINATED_EXIT = 128 + signal.SIGTERM  # a shell's code for a process ended by SIGTERM: 143
 
-    NOTE: with the default handler a second press could land while the first one unwound, before
-    :func:`close_pool` set Ctrl-C aside; it cut the pool's shutdown short, and at exit the
-    interpreter ran every queued chunk before it let the process go. Leaving without a press
-    restores the handler found. A handler installed from C stays in place: it could not be put
-    back (see :func:`starting_workers`), and Ctrl-C is its own.
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, taken as a Ctrl-C is (see :func:`stop_signals`): a KeyboardInterrupt, so that
+    every clean-up that handles a Ctrl-C handles it too."""
+
+
+_stops: list[int] = []  # the signal that stopped this process inside stop_signals, if any
+
+
+def _stop_once(signum: int, frame: object) -> None:
+    _stops.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # (a handler installed from C stays)
+        if signal.getsignal(sig) is _stop_once:
+            signal.signal(sig, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals(sigterm: bool = True) -> Iterator[None]:
+    """Inside: a SIGTERM stops the command as a Ctrl-C does, and the first of either raises
+    (:class:`Terminated` for SIGTERM, KeyboardInterrupt for Ctrl-C) and sets both aside.
+
+    torchrun sends SIGTERM to the surviving workers when one fails (and on a second Ctrl-C), Slurm
+    at a job's end or ``scancel`` (SIGKILL follows after KillWait, 30 s by default), ``kill`` by
+    default. With the default action the command vanished without a line, its clean-up skipped
+    (a stage directory, a pool's workers). Both are set aside at the first, so that neither cuts
+    that clean-up short (a SIGTERM that torchrun sends after the Ctrl-C it forwarded; a second
+    Ctrl-C while the pool's shutdown waited: the interpreter then ran every queued chunk before
+    it let the process go); a clean-up that hangs is ended by the launcher's SIGKILL. Leaving
+    without a signal restores the handlers found. ``sigterm=False``: Ctrl-C only
+    (:func:`sigint_once`).
+
+    NOTE: Python runs the handler in the main thread between bytecodes: a rank blocked in a
+    collective stops once it returns or times out (``dist.timeout_s``), or at the SIGKILL.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is None):
+    _stops.clear()
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGINT, _interrupt_once)
+    found = {sig: signal.getsignal(sig)
+             for sig in ((signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,))}
+    for sig, handler in found.items():
+        # (None: a handler installed from C, left in place: Python can neither call it nor put
+        # it back, see starting_workers; a SIGTERM ignored since the start was ignored on
+        # purpose by whatever started this process, as a shell leaves such a signal alone)
+        if handler is not None and not (sig == signal.SIGTERM and handler == signal.SIG_IGN):
+            signal.signal(sig, _stop_once)
     try:
         yield
     except SystemError as e:  # (numba's form of a press: a traceback, not the one line)
         raise_if_interrupted(e)
         raise
-    finally:  # (after a press its handler has set Ctrl-C aside: that stays)
-        if signal.getsignal(signal.SIGINT) is _interrupt_once:
-            signal.signal(signal.SIGINT, before)
+    finally:  # (after a signal both stay set aside)
+        for sig, handler in found.items():
+            if signal.getsignal(sig) is _stop_once:
+                signal.signal(sig, handler)
+
+
+def sigint_once() -> contextlib.AbstractContextManager[None]:
+    """:func:`stop_signals` for Ctrl-C alone: SIGTERM keeps its default action.
+
+    NOTE: for launch.demo (and the benchmarks, which run it): a stop makes it wait for its
+    running stage to end (``wait_to_end``), and a ``kill`` of the demo alone reaches no stage,
+    which would then run to its end first."""
+    return stop_signals(sigterm=False)
+
+
+def stopped_by() -> str:
+    """What stopped this process inside :func:`stop_signals`, for its last line: 'terminated
+    (SIGTERM)' or 'interrupted' (a Ctrl-C)."""
+    return "terminated (SIGTERM)" if signal.SIGTERM in _stops else "interrupted"
+
+
+def stop_code() -> int:
+    """The exit code for that: 143 (128 + SIGTERM, what a shell reports for a process the signal
+    ended) or 130 (128 + SIGINT)."""
+    return TERMINATED_EXIT if signal.SIGTERM in _stops else 130
 
 
 def run_to_end(cmd: list[str], capture_output: bool = False,

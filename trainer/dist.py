@@ -25,7 +25,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from postproc.pools import raise_if_interrupted
+# (the signal part, shared with the commands that run without a process group; re-exported
+# here, where trainer.train and trainer.predict have always found it)
+from postproc.pools import (  # noqa: F401
+    TERMINATED_EXIT,
+    Terminated,
+    _stop_once,
+    raise_if_interrupted,
+    stop_code,
+    stop_signals,
+    stopped_by,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -38,14 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("footprints")
 T = TypeVar("T")
-
-
-TERMINATED_EXIT = 128 + signal.SIGTERM  # a shell's code for a process ended by SIGTERM: 143
-
-
-class Terminated(KeyboardInterrupt):
-    """A SIGTERM, taken as a Ctrl-C is (see :func:`stop_signals`): a KeyboardInterrupt, so that
-    every clean-up that handles a Ctrl-C handles it too."""
 
 
 class RankError(RuntimeError):
@@ -245,65 +247,6 @@ def init(env: DistEnv | None = None, backend: str | None = None,
                                 timeout=timeout, **kwargs)
         log.debug("process group up: backend=%s world=%d", backend, env.world_size)
     return env
-
-
-_stops: list[int] = []  # the signal that stopped this process inside stop_signals, if any
-
-
-def _stop_once(signum: int, frame: object) -> None:
-    _stops.append(signum)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # (a handler installed from C stays)
-        if signal.getsignal(sig) is _stop_once:
-            signal.signal(sig, signal.SIG_IGN)
-    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
-    """Inside: a SIGTERM stops the command as a Ctrl-C does, and the first of either raises
-    (:class:`Terminated` for SIGTERM, KeyboardInterrupt for Ctrl-C) and sets both aside.
-
-    torchrun sends SIGTERM to the surviving workers when one fails (and on a second Ctrl-C), Slurm
-    at a job's end or ``scancel`` (SIGKILL follows after KillWait, 30 s by default). With the
-    default action the worker vanished without a line, its clean-up skipped. Both are set aside
-    at the first, so that neither cuts that clean-up short (a SIGTERM that torchrun sends after
-    the Ctrl-C it forwarded); a clean-up that hangs is ended by the launcher's SIGKILL.
-
-    NOTE: Python runs the handler in the main thread between bytecodes: a rank blocked in a
-    collective stops once it returns or times out (``dist.timeout_s``), or at the SIGKILL.
-    """
-    _stops.clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig, handler in found.items():
-        # (None: a handler installed from C, left in place, as postproc.pools.sigint_once
-        # leaves it; a SIGTERM ignored since the start was ignored on purpose by whatever
-        # started this process, as a shell leaves such a signal alone)
-        if handler is not None and not (sig == signal.SIGTERM and handler == signal.SIG_IGN):
-            signal.signal(sig, _stop_once)
-    try:
-        yield
-    except SystemError as e:  # (numba's form of a press: a traceback, not the one line)
-        raise_if_interrupted(e)
-        raise
-    finally:  # (after a signal both stay set aside)
-        for sig, handler in found.items():
-            if signal.getsignal(sig) is _stop_once:
-                signal.signal(sig, handler)
-
-
-def stopped_by() -> str:
-    """What stopped this process inside :func:`stop_signals`, for its last line: 'terminated
-    (SIGTERM)' or 'interrupted' (a Ctrl-C)."""
-    return "terminated (SIGTERM)" if signal.SIGTERM in _stops else "interrupted"
-
-
-def stop_code() -> int:
-    """The exit code for that: 143 (128 + SIGTERM, what a shell reports for a process the signal
-    ended) or 130 (128 + SIGINT)."""
-    return TERMINATED_EXIT if signal.SIGTERM in _stops else 130
 
 
 def watch_agent(env: DistEnv, poll_s: float = 1.0) -> None:

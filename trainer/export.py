@@ -53,7 +53,7 @@ from dataio.atomic import atomic_write_bytes, check_writable
 from dataio.augment import Normaliser
 from dataio.classes import CLASS_NAMES
 from dataio.spacenet import DEFAULT_PRODUCT, PRODUCTS
-from postproc.pools import say
+from postproc.pools import ignore_further_sigint, say, stop_code, stop_signals, stopped_by
 from trainer import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -262,10 +262,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        return _export(args)
+        # (a SIGTERM, Slurm's or a kill's, stops it as a Ctrl-C does: it vanished without a
+        # word; the ONNX file is written whole or not at all, so --out is as it was)
+        with stop_signals():
+            return _export(args)
     except KeyboardInterrupt:
-        say(f"{PROG}: interrupted; {args.out} is left as it was")
-        return 130
+        ignore_further_sigint()  # (a further Ctrl-C in the interpreter's exit: a traceback)
+        say(f"{PROG}: {stopped_by()}; {args.out} is left as it was")
+        return stop_code()
 
 
 def _onnx() -> Any:

@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -388,21 +389,27 @@ def test_interrupted_run_leaves_nothing_behind(raw: Path, tmp_path: Path,
 
 @pytest.mark.slow  # the real command in a process of its own
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("workers", "press_when"), [(0, "tile"), (2, "worker starting")])
+@pytest.mark.parametrize(("workers", "press_when", "sig"), [
+    (0, "tile", signal.SIGINT), (2, "worker starting", signal.SIGINT),
+    # a SIGTERM to its processes (Slurm's scancel or time limit), its pool's workers busy
+    (2, "tile", signal.SIGTERM)])
 def test_ctrl_c_is_one_line_and_leaves_no_dataset(raw: Path, tmp_path: Path, workers: int,
-                                                  press_when: str) -> None:
+                                                  press_when: str, sig: int) -> None:
     """Ctrl-C mid-run was a KeyboardInterrupt traceback (exit -2) and, with workers, another
     from each worker still starting (importing for seconds before its initializer could set
-    Ctrl-C aside). Now: one line, exit 130, and no dataset in --out (the stage is gone)."""
+    Ctrl-C aside). Now: one line, exit 130, and no dataset in --out (the stage is gone). A
+    SIGTERM killed it without a word, its stage left in --out: now the same, exit 143."""
     out = tmp_path / "d"
     worker = str(Path(__file__).with_name("ctrl_c_worker.py"))  # slow tiles and worker starts
     res = interrupt_when([sys.executable, worker, "--raw", str(raw), "--out", str(out),
-                          "--shard-size", "2", "--workers", str(workers)], press_when, times=2)
+                          "--shard-size", "2", "--workers", str(workers)], press_when, times=2,
+                         sig=sig)
     lines = res.stderr.replace("\r", "\n").splitlines()
+    how = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
     assert [line for line in lines if line and not line.startswith("prepare:")] == [
-        f"dataio.prepare: interrupted; rerun the same command to prepare {out} (a dataset "
+        f"dataio.prepare: {how}; rerun the same command to prepare {out} (a dataset "
         "already there is kept until the new one is complete)"], res.stderr[-3000:]
-    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.returncode == 128 + sig, res.stderr[-3000:]
     assert not out.exists()  # (no dataset: the stage is gone, and the --out made for it)
 
 

@@ -275,6 +275,24 @@ def test_a_stopped_run_leaves_its_outputs_as_they_were(pred_dir, tmp_path, monke
     assert not shared[0].parent.exists()
 
 
+@pytest.mark.multiproc  # the command and its pool of 2 workers, in a process group of their own
+@pytest.mark.timeout(180)
+def test_a_sigterm_stops_polygonize_and_its_pool_in_one_line_and_exit_143(pred_dir, tmp_path):
+    """A SIGTERM to the command's processes (Slurm's scancel or time limit) killed it without a
+    word, its stage and the --out made for it left behind. Now the pool's workers die of it
+    (they restore its default action) and the command stops as at a Ctrl-C: its one line, exit
+    143, and none of its outputs."""
+    csv_out, gj = tmp_path / "new" / "p.csv", tmp_path / "gj"
+    worker = str(Path(__file__).with_name("polygonize_ctrl_c_worker.py"))  # slow chunks
+    res = interrupt_when([sys.executable, worker, "--pred", str(pred_dir[0]), "--workers", "2",
+                          "--no-tuned", "--out", str(csv_out), "--geojson", str(gj)], "chunk",
+                         times=2, sig=signal.SIGTERM)
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert res.stderr.splitlines()[-1] == "terminated (SIGTERM)", res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "interrupted" not in res.stderr, res.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # (no CSV, no stage, nor the directories made for them)
+
+
 def test_geojson_into_the_prediction_directory_is_refused(pred_dir, tmp_path, monkeypatch,
                                                          capsys):
     """--geojson PRED: the GeoJSON publish marks its directory (.publishing), so a run cut short

@@ -6,12 +6,14 @@ import hashlib
 import io
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from proc_helpers import interrupt_when
 
 from dataio.loader import build_loader
 from dataio.manifest import load_manifest
@@ -237,3 +239,20 @@ def test_without_the_onnx_packages_it_names_the_extra(a_run: Path, tmp_path: Pat
     assert err.count("\n") == 1 and err.startswith(
         "trainer.export: error: exporting needs the onnx and onnxscript packages"), err
     assert "pip install -e '.[export]'" in err and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow  # (an export: 10-30 s on 2 cores, in a process of its own)
+@pytest.mark.timeout(180)
+def test_a_sigterm_mid_write_is_one_line_exit_143_and_leaves_no_file(a_run: Path,
+                                                                     tmp_path: Path) -> None:
+    """A SIGTERM (a kill, Slurm's scancel or time limit) ended the export without a word; now it
+    stops as a Ctrl-C does, its temporary file removed."""
+    out = tmp_path / "model.onnx"
+    worker = str(Path(__file__).with_name("export_stop_worker.py"))  # a slow write
+    res = interrupt_when([sys.executable, worker, "--checkpoint", str(a_run), "--out", str(out)],
+                         "writing", sig=signal.SIGTERM, timeout=60)
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert res.stderr.splitlines()[-1] == (f"trainer.export: terminated (SIGTERM); {out} is left "
+                                           "as it was"), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # (no model.onnx, no temporary file)
