@@ -1564,3 +1564,39 @@ def test_a_resumed_run_counts_the_tiles_the_stopped_run_skipped(
         f"wrote predictions for 5 tiles of test to {out} (2 of them in the stopped run's shards, "
         "kept); 1 of its 6 tiles were left out (skipped by the stopped run: 1; see the warnings "
         "above)")
+
+
+def test_a_peer_lost_at_the_agreement_is_one_line_exit_1_and_a_rerun_resumes(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The other rank killed while this one wrote its share: the agreement after it (a gather)
+    raised the backend's own text (NCCL's, several lines; gloo's) with exit code 2, as for bad
+    input. Now dist.describe_failure's line and exit 1, the shards kept, and a rerun resumes."""
+    out = tmp_path / "pred"
+    real, calls = dist.gather_objects, []
+
+    def lost_at_the_third(obj: object) -> list[object]:  # (loading, agreed_loader, the shares)
+        calls.append(obj)
+        if len(calls) == 3:
+            raise torch.distributed.DistBackendError(
+                "NCCL error in: ProcessGroupNCCL.cpp:2057, remote process exited or there was "
+                "a network error, NCCL version 2.21.5\nncclRemoteError: A call failed\nLast "
+                "error:\nsocketProgress: Connection closed by remote peer")
+        return real(obj)
+
+    monkeypatch.setattr(dist, "gather_objects", lost_at_the_third)
+    args = _resume_args(trained_run, small_dataset, out, "--shard-size", "4")
+    assert predict(args) == 1 and len(calls) == 3
+    err = _lines(capsys.readouterr().err)
+    assert err[-1].startswith("trainer.predict: error: rank 0: a peer rank left the process "
+                              "group (killed, out of memory, or its node lost) or the collective "
+                              "failed: DistBackendError: NCCL error in: "), err
+    assert err[-1].endswith(f"the shards written so far are kept in {out / '.partial'}: rerun "
+                            "the same command to resume (--fresh to start over)"), err[-1]
+    assert not [line for line in err if "ncclRemoteError" in line or "Last error" in line]
+    monkeypatch.undo()
+    assert predict(args) == 0
+    said, err2 = capsys.readouterr()
+    assert (f"trainer.predict: resuming the stopped prediction in {out / '.partial'} (--fresh "
+            "to start over)") in _lines(err2)
+    assert "in the stopped run's shards, kept" in said, said
