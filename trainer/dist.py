@@ -109,7 +109,7 @@ def describe_failure(e: BaseException, rank: int | None = None, rerun: str = "re
                  type(e).__name__)
     # (gloo's own advice after the error, "This is typically caused by ... GLHF!", is dropped)
     first = first.split(" This is typically caused", 1)[0][:300]
-    what = ("a collective timed out (a peer rank stalled or left; the limit is dist.timeout_s)"
+    what = ("a collective timed out (a peer rank stalled or left the process group)"
             if "timed out" in text.lower() or "timeout" in text.lower() else
             "a peer rank left the process group (killed, out of memory, or its node lost) or "
             "the collective failed")
