@@ -49,16 +49,20 @@ def _cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.M
 
 @pytest.fixture(autouse=True)
 def _sigint_handler_restored() -> Iterator[None]:
-    """Each test starts with the Ctrl-C handler the session had.
+    """Each test starts with the Ctrl-C and SIGTERM handlers the session had.
 
     NOTE: a command's ``main`` run in process that took a Ctrl-C leaves Ctrl-C set aside (its
     process would exit next); the tests after it in the same process saw SIG_IGN. The suite
     passed only in the order of one process: under ``pytest -n`` (files spread over workers) a
-    test that checks the handler put back failed after an in-process render Ctrl-C test."""
-    before = signal.getsignal(signal.SIGINT)
+    test that checks the handler put back failed after an in-process render Ctrl-C test.
+    SIGTERM is set aside with it (postproc.pools.stop_signals), and an ignored SIGTERM is
+    inherited by every process a later test starts: a command given SIGTERM there ran on to its
+    end (prepare's SIGTERM test, after test_cli's Ctrl-C tests in the same worker)."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
-    if before is not None:  # (None: a handler installed from C, which cannot be put back)
-        signal.signal(signal.SIGINT, before)
+    for sig, handler in before.items():
+        if handler is not None:  # (None: a handler installed from C, which cannot be put back)
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
