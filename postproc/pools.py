@@ -37,15 +37,22 @@ def say(line: str) -> None:
 def ignore_sigint() -> None:
     """Pool initializer: Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # NOTE: a forked worker inherits the parent's SIGTERM handler (trainer.dist.stop_signals):
-    # it raised in the worker, a traceback. A SIGTERM ends a worker silently, as it always did.
+    # NOTE: a forked worker inherits the parent's SIGTERM handler (stop_signals): it raised in
+    # the worker, a traceback. A SIGTERM ends a worker silently, as it always did; one that came
+    # while it started (blocked then: starting_workers) ends it here.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 @contextlib.contextmanager
 def starting_workers() -> Iterator[None]:
-    """Start a pool's worker processes inside: they begin with Ctrl-C blocked, and a Ctrl-C
-    meanwhile is held and raised on the way out.
+    """Start a pool's worker processes inside: they begin with Ctrl-C and SIGTERM blocked (until
+    their initializer, :func:`ignore_sigint`, has set the handlers of a worker), and a Ctrl-C or
+    SIGTERM meanwhile is held and raised on the way out.
+
+    NOTE: a forked worker starts with the parent's handlers: a SIGTERM (Slurm's ``scancel`` to
+    every process of the job) before its initializer raised :class:`Terminated` in it, a
+    traceback.
 
     NOTE: for spawned workers: one spends seconds importing (torch) before its initializer sets
     Ctrl-C aside, and a Ctrl-C then killed it with a KeyboardInterrupt traceback. A signal mask
@@ -69,19 +76,20 @@ def starting_workers() -> Iterator[None]:
         yield
         return
     pressed: list[int] = []
-    handler = signal.getsignal(signal.SIGINT)
-    hold = handler is not None
-    if hold:
-        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # (a handler installed from C, None, is left in place: see the note above)
+    found = {sig: handler for sig in (signal.SIGINT, signal.SIGTERM)
+             if (handler := signal.getsignal(sig)) is not None}
+    for sig in found:
+        signal.signal(sig, lambda signum, frame: pressed.append(signum))
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)  # (one pending is recorded here)
-        if hold:
-            signal.signal(signal.SIGINT, handler)
-        if pressed:  # to the handler found: KeyboardInterrupt, or nothing when ignored
-            signal.raise_signal(signal.SIGINT)
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
+        if pressed:  # to the handler found: KeyboardInterrupt, Terminated, the default action,
+            signal.raise_signal(pressed[0])  # or nothing when ignored
 
 
 def close_pool(pool: cf.Executor | None) -> None:

@@ -251,3 +251,65 @@ def test_a_ctrl_c_that_numba_reported_as_a_system_error_is_a_keyboard_interrupt(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(SystemError), sigint_once():
         numba_interrupt(ValueError("not a press"))
+
+
+def _sigterm_state() -> tuple[bool, bool]:
+    """(a worker's SIGTERM action is the default one, SIGTERM is blocked in it)"""
+    return (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_while_workers_start_is_held_and_they_take_its_default() -> None:
+    """Under stop_signals a SIGTERM inside the pool's start is raised (as Terminated) once the
+    workers are started, not in the middle of it (a Ctrl-C's hazard: see above); the workers
+    run with SIGTERM's default action, unblocked."""
+    from postproc.pools import Terminated, stop_signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=ignore_sigint)
+    reached = False
+    try:
+        with pytest.raises(Terminated), stop_signals(), starting_workers():
+            future = pool.submit(_sigterm_state)  # (forks the worker)
+            os.kill(os.getpid(), signal.SIGTERM)
+            _step()
+            reached = True  # (the old block did not hold SIGTERM: raised before here)
+        assert reached and future.result(timeout=30) == (True, False)
+    finally:
+        close_pool(pool)
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])  # (pytest's own Ctrl-C: stop_signals set it aside)
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_to_a_worker_as_it_starts_ends_it_silently(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """A forked worker began with the parent's stop_signals handler: a SIGTERM before its
+    initializer (Slurm's to every process of the job) raised Terminated in it, a traceback.
+    Now SIGTERM is blocked until the initializer has restored its default: the worker just
+    ends by it."""
+    from postproc.pools import stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    started: list[multiprocessing.process.BaseProcess] = []
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def start(self: multiprocessing.process.BaseProcess) -> None:
+        real_start(self)
+        started.append(self)
+        os.kill(self.pid, signal.SIGTERM)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=ignore_sigint)
+    try:
+        with stop_signals(), starting_workers():
+            future = pool.submit(_step)
+        with pytest.raises(cf.process.BrokenProcessPool):
+            future.result(timeout=30)
+    finally:
+        close_pool(pool)
+        signal.signal(signal.SIGTERM, before)
+    started[0].join(timeout=30)
+    assert started[0].exitcode == -signal.SIGTERM
+    assert "Traceback" not in capfd.readouterr().err
