@@ -434,8 +434,9 @@ def test_a_refusal_once_the_ranks_have_started_exits_2_on_every_rank(small_datas
     codes = _worker_exit_codes(res.stderr)
     first = re.search(r"Root Cause.*?\n.*?rank\s*: (\d+)", res.stderr, re.S)
     assert first and codes[int(first.group(1))] == 2, res.stderr[-3000:]
-    # (a rank still tearing down when torchrun saw the first exit gets its SIGTERM: 143)
-    assert set(codes.values()) <= {2, 143}, codes
+    # (a rank still tearing down when torchrun saw the first exit gets its SIGTERM: 143; one
+    # already past main, its line said and the interpreter exiting, ends by it: -15)
+    assert set(codes.values()) <= {2, 143, -15}, codes
     assert res.stderr.count("trainer.train: error:") == 2 and said in res.stderr, \
         res.stderr[-3000:]
     assert res.stderr.count("Traceback") == 1, res.stderr[-3000:]  # (torchrun's own alone)
