@@ -133,3 +133,29 @@ def test_readme_lists_every_onnx_metadata_key() -> None:
     section = README.split("### Exporting the model (ONNX)", 1)[1].split("\n## ", 1)[0]
     listed = section.split("- `metadata_props`", 1)[1].split("\n\n", 1)[0]
     assert [k for k in METADATA if f"`{k}`" not in listed] == []
+
+
+def test_the_file_name_limits_readme_states_are_the_codes() -> None:
+    """README's ImageId limit and the temporary name it derives it from: it once said the
+    temporary name of ``<ImageId>.geojson`` was 22 bytes longer (it is 14; 22 is the ImageId's
+    margin), which gives a limit of 225, not the 233 that prepare enforces."""
+    from dataio.atomic import NAME_MAX, TMP_NAME_EXTRA
+    from postproc.geojson import GEOJSON_SUFFIX, MAX_IMAGE_ID_BYTES
+
+    text = re.sub(r"\s+", " ", README)
+    longer = re.search(r"`<ImageId>\.geojson`,? under a temporary name (\d+) bytes longer", text)
+    assert longer, "README no longer states the temporary name's length"
+    assert int(longer.group(1)) == TMP_NAME_EXTRA
+    spelt = re.search(r"bytes longer, `([^`]+)`, (\d+) bytes more than the ImageId, and a file "
+                      r"name has at most (\d+) bytes", text)
+    assert spelt, "README no longer spells the temporary name out"
+    pattern, margin, name_max = spelt.groups()
+    assert len(pattern) - len("<ImageId>") == TMP_NAME_EXTRA + len(GEOJSON_SUFFIX)
+    assert int(margin) == TMP_NAME_EXTRA + len(GEOJSON_SUFFIX) == NAME_MAX - MAX_IMAGE_ID_BYTES
+    assert int(name_max) == NAME_MAX
+    limit = re.search(r"longest chip ImageId, is over (\d+) bytes", text)
+    assert limit and int(limit.group(1)) == MAX_IMAGE_ID_BYTES
+    # a whole image's ImageId passes the limit when RGB-PanSharpen_<ImageId>.tif does this
+    whole = re.search(r"`(RGB-PanSharpen_)<ImageId>(\.tif)`, has (\d+) bytes or more", text)
+    assert whole and int(whole.group(3)) == (len(whole.group(1)) + MAX_IMAGE_ID_BYTES + 1
+                                              + len(whole.group(2)))
