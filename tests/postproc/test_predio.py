@@ -368,3 +368,35 @@ def test_the_postproc_commands_load_no_rasterio(module: str) -> None:
                          timeout=120, cwd=Path(__file__).resolve().parents[2],
                          env={**os.environ, "PYTHONPATH": "."}, check=True)
     assert out.stdout.strip() == "[]", f"importing {module} loads rasterio"
+
+
+@pytest.mark.parametrize("command", ["polygonize", "tune", "merge", "mosaic"])
+def test_every_command_reading_shards_refuses_a_marked_prediction(
+        command: str, pred_dir: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """README: a ``.publishing`` left in PRED (a publish cut short) is refused by every command
+    that reads its shards, before it writes anything (it may mix two predictions' tiles)."""
+    import importlib
+
+    from postproc.cli import exit_on_error
+
+    pred = tmp_path / "pred"
+    shutil.copytree(pred_dir[0], pred)
+    gj = tmp_path / "geojson"
+    if command == "merge":  # (its tiles' GeoJSON, made before the mark)
+        polygonize = importlib.import_module("postproc.polygonize")
+        assert exit_on_error(lambda: polygonize.main(
+            ["--pred", str(pred), "--out", str(tmp_path / "all.csv"), "--geojson", str(gj),
+             "--workers", "1"])) == 0
+    (pred / ".publishing").write_text("")
+    out = tmp_path / "out"
+    argv = {"polygonize": ["--out", f"{out}.csv", "--workers", "1"],
+            "tune": ["--truth", str(pred_dir[1]), "--run-dir", str(out), "--workers", "1"],
+            "merge": ["--geojson", str(gj), "--out", f"{out}.geojson"],
+            "mosaic": ["--out", f"{out}.tif"]}[command]
+    capsys.readouterr()
+    module = importlib.import_module(f"postproc.{command}")
+    assert exit_on_error(lambda: module.main(["--pred", str(pred), *argv])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {pred}: a publish into this directory was interrupted"), err
+    assert not list(tmp_path.glob("out*"))
