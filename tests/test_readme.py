@@ -159,3 +159,28 @@ def test_the_file_name_limits_readme_states_are_the_codes() -> None:
     whole = re.search(r"`(RGB-PanSharpen_)<ImageId>(\.tif)`, has (\d+) bytes or more", text)
     assert whole and int(whole.group(3)) == (len(whole.group(1)) + MAX_IMAGE_ID_BYTES + 1
                                               + len(whole.group(2)))
+
+
+def test_config_defaults_readme_states_are_the_configs() -> None:
+    """``train.ema_decay = d`` (0, the default, ...), ``train.grad_accum_steps = N`` (default
+    1), ``model.pad_mode = "reflect"`` (the default): each default README states for a config
+    key is the dataclass's."""
+    from trainer.config import Config
+
+    config = Config()
+    text = re.sub(r"\s+", " ", README)
+    stated = {}
+    for section, key, value, note in re.findall(r"`(\w+)\.(\w+) = ([^`]+)` \(([^()]*)", text):
+        default = re.match(r"(?:[^;]*; )?(?:default ([^\s);]+)|(\S+), the default\b|the default$)",
+                           note)
+        if default:
+            stated[(section, key)] = (default.group(1) or default.group(2) or value).strip('"')
+    assert {("train", "ema_decay"), ("train", "grad_accum_steps"), ("model", "pad_mode"),
+            ("loss", "focal_gamma"), ("train", "early_stop_patience"),
+            ("train", "early_stop_start_epoch")} <= set(stated), stated  # (it parsed)
+    actual = {name: getattr(getattr(config, name[0]), name[1]) for name in stated}
+    wrong = {".".join(name): (said, actual[name]) for name, said in stated.items()
+             if said != str(actual[name]) and not (
+                 isinstance(actual[name], float) and re.fullmatch(r"[\d.e+-]+", said)
+                 and float(said) == actual[name])}
+    assert not wrong, f"README's default (README, code): {wrong}"
