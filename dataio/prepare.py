@@ -521,6 +521,11 @@ def _bounded_map(fn: Callable[[Tile], dict[str, Any]], items: Iterable[Tile],
         close_pool(pool)
 
 
+def _workers_said(workers: int) -> str:
+    """How the summary line names the pool: 0 and 1 both read every tile in this process."""
+    return f"{workers} workers" if workers > 1 else "in this process"
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     # NOTE: spawn, not fork: the parent holds a tqdm thread and GDAL state. Ctrl-C is the
     # parent's (postproc.pools): a worker that took it failed its tile, and the pool's exit
@@ -916,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prepared {n} tiles into {cfg.out} ({counts}{product}"
           f"{'; images only, no labels' if cfg.images_only else ''}{chipped}) in "
           f"{m['seconds']:.1f}s "
-          f"({n / max(m['seconds'], 1e-9):.1f} tiles/s, {cfg.workers} workers); "
+          f"({n / max(m['seconds'], 1e-9):.1f} tiles/s, {_workers_said(cfg.workers)}); "
           f"skipped {len(m['skipped'])}")
     for s in m["skipped"][:10]:
         print(f"  skipped {s['path']}: {s['reason']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +309,20 @@ def test_a_pool_workers_modules_do_not_load_torch(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[2], check=True)
     assert out.stdout.strip() == "[]", f"importing {module} loads {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize(("workers", "said"), [("0", "in this process"),
+                                               ("1", "in this process"), ("2", "2 workers")])
+def test_the_summary_line_says_how_the_tiles_were_read(
+        workers: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers 0 and 1 read every tile in this process; the line said "1 workers" and
+    "0 workers" for them."""
+    from dataio.prepare import main
+    from dataio.synth import SynthConfig, write_aoi
+
+    raw = tmp_path / "raw"
+    write_aoi(SynthConfig(out=raw, tiles=2, size=64))
+    assert main(["--raw", str(raw), "--out", str(tmp_path / "o"), "--quiet", "--split",
+                 "100,0,0", "--workers", workers]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert re.search(rf" tiles/s, {said}\); skipped 0$", line), line
