@@ -57,10 +57,20 @@ def _sigint_handler_restored() -> Iterator[None]:
     test that checks the handler put back failed after an in-process render Ctrl-C test.
     SIGTERM is set aside with it (postproc.pools.stop_signals), and an ignored SIGTERM is
     inherited by every process a later test starts: a command given SIGTERM there ran on to its
-    end (prepare's SIGTERM test, after test_cli's Ctrl-C tests in the same worker)."""
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    end (prepare's SIGTERM test, after test_cli's Ctrl-C tests in the same worker). Put back
+    before the test as well as after it: a module fixture between two tests can change them
+    (test_pools' check that a handler is put back found SIG_IGN under ``-n 2``)."""
+    _put_back(_SESSION_HANDLERS)  # (a module fixture's in-process command may have set them)
     yield
-    for sig, handler in before.items():
+    _put_back(_SESSION_HANDLERS)
+
+
+# the handlers this process had when the suite began (conftest is imported before any test)
+_SESSION_HANDLERS = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _put_back(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
         if handler is not None:  # (None: a handler installed from C, which cannot be put back)
             signal.signal(sig, handler)
 
