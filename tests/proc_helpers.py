@@ -169,8 +169,9 @@ def as_nobody(args: list[str], home: Path, **env_vars: str) -> subprocess.Comple
 
 @contextmanager
 def nobody_scratch() -> Iterator[Path]:
-    """A directory nobody can reach, outside pytest's basetemp (under a 0700 directory of
-    root's), holding ``home/`` (nobody's) and ``ro/`` (root's, 0755: nobody cannot write it);
+    """A directory that nobody can reach (0755, in /tmp), outside pytest's basetemp (a 0700
+    directory of root's, which nobody cannot enter), holding ``home/`` (nobody's) and ``ro/``
+    (root's, 0755: nobody cannot write it);
     removed after. Skips the test unless it runs as root with setpriv and nobody can run this
     Python on this checkout (a venv under a 0700 home cannot be)."""
     if os.geteuid() != 0 or SETPRIV is None:
