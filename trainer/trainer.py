@@ -174,7 +174,12 @@ class Trainer:
         NOTE: the run directory is made for the lock, before the checks that follow it: a run
         refused there left an empty run directory (but for ``.lock``). A directory that was
         there stays, as does anything this run did not make; a run that wrote something (a
-        config.json, a checkpoint) keeps it for the rerun that resumes from it."""
+        config.json, a checkpoint) keeps it for the rerun that resumes from it.
+
+        NOTE: a race left open: a second trainer on the same new run directory, started at
+        this moment, can find it removed between its mkdir and the open of its ``.lock`` (an
+        error naming ``.lock``; its rerun starts). One that opened the old ``.lock`` first is
+        refused as locked; one later makes a new ``.lock``, and the directory stays."""
         try:
             now = set(os.listdir(self.run_dir))
         except OSError:
