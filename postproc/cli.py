@@ -53,7 +53,9 @@ def exit_on_error(main: Callable[[], int]) -> int:
         if not isinstance(e, dist.RankError):
             raise
         say(f"error: {e}")
-        return 2
+        # NOTE: as the failing rank exits (the clauses above): a dead worker there is 1, and
+        # the others said 2, so torchrun's summary named bad input or not by which came first
+        return 1 if BrokenExecutor.__name__ in e.kinds else 2
 
 
 def _gateway_url(text: str) -> str:

@@ -53,11 +53,14 @@ T = TypeVar("T")
 class RankError(RuntimeError):
     """Another rank's failure, or a disagreement between ranks, raised on every rank so that all
     stop with the reason (the commands print it as one line, like bad input). ``refusal``: the
-    failure was a :func:`refusal`, so that every rank exits as the failing one does."""
+    failure was a :func:`refusal`; ``kinds``: the failing rank's error's classes by name (its
+    type's MRO, empty when no one error failed): so that every rank exits as the failing one
+    does (trainer.train by the first, postproc.cli.exit_on_error by the second)."""
 
-    def __init__(self, message: str, refusal: bool = False) -> None:
+    def __init__(self, message: str, refusal: bool = False, kinds: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.refusal = refusal
+        self.kinds = kinds
 
 
 def refusal(error: BaseException) -> bool:
@@ -440,8 +443,8 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
         raise error
     failed = [(r, v[3]) for r, v in enumerate(views) if v[3] is not None]
     if failed:
-        rank, (why, refused) = failed[0]
-        raise RankError(f"rank {rank} could not open split {split!r} of {data}: {why}", refused)
+        rank, said = failed[0]
+        raise _relayed(f"rank {rank} could not open split {split!r} of {data}", said)
     if any(v[0] != views[0][0] for v in views):
         detail = "; ".join(f"rank {r}: {n} samples, fingerprint {fp[:12]}, left out "
                            f"[{skipped or 'none'}]" for r, (fp, n, skipped, _) in enumerate(views))
@@ -461,8 +464,7 @@ def on_main(env: DistEnv, what: str, fn: Callable[[], T]) -> T | None:
     if not env.is_main:
         error = broadcast_object(None)
         if error is not None:
-            why, refused = error
-            raise RankError(f"rank 0 stopped while {what}: {why}", refused)
+            raise _relayed(f"rank 0 stopped while {what}", error)
         return None
     try:
         result = fn()
@@ -504,13 +506,25 @@ def agree_on(what: str, error: BaseException | None) -> None:
         raise error
     failed = [(r, said) for r, said in enumerate(errors) if said is not None]
     if failed:
-        rank, (why, refused) = failed[0]
-        raise RankError(f"rank {rank} stopped while {what}: {why}", refused)
+        rank, said = failed[0]
+        raise _relayed(f"rank {rank} stopped while {what}", said)
 
 
-def _said(error: BaseException) -> tuple[str, bool]:
-    """How a rank's failure reaches the others: its line, and whether it is a :func:`refusal`."""
-    return f"{type(error).__name__}: {error}", refusal(error)
+Said = tuple[str, bool, tuple[str, ...]]
+
+
+def _said(error: BaseException) -> Said:
+    """How a rank's failure reaches the others: its line, whether it is a :func:`refusal`, and
+    its classes by name (plain strings: any error's reach the others, as its class may not
+    pickle)."""
+    return (f"{type(error).__name__}: {error}", refusal(error),
+            tuple(c.__name__ for c in type(error).__mro__))
+
+
+def _relayed(where: str, said: Said) -> RankError:
+    """The RankError that the other ranks raise for a failure :func:`_said` reached them."""
+    why, refused, kinds = said
+    return RankError(f"{where}: {why}", refused, kinds)
 
 
 def barrier() -> None:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO
 
@@ -757,6 +758,27 @@ def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFi
     assert capsys.readouterr().err == "error: rank 1 failed: disk full\n"
     with pytest.raises(RuntimeError, match="a bug"):
         exit_on_error(lambda: _raise(RuntimeError("a bug")))
+
+
+@pytest.mark.parametrize(("failure", "code"), [
+    (BrokenProcessPool("A process in the process pool was terminated abruptly"), 1),
+    (OSError(errno.ENOSPC, "No space left on device"), 2),
+    (ValueError("shard-000001.tar: not a prediction shard"), 2),
+])
+def test_the_other_ranks_exit_as_the_failing_one(failure: Exception, code: int,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun, a rank whose pool worker died exits 1 (the BrokenExecutor clause), but
+    the others, told by the agreement (a RankError), exited 2 as for bad input: torchrun's
+    summary said one or the other by which rank ended first. Now each relayed failure exits
+    as it does on its own rank; the agreement's own path, as in polygonize and score."""
+    from trainer import dist
+
+    alone = exit_on_error(lambda: _raise(failure))  # (the failing rank's own code)
+    monkeypatch.setattr(dist, "gather_objects", lambda mine: [mine, dist._said(failure)])
+    assert (alone, exit_on_error(lambda: dist.agree_on("scoring", None) or 0)) == (code, code)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: rank 1 stopped while scoring: {type(failure).__name__}: {failure}")
 
 
 def test_a_lost_peer_is_one_line_and_exit_code_1(capsys: pytest.CaptureFixture[str],
