@@ -53,9 +53,12 @@ def exit_on_error(main: Callable[[], int]) -> int:
         if not isinstance(e, dist.RankError):
             raise
         say(f"error: {e}")
-        # NOTE: as the failing rank exits (the clauses above): a dead worker there is 1, and
-        # the others said 2, so torchrun's summary named bad input or not by which came first
-        return 1 if BrokenExecutor.__name__ in e.kinds else 2
+        # NOTE: exit as the failing rank does (the clauses above): 2 for its bad input (a
+        # PredError or CsvError is a ValueError) and for an agreed refusal with no error of one
+        # rank; 1 for a dead pool worker, and for a bug (a traceback there, exit 1). The others
+        # said 2 for all, and torchrun's summary named bad input or not by which ended first.
+        bad_input = not e.kinds or bool({"ValueError", "OSError"} & set(e.kinds))
+        return 2 if bad_input else 1
 
 
 def _gateway_url(text: str) -> str:

@@ -781,6 +781,19 @@ def test_the_other_ranks_exit_as_the_failing_one(failure: Exception, code: int,
         f"error: rank 1 stopped while scoring: {type(failure).__name__}: {failure}")
 
 
+def test_the_other_ranks_of_a_failing_ranks_bug_exit_1_as_it_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug keeps its traceback on its rank (the interpreter's exit code 1); the other ranks
+    say its line and exit 1 too, not 2 as for bad input."""
+    from trainer import dist
+
+    bug = KeyError("tile")
+    with pytest.raises(KeyError):
+        exit_on_error(lambda: _raise(bug))
+    monkeypatch.setattr(dist, "gather_objects", lambda mine: [mine, dist._said(bug)])
+    assert exit_on_error(lambda: dist.agree_on("scoring", None) or 0) == 1
+
+
 def test_a_lost_peer_is_one_line_and_exit_code_1(capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun (polygonize, score), a peer killed mid-run raised gloo's or NCCL's text
