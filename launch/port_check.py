@@ -82,6 +82,9 @@ def privileged(port: int) -> str | None:
     kernel checks the permission before whether the port is in use, so a port held by a store
     still answers; the socket is closed at once. Not tried above the privileged range: a bind
     there, however short, could take the port from an agent starting its store at that moment.
+    Below it the same race is left open for a user who may bind there (root, or one given
+    CAP_NET_BIND_SERVICE): the bind succeeds for that moment; a store whose start lands in it
+    fails, and the rerun finds the port free.
     """
     try:
         start = int(Path(UNPRIVILEGED).read_text(encoding="ascii"))
