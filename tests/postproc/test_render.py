@@ -316,7 +316,8 @@ def test_bad_input_is_one_line(prepared_dataset, drawn, tmp_path, capsys, case):
 
 def _damaged_copy(small_dataset: Path, root: Path, how: str) -> tuple[Path, Path, list[str]]:
     """A copy of the dataset whose train shard-000001.tar (4 samples) is damaged at its third
-    sample: cut inside the image bytes, cut at the member header, or the header overwritten.
+    sample: cut inside the image bytes, cut at the member header, the header overwritten, or
+    its first header block zeroed (the one case only the manifest's sample count reveals).
     Returns (DATA, the shard, its keys in file order)."""
     data = root / "DATA"
     shutil.copytree(small_dataset, data)
@@ -330,6 +331,10 @@ def _damaged_copy(small_dataset: Path, root: Path, how: str) -> tuple[Path, Path
     elif how == "cut_at_header":  # (tarfile reads a shard cut so as ending there, unsaid)
         with open(shard, "r+b") as f:
             f.truncate(img_at - 512)
+    elif how == "zeroed_header":  # (tarfile takes a zero block for the archive's end, unsaid)
+        with open(shard, "r+b") as f:
+            f.seek(img_at - 1536)  # (the member's first header: a pax one, its data, then ustar)
+            f.write(bytes(512))
     else:
         with open(shard, "r+b") as f:
             f.seek(img_at - 512 + 148)  # (the header's checksum field)
@@ -337,7 +342,7 @@ def _damaged_copy(small_dataset: Path, root: Path, how: str) -> tuple[Path, Path
     return data, shard, keys
 
 
-@pytest.mark.parametrize("how", ["truncated", "cut_at_header", "bad_header"])
+@pytest.mark.parametrize("how", ["truncated", "cut_at_header", "bad_header", "zeroed_header"])
 def test_a_damaged_shard_skips_the_tiles_it_cannot_read(small_dataset, tmp_path, capsys, how):
     """A truncated or damaged data shard stopped the render at its first unreadable tile, with
     every tile undrawn. Now the tiles before the damage are drawn, the ones after it skipped;
@@ -355,7 +360,8 @@ def test_a_damaged_shard_skips_the_tiles_it_cannot_read(small_dataset, tmp_path,
                                                            [*keys[:2], other])
     warned = [line for line in std.err.splitlines() if str(shard) in line]
     why = {"truncated": "(truncated or changed)", "cut_at_header": "(truncated or changed)",
-           "bad_header": "unreadable tar"}[how]
+           "bad_header": "unreadable tar",
+           "zeroed_header": "2 samples read, manifest says 4 (a damaged member header)"}[how]
     assert len(warned) == 1 and warned[0].startswith("warning: damaged shard:"), std.err
     assert why in warned[0], warned
     assert (f"2 of the 5 tiles were left out, not readable from 1 damaged shard: "
