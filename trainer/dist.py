@@ -28,7 +28,6 @@ import numpy as np
 # (the signal part, shared with the commands that run without a process group; re-exported
 # here, where trainer.train and trainer.predict have always found it)
 from postproc.pools import (  # noqa: F401
-    TERMINATED_EXIT,
     Terminated,
     _stop_once,
     raise_if_interrupted,
