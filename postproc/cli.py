@@ -20,7 +20,9 @@ def exit_on_error(main: Callable[[], int]) -> int:
 
     Unexpected exceptions keep their traceback: they are bugs, not bad input. Ctrl-C is one line
     and 130, a SIGTERM one line and 143, and from then on both are ignored in this process
-    (``postproc.pools``): the caller is to exit with that code.
+    (``postproc.pools``): the caller is to exit with that code. Under torchrun another rank's
+    failure (a RankError) is its line and the code that rank exits with; a lost peer is
+    ``trainer.dist.describe_failure``'s line and 1.
     """
     try:
         # (a second press, or a SIGTERM after it, cannot cut the first one's clean-up short)
