@@ -93,21 +93,27 @@ def starting_workers() -> Iterator[None]:
 
 
 def close_pool(pool: cf.Executor | None) -> None:
-    """Shut ``pool`` down: running tasks finish, queued ones are dropped; a further Ctrl-C
-    meanwhile is ignored (the wait is short: one task per worker)."""
+    """Shut ``pool`` down: running tasks finish, queued ones are dropped; a further Ctrl-C or
+    SIGTERM meanwhile is ignored (the wait is short: one task per worker).
+
+    NOTE: SIGTERM too since :func:`stop_signals` made it raise: one that came while an error's
+    clean-up waited here cut the wait short, and the workers, still running their tasks, were
+    joined at the interpreter's exit instead."""
     if pool is None:
         return
     main = threading.current_thread() is threading.main_thread()
     # (None: not the main thread, or a handler installed from C, left as it is: see
-    # starting_workers)
-    old = signal.getsignal(signal.SIGINT) if main else None
-    if old is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # starting_workers; a SIGTERM with its default action is left to end the process)
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    held = {sig: h for sig, h in old.items()
+            if h is not None and (sig == signal.SIGINT or h is _stop_once)}
+    for sig in held:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
 
 
 def ignore_further_sigint() -> None:

@@ -1,8 +1,8 @@
 """Run by test_cli: ``polygonize_ctrl_c_worker.py POLYGONIZE-ARGS...``: the real
 ``postproc.polygonize`` command (its imports, stage and top level) whose chunks of tiles (in this
 process with ``--workers 1``; in the pool's forked workers, which inherit the patch, with more)
-each say ``chunk`` on stdout and then take a while, so that a Ctrl-C finds it writing GeoJSON
-into its stage."""
+each say ``chunk`` on stdout and then take a while, so that a Ctrl-C (or a SIGTERM) finds it
+writing GeoJSON into its stage."""
 
 from __future__ import annotations
 

@@ -640,6 +640,29 @@ def test_a_second_ctrl_c_does_not_cut_short_the_wait_for_the_workers() -> None:
     assert fut.done() and (fut2.cancelled() or fut2.done())
 
 
+def test_a_sigterm_does_not_cut_short_the_wait_for_the_workers_either() -> None:
+    """Inside stop_signals a SIGTERM raises as a Ctrl-C does; one that came while an error's
+    clean-up waited for the workers cut that wait short. It is set aside there too, and the
+    command's handler is back afterwards."""
+    from postproc.pools import stop_signals
+
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=ignore_sigint)
+    fut = pool.submit(time.sleep, 1.0)
+    fut2 = pool.submit(time.sleep, 1.0)  # queued: dropped
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    with stop_signals():
+        handler = signal.getsignal(signal.SIGTERM)
+        timer.start()
+        try:
+            close_pool(pool)
+        except KeyboardInterrupt:
+            pytest.fail("the SIGTERM cut the pool's shutdown short")
+        finally:
+            timer.join()
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert fut.done() and (fut2.cancelled() or fut2.done())
+
+
 Line = tuple[str, str | None]  # ("out" | "err", a line; None when that stream has ended)
 
 
