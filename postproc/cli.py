@@ -56,11 +56,11 @@ def exit_on_error(main: Callable[[], int]) -> int:
             raise
         say(f"error: {e}")
         # NOTE: exit as the failing rank does (the clauses above): 2 for its bad input (a
-        # PredError or CsvError is a ValueError) and for an agreed refusal with no error of one
-        # rank; 1 for a dead pool worker, and for a bug (a traceback there, exit 1). The others
-        # said 2 for all, and torchrun's summary named bad input or not by which ended first.
-        bad_input = not e.kinds or bool({"ValueError", "OSError"} & set(e.kinds))
-        return 2 if bad_input else 1
+        # PredError or CsvError is a ValueError; an OSError) and for an agreed refusal with no
+        # error of one rank; 1 for a dead pool worker, and for a bug (a traceback there, exit
+        # 1). The others said 2 for all, and torchrun's summary named bad input or not by which
+        # ended first. (The mapping is trainer.predict's too: dist.exit_code_for.)
+        return dist.exit_code_for(e)
 
 
 def _gateway_url(text: str) -> str:

@@ -73,6 +73,29 @@ def refusal(error: BaseException) -> bool:
 
 PEER_LOST_EXIT = 1  # a lost peer or failed collective: a failure to rerun, not bad input (2)
 
+
+def exit_code_for(error: BaseException, oserror_refuses: bool = True) -> int:
+    """The exit code of a command stopped by ``error``, its own or another rank's (a
+    :class:`RankError`, judged by the failing rank's ``kinds``), so that under torchrun every rank
+    exits as the failing one does: 2 for bad input or settings (a :func:`refusal`, an agreed one
+    with no one rank's error, and an OSError where ``oserror_refuses``: a path that cannot be
+    used), 1 for a failure of the run (a lost peer, an OSError where not ``oserror_refuses``,
+    e.g. a full disk while writing; a dead pool worker; a bug).
+
+    NOTE: ``oserror_refuses`` is the caller's, as only it knows where the error came from:
+    the postproc commands read their inputs and write whole outputs at the end (an OSError is
+    a path that cannot be used); trainer.predict's, once it writes its stage, is the disk's.
+    """
+    if describe_failure(error) is not None:
+        return PEER_LOST_EXIT
+    if isinstance(error, RankError):
+        kinds = error.kinds
+        if not kinds:  # (an agreed refusal: the ranks disagree, no one rank failed)
+            return 2
+    else:
+        kinds = tuple(c.__name__ for c in type(error).__mro__)
+    return 2 if refusal(error) or (oserror_refuses and "OSError" in kinds) else 1
+
 # NOTE: what a collective's failure says where its type cannot tell: gloo raises a plain
 # RuntimeError ("[.../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error ...:
 # Connection reset by peer", "... unbound_buffer.cc:78] Timed out waiting 3000ms for recv"),

@@ -329,3 +329,35 @@ def test_other_errors_are_not_taken_for_a_lost_peer(monkeypatch: pytest.MonkeyPa
     assert str(dist.describe_failure(RuntimeError(GLOO_RESET))).startswith("rank 5: ")
     monkeypatch.delenv("RANK")
     assert str(dist.describe_failure(RuntimeError(GLOO_RESET))).startswith("rank 0: ")
+
+
+@pytest.mark.parametrize(("error", "reading", "writing"), [
+    (ValueError("bad --set"), 2, 2),
+    (OSError(28, "No space left on device"), 2, 1),
+    (RuntimeError("a bug"), 1, 1),
+    (TypeError("a bug"), 1, 1),
+    (RuntimeError(GLOO_RESET), 1, 1),  # a lost peer
+], ids=["refusal", "oserror", "runtime-bug", "type-bug", "lost-peer"])
+def test_exit_code_for_is_the_failing_ranks_on_every_rank(error: BaseException, reading: int,
+                                                          writing: int) -> None:
+    """2 bad input or settings, 1 a failure of the run: the failing rank's own error and the
+    RankError that relays it to the others give the same code (trainer.predict and the postproc
+    commands: another rank's bug or full disk was 2 there, as bad input). An OSError is bad
+    input where the caller says so (reading inputs), else a failure of the run (writing)."""
+    relayed = dist._relayed("rank 1 stopped while writing predictions", dist._said(error))
+    for e in (error, relayed):
+        if e is relayed and dist.describe_failure(error) is not None:
+            continue  # (a lost peer is no rank's own error to relay)
+        assert dist.exit_code_for(e) == reading, e
+        assert dist.exit_code_for(e, oserror_refuses=False) == writing, e
+
+
+def test_exit_code_for_an_agreed_refusal_and_a_refusal_class() -> None:
+    """An agreed refusal with no one rank's error (the ranks read different data) and a class
+    that says it refuses (DataError, a RuntimeError) are bad input, relayed or not."""
+    from dataio.sharding import DataError
+
+    assert dist.exit_code_for(dist.RankError("the ranks read different data", True)) == 2
+    bad = DataError("no usable shard")
+    assert dist.exit_code_for(bad, oserror_refuses=False) == 2
+    assert dist.exit_code_for(dist._relayed("rank 1 could not open split", dist._said(bad))) == 2
