@@ -2,8 +2,9 @@
 the step named by ``FAIL_AT`` fails, then MODULE's real main runs with ARGS.
 
 ``FAIL_AT``: ``geojson`` (postproc.polygonize's GeoJSON writes hit a full disk), ``pred``
-(trainer.predict's shard writes hit a full disk), ``val`` (trainer.train's validation raises, as
-for a tile the polygonizer refuses), ``ckpt`` (trainer.predict's checkpoint does not load, as one
+(trainer.predict's shard writes hit a full disk), ``bug`` (trainer.predict's network raises a
+RuntimeError, as for a bug in the code), ``val`` (trainer.train's validation raises, as for a
+tile the polygonizer refuses), ``ckpt`` (trainer.predict's checkpoint does not load, as one
 replaced while the ranks read it), ``weights`` (it loads other weights than on the other ranks)."""
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import sys
 
 def _full(*args, **kwargs):  # type: ignore[no-untyped-def]
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _bug(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise RuntimeError("simulated: a bug in this rank's prediction")
 
 
 def _refused(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -44,6 +49,9 @@ if __name__ == "__main__":
         elif what == "pred":
             from postproc import predio
             predio.write_pred_shard = _full  # (predict imports it when it runs)
+        elif what == "bug":
+            from trainer import predict
+            predict.predict_probs = _bug  # (looked up by name where each batch is predicted)
         elif what in ("ckpt", "weights"):
             from trainer import checkpoint
             checkpoint.load = _other_weights(checkpoint.load) if what == "weights" else _unreadable

@@ -489,7 +489,11 @@ def _predict(args: argparse.Namespace) -> int:
         # dist.describe_failure): one line instead, exit code 1 (a failure to rerun, not bad input)
         lost = dist.describe_failure(e, env.rank)
         say(f"trainer.predict: error: {lost or e}{_kept(args.out) if staged else ''}")
-        return dist.PEER_LOST_EXIT if lost else 2
+        # NOTE: exit 2 for bad input or settings, 1 for a failure of the run, on every rank as
+        # on the failing one (a RankError carries its kinds); all were 2 but a lost peer. An
+        # OSError before the stage is reading --run-dir, --data or the checkpoint (bad input);
+        # from the stage on it is writing the stage or --out (a full disk, EIO: rerun to resume).
+        return dist.exit_code_for(e, oserror_refuses=not staged)
     except KeyboardInterrupt:
         # NOTE: the other ranks were interrupted too (the terminal's group, torchrun's forward);
         # rank 0 keeps a stage of shards for the rerun, and removes one without (as

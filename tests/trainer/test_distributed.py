@@ -21,12 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from trainer_helpers import (
     REPO,
     final_weights,
+    first_failure,
     free_port,
     kill_tree,
     run,
     torchrun_cmd,
     train_args,
     worker_env,
+    worker_exit_codes,
 )
 
 from dataio.prepare import PrepareConfig, prepare
@@ -400,14 +402,6 @@ def test_ranks_that_read_different_shards_stop_with_the_reason(small_dataset: Pa
     assert "Connection closed by peer" not in res.stderr
 
 
-def _worker_exit_codes(stderr: str) -> dict[int, int]:
-    """Each failed worker's exit code, by rank, from torchrun's summary ("Root Cause" is the
-    first failure it saw; the others are listed under "Failures")."""
-    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)",
-                       stderr)
-    return {int(rank): int(code) for rank, code in found}
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("refused", ["split", "metrics_port"])
 def test_a_refusal_once_the_ranks_have_started_exits_2_on_every_rank(small_dataset: Path,
@@ -431,9 +425,8 @@ def test_a_refusal_once_the_ranks_have_started_exits_2_on_every_rank(small_datas
             said = f"metrics port {port} on 127.0.0.1 is already in use"
         res = run(cmd, timeout=150)
     assert res.returncode == 1  # (torchrun's own, whatever its workers' codes)
-    codes = _worker_exit_codes(res.stderr)
-    first = re.search(r"Root Cause.*?\n.*?rank\s*: (\d+)", res.stderr, re.S)
-    assert first and codes[int(first.group(1))] == 2, res.stderr[-3000:]
+    codes, first = worker_exit_codes(res.stderr), first_failure(res.stderr)
+    assert first is not None and codes[first] == 2, res.stderr[-3000:]
     # (a rank still tearing down when torchrun saw the first exit gets its SIGTERM: 143; one
     # already past main, its line said and the interpreter exiting, ends by it: -15)
     assert set(codes.values()) <= {2, 143, -15}, codes

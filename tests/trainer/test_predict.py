@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -21,7 +21,15 @@ import numpy as np
 import pytest
 import torch
 from proc_helpers import interrupt_when, numba_interrupt
-from trainer_helpers import REPO, kill_tree, run, torchrun_cmd, worker_env
+from trainer_helpers import (
+    REPO,
+    first_failure,
+    kill_tree,
+    run,
+    torchrun_cmd,
+    worker_env,
+    worker_exit_codes,
+)
 
 from dataio.atomic import discard_staging_dir, fresh_staging_dir, missing_dirs
 from dataio.loader import build_loader
@@ -141,19 +149,31 @@ def test_predict_under_torchrun_matches_one_process(trained_run: Path, small_dat
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(200)
-def test_a_failed_write_on_one_rank_stops_every_rank_with_the_reason(
-        trained_run: Path, small_dataset: Path, tmp_path: Path) -> None:
-    """(rank 0 said only "Connection closed by peer", or was killed saying nothing)"""
+@pytest.mark.parametrize(("fail_at", "said"), [
+    ("pred", "OSError: [Errno 28] No space left on device"),
+    ("bug", "RuntimeError: simulated: a bug in this rank's prediction")],
+    ids=["full-disk", "bug"])
+def test_a_failure_on_one_rank_stops_every_rank_with_the_reason_and_exit_1(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, fail_at: str, said: str) -> None:
+    """(rank 0 said only "Connection closed by peer", or was killed saying nothing.) A full
+    disk under rank 1's shard, or a bug in its prediction, is a failure of the run: exit 1 on
+    every rank, as trainer.train and the postproc commands exit; each rank exited 2 before, as
+    for bad input."""
     out = tmp_path / "p"
     res = run(torchrun_cmd(2, [str(REPO / "tests" / "rank_fail_worker.py"), "trainer.predict",
                                "--run-dir", str(trained_run), "--data", str(small_dataset),
                                "--split", "val", "--out", str(out)]),
-              timeout=150, env={"FAIL_AT": "pred"})
+              timeout=150, env={"FAIL_AT": fail_at})
     # (nothing published; the stage, with what rank 0 wrote, is kept for a rerun)
     assert res.returncode != 0 and not list(out.glob("pred-*.tar"))
-    assert "trainer.predict: error: rank 1 stopped while writing predictions: OSError: " \
-           "[Errno 28] No space left on device" in res.stderr, res.stderr[-3000:]
+    assert f"trainer.predict: error: rank 1 stopped while writing predictions: {said}" in \
+        res.stderr, res.stderr[-3000:]
     assert "Connection closed" not in res.stderr
+    codes, first = worker_exit_codes(res.stderr), first_failure(res.stderr)
+    assert first is not None and codes[first] == 1, res.stderr[-3000:]
+    # (a rank still tearing down when torchrun saw the first exit gets its SIGTERM: 143, or
+    # -15 past main; torchrun's poll, every 0.1 s, mostly sees both ranks' own codes)
+    assert set(codes.values()) <= {1, 143, -15}, codes
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -240,8 +260,10 @@ def test_a_failed_write_leaves_out_as_it_was_and_keeps_the_shards_for_a_rerun(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A shard write that fails (a full disk) with a shard already in the stage: --out is as it
     was (an earlier prediction whole), and the stage, with the shard written, is kept for the
-    rerun to resume, as the error line says. (The stage was removed, and a new --out with it,
-    before a rerun could resume: the old test asserted that, changed deliberately.)"""
+    rerun to resume, as the error line says, naming the shard the disk filled under. (The stage
+    was removed, and a new --out with it, before a rerun could resume: the old test asserted
+    that, changed deliberately.) Exit code 1, a failure of the run to rerun: it was 2, as for
+    bad input (a changed expectation, deliberate too)."""
     common = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
               "--batch-size", "1", "--shard-size", "1"]
     earlier, new = tmp_path / "earlier", tmp_path / "new"
@@ -251,16 +273,20 @@ def test_a_failed_write_leaves_out_as_it_was_and_keeps_the_shards_for_a_rerun(
 
     def full_at_the_second_shard(path: Path, samples: list, **kwargs: bool) -> int:
         if written:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            def filling() -> Iterator[tuple]:  # (the disk fills while the shard is written)
+                yield from samples
+                raise OSError(errno.ENOSPC, "No space left on device")  # (as write() names none)
+            return real(path, filling(), **kwargs)
         written.append(path)
         return real(path, samples, **kwargs)
 
     monkeypatch.setattr(predio, "write_pred_shard", full_at_the_second_shard)
     for out in (earlier, new):
         written.clear()
-        assert predict([*common, "--out", str(out)]) == 2
+        assert predict([*common, "--out", str(out)]) == 1
         assert capsys.readouterr().err.splitlines()[-1] == (
-            "trainer.predict: error: [Errno 28] No space left on device; the shards written so "
+            "trainer.predict: error: [Errno 28] No space left on device: "
+            f"'{out / '.partial' / 'pred-000001.tar'}'; the shards written so "
             f"far are kept in {out / '.partial'}: rerun the same command to resume (--fresh to "
             "start over)")
         assert len(written) == 1  # (a shard was in the stage)
@@ -457,7 +483,7 @@ def test_a_killed_publish_is_refused_until_a_rerun(trained_run: Path, small_data
     calls: list[str] = []
     _stop_publish(monkeypatch, lambda dst: calls.append(dst) or (
         OSError("killed") if len(calls) > 2 else None))
-    assert predict([*args, "--shard-size", "1"]) == 2
+    assert predict([*args, "--shard-size", "1"]) == 1  # (publishing: a failure of the run)
     monkeypatch.undo()
     with pytest.raises(predio.PredError, match="interrupted.*rerun trainer.predict"):
         list_pred_shards(pred)
@@ -1014,7 +1040,7 @@ def test_a_rerun_resumes_a_stopped_prediction_byte_for_byte(
     want = _tree(tmp_path / "whole")
     out = tmp_path / "pred"
     written = _stop_at_shard(monkeypatch, stop_after + 1)
-    assert predict(args(out)) == 2 and len(written) == stop_after
+    assert predict(args(out)) == 1 and len(written) == stop_after
     assert _published(out) == {}  # nothing published
     monkeypatch.undo()
     capsys.readouterr()
@@ -1342,7 +1368,7 @@ def test_a_stage_of_another_prediction_is_discarded(
     if other == ["CODE"]:  # (the stopped run's code: the key hashes this copy's files)
         monkeypatch.setattr(predresume, "CODE_ROOT", _edited_code(tmp_path / "code"))
         other = []
-    assert predict(_resume_args(trained_run, small_dataset, out, *common, *other)) == 2
+    assert predict(_resume_args(trained_run, small_dataset, out, *common, *other)) == 1
     monkeypatch.undo()
     capsys.readouterr()
     seen = _count_tiles(monkeypatch)
@@ -1452,7 +1478,7 @@ def test_fresh_starts_over_and_a_damaged_shard_is_written_again(
     out = tmp_path / "pred"
     for fresh in (False, True):
         _stop_at_shard(monkeypatch, 3)
-        assert predict(_resume_args(trained_run, small_dataset, out, *common)) == 2
+        assert predict(_resume_args(trained_run, small_dataset, out, *common)) == 1
         monkeypatch.undo()
         stage = out / ".partial"
         second = stage / "pred-000001.tar"
@@ -1555,7 +1581,7 @@ def test_a_resumed_run_counts_the_tiles_the_stopped_run_skipped(
     assert predict([*args, "--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "pred"
     _stop_at_shard(monkeypatch, 2)
-    assert predict([*args, "--out", str(out)]) == 2
+    assert predict([*args, "--out", str(out)]) == 1
     monkeypatch.undo()
     capsys.readouterr()
     assert predict([*args, "--out", str(out)]) == 0
