@@ -18,7 +18,9 @@ WANTED = {
                        "cores, at most 4", "new imagery without labels",
                        "put every tile into the test split", "0 to N px (default 64; 0: none)"],
     "trainer.predict": ["split of --data to predict (default test)",
-                        "tiles per prediction shard (default 100)"],
+                        "tiles per prediction shard (default 100)",
+                        "2 bad input or settings", "1 a failure of the run (a full disk while "
+                        "writing the stage or --out, a lost rank, a bug)"],
     # (a flag left out takes --settings' or the run's tuned value: "default 20.0" was wrong there)
     "postproc.polygonize": ["under this many px (default: the settings' value, else 20.0)",
                             "above this (default: the settings' value, else 0.5)",

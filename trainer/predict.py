@@ -24,6 +24,8 @@ made by another prediction (the weights loaded, the data, ``--split``, ``--tta``
 and a successful run leaves none. Ctrl-C is one line and exit code 130 on each rank, and leaves PRED
 as it was (the line says whether the stage is kept for a rerun), or, pressed during the moves,
 marked so. A SIGTERM (torchrun's, Slurm's) does the same, 'terminated (SIGTERM)', exit code 143.
+An error is one line and exit code 2 for bad input or settings, 1 for a failure of the run (a
+full disk while writing the stage or PRED, a lost rank, a bug), on every rank the failing one's.
 """
 
 from __future__ import annotations
@@ -293,8 +295,13 @@ def _kept(out: Path) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.predict",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.predict", description=__doc__.split("\n")[0],
+        epilog="Exit codes: 0 done; 2 bad input or settings (--run-dir, --data, the checkpoint "
+               "or a flag refused): fix it and rerun; 1 a failure of the run (a full disk while "
+               "writing the stage or --out, a lost rank, a bug): rerun to resume; 130 Ctrl-C and "
+               "143 SIGTERM: rerun to resume. Under torchrun every rank exits with the failing "
+               "rank's code (torchrun's summary names the first); torchrun itself exits 1.")
     p.add_argument("--run-dir", type=Path, required=True, help="the training run directory")
     p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
