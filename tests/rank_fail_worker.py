@@ -3,7 +3,8 @@ the step named by ``FAIL_AT`` fails, then MODULE's real main runs with ARGS.
 
 ``FAIL_AT``: ``geojson`` (postproc.polygonize's GeoJSON writes hit a full disk), ``pred``
 (trainer.predict's shard writes hit a full disk), ``bug`` (trainer.predict's network raises a
-RuntimeError, as for a bug in the code), ``val`` (trainer.train's validation raises, as for a
+RuntimeError, as for a bug in the code), ``publish`` (its publish into --out fails: EIO; rank 0
+is the one that publishes), ``val`` (trainer.train's validation raises, as for a
 tile the polygonizer refuses), ``ckpt`` (trainer.predict's checkpoint does not load, as one
 replaced while the ranks read it), ``weights`` (it loads other weights than on the other ranks)."""
 
@@ -16,6 +17,10 @@ import sys
 
 def _full(*args, **kwargs):  # type: ignore[no-untyped-def]
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _eio(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise OSError(errno.EIO, "Input/output error", "simulated")
 
 
 def _bug(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -52,6 +57,9 @@ if __name__ == "__main__":
         elif what == "bug":
             from trainer import predict
             predict.predict_probs = _bug  # (looked up by name where each batch is predicted)
+        elif what == "publish":
+            from postproc import predio
+            predio.publish_pred_dir = _eio  # (predict imports it when it runs)
         elif what in ("ckpt", "weights"):
             from trainer import checkpoint
             checkpoint.load = _other_weights(checkpoint.load) if what == "weights" else _unreadable

@@ -479,10 +479,15 @@ def _predict(args: argparse.Namespace) -> int:
             # NOTE: publishing would replace an earlier prediction in --out with nothing
             raise ValueError(f"no tile of split {args.split!r} of {args.data} could be read "
                              f"({unread}; see the warnings above); {args.out} is left as it was")
-        if env.is_main:
+        def publish() -> None:
             # (a stage without its key is never resumed: one whose publish was cut short)
             (staging / predresume.RESUME_KEY).unlink()
             publish_pred_dir(staging, args.out)
+
+        # agreed: rank 0's failure here (a full disk, EIO) stops every rank with its code, where
+        # the others had exited 0
+        dist.on_main(env, f"publishing into {args.out}", publish)
+        if env.is_main:
             listed, kept = manifest.samples(args.split), sum(n for _, _, n in shares)
             print(f"wrote predictions for {total} tiles of {args.split} to {args.out}" + (
                 f" ({kept} of them in the stopped run's shards, kept)" if kept else "") + (

@@ -150,24 +150,28 @@ def test_predict_under_torchrun_matches_one_process(trained_run: Path, small_dat
 @pytest.mark.multiproc
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize(("fail_at", "said"), [
-    ("pred", "OSError: [Errno 28] No space left on device"),
-    ("bug", "RuntimeError: simulated: a bug in this rank's prediction")],
-    ids=["full-disk", "bug"])
+    ("pred", "rank 1 stopped while writing predictions: OSError: [Errno 28] No space left on "
+             "device"),
+    ("bug", "rank 1 stopped while writing predictions: RuntimeError: simulated: a bug in this "
+            "rank's prediction"),
+    ("publish", "rank 0 stopped while publishing into {out}: OSError: [Errno 5] Input/output "
+                "error: 'simulated'")],
+    ids=["full-disk", "bug", "publish"])
 def test_a_failure_on_one_rank_stops_every_rank_with_the_reason_and_exit_1(
         trained_run: Path, small_dataset: Path, tmp_path: Path, fail_at: str, said: str) -> None:
     """(rank 0 said only "Connection closed by peer", or was killed saying nothing.) A full
     disk under rank 1's shard, or a bug in its prediction, is a failure of the run: exit 1 on
     every rank, as trainer.train and the postproc commands exit; each rank exited 2 before, as
-    for bad input."""
+    for bad input. Rank 0's publish failing (an I/O error) exited 2 there, 0 on rank 1."""
     out = tmp_path / "p"
     res = run(torchrun_cmd(2, [str(REPO / "tests" / "rank_fail_worker.py"), "trainer.predict",
                                "--run-dir", str(trained_run), "--data", str(small_dataset),
                                "--split", "val", "--out", str(out)]),
-              timeout=150, env={"FAIL_AT": fail_at})
+              timeout=150, env={"FAIL_AT": fail_at,
+                                "FAIL_RANK": "0" if fail_at == "publish" else "1"})
     # (nothing published; the stage, with what rank 0 wrote, is kept for a rerun)
     assert res.returncode != 0 and not list(out.glob("pred-*.tar"))
-    assert f"trainer.predict: error: rank 1 stopped while writing predictions: {said}" in \
-        res.stderr, res.stderr[-3000:]
+    assert f"trainer.predict: error: {said.format(out=out)}" in res.stderr, res.stderr[-3000:]
     assert "Connection closed" not in res.stderr
     codes, first = worker_exit_codes(res.stderr), first_failure(res.stderr)
     assert first is not None and codes[first] == 1, res.stderr[-3000:]
