@@ -1630,3 +1630,35 @@ def test_a_peer_lost_at_the_agreement_is_one_line_exit_1_and_a_rerun_resumes(
     assert (f"trainer.predict: resuming the stopped prediction in {out / '.partial'} (--fresh "
             "to start over)") in _lines(err2)
     assert "in the stopped run's shards, kept" in said, said
+
+
+@pytest.mark.parametrize(("failure", "at", "code"), [
+    (RuntimeError("simulated: a bug in rank 1's prediction"), 3, 1),
+    (OSError(errno.ENOSPC, "No space left on device"), 3, 1),
+    (TypeError("simulated: a bug with a traceback on rank 1"), 3, 1),
+    (ValueError("simulated: a tile rank 1 refuses"), 3, 2),
+    (OSError(errno.EACCES, "Permission denied", "best.pt"), 1, 2),
+], ids=["runtime-bug", "full-disk", "type-bug", "refusal", "unreadable-input"])
+def test_another_ranks_failure_exits_with_that_ranks_code(
+        trained_run: Path, small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], failure: Exception, at: int, code: int) -> None:
+    """An agreement relays rank 1's failure (a RankError with its kinds): this rank exits as
+    rank 1 does, 1 for a failure of the run (a bug, a full disk while writing the shares), 2
+    for bad input (a refusal; an OSError while loading the checkpoint, before the stage). It
+    exited 2 for all. (Under torchrun its SIGTERM mostly ends this rank before torchrun's
+    summary shows its code: the torchrun test sees the failing rank's.)"""
+    out = tmp_path / "pred"
+    real, calls = dist.gather_objects, []
+
+    def rank_1_failed(obj: object) -> list[object]:  # (calls: loading, the loader, the shares)
+        calls.append(obj)
+        got = real(obj)
+        return [*got, dist._said(failure)] if len(calls) == at else got
+
+    monkeypatch.setattr(dist, "gather_objects", rank_1_failed)
+    args = _resume_args(trained_run, small_dataset, out, "--shard-size", "4")
+    assert predict(args) == code and len(calls) == at
+    what = "writing predictions" if at == 3 else f"loading {trained_run}/checkpoints/best.pt"
+    err = _lines(capsys.readouterr().err)
+    assert err[-1].startswith(f"trainer.predict: error: rank 1 stopped while {what}: "
+                              f"{type(failure).__name__}: {failure}"), err[-1]
