@@ -224,13 +224,12 @@ def _train(args: argparse.Namespace) -> int:
         if lost is None:
             log.error("%s", e)
         say(f"trainer.train: error: {lost or e}")
-        if lost:
-            return dist.PEER_LOST_EXIT
         # NOTE: a refusal found once the group is up (the loaders' agreed refusal of a split,
         # a checkpoint of another model or dataset, the metrics port taken) is bad input as
         # the checks before it are: exit 2 on every rank (RankError carries it), where it was 1
-        # like a failure of the run (a non-finite loss, a full disk)
-        return 2 if dist.refusal(e) else 1
+        # like a failure of the run (a non-finite loss, a lost peer; an OSError here is the
+        # disk's: the paths were checked before the group)
+        return dist.exit_code_for(e, oserror_refuses=False)
     finally:
         # NOTE: after a Ctrl-C this runs with Ctrl-C set aside (main): a teardown that hangs is
         # ended by the launcher (torchrun sends SIGTERM on a second Ctrl-C, SIGKILL after 30 s);
