@@ -49,17 +49,14 @@ def exit_on_error(main: Callable[[], int]) -> int:
         # (a peer killed mid-run: gloo's or NCCL's raw text and a traceback, before; the
         # outputs are written at the end or staged, so a rerun starts over)
         lost = dist.describe_failure(e)
-        if lost is not None:
-            say(f"error: {lost}")
-            return dist.PEER_LOST_EXIT
-        if not isinstance(e, dist.RankError):
+        if lost is None and not isinstance(e, dist.RankError):
             raise
-        say(f"error: {e}")
-        # NOTE: exit as the failing rank does (the clauses above): 2 for its bad input (a
-        # PredError or CsvError is a ValueError; an OSError) and for an agreed refusal with no
-        # error of one rank; 1 for a dead pool worker, and for a bug (a traceback there, exit
-        # 1). The others said 2 for all, and torchrun's summary named bad input or not by which
-        # ended first. (The mapping is trainer.predict's too: dist.exit_code_for.)
+        say(f"error: {lost or e}")
+        # NOTE: exit as the failing rank does (the clauses above): 1 for a lost peer; 2 for its
+        # bad input (a PredError or CsvError is a ValueError; an OSError) and for an agreed
+        # refusal with no error of one rank; 1 for a dead pool worker, and for a bug (a
+        # traceback there, exit 1). The others said 2 for all, and torchrun's summary named bad
+        # input or not by which ended first. (The mapping is trainer.predict's too.)
         return dist.exit_code_for(e)
 
 

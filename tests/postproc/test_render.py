@@ -337,7 +337,8 @@ def _damaged_copy(small_dataset: Path, root: Path, how: str) -> tuple[Path, Path
             f.write(bytes(512))
     else:
         with open(shard, "r+b") as f:
-            f.seek(img_at - 512 + 148)  # (the header's checksum field)
+            # (the header's checksum field, made not octal: tarfile refuses the header)
+            f.seek(img_at - 512 + 148)
             f.write(b"XXXXXX")
     return data, shard, keys
 
