@@ -100,12 +100,20 @@ class Trainer:
         self.train_loader = agreed_loader("train", self.data, lambda: build_loader(
             self.data, "train", cfg.data, env.rank, env.world_size, train=True,
             device=self.device))
-        self.steps_per_epoch = len(self.train_loader)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim,
-                                         cfg.train.epochs * self.optimizer_steps_per_epoch)
-        self.validator = Validator(cfg, env, self.data, self.device, self.precision,
-                                   self.loss_fn, val_truth)
-        self.metrics = TrainMetrics(env, cfg.metrics.port, cfg.metrics.address)
+        try:
+            self.steps_per_epoch = len(self.train_loader)
+            self.scheduler = build_scheduler(self.optimizer, cfg.optim,
+                                             cfg.train.epochs * self.optimizer_steps_per_epoch)
+            self.validator = Validator(cfg, env, self.data, self.device, self.precision,
+                                       self.loss_fn, val_truth)
+            self.metrics = TrainMetrics(env, cfg.metrics.port, cfg.metrics.address)
+        except BaseException:
+            # NOTE: train() closes the train loader; a refusal here (the val split's agreed
+            # loader) never reached it, and the DALI pipeline's threads, left running into the
+            # interpreter's exit, aborted the process ("terminate called without an active
+            # exception", exit -6, not the refusal's 2)
+            self.train_loader.close()
+            raise
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # steps of the current epoch completed
         self.global_step = 0

@@ -158,6 +158,28 @@ def test_too_many_nonfinite_steps_stop_the_run(small_dataset: Path, tmp_path: Pa
     assert ckpt.list_checkpoints(tmp_path / "run") == []
 
 
+def test_a_trainer_refused_after_its_train_loader_closes_it(
+        small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The val split refused while the Trainer is built (its agreed loader, after the train
+    loader's): the train loader's DALI pipeline was left open, and its threads aborted the
+    process at exit (-6, seen under torchrun in place of the refusal's exit code 2)."""
+    from dataio.loader import Loader
+    from dataio.sharding import DataError
+    from trainer import trainer as trainer_mod
+
+    closed: list[Loader] = []
+    real_close = Loader.close
+    monkeypatch.setattr(Loader, "close", lambda self: (closed.append(self), real_close(self)))
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise DataError("val: no usable sample")
+
+    monkeypatch.setattr(trainer_mod, "Validator", refused)
+    with pytest.raises(DataError, match="no usable sample"):
+        _trainer(small_dataset, tmp_path / "run", [])
+    assert len(closed) == 1
+
+
 def test_bf16_autocast_trains_on_cpu(small_dataset: Path, tmp_path: Path) -> None:
     t = _trainer(small_dataset, tmp_path / "run", ["train.amp=bf16", "train.epochs=1"])
     assert t.precision.name == "bf16"
