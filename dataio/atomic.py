@@ -175,8 +175,43 @@ NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 def with_filename(error: OSError, path: str | os.PathLike[str]) -> OSError:
     """``error`` naming ``path``: a write to an open file fails naming no file, and "[Errno 28]
-    No space left on device" alone does not say which output, and so which disk, it was."""
-    return OSError(error.errno, error.strerror, str(path))
+    No space left on device" alone does not say which output, and so which disk, it was.
+    (A :class:`WriteError` stays one: its class says the exit code.)"""
+    cls = WriteError if isinstance(error, WriteError) else OSError
+    return cls(error.errno, error.strerror, str(path))
+
+
+class WriteError(OSError):
+    """An OSError raised while a command wrote or published its outputs (a full disk, EIO, a
+    quota): a failure of the run, to rerun (exit code 1), where an OSError otherwise is a path
+    that cannot be used (bad input, 2). Raised by :func:`writing`; its message is the
+    original's, naming the file."""
+
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """Inside, an OSError is the disk's: it leaves as a :class:`WriteError`.
+
+    NOTE: one marker for every command's output phase (trainer.predict's stage, the postproc
+    commands' outputs): they check their output paths up front (:func:`check_writable`, bad
+    input, 2) and their readers turn an unreadable input into their own error (a PredError, a
+    CsvError), so an OSError left by the time the outputs are written is the disk's. An
+    exit code cannot tell that by the error's type (ENOSPC and EACCES are both OSError), and a
+    relayed error reaches the other ranks as its classes' names only (``trainer.dist._said``):
+    so the class says it."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise as_write_error(e).with_traceback(e.__traceback__) from None
+
+
+def as_write_error(error: OSError) -> WriteError:
+    """``error`` as a :class:`WriteError`, with the same errno, text and file names."""
+    if error.errno is not None and error.strerror is not None:
+        return WriteError(error.errno, error.strerror, error.filename, None, error.filename2)
+    return WriteError(*error.args)
 
 
 STAGING = ".partial"

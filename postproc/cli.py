@@ -1,5 +1,6 @@
-"""Command-line plumbing shared by the postproc commands: bad input is one line and exit code 2;
-the ``--pushgateway``/``--job`` flags that push a run's metrics (``postproc.pushmetrics``)."""
+"""Command-line plumbing shared by the postproc commands: bad input is one line and exit code 2,
+a failure while the outputs are written (a full disk) one line and 1; the
+``--pushgateway``/``--job`` flags that push a run's metrics (``postproc.pushmetrics``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor
 
+from dataio.atomic import WriteError
 from postproc.csvio import CsvError
 from postproc.pools import ignore_further_sigint, say, stop_code, stop_signals, stopped_by
 from postproc.predio import PredError
@@ -18,7 +20,9 @@ from postproc.pushmetrics import PostprocRun, push
 def exit_on_error(main: Callable[[], int]) -> int:
     """Run ``main``; turn expected failures (bad paths, malformed files) into one line on stderr.
 
-    Unexpected exceptions keep their traceback: they are bugs, not bad input. Ctrl-C is one line
+    Unexpected exceptions keep their traceback: they are bugs, not bad input. An OSError is a
+    path that cannot be used (2), but one raised while the outputs are written (a WriteError,
+    see ``dataio.atomic.writing``: a full disk, EIO) is a failure of the run (1). Ctrl-C is one line
     and 130, a SIGTERM one line and 143, and from then on both are ignored in this process
     (``postproc.pools``): the caller is to exit with that code. Under torchrun another rank's
     failure (a RankError) is its line and the code that rank exits with; a lost peer is
@@ -30,7 +34,8 @@ def exit_on_error(main: Callable[[], int]) -> int:
             return main()
     except (PredError, CsvError, ValueError, OSError) as e:  # OSError: paths that cannot be used
         say(f"error: {e}")
-        return 2
+        # NOTE: a full disk while writing said 2, "fix the input", for a rerun that needs room
+        return 1 if isinstance(e, WriteError) else 2
     except KeyboardInterrupt:  # (a SIGTERM too: the outputs are written whole at the end)
         ignore_further_sigint()  # (a second Ctrl-C in the exit was a traceback, or exit -2)
         say(stopped_by())
@@ -54,7 +59,8 @@ def exit_on_error(main: Callable[[], int]) -> int:
         say(f"error: {lost or e}")
         # NOTE: exit as the failing rank does (the clauses above): 1 for a lost peer; 2 for its
         # bad input (a PredError or CsvError is a ValueError; an OSError) and for an agreed
-        # refusal with no error of one rank; 1 for a dead pool worker, and for a bug (a
+        # refusal with no error of one rank; 1 for a dead pool worker, a full disk while
+        # writing the outputs (a WriteError, by its name in the kinds), and for a bug (a
         # traceback there, exit 1). The others said 2 for all, and torchrun's summary named bad
         # input or not by which ended first. (The mapping is trainer.predict's too.)
         return dist.exit_code_for(e)

@@ -7,6 +7,7 @@ GDAL and ``dataio`` read. Exterior rings are counter-clockwise in map coordinate
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from pyproj.exceptions import CRSError
 from shapely.geometry import mapping
 from shapely.geometry.base import BaseGeometry
 
-from dataio.atomic import NAME_MAX, TMP_NAME_EXTRA, atomic_write_text
+from dataio.atomic import NAME_MAX, TMP_NAME_EXTRA, WriteError, atomic_write_text
 from postproc.predio import PredError, check_key
 
 GEOJSON_SUFFIX = ".geojson"
@@ -99,5 +100,8 @@ def write_tile_geojson(out_dir: Path, image_id: str, polys: Sequence[BaseGeometr
         atomic_write_text(path, json.dumps(doc, separators=(",", ":")) + "\n", sweep=False,
                           make_dirs=False)
     except OSError as e:  # (a shard's error, then: every rank stops with it, not only this one)
-        raise PredError(f"cannot write {path} ({e})") from None
+        if e.errno == errno.ENAMETOOLONG:  # (the input's: an ImageId over MAX_IMAGE_ID_BYTES)
+            raise PredError(f"cannot write {path} ({e})") from None
+        # (a full disk, EIO: the run's failure, exit 1; the directory was checked up front)
+        raise WriteError(f"cannot write {path} ({e})") from None
     return path

@@ -59,7 +59,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from dataio.atomic import atomic_open, check_writable
+from dataio.atomic import atomic_open, check_writable, writing
 from postproc.mergegrid import WGS84, Grid, to_wgs84
 from postproc.mergeio import MergeError, crs_key, read_tile
 from postproc.merger import TOLERANCE_PX, Merger, Piece
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out, "--out", _inputs(args))
     _check_dir(args.geojson)
     shards = list_pred_shards(args.pred)
-    with atomic_open(args.out, "w", encoding="utf-8") as f:
+    # (the tiles' reader raises MergeError: an OSError here is the output's, a full disk: exit 1)
+    with writing(), atomic_open(args.out, "w", encoding="utf-8") as f:
         m = Merger(f, args.tolerance, args.min_area)
         for shard in shards:
             for key, meta in iter_metas(shard):  # (the PNGs are seeked over, not read)

@@ -51,6 +51,7 @@ from dataio.atomic import (
     missing_dirs,
     remove_made_dirs,
     remove_stale_temps,
+    writing,
 )
 from dataio.classes import CLASS_NAMES
 from postproc.mergegrid import Grid, GridIndex, overlapping_pairs
@@ -308,15 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     made = missing_dirs(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with (gdal_env(), rasterio.Env(**WRITE_ENV),
-              temporary_paths(out, "tiff", "cog") as (tiff, cog)):
-            n = write_tiles(tiff, shards, layout, bands)
-            # NOTE: one GDAL call that Ctrl-C cannot cut short: it is seen when the copy is
-            # done, and the clean-up then removes both files
-            rasterio.shutil.copy(tiff, cog, driver="COG", **COG_OPTIONS)
-            fsync_file(cog)
-            os.replace(cog, out)
-        fsync_dir(out.parent)
+        # (the shards' reader raises PredError: an OSError in here, GDAL's RasterioIOError
+        # included, is the output's, a full disk: exit 1)
+        with writing():
+            with (gdal_env(), rasterio.Env(**WRITE_ENV),
+                  temporary_paths(out, "tiff", "cog") as (tiff, cog)):
+                n = write_tiles(tiff, shards, layout, bands)
+                # NOTE: one GDAL call that Ctrl-C cannot cut short: it is seen when the copy is
+                # done, and the clean-up then removes both files
+                rasterio.shutil.copy(tiff, cog, driver="COG", **COG_OPTIONS)
+                fsync_file(cog)
+                os.replace(cog, out)
+            fsync_dir(out.parent)
     except BaseException:
         remove_made_dirs(made)
         raise

@@ -242,8 +242,11 @@ def _curves(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: with --curves, --out is the PNG file to write "
                          "(e.g. RUN/report/curves.png)")
+    from dataio.atomic import writing
+
     epochs = read_log(args.curves)
-    plot_curves(epochs, args.out, title=args.curves.parent.name)
+    with writing():  # (a full disk: exit 1; --out was checked up front)
+        plot_curves(epochs, args.out, title=args.curves.parent.name)
     print(f"{len(epochs)} epochs -> {args.out}")
     return 0
 
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh_staging_dir,
         fsync_dir,
         missing_dirs,
+        writing,
     )
 
     # --out is the PNG with --curves, else the directory of tile pictures
@@ -316,24 +320,27 @@ def main(argv: list[str] | None = None) -> int:
     # old, the earlier tiles it would have removed included. Now --out is left as it was, and
     # an --out made for it goes again.
     made = missing_dirs(args.out)
-    stage = fresh_staging_dir(args.out)
     said: list[str] = []
-    try:
-        for image_id in tqdm(drawn, unit="tile", desc="render"):
-            rgb = display_rgb(images[image_id], p2, p98, composite)
-            im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
-                                         score_cfg)
-            buf = io.BytesIO()
-            im.save(buf, format="PNG", compress_level=6, pnginfo=_tile_info(shown))
-            atomic_write_bytes(stage / f"{image_id}.png", buf.getvalue())
-            said.append(f"{image_id}: TP {tp}  FP {fp}  missed {fn} -> {args.out / image_id}.png")
-    except BaseException:
-        discard_staging_dir(args.out, made)
-        raise
-    for tile in sorted(stage.iterdir()):  # (renames on one file system: quick)
-        os.replace(tile, args.out / tile.name)
-    stage.rmdir()
-    fsync_dir(args.out)
+    # (the inputs were read above: an OSError from here on is the outputs', a full disk: exit 1)
+    with writing():
+        stage = fresh_staging_dir(args.out)
+        try:
+            for image_id in tqdm(drawn, unit="tile", desc="render"):
+                rgb = display_rgb(images[image_id], p2, p98, composite)
+                im, (tp, fp, fn) = draw_tile(rgb, truth[image_id], proposals.get(image_id, []),
+                                             score_cfg)
+                buf = io.BytesIO()
+                im.save(buf, format="PNG", compress_level=6, pnginfo=_tile_info(shown))
+                atomic_write_bytes(stage / f"{image_id}.png", buf.getvalue())
+                said.append(f"{image_id}: TP {tp}  FP {fp}  missed {fn} -> "
+                            f"{args.out / image_id}.png")
+        except BaseException:
+            discard_staging_dir(args.out, made)
+            raise
+        for tile in sorted(stage.iterdir()):  # (renames on one file system: quick)
+            os.replace(tile, args.out / tile.name)
+        stage.rmdir()
+        fsync_dir(args.out)
     if read.skipped:
         said.append(f"{len(read.skipped)} of the {len(ids)} tiles were left out, not readable "
                     f"from {_count(len(read.damaged), 'damaged shard')}: "

@@ -32,7 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dataio.atomic import atomic_open, fresh_staging_dir, staging_dir
+from dataio.atomic import WriteError, atomic_open, fresh_staging_dir, staging_dir, writing
 from postproc.csvio import proposal_rows, write_rows
 from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
@@ -59,6 +59,7 @@ class ShardResult:
     tiles: int = 0
     polygons: int = 0
     error: str | None = None
+    write_failed: bool = False  # ``error`` is a GeoJSON write's (a full disk): exit 1, not 2
 
 
 def default_workers(local_world_size: int = 1) -> int:
@@ -83,9 +84,10 @@ def _tiles_to_rows(chunk: list[tuple[str, bytes, dict]], shard: str, cfg: Polygo
         n += len(polys)
         if geojson_dir is not None:
             try:
-                write_tile_geojson(geojson_dir, key, polys, confs, meta)
-            except PredError as e:
-                raise PredError(f"{shard}: {key}: {e}") from None
+                with writing():
+                    write_tile_geojson(geojson_dir, key, polys, confs, meta)
+            except (PredError, WriteError) as e:
+                raise type(e)(f"{shard}: {key}: {e}") from None
     return rows, n
 
 
@@ -129,7 +131,7 @@ def _run_now(chunk: list, shard: str, cfg: PolygonizeConfig, geojson_dir: Path |
     fut: cf.Future = cf.Future()
     try:
         fut.set_result(_tiles_to_rows(chunk, shard, cfg, geojson_dir))
-    except (PredError, ValueError) as e:
+    except (PredError, ValueError, WriteError) as e:
         fut.set_exception(e)
     return fut
 
@@ -150,8 +152,9 @@ def shard_results(shards: list[Path], cfg: PolygonizeConfig, geojson_dir: Path |
                 rows, n = fut.result()
                 res.rows.extend(rows)
                 res.polygons += n
-            except (PredError, ValueError) as e:
-                res.error = res.error or str(e)
+            except (PredError, ValueError, WriteError) as e:
+                if not res.error:
+                    res.error, res.write_failed = str(e), isinstance(e, WriteError)
             return None
         res.error = res.error or err  # the end of shard i
         if res.error:
@@ -212,8 +215,9 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     ``env`` is a ``trainer.dist.DistEnv``; with more than one rank the process group must be up.
     ``pool`` (from :func:`make_pool`, made before the process group so that no gloo thread is
     forked) is used and left open; without one, ``run`` makes and closes its own.
-    Raises ``PredError`` (on every rank) if any shard is bad; ``out_csv`` and ``geojson_dir``
-    are then left as they were.
+    Raises ``PredError`` (on every rank) if any shard is bad, a ``WriteError`` if an output
+    could not be written (a full disk: exit code 1, where bad input is 2); ``out_csv`` and
+    ``geojson_dir`` are then left as they were.
     """
     from trainer.dist import gather_objects, on_main
 
@@ -228,20 +232,28 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     seen: set[str] = set()
     stream = shard_results(mine, cfg, staging, pool, workers)
     try:
-        with contextlib.ExitStack() as stack:
+        # (the inputs' readers raise PredError: an OSError here is the outputs', the CSV's commit
+        # at the end of this block included)
+        with writing(), contextlib.ExitStack() as stack:
             def create() -> Any:
-                f = stack.enter_context(atomic_open(out_csv, "w", encoding="utf-8", newline=""))
-                write_rows(f, [], header=True)
+                with writing():
+                    f = stack.enter_context(atomic_open(out_csv, "w", encoding="utf-8",
+                                                        newline=""))
+                    write_rows(f, [], header=True)
                 return f
+
+            def write(rows: list[list[str]]) -> None:
+                with writing():
+                    write_rows(f, rows)
 
             # rank 0 creates it; a failure there stops every rank with its reason
             f = on_main(env, f"creating {out_csv}", create)
             for _ in range(rounds):  # every rank takes part in every round, done or not
                 mine_i = next(stream, None)
                 parts = gather_objects(mine_i) if env.distributed else [mine_i]
-                errors = [p.error for p in parts if p is not None and p.error]
-                if errors:
-                    raise PredError(errors[0])
+                failed = [p for p in parts if p is not None and p.error]
+                if failed:  # (the same error, of the same class, on every rank)
+                    raise (WriteError if failed[0].write_failed else PredError)(failed[0].error)
                 rows: list[list[str]] = []
                 for p in parts:
                     if p is None:
@@ -254,7 +266,7 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                     rows += p.rows
                     bar.update(1)
                 # rank 0 writes; a failure there (a full disk) stops every rank with its reason
-                on_main(env, f"writing {out_csv}", lambda rows=rows: write_rows(f, rows))
+                on_main(env, f"writing {out_csv}", lambda rows=rows: write(rows))
                 bar.set_postfix(tiles=summary.tiles, polygons=summary.polygons)
             if env.is_main and staging is not None:
                 # NOTE: marked before the CSV commits: a kill between the two commits leaves
@@ -262,7 +274,8 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                 begin_publish(geojson_dir)
         # every rank's GeoJSON is written: its shards came through the last round
         if env.is_main and staging is not None:
-            publish_dir(staging, geojson_dir, "*.geojson", ledger=GEOJSON_LEDGER)
+            with writing():
+                publish_dir(staging, geojson_dir, "*.geojson", ledger=GEOJSON_LEDGER)
     finally:
         bar.close()
         stream.close()
@@ -276,7 +289,11 @@ def _stage_geojson(geojson_dir: Path, env: Any) -> Path:
     after that."""
     from trainer.dist import on_main
 
-    on_main(env, f"preparing {staging_dir(geojson_dir)}", lambda: fresh_staging_dir(geojson_dir))
+    def prepare() -> None:
+        with writing():
+            fresh_staging_dir(geojson_dir)
+
+    on_main(env, f"preparing {staging_dir(geojson_dir)}", prepare)
     return staging_dir(geojson_dir)
 
 

@@ -400,9 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mean of the AOIs' F1s {out['aoi_mean_f1']:.4f} (how the SpaceNet-2 contest "
               "combined its cities)")
     if args.json is not None:
-        from dataio.atomic import atomic_write_text
+        from dataio.atomic import atomic_write_text, writing
 
-        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+        with writing():  # (a full disk: exit 1; a path that cannot be used was refused up front)
+            atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     from postproc.cli import push_metrics
     from postproc.pushmetrics import PostprocRun
 

@@ -327,7 +327,7 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dataio.atomic import atomic_write_text, check_writable
+    from dataio.atomic import atomic_write_text, check_writable, writing
     from postproc import runner
     from postproc.csvio import read_truth_csv
     from postproc.predio import list_pred_shards
@@ -385,10 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     # NOTE: two files, two renames. postproc.json (the one that takes effect) goes last, so a
     # kill between them leaves the earlier settings in force beside a tune.json whose
     # best.settings differ from them: read_tuned() tells, instead of reporting the new F1 for them.
-    atomic_write_text(run / TUNE_JSON, text)
-    atomic_write_text(run / SETTINGS, ev.points[best].to_json())
-    if args.json is not None:
-        atomic_write_text(args.json, text)
+    with writing():  # (a full disk: exit 1; a path that cannot be used was refused up front)
+        atomic_write_text(run / TUNE_JSON, text)
+        atomic_write_text(run / SETTINGS, ev.points[best].to_json())
+        if args.json is not None:
+            atomic_write_text(args.json, text)
     print(_table([("default", doc["default"]), ("best", doc["best"])]))
     print(f"{len(ev.points)} grid points on {len(ev.tiles)} tiles in {doc['seconds']:.1f} s -> "
           f"{run / SETTINGS}")

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from dataio.atomic import WriteError
+
 # (the signal part, shared with the commands that run without a process group; re-exported
 # here, where trainer.train and trainer.predict have always found it)
 from postproc.pools import (  # noqa: F401
@@ -80,11 +82,13 @@ def exit_code_for(error: BaseException, oserror_refuses: bool = True) -> int:
     exits as the failing one does: 2 for bad input or settings (a :func:`refusal`, an agreed one
     with no one rank's error, and an OSError where ``oserror_refuses``: a path that cannot be
     used), 1 for a failure of the run (a lost peer, an OSError where not ``oserror_refuses``,
-    e.g. a full disk while writing; a dead pool worker; a bug).
+    and a :class:`dataio.atomic.WriteError` always: a full disk while writing the outputs; a
+    dead pool worker; a bug).
 
     NOTE: ``oserror_refuses`` is the caller's, as only it knows where the error came from:
-    the postproc commands read their inputs and write whole outputs at the end (an OSError is
-    a path that cannot be used); trainer.predict's, once it writes its stage, is the disk's.
+    trainer.predict's OSError, once it writes its stage, is the disk's; the postproc commands
+    mark their output phase instead (``dataio.atomic.writing``), so that only an OSError
+    raised there (a WriteError, also by name in a relayed error's kinds) is the disk's.
     """
     if describe_failure(error) is not None:
         return PEER_LOST_EXIT
@@ -94,7 +98,8 @@ def exit_code_for(error: BaseException, oserror_refuses: bool = True) -> int:
             return 2
     else:
         kinds = tuple(c.__name__ for c in type(error).__mro__)
-    return 2 if refusal(error) or (oserror_refuses and "OSError" in kinds) else 1
+    disk = WriteError.__name__ in kinds
+    return 2 if refusal(error) or (oserror_refuses and "OSError" in kinds and not disk) else 1
 
 # NOTE: what a collective's failure says where its type cannot tell: gloo raises a plain
 # RuntimeError ("[.../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error ...:

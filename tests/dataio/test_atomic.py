@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from dataio.atomic import (
+    WriteError,
     atomic_open,
     atomic_write_text,
     check_writable,
     discard_staging_dir,
     fresh_staging_dir,
     missing_dirs,
+    writing,
 )
 
 
@@ -168,3 +170,19 @@ def test_another_users_file_in_a_sticky_directory_is_refused(tmp_path: Path,
     check_writable(shared / "mine.csv", "--out")
     monkeypatch.undo()
     check_writable(shared / "theirs.csv", "--out")  # (its owner may)
+
+
+def test_an_oserror_while_writing_is_a_write_error_with_its_text(tmp_path: Path) -> None:
+    """Inside ``writing()`` an OSError leaves as a WriteError (the exit code's 1, not 2) with
+    its errno, text and file; one named by atomic_open (a full disk) stays a WriteError."""
+    with pytest.raises(WriteError) as got, writing():
+        raise PermissionError(errno.EACCES, "Permission denied", "a.csv")
+    assert (got.value.errno, str(got.value)) == (errno.EACCES, "[Errno 13] Permission denied: "
+                                                 "'a.csv'")
+    path = tmp_path / "out.csv"
+    with pytest.raises(WriteError) as got, atomic_open(path, "w") as f, writing():
+        f.write("x")
+        raise OSError(errno.ENOSPC, "No space left on device")  # (as write() names none)
+    assert str(got.value) == f"[Errno 28] No space left on device: '{path}'"
+    with pytest.raises(ValueError), writing():  # (other errors pass unchanged)
+        raise ValueError("bad input")

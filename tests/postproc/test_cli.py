@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO
@@ -28,7 +28,9 @@ from affine import Affine
 from pp_helpers import REPO, TRANSFORM_4326, make_pred_dir, tile_meta
 from proc_helpers import interrupt_when, kill_tree, torchrun_cmd, worker_env
 
+import postproc.geojson
 from benchmarks.proctree import tree_pids
+from dataio import atomic
 from postproc import polygonize, render, runner, score, tune
 from postproc.cli import exit_on_error
 from postproc.pools import close_pool, ignore_sigint
@@ -215,7 +217,8 @@ def _full_disk_at_the_csv_commit(monkeypatch):
 
 def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, monkeypatch):
     """--geojson DIR is published only once the CSV is committed: when the CSV's last flush
-    fails (a full disk), DIR keeps the earlier run's tiles, which match the CSV still there."""
+    fails (a full disk), DIR keeps the earlier run's tiles, which match the CSV still there.
+    Exit code 1, a failure of the run (it was 2, as for bad input: changed deliberately)."""
     pred, _ = pred_dir
     out, gj = tmp_path / "p.csv", tmp_path / "gj"
     argv = ["--pred", str(pred), "--out", str(out), "--geojson", str(gj), "--workers", "1",
@@ -223,10 +226,67 @@ def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, mon
     assert run_main(polygonize.main, argv) == 0
     before, csv_before = _snapshot(gj), out.read_bytes()
     _full_disk_at_the_csv_commit(monkeypatch)
-    assert run_main(polygonize.main, [*argv, "--min-polygon-area", "1e9"]) == 2
+    assert run_main(polygonize.main, [*argv, "--min-polygon-area", "1e9"]) == 1
     assert out.read_bytes() == csv_before
     # (the mark of a publish begun may stay; the next run's publish clears it)
     assert {k: v for k, v in _snapshot(gj).items() if k != ".publishing"} == before
+
+
+def test_a_full_disk_while_writing_exits_1_and_a_missing_input_2(pred_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """An OSError while polygonize writes its CSV rows or a tile's GeoJSON, or score its --json
+    (a full disk, EIO), is a failure of the run: one line naming the file and exit code 1, to
+    rerun once there is room; they exited 2, "bad input", as an unusable path does. A missing
+    input is still 2."""
+    pred, truth = pred_dir
+    out, gj, js = tmp_path / "p.csv", tmp_path / "gj", tmp_path / "s.json"
+    argv = ["--pred", str(pred), "--out", str(out), "--workers", "1", "--no-tuned"]
+    real_rows = runner.write_rows
+
+    def full_at_the_rows(f: IO[str], rows: list, header: bool = False) -> None:
+        if rows:
+            raise OSError(errno.ENOSPC, "No space left on device")  # (as write() names none)
+        real_rows(f, rows, header=header)
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "write_rows", full_at_the_rows)
+        assert run_main(polygonize.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: [Errno 28] No space left on device: '{out}'", err
+    assert not out.exists()
+
+    def eio(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(postproc.geojson, "atomic_write_text", eio)
+        assert run_main(polygonize.main, [*argv, "--geojson", str(gj)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and f"cannot write {gj / '.partial'}" in err[-1], err
+    assert "[Errno 5] Input/output error" in err[-1] and not out.exists() and not gj.exists()
+
+    assert run_main(polygonize.main, argv) == 0
+    real_open = atomic.atomic_open
+
+    @contextlib.contextmanager
+    def full_at_commit(path: Path, *args: object, **kwargs: object) -> Iterator[IO]:
+        with real_open(path, *args, **kwargs) as f:
+            yield f
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic, "atomic_open", full_at_commit)
+        assert run_main(score.main, ["--truth", str(truth), "--proposals", str(out),
+                                     "--json", str(js), "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: [Errno 28] No space left on device: '{js}'", err
+    assert not js.exists()
+
+    missing = tmp_path / "missing"
+    assert run_main(polygonize.main, ["--pred", str(missing), "--out", str(out)]) == 2
+    assert run_main(score.main, ["--truth", str(missing), "--proposals", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(str(missing) in line for line in err), err
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -268,8 +328,8 @@ def test_a_stopped_run_leaves_its_outputs_as_they_were(pred_dir, tmp_path, monke
         if stop == "ctrl_c":  # (at the second chunk: the first one's tiles are in the stage)
             res = interrupt_when([sys.executable, worker, *args], "chunk", times=2)
             assert res.returncode == 130 and "interrupted" in res.stderr, res.stderr[-3000:]
-        else:
-            assert run_main(polygonize.main, args) == 2
+        else:  # (exit 1, a full disk while writing: it was 2, as for bad input)
+            assert run_main(polygonize.main, args) == 1
             assert len(written) == 1  # (one tile was in the stage)
     assert (earlier[0].read_bytes(), _tree(earlier[1])) == before
     assert not new[0].parent.exists() and not new[1].exists()
@@ -496,7 +556,8 @@ def test_torchrun_a_failed_csv_write_stops_every_rank_with_the_reason(tmp_path, 
                        cwd=REPO, env={**worker_env(), "CSV_FAIL": fail}, capture_output=True,
                        text=True, timeout=200)
     assert r.returncode != 0 and not out.exists()
-    assert f"error: rank 0 stopped while {doing} {out}: OSError: [Errno 28] No space left" \
+    # (a WriteError: an OSError while the outputs are written, exit code 1 on every rank)
+    assert f"error: rank 0 stopped while {doing} {out}: WriteError: [Errno 28] No space left" \
         in r.stderr, r.stderr[-3000:]
     assert "error: [Errno 28] No space left on device" in r.stderr  # rank 0's own line
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
@@ -785,7 +846,9 @@ def test_exit_codes_of_interrupts_and_unexpected_errors(capsys: pytest.CaptureFi
 
 @pytest.mark.parametrize(("failure", "code"), [
     (BrokenProcessPool("A process in the process pool was terminated abruptly"), 1),
-    (OSError(errno.ENOSPC, "No space left on device"), 2),
+    (OSError(errno.ENOSPC, "No space left on device"), 2),  # (a path that cannot be used)
+    # (an OSError while the outputs are written, dataio.atomic.writing: a full disk)
+    (atomic.WriteError(errno.ENOSPC, "No space left on device", "p.csv"), 1),
     (ValueError("shard-000001.tar: not a prediction shard"), 2),
 ])
 def test_the_other_ranks_exit_as_the_failing_one(failure: Exception, code: int,

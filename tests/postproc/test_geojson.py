@@ -12,7 +12,7 @@ from affine import Affine
 from pyproj import CRS
 from shapely.geometry import box, shape
 
-from dataio.atomic import discard_staging_dir, fresh_staging_dir, missing_dirs
+from dataio.atomic import WriteError, discard_staging_dir, fresh_staging_dir, missing_dirs
 from postproc.geojson import MAX_IMAGE_ID_BYTES, tile_feature_collection, write_tile_geojson
 from postproc.predio import PredError
 
@@ -116,7 +116,7 @@ def test_a_tile_written_after_the_stage_was_removed_makes_no_directory(tmp_path)
     made DIR/.partial, and DIR, again, and they stayed behind holding its tiles. Now the write
     fails (that rank is stopping anyway) and leaves nothing."""
     stage = tmp_path / "gj" / ".partial"  # (already removed: neither exists)
-    with pytest.raises(PredError, match="cannot write"):
+    with pytest.raises(WriteError, match="cannot write"):
         write_tile_geojson(stage, "img4", [box(0, 0, 2, 2)], [1.0], UTM)
     assert list(tmp_path.iterdir()) == []
 
@@ -136,7 +136,7 @@ def test_a_tile_written_while_the_stage_is_removed_does_not_keep_it(tmp_path, mo
             entries = list(it)
         if not landed:  # another rank's worker ends its chunk now
             landed.append(1)
-            with contextlib.suppress(PredError):
+            with contextlib.suppress(WriteError):
                 write_tile_geojson(stage, "img6", [box(0, 0, 2, 2)], [1.0], UTM)
         return contextlib.nullcontext(iter(entries))
 

@@ -7,13 +7,17 @@ origins off by up to 5e-7 m, as float origins are) cut from one probability rast
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -546,3 +550,27 @@ def test_merge_reads_no_png(mosaic, tmp_path, monkeypatch):
     assert run(["--pred", str(pred), "--geojson", str(gj), "--out",
                 str(tmp_path / "area.geojson")]) == 0
     assert_no_png_read(got, sorted(pred.glob("pred-*.tar")))
+
+
+def test_a_full_disk_while_writing_exits_1_naming_the_file(tmp_path, monkeypatch, capsys):
+    """An OSError while the area's GeoJSON is written (its commit: a full disk) is a failure
+    of the run, exit code 1, in one line naming the file; it was 2, as for bad input. The
+    earlier output stays as it was; a missing input is still 2."""
+    pred, gj = _two_tiles(tmp_path)
+    out = tmp_path / "area.geojson"
+    out.write_text("earlier")
+    real = merge.atomic_open
+
+    @contextlib.contextmanager
+    def full_at_commit(path: Path, *args: object, **kwargs: object) -> Iterator[IO]:
+        with real(path, *args, **kwargs) as f:
+            yield f
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(merge, "atomic_open", full_at_commit)
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: [Errno 28] No space left on device: '{out}'"], err
+    assert out.read_text() == "earlier"
+    assert run(["--pred", str(tmp_path / "missing"), "--geojson", str(gj),
+                "--out", str(out)]) == 2

@@ -7,12 +7,14 @@ order. Every tile read back through the window of its own transform must be its 
 
 from __future__ import annotations
 
+import errno
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 from affine import Affine
 from pp_helpers import assert_no_png_read, count_shard_reads
 
@@ -316,3 +318,24 @@ def test_an_unwritable_out_is_refused_before_the_work(area, tmp_path, capsys, mo
     assert "--tolerance 0.5 px must lie in [0, 0.5)" in capsys.readouterr().err
     with tarfile.open(shard):  # (the shard is intact)
         pass
+
+
+def test_a_full_disk_while_writing_exits_1_naming_the_file(area, tmp_path, monkeypatch,
+                                                           capsys):
+    """An OSError while the GeoTIFF is written (GDAL's COG copy on a full disk) is a failure
+    of the run, exit code 1, in one line naming the file; it was 2, as for bad input. Nothing is
+    left; a missing input is still 2."""
+    pred, _ = area
+    out = tmp_path / "new" / "area.tif"
+
+    def full(src: Path, dst: Path, **kwargs: object) -> None:
+        Path(dst).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(rasterio.shutil, "copy", full)
+    assert run(["--pred", str(pred), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: [Errno 28] No space left on device: ") and (
+        f"{out.parent}/.area.tif." in err[-1]), err
+    assert list(tmp_path.iterdir()) == []
+    assert run(["--pred", str(tmp_path / "missing"), "--out", str(out)]) == 2

@@ -170,10 +170,11 @@ def test_a_rerun_leaves_only_its_own_tiles(prepared_dataset, drawn, tmp_path):
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
 def test_a_stopped_render_leaves_no_new_out(prepared_dataset, drawn, tmp_path, monkeypatch,
-                                            stop):
+                                            capsys, stop):
     """Stopped at the first tile (a Ctrl-C while it was drawn, a full disk as it was written),
     a new --out stayed, empty: render made it before it drew anything. trainer.predict leaves
-    no --out it made so."""
+    no --out it made so. The full disk exits 1, a failure of the run, in one line naming the
+    tile (it was 2, as for bad input)."""
     _, _, _, _, csv_path, _ = drawn
 
     def pressed(*args: object) -> None:
@@ -189,8 +190,12 @@ def test_a_stopped_render_leaves_no_new_out(prepared_dataset, drawn, tmp_path, m
         monkeypatch.setattr(render, "atomic_write_bytes", full)
     out = tmp_path / "tiles"
     assert run_main(["--data", prepared_dataset, "--split", "val", "--proposals", csv_path,
-                     "--out", out]) == (130 if stop == "ctrl_c" else 2)
+                     "--out", out]) == (130 if stop == "ctrl_c" else 1)
     assert not out.exists()
+    if stop != "ctrl_c":
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: [Errno 28] No space left on device: "
+                                  f"'{out / '.partial'}/"), err
 
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
@@ -218,7 +223,7 @@ def test_a_render_stopped_part_way_leaves_the_earlier_tiles_as_they_were(
 
     monkeypatch.setattr(render, "draw_tile", stopped_at_the_second)
     assert run_main([*base, "--proposals", csv_path, "--image-ids", ids[0], ids[1]]) == (
-        130 if stop == "ctrl_c" else 2)
+        130 if stop == "ctrl_c" else 1)  # (a full disk: a failure of the run; it was 2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
 
 

@@ -7,6 +7,7 @@ and the thresholds matter.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -195,6 +196,29 @@ def test_a_tune_cut_between_its_two_files_keeps_the_settings_and_is_told(tuned, 
     settings, doc = read_tuned(tuned.run)  # ...as a complete tune's pair is
     assert settings == doc["best"]["settings"] == json.loads(
         (tuned.run / "postproc.json").read_text())
+
+
+def test_a_full_disk_while_writing_exits_1_naming_the_file(tuned, tmp_path, monkeypatch,
+                                                           capsys):
+    """An OSError while tune writes its files (a full disk) is a failure of the run, exit code
+    1, in one line naming the file; it was 2, as for bad input. A missing input is still 2."""
+    import dataio.atomic
+
+    run = tmp_path / "RUN"
+    run.mkdir()
+    argv = ["--pred", tuned.pred, "--truth", tuned.truth, "--run-dir", run, "--workers", 1,
+            "--min-polygon-areas", "0"]
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(dataio.atomic, "atomic_write_text", full)
+        assert run_main(tune.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: [Errno 28] No space left on device: '{run / 'tune.json'}'", err
+    argv[3] = tmp_path / "missing.csv"
+    assert run_main(tune.main, argv) == 2
 
 
 def test_counts_equal_polygonize_then_score(prepared_dataset):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from proc_helpers import numba_interrupt
 
+from dataio.atomic import WriteError
 from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer.dist import DistEnv
@@ -334,10 +335,12 @@ def test_other_errors_are_not_taken_for_a_lost_peer(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize(("error", "reading", "writing"), [
     (ValueError("bad --set"), 2, 2),
     (OSError(28, "No space left on device"), 2, 1),
+    # (raised in a command's marked output phase: the disk's wherever the caller is)
+    (WriteError(28, "No space left on device", "p.csv"), 1, 1),
     (RuntimeError("a bug"), 1, 1),
     (TypeError("a bug"), 1, 1),
     (RuntimeError(GLOO_RESET), 1, 1),  # a lost peer
-], ids=["refusal", "oserror", "runtime-bug", "type-bug", "lost-peer"])
+], ids=["refusal", "oserror", "write-error", "runtime-bug", "type-bug", "lost-peer"])
 def test_exit_code_for_is_the_failing_ranks_on_every_rank(error: BaseException, reading: int,
                                                           writing: int) -> None:
     """2 bad input or settings, 1 a failure of the run: the failing rank's own error and the
