@@ -38,7 +38,7 @@ from benchmarks.common import (
     run,
     write_json,
 )
-from postproc.pools import run_to_end
+from postproc.pools import run_to_end, say
 
 if TYPE_CHECKING:
     from trainer.dist import DistEnv
@@ -67,8 +67,8 @@ def overrides(backend: str, amp: str, cuda: bool) -> list[str]:
     return out if cuda else [*out, "data.num_threads=1"]
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One process of a variant: time ``--steps`` steps after ``--warmup``."""
+def worker(args: argparse.Namespace) -> int:
+    """One process of a variant: time ``--steps`` steps after ``--warmup``; its exit code."""
     from trainer import dist
 
     env = dist.init(dist.DistEnv.from_env())
@@ -77,8 +77,18 @@ def worker(args: argparse.Namespace) -> None:
         # a DDP that outlives destroy_process_group frees the group later from its reducer,
         # joining gloo's threads with the GIL held (see trainer.dist.init).
         _time_steps(args, env)
+    except RuntimeError as e:
+        # NOTE: a peer killed (out of memory, a signal) gave gloo's or NCCL's raw text and a
+        # traceback on the survivors; now trainer.train's one line and exit code for it. Any
+        # other error keeps its traceback: in a benchmark it is a bug to read.
+        lost = dist.describe_failure(e, env.rank, "rerun the benchmark")
+        if lost is None:
+            raise
+        say(f"python -m benchmarks.train: error: {lost}")
+        return dist.exit_code_for(e)
     finally:
         dist.teardown()
+    return 0
 
 
 def _time_steps(args: argparse.Namespace, env: DistEnv) -> None:
@@ -200,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = parse_args(p, argv)
     if args.worker:
-        worker(args)
-        return 0
+        return worker(args)
     from trainer.config import ConfigError, load_config
 
     try:  # before the workers start: else their traceback, then torchrun's

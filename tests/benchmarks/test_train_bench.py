@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks.train import overrides
 from trainer.config import load_config
 
@@ -70,3 +72,42 @@ def test_the_json_says_which_imagery_and_product_with_data_is_refused(
     with pytest.raises(SystemExit) as stop:
         train.main(["--data", str(mul_dataset), "--product", "MUL-PanSharpen"])
     assert stop.value.code == 2
+
+
+# (gloo's text when a peer is killed mid-collective: a plain RuntimeError)
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+              "[127.0.0.1]:59054: Connection reset by peer. This is typically caused by a remote "
+              "worker hanging or bugs in the application. Check the logs of the remote worker "
+              "before reporting an error. GLHF!")
+
+
+def test_a_lost_peer_in_a_timed_process_is_one_line_and_exit_1(tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    """A variant's process whose peer is killed (its collective fails with gloo's text) said
+    gloo's raw text in a traceback; now trainer.train's line for it (dist.describe_failure) and
+    exit code 1, a failure to rerun. A bug keeps its traceback."""
+    from benchmarks import train
+    from benchmarks.common import run
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+
+    def lost(*args: object) -> None:
+        raise RuntimeError(GLOO_RESET)
+
+    monkeypatch.setattr(train, "_time_steps", lost)
+    argv = ["--worker", "--data", str(tmp_path), "--out", str(tmp_path / "row.json")]
+    assert run("train", lambda: train.main(argv)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "python -m benchmarks.train: error: rank 0: a peer rank left the process group "
+        "(killed, out of memory, or its node lost) or the collective failed: RuntimeError: "
+        "[/__w/pytorch/pytorch/third_party/gloo/"), err
+    assert err[0].endswith("else rerun the benchmark (the peer's own log says why it stopped)")
+
+    def bug(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train, "_time_steps", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run("train", lambda: train.main(argv))
