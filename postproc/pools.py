@@ -71,6 +71,13 @@ def starting_workers() -> Iterator[None]:
     (``signal.signal(SIGINT, None)`` raised TypeError on the way out, after the workers had
     started, and left the recording handler in place). Ctrl-C is still blocked inside: the
     workers start with it blocked, and a press meanwhile reaches that handler on the way out.
+
+    NOTE: ``trainer.dist._stops_held`` (around the process group's teardown) holds signals
+    too, and differs on purpose: it holds only the command's own :func:`stop_signals` handler
+    and blocks nothing, so that a teardown hung with the GIL held is still ended by a SIGTERM
+    whose action is the default (the kernel's), and it forks no worker that needs the mask.
+    Here every Python-level handler is held (a pool starts in a moment), and the mask is for
+    the forked workers.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -326,7 +326,16 @@ def _stops_held() -> Iterator[None]:
 
     NOTE: a teardown after an error runs with neither set aside, and torchrun's SIGTERM (sent
     to the survivors once a worker has died) landed in it: destroy_process_group skipped, the
-    group alive into the interpreter's exit (see :func:`_destroy`)."""
+    group alive into the interpreter's exit (see :func:`_destroy`).
+
+    NOTE: not ``postproc.pools.starting_workers``, which holds signals too, on purpose: that one
+    holds a signal whatever its handler (the default action, SIG_IGN, Python's own Ctrl-C) and
+    blocks both in the signal mask, so that the workers it forks start with them blocked. Here
+    only the command's own :func:`stop_signals` handler is held. Where a SIGTERM has its
+    default action (a benchmark's workers, ``sigint_once``: Ctrl-C only), a teardown hung in
+    destroy_process_group (gloo's threads, the GIL) is still ended by it, the kernel's doing,
+    where held it would wait for a SIGKILL; and no process is forked, so nothing needs the
+    mask."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
