@@ -32,10 +32,15 @@ def _umask() -> int:
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
-    """Flush a closed file's data to disk (before it is renamed to its final name)."""
+    """Flush a closed file's data to disk (before it is renamed to its final name). An error of
+    the sync (EIO) names ``path``: fsync's own names no file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise with_filename(e, path) from None
     finally:
         os.close(fd)
 
@@ -116,12 +121,14 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     # first: a Ctrl-C in the fchmod that came between them and the try left the empty temporary
     # file behind (and the descriptor open).
     f = None
+    committing = False  # (past the body: flushing, syncing and closing the temporary file)
     try:
         f = os.fdopen(fd, mode, **kwargs)
         with f:
             # mkstemp creates 0600; give the file the mode a plain open() would have.
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
+            committing = True
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -135,9 +142,24 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
         # NOTE: as trainer.predict removes an --out it made: a polygonize --out NEW/p.csv, whose
         # CSV is open all run, left NEW behind empty on an error or a Ctrl-C
         remove_made_dirs(made)
-        if isinstance(e, OSError) and e.errno in NO_ROOM and e.filename is None:
+        if _names_output(e, committing):
             raise with_filename(e, path) from None
         raise
+
+
+def _names_output(error: BaseException, committing: bool) -> bool:
+    """Whether atomic_open names its output in ``error``: an OSError that names no file, raised
+    while the temporary file was flushed, synced or closed (``committing``: an EIO there said
+    only "[Errno 5] Input/output error", no file and so no disk), or by the body with an errno
+    that only a write gives (:data:`NO_ROOM`).
+
+    NOTE: not every errno of the body: a body may read as it writes (trainer.checkpoint copies
+    a file into the output, polygonize's CSV stays open while the shards are read), and an EIO
+    or ENOENT of that read names no file either; naming the output there would send the user
+    to the wrong disk. A small file's writes reach the kernel only at the flush, which is the
+    commit's."""
+    return (isinstance(error, OSError) and error.filename is None and error.errno is not None
+            and (committing or error.errno in NO_ROOM))
 
 
 def remove_stale_temps(path: str | os.PathLike[str]) -> None:

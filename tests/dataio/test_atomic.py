@@ -88,11 +88,43 @@ def test_a_write_that_finds_no_room_names_the_output(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nor a temporary file left
 
 
-def test_other_errors_of_the_body_pass_unchanged(tmp_path: Path) -> None:
-    err = OSError(errno.ENOENT, "No such file or directory")  # (the body's own, e.g. a read)
+@pytest.mark.parametrize("code", [errno.ENOENT, errno.EIO])
+def test_other_errors_of_the_body_pass_unchanged(tmp_path: Path, code: int) -> None:
+    """(the body's own, e.g. a read: a body may read as it writes, and its read's EIO is not
+    the output's)"""
+    err = OSError(code, os.strerror(code))
     with pytest.raises(OSError) as got, atomic_open(tmp_path / "out.bin"):
         raise err
     assert got.value is err
+
+
+@pytest.mark.parametrize("which", ["file", "directory"])
+def test_an_io_error_at_the_sync_names_what_was_synced(tmp_path: Path, monkeypatch,
+                                                       which: str) -> None:
+    """An EIO at the temporary file's fsync said "[Errno 5] Input/output error" and no file (only
+    a full disk, a quota or a size limit were named): which output, and so which disk, failed
+    was left to guess. The directory's sync after the rename names the directory. Inside
+    ``writing()`` it leaves as a WriteError (the exit code's 1) with the name, and nothing is
+    left behind."""
+    path = tmp_path / "out.csv"
+    atomic_write_text(path, "old\n")
+    real, calls = os.fsync, []
+
+    def eio(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == (1 if which == "file" else 2):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(WriteError) as got, writing():
+        atomic_write_text(path, "new\n")
+    named = path if which == "file" else tmp_path
+    assert (got.value.errno, str(got.value)) == (
+        errno.EIO, f"[Errno 5] Input/output error: '{named}'")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    if which == "file":  # (the directory's sync comes after the rename)
+        assert path.read_text() == "old\n"
 
 
 def test_a_failed_write_leaves_no_directory_it_made(tmp_path: Path) -> None:
