@@ -13,8 +13,10 @@ into ``DIR`` only after the CSV is committed, and removes the tiles of an earlie
 one did not write (``predio.publish_dir``; only tiles listed in ``DIR/.polygonize-tiles`` by that
 run: other ``*.geojson`` in DIR are the user's and stay), so ``DIR`` never holds a failed run's
 half or a smaller run's stale tiles beside the CSV. ``DIR/.publishing`` marks a move that was cut
-short. Every rank writes into ``DIR/.partial``, so under torchrun on several nodes DIR (like
-PRED) must be on a file system that all nodes share.
+short. Rank 0's commit and publish are agreed (``trainer.dist.on_main``), as its writes are: its
+failure there (EIO, a full disk) stops every rank with that reason and exit code 1. Every rank
+writes into ``DIR/.partial``, so under torchrun on several nodes DIR (like PRED) must be on a
+file system that all nodes share.
 """
 
 from __future__ import annotations
@@ -268,14 +270,26 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
                 # rank 0 writes; a failure there (a full disk) stops every rank with its reason
                 on_main(env, f"writing {out_csv}", lambda rows=rows: write(rows))
                 bar.set_postfix(tiles=summary.tiles, polygons=summary.polygons)
-            if env.is_main and staging is not None:
-                # NOTE: marked before the CSV commits: a kill between the two commits leaves
-                # the mark, not a GeoJSON directory that silently disagrees with the CSV
-                begin_publish(geojson_dir)
-        # every rank's GeoJSON is written: its shards came through the last round
-        if env.is_main and staging is not None:
-            with writing():
-                publish_dir(staging, geojson_dir, "*.geojson", ledger=GEOJSON_LEDGER)
+
+            def commit() -> None:
+                with writing():
+                    if staging is not None:
+                        # NOTE: marked before the CSV commits: a kill between the two commits
+                        # leaves the mark, not a GeoJSON directory that silently disagrees with
+                        # the CSV
+                        begin_publish(geojson_dir)
+                    stack.close()  # (atomic_open's exit: the CSV's fsync and rename)
+
+            # NOTE: agreed, as each write before it: rank 0's commit failing (EIO, a full disk)
+            # exited 1 there and 0 on the other ranks, a run that looked half done
+            on_main(env, f"committing {out_csv}", commit)
+        if staging is not None:
+            # every rank's GeoJSON is written: its shards came through the last round
+            def publish() -> None:
+                with writing():
+                    publish_dir(staging, geojson_dir, "*.geojson", ledger=GEOJSON_LEDGER)
+
+            on_main(env, f"publishing into {geojson_dir}", publish)  # (agreed: as the commit)
     finally:
         bar.close()
         stream.close()

@@ -381,16 +381,33 @@ def main(argv: list[str] | None = None) -> int:
         # agreed: a bad row in one rank's images stops every rank with its reason
         dist.agree_on("scoring", error)
         result = merge_results(dist.gather_objects(mine))
+        # NOTE: agreed too, before the teardown: rank 0's --json failing (EIO, a full disk)
+        # exited 1 there and 0 on the other ranks, a run that looked half done
+        out = dist.on_main(env, "reporting" if args.json is None else f"writing {args.json}",
+                           lambda: _report(args, cfg, result, len(ids)))
     finally:
         dist.teardown()
-    if not env.is_main:
+    if out is None:  # (not rank 0)
         return 0
+    from postproc.cli import push_metrics
+    from postproc.pushmetrics import PostprocRun
+
+    figures = {k: out[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")}
+    push_metrics(args, PostprocRun(len(ids), result.tp + result.fp, time.monotonic() - t0,
+                                   score=figures))
+    return 0
+
+
+def _report(args: argparse.Namespace, cfg: ScoreConfig, result: ScoreResult, images: int
+            ) -> dict[str, Any]:
+    """Rank 0's output: the figures printed, and written to ``--json`` if given; returns the
+    JSON object."""
     out = result.to_json()
     out.update(truth_file=str(args.truth), proposal_file=str(args.proposals),
                iou_threshold=cfg.iou_threshold, strict=cfg.strict,
                min_truth_area=cfg.min_truth_area, repaired_polygons=result.repaired)
     print(f"F1 {result.f1:.4f}  precision {result.precision:.4f}  recall {result.recall:.4f}  "
-          f"TP {result.tp}  FP {result.fp}  FN {result.fn}  ({len(ids)} images; "
+          f"TP {result.tp}  FP {result.fp}  FN {result.fn}  ({images} images; "
           f"{result.images_without_proposals} without proposals, "
           f"{result.images_without_truth} without truth)")
     if len(out["per_aoi"]) > 1:  # (with one AOI its F1 is the line above)
@@ -404,13 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with writing():  # (a full disk: exit 1; a path that cannot be used was refused up front)
             atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
-    from postproc.cli import push_metrics
-    from postproc.pushmetrics import PostprocRun
-
-    figures = {k: out[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")}
-    push_metrics(args, PostprocRun(len(ids), result.tp + result.fp, time.monotonic() - t0,
-                                   score=figures))
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -31,6 +31,20 @@ REPO = Path(__file__).resolve().parents[1]
 _GIVEN: set[int] = set()
 
 
+def worker_exit_codes(stderr: str) -> dict[int, int]:
+    """Each failed worker's exit code, by rank, from torchrun's summary ("Root Cause" is the
+    first failure it saw; the others are listed under "Failures")."""
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)",
+                       stderr)
+    return {int(rank): int(code) for rank, code in found}
+
+
+def first_failure(stderr: str) -> int | None:
+    """The rank torchrun's summary names as the "Root Cause (first observed failure)"."""
+    first = re.search(r"Root Cause.*?\n.*?rank\s*: (\d+)", stderr, re.S)
+    return int(first.group(1)) if first else None
+
+
 def free_port() -> int:
     """A loopback port free now, from below the kernel's ephemeral range.
 

@@ -6,7 +6,9 @@ the step named by ``FAIL_AT`` fails, then MODULE's real main runs with ARGS.
 RuntimeError, as for a bug in the code), ``publish`` (its publish into --out fails: EIO; rank 0
 is the one that publishes), ``val`` (trainer.train's validation raises, as for a
 tile the polygonizer refuses), ``ckpt`` (trainer.predict's checkpoint does not load, as one
-replaced while the ranks read it), ``weights`` (it loads other weights than on the other ranks)."""
+replaced while the ranks read it), ``weights`` (it loads other weights than on the other ranks),
+``fsync`` (the sync of the file named ``FAIL_FILE`` fails, EIO, as atomic_open commits it:
+postproc.polygonize's CSV, its GeoJSON ledger as it publishes, postproc.score's --json)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,18 @@ def _unreadable(path, *args, **kwargs):  # type: ignore[no-untyped-def]
     raise ValueError(f"{path}: simulated: not a readable checkpoint")
 
 
+def _eio_at_sync_of(name: str):  # type: ignore[no-untyped-def]
+    """os.fsync, failing (EIO, naming no file, as the kernel's) for a temporary file of ``name``
+    (atomic_open's ``.<name>.*.tmp``) only."""
+    real = os.fsync
+
+    def fsync(fd):  # type: ignore[no-untyped-def]
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    return fsync
+
+
 def _other_weights(load):  # type: ignore[no-untyped-def]
     def other(*args, **kwargs):  # type: ignore[no-untyped-def]
         state = load(*args, **kwargs)
@@ -60,15 +74,17 @@ if __name__ == "__main__":
         elif what == "publish":
             from postproc import predio
             predio.publish_pred_dir = _eio  # (predict imports it when it runs)
+        elif what == "fsync":
+            os.fsync = _eio_at_sync_of(os.environ["FAIL_FILE"])
         elif what in ("ckpt", "weights"):
             from trainer import checkpoint
             checkpoint.load = _other_weights(checkpoint.load) if what == "weights" else _unreadable
         else:
             from trainer.validate import Validator
             Validator._f1_counts = _refused  # type: ignore[method-assign]
-    if module == "postproc.polygonize":
-        from postproc import polygonize
-        from postproc.cli import exit_on_error
-        sys.exit(exit_on_error(lambda: polygonize.main(argv)))
     from importlib import import_module
-    sys.exit(import_module(module).main(argv))
+    main = import_module(module).main
+    if module.startswith("postproc."):  # (as their ``__main__`` runs them)
+        from postproc.cli import exit_on_error
+        sys.exit(exit_on_error(lambda: main(argv)))
+    sys.exit(main(argv))

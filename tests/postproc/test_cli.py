@@ -26,7 +26,14 @@ import pytest
 import shapely
 from affine import Affine
 from pp_helpers import REPO, TRANSFORM_4326, make_pred_dir, tile_meta
-from proc_helpers import interrupt_when, kill_tree, torchrun_cmd, worker_env
+from proc_helpers import (
+    first_failure,
+    interrupt_when,
+    kill_tree,
+    torchrun_cmd,
+    worker_env,
+    worker_exit_codes,
+)
 
 import postproc.geojson
 from benchmarks.proctree import tree_pids
@@ -560,6 +567,75 @@ def test_torchrun_a_failed_csv_write_stops_every_rank_with_the_reason(tmp_path, 
     assert f"error: rank 0 stopped while {doing} {out}: WriteError: [Errno 28] No space left" \
         in r.stderr, r.stderr[-3000:]
     assert "error: [Errno 28] No space left on device" in r.stderr  # rank 0's own line
+    assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
+
+
+def _rank_fail(args: list[str], env: dict[str, str], module: str = "postproc.polygonize",
+               timeout: float = 200) -> subprocess.CompletedProcess:
+    """2-rank torchrun of ``module`` through tests/rank_fail_worker.py (``env``: its FAIL_*)."""
+    worker = str(REPO / "tests" / "rank_fail_worker.py")
+    return subprocess.run(torchrun_cmd(2, [worker, module, *args]), cwd=REPO,
+                          env={**worker_env(), **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _every_rank_exits_1(stderr: str) -> None:
+    """torchrun's summary lists both ranks as failed, the first to end with exit code 1.
+
+    (Either may end first: rank 1 once rank 0's failure reached it, rank 0 after its clean-up.
+    The later one may be SIGTERMed by torchrun as it tears down: 143, or -15 past main; as in
+    trainer.predict's test. An exit 0, the old failure of the relaying rank, is no entry.)"""
+    codes, first = worker_exit_codes(stderr), first_failure(stderr)
+    assert set(codes) == {0, 1}, (codes, stderr[-3000:])
+    assert first is not None and codes[first] == 1, (codes, first)
+    assert set(codes.values()) <= {1, 143, -15}, codes
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("at", ["csv", "geojson"])
+def test_torchrun_rank_0s_failed_commit_or_publish_stops_every_rank_with_exit_1(tmp_path, at):
+    """Rank 0 commits the CSV and publishes --geojson alone, after the last agreed round: an EIO
+    there exited 1 on rank 0 and 0 on rank 1, a run that looked half done, and the error named
+    no file. Now every rank exits 1, rank 0 naming the file, rank 1 relaying it; nothing is
+    published (the CSV's commit: no CSV; the publish: no tile in DIR, its mark left)."""
+    pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    failing = out if at == "csv" else gj / runner.GEOJSON_LEDGER
+    r = _rank_fail(["--pred", str(pred), "--out", str(out), "--geojson", str(gj),
+                    "--workers", "1"],
+                   {"FAIL_AT": "fsync", "FAIL_RANK": "0", "FAIL_FILE": failing.name})
+    own = f"error: [Errno 5] Input/output error: '{failing}'"
+    doing = f"committing {out}" if at == "csv" else f"publishing into {gj}"
+    assert own in r.stderr, r.stderr[-3000:]
+    assert f"error: rank 0 stopped while {doing}: WriteError: [Errno 5] Input/output error: " \
+        f"'{failing}'" in r.stderr, r.stderr[-3000:]
+    _every_rank_exits_1(r.stderr)
+    assert not list(gj.glob("*.geojson")) and not (gj / ".partial").exists()
+    assert out.exists() == (at == "geojson")  # (the publish comes after the CSV's commit)
+    assert (gj / ".publishing").exists()  # (marked before the CSV's commit; the next run clears it)
+    assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_torchrun_score_rank_0s_failed_json_stops_every_rank_with_exit_1(tmp_path):
+    """Rank 0 wrote --json after the process group was gone: an EIO there exited 1 on rank 0
+    and 0 on rank 1. Now agreed, as polygonize's commit."""
+    truth, props, js = tmp_path / "truth.csv", tmp_path / "props.csv", tmp_path / "s.json"
+    truth.write_text("ImageId,BuildingId,PolygonWKT_Pix,PolygonWKT_Geo\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",x\nb,-1,POLYGON EMPTY,x\n')
+    props.write_text("ImageId,BuildingId,PolygonWKT_Pix,Confidence\n"
+                     'a,1,"POLYGON ((0 0, 9 0, 9 9, 0 0))",1\n')
+    r = _rank_fail(["--truth", str(truth), "--proposals", str(props), "--json", str(js),
+                    "--workers", "1"],
+                   {"FAIL_AT": "fsync", "FAIL_RANK": "0", "FAIL_FILE": js.name},
+                   module="postproc.score")
+    assert f"error: [Errno 5] Input/output error: '{js}'" in r.stderr, r.stderr[-3000:]
+    assert f"error: rank 0 stopped while writing {js}: WriteError: [Errno 5] Input/output " \
+        f"error: '{js}'" in r.stderr, r.stderr[-3000:]
+    _every_rank_exits_1(r.stderr)
+    assert not js.exists() and "F1 1.0000" in r.stdout  # (the figures, printed before)
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
 from pathlib import Path
 
 import torch
 from proc_helpers import (  # noqa: F401 (re-exported)
     REPO,
+    first_failure,
     free_port,
     kill_tree,
     torchrun_cmd,
     worker_env,
+    worker_exit_codes,
 )
 
 
@@ -32,20 +33,6 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, gpu: 
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{err[-3000:]}") \
             from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def worker_exit_codes(stderr: str) -> dict[int, int]:
-    """Each failed worker's exit code, by rank, from torchrun's summary ("Root Cause" is the
-    first failure it saw; the others are listed under "Failures")."""
-    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)",
-                       stderr)
-    return {int(rank): int(code) for rank, code in found}
-
-
-def first_failure(stderr: str) -> int | None:
-    """The rank torchrun's summary names as the "Root Cause (first observed failure)"."""
-    first = re.search(r"Root Cause.*?\n.*?rank\s*: (\d+)", stderr, re.S)
-    return int(first.group(1)) if first else None
 
 
 def train_args(data: Path, run_dir: Path, overrides: list[str],
