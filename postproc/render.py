@@ -347,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{', '.join(read.skipped)} (see the warnings above)")
     print("\n".join([f"tiles show {shown}", *said]))
     # (a skipped tile's picture from an earlier render goes too: it drew other proposals)
-    for old in stale_tiles(args.out, drawn):
-        old.unlink()
-        print(f"removed {old} (an earlier render's tile)")
+    # NOTE: inside writing(): removing this command's own outputs from the --out checked up
+    # front is part of its output step, so an OSError here (EIO, a file system remounted
+    # read-only) is the disk's, exit 1 as for the tiles' writes; it was 2, "fix the input".
+    with writing():
+        for old in stale_tiles(args.out, drawn):
+            old.unlink()
+            print(f"removed {old} (an earlier render's tile)")
     return 0
 
 

@@ -168,6 +168,29 @@ def test_a_rerun_leaves_only_its_own_tiles(prepared_dataset, drawn, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([top, "curves.png", "notes.txt"])
 
 
+def test_an_io_error_removing_an_earlier_tile_is_a_failure_of_the_run(
+        prepared_dataset, drawn, tmp_path, monkeypatch, capsys):
+    """Removing an earlier render's tile is part of the output step, after --out was checked:
+    an EIO there is the disk's, exit 1 in one line naming the tile, as for a tile's write (it
+    was 2, as for bad input)."""
+    _, _, _, _, csv_path, _ = drawn
+    out = tmp_path / "tiles"
+    base = ["--data", prepared_dataset, "--split", "val", "--proposals", csv_path, "--out", out]
+    assert run_main([*base, "--tiles", "2"]) == 0
+    real = Path.unlink
+
+    def eio(self: Path, missing_ok: bool = False) -> None:
+        if self.parent == out:  # (an earlier tile in --out; not a temporary file in the stage)
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        real(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", eio)
+    capsys.readouterr()
+    assert run_main([*base, "--tiles", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: [Errno 5] Input/output error: '{out}/"), err
+
+
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
 def test_a_stopped_render_leaves_no_new_out(prepared_dataset, drawn, tmp_path, monkeypatch,
                                             capsys, stop):
