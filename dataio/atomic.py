@@ -52,14 +52,24 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def check_writable(path: str | os.PathLike[str], what: str,
                    inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (),
-                   given: str | os.PathLike[str] | None = None) -> None:
-    """Raise ValueError unless ``path`` could be created or replaced by this user: its nearest
+                   given: str | os.PathLike[str] | None = None,
+                   tmp_extra: int = TMP_NAME_EXTRA) -> None:
+    """Raise ValueError unless ``path`` could be created or replaced by this user: its name
+    leaves room for its temporary name (``tmp_extra`` bytes longer: atomic_open's), its nearest
     existing ancestor is a writable directory, an existing ``path`` is writable, and it is none
     of the command's ``inputs`` (``(flag, path)`` pairs). Checked before a command's work, so a
     typo fails at once. ``given``: the flag's value where ``path`` is a file the command writes
     inside it (an output directory), so that the message names what the user typed."""
     shown = path if given is None else given
     target = Path(path).absolute()
+    # NOTE: a name within NAME_MAX but not its temporary name's margin failed only at the write,
+    # after the work, with ENAMETOOLONG naming the temporary file: exit 1 (a failure of the run,
+    # writing()'s) for a name the user gave, which no rerun fixes
+    size = len(os.fsencode(target.name))
+    if size > NAME_MAX - tmp_extra:
+        raise ValueError(f"{what} {shown}: the name {target.name} has {size} bytes; at most "
+                         f"{NAME_MAX - tmp_extra} can be written (its temporary name is "
+                         f"{tmp_extra} bytes longer, and a file name has at most {NAME_MAX})")
     if target.is_dir():  # (a file cannot be renamed onto it: found only after the work)
         raise ValueError(f"{what} {path} is a directory; give a file name")
     # NOTE: the rename at the end replaced the input with the output: score --json on its

@@ -206,6 +206,12 @@ def own_boxes(tile: Tile) -> list[tuple[int, int, int, int]]:
     return [b for b in out if b[2] > b[0] and b[3] > b[1]]
 
 
+# NOTE: the longest of temporary_paths' names is this many bytes longer than --out's (the "tiff"
+# tag's), where atomic_open's is dataio.atomic.TMP_NAME_EXTRA: check_writable refuses a longer
+# --out name up front
+TMP_NAME_EXTRA = len(".") + len(".") + 8 + len(".") + len("tiff") + len(TMP_SUFFIX)
+
+
 @contextlib.contextmanager
 def temporary_paths(out: Path, *tags: str) -> Iterator[list[Path]]:
     """Names beside ``out`` for files that GDAL writes; removed on the way out (a success
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     from postproc.predio import SHARD_GLOB
 
     # (lazy: listed only for an --out that exists, which must not be a shard)
-    check_writable(args.out, "--out", (("--pred", s) for s in args.pred.glob(SHARD_GLOB)))
+    check_writable(args.out, "--out", (("--pred", s) for s in args.pred.glob(SHARD_GLOB)),
+                   tmp_extra=TMP_NAME_EXTRA)
     shards = list_pred_shards(args.pred)
     layout = scan(shards, args.tolerance)
     bands = [0, 1, 2] if args.band is None else [BANDS.index(args.band)]

@@ -692,6 +692,32 @@ def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, ca
     assert "--json" in capsys.readouterr().err
 
 
+def test_an_output_name_too_long_for_its_temporary_name_is_refused_before_the_work(
+        pred_dir, tmp_path, capsys):
+    """A name within 255 bytes but not its temporary name's (14 bytes longer) failed at the
+    write, after the work, exit 1 as a full disk does (writing()); it is the user's name, to
+    change: exit 2 before the work, naming the flag."""
+    pred, truth = pred_dir
+    name = "a" * (atomic.NAME_MAX - atomic.TMP_NAME_EXTRA - len(".csv") + 1) + ".csv"
+    out = tmp_path / name
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--workers", "1",
+                                      "--no-tuned"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {out}: the name {name} has 242 bytes; at most 241 can be "
+                   "written (its temporary name is 14 bytes longer, and a file name has at most "
+                   "255)"], err
+    good = tmp_path / "p.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(good), "--workers", "1",
+                                      "--no-tuned"]) == 0
+    capsys.readouterr()
+    js = tmp_path / name.replace(".csv", ".jsn")
+    assert run_main(score.main, ["--truth", str(truth), "--proposals", str(good),
+                                 "--json", str(js), "--workers", "1"]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.startswith(f"error: --json {js}: the name "), said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
 def test_an_output_that_is_an_input_is_refused_and_the_input_kept(pred_dir, tmp_path, capsys):
     """(the rename at the end replaced the input: score --json on its --truth CSV, tune --json
     on its --truth, polygonize --out on a prediction shard or its provenance)"""

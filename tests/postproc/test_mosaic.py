@@ -18,6 +18,7 @@ import rasterio.shutil
 from affine import Affine
 from pp_helpers import assert_no_png_read, count_shard_reads
 
+from dataio.atomic import NAME_MAX
 from postproc import mosaic
 from postproc.cli import exit_on_error
 from postproc.predio import iter_pred_samples, write_pred_shard
@@ -314,6 +315,12 @@ def test_an_unwritable_out_is_refused_before_the_work(area, tmp_path, capsys, mo
     (tmp_path / "file").write_text("")
     assert run(["--pred", str(pred), "--out", str(tmp_path / "file" / "area.tif")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    # a name too long for its temporary names (GDAL's, 19 bytes longer): refused, not exit 1
+    # from the write after the work (237 bytes: within atomic_open's 241, not within 236)
+    long = tmp_path / ("a" * (NAME_MAX - mosaic.TMP_NAME_EXTRA - len(".tif") + 1) + ".tif")
+    assert run(["--pred", str(pred), "--out", str(long)]) == 2
+    assert f"--out {long}: the name {long.name} has 237 bytes; at most 236" in (
+        capsys.readouterr().err)
     assert run(["--pred", str(pred), "--out", str(tmp_path / "a.tif"), "--tolerance", "0.5"]) == 2
     assert "--tolerance 0.5 px must lie in [0, 0.5)" in capsys.readouterr().err
     with tarfile.open(shard):  # (the shard is intact)
