@@ -362,10 +362,16 @@ def _walk(fileobj: Any, shard: Path, read: frozenset[str]
 
     NOTE: the one walker of every reader (the full read, :func:`iter_metas`, :func:`shard_keys`):
     two, written apart, had to be given the damaged-header check (:func:`_check_ended`) each."""
-    _check_complete(fileobj, shard)
-    start = fileobj.tell()
-    size = fileobj.seek(0, os.SEEK_END)
-    fileobj.seek(start)
+    # NOTE: an OSError here (EIO reading the tail) is the input's, as in the walk below: it left
+    # as a bare "[Errno 5] Input/output error" naming no shard, and inside a command's writing()
+    # (polygonize reads its shards while its CSV is open) it became the output's, exit 1
+    try:
+        _check_complete(fileobj, shard)
+        start = fileobj.tell()
+        size = fileobj.seek(0, os.SEEK_END)
+        fileobj.seek(start)
+    except OSError as e:
+        raise PredError(f"{shard}: cannot read shard ({e.strerror or e})") from None
     key: str | None = None
     parts: dict[str, bytes | None] = {}
     seen: set[str] = set()

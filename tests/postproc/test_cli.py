@@ -296,6 +296,35 @@ def test_a_full_disk_while_writing_exits_1_and_a_missing_input_2(pred_dir, tmp_p
     assert len(err) == 2 and all(str(missing) in line for line in err), err
 
 
+def test_an_unreadable_shard_is_bad_input_naming_it_not_the_outputs_failure(
+        pred_dir, tmp_path, monkeypatch, capsys):
+    """polygonize reads its shards inside writing() (its CSV is open meanwhile), so an OSError
+    of the reader's own is taken for the output's: an EIO reading a shard's tail (the complete-
+    tar check, before the walk) exited 1 in one line that named no file. The reader's error
+    names the shard, exit 2, as an EIO later in the walk did."""
+    import postproc.predio
+
+    pred, _ = pred_dir
+    out = tmp_path / "p.csv"
+    bad = sorted(pred.glob("pred-*.tar"))[1]
+
+    def eio_open(path: Path, mode: str = "r", *args: object, **kwargs: object) -> IO:
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - the reader closes it
+        if Path(path) == bad:
+            def eio(*a: object) -> bytes:
+                raise OSError(errno.EIO, "Input/output error")
+
+            f.read = eio  # type: ignore[method-assign]
+        return f
+
+    monkeypatch.setattr(postproc.predio, "open", eio_open, raising=False)
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--workers", "1",
+                                      "--no-tuned"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {bad}: cannot read shard (Input/output error)", err
+    assert not out.exists()
+
+
 def _tree(root: Path) -> dict[str, bytes | None]:
     """Every file and directory under ``root`` (hidden ones too), files with their bytes."""
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
