@@ -351,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     # it: a user who gave no --run-dir was told "--run-dir RUN/postproc.json" is not writable
     where = ("--run-dir" if args.run_dir is not None
              else f"--run-dir (default: the run_dir in {args.pred / 'provenance.json'})")
-    for path, what, given in ((run / SETTINGS, where, run), (args.json, "--json", None)):
+    # NOTE: both of the run's files: with postproc.json alone checked, a RUN/tune.json that is a
+    # directory (or read-only for this user) was found by its write after the whole grid, exit 1
+    # as a full disk, for a path to fix (or replaced without a word, read-only as it was)
+    for path, what, given in ((run / TUNE_JSON, where, run), (run / SETTINGS, where, run),
+                              (args.json, "--json", None)):
         if path is not None:
             check_writable(path, what, (("--truth", args.truth),), given=given)
     truth = read_truth_csv(args.truth).polygons

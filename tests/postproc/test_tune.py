@@ -221,6 +221,25 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tuned, tmp_path, monk
     assert run_main(tune.main, argv) == 2
 
 
+def test_a_tune_json_that_cannot_be_written_is_refused_before_the_grid(tuned, tmp_path,
+                                                                         monkeypatch, capsys):
+    """RUN/tune.json is written first, but only RUN/postproc.json was checked up front: a
+    tune.json that is a directory failed at its write, after the whole grid, exit 1 as a full
+    disk does. It is a path to fix: exit 2 before the grid, naming it."""
+    run = tmp_path / "RUN"
+    (run / "tune.json").mkdir(parents=True)
+
+    def no_grid(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the grid ran")
+
+    monkeypatch.setattr(tune, "evaluate", no_grid)
+    argv = ["--pred", tuned.pred, "--truth", tuned.truth, "--run-dir", run, "--workers", 1]
+    assert run_main(tune.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --run-dir {run / 'tune.json'} is a directory; give a file name"], err
+    assert sorted(p.name for p in run.iterdir()) == ["tune.json"]
+
+
 def test_counts_equal_polygonize_then_score(prepared_dataset):
     """Every grid point's counts equal polygonizing with its settings and scoring the result."""
     shard = sorted((prepared_dataset / "val").glob("shard-*.tar"))[0]
