@@ -688,7 +688,9 @@ def test_torchrun_score_a_bad_row_in_one_ranks_images_stops_every_rank_with_it(t
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_torchrun_a_failed_geojson_write_on_one_rank_stops_every_rank_with_it(tmp_path):
-    """(rank 1's OSError was not a shard error: rank 0 died on gloo's reset connection)"""
+    """(rank 1's OSError was not a shard error: rank 0 died on gloo's reset connection) A full
+    disk, not bad input: every rank exits 1 (the class travels with the shard's result), where
+    the write's PredError exited 2."""
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
     out, gj = tmp_path / "p.csv", tmp_path / "gj"
     worker = str(REPO / "tests" / "rank_fail_worker.py")
@@ -701,6 +703,7 @@ def test_torchrun_a_failed_geojson_write_on_one_rank_stops_every_rank_with_it(tm
     reason = "pred-000001.tar: AOI_9_Test_img100: cannot write"
     assert r.stderr.count(reason) == 2, r.stderr[-3000:]  # each rank says why
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
+    _every_rank_exits_1(r.stderr)
 
 
 def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):
