@@ -597,6 +597,7 @@ def test_torchrun_a_failed_csv_write_stops_every_rank_with_the_reason(tmp_path, 
         in r.stderr, r.stderr[-3000:]
     assert "error: [Errno 28] No space left on device" in r.stderr  # rank 0's own line
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
+    _every_rank_exits_1(r.stderr)
 
 
 def _rank_fail(args: list[str], env: dict[str, str], module: str = "postproc.polygonize",
