@@ -159,6 +159,14 @@ def test_the_file_name_limits_readme_states_are_the_codes() -> None:
     whole = re.search(r"`(RGB-PanSharpen_)<ImageId>(\.tif)`, has (\d+) bytes or more", text)
     assert whole and int(whole.group(3)) == (len(whole.group(1)) + MAX_IMAGE_ID_BYTES + 1
                                               + len(whole.group(2)))
+    # the output names check_writable refuses up front, atomic_open's and postproc.mosaic's
+    from postproc import mosaic
+
+    out = re.search(r"no room for its temporary name beside it \(over (\d+) bytes; "
+                    r"`postproc\.mosaic`'s, (\d+)\)", text)
+    assert out, "README no longer states the longest output name"
+    assert (int(out.group(1)), int(out.group(2))) == (NAME_MAX - TMP_NAME_EXTRA,
+                                                      NAME_MAX - mosaic.TMP_NAME_EXTRA)
 
 
 def test_config_defaults_readme_states_are_the_configs() -> None:
