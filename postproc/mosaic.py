@@ -314,11 +314,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out
     made = missing_dirs(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         # (the shards' reader raises PredError: an OSError in here, GDAL's RasterioIOError
         # included, is the output's, a full disk: exit 1)
         with writing():
+            # NOTE: in here, as atomic_open makes its directories: --out was checked, so a mkdir
+            # that fails (a full disk has no block for a directory either) is the disk's; outside
+            # it said 2, "fix the input"
+            out.parent.mkdir(parents=True, exist_ok=True)
             with (gdal_env(), rasterio.Env(**WRITE_ENV),
                   temporary_paths(out, "tiff", "cog") as (tiff, cog)):
                 n = write_tiles(tiff, shards, layout, bands)

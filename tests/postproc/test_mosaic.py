@@ -346,3 +346,23 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(area, tmp_path, monke
         f"{out.parent}/.area.tif." in err[-1]), err
     assert list(tmp_path.iterdir()) == []
     assert run(["--pred", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_a_full_disk_making_the_out_directory_exits_1(area, tmp_path, monkeypatch, capsys):
+    """A new --out directory that cannot be made once --out was checked (a full disk has no
+    block for it) is the disk's, exit code 1, as the file's write is; it was made before the
+    output step and said 2, "fix the input". Nothing is left."""
+    pred, _ = area
+    out = tmp_path / "new" / "area.tif"
+    real = Path.mkdir
+
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        if self == out.parent:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    assert run(["--pred", str(pred), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: [Errno 28] No space left on device: '{out.parent}'"], err
+    assert list(tmp_path.iterdir()) == []
