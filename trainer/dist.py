@@ -476,7 +476,15 @@ def agreed_loader(split: str, data: Any, build: Callable[[], T]) -> T:
              None))
     views = gather_objects(view)
     if error is not None:
-        raise error
+        # NOTE: raised from a local of this frame, which its traceback holds: a cycle that only
+        # the garbage collector frees. It held the Trainer being built, and with it the DDP
+        # model, past destroy_process_group: gloo's threads ran on into the interpreter's exit
+        # and aborted the rank that refused ('terminate called without an active exception',
+        # exit -6, not 2; seen in a fresh-clone run of the 2-rank refusal test)
+        try:
+            raise error
+        finally:
+            del error
     failed = [(r, v[3]) for r, v in enumerate(views) if v[3] is not None]
     if failed:
         rank, said = failed[0]
@@ -522,7 +530,10 @@ def on_every(what: str, fn: Callable[[], T]) -> T:
         # on its way at once, as a plain one is
         raise_if_interrupted(e)
         result, error = None, e
-    agree_on(what, error)
+    try:
+        agree_on(what, error)
+    finally:
+        error = None  # (the raised error held here is a reference cycle: see agreed_loader)
     return result  # type: ignore[return-value]
 
 
@@ -533,13 +544,16 @@ def agree_on(what: str, error: BaseException | None) -> None:
     it (alone, it would stop and leave the others to die on gloo's reset connection).
     """
     try:
-        errors = gather_objects(None if error is None else _said(error))
-    except Exception:
-        if error is not None:  # the others were not there in time: this rank's reason first
-            raise error from None
-        raise
-    if error is not None:
-        raise error
+        try:
+            errors = gather_objects(None if error is None else _said(error))
+        except Exception:
+            if error is not None:  # the others were not there in time: this rank's reason first
+                raise error from None
+            raise
+        if error is not None:
+            raise error
+    finally:
+        error = None  # (the raised error held here is a reference cycle: see agreed_loader)
     failed = [(r, said) for r, said in enumerate(errors) if said is not None]
     if failed:
         rank, said = failed[0]

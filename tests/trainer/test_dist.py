@@ -113,6 +113,42 @@ def test_in_one_process_a_failure_is_raised_as_itself() -> None:
         assert e.value is err
 
 
+@pytest.mark.parametrize("agreed", ["agreed_loader", "on_every"])
+def test_this_ranks_own_failure_leaves_no_cycle_holding_its_callers(agreed: str) -> None:
+    """agreed_loader (and on_every, by agree_on) raised this rank's own failure from a local that
+    its traceback's frame holds: a reference cycle, freed only by the garbage collector. It held
+    the Trainer being built (its DDP model, the process group) past destroy_process_group, and
+    gloo's threads aborted the refusing rank at exit (-6). Its callers' frames now go when the
+    error is dropped."""
+    import gc
+    import weakref
+
+    from dataio.sharding import DataError
+
+    class Trainer:  # (what Trainer.__init__'s frame holds: the model, the group)
+        pass
+
+    def fail() -> None:
+        raise DataError("DATA/val: no usable sample in split 'val'")
+
+    def build(held: Trainer) -> None:  # (a frame that holds it, as Trainer.__init__'s does)
+        if agreed == "agreed_loader":
+            dist.agreed_loader("val", "DATA", fail)
+        else:
+            dist.on_every("validating", fail)
+
+    held = Trainer()
+    gone = weakref.ref(held)
+    gc.disable()
+    try:
+        with pytest.raises(DataError):
+            build(held)
+        del held
+        assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
+    finally:
+        gc.enable()
+
+
 def test_ranks_that_read_different_data_name_a_few_left_out_shards_each(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A node missing a whole split of 400 shards: every rank's every shard went into one line
