@@ -78,6 +78,14 @@ def save(state: dict[str, Any], path: Path) -> float:
         if out is None or out.error is None:
             raise
         raise with_filename(out.error, path) from None
+    finally:
+        # NOTE: the error's traceback holds this frame, which holds out, which held the error: a
+        # cycle that torch's zip writer (holding out, unseen by the garbage collector) made
+        # uncollectable. It kept this frame's callers, the Trainer and its DDP model, alive past
+        # destroy_process_group after a failed write (a full disk): gloo's threads then ran into
+        # the interpreter's exit, which can abort the rank (-6; see trainer.dist.agreed_loader)
+        if out is not None:
+            out.error = None
     return time.perf_counter() - t0
 
 

@@ -219,6 +219,42 @@ def test_a_full_disk_at_close_names_the_checkpoint(tmp_path: Path,
     assert list(ckpt.checkpoint_dir(tmp_path).glob(".*")) == []
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failed_write_leaves_no_cycle_holding_its_callers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk's error was kept by the file save() wrote through, which torch's zip writer
+    holds unseen by the garbage collector: a cycle never freed, holding save's callers (the
+    Trainer, its DDP model and process group) past destroy_process_group, gloo's threads into
+    the interpreter's exit. Its callers' frames now go when the error is dropped."""
+    import gc
+    import weakref
+
+    real_fdopen = os.fdopen
+
+    def full_disk(fd: int, mode: str = "r", *args: object, **kwargs: object):  # noqa: ANN202
+        os.close(fd)
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode)
+
+    class Trainer:  # (what Trainer.save_checkpoint's frame holds)
+        pass
+
+    def save_checkpoint(held: Trainer) -> None:
+        ckpt.save({"model": {"w": torch.zeros(100_000)}}, ckpt.checkpoint_path(tmp_path, 2))
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    held = Trainer()
+    gone = weakref.ref(held)
+    gc.disable()
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            save_checkpoint(held)
+        del held
+        gc.collect()  # (not even the collector could free it)
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def _unet(bands: int = 3, classes: int = 3, width_divisor: int = 8) -> torch.nn.Module:
     from models import build_model
 
