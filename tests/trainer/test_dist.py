@@ -243,6 +243,60 @@ def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
     assert alive_at_destroy == [False], "the model outlived destroy_process_group"
 
 
+def test_an_error_held_by_a_cycle_leaves_no_model_alive_when_the_group_is_destroyed(
+        no_torchrun: pytest.MonkeyPatch, small_dataset, tmp_path) -> None:
+    """An error handled before the teardown (its line said, exit 2) but held by a reference
+    cycle of its traceback (a frame's local naming it, as agreed_loader's was) kept the Trainer's
+    frames, and so the DDP model, past destroy_process_group: the collector ran only with an
+    exception on its way out, and gloo's threads aborted the rank at exit (-6)."""
+    import gc
+    import weakref
+    from pathlib import Path
+
+    import trainer.trainer
+    from dataio.sharding import DataError
+    from trainer import train
+
+    class Model:  # (stands in for the DDP model a Trainer builds)
+        pass
+
+    made: list[weakref.ref] = []
+    alive_at_destroy: list[bool] = []
+
+    class Trainer:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.model = Model()
+            made.append(weakref.ref(self.model))
+
+        def train(self) -> None:
+            try:
+                raise DataError("DATA/val: no usable sample in split 'val'")
+            except DataError as e:
+                error = e  # (this frame's local, held by the error's own traceback)
+            raise error
+
+    def destroy() -> None:  # (no collection of its own: what the teardown left is alive)
+        alive_at_destroy.append(made[0]() is not None)
+
+    no_torchrun.setattr(trainer.trainer, "Trainer", Trainer)
+    no_torchrun.setattr(dist, "init", lambda env, *args: env)
+    no_torchrun.setattr(dist, "setup_logging", lambda env: None)
+    no_torchrun.setattr(torch.distributed, "is_initialized", lambda: True)
+    no_torchrun.setattr(torch.distributed, "destroy_process_group", destroy)
+    # (pytest's log capture keeps each record, and so the error its line names, alive: the
+    # command's own handler, a stream's, keeps none)
+    no_torchrun.setattr(dist.log, "propagate", False)
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
+    gc.disable()  # (a collection on the way, as any allocation may start, would hide it)
+    try:
+        rc = train.main(["--config", str(config), "--data", str(small_dataset),
+                         "--run-dir", str(tmp_path / "run")])
+    finally:
+        gc.enable()
+    assert rc == 2
+    assert alive_at_destroy == [False], "the model outlived destroy_process_group"
+
+
 def test_a_sigterm_stops_as_a_ctrl_c_does_and_sets_both_aside() -> None:
     """A real SIGTERM to this process inside stop_signals: raised as Terminated (a
     KeyboardInterrupt: every clean-up that handles a Ctrl-C handles it), said as 'terminated
