@@ -283,9 +283,10 @@ def test_an_error_held_by_a_cycle_leaves_no_model_alive_when_the_group_is_destro
     no_torchrun.setattr(dist, "setup_logging", lambda env: None)
     no_torchrun.setattr(torch.distributed, "is_initialized", lambda: True)
     no_torchrun.setattr(torch.distributed, "destroy_process_group", destroy)
-    # (pytest's log capture keeps each record, and so the error its line names, alive: the
+    # (the logger off: pytest's log capture keeps each record, and so the error its line
+    # names, alive, and a handler an earlier test left on a closed stream kept its error; the
     # command's own handler, a stream's, keeps none)
-    no_torchrun.setattr(dist.log, "propagate", False)
+    no_torchrun.setattr(dist.log, "disabled", True)
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
     gc.disable()  # (a collection on the way, as any allocation may start, would hide it)
     try:
