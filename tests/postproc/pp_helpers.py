@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
+import pytest
 from shapely.geometry import Polygon
 
 from postproc.predio import write_pred_shard
@@ -79,3 +84,17 @@ def assert_no_png_read(got: list[int], shards: list[Path]) -> None:
     # (the completeness checks read each shard's end-of-archive blocks twice: 2 x 1 KiB)
     tail = 2 * 2 * tarfile.BLOCKSIZE * len(shards)
     assert got and pngs and sum(got) <= sum(s.stat().st_size for s in shards) - pngs + tail
+
+
+def full_disk_at_commit(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
+    """``module.atomic_open`` (the writer a command imported) fails at its commit, after the
+    body, as a full disk does at the last flush: ENOSPC naming no file."""
+    real = module.atomic_open
+
+    @contextlib.contextmanager
+    def full_at_commit(path: Path, *args: object, **kwargs: object) -> Iterator[IO]:
+        with real(path, *args, **kwargs) as f:
+            yield f
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "atomic_open", full_at_commit)

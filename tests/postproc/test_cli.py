@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import shapely
 from affine import Affine
-from pp_helpers import REPO, TRANSFORM_4326, make_pred_dir, tile_meta
+from pp_helpers import REPO, TRANSFORM_4326, full_disk_at_commit, make_pred_dir, tile_meta
 from proc_helpers import (
     first_failure,
     interrupt_when,
@@ -211,15 +211,7 @@ def test_rows_go_most_confident_first_and_the_geojson_holds_the_same_buildings(t
 
 def _full_disk_at_the_csv_commit(monkeypatch):
     """polygonize's CSV fails at its commit (its last flush), as on a full disk."""
-    real = runner.atomic_open
-
-    @contextlib.contextmanager
-    def full_at_commit(path, *args, **kwargs):
-        with real(path, *args, **kwargs) as f:
-            yield f
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(runner, "atomic_open", full_at_commit)
+    full_disk_at_commit(monkeypatch, runner)
 
 
 def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, monkeypatch):
@@ -273,16 +265,8 @@ def test_a_full_disk_while_writing_exits_1_and_a_missing_input_2(pred_dir, tmp_p
     assert "[Errno 5] Input/output error" in err[-1] and not out.exists() and not gj.exists()
 
     assert run_main(polygonize.main, argv) == 0
-    real_open = atomic.atomic_open
-
-    @contextlib.contextmanager
-    def full_at_commit(path: Path, *args: object, **kwargs: object) -> Iterator[IO]:
-        with real_open(path, *args, **kwargs) as f:
-            yield f
-            raise OSError(errno.ENOSPC, "No space left on device")
-
     with monkeypatch.context() as m:
-        m.setattr(atomic, "atomic_open", full_at_commit)
+        full_disk_at_commit(m, atomic)
         assert run_main(score.main, ["--truth", str(truth), "--proposals", str(out),
                                      "--json", str(js), "--workers", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,22 +7,23 @@ origins off by up to 5e-7 m, as float origins are) cut from one probability rast
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import pytest
 import shapely
-from pp_helpers import TRANSFORM_4326, assert_no_png_read, count_shard_reads
+from pp_helpers import (
+    TRANSFORM_4326,
+    assert_no_png_read,
+    count_shard_reads,
+    full_disk_at_commit,
+)
 from pyproj import Transformer
 from shapely.geometry import mapping, shape
 
@@ -559,15 +560,7 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tmp_path, monkeypatch
     pred, gj = _two_tiles(tmp_path)
     out = tmp_path / "area.geojson"
     out.write_text("earlier")
-    real = merge.atomic_open
-
-    @contextlib.contextmanager
-    def full_at_commit(path: Path, *args: object, **kwargs: object) -> Iterator[IO]:
-        with real(path, *args, **kwargs) as f:
-            yield f
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(merge, "atomic_open", full_at_commit)
+    full_disk_at_commit(monkeypatch, merge)
     assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: [Errno 28] No space left on device: '{out}'"], err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -198,12 +199,12 @@ def test_a_rank_whose_peers_are_gone_raises_its_own_failure(monkeypatch: pytest.
         dist.agree_on("writing predictions", None)
 
 
-def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
-        no_torchrun: pytest.MonkeyPatch, small_dataset, tmp_path) -> None:
-    """trainer.train's teardown runs in a ``finally`` while the Ctrl-C is on its way out, and
-    the KeyboardInterrupt's traceback held the Trainer's frames, so the DDP model outlived
-    destroy_process_group; its reducer then freed the group later, joining gloo's threads with
-    the GIL held (a hang if one of them needed the GIL). By then it must be gone."""
+def _model_alive_at_destroy(no_torchrun: pytest.MonkeyPatch, small_dataset, tmp_path,
+                            train_fails: Callable[[], None], collect: bool) -> tuple[int, bool]:
+    """trainer.train's exit code with a Trainer whose ``train`` is ``train_fails``, and whether
+    the model it built (a stand-in for the DDP model) was alive at destroy_process_group.
+    ``collect``: the fake destroy collects first (only what something holds survives); without
+    it, and with the collector off, a reference cycle the teardown left counts as alive."""
     import gc
     import weakref
     from pathlib import Path
@@ -211,7 +212,7 @@ def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
     import trainer.trainer
     from trainer import train
 
-    class Model:  # (stands in for the DDP model a Trainer builds)
+    class Model:
         pass
 
     made: list[weakref.ref] = []
@@ -225,57 +226,11 @@ def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
         def train(self) -> None:
             model = self.model  # (a frame's local too, as in the real loop)
             assert model is not None
-            raise KeyboardInterrupt
+            train_fails()
 
     def destroy() -> None:
-        gc.collect()  # (only what something still holds survives)
-        alive_at_destroy.append(made[0]() is not None)
-
-    no_torchrun.setattr(trainer.trainer, "Trainer", Trainer)
-    no_torchrun.setattr(dist, "init", lambda env, *args: env)
-    no_torchrun.setattr(dist, "setup_logging", lambda env: None)
-    no_torchrun.setattr(torch.distributed, "is_initialized", lambda: True)
-    no_torchrun.setattr(torch.distributed, "destroy_process_group", destroy)
-    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
-    rc = train.main(["--config", str(config), "--data", str(small_dataset),
-                     "--run-dir", str(tmp_path / "run")])
-    assert rc == 130
-    assert alive_at_destroy == [False], "the model outlived destroy_process_group"
-
-
-def test_an_error_held_by_a_cycle_leaves_no_model_alive_when_the_group_is_destroyed(
-        no_torchrun: pytest.MonkeyPatch, small_dataset, tmp_path) -> None:
-    """An error handled before the teardown (its line said, exit 2) but held by a reference
-    cycle of its traceback (a frame's local naming it, as agreed_loader's was) kept the Trainer's
-    frames, and so the DDP model, past destroy_process_group: the collector ran only with an
-    exception on its way out, and gloo's threads aborted the rank at exit (-6)."""
-    import gc
-    import weakref
-    from pathlib import Path
-
-    import trainer.trainer
-    from dataio.sharding import DataError
-    from trainer import train
-
-    class Model:  # (stands in for the DDP model a Trainer builds)
-        pass
-
-    made: list[weakref.ref] = []
-    alive_at_destroy: list[bool] = []
-
-    class Trainer:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            self.model = Model()
-            made.append(weakref.ref(self.model))
-
-        def train(self) -> None:
-            try:
-                raise DataError("DATA/val: no usable sample in split 'val'")
-            except DataError as e:
-                error = e  # (this frame's local, held by the error's own traceback)
-            raise error
-
-    def destroy() -> None:  # (no collection of its own: what the teardown left is alive)
+        if collect:
+            gc.collect()
         alive_at_destroy.append(made[0]() is not None)
 
     no_torchrun.setattr(trainer.trainer, "Trainer", Trainer)
@@ -288,14 +243,51 @@ def test_an_error_held_by_a_cycle_leaves_no_model_alive_when_the_group_is_destro
     # command's own handler, a stream's, keeps none)
     no_torchrun.setattr(dist.log, "disabled", True)
     config = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
-    gc.disable()  # (a collection on the way, as any allocation may start, would hide it)
+    if not collect:
+        gc.disable()  # (a collection on the way, as any allocation may start, would hide it)
     try:
         rc = train.main(["--config", str(config), "--data", str(small_dataset),
                          "--run-dir", str(tmp_path / "run")])
     finally:
         gc.enable()
+    assert len(alive_at_destroy) == 1
+    return rc, alive_at_destroy[0]
+
+
+def test_a_ctrl_c_leaves_no_model_alive_when_the_group_is_destroyed(
+        no_torchrun: pytest.MonkeyPatch, small_dataset, tmp_path) -> None:
+    """trainer.train's teardown runs in a ``finally`` while the Ctrl-C is on its way out, and
+    the KeyboardInterrupt's traceback held the Trainer's frames, so the DDP model outlived
+    destroy_process_group; its reducer then freed the group later, joining gloo's threads with
+    the GIL held (a hang if one of them needed the GIL). By then it must be gone."""
+    def pressed() -> None:
+        raise KeyboardInterrupt
+
+    rc, alive = _model_alive_at_destroy(no_torchrun, small_dataset, tmp_path, pressed,
+                                        collect=True)
+    assert rc == 130
+    assert not alive, "the model outlived destroy_process_group"
+
+
+def test_an_error_held_by_a_cycle_leaves_no_model_alive_when_the_group_is_destroyed(
+        no_torchrun: pytest.MonkeyPatch, small_dataset, tmp_path) -> None:
+    """An error handled before the teardown (its line said, exit 2) but held by a reference
+    cycle of its traceback (a frame's local naming it, as agreed_loader's was) kept the Trainer's
+    frames, and so the DDP model, past destroy_process_group: the collector ran only with an
+    exception on its way out, and gloo's threads aborted the rank at exit (-6)."""
+    from dataio.sharding import DataError
+
+    def refused() -> None:
+        try:
+            raise DataError("DATA/val: no usable sample in split 'val'")
+        except DataError as e:
+            error = e  # (this frame's local, held by the error's own traceback)
+        raise error
+
+    rc, alive = _model_alive_at_destroy(no_torchrun, small_dataset, tmp_path, refused,
+                                        collect=False)
     assert rc == 2
-    assert alive_at_destroy == [False], "the model outlived destroy_process_group"
+    assert not alive, "the model outlived destroy_process_group"
 
 
 def test_a_sigterm_stops_as_a_ctrl_c_does_and_sets_both_aside() -> None:
