@@ -101,6 +101,15 @@ def exit_code_for(error: BaseException, oserror_refuses: bool = True) -> int:
     disk = WriteError.__name__ in kinds
     return 2 if refusal(error) or (oserror_refuses and "OSError" in kinds and not disk) else 1
 
+def exit_codes_help(refused: str, failed: str) -> str:
+    """A command's ``--help`` epilog for :func:`exit_code_for`'s contract; ``refused`` and
+    ``failed`` say what gives 2 and 1 in that command (one text: train's and predict's differed
+    on what torchrun shows)."""
+    return (f"Exit codes: 0 done; 2 bad input or settings ({refused}): fix it and rerun; 1 a "
+            f"failure of the run ({failed}): rerun to resume; 130 Ctrl-C and 143 SIGTERM: rerun "
+            "to resume. Under torchrun every rank exits with the failing rank's code (torchrun's "
+            "summary names the first); torchrun itself exits 1.")
+
 # NOTE: what a collective's failure says where its type cannot tell: gloo raises a plain
 # RuntimeError ("[.../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error ...:
 # Connection reset by peer", "... unbound_buffer.cc:78] Timed out waiting 3000ms for recv"),

@@ -297,11 +297,9 @@ def _kept(out: Path) -> str:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m trainer.predict", description=__doc__.split("\n")[0],
-        epilog="Exit codes: 0 done; 2 bad input or settings (--run-dir, --data, the checkpoint "
-               "or a flag refused): fix it and rerun; 1 a failure of the run (a full disk while "
-               "writing the stage or --out, a lost rank, a bug): rerun to resume; 130 Ctrl-C and "
-               "143 SIGTERM: rerun to resume. Under torchrun every rank exits with the failing "
-               "rank's code (torchrun's summary names the first); torchrun itself exits 1.")
+        epilog=dist.exit_codes_help(
+            "--run-dir, --data, the checkpoint or a flag refused",
+            "a full disk while writing the stage or --out, a lost rank, a bug"))
     p.add_argument("--run-dir", type=Path, required=True, help="the training run directory")
     p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),

@@ -42,12 +42,9 @@ log = logging.getLogger("footprints")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m trainer.train", description=__doc__.split("\n")[0],
-        epilog="Exit codes: 0 done; 2 bad input or settings (a config, --data or --run-dir "
-               "refused, before training or, on every rank, once the ranks have started): fix "
-               "it and rerun; 1 a failure of the run (a non-finite loss, a full disk, a lost "
-               "rank): rerun to resume; 130 Ctrl-C and 143 SIGTERM: rerun to resume. Under "
-               "torchrun these are the workers' codes (torchrun's summary names the first "
-               "failure's); torchrun itself exits 1.")
+        epilog=dist.exit_codes_help(
+            "a config, --data or --run-dir refused, before training or once the ranks have "
+            "started", "a non-finite loss, a full disk, a lost rank, a bug"))
     p.add_argument("--config", type=Path, required=True, help="TOML preset, e.g. configs/tiny.toml")
     p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
     p.add_argument("--run-dir", type=Path, required=True,
