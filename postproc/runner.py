@@ -34,12 +34,20 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dataio.atomic import WriteError, atomic_open, fresh_staging_dir, staging_dir, writing
+from dataio.atomic import (
+    WriteError,
+    atomic_open,
+    fresh_staging_dir,
+    fsync_dir,
+    staging_dir,
+    writing,
+)
 from postproc.csvio import proposal_rows, write_rows
 from postproc.geojson import write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
 from postproc.pools import close_pool, ignore_sigint, starting_workers
 from postproc.predio import (
+    PUBLISHING,
     PredError,
     begin_publish,
     decode_sample,
@@ -273,12 +281,10 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
 
             def commit() -> None:
                 with writing():
-                    if staging is not None:
-                        # NOTE: marked before the CSV commits: a kill between the two commits
-                        # leaves the mark, not a GeoJSON directory that silently disagrees with
-                        # the CSV
-                        begin_publish(geojson_dir)
-                    stack.close()  # (atomic_open's exit: the CSV's fsync and rename)
+                    if staging is None:
+                        stack.close()  # (atomic_open's exit: the CSV's fsync and rename)
+                    else:
+                        _commit_marked(stack, out_csv, geojson_dir)
 
             # NOTE: agreed, as each write before it: rank 0's commit failing (EIO, a full disk)
             # exited 1 there and 0 on the other ranks, a run that looked half done
@@ -296,6 +302,38 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
         if own_pool:
             close_pool(pool)
     return summary
+
+
+def _commit_marked(csv: contextlib.ExitStack, out_csv: Path, geojson_dir: Path) -> None:
+    """Commit the CSV (close ``csv``, atomic_open's exit) with ``geojson_dir`` marked as being
+    published (``predio.begin_publish``) from before it.
+
+    NOTE: marked before the CSV commits: a kill between the two commits leaves the mark, not a
+    GeoJSON directory that silently disagrees with the CSV. But a commit that fails (EIO or a
+    full disk at the CSV's fsync, a Ctrl-C) leaves the old CSV, which DIR still matches: the
+    mark, "a publish into DIR was cut short", claimed one that never began, and DIR was left
+    changed. It goes again, unless an earlier run's mark was there (DIR may mix two runs) or
+    the CSV was replaced after all (its rename done, the directory's sync failed)."""
+    marked_before = (geojson_dir / PUBLISHING).exists()
+    csv_before = _file_identity(out_csv)
+    marker = begin_publish(geojson_dir)
+    try:
+        csv.close()
+    except BaseException:
+        if not marked_before and _file_identity(out_csv) == csv_before:
+            with contextlib.suppress(OSError):  # (left, the mark says too much, not too little)
+                marker.unlink()
+                fsync_dir(geojson_dir)
+        raise
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """``path``'s device and inode (a rename onto it changes them), or None if there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _stage_geojson(geojson_dir: Path, env: Any) -> Path:

@@ -227,8 +227,50 @@ def test_a_csv_that_fails_to_commit_publishes_no_geojson(pred_dir, tmp_path, mon
     _full_disk_at_the_csv_commit(monkeypatch)
     assert run_main(polygonize.main, [*argv, "--min-polygon-area", "1e9"]) == 1
     assert out.read_bytes() == csv_before
-    # (the mark of a publish begun may stay; the next run's publish clears it)
-    assert {k: v for k, v in _snapshot(gj).items() if k != ".publishing"} == before
+    # NOTE: no .publishing mark either: it claimed a publish cut short, which never began
+    assert _snapshot(gj) == before and ".publishing" not in before
+    assert sorted(p.name for p in gj.iterdir()) == sorted(before)
+
+
+def test_a_failed_csv_commit_leaves_a_new_geojson_dir_absent(pred_dir, tmp_path, monkeypatch):
+    """A --geojson DIR that the run made goes again when the CSV's commit fails: the publish
+    mark written before the commit held it there (DIR with only .publishing)."""
+    pred, _ = pred_dir
+    out, gj = tmp_path / "p.csv", tmp_path / "new" / "gj"
+    _full_disk_at_the_csv_commit(monkeypatch)
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--geojson",
+                                      str(gj), "--workers", "1", "--no-tuned"]) == 1
+    assert not (tmp_path / "new").exists() and not out.exists()
+
+
+def test_a_failed_csv_commit_keeps_a_mark_that_still_tells_the_truth(pred_dir, tmp_path,
+                                                                      monkeypatch):
+    """The mark stays where it is still true after a failed commit: an earlier run's (its
+    publish was cut short: DIR may mix two runs), and one whose CSV was replaced all the same
+    (the rename done, the directory's sync failed: the new CSV beside the old tiles)."""
+    pred, _ = pred_dir
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    argv = ["--pred", str(pred), "--out", str(out), "--geojson", str(gj), "--workers", "1",
+            "--no-tuned"]
+    assert run_main(polygonize.main, argv) == 0
+    csv_before = out.read_bytes()
+    (gj / ".publishing").write_text("an earlier run's\n")
+    with monkeypatch.context() as m:
+        _full_disk_at_the_csv_commit(m)
+        assert run_main(polygonize.main, [*argv, "--min-polygon-area", "1e9"]) == 1
+    assert out.read_bytes() == csv_before and (gj / ".publishing").exists()
+
+    (gj / ".publishing").unlink()
+    real = atomic.fsync_dir
+
+    def eio_after_the_csv_rename(path: object) -> None:
+        if Path(path) == tmp_path:  # (the CSV's directory, after its rename)
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_dir", eio_after_the_csv_rename)
+    assert run_main(polygonize.main, [*argv, "--min-polygon-area", "1e9"]) == 1
+    assert out.read_bytes() != csv_before and (gj / ".publishing").exists()
 
 
 def test_a_full_disk_while_writing_exits_1_and_a_missing_input_2(pred_dir, tmp_path,
@@ -612,7 +654,8 @@ def test_torchrun_rank_0s_failed_commit_or_publish_stops_every_rank_with_exit_1(
     """Rank 0 commits the CSV and publishes --geojson alone, after the last agreed round: an EIO
     there exited 1 on rank 0 and 0 on rank 1, a run that looked half done, and the error named
     no file. Now every rank exits 1, rank 0 naming the file, rank 1 relaying it; nothing is
-    published (the CSV's commit: no CSV; the publish: no tile in DIR, its mark left)."""
+    published (the CSV's commit: no CSV and no DIR; the publish: no tile in DIR, its mark
+    left)."""
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
     out, gj = tmp_path / "p.csv", tmp_path / "gj"
     failing = out if at == "csv" else gj / runner.GEOJSON_LEDGER
@@ -627,7 +670,9 @@ def test_torchrun_rank_0s_failed_commit_or_publish_stops_every_rank_with_exit_1(
     _every_rank_exits_1(r.stderr)
     assert not list(gj.glob("*.geojson")) and not (gj / ".partial").exists()
     assert out.exists() == (at == "geojson")  # (the publish comes after the CSV's commit)
-    assert (gj / ".publishing").exists()  # (marked before the CSV's commit; the next run clears it)
+    # (the publish's mark stays, for the next run to clear; a failed CSV commit removes the
+    # mark it made, and so the gj it made for nothing)
+    assert (gj / ".publishing").exists() if at == "geojson" else not gj.exists()
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
 
 
