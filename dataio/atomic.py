@@ -93,6 +93,24 @@ def check_writable(path: str | os.PathLike[str], what: str,
             raise ValueError(f"{what} {shown}: {target} {problem}; give another name")
 
 
+def check_not_a_directory(path: str | os.PathLike[str], flag: str, what: str) -> None:
+    """Raise ValueError naming ``path`` if it is a directory: a file the command writes under a
+    name it learns only from its input (a tile's, ``DIR/<ImageId>.geojson``), which
+    :func:`check_writable` could not see up front. ``flag``: the option and the directory the
+    user gave (``--out D``); ``what``: what goes at ``path``.
+
+    NOTE: the rename onto it failed at the output step ("Is a directory"), a WriteError: exit 1,
+    "the disk's, rerun", for a directory that the user must move (2). One lstat: a link to a
+    directory is replaced like a file, and a name not there (the usual case) costs ~1 us."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # (not there; any other trouble shows at the write, naming the file)
+        return
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{flag}: {path} is a directory, where {what} goes; move it away or "
+                         f"give another {flag.split()[0]}")
+
+
 def _not_replaceable(target: Path) -> str | None:
     """Why this user may not replace the existing file ``target``, or None.
 

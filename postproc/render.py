@@ -268,6 +268,7 @@ def _data_and_split(args: argparse.Namespace) -> tuple[Path, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dataio.atomic import (
+        check_not_a_directory,
         check_writable,
         discard_staging_dir,
         fresh_staging_dir,
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         check_key(image_id)
         if image_id not in truth:
             raise ValueError(f"--image-ids {image_id}: not in {truth_csv}")
+        check_not_a_directory(args.out / f"{image_id}.png", f"--out {args.out}",
+                              f"tile {image_id}'s picture")
     read = load_images(data, split, ids, manifest.shards(split))
     images, drawn = read.images, [k for k in ids if k in read.images]
     # NOTE: the tiles are drawn into a stage inside --out and moved in only once all are drawn

@@ -37,13 +37,14 @@ from tqdm import tqdm
 from dataio.atomic import (
     WriteError,
     atomic_open,
+    check_not_a_directory,
     fresh_staging_dir,
     fsync_dir,
     staging_dir,
     writing,
 )
 from postproc.csvio import proposal_rows, write_rows
-from postproc.geojson import write_tile_geojson
+from postproc.geojson import GEOJSON_SUFFIX, write_tile_geojson
 from postproc.polygonize import PolygonizeConfig, polygonize_probs, warmup
 from postproc.pools import close_pool, ignore_sigint, starting_workers
 from postproc.predio import (
@@ -83,6 +84,12 @@ def _tiles_to_rows(chunk: list[tuple[str, bytes, dict]], shard: str, cfg: Polygo
     rows: list[list[str]] = []
     n = 0
     for key, png, meta in chunk:
+        if geojson_dir is not None:
+            # (the stage is DIR/.partial, atomic.staging_dir; the tile's name in DIR is the
+            # user's to free: refused, exit 2, before the CSV commits)
+            published = geojson_dir.parent
+            check_not_a_directory(published / f"{key}{GEOJSON_SUFFIX}",
+                                  f"--geojson {published}", f"tile {key}'s GeoJSON")
         prob = decode_sample(key, png, meta, shard)
         try:
             found = polygonize_probs(prob, cfg)

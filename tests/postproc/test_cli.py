@@ -273,6 +273,32 @@ def test_a_failed_csv_commit_keeps_a_mark_that_still_tells_the_truth(pred_dir, t
     assert out.read_bytes() != csv_before and (gj / ".publishing").exists()
 
 
+def test_a_directory_under_a_tiles_geojson_name_is_refused_naming_it(pred_dir, tmp_path,
+                                                                       capsys):
+    """A directory the user made in --geojson DIR under a tile's name (<ImageId>.geojson): the
+    publish's move onto it failed after the CSV's commit, exit 1, as for a full disk ("rerun
+    once there is room"), leaving the new CSV beside a half-published DIR. The user must move
+    it: one line naming it, exit 2, before the CSV's commit; --out and DIR as they were."""
+    pred, _ = pred_dir
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    key = "AOI_9_Test_img101"  # (the second shard's)
+    (gj / f"{key}.geojson").mkdir(parents=True)
+    argv = ["--pred", str(pred), "--out", str(out), "--geojson", str(gj), "--workers", "1",
+            "--no-tuned"]
+    capsys.readouterr()
+    assert run_main(polygonize.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: --geojson {gj}: {gj / key}.geojson is a directory, where tile "
+                       f"{key}'s GeoJSON goes; move it away or give another --geojson"), err
+    assert not out.exists() and [p.name for p in gj.iterdir()] == [f"{key}.geojson"]
+    # (with the pool: the refusal comes back from a worker as any shard's error does)
+    assert run_main(polygonize.main, [*argv[:-3], "--workers", "2", "--no-tuned"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == err[-1]
+    (gj / f"{key}.geojson").rmdir()
+    assert run_main(polygonize.main, argv) == 0
+    assert (gj / f"{key}.geojson").is_file()
+
+
 def test_a_full_disk_while_writing_exits_1_and_a_missing_input_2(pred_dir, tmp_path,
                                                                   monkeypatch, capsys):
     """An OSError while polygonize writes its CSV rows or a tile's GeoJSON, or score its --json
@@ -734,6 +760,24 @@ def test_torchrun_a_failed_geojson_write_on_one_rank_stops_every_rank_with_it(tm
     assert r.stderr.count(reason) == 2, r.stderr[-3000:]  # each rank says why
     assert "RuntimeError" not in r.stderr and "Connection closed" not in r.stderr
     _every_rank_exits_1(r.stderr)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_torchrun_a_directory_under_one_ranks_tile_name_stops_every_rank_with_exit_2(tmp_path):
+    """A directory under a GeoJSON name of rank 1's tile: the refusal travels with that shard's
+    result, so every rank stops with it, exit 2, before rank 0 commits the CSV."""
+    pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    (gj / "AOI_9_Test_img100.geojson").mkdir(parents=True)  # (pred-000001.tar's: rank 1's)
+    r = _torchrun(["--pred", str(pred), "--out", str(out), "--geojson", str(gj),
+                   "--workers", "1"], timeout=200)
+    reason = f"{gj / 'AOI_9_Test_img100'}.geojson is a directory"
+    assert r.stderr.count(reason) == 2, r.stderr[-3000:]  # each rank says why
+    codes = worker_exit_codes(r.stderr)
+    assert set(codes) == {0, 1} and set(codes.values()) <= {2, 143, -15}, codes
+    assert codes[first_failure(r.stderr)] == 2, r.stderr[-3000:]
+    assert not out.exists() and [p.name for p in gj.iterdir()] == ["AOI_9_Test_img100.geojson"]
 
 
 def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):

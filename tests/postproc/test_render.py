@@ -191,6 +191,32 @@ def test_an_io_error_removing_an_earlier_tile_is_a_failure_of_the_run(
     assert err[-1].startswith(f"error: [Errno 5] Input/output error: '{out}/"), err
 
 
+def test_a_directory_under_a_tile_name_in_out_is_refused_naming_it(prepared_dataset, drawn,
+                                                                     tmp_path, capsys):
+    """A directory the user made in --out under a tile's name (<ImageId>.png): the tile's move
+    onto it failed after the drawing, exit 1, as for a full disk ("rerun once there is
+    room"). The user must move it: one line naming it, exit 2, before any work; --out as it
+    was. A link to a directory is a name like a file's: replaced, as before."""
+    _, key, _, _, csv_path, _ = drawn
+    out = tmp_path / "tiles"
+    (out / f"{key}.png").mkdir(parents=True)
+    (out / f"{key}.png" / "mine.txt").write_text("mine")
+    base = ["--data", prepared_dataset, "--split", "val", "--proposals", csv_path, "--out", out,
+            "--image-ids", key]
+    capsys.readouterr()
+    assert run_main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {out}: {out / key}.png is a directory, where tile {key}'s "
+                   "picture goes; move it away or give another --out"], err
+    assert sorted(p.name for p in out.iterdir()) == [f"{key}.png"]
+    assert (out / f"{key}.png" / "mine.txt").read_text() == "mine"
+
+    (out / f"{key}.png").rename(tmp_path / "elsewhere")
+    (out / f"{key}.png").symlink_to(tmp_path / "elsewhere")
+    assert run_main(base) == 0
+    assert (out / f"{key}.png").is_file() and not (out / f"{key}.png").is_symlink()
+
+
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
 def test_a_stopped_render_leaves_no_new_out(prepared_dataset, drawn, tmp_path, monkeypatch,
                                             capsys, stop):
