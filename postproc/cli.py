@@ -5,6 +5,8 @@ a failure while the outputs are written (a full disk) one line and 1; the
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -26,13 +28,20 @@ def exit_on_error(main: Callable[[], int]) -> int:
     and 130, a SIGTERM one line and 143, and from then on both are ignored in this process
     (``postproc.pools``): the caller is to exit with that code. Under torchrun another rank's
     failure (a RankError) is its line and the code that rank exits with; a lost peer is
-    ``trainer.dist.describe_failure``'s line and 1.
+    ``trainer.dist.describe_failure``'s line and 1. A closed stdout (``| head -0``) is 1 and
+    nothing said (:func:`end_quietly`).
     """
     try:
         # (a second press, or a SIGTERM after it, cannot cut the first one's clean-up short)
         with stop_signals():
-            return main()
+            code = main()
+            # (a closed stdout shows here, where it is handled, not in the interpreter's exit)
+            if sys.stdout is not None:
+                sys.stdout.flush()
+            return code
     except (PredError, CsvError, ValueError, OSError) as e:  # OSError: paths that cannot be used
+        if stdout_gone(e):
+            return end_quietly()
         say(f"error: {e}")
         # NOTE: a full disk while writing said 2, "fix the input", for a rerun that needs room
         return 1 if isinstance(e, WriteError) else 2
@@ -57,6 +66,8 @@ def exit_on_error(main: Callable[[], int]) -> int:
         if lost is None and not isinstance(e, dist.RankError):
             raise
         say(f"error: {lost or e}")
+        if isinstance(e, dist.RankError) and BrokenPipeError.__name__ in e.kinds:
+            return 1  # (rank 0's stdout closed: it ends quietly with 1, see end_quietly)
         # NOTE: exit as the failing rank does (the clauses above): 1 for a lost peer; 2 for its
         # bad input (a PredError or CsvError is a ValueError; an OSError) and for an agreed
         # refusal with no error of one rank; 1 for a dead pool worker, a full disk while
@@ -64,6 +75,32 @@ def exit_on_error(main: Callable[[], int]) -> int:
         # traceback there, exit 1). The others said 2 for all, and torchrun's summary named bad
         # input or not by which ended first. (The mapping is trainer.predict's too.)
         return dist.exit_code_for(e)
+
+
+def stdout_gone(error: BaseException) -> bool:
+    """Whether ``error`` is a write to a pipe that its reader has closed: ``| head``, a pager
+    quit. EPIPE naming no file: a BrokenPipeError, or the WriteError that
+    ``dataio.atomic.writing`` makes of one (the outputs are files, written under a temporary
+    name: theirs name the file), so a command's stdout or stderr."""
+    return isinstance(error, OSError) and error.errno == errno.EPIPE and error.filename is None
+
+
+def end_quietly() -> int:
+    """Exit code 1, nothing said, for a closed stdout (:func:`stdout_gone`), as Python's docs
+    recommend (the signal module's "Note on SIGPIPE"): stdout becomes /dev/null, so that the
+    interpreter's flush at exit does not fail again.
+
+    NOTE: it said "error: [Errno 32] Broken pipe", exit 2 ("fix the input"), where a print
+    wrote at once (PYTHONUNBUFFERED, -u), and without a buffer flushed only at exit: "Exception
+    ignored ... BrokenPipeError" and exit 120. score's --json is written after its figures are
+    printed, so with the first, not at all (whole or absent, as for any failure of the run)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # (no stdout, or one without a descriptor)
+        pass
+    return 1
 
 
 def _gateway_url(text: str) -> str:

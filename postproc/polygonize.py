@@ -433,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             env = dist.init(env)
             try:
                 summary = runner.run(shards, args.out, cfg, args.geojson, workers, env, pool)
+                # NOTE: said while the ranks are together (on_main): a closed stdout on rank 0
+                # (| head -0; torchrun's workers write at once, python -u) then stops every rank
+                # with exit 1 (postproc.cli.end_quietly), where rank 0 alone exited 1
+                dist.on_main(env, "reporting", lambda: print(
+                    f"{summary.tiles} tiles, {summary.polygons} polygons from "
+                    f"{summary.shards} shards -> {args.out}"))
             finally:
                 dist.teardown()
         finally:
@@ -444,8 +450,6 @@ def main(argv: list[str] | None = None) -> int:
             discard_staging_dir(args.geojson, geojson_made)
         raise
     if env.is_main:
-        print(f"{summary.tiles} tiles, {summary.polygons} polygons from {summary.shards} shards "
-              f"-> {args.out}")
         from postproc.cli import push_metrics
         from postproc.pushmetrics import PostprocRun
 

@@ -780,6 +780,80 @@ def test_torchrun_a_directory_under_one_ranks_tile_name_stops_every_rank_with_ex
     assert not out.exists() and [p.name for p in gj.iterdir()] == ["AOI_9_Test_img100.geojson"]
 
 
+def _to_a_closed_pipe(args: list[str], unbuffered: bool) -> subprocess.CompletedProcess:
+    """``python -m args... | head -0``: stdout a pipe whose reader has gone."""
+    env = worker_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=200)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_closed_stdout_ends_quietly_with_exit_1(pred_dir, tmp_path, unbuffered):
+    """``postproc.score ... | head -0``: a print whose reader has gone said "error: [Errno 32]
+    Broken pipe", exit 2 ("fix the input"), where stdout is unbuffered, and "Exception ignored
+    ... BrokenPipeError", exit 120, where it is flushed only at exit. Now as Python's docs
+    recommend: nothing said, exit 1. Polygonize's and merge's last line the same; their
+    outputs are written before it (score's --json after its figures: with an unbuffered stdout,
+    not at all)."""
+    pred, truth = pred_dir
+    out, gj, area, js = (tmp_path / n for n in ("p.csv", "gj", "area.geojson", "s.json"))
+    commands = [["postproc.polygonize", "--pred", pred, "--out", out, "--geojson", gj,
+                 "--workers", "1", "--no-tuned"],
+                ["postproc.score", "--truth", truth, "--proposals", out, "--json", js,
+                 "--workers", "1"],
+                ["postproc.merge", "--pred", pred, "--geojson", gj, "--out", area]]
+    for args in commands:
+        r = _to_a_closed_pipe([str(a) for a in args], unbuffered)
+        lines = [line for line in r.stderr.splitlines() if "it/s]" not in line
+                 and "/s]" not in line and line.strip()]
+        assert r.returncode == 1, (args[0], r.returncode, r.stderr[-2000:])
+        assert not any("Broken pipe" in line or "Traceback" in line or "Exception" in line
+                       for line in lines), (args[0], lines)
+    assert out.exists() and area.exists() and js.exists() == (not unbuffered)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("module", ["postproc.score", "postproc.polygonize"])
+def test_torchrun_a_closed_stdout_stops_every_rank_with_exit_1(pred_dir, tmp_path, module):
+    """Rank 0 prints the last line (at once: torchrun starts its workers with python -u). In
+    score, while it reports in on_main: its closed stdout, relayed, exited 2 on every rank, as
+    an OSError, "fix the input"; in polygonize, after the process group: exit 2 on rank 0 alone.
+    Now every rank exits 1, rank 1 saying why, rank 0 nothing."""
+    pred, truth = pred_dir
+    out = tmp_path / "p.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--workers", "1",
+                                      "--no-tuned"]) == 0
+    args = (["--truth", str(truth), "--proposals", str(out)] if module == "postproc.score" else
+            ["--pred", str(pred), "--out", str(tmp_path / "q.csv"), "--no-tuned"])
+    env = worker_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run(torchrun_cmd(2, ["-m", module, *args, "--workers", "1"]),
+                           cwd=REPO, env=env, stdout=write, stderr=subprocess.PIPE, text=True,
+                           timeout=200)
+    finally:
+        os.close(write)
+    codes = worker_exit_codes(r.stderr)
+    assert set(codes) == {0, 1} and set(codes.values()) <= {1, 143, -15}, (codes, r.stderr[-3000:])
+    assert codes[first_failure(r.stderr)] == 1, r.stderr[-3000:]
+    assert r.stderr.count("Broken pipe") == 1 and "rank 0 stopped while reporting" in r.stderr
+    # (torchrun's own ChildFailedError traceback follows any failure; none from a worker)
+    assert "postproc/" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
+
+
 def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):
     pred, truth = pred_dir
     blocker = tmp_path / "a_file"
