@@ -273,6 +273,24 @@ def test_a_failed_csv_commit_keeps_a_mark_that_still_tells_the_truth(pred_dir, t
     assert out.read_bytes() != csv_before and (gj / ".publishing").exists()
 
 
+def test_an_out_link_that_cannot_be_followed_is_replaced_with_geojson_too(pred_dir, tmp_path):
+    """--out a link that stat cannot follow (its target under a file: ENOTDIR) is replaced by
+    the CSV, as a plain file's name is: with --geojson too. The failed-commit check looked
+    at the link's target (os.stat) and exited 1 after the work, "Not a directory", where the
+    run without --geojson wrote the CSV (a rename replaces the link, not its target)."""
+    pred, _ = pred_dir
+    (tmp_path / "a_file").write_text("mine\n")
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    for geojson in ([], ["--geojson", str(gj)]):
+        out.unlink(missing_ok=True)
+        out.symlink_to(tmp_path / "a_file" / "p.csv")
+        assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), *geojson,
+                                          "--workers", "1", "--no-tuned"]) == 0, geojson
+        assert out.is_file() and not out.is_symlink() and read_rows(out)[0][0] == "ImageId"
+    assert (tmp_path / "a_file").read_text() == "mine\n" and (gj / ".polygonize-tiles").exists()
+    assert not (gj / ".publishing").exists()
+
+
 def test_a_directory_under_a_tiles_geojson_name_is_refused_naming_it(pred_dir, tmp_path,
                                                                        capsys):
     """A directory the user made in --geojson DIR under a tile's name (<ImageId>.geojson): the
