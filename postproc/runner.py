@@ -335,9 +335,13 @@ def _commit_marked(csv: contextlib.ExitStack, out_csv: Path, geojson_dir: Path) 
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
-    """``path``'s device and inode (a rename onto it changes them), or None if there is none."""
+    """``path``'s device and inode (a rename onto it changes them), or None if there is none.
+
+    NOTE: lstat: the rename replaces the name itself, a link too; os.stat followed an --out
+    link to its target, and one it could not follow (its target under a file: ENOTDIR) failed
+    the run after the work, where the CSV replaces such a link without --geojson."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
