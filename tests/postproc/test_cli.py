@@ -273,6 +273,27 @@ def test_a_failed_csv_commit_keeps_a_mark_that_still_tells_the_truth(pred_dir, t
     assert out.read_bytes() != csv_before and (gj / ".publishing").exists()
 
 
+def test_a_mark_whose_own_sync_fails_goes_before_the_csv_commit(pred_dir, tmp_path,
+                                                                monkeypatch):
+    """The publish mark's own write failing after its rename (EIO at DIR's sync), before the
+    CSV's commit began: the CSV is not committed, and the mark, "a publish cut short", went
+    unremoved (begin_publish was outside the clean-up), with a DIR the run made kept for it;
+    merge then refused DIR. Now DIR goes as for a failed CSV commit."""
+    pred, _ = pred_dir
+    out, gj = tmp_path / "p.csv", tmp_path / "new" / "gj"
+    real = atomic.fsync_dir
+
+    def eio_at_dirs_sync(path: object) -> None:
+        if Path(path) == gj:  # (only the mark's: the tiles are synced in DIR/.partial)
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_dir", eio_at_dirs_sync)
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--geojson",
+                                      str(gj), "--workers", "1", "--no-tuned"]) == 1
+    assert not out.exists() and not (tmp_path / "new").exists()
+
+
 def test_an_out_link_that_cannot_be_followed_is_replaced_with_geojson_too(pred_dir, tmp_path):
     """--out a link that stat cannot follow (its target under a file: ENOTDIR) is replaced by
     the CSV, as a plain file's name is: with --geojson too. The failed-commit check looked
