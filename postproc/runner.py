@@ -320,11 +320,13 @@ def _commit_marked(csv: contextlib.ExitStack, out_csv: Path, geojson_dir: Path) 
     full disk at the CSV's fsync, a Ctrl-C) leaves the old CSV, which DIR still matches: the
     mark, "a publish into DIR was cut short", claimed one that never began, and DIR was left
     changed. It goes again, unless an earlier run's mark was there (DIR may mix two runs) or
-    the CSV was replaced after all (its rename done, the directory's sync failed)."""
-    marked_before = (geojson_dir / PUBLISHING).exists()
+    the CSV was replaced after all (its rename done, the directory's sync failed). The mark's
+    own write too: it may fail (EIO at DIR's sync, a Ctrl-C) after its rename."""
+    marker = geojson_dir / PUBLISHING
+    marked_before = marker.exists()
     csv_before = _file_identity(out_csv)
-    marker = begin_publish(geojson_dir)
     try:
+        begin_publish(geojson_dir)
         csv.close()
     except BaseException:
         if not marked_before and _file_identity(out_csv) == csv_before:
