@@ -861,6 +861,48 @@ def test_a_closed_stdout_ends_quietly_with_exit_1(pred_dir, tmp_path, unbuffered
     assert out.exists() and area.exists() and js.exists() == (not unbuffered)
 
 
+_SCORE_ON_A_FULL_DISK = """
+import errno, sys
+from dataio import atomic
+from postproc import score
+from postproc.cli import exit_on_error
+
+def full(path, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+atomic.atomic_write_text = full  # (score's --json, imported at its write)
+sys.exit(exit_on_error(lambda: score.main(sys.argv[1:])))
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_a_closed_stdout_keeps_the_exit_code_of_a_failure(pred_dir, tmp_path):
+    """``postproc.score --json J | head -0`` on a full disk: its figures, buffered, were
+    flushed at the interpreter's exit into the closed pipe, "Exception ignored ...
+    BrokenPipeError" and exit 120, where the --json's failure said 1 (only a command that
+    succeeded flushed its stdout itself). Now the failure's line and code, 1, nothing else."""
+    pred, truth = pred_dir
+    out, js = tmp_path / "p.csv", tmp_path / "s.json"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--workers", "1",
+                                      "--no-tuned"]) == 0
+    env = worker_env()
+    env.pop("PYTHONUNBUFFERED", None)  # (buffered: the figures are still held at the failure)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-c", _SCORE_ON_A_FULL_DISK, "--truth", str(truth),
+                            "--proposals", str(out), "--json", str(js), "--workers", "1"],
+                           cwd=REPO, env=env, stdout=write, stderr=subprocess.PIPE, text=True,
+                           timeout=200)
+    finally:
+        os.close(write)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "/s]" not in line]
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert lines == [f"error: [Errno 28] No space left on device: '{js}'"], lines
+    assert not js.exists()
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("module", ["postproc.score", "postproc.polygonize"])
