@@ -29,8 +29,24 @@ def exit_on_error(main: Callable[[], int]) -> int:
     (``postproc.pools``): the caller is to exit with that code. Under torchrun another rank's
     failure (a RankError) is its line and the code that rank exits with; a lost peer is
     ``trainer.dist.describe_failure``'s line and 1. A closed stdout (``| head -0``) is 1 and
-    nothing said (:func:`end_quietly`).
+    nothing said (:func:`end_quietly`), or after a failure, that failure's line and code.
     """
+    code = _exit_code(main)
+    if code != 0:
+        # NOTE: a failure's stdout is flushed here too: at the interpreter's exit, what it had
+        # printed (score's figures before its --json failed) met the closed pipe, and exit
+        # 120 with "Exception ignored ... BrokenPipeError" replaced the failure's code
+        try:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+        except (OSError, ValueError) as e:  # (another: the interpreter's flush says it)
+            if stdout_gone(e):
+                end_quietly()
+    return code
+
+
+def _exit_code(main: Callable[[], int]) -> int:
+    """:func:`exit_on_error`'s code for ``main``, its line said."""
     try:
         # (a second press, or a SIGTERM after it, cannot cut the first one's clean-up short)
         with stop_signals():
