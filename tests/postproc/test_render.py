@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import math
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +192,29 @@ def test_an_io_error_removing_an_earlier_tile_is_a_failure_of_the_run(
     assert run_main([*base, "--tiles", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: [Errno 5] Input/output error: '{out}/"), err
+
+
+def test_a_closed_stdout_still_removes_the_earlier_tiles(prepared_dataset, drawn, tmp_path,
+                                                         monkeypatch, capsys):
+    """``render ... | head -0`` where stdout is unbuffered (python -u): the report's print, which
+    came before the removal of an earlier render's tiles, met the closed pipe, and the run
+    ended quietly with exit 1 with --out holding the new tile beside an earlier one it was to
+    remove. The report now comes after the output step: --out whole, then the quiet exit 1."""
+    _, _, _, _, csv_path, _ = drawn
+    out = tmp_path / "tiles"
+    base = ["--data", prepared_dataset, "--split", "val", "--proposals", csv_path, "--out", out]
+    assert run_main([*base, "--tiles", "2"]) == 0
+    assert len(list(out.glob("*.png"))) == 2
+    read, write = os.pipe()
+    os.close(read)
+    closed = io.TextIOWrapper(io.FileIO(write, "w"), write_through=True)  # (python -u's)
+    monkeypatch.setattr(sys, "stdout", closed)
+    capsys.readouterr()
+    assert run_main([*base, "--tiles", "1"]) == 1
+    monkeypatch.undo()
+    closed.close()  # (a descriptor on /dev/null now: end_quietly's)
+    assert len(list(out.glob("*.png"))) == 1, sorted(p.name for p in out.iterdir())
+    assert "error" not in capsys.readouterr().err
 
 
 def test_a_directory_under_a_tile_name_in_out_is_refused_naming_it(prepared_dataset, drawn,
