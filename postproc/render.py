@@ -348,15 +348,18 @@ def main(argv: list[str] | None = None) -> int:
         said.append(f"{len(read.skipped)} of the {len(ids)} tiles were left out, not readable "
                     f"from {_count(len(read.damaged), 'damaged shard')}: "
                     f"{', '.join(read.skipped)} (see the warnings above)")
-    print("\n".join([f"tiles show {shown}", *said]))
     # (a skipped tile's picture from an earlier render goes too: it drew other proposals)
     # NOTE: inside writing(): removing this command's own outputs from the --out checked up
     # front is part of its output step, so an OSError here (EIO, a file system remounted
     # read-only) is the disk's, exit 1 as for the tiles' writes; it was 2, "fix the input".
+    # Done before the report is printed: a closed stdout (| head -0 under python -u) stopped
+    # the run at the print, quietly, with the earlier tiles still beside the new ones.
+    removed: list[str] = []
     with writing():
         for old in stale_tiles(args.out, drawn):
             old.unlink()
-            print(f"removed {old} (an earlier render's tile)")
+            removed.append(f"removed {old} (an earlier render's tile)")
+    print("\n".join([f"tiles show {shown}", *said, *removed]))
     return 0
 
 
