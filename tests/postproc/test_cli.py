@@ -935,6 +935,37 @@ def test_torchrun_a_closed_stdout_stops_every_rank_with_exit_1(pred_dir, tmp_pat
     assert "postproc/" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_torchrun_a_closed_buffered_stdout_stops_every_rank_with_exit_1(pred_dir, tmp_path):
+    """As above, with the workers' stdout buffered (``torchrun --no-python python -m ...``: no
+    -u): rank 0's last lines waited in the buffer past the agreed report, and its flush at the
+    end, after the process group, exited 1 on rank 0 alone, rank 1 0. The report flushes them
+    itself, inside the agreement."""
+    pred, truth = pred_dir
+    out = tmp_path / "p.csv"
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--workers", "1",
+                                      "--no-tuned"]) == 0
+    env = worker_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    for module, args in (("postproc.score", ["--truth", str(truth), "--proposals", str(out)]),
+                         ("postproc.polygonize", ["--pred", str(pred), "--out",
+                                                  str(tmp_path / "q.csv"), "--no-tuned"])):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            r = subprocess.run(torchrun_cmd(2, [sys.executable, "-m", module, *args,
+                                                "--workers", "1"], extra=["--no-python"]),
+                               cwd=REPO, env=env, stdout=write, stderr=subprocess.PIPE,
+                               text=True, timeout=200)
+        finally:
+            os.close(write)
+        codes = worker_exit_codes(r.stderr)
+        assert set(codes) == {0, 1} and set(codes.values()) <= {1, 143, -15}, (
+            module, codes, r.stderr[-3000:])
+        assert "rank 0 stopped while reporting" in r.stderr, (module, r.stderr[-3000:])
+
+
 def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):
     pred, truth = pred_dir
     blocker = tmp_path / "a_file"
