@@ -434,11 +434,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 summary = runner.run(shards, args.out, cfg, args.geojson, workers, env, pool)
                 # NOTE: said while the ranks are together (on_main): a closed stdout on rank 0
-                # (| head -0; torchrun's workers write at once, python -u) then stops every rank
-                # with exit 1 (postproc.cli.end_quietly), where rank 0 alone exited 1
+                # (| head -0) then stops every rank with exit 1 (postproc.cli.end_quietly),
+                # where rank 0 alone exited 1. Flushed here: a worker's stdout is buffered
+                # where the launcher gives no -u (torchrun --no-python python -m ...)
                 dist.on_main(env, "reporting", lambda: print(
                     f"{summary.tiles} tiles, {summary.polygons} polygons from "
-                    f"{summary.shards} shards -> {args.out}"))
+                    f"{summary.shards} shards -> {args.out}", flush=True))
             finally:
                 dist.teardown()
         finally:

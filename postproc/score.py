@@ -421,6 +421,10 @@ def _report(args: argparse.Namespace, cfg: ScoreConfig, result: ScoreResult, ima
 
         with writing():  # (a full disk: exit 1; a path that cannot be used was refused up front)
             atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+    # NOTE: flushed here, in the agreed report (on_main): a buffered stdout (no -u: torchrun
+    # --no-python python -m ...) met a closed pipe only at the end, after the process group,
+    # and rank 0 alone exited 1
+    sys.stdout.flush()
     return out
 
 
