@@ -905,6 +905,33 @@ def test_a_closed_stdout_keeps_the_exit_code_of_a_failure(pred_dir, tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_full_disk_under_stdout_is_a_failure_of_the_run(pred_dir, tmp_path, unbuffered):
+    """``postproc.score ... > report.txt`` on a full disk (/dev/full: every write ENOSPC): the
+    report's write failed outside writing(), an OSError, "error: [Errno 28] No space left on
+    device" with exit 2, "fix the input", where a full disk is 1 (a rerun once there is room);
+    buffered, the flush that exit_on_error does at the end did the same. Polygonize's too."""
+    pred, truth = pred_dir
+    out = tmp_path / "p.csv"
+    env = worker_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    for args in (["postproc.polygonize", "--pred", str(pred), "--out", str(out), "--no-tuned"],
+                 ["postproc.score", "--truth", str(truth), "--proposals", str(out)]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", *args, "--workers", "1"], cwd=REPO,
+                               env=env, stdout=full, stderr=subprocess.PIPE, text=True,
+                               timeout=200)
+        lines = [line for line in r.stderr.splitlines() if line.strip() and "/s]" not in line]
+        assert (r.returncode, lines[-1:]) == (1, ["error: [Errno 28] No space left on device"]), (
+            args[0], r.returncode, r.stderr[-2000:])
+        assert out.exists()  # (polygonize's outputs are whole before its report)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("module", ["postproc.score", "postproc.polygonize"])
 def test_torchrun_a_closed_stdout_stops_every_rank_with_exit_1(pred_dir, tmp_path, module):
     """Rank 0 prints the last line (at once: torchrun starts its workers with python -u). In
