@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor
 
-from dataio.atomic import WriteError
+from dataio.atomic import WriteError, writing
 from postproc.csvio import CsvError
 from postproc.pools import ignore_further_sigint, say, stop_code, stop_signals, stopped_by
 from postproc.predio import PredError
@@ -35,13 +35,16 @@ def exit_on_error(main: Callable[[], int]) -> int:
     if code != 0:
         # NOTE: a failure's stdout is flushed here too: at the interpreter's exit, what it had
         # printed (score's figures before its --json failed) met the closed pipe, and exit
-        # 120 with "Exception ignored ... BrokenPipeError" replaced the failure's code
+        # 120 with "Exception ignored ... BrokenPipeError" replaced the failure's code. Any
+        # error of it (a closed pipe, the full disk already said) is left unsaid: the
+        # failure's line and code are the run's.
         try:
             if sys.stdout is not None:
                 sys.stdout.flush()
-        except (OSError, ValueError) as e:  # (another: the interpreter's flush says it)
-            if stdout_gone(e):
-                end_quietly()
+        except OSError:
+            end_quietly()
+        except ValueError:  # (a closed stdout object: nothing held)
+            pass
     return code
 
 
@@ -51,9 +54,11 @@ def _exit_code(main: Callable[[], int]) -> int:
         # (a second press, or a SIGTERM after it, cannot cut the first one's clean-up short)
         with stop_signals():
             code = main()
-            # (a closed stdout shows here, where it is handled, not in the interpreter's exit)
+            # (a closed stdout shows here, where it is handled, not in the interpreter's exit;
+            # a full disk under it is a failure of the run, 1, as for the outputs)
             if sys.stdout is not None:
-                sys.stdout.flush()
+                with writing():
+                    sys.stdout.flush()
             return code
     except (PredError, CsvError, ValueError, OSError) as e:  # OSError: paths that cannot be used
         if stdout_gone(e):

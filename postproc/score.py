@@ -406,25 +406,29 @@ def _report(args: argparse.Namespace, cfg: ScoreConfig, result: ScoreResult, ima
     out.update(truth_file=str(args.truth), proposal_file=str(args.proposals),
                iou_threshold=cfg.iou_threshold, strict=cfg.strict,
                min_truth_area=cfg.min_truth_area, repaired_polygons=result.repaired)
-    print(f"F1 {result.f1:.4f}  precision {result.precision:.4f}  recall {result.recall:.4f}  "
-          f"TP {result.tp}  FP {result.fp}  FN {result.fn}  ({images} images; "
-          f"{result.images_without_proposals} without proposals, "
-          f"{result.images_without_truth} without truth)")
-    if len(out["per_aoi"]) > 1:  # (with one AOI its F1 is the line above)
-        for aoi, a in out["per_aoi"].items():
-            print(f"  {aoi}: F1 {a['f1']:.4f}  TP {a['tp']}  FP {a['fp']}  FN {a['fn']}  "
-                  f"({a['images']} images)")
-        print(f"mean of the AOIs' F1s {out['aoi_mean_f1']:.4f} (how the SpaceNet-2 contest "
-              "combined its cities)")
-    if args.json is not None:
-        from dataio.atomic import atomic_write_text, writing
+    from dataio.atomic import atomic_write_text, writing
 
+    # NOTE: the report's writes inside writing(): a full disk under stdout (> report.txt) is a
+    # failure of the run, exit 1 (on every rank: relayed as a WriteError), not bad input (2)
+    with writing():
+        print(f"F1 {result.f1:.4f}  precision {result.precision:.4f}  "
+              f"recall {result.recall:.4f}  TP {result.tp}  FP {result.fp}  FN {result.fn}  "
+              f"({images} images; {result.images_without_proposals} without proposals, "
+              f"{result.images_without_truth} without truth)")
+        if len(out["per_aoi"]) > 1:  # (with one AOI its F1 is the line above)
+            for aoi, a in out["per_aoi"].items():
+                print(f"  {aoi}: F1 {a['f1']:.4f}  TP {a['tp']}  FP {a['fp']}  FN {a['fn']}  "
+                      f"({a['images']} images)")
+            print(f"mean of the AOIs' F1s {out['aoi_mean_f1']:.4f} (how the SpaceNet-2 "
+                  "contest combined its cities)")
+    if args.json is not None:
         with writing():  # (a full disk: exit 1; a path that cannot be used was refused up front)
             atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     # NOTE: flushed here, in the agreed report (on_main): a buffered stdout (no -u: torchrun
     # --no-python python -m ...) met a closed pipe only at the end, after the process group,
     # and rank 0 alone exited 1
-    sys.stdout.flush()
+    with writing():
+        sys.stdout.flush()
     return out
 
 
