@@ -93,6 +93,19 @@ def check_writable(path: str | os.PathLike[str], what: str,
             raise ValueError(f"{what} {shown}: {target} {problem}; give another name")
 
 
+def resolved(path: str | os.PathLike[str], flag: str) -> Path:
+    """``path`` absolute, its links followed (``Path.resolve``), or a ValueError naming ``flag``
+    and ``path`` for links that cannot be followed to the end (a loop).
+
+    NOTE: Python 3.11 and 3.12 raise a RuntimeError for a loop ("Symlink loop from ..."), 3.13
+    an OSError: neither is one of the errors the commands report as bad input, so a loop given
+    as a path was a traceback and exit 1, where the path is the user's to change (2)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{flag} {path}: its symbolic links cannot be followed ({e})") from None
+
+
 def check_not_a_directory(path: str | os.PathLike[str], flag: str, what: str) -> None:
     """Raise ValueError naming ``path`` if it is a directory: a file the command writes under a
     name it learns only from its input (a tile's, ``DIR/<ImageId>.geojson``), which

@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is(path: Path, target: Path) -> bool:
+    """Whether ``path`` leads to ``target`` (resolved). A link that cannot be followed (a loop)
+    does not: it is a file of DIR that is not a tile, counted, not a reason to stop."""
+    try:
+        return path.resolve() == target
+    except (RuntimeError, OSError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     args = build_parser().parse_args(argv)
@@ -162,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(m.grids) > 1:
         say(f"merge: the tiles lie on {len(m.grids)} pixel grids ({len({g.crs for g in m.grids})}"
             " CRS); footprints are merged only between tiles of one grid")
-    out = args.out.resolve()
+    out = args.out.resolve()  # (the rename replaced any link there: it resolves)
     extra = sum(1 for p in args.geojson.glob("*.geojson")
-                if p.stem not in m.seen and p.resolve() != out)
+                if p.stem not in m.seen and not _is(p, out))
     if extra:
         say(f"merge: {extra} *.geojson in {args.geojson} are not tiles of --pred {args.pred}: "
             "left out")

@@ -381,7 +381,9 @@ def _check_apart(out: Path, geojson: Path) -> None:
     """Refuse a CSV and a GeoJSON directory that would collide: found only after the work, the
     CSV's commit failed ("Is a directory") when --geojson was --out or under it, leaving that
     directory with a publish mark; and a tile's GeoJSON replaced an --out named like one."""
-    csv, gj = out.resolve(), geojson.resolve()
+    from dataio.atomic import resolved
+
+    csv, gj = resolved(out, "--out"), resolved(geojson, "--geojson")
     if csv == gj or csv in gj.parents:
         raise ValueError(f"--geojson {geojson} is --out {out} or under it; give the CSV and "
                          "the GeoJSON directory paths apart")
@@ -414,7 +416,7 @@ def _report(line: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     args = build_parser().parse_args(argv)
-    from dataio.atomic import check_writable, discard_staging_dir, missing_dirs
+    from dataio.atomic import check_writable, discard_staging_dir, missing_dirs, resolved
     from postproc import runner
     from postproc.predio import list_pred_shards
     from trainer import dist
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         # NOTE: the GeoJSON publish marks its directory (predio.begin_publish): in --pred, a run
         # cut short (a full disk at the CSV's commit, a kill) left the prediction refused, with
         # "rerun trainer.predict", though its shards were whole, and a rerun here was refused.
-        if args.geojson.resolve() == args.pred.resolve():
+        if resolved(args.geojson, "--geojson") == resolved(args.pred, "--pred"):
             raise ValueError(f"--geojson {args.geojson} is the --pred directory; give the "
                              "GeoJSON a directory of its own")
         _check_apart(args.out, args.geojson)

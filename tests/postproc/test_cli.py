@@ -1436,3 +1436,17 @@ def test_a_ranks_last_line_is_one_write(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert code == (130 if case.endswith("ctrl-c") else 2)
     assert len(err.writes) == 1 and err.writes[0].count("\n") == 1, err.writes
     assert err.writes[0].endswith("\n")
+
+
+def test_an_out_link_that_loops_is_refused_naming_it(pred_dir, tmp_path, capsys):
+    """--out LOOP (a link to itself) with --geojson: checking the two apart followed its links,
+    and Python's RuntimeError ("Symlink loop") left as a traceback with exit 1. Now one line
+    naming the flag and the link, exit 2, before any work."""
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop.name)
+    argv = ["--pred", str(pred_dir[0]), "--out", str(loop), "--geojson", str(tmp_path / "gj"),
+            "--workers", "1", "--no-tuned"]
+    assert run_main(polygonize.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {loop}: its symbolic links cannot be followed" in err[0], err
+    assert loop.is_symlink() and not (tmp_path / "gj").exists()

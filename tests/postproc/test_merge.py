@@ -567,3 +567,16 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tmp_path, monkeypatch
     assert out.read_text() == "earlier"
     assert run(["--pred", str(tmp_path / "missing"), "--geojson", str(gj),
                 "--out", str(out)]) == 2
+
+
+def test_a_link_loop_among_the_geojson_is_counted_as_not_a_tile(tmp_path, capsys):
+    """A *.geojson in DIR that is a link to itself: the count of DIR's files that are not
+    tiles followed every file's links, and Python's RuntimeError ("Symlink loop") left as a
+    traceback with exit 1 after the layer was written. It is one more file that is not a tile."""
+    pred, gj = _two_tiles(tmp_path)
+    loop = gj / "zz.geojson"
+    loop.symlink_to(loop.name)
+    out = tmp_path / "area.geojson"
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["features"]) == 1  # (the building across both)
+    assert f"1 *.geojson in {gj} are not tiles" in capsys.readouterr().err
