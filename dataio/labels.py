@@ -25,6 +25,11 @@ from dataio.classes import BOUNDARY, BUILDING
 from dataio.geo import geojson_crs, reproject_geometry, to_pixel
 
 DEFAULT_BOUNDARY_WIDTH = 2.5
+# NOTE: labels in lon/lat (SpaceNet's, RFC 7946) reach pixels with ~1e-8 px of float noise, so a
+# building whose corners lie on one line is a valid sliver of area > 0 there, not the invalid
+# polygon of no area it is in exact coordinates. A polygon whose mean width (2 * area /
+# perimeter) is under this is a line: ~100x the noise, ~1e5x below the smallest real shed.
+NO_AREA_WIDTH_PX = 1e-6
 
 
 class LabelError(ValueError):
@@ -37,6 +42,11 @@ class Footprints:
 
     polygons: list[Polygon] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # repairs and ignored features, per feature
+
+
+def _has_area(p: Polygon) -> bool:
+    """Whether ``p`` is more than a line (or a point) up to float error: see NO_AREA_WIDTH_PX."""
+    return 2 * p.area > NO_AREA_WIDTH_PX * p.length
 
 
 def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
@@ -153,15 +163,18 @@ def _clip_to_tile(path: Path, k: int, geom: BaseGeometry, src_crs: CRS, grid: _G
     if not pix.is_valid:
         reason = shapely.is_valid_reason(pix)
         pix = shapely.make_valid(pix)
-        if any(p.area > 0 for p in _polygon_parts(pix)):
+        if any(_has_area(p) for p in _polygon_parts(pix)):
             notes.append(f"feature {k}: invalid polygon ({reason}), repaired with make_valid")
         else:
             # NOTE: a polygon with no area (its corners on one line, a ring of repeated points)
             # repairs to lines or points, and the area filter below dropped it: no building in
             # the mask or truth.csv, while the manifest listed it as "repaired".
             notes.append(f"feature {k}: polygon with no area ({reason}), ignored")
+    elif not any(_has_area(p) for p in _polygon_parts(pix)):
+        notes.append(f"feature {k}: polygon with no area (its corners on one line, up to float "
+                     "error), ignored")
     clipped = pix.intersection(grid.tile)  # (empty exactly when it does not touch the tile)
-    parts = [shapely.normalize(p) for p in _polygon_parts(clipped) if p.area > 0]
+    parts = [shapely.normalize(p) for p in _polygon_parts(clipped) if _has_area(p)]
     return parts, not clipped.is_empty
 
 

@@ -151,6 +151,26 @@ def test_a_polygon_with_no_area_is_noted_as_ignored_not_as_repaired(tmp_path: Pa
         "feature 2: invalid polygon, repaired with make_valid"]
 
 
+def test_a_polygon_on_one_line_in_lon_lat_is_ignored_despite_float_noise(tmp_path: Path) -> None:
+    """SpaceNet's labels are lon/lat: a building whose three corners lie on one line maps to
+    pixels with ~1e-8 px of float noise, a valid sliver of area > 0 that the exact check above
+    kept: a truth.csv row of no area, a building in the counts, and a boundary band carved
+    around a line in the mask. It is ignored and noted as the exact line is."""
+    t = Affine(2.7e-6, 0, -115.3, 0, -2.7e-6, 36.3)  # dataio.synth's EPSG:4326 grid
+    on_a_line = [t @ (x, 5 + 0.7 * x) for x in (3, 17, 41)] + [t @ (3, 5 + 0.7 * 3)]
+    square = [t @ xy for xy in ((44, 40), (60, 40), (60, 56), (44, 56), (44, 40))]
+    doc = json.loads(_collection(on_a_line, square))
+    del doc["crs"]  # (RFC 7946: lon/lat)
+    path = tmp_path / "buildings.geojson"
+    path.write_text(json.dumps(doc))
+    fp = read_footprints(path, CRS.from_epsg(4326), t, 64, 64)
+    assert [round(p.area, 6) for p in fp.polygons] == [256.0]
+    assert [re.sub(r" \(.*\)", "", n) for n in fp.notes] == [
+        "feature 0: polygon with no area, ignored"]
+    mask = make_mask(fp.polygons, (64, 64))
+    assert (mask[:30, :42] == BACKGROUND).all()  # no band around the line
+
+
 def test_an_empty_polygon_is_noted_as_ignored(tmp_path: Path) -> None:
     """A feature with "coordinates": [] was dropped without a word, while a feature with no
     geometry, or a Point, was noted in the manifest as ignored."""
