@@ -355,6 +355,48 @@ def check_init_from_product(state: dict[str, Any], path: Path, manifest: Manifes
                   "or train this one without train.init_from")
 
 
+# What a resumed checkpoint's weights must match (said when they do not).
+RESUME_HINT = ("this config's model.* settings; resume with the run's config or start a new "
+               "--run-dir")
+
+
+def check_resume(state: dict[str, Any], path: Path, manifest: Manifest, own: dict[str, Any],
+                 model_cfg: dict[str, Any], optim_name: str) -> None:
+    """ValueError naming ``path`` if the run cannot resume from ``state`` on ``manifest``'s
+    dataset with this config: a key missing, another imagery product, weights of another model
+    (``own``: this config's state dict; a model on the meta device will do), another
+    optimizer, or another dataset. ``Trainer.resume`` makes these checks in every worker, and
+    ``trainer.train --check`` once before torchrun (the launch scripts): from the workers,
+    every rank exits 2 and torchrun restarts the group on it MAX_RESTARTS times."""
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path}: cannot resume from it, it lacks {', '.join(missing)}")
+    problem = other_product(state, manifest)
+    if problem is not None:  # (load_model's band check blamed the config)
+        raise ValueError(f"{path}: it {problem}; resume on the dataset it trained on, or "
+                         "start a new --run-dir")
+    check_model(own, state, path, RESUME_HINT, model_cfg)
+    # NOTE: torch loads one optimizer's state into another without a word (Adam's into SGD
+    # died at the first step on a missing 'momentum'; AdamW's into Adam trained on as Adam).
+    saved = json.loads(state.get("config") or "{}").get("optim", {}).get("name")
+    if saved is not None and saved != optim_name:
+        raise ValueError(f"{path}: it was trained with optim.name={saved!r}, this config has "
+                         f"{optim_name!r}; resume with the run's optimizer or start a new "
+                         "--run-dir")
+    # NOTE: a dataset prepared again with another --seed or --split (or other AOIs) was
+    # resumed on without a word: its val split then held tiles the weights had trained on,
+    # and best.pt and the tuned thresholds were chosen on them.
+    trained_on = state.get("data")
+    if trained_on is not None and trained_on != manifest.fingerprint():
+        # (the masks count too: another --boundary-width gave the same splits, refused as
+        # "the splits differ", which sent the user looking for a --seed they never changed)
+        raise ValueError(f"{path}: it was trained on another dataset than --data "
+                         f"{manifest.root} (its train or val split holds other tiles or other "
+                         "masks: prepared again with another --seed, --split or "
+                         "--boundary-width, or other AOIs?); resume on the dataset it trained "
+                         "on, or start a new --run-dir")
+
+
 def init_from_hint(manifest: Manifest) -> str:
     """What a ``train.init_from`` checkpoint must match (said when it does not)."""
     return (f"this config's model.* settings and the {manifest.bands} bands "

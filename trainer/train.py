@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--check", action="store_true",
-                   help="only check the config, --data, --run-dir and --nproc, then exit (0 "
-                        "fine, 2 not); the launch scripts run this once before torchrun")
+                   help="only check the config, --data, --run-dir (and that a run there can "
+                        "resume with them) and --nproc, then exit (0 fine, 2 not); the launch "
+                        "scripts run this once before torchrun")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="with --check: the processes torchrun will start on this node (the "
                         "launch scripts' NPROC); more than its GPUs are refused under NCCL")
@@ -133,7 +134,29 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
             raise ConfigError(f"--data {args.data}: {e} (or set train.val_f1=false)") from None
     check_writable(args.run_dir / "config.json", "--run-dir", given=args.run_dir)
     _check_init_from(cfg, manifest, args)
+    if args.check:
+        _check_resume(cfg, manifest, args)
     return cfg, given, truth
+
+
+def _meta_model(cfg: Config, manifest: Manifest) -> torch.nn.Module:
+    """This config's network for --data's bands on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return build_model_from_config(dataclasses.replace(cfg.model, compile=False),
+                                       manifest.bands, NUM_CLASSES)
+
+
+def _check_resume(cfg: Config, manifest: Manifest, args: argparse.Namespace) -> None:
+    """A run that would resume from RUN's newest checkpoint can (``ckpt.check_resume``: the same
+    model, optimizer, imagery product and dataset). NOTE: in --check only (the launch scripts,
+    once, before torchrun): the Trainer refuses the same in every worker, but there every rank
+    exits 2 and torchrun restarted the group MAX_RESTARTS times on it, ending in exit 1."""
+    found = ckpt.load_latest(args.run_dir, mmap=True)  # (the one the Trainer would resume from)
+    if found is None:
+        return
+    state, path = found
+    ckpt.check_resume(state, path, manifest, _meta_model(cfg, manifest).state_dict(),
+                      dataclasses.asdict(cfg.model), cfg.optim.name)
 
 
 def _check_init_from(cfg: Config, manifest: Manifest, args: argparse.Namespace) -> None:
@@ -147,10 +170,7 @@ def _check_init_from(cfg: Config, manifest: Manifest, args: argparse.Namespace) 
     if not cfg.train.init_from or ckpt.list_checkpoints(args.run_dir):
         return
     path = ckpt.source_checkpoint(cfg.train.init_from)
-    # (on the meta device: shapes only, no memory; the dtype is checked when it loads)
-    with torch.device("meta"):
-        net = build_model_from_config(dataclasses.replace(cfg.model, compile=False),
-                                      manifest.bands, NUM_CLASSES)
+    net = _meta_model(cfg, manifest)  # (the dtype is checked when it loads)
     try:
         # NOTE: mapped, not read: the check needs the weights' names and shapes alone, and
         # every worker of a node makes it at once (the source's optimizer state is twice the

@@ -568,35 +568,10 @@ class Trainer:
             on_main(self.env, "cleaning the training log", self._clean_log)
             return False
         state = found[0] if found else ckpt.load(Path(path))
-        missing = [k for k in ckpt.RESUME_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"{path}: cannot resume from it, it lacks {', '.join(missing)}")
-        problem = ckpt.other_product(state, self.manifest)
-        if problem is not None:  # (load_model's band check blamed the config)
-            raise ValueError(f"{path}: it {problem}; resume on the dataset it trained on, or "
-                             "start a new --run-dir")
-        ckpt.load_model(self.net, state, Path(path), "this config's model.* settings; resume "
-                        "with the run's config or start a new --run-dir",
-                        dataclasses.asdict(self.cfg.model))
-        # NOTE: torch loads one optimizer's state into another without a word (Adam's into SGD
-        # died at the first step on a missing 'momentum'; AdamW's into Adam trained on as Adam).
-        saved = json.loads(state.get("config") or "{}").get("optim", {}).get("name")
-        if saved is not None and saved != self.cfg.optim.name:
-            raise ValueError(f"{path}: it was trained with optim.name={saved!r}, this config has "
-                             f"{self.cfg.optim.name!r}; resume with the run's optimizer or "
-                             "start a new --run-dir")
-        # NOTE: a dataset prepared again with another --seed or --split (or other AOIs) was
-        # resumed on without a word: its val split then held tiles the weights had trained on,
-        # and best.pt and the tuned thresholds were chosen on them.
-        trained_on = state.get("data")
-        if trained_on is not None and trained_on != self.data_fingerprint:
-            # (the masks count too: another --boundary-width gave the same splits, refused as
-            # "the splits differ", which sent the user looking for a --seed they never changed)
-            raise ValueError(f"{path}: it was trained on another dataset than --data {self.data} "
-                             "(its train or val split holds other tiles or other masks: "
-                             "prepared again with another --seed, --split or --boundary-width, "
-                             "or other AOIs?); resume on the dataset it trained on, or start a "
-                             "new --run-dir")
+        model_cfg = dataclasses.asdict(self.cfg.model)
+        ckpt.check_resume(state, Path(path), self.manifest, self.net.state_dict(), model_cfg,
+                          self.cfg.optim.name)
+        ckpt.load_model(self.net, state, Path(path), ckpt.RESUME_HINT, model_cfg)
         self.optimizer.load_state_dict(state["optimizer"])
         apply_hyperparameters(self.optimizer, self.cfg.optim)
         if self.scaler is not None and state["scaler"]:

@@ -101,6 +101,38 @@ def test_resuming_on_a_dataset_of_the_other_product_is_refused_naming_both(
     assert sorted((run / "checkpoints").glob("*.pt")) == last
 
 
+@pytest.mark.parametrize("data_of, sets, said", [
+    ("mul", [], "it was trained on 3-band RGB-PanSharpen imagery, but {data}/manifest.json holds "
+                "8-band MUL-PanSharpen; resume on the dataset it trained on, or start a new "
+                "--run-dir"),
+    ("rgb", ["model.norm=group"], "its model does not match this config's model.* settings; "
+                                  "resume with the run's config or start a new --run-dir (the "
+                                  "checkpoint was trained with model.norm='batch' (here "
+                                  "'group');"),
+    ("rgb", ["optim.name=sgd"], "it was trained with optim.name='adam', this config has 'sgd'; "
+                                "resume with the run's optimizer or start a new --run-dir"),
+    ("rgb", [], None)])
+def test_check_refuses_what_the_resume_would_before_torchrun(
+        rgb_run: Path, data_of: str, sets: list[str], said: str | None,
+        request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> None:
+    """The launch scripts' --check passed a resume that the workers then refused (another
+    product, model or optimizer): every rank exited 2, torchrun restarted the group
+    MAX_RESTARTS times, printing the error each time, and exited 1 with its traceback."""
+    from trainer.train import main
+
+    data = request.getfixturevalue(f"{data_of}_dataset")
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(data), "--run-dir",
+            str(rgb_run), *[a for s in sets for a in ("--set", s)]]
+    assert main(argv) == (0 if said is None else 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    if said is None:
+        assert err == []
+    else:
+        newest = sorted((rgb_run / "checkpoints").glob("step-*.pt"))[-1]
+        assert err[-1].startswith(f"trainer.train: error: {newest}: "
+                                  f"{said.format(data=data)}"), err
+
+
 def test_init_from_a_run_of_the_other_product_is_refused_naming_both(
         rgb_run: Path, mul_dataset: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
