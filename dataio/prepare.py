@@ -280,8 +280,13 @@ def scan(cfg: PrepareConfig) -> Scan:
             headers.append(_Header(Tile(iid, tif, label), count, dtype, height, width,
                                    invertible, source))
     if not headers:
+        # NOTE: with no tile skipped there was no .tif to read at all (an unpacked download
+        # that failed, a product folder made but never filled): say where none was found
+        empty = [f"{raw / cfg.product}/ holds no .tif" for raw, src in
+                 zip(cfg.raw, result.sources, strict=True) if src["tiles"] == 0]
         raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}"
-                         f"{first_skip(result.skipped)}")
+                         f"{first_skip(result.skipped)}{'; ' if empty else ''}"
+                         f"{'; '.join(empty)}")
     # NOTE: the model takes one band count, and the normalisation pools one radiometry (an
     # 8-bit tile among 11-bit ones would drag the percentiles down and come out nearly black);
     # the majority decides each and odd tiles are skipped.

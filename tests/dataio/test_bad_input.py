@@ -362,6 +362,19 @@ def test_an_out_that_cannot_be_made_is_one_line(raw: Path, tmp_path: Path,
                                f"{blocker} is not a directory")
 
 
+def test_an_empty_product_folder_is_named(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A product folder with no .tif (a download that failed, or synth --overwrite without
+    --mul, which empties MUL-PanSharpen/) said only "no usable tiles in RAW", the same as for
+    an AOI whose every tile is unreadable, and named nothing to look at."""
+    raw = tmp_path / "AOI"
+    (raw / "RGB-PanSharpen").mkdir(parents=True)
+    (raw / "geojson" / "buildings").mkdir(parents=True)
+    assert prep.main(["--raw", str(raw), "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"dataio.prepare: error: no usable tiles in {raw}; {raw}/RGB-PanSharpen/ holds no .tif")
+
+
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
 def test_interrupted_run_leaves_nothing_behind(raw: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch, stop: str) -> None:
