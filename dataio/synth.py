@@ -240,6 +240,10 @@ def write_aoi(cfg: SynthConfig, progress: bool = False) -> Path:
                       "it was interrupted\n")
     for path in [*old, *_stale_temps(cfg.out)]:
         path.unlink()
+    # (without --mul, an emptied MUL-PanSharpen/ made the AOI seem to hold that product)
+    mul_dir = cfg.out / MUL_PRODUCT
+    if not cfg.mul and mul_dir.is_dir() and not any(mul_dir.iterdir()):
+        mul_dir.rmdir()
     subs = [Path(IMAGE_DIR), LABEL_DIR, Path("summaryData")] + [Path(MUL_PRODUCT)] * cfg.mul
     for sub in subs:
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)

@@ -222,6 +222,22 @@ def test_a_size_too_large_to_draw_is_one_line(tmp_path: Path,
         "(.synth-incomplete): rerun with --overwrite"]
 
 
+def test_an_overwrite_without_mul_leaves_no_mul_folder(tmp_path: Path) -> None:
+    """--overwrite without --mul emptied MUL-PanSharpen/ and left it: the AOI then seemed to
+    hold that product (prepare's error listed it), and prepare --product MUL-PanSharpen found
+    the folder but no tile. A folder holding other files (the user's) is left alone."""
+    out = tmp_path / "aoi"
+    write_aoi(SynthConfig(out=out, tiles=1, size=64, mul=True))
+    assert (out / "MUL-PanSharpen").is_dir()
+    write_aoi(SynthConfig(out=out, tiles=1, size=64, overwrite=True))
+    assert not (out / "MUL-PanSharpen").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["RGB-PanSharpen", "geojson", "summaryData"]
+    write_aoi(SynthConfig(out=out, tiles=1, size=64, mul=True, overwrite=True))
+    (out / "MUL-PanSharpen" / "notes.txt").write_text("mine")
+    write_aoi(SynthConfig(out=out, tiles=1, size=64, overwrite=True))
+    assert [p.name for p in (out / "MUL-PanSharpen").iterdir()] == ["notes.txt"]
+
+
 def test_an_aoi_already_there_is_refused_or_replaced(tmp_path: Path) -> None:
     out = tmp_path / "aoi"
     write_aoi(SynthConfig(out=out, tiles=3, size=64))
