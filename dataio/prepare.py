@@ -217,6 +217,10 @@ def scan(cfg: PrepareConfig) -> Scan:
     seen: dict[str, Path] = {}
     for raw in cfg.raw:
         img_dir = raw / cfg.product
+        if not raw.is_dir():  # (a typo: "no RGB-PanSharpen/ folder" sent one looking inside)
+            raise ValueError(f"--raw {raw}: "
+                             f"{'not a directory' if raw.exists() else 'no such directory'} "
+                             "(a SpaceNet AOI directory, e.g. AOI_2_Vegas_Train)")
         if not img_dir.is_dir():
             raise ValueError(f"--raw {raw}: no {cfg.product}/ folder (expected the SpaceNet "
                              f"layout, e.g. AOI_2_Vegas_Train/{cfg.product}/*.tif); "

@@ -362,6 +362,19 @@ def test_an_out_that_cannot_be_made_is_one_line(raw: Path, tmp_path: Path,
                                f"{blocker} is not a directory")
 
 
+def test_a_raw_that_is_no_directory_says_so(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in --raw said "no RGB-PanSharpen/ folder (expected the SpaceNet layout ...); RAW
+    holds none of RGB-PanSharpen/, MUL-PanSharpen/", as if the directory were there."""
+    (tmp_path / "file").write_text("")
+    for raw, what in ((tmp_path / "AOI_2_Vegas_Trian", "no such directory"),
+                      (tmp_path / "file", "not a directory")):
+        assert prep.main(["--raw", str(raw), "--out", str(tmp_path / "d"), "--quiet"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"dataio.prepare: error: --raw {raw}: {what} (a SpaceNet AOI directory, e.g. "
+            "AOI_2_Vegas_Train)")
+
+
 def test_an_empty_product_folder_is_named(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A product folder with no .tif (a download that failed, or synth --overwrite without
