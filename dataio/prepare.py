@@ -228,6 +228,13 @@ def scan(cfg: PrepareConfig) -> Scan:
         if (raw / INCOMPLETE_MARKER).exists():
             raise ValueError(f"--raw {raw}: incomplete, dataio.synth did not finish writing it "
                              f"({INCOMPLETE_MARKER} is there); rerun synth with --overwrite")
+        # NOTE: an AOI without labels (SpaceNet's *_Test_public) prepared without --images-only
+        # read and sharded every image, skipped each as "label file missing", and then stopped
+        # on "the training split is empty": minutes of work on a real AOI, and no word of the flag
+        if not cfg.images_only and not (raw / LABEL_DIR).is_dir():
+            raise ValueError(f"--raw {raw}: no {LABEL_DIR}/ folder (the building labels); "
+                             "prepare imagery without labels with --images-only (for "
+                             "trainer.predict)")
         tifs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
         source: dict[str, Any] = {"raw": str(raw), "tiles": len(tifs)}
         if cfg.images_only:  # (main says so in one line)

@@ -362,6 +362,22 @@ def test_an_out_that_cannot_be_made_is_one_line(raw: Path, tmp_path: Path,
                                f"{blocker} is not a directory")
 
 
+def test_an_aoi_without_labels_is_refused_before_any_work_naming_images_only(
+        raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SpaceNet's *_Test_public AOIs have no geojson/: prepared without --images-only, every
+    image was read and sharded, each then skipped as "label file missing", and prepare stopped
+    on "the training split is empty: add tiles or change --split", naming no flag."""
+    aoi = tmp_path / "AOI_2_Vegas_Test_public"
+    shutil.copytree(raw / "RGB-PanSharpen", aoi / "RGB-PanSharpen")
+    assert prep.main(["--raw", str(aoi), "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"dataio.prepare: error: --raw {aoi}: no geojson/buildings/ folder (the building "
+        "labels); prepare imagery without labels with --images-only (for trainer.predict)")
+    assert not (tmp_path / "d").exists()
+    assert prep.main(["--raw", str(aoi), "--out", str(tmp_path / "d"), "--quiet",
+                      "--images-only"]) == 0
+
+
 def test_a_raw_that_is_no_directory_says_so(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """A typo in --raw said "no RGB-PanSharpen/ folder (expected the SpaceNet layout ...); RAW
