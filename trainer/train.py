@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--check", action="store_true",
                    help="only check the config, --data, --run-dir (and that a run there can "
-                        "resume with them) and --nproc, then exit (0 fine, 2 not); the launch "
-                        "scripts run this once before torchrun")
+                        "resume with them), --nproc and that metrics.port is free here, then "
+                        "exit (0 fine, 2 not); the launch scripts run this once before torchrun")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="with --check: the processes torchrun will start on this node (the "
                         "launch scripts' NPROC); more than its GPUs are refused under NCCL")
@@ -136,7 +136,26 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
     _check_init_from(cfg, manifest, args)
     if args.check:
         _check_resume(cfg, manifest, args)
+        _check_metrics_port(cfg)
     return cfg, given, truth
+
+
+def _check_metrics_port(cfg: Config) -> None:
+    """``metrics.port`` can be served on ``metrics.address`` here: bound and let go, as rank 0's
+    endpoint binds it. NOTE: in --check only (the launch scripts, once per node, before
+    torchrun): from rank 0 every rank exits 2 and torchrun restarted the group on it
+    MAX_RESTARTS times (35 s and exit 1 on a tiny run). On several nodes each checks its own:
+    rank 0 may start on any of them."""
+    if cfg.metrics.port == 0:
+        return
+    from trainer.metrics import MetricsError, TrainMetrics
+
+    endpoint = TrainMetrics(dist.DistEnv(), cfg.metrics.port, cfg.metrics.address)
+    try:
+        endpoint.start()
+    except MetricsError as e:
+        raise ConfigError(str(e)) from None
+    endpoint.stop()
 
 
 def _meta_model(cfg: Config, manifest: Manifest) -> torch.nn.Module:

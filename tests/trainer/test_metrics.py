@@ -197,6 +197,30 @@ def test_training_stops_with_the_reason_when_the_port_is_taken(small_dataset, tm
             ["notes.txt"] if run_dir == "existing_with_files" else [])
 
 
+def test_check_refuses_a_port_in_use_before_torchrun(small_dataset: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The launch scripts' --check passed a metrics.port in use (node_exporter's 9100, which the
+    GPU presets take): rank 0 refused it once started, every rank exited 2, and torchrun
+    restarted the group MAX_RESTARTS times on it, exiting 1 (35 s on the tiny preset)."""
+    from trainer.train import main
+
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
+            "--run-dir", str(tmp_path / "run")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main([*argv, "--set", f"metrics.port={port}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"trainer.train: error: metrics port {port} on 127.0.0.1 is already in use; choose "
+        "another with --set metrics.port=N (0 turns the endpoint off)")
+    port = free_port()
+    assert main([*argv, "--set", f"metrics.port={port}"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # let go again, for the run's rank 0
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
                                                             tmp_path: Path) -> None:
     """What dashboards plot besides the step series: the epoch, the learning rate, validation
