@@ -22,7 +22,7 @@ from dataio.classes import NUM_CLASSES
 from models import build_model_from_config
 from postproc.pools import ignore_further_sigint, say
 from trainer import checkpoint as ckpt
-from trainer import dist
+from trainer import dist, runlock
 from trainer.config import (
     Config,
     ConfigError,
@@ -52,9 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--check", action="store_true",
-                   help="only check the config, --data, --run-dir (and that a run there can "
-                        "resume with them), --nproc and that metrics.port is free here, then "
-                        "exit (0 fine, 2 not); the launch scripts run this once before torchrun")
+                   help="only check the config, --data, --run-dir (no other trainer in it, "
+                        "and a run there can resume with these), --nproc and that metrics.port "
+                        "is free here, then exit (0 fine, 2 not); the launch scripts run this "
+                        "once before torchrun")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="with --check: the processes torchrun will start on this node (the "
                         "launch scripts' NPROC); more than its GPUs are refused under NCCL")
@@ -135,6 +136,9 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
     check_writable(args.run_dir / "config.json", "--run-dir", given=args.run_dir)
     _check_init_from(cfg, manifest, args)
     if args.check:
+        # (the refusals rank 0 makes once the group is up: every rank then exited 2 and
+        # torchrun restarted the group on them MAX_RESTARTS times)
+        runlock.check_free(args.run_dir)
         _check_resume(cfg, manifest, args)
         _check_metrics_port(cfg)
     return cfg, given, truth

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import math
@@ -47,12 +46,12 @@ from trainer.dist import (
 from trainer.ema import WeightEMA
 from trainer.metrics import TrainMetrics
 from trainer.optim import apply_hyperparameters, build_optimizer, build_scheduler
+from trainer.runlock import LOCK, in_use, try_lock
 from trainer.validate import GAUGED, Validator, ValTruth
 
 log = logging.getLogger("footprints")
 NUM_CLASSES = 3
 LOG = "log.jsonl"
-LOCK = ".lock"  # held by the trainer using the run directory
 
 
 class NonFiniteError(RuntimeError):
@@ -682,20 +681,15 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         f = open(self.run_dir / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
         try:
-            # NOTE: a POSIX lock (lockf), not flock: it belongs to this process, so the
-            # DataLoader workers forked while training do not hold it after train() returns.
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            f.close()
-            raise ValueError(f"{self.run_dir}: another trainer is using this run directory "
-                             f"({owner}); wait for it or stop it first") from None
+            owner = try_lock(f)
         except OSError as e:  # a file system without locks (some NFS mounts): go on unlocked
             f.close()
             log.warning("%s: cannot lock the run directory (%s); make sure no other trainer "
                         "uses it", self.run_dir / LOCK, e)
             return None
+        if owner is not None:
+            f.close()
+            raise ValueError(in_use(self.run_dir, owner))
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

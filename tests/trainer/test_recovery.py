@@ -201,6 +201,38 @@ def test_resume_removes_temp_files_of_killed_checkpoint_writes_only(
     assert {p.name: p.read_bytes() for p in ckpt.list_checkpoints(run) + [_best(run)]} == before
 
 
+def test_check_refuses_a_run_directory_another_trainer_holds(
+        small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The launch scripts' --check passed a RUN that a running trainer held: rank 0 refused it
+    once the group was up, every rank exited 2, and torchrun restarted the group MAX_RESTARTS
+    times on it (35 s and exit 1 on the tiny preset, from launch/single_node.sh)."""
+    import subprocess
+    import sys
+
+    from trainer.train import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
+            "--run-dir", str(run)]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+         "f.write('pid 4242 on nodeA\\n'); f.flush(); print('locked', flush=True)\n"
+         "time.sleep(120)\n", str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"trainer.train: error: {run}: another trainer is using this run directory "
+            "(pid 4242 on nodeA); wait for it or stop it first")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0  # released: it passes, and took nothing
+    _trainer(small_dataset, run, ["train.epochs=1"]).train()
+
+
 def test_a_second_trainer_on_the_same_run_directory_is_refused(small_dataset: Path,
                                                                tmp_path: Path) -> None:
     """Two trainers in one run directory (a rerun beside a run still going) would interleave
