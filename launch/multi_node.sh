@@ -49,8 +49,11 @@ fi
 # against the GPUs), made once here: torchrun would restart the group on such an error
 # MAX_RESTARTS times, printing it again each time and ending in its ChildFailedError traceback
 # with exit 1 instead of 2.
+# (an elastic job's late node joins a group whose rank 0 holds RUN's lock: --elastic skips it)
+ELASTIC=()
+[[ $NNODES == *:* ]] && ELASTIC=(--elastic)
 "$PYTHON" -m trainer.train --check ${CHECK_NPROC[@]+"${CHECK_NPROC[@]}"} \
-    --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
+    ${ELASTIC[@]+"${ELASTIC[@]}"} --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
 # NOTE: torchrun hung, silently and for ever, on a MASTER_PORT held by something that is not
 # a rendezvous store: its agent, finding the port taken, joins it as a store client, whose
 # handshake waits without a time limit. A store there (another agent of this job) passes.

@@ -59,9 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="with --check: the processes torchrun will start on this node (the "
                         "launch scripts' NPROC); more than its GPUs are refused under NCCL")
+    p.add_argument("--elastic", action="store_true",
+                   help="with --check: this node may join a group already training (torchrun "
+                        "--nnodes MIN:MAX, multi_node.sh's NNODES=MIN:MAX), whose rank 0 holds "
+                        "RUN's lock: that is not checked")
     args = p.parse_args(argv)
     if args.nproc is not None and not args.check:
         p.error("--nproc goes with --check (a torchrun worker checks its LOCAL_WORLD_SIZE)")
+    if args.elastic and not args.check:
+        p.error("--elastic goes with --check")
     return args
 
 
@@ -138,7 +144,8 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
     if args.check:
         # (the refusals rank 0 makes once the group is up: every rank then exited 2 and
         # torchrun restarted the group on them MAX_RESTARTS times)
-        runlock.check_free(args.run_dir)
+        if not args.elastic:  # (a late node of an elastic job finds its own rank 0 there)
+            runlock.check_free(args.run_dir)
         _check_resume(cfg, manifest, args)
         _check_metrics_port(cfg)
     return cfg, given, truth

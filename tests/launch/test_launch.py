@@ -95,6 +95,26 @@ def test_multi_node_hands_torchrun_c10d_and_a_fresh_store_per_round(tmp_path: Pa
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
+@pytest.mark.parametrize(("nnodes", "elastic"), [("2", False), ("2:4", True)])
+def test_multi_node_checks_the_run_lock_unless_a_node_may_join_late(
+        tmp_path: Path, nnodes: str, elastic: bool) -> None:
+    """--check refuses a RUN whose lock a trainer holds; a late node of an elastic job finds the
+    lock held by that job's own rank 0, so its --check must not be refused for it."""
+    _recorder(tmp_path / "torchrun")
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && {{ echo 0; exit; }}\n'
+                      f'echo "$*" >> {tmp_path / "python.log"}\n')
+    python.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2",
+           "PYTHON": str(python), "MASTER_ADDR": "head", "NNODES": nnodes}
+    res = subprocess.run(["bash", str(LAUNCH / "multi_node.sh"), "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    check = [line.split() for line in (tmp_path / "python.log").read_text().splitlines()
+             if "--check" in line.split()]
+    assert len(check) == 1 and ("--elastic" in check[0]) == elastic, check
+
+
 @pytest.mark.parametrize("script", ["launch/single_node.sh", "launch/multi_node.sh"])
 @pytest.mark.parametrize(("gpus", "nproc"), [(3, 3), (0, 2)])
 def test_a_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, script: str, gpus: int,

@@ -226,6 +226,8 @@ def test_check_refuses_a_run_directory_another_trainer_holds(
         assert capsys.readouterr().err.strip() == (
             f"trainer.train: error: {run}: another trainer is using this run directory "
             "(pid 4242 on nodeA); wait for it or stop it first")
+        # a late node of an elastic job (multi_node.sh NNODES=MIN:MAX) finds its own rank 0
+        assert main([*argv, "--elastic"]) == 0
     finally:
         holder.kill()
         holder.wait()
