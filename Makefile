@@ -37,6 +37,8 @@ $(STAMP): pyproject.toml Makefile
 	$(if $(TORCH_INDEX),$(PY) -m pip uninstall --quiet --yes torch)
 	$(PY) -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# (the numba kernels into their cache now, not in a run's first validation or polygonize)
+	OMP_NUM_THREADS=1 $(PY) -m postproc.precompile
 	touch $@
 
 lint: setup
