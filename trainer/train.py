@@ -268,8 +268,9 @@ def _train(args: argparse.Namespace) -> int:
         # failure in the run, which a rerun resumes).
         lost = dist.describe_failure(e, env.rank, "rerun the same command to resume from the "
                                      f"newest complete checkpoint in {args.run_dir}/checkpoints")
-        if lost is None:
-            log.error("%s", e)
+        # NOTE: said once, as every command's last line: a timestamped "[rank N] ERROR" log line
+        # of the same text came before it, so each rank printed its error twice (the other
+        # ranks' lines name the failing rank: "rank N stopped while ...")
         say(f"trainer.train: error: {lost or e}")
         # NOTE: a refusal found once the group is up (the loaders' agreed refusal of a split,
         # a checkpoint of another model or dataset, the metrics port taken) is bad input as

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from trainer_helpers import free_port
+from trainer_helpers import free_port, run, train_args
 
 from trainer import metrics
 from trainer.dist import DistEnv
@@ -195,6 +196,24 @@ def test_training_stops_with_the_reason_when_the_port_is_taken(small_dataset, tm
     else:
         assert sorted(p.name for p in run.iterdir()) == (
             ["notes.txt"] if run_dir == "existing_with_files" else [])
+
+
+@pytest.mark.timeout(120)
+def test_an_error_once_training_has_started_is_said_once(small_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """An error found after the checks (here rank 0's port, bound once the group is up) was
+    printed twice: a timestamped '[rank 0] ERROR ...' log line, then the same text as
+    'trainer.train: error: ...'. (A process of its own: the logger is set up once per process.)"""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = run([sys.executable, *train_args(small_dataset, tmp_path / "run",
+                                               [f"metrics.port={port}"])], timeout=100)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"trainer.train: error: metrics port {port} on 127.0.0.1 is already in use; choose "
+        "another with --set metrics.port=N (0 turns the endpoint off)"], res.stderr
 
 
 def test_check_refuses_a_port_in_use_before_torchrun(small_dataset: Path, tmp_path: Path,
