@@ -66,6 +66,7 @@ from postproc.predio import (
 )
 
 BANDS = CLASS_NAMES  # prob.png's channels (postproc.predio)
+OUT_SUFFIXES = (".tif", ".tiff")  # --out's, in any case (GDAL's own for a GeoTIFF)
 BLOCK_PX = 512  # the COG's tiles (GDAL's default): the unit a viewer reads over HTTP
 # NOTE: the mask inside the TIFF, said here rather than left to the GDAL version's default (an
 # external .msk sidecar in older ones: QGIS would miss it once the file is renamed, and a
@@ -284,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", type=Path, required=True, metavar="PRED",
                    help="directory of pred-*.tar shards (trainer.predict --out)")
     p.add_argument("--out", type=Path, required=True, metavar="AREA.tif",
-                   help="the GeoTIFF (COG) to write; replaced whole at the end")
+                   help="the GeoTIFF (COG) to write, its name ending in .tif or .tiff; "
+                        "replaced whole at the end")
     p.add_argument("--band", choices=BANDS, default=None,
                    help="write this probability alone, one band (default: all three, "
                         "background building boundary, as bands 1-3)")
@@ -303,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     # (lazy: listed only for an --out that exists, which must not be a shard)
     check_writable(args.out, "--out", (("--pred", s) for s in args.pred.glob(SHARD_GLOB)),
                    tmp_extra=TMP_NAME_EXTRA)
+    # NOTE: refused before any work (after check_writable's more particular refusals: a
+    # directory, a shard): a COG written under another name (x.png) was a TIFF that image
+    # viewers, and a GIS going by the suffix, fail to open or misread
+    if args.out.suffix.lower() not in OUT_SUFFIXES:
+        raise ValueError(f"--out {args.out}: the mosaic is a Cloud-Optimized GeoTIFF; give a "
+                         f"name ending in {' or '.join(OUT_SUFFIXES)}")
     shards = list_pred_shards(args.pred)
     layout = scan(shards, args.tolerance)
     bands = [0, 1, 2] if args.band is None else [BANDS.index(args.band)]

@@ -303,6 +303,27 @@ def test_bad_inputs_are_named(area, tmp_path, capsys):
     assert f"{pred / 'pred-000001.tar'}: ImageId 'AOI_9_Twice' also appears in an earlier" in err
 
 
+@pytest.mark.parametrize("name", ["area.png", "area", "area.tif.jpg"])
+def test_an_out_not_named_as_a_geotiff_is_refused_before_the_work(name, area, tmp_path, capsys,
+                                                                  monkeypatch):
+    """(--out x.png wrote the COG under that name: a TIFF that viewers fail to open)"""
+    pred, _ = area
+    monkeypatch.setattr(mosaic, "scan", None)  # (before the first pass)
+    out = tmp_path / name
+    err = _refused(["--pred", str(pred), "--out", str(out)], capsys, out)
+    assert err == (f"error: --out {out}: the mosaic is a Cloud-Optimized GeoTIFF; give a name "
+                   "ending in .tif or .tiff\n")
+
+
+@pytest.mark.parametrize("name", ["area.TIF", "area.tiff"])
+def test_either_geotiff_suffix_in_any_case_is_written(name, area, tmp_path):
+    pred, first = area
+    out = tmp_path / name
+    assert run(["--pred", str(pred), "--out", str(out)]) == 0
+    with rasterio.open(out) as src, rasterio.open(first) as ref:
+        assert src.driver == "GTiff" and np.array_equal(src.read(), ref.read())
+
+
 def test_an_unwritable_out_is_refused_before_the_work(area, tmp_path, capsys, monkeypatch):
     pred, _ = area
     monkeypatch.setattr(mosaic, "iter_raw_samples", None)  # (the work would fail otherwise)
