@@ -236,6 +236,13 @@ def scan(cfg: PrepareConfig) -> Scan:
                              "prepare imagery without labels with --images-only (for "
                              "trainer.predict)")
         tifs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+        # NOTE: refused as a missing product folder is: an AOI among several whose folder held
+        # no .tif (a download that failed, a product folder made but never filled) added 0 tiles
+        # without a word, its absence seen only in the manifest's sources
+        if not tifs:
+            others = "; leave this --raw out to prepare the others" if len(cfg.raw) > 1 else ""
+            raise ValueError(f"--raw {raw}: {img_dir}/ holds no .tif (a download that failed, "
+                             f"or one not unpacked there){others}")
         source: dict[str, Any] = {"raw": str(raw), "tiles": len(tifs)}
         if cfg.images_only:  # (main says so in one line)
             source["labels_ignored"] = (raw / LABEL_DIR).is_dir()
@@ -290,14 +297,9 @@ def scan(cfg: PrepareConfig) -> Scan:
             label = None if cfg.images_only else label_path(raw, iid)
             headers.append(_Header(Tile(iid, tif, label), count, dtype, height, width,
                                    invertible, source))
-    if not headers:
-        # NOTE: with no tile skipped there was no .tif to read at all (an unpacked download
-        # that failed, a product folder made but never filled): say where none was found
-        empty = [f"{raw / cfg.product}/ holds no .tif" for raw, src in
-                 zip(cfg.raw, result.sources, strict=True) if src["tiles"] == 0]
+    if not headers:  # (every --raw holds a .tif: each was skipped)
         raise ValueError(f"no usable tiles in {', '.join(map(str, cfg.raw))}"
-                         f"{first_skip(result.skipped)}{'; ' if empty else ''}"
-                         f"{'; '.join(empty)}")
+                         f"{first_skip(result.skipped)}")
     # NOTE: the model takes one band count, and the normalisation pools one radiometry (an
     # 8-bit tile among 11-bit ones would drag the percentiles down and come out nearly black);
     # the majority decides each and odd tiles are skipped.

@@ -401,7 +401,25 @@ def test_an_empty_product_folder_is_named(tmp_path: Path,
     (raw / "geojson" / "buildings").mkdir(parents=True)
     assert prep.main(["--raw", str(raw), "--out", str(tmp_path / "d"), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"dataio.prepare: error: no usable tiles in {raw}; {raw}/RGB-PanSharpen/ holds no .tif")
+        f"dataio.prepare: error: --raw {raw}: {raw}/RGB-PanSharpen/ holds no .tif (a download "
+        "that failed, or one not unpacked there)")
+
+
+def test_an_empty_product_folder_beside_another_aoi_is_refused(
+        raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An AOI among several whose product folder held no .tif added 0 tiles without a word (the
+    manifest's sources alone said 'tiles: 0'), where one without the folder is refused."""
+    empty = tmp_path / "AOI_9_Empty"
+    (empty / "RGB-PanSharpen").mkdir(parents=True)
+    (empty / "geojson" / "buildings").mkdir(parents=True)
+    out = tmp_path / "d"
+    assert prep.main(["--raw", str(raw), "--raw", str(empty), "--out", str(out),
+                      "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"dataio.prepare: error: --raw {empty}: {empty}/RGB-PanSharpen/ holds no .tif (a "
+        "download that failed, or one not unpacked there); leave this --raw out to prepare "
+        "the others")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "error"])
