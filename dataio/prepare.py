@@ -539,6 +539,11 @@ def _bounded_map(fn: Callable[[Tile], dict[str, Any]], items: Iterable[Tile],
         close_pool(pool)
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` with ``noun``, plural unless one ("1 image", "16 chips")."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _workers_said(workers: int) -> str:
     """How the summary line names the pool: 0 and 1 both read every tile in this process."""
     return f"{workers} workers" if workers > 1 else "in this process"
@@ -931,15 +936,18 @@ def main(argv: list[str] | None = None) -> int:
         chips = sum(src["chips"] for src in m["sources"])
         images = sum(src["images_chipped"] for src in m["sources"])
         empty = sum(src["chips_empty"] for src in m["sources"])
-        chipped = (f"; {images} images cut into {chips} chips of {cfg.chip_size} px, "
-                   f"{cfg.chip_margin} px margin"
+        chipped = (f"; {_count(images, 'image')} cut into {_count(chips, 'chip')} of "
+                   f"{cfg.chip_size} px, {cfg.chip_margin} px margin"
                    f"{f', {empty} all nodata left out' if empty else ''}")
     product = ("" if cfg.product == DEFAULT_PRODUCT else
                f"; {cfg.product}, {m['bands']} bands")  # (the default's line as before)
-    print(f"prepared {n} tiles into {cfg.out} ({counts}{product}"
+    # NOTE: with --chip-size a sample is a chip or a whole image, not a tile of the AOI: the
+    # line said "prepared 16 tiles" of 1 image cut into 16 chips
+    unit = "tile" if cfg.chip_size is None else "sample"
+    print(f"prepared {_count(n, unit)} into {cfg.out} ({counts}{product}"
           f"{'; images only, no labels' if cfg.images_only else ''}{chipped}) in "
           f"{m['seconds']:.1f}s "
-          f"({n / max(m['seconds'], 1e-9):.1f} tiles/s, {_workers_said(cfg.workers)}); "
+          f"({n / max(m['seconds'], 1e-9):.1f} {unit}s/s, {_workers_said(cfg.workers)}); "
           f"skipped {len(m['skipped'])}")
     for s in m["skipped"][:10]:
         print(f"  skipped {s['path']}: {s['reason']}")

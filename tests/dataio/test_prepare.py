@@ -311,6 +311,22 @@ def test_a_pool_workers_modules_do_not_load_torch(module: str) -> None:
     assert out.stdout.strip() == "[]", f"importing {module} loads {out.stdout.strip()}"
 
 
+def test_the_summary_line_says_one_tile_in_the_singular(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """(it said "prepared 1 tiles")"""
+    from dataio.prepare import main
+    from dataio.synth import SynthConfig, write_aoi
+
+    raw = tmp_path / "raw"
+    write_aoi(SynthConfig(out=raw, tiles=1, size=64))
+    out = tmp_path / "o"
+    assert main(["--raw", str(raw), "--out", str(out), "--quiet", "--split", "100,0,0",
+                 "--workers", "1"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(f"prepared 1 tile into {out} (train 1, val 0, test 0) in "), line
+    assert re.search(r" tiles/s, in this process\); skipped 0$", line), line
+
+
 @pytest.mark.parametrize(("workers", "said"), [("0", "in this process"),
                                                ("1", "in this process"), ("2", "2 workers")])
 def test_the_summary_line_says_how_the_tiles_were_read(

@@ -107,7 +107,11 @@ def test_a_scene_is_cut_into_chips_on_its_grid(raw: Path, tmp_path: Path,
                          str(N), "--workers", "2", "--shard-size", "4"]) == 0
     said = capsys.readouterr()
     assert "5/5" in said.err and "chip" in said.err  # the bar: 4 chips and the small image
-    assert "1 images cut into 4 chips of 128 px, 64 px margin" in said.out
+    # (it said "prepared 5 tiles ... 1 images cut into 4 chips ... tiles/s": the samples, 4
+    # chips and the small image whole, counted as tiles of the AOI, which has 2)
+    assert said.out.startswith(f"prepared 5 samples into {out} ("), said.out
+    assert "; 1 image cut into 4 chips of 128 px, 64 px margin)" in said.out
+    assert " samples/s, 2 workers); skipped 0" in said.out
     m = load_manifest(out)
     assert m.samples("test") == 5 and len(m.shards("test")) == 2 and not m.labels
     assert all(check_shard(out / "test", info) is None for info in m.shards("test"))
@@ -282,7 +286,7 @@ def test_a_chip_all_nodata_is_left_out_and_counted(how: str, tmp_path: Path,
                **({"nodata": 0} if how == "nodata" else
                   {"mask": np.zeros((90, N + 1), np.uint8), "external": external}))
     m = _run(raw, tmp_path / "d", "--chip-size", str(N))
-    assert "1 images cut into 4 chips of 128 px, 64 px margin, 1 all nodata left out" in \
+    assert "1 image cut into 4 chips of 128 px, 64 px margin, 1 all nodata left out" in \
         capsys.readouterr().out
     assert sorted(_samples(tmp_path / "d")) == sorted(
         [f"{SCENE}_r0_c0", f"{SCENE}_r0_c128", f"{SCENE}_r128_c128", "AOI_9_Small_img1"])
