@@ -115,6 +115,26 @@ def test_multi_node_checks_the_run_lock_unless_a_node_may_join_late(
     assert len(check) == 1 and ("--elastic" in check[0]) == elastic, check
 
 
+@pytest.mark.parametrize(("nnodes", "several"), [("1", False), ("2", True), ("1:3", True)])
+def test_multi_node_tells_the_check_when_rank_0_may_start_on_another_node(
+        tmp_path: Path, nnodes: str, several: bool) -> None:
+    """Every node gets the same --set metrics.address (one node's cluster address): the other
+    nodes' --check must leave it to that node (--multi-node), where rank 0 serves it."""
+    _recorder(tmp_path / "torchrun")
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && {{ echo 0; exit; }}\n'
+                      f'echo "$*" >> {tmp_path / "python.log"}\n')
+    python.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2",
+           "PYTHON": str(python), "MASTER_ADDR": "head", "NNODES": nnodes}
+    res = subprocess.run(["bash", str(LAUNCH / "multi_node.sh"), "cfg.toml", "DATA", "RUN"],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    check = [line.split() for line in (tmp_path / "python.log").read_text().splitlines()
+             if "--check" in line.split()]
+    assert len(check) == 1 and ("--multi-node" in check[0]) == several, check
+
+
 @pytest.mark.parametrize("script", ["launch/single_node.sh", "launch/multi_node.sh"])
 @pytest.mark.parametrize(("gpus", "nproc"), [(3, 3), (0, 2)])
 def test_a_node_starts_one_process_per_gpu_torch_sees(tmp_path: Path, script: str, gpus: int,

@@ -240,6 +240,33 @@ def test_check_refuses_a_port_in_use_before_torchrun(small_dataset: Path, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_check_on_several_nodes_leaves_another_nodes_address_to_it(
+        small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """metrics.address set to one node's cluster address (the config's advice for a scrape from
+    another machine), which multi_node.sh hands every node: each other node's --check could not
+    bind it ('Cannot assign requested address') and stopped its node before torchrun, exit 2,
+    so the job never started, where rank 0 serves it on the node that has it. On one node
+    (single_node.sh) rank 0 starts here: still refused."""
+    from trainer.train import main
+
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
+            "--run-dir", str(tmp_path / "run"), "--set", f"metrics.port={free_port()}",
+            "--set", "metrics.address=192.0.2.1"]  # (TEST-NET-1, RFC 5737: no host's)
+    assert main([*argv, "--multi-node"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(
+        "trainer.train: error: cannot serve metrics on 192.0.2.1:")
+    # a port in use here is refused on several nodes too (rank 0 may start on any)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main([*argv, "--set", f"metrics.port={port}", "--set",
+                     "metrics.address=127.0.0.1", "--multi-node"]) == 2
+    assert "is already in use" in capsys.readouterr().err
+
+
 def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
                                                             tmp_path: Path) -> None:
     """What dashboards plot besides the step series: the epoch, the learning rate, validation
