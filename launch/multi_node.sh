@@ -49,11 +49,14 @@ fi
 # against the GPUs), made once here: torchrun would restart the group on such an error
 # MAX_RESTARTS times, printing it again each time and ending in its ChildFailedError traceback
 # with exit 1 instead of 2.
-# (an elastic job's late node joins a group whose rank 0 holds RUN's lock: --elastic skips it)
-ELASTIC=()
-[[ $NNODES == *:* ]] && ELASTIC=(--elastic)
+# (an elastic job's late node joins a group whose rank 0 holds RUN's lock: --elastic skips it;
+# on more than one node rank 0 may start on another, which has the metrics.address this one
+# may lack: --multi-node)
+CHECK_NODES=()
+[[ $NNODES == *:* ]] && CHECK_NODES=(--elastic)
+(( 10#${NNODES#*:} > 1 )) && CHECK_NODES+=(--multi-node)
 "$PYTHON" -m trainer.train --check ${CHECK_NPROC[@]+"${CHECK_NPROC[@]}"} \
-    ${ELASTIC[@]+"${ELASTIC[@]}"} --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
+    ${CHECK_NODES[@]+"${CHECK_NODES[@]}"} --config "$CONFIG" --data "$DATA" --run-dir "$RUN" "$@"
 # NOTE: torchrun hung, silently and for ever, on a MASTER_PORT held by something that is not
 # a rendezvous store: its agent, finding the port taken, joins it as a store client, whose
 # handshake waits without a time limit. A store there (another agent of this job) passes.

@@ -29,6 +29,10 @@ class MetricsError(RuntimeError):
 
     refusal = True  # a setting to change, not a failure of the run (trainer.dist.refusal)
 
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # the bind's (EADDRNOTAVAIL: an address this host does not have)
+
 
 @dataclass
 class _Buffer:
@@ -95,7 +99,8 @@ class TrainMetrics:
                 raise MetricsError(f"metrics port {self.port} on {self.address} is already in "
                                    "use; choose another with --set metrics.port=N "
                                    "(0 turns the endpoint off)") from None
-            raise MetricsError(f"cannot serve metrics on {self.address}:{self.port}: {e}") from None
+            raise MetricsError(f"cannot serve metrics on {self.address}:{self.port}: {e}",
+                               e.errno) from None
         log.info("metrics on http://%s:%d/metrics", self.address, self.port)
 
     def stop(self) -> None:

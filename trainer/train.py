@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -63,11 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --check: this node may join a group already training (torchrun "
                         "--nnodes MIN:MAX, multi_node.sh's NNODES=MIN:MAX), whose rank 0 holds "
                         "RUN's lock: that is not checked")
+    p.add_argument("--multi-node", action="store_true",
+                   help="with --check: torchrun starts the job on more than one node "
+                        "(multi_node.sh's NNODES above 1): a metrics.address this node does not "
+                        "have is left to the node that has it, where rank 0 serves it")
     args = p.parse_args(argv)
     if args.nproc is not None and not args.check:
         p.error("--nproc goes with --check (a torchrun worker checks its LOCAL_WORLD_SIZE)")
-    if args.elastic and not args.check:
-        p.error("--elastic goes with --check")
+    for flag in ("elastic", "multi_node"):
+        if getattr(args, flag) and not args.check:
+            p.error(f"--{flag.replace('_', '-')} goes with --check")
     return args
 
 
@@ -147,16 +153,17 @@ def check(args: argparse.Namespace) -> tuple[Config, dict[str, Any], ValTruth | 
         if not args.elastic:  # (a late node of an elastic job finds its own rank 0 there)
             runlock.check_free(args.run_dir)
         _check_resume(cfg, manifest, args)
-        _check_metrics_port(cfg)
+        _check_metrics_port(cfg, args.multi_node)
     return cfg, given, truth
 
 
-def _check_metrics_port(cfg: Config) -> None:
+def _check_metrics_port(cfg: Config, multi_node: bool = False) -> None:
     """``metrics.port`` can be served on ``metrics.address`` here: bound and let go, as rank 0's
     endpoint binds it. NOTE: in --check only (the launch scripts, once per node, before
     torchrun): from rank 0 every rank exits 2 and torchrun restarted the group on it
-    MAX_RESTARTS times (35 s and exit 1 on a tiny run). On several nodes each checks its own:
-    rank 0 may start on any of them."""
+    MAX_RESTARTS times (35 s and exit 1 on a tiny run). On several nodes (``multi_node``)
+    each checks its own port, since rank 0 may start on any of them, but not an address it
+    lacks: that one is another node's, where rank 0 serves it."""
     if cfg.metrics.port == 0:
         return
     from trainer.metrics import MetricsError, TrainMetrics
@@ -165,6 +172,11 @@ def _check_metrics_port(cfg: Config) -> None:
     try:
         endpoint.start()
     except MetricsError as e:
+        # NOTE: metrics.address set to one node's cluster address (MetricsConfig's advice for a
+        # scrape from elsewhere) reaches every node of multi_node.sh: each other node refused
+        # it here ("Cannot assign requested address") and the job never started
+        if multi_node and e.errno == errno.EADDRNOTAVAIL:
+            return
         raise ConfigError(str(e)) from None
     endpoint.stop()
 
