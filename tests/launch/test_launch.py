@@ -213,6 +213,23 @@ def test_slurm_runs_one_torchrun_per_node_against_the_first_node(tmp_path: Path)
         "--kill-on-bad-exit=0", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32"]
 
 
+@pytest.mark.parametrize(("nnodes", "several"), [("1", False), ("2", True)])
+def test_slurm_tells_the_check_when_rank_0_may_start_on_another_node(
+        tmp_path: Path, nnodes: str, several: bool) -> None:
+    """--check runs on the batch host alone, and rank 0 may start on another node (torchrun
+    ranks the nodes by host name, not by the node list): a metrics.address that is that node's
+    must not stop the job there (--multi-node, as multi_node.sh)."""
+    cmd, env = _slurm_job(tmp_path, nnodes=nnodes)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && {{ echo 0; exit; }}\n'
+                      f'echo "$*" >> {tmp_path / "python.log"}\n')
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    check = [line.split() for line in (tmp_path / "python.log").read_text().splitlines()
+             if "--check" in line.split()]
+    assert len(check) == 1 and ("--multi-node" in check[0]) == several, check
+
+
 def test_slurm_starts_one_torchrun_a_node_in_a_job_of_a_task_a_gpu(tmp_path: Path) -> None:
     """#SBATCH --ntasks-per-node=4 (a task a GPU, as Lightning and srun-launched scripts want
     it): srun took the job's 8 tasks and started 4 torchruns, each of 4 workers, on a node. With
