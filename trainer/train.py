@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "RUN's lock: that is not checked")
     p.add_argument("--multi-node", action="store_true",
                    help="with --check: torchrun starts the job on more than one node "
-                        "(multi_node.sh's NNODES above 1): a metrics.address this node does not "
-                        "have is left to the node that has it, where rank 0 serves it")
+                        "(multi_node.sh's NNODES above 1, slurm.sbatch's nodes): a metrics.address "
+                        "this node does not have is left to the node that has it")
     args = p.parse_args(argv)
     if args.nproc is not None and not args.check:
         p.error("--nproc goes with --check (a torchrun worker checks its LOCAL_WORLD_SIZE)")
