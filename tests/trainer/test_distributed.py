@@ -470,6 +470,25 @@ def test_a_failed_checkpoint_write_stops_every_rank_with_the_reason(small_datase
     assert "Connection closed by peer" not in res.stderr and "GLOO" not in res.stderr.upper()
 
 
+@pytest.mark.timeout(240)
+def test_a_ranks_own_failure_names_the_rank_when_a_restart_mends_it(small_dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    """A failure of one rank that no collective agrees on (a CUDA out-of-memory error in its
+    step): its line was the only record of which rank failed, once 2e08484 dropped the
+    '[rank N] ERROR' log line, and it named none. The survivor's line says 'the peer's own log
+    says why it stopped', and after a restart that mends it torchrun prints no summary naming
+    the rank; the Slurm output of a run of many ranks said the error without whose it was."""
+    args = train_args(small_dataset, tmp_path / "run", ["train.epochs=1", "train.val_every=0",
+                                                        "data.num_threads=1"])
+    args[:2] = [str(REPO / "tests" / "trainer" / "step_fail_worker.py")]
+    res = run(torchrun_cmd(2, args, max_restarts=1), timeout=200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # (after rank 0's progress bar, on its line: the ranks share one stderr)
+    said = re.findall(r"trainer\.train: error: [^\r\n]*CUDA out of memory[^\r\n]*", res.stderr)
+    assert said == ["trainer.train: error: rank 1: CUDA out of memory. Tried to allocate "
+                    "2.00 GiB"], res.stderr[-3000:]
+
+
 @pytest.mark.timeout(150)
 def test_a_failure_in_one_ranks_validation_stops_every_rank_with_the_reason(
         small_dataset: Path, tmp_path: Path) -> None:
