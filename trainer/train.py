@@ -283,7 +283,13 @@ def _train(args: argparse.Namespace) -> int:
         # NOTE: said once, as every command's last line: a timestamped "[rank N] ERROR" log line
         # of the same text came before it, so each rank printed its error twice (the other
         # ranks' lines name the failing rank: "rank N stopped while ...")
-        say(f"trainer.train: error: {lost or e}")
+        # NOTE: with several ranks a rank's own error names it, as that log line did: one that
+        # no collective agreed on (an out-of-memory error in its step) left the survivors
+        # saying "a peer rank left ... (the peer's own log says why it stopped)" and, after a
+        # restart that mended it, no torchrun summary naming the rank
+        own = (f"rank {env.rank}: {e}" if env.world_size > 1
+               and not isinstance(e, dist.RankError) else str(e))
+        say(f"trainer.train: error: {lost or own}")
         # NOTE: a refusal found once the group is up (the loaders' agreed refusal of a split,
         # a checkpoint of another model or dataset, the metrics port taken) is bad input as
         # the checks before it are: exit 2 on every rank (RankError carries it), where it was 1

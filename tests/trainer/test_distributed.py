@@ -464,8 +464,9 @@ def test_a_failed_checkpoint_write_stops_every_rank_with_the_reason(small_datase
     assert res.returncode != 0
     assert "rank 0 stopped while writing a checkpoint: OSError: [Errno 28] No space left on " \
            "device" in res.stderr, res.stderr[-3000:]
-    # rank 0's own error, once (it was a '[rank 0] ERROR ...' log line too)
-    assert res.stderr.count("trainer.train: error: [Errno 28] No space left on device") == 1
+    # rank 0's own error, once, naming it (it was a '[rank 0] ERROR ...' log line too)
+    assert res.stderr.count("trainer.train: error: rank 0: [Errno 28] No space left on "
+                            "device") == 1, res.stderr[-3000:]
     assert "] ERROR " not in res.stderr, res.stderr[-3000:]
     assert "Connection closed by peer" not in res.stderr and "GLOO" not in res.stderr.upper()
 
