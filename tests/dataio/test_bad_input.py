@@ -405,6 +405,21 @@ def test_an_empty_product_folder_is_named(tmp_path: Path,
         "that failed, or one not unpacked there)")
 
 
+def test_an_empty_product_folder_without_labels_is_named_before_the_labels(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A download that failed before its images and labels were unpacked (RGB-PanSharpen/ made,
+    empty, no geojson/) was refused for its labels, advising --images-only, which then only
+    led to "holds no .tif": the empty product folder is what to fix, with or without labels."""
+    raw = tmp_path / "AOI"
+    (raw / "RGB-PanSharpen").mkdir(parents=True)
+    for flags in ([], ["--images-only"]):
+        assert prep.main(["--raw", str(raw), "--out", str(tmp_path / "d"), "--quiet",
+                          *flags]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"dataio.prepare: error: --raw {raw}: {raw}/RGB-PanSharpen/ holds no .tif (a "
+            "download that failed, or one not unpacked there)"), flags
+
+
 def test_an_empty_product_folder_beside_another_aoi_is_refused(
         raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An AOI among several whose product folder held no .tif added 0 tiles without a word (the
