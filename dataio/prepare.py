@@ -228,6 +228,15 @@ def scan(cfg: PrepareConfig) -> Scan:
         if (raw / INCOMPLETE_MARKER).exists():
             raise ValueError(f"--raw {raw}: incomplete, dataio.synth did not finish writing it "
                              f"({INCOMPLETE_MARKER} is there); rerun synth with --overwrite")
+        tifs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+        # NOTE: refused as a missing product folder is: an AOI among several whose folder held
+        # no .tif (a download that failed, a product folder made but never filled) added 0 tiles
+        # without a word, its absence seen only in the manifest's sources. Before the labels'
+        # check: an empty download has no geojson/ either, and --images-only would not mend it.
+        if not tifs:
+            others = "; leave this --raw out to prepare the others" if len(cfg.raw) > 1 else ""
+            raise ValueError(f"--raw {raw}: {img_dir}/ holds no .tif (a download that failed, "
+                             f"or one not unpacked there){others}")
         # NOTE: an AOI without labels (SpaceNet's *_Test_public) prepared without --images-only
         # read and sharded every image, skipped each as "label file missing", and then stopped
         # on "the training split is empty": minutes of work on a real AOI, and no word of the flag
@@ -235,14 +244,6 @@ def scan(cfg: PrepareConfig) -> Scan:
             raise ValueError(f"--raw {raw}: no {LABEL_DIR}/ folder (the building labels); "
                              "prepare imagery without labels with --images-only (for "
                              "trainer.predict)")
-        tifs = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
-        # NOTE: refused as a missing product folder is: an AOI among several whose folder held
-        # no .tif (a download that failed, a product folder made but never filled) added 0 tiles
-        # without a word, its absence seen only in the manifest's sources
-        if not tifs:
-            others = "; leave this --raw out to prepare the others" if len(cfg.raw) > 1 else ""
-            raise ValueError(f"--raw {raw}: {img_dir}/ holds no .tif (a download that failed, "
-                             f"or one not unpacked there){others}")
         source: dict[str, Any] = {"raw": str(raw), "tiles": len(tifs)}
         if cfg.images_only:  # (main says so in one line)
             source["labels_ignored"] = (raw / LABEL_DIR).is_dir()
