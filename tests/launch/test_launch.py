@@ -95,11 +95,9 @@ def test_multi_node_hands_torchrun_c10d_and_a_fresh_store_per_round(tmp_path: Pa
     assert got["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
-@pytest.mark.parametrize(("nnodes", "elastic"), [("2", False), ("2:4", True)])
-def test_multi_node_checks_the_run_lock_unless_a_node_may_join_late(
-        tmp_path: Path, nnodes: str, elastic: bool) -> None:
-    """--check refuses a RUN whose lock a trainer holds; a late node of an elastic job finds the
-    lock held by that job's own rank 0, so its --check must not be refused for it."""
+def _multi_node_check(tmp_path: Path, nnodes: str) -> list[str]:
+    """The arguments of the one ``trainer.train --check`` that multi_node.sh runs with
+    ``NNODES=nnodes`` (python and torchrun recorded, not run)."""
     _recorder(tmp_path / "torchrun")
     python = tmp_path / "python"
     python.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && {{ echo 0; exit; }}\n'
@@ -112,7 +110,16 @@ def test_multi_node_checks_the_run_lock_unless_a_node_may_join_late(
     assert res.returncode == 0, res.stderr
     check = [line.split() for line in (tmp_path / "python.log").read_text().splitlines()
              if "--check" in line.split()]
-    assert len(check) == 1 and ("--elastic" in check[0]) == elastic, check
+    assert len(check) == 1, check
+    return check[0]
+
+
+@pytest.mark.parametrize(("nnodes", "elastic"), [("2", False), ("2:4", True)])
+def test_multi_node_checks_the_run_lock_unless_a_node_may_join_late(
+        tmp_path: Path, nnodes: str, elastic: bool) -> None:
+    """--check refuses a RUN whose lock a trainer holds; a late node of an elastic job finds the
+    lock held by that job's own rank 0, so its --check must not be refused for it."""
+    assert ("--elastic" in _multi_node_check(tmp_path, nnodes)) == elastic
 
 
 @pytest.mark.parametrize(("nnodes", "several"), [("1", False), ("2", True), ("1:3", True)])
@@ -120,19 +127,7 @@ def test_multi_node_tells_the_check_when_rank_0_may_start_on_another_node(
         tmp_path: Path, nnodes: str, several: bool) -> None:
     """Every node gets the same --set metrics.address (one node's cluster address): the other
     nodes' --check must leave it to that node (--multi-node), where rank 0 serves it."""
-    _recorder(tmp_path / "torchrun")
-    python = tmp_path / "python"
-    python.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && {{ echo 0; exit; }}\n'
-                      f'echo "$*" >> {tmp_path / "python.log"}\n')
-    python.chmod(0o755)
-    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "2",
-           "PYTHON": str(python), "MASTER_ADDR": "head", "NNODES": nnodes}
-    res = subprocess.run(["bash", str(LAUNCH / "multi_node.sh"), "cfg.toml", "DATA", "RUN"],
-                         capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    check = [line.split() for line in (tmp_path / "python.log").read_text().splitlines()
-             if "--check" in line.split()]
-    assert len(check) == 1 and ("--multi-node" in check[0]) == several, check
+    assert ("--multi-node" in _multi_node_check(tmp_path, nnodes)) == several
 
 
 @pytest.mark.parametrize("script", ["launch/single_node.sh", "launch/multi_node.sh"])

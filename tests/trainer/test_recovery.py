@@ -7,9 +7,13 @@ it, as nothing runs after a SIGKILL); the restart is a new Trainer on the same r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,20 +205,10 @@ def test_resume_removes_temp_files_of_killed_checkpoint_writes_only(
     assert {p.name: p.read_bytes() for p in ckpt.list_checkpoints(run) + [_best(run)]} == before
 
 
-def test_check_refuses_a_run_directory_another_trainer_holds(
-        small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The launch scripts' --check passed a RUN that a running trainer held: rank 0 refused it
-    once the group was up, every rank exited 2, and torchrun restarted the group MAX_RESTARTS
-    times on it (35 s and exit 1 on the tiny preset, from launch/single_node.sh)."""
-    import subprocess
-    import sys
-
-    from trainer.train import main
-
-    run = tmp_path / "run"
-    run.mkdir()
-    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
-            "--run-dir", str(run)]
+@contextlib.contextmanager
+def _lock_held(run: Path) -> Iterator[None]:
+    """Inside, another process holds ``run``'s lock as a running trainer would (its text: "pid
+    4242 on nodeA")."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time\n"
          "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
@@ -222,15 +216,30 @@ def test_check_refuses_a_run_directory_another_trainer_holds(
          "time.sleep(120)\n", str(run / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_check_refuses_a_run_directory_another_trainer_holds(
+        small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The launch scripts' --check passed a RUN that a running trainer held: rank 0 refused it
+    once the group was up, every rank exited 2, and torchrun restarted the group MAX_RESTARTS
+    times on it (35 s and exit 1 on the tiny preset, from launch/single_node.sh)."""
+    from trainer.train import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = ["--check", "--config", "configs/tiny.toml", "--data", str(small_dataset),
+            "--run-dir", str(run)]
+    with _lock_held(run):
         assert main(argv) == 2
         assert capsys.readouterr().err.strip() == (
             f"trainer.train: error: {run}: another trainer is using this run directory "
             "(pid 4242 on nodeA); wait for it or stop it first")
         # a late node of an elastic job (multi_node.sh NNODES=MIN:MAX) finds its own rank 0
         assert main([*argv, "--elastic"]) == 0
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(argv) == 0  # released: it passes, and took nothing
     _trainer(small_dataset, run, ["train.epochs=1"]).train()
 
@@ -239,25 +248,13 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(small_dataset: Pa
                                                                tmp_path: Path) -> None:
     """Two trainers in one run directory (a rerun beside a run still going) would interleave
     their checkpoints and log lines."""
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen(  # another process, as the running trainer would be
-        [sys.executable, "-c", "import fcntl, sys, time\n"
-         "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
-         "f.write('pid 4242 on nodeA\\n'); f.flush(); print('locked', flush=True)\n"
-         "time.sleep(120)\n", str(run / ".lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with _lock_held(run):
         with pytest.raises(ValueError, match=r"another trainer is using this run directory "
                                              r"\(pid 4242 on nodeA\)"):
             _trainer(small_dataset, run, ["train.epochs=1"]).train()
         assert not ckpt.list_checkpoints(run) and not (run / "log.jsonl").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     _trainer(small_dataset, run, ["train.epochs=1"]).train()  # released: it runs
     # a later trainer in this process, after one whose torch DataLoader workers (forked while
     # it held the lock) are still alive: they must not hold the lock (flock's were inherited)
