@@ -364,7 +364,7 @@ def _walk(fileobj: Any, shard: Path, read: frozenset[str]
     two, written apart, had to be given the damaged-header check (:func:`_check_ended`) each."""
     # NOTE: an OSError here (EIO reading the tail) is the input's, as in the walk below: it left
     # as a bare "[Errno 5] Input/output error" naming no shard, and inside a command's writing()
-    # (polygonize reads its shards while its CSV is open) it became the output's, exit 1
+    # (merge reads the shards' metadata while its output is open) it became the output's, exit 1
     try:
         _check_complete(fileobj, shard)
         start = fileobj.tell()

@@ -249,9 +249,9 @@ def run(shards: list[Path], out_csv: Path, cfg: PolygonizeConfig, geojson_dir: P
     seen: set[str] = set()
     stream = shard_results(mine, cfg, staging, pool, workers)
     try:
-        # (the inputs' readers raise PredError: an OSError here is the outputs', the CSV's commit
-        # at the end of this block included)
-        with writing(), contextlib.ExitStack() as stack:
+        # (each output step below is inside writing() itself: on rank 0, within on_main, so that
+        # the error relayed to the other ranks is a WriteError too; the shards are read outside)
+        with contextlib.ExitStack() as stack:
             def create() -> Any:
                 with writing():
                     f = stack.enter_context(atomic_open(out_csv, "w", encoding="utf-8",

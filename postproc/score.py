@@ -408,8 +408,11 @@ def _report(args: argparse.Namespace, cfg: ScoreConfig, result: ScoreResult, ima
                min_truth_area=cfg.min_truth_area, repaired_polygons=result.repaired)
     from dataio.atomic import atomic_write_text, writing
 
-    # NOTE: the report's writes inside writing(): a full disk under stdout (> report.txt) is a
-    # failure of the run, exit 1 (on every rank: relayed as a WriteError), not bad input (2)
+    # NOTE: inside writing(): a full disk under stdout (> report.txt) or at --json is a failure
+    # of the run, exit 1 (on every rank: relayed as a WriteError), not bad input (2); --json's
+    # path was checked up front. Flushed here, in the agreed report (on_main): a buffered stdout
+    # (no -u: torchrun --no-python python -m ...) met a closed pipe only at the end, after the
+    # process group, and rank 0 alone exited 1
     with writing():
         print(f"F1 {result.f1:.4f}  precision {result.precision:.4f}  "
               f"recall {result.recall:.4f}  TP {result.tp}  FP {result.fp}  FN {result.fn}  "
@@ -421,13 +424,8 @@ def _report(args: argparse.Namespace, cfg: ScoreConfig, result: ScoreResult, ima
                       f"({a['images']} images)")
             print(f"mean of the AOIs' F1s {out['aoi_mean_f1']:.4f} (how the SpaceNet-2 "
                   "contest combined its cities)")
-    if args.json is not None:
-        with writing():  # (a full disk: exit 1; a path that cannot be used was refused up front)
+        if args.json is not None:
             atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
-    # NOTE: flushed here, in the agreed report (on_main): a buffered stdout (no -u: torchrun
-    # --no-python python -m ...) met a closed pipe only at the end, after the process group,
-    # and rank 0 alone exited 1
-    with writing():
         sys.stdout.flush()
     return out
 
