@@ -101,6 +101,7 @@ def exit_code_for(error: BaseException, oserror_refuses: bool = True) -> int:
     disk = WriteError.__name__ in kinds
     return 2 if refusal(error) or (oserror_refuses and "OSError" in kinds and not disk) else 1
 
+
 def exit_codes_help(refused: str, failed: str) -> str:
     """A command's ``--help`` epilog for :func:`exit_code_for`'s contract; ``refused`` and
     ``failed`` say what gives 2 and 1 in that command (one text: train's and predict's differed

@@ -280,13 +280,11 @@ def _train(args: argparse.Namespace) -> int:
         # failure in the run, which a rerun resumes).
         lost = dist.describe_failure(e, env.rank, "rerun the same command to resume from the "
                                      f"newest complete checkpoint in {args.run_dir}/checkpoints")
-        # NOTE: said once, as every command's last line: a timestamped "[rank N] ERROR" log line
-        # of the same text came before it, so each rank printed its error twice (the other
-        # ranks' lines name the failing rank: "rank N stopped while ...")
-        # NOTE: with several ranks a rank's own error names it, as that log line did: one that
-        # no collective agreed on (an out-of-memory error in its step) left the survivors
-        # saying "a peer rank left ... (the peer's own log says why it stopped)" and, after a
-        # restart that mended it, no torchrun summary naming the rank
+        # NOTE: said once, as every command's last line (a timestamped "[rank N] ERROR" log
+        # line of the same text came before it), and with several ranks naming this one, as
+        # that log line did: an error no collective agreed on (an out-of-memory error in its
+        # step) left the survivors saying "a peer rank left ... (the peer's own log says why
+        # it stopped)" and, after a restart that mended it, no torchrun summary naming the rank
         own = (f"rank {env.rank}: {e}" if env.world_size > 1
                and not isinstance(e, dist.RankError) else str(e))
         say(f"trainer.train: error: {lost or own}")
