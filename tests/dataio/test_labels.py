@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 import shapely
 from affine import Affine
-from pyproj import CRS
-from shapely.geometry import Polygon, box
+from pyproj import CRS, Transformer
+from rasterio.features import rasterize
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
 
 from dataio.classes import BACKGROUND, BOUNDARY, BUILDING
-from dataio.labels import DEFAULT_BOUNDARY_WIDTH, LabelError, make_mask, read_footprints
+from dataio.labels import (
+    DEFAULT_BOUNDARY_WIDTH,
+    LabelError,
+    make_mask,
+    rasterize_footprints,
+    read_footprints,
+)
 
 
 def _expected(polygons: list[Polygon], shape_hw: tuple[int, int], width: float,
@@ -199,3 +207,52 @@ def test_a_missing_label_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "buildings_AOI_9_x_img1.geojson"
     with pytest.raises(LabelError, match=f"^{re.escape(str(path))}: label file missing"):
         read_footprints(path, CRS.from_epsg(32611), _UTM, 64, 40)
+
+
+def _project(geom: BaseGeometry, src: CRS | str, dst: CRS | str) -> BaseGeometry:
+    tr = Transformer.from_crs(src, dst, always_xy=True)
+    return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+
+
+# In pixels of a 200 x 150 tile: a courtyard house, a triangle crossing the top and right edges,
+# a building in two parts. Corners off the half-pixel grid, so no pixel centre is a tie.
+_CROSS_CRS_PX = [
+    Polygon([(10.3, 12.7), (60.2, 15.1), (55.9, 70.4), (8.1, 66.6)],
+            [[(25.2, 30.3), (40.7, 31.1), (39.4, 45.8), (24.1, 44.2)]]),
+    Polygon([(150.4, -20.2), (230.6, 10.3), (180.3, 80.8)]),
+    MultiPolygon([box(100.2, 100.3, 120.7, 130.1), box(125.1, 100.4, 140.3, 120.9)]),
+]
+
+
+@pytest.mark.parametrize("image_crs,label_crs", [("EPSG:32611", "OGC:CRS84"),
+                                                 ("EPSG:4326", "EPSG:32611")])
+def test_labels_in_another_crs_give_rasterios_pixels_in_the_tiles_grid(
+        tmp_path: Path, image_crs: str, label_crs: str) -> None:
+    """Lon/lat labels on a UTM tile and UTM labels on a lon/lat one: the footprint pixels are
+    those rasterio.features.rasterize burns for the same buildings in the tile's own CRS and
+    transform (pixel centres inside, holes left out, parts of a MultiPolygon both, a building
+    crossing the edge cut there)."""
+    if image_crs == "EPSG:32611":
+        t = Affine(0.3, 0, 660000.0, 0, -0.3, 4000000.0)
+    else:
+        t = Affine(2.7e-6, 0, -115.25, 0, -2.7e-6, 36.13)
+    h, w = 150, 200
+    in_image = [shapely.transform(g, lambda xy: np.column_stack(t @ (xy[:, 0], xy[:, 1])))
+                for g in _CROSS_CRS_PX]
+    doc: dict = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {},
+         "geometry": shapely.geometry.mapping(_project(g, image_crs, label_crs))}
+        for g in in_image]}
+    if label_crs != "OGC:CRS84":  # (RFC 7946 lon/lat needs no member)
+        doc["crs"] = {"type": "name", "properties": {"name": label_crs}}
+    path = tmp_path / "buildings.geojson"
+    path.write_text(json.dumps(doc))
+    fp = read_footprints(path, CRS.from_user_input(image_crs), t, w, h)
+    assert len(fp.polygons) == 4 and fp.notes == []
+    want = rasterize([(g, 1) for g in in_image], out_shape=(h, w), transform=t, dtype="uint8")
+    assert 4000 < want.sum() < 6000  # (the buildings are on the tile)
+    np.testing.assert_array_equal(rasterize_footprints(fp.polygons, (h, w)), want)
+    mask = make_mask(fp.polygons, (h, w))
+    # the band is carved out of the footprints and around them, never elsewhere
+    assert ((mask == BUILDING) <= (want == 1)).all()
+    assert (mask[want == 1] != BACKGROUND).all()
