@@ -64,6 +64,28 @@ def optimizer_steps(batches: int, accum: int) -> int:
     return -(-batches // accum)
 
 
+def fill_padding(image: torch.Tensor, valid: list[bool]) -> torch.Tensor:
+    """``image`` (NCHW) with each padding slot (``valid`` False) holding a copy of a real sample
+    of the batch, in turn; as it is when all or none are real.
+
+    NOTE: the loader's padding slots (a rank's last batch of an epoch) are zero images. In
+    training mode BatchNorm normalised the real samples with statistics of those zeros too (a
+    batch of 1 real and 3 padding slots: mostly zeros), changing their loss and gradients, and
+    pulled its running statistics, which validation and the epoch's checkpoint use, towards
+    them once an epoch. Copies keep the batch's shape (a compiled model compiles no other) and
+    give BatchNorm the real samples' statistics (exactly, where the copies are even); the masks
+    of the slots stay ignored, so the loss is the real samples' alone, as DistributedSampler's
+    repeated samples are not. A batch of padding only keeps its buffers (see Trainer._loss)."""
+    if all(valid) or not any(valid):
+        return image
+    real = [i for i, v in enumerate(valid) if v]
+    pads = [i for i, v in enumerate(valid) if not v]
+    slots = list(range(len(valid)))
+    for j, i in enumerate(pads):
+        slots[i] = real[j % len(real)]
+    return image[torch.tensor(slots, device=image.device)]
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, data: Path, run_dir: Path,
                  device: torch.device | None = None, val_truth: ValTruth | None = None) -> None:
@@ -407,8 +429,21 @@ class Trainer:
         return value
 
     def _loss(self, batch: Batch) -> torch.Tensor:
+        """The batch's training loss; its padding slots reach neither the loss (their masks are
+        ignored) nor BatchNorm (see :func:`fill_padding`)."""
+        valid = batch.valid.tolist()
+        # A batch of padding only (the forward still runs: DDP's backward needs every rank's)
+        # keeps BatchNorm's running statistics; its num_batches_tracked counts on, as every
+        # rank's does (the EMA copies it: ranks that counted apart held two EMAs).
+        stats = [] if any(valid) else [b for b in self.net.buffers() if b.is_floating_point()]
+        kept = [b.detach().clone() for b in stats]
         with self.precision.autocast():
-            logits = self.model(batch.image)
+            logits = self.model(fill_padding(batch.image, valid))
+        # NOTE: through .data: the graph holds the buffers as batch_norm's inputs (an in-place
+        # copy_ fails the backward's version check), though training mode reads the batch's own
+        # statistics, and a batch of padding only has zero gradients anyway
+        for b, old in zip(stats, kept, strict=True):
+            b.data.copy_(old)
         return self.loss_fn(logits, batch.mask)
 
     def _backward(self, loss: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 from trainer.dist import DistEnv
 from trainer.optim import lr_factor
-from trainer.trainer import NonFiniteError, Trainer
+from trainer.trainer import NonFiniteError, Trainer, fill_padding
 
 FAST = ["train.val_every=0", "data.num_threads=1"]
 # NOTE: what makes N batches of B train like one batch of N x B: GroupNorm (BatchNorm's
@@ -92,7 +92,8 @@ def test_one_batch_per_step_is_the_plain_loop_bit_for_bit(small_dataset: Path,
     ref.train_loader.set_epoch(0)
     for batch in ref.train_loader:
         ref.optimizer.zero_grad(set_to_none=True)
-        ref.loss_fn(ref.net(batch.image), batch.mask).backward()
+        ref.loss_fn(ref.net(fill_padding(batch.image, batch.valid.tolist())),
+                    batch.mask).backward()
         torch.nn.utils.clip_grad_norm_(ref.net.parameters(), 0.5)
         ref.optimizer.step()
         ref.scheduler.step()

@@ -22,7 +22,7 @@ from trainer.config import ConfigError, load_config
 from trainer.dist import DistEnv
 from trainer.ema import WeightEMA, decay_at
 from trainer.predict import main as predict
-from trainer.trainer import Trainer
+from trainer.trainer import Trainer, fill_padding
 
 FAST = ["train.val_every=0", "data.num_threads=1"]
 # (0.9: the warm-up's (1 + n) / (10 + n) stays below it for the 5-10 steps of these runs, 0.1
@@ -127,7 +127,8 @@ def test_the_raw_weights_train_as_the_plain_loop_and_the_ema_follows_them(
     by_hand = {k: v.clone() for k, v in ref.net.state_dict().items()}
     for n, batch in enumerate(ref.train_loader):
         ref.optimizer.zero_grad(set_to_none=True)
-        ref.loss_fn(ref.net(batch.image), batch.mask).backward()
+        ref.loss_fn(ref.net(fill_padding(batch.image, batch.valid.tolist())),
+                    batch.mask).backward()
         ref.optimizer.step()
         ref.scheduler.step()
         d = min(decay, (1 + n) / (10 + n))
