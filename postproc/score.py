@@ -2,10 +2,11 @@
 
 Semantics (SpaceNet ``evaluateScene.py``): per image, proposals in the given (file) order;
 each takes the unmatched truth polygon with the highest IoU (ties: the first in file order);
-IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris) is a true positive and removes that truth
-polygon, anything else is a false positive; unmatched truth polygons are false negatives. Truth
-polygons with area <= ``min_truth_area`` px are dropped first. Images in only one file: truth
-without proposals count as false negatives, proposals without truth as false positives (solaris).
+IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris; up to float rounding, ``IOU_RTOL``) is a
+true positive and removes that truth polygon, anything else is a false positive; unmatched truth
+polygons are false negatives. Truth polygons with area <= ``min_truth_area`` px are dropped
+first. Images in only one file: truth without proposals count as false negatives, proposals
+without truth as false positives (solaris).
 Besides the pooled F1, each AOI's (ImageIds ``AOI_2_Vegas_img1``) and their mean, which is how
 the SpaceNet-2 contest combined its cities.
 
@@ -40,6 +41,11 @@ from postproc.iou import intersection_areas
 from postproc.pools import close_pool, ignore_sigint, raise_if_interrupted, starting_workers
 
 CHUNK_IMAGES = 64
+# NOTE: an IoU this close to the threshold (relative) counts as on it. Areas computed from pixel
+# coordinates carry rounding errors (measured up to 1e-11 relative on 650 px tiles, 1.7e-9 at
+# 12,000 px), so an exact tie, a proposal that is half its truth polygon in decimal
+# coordinates, came out as 0.4999999999 or 0.5000000001 and was won or lost by the rounding.
+IOU_RTOL = 1e-8
 
 
 @dataclass
@@ -161,8 +167,9 @@ def candidate_ious(truth: np.ndarray, proposals: np.ndarray, cfg: ScoreConfig
         denom = ta[ti] + pa[pi] - m
         with np.errstate(divide="ignore", invalid="ignore"):
             bound = np.where(denom > 0, m / denom, 0.0)
-        # NOTE: a small slack keeps pairs whose bound rounds a hair below the threshold.
-        keep = bound >= cfg.iou_threshold * (1 - 1e-9)
+        # NOTE: a slack (wider than IOU_RTOL) keeps pairs whose bound rounds a hair below the
+        # threshold.
+        keep = bound >= cfg.iou_threshold * (1 - 10 * IOU_RTOL)
         pi, ti = pi[keep], ti[keep]
     if pi.size == 0:
         e = np.empty(0, np.int64)
@@ -171,7 +178,8 @@ def candidate_ious(truth: np.ndarray, proposals: np.ndarray, cfg: ScoreConfig
     union = pa[pi] + ta[ti] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, inter / union, 0.0)
-    passed = iou > cfg.iou_threshold if cfg.strict else iou >= cfg.iou_threshold
+    tol = cfg.iou_threshold * IOU_RTOL
+    passed = iou > cfg.iou_threshold + tol if cfg.strict else iou >= cfg.iou_threshold - tol
     pi, ti, iou = pi[passed], ti[passed], iou[passed]
     order = np.lexsort((ti, -iou, pi))
     return pi[order], ti[order], iou[order]

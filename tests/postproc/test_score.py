@@ -100,6 +100,25 @@ def test_iou_exactly_one_half():
         reference_score(tilted, [tilted[0].intersection(box(-20, -20, 20, 2.5))])
 
 
+@pytest.mark.parametrize("x", [0.1, 0.3, 12.7, 101.9, 333.3, 647.1])
+def test_an_exact_tie_at_the_threshold_is_not_decided_by_float_rounding(x):
+    """What failed: IoU exactly 0.5 in decimal coordinates came out as 0.4999999999 or
+    0.5000000001 from the float areas, so 23 of these 24 ties were scored against the rule
+    (a miss under >= 0.5, or a match under --strict's > 0.5), and 4 of 12 ties between an
+    integer pixel proposal and a decimal truth polygon were missed."""
+    every = ScoreConfig(min_truth_area=0)
+    strict = ScoreConfig(min_truth_area=0, strict=True)
+    for w in (1.1, 2.3, 7.7, 10.1):  # the proposal is the truth's left half
+        t, p = box(x, x, x + 2 * w, x + 3.3), box(x, x, x + w, x + 3.3)
+        assert score_image([t], [p], every) == (1, 0, 0), w
+        assert score_image([t], [p], strict) == (0, 1, 1), w
+    a = int(x)
+    for d in (0.1, 0.5, 0.7, 1.3):  # a pixel proposal (the numba path): IoU (10-d) / 2(10-d)
+        t, p = box(a + d, a, a + 20 - 2 * d, a + 7), box(a, a, a + 10, a + 7)
+        assert score_image([t], [p], every) == (1, 0, 0), d
+        assert score_image([t], [p], strict) == (0, 1, 1), d
+
+
 def test_duplicates_empty_tiles_and_small_truth():
     t = [box(0, 0, 10, 10), box(20, 0, 30, 10)]
     assert score_image(t, [t[0], t[0], t[1]]) == (2, 1, 0)
