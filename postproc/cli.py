@@ -124,6 +124,18 @@ def end_quietly() -> int:
     return 1
 
 
+def report(text: str) -> None:
+    """Print a command's report (its last lines) at once, as one of its output writes.
+
+    NOTE: inside ``writing()``: a print to a full disk (``> report.txt`` on /dev/full) with an
+    unbuffered stdout (``python -u``, PYTHONUNBUFFERED) raised a bare OSError there, read as a
+    path that cannot be used, exit 2, where the buffered flush at the end said 1. Now 1 either
+    way, and a closed stdout (``| head -0``) still ends quietly with 1 (:func:`stdout_gone`
+    sees a WriteError of EPIPE as it sees a BrokenPipeError)."""
+    with writing():
+        print(text, flush=True)
+
+
 def _gateway_url(text: str) -> str:
     # NOTE: checked at start-up: a typo should not surface only after the run's work is done.
     if any(c.isspace() or not c.isprintable() for c in text):  # (urllib refuses it at the push)

@@ -180,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     small = f"; {m.dropped} under --min-area {args.min_area:g} px dropped" if args.min_area else ""
     if n_over:
         small += f"; {n_over} pairs of tiles overlap"
-    print(f"{len(m.seen)} tiles, {m.written} footprints ({m.merged} merged from "
-          f"{m.merged_pieces} pieces{small}) -> {args.out}")
-    from postproc.cli import push_metrics
+    from postproc.cli import push_metrics, report
+
+    # (a full disk under stdout: exit 1, as for the area's file; see report)
+    report(f"{len(m.seen)} tiles, {m.written} footprints ({m.merged} merged from "
+           f"{m.merged_pieces} pieces{small}) -> {args.out}")
     from postproc.pushmetrics import PostprocRun
 
     push_metrics(args, PostprocRun(len(m.seen), m.written, time.monotonic() - t0,

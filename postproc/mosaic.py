@@ -349,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             "tile's first in ImageId order")
     x0, y0, x1, y1 = layout.bounds()
     over = f"; {layout.overlaps} pairs of tiles overlap" if layout.overlaps else ""
-    print(f"{n} tiles, {x1 - x0} x {y1 - y0} px in {layout.grid.crs[:60]}, "
-          f"{'/'.join(BANDS[b] for b in bands)}{over} -> {out}")
+    from postproc.cli import report
+
+    # (a full disk under stdout: exit 1, as for the GeoTIFF; see report)
+    report(f"{n} tiles, {x1 - x0} x {y1 - y0} px in {layout.grid.crs[:60]}, "
+           f"{'/'.join(BANDS[b] for b in bands)}{over} -> {out}")
     return 0
 
 

@@ -404,20 +404,12 @@ def _inputs(args: argparse.Namespace) -> Iterator[tuple[str, Path | None]]:
         yield from (("--pred", p) for p in args.pred.glob(SHARD_GLOB))
 
 
-def _report(line: str) -> None:
-    """Print the run's last line at once. Inside writing(): a full disk under stdout
-    (``> report.txt``) is a failure of the run, exit 1, not bad input."""
-    from dataio.atomic import writing
-
-    with writing():
-        print(line, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     args = build_parser().parse_args(argv)
     from dataio.atomic import check_writable, discard_staging_dir, missing_dirs, resolved
     from postproc import runner
+    from postproc.cli import report
     from postproc.predio import list_pred_shards
     from trainer import dist
 
@@ -448,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 # (| head -0) then stops every rank with exit 1 (postproc.cli.end_quietly),
                 # where rank 0 alone exited 1. Flushed here: a worker's stdout is buffered
                 # where the launcher gives no -u (torchrun --no-python python -m ...)
-                dist.on_main(env, "reporting", lambda: _report(
+                dist.on_main(env, "reporting", lambda: report(
                     f"{summary.tiles} tiles, {summary.polygons} polygons from "
                     f"{summary.shards} shards -> {args.out}"))
             finally:

@@ -247,7 +247,9 @@ def _curves(args: argparse.Namespace) -> int:
     epochs = read_log(args.curves)
     with writing():  # (a full disk: exit 1; --out was checked up front)
         plot_curves(epochs, args.out, title=args.curves.parent.name)
-    print(f"{len(epochs)} epochs -> {args.out}")
+    from postproc.cli import report
+
+    report(f"{len(epochs)} epochs -> {args.out}")  # (a full disk under stdout: 1; see report)
     return 0
 
 
@@ -359,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         for old in stale_tiles(args.out, drawn):
             old.unlink()
             removed.append(f"removed {old} (an earlier render's tile)")
-    print("\n".join([f"tiles show {shown}", *said, *removed]))
+    from postproc.cli import report
+
+    report("\n".join([f"tiles show {shown}", *said, *removed]))  # (a full disk: 1, see report)
     return 0
 
 

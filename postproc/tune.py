@@ -394,9 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(run / SETTINGS, ev.points[best].to_json())
         if args.json is not None:
             atomic_write_text(args.json, text)
-    print(_table([("default", doc["default"]), ("best", doc["best"])]))
-    print(f"{len(ev.points)} grid points on {len(ev.tiles)} tiles in {doc['seconds']:.1f} s -> "
-          f"{run / SETTINGS}")
+    from postproc import cli
+
+    # (a full disk under stdout: exit 1, as for the files above; see cli.report)
+    cli.report(f"{_table([('default', doc['default']), ('best', doc['best'])])}\n"
+           f"{len(ev.points)} grid points on {len(ev.tiles)} tiles in {doc['seconds']:.1f} s -> "
+           f"{run / SETTINGS}")
     return 0
 
 

@@ -6,6 +6,8 @@ import contextlib
 import csv
 import errno
 import io
+import os
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +100,37 @@ def full_disk_at_commit(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(module, "atomic_open", full_at_commit)
+
+
+@contextlib.contextmanager
+def unbuffered_stdout(where: str) -> Iterator[None]:
+    """``sys.stdout`` as ``python -u`` makes it (every print written at once), onto a full disk
+    (``where="full"``: /dev/full, every write ENOSPC) or a pipe whose reader has gone
+    (``"closed"``: ``| head -0``); the real one put back after."""
+    if where == "full":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("needs /dev/full")
+        fd = os.open("/dev/full", os.O_WRONLY)
+    else:
+        read, fd = os.pipe()
+        os.close(read)
+    stream = io.TextIOWrapper(io.FileIO(fd, "w"), write_through=True)
+    real, sys.stdout = sys.stdout, stream
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        with contextlib.suppress(OSError):  # (what is left in it meets the full disk again)
+            stream.close()
+
+
+def check_stdout_failure(where: str, code: int, err: str) -> None:
+    """A command's end with :func:`unbuffered_stdout` ``where``: exit 1 (a failure of the run)
+    both ways, with the full disk's one line last on stderr, or nothing said for a closed
+    stdout (``postproc.cli.end_quietly``)."""
+    lines = [line for line in err.splitlines() if line.strip() and "/s]" not in line]
+    assert code == 1, (code, lines)
+    if where == "full":
+        assert lines[-1:] == ["error: [Errno 28] No space left on device"], lines
+    else:
+        assert not any("error" in line or "Broken pipe" in line for line in lines), lines

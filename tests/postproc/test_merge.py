@@ -21,8 +21,10 @@ import shapely
 from pp_helpers import (
     TRANSFORM_4326,
     assert_no_png_read,
+    check_stdout_failure,
     count_shard_reads,
     full_disk_at_commit,
+    unbuffered_stdout,
 )
 from pyproj import Transformer
 from shapely.geometry import mapping, shape
@@ -567,6 +569,19 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tmp_path, monkeypatch
     assert out.read_text() == "earlier"
     assert run(["--pred", str(tmp_path / "missing"), "--geojson", str(gj),
                 "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("where", ["full", "closed"])
+def test_a_full_or_closed_unbuffered_stdout_exits_1(tmp_path, capsys, where):
+    """``python -u -m postproc.merge ... > /dev/full``: the report's print raised a bare OSError,
+    exit 2 ("fix the input"), where polygonize and score exit 1 (a failure of the run); a
+    closed stdout (``| head -0``) ends quietly with 1. The area's file is written before."""
+    pred, gj = _two_tiles(tmp_path)
+    out = tmp_path / "area.geojson"
+    with unbuffered_stdout(where):
+        code = run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)])
+    check_stdout_failure(where, code, capsys.readouterr().err)
+    assert out.exists()
 
 
 def test_a_link_loop_among_the_geojson_is_counted_as_not_a_tile(tmp_path, capsys):

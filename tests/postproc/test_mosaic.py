@@ -16,7 +16,12 @@ import pytest
 import rasterio
 import rasterio.shutil
 from affine import Affine
-from pp_helpers import assert_no_png_read, count_shard_reads
+from pp_helpers import (
+    assert_no_png_read,
+    check_stdout_failure,
+    count_shard_reads,
+    unbuffered_stdout,
+)
 
 from dataio.atomic import NAME_MAX
 from postproc import mosaic
@@ -367,6 +372,19 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(area, tmp_path, monke
         f"{out.parent}/.area.tif." in err[-1]), err
     assert list(tmp_path.iterdir()) == []
     assert run(["--pred", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("where", ["full", "closed"])
+def test_a_full_or_closed_unbuffered_stdout_exits_1(area, tmp_path, capsys, where):
+    """``python -u -m postproc.mosaic ... > /dev/full``: the report's print raised a bare
+    OSError, exit 2 ("fix the input"), where polygonize and score exit 1 (a failure of the
+    run); a closed stdout (``| head -0``) ends quietly with 1. The GeoTIFF is written before."""
+    pred, _ = area
+    out = tmp_path / "area.tif"
+    with unbuffered_stdout(where):
+        code = run(["--pred", str(pred), "--out", str(out)])
+    check_stdout_failure(where, code, capsys.readouterr().err)
+    assert out.exists()
 
 
 def test_a_full_disk_making_the_out_directory_exits_1(area, tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import shapely
 from PIL import Image
+from pp_helpers import check_stdout_failure, unbuffered_stdout
 from shapely import affinity
 from shapely.geometry import box
 
@@ -215,6 +216,29 @@ def test_a_closed_stdout_still_removes_the_earlier_tiles(prepared_dataset, drawn
     closed.close()  # (a descriptor on /dev/null now: end_quietly's)
     assert len(list(out.glob("*.png"))) == 1, sorted(p.name for p in out.iterdir())
     assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["full", "closed"])
+def test_a_full_or_closed_unbuffered_stdout_exits_1(prepared_dataset, drawn, tmp_path, capsys,
+                                                    where):
+    """``python -u -m postproc.render ... > /dev/full``: the report's print (of the tiles, and
+    of --curves) raised a bare OSError, exit 2 ("fix the input"), where polygonize and score
+    exit 1 (a failure of the run); a closed stdout (``| head -0``) ends quietly with 1. The
+    pictures are written before."""
+    _, key, _, _, csv_path, _ = drawn
+    out = tmp_path / "tiles"
+    with unbuffered_stdout(where):
+        code = run_main(["--data", prepared_dataset, "--split", "val", "--proposals", csv_path,
+                         "--out", out, "--image-ids", key])
+    check_stdout_failure(where, code, capsys.readouterr().err)
+    assert [p.name for p in out.iterdir()] == [f"{key}.png"]
+    log, curves = tmp_path / "log.jsonl", tmp_path / "curves.png"
+    log.write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0 / e, "lr": 1e-3}) + "\n"
+                           for e in (1, 2)))
+    with unbuffered_stdout(where):
+        code = run_main(["--curves", log, "--out", curves])
+    check_stdout_failure(where, code, capsys.readouterr().err)
+    assert curves.exists()
 
 
 def test_a_directory_under_a_tile_name_in_out_is_refused_naming_it(prepared_dataset, drawn,

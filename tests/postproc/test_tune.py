@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pp_helpers import check_stdout_failure, unbuffered_stdout
 from shapely.geometry import box
 
 from dataio.shards import decode_sample, iter_tar_samples
@@ -219,6 +220,20 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tuned, tmp_path, monk
     assert err[-1] == f"error: [Errno 28] No space left on device: '{run / 'tune.json'}'", err
     argv[3] = tmp_path / "missing.csv"
     assert run_main(tune.main, argv) == 2
+
+
+@pytest.mark.parametrize("where", ["full", "closed"])
+def test_a_full_or_closed_unbuffered_stdout_exits_1(tuned, tmp_path, capsys, where):
+    """``python -u -m postproc.tune ... > /dev/full``: the table's print raised a bare OSError,
+    exit 2 ("fix the input"), where polygonize and score exit 1 (a failure of the run); a
+    closed stdout (``| head -0``) ends quietly with 1. The run's files are written before."""
+    run = tmp_path / "RUN"
+    run.mkdir()
+    with unbuffered_stdout(where):
+        code = run_main(tune.main, ["--pred", tuned.pred, "--truth", tuned.truth, "--run-dir",
+                                    run, "--workers", 1, "--min-polygon-areas", "0"])
+    check_stdout_failure(where, code, capsys.readouterr().err)
+    assert (run / "postproc.json").exists()
 
 
 def test_a_tune_json_that_cannot_be_written_is_refused_before_the_grid(tuned, tmp_path,
