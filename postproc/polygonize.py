@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--geojson {args.geojson} is the --pred directory; give the "
                              "GeoJSON a directory of its own")
         _check_apart(args.out, args.geojson)
+        runner.check_geojson_marks(args.geojson)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
     workers = args.workers or runner.default_workers(env.local_world_size)

@@ -349,6 +349,19 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def check_geojson_marks(geojson_dir: Path) -> None:
+    """Refuse a directory at the names polygonize writes in ``geojson_dir`` besides its tiles:
+    the publish mark and the tile list (ValueError naming it: bad input, exit 2).
+
+    NOTE: found only after the work, at the CSV's commit (the mark is written before it) or in
+    the publish (the list), "Is a directory": exit 1, "the disk's, rerun", for a directory the
+    user must move."""
+    flag = f"--geojson {geojson_dir}"
+    check_not_a_directory(geojson_dir / PUBLISHING, flag, "polygonize's publish mark")
+    check_not_a_directory(geojson_dir / GEOJSON_LEDGER, flag,
+                          "polygonize's list of published tiles")
+
+
 def _stage_geojson(geojson_dir: Path, env: Any) -> Path:
     """Rank 0 empties ``geojson_dir/.partial`` (a killed run's); the ranks write into it only
     after that."""

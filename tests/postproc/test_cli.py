@@ -993,6 +993,23 @@ def test_torchrun_a_closed_buffered_stdout_stops_every_rank_with_exit_1(pred_dir
         assert "rank 0 stopped while reporting" in r.stderr, (module, r.stderr[-3000:])
 
 
+@pytest.mark.parametrize("mark", [".publishing", ".polygonize-tiles"])
+def test_a_directory_under_a_geojson_mark_is_refused_before_the_work(pred_dir, tmp_path, capsys,
+                                                                      mark):
+    """A directory at ``--geojson DIR``'s publish mark or tile list (the files polygonize
+    writes there) failed only after the work, at the CSV's commit or the publish ("Is a
+    directory"), exit 1, as for a full disk. It is the user's to move: one line naming it, exit
+    2, before any work; --out not written, DIR as it was."""
+    pred, _ = pred_dir
+    out, gj = tmp_path / "p.csv", tmp_path / "gj"
+    (gj / mark).mkdir(parents=True)
+    assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--geojson",
+                                      str(gj), "--workers", "1", "--no-tuned"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --geojson {gj}: {gj / mark} is a directory, where "), err
+    assert not out.exists() and [p.name for p in gj.iterdir()] == [mark]
+
+
 def test_outputs_under_a_file_are_refused_before_the_work(pred_dir, tmp_path, capsys):
     pred, truth = pred_dir
     blocker = tmp_path / "a_file"
