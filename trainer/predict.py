@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from dataio.atomic import (
     atomic_write_text,
+    check_not_a_directory,
     check_writable,
     discard_staging_dir,
     missing_dirs,
@@ -298,7 +299,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m trainer.predict", description=__doc__.split("\n")[0],
         epilog=dist.exit_codes_help(
-            "--run-dir, --data, the checkpoint or a flag refused",
+            "--run-dir, --data, the checkpoint or a flag refused, a directory in --out where "
+            "a shard goes",
             "a full disk while writing the stage or --out, a lost rank, a bug"))
     p.add_argument("--run-dir", type=Path, required=True, help="the training run directory")
     p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
@@ -319,6 +321,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 0:
         p.error(f"--batch-size must be >= 1 (or 0: the run's), got {args.batch_size}")
     return args
+
+
+def _check_shard_names(args: argparse.Namespace, samples: int, env: dist.DistEnv) -> None:
+    """Refuse (ValueError: exit 2) a directory in ``--out`` under a name that this rank's
+    shards will take when published (``dataio.atomic.check_not_a_directory``)."""
+    for name in predresume.share_shard_names(samples, env.rank, env.world_size,
+                                             args.shard_size):
+        check_not_a_directory(args.out / name, f"--out {args.out}", "a prediction shard")
 
 
 def _settle_stage(out: Path, made: list[Path], staged: bool) -> None:
@@ -416,6 +426,11 @@ def _predict(args: argparse.Namespace) -> int:
         amp = ("auto" if cfg.train.amp in ("fp16", "bf16") and device.type != "cuda"
                else cfg.train.amp)
         precision = resolve(amp, device)
+        # NOTE: each rank its own shards' names, agreed, before any prediction: a directory
+        # under one failed only at the publish, after the whole prediction ("Is a directory"),
+        # exit 1 as for a full disk, with --out left marked as being replaced (.publishing)
+        dist.on_every(f"checking --out {args.out}",
+                      lambda: _check_shard_names(args, len(loader.index.samples), env))
         # Shards go to a staging directory and into --out only once every rank is done.
         staging = staging_dir(args.out)
 

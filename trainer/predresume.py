@@ -113,6 +113,13 @@ def shard_name(k: int, rank: int, world_size: int) -> str:
     return f"pred-{k * world_size + rank:06d}.tar"
 
 
+def share_shard_names(samples: int, rank: int, world_size: int, shard_size: int) -> list[str]:
+    """The names of rank ``rank``'s shards when all ``samples`` of the split are predicted (a
+    tile the loader skips only makes fewer): its stride of the samples, ``shard_size`` a shard."""
+    mine = len(range(rank, samples, world_size))
+    return [shard_name(k, rank, world_size) for k in range(-(-mine // shard_size))]
+
+
 def mismatch(staging: Path, key: dict[str, Any]) -> str | None:
     """None if ``staging`` was made by the prediction that ``key`` describes; else why not."""
     try:

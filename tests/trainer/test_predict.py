@@ -580,6 +580,49 @@ def test_an_out_that_is_a_file_or_under_one_is_named_before_the_work(
     assert shard.read_bytes() == b"x"
 
 
+def test_a_directory_under_a_shard_name_is_refused_before_predicting(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory at ``--out``'s ``pred-000001.tar``, a name the run's shards take: it failed
+    only at the publish, after the whole prediction ("Is a directory"), exit 1 as for a full
+    disk, and left --out marked as being replaced. Now one line naming it, exit 2, before any
+    prediction (no stage made), --out as it was; a directory under a name no shard of this run
+    takes stays, as the publish leaves it."""
+    out = tmp_path / "pred"
+    (out / "pred-000001.tar").mkdir(parents=True)
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
+            "--shard-size", "1", "--out", str(out)]
+    assert predict(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"trainer.predict: error: --out {out}: {out / 'pred-000001.tar'} is a "
+                       "directory, where a prediction shard goes; move it away or give another "
+                       "--out"), err
+    assert [p.name for p in out.iterdir()] == ["pred-000001.tar"]
+    (out / "pred-000001.tar").rename(out / "pred-000099.tar")
+    assert predict(args) == 0
+    assert (out / "pred-000099.tar").is_dir() and len(list_pred_shards(out)) > 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(200)
+def test_torchrun_a_directory_under_rank_1s_shard_name_stops_every_rank_with_exit_2(
+        trained_run: Path, small_dataset: Path, tmp_path: Path) -> None:
+    """Each rank checks its own shards' names, agreed: rank 1's refusal (its first shard is
+    pred-000001.tar) stops rank 0 too, both with exit 2, before any prediction."""
+    out = tmp_path / "pred"
+    (out / "pred-000001.tar").mkdir(parents=True)
+    res = run(torchrun_cmd(2, ["-m", "trainer.predict", "--run-dir", str(trained_run),
+                               "--data", str(small_dataset), "--split", "val", "--out",
+                               str(out)]), timeout=150)
+    said = (f"{out / 'pred-000001.tar'} is a directory, where a prediction shard goes; move it "
+            "away or give another --out")
+    assert res.stderr.count(said) == 2, res.stderr[-3000:]  # (rank 1's, and rank 0 relaying it)
+    codes = worker_exit_codes(res.stderr)
+    assert codes[first_failure(res.stderr)] == 2 and set(codes.values()) <= {2, 143, -15}, (
+        codes, res.stderr[-3000:])
+    assert [p.name for p in out.iterdir()] == ["pred-000001.tar"]
+
+
 def test_tta_averages_the_four_flips_each_flipped_back() -> None:
     # a 3x3 convolution does not commute with flips: each flip's prediction differs
     torch.manual_seed(0)
@@ -1606,18 +1649,19 @@ def test_a_peer_lost_at_the_agreement_is_one_line_exit_1_and_a_rerun_resumes(
     out = tmp_path / "pred"
     real, calls = dist.gather_objects, []
 
-    def lost_at_the_third(obj: object) -> list[object]:  # (loading, agreed_loader, the shares)
+    # (loading, agreed_loader, --out's shard names, the shares)
+    def lost_at_the_fourth(obj: object) -> list[object]:
         calls.append(obj)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise torch.distributed.DistBackendError(
                 "NCCL error in: ProcessGroupNCCL.cpp:2057, remote process exited or there was "
                 "a network error, NCCL version 2.21.5\nncclRemoteError: A call failed\nLast "
                 "error:\nsocketProgress: Connection closed by remote peer")
         return real(obj)
 
-    monkeypatch.setattr(dist, "gather_objects", lost_at_the_third)
+    monkeypatch.setattr(dist, "gather_objects", lost_at_the_fourth)
     args = _resume_args(trained_run, small_dataset, out, "--shard-size", "4")
-    assert predict(args) == 1 and len(calls) == 3
+    assert predict(args) == 1 and len(calls) == 4
     err = _lines(capsys.readouterr().err)
     assert err[-1].startswith("trainer.predict: error: rank 0: a peer rank left the process "
                               "group (killed, out of memory, or its node lost) or the collective "
@@ -1634,10 +1678,10 @@ def test_a_peer_lost_at_the_agreement_is_one_line_exit_1_and_a_rerun_resumes(
 
 
 @pytest.mark.parametrize(("failure", "at", "code"), [
-    (RuntimeError("simulated: a bug in rank 1's prediction"), 3, 1),
-    (OSError(errno.ENOSPC, "No space left on device"), 3, 1),
-    (TypeError("simulated: a bug with a traceback on rank 1"), 3, 1),
-    (ValueError("simulated: a tile rank 1 refuses"), 3, 2),
+    (RuntimeError("simulated: a bug in rank 1's prediction"), 4, 1),
+    (OSError(errno.ENOSPC, "No space left on device"), 4, 1),
+    (TypeError("simulated: a bug with a traceback on rank 1"), 4, 1),
+    (ValueError("simulated: a tile rank 1 refuses"), 4, 2),
     (OSError(errno.EACCES, "Permission denied", "best.pt"), 1, 2),
 ], ids=["runtime-bug", "full-disk", "type-bug", "refusal", "unreadable-input"])
 def test_another_ranks_failure_exits_with_that_ranks_code(
@@ -1651,7 +1695,8 @@ def test_another_ranks_failure_exits_with_that_ranks_code(
     out = tmp_path / "pred"
     real, calls = dist.gather_objects, []
 
-    def rank_1_failed(obj: object) -> list[object]:  # (calls: loading, the loader, the shares)
+    # (calls: loading, the loader, --out's shard names, the shares)
+    def rank_1_failed(obj: object) -> list[object]:
         calls.append(obj)
         got = real(obj)
         return [*got, dist._said(failure)] if len(calls) == at else got
@@ -1659,7 +1704,7 @@ def test_another_ranks_failure_exits_with_that_ranks_code(
     monkeypatch.setattr(dist, "gather_objects", rank_1_failed)
     args = _resume_args(trained_run, small_dataset, out, "--shard-size", "4")
     assert predict(args) == code and len(calls) == at
-    what = "writing predictions" if at == 3 else f"loading {trained_run}/checkpoints/best.pt"
+    what = "writing predictions" if at == 4 else f"loading {trained_run}/checkpoints/best.pt"
     err = _lines(capsys.readouterr().err)
     assert err[-1].startswith(f"trainer.predict: error: rank 1 stopped while {what}: "
                               f"{type(failure).__name__}: {failure}"), err[-1]
