@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import io
 import itertools
 import os
 import shutil
@@ -164,7 +165,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
     f = None
     committing = False  # (past the body: flushing, syncing and closing the temporary file)
     try:
-        f = os.fdopen(fd, mode, **kwargs)
+        f = _open_output(fd, mode, path, **kwargs)
         with f:
             # mkstemp creates 0600; give the file the mode a plain open() would have.
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -175,7 +176,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as e:
-        if f is None:  # (fdopen refused the mode or an argument: the descriptor is still ours)
+        if f is None:  # (_open_output refused the mode or an argument: the descriptor is ours)
             with contextlib.suppress(OSError):
                 os.close(fd)
         with contextlib.suppress(FileNotFoundError):
@@ -186,6 +187,51 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
         if _names_output(e, committing):
             raise with_filename(e, path) from None
         raise
+
+
+class _OutputFileIO(io.FileIO):
+    """The temporary file's raw layer: an error of its write (EIO, ENOSPC: write(2)'s, which
+    names no file) names the output ``dest``.
+
+    NOTE: a large write in atomic_open's body (past the buffer) reaches the disk there, not at
+    the commit, and its EIO said "[Errno 5] Input/output error" alone; the body's other errors
+    cannot be named (a read of another file, see :func:`_names_output`), but one of this file's
+    writes is the output's."""
+
+    def __init__(self, fd: int, mode: str, dest: Path) -> None:
+        super().__init__(fd, mode)
+        self.dest = dest
+
+    def write(self, b: Any) -> int | None:
+        try:
+            return super().write(b)
+        except OSError as e:
+            if e.filename is not None or e.errno is None:
+                raise
+            raise with_filename(e, self.dest) from None
+
+
+def _open_output(fd: int, mode: str, dest: Path, buffering: int = -1,
+                 encoding: str | None = None, errors: str | None = None,
+                 newline: str | None = None) -> IO[Any]:
+    """``os.fdopen(fd, mode, ...)`` for atomic_open's modes (``w``, ``w+``, binary or text),
+    on an :class:`_OutputFileIO`: the layers that ``open`` builds, with their errors."""
+    if set(mode) - set("wb+") or "w" not in mode:
+        raise ValueError(f"atomic_open writes a new file: mode {mode!r} is not w, wb, w+ or w+b")
+    binary = "b" in mode
+    if binary and (encoding, errors, newline) != (None, None, None):
+        raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
+    if buffering == 0 and not binary:
+        raise ValueError("can't have unbuffered text I/O")
+    raw = _OutputFileIO(fd, "w+" if "+" in mode else "w", dest)
+    if buffering == 0:
+        return raw
+    # (the file system's block size, as open() takes, and at least io's default)
+    size = buffering if buffering > 1 else max(os.fstat(fd).st_blksize, io.DEFAULT_BUFFER_SIZE)
+    buf = (io.BufferedRandom if "+" in mode else io.BufferedWriter)(raw, size)
+    if binary:
+        return buf
+    return io.TextIOWrapper(buf, encoding, errors, newline, line_buffering=buffering == 1)
 
 
 def _names_output(error: BaseException, committing: bool) -> bool:

@@ -4,6 +4,7 @@ writer's temporary file does not outlive the next write of its path."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dataio import atomic
 from dataio.atomic import (
     NAME_MAX,
     TMP_NAME_EXTRA,
@@ -98,6 +100,32 @@ def test_other_errors_of_the_body_pass_unchanged(tmp_path: Path, code: int) -> N
     with pytest.raises(OSError) as got, atomic_open(tmp_path / "out.bin"):
         raise err
     assert got.value is err
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+@pytest.mark.parametrize("mode", ["wb", "w", "w+b"])
+def test_a_failed_write_to_the_temporary_file_in_the_body_names_the_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, code: int) -> None:
+    """A large write in the body (past the buffer: it reaches the disk at once, not at the
+    commit) failing with EIO said "[Errno 5] Input/output error" and no file: which output, and
+    so which disk, was left to guess. Only the temporary file's own writes are named (a read of
+    another file in the body is not the output's, see the test above); ENOSPC as EIO. The old
+    file stays, and no temporary file is left."""
+
+    class Failing(io.FileIO):
+        def write(self, b: object) -> int:
+            raise OSError(code, os.strerror(code))
+
+    # (the temporary file's raw layer, its write(2) replaced: real FileIO writes go to the kernel)
+    monkeypatch.setattr(atomic, "_OutputFileIO",
+                        type("Patched", (atomic._OutputFileIO, Failing), {}))
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    big = 4 * io.DEFAULT_BUFFER_SIZE
+    with pytest.raises(OSError) as got, atomic_open(path, mode) as f:
+        f.write("x" * big if "b" not in mode else b"x" * big)
+    assert (got.value.errno, got.value.filename) == (code, str(path))
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
 @pytest.mark.parametrize("which", ["file", "directory"])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from dataio import atomic
 from trainer import checkpoint as ckpt
 from trainer import dist
 
@@ -178,6 +179,7 @@ def test_remove_temp_files_takes_only_temp_names(tmp_path: Path) -> None:
 _SAVE = """
 import resource, signal, sys, torch
 from pathlib import Path
+from dataio import atomic
 from trainer import checkpoint as ckpt
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -203,13 +205,13 @@ def test_a_full_disk_at_close_names_the_checkpoint(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """(where the file's buffer failed only when closed, the error named no file)"""
     ckpt.save(_state(1), ckpt.checkpoint_path(tmp_path, 1))
-    real_fdopen = os.fdopen
+    real_open = atomic._open_output
 
-    def full_disk(fd: int, mode: str = "r", *args: object, **kwargs: object):  # noqa: ANN202
+    def full_disk(fd: int, mode: str, *args: object, **kwargs: object):  # noqa: ANN202
         os.close(fd)  # the temp file stays empty: every write fails as on a full disk
-        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode)
+        return real_open(os.open("/dev/full", os.O_WRONLY), mode, *args, **kwargs)
 
-    monkeypatch.setattr(os, "fdopen", full_disk)
+    monkeypatch.setattr(atomic, "_open_output", full_disk)
     path = ckpt.checkpoint_path(tmp_path, 2)
     with pytest.raises(OSError, match="No space left on device") as err:
         ckpt.save({"model": {"w": torch.zeros(100_000)}}, path)
@@ -229,11 +231,11 @@ def test_a_failed_write_leaves_no_cycle_holding_its_callers(
     import gc
     import weakref
 
-    real_fdopen = os.fdopen
+    real_open = atomic._open_output
 
-    def full_disk(fd: int, mode: str = "r", *args: object, **kwargs: object):  # noqa: ANN202
+    def full_disk(fd: int, mode: str, *args: object, **kwargs: object):  # noqa: ANN202
         os.close(fd)
-        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode)
+        return real_open(os.open("/dev/full", os.O_WRONLY), mode, *args, **kwargs)
 
     class Trainer:  # (what Trainer.save_checkpoint's frame holds)
         pass
@@ -241,7 +243,7 @@ def test_a_failed_write_leaves_no_cycle_holding_its_callers(
     def save_checkpoint(held: Trainer) -> None:
         ckpt.save({"model": {"w": torch.zeros(100_000)}}, ckpt.checkpoint_path(tmp_path, 2))
 
-    monkeypatch.setattr(os, "fdopen", full_disk)
+    monkeypatch.setattr(atomic, "_open_output", full_disk)
     held = Trainer()
     gone = weakref.ref(held)
     gc.disable()
