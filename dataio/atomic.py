@@ -46,9 +46,23 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename in ``path`` durable (the directory entry itself must reach the disk)."""
-    fsync_file(path)
+def fsync_dir(path: str | os.PathLike[str], placed: str | os.PathLike[str] | None = None
+              ) -> None:
+    """Make a rename in ``path`` durable (the directory entry itself must reach the disk).
+
+    ``placed``: the file that the rename put in place, named in an error of the sync. NOTE: it
+    said only "[Errno 5] Input/output error: 'DIR'", read as the output not written, where the
+    file is in place under its name, whole (its data was synced before the rename); only its
+    new entry may not survive a crash. Still an error (exit 1 inside ``writing()``): the disk
+    errs, and the durability the commands promise is not there; a rerun writes it again."""
+    try:
+        fsync_file(path)
+    except OSError as e:
+        if placed is None or e.errno is None:
+            raise
+        raise OSError(e.errno, f"{e.strerror} at the sync of its directory, after the rename: "
+                      f"{placed} is in place, written whole, but its new entry there may not "
+                      "survive a crash (rerun to write it again)", str(path)) from None
 
 
 def check_writable(path: str | os.PathLike[str], what: str,
@@ -174,7 +188,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", sweep: bool = Tr
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_dir(path.parent, placed=path)
     except BaseException as e:
         if f is None:  # (_open_output refused the mode or an argument: the descriptor is ours)
             with contextlib.suppress(OSError):

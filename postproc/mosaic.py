@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 rasterio.shutil.copy(tiff, cog, driver="COG", **COG_OPTIONS)
                 fsync_file(cog)
                 os.replace(cog, out)
-            fsync_dir(out.parent)
+            fsync_dir(out.parent, placed=out)
     except BaseException:
         remove_made_dirs(made)
         raise

@@ -118,7 +118,7 @@ def mark_best(path: Path) -> None:
         with open(path, "rb") as src, atomic_open(tmp, "wb") as dst:
             dst.write(src.read())
     os.replace(tmp, best)
-    fsync_dir(path.parent)
+    fsync_dir(path.parent, placed=best)
 
 
 def repair_best(run_dir: Path, best_step: int) -> bool:

@@ -133,9 +133,11 @@ def test_an_io_error_at_the_sync_names_what_was_synced(tmp_path: Path, monkeypat
                                                        which: str) -> None:
     """An EIO at the temporary file's fsync said "[Errno 5] Input/output error" and no file (only
     a full disk, a quota or a size limit were named): which output, and so which disk, failed
-    was left to guess. The directory's sync after the rename names the directory. Inside
-    ``writing()`` it leaves as a WriteError (the exit code's 1) with the name, and nothing is
-    left behind."""
+    was left to guess. The directory's sync comes after the rename: it said only "[Errno 5]
+    Input/output error: 'DIR'", read as the output not written, where the new file is in
+    place; it says so now. Inside ``writing()`` it leaves as a WriteError (the exit code's 1:
+    the disk errs, and the entry may be lost in a crash) with its text, and no temporary file
+    is left behind."""
     path = tmp_path / "out.csv"
     atomic_write_text(path, "old\n")
     real, calls = os.fsync, []
@@ -149,12 +151,15 @@ def test_an_io_error_at_the_sync_names_what_was_synced(tmp_path: Path, monkeypat
     monkeypatch.setattr(os, "fsync", eio)
     with pytest.raises(WriteError) as got, writing():
         atomic_write_text(path, "new\n")
+    said = ("[Errno 5] Input/output error" if which == "file" else
+            f"[Errno 5] Input/output error at the sync of its directory, after the rename: "
+            f"{path} is in place, written whole, but its new entry there may not survive a "
+            "crash (rerun to write it again)")
     named = path if which == "file" else tmp_path
-    assert (got.value.errno, str(got.value)) == (
-        errno.EIO, f"[Errno 5] Input/output error: '{named}'")
+    assert (got.value.errno, str(got.value)) == (errno.EIO, f"{said}: '{named}'")
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
-    if which == "file":  # (the directory's sync comes after the rename)
-        assert path.read_text() == "old\n"
+    # (the directory's sync comes after the rename: the new file is in place, as said)
+    assert path.read_text() == ("old\n" if which == "file" else "new\n")
 
 
 def test_a_failed_write_leaves_no_directory_it_made(tmp_path: Path) -> None:

@@ -263,10 +263,10 @@ def test_a_failed_csv_commit_keeps_a_mark_that_still_tells_the_truth(pred_dir, t
     (gj / ".publishing").unlink()
     real = atomic.fsync_dir
 
-    def eio_after_the_csv_rename(path: object) -> None:
+    def eio_after_the_csv_rename(path: object, placed: object = None) -> None:
         if Path(path) == tmp_path:  # (the CSV's directory, after its rename)
             raise OSError(errno.EIO, "Input/output error")
-        real(path)
+        real(path, placed)
 
     monkeypatch.setattr(atomic, "fsync_dir", eio_after_the_csv_rename)
     assert run_main(polygonize.main, [*argv, "--min-polygon-area", "1e9"]) == 1
@@ -283,10 +283,10 @@ def test_a_mark_whose_own_sync_fails_goes_before_the_csv_commit(pred_dir, tmp_pa
     out, gj = tmp_path / "p.csv", tmp_path / "new" / "gj"
     real = atomic.fsync_dir
 
-    def eio_at_dirs_sync(path: object) -> None:
+    def eio_at_dirs_sync(path: object, placed: object = None) -> None:
         if Path(path) == gj:  # (only the mark's: the tiles are synced in DIR/.partial)
             raise OSError(errno.EIO, "Input/output error")
-        real(path)
+        real(path, placed)
 
     monkeypatch.setattr(atomic, "fsync_dir", eio_at_dirs_sync)
     assert run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--geojson",

@@ -8,6 +8,8 @@ order. Every tile read back through the window of its own transform must be its 
 from __future__ import annotations
 
 import errno
+import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -385,6 +387,31 @@ def test_a_full_or_closed_unbuffered_stdout_exits_1(area, tmp_path, capsys, wher
         code = run(["--pred", str(pred), "--out", str(out)])
     check_stdout_failure(where, code, capsys.readouterr().err)
     assert out.exists()
+
+
+def test_an_io_error_syncing_the_directory_says_the_mosaic_is_in_place(area, tmp_path,
+                                                                      monkeypatch, capsys):
+    """An EIO at the sync of --out's directory, after the rename: it said "[Errno 5]
+    Input/output error: 'DIR'", read as the mosaic not written, where it is in place, whole.
+    The line says so; still exit 1 (the disk errs; the new entry may not survive a crash)."""
+    pred, _ = area
+    out = tmp_path / "area.tif"
+    real = os.fsync
+
+    def eio_on_directories(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", eio_on_directories)
+    assert run(["--pred", str(pred), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: [Errno 5] Input/output error at the sync of its directory, after "
+                       f"the rename: {out} is in place, written whole, but its new entry there "
+                       f"may not survive a crash (rerun to write it again): '{tmp_path}'"), err
+    with rasterio.open(out) as src:
+        assert src.driver == "GTiff" and src.width == 3 * T
+    assert [p.name for p in tmp_path.iterdir()] == ["area.tif"]
 
 
 def test_a_full_disk_making_the_out_directory_exits_1(area, tmp_path, monkeypatch, capsys):
