@@ -200,6 +200,20 @@ def test_a_write_cut_short_names_the_checkpoint_and_the_cause(tmp_path: Path) ->
     assert not ckpt.checkpoint_dir(tmp_path).exists()
 
 
+def _keep_dev_full_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """atomic_open gives its file a plain open()'s mode (fchmod); a /dev/full handed to it in
+    place of the temporary file would be chmod-ed, as root for the whole machine (0666 -> 0644:
+    no other account could write to /dev/full after the suite)."""
+    real = os.fchmod
+
+    def fchmod(fd: int, mode: int) -> None:
+        if os.path.samestat(os.fstat(fd), os.stat("/dev/full")):
+            return
+        real(fd, mode)
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_full_disk_at_close_names_the_checkpoint(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,6 +225,7 @@ def test_a_full_disk_at_close_names_the_checkpoint(tmp_path: Path,
         os.close(fd)  # the temp file stays empty: every write fails as on a full disk
         return real_open(os.open("/dev/full", os.O_WRONLY), mode, *args, **kwargs)
 
+    _keep_dev_full_mode(monkeypatch)
     monkeypatch.setattr(atomic, "_open_output", full_disk)
     path = ckpt.checkpoint_path(tmp_path, 2)
     with pytest.raises(OSError, match="No space left on device") as err:
@@ -243,6 +258,7 @@ def test_a_failed_write_leaves_no_cycle_holding_its_callers(
     def save_checkpoint(held: Trainer) -> None:
         ckpt.save({"model": {"w": torch.zeros(100_000)}}, ckpt.checkpoint_path(tmp_path, 2))
 
+    _keep_dev_full_mode(monkeypatch)
     monkeypatch.setattr(atomic, "_open_output", full_disk)
     held = Trainer()
     gone = weakref.ref(held)
