@@ -24,9 +24,9 @@ def as_array(polys: Sequence[BaseGeometry]) -> np.ndarray:
 
 
 def scored_truth(truth: Sequence[BaseGeometry], cfg: ScoreConfig) -> np.ndarray:
-    """The truth polygons the scorer keeps (area > ``min_truth_area``), in file order."""
+    """The truth polygons the scorer keeps (``ScoreConfig.keeps_truth``), in file order."""
     t = as_array(truth)
-    return t[shapely.area(t) > cfg.min_truth_area] if t.size else t
+    return t[cfg.keeps_truth(shapely.area(t))] if t.size else t
 
 
 def greedy_match(pi: np.ndarray, ti: np.ndarray, n_props: int, n_truth: int,

@@ -4,9 +4,9 @@ Semantics (SpaceNet ``evaluateScene.py``): per image, proposals in the given (fi
 each takes the unmatched truth polygon with the highest IoU (ties: the first in file order);
 IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris; up to float rounding, ``IOU_RTOL``) is a
 true positive and removes that truth polygon, anything else is a false positive; unmatched truth
-polygons are false negatives. Truth polygons with area <= ``min_truth_area`` px are dropped
-first. Images in only one file: truth without proposals count as false negatives, proposals
-without truth as false positives (solaris).
+polygons are false negatives. Truth polygons with area <= ``min_truth_area`` px (up to
+``IOU_RTOL``, relative) are dropped first. Images in only one file: truth without proposals count
+as false negatives, proposals without truth as false positives (solaris).
 Besides the pooled F1, each AOI's (ImageIds ``AOI_2_Vegas_img1``) and their mean, which is how
 the SpaceNet-2 contest combined its cities.
 
@@ -61,6 +61,16 @@ class ScoreConfig:
         if not (math.isfinite(self.min_truth_area) and self.min_truth_area >= 0):
             raise ValueError(f"--min-truth-area {self.min_truth_area} must be a finite number "
                              ">= 0")
+
+    def keeps_truth(self, areas: np.ndarray) -> np.ndarray:
+        """Which truth polygons (by area, px) are scored: area > ``min_truth_area``, where an
+        area within ``IOU_RTOL`` (relative) of it counts as equal to it, so dropped.
+
+        NOTE: a 20 px^2 polygon in decimal coordinates (4 x 5 px at x = 0.1) has a float area of
+        19.999999999999996 or 20.000000000000018 by where it lies, so it was dropped or kept by
+        the rounding; the same tolerance as IoU ties, for the same reason.
+        """
+        return np.asarray(areas) > self.min_truth_area * (1 + IOU_RTOL)
 
 
 def f1_from_counts(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -191,7 +201,7 @@ def score_image(truth: Sequence[BaseGeometry], proposals: Sequence[BaseGeometry]
     cfg = cfg or ScoreConfig()
     t = _as_array(truth)
     if t.size:
-        t = t[shapely.area(t) > cfg.min_truth_area]
+        t = t[cfg.keeps_truth(shapely.area(t))]
     p = _as_array(proposals)
     if p.size == 0 or t.size == 0:
         return 0, int(p.size), int(t.size)

@@ -19,6 +19,7 @@ from postproc.csvio import (
     read_truth_csv,
 )
 from postproc.iou import intersection_areas
+from postproc.matching import scored_truth
 from postproc.polygonize import polygonize_labels
 from postproc.score import ScoreConfig, score, score_image
 from postproc.score import main as score_main
@@ -26,7 +27,7 @@ from postproc.score import main as score_main
 
 def reference_score(truth, proposals, cfg=ScoreConfig()):
     """SpaceNet's loop, written plainly: every proposal against every unmatched truth."""
-    truth = [t for t in truth if t.area > cfg.min_truth_area]
+    truth = [t for t in truth if t.area > cfg.min_truth_area * (1 + 1e-8)]  # (float rounding)
     unmatched = list(range(len(truth)))
     tp = fp = 0
     for p in proposals:
@@ -117,6 +118,24 @@ def test_an_exact_tie_at_the_threshold_is_not_decided_by_float_rounding(x):
         t, p = box(a + d, a, a + 20 - 2 * d, a + 7), box(a, a, a + 10, a + 7)
         assert score_image([t], [p], every) == (1, 0, 0), d
         assert score_image([t], [p], strict) == (0, 1, 1), d
+
+
+@pytest.mark.parametrize("x", [0.1, 0.3, 12.7, 101.9, 333.3, 647.1])
+def test_truth_of_exactly_min_truth_area_is_dropped_wherever_it_lies(x):
+    """What failed: a 20 px^2 truth polygon in decimal coordinates has a float area of
+    19.999999999999996 or 20.000000000000018 (up to 20.000000000000284) by where it lies, so
+    about half of these were kept (a miss without a proposal) against the rule "<= 20 dropped"."""
+    cfg = ScoreConfig()  # min_truth_area 20
+    for w, h in ((4, 5), (0.8, 25), (1.6, 12.5), (3.2, 6.25)):
+        t = box(x, x + 0.2, x + w, x + 0.2 + h)
+        assert score_image([t], [], cfg) == (0, 0, 0), (w, t.area)
+        assert scored_truth([t], cfg).size == 0, (w, t.area)
+        bigger = box(x, x + 0.2, x + w * (1 + 1e-6), x + 0.2 + h)  # 20.00002 px^2: kept
+        assert score_image([bigger], [], cfg) == (0, 0, 1), w
+        assert scored_truth([bigger], cfg).size == 1, w
+    t = box(x, x, x + 2.5, x + 2.5)  # 6.25 px^2 with --min-truth-area 6.25
+    assert score_image([t], [], ScoreConfig(min_truth_area=6.25)) == (0, 0, 0)
+    assert score_image([t], [], ScoreConfig(min_truth_area=0)) == (0, 0, 1)
 
 
 def test_duplicates_empty_tiles_and_small_truth():
