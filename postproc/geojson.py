@@ -2,7 +2,8 @@
 
 EPSG:4326 tiles follow RFC 7946 (lon/lat, no ``crs`` member); any other CRS is named in a legacy
 ``crs`` member (``urn:ogc:def:crs:EPSG::<code>``, or the WKT when there is no EPSG code), which
-GDAL and ``dataio`` read. Exterior rings are counter-clockwise in map coordinates.
+GDAL and ``dataio`` read. Exterior rings are counter-clockwise in map coordinates. A tile whose
+meta.json has no ``crs`` is refused rather than guessed.
 """
 
 from __future__ import annotations
@@ -74,7 +75,13 @@ def tile_feature_collection(image_id: str, polys: Sequence[BaseGeometry],
               "properties": {"ImageId": image_id, "BuildingId": k, "Confidence": round(c, 6)}}
              for k, (g, c) in enumerate(zip(geoms, confidences, strict=True), start=1)]
     doc: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
-    member = crs_member(str(meta.get("crs", "EPSG:4326")))
+    # NOTE: no default: a shard made by hand or by another tool without a crs was written as
+    # lon/lat (RFC 7946, no crs member) whatever its transform, e.g. UTM metres read as degrees
+    # by every GIS; dataio.prepare always writes one, so only foreign shards lack it.
+    if not meta.get("crs"):  # (missing, null or "", as postproc.mosaic checks it)
+        raise PredError('meta.json has no crs (needed for --geojson; a tile in lon/lat says '
+                        '"crs": "EPSG:4326")')
+    member = crs_member(str(meta["crs"]))
     if member is not None:
         doc["crs"] = member
     return doc

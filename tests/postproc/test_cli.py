@@ -507,7 +507,7 @@ def _tiles(gj: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "truncated", "bad_settings", "null_transform",
-                                  "zero_transform", "huge_tile"])
+                                  "zero_transform", "huge_tile", "no_crs"])
 def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
     pred, _ = make_pred_dir(tmp_path, shards=2, per_shard=2, size=64, buildings=3)
     out = tmp_path / "p.csv"
@@ -534,6 +534,17 @@ def test_polygonize_bad_input_is_one_line(tmp_path, capsys, case):
                          [("img1", prob, {**tile_meta("img1", 64, 0), "transform": [0] * 6})])
         argv += ["--geojson", str(tmp_path / "gj")]
         want = "pred-000001.tar: img1: meta.json transform [0, 0, 0, 0, 0, 0] is degenerate"
+    elif case == "no_crs":  # (it wrote lon/lat GeoJSON of UTM metres, exit 0)
+        prob = np.zeros((64, 64, 3), np.float32)
+        prob[8:24, 8:24] = (0, 1, 0)
+        prob[..., 0] = 1 - prob[..., 1]
+        meta = {**tile_meta("img1", 64, 1), "transform": [0.3, 0, 5e5, 0, -0.3, 4e6]}
+        del meta["crs"]
+        write_pred_shard(pred / "pred-000001.tar", [("img1", prob, meta)])
+        assert run_main(polygonize.main, argv) == 0  # (the CSV needs no CRS)
+        out.unlink()
+        argv += ["--geojson", str(tmp_path / "gj")]
+        want = "pred-000001.tar: img1: meta.json has no crs (needed for --geojson"
     elif case == "huge_tile":  # (the message named neither the shard nor the tile)
         prob = np.zeros((1, 33000, 3), np.float32)
         prob[..., 0] = 1

@@ -43,6 +43,10 @@ def test_wgs84_tile_has_no_crs_member(tmp_path):
 def test_bad_meta_and_unsafe_ids_are_refused(tmp_path):
     with pytest.raises(PredError, match="transform"):
         tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {"transform": [1, 0, 0]})
+    with pytest.raises(PredError, match="has no crs"):
+        tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {"transform": UTM["transform"]})
+    with pytest.raises(PredError, match="has no crs"):
+        tile_feature_collection("a", [], [], {**UTM, "crs": None})
     with pytest.raises(PredError, match="no transform"):
         tile_feature_collection("a", [box(0, 0, 1, 1)], [1.0], {"crs": "EPSG:4326"})
     with pytest.raises(PredError, match="unknown CRS"):
