@@ -1,7 +1,8 @@
 """Building labels: GeoJSON -> footprints in pixel coordinates -> 3-class masks.
 
 Masks: 0 background, 1 building interior, 2 boundary, the band of ``boundary_width`` pixels on each
-side of every outline (SpaceNet utilities' default of 2.5), so touching buildings stay separate.
+side of every outline (SpaceNet utilities' default of 2.5), so touching buildings stay separate: a
+pixel is boundary when its centre lies within ``boundary_width`` of an outline, inclusive.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rasterio.features import rasterize
 from shapely.geometry import Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
+from dataio.band import band_mask
 from dataio.classes import BOUNDARY, BUILDING
 from dataio.geo import geojson_crs, reproject_geometry, to_pixel
 
@@ -203,12 +205,9 @@ def outlines(polygons: list[Polygon], shape_hw: tuple[int, int]) -> list[BaseGeo
 def make_mask(polygons: list[Polygon], shape_hw: tuple[int, int],
               boundary_width: float = DEFAULT_BOUNDARY_WIDTH) -> np.ndarray:
     """The 3-class mask: footprints, then the band of ``boundary_width`` px on both sides of each
-    outline (not along the tile edge, see :func:`outlines`)."""
+    outline (not along the tile edge, see :func:`outlines`): every pixel whose centre lies within
+    ``boundary_width`` of an outline, inclusive (:func:`dataio.band.band_mask`)."""
     mask = rasterize_footprints(polygons, shape_hw)
     if polygons and boundary_width > 0:
-        bands = [o.buffer(boundary_width, quad_segs=4) for o in outlines(polygons, shape_hw)]
-        bands = [b for b in bands if not b.is_empty]
-        if bands:
-            band = rasterize(((b, 1) for b in bands), out_shape=shape_hw, fill=0, dtype="uint8")
-            mask[band > 0] = BOUNDARY
+        mask[band_mask(outlines(polygons, shape_hw), shape_hw, boundary_width)] = BOUNDARY
     return mask

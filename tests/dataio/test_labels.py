@@ -14,14 +14,17 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.features import rasterize
-from shapely.geometry import MultiPolygon, Polygon, box
+from shapely import affinity
+from shapely.geometry import LineString, MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
+from dataio.band import band_mask
 from dataio.classes import BACKGROUND, BOUNDARY, BUILDING
 from dataio.labels import (
     DEFAULT_BOUNDARY_WIDTH,
     LabelError,
     make_mask,
+    outlines,
     rasterize_footprints,
     read_footprints,
 )
@@ -57,6 +60,68 @@ def test_the_band_is_every_pixel_within_the_width_of_an_outline_holes_included()
     mask = make_mask(polys, (50, 90))
     assert (mask[24:27, 28:33] == BACKGROUND).all()  # the courtyard is no roof
     assert (mask[18:22, 30] == BOUNDARY).all() and (mask[28:32, 30] == BOUNDARY).all()
+
+
+def _distance_to_outlines(polygons: list[Polygon], shape_hw: tuple[int, int]) -> np.ndarray:
+    """Brute force: shapely's distance from every pixel centre to the outlines make_mask bands."""
+    h, w = shape_hw
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    lines = shapely.union_all(outlines(polygons, shape_hw))
+    return shapely.distance(lines, shapely.points(xs.ravel(), ys.ravel())).reshape(h, w)
+
+
+@pytest.mark.parametrize("width", [DEFAULT_BOUNDARY_WIDTH, 1.0, 1.5, 3.0])
+def test_the_band_of_a_box_at_integer_coordinates_is_symmetric_and_inclusive(width) -> None:
+    """What failed: rasterize's edge rule took centres exactly 2.5 px from a wall on one side
+    only: 6 px across the top wall (3 + 3), 5 across the others (3 + 2 or 2 + 3)."""
+    shape_hw = (60, 60)
+    polys = [box(20, 20, 40, 40)]
+    mask = make_mask(polys, shape_hw, width)
+    d = _distance_to_outlines(polys, shape_hw)
+    assert np.array_equal(mask == BOUNDARY, d <= width)
+    for same in (mask[::-1], mask[:, ::-1], mask.T):
+        assert np.array_equal(mask, same)
+    across = int(np.floor(width + 0.5)) * 2  # centres at k + 0.5 from the wall, k + 0.5 <= w
+    assert (mask[20 - across // 2: 20 + across // 2, 30] == BOUNDARY).all()
+    assert (mask[:, 30] == BOUNDARY).sum() == 2 * across
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_band_is_every_centre_within_the_width_of_an_outline_corners_included(seed) -> None:
+    """The rule, checked on every pixel against shapely's distance: boundary exactly where the
+    centre lies within ``width`` of an outline (inclusive), for rotated buildings with holes,
+    some cut by the tile edge. What failed: corner arcs drawn as chords (radius ~2.45) left out
+    the centres 2.45-2.5 px from a corner (0.13% of the band)."""
+    rng = np.random.default_rng(seed)
+    shape_hw = (120, 150)
+    polys: list[Polygon] = []
+    while len(polys) < 8:
+        cx, cy = rng.uniform(0, 150), rng.uniform(0, 120)
+        sx, sy = rng.uniform(6, 40, 2)
+        outer = affinity.rotate(box(cx - sx, cy - sy, cx + sx, cy + sy), rng.uniform(0, 90),
+                                origin=(cx, cy))
+        hole = affinity.scale(outer, 0.4, 0.4) if rng.random() < 0.5 else None
+        p = Polygon(outer.exterior.coords, [hole.exterior.coords] if hole else None)
+        p = p.intersection(box(0, 0, 150, 120))
+        if isinstance(p, Polygon) and not p.is_empty and all(p.distance(q) > 0 for q in polys):
+            polys.append(p)
+    d = _distance_to_outlines(polys, shape_hw)
+    for width in (DEFAULT_BOUNDARY_WIDTH, 1.0, 4.0):
+        band = make_mask(polys, shape_hw, width) == BOUNDARY
+        # (a centre within float rounding of the band's edge may go either way)
+        sure = np.abs(d - width) > 1e-9 * width
+        assert sure.mean() > 0.9999
+        bad = np.argwhere(sure & (band != (d <= width)))
+        assert len(bad) == 0, (width, bad[:5].tolist(), d[tuple(bad[0])] if len(bad) else None)
+
+
+def test_a_segment_of_no_length_bands_the_disc_around_its_point() -> None:
+    """A repeated vertex is a segment of no length: its band is the disc of the width."""
+    ys, xs = np.mgrid[0:20, 0:20] + 0.5
+    want = (xs - 10) ** 2 + (ys - 10.5) ** 2 <= 2.5 ** 2
+    line = LineString([(10, 10.5), (10, 10.5)])
+    # (22 centres, 6 of them exactly 2.5 px away: (10 ± 2.5, 10.5), (10 ± 1.5, 10.5 ± 2))
+    assert np.array_equal(band_mask([line], (20, 20), 2.5), want) and want.sum() == 22
 
 
 def test_touching_buildings_are_separated_by_the_boundary_class() -> None:

@@ -1,0 +1,89 @@
+"""The boundary band of the masks, exactly: pixels whose centre lies within ``width`` of a line.
+
+The rule (``dataio.labels.make_mask``): pixel (row i, col j) is in the band when the distance from
+its centre (j + 0.5, i + 0.5) to an outline is <= ``width``, inclusive.
+
+NOTE: rasterizing ``line.buffer(width)`` did not meet it: the buffer's corner arcs are chords
+(radius ~2.45 for 2.5 px at ``quad_segs=4``), so centres 2.45-2.5 px from a corner were left out,
+and rasterize's edge rule takes a centre lying exactly on the buffer's edge on one side of an
+outline but not on the other: a box at integer coordinates got 3 px on both sides of its top wall,
+and 5 px (3 + 2) across each other wall, its extra pixel inside or outside by the wall. Here
+the distance from each centre near a segment to that segment is computed in numpy, the way GEOS
+computes it, and compared with ``width``; for integer or half-integer coordinates every step is
+exact, so ties are decided by the rule, not by rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+
+def segments(lines: Sequence[BaseGeometry]) -> np.ndarray:
+    """(n, 4) array of the segments (x0, y0, x1, y1) of every line, in pixel coordinates."""
+    arr = np.empty(len(lines), dtype=object)
+    arr[:] = list(lines)
+    parts = shapely.get_parts(arr)
+    # (a Polygon's boundary is LineStrings; a difference with the tile edge may add Points)
+    parts = parts[np.isin(shapely.get_type_id(parts), (1, 2))] if parts.size else parts
+    if parts.size == 0:
+        return np.empty((0, 4))
+    xy, idx = shapely.get_coordinates(parts, return_index=True)
+    same = idx[:-1] == idx[1:]
+    return np.hstack([xy[:-1][same], xy[1:][same]])
+
+
+def _windows(seg: np.ndarray, shape_hw: tuple[int, int], width: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per segment: first column and row, and number of columns and rows of pixels that may lie
+    within ``width`` of it (its bounding box grown by ``width``, a pixel more for rounding)."""
+    h, w = shape_hw
+    lo = np.minimum(seg[:, :2], seg[:, 2:]) - width - 0.5
+    hi = np.maximum(seg[:, :2], seg[:, 2:]) + width - 0.5
+    c0 = np.clip(np.floor(lo[:, 0]) - 1, 0, w).astype(np.int64)
+    r0 = np.clip(np.floor(lo[:, 1]) - 1, 0, h).astype(np.int64)
+    c1 = np.clip(np.ceil(hi[:, 0]) + 1, -1, w - 1).astype(np.int64)
+    r1 = np.clip(np.ceil(hi[:, 1]) + 1, -1, h - 1).astype(np.int64)
+    return c0, r0, np.maximum(c1 - c0 + 1, 0), np.maximum(r1 - r0 + 1, 0)
+
+
+def _segment_d2(seg: tuple[float, float, float, float], col0: int, row0: int, ncols: int,
+                nrows: int) -> np.ndarray:
+    """Squared distance from the centres of a window of pixels (nrows x ncols from ``row0``,
+    ``col0``) to one segment (x0, y0, x1, y1)."""
+    ax, ay, bx, by = seg
+    dx, dy = bx - ax, by - ay
+    vx = np.arange(col0, col0 + ncols) + (0.5 - ax)
+    vy = (np.arange(row0, row0 + nrows) + (0.5 - ay))[:, None]
+    len2 = dx * dx + dy * dy
+    dot = vx * dx + vy * dy
+    # NOTE: the squared distance from the nearer end, or from the line (cross^2 / len2) where the
+    # foot of the perpendicular lies on the segment: no square root, no division by a rounded
+    # length, so half-integer offsets from integer segments come out exact.
+    from_a = vx * vx + vy * vy
+    from_b = (vx - dx) ** 2 + (vy - dy) ** 2
+    if len2 == 0:  # (a segment of no length: its one point)
+        return from_a
+    cross = vx * dy - vy * dx
+    return np.where(dot <= 0, from_a, np.where(dot >= len2, from_b, cross * cross / len2))
+
+
+def band_mask(lines: Sequence[BaseGeometry], shape_hw: tuple[int, int],
+              width: float) -> np.ndarray:
+    """bool HxW: True where a pixel centre lies within ``width`` px (inclusive) of any line."""
+    out = np.zeros(shape_hw, bool)
+    seg = segments(lines)
+    if seg.size == 0 or width < 0:
+        return out
+    # NOTE: one small window per segment, in a loop: ~4x faster than one vectorised pass over
+    # all (pixel, segment) pairs, whose index arithmetic cost more than the distances (9 against
+    # 40 ms for a 650 px tile of 57 buildings, 2 loaded cores).
+    w2 = width * width
+    for s, c, r, nc, nr in zip(seg.tolist(), *(a.tolist() for a in _windows(seg, shape_hw, width)),
+                               strict=True):
+        if nc > 0 and nr > 0:
+            out[r:r + nr, c:c + nc] |= _segment_d2(s, c, r, nc, nr) <= w2
+    return out
