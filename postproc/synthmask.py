@@ -1,9 +1,11 @@
 """Synthetic 3-class masks with known footprints, for the polygonizer's tests and benchmark.
 
 Footprints are rotated rectangles, L-shapes and rows of buildings with 0-4 px gaps (touching
-walls included), rasterised the way ``dataio.labels.make_mask`` does it: a pixel is building when
-its centre lies in a footprint, and the boundary class is the band of ``boundary_width`` px on
-each side of every outline.
+walls included), rasterised much as ``dataio.labels.make_mask`` does it: a pixel is building
+when its centre lies in a footprint, and the boundary class is the band of ``boundary_width`` px
+on each side of every outline, here a rasterised ``buffer`` (its corners cut as chords, centres
+exactly on its edge on one side only), not make_mask's exact rule (``dataio.band``); polygonize's
+tests and benchmarks need plausible masks, not the labels' exact ones.
 """
 
 from __future__ import annotations
