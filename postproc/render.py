@@ -126,7 +126,9 @@ def _legend(draw: ImageDraw.ImageDraw, size: tuple[int, int], counts: tuple[int,
 
 def pick_tiles(truth: dict[str, list[BaseGeometry]], n: int, score_cfg: ScoreConfig) -> list[str]:
     """The ``n`` tiles with the most (scored) truth buildings; ties by ImageId."""
-    counts = {k: sum(1 for g in v if g.area > score_cfg.min_truth_area) for k, v in truth.items()}
+    # (the scorer's rule, its rounding tolerance included: what it counts is what is drawn)
+    counts = {k: int(score_cfg.keeps_truth(np.array([g.area for g in v], float)).sum())
+              for k, v in truth.items()}
     return sorted(counts, key=lambda k: (-counts[k], k))[:n]
 
 

@@ -516,3 +516,13 @@ def test_a_mul_dataset_is_drawn_as_its_red_green_blue_bands(mul_dataset, tmp_pat
         same = (png == render.display_rgb(img, p2, p98, (5, 3, 2))).all(-1)[free].mean()
         first3 = (png == render.display_rgb(img, p2, p98)).all(-1)[free].mean()
         assert img.shape[2] == 8 and same > 0.8 and first3 < 0.1  # (outlines aside)
+
+
+def test_pick_tiles_counts_truth_as_the_scorer_does_at_min_truth_area() -> None:
+    """A truth polygon of exactly min_truth_area (20 px^2) in decimal coordinates, whose float
+    area rounds a hair above 20, is dropped by the scorer; the tiles drawn rank by the same
+    count, not by two buildings the score never saw."""
+    exact = [box(x, x + 0.2, x + 0.8, x + 0.2 + 25) for x in (0.4, 0.9)]  # 0.8 x 25 px each
+    assert all(g.area > 20 for g in exact)  # (the rounding this is about)
+    truth = {"img_a": exact, "img_b": [box(0, 0, 6, 6)]}
+    assert render.pick_tiles(truth, 1, ScoreConfig()) == ["img_b"]
