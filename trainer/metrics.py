@@ -116,7 +116,11 @@ class TrainMetrics:
         b.steps += 1
         b.step_seconds.append(step_s)
         b.data_wait_seconds.append(wait_s)
-        b.loss = loss
+        # NOTE: a batch of padding only (a rank's last of an epoch, more ranks than samples
+        # left) has a loss of 0 by definition, not a measurement: the gauge keeps the last real
+        # one (it read 0 after every such epoch end)
+        if samples > 0:
+            b.loss = loss
 
     def record_memory(self, device: torch.device) -> None:
         if device.type == "cuda":

@@ -61,6 +61,21 @@ def test_steps_are_summed_into_the_right_series() -> None:
     assert value("loss") == 0.25  # the last step's
 
 
+def test_a_batch_of_padding_only_leaves_the_loss_gauge_at_the_last_real_one() -> None:
+    """A rank's last batch of an epoch can hold padding only (more ranks than samples left): its
+    loss is 0 by definition, not a measurement, and the epoch's closing sync showed that rank's
+    loss as 0 until the next sync, a dip to 0 on the dashboard every epoch."""
+    m = TrainMetrics(DistEnv())
+    m.record_step(samples=3, step_s=0.2, wait_s=0.01, loss=0.75)
+    m.record_step(samples=0, step_s=0.1, wait_s=0.01, loss=0.0)
+    m.sync()
+    assert m.registry.get_sample_value("footprints_loss", {"rank": "0"}) == 0.75
+    assert m.registry.get_sample_value("footprints_steps_total", {"rank": "0"}) == 2
+    m.record_step(samples=0, step_s=0.1, wait_s=0.01, loss=0.0)  # a window of padding only
+    m.sync()
+    assert m.registry.get_sample_value("footprints_loss", {"rank": "0"}) == 0.75
+
+
 def test_each_rank_gets_its_own_series_and_skips_are_summed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 0 exports every rank's figures under that rank's label (not its own), and the
