@@ -84,7 +84,8 @@ class TrainMetrics:
         self.val = Gauge(f"{p}_validation", "Last validation figures: f1, iou (building), "
                          "iou_background, iou_building, iou_boundary, miou", ["metric"],
                          registry=r)
-        self.resumes = Counter(f"{p}_resumes", "Runs resumed from a checkpoint", registry=r)
+        self.resumes = Counter(f"{p}_resumes", "Times the run resumed from a checkpoint, over "
+                               "its processes (kept in its checkpoints)", registry=r)
 
     # ---- server -------------------------------------------------------------------------------
     def start(self) -> None:

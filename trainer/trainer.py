@@ -151,6 +151,9 @@ class Trainer:
         # validations in a row that did not beat best_f1 (train.early_stop_patience); kept in
         # every checkpoint, so that a resume of a run that stopped early stays stopped
         self.validations_since_best = 0
+        # times this run resumed from a checkpoint, kept in every checkpoint: each resume is a
+        # new process, whose own count (footprints_resumes_total) was never more than 1
+        self.resumes = 0
         self.stopped_early = False
         # This rank's figures of the epoch so far (loss sum, loader batches, samples) and the
         # epoch's start on the perf_counter clock: kept across a mid-epoch resume, so the epoch's
@@ -555,6 +558,7 @@ class Trainer:
             "product": self.manifest.product,
             "init_from": self.init_source,
             "validations_since_best": self.validations_since_best,
+            "resumes": self.resumes,
             # (rank 0's: the others' BatchNorm statistics in it may differ until the next use)
             **({ckpt.EMA: self.ema.state_dict()} if self.ema is not None else {}),
         }
@@ -628,7 +632,11 @@ class Trainer:
         if state.get("world_size") == self.env.world_size and len(state["rng"]) > self.env.rank:
             ckpt.set_rng_state(state["rng"][self.env.rank])
         on_main(self.env, "repairing the run directory", self._repair)
-        self.metrics.resumes.inc()
+        # NOTE: the run's count, not this process's: a counter that starts again at 1 in every
+        # restarted process read 1 after any number of resumes, and increase() saw no change
+        # (1 -> 1). A resume that dies before its first checkpoint is not carried on.
+        self.resumes = int(state.get("resumes", 0)) + 1
+        self.metrics.resumes.inc(self.resumes)
         log.info("resumed from %s (%d epochs done, %d steps into the next)", path, self.epoch,
                  self.step_in_epoch)
         return True

@@ -286,7 +286,8 @@ def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
                                                             tmp_path: Path) -> None:
     """What dashboards plot besides the step series: the epoch, the learning rate, validation
     F1/IoU and checkpoint times of the run, and one more resume each time a run picks up its
-    checkpoint (the resumed run's epoch gauge then follows the checkpoint, not 0)."""
+    checkpoint, counted over the run's processes (the resumed run's epoch gauge then follows
+    the checkpoint, not 0)."""
     from trainer.config import load_config
     from trainer.trainer import Trainer
 
@@ -315,6 +316,11 @@ def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
     assert value(second, "resumes_total") == 1
     assert value(second, "epoch") == 1
     assert value(second, "checkpoint_seconds_count") == 1  # this process's own
+    # NOTE: the run's resumes, carried in its checkpoints: every resume is a new process (a
+    # torchrun restart, a requeue), whose own count was never more than 1, so the dashboard's
+    # Resumes stat said 1 after any number of them, and increase() saw 1 -> 1, no resume at all
+    third = run(3)
+    assert value(third, "resumes_total") == 2
 
 
 def test_a_class_without_an_iou_is_null_in_the_log_and_nan_on_its_gauge(
