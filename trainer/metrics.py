@@ -84,8 +84,11 @@ class TrainMetrics:
         self.val = Gauge(f"{p}_validation", "Last validation figures: f1, iou (building), "
                          "iou_background, iou_building, iou_boundary, miou", ["metric"],
                          registry=r)
+        # NOTE: registered by set_resumes, once resume() has read the run's count: served from
+        # the start, it read 0 until then (checkpoint loading takes seconds), and a scrape of
+        # that 0 between N and N + 1 is a counter reset to increase(), which then counts N more
         self.resumes = Counter(f"{p}_resumes", "Times the run resumed from a checkpoint, over "
-                               "its processes (kept in its checkpoints)", registry=r)
+                               "its processes (kept in its checkpoints)", registry=None)
 
     # ---- server -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,6 +132,11 @@ class TrainMetrics:
                                 "reserved": torch.cuda.memory_reserved(device)}
         else:
             self._buf.memory = {"max_rss": _max_rss_bytes()}
+
+    def set_resumes(self, n: int) -> None:
+        """The run's resumes so far (``n``, from its checkpoint), served from now on; once."""
+        self.resumes.inc(n)
+        self.registry.register(self.resumes)
 
     def skip_step(self, reason: str) -> None:
         if self.env.is_main:

@@ -228,6 +228,7 @@ class Trainer:
         on_main(self.env, "starting the metrics endpoint", self.metrics.start)
         try:
             resumed = self.resume()
+            self.metrics.set_resumes(self.resumes)
             if not resumed and self.cfg.train.init_from:
                 self.init_weights()
             elif resumed and self.cfg.train.init_from and self.env.is_main:
@@ -636,7 +637,6 @@ class Trainer:
         # restarted process read 1 after any number of resumes, and increase() saw no change
         # (1 -> 1). A resume that dies before its first checkpoint is not carried on.
         self.resumes = int(state.get("resumes", 0)) + 1
-        self.metrics.resumes.inc(self.resumes)
         log.info("resumed from %s (%d epochs done, %d steps into the next)", path, self.epoch,
                  self.step_in_epoch)
         return True

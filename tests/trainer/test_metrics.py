@@ -61,6 +61,15 @@ def test_steps_are_summed_into_the_right_series() -> None:
     assert value("loss") == 0.25  # the last step's
 
 
+def test_resumes_are_served_only_once_the_runs_count_is_known() -> None:
+    """Not 0 while the checkpoint loads: a scrape of that 0 between a run's N and N + 1 resumes
+    is a counter reset to Prometheus' increase(), which then counted N resumes more."""
+    m = TrainMetrics(DistEnv())
+    assert m.registry.get_sample_value("footprints_resumes_total") is None
+    m.set_resumes(2)
+    assert m.registry.get_sample_value("footprints_resumes_total") == 2
+
+
 def test_a_batch_of_padding_only_leaves_the_loss_gauge_at_the_last_real_one() -> None:
     """A rank's last batch of an epoch can hold padding only (more ranks than samples left): its
     loss is 0 by definition, not a measurement, and the epoch's closing sync showed that rank's
