@@ -57,6 +57,7 @@ class TrainMetrics:
         self._buf = _Buffer()
         self._server: Any = None
         self._skipped_seen: dict[str, int] = {}
+        self._begun, self._resumes = False, 0
         r = self.registry
         p = PREFIX
         self.samples = Counter(f"{p}_samples", "Training samples processed", ["rank"], registry=r)
@@ -69,8 +70,13 @@ class TrainMetrics:
         self.data_wait = Histogram(f"{p}_data_wait_seconds", "Time a step waited for its batch",
                                    ["rank"], buckets=STEP_BUCKETS, registry=r)
         self.loss = Gauge(f"{p}_loss", "Training loss of the last step", ["rank"], registry=r)
-        self.lr = Gauge(f"{p}_learning_rate", "Current learning rate", registry=r)
-        self.epoch = Gauge(f"{p}_epoch", "Current epoch (0-based)", registry=r)
+        # NOTE: these three are registered by begin(), once resume() has set the run's state:
+        # a metric without labels is served as 0 from its creation, and the endpoint starts
+        # before the checkpoint loads, so every start and restart showed a learning rate of 0
+        # until the first log_every sync, epoch 0, and 0 resumes (a scrape of that 0 between N
+        # and N + 1 is a counter reset to increase(), which then counted N resumes more)
+        self.lr = Gauge(f"{p}_learning_rate", "Current learning rate", registry=None)
+        self.epoch = Gauge(f"{p}_epoch", "Current epoch (0-based)", registry=None)
         self.skipped_samples = Counter(f"{p}_skipped_samples", "Samples left out, by reason",
                                        ["reason"], registry=r)
         self.skipped_steps = Counter(f"{p}_skipped_steps", "Optimizer steps skipped, by reason",
@@ -84,9 +90,6 @@ class TrainMetrics:
         self.val = Gauge(f"{p}_validation", "Last validation figures: f1, iou (building), "
                          "iou_background, iou_building, iou_boundary, miou", ["metric"],
                          registry=r)
-        # NOTE: registered by set_resumes, once resume() has read the run's count: served from
-        # the start, it read 0 until then (checkpoint loading takes seconds), and a scrape of
-        # that 0 between N and N + 1 is a counter reset to increase(), which then counts N more
         self.resumes = Counter(f"{p}_resumes", "Times the run resumed from a checkpoint, over "
                                "its processes (kept in its checkpoints)", registry=None)
 
@@ -133,10 +136,18 @@ class TrainMetrics:
         else:
             self._buf.memory = {"max_rss": _max_rss_bytes()}
 
-    def set_resumes(self, n: int) -> None:
-        """The run's resumes so far (``n``, from its checkpoint), served from now on; once."""
-        self.resumes.inc(n)
-        self.registry.register(self.resumes)
+    def begin(self, epoch: int, lr: float, resumes: int) -> None:
+        """The run's state once resume() has set it (a fresh run's too), served from now on:
+        the epoch in progress (0-based), the learning rate, the run's resumes so far."""
+        self.epoch.set(epoch)
+        self.lr.set(lr)
+        # (a second train() of one Trainer begins again: the resumes since, registered once)
+        self.resumes.inc(max(0, resumes - self._resumes))
+        self._resumes = max(resumes, self._resumes)
+        if not self._begun:
+            for metric in (self.epoch, self.lr, self.resumes):
+                self.registry.register(metric)
+            self._begun = True
 
     def skip_step(self, reason: str) -> None:
         if self.env.is_main:

@@ -228,7 +228,7 @@ class Trainer:
         on_main(self.env, "starting the metrics endpoint", self.metrics.start)
         try:
             resumed = self.resume()
-            self.metrics.set_resumes(self.resumes)
+            self.metrics.begin(self.epoch, self.optimizer.param_groups[0]["lr"], self.resumes)
             if not resumed and self.cfg.train.init_from:
                 self.init_weights()
             elif resumed and self.cfg.train.init_from and self.env.is_main:

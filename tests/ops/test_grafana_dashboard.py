@@ -33,6 +33,7 @@ LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 def registries() -> list[CollectorRegistry]:
     train = TrainMetrics(DistEnv())
+    train.begin(epoch=0, lr=0.1, resumes=0)  # (as the trainer, once it has looked for a checkpoint)
     push = build_registry(PostprocRun(tiles=1, polygons=1, seconds=1.0,
                                       score=dict(f1=1, precision=1, recall=1, tp=1, fp=0, fn=0)))
     return [train.registry, push]
@@ -124,6 +125,7 @@ def test_job_variable_lists_jobs_of_a_training_metric() -> None:
 def exported_families() -> dict[str, str]:
     """Family name -> type, from a trainer registry and a postprocessing push registry."""
     train = TrainMetrics(DistEnv())
+    train.begin(epoch=0, lr=0.1, resumes=0)  # (as the trainer, once it has looked for a checkpoint)
     push = build_registry(PostprocRun(tiles=1, polygons=1, seconds=1.0,
                                       score=dict(f1=1, precision=1, recall=1, tp=1, fp=0, fn=0)))
     return {f.name: f.type for registry in (train.registry, push) for f in registry.collect()}

@@ -35,6 +35,7 @@ def _exported() -> tuple[dict[str, set[str]], set[str]]:
     push, with the label names its samples carry (every labelled child made to exist first); and
     the families."""
     m = TrainMetrics(DistEnv())
+    m.begin(epoch=0, lr=0.1, resumes=0)  # (as the trainer, once it has looked for a checkpoint)
     m.record_step(samples=2, step_s=0.1, wait_s=0.01, loss=1.0)
     m.record_memory(torch.device("cpu"))
     m.skip_step("nonfinite_loss")

@@ -61,13 +61,19 @@ def test_steps_are_summed_into_the_right_series() -> None:
     assert value("loss") == 0.25  # the last step's
 
 
-def test_resumes_are_served_only_once_the_runs_count_is_known() -> None:
+def test_the_runs_state_is_served_only_once_it_is_known() -> None:
     """Not 0 while the checkpoint loads: a scrape of that 0 between a run's N and N + 1 resumes
     is a counter reset to Prometheus' increase(), which then counted N resumes more."""
     m = TrainMetrics(DistEnv())
-    assert m.registry.get_sample_value("footprints_resumes_total") is None
-    m.set_resumes(2)
+    for name in ("resumes_total", "epoch", "learning_rate"):
+        assert m.registry.get_sample_value(f"footprints_{name}") is None
+    m.begin(epoch=3, lr=0.5, resumes=2)
     assert m.registry.get_sample_value("footprints_resumes_total") == 2
+    assert m.registry.get_sample_value("footprints_epoch") == 3
+    assert m.registry.get_sample_value("footprints_learning_rate") == 0.5
+    m.begin(epoch=4, lr=0.25, resumes=3)  # a second train() of one Trainer
+    assert m.registry.get_sample_value("footprints_resumes_total") == 3
+    assert m.registry.get_sample_value("footprints_epoch") == 4
 
 
 def test_a_batch_of_padding_only_leaves_the_loss_gauge_at_the_last_real_one() -> None:
@@ -330,6 +336,37 @@ def test_a_run_exports_its_figures_and_a_resume_counts_once(small_dataset: Path,
     # Resumes stat said 1 after any number of them, and increase() saw 1 -> 1, no resume at all
     third = run(3)
     assert value(third, "resumes_total") == 2
+
+
+def test_a_resumed_run_serves_its_epoch_and_learning_rate_before_its_first_sync(
+        small_dataset: Path, tmp_path: Path) -> None:
+    """The gauges were served as 0 from the endpoint's start until train_epoch (the epoch) and
+    the first log_every sync (the learning rate, 20 steps and a compile on the GPU presets): a
+    drop to 0 on the dashboard at every start and restart, and epoch 0 for a resumed run."""
+    from trainer.config import load_config
+    from trainer.trainer import Trainer
+
+    def trainer(epochs: int) -> Trainer:
+        cfg = load_config(Path("configs/tiny.toml"), [f"train.epochs={epochs}",
+                                                      "data.num_threads=1", "train.log_every=100"])
+        return Trainer(cfg, DistEnv(), small_dataset, tmp_path / "run")
+
+    trainer(1).train()
+    t = trainer(2)
+    seen = []
+    train_epoch = t.train_epoch
+
+    def spy() -> dict:
+        r = t.metrics.registry
+        seen.append((r.get_sample_value("footprints_epoch"),
+                     r.get_sample_value("footprints_learning_rate"),
+                     t.optimizer.param_groups[0]["lr"]))
+        return train_epoch()
+
+    t.train_epoch = spy  # type: ignore[method-assign]
+    t.train()
+    (epoch, lr, optimizer_lr), = seen
+    assert epoch == 1 and lr == optimizer_lr > 0
 
 
 def test_a_class_without_an_iou_is_null_in_the_log_and_nan_on_its_gauge(
