@@ -35,10 +35,17 @@ _NPY_FAST = re.compile(rb"\x93NUMPY\x01\x00(..)\{'descr': '<u2', 'fortran_order'
 _PNG_GREY8 = re.compile(rb"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR(.{4})(.{4})\x08\x00", re.DOTALL)
 
 
+# Every reason a sample is skipped for: the trainer's footprints_skipped_samples_total serves each
+# at 0 from the start (a series that first appears at N is no increase to Prometheus)
+REASONS = ("img_invalid", "mask_invalid", "meta_invalid", "read_error")
+
+
 class SampleError(ValueError):
-    """One sample that cannot be used; ``reason`` is a short metric label."""
+    """One sample that cannot be used; ``reason`` (one of :data:`REASONS`) is a metric label."""
 
     def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:  # (a new reason: add it there, so that it is served at 0)
+            raise ValueError(f"unknown SampleError reason {reason!r}; known: {REASONS}")
         super().__init__(message)
         self.reason = reason
 

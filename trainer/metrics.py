@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from dataio.reader import REASONS as SAMPLE_SKIP_REASONS
 from trainer.dist import DistEnv, gather_objects
 
 log = logging.getLogger("footprints")
 
 PREFIX = "footprints"
+STEP_SKIP_REASONS = ("nonfinite_loss", "nonfinite_grad", "fp16_overflow")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -81,6 +83,13 @@ class TrainMetrics:
                                        ["reason"], registry=r)
         self.skipped_steps = Counter(f"{p}_skipped_steps", "Optimizer steps skipped, by reason",
                                      ["reason"], registry=r)
+        # NOTE: every reason at 0 from the start: a series that first appears at N is no
+        # increase to Prometheus (increase() and rate() need two samples of it), so a reason's
+        # first skips never showed on the dashboard nor fired an alert on increase(...) > 0
+        for reason in SAMPLE_SKIP_REASONS:
+            self.skipped_samples.labels(reason=reason)
+        for reason in STEP_SKIP_REASONS:
+            self.skipped_steps.labels(reason=reason)
         self.checkpoint_time = Histogram(f"{p}_checkpoint_seconds", "Time to write a checkpoint",
                                          buckets=STEP_BUCKETS, registry=r)
         self.memory = Gauge(f"{p}_device_memory_bytes",
@@ -150,6 +159,8 @@ class TrainMetrics:
             self._begun = True
 
     def skip_step(self, reason: str) -> None:
+        if reason not in STEP_SKIP_REASONS:  # (a new reason: add it there, to be served at 0)
+            raise ValueError(f"unknown step skip reason {reason!r}; known: {STEP_SKIP_REASONS}")
         if self.env.is_main:
             self.skipped_steps.labels(reason=reason).inc()
 

@@ -39,7 +39,7 @@ def _exported() -> tuple[dict[str, set[str]], set[str]]:
     m.record_step(samples=2, step_s=0.1, wait_s=0.01, loss=1.0)
     m.record_memory(torch.device("cpu"))
     m.skip_step("nonfinite_loss")
-    m.set_skipped_samples({"decode_error": 1})
+    m.set_skipped_samples({"img_invalid": 1})
     m.sync()
     m.val.labels(metric="f1").set(0.5)
     m.checkpoint_time.observe(0.1)

@@ -24,7 +24,7 @@ def test_serves_on_the_configured_loopback_address_only() -> None:
     try:
         m.record_step(samples=8, step_s=0.2, wait_s=0.01, loss=0.5)
         m.skip_step("nonfinite_loss")
-        m.set_skipped_samples({"decode_error": 2})
+        m.set_skipped_samples({"img_invalid": 2})
         m.sync()
         assert m._server.server_address[0] == "127.0.0.1"
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
@@ -34,13 +34,14 @@ def test_serves_on_the_configured_loopback_address_only() -> None:
         assert [(s.labels, s.value) for s in total] == [({"rank": "0"}, 8.0)]
         skipped = {s.labels["reason"]: s.value for s in fams["footprints_skipped_samples"].samples
                    if s.name.endswith("_total")}
-        assert skipped == {"decode_error": 2.0}
+        assert skipped == {"img_invalid": 2.0, "mask_invalid": 0.0, "meta_invalid": 0.0,
+                           "read_error": 0.0}
         assert 'footprints_skipped_steps_total{reason="nonfinite_loss"} 1.0' in text.decode()
         # counters only grow: a later sync with the same cumulative figure adds nothing
-        m.set_skipped_samples({"decode_error": 2})
+        m.set_skipped_samples({"img_invalid": 2})
         m.sync()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        assert 'footprints_skipped_samples_total{reason="decode_error"} 2.0' in text.decode()
+        assert 'footprints_skipped_samples_total{reason="img_invalid"} 2.0' in text.decode()
     finally:
         m.stop()
 
@@ -76,6 +77,25 @@ def test_the_runs_state_is_served_only_once_it_is_known() -> None:
     assert m.registry.get_sample_value("footprints_epoch") == 4
 
 
+def test_every_skip_reason_is_served_at_0_before_its_first_skip() -> None:
+    """A series that first appears at N is no increase to Prometheus: increase() and rate()
+    need two samples of it, so a reason's first skips (a burst of unreadable samples) never
+    showed on the dashboard's skipped panels nor fired an alert on increase(...) > 0
+    (promtool test rules: the same series fires from 0 and stays silent from absent)."""
+    from dataio.reader import REASONS
+
+    m = TrainMetrics(DistEnv())
+
+    def value(name: str, reason: str) -> float | None:
+        return m.registry.get_sample_value(f"footprints_{name}_total", {"reason": reason})
+
+    assert REASONS and all(value("skipped_samples", r) == 0 for r in REASONS)
+    for reason in ("nonfinite_loss", "nonfinite_grad", "fp16_overflow"):
+        assert value("skipped_steps", reason) == 0
+    m.skip_step("nonfinite_grad")
+    assert value("skipped_steps", "nonfinite_grad") == 1
+
+
 def test_a_batch_of_padding_only_leaves_the_loss_gauge_at_the_last_real_one() -> None:
     """A rank's last batch of an epoch can hold padding only (more ranks than samples left): its
     loss is 0 by definition, not a measurement, and the epoch's closing sync showed that rank's
@@ -96,11 +116,11 @@ def test_each_rank_gets_its_own_series_and_skips_are_summed(
     """Rank 0 exports every rank's figures under that rank's label (not its own), and the
     skipped samples of all ranks as one total per reason."""
     other = _Buffer(samples=4, steps=1, step_seconds=[0.5], data_wait_seconds=[0.25], loss=2.0,
-                    memory={"max_rss": 7}, skipped_samples={"decode_error": 3})
+                    memory={"max_rss": 7}, skipped_samples={"img_invalid": 3})
     monkeypatch.setattr(metrics, "gather_objects", lambda mine: [mine, other])
     m = TrainMetrics(DistEnv(rank=0, world_size=2))
     m.record_step(samples=8, step_s=0.2, wait_s=0.01, loss=0.5)
-    m.set_skipped_samples({"decode_error": 1})
+    m.set_skipped_samples({"img_invalid": 1})
     m.sync()
 
     def value(name: str, **labels: str) -> float | None:
@@ -109,7 +129,7 @@ def test_each_rank_gets_its_own_series_and_skips_are_summed(
     assert value("samples_total", rank="0") == 8 and value("samples_total", rank="1") == 4
     assert value("loss", rank="1") == 2.0 and value("step_seconds_sum", rank="1") == 0.5
     assert value("device_memory_bytes", rank="1", kind="max_rss") == 7
-    assert value("skipped_samples_total", reason="decode_error") == 4
+    assert value("skipped_samples_total", reason="img_invalid") == 4
 
 
 def _rss_bytes() -> int:
