@@ -1,12 +1,13 @@
 """The SpaceNet building F1, exact, per image and in total.
 
 Semantics (SpaceNet ``evaluateScene.py``): per image, proposals in the given (file) order;
-each takes the unmatched truth polygon with the highest IoU (ties: the first in file order);
-IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris; up to float rounding, ``IOU_RTOL``) is a
-true positive and removes that truth polygon, anything else is a false positive; unmatched truth
-polygons are false negatives. Truth polygons with area <= ``min_truth_area`` px (up to
-``IOU_RTOL``, relative) are dropped first. Images in only one file: truth without proposals count
-as false negatives, proposals without truth as false positives (solaris).
+each takes the unmatched truth polygon with the highest IoU (ties, up to ``IOU_RTOL``: the
+first in file order); IoU >= 0.5 (``> 0.5`` with ``strict``, as solaris; up to float rounding,
+``IOU_RTOL``) is a true positive and removes that truth polygon, anything else is a false
+positive; unmatched truth polygons are false negatives. Truth polygons with area <=
+``min_truth_area`` px (up to ``IOU_RTOL``, relative) are dropped first. Images in only one file:
+truth without proposals count as false negatives, proposals without truth as false positives
+(solaris).
 Besides the pooled F1, each AOI's (ImageIds ``AOI_2_Vegas_img1``) and their mean, which is how
 the SpaceNet-2 contest combined its cities.
 
@@ -160,7 +161,8 @@ def _as_array(polys: Sequence[BaseGeometry]) -> np.ndarray:
 def candidate_ious(truth: np.ndarray, proposals: np.ndarray, cfg: ScoreConfig
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(proposal index, truth index, IoU) of every pair that can reach the threshold, sorted by
-    proposal, then IoU descending, then truth index (the order the greedy matching wants)."""
+    proposal, then IoU descending (up to ``IOU_RTOL``), then truth index (the order the greedy
+    matching wants)."""
     if truth.size == 0 or proposals.size == 0:
         e = np.empty(0, np.int64)
         return e, e, np.empty(0)
@@ -192,6 +194,13 @@ def candidate_ious(truth: np.ndarray, proposals: np.ndarray, cfg: ScoreConfig
     passed = iou > cfg.iou_threshold + tol if cfg.strict else iou >= cfg.iou_threshold - tol
     pi, ti, iou = pi[passed], ti[passed], iou[passed]
     order = np.lexsort((ti, -iou, pi))
+    pi, ti, iou = pi[order], ti[order], iou[order]
+    # NOTE: IoUs of one proposal within IOU_RTOL of the one before count as equal, so a tie
+    # goes to the first truth in file order: a proposal merging two adjacent buildings (IoU
+    # exactly 0.5 with each) took the one whose float IoU rounded higher.
+    lower = np.ones(pi.size, bool)  # (where a lower IoU, or the next proposal's, begins)
+    lower[1:] = (pi[1:] != pi[:-1]) | (iou[:-1] - iou[1:] > IOU_RTOL * iou[:-1])
+    order = np.lexsort((ti, np.cumsum(lower)))
     return pi[order], ti[order], iou[order]
 
 

@@ -138,6 +138,23 @@ def test_truth_of_exactly_min_truth_area_is_dropped_wherever_it_lies(x):
     assert score_image([t], [], ScoreConfig(min_truth_area=0)) == (0, 0, 1)
 
 
+@pytest.mark.parametrize("x", [0.1, 0.3, 12.7, 101.9, 333.3, 647.1])
+def test_an_exact_tie_between_two_truths_goes_to_the_first_in_file_order(x):
+    """What failed: a proposal merging two adjacent buildings (IoU exactly 0.5 with each) took
+    the one whose float IoU rounded higher, not the first in file order: 13 of these 30 took
+    the second, and the proposal of that building then found it matched (2 tp became 1)."""
+    cfg = ScoreConfig(min_truth_area=0)
+    low = ScoreConfig(min_truth_area=0, iou_threshold=0.3)  # (both pairs candidates)
+    for w in (1.1, 2.3, 7.7, 10.1, 13.3):
+        t1, t2 = box(x, x, x + w, x + 3.3), box(x + w, x, x + 2 * w, x + 3.3)
+        merged = box(x, x, x + 2 * w, x + 3.3)
+        assert score_image([t1, t2], [merged, t2], cfg) == (2, 0, 0), w
+        assert score_image([t2, t1], [merged, t1], cfg) == (2, 0, 0), w
+        # (a clear difference still decides: the larger IoU, the second truth here)
+        shifted = box(x + 0.1, x, x + 2 * w, x + 3.3)
+        assert score_image([t1, t2], [shifted, t1], low) == (2, 0, 0), w
+
+
 def test_duplicates_empty_tiles_and_small_truth():
     t = [box(0, 0, 10, 10), box(20, 0, 30, 10)]
     assert score_image(t, [t[0], t[0], t[1]]) == (2, 1, 0)
