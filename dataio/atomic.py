@@ -245,7 +245,9 @@ def _open_output(fd: int, mode: str, dest: Path, buffering: int = -1,
     buf = (io.BufferedRandom if "+" in mode else io.BufferedWriter)(raw, size)
     if binary:
         return buf
-    return io.TextIOWrapper(buf, encoding, errors, newline, line_buffering=buffering == 1)
+    text = io.TextIOWrapper(buf, encoding, errors, newline, line_buffering=buffering == 1)
+    text.mode = mode  # type: ignore[misc]  # (as open() sets it: TextIOWrapper has none)
+    return text
 
 
 def _names_output(error: BaseException, committing: bool) -> bool:

@@ -175,6 +175,23 @@ def test_a_failed_write_leaves_no_directory_it_made(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.rglob("*")] == ["new", "mine.txt"]
 
 
+@pytest.mark.parametrize(("mode", "kwargs"), [
+    ("wb", {}), ("w+b", {}), ("w", {}), ("w", {"encoding": "utf-8"}), ("w", {"newline": ""}),
+    ("w+", {"encoding": "utf-8"}), ("w", {"buffering": 1})])
+def test_the_file_object_is_the_one_open_gives(tmp_path: Path, mode: str,
+                                               kwargs: dict[str, object]) -> None:
+    """(the temporary file's layers are built by hand, as ``open`` builds them: a text file had
+    no ``mode``, which ``open``'s and ``os.fdopen``'s have)"""
+    def looks(f: object) -> dict[str, object]:
+        return {a: getattr(f, a, "missing") for a in (
+            "mode", "encoding", "errors", "line_buffering", "write_through", "closed")}
+
+    with open(tmp_path / "plain", mode, **kwargs) as want, \
+            atomic_open(tmp_path / "out", mode, **kwargs) as got:
+        assert (type(got), looks(got)) == (type(want), looks(want))
+        assert (got.seekable(), got.readable()) == (want.seekable(), want.readable())
+
+
 def test_a_mode_that_fdopen_refuses_leaves_no_descriptor_open(tmp_path: Path) -> None:
     """(``atomic_open(p, "wb", encoding=...)``: fdopen raised before a file object owned the
     descriptor, and the temporary file went but its descriptor stayed open)"""
