@@ -300,7 +300,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m trainer.predict", description=__doc__.split("\n")[0],
         epilog=dist.exit_codes_help(
             "--run-dir, --data, the checkpoint or a flag refused, a directory in --out where "
-            "a shard goes",
+            "a shard or the publish's mark goes",
             "a full disk while writing the stage or --out, a lost rank, a bug"))
     p.add_argument("--run-dir", type=Path, required=True, help="the training run directory")
     p.add_argument("--data", type=Path, required=True, help="dataset made by dataio.prepare")
@@ -325,10 +325,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_shard_names(args: argparse.Namespace, samples: int, env: dist.DistEnv) -> None:
     """Refuse (ValueError: exit 2) a directory in ``--out`` under a name that this rank's
-    shards will take when published (``dataio.atomic.check_not_a_directory``)."""
+    shards will take when published, or, on rank 0 (which publishes), at the publish's mark
+    (``dataio.atomic.check_not_a_directory``)."""
+    from postproc.predio import PUBLISHING
+
+    flag = f"--out {args.out}"
+    if env.is_main:  # (its rename failed at the publish, after the prediction, exit 1)
+        check_not_a_directory(args.out / PUBLISHING, flag, "the publish's mark")
     for name in predresume.share_shard_names(samples, env.rank, env.world_size,
                                              args.shard_size):
-        check_not_a_directory(args.out / name, f"--out {args.out}", "a prediction shard")
+        check_not_a_directory(args.out / name, flag, "a prediction shard")
 
 
 def _settle_stage(out: Path, made: list[Path], staged: bool) -> None:

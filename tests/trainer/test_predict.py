@@ -603,6 +603,24 @@ def test_a_directory_under_a_shard_name_is_refused_before_predicting(
     assert (out / "pred-000099.tar").is_dir() and len(list_pred_shards(out)) > 2
 
 
+def test_a_directory_at_outs_publish_mark_is_refused_before_predicting(
+        trained_run: Path, small_dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory at ``--out/.publishing``, where the publish writes its mark: found only at
+    the publish, after the whole prediction ("Is a directory"), exit 1 as for a full disk (the
+    shard names were checked up front, the mark was not; polygonize checks its own)."""
+    out = tmp_path / "pred"
+    (out / ".publishing").mkdir(parents=True)
+    args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
+            "--out", str(out)]
+    assert predict(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"trainer.predict: error: --out {out}: {out / '.publishing'} is a "
+                       "directory, where the publish's mark goes; move it away or give another "
+                       "--out"), err
+    assert [p.name for p in out.iterdir()] == [".publishing"]
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(200)
 def test_torchrun_a_directory_under_rank_1s_shard_name_stops_every_rank_with_exit_2(
