@@ -89,8 +89,17 @@ def _segment_d2(seg: tuple[float, float, float, float], col0: int, row0: int, nc
     from_b = (vx - dx) ** 2 + (vy - dy) ** 2
     if len2 == 0:  # (a segment of no length: its one point)
         return from_a
-    cross = vx * dy - vy * dx
-    return np.where(dot <= 0, from_a, np.where(dot >= len2, from_b, cross * cross / len2))
+    # NOTE: along an axis the distance from the line is the offset across it, exactly: a wall
+    # that reaches the tile edge ends 1e-6 px inside it (labels.outlines), so its length is no
+    # integer, and cross^2 / len2 rounded the centres exactly ``width`` away out, on both sides
+    if dy == 0:
+        perp = np.broadcast_to(vy * vy, dot.shape)
+    elif dx == 0:
+        perp = np.broadcast_to(vx * vx, dot.shape)
+    else:
+        cross = vx * dy - vy * dx
+        perp = cross * cross / len2
+    return np.where(dot <= 0, from_a, np.where(dot >= len2, from_b, perp))
 
 
 def band_mask(lines: Sequence[BaseGeometry], shape_hw: tuple[int, int],

@@ -115,6 +115,29 @@ def test_the_band_is_every_centre_within_the_width_of_an_outline_corners_include
         assert len(bad) == 0, (width, bad[:5].tolist(), d[tuple(bad[0])] if len(bad) else None)
 
 
+@pytest.mark.parametrize("cut", [box(-10, 10, 20, 30), box(10, -10, 30, 20), box(25, 10, 50, 30),
+                                 box(10, 25, 30, 45)])
+def test_the_band_of_a_box_cut_by_the_tile_edge_is_inclusive_too(cut) -> None:
+    """What failed: outlines() ends a wall cut by the tile edge 1e-6 px inside it, so the wall's
+    length is no integer and its centres exactly 2.5 px away were rounded out, on both sides:
+    4 px across the walls that reach the edge, 6 across the other (rows 8-11 for a wall at
+    y = 10, not 7-12)."""
+    shape_hw = (40, 40)
+    polys = [cut.intersection(box(0, 0, 40, 40))]
+    band = make_mask(polys, shape_hw) == BOUNDARY
+    # (the outline in exact coordinates, the tile edge left out: shapely's distances are exact)
+    x0, y0, x1, y1 = polys[0].bounds
+    walls = [LineString([(x0, y0), (x1, y0)]), LineString([(x1, y0), (x1, y1)]),
+             LineString([(x1, y1), (x0, y1)]), LineString([(x0, y1), (x0, y0)])]
+    walls = [g for g in walls if not g.within(box(0, 0, 40, 40).exterior)]
+    ys, xs = np.mgrid[0:40, 0:40] + 0.5
+    d = shapely.distance(shapely.union_all(walls), shapely.points(xs.ravel(), ys.ravel()))
+    assert np.array_equal(band, d.reshape(shape_hw) <= DEFAULT_BOUNDARY_WIDTH)
+    # across the two walls that reach the tile edge, through the middle of the box
+    across = band[:, int(x0 + x1) // 2] if y0 > 0 and y1 < 40 else band[int(y0 + y1) // 2]
+    assert across.sum() == 12  # (6 px on each)
+
+
 def test_a_segment_of_no_length_bands_the_disc_around_its_point() -> None:
     """A repeated vertex is a segment of no length: its band is the disc of the width."""
     ys, xs = np.mgrid[0:20, 0:20] + 0.5
