@@ -155,6 +155,25 @@ def test_an_exact_tie_between_two_truths_goes_to_the_first_in_file_order(x):
         assert score_image([t1, t2], [shifted, t1], low) == (2, 0, 0), w
 
 
+def test_iou_ties_do_not_chain_past_the_tolerance():
+    """What failed: IoUs of one proposal were tied when each was within IOU_RTOL of the one
+    before, so a chain of such steps tied the highest with one 1.7e-8 below it (beyond the
+    tolerance), and the lower one, first in file order, was taken: here the proposal took t2
+    (IoU 0.59999999) over t0 (0.6), and t2's own proposal then found it matched (2 tp scored 1,
+    where the scorer before the tie rule got 2)."""
+    p = box(0, 0, 100, 100)
+    t0 = box(0, 0, 100, 60)  # IoU 0.6
+    t1 = box(0, 0, 60 - 5e-7, 100)  # 0.599999995: tied with t0 and with t2
+    t2 = box(0, 40, 100, 100 - 1e-6)  # 0.59999999: tied with t1, 1.7e-8 below t0
+    q = box(0, 40, 100, 100)  # t2's own proposal (IoU 0.2 with t0, 0.43 with t1)
+    cfg = ScoreConfig(min_truth_area=0)
+    assert score_image([t2, t0, t1], [p, q], cfg) == reference_score([t2, t0, t1], [p, q], cfg) \
+        == (2, 0, 1)
+    # (within the tolerance of the highest, the first in file order still takes it: t1, so
+    # t0's own proposal finds t0 free)
+    assert score_image([t1, t0, t2], [p, t0], cfg) == (2, 0, 1)
+
+
 def test_duplicates_empty_tiles_and_small_truth():
     t = [box(0, 0, 10, 10), box(20, 0, 30, 10)]
     assert score_image(t, [t[0], t[0], t[1]]) == (2, 1, 0)
