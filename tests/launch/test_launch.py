@@ -957,3 +957,24 @@ def test_a_bad_config_is_one_line_before_torchrun(tmp_path: Path, script: str) -
     assert res.stderr.splitlines() == [
         f"trainer.train: error: --data {data}: no manifest.json (run dataio.prepare first)"]
     assert not run.exists()
+
+
+@pytest.mark.parametrize(("extra", "want"), [({}, "--max-restarts=3"),
+                                             ({"MAX_RESTARTS": "0"}, "--max-restarts=0"),
+                                             ({"MAX_RESTARTS": "12"}, "--max-restarts=12")])
+def test_slurm_takes_max_restarts(tmp_path: Path, extra: dict[str, str], want: str) -> None:
+    """(slurm.sbatch gave torchrun --max-restarts=3 whatever MAX_RESTARTS said, where
+    single_node.sh and multi_node.sh take it)"""
+    res = _slurm(tmp_path, extra=extra)
+    assert res.returncode == 0, res.stderr
+    args = _recorded(tmp_path / "srun.out")[0]
+    assert [a for a in args if a.startswith("--max-restarts")] == [want]
+
+
+@pytest.mark.parametrize("value", ["-1", "three", "3x"])
+def test_slurm_names_a_max_restarts_that_is_no_number(tmp_path: Path, value: str) -> None:
+    """As the other launchers: one line naming it, exit 2, before the checks and srun (torchrun
+    ended a bad --max-restarts in a traceback, on every node)."""
+    res = _slurm(tmp_path, extra={"MAX_RESTARTS": value})
+    assert res.returncode == 2 and not (tmp_path / "srun.out").exists()
+    assert res.stderr.splitlines() == [f"error: MAX_RESTARTS={value}: give a whole number from 0"]
