@@ -68,7 +68,9 @@ class TrainMetrics:
         self.steps = Counter(f"{p}_steps", "Training steps run, in loader batches (skipped "
                              "ones too)", ["rank"], registry=r)
         self.step_time = Histogram(f"{p}_step_seconds", "Wall time of one training step (a "
-                                   "loader batch)", ["rank"], buckets=STEP_BUCKETS, registry=r)
+                                   "loader batch), from being ready for its batch to the step's "
+                                   "end: its wait for the batch (footprints_data_wait_seconds) "
+                                   "included", ["rank"], buckets=STEP_BUCKETS, registry=r)
         self.data_wait = Histogram(f"{p}_data_wait_seconds", "Time a step waited for its batch",
                                    ["rank"], buckets=STEP_BUCKETS, registry=r)
         self.loss = Gauge(f"{p}_loss", "Training loss of the last step", ["rank"], registry=r)

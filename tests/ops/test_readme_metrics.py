@@ -72,3 +72,19 @@ def test_every_metric_the_readme_lists_is_exported_with_the_labels_it_gives() ->
     # and nothing exported is left out of the list (a counter is listed by its _total)
     unlisted = {f for f in families if f not in metrics and f"{f}_total" not in metrics}
     assert not unlisted, f"exported but not in README: {sorted(unlisted)}"
+
+
+def test_step_seconds_says_it_holds_the_data_wait() -> None:
+    """The trainer times a step from being ready for its batch to the step's end, so
+    footprints_step_seconds includes footprints_data_wait_seconds (the dashboard's input-bound
+    share divides one by the other); its help said "wall time of one training step", which
+    reads as compute alone, and README said nothing."""
+    m = TrainMetrics(DistEnv())
+    helps = {f.name: f.documentation for f in m.registry.collect()}
+    assert "footprints_data_wait_seconds" in helps["footprints_step_seconds"]
+    assert "included" in helps["footprints_step_seconds"]
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Metrics, Prometheus and Grafana"):text.index("**Grafana.**")]
+    said = re.search(r"`footprints_step_seconds\{rank\}` is [^.]*?\.", section)
+    assert said and "`footprints_data_wait_seconds{rank}`" in said.group(0) and \
+        "included" in said.group(0), "README's metrics section: what a step's time holds"
