@@ -11,7 +11,9 @@ Backends (``LoaderConfig.backend``): ``"dali"`` (default; :mod:`dataio.dali_pipe
 ``"torch"`` (:mod:`dataio.torch_pipe`). Both follow the same plan (:mod:`dataio.sharding`,
 :mod:`dataio.augment`) and give the same tensors for the same sample. The device: CUDA device
 ``LOCAL_RANK`` when CUDA is present (DALI then runs a GPU pipeline on it), else the CPU (a
-CPU-only DALI pipeline).
+CPU-only DALI pipeline). The torch backend's DataLoader workers (``num_threads`` > 0) start from a
+forkserver, never by fork() of this threaded process (:func:`dataio.torch_pipe.worker_context`):
+a script that builds such a loader needs the usual ``if __name__ == "__main__":`` guard.
 
 Every rank yields ``len(loader)`` batches per epoch, so DDP never waits on a rank with less data.
 Padding slots (at the end of a rank's epoch) and skipped samples come with ``valid=False``, an

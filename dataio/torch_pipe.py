@@ -10,7 +10,9 @@ loader counts; nothing short-changes the epoch.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Iterator
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import numpy as np
@@ -85,6 +87,31 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; no nested thread pools
 
 
+def worker_context(num_workers: int) -> BaseContext | None:
+    """How the DataLoader starts its workers: from a forkserver, never by fork() of this process.
+
+    NOTE: the loader's process runs threads by the time the workers start (DALI's, torch's
+    intra-op pool, the metrics server, gloo's), and fork() copies a lock another thread holds
+    into a child that can then deadlock on it (Python 3.12 warns "This process is
+    multi-threaded, use of fork() may lead to deadlocks in the child"). A forkserver is a
+    fresh, single-threaded process that forks the workers; it imports this module (and so
+    torch and numpy) once, so a worker starts without importing them again. Workers are
+    persistent: the start is paid once per loader, not per epoch. Spawn where there is no
+    forkserver."""
+    if num_workers == 0:
+        return None
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # NOTE: a worker also imports the main module run with -m (trainer.train, as
+    # __mp_main__), as under spawn: ~0.6 s a loader on 2 cores, in its workers at once.
+    # Preloading it here too made every worker warn (runpy: "found in sys.modules ... prior
+    # to execution"). (A process-wide setting, read when the forkserver starts: nothing
+    # else here uses one.)
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class TorchBackend:
     """Runs plans through one ``DataLoader`` with persistent workers."""
 
@@ -100,7 +127,8 @@ class TorchBackend:
                                  collate_fn=_as_is, num_workers=num_workers,
                                  persistent_workers=workers,
                                  prefetch_factor=prefetch if workers else None,
-                                 pin_memory=device.type == "cuda", worker_init_fn=_worker_init)
+                                 pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                                 multiprocessing_context=worker_context(num_workers))
         self.rebuilds = 0
 
     def epoch(self, plan: EpochPlan, done: int) -> Iterator[RawBatch]:

@@ -4,6 +4,7 @@ the image, streams are deterministic per seed, positions restore exactly."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -39,9 +40,13 @@ def aligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(backend: str, **kw: object) -> LoaderConfig:
+    """``torch-workers``: the torch backend with 2 DataLoader worker processes (``torch``: none,
+    reading in this process)."""
     kw.setdefault("crop_size", 48)
-    return LoaderConfig(backend=backend, batch_size=3, num_threads=0 if backend == "torch" else 1,
-                        **kw)
+    workers = backend == "torch-workers"
+    backend = "torch" if workers else backend
+    kw.setdefault("num_threads", 2 if workers else 0 if backend == "torch" else 1)
+    return LoaderConfig(backend=backend, batch_size=3, **kw)
 
 
 def _by_key(loader: Loader, epochs: tuple[int, ...] = (0,)) -> dict[tuple[int, str], tuple]:
@@ -166,7 +171,7 @@ def test_same_seed_same_stream_new_epoch_new_order(aligned: Path) -> None:
         assert [x.keys for x in _stream(c, 3)] != [x.keys for x in _stream(d, 3)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch-workers"])
 def test_restored_position_gives_the_remaining_batches(aligned: Path, backend: str) -> None:
     cfg = _cfg(backend)
     with build_loader(aligned, "train", cfg, 1, 2, train=True) as loader:
@@ -555,3 +560,40 @@ def test_whole_tiles_with_rotations_pad_to_the_largest(aligned: Path, backend: s
                 np.testing.assert_array_equal(mask_from_aligned(img[:, :h, :w]), msk[:h, :w])
                 assert (img[:, ~inside] == 0).all()
     assert seen == 10  # every training tile, whole
+
+
+def test_torch_workers_are_not_forked_from_this_threaded_process(
+        aligned: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's process runs threads (DALI's, torch's intra-op pool, the metrics server,
+    gloo's) when the DataLoader starts its workers: fork() then copies any lock another thread
+    holds, and the child can deadlock on it (Python 3.12 warns: "This process is multi-threaded,
+    use of fork() may lead to deadlocks in the child", seen on the GPU machine). The workers come
+    from a forkserver instead, and read the same batches as the backend without workers."""
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:  # (multiprocessing's fork start method calls os.fork in this process)
+        forks.append(len(os.listdir("/proc/self/task")))
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    stop = threading.Event()
+    live = threading.Thread(target=stop.wait, daemon=True)
+    live.start()
+    try:
+        with build_loader(aligned, "train", _cfg("torch-workers"), train=True) as loader:
+            ctx = loader._backend.loader.multiprocessing_context
+            assert ctx is not None and ctx.get_start_method() != "fork"
+            with_workers = _by_key(loader, (0, 1))
+    finally:
+        stop.set()
+        live.join()
+    assert forks == [], f"fork() in a process of {forks} threads"
+    with build_loader(aligned, "train", _cfg("torch"), train=True) as loader:
+        assert loader._backend.loader.multiprocessing_context is None  # (no workers)
+        in_process = _by_key(loader, (0, 1))
+    assert with_workers.keys() == in_process.keys() and len(in_process) == 20
+    for key, (img, msk, meta) in in_process.items():
+        np.testing.assert_array_equal(with_workers[key][0], img)
+        np.testing.assert_array_equal(with_workers[key][1], msk)
+        assert with_workers[key][2] == meta
