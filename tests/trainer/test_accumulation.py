@@ -72,9 +72,13 @@ def test_n_batches_of_b_step_like_one_batch_of_n_times_b(small_dataset: Path,
     a, b = one.net.state_dict(), acc.net.state_dict()
     moved = max(float((a[k] - init[k]).abs().max()) for k in a)
     apart = max(float((a[k] - b[k]).abs().max()) for k in a)
-    # equal up to float summation order (2e-6 of the way); a sum instead of a mean of the
-    # group's gradients, or the last short group divided by N (0.15 of the way), would not be
-    assert moved > 0.02 and apart < 1e-4 * moved, (moved, apart)
+    # equal up to float summation order; a sum instead of a mean of the group's gradients, or
+    # the last short group divided by N (0.15 of the way), would not be. NOTE: the first two
+    # steps agree to 2-4e-6 of the way, but summation noise can flip a near tie of a max-pool or
+    # a ReLU, after which the runs part by more: since the exact label band (70afd18) changed
+    # this dataset's masks, one flip at the third step leaves them 8e-4 of the way apart after
+    # five (was 2e-6). 1e-2 still tells the bugs above from noise by 15x.
+    assert moved > 0.02 and apart < 1e-2 * moved, (moved, apart)
     # the logged figures count samples and batch losses, whatever the grouping
     assert one.history[0]["samples"] == acc.history[0]["samples"] == 17
 
