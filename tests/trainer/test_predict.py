@@ -592,15 +592,21 @@ def test_a_directory_under_a_shard_name_is_refused_before_predicting(
     (out / "pred-000001.tar").mkdir(parents=True)
     args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
             "--shard-size", "1", "--out", str(out)]
-    assert predict(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"trainer.predict: error: --out {out}: {out / 'pred-000001.tar'} is a "
-                       "directory, where a prediction shard goes; move it away or give another "
-                       "--out"), err
-    assert [p.name for p in out.iterdir()] == ["pred-000001.tar"]
+    _refuses_the_directory(args, out, "pred-000001.tar", "a prediction shard", capsys)
     (out / "pred-000001.tar").rename(out / "pred-000099.tar")
     assert predict(args) == 0
     assert (out / "pred-000099.tar").is_dir() and len(list_pred_shards(out)) > 2
+
+
+def _refuses_the_directory(args: list[str], out: Path, name: str, what: str,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    """predict ``args`` exits 2 with one line naming the directory ``out/name`` (``what`` goes
+    there), and leaves ``out`` holding it alone."""
+    assert predict(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"trainer.predict: error: --out {out}: {out / name} is a directory, "
+                       f"where {what} goes; move it away or give another --out"), err
+    assert [p.name for p in out.iterdir()] == [name]
 
 
 def test_a_directory_at_outs_publish_mark_is_refused_before_predicting(
@@ -613,12 +619,7 @@ def test_a_directory_at_outs_publish_mark_is_refused_before_predicting(
     (out / ".publishing").mkdir(parents=True)
     args = ["--run-dir", str(trained_run), "--data", str(small_dataset), "--split", "val",
             "--out", str(out)]
-    assert predict(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"trainer.predict: error: --out {out}: {out / '.publishing'} is a "
-                       "directory, where the publish's mark goes; move it away or give another "
-                       "--out"), err
-    assert [p.name for p in out.iterdir()] == [".publishing"]
+    _refuses_the_directory(args, out, ".publishing", "the publish's mark", capsys)
 
 
 @pytest.mark.multiproc
