@@ -16,7 +16,6 @@ from shapely.geometry import mapping
 from shapely.geometry.base import BaseGeometry
 
 from postproc.mergegrid import (
-    WGS84,
     Grid,
     GridIndex,
     border_segments,
@@ -67,8 +66,13 @@ class Merger:
         self.seen.add(key)
         where = f"{shard}: {key}"
         fwd, w, h = meta_extent(meta, where)
+        # NOTE: no default, as polygonize --geojson (postproc.geojson): a missing crs read as
+        # WGS 84 put a UTM tile's footprints in the wrong place, and "crs": null became "None"
+        if not meta.get("crs"):  # (missing, null or "")
+            raise MergeError(f'{where}: meta.json has no crs (a tile in lon/lat says '
+                             f'"crs": "EPSG:4326")')
         try:
-            crs = crs_key(str(meta.get("crs", WGS84)))
+            crs = crs_key(str(meta["crs"]))
         except MergeError as e:
             raise MergeError(f"{where}: meta.json: {e}") from None
         geoms, props = read_tile(path, key, crs)

@@ -595,3 +595,29 @@ def test_a_link_loop_among_the_geojson_is_counted_as_not_a_tile(tmp_path, capsys
     assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]) == 0
     assert len(json.loads(out.read_text())["features"]) == 1  # (the building across both)
     assert f"1 *.geojson in {gj} are not tiles" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("crs", ["missing", None, ""])
+def test_a_tile_whose_meta_has_no_crs_is_refused_naming_shard_and_tile(tmp_path, capsys, crs):
+    """What failed: a missing crs was read as WGS 84 without a word (a UTM tile's footprints in
+    the wrong place), and "crs": null as the CRS "None"; polygonize --geojson refuses both."""
+    pred, gj = _two_tiles(tmp_path)
+    a, b, c, d, e, f = TRANSFORM_4326
+    samples = []
+    for k in range(2):
+        meta = {"crs": "EPSG:4326", "transform": [a, b, c + 16 * k * a, d, e, f], "width": 16,
+                "height": 16}
+        if k == 1:
+            if crs == "missing":
+                del meta["crs"]
+            else:
+                meta["crs"] = crs
+        samples.append((f"t{k}", np.zeros((16, 16, 3), np.uint8), meta))
+    shard = pred / "pred-000000.tar"
+    write_pred_shard(shard, samples)
+    out = tmp_path / "area.geojson"
+    assert run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert f'{shard}: t1: meta.json has no crs (a tile in lon/lat says "crs": "EPSG:4326")' in err
+    assert not out.exists()
