@@ -181,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     if n_over:
         small += f"; {n_over} pairs of tiles overlap"
     from postproc.cli import push_metrics, report
+    from postproc.pushmetrics import PostprocRun
 
+    # NOTE: pushed before the report: the area's file is complete here, and a closed stdout
+    # (| head -0) at the report, which ends quietly with 1, skipped the push of a finished run
+    push_metrics(args, PostprocRun(len(m.seen), m.written, time.monotonic() - t0,
+                                   overlaps=n_over))
     # (a full disk under stdout: exit 1, as for the area's file; see report)
     report(f"{len(m.seen)} tiles, {m.written} footprints ({m.merged} merged from "
            f"{m.merged_pieces} pieces{small}) -> {args.out}")
-    from postproc.pushmetrics import PostprocRun
-
-    push_metrics(args, PostprocRun(len(m.seen), m.written, time.monotonic() - t0,
-                                   overlaps=n_over))
     return 0
 
 

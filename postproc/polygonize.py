@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
@@ -34,6 +34,9 @@ from shapely.geometry import Polygon
 from postproc import blobs, grow, label, tilekernel, trace
 from postproc.pools import close_pool
 from postproc.predio import quantize_probs
+
+if TYPE_CHECKING:  # (postproc.runner imports this module)
+    from postproc.runner import RunSummary
 
 
 def _named(field: str) -> str:
@@ -409,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dataio.atomic import check_writable, discard_staging_dir, missing_dirs, resolved
     from postproc import runner
-    from postproc.cli import report
     from postproc.predio import list_pred_shards
     from trainer import dist
 
@@ -441,9 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 # (| head -0) then stops every rank with exit 1 (postproc.cli.end_quietly),
                 # where rank 0 alone exited 1. Flushed here: a worker's stdout is buffered
                 # where the launcher gives no -u (torchrun --no-python python -m ...)
-                dist.on_main(env, "reporting", lambda: report(
-                    f"{summary.tiles} tiles, {summary.polygons} polygons from "
-                    f"{summary.shards} shards -> {args.out}"))
+                dist.on_main(env, "reporting", lambda: _push_and_report(args, summary, t0))
             finally:
                 dist.teardown()
         finally:
@@ -454,12 +454,21 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main and args.geojson is not None:
             discard_staging_dir(args.geojson, geojson_made)
         raise
-    if env.is_main:
-        from postproc.cli import push_metrics
-        from postproc.pushmetrics import PostprocRun
-
-        push_metrics(args, PostprocRun(summary.tiles, summary.polygons, time.monotonic() - t0))
     return 0
+
+
+def _push_and_report(args: argparse.Namespace, summary: RunSummary, t0: float) -> None:
+    """Rank 0's end: the metrics pushed (``--pushgateway``), then the report line.
+
+    NOTE: pushed first: the CSV and GeoJSON are complete here, and a closed stdout (| head -0)
+    at the report, which ends quietly with 1, skipped the push of a finished run. (A push
+    bounded by its timeout, postproc.pushmetrics.PUSH_TIMEOUT_S, while the ranks wait.)"""
+    from postproc.cli import push_metrics, report
+    from postproc.pushmetrics import PostprocRun
+
+    push_metrics(args, PostprocRun(summary.tiles, summary.polygons, time.monotonic() - t0))
+    report(f"{summary.tiles} tiles, {summary.polygons} polygons from {summary.shards} shards "
+           f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ import numpy as np
 import pytest
 import shapely
 from affine import Affine
-from pp_helpers import REPO, TRANSFORM_4326, full_disk_at_commit, make_pred_dir, tile_meta
+from pp_helpers import (
+    REPO,
+    TRANSFORM_4326,
+    check_stdout_failure,
+    full_disk_at_commit,
+    make_pred_dir,
+    tile_meta,
+    unbuffered_stdout,
+)
 from proc_helpers import (
     first_failure,
     interrupt_when,
@@ -38,7 +46,7 @@ from proc_helpers import (
 import postproc.geojson
 from benchmarks.proctree import tree_pids
 from dataio import atomic
-from postproc import polygonize, render, runner, score, tune
+from postproc import polygonize, pushmetrics, render, runner, score, tune
 from postproc.cli import exit_on_error
 from postproc.pools import close_pool, ignore_sigint
 from postproc.predio import write_pred_shard
@@ -1478,3 +1486,30 @@ def test_an_out_link_that_loops_is_refused_naming_it(pred_dir, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out {loop}: its symbolic links cannot be followed" in err[0], err
     assert loop.is_symlink() and not (tmp_path / "gj").exists()
+
+
+@pytest.mark.parametrize("where", ["full", "closed"])
+def test_a_full_or_closed_stdout_pushes_polygonize_but_not_score(pred_dir, tmp_path, capsys,
+                                                                  monkeypatch, where):
+    """Polygonize's CSV is complete before its report line: a closed stdout (| head -0, exit 1
+    quietly) or a full one skipped its push, which came after the report. Score's figures are
+    its output (and its --json is written after them): not delivered, no success pushed."""
+    pushed = []
+    monkeypatch.setattr(pushmetrics, "push_to_gateway",
+                        lambda _url, job, registry, **_kw: pushed.append((job, registry)))
+    pred, truth = pred_dir
+    out = tmp_path / "p.csv"
+    gateway = ("--pushgateway", "http://127.0.0.1:9091")
+    with unbuffered_stdout(where):
+        code = run_main(polygonize.main, ["--pred", str(pred), "--out", str(out), "--workers",
+                                          "1", "--no-tuned", *gateway])
+    check_stdout_failure(where, code, capsys.readouterr().err)
+    rows = [r for r in out.read_text().splitlines()[1:] if "POLYGON EMPTY" not in r]
+    [(job, registry)] = pushed
+    assert job == "footprints_polygonize"
+    assert registry.get_sample_value("footprints_postproc_polygons_total") == len(rows)
+    with unbuffered_stdout(where):
+        code = run_main(score.main, ["--truth", str(truth), "--proposals", str(out),
+                                     "--workers", "1", *gateway])
+    check_stdout_failure(where, code, capsys.readouterr().err)
+    assert len(pushed) == 1

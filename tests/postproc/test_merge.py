@@ -572,16 +572,26 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("where", ["full", "closed"])
-def test_a_full_or_closed_unbuffered_stdout_exits_1(tmp_path, capsys, where):
+def test_a_full_or_closed_unbuffered_stdout_exits_1(tmp_path, capsys, monkeypatch, where):
     """``python -u -m postproc.merge ... > /dev/full``: the report's print raised a bare OSError,
     exit 2 ("fix the input"), where polygonize and score exit 1 (a failure of the run); a
-    closed stdout (``| head -0``) ends quietly with 1. The area's file is written before."""
+    closed stdout (``| head -0``) ends quietly with 1. The area's file is written before, and
+    its metrics pushed (they were not: the push came after the report)."""
+    from postproc import pushmetrics
+
+    pushed = []
+    monkeypatch.setattr(pushmetrics, "push_to_gateway",
+                        lambda _url, job, registry, **_kw: pushed.append((job, registry)))
     pred, gj = _two_tiles(tmp_path)
     out = tmp_path / "area.geojson"
     with unbuffered_stdout(where):
-        code = run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out)])
+        code = run(["--pred", str(pred), "--geojson", str(gj), "--out", str(out),
+                    "--pushgateway", "http://127.0.0.1:9091"])
     check_stdout_failure(where, code, capsys.readouterr().err)
     assert out.exists()
+    [(job, registry)] = pushed
+    assert job == "footprints_merge"
+    assert registry.get_sample_value("footprints_postproc_polygons_total") == 1
 
 
 def test_a_link_loop_among_the_geojson_is_counted_as_not_a_tile(tmp_path, capsys):
