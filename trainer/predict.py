@@ -249,6 +249,21 @@ def _check_same_weights(digest: str, ckpt_path: Path) -> None:
                          "predict again, or pass --checkpoint step-*.pt")
 
 
+def _default_checkpoint(run_dir: Path) -> Path:
+    """RUN's best checkpoint: ``checkpoints/best.pt``, or the one the run's newest checkpoint
+    names as its best (``best_step``) where best.pt was not re-pointed at it yet
+    (``checkpoint.source_checkpoint``, as ``train.init_from`` and ``trainer.export`` take it).
+
+    NOTE: a run killed between committing a new best and re-pointing best.pt (a hard link, or a
+    whole copy where links fail) repairs best.pt only when it resumes; predict took the older
+    best.pt, other weights than the run's best, which its own log and export named."""
+    from trainer.checkpoint import BEST, checkpoint_dir, source_checkpoint
+
+    best = checkpoint_dir(run_dir) / BEST
+    # (a directory without best.pt: the caller says why, with _no_best_hint)
+    return source_checkpoint(str(run_dir), "--run-dir") if best.is_file() else best
+
+
 def _no_best_hint(run_dir: Path) -> str:
     """What to do about a run directory without best.pt: train, or name a step checkpoint."""
     from trainer.checkpoint import list_checkpoints
@@ -308,7 +323,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="split of --data to predict (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="directory for pred-NNNNNN.tar")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint file (default: RUN/checkpoints/best.pt)")
+                   help="checkpoint file (default: the run's best, RUN/checkpoints/best.pt)")
     p.add_argument("--tta", action="store_true", help="average over flips (4x the compute)")
     p.add_argument("--shard-size", type=int, default=100,
                    help="tiles per prediction shard (default %(default)s)")
@@ -369,7 +384,7 @@ def _predict(args: argparse.Namespace) -> int:
     except ValueError as e:
         say(f"trainer.predict: error: {e}")
         return 2
-    ckpt_path = args.checkpoint or args.run_dir / "checkpoints" / "best.pt"
+    ckpt_path = args.checkpoint or _default_checkpoint(args.run_dir)
     # (a checkpoint file given as --run-dir, or a directory as --checkpoint, was 'not found')
     if args.run_dir.is_file():
         say(f"trainer.predict: error: --run-dir {args.run_dir} is a file; give the run "

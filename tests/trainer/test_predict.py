@@ -663,6 +663,13 @@ def test_the_default_checkpoint_is_best_pt_not_the_newest(trained_run: Path, sma
     steps = sorted(ckpts.glob("step-*.pt"))
     assert len(steps) >= 2
     shutil.copyfile(steps[0], ckpts / "best.pt")  # the best: an earlier step than the newest
+    # (as the run records it: each checkpoint names the best as of itself, best_step; a best.pt
+    # that is not the one the newest names is one a kill left before re-pointing it)
+    from trainer import checkpoint as ckpt
+
+    newest = ckpt.load(steps[-1])
+    newest["best_step"] = ckpt.load(steps[0])["global_step"]
+    ckpt.save(newest, steps[-1])
     args = ["--run-dir", str(run_dir), "--data", str(small_dataset), "--split", "test"]
     got = {}
     for name, extra in (("default", []), ("best", ["--checkpoint", str(steps[0])]),
@@ -1727,3 +1734,33 @@ def test_another_ranks_failure_exits_with_that_ranks_code(
     err = _lines(capsys.readouterr().err)
     assert err[-1].startswith(f"trainer.predict: error: rank 1 stopped while {what}: "
                               f"{type(failure).__name__}: {failure}"), err[-1]
+
+
+def test_the_default_checkpoint_is_the_runs_best_when_best_pt_was_not_yet_re_pointed(
+        trained_run: Path, small_dataset: Path, tmp_path: Path) -> None:
+    """A run killed between committing a new best checkpoint (its ``best_step``) and pointing
+    best.pt at it: predict took the older best.pt, where train.init_from and trainer.export take
+    the run's best (``checkpoint.source_checkpoint``)."""
+    import shutil
+
+    from trainer import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    old = ckpt.list_checkpoints(run)[-1]
+    state = ckpt.load(old)
+    state["model"] = {k: v + 0.5 if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    step = state["global_step"] + 1
+    state["global_step"] = state["best_step"] = step
+    new = ckpt.checkpoint_path(run, step)
+    ckpt.save(state, new)  # (killed here: best.pt still the older one)
+    assert ckpt.load(run / "checkpoints" / ckpt.BEST)["global_step"] < step
+    args = ["--run-dir", str(run), "--data", str(small_dataset), "--split", "test"]
+    assert predict([*args, "--out", str(tmp_path / "default")]) == 0
+    prov = json.loads((tmp_path / "default" / PROVENANCE).read_text())
+    assert Path(prov["checkpoint"]) == new.resolve()
+    assert predict([*args, "--out", str(tmp_path / "named"), "--checkpoint", str(new)]) == 0
+    default, named = _read(tmp_path / "default"), _read(tmp_path / "named")
+    assert default.keys() == named.keys()
+    assert all(np.array_equal(default[k][0], named[k][0]) for k in default)
