@@ -310,11 +310,14 @@ def _recorded_best(run_dir: Path, best: Path) -> Path:
     except OSError:  # (pruned just now by a run still training: best.pt was marked before)
         return best
     try:
-        if load(best, mmap=True).get("global_step") == step:  # (a copy of it)
-            return best
+        at = load(best, mmap=True).get("global_step")
     except ValueError:  # (a best.pt that does not load: the one named is the run's best)
-        pass
-    return marked
+        return marked
+    # NOTE: a best is always at a later step than the one before it, so only a best.pt older
+    # than the record lags behind it; one as new or newer is a copy of it, or the record is
+    # stale: from an older checkpoint that load_latest fell back to past a damaged newest one
+    # (whose best best.pt holds), where taking the record meant older weights than the run's best
+    return marked if not isinstance(at, int) or at < step else best
 
 
 def other_product(state: dict[str, Any], manifest: Manifest) -> str | None:

@@ -446,3 +446,23 @@ def test_a_ctrl_c_during_a_save_stays_a_keyboard_interrupt(tmp_path: Path,
     monkeypatch.undo()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
     assert list(ckpt.checkpoint_dir(tmp_path).glob(".*")) == []
+
+
+def test_a_run_s_best_is_best_pt_when_a_damaged_newest_hides_its_record(tmp_path: Path) -> None:
+    """source_checkpoint (train.init_from, trainer.export, trainer.predict's default) takes the
+    best the newest checkpoint names (best_step) over a best.pt not yet re-pointed at it. A
+    damaged newest is skipped, and the older one's record names an older best than best.pt (a
+    copy where links fail, intact): that stale record was taken, older weights than the run's
+    best, where best.pt was right (predict used best.pt before it took source_checkpoint)."""
+    for step, best_step in ((1, 1), (2, 1), (3, 3)):
+        state = {**_state(step), "global_step": step, "best_step": best_step}
+        ckpt.save(state, ckpt.checkpoint_path(tmp_path, step))
+    best = ckpt.checkpoint_dir(tmp_path) / ckpt.BEST
+    best.write_bytes(ckpt.checkpoint_path(tmp_path, 3).read_bytes())  # (a copy: no hard links)
+    newest = ckpt.checkpoint_path(tmp_path, 3)
+    newest.write_bytes(newest.read_bytes()[:100])  # a disk error after the rename
+    assert ckpt.source_checkpoint(str(tmp_path)) == best
+    # best.pt older than the record (killed before re-pointing it) still yields to the record
+    best.write_bytes(ckpt.checkpoint_path(tmp_path, 1).read_bytes())
+    ckpt.save({**_state(4), "global_step": 4, "best_step": 2}, ckpt.checkpoint_path(tmp_path, 4))
+    assert ckpt.source_checkpoint(str(tmp_path)) == ckpt.checkpoint_path(tmp_path, 2)
