@@ -102,14 +102,17 @@ def full_disk_at_commit(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
     monkeypatch.setattr(module, "atomic_open", full_at_commit)
 
 
+# the two ends of stdout for :func:`unbuffered_stdout`, to parametrize ("full" needs /dev/full)
+STDOUT_ENDS = [pytest.param("full", marks=pytest.mark.skipif(
+    not os.path.exists("/dev/full"), reason="needs /dev/full")), "closed"]
+
+
 @contextlib.contextmanager
 def unbuffered_stdout(where: str) -> Iterator[None]:
     """``sys.stdout`` as ``python -u`` makes it (every print written at once), onto a full disk
     (``where="full"``: /dev/full, every write ENOSPC) or a pipe whose reader has gone
     (``"closed"``: ``| head -0``); the real one put back after."""
     if where == "full":
-        if not os.path.exists("/dev/full"):
-            pytest.skip("needs /dev/full")
         fd = os.open("/dev/full", os.O_WRONLY)
     else:
         read, fd = os.pipe()

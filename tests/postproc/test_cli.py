@@ -27,6 +27,7 @@ import shapely
 from affine import Affine
 from pp_helpers import (
     REPO,
+    STDOUT_ENDS,
     TRANSFORM_4326,
     check_stdout_failure,
     full_disk_at_commit,
@@ -1488,7 +1489,7 @@ def test_an_out_link_that_loops_is_refused_naming_it(pred_dir, tmp_path, capsys)
     assert loop.is_symlink() and not (tmp_path / "gj").exists()
 
 
-@pytest.mark.parametrize("where", ["full", "closed"])
+@pytest.mark.parametrize("where", STDOUT_ENDS)
 def test_a_full_or_closed_stdout_pushes_polygonize_but_not_score(pred_dir, tmp_path, capsys,
                                                                   monkeypatch, where):
     """Polygonize's CSV is complete before its report line: a closed stdout (| head -0, exit 1

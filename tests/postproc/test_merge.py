@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import shapely
 from pp_helpers import (
+    STDOUT_ENDS,
     TRANSFORM_4326,
     assert_no_png_read,
     check_stdout_failure,
@@ -571,7 +572,7 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tmp_path, monkeypatch
                 "--out", str(out)]) == 2
 
 
-@pytest.mark.parametrize("where", ["full", "closed"])
+@pytest.mark.parametrize("where", STDOUT_ENDS)
 def test_a_full_or_closed_unbuffered_stdout_exits_1(tmp_path, capsys, monkeypatch, where):
     """``python -u -m postproc.merge ... > /dev/full``: the report's print raised a bare OSError,
     exit 2 ("fix the input"), where polygonize and score exit 1 (a failure of the run); a

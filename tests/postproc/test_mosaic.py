@@ -19,6 +19,7 @@ import rasterio
 import rasterio.shutil
 from affine import Affine
 from pp_helpers import (
+    STDOUT_ENDS,
     assert_no_png_read,
     check_stdout_failure,
     count_shard_reads,
@@ -376,7 +377,7 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(area, tmp_path, monke
     assert run(["--pred", str(tmp_path / "missing"), "--out", str(out)]) == 2
 
 
-@pytest.mark.parametrize("where", ["full", "closed"])
+@pytest.mark.parametrize("where", STDOUT_ENDS)
 def test_a_full_or_closed_unbuffered_stdout_exits_1(area, tmp_path, capsys, where):
     """``python -u -m postproc.mosaic ... > /dev/full``: the report's print raised a bare
     OSError, exit 2 ("fix the input"), where polygonize and score exit 1 (a failure of the

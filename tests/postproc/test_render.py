@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import shapely
 from PIL import Image
-from pp_helpers import check_stdout_failure, unbuffered_stdout
+from pp_helpers import STDOUT_ENDS, check_stdout_failure, unbuffered_stdout
 from shapely import affinity
 from shapely.geometry import box
 
@@ -218,7 +218,7 @@ def test_a_closed_stdout_still_removes_the_earlier_tiles(prepared_dataset, drawn
     assert "error" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["full", "closed"])
+@pytest.mark.parametrize("where", STDOUT_ENDS)
 def test_a_full_or_closed_unbuffered_stdout_exits_1(prepared_dataset, drawn, tmp_path, capsys,
                                                     where):
     """``python -u -m postproc.render ... > /dev/full``: the report's print (of the tiles, and

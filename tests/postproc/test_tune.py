@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from pp_helpers import check_stdout_failure, unbuffered_stdout
+from pp_helpers import STDOUT_ENDS, check_stdout_failure, unbuffered_stdout
 from shapely.geometry import box
 
 from dataio.shards import decode_sample, iter_tar_samples
@@ -222,7 +222,7 @@ def test_a_full_disk_while_writing_exits_1_naming_the_file(tuned, tmp_path, monk
     assert run_main(tune.main, argv) == 2
 
 
-@pytest.mark.parametrize("where", ["full", "closed"])
+@pytest.mark.parametrize("where", STDOUT_ENDS)
 def test_a_full_or_closed_unbuffered_stdout_exits_1(tuned, tmp_path, capsys, where):
     """``python -u -m postproc.tune ... > /dev/full``: the table's print raised a bare OSError,
     exit 2 ("fix the input"), where polygonize and score exit 1 (a failure of the run); a
