@@ -51,6 +51,20 @@ def meta_extent(meta: dict[str, Any], where: str) -> tuple[np.ndarray, int, int]
     return fwd, int(w), int(h)
 
 
+def meta_crs(meta: dict[str, Any], where: str) -> str:
+    """A tile's CRS key (:func:`crs_key`) from its meta.json; errors name ``where``.
+
+    NOTE: no default: a missing crs read as WGS 84 put a UTM tile's footprints (or a mosaic's
+    raster) in the wrong place without a word, and "crs": null became "None"."""
+    if not meta.get("crs"):  # (missing, null or "")
+        raise MergeError(f'{where}: meta.json has no crs (a tile in lon/lat says '
+                         f'"crs": "EPSG:4326")')
+    try:
+        return crs_key(str(meta["crs"]))
+    except MergeError as e:
+        raise MergeError(f"{where}: meta.json: {e}") from None
+
+
 def _feature(feat: Any, key: str) -> tuple[BaseGeometry, dict[str, Any]]:
     if not isinstance(feat, dict) or feat.get("type") != "Feature":
         raise ValueError("not a Feature")

@@ -24,7 +24,7 @@ from postproc.mergegrid import (
     snap,
     to_wgs84,
 )
-from postproc.mergeio import MergeError, crs_key, meta_extent, read_tile
+from postproc.mergeio import MergeError, meta_crs, meta_extent, read_tile
 
 TOLERANCE_PX = 0.01  # float error between a mosaic's tiles is ~1e-9 px; a snap this small is safe
 
@@ -66,15 +66,7 @@ class Merger:
         self.seen.add(key)
         where = f"{shard}: {key}"
         fwd, w, h = meta_extent(meta, where)
-        # NOTE: no default, as polygonize --geojson (postproc.geojson): a missing crs read as
-        # WGS 84 put a UTM tile's footprints in the wrong place, and "crs": null became "None"
-        if not meta.get("crs"):  # (missing, null or "")
-            raise MergeError(f'{where}: meta.json has no crs (a tile in lon/lat says '
-                             f'"crs": "EPSG:4326")')
-        try:
-            crs = crs_key(str(meta["crs"]))
-        except MergeError as e:
-            raise MergeError(f"{where}: meta.json: {e}") from None
+        crs = meta_crs(meta, where)  # (no default, as polygonize --geojson)
         geoms, props = read_tile(path, key, crs)
         if not len(geoms):
             return

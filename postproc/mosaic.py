@@ -55,7 +55,7 @@ from dataio.atomic import (
 )
 from dataio.classes import CLASS_NAMES
 from postproc.mergegrid import Grid, GridIndex, overlapping_pairs
-from postproc.mergeio import MergeError, crs_key, meta_extent
+from postproc.mergeio import MergeError, meta_crs, meta_extent
 from postproc.merger import TOLERANCE_PX
 from postproc.predio import (
     PredError,
@@ -123,15 +123,7 @@ def scan(shards: list[Path], tol: float) -> Layout:
                 raise MergeError(f"{shard}: ImageId {key!r} also appears in an earlier shard")
             where = f"{shard}: {key}"
             fwd, w, h = meta_extent(meta, where)
-            # NOTE: merge takes a meta.json without a CRS for lon/lat; a raster georeferenced
-            # by that guess would sit in the wrong place without a word, so it is refused here
-            if not meta.get("crs"):
-                raise MergeError(f"{where}: meta.json has no crs; the mosaic cannot be "
-                                 "georeferenced")
-            try:
-                crs = crs_key(str(meta["crs"]))
-            except MergeError as e:
-                raise MergeError(f"{where}: meta.json: {e}") from None
+            crs = meta_crs(meta, where)
             gi, (ox, oy) = index.place(crs, fwd, w, h)
             first_of.setdefault(gi, key)
             box = (int(ox), int(oy), int(ox) + w, int(oy) + h)
