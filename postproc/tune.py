@@ -397,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     from postproc import cli
 
     # (a full disk under stdout: exit 1, as for the files above; see cli.report)
-    cli.report(f"{_table([('default', doc['default']), ('best', doc['best'])])}\n"
-           f"{len(ev.points)} grid points on {len(ev.tiles)} tiles in {doc['seconds']:.1f} s -> "
-           f"{run / SETTINGS}")
+    table = _table([("default", doc["default"]), ("best", doc["best"])])
+    cli.report(f"{table}\n{len(ev.points)} grid points on {len(ev.tiles)} tiles in "
+               f"{doc['seconds']:.1f} s -> {run / SETTINGS}")
     return 0
 
 
